@@ -1,0 +1,18 @@
+//! Plexus core: the resource kinds users write, their validation, and the pure decisions the
+//! proxy and control plane share (name resolution, route matching, config compilation).
+//!
+//! Nothing here does I/O or depends on an async runtime, so every decision is unit-testable
+//! synchronously (see `docs/ARCHITECTURE.md`, "Decisions are pure functions").
+
+pub mod duration;
+pub mod load;
+pub mod model;
+pub mod names;
+pub mod resource;
+pub mod route;
+mod validate;
+
+pub use load::{LoadError, ValidationError, parse_documents};
+pub use model::{AppProtocol, CompiledPort, CompiledService, Endpoint, MeshSnapshot};
+pub use names::ServiceName;
+pub use resource::{Kind, ObjectMeta, Resource, Spec};

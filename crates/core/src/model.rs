@@ -1,0 +1,246 @@
+//! The compiled model: resources turned into what a proxy consults per connection and request —
+//! services with their ports, each port's endpoints and routing table.
+//!
+//! Compilation happens once per config change (file reload or control-plane update) and the
+//! result is shared immutably; the request path only reads it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::names::{ServiceName, split_authority};
+use crate::resource::{PortRef, Resource, ServicePort, Spec, WorkloadPort, WorkloadSpec};
+use crate::route::RouteTable;
+
+/// The protocol a Service port declares (`appProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+    Opaque,
+}
+
+impl AppProtocol {
+    pub fn parse(s: &str) -> Option<AppProtocol> {
+        Some(match s {
+            "http" => AppProtocol::Http,
+            "http2" => AppProtocol::Http2,
+            "grpc" => AppProtocol::Grpc,
+            "tcp" => AppProtocol::Tcp,
+            "tls" => AppProtocol::Tls,
+            "opaque" => AppProtocol::Opaque,
+            _ => return None,
+        })
+    }
+
+    /// Ports declared `opaque` (or plain `tcp`) skip protocol detection.
+    pub fn skips_detection(self) -> bool {
+        matches!(self, AppProtocol::Opaque | AppProtocol::Tcp)
+    }
+
+    /// Whether the application itself speaks HTTP/2 on this port.
+    pub fn is_http2(self) -> bool {
+        matches!(self, AppProtocol::Http2 | AppProtocol::Grpc)
+    }
+}
+
+/// One instance that serves a Service port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Where peers connect: the sidecar's inbound port when `meshed`, the app itself otherwise.
+    pub addr: SocketAddr,
+    pub workload: String,
+    pub namespace: String,
+    pub version: Option<String>,
+    pub service_account: String,
+    /// A Plexus sidecar answers at `addr` (HTTP/2 between sidecars, mTLS later).
+    pub meshed: bool,
+    /// The application's own port behind the sidecar.
+    pub app_port: u16,
+}
+
+/// A Service port with everything a proxy needs to send traffic to it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledPort {
+    pub port: u16,
+    pub name: Option<String>,
+    pub protocol: Option<AppProtocol>,
+    pub endpoints: Arc<Vec<Endpoint>>,
+    pub routes: RouteTable,
+}
+
+/// A Service with its compiled ports.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompiledService {
+    pub name: ServiceName,
+    pub ports: Vec<CompiledPort>,
+}
+
+impl CompiledService {
+    /// The port `port`, or the only port when `port` is `None`.
+    pub fn port(&self, port: Option<u16>) -> Option<&CompiledPort> {
+        match port {
+            Some(p) => self.ports.iter().find(|cp| cp.port == p),
+            None if self.ports.len() == 1 => self.ports.first(),
+            None => self.ports.iter().find(|cp| cp.port == 80),
+        }
+    }
+}
+
+/// An immutable, compiled view of the mesh.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MeshSnapshot {
+    /// Changes whenever the configuration changes.
+    pub version: String,
+    pub services: BTreeMap<ServiceName, CompiledService>,
+    /// Which Service port an endpoint address serves (for transparent traffic to a pod IP).
+    #[serde(skip)]
+    pub by_endpoint: HashMap<SocketAddr, (ServiceName, u16)>,
+}
+
+impl MeshSnapshot {
+    /// Compiles validated resources into a snapshot.
+    pub fn compile(resources: &[Resource], version: impl Into<String>) -> MeshSnapshot {
+        let workloads: Vec<(&Resource, &WorkloadSpec)> = resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Workload(w) => Some((r, w)),
+                _ => None,
+            })
+            .collect();
+        let mut services = BTreeMap::new();
+        let mut by_endpoint = HashMap::new();
+        for r in resources {
+            let Spec::Service(spec) = &r.spec else { continue };
+            let name = ServiceName::new(&r.metadata.name, r.metadata.namespace());
+            let ports = spec
+                .ports
+                .iter()
+                .map(|sp| {
+                    let mut endpoints: Vec<Endpoint> = workloads
+                        .iter()
+                        .filter(|(w, _)| w.metadata.namespace() == name.namespace)
+                        .filter(|(w, _)| !spec.selector.is_empty() && spec.selector.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v)))
+                        .filter_map(|(w, ws)| endpoint(w, ws, sp))
+                        .collect();
+                    endpoints.sort_by(|a, b| a.addr.cmp(&b.addr).then(a.workload.cmp(&b.workload)));
+                    endpoints.dedup_by(|a, b| a.addr == b.addr);
+                    for e in &endpoints {
+                        by_endpoint.entry(e.addr).or_insert_with(|| (name.clone(), sp.port));
+                    }
+                    CompiledPort {
+                        port: sp.port,
+                        name: sp.name.clone(),
+                        protocol: sp.app_protocol.as_deref().and_then(AppProtocol::parse),
+                        endpoints: Arc::new(endpoints),
+                        routes: RouteTable::default(),
+                    }
+                })
+                .collect();
+            services.insert(name.clone(), CompiledService { name, ports });
+        }
+        RouteTable::attach_all(resources, &mut services);
+        MeshSnapshot { version: version.into(), services, by_endpoint }
+    }
+
+    /// Looks a Service up by a host (`reviews`, `reviews.prod`, `reviews.prod.svc.cluster.local`).
+    pub fn service_by_host(&self, host: &str) -> Option<&CompiledService> {
+        ServiceName::candidates(host).into_iter().find_map(|n| self.services.get(&n))
+    }
+
+    /// Resolves an authority (`reviews:9080`) to a Service port. Without a port, a Service with
+    /// a single port (or port 80) is used.
+    pub fn resolve_authority(&self, authority: &str) -> Option<(&CompiledService, &CompiledPort)> {
+        let (host, port) = split_authority(authority);
+        let service = self.service_by_host(host)?;
+        Some((service, service.port(port)?))
+    }
+
+    /// The Service port served by the endpoint at `addr`, if any.
+    pub fn service_by_endpoint(&self, addr: SocketAddr) -> Option<(&CompiledService, &CompiledPort)> {
+        let (name, port) = self.by_endpoint.get(&addr)?;
+        let service = self.services.get(name)?;
+        Some((service, service.port(Some(*port))?))
+    }
+}
+
+/// The workload port serving service port `sp`: by `targetPort` name or number, else by the
+/// service port's name, else the workload's only port.
+fn workload_port<'a>(ws: &'a WorkloadSpec, sp: &ServicePort) -> Option<&'a WorkloadPort> {
+    match &sp.target_port {
+        Some(PortRef::Name(n)) => ws.ports.iter().find(|p| p.name.as_deref() == Some(n.as_str())),
+        Some(PortRef::Number(n)) => ws.ports.iter().find(|p| p.target_port.unwrap_or(p.port) == *n || p.port == *n),
+        None => {
+            let by_name = sp.name.as_ref().and_then(|n| ws.ports.iter().find(|p| p.name.as_ref() == Some(n)));
+            by_name.or(if ws.ports.len() == 1 { ws.ports.first() } else { None })
+        }
+    }
+}
+
+fn endpoint(w: &Resource, ws: &WorkloadSpec, sp: &ServicePort) -> Option<Endpoint> {
+    let ip: IpAddr = ws.address.parse().ok()?;
+    let wp = workload_port(ws, sp)?;
+    Some(Endpoint {
+        addr: SocketAddr::new(ip, wp.port),
+        workload: w.metadata.name.clone(),
+        namespace: w.metadata.namespace().to_string(),
+        version: w.metadata.labels.get("version").cloned(),
+        service_account: ws.service_account.clone().unwrap_or_else(|| "default".into()),
+        meshed: ws.meshed,
+        app_port: wp.target_port.unwrap_or(wp.port),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::parse_documents;
+
+    const MESH: &str = r#"
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-v1, labels: {app: reviews, version: v1}}
+spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}], meshed: true, serviceAccount: reviews}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-v2, labels: {app: reviews, version: v2}}
+spec: {address: 127.0.0.2, ports: [{port: 9002}]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: other, namespace: prod, labels: {app: reviews}}
+spec: {address: 127.0.0.3, ports: [{port: 9003}]}
+"#;
+
+    #[test]
+    fn selects_endpoints_by_labels_namespace_and_port() {
+        let snap = MeshSnapshot::compile(&parse_documents("m", MESH).expect("valid"), "1");
+        let (svc, port) = snap.resolve_authority("reviews:9080").expect("resolves");
+        assert_eq!(svc.name.to_string(), "reviews.default");
+        let addrs: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:7001", "127.0.0.2:9002"]);
+        assert!(port.endpoints[0].meshed);
+        assert_eq!(port.endpoints[0].app_port, 9001);
+        assert_eq!(port.endpoints[0].version.as_deref(), Some("v1"));
+        assert!(snap.resolve_authority("reviews").is_some(), "single-port service needs no port");
+        assert!(snap.resolve_authority("reviews:1234").is_none());
+        let by_ep = snap.service_by_endpoint("127.0.0.2:9002".parse().expect("addr"));
+        assert_eq!(by_ep.map(|(s, _)| s.name.name.as_str()), Some("reviews"));
+    }
+}

@@ -1,0 +1,84 @@
+//! Names: services (`name.namespace`), authorities and SPIFFE identities.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// The trust domain used when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "plexus.local";
+
+/// A Service's name and namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceName {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceName {
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        ServiceName { name: name.into(), namespace: namespace.into() }
+    }
+
+    /// The names a host may mean, most specific first: `reviews` → `reviews.default`;
+    /// `reviews.prod`, `reviews.prod.svc` and `reviews.prod.svc.cluster.local` → `reviews.prod`.
+    pub fn candidates(host: &str) -> Vec<ServiceName> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let host = host.strip_suffix(".svc.cluster.local").or_else(|| host.strip_suffix(".svc")).unwrap_or(&host);
+        let mut parts = host.splitn(3, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(name), None, None) if !name.is_empty() => vec![ServiceName::new(name, "default")],
+            (Some(name), Some(ns), None) if !name.is_empty() && !ns.is_empty() => vec![ServiceName::new(name, ns)],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// Splits an authority (`host`, `host:port`, `[v6]:port`) into host and optional port.
+pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(rest) = authority.strip_prefix('[') {
+        if let Some((host, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (host, port);
+        }
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => match port.parse() {
+            Ok(p) => (host, Some(p)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    }
+}
+
+/// The SPIFFE identity of a service account.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_candidates() {
+        assert_eq!(ServiceName::candidates("reviews"), vec![ServiceName::new("reviews", "default")]);
+        assert_eq!(ServiceName::candidates("Reviews.prod.svc.cluster.local."), vec![ServiceName::new("reviews", "prod")]);
+        assert_eq!(ServiceName::candidates("reviews.prod.svc"), vec![ServiceName::new("reviews", "prod")]);
+        assert!(ServiceName::candidates("www.example.com").is_empty());
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("reviews:9080"), ("reviews", Some(9080)));
+        assert_eq!(split_authority("reviews"), ("reviews", None));
+        assert_eq!(split_authority("[::1]:80"), ("::1", Some(80)));
+        assert_eq!(split_authority("user@host:1"), ("host", Some(1)));
+    }
+}
