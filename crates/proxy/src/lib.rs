@@ -1,1 +1,28 @@
-//! placeholder
+//! The Plexus data plane: the proxy that runs beside every workload (sidecar) and at the mesh
+//! edge (gateway).
+//!
+//! Layout (see `docs/ARCHITECTURE.md`):
+//! - [`transport`]: listeners, original destination, protocol detection, TCP forwarding.
+//! - [`http`]: the HTTP server side, routing, forwarding through pooled upstream connections,
+//!   and the one place errors become responses.
+//! - [`balance`]: endpoint choice (P2C over peak-EWMA, round robin, least request).
+//! - [`discovery`]: the configuration a proxy works from, fed by a resources file (or, later,
+//!   the control plane) and swapped atomically.
+//! - [`metrics`], [`admin`]: observability and the admin server.
+//! - [`proxy`]: wiring it all together and graceful drain.
+
+pub mod admin;
+pub mod balance;
+pub mod discovery;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod proxy;
+pub mod settings;
+pub mod transport;
+
+pub use proxy::{Proxy, ProxyHandle};
+pub use settings::{LoadBalancer, Settings, UpstreamBind};
+
+/// Errors flowing through boxed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

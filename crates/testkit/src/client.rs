@@ -5,6 +5,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -67,7 +69,11 @@ pub async fn connect(addr: SocketAddr) -> Result<TcpStream> {
 
 /// Sends `req` on a new connection to `addr` and returns the response head; the body is
 /// streamed (the connection lives as long as the body is being read).
-pub async fn request<B>(addr: SocketAddr, version: Version, req: Request<B>) -> Result<Response<Incoming>>
+pub async fn request<B>(
+    addr: SocketAddr,
+    version: Version,
+    req: Request<B>,
+) -> Result<Response<Incoming>>
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -85,9 +91,10 @@ where
             sender.send_request(req).await.context("HTTP/1 request")
         }
         Version::Http2 => {
-            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .context("HTTP/2 handshake")?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .context("HTTP/2 handshake")?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -122,7 +129,9 @@ pub async fn get(
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let req = builder.body(Empty::<Bytes>::new()).context("build request")?;
+    let req = builder
+        .body(Empty::<Bytes>::new())
+        .context("build request")?;
     send_collect(addr, Version::Http1, req, timeout).await
 }
 
@@ -169,7 +178,7 @@ pub async fn post(
     send_collect(addr, version, req, timeout).await
 }
 
-/// The byte at `offset` of the deterministic test pattern.
+/// Word `index` (bytes `8*index..8*index+8`) of the deterministic test pattern.
 fn pattern_word(index: u64) -> [u8; 8] {
     // splitmix64
     let mut z = index.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -206,6 +215,7 @@ pub struct PatternBody {
     offset: u64,
     total: u64,
     known_length: bool,
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl PatternBody {
@@ -215,7 +225,14 @@ impl PatternBody {
             offset: 0,
             total,
             known_length,
+            progress: None,
         }
+    }
+
+    /// Also count the bytes handed to the connection in `progress`.
+    pub fn with_progress(mut self, progress: Arc<AtomicU64>) -> PatternBody {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -234,6 +251,9 @@ impl Body for PatternBody {
         let n = left.min(64 * 1024) as usize;
         let chunk = pattern(self.offset, n);
         self.offset += n as u64;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
     }
 
@@ -286,14 +306,20 @@ impl PatternVerifier {
 }
 
 /// Reads `body` to the end, verifying it against the pattern; returns the byte count.
-pub async fn verify_pattern_body(mut body: Incoming) -> Result<u64> {
+/// `progress`, if given, counts the bytes verified so far.
+pub async fn verify_pattern_body(
+    mut body: Incoming,
+    progress: Option<Arc<AtomicU64>>,
+) -> Result<u64> {
     let mut verifier = PatternVerifier::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.with_context(|| {
-            format!("response body failed after {} bytes", verifier.verified())
-        })?;
+        let frame = frame
+            .with_context(|| format!("response body failed after {} bytes", verifier.verified()))?;
         if let Some(data) = frame.data_ref() {
             verifier.update(data)?;
+            if let Some(p) = &progress {
+                p.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
     }
     Ok(verifier.verified())

@@ -11,6 +11,7 @@
 //! * [`require_tool`], [`require_root`] and [`require_python_module`] implement the
 //!   prerequisite rule: under `CI=true` a missing prerequisite fails the test (panic);
 //!   elsewhere it prints `SKIPPED: <why>` and the caller returns early.
+//! * [`Background`] runs helper processes (the Python peers) that print a ready line.
 //! * [`client`] has small HTTP client helpers built on hyper (no proxy env vars, no pooling).
 //!
 //! Tests using this crate should run on a multi-thread runtime
@@ -23,16 +24,18 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+mod background;
 pub mod client;
 mod proxy;
 mod resources;
 mod upstream;
 
+pub use background::Background;
 pub use proxy::{Proxy, ProxyAddrs};
 pub use resources::{Resources, ServicePort, WorkloadSpec};
 pub use upstream::{HttpEcho, SERVER_FIRST_GREETING, ServerFirst, TCP_ECHO_FINAL_LINE, TcpEcho};
@@ -60,7 +63,10 @@ pub const PROXY_ENV_VARS: &[&str] = &[
 /// `true` when the environment variable `CI` is `true` (or `1`): missing prerequisites fail.
 pub fn is_ci() -> bool {
     matches!(
-        std::env::var("CI").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        std::env::var("CI")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Ok("true") | Ok("1")
     )
 }
@@ -243,10 +249,11 @@ impl Drop for TempDir {
 }
 
 /// Serializes heavy or timing-sensitive tests inside one test binary: hold the guard for the
-/// duration of the test. Poisoning (a previous holder panicked) is ignored.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// duration of the test (`let _serial = serial().await;`). An async mutex, so holding it
+/// across `.await` is fine, and a test that panics releases it.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// The directory holding the Python peers (`tests/peers` at the workspace root).
@@ -356,9 +363,11 @@ mod tests {
         .await
         .expect("eventually");
         assert_eq!(v, 7);
-        let err = eventually(Duration::from_millis(200), || async { bail!("never") as Result<()> })
-            .await
-            .expect_err("must time out");
+        let err = eventually(Duration::from_millis(200), || async {
+            bail!("never") as Result<()>
+        })
+        .await
+        .expect_err("must time out");
         assert!(format!("{err:#}").contains("never"));
     }
 }

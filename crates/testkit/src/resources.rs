@@ -172,8 +172,14 @@ mod tests {
             .workload(&WorkloadSpec::meshed("echo-1", "echo", "http", 7000, 9001))
             .to_yaml();
         assert!(y.contains("kind: Service"), "{y}");
-        assert!(y.contains("ports: [{name: \"http\", port: 8080, appProtocol: \"http\"}]"), "{y}");
-        assert!(y.contains("{name: \"http\", port: 7000, targetPort: 9001}"), "{y}");
+        assert!(
+            y.contains("ports: [{name: \"http\", port: 8080, appProtocol: \"http\"}]"),
+            "{y}"
+        );
+        assert!(
+            y.contains("{name: \"http\", port: 7000, targetPort: 9001}"),
+            "{y}"
+        );
         assert!(y.contains("meshed: true"), "{y}");
         assert!(y.contains("\n---\n"), "{y}");
     }

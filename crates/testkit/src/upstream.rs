@@ -32,7 +32,11 @@ pub const SERVER_FIRST_GREETING: &[u8] = b"220 plexus-test ready\r\n";
 
 /// Accept loop shared by the servers: every connection runs `handle(stream, conn_number)` in
 /// a task owned by the loop; aborting the loop aborts them all.
-fn spawn_accept_loop<F, Fut>(listener: TcpListener, connections: Arc<AtomicU64>, handle: F) -> JoinHandle<()>
+fn spawn_accept_loop<F, Fut>(
+    listener: TcpListener,
+    connections: Arc<AtomicU64>,
+    handle: F,
+) -> JoinHandle<()>
 where
     F: Fn(TcpStream, u64) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -73,7 +77,8 @@ type EchoBody = BoxBody<Bytes, hyper::Error>;
 ///   with the request's `content-type` (default `application/octet-stream`);
 /// * `/status/NNN` answers status NNN with the JSON description below;
 /// * anything else reads the request body (without keeping it) and answers 200 with a JSON
-///   description of the request: `{"served_by", "method", "path" (with query), "version"
+///   description of the request: `{"served_by", "method", "path" (with query), "authority"
+///   (the URI authority, else the `Host` header), "version"
 ///   ("HTTP/1.1" / "HTTP/2.0"), "headers": {lowercase name: value, repeated values joined
 ///   with ", "}, "body_len", "connection" (1-based number of the connection on this server)}`.
 ///
@@ -212,6 +217,11 @@ impl EchoShared {
                 })
                 .or_insert(v);
         }
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| headers.get("host").cloned());
         let method = req.method().to_string();
         let version = format!("{:?}", req.version());
         let mut body = req.into_body();
@@ -230,6 +240,7 @@ impl EchoShared {
             "served_by": self.name,
             "method": method,
             "path": path,
+            "authority": authority,
             "version": version,
             "headers": headers,
             "body_len": body_len,
@@ -422,7 +433,9 @@ mod tests {
         assert_eq!(echo.requests(), 5);
         echo.set_delay(Duration::from_millis(300));
         let start = std::time::Instant::now();
-        client::get(echo.addr(), "svc", "/", &[], t).await.expect("delayed");
+        client::get(echo.addr(), "svc", "/", &[], t)
+            .await
+            .expect("delayed");
         assert!(start.elapsed() >= Duration::from_millis(300));
     }
 

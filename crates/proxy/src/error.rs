@@ -1,0 +1,127 @@
+//! Errors the proxy answers itself, and the one place they become responses (SPEC §5): an HTTP
+//! status with `x-plexus-error: <reason>`, or for gRPC requests a `grpc-status` trailer-only
+//! response, plus the `response_flags` metric label.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use crate::http::body::{self, Body};
+
+/// The header carrying the reason of a proxy-made response.
+pub const ERROR_HEADER: &str = "x-plexus-error";
+
+/// Why the proxy answered a request itself.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// The destination has no endpoint to send to.
+    NoEndpoints(String),
+    /// A route names a backend Service that does not exist.
+    BackendNotFound(String),
+    /// Every backend of the matched rule has weight 0.
+    NoBackends(String),
+    /// The host is neither a mesh Service nor resolvable.
+    UnknownDestination(String),
+    /// Connecting to the endpoint failed (safe to retry elsewhere: nothing was sent).
+    ConnectFailed(std::io::Error),
+    /// The upstream closed or reset the connection mid-request.
+    UpstreamReset(String),
+    /// The request or a try timed out.
+    Timeout,
+    /// The client's request cannot be proxied.
+    BadRequest(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::UnknownDestination(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectFailed(_) | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The matching gRPC status code.
+    pub fn grpc_status(&self) -> u16 {
+        match self {
+            ProxyError::Timeout => 4,                           // DEADLINE_EXCEEDED
+            ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) => 13, // INTERNAL
+            ProxyError::BadRequest(_) => 3,                     // INVALID_ARGUMENT
+            _ => 14,                                            // UNAVAILABLE
+        }
+    }
+
+    /// The `response_flags` label value (Envoy's vocabulary where one exists).
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints(_) => "UH",
+            ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::UnknownDestination(_) => "NR",
+            ProxyError::ConnectFailed(_) => "UF",
+            ProxyError::UpstreamReset(_) => "UC",
+            ProxyError::Timeout => "UT",
+            ProxyError::BadRequest(_) => "DPE",
+        }
+    }
+
+    /// Whether another endpoint may be tried: nothing reached the upstream.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::ConnectFailed(_))
+    }
+
+    /// The response sent to the client.
+    pub fn into_response(self, grpc: bool) -> Response<Body> {
+        let reason = self.to_string();
+        let header = HeaderValue::from_str(&reason).unwrap_or(HeaderValue::from_static("proxy error"));
+        let mut resp = if grpc {
+            let mut r = Response::new(body::empty());
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+            h.insert("grpc-message", header.clone());
+            r
+        } else {
+            let mut r = Response::new(body::full(Bytes::from(format!("{reason}\n"))));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            r
+        };
+        resp.headers_mut().insert(ERROR_HEADER, header);
+        resp
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::NoEndpoints(d) => write!(f, "no healthy endpoint for {d}"),
+            ProxyError::BackendNotFound(b) => write!(f, "backend not found: {b}"),
+            ProxyError::NoBackends(r) => write!(f, "no backend with non-zero weight in route {r}"),
+            ProxyError::UnknownDestination(h) => write!(f, "unknown destination {h}"),
+            ProxyError::ConnectFailed(e) => write!(f, "connection failed: {e}"),
+            ProxyError::UpstreamReset(e) => write!(f, "upstream reset: {e}"),
+            ProxyError::Timeout => write!(f, "request timeout"),
+            ProxyError::BadRequest(r) => write!(f, "bad request: {r}"),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_and_grpc_shapes() {
+        let r = ProxyError::NoEndpoints("a.default:80".into()).into_response(false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[ERROR_HEADER], "no healthy endpoint for a.default:80");
+        let r = ProxyError::Timeout.into_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(ProxyError::BackendNotFound("x".into()).status(), 500);
+    }
+}

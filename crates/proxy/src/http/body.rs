@@ -1,0 +1,126 @@
+//! The body type used throughout the proxy, and a metering wrapper.
+//!
+//! Bodies are always streamed frame by frame (never collected), so trailers (gRPC) pass
+//! through and memory stays bounded whatever the size of the body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
+
+use crate::BoxError;
+
+/// A boxed, streaming body.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A body of fixed bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(b: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed_unsync()
+}
+
+/// How a metered body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// All frames (and trailers, if any) were delivered.
+    Complete,
+    /// The body failed with an error.
+    Error,
+    /// The body was dropped before its end (the reader went away).
+    Dropped,
+}
+
+/// Called once when a metered body ends: bytes seen, how it ended, and its trailers'
+/// `grpc-status` if it had one.
+pub type OnEnd = Box<dyn FnOnce(u64, BodyEnd, Option<u16>) + Send>;
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a body and reports once when it ends.
+    pub struct Metered {
+        #[pin]
+        inner: Body,
+        bytes: u64,
+        on_end: Option<OnEnd>,
+    }
+
+    impl PinnedDrop for Metered {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // hyper stops polling once a body with a known length has delivered every byte.
+            let end = if this.inner.is_end_stream() { BodyEnd::Complete } else { BodyEnd::Dropped };
+            if let Some(f) = this.on_end.take() {
+                f(*this.bytes, end, None);
+            }
+        }
+    }
+}
+
+impl Metered {
+    pub fn new(inner: Body, on_end: OnEnd) -> Self {
+        let mut m = Metered { inner, bytes: 0, on_end: Some(on_end) };
+        if m.inner.is_end_stream() {
+            if let Some(f) = m.on_end.take() {
+                f(0, BodyEnd::Complete, None);
+            }
+        }
+        m
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.len() as u64;
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    let grpc = trailers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
+                    if let Some(f) = this.on_end.take() {
+                        f(*this.bytes, BodyEnd::Complete, grpc);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(f) = this.on_end.take() {
+                    f(*this.bytes, BodyEnd::Error, None);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(f) = this.on_end.take() {
+                    f(*this.bytes, BodyEnd::Complete, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,117 @@
+//! Header handling shared by every HTTP path: hop-by-hop stripping, request ids, route header
+//! modifiers, gRPC detection.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use plexus_core::resource::HeaderModifier;
+
+/// Tells the peer sidecar which protocol the application behind it speaks when the two
+/// sidecars upgraded an HTTP/1 request to HTTP/2 between themselves.
+pub const ORIG_PROTO: &str = "x-plexus-orig-proto";
+/// Generated when absent (SPEC §5).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
+/// `te: trailers` is kept (gRPC needs it); `upgrade`/`connection: upgrade` are kept when the
+/// request is being upgraded end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer", "transfer-encoding"] {
+        headers.remove(n);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether an HTTP/1 request asks to switch protocols (WebSocket and the like).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Whether a request or response is gRPC.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Adds `x-request-id` when absent and returns its value.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        return id.to_string();
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    id
+}
+
+/// Applies a route's header modifier: `set` replaces, `add` appends, `remove` deletes.
+/// Values were validated when the resource was loaded; anything invalid is skipped.
+pub fn apply_modifier(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for h in &m.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.insert(n, v);
+        }
+    }
+    for h in &m.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.append(n, v);
+        }
+    }
+    for n in &m.remove {
+        if let Ok(n) = HeaderName::from_bytes(n.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_but_keeps_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive") && !h.contains_key("connection"));
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn upgrade_and_request_id() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(ensure_request_id(&mut h), id);
+    }
+}

@@ -1,0 +1,130 @@
+//! HTTP proxying: the server side, routing (outbound), forwarding through pooled upstream
+//! connections, upgrades, and per-request metrics and access logs.
+
+pub mod body;
+pub mod client;
+pub mod headers;
+pub mod inbound;
+pub mod observe;
+pub mod outbound;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use self::body::Body;
+use self::client::Proto;
+use crate::error::ProxyError;
+use crate::proxy::State;
+use crate::transport::tcp;
+
+/// Where and how one request is sent.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+    /// The authority the application should see (`reviews:9080`).
+    pub authority: String,
+    /// Set when the peer is a sidecar and the application behind it speaks HTTP/1.
+    pub app_http1_behind_peer: bool,
+}
+
+/// The request head, kept so a request whose body is empty can be re-sent to another endpoint.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: http::HeaderMap,
+}
+
+impl Head {
+    pub fn of<B>(req: &Request<B>) -> Head {
+        Head { method: req.method().clone(), uri: req.uri().clone(), version: req.version(), headers: req.headers().clone() }
+    }
+
+    /// The authority the client addressed: absolute-form URI or `:authority`, else `Host`.
+    pub fn authority(&self) -> Option<String> {
+        self.uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| self.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+    }
+
+    pub fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    }
+
+    /// Builds the request sent upstream: origin-form with `Host` for HTTP/1, absolute URI
+    /// (`:authority`) for HTTP/2; hop-by-hop headers removed.
+    pub fn upstream_request(&self, target: &Target, body: Body, upgrade: bool) -> Result<Request<Body>, ProxyError> {
+        let pq = self.path_and_query();
+        let mut headers = self.headers.clone();
+        headers::strip_hop_by_hop(&mut headers, upgrade);
+        let (uri, version) = match target.proto {
+            Proto::Http1 => {
+                let host = http::HeaderValue::from_str(&target.authority).map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
+                headers.insert(header::HOST, host);
+                (pq.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid path".into()))?, Version::HTTP_11)
+            }
+            Proto::Http2 => {
+                headers.remove(header::HOST);
+                let uri = Uri::builder()
+                    .scheme("http")
+                    .authority(target.authority.as_str())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|_| ProxyError::BadRequest(format!("invalid authority {:?}", target.authority)))?;
+                (uri, Version::HTTP_2)
+            }
+        };
+        headers.remove(headers::ORIG_PROTO);
+        if target.app_http1_behind_peer {
+            headers.insert(headers::ORIG_PROTO, http::HeaderValue::from_static("HTTP/1.1"));
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+}
+
+/// Prepares a response from upstream for the client: hop-by-hop headers removed, version set
+/// for the client's connection.
+pub fn downstream_response(resp: Response<Incoming>, client_version: Version) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    let upgrade = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.version = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    Response::from_parts(parts, body::boxed(incoming))
+}
+
+/// Forwards an Upgrade request (WebSocket…) on a dedicated HTTP/1 connection and, after
+/// `101 Switching Protocols`, splices the two upgraded connections together.
+pub async fn forward_upgrade(state: &Arc<State>, mut req: Request<Incoming>, head: &Head, target: &Target) -> Result<Response<Incoming>, ProxyError> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let target = Target { proto: Proto::Http1, app_http1_behind_peer: false, ..target.clone() };
+    let up_req = head.upstream_request(&target, body::boxed(req.into_body()), true)?;
+    let mut resp = state.pool.send_upgrade(target.addr, up_req).await?;
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let idle = state.settings.limits.idle_timeout;
+        tokio::spawn(async move {
+            match tokio::join!(client_upgrade, upstream_upgrade) {
+                (Ok(client), Ok(upstream)) => {
+                    if let Err(e) = tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await {
+                        tracing::debug!(error = %e, "upgraded stream ended");
+                    }
+                }
+                (c, u) => tracing::debug!(client = ?c.err(), upstream = ?u.err(), "upgrade failed"),
+            }
+        });
+    }
+    Ok(resp)
+}

@@ -1,0 +1,291 @@
+//! Outbound HTTP: requests the local application sends into the mesh (or out of it).
+//!
+//! Destination, in order: the Service of an `--upstream` bind; the Service named by the
+//! absolute-form URI, `:authority` or `Host`; the Service owning the original destination of a
+//! transparently redirected connection; else the host itself (a plain forward proxy). Mesh
+//! destinations go through the Service's routes, a weighted backend, the balancer and a pooled
+//! connection — HTTP/2 when the endpoint is another sidecar.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use plexus_core::model::{AppProtocol, CompiledPort, CompiledService, Endpoint};
+use plexus_core::names::{spiffe_id, split_authority, DEFAULT_TRUST_DOMAIN};
+use plexus_core::route::RequestInfo;
+use plexus_core::{MeshSnapshot, ServiceName};
+
+use super::body::{self, Body};
+use super::client::{self, Proto};
+use super::observe::Observation;
+use super::{Head, Target, downstream_response, forward_upgrade, headers};
+use crate::error::ProxyError;
+use crate::metrics::ServiceRouteLabels;
+use crate::proxy::State;
+use crate::transport::tcp;
+
+/// What the outbound listener knows about a connection before reading any request.
+#[derive(Debug, Clone)]
+pub struct OutboundConn {
+    pub peer: SocketAddr,
+    /// The original destination of a transparently redirected connection.
+    pub orig_dst: Option<SocketAddr>,
+    /// The Service port of an `--upstream` bind.
+    pub bound: Option<(ServiceName, Option<u16>)>,
+}
+
+enum Dest<'a> {
+    Service(&'a CompiledService, &'a CompiledPort),
+    Direct { authority: String, addr: Option<SocketAddr> },
+}
+
+/// Connection attempts per request when connecting fails (nothing was sent, so it is safe).
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Handles one outbound request; never fails (errors become responses).
+pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
+    let request_id = headers::ensure_request_id(req.headers_mut());
+    let mut head = Head::of(&req);
+    let mut obs = Observation::new(state.clone(), "outbound", &head, request_id);
+    state.fill_source(&mut obs.peers);
+    if req.method() == Method::CONNECT {
+        return connect_tunnel(state, req, obs).await;
+    }
+    let snapshot = state.discovery.current();
+    let dest = match resolve(&snapshot, &conn, &head) {
+        Ok(d) => d,
+        Err(e) => return obs.fail(e),
+    };
+    let (service, port) = match dest {
+        Dest::Service(s, p) => (s, p),
+        Dest::Direct { authority, addr } => return direct(state, req, head, obs, authority, addr).await,
+    };
+    let info = RequestInfo { method: head.method.as_str(), path: head.uri.path(), query: head.uri.query(), headers: &head.headers };
+    let entry = port.routes.find(&info).cloned();
+    let (backend, backend_port) = match &entry {
+        None => (service, port),
+        Some(e) => {
+            obs.route = e.route.clone();
+            let Some(b) = e.pick_backend(fastrand::u64(..)) else {
+                return obs.fail(ProxyError::NoBackends(e.route.clone()));
+            };
+            let Some(bs) = snapshot.services.get(&b.service) else {
+                return obs.fail(ProxyError::BackendNotFound(b.service.to_string()));
+            };
+            let Some(bp) = bs.port(b.port.or(Some(port.port))).or_else(|| bs.port(None)) else {
+                return obs.fail(ProxyError::BackendNotFound(format!("{}:{}", b.service, b.port.unwrap_or(port.port))));
+            };
+            if let Some(m) = &e.request_headers {
+                headers::apply_modifier(&mut head.headers, m);
+            }
+            (bs, bp)
+        }
+    };
+    obs.peers.destination_service = backend.name.name.clone();
+    let authority = head.authority().unwrap_or_else(|| format!("{}:{}", service.name.name, port.port));
+    let app_proto = app_protocol(backend_port.protocol, head.version);
+    let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
+    let destination = format!("{}:{}", backend.name, backend_port.port);
+
+    if upgrade {
+        let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &[]) else {
+            return obs.fail(ProxyError::NoEndpoints(destination));
+        };
+        describe_endpoint(&mut obs, ep);
+        let target = Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false };
+        let result = forward_upgrade(&state, req, &head, &target).await;
+        pick.finish(result.is_ok());
+        return match result {
+            Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
+            Err(e) => obs.fail(e),
+        };
+    }
+
+    let body_empty = http_body::Body::is_end_stream(req.body());
+    let mut body = Some(obs.count_request_body(body::boxed(req.into_body())));
+    let attempt = async {
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &tried) else {
+                return Err(ProxyError::NoEndpoints(destination.clone()));
+            };
+            let target = Target {
+                addr: ep.addr,
+                proto: if ep.meshed { Proto::Http2 } else { app_proto },
+                authority: authority.clone(),
+                app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
+            };
+            let up_req = head.upstream_request(&target, body.take().unwrap_or_else(body::empty), false)?;
+            match state.pool.send(ep.addr, target.proto, up_req).await {
+                Ok(resp) => {
+                    let ok = !matches!(resp.status().as_u16(), 502..=504);
+                    if pick.finish(ok) {
+                        state.count_ejection(&backend.name, &obs.route);
+                    }
+                    return Ok((ep, resp));
+                }
+                Err(e) => {
+                    if pick.finish(false) {
+                        state.count_ejection(&backend.name, &obs.route);
+                    }
+                    tried.push(ep.addr);
+                    if e.retryable() && body_empty && tried.len() < MAX_CONNECT_ATTEMPTS && tried.len() < backend_port.endpoints.len() {
+                        tracing::debug!(endpoint = %ep.addr, error = %e, "connect failed; trying another endpoint");
+                        state.metrics.retries.get_or_create(&ServiceRouteLabels { destination_service: backend.name.name.clone(), route: obs.route.clone() }).inc();
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let timeout = entry.as_ref().and_then(|e| e.request_timeout.or(e.backend_request_timeout));
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or(Err(ProxyError::Timeout)),
+        None => attempt.await,
+    };
+    match result {
+        Ok((ep, resp)) => {
+            describe_endpoint(&mut obs, ep);
+            let mut resp = downstream_response(resp, head.version);
+            if let Some(m) = entry.as_ref().and_then(|e| e.response_headers.as_ref()) {
+                headers::apply_modifier(resp.headers_mut(), m);
+            }
+            obs.respond(resp, "-")
+        }
+        Err(e) => obs.fail(e),
+    }
+}
+
+/// The protocol the destination application speaks: declared by `appProtocol`, else the
+/// client's own.
+fn app_protocol(declared: Option<AppProtocol>, client: Version) -> Proto {
+    match declared {
+        Some(p) if p.is_http2() => Proto::Http2,
+        Some(AppProtocol::Http) => Proto::Http1,
+        _ if client == Version::HTTP_2 => Proto::Http2,
+        _ => Proto::Http1,
+    }
+}
+
+fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
+    obs.upstream = Some(ep.addr);
+    obs.peers.destination_workload = ep.workload.clone();
+    obs.peers.destination_version = ep.version.clone().unwrap_or_else(|| crate::metrics::UNKNOWN.into());
+    if ep.meshed {
+        obs.peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &ep.namespace, &ep.service_account);
+    }
+}
+
+fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> Result<Dest<'a>, ProxyError> {
+    if let Some((name, port)) = &conn.bound {
+        let service = snapshot.services.get(name).ok_or_else(|| ProxyError::NoEndpoints(format!("{name} (no such Service)")))?;
+        let cp = service.port(*port).ok_or_else(|| ProxyError::NoEndpoints(format!("{name}:{} (no such port)", port.unwrap_or(0))))?;
+        return Ok(Dest::Service(service, cp));
+    }
+    let authority = head.authority();
+    if let Some((s, p)) = authority.as_deref().and_then(|a| snapshot.resolve_authority(a)) {
+        return Ok(Dest::Service(s, p));
+    }
+    if let Some(orig) = conn.orig_dst {
+        if let Some((s, p)) = snapshot.service_by_endpoint(orig) {
+            return Ok(Dest::Service(s, p));
+        }
+        return Ok(Dest::Direct { authority: authority.unwrap_or_else(|| orig.to_string()), addr: Some(orig) });
+    }
+    match authority {
+        Some(a) => Ok(Dest::Direct { authority: a, addr: None }),
+        None => Err(ProxyError::BadRequest("no Host header or absolute URI to route by".into())),
+    }
+}
+
+/// Resolves `host[:port]` (port 80 by default) to one address.
+async fn lookup(authority: &str, default_port: u16) -> Result<SocketAddr, ProxyError> {
+    let (host, port) = split_authority(authority);
+    let port = port.unwrap_or(default_port);
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| ProxyError::UnknownDestination(authority.to_string()))?;
+    addrs.next().ok_or_else(|| ProxyError::UnknownDestination(authority.to_string()))
+}
+
+/// Forwards a request to a destination outside the mesh.
+async fn direct(state: Arc<State>, req: Request<Incoming>, head: Head, mut obs: Observation, authority: String, addr: Option<SocketAddr>) -> Response<Body> {
+    let addr = match addr {
+        Some(a) => a,
+        None => match lookup(&authority, 80).await {
+            Ok(a) => a,
+            Err(e) => return obs.fail(e),
+        },
+    };
+    if state.is_own_listener(addr) {
+        return obs.fail(ProxyError::BadRequest(format!("{authority} is this proxy itself")));
+    }
+    obs.upstream = Some(addr);
+    obs.peers.destination_service = split_authority(&authority).0.to_string();
+    let target = Target { addr, proto: app_protocol(None, head.version), authority, app_http1_behind_peer: false };
+    let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
+        forward_upgrade(&state, req, &head, &target).await
+    } else {
+        let b = obs.count_request_body(body::boxed(req.into_body()));
+        match head.upstream_request(&target, b, false) {
+            Ok(up) => state.pool.send(addr, target.proto, up).await,
+            Err(e) => Err(e),
+        }
+    };
+    match result {
+        Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
+        Err(e) => obs.fail(e),
+    }
+}
+
+/// `CONNECT host:port`: opens a TCP stream to the Service (balanced) or host and splices it to
+/// the client once the `200` is sent.
+async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Observation) -> Response<Body> {
+    let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
+        return obs.fail(ProxyError::BadRequest("CONNECT needs host:port".into()));
+    };
+    let snapshot = state.discovery.current();
+    let timeout = state.settings.limits.connect_timeout;
+    let upstream = if let Some((service, port)) = snapshot.resolve_authority(&authority) {
+        obs.peers.destination_service = service.name.name.clone();
+        match state.balancer.pick(&port.endpoints, &[]) {
+            None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
+            Some((ep, pick)) => {
+                describe_endpoint(&mut obs, ep);
+                let r = client::connect(ep.addr, timeout).await;
+                pick.finish(r.is_ok());
+                r
+            }
+        }
+    } else {
+        match lookup(&authority, 443).await {
+            Ok(addr) if state.is_own_listener(addr) => Err(ProxyError::BadRequest(format!("{authority} is this proxy itself"))),
+            Ok(addr) => {
+                obs.upstream = Some(addr);
+                client::connect(addr, timeout).await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let upstream = match upstream {
+        Ok(s) => s,
+        Err(e) => return obs.fail(e),
+    };
+    let peers = obs.peers.clone();
+    let idle = state.settings.limits.idle_timeout;
+    let tunnel_state = state.clone();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(client) => {
+                let guard = tunnel_state.tcp_opened("outbound", peers, "none");
+                let result = tcp::forward(TokioIo::new(client), upstream, idle).await;
+                guard.closed(result.unwrap_or_default());
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    obs.respond(Response::new(body::empty()), "-")
+}

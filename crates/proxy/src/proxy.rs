@@ -1,0 +1,464 @@
+//! Wiring: the shared state, the listeners (outbound, inbound, `--upstream` binds, admin),
+//! per-connection handling up to protocol detection, and graceful drain.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id};
+use plexus_core::{MeshSnapshot, ServiceName};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::balance::Balancer;
+use crate::discovery::Discovery;
+use crate::error::ProxyError;
+use crate::http::client::{self, Pool};
+use crate::http::inbound::{self, InboundConn};
+use crate::http::outbound::{self, OutboundConn};
+use crate::http::server::HttpServer;
+use crate::metrics::{Metrics, PeerLabels, ServiceRouteLabels, TcpLabels, UNKNOWN};
+use crate::settings::Settings;
+use crate::transport::detect::{Protocol, Sniffed, sniff};
+use crate::transport::io::PrefixedIo;
+use crate::transport::{listen, original_dst, tcp};
+
+/// Everything connections and requests share.
+pub struct State {
+    /// Settings, with the addresses actually bound (port 0 resolved).
+    pub settings: Settings,
+    pub discovery: Arc<Discovery>,
+    pub balancer: Balancer,
+    pub pool: Arc<Pool>,
+    pub metrics: Metrics,
+    pub http: HttpServer,
+    conn_limit: Arc<Semaphore>,
+    draining: AtomicBool,
+    drain: watch::Sender<bool>,
+    own_listeners: Vec<SocketAddr>,
+}
+
+/// A TCP stream's metrics: opened now, closed by [`TcpGuard::closed`].
+pub struct TcpGuard {
+    state: Arc<State>,
+    labels: TcpLabels,
+}
+
+impl TcpGuard {
+    pub fn closed(self, moved: tcp::Transferred) {
+        let m = &self.state.metrics;
+        m.tcp_sent.get_or_create(&self.labels).inc_by(moved.sent);
+        m.tcp_received.get_or_create(&self.labels).inc_by(moved.received);
+        m.tcp_closed.get_or_create(&self.labels).inc();
+    }
+}
+
+impl State {
+    /// Source labels of outbound traffic: this proxy's own workload.
+    pub fn fill_source(&self, peers: &mut PeerLabels) {
+        let s = &self.settings;
+        if let Some(w) = &s.workload {
+            peers.source_workload = w.clone();
+        }
+        if let Some(svc) = &s.service {
+            peers.source_service = svc.clone();
+        }
+    }
+
+    /// Destination labels of inbound traffic: this proxy's own workload.
+    pub fn fill_destination(&self, peers: &mut PeerLabels) {
+        let s = &self.settings;
+        if let Some(w) = &s.workload {
+            peers.destination_workload = w.clone();
+        }
+        if let Some(svc) = &s.service {
+            peers.destination_service = svc.clone();
+            peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc);
+        }
+    }
+
+    pub fn count_ejection(&self, service: &ServiceName, route: &str) {
+        self.metrics.outlier_ejections.get_or_create(&ServiceRouteLabels { destination_service: service.name.clone(), route: route.into() }).inc();
+    }
+
+    /// Whether `addr` is one of this proxy's own listeners (a request loop).
+    pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_loopback()))
+    }
+
+    /// Counts a TCP stream as opened.
+    pub fn tcp_opened(self: &Arc<Self>, direction: &str, peers: PeerLabels, security: &str) -> TcpGuard {
+        let labels = TcpLabels { direction: direction.into(), peers, connection_security_policy: security.into() };
+        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        TcpGuard { state: self.clone(), labels }
+    }
+
+    /// Starts a graceful drain: listeners stop accepting, connections finish their work.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain.send_replace(true);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// The addresses a running proxy listens on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Addresses {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// `--upstream` binds, keyed `name.namespace[:port]`.
+    pub upstreams: BTreeMap<String, SocketAddr>,
+}
+
+/// A proxy with its listeners bound, ready to run.
+pub struct Proxy {
+    state: Arc<State>,
+    outbound: TcpListener,
+    inbound: TcpListener,
+    admin: TcpListener,
+    upstreams: Vec<(crate::UpstreamBind, TcpListener)>,
+    addresses: Addresses,
+}
+
+/// A handle on a running proxy (for embedding: `plexus run`, tests).
+#[derive(Clone)]
+pub struct ProxyHandle {
+    state: Arc<State>,
+}
+
+impl ProxyHandle {
+    /// Starts a graceful drain.
+    pub fn shutdown(&self) {
+        self.state.start_drain();
+    }
+}
+
+impl Proxy {
+    /// Binds every listener (port 0 picks a free port). Fails before serving anything if any
+    /// address is taken.
+    pub fn bind(mut settings: Settings, discovery: Arc<Discovery>) -> std::io::Result<Proxy> {
+        fn bind(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+            listen::bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+        }
+        let outbound = bind("outbound", settings.outbound)?;
+        let inbound = bind("inbound", settings.inbound)?;
+        let admin = bind("admin", settings.admin)?;
+        settings.outbound = outbound.local_addr()?;
+        settings.inbound = inbound.local_addr()?;
+        settings.admin = admin.local_addr()?;
+        let mut upstreams = Vec::new();
+        let mut upstream_addrs = BTreeMap::new();
+        for up in &mut settings.upstreams {
+            let l = bind(&format!("--upstream {}", up.key()), up.listen)?;
+            up.listen = l.local_addr()?;
+            upstream_addrs.insert(up.key(), up.listen);
+            upstreams.push((up.clone(), l));
+        }
+        let addresses = Addresses { outbound: settings.outbound, inbound: settings.inbound, admin: settings.admin, upstreams: upstream_addrs };
+        let mut own_listeners = vec![settings.outbound, settings.inbound, settings.admin];
+        own_listeners.extend(addresses.upstreams.values());
+        let (drain, _) = watch::channel(false);
+        let state = Arc::new(State {
+            balancer: Balancer::new(settings.load_balancer),
+            pool: Pool::new(settings.limits.connect_timeout),
+            metrics: Metrics::new(),
+            http: HttpServer::new(&settings.limits),
+            conn_limit: Arc::new(Semaphore::new(settings.limits.max_connections)),
+            draining: AtomicBool::new(false),
+            drain,
+            own_listeners,
+            discovery,
+            settings,
+        });
+        Ok(Proxy { state, outbound, inbound, admin, upstreams, addresses })
+    }
+
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle { state: self.state.clone() }
+    }
+
+    /// Serves until `shutdown` completes or `POST /shutdown` is received, then drains: stops
+    /// accepting, lets in-flight requests and streams finish (up to the drain timeout).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Proxy { state, outbound, inbound, admin, upstreams, .. } = self;
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::admin::serve(state.clone(), admin)));
+        tasks.push(tokio::spawn(accept_loop(state.clone(), outbound, Role::Outbound(None))));
+        tasks.push(tokio::spawn(accept_loop(state.clone(), inbound, Role::Inbound)));
+        for (bind, l) in upstreams {
+            tasks.push(tokio::spawn(accept_loop(state.clone(), l, Role::Outbound(Some((bind.service, bind.port))))));
+        }
+        tasks.push(tokio::spawn(prune_on_change(state.clone())));
+        let mut drain = state.drain.subscribe();
+        tokio::select! {
+            _ = shutdown => state.start_drain(),
+            _ = drained(&mut drain) => {}
+        }
+        tracing::info!(timeout = ?state.settings.limits.drain_timeout, "draining");
+        // HTTP connections see the drain signal and close after their in-flight requests;
+        // TCP streams run to their end. Every connection holds a permit until it closes.
+        let deadline = tokio::time::Instant::now() + state.settings.limits.drain_timeout;
+        let all = state.settings.limits.max_connections as u32;
+        let streams_done = async {
+            while state.conn_limit.available_permits() < all as usize {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, streams_done).await.is_err() {
+            tracing::warn!("drain deadline reached with connections still open");
+        }
+        for t in tasks {
+            t.abort();
+        }
+        tracing::info!("drained");
+    }
+}
+
+/// Completes once a drain has started.
+pub async fn drained(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|d| *d).await;
+}
+
+/// Keeps per-endpoint state only for endpoints that still exist after a config change.
+async fn prune_on_change(state: Arc<State>) {
+    let mut changes = state.discovery.subscribe();
+    while changes.changed().await.is_ok() {
+        let snapshot = state.discovery.current();
+        let live: std::collections::HashSet<SocketAddr> = snapshot.services.values().flat_map(|s| s.ports.iter()).flat_map(|p| p.endpoints.iter().map(|e| e.addr)).collect();
+        state.balancer.retain(|a| live.contains(a));
+        state.metrics.config_version.set(state.discovery.generation() as i64);
+    }
+}
+
+#[derive(Clone)]
+enum Role {
+    /// The outbound listener, or an `--upstream` bind to one Service port.
+    Outbound(Option<(ServiceName, Option<u16>)>),
+    Inbound,
+}
+
+async fn accept_loop(state: Arc<State>, listener: TcpListener, role: Role) {
+    let mut drain = state.drain.subscribe();
+    loop {
+        tokio::select! {
+            (stream, peer, permit) = listen::accept(&listener, &state.conn_limit) => {
+                let state = state.clone();
+                let watcher = state.drain.subscribe();
+                let role = role.clone();
+                tokio::spawn(async move {
+                    match role {
+                        Role::Outbound(bound) => outbound_conn(state, stream, peer, bound, watcher, permit).await,
+                        Role::Inbound => inbound_conn(state, stream, peer, watcher, permit).await,
+                    }
+                });
+            }
+            _ = drained(&mut drain) => return,
+        }
+    }
+}
+
+/// Where an opaque stream goes.
+#[derive(Clone)]
+enum TcpDest {
+    /// A Service port: balanced over its endpoints.
+    Service(ServiceName, u16),
+    /// A fixed address (original destination, or the local app).
+    Addr(SocketAddr),
+}
+
+/// An upstream TCP connection with the labels describing its peer.
+struct Dialed {
+    stream: TcpStream,
+    peers: PeerLabels,
+}
+
+impl AsRef<TcpStream> for Dialed {
+    fn as_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
+    let timeout = state.settings.limits.connect_timeout;
+    match dest {
+        TcpDest::Addr(addr) => Ok(Dialed { stream: client::connect(*addr, timeout).await?, peers }),
+        TcpDest::Service(name, port) => {
+            let snapshot = state.discovery.current();
+            let endpoints = snapshot.services.get(name).and_then(|s| s.port(Some(*port))).map(|p| p.endpoints.clone()).unwrap_or_default();
+            let mut tried = Vec::new();
+            loop {
+                let Some((ep, pick)) = state.balancer.pick(&endpoints, &tried) else {
+                    return Err(ProxyError::NoEndpoints(format!("{name}:{port}")));
+                };
+                peers.destination_service = name.name.clone();
+                peers.destination_workload = ep.workload.clone();
+                peers.destination_version = ep.version.clone().unwrap_or_else(|| UNKNOWN.into());
+                match client::connect(ep.addr, timeout).await {
+                    Ok(stream) => {
+                        pick.finish(true);
+                        return Ok(Dialed { stream, peers });
+                    }
+                    Err(e) => {
+                        pick.finish(false);
+                        tried.push(ep.addr);
+                        if tried.len() >= endpoints.len().min(3) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn io_error(e: ProxyError) -> std::io::Error {
+    match e {
+        ProxyError::ConnectFailed(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// Forwards an opaque stream: the bytes read during detection first, then both directions.
+async fn forward_opaque(state: &Arc<State>, direction: &str, client: TcpStream, prefix: &[u8], upstream: Result<Dialed, ProxyError>) {
+    let mut up = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot open TCP stream");
+            return;
+        }
+    };
+    let guard = state.tcp_opened(direction, up.peers.clone(), "none");
+    if !prefix.is_empty() {
+        if let Err(e) = up.stream.write_all(prefix).await {
+            tracing::debug!(error = %e, "upstream write failed");
+            guard.closed(tcp::Transferred::default());
+            return;
+        }
+    }
+    let mut moved = tcp::forward(client, up.stream, state.settings.limits.idle_timeout).await.unwrap_or_default();
+    moved.sent += prefix.len() as u64;
+    guard.closed(moved);
+}
+
+async fn outbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAddr, bound: Option<(ServiceName, Option<u16>)>, watcher: watch::Receiver<bool>, permit: OwnedSemaphorePermit) {
+    let snapshot: Arc<MeshSnapshot> = state.discovery.current();
+    let orig_dst = if bound.is_none() { original_dst(&stream) } else { None };
+    let mut peers = PeerLabels::default();
+    state.fill_source(&mut peers);
+    let (tcp_dest, declared_opaque) = match (&bound, orig_dst) {
+        (Some((name, port)), _) => match snapshot.services.get(name).and_then(|s| s.port(*port)) {
+            Some(p) => (Some(TcpDest::Service(name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection())),
+            None => (None, false),
+        },
+        (None, Some(orig)) => match snapshot.service_by_endpoint(orig) {
+            Some((s, p)) => (Some(TcpDest::Service(s.name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection())),
+            None => (Some(TcpDest::Addr(orig)), false),
+        },
+        (None, None) => (None, false),
+    };
+    let opaque = declared_opaque || orig_dst.is_some_and(|o| state.settings.opaque_ports.contains(&o.port()));
+    if opaque {
+        if let Some(dest) = &tcp_dest {
+            let up = dial(&state, dest, peers).await;
+            forward_opaque(&state, "outbound", stream, &[], up).await;
+        }
+        drop(permit);
+        return;
+    }
+    let limits = &state.settings.limits;
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = tcp_dest.clone().map(|d| {
+        let state = state.clone();
+        let peers = peers.clone();
+        move || async move { dial(&state, &d, peers).await.map_err(io_error) }
+    });
+    let sniffed = sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, connect).await;
+    match sniffed {
+        Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
+            drop(early);
+            let conn = Arc::new(OutboundConn { peer, orig_dst, bound });
+            let handler_state = state.clone();
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            state
+                .http
+                .serve(io, watcher, move |req| outbound::handle(handler_state.clone(), conn.clone(), req))
+                .await;
+        }
+        Ok(Sniffed::Client(protocol, early)) => {
+            // TLS passes through by SNI when the destination is not otherwise known.
+            let dest = tcp_dest.or_else(|| match &protocol {
+                Protocol::Tls { sni: Some(host) } => snapshot.resolve_authority(host).map(|(s, p)| TcpDest::Service(s.name.clone(), p.port)),
+                _ => None,
+            });
+            match (dest, early) {
+                (_, Some(up)) => forward_opaque(&state, "outbound", stream, &buf, Ok(up)).await,
+                (Some(dest), None) => {
+                    let up = dial(&state, &dest, peers).await;
+                    forward_opaque(&state, "outbound", stream, &buf, up).await;
+                }
+                (None, None) => {
+                    // The explicit outbound port is an HTTP proxy: say so.
+                    let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nx-plexus-error: not an HTTP request and no destination known\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                }
+            }
+        }
+        Ok(Sniffed::ServerFirst(up)) => forward_opaque(&state, "outbound", stream, &[], Ok(up)).await,
+        Ok(Sniffed::Closed | Sniffed::TimedOut) => {}
+        Err(e) => tracing::debug!(%peer, error = %e, "outbound connection failed during detection"),
+    }
+    drop(permit);
+}
+
+async fn inbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAddr, watcher: watch::Receiver<bool>, permit: OwnedSemaphorePermit) {
+    let orig_dst = original_dst(&stream);
+    let app_port = state.settings.app_port.or(orig_dst.map(|o| o.port()));
+    let mut peers = PeerLabels::default();
+    state.fill_destination(&mut peers);
+    let app = app_port.map(|p| TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));
+    if let (Some(dest), true) = (&app, app_port.is_some_and(|p| state.settings.opaque_ports.contains(&p))) {
+        let up = dial(&state, dest, peers).await;
+        forward_opaque(&state, "inbound", stream, &[], up).await;
+        drop(permit);
+        return;
+    }
+    let limits = &state.settings.limits;
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = app.clone().map(|d| {
+        let state = state.clone();
+        let peers = peers.clone();
+        move || async move { dial(&state, &d, peers).await.map_err(io_error) }
+    });
+    match sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, connect).await {
+        Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
+            drop(early);
+            let conn = Arc::new(InboundConn { peer, app_port });
+            let handler_state = state.clone();
+            let io = PrefixedIo::new(buf.freeze(), stream);
+            state.http.serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
+        }
+        Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await,
+        Ok(Sniffed::Client(_, None)) => match &app {
+            Some(dest) => {
+                let up = dial(&state, dest, peers).await;
+                forward_opaque(&state, "inbound", stream, &buf, up).await;
+            }
+            None => tracing::debug!(%peer, "inbound stream with no application port; closing"),
+        },
+        Ok(Sniffed::Closed | Sniffed::TimedOut) => {}
+        Err(e) => tracing::debug!(%peer, error = %e, "inbound connection failed during detection"),
+    }
+    drop(permit);
+}

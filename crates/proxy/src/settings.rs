@@ -1,0 +1,183 @@
+//! Proxy settings given by flags or `PLEXUS_*` environment variables.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use plexus_core::ServiceName;
+
+/// How a proxy picks an endpoint among a Service's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    /// Power of two choices over peak-EWMA latency × (pending + 1).
+    #[default]
+    Ewma,
+    RoundRobin,
+    /// Power of two choices over pending requests.
+    LeastRequest,
+}
+
+impl FromStr for LoadBalancer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ewma" => Ok(LoadBalancer::Ewma),
+            "roundRobin" | "round-robin" => Ok(LoadBalancer::RoundRobin),
+            "leastRequest" | "least-request" => Ok(LoadBalancer::LeastRequest),
+            other => Err(format!("unknown load balancer {other:?} (use ewma, roundRobin or leastRequest)")),
+        }
+    }
+}
+
+/// `--upstream SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT`: a local port whose every connection
+/// goes to one Service port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UpstreamBind {
+    pub service: ServiceName,
+    pub port: Option<u16>,
+    pub listen: SocketAddr,
+}
+
+impl FromStr for UpstreamBind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (target, local) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT"))?;
+        let (host, port) = match target.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| format!("{s:?}: invalid service port {p:?}"))?)),
+            None => (target, None),
+        };
+        let service = ServiceName::candidates(host)
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{s:?}: invalid service name {host:?}"))?;
+        let listen = match local.rsplit_once(':') {
+            Some((ip, p)) => SocketAddr::new(
+                ip.parse().map_err(|_| format!("{s:?}: invalid IP {ip:?}"))?,
+                p.parse().map_err(|_| format!("{s:?}: invalid local port {p:?}"))?,
+            ),
+            None => SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                local.parse().map_err(|_| format!("{s:?}: invalid local port {local:?}"))?,
+            ),
+        };
+        Ok(UpstreamBind { service, port, listen })
+    }
+}
+
+impl UpstreamBind {
+    /// `name.namespace:port` (or `name.namespace` without a port), as printed at start-up.
+    pub fn key(&self) -> String {
+        match self.port {
+            Some(p) => format!("{}:{p}", self.service),
+            None => self.service.to_string(),
+        }
+    }
+}
+
+/// Everything a proxy needs besides its configuration source.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// Explicit mode: the inbound listener forwards to `127.0.0.1:app_port`.
+    pub app_port: Option<u16>,
+    pub upstreams: Vec<UpstreamBind>,
+    /// Original-destination ports whose connections skip protocol detection.
+    pub opaque_ports: Vec<u16>,
+    pub load_balancer: LoadBalancer,
+    /// This proxy's own workload (metrics' source labels), when known.
+    pub workload: Option<String>,
+    pub service: Option<String>,
+    pub namespace: String,
+    /// Print one JSON line per request on stdout.
+    pub access_log: bool,
+    pub limits: Limits,
+}
+
+/// Resource limits that keep bad or slow clients from hurting the proxy.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Connections beyond this are closed at accept.
+    pub max_connections: usize,
+    /// Time allowed to receive a complete request head (slowloris protection).
+    #[serde(with = "secs")]
+    pub header_read_timeout: Duration,
+    /// Idle time after which a connection (HTTP keep-alive or TCP stream) is closed.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+    /// Time allowed to connect to an upstream.
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+    /// How long a drain waits for in-flight work.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    /// How long detection waits for the client's first bytes before it also tries the server
+    /// (server-first protocols).
+    #[serde(with = "secs")]
+    pub client_first_wait: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&plexus_core::duration::format(*d))
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            client_first_wait: Duration::from_millis(10),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        Settings {
+            outbound: local(7710),
+            inbound: local(7711),
+            admin: local(7712),
+            app_port: None,
+            upstreams: Vec::new(),
+            opaque_ports: Vec::new(),
+            load_balancer: LoadBalancer::Ewma,
+            workload: None,
+            service: None,
+            namespace: "default".into(),
+            access_log: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_upstream_binds() {
+        let b: UpstreamBind = "reviews.prod:9080=127.0.0.2:5000".parse().expect("valid");
+        assert_eq!(b.service, ServiceName::new("reviews", "prod"));
+        assert_eq!(b.port, Some(9080));
+        assert_eq!(b.listen, "127.0.0.2:5000".parse().expect("addr"));
+        let b: UpstreamBind = "db=0".parse().expect("valid");
+        assert_eq!((b.key().as_str(), b.listen.port()), ("db.default", 0));
+        assert!("db".parse::<UpstreamBind>().is_err());
+        assert!("db:x=1".parse::<UpstreamBind>().is_err());
+    }
+}
