@@ -17,8 +17,8 @@ use common::{Hops, Mesh, TEST_TIMEOUT, curl_ok, python_client, python_server, ru
 use plexus_testkit::client::{self, PatternBody, Version};
 use plexus_testkit::http::Request;
 use plexus_testkit::{
-    HttpEcho, SERVER_FIRST_GREETING, ServerFirst, ServicePort, TCP_ECHO_FINAL_LINE, TcpEcho,
-    TempDir, require_python_module, require_tool, serial,
+    HttpEcho, SERVER_FIRST_GREETING, ServerFirst, ServicePort, TCP_ECHO_FINAL_LINE, TcpEcho, TempDir,
+    require_python_module, require_tool, serial,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -84,8 +84,7 @@ struct CurlResponse {
 
 impl CurlResponse {
     fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {:?}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("response body is not JSON ({e}): {:?}", self.body))
     }
 }
 
@@ -102,23 +101,9 @@ fn curl_responses(out: &std::process::Output) -> Vec<CurlResponse> {
         let mut parts = rest.trim_end().splitn(4, ' ');
         let code = parts.next().unwrap_or_default().to_string();
         let http_version = parts.next().unwrap_or_default().to_string();
-        let connects = parts
-            .next()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(u32::MAX);
-        let served_by = parts
-            .next()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        responses.push(CurlResponse {
-            body: std::mem::take(&mut body),
-            code,
-            http_version,
-            connects,
-            served_by,
-        });
+        let connects = parts.next().and_then(|c| c.parse().ok()).unwrap_or(u32::MAX);
+        let served_by = parts.next().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+        responses.push(CurlResponse { body: std::mem::take(&mut body), code, http_version, connects, served_by });
     }
     responses
 }
@@ -133,22 +118,11 @@ fn check_json_responses(
     what: &str,
 ) -> Vec<serde_json::Value> {
     let rs = curl_responses(out);
-    assert_eq!(
-        rs.len(),
-        paths.len(),
-        "{what}: expected {} responses\n{}",
-        paths.len(),
-        show(out)
-    );
+    assert_eq!(rs.len(), paths.len(), "{what}: expected {} responses\n{}", paths.len(), show(out));
     let mut bodies = Vec::new();
     for (r, path) in rs.iter().zip(paths) {
         assert_eq!(r.code, "200", "{what}: status for {path}\n{}", show(out));
-        assert_eq!(
-            r.served_by,
-            ECHO,
-            "{what}: x-served-by for {path}\n{}",
-            show(out)
-        );
+        assert_eq!(r.served_by, ECHO, "{what}: x-served-by for {path}\n{}", show(out));
         let j = r.json();
         assert_eq!(j["path"], *path, "{what}: path the app saw\n{}", show(out));
         assert_eq!(j["served_by"], ECHO);
@@ -172,14 +146,7 @@ fn check_json_responses(
 
 async fn echo_mesh(hops: Hops) -> (HttpEcho, Mesh) {
     let echo = HttpEcho::start(ECHO).await.expect("start echo app");
-    let mesh = Mesh::start(
-        hops,
-        "echo",
-        ServicePort::new("http", 8080, Some("http")),
-        echo.port(),
-        &[],
-    )
-    .await;
+    let mesh = Mesh::start(hops, "echo", ServicePort::new("http", 8080, Some("http")), echo.port(), &[]).await;
     (echo, mesh)
 }
 
@@ -212,19 +179,11 @@ async fn curl_keepalive(hops: Hops) {
 
     let out_addr = mesh.outbound();
     let paths = ["/a", "/b/c?d=e"];
-    let urls: Vec<String> = paths
-        .iter()
-        .map(|p| format!("http://{out_addr}{p}"))
-        .collect();
+    let urls: Vec<String> = paths.iter().map(|p| format!("http://{out_addr}{p}")).collect();
     let mut args = vec!["-w", W, "-H", "Host: echo:8080"];
     args.extend(urls.iter().map(String::as_str));
     let out = curl_ok(&args).await;
-    for j in check_json_responses(
-        &out,
-        &paths,
-        true,
-        "keep-alive via outbound port, Host routing",
-    ) {
+    for j in check_json_responses(&out, &paths, true, "keep-alive via outbound port, Host routing") {
         assert_eq!(j["authority"], "echo:8080", "Host the app saw: {j}");
     }
     assert_eq!(echo.requests(), 5, "requests that reached the app");
@@ -265,26 +224,13 @@ async fn curl_chunked_upload(hops: Hops) {
     );
     let got = std::fs::read(&output).expect("read curl output");
     assert_eq!(got.len(), len, "echoed body length");
-    assert!(
-        got == client::pattern(0, len),
-        "echoed body differs from the upload"
-    );
+    assert!(got == client::pattern(0, len), "echoed body differs from the upload");
 
     let url = format!("http://{up}/count");
-    let out = curl_ok(&[
-        "-H",
-        "Transfer-Encoding: chunked",
-        "--data-binary",
-        &data,
-        &url,
-    ])
-    .await;
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e})\n{}", show(&out)));
-    assert_eq!(
-        j["body_len"], len as u64,
-        "body length the app received: {j}"
-    );
+    let out = curl_ok(&["-H", "Transfer-Encoding: chunked", "--data-binary", &data, &url]).await;
+    let j: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", show(&out)));
+    assert_eq!(j["body_len"], len as u64, "body length the app received: {j}");
     assert_eq!(j["method"], "POST");
     assert!(j["body_error"].is_null(), "the app saw a body error: {j}");
 }
@@ -325,17 +271,10 @@ async fn curl_expect_continue(hops: Hops) {
         show(&out)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("< HTTP/1.1 100"),
-        "curl did not receive an interim 100 Continue\n{}",
-        show(&out)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e})\n{}", show(&out)));
-    assert_eq!(
-        j["body_len"], len as u64,
-        "body length the app received: {j}"
-    );
+    assert!(stderr.contains("< HTTP/1.1 100"), "curl did not receive an interim 100 Continue\n{}", show(&out));
+    let j: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", show(&out)));
+    assert_eq!(j["body_len"], len as u64, "body length the app received: {j}");
 }
 
 // ------------------------------------------------------------------ curl, HTTP/2
@@ -353,25 +292,11 @@ async fn curl_http2_prior_knowledge(hops: Hops) {
     // The later transfers must not repeat --http2-prior-knowledge (curl 7.88 then fails
     // with "Error in the HTTP2 framing layer" even against a plain h2c server); without it
     // they can only be HTTP/2 by reusing the first transfer's connection.
-    let args = [
-        "--http2-prior-knowledge",
-        "-w",
-        W,
-        &urls[0],
-        "--next",
-        "-w",
-        W,
-        &urls[1],
-    ];
+    let args = ["--http2-prior-knowledge", "-w", W, &urls[0], "--next", "-w", W, &urls[1]];
     let out = curl_ok(&args).await;
     check_json_responses(&out, &paths, true, "h2c via --upstream bind");
     for r in curl_responses(&out) {
-        assert_eq!(
-            r.http_version,
-            "2",
-            "curl's negotiated HTTP version\n{}",
-            show(&out)
-        );
+        assert_eq!(r.http_version, "2", "curl's negotiated HTTP version\n{}", show(&out));
     }
 
     let len = 1024 * 1024 + 3;
@@ -390,38 +315,16 @@ async fn curl_http2_prior_knowledge(hops: Hops) {
         &url,
     ])
     .await;
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200 2",
-        "{}",
-        show(&out)
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2", "{}", show(&out));
     assert!(
         std::fs::read(&output).expect("read output") == client::pattern(0, len),
         "h2 echoed body differs from the upload"
     );
 
     let url = format!("http://{}/by-authority", mesh.outbound());
-    let out = curl_ok(&[
-        "--http2-prior-knowledge",
-        "-w",
-        W,
-        "-H",
-        "Host: echo:8080",
-        &url,
-    ])
-    .await;
-    let js = check_json_responses(
-        &out,
-        &["/by-authority"],
-        true,
-        "h2c via outbound port, :authority",
-    );
-    assert_eq!(
-        js[0]["authority"], "echo:8080",
-        "authority the app saw: {}",
-        js[0]
-    );
+    let out = curl_ok(&["--http2-prior-knowledge", "-w", W, "-H", "Host: echo:8080", &url]).await;
+    let js = check_json_responses(&out, &["/by-authority"], true, "h2c via outbound port, :authority");
+    assert_eq!(js[0]["authority"], "echo:8080", "authority the app saw: {}", js[0]);
 }
 
 // ------------------------------------------------------------------ explicit proxy
@@ -434,21 +337,9 @@ async fn curl_explicit_proxy_absolute_form(hops: Hops) {
     }
     let (echo, mesh) = echo_mesh(hops).await;
     let proxy = format!("http://{}", mesh.outbound());
-    let out = curl_ok(&[
-        "-x",
-        &proxy,
-        "-w",
-        W,
-        "http://echo:8080/abs?q=1",
-        "http://echo.default:8080/with/namespace",
-    ])
-    .await;
-    let js = check_json_responses(
-        &out,
-        &["/abs?q=1", "/with/namespace"],
-        true,
-        "explicit proxy, absolute-form",
-    );
+    let out =
+        curl_ok(&["-x", &proxy, "-w", W, "http://echo:8080/abs?q=1", "http://echo.default:8080/with/namespace"]).await;
+    let js = check_json_responses(&out, &["/abs?q=1", "/with/namespace"], true, "explicit proxy, absolute-form");
     assert!(
         js[0]["headers"].get("proxy-connection").is_none(),
         "hop-by-hop Proxy-Connection header forwarded to the app: {}",
@@ -464,54 +355,23 @@ async fn curl_connect_tunnel(hops: Hops) {
     }
     let (_echo, mesh) = echo_mesh(hops).await;
     let proxy = format!("http://{}", mesh.outbound());
-    let out = curl_ok(&[
-        "-v",
-        "-p",
-        "-x",
-        &proxy,
-        "-w",
-        W,
-        "http://echo:8080/tunneled",
-    ])
-    .await;
+    let out = curl_ok(&["-v", "-p", "-x", &proxy, "-w", W, "http://echo:8080/tunneled"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("> CONNECT echo:8080"), "curl did not use CONNECT\n{}", show(&out));
     assert!(
-        stderr.contains("> CONNECT echo:8080"),
-        "curl did not use CONNECT\n{}",
-        show(&out)
-    );
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.starts_with("< HTTP/1.1 200") || l.starts_with("< HTTP/1.0 200")),
+        stderr.lines().any(|l| l.starts_with("< HTTP/1.1 200") || l.starts_with("< HTTP/1.0 200")),
         "CONNECT was not answered 200\n{}",
         show(&out)
     );
-    check_json_responses(
-        &out,
-        &["/tunneled"],
-        true,
-        "request inside the CONNECT tunnel",
-    );
+    check_json_responses(&out, &["/tunneled"], true, "request inside the CONNECT tunnel");
 }
 
 /// A raw CONNECT to a TCP Service, then echo through the tunnel with half-close.
 async fn connect_tunnel_raw_tcp(hops: Hops) {
     let app = TcpEcho::start().await.expect("start tcp echo");
-    let mesh = Mesh::start(
-        hops,
-        "tcpecho",
-        ServicePort::new("tcp", 9000, Some("tcp")),
-        app.port(),
-        &[],
-    )
-    .await;
-    let mut s = client::connect(mesh.outbound())
-        .await
-        .expect("connect to outbound");
-    s.write_all(b"CONNECT tcpecho:9000 HTTP/1.1\r\nHost: tcpecho:9000\r\n\r\n")
-        .await
-        .expect("send CONNECT");
+    let mesh = Mesh::start(hops, "tcpecho", ServicePort::new("tcp", 9000, Some("tcp")), app.port(), &[]).await;
+    let mut s = client::connect(mesh.outbound()).await.expect("connect to outbound");
+    s.write_all(b"CONNECT tcpecho:9000 HTTP/1.1\r\nHost: tcpecho:9000\r\n\r\n").await.expect("send CONNECT");
     let mut head = Vec::new();
     let read_head = async {
         let mut b = [0u8; 1];
@@ -522,9 +382,7 @@ async fn connect_tunnel_raw_tcp(hops: Hops) {
             head.push(b[0]);
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), read_head)
-        .await
-        .expect("no CONNECT response within 10 s");
+    tokio::time::timeout(Duration::from_secs(10), read_head).await.expect("no CONNECT response within 10 s");
     let head = String::from_utf8_lossy(&head).into_owned();
     assert!(
         head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
@@ -549,21 +407,7 @@ async fn h2load_many_streams(hops: Hops) {
     assert_eq!(echo.requests(), 2000, "requests that reached the app");
 
     let url = format!("http://{}/load-authority", mesh.outbound());
-    let out = run_peer(
-        "h2load",
-        &[
-            "-n",
-            "500",
-            "-c",
-            "2",
-            "-m",
-            "50",
-            "-H",
-            ":authority: echo:8080",
-            &url,
-        ],
-    )
-    .await;
+    let out = run_peer("h2load", &["-n", "500", "-c", "2", "-m", "50", "-H", ":authority: echo:8080", &url]).await;
     check_h2load(&out, 500, "via outbound port, :authority routing");
     assert_eq!(echo.requests(), 2500, "requests that reached the app");
 }
@@ -579,34 +423,13 @@ fn check_h2load(out: &std::process::Output, n: u64, what: &str) {
         })
     };
     let get = |p: &str, name: &str| {
-        field(p, name)
-            .unwrap_or_else(|| panic!("{what}: no `{name}` in h2load's `{p}` line\n{}", show(out)))
+        field(p, name).unwrap_or_else(|| panic!("{what}: no `{name}` in h2load's `{p}` line\n{}", show(out)))
     };
     assert!(out.status.success(), "{what}: h2load failed\n{}", show(out));
-    assert_eq!(
-        get("requests:", "succeeded"),
-        n,
-        "{what}: succeeded\n{}",
-        show(out)
-    );
-    assert_eq!(
-        get("requests:", "failed"),
-        0,
-        "{what}: failed\n{}",
-        show(out)
-    );
-    assert_eq!(
-        get("requests:", "errored"),
-        0,
-        "{what}: errored\n{}",
-        show(out)
-    );
-    assert_eq!(
-        get("requests:", "timeout"),
-        0,
-        "{what}: timeout\n{}",
-        show(out)
-    );
+    assert_eq!(get("requests:", "succeeded"), n, "{what}: succeeded\n{}", show(out));
+    assert_eq!(get("requests:", "failed"), 0, "{what}: failed\n{}", show(out));
+    assert_eq!(get("requests:", "errored"), 0, "{what}: errored\n{}", show(out));
+    assert_eq!(get("requests:", "timeout"), 0, "{what}: timeout\n{}", show(out));
     assert_eq!(get("status codes:", "2xx"), n, "{what}: 2xx\n{}", show(out));
 }
 
@@ -619,14 +442,7 @@ async fn grpc_all_kinds(hops: Hops) {
         return;
     }
     let (_server, port) = python_server("grpc_peer.py", "grpc-backend").await;
-    let mesh = Mesh::start(
-        hops,
-        "greeter",
-        ServicePort::new("grpc", 50051, Some("grpc")),
-        port,
-        &[],
-    )
-    .await;
+    let mesh = Mesh::start(hops, "greeter", ServicePort::new("grpc", 50051, Some("grpc")), port, &[]).await;
     let up = mesh.upstream().to_string();
     python_client(
         "grpc_peer.py",
@@ -637,14 +453,7 @@ async fn grpc_all_kinds(hops: Hops) {
     let out = mesh.outbound().to_string();
     python_client(
         "grpc_peer.py",
-        &[
-            "--target",
-            &out,
-            "--authority",
-            "greeter:50051",
-            "--expect-served-by",
-            "grpc-backend",
-        ],
+        &["--target", &out, "--authority", "greeter:50051", "--expect-served-by", "grpc-backend"],
         &format!("gRPC via outbound port by :authority ({hops:?})"),
     )
     .await;
@@ -657,39 +466,18 @@ async fn websocket_echo(hops: Hops) {
         return;
     }
     let (_server, port) = python_server("ws_peer.py", "ws-backend").await;
-    let mesh = Mesh::start(
-        hops,
-        "chat",
-        ServicePort::new("http", 8765, Some("http")),
-        port,
-        &[],
-    )
-    .await;
+    let mesh = Mesh::start(hops, "chat", ServicePort::new("http", 8765, Some("http")), port, &[]).await;
     let up = mesh.upstream().to_string();
     python_client(
         "ws_peer.py",
-        &[
-            "--connect",
-            &up,
-            "--host",
-            "chat:8765",
-            "--expect-served-by",
-            "ws-backend",
-        ],
+        &["--connect", &up, "--host", "chat:8765", "--expect-served-by", "ws-backend"],
         &format!("WebSocket via --upstream bind ({hops:?})"),
     )
     .await;
     let out = mesh.outbound().to_string();
     python_client(
         "ws_peer.py",
-        &[
-            "--connect",
-            &out,
-            "--host",
-            "chat:8765",
-            "--expect-served-by",
-            "ws-backend",
-        ],
+        &["--connect", &out, "--host", "chat:8765", "--expect-served-by", "ws-backend"],
         &format!("WebSocket via outbound port by Host ({hops:?})"),
     )
     .await;
@@ -725,16 +513,10 @@ async fn tcp_exchange(s: TcpStream, size: usize, what: &str) {
     tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut rest))
         .await
         .unwrap_or_else(|_| {
-            panic!(
-                "{what}: no EOF within 60 s after the client's half-close (got {} bytes)",
-                rest.len()
-            )
+            panic!("{what}: no EOF within 60 s after the client's half-close (got {} bytes)", rest.len())
         })
         .unwrap_or_else(|e| panic!("{what}: reading the echo: {e}"));
-    let _wr = writer
-        .await
-        .expect("writer task")
-        .expect("write + half-close");
+    let _wr = writer.await.expect("writer task").expect("write + half-close");
     assert!(
         rest.len() >= size && rest[..size] == client::pattern(0, size)[..],
         "{what}: echoed data differs (got {} bytes, sent {size})",
@@ -752,49 +534,25 @@ async fn tcp_case(hops: Hops, port: ServicePort, extra: &[&str], what: &str) {
     let name = "tcpecho";
     let mesh = Mesh::start(hops, name, port, app.port(), extra).await;
     for i in 0..2 {
-        let s = client::connect(mesh.upstream())
-            .await
-            .expect("connect to upstream bind");
+        let s = client::connect(mesh.upstream()).await.expect("connect to upstream bind");
         tcp_exchange(s, 4 * 1024 * 1024, &format!("{what}, connection {i}")).await;
     }
-    assert_eq!(
-        app.connections(),
-        2,
-        "{what}: connections that reached the app"
-    );
+    assert_eq!(app.connections(), 2, "{what}: connections that reached the app");
 }
 
 /// `appProtocol: opaque`.
 async fn tcp_opaque_half_close(hops: Hops) {
-    tcp_case(
-        hops,
-        ServicePort::new("tcp", 9000, Some("opaque")),
-        &[],
-        "appProtocol opaque",
-    )
-    .await;
+    tcp_case(hops, ServicePort::new("tcp", 9000, Some("opaque")), &[], "appProtocol opaque").await;
 }
 
 /// No appProtocol: the proxy must detect that client-first binary bytes are not HTTP.
 async fn tcp_detected_half_close(hops: Hops) {
-    tcp_case(
-        hops,
-        ServicePort::new("tcp", 9000, None),
-        &[],
-        "detected as TCP",
-    )
-    .await;
+    tcp_case(hops, ServicePort::new("tcp", 9000, None), &[], "detected as TCP").await;
 }
 
 /// No appProtocol, but the port is listed in `--opaque-ports`.
 async fn tcp_opaque_ports_flag_half_close(hops: Hops) {
-    tcp_case(
-        hops,
-        ServicePort::new("mysql", 3306, None),
-        &["--opaque-ports", "25,3306"],
-        "--opaque-ports 3306",
-    )
-    .await;
+    tcp_case(hops, ServicePort::new("mysql", 3306, None), &["--opaque-ports", "25,3306"], "--opaque-ports 3306").await;
 }
 
 /// A server-first protocol: the greeting reaches the client within 50 ms of connecting,
@@ -802,30 +560,16 @@ async fn tcp_opaque_ports_flag_half_close(hops: Hops) {
 async fn server_first_greeting(hops: Hops) {
     let _serial = serial().await;
     let app = ServerFirst::start().await.expect("start server-first app");
-    let mesh = Mesh::start(
-        hops,
-        "smtp",
-        ServicePort::new("smtp", 2525, None),
-        app.port(),
-        &[],
-    )
-    .await;
+    let mesh = Mesh::start(hops, "smtp", ServicePort::new("smtp", 2525, None), app.port(), &[]).await;
     let mut timings = Vec::new();
     for i in 0..3 {
         let start = Instant::now();
-        let mut s = client::connect(mesh.upstream())
-            .await
-            .expect("connect to upstream bind");
+        let mut s = client::connect(mesh.upstream()).await.expect("connect to upstream bind");
         let mut greeting = vec![0u8; SERVER_FIRST_GREETING.len()];
         tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
             .await
             .unwrap_or_else(|_| panic!("connection {i}: no greeting within 5 s\n{}", mesh.stderr()))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connection {i}: reading the greeting: {e}\n{}",
-                    mesh.stderr()
-                )
-            });
+            .unwrap_or_else(|e| panic!("connection {i}: reading the greeting: {e}\n{}", mesh.stderr()));
         let elapsed = start.elapsed();
         timings.push(elapsed);
         assert_eq!(
@@ -839,10 +583,7 @@ async fn server_first_greeting(hops: Hops) {
             .await
             .expect("no echo within 5 s")
             .expect("read echo");
-        assert_eq!(
-            echo, b"EHLO plexus\r\n",
-            "connection {i}: echo after the greeting"
-        );
+        assert_eq!(echo, b"EHLO plexus\r\n", "connection {i}: echo after the greeting");
     }
     assert!(
         timings.iter().all(|t| *t < Duration::from_millis(50)),
@@ -870,11 +611,7 @@ async fn big_upload(hops: Hops, version: Version) {
     let (_echo, mesh) = echo_mesh(hops).await;
     let up: SocketAddr = mesh.upstream();
 
-    let pids: Vec<(String, u32)> = mesh
-        .proxies()
-        .iter()
-        .map(|p| (p.name().to_string(), p.pid()))
-        .collect();
+    let pids: Vec<(String, u32)> = mesh.proxies().iter().map(|p| (p.name().to_string(), p.pid())).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
@@ -923,14 +660,8 @@ async fn big_upload(hops: Hops, version: Version) {
         started.elapsed()
     );
     match result {
-        Err(_) => panic!(
-            "{version:?} 100 MiB echo did not complete within 180 s: {progress}\n{}",
-            mesh.stderr()
-        ),
-        Ok(Err(e)) => panic!(
-            "{version:?} 100 MiB echo failed: {e:#} ({progress})\n{}",
-            mesh.stderr()
-        ),
+        Err(_) => panic!("{version:?} 100 MiB echo did not complete within 180 s: {progress}\n{}", mesh.stderr()),
+        Ok(Err(e)) => panic!("{version:?} 100 MiB echo failed: {e:#} ({progress})\n{}", mesh.stderr()),
         Ok(Ok(n)) => assert_eq!(n, BIG, "{version:?}: echoed length ({progress})"),
     }
     for ((name, _), rss) in pids.iter().zip(&max) {

@@ -112,13 +112,21 @@ type DecodeError = (Option<String>, String, String);
 
 fn decode_resource(value: Value) -> Result<Resource, DecodeError> {
     let Value::Object(mut map) = value else {
-        return Err((None, String::new(), "a resource must be a mapping with apiVersion, kind, metadata and spec".into()));
+        return Err((
+            None,
+            String::new(),
+            "a resource must be a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
     };
     let api_version = take_string(&mut map, "apiVersion")?;
     let kind_name = take_string(&mut map, "kind")?;
     let kind = Kind::from_manifest(&kind_name).ok_or_else(|| {
         let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
-        (None, "kind".to_string(), format!("unsupported kind {kind_name:?} (this version supports {})", known.join(", ")))
+        (
+            None,
+            "kind".to_string(),
+            format!("unsupported kind {kind_name:?} (this version supports {})", known.join(", ")),
+        )
     })?;
     let metadata_value = map.remove("metadata").ok_or((None, "metadata".to_string(), "missing field".to_string()))?;
     let metadata: ObjectMeta = decode(metadata_value, "metadata").map_err(|(f, r)| (None, f, r))?;

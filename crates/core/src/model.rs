@@ -128,7 +128,10 @@ impl MeshSnapshot {
                     let mut endpoints: Vec<Endpoint> = workloads
                         .iter()
                         .filter(|(w, _)| w.metadata.namespace() == name.namespace)
-                        .filter(|(w, _)| !spec.selector.is_empty() && spec.selector.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v)))
+                        .filter(|(w, _)| {
+                            !spec.selector.is_empty()
+                                && spec.selector.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v))
+                        })
                         .filter_map(|(w, ws)| endpoint(w, ws, sp))
                         .collect();
                     endpoints.sort_by(|a, b| a.addr.cmp(&b.addr).then(a.workload.cmp(&b.workload)));

@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn host_candidates() {
         assert_eq!(ServiceName::candidates("reviews"), vec![ServiceName::new("reviews", "default")]);
-        assert_eq!(ServiceName::candidates("Reviews.prod.svc.cluster.local."), vec![ServiceName::new("reviews", "prod")]);
+        assert_eq!(
+            ServiceName::candidates("Reviews.prod.svc.cluster.local."),
+            vec![ServiceName::new("reviews", "prod")]
+        );
         assert_eq!(ServiceName::candidates("reviews.prod.svc"), vec![ServiceName::new("reviews", "prod")]);
         assert!(ServiceName::candidates("www.example.com").is_empty());
     }

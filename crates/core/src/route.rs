@@ -79,7 +79,9 @@ impl Matcher {
         let path_ok = match &self.path {
             PathMatcher::Exact(p) => req.path == p,
             PathMatcher::PathPrefix(p) => {
-                p == "/" || req.path == p || (req.path.starts_with(p.as_str()) && req.path.as_bytes().get(p.len()) == Some(&b'/'))
+                p == "/"
+                    || req.path == p
+                    || (req.path.starts_with(p.as_str()) && req.path.as_bytes().get(p.len()) == Some(&b'/'))
             }
             PathMatcher::RegularExpression(r) => r.is_match(req.path),
         };
@@ -89,7 +91,11 @@ impl Matcher {
                 req.headers.get_all(h.name.as_str()).iter().any(|v| v.to_str().is_ok_and(|v| h.value.matches(v)))
             })
             && self.query_params.iter().all(|q| {
-                req.query.unwrap_or("").split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).any(|(k, v)| k == q.name && q.value.matches(v))
+                req.query
+                    .unwrap_or("")
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                    .any(|(k, v)| k == q.name && q.value.matches(v))
             })
     }
 
@@ -195,13 +201,21 @@ impl RouteTable {
                 let backends: Vec<Backend> = rule
                     .backend_refs
                     .iter()
-                    .map(|b| Backend { service: ServiceName::new(&b.name, b.namespace.as_deref().unwrap_or(ns)), port: b.port, weight: b.weight })
+                    .map(|b| Backend {
+                        service: ServiceName::new(&b.name, b.namespace.as_deref().unwrap_or(ns)),
+                        port: b.port,
+                        weight: b.weight,
+                    })
                     .collect();
                 let timeouts = rule.timeouts.as_ref();
                 let parse = |v: Option<&String>| v.and_then(|v| duration::parse(v).ok()).filter(|d| !d.is_zero());
                 let header_filter = |t: &str| {
                     rule.filters.iter().filter(|f| f.filter_type == t).find_map(|f| {
-                        if t == "RequestHeaderModifier" { f.request_header_modifier.clone() } else { f.response_header_modifier.clone() }
+                        if t == "RequestHeaderModifier" {
+                            f.request_header_modifier.clone()
+                        } else {
+                            f.response_header_modifier.clone()
+                        }
                     })
                 };
                 let default_match = [HttpRouteMatch::default()];
@@ -222,7 +236,11 @@ impl RouteTable {
                         let parent_name = ServiceName::new(&parent.name, parent.namespace.as_deref().unwrap_or(ns));
                         let Some(service) = services.get(&parent_name) else { continue };
                         for port in service.ports.iter().filter(|p| parent.port.is_none_or(|pp| pp == p.port)) {
-                            staged.entry((parent_name.clone(), port.port)).or_default().push((entry.clone(), created.clone(), mi));
+                            staged.entry((parent_name.clone(), port.port)).or_default().push((
+                                entry.clone(),
+                                created.clone(),
+                                mi,
+                            ));
                         }
                     }
                 }
@@ -230,7 +248,13 @@ impl RouteTable {
         }
         for ((name, port), mut entries) in staged {
             entries.sort_by(|(a, ca, ma), (b, cb, mb)| {
-                a.matcher.precedence().cmp(&b.matcher.precedence()).then(ca.cmp(cb)).then(a.route.cmp(&b.route)).then(a.rule.cmp(&b.rule)).then(ma.cmp(mb))
+                a.matcher
+                    .precedence()
+                    .cmp(&b.matcher.precedence())
+                    .then(ca.cmp(cb))
+                    .then(a.route.cmp(&b.route))
+                    .then(a.rule.cmp(&b.rule))
+                    .then(ma.cmp(mb))
             });
             if let Some(p) = services.get_mut(&name).and_then(|s| s.ports.iter_mut().find(|p| p.port == port)) {
                 p.routes.entries = entries.into_iter().map(|(e, _, _)| e).collect();
@@ -314,7 +338,13 @@ spec:
         snap.resolve_authority("reviews:9080").expect("service").1.routes.clone()
     }
 
-    fn find<'t>(t: &'t RouteTable, method: &str, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> (String, usize) {
+    fn find<'t>(
+        t: &'t RouteTable,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (String, usize) {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
@@ -327,11 +357,27 @@ spec:
     fn precedence_follows_the_gateway_api() {
         let t = table();
         assert_eq!(find(&t, "GET", "/api/health", None, &[]), ("default/a-route".into(), 0), "exact wins");
-        assert_eq!(find(&t, "GET", "/api/x", None, &[("end-user", "jason")]), ("default/b-route".into(), 1), "longer prefix wins over headers");
-        assert_eq!(find(&t, "GET", "/x", None, &[("end-user", "jason")]), ("default/b-route".into(), 2), "headers beat a bare prefix");
-        assert_eq!(find(&t, "GET", "/x", Some("a=2&debug=1"), &[]), ("default/a-route".into(), 1), "query params beat a bare prefix");
+        assert_eq!(
+            find(&t, "GET", "/api/x", None, &[("end-user", "jason")]),
+            ("default/b-route".into(), 1),
+            "longer prefix wins over headers"
+        );
+        assert_eq!(
+            find(&t, "GET", "/x", None, &[("end-user", "jason")]),
+            ("default/b-route".into(), 2),
+            "headers beat a bare prefix"
+        );
+        assert_eq!(
+            find(&t, "GET", "/x", Some("a=2&debug=1"), &[]),
+            ("default/a-route".into(), 1),
+            "query params beat a bare prefix"
+        );
         assert_eq!(find(&t, "GET", "/x", None, &[]), ("default/b-route".into(), 0));
-        assert_eq!(find(&t, "GET", "/apix", None, &[]), ("default/b-route".into(), 0), "prefix matches whole segments only");
+        assert_eq!(
+            find(&t, "GET", "/apix", None, &[]),
+            ("default/b-route".into(), 0),
+            "prefix matches whole segments only"
+        );
         assert_eq!(find(&t, "POST", "/v2/a", None, &[]), ("default/a-route".into(), 0), "regex + method");
         assert_eq!(find(&t, "GET", "/v2/a", None, &[]), ("default/b-route".into(), 0), "method must match");
     }
@@ -340,9 +386,11 @@ spec:
     fn weighted_pick_and_timeouts() {
         let t = table();
         let entry = t.entries.iter().find(|e| e.backends.len() == 2).expect("split rule");
-        let picks: Vec<&str> = (0..100).map(|roll| entry.pick_backend(roll).expect("backend").service.name.as_str()).collect();
+        let picks: Vec<&str> =
+            (0..100).map(|roll| entry.pick_backend(roll).expect("backend").service.name.as_str()).collect();
         assert_eq!(picks.iter().filter(|n| **n == "reviews-v2").count(), 80);
-        let zero = t.entries.iter().find(|e| e.backends.first().is_some_and(|b| b.weight == 0)).expect("zero-weight rule");
+        let zero =
+            t.entries.iter().find(|e| e.backends.first().is_some_and(|b| b.weight == 0)).expect("zero-weight rule");
         assert!(zero.pick_backend(7).is_none());
         let jason = t.entries.iter().find(|e| !e.matcher.headers.is_empty()).expect("header rule");
         assert_eq!(jason.request_timeout, Some(Duration::from_secs(3)));

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use crate::duration;
 use crate::model::AppProtocol;
 use crate::resource::{
-    BackendRef, HttpRouteSpec, PLEXUS_GROUP, ParentRef, PathMatchType, Resource, ServiceSpec, Spec,
-    ValueMatchType, WorkloadSpec,
+    BackendRef, HttpRouteSpec, PLEXUS_GROUP, ParentRef, PathMatchType, Resource, ServiceSpec, Spec, ValueMatchType,
+    WorkloadSpec,
 };
 
 type Problems = Vec<(String, String)>;
@@ -37,7 +37,11 @@ pub(crate) fn duplicates(resources: &[Resource]) -> Vec<(usize, String, String)>
     let mut out = Vec::new();
     for (i, r) in resources.iter().enumerate() {
         if let Some(first) = seen.insert((r.kind, r.key()), i + 1) {
-            out.push((i + 1, "metadata.name".into(), format!("{} {} is also defined in document {first}", r.kind, r.key())));
+            out.push((
+                i + 1,
+                "metadata.name".into(),
+                format!("{} {} is also defined in document {first}", r.kind, r.key()),
+            ));
         }
     }
     out
@@ -46,13 +50,16 @@ pub(crate) fn duplicates(resources: &[Resource]) -> Vec<(usize, String, String)>
 /// A DNS-1123 name: lowercase letters, digits, `-` and `.`, starting and ending alphanumeric.
 fn dns_name(name: &str, max: usize) -> Result<(), String> {
     let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    let ok_ends = name.starts_with(|c: char| c.is_ascii_alphanumeric()) && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let ok_ends =
+        name.starts_with(|c: char| c.is_ascii_alphanumeric()) && name.ends_with(|c: char| c.is_ascii_alphanumeric());
     if name.is_empty() {
         Err("must not be empty".into())
     } else if name.len() > max {
         Err(format!("must be at most {max} characters"))
     } else if !ok_chars || !ok_ends {
-        Err(format!("{name:?} is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"))
+        Err(format!(
+            "{name:?} is not a valid name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        ))
     } else {
         Ok(())
     }
@@ -79,7 +86,10 @@ fn service(s: &ServiceSpec, p: &mut Problems) {
         }
         if let Some(proto) = &port.app_protocol {
             if AppProtocol::parse(proto).is_none() {
-                p.push((format!("{at}.appProtocol"), format!("{proto:?} is not one of http, http2, grpc, tcp, tls, opaque")));
+                p.push((
+                    format!("{at}.appProtocol"),
+                    format!("{proto:?} is not one of http, http2, grpc, tcp, tls, opaque"),
+                ));
             }
         }
         if let Some(crate::resource::PortRef::Number(0)) = port.target_port {
@@ -174,7 +184,10 @@ fn http_route(h: &HttpRouteSpec, p: &mut Problems) {
                         p.push((format!("{mat}.{kind}[{vi}].name"), "must not be empty".into()));
                     }
                     if kind == "headers" && http::HeaderName::from_bytes(v.name.as_bytes()).is_err() {
-                        p.push((format!("{mat}.{kind}[{vi}].name"), format!("{:?} is not a valid header name", v.name)));
+                        p.push((
+                            format!("{mat}.{kind}[{vi}].name"),
+                            format!("{:?} is not a valid header name", v.name),
+                        ));
                     }
                     if v.match_type == ValueMatchType::RegularExpression {
                         if let Err(e) = regex::Regex::new(&v.value) {
@@ -184,7 +197,8 @@ fn http_route(h: &HttpRouteSpec, p: &mut Problems) {
                 }
             }
             if let Some(method) = &m.method {
-                const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+                const METHODS: [&str; 9] =
+                    ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
                 if !METHODS.contains(&method.as_str()) {
                     p.push((format!("{mat}.method"), format!("{method:?} is not one of {}", METHODS.join(", "))));
                 }

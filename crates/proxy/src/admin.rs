@@ -37,7 +37,9 @@ fn text(status: StatusCode, content_type: &'static str, body_text: String) -> Re
 fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "text/plain", "live\n".into()),
-        (&Method::GET, "/ready") if state.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into()),
+        (&Method::GET, "/ready") if state.draining() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
+        }
         (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "ready\n".into()),
         (&Method::GET, "/metrics") => {
             refresh_gauges(state);
@@ -59,8 +61,14 @@ fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             state.start_drain();
             text(StatusCode::ACCEPTED, "text/plain", "draining\n".into())
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found: try /ready, /live, /metrics, /config, POST /shutdown\n".into()),
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into())
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /ready, /live, /metrics, /config, POST /shutdown\n".into(),
+        ),
     }
 }
 
@@ -74,7 +82,10 @@ fn refresh_gauges(state: &Arc<State>) {
     for service in snapshot.services.values() {
         let endpoints: Vec<_> = service.ports.iter().flat_map(|p| p.endpoints.iter().cloned()).collect();
         let ejected = state.balancer.ejected_count(&endpoints);
-        let labels = |s: &str| crate::metrics::EndpointStateLabels { destination_service: service.name.name.clone(), state: s.into() };
+        let labels = |s: &str| crate::metrics::EndpointStateLabels {
+            destination_service: service.name.name.clone(),
+            state: s.into(),
+        };
         m.balancer_endpoints.get_or_create(&labels("ready")).set((endpoints.len() - ejected) as i64);
         m.balancer_endpoints.get_or_create(&labels("ejected")).set(ejected as i64);
     }

@@ -64,13 +64,18 @@ impl EndpointStats {
 
     /// Peak-EWMA cost: decayed latency estimate × (pending + 1).
     fn cost(&self, now: Instant, decay: Duration) -> f64 {
-        let estimate = self.rtt.lock().map(|r| decayed(r.estimate_ns, now.saturating_duration_since(r.updated), decay)).unwrap_or(0.0);
+        let estimate = self
+            .rtt
+            .lock()
+            .map(|r| decayed(r.estimate_ns, now.saturating_duration_since(r.updated), decay))
+            .unwrap_or(0.0);
         (estimate + 1_000.0) * f64::from(self.pending.load(Ordering::Relaxed) + 1)
     }
 
     fn observe_rtt(&self, rtt: Duration, now: Instant, decay: Duration) {
         if let Ok(mut r) = self.rtt.lock() {
-            r.estimate_ns = next_estimate(r.estimate_ns, now.saturating_duration_since(r.updated), rtt.as_nanos() as f64, decay);
+            r.estimate_ns =
+                next_estimate(r.estimate_ns, now.saturating_duration_since(r.updated), rtt.as_nanos() as f64, decay);
             r.updated = now;
         }
     }
@@ -163,7 +168,12 @@ impl Drop for Pick {
 
 impl Balancer {
     pub fn new(algorithm: LoadBalancer) -> Self {
-        Balancer { algorithm, decay: DEFAULT_DECAY, stats: Mutex::new(HashMap::new()), round_robin: AtomicUsize::new(0) }
+        Balancer {
+            algorithm,
+            decay: DEFAULT_DECAY,
+            stats: Mutex::new(HashMap::new()),
+            round_robin: AtomicUsize::new(0),
+        }
     }
 
     fn stats_for(&self, endpoints: &[&Endpoint]) -> Vec<Arc<EndpointStats>> {
@@ -197,12 +207,21 @@ impl Balancer {
         let all_stats = self.stats_for(&all);
         let healthy: Vec<usize> = (0..all.len()).filter(|i| !all_stats[*i].ejected(now)).collect();
         // Never eject more than half: past that, ejection is ignored (panic threshold).
-        let candidates: Vec<usize> = if healthy.len() * 2 >= all.len() && !healthy.is_empty() { healthy } else { (0..all.len()).collect() };
+        let candidates: Vec<usize> =
+            if healthy.len() * 2 >= all.len() && !healthy.is_empty() { healthy } else { (0..all.len()).collect() };
         let n = candidates.len();
         let chosen = match self.algorithm {
             LoadBalancer::RoundRobin => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
-            LoadBalancer::LeastRequest => candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(all_stats[candidates[i]].pending()))],
-            LoadBalancer::Ewma => candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| all_stats[candidates[i]].cost(now, self.decay))],
+            LoadBalancer::LeastRequest => {
+                candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
+                    f64::from(all_stats[candidates[i]].pending())
+                })]
+            }
+            LoadBalancer::Ewma => {
+                candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
+                    all_stats[candidates[i]].cost(now, self.decay)
+                })]
+            }
         };
         let stats = all_stats[chosen].clone();
         stats.pending.fetch_add(1, Ordering::Relaxed);

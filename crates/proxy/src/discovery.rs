@@ -86,7 +86,8 @@ impl FileSource {
 
     /// Reads, validates and compiles the file.
     pub fn load(&self) -> Result<(MeshSnapshot, Vec<u8>), FileError> {
-        let bytes = std::fs::read(&self.path).map_err(|source| FileError::Read { path: self.path.display().to_string(), source })?;
+        let bytes = std::fs::read(&self.path)
+            .map_err(|source| FileError::Read { path: self.path.display().to_string(), source })?;
         let snapshot = compile(&self.path, &bytes)?;
         Ok((snapshot, bytes))
     }

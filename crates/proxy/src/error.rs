@@ -4,9 +4,9 @@
 
 use std::fmt;
 
+use crate::http::body::{self, Body};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use crate::http::body::{self, Body};
 
 /// The header carrying the reason of a proxy-made response.
 pub const ERROR_HEADER: &str = "x-plexus-error";
@@ -47,10 +47,10 @@ impl ProxyError {
     /// The matching gRPC status code.
     pub fn grpc_status(&self) -> u16 {
         match self {
-            ProxyError::Timeout => 4,                           // DEADLINE_EXCEEDED
+            ProxyError::Timeout => 4,                                         // DEADLINE_EXCEEDED
             ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) => 13, // INTERNAL
-            ProxyError::BadRequest(_) => 3,                     // INVALID_ARGUMENT
-            _ => 14,                                            // UNAVAILABLE
+            ProxyError::BadRequest(_) => 3,                                   // INVALID_ARGUMENT
+            _ => 14,                                                          // UNAVAILABLE
         }
     }
 

@@ -128,18 +128,42 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("plexus_requests", "Requests handled, by direction and peers", m.requests.clone());
-        registry.register("plexus_request_duration_seconds", "Request duration until the response ends", m.request_duration.clone());
+        registry.register(
+            "plexus_request_duration_seconds",
+            "Request duration until the response ends",
+            m.request_duration.clone(),
+        );
         registry.register("plexus_request_bytes", "Request body bytes", m.request_bytes.clone());
         registry.register("plexus_response_bytes", "Response body bytes", m.response_bytes.clone());
         registry.register("plexus_tcp_connections_opened", "TCP streams opened", m.tcp_opened.clone());
         registry.register("plexus_tcp_connections_closed", "TCP streams closed", m.tcp_closed.clone());
         registry.register("plexus_tcp_sent_bytes", "Bytes sent to the destination on TCP streams", m.tcp_sent.clone());
-        registry.register("plexus_tcp_received_bytes", "Bytes received from the destination on TCP streams", m.tcp_received.clone());
+        registry.register(
+            "plexus_tcp_received_bytes",
+            "Bytes received from the destination on TCP streams",
+            m.tcp_received.clone(),
+        );
         registry.register("plexus_retries", "Requests retried", m.retries.clone());
-        registry.register("plexus_outlier_ejections", "Endpoints ejected by outlier detection", m.outlier_ejections.clone());
-        registry.register("plexus_balancer_endpoints", "Endpoints known to the balancer, by state", m.balancer_endpoints.clone());
-        registry.register("plexus_config_version", "Generation of the configuration in force", m.config_version.clone());
-        registry.register("plexus_control_plane_connected", "1 while a control plane feeds this proxy", m.control_plane_connected.clone());
+        registry.register(
+            "plexus_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "plexus_balancer_endpoints",
+            "Endpoints known to the balancer, by state",
+            m.balancer_endpoints.clone(),
+        );
+        registry.register(
+            "plexus_config_version",
+            "Generation of the configuration in force",
+            m.config_version.clone(),
+        );
+        registry.register(
+            "plexus_control_plane_connected",
+            "1 while a control plane feeds this proxy",
+            m.control_plane_connected.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -172,7 +196,13 @@ mod tests {
         };
         m.requests.get_or_create(&labels).inc();
         m.request_duration.get_or_create(&labels).observe(0.002);
-        m.tcp_opened.get_or_create(&TcpLabels { direction: "inbound".into(), peers: PeerLabels::default(), connection_security_policy: "none".into() }).inc();
+        m.tcp_opened
+            .get_or_create(&TcpLabels {
+                direction: "inbound".into(),
+                peers: PeerLabels::default(),
+                connection_security_policy: "none".into(),
+            })
+            .inc();
         let text = m.encode();
         for name in [
             "plexus_requests_total{direction=\"outbound\",source_workload=\"unknown\"",

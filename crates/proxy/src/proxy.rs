@@ -83,12 +83,17 @@ impl State {
     }
 
     pub fn count_ejection(&self, service: &ServiceName, route: &str) {
-        self.metrics.outlier_ejections.get_or_create(&ServiceRouteLabels { destination_service: service.name.clone(), route: route.into() }).inc();
+        self.metrics
+            .outlier_ejections
+            .get_or_create(&ServiceRouteLabels { destination_service: service.name.clone(), route: route.into() })
+            .inc();
     }
 
     /// Whether `addr` is one of this proxy's own listeners (a request loop).
     pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|l| l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_loopback()))
+        self.own_listeners.iter().any(|l| {
+            l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_loopback())
+        })
     }
 
     /// Counts a TCP stream as opened.
@@ -147,7 +152,8 @@ impl Proxy {
     /// address is taken.
     pub fn bind(mut settings: Settings, discovery: Arc<Discovery>) -> std::io::Result<Proxy> {
         fn bind(what: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-            listen::bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+            listen::bind(addr)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
         }
         let outbound = bind("outbound", settings.outbound)?;
         let inbound = bind("inbound", settings.inbound)?;
@@ -163,7 +169,12 @@ impl Proxy {
             upstream_addrs.insert(up.key(), up.listen);
             upstreams.push((up.clone(), l));
         }
-        let addresses = Addresses { outbound: settings.outbound, inbound: settings.inbound, admin: settings.admin, upstreams: upstream_addrs };
+        let addresses = Addresses {
+            outbound: settings.outbound,
+            inbound: settings.inbound,
+            admin: settings.admin,
+            upstreams: upstream_addrs,
+        };
         let mut own_listeners = vec![settings.outbound, settings.inbound, settings.admin];
         own_listeners.extend(addresses.upstreams.values());
         let (drain, _) = watch::channel(false);
@@ -237,7 +248,12 @@ async fn prune_on_change(state: Arc<State>) {
     let mut changes = state.discovery.subscribe();
     while changes.changed().await.is_ok() {
         let snapshot = state.discovery.current();
-        let live: std::collections::HashSet<SocketAddr> = snapshot.services.values().flat_map(|s| s.ports.iter()).flat_map(|p| p.endpoints.iter().map(|e| e.addr)).collect();
+        let live: std::collections::HashSet<SocketAddr> = snapshot
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter())
+            .flat_map(|p| p.endpoints.iter().map(|e| e.addr))
+            .collect();
         state.balancer.retain(|a| live.contains(a));
         state.metrics.config_version.set(state.discovery.generation() as i64);
     }
@@ -297,7 +313,12 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
         TcpDest::Addr(addr) => Ok(Dialed { stream: client::connect(*addr, timeout).await?, peers }),
         TcpDest::Service(name, port) => {
             let snapshot = state.discovery.current();
-            let endpoints = snapshot.services.get(name).and_then(|s| s.port(Some(*port))).map(|p| p.endpoints.clone()).unwrap_or_default();
+            let endpoints = snapshot
+                .services
+                .get(name)
+                .and_then(|s| s.port(Some(*port)))
+                .map(|p| p.endpoints.clone())
+                .unwrap_or_default();
             let mut tried = Vec::new();
             loop {
                 let Some((ep, pick)) = state.balancer.pick(&endpoints, &tried) else {
@@ -332,7 +353,13 @@ fn io_error(e: ProxyError) -> std::io::Error {
 }
 
 /// Forwards an opaque stream: the bytes read during detection first, then both directions.
-async fn forward_opaque(state: &Arc<State>, direction: &str, client: TcpStream, prefix: &[u8], upstream: Result<Dialed, ProxyError>) {
+async fn forward_opaque(
+    state: &Arc<State>,
+    direction: &str,
+    client: TcpStream,
+    prefix: &[u8],
+    upstream: Result<Dialed, ProxyError>,
+) {
     let mut up = match upstream {
         Ok(u) => u,
         Err(e) => {
@@ -353,7 +380,14 @@ async fn forward_opaque(state: &Arc<State>, direction: &str, client: TcpStream, 
     guard.closed(moved);
 }
 
-async fn outbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAddr, bound: Option<(ServiceName, Option<u16>)>, watcher: watch::Receiver<bool>, permit: OwnedSemaphorePermit) {
+async fn outbound_conn(
+    state: Arc<State>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    bound: Option<(ServiceName, Option<u16>)>,
+    watcher: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
     let snapshot: Arc<MeshSnapshot> = state.discovery.current();
     let orig_dst = if bound.is_none() { original_dst(&stream) } else { None };
     let mut peers = PeerLabels::default();
@@ -364,7 +398,9 @@ async fn outbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAdd
             None => (None, false),
         },
         (None, Some(orig)) => match snapshot.service_by_endpoint(orig) {
-            Some((s, p)) => (Some(TcpDest::Service(s.name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection())),
+            Some((s, p)) => {
+                (Some(TcpDest::Service(s.name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection()))
+            }
             None => (Some(TcpDest::Addr(orig)), false),
         },
         (None, None) => (None, false),
@@ -392,15 +428,14 @@ async fn outbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAdd
             let conn = Arc::new(OutboundConn { peer, orig_dst, bound });
             let handler_state = state.clone();
             let io = PrefixedIo::new(buf.freeze(), stream);
-            state
-                .http
-                .serve(io, watcher, move |req| outbound::handle(handler_state.clone(), conn.clone(), req))
-                .await;
+            state.http.serve(io, watcher, move |req| outbound::handle(handler_state.clone(), conn.clone(), req)).await;
         }
         Ok(Sniffed::Client(protocol, early)) => {
             // TLS passes through by SNI when the destination is not otherwise known.
             let dest = tcp_dest.or_else(|| match &protocol {
-                Protocol::Tls { sni: Some(host) } => snapshot.resolve_authority(host).map(|(s, p)| TcpDest::Service(s.name.clone(), p.port)),
+                Protocol::Tls { sni: Some(host) } => {
+                    snapshot.resolve_authority(host).map(|(s, p)| TcpDest::Service(s.name.clone(), p.port))
+                }
                 _ => None,
             });
             match (dest, early) {
@@ -422,7 +457,13 @@ async fn outbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAdd
     drop(permit);
 }
 
-async fn inbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAddr, watcher: watch::Receiver<bool>, permit: OwnedSemaphorePermit) {
+async fn inbound_conn(
+    state: Arc<State>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    watcher: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
     let orig_dst = original_dst(&stream);
     let app_port = state.settings.app_port.or(orig_dst.map(|o| o.port()));
     let mut peers = PeerLabels::default();
@@ -449,7 +490,9 @@ async fn inbound_conn(state: Arc<State>, mut stream: TcpStream, peer: SocketAddr
             let io = PrefixedIo::new(buf.freeze(), stream);
             state.http.serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
         }
-        Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await,
+        Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => {
+            forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await
+        }
         Ok(Sniffed::Client(_, None)) => match &app {
             Some(dest) => {
                 let up = dial(&state, dest, peers).await;

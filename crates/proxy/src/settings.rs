@@ -42,9 +42,8 @@ pub struct UpstreamBind {
 impl FromStr for UpstreamBind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (target, local) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT"))?;
+        let (target, local) =
+            s.split_once('=').ok_or_else(|| format!("{s:?}: expected SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT"))?;
         let (host, port) = match target.rsplit_once(':') {
             Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| format!("{s:?}: invalid service port {p:?}"))?)),
             None => (target, None),

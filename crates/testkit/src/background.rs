@@ -24,20 +24,12 @@ pub struct Background {
 impl Background {
     /// Spawns `cmd` (use [`crate::command`] to build it) and waits up to `timeout` for a
     /// stdout line starting with `ready_prefix`; earlier lines are ignored.
-    pub async fn start(
-        name: &str,
-        mut cmd: Command,
-        ready_prefix: &str,
-        timeout: Duration,
-    ) -> Result<Background> {
+    pub async fn start(name: &str, mut cmd: Command, ready_prefix: &str, timeout: Duration) -> Result<Background> {
         let dir = TempDir::new(name)?;
         let stderr_path = dir.join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path)
-            .with_context(|| format!("create {}", stderr_path.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .kill_on_drop(true);
+        let stderr =
+            std::fs::File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr)).kill_on_drop(true);
         let desc = format!("{:?}", cmd.as_std());
         let mut child = cmd.spawn().with_context(|| format!("spawn {desc}"))?;
         let stdout = child.stdout.take().context("child stdout")?;
@@ -62,21 +54,13 @@ impl Background {
             Ok(ready_line) => {
                 // Keep draining stdout so the child never blocks on a full pipe.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                Ok(Background {
-                    name: name.to_string(),
-                    child,
-                    ready_line,
-                    stderr_path,
-                    _dir: dir,
-                })
+                Ok(Background { name: name.to_string(), child, ready_line, stderr_path, _dir: dir })
             }
             Err(e) => {
                 let _ = child.start_kill();
                 let status = child.wait().await.ok();
                 let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                Err(e.context(format!(
-                    "{name}: {desc} (exit: {status:?})\n--- {name} stderr ---\n{stderr}"
-                )))
+                Err(e.context(format!("{name}: {desc} (exit: {status:?})\n--- {name} stderr ---\n{stderr}")))
             }
         }
     }
@@ -108,21 +92,14 @@ impl Background {
 
     /// Everything written to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read(&self.stderr_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.stderr_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 }
 
 impl Drop for Background {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
-                "--- {} stderr ---\n{}\n--- end of {} stderr ---",
-                self.name,
-                self.stderr(),
-                self.name
-            );
+            eprintln!("--- {} stderr ---\n{}\n--- end of {} stderr ---", self.name, self.stderr(), self.name);
         }
         let _ = self.child.start_kill();
     }
@@ -136,16 +113,12 @@ mod tests {
     async fn waits_for_ready_line() {
         let mut cmd = crate::command("sh");
         cmd.args(["-c", "echo noise; echo 'ready 4242'; sleep 30"]);
-        let bg = Background::start("sh", cmd, "ready", Duration::from_secs(5))
-            .await
-            .expect("start");
+        let bg = Background::start("sh", cmd, "ready", Duration::from_secs(5)).await.expect("start");
         assert_eq!(bg.ready_port().expect("port"), 4242);
 
         let mut cmd = crate::command("sh");
         cmd.args(["-c", "echo oops >&2; exit 1"]);
-        let err = Background::start("sh", cmd, "ready", Duration::from_secs(5))
-            .await
-            .expect_err("must fail");
+        let err = Background::start("sh", cmd, "ready", Duration::from_secs(5)).await.expect_err("must fail");
         assert!(format!("{err:#}").contains("oops"), "{err:#}");
     }
 }

@@ -48,8 +48,7 @@ impl Collected {
 
     /// The body parsed as JSON.
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_slice(&self.body)
-            .with_context(|| format!("response body is not JSON: {:?}", self.text()))
+        serde_json::from_slice(&self.body).with_context(|| format!("response body is not JSON: {:?}", self.text()))
     }
 
     /// A header value as a string (`None` when absent or not UTF-8).
@@ -60,20 +59,14 @@ impl Collected {
 
 /// Opens a TCP connection to `addr` (with `TCP_NODELAY`).
 pub async fn connect(addr: SocketAddr) -> Result<TcpStream> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
+    let stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true).context("set TCP_NODELAY")?;
     Ok(stream)
 }
 
 /// Sends `req` on a new connection to `addr` and returns the response head; the body is
 /// streamed (the connection lives as long as the body is being read).
-pub async fn request<B>(
-    addr: SocketAddr,
-    version: Version,
-    req: Request<B>,
-) -> Result<Response<Incoming>>
+pub async fn request<B>(addr: SocketAddr, version: Version, req: Request<B>) -> Result<Response<Incoming>>
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
@@ -82,9 +75,7 @@ where
     let io = TokioIo::new(connect(addr).await?);
     match version {
         Version::Http1 => {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .context("HTTP/1 handshake")?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.context("HTTP/1 handshake")?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -92,9 +83,7 @@ where
         }
         Version::Http2 => {
             let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .context("HTTP/2 handshake")?;
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.context("HTTP/2 handshake")?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -108,12 +97,7 @@ pub async fn collect(resp: Response<Incoming>) -> Result<Collected> {
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.context("read response body")?;
     let trailers = collected.trailers().cloned();
-    Ok(Collected {
-        status: parts.status,
-        headers: parts.headers,
-        body: collected.to_bytes(),
-        trailers,
-    })
+    Ok(Collected { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers })
 }
 
 /// `GET path` on a new HTTP/1.1 connection to `addr` with the given `Host` (and extra
@@ -129,9 +113,7 @@ pub async fn get(
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
-    let req = builder
-        .body(Empty::<Bytes>::new())
-        .context("build request")?;
+    let req = builder.body(Empty::<Bytes>::new()).context("build request")?;
     send_collect(addr, Version::Http1, req, timeout).await
 }
 
@@ -221,12 +203,7 @@ pub struct PatternBody {
 impl PatternBody {
     /// A body of `total` pattern bytes.
     pub fn new(total: u64, known_length: bool) -> PatternBody {
-        PatternBody {
-            offset: 0,
-            total,
-            known_length,
-            progress: None,
-        }
+        PatternBody { offset: 0, total, known_length, progress: None }
     }
 
     /// Also count the bytes handed to the connection in `progress`.
@@ -240,10 +217,7 @@ impl Body for PatternBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let left = self.total - self.offset;
         if left == 0 {
             return Poll::Ready(None);
@@ -262,11 +236,7 @@ impl Body for PatternBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.known_length {
-            SizeHint::with_exact(self.total - self.offset)
-        } else {
-            SizeHint::default()
-        }
+        if self.known_length { SizeHint::with_exact(self.total - self.offset) } else { SizeHint::default() }
     }
 }
 
@@ -307,14 +277,10 @@ impl PatternVerifier {
 
 /// Reads `body` to the end, verifying it against the pattern; returns the byte count.
 /// `progress`, if given, counts the bytes verified so far.
-pub async fn verify_pattern_body(
-    mut body: Incoming,
-    progress: Option<Arc<AtomicU64>>,
-) -> Result<u64> {
+pub async fn verify_pattern_body(mut body: Incoming, progress: Option<Arc<AtomicU64>>) -> Result<u64> {
     let mut verifier = PatternVerifier::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .with_context(|| format!("response body failed after {} bytes", verifier.verified()))?;
+        let frame = frame.with_context(|| format!("response body failed after {} bytes", verifier.verified()))?;
         if let Some(data) = frame.data_ref() {
             verifier.update(data)?;
             if let Some(p) = &progress {

@@ -23,8 +23,8 @@ use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -62,13 +62,7 @@ pub const PROXY_ENV_VARS: &[&str] = &[
 
 /// `true` when the environment variable `CI` is `true` (or `1`): missing prerequisites fail.
 pub fn is_ci() -> bool {
-    matches!(
-        std::env::var("CI")
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
-        Ok("true") | Ok("1")
-    )
+    matches!(std::env::var("CI").as_deref().map(str::to_ascii_lowercase).as_deref(), Ok("true") | Ok("1"))
 }
 
 /// Reports a missing prerequisite: panics under `CI=true`, otherwise prints
@@ -89,18 +83,14 @@ pub fn skip(why: &str) -> bool {
 pub fn find_tool(name: &str) -> Option<PathBuf> {
     let is_exec = |p: &Path| {
         use std::os::unix::fs::PermissionsExt as _;
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
+        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
     };
     if name.contains('/') {
         let p = PathBuf::from(name);
         return is_exec(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_exec(p))
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_exec(p))
 }
 
 /// `true` when the executable `name` is on `PATH`; otherwise [`skip`]s (panics under CI).
@@ -143,9 +133,7 @@ pub fn require_python_module(module: &str, package: &str) -> bool {
     if ok {
         return true;
     }
-    skip(&format!(
-        "python3 cannot `import {module}` (pip install {package})"
-    ))
+    skip(&format!("python3 cannot `import {module}` (pip install {package})"))
 }
 
 /// A port that was free a moment ago on 127.0.0.1. Ports handed out by this process are not
@@ -193,10 +181,7 @@ where
 /// Waits until something accepts TCP connections on `addr`.
 pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     eventually(timeout, || async move {
-        tokio::net::TcpStream::connect(addr)
-            .await
-            .map(drop)
-            .with_context(|| format!("connect to {addr}"))
+        tokio::net::TcpStream::connect(addr).await.map(drop).with_context(|| format!("connect to {addr}"))
     })
     .await
 }
@@ -213,15 +198,9 @@ impl TempDir {
     /// Creates `$TMPDIR/plexus-<prefix>-<pid>-<n>-<nanos>`.
     pub fn new(prefix: &str) -> Result<TempDir> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "plexus-{prefix}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name = format!("plexus-{prefix}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         let path = std::env::temp_dir().join(name);
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(TempDir { path })
@@ -274,9 +253,7 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command 
 
 /// Runs `cmd` to completion, capturing stdout and stderr; kills it and fails after `timeout`.
 pub async fn run(cmd: &mut tokio::process::Command, timeout: Duration) -> Result<Output> {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     let desc = format!("{:?}", cmd.as_std());
     let child = cmd.spawn().with_context(|| format!("spawn {desc}"))?;
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
@@ -302,18 +279,11 @@ pub async fn run_ok(cmd: &mut tokio::process::Command, timeout: Duration) -> Res
 
 /// The resident set size of process `pid` in bytes (`VmRSS` in `/proc/PID/status`).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS line")?
-        .parse()
-        .context("malformed VmRSS value")?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS line")?;
+    let kib: u64 =
+        line.split_whitespace().nth(1).context("malformed VmRSS line")?.parse().context("malformed VmRSS value")?;
     Ok(kib * 1024)
 }
 
@@ -363,11 +333,9 @@ mod tests {
         .await
         .expect("eventually");
         assert_eq!(v, 7);
-        let err = eventually(Duration::from_millis(200), || async {
-            bail!("never") as Result<()>
-        })
-        .await
-        .expect_err("must time out");
+        let err = eventually(Duration::from_millis(200), || async { bail!("never") as Result<()> })
+            .await
+            .expect_err("must time out");
         assert!(format!("{err:#}").contains("never"));
     }
 }

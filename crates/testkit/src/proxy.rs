@@ -34,8 +34,8 @@ impl ProxyAddrs {
     /// Parses the ready line:
     /// `{"outbound":"IP:P","inbound":"IP:P","admin":"IP:P","upstreams":{"svc.ns:port":"IP:P"}}`.
     pub fn parse(line: &str) -> Result<ProxyAddrs> {
-        let v: serde_json::Value = serde_json::from_str(line.trim())
-            .with_context(|| format!("the ready line is not JSON: {line:?}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("the ready line is not JSON: {line:?}"))?;
         let addr = |key: &str| -> Result<SocketAddr> {
             v.get(key)
                 .and_then(|a| a.as_str())
@@ -45,9 +45,7 @@ impl ProxyAddrs {
         };
         let mut upstreams = BTreeMap::new();
         if let Some(map) = v.get("upstreams") {
-            let map = map
-                .as_object()
-                .with_context(|| format!("ready line \"upstreams\" is not an object: {line}"))?;
+            let map = map.as_object().with_context(|| format!("ready line \"upstreams\" is not an object: {line}"))?;
             for (k, a) in map {
                 let a = a
                     .as_str()
@@ -56,12 +54,7 @@ impl ProxyAddrs {
                 upstreams.insert(k.clone(), a);
             }
         }
-        Ok(ProxyAddrs {
-            outbound: addr("outbound")?,
-            inbound: addr("inbound")?,
-            admin: addr("admin")?,
-            upstreams,
-        })
+        Ok(ProxyAddrs { outbound: addr("outbound")?, inbound: addr("inbound")?, admin: addr("admin")?, upstreams })
     }
 }
 
@@ -112,14 +105,10 @@ impl Proxy {
         let bin = bin.as_ref();
         let dir = TempDir::new(name)?;
         let stderr_path = dir.join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path)
-            .with_context(|| format!("create {}", stderr_path.display()))?;
+        let stderr =
+            std::fs::File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .env("NO_COLOR", "1");
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr)).env("NO_COLOR", "1");
         for var in PROXY_ENV_VARS {
             cmd.env_remove(var);
         }
@@ -167,9 +156,7 @@ impl Proxy {
             Ok(Ok(Err(e))) => return Err(proxy.failure(&format!("{desc}: {e}"))),
             Ok(Err(_)) => return Err(proxy.failure(&format!("{desc}: stdout reader died"))),
             Err(_) => {
-                return Err(proxy.failure(&format!(
-                    "{desc}: no ready line on stdout within {READY_TIMEOUT:?}"
-                )));
+                return Err(proxy.failure(&format!("{desc}: no ready line on stdout within {READY_TIMEOUT:?}")));
             }
         };
         match ProxyAddrs::parse(&line) {
@@ -188,9 +175,7 @@ impl Proxy {
         anyhow!(
             "{} ({what}); exit status: {}\n--- {} stderr ---\n{}",
             self.name,
-            status
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "still running (killed)".into()),
+            status.map(|s| s.to_string()).unwrap_or_else(|| "still running (killed)".into()),
             self.name,
             self.stderr_tail(8000)
         )
@@ -224,14 +209,7 @@ impl Proxy {
 
     /// `GET path` on the admin port.
     pub async fn admin_get(&self, path: &str) -> Result<Collected> {
-        client::get(
-            self.addrs.admin,
-            &self.addrs.admin.to_string(),
-            path,
-            &[],
-            Duration::from_secs(5),
-        )
-        .await
+        client::get(self.addrs.admin, &self.addrs.admin.to_string(), path, &[], Duration::from_secs(5)).await
     }
 
     /// `POST path` (empty body) on the admin port, e.g. `/shutdown`.
@@ -330,9 +308,7 @@ impl Proxy {
 
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read(&self.stderr_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.stderr_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// The last `max` bytes (about) of stderr.
@@ -350,10 +326,7 @@ impl Proxy {
 
     /// Lines the process printed on stdout after the ready line.
     pub fn extra_stdout(&self) -> Vec<String> {
-        self.extra_stdout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.extra_stdout.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -390,9 +363,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_a_process_that_exits_early() {
-        let err = Proxy::start("sh", ["-c", "echo boom >&2; exit 3"])
-            .await
-            .expect_err("must fail");
+        let err = Proxy::start("sh", ["-c", "echo boom >&2; exit 3"]).await.expect_err("must fail");
         let msg = format!("{err:#}");
         assert!(msg.contains("boom"), "{msg}");
         assert!(msg.contains("before the ready line"), "{msg}");
@@ -400,9 +371,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rejects_a_bad_ready_line() {
-        let err = Proxy::start("sh", ["-c", "echo hello; sleep 30"])
-            .await
-            .expect_err("must fail");
+        let err = Proxy::start("sh", ["-c", "echo hello; sleep 30"]).await.expect_err("must fail");
         assert!(format!("{err:#}").contains("not JSON"), "{err:#}");
     }
 }

@@ -19,11 +19,7 @@ pub struct ServicePort {
 impl ServicePort {
     /// A port named `name`.
     pub fn new(name: &str, port: u16, app_protocol: Option<&str>) -> ServicePort {
-        ServicePort {
-            name: name.to_string(),
-            port,
-            app_protocol: app_protocol.map(str::to_string),
-        }
+        ServicePort { name: name.to_string(), port, app_protocol: app_protocol.map(str::to_string) }
     }
 }
 
@@ -50,10 +46,7 @@ impl WorkloadSpec {
     pub fn plain(name: &str, app: &str, port_name: &str, app_port: u16) -> WorkloadSpec {
         WorkloadSpec {
             name: name.to_string(),
-            labels: vec![
-                ("app".to_string(), app.to_string()),
-                ("version".to_string(), "v1".to_string()),
-            ],
+            labels: vec![("app".to_string(), app.to_string()), ("version".to_string(), "v1".to_string())],
             address: IpAddr::from(crate::LOCALHOST),
             ports: vec![(port_name.to_string(), app_port, app_port)],
             service_account: app.to_string(),
@@ -63,13 +56,7 @@ impl WorkloadSpec {
 
     /// A workload behind a sidecar (`meshed: true`): peers connect to the sidecar's inbound
     /// port `127.0.0.1:inbound_port`, the application listens on `app_port`.
-    pub fn meshed(
-        name: &str,
-        app: &str,
-        port_name: &str,
-        inbound_port: u16,
-        app_port: u16,
-    ) -> WorkloadSpec {
+    pub fn meshed(name: &str, app: &str, port_name: &str, inbound_port: u16, app_port: u16) -> WorkloadSpec {
         WorkloadSpec {
             ports: vec![(port_name.to_string(), inbound_port, app_port)],
             meshed: true,
@@ -100,11 +87,7 @@ impl Resources {
         let ports: Vec<String> = ports
             .iter()
             .map(|p| {
-                let proto = p
-                    .app_protocol
-                    .as_deref()
-                    .map(|a| format!(", appProtocol: {}", q(a)))
-                    .unwrap_or_default();
+                let proto = p.app_protocol.as_deref().map(|a| format!(", appProtocol: {}", q(a))).unwrap_or_default();
                 format!("{{name: {}, port: {}{proto}}}", q(&p.name), p.port)
             })
             .collect();
@@ -119,16 +102,9 @@ impl Resources {
 
     /// Adds a `kind: Workload` in namespace `default`.
     pub fn workload(mut self, w: &WorkloadSpec) -> Resources {
-        let labels: Vec<String> = w
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{}: {}", q(k), q(v)))
-            .collect();
-        let ports: Vec<String> = w
-            .ports
-            .iter()
-            .map(|(n, p, t)| format!("{{name: {}, port: {p}, targetPort: {t}}}", q(n)))
-            .collect();
+        let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{}: {}", q(k), q(v))).collect();
+        let ports: Vec<String> =
+            w.ports.iter().map(|(n, p, t)| format!("{{name: {}, port: {p}, targetPort: {t}}}", q(n))).collect();
         self.docs.push(format!(
             "apiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: default, labels: {{{}}}}}\nspec:\n  address: {}\n  ports: [{}]\n  serviceAccount: {}\n  meshed: {}\n",
             q(&w.name),
@@ -172,14 +148,8 @@ mod tests {
             .workload(&WorkloadSpec::meshed("echo-1", "echo", "http", 7000, 9001))
             .to_yaml();
         assert!(y.contains("kind: Service"), "{y}");
-        assert!(
-            y.contains("ports: [{name: \"http\", port: 8080, appProtocol: \"http\"}]"),
-            "{y}"
-        );
-        assert!(
-            y.contains("{name: \"http\", port: 7000, targetPort: 9001}"),
-            "{y}"
-        );
+        assert!(y.contains("ports: [{name: \"http\", port: 8080, appProtocol: \"http\"}]"), "{y}");
+        assert!(y.contains("{name: \"http\", port: 7000, targetPort: 9001}"), "{y}");
         assert!(y.contains("meshed: true"), "{y}");
         assert!(y.contains("\n---\n"), "{y}");
     }

@@ -32,11 +32,7 @@ pub const SERVER_FIRST_GREETING: &[u8] = b"220 plexus-test ready\r\n";
 
 /// Accept loop shared by the servers: every connection runs `handle(stream, conn_number)` in
 /// a task owned by the loop; aborting the loop aborts them all.
-fn spawn_accept_loop<F, Fut>(
-    listener: TcpListener,
-    connections: Arc<AtomicU64>,
-    handle: F,
-) -> JoinHandle<()>
+fn spawn_accept_loop<F, Fut>(listener: TcpListener, connections: Arc<AtomicU64>, handle: F) -> JoinHandle<()>
 where
     F: Fn(TcpStream, u64) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -61,9 +57,7 @@ where
 }
 
 async fn bind() -> Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind((LOCALHOST, 0))
-        .await
-        .context("bind 127.0.0.1:0")?;
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.context("bind 127.0.0.1:0")?;
     let addr = listener.local_addr().context("local_addr")?;
     Ok((listener, addr))
 }
@@ -100,11 +94,8 @@ impl HttpEcho {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let shared = Arc::new(EchoShared {
-            name: name.to_string(),
-            delay_ms: delay_ms.clone(),
-            requests: requests.clone(),
-        });
+        let shared =
+            Arc::new(EchoShared { name: name.to_string(), delay_ms: delay_ms.clone(), requests: requests.clone() });
         let task = spawn_accept_loop(listener, connections.clone(), move |stream, conn| {
             let shared = shared.clone();
             async move {
@@ -117,14 +108,7 @@ impl HttpEcho {
                     .await;
             }
         });
-        Ok(HttpEcho {
-            addr,
-            name: name.to_string(),
-            delay_ms,
-            requests,
-            connections,
-            task,
-        })
+        Ok(HttpEcho { addr, name: name.to_string(), delay_ms, requests, connections, task })
     }
 
     /// Where it listens.
@@ -159,8 +143,7 @@ impl HttpEcho {
 
     /// Sets the response delay.
     pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -183,11 +166,7 @@ impl EchoShared {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".to_string());
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".to_string());
         if path.starts_with("/echo") {
             let content_type = req
                 .headers()
@@ -195,8 +174,7 @@ impl EchoShared {
                 .cloned()
                 .unwrap_or_else(|| http::HeaderValue::from_static("application/octet-stream"));
             let mut resp = Response::new(req.into_body().boxed());
-            resp.headers_mut()
-                .insert(http::header::CONTENT_TYPE, content_type);
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, content_type);
             self.served_by(&mut resp);
             return resp;
         }
@@ -217,11 +195,7 @@ impl EchoShared {
                 })
                 .or_insert(v);
         }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| headers.get("host").cloned());
+        let authority = req.uri().authority().map(|a| a.as_str().to_string()).or_else(|| headers.get("host").cloned());
         let method = req.method().to_string();
         let version = format!("{:?}", req.version());
         let mut body = req.into_body();
@@ -247,16 +221,10 @@ impl EchoShared {
             "body_error": body_error,
             "connection": conn,
         });
-        let mut resp = Response::new(
-            Full::new(Bytes::from(json.to_string() + "\n"))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
+        let mut resp =
+            Response::new(Full::new(Bytes::from(json.to_string() + "\n")).map_err(|never| match never {}).boxed());
         *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
         self.served_by(&mut resp);
         resp
     }
@@ -291,12 +259,7 @@ impl TcpEcho {
                 let _ = echo(stream, &counter, None, Some(TCP_ECHO_FINAL_LINE)).await;
             }
         });
-        Ok(TcpEcho {
-            addr,
-            connections,
-            received,
-            task,
-        })
+        Ok(TcpEcho { addr, connections, received, task })
     }
 
     /// Where it listens.
@@ -348,11 +311,7 @@ impl ServerFirst {
                 let _ = echo(stream, &counter, Some(SERVER_FIRST_GREETING), None).await;
             }
         });
-        Ok(ServerFirst {
-            addr,
-            connections,
-            task,
-        })
+        Ok(ServerFirst { addr, connections, task })
     }
 
     /// Where it listens.
@@ -410,9 +369,7 @@ mod tests {
     async fn http_echo_json_and_body() {
         let echo = HttpEcho::start("e1").await.expect("start");
         let t = Duration::from_secs(10);
-        let r = client::get(echo.addr(), "svc:80", "/a?b=1", &[("x-test", "1")], t)
-            .await
-            .expect("get");
+        let r = client::get(echo.addr(), "svc:80", "/a?b=1", &[("x-test", "1")], t).await.expect("get");
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-served-by"), Some("e1"));
         let j = r.json().expect("json");
@@ -421,21 +378,15 @@ mod tests {
         assert_eq!(j["headers"]["host"], "svc:80");
         for v in [client::Version::Http1, client::Version::Http2] {
             let body = Bytes::from_static(b"hello body");
-            let r = client::post(echo.addr(), v, "svc:80", "/echo", body.clone(), t)
-                .await
-                .expect("post");
+            let r = client::post(echo.addr(), v, "svc:80", "/echo", body.clone(), t).await.expect("post");
             assert_eq!(r.body, body);
-            let r = client::get(echo.addr(), "svc", "/status/418", &[], t)
-                .await
-                .expect("status");
+            let r = client::get(echo.addr(), "svc", "/status/418", &[], t).await.expect("status");
             assert_eq!(r.status, 418);
         }
         assert_eq!(echo.requests(), 5);
         echo.set_delay(Duration::from_millis(300));
         let start = std::time::Instant::now();
-        client::get(echo.addr(), "svc", "/", &[], t)
-            .await
-            .expect("delayed");
+        client::get(echo.addr(), "svc", "/", &[], t).await.expect("delayed");
         assert!(start.elapsed() >= Duration::from_millis(300));
     }
 

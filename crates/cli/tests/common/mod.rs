@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use plexus_testkit::{
-    Background, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, command, peers_dir, run,
-};
+use plexus_testkit::{Background, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, command, peers_dir, run};
 
 /// The binary under test.
 pub const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
@@ -47,13 +45,7 @@ pub struct Mesh {
 impl Mesh {
     /// Writes the resources file and starts the proxies. The client proxy gets
     /// `--upstream <name>:<port>=0`; `extra_args` go to every proxy.
-    pub async fn start(
-        hops: Hops,
-        name: &str,
-        port: ServicePort,
-        app_port: u16,
-        extra_args: &[&str],
-    ) -> Mesh {
+    pub async fn start(hops: Hops, name: &str, port: ServicePort, app_port: u16, extra_args: &[&str]) -> Mesh {
         let dir = TempDir::new(&format!("mesh-{name}")).expect("temp dir");
         let resources = dir.join("resources.yaml");
         let svc_port = port.port;
@@ -63,12 +55,7 @@ impl Mesh {
         let server = match hops {
             Hops::One => {
                 service_only
-                    .workload(&WorkloadSpec::plain(
-                        &format!("{name}-1"),
-                        name,
-                        &port_name,
-                        app_port,
-                    ))
+                    .workload(&WorkloadSpec::plain(&format!("{name}-1"), name, &port_name, app_port))
                     .write(&resources)
                     .expect("write resources");
                 None
@@ -92,9 +79,8 @@ impl Mesh {
                     &app,
                 ];
                 args.extend_from_slice(extra_args);
-                let server = Proxy::start_named("server-sidecar", PLEXUS, &args)
-                    .await
-                    .expect("start the server sidecar");
+                let server =
+                    Proxy::start_named("server-sidecar", PLEXUS, &args).await.expect("start the server sidecar");
                 service_only
                     .workload(&WorkloadSpec::meshed(
                         &format!("{name}-1"),
@@ -128,17 +114,8 @@ impl Mesh {
             Hops::One => "proxy",
             Hops::Two => "client-sidecar",
         };
-        let client = Proxy::start_named(client_name, PLEXUS, &args)
-            .await
-            .expect("start the client proxy");
-        Mesh {
-            hops,
-            dir,
-            resources,
-            client,
-            server,
-            key: format!("{name}.default:{svc_port}"),
-        }
+        let client = Proxy::start_named(client_name, PLEXUS, &args).await.expect("start the client proxy");
+        Mesh { hops, dir, resources, client, server, key: format!("{name}.default:{svc_port}") }
     }
 
     /// The client proxy's `--upstream` bind for the Service.
@@ -170,9 +147,7 @@ impl Mesh {
 pub async fn run_peer(program: &str, args: &[&str]) -> Output {
     let mut cmd = command(program);
     cmd.args(args);
-    run(&mut cmd, CMD_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"))
+    run(&mut cmd, CMD_TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Text of stdout and stderr of a command for messages.
@@ -190,12 +165,7 @@ pub async fn curl_ok(args: &[&str]) -> Output {
     let mut all = vec!["-sS", "--max-time", "30"];
     all.extend_from_slice(args);
     let out = run_peer("curl", &all).await;
-    assert!(
-        out.status.success(),
-        "curl {} failed\n{}",
-        all.join(" "),
-        show(&out)
-    );
+    assert!(out.status.success(), "curl {} failed\n{}", all.join(" "), show(&out));
     out
 }
 
@@ -203,12 +173,8 @@ pub async fn curl_ok(args: &[&str]) -> Output {
 /// returns it with its port.
 pub async fn python_server(script: &str, name: &str) -> (Background, u16) {
     let mut cmd = command("python3");
-    cmd.arg("-u")
-        .arg(peers_dir().join(script))
-        .args(["server", "--port", "0", "--name", name]);
-    let bg = Background::start(name, cmd, "ready", Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    cmd.arg("-u").arg(peers_dir().join(script)).args(["server", "--port", "0", "--name", name]);
+    let bg = Background::start(name, cmd, "ready", Duration::from_secs(30)).await.unwrap_or_else(|e| panic!("{e:#}"));
     let port = bg.ready_port().expect("port in ready line");
     (bg, port)
 }
@@ -216,18 +182,8 @@ pub async fn python_server(script: &str, name: &str) -> (Background, u16) {
 /// Runs a Python peer client; panics with its output unless it exits 0.
 pub async fn python_client(script: &str, args: &[&str], context: &str) -> Output {
     let mut cmd = command("python3");
-    cmd.arg("-u")
-        .arg(peers_dir().join(script))
-        .arg("client")
-        .args(args);
-    let out = run(&mut cmd, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|e| panic!("{context}: {e:#}"));
-    assert!(
-        out.status.success(),
-        "{context}: {script} client {} reported failures\n{}",
-        args.join(" "),
-        show(&out)
-    );
+    cmd.arg("-u").arg(peers_dir().join(script)).arg("client").args(args);
+    let out = run(&mut cmd, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{context}: {e:#}"));
+    assert!(out.status.success(), "{context}: {script} client {} reported failures\n{}", args.join(" "), show(&out));
     out
 }

@@ -45,7 +45,12 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ProxyError::ConnectFailed(e)),
-        Err(_) => return Err(ProxyError::ConnectFailed(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))),
+        Err(_) => {
+            return Err(ProxyError::ConnectFailed(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )));
+        }
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -71,7 +76,12 @@ impl Pool {
     }
 
     /// Sends a request to `addr` and returns the response head with its streaming body.
-    pub async fn send(self: &Arc<Self>, addr: SocketAddr, proto: Proto, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: Proto,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         match proto {
             Proto::Http2 => self.send_h2(addr, req).await,
             Proto::Http1 => self.send_h1(addr, req).await,

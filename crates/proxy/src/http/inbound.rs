@@ -34,7 +34,11 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
     obs.upstream = Some(addr);
     // The peer sidecar says when the app speaks HTTP/1 although the hop was HTTP/2.
-    let proto = if head.headers.contains_key(headers::ORIG_PROTO) || head.version != Version::HTTP_2 { Proto::Http1 } else { Proto::Http2 };
+    let proto = if head.headers.contains_key(headers::ORIG_PROTO) || head.version != Version::HTTP_2 {
+        Proto::Http1
+    } else {
+        Proto::Http2
+    };
     let authority = head.authority().unwrap_or_else(|| addr.to_string());
     let target = Target { addr, proto, authority, app_http1_behind_peer: false };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {

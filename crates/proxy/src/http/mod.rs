@@ -44,7 +44,12 @@ pub struct Head {
 
 impl Head {
     pub fn of<B>(req: &Request<B>) -> Head {
-        Head { method: req.method().clone(), uri: req.uri().clone(), version: req.version(), headers: req.headers().clone() }
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
     }
 
     /// The authority the client addressed: absolute-form URI or `:authority`, else `Host`.
@@ -67,7 +72,8 @@ impl Head {
         headers::strip_hop_by_hop(&mut headers, upgrade);
         let (uri, version) = match target.proto {
             Proto::Http1 => {
-                let host = http::HeaderValue::from_str(&target.authority).map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
+                let host = http::HeaderValue::from_str(&target.authority)
+                    .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
                 headers.insert(header::HOST, host);
                 (pq.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid path".into()))?, Version::HTTP_11)
             }
@@ -107,7 +113,12 @@ pub fn downstream_response(resp: Response<Incoming>, client_version: Version) ->
 
 /// Forwards an Upgrade request (WebSocket…) on a dedicated HTTP/1 connection and, after
 /// `101 Switching Protocols`, splices the two upgraded connections together.
-pub async fn forward_upgrade(state: &Arc<State>, mut req: Request<Incoming>, head: &Head, target: &Target) -> Result<Response<Incoming>, ProxyError> {
+pub async fn forward_upgrade(
+    state: &Arc<State>,
+    mut req: Request<Incoming>,
+    head: &Head,
+    target: &Target,
+) -> Result<Response<Incoming>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let target = Target { proto: Proto::Http1, app_http1_behind_peer: false, ..target.clone() };
     let up_req = head.upstream_request(&target, body::boxed(req.into_body()), true)?;

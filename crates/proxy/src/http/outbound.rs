@@ -13,7 +13,7 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use plexus_core::model::{AppProtocol, CompiledPort, CompiledService, Endpoint};
-use plexus_core::names::{spiffe_id, split_authority, DEFAULT_TRUST_DOMAIN};
+use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id, split_authority};
 use plexus_core::route::RequestInfo;
 use plexus_core::{MeshSnapshot, ServiceName};
 
@@ -62,7 +62,12 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
         Dest::Service(s, p) => (s, p),
         Dest::Direct { authority, addr } => return direct(state, req, head, obs, authority, addr).await,
     };
-    let info = RequestInfo { method: head.method.as_str(), path: head.uri.path(), query: head.uri.query(), headers: &head.headers };
+    let info = RequestInfo {
+        method: head.method.as_str(),
+        path: head.uri.path(),
+        query: head.uri.query(),
+        headers: &head.headers,
+    };
     let entry = port.routes.find(&info).cloned();
     let (backend, backend_port) = match &entry {
         None => (service, port),
@@ -131,9 +136,20 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
                         state.count_ejection(&backend.name, &obs.route);
                     }
                     tried.push(ep.addr);
-                    if e.retryable() && body_empty && tried.len() < MAX_CONNECT_ATTEMPTS && tried.len() < backend_port.endpoints.len() {
+                    if e.retryable()
+                        && body_empty
+                        && tried.len() < MAX_CONNECT_ATTEMPTS
+                        && tried.len() < backend_port.endpoints.len()
+                    {
                         tracing::debug!(endpoint = %ep.addr, error = %e, "connect failed; trying another endpoint");
-                        state.metrics.retries.get_or_create(&ServiceRouteLabels { destination_service: backend.name.name.clone(), route: obs.route.clone() }).inc();
+                        state
+                            .metrics
+                            .retries
+                            .get_or_create(&ServiceRouteLabels {
+                                destination_service: backend.name.name.clone(),
+                                route: obs.route.clone(),
+                            })
+                            .inc();
                         continue;
                     }
                     return Err(e);
@@ -181,8 +197,11 @@ fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
 
 fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> Result<Dest<'a>, ProxyError> {
     if let Some((name, port)) = &conn.bound {
-        let service = snapshot.services.get(name).ok_or_else(|| ProxyError::NoEndpoints(format!("{name} (no such Service)")))?;
-        let cp = service.port(*port).ok_or_else(|| ProxyError::NoEndpoints(format!("{name}:{} (no such port)", port.unwrap_or(0))))?;
+        let service =
+            snapshot.services.get(name).ok_or_else(|| ProxyError::NoEndpoints(format!("{name} (no such Service)")))?;
+        let cp = service
+            .port(*port)
+            .ok_or_else(|| ProxyError::NoEndpoints(format!("{name}:{} (no such port)", port.unwrap_or(0))))?;
         return Ok(Dest::Service(service, cp));
     }
     let authority = head.authority();
@@ -212,7 +231,14 @@ async fn lookup(authority: &str, default_port: u16) -> Result<SocketAddr, ProxyE
 }
 
 /// Forwards a request to a destination outside the mesh.
-async fn direct(state: Arc<State>, req: Request<Incoming>, head: Head, mut obs: Observation, authority: String, addr: Option<SocketAddr>) -> Response<Body> {
+async fn direct(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    head: Head,
+    mut obs: Observation,
+    authority: String,
+    addr: Option<SocketAddr>,
+) -> Response<Body> {
     let addr = match addr {
         Some(a) => a,
         None => match lookup(&authority, 80).await {
@@ -262,7 +288,9 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
         }
     } else {
         match lookup(&authority, 443).await {
-            Ok(addr) if state.is_own_listener(addr) => Err(ProxyError::BadRequest(format!("{authority} is this proxy itself"))),
+            Ok(addr) if state.is_own_listener(addr) => {
+                Err(ProxyError::BadRequest(format!("{authority} is this proxy itself")))
+            }
             Ok(addr) => {
                 obs.upstream = Some(addr);
                 client::connect(addr, timeout).await

@@ -29,8 +29,24 @@ pub enum Protocol {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 18] = [
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH", b"PROPFIND", b"PROPPATCH",
-    b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT", b"SEARCH",
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+    b"REPORT",
+    b"SEARCH",
 ];
 /// The largest TLS record a ClientHello may fill.
 const MAX_TLS_RECORD: usize = 16 * 1024 + 5;
@@ -64,7 +80,8 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         Some(i) => {
             let token = &buf[..i];
             let known = METHODS.contains(&token);
-            let method_like = !token.is_empty() && token.iter().all(|b| b.is_ascii_uppercase()) && buf.get(i + 1) == Some(&b'/');
+            let method_like =
+                !token.is_empty() && token.iter().all(|b| b.is_ascii_uppercase()) && buf.get(i + 1) == Some(&b'/');
             if known || method_like {
                 Some(Protocol::Http1)
             } else if token.iter().all(|b| b.is_ascii_uppercase()) && buf.len() == i + 1 {
@@ -165,7 +182,11 @@ mod tests {
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"GET /%%%% garbage"), Some(Protocol::Http1), "malformed HTTP still goes to the HTTP server (400)");
+        assert_eq!(
+            classify(b"GET /%%%% garbage"),
+            Some(Protocol::Http1),
+            "malformed HTTP still goes to the HTTP server (400)"
+        );
         assert_eq!(classify(b"BREW /pot HTTP/1.1"), Some(Protocol::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
