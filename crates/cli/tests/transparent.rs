@@ -107,7 +107,23 @@ async fn transparent_interception_between_two_namespaces() -> anyhow::Result<()>
     );
     let echo_src = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(16)\nwhile True:\n    c,_=s.accept()\n    d=c.recv(100)\n    c.sendall(b'echo:'+d); c.close()\n";
     let tcp_app = Child(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src])).spawn()?);
-    sh(&["ip", "netns", "exec", &net.b, "iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "7711"])?;
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.b,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "7711",
+    ])?;
     let resources = format!(
         r#"apiVersion: plexus.dev/v1alpha1
 kind: Service
@@ -139,10 +155,28 @@ spec:
     // Client namespace: traffic of uid 65534 (the "app") is redirected; the sidecar runs as
     // root and is not (the iptables owner match, as Istio and Linkerd exclude their proxy uid).
     sh(&[
-        "ip", "netns", "exec", &net.a, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "owner", "--uid-owner", "65534",
-        "-j", "REDIRECT", "--to-ports", "7710",
+        "ip",
+        "netns",
+        "exec",
+        &net.a,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "owner",
+        "--uid-owner",
+        "65534",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "7710",
     ])?;
-    let client = Proxy::spawn_named("client-sidecar", "ip", net.exec(&net.a, &[PLEXUS, "proxy", "--resources", &res])).await?;
+    let client =
+        Proxy::spawn_named("client-sidecar", "ip", net.exec(&net.a, &[PLEXUS, "proxy", "--resources", &res])).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let as_app = |cmd: &[&str]| {
@@ -155,30 +189,46 @@ spec:
     let url = format!("http://{server_ip}:8080/hello.txt");
     let out = as_app(&["curl", "-sS", "--max-time", "10", "-D", "-", &url])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("hello through the mesh"), "curl through transparent sidecars: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("hello through the mesh"),
+        "curl through transparent sidecars: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Opaque TCP by pod IP.
     let tcp = "import socket,sys\ns=socket.create_connection((sys.argv[1], 9000), timeout=10); s.sendall(b'ping'); print(s.recv(100).decode())";
     // The system interpreter: a per-user one (pyenv) may not be readable by uid 65534.
     let out = as_app(&["/usr/bin/python3", "-c", tcp, &server_ip])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.trim(), "echo:ping", "TCP through transparent sidecars; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text.trim(),
+        "echo:ping",
+        "TCP through transparent sidecars; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Both sidecars saw the traffic: the client's outbound metrics name the destination.
-    let metrics = Command::new("ip").args(net.exec(&net.a, &["curl", "-s", "http://127.0.0.1:7712/metrics"])).output()?;
+    let metrics =
+        Command::new("ip").args(net.exec(&net.a, &["curl", "-s", "http://127.0.0.1:7712/metrics"])).output()?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"outbound\"") && l.contains("destination_service=\"web\"") && l.contains("response_code=\"200\"")),
+        metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"outbound\"")
+            && l.contains("destination_service=\"web\"")
+            && l.contains("response_code=\"200\"")),
         "client sidecar counted the request:\n{metrics}"
     );
     assert!(
-        metrics.lines().any(|l| l.starts_with("plexus_tcp_connections_opened_total{direction=\"outbound\"") && l.contains("destination_service=\"web\"")),
+        metrics.lines().any(|l| l.starts_with("plexus_tcp_connections_opened_total{direction=\"outbound\"")
+            && l.contains("destination_service=\"web\"")),
         "client sidecar counted the TCP stream:\n{metrics}"
     );
-    let metrics = Command::new("ip").args(net.exec(&net.b, &["curl", "-s", "http://127.0.0.1:7712/metrics"])).output()?;
+    let metrics =
+        Command::new("ip").args(net.exec(&net.b, &["curl", "-s", "http://127.0.0.1:7712/metrics"])).output()?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"inbound\"") && l.contains("destination_service=\"web\"") && l.contains("response_code=\"200\"")),
+        metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"inbound\"")
+            && l.contains("destination_service=\"web\"")
+            && l.contains("response_code=\"200\"")),
         "server sidecar received the request (HTTP/2 between the sidecars):\n{metrics}"
     );
     drop(client);

@@ -1,0 +1,461 @@
+//! Data-plane behaviour end to end through real `plexus proxy` processes: latency-aware load
+//! balancing, connection multiplexing between sidecars, reloads under load, limits and
+//! malformed input, bounded memory on huge streamed bodies.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use plexus_testkit::bytes::Bytes;
+use plexus_testkit::http::Request;
+use plexus_testkit::http_body_util::{BodyExt as _, Empty};
+use plexus_testkit::hyper::client::conn::http1;
+use plexus_testkit::hyper_util::rt::TokioIo;
+use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TcpEcho, TempDir, WorkloadSpec, require_tool, serial};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+
+async fn sidecar(name: &str, resources: &Path, extra: &[&str]) -> Result<Proxy> {
+    let mut args = vec![
+        "proxy",
+        "--resources",
+        resources.to_str().context("path")?,
+        "--outbound-port",
+        "0",
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Proxy::start_named(name, PLEXUS, args).await
+}
+
+/// A keep-alive HTTP/1.1 connection sending GETs one after another.
+struct KeepAlive {
+    sender: http1::SendRequest<Empty<Bytes>>,
+    host: String,
+}
+
+impl KeepAlive {
+    async fn open(addr: SocketAddr, host: &str) -> Result<KeepAlive> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(KeepAlive { sender, host: host.into() })
+    }
+
+    /// Returns status and `x-served-by`.
+    async fn get(&mut self, path: &str) -> Result<(u16, String)> {
+        self.sender.ready().await?;
+        let req = Request::get(path).header("host", &self.host).body(Empty::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req)).await??;
+        let status = resp.status().as_u16();
+        let by = resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        resp.into_body().collect().await?;
+        Ok((status, by))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ewma_prefers_the_fast_endpoint_and_recovers_the_slow_one() -> Result<()> {
+    let _serial = serial().await;
+    let fast = HttpEcho::start("fast").await?;
+    let slow = HttpEcho::start("slow").await?;
+    fast.set_delay(Duration::from_millis(1));
+    slow.set_delay(Duration::from_millis(50));
+    let dir = TempDir::new("ewma")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("api", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("api-fast", "api", "http", fast.port()))
+        .workload(&WorkloadSpec::plain("api-slow", "api", "http", slow.port()))
+        .write(&res)?;
+    let proxy = sidecar("client", &res, &["--upstream", "api:8080=0"]).await?;
+    let addr = proxy.upstream("api.default:8080")?;
+
+    // Phase 1: 1,000 requests from 8 concurrent clients.
+    let counts = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (counts, next) = (counts.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = KeepAlive::open(addr, "api:8080").await?;
+            while next.fetch_add(1, Ordering::SeqCst) < 1000 {
+                let (status, by) = c.get("/").await?;
+                anyhow::ensure!(status == 200, "status {status}");
+                *counts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.entry(by).or_default() += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    let fast_share = {
+        let c = counts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let total: u64 = c.values().sum();
+        assert_eq!(total, 1000);
+        c.get("fast").copied().unwrap_or(0) as f64 / total as f64
+    };
+    assert!(fast_share >= 0.90, "fast endpoint got {:.1}% of 1,000 requests (want ≥ 90%)", fast_share * 100.0);
+
+    // Phase 2: the slow endpoint speeds up; within 10 s its share over a 1 s window reaches 30%.
+    slow.set_delay(Duration::from_millis(1));
+    let sped_up = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let window: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, window) = (stop.clone(), window.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = KeepAlive::open(addr, "api:8080").await?;
+            while !stop.load(Ordering::SeqCst) {
+                let (_, by) = c.get("/").await?;
+                window.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((Instant::now(), by == "slow"));
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut best = 0.0f64;
+    let mut recovered_after = None;
+    while sped_up.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let w = window.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let recent: Vec<bool> =
+            w.iter().filter(|(t, _)| t.elapsed() < Duration::from_secs(1)).map(|(_, s)| *s).collect();
+        if recent.len() >= 50 {
+            let share = recent.iter().filter(|s| **s).count() as f64 / recent.len() as f64;
+            best = best.max(share);
+            if share >= 0.30 {
+                recovered_after = Some(sped_up.elapsed());
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await??;
+    }
+    assert!(
+        recovered_after.is_some(),
+        "slow endpoint's share stayed below 30% for 10 s after it sped up (best 1 s window: {:.1}%)",
+        best * 100.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_http1_clients_share_one_connection_between_sidecars() -> Result<()> {
+    let _serial = serial().await;
+    if !require_tool("ss") {
+        return Ok(());
+    }
+    let app = HttpEcho::start("app").await?;
+    let dir = TempDir::new("mux")?;
+    let server_res = dir.join("server.yaml");
+    Resources::new().service("app", &[ServicePort::new("http", 8080, Some("http"))]).write(&server_res)?;
+    let server = sidecar("server", &server_res, &["--app-port", &app.port().to_string()]).await?;
+    let client_res = dir.join("client.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::meshed("app-1", "app", "http", server.inbound().port(), app.port()))
+        .write(&client_res)?;
+    let client = sidecar("client", &client_res, &[]).await?;
+    let outbound = client.outbound();
+
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(KeepAlive::open(outbound, "app:8080").await?);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(101));
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            for _ in 0..5 {
+                let (status, by) = c.get("/").await?;
+                anyhow::ensure!(status == 200 && by == "app", "status {status} from {by:?}");
+            }
+            anyhow::Ok(c)
+        }));
+    }
+    start.wait().await;
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await??);
+    }
+    // All 100 client connections are still open; count connections into the server sidecar.
+    let port = server.inbound().port();
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( dport = :{port} )")])
+        .output()?;
+    let between = String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(
+        (1..=2).contains(&between),
+        "{between} TCP connections between the sidecars for 100 client connections:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(app.requests() >= 500, "the app saw {} requests", app.requests());
+    drop(held);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_open_streams_and_lose_no_requests() -> Result<()> {
+    let _serial = serial().await;
+    let app = HttpEcho::start("app").await?;
+    let echo = TcpEcho::start().await?;
+    let ws = start_upgrade_echo().await?;
+    let dir = TempDir::new("reload")?;
+    let res = dir.join("mesh.yaml");
+    let write = |generation: usize| {
+        Resources::new()
+            .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+            .service("tcp", &[ServicePort::new("tcp", 9000, Some("tcp"))])
+            .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+            .workload(&WorkloadSpec::plain("tcp-1", "tcp", "tcp", echo.addr().port()))
+            .service("ws", &[ServicePort::new("http", 8081, Some("http"))])
+            .workload(&WorkloadSpec::plain("ws-1", "ws", "http", ws.port()))
+            .raw(&format!("apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: filler-{generation}}}\nspec: {{ports: [{{port: 80}}]}}\n"))
+            .write(&res)
+    };
+    write(0)?;
+    let proxy =
+        sidecar("proxy", &res, &["--upstream", "app:8080=0", "--upstream", "tcp:9000=0", "--upstream", "ws:8081=0"])
+            .await?;
+    let http_addr = proxy.upstream("app.default:8080")?;
+    let tcp_addr = proxy.upstream("tcp.default:9000")?;
+
+    // A long-lived TCP stream and an upgraded (WebSocket-style) connection, open across reloads.
+    let mut stream = TcpStream::connect(tcp_addr).await?;
+    let mut upgraded = open_upgrade(proxy.upstream("ws.default:8081")?).await?;
+
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (failures, done) = (failures.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = KeepAlive::open(http_addr, "app:8080").await?;
+            while done.fetch_add(1, Ordering::SeqCst) < 10_000 {
+                match c.get("/").await {
+                    Ok((200, _)) => {}
+                    Ok((status, _)) => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("status {status} during reloads");
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("error during reloads: {e:#}");
+                        c = KeepAlive::open(http_addr, "app:8080").await?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut generation = 0;
+    for i in 1..=20 {
+        write(i)?;
+        generation = i;
+        // Wait until the proxy has applied this version (its config names the new filler).
+        plexus_testkit::eventually(Duration::from_secs(5), || {
+            let p = &proxy;
+            async move {
+                let c = p.admin_get("/config").await?;
+                anyhow::ensure!(c.text().contains(&format!("filler-{i}")), "not reloaded yet");
+                Ok(())
+            }
+        })
+        .await?;
+        stream.write_all(format!("ping {i}\n").as_bytes()).await?;
+        let mut buf = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        assert_eq!(&buf[..n], format!("ping {i}\n").as_bytes(), "TCP stream after reload {i}");
+        upgraded.write_all(format!("ws {i}\n").as_bytes()).await?;
+        let n = tokio::time::timeout(Duration::from_secs(5), upgraded.read(&mut buf)).await??;
+        assert_eq!(&buf[..n], format!("ws {i}\n").as_bytes(), "upgraded connection after reload {i}");
+    }
+    for w in workers {
+        w.await??;
+    }
+    assert_eq!(generation, 20);
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "requests failed during 20 reloads");
+    assert!(done.load(Ordering::SeqCst) >= 10_000);
+    Ok(())
+}
+
+/// A server that accepts any HTTP/1.1 Upgrade request with `101` and then echoes raw bytes, as
+/// a WebSocket server does after its handshake.
+async fn start_upgrade_echo() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: plexus-echo\r\n\r\n";
+                if s.write_all(resp).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Opens an HTTP/1.1 Upgrade connection (through the proxy) to the upgrade echo server.
+async fn open_upgrade(addr: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: ws:8081\r\nConnection: Upgrade\r\nUpgrade: plexus-echo\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await??;
+        anyhow::ensure!(n == 1, "connection closed during upgrade: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    Ok(s)
+}
+
+/// Sends raw bytes and returns everything the proxy answers until it closes (or 5 s).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_right_answer() -> Result<()> {
+    let app = HttpEcho::start("app").await?;
+    let dir = TempDir::new("malformed")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &["--header-read-timeout", "2s", "--max-header-bytes", "16384"]).await?;
+    let out = proxy.outbound();
+
+    let bad_line = raw_exchange(out, b"GET /a b c HTTP/1.1\r\nHost: app:8080\r\n\r\n").await?;
+    assert!(bad_line.starts_with("HTTP/1.1 400"), "bad request line: {bad_line:?}");
+    let bad_version = raw_exchange(out, b"GET / HTTP/9.7\r\nHost: app:8080\r\n\r\n").await?;
+    assert!(
+        bad_version.starts_with("HTTP/1.1 400") || bad_version.starts_with("HTTP/1.1 505"),
+        "bad version: {bad_version:?}"
+    );
+    let bad_header = raw_exchange(out, b"GET / HTTP/1.1\r\nHost: app:8080\r\nBad Header: x\r\n\r\n").await?;
+    assert!(bad_header.starts_with("HTTP/1.1 400"), "invalid header name: {bad_header:?}");
+    let not_http = raw_exchange(out, b"\x00\x01\x02 definitely not http\r\n\r\n").await?;
+    assert!(not_http.starts_with("HTTP/1.1 400"), "garbage on the explicit proxy port: {not_http:?}");
+    let huge = format!("GET / HTTP/1.1\r\nHost: app:8080\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let too_big = raw_exchange(out, huge.as_bytes()).await?;
+    assert!(too_big.starts_with("HTTP/1.1 431"), "oversized headers: {too_big:?}");
+
+    // Slowloris: a request head trickling in is cut off after the header-read timeout, and
+    // other clients are served meanwhile.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(out).await?;
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app:8080\r\n").await?;
+    let trickle = tokio::spawn(async move {
+        let mut closed_after = None;
+        for i in 0..60 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).await.is_err() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+                if n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408") {
+                    closed_after = Some(started.elapsed());
+                    break;
+                }
+            }
+        }
+        closed_after
+    });
+    let mut ok = KeepAlive::open(out, "app:8080").await?;
+    assert_eq!(ok.get("/").await?.0, 200, "a well-behaved client is served during the slowloris");
+    let closed_after = trickle.await?;
+    let closed_after = closed_after.context("slowloris connection was never closed")?;
+    assert!(closed_after < Duration::from_secs(5), "slowloris cut off after {closed_after:?} (timeout 2s)");
+    // The proxy is still alive and well (a new connection: the header-read timeout also
+    // closes keep-alive connections left idle that long).
+    let mut again = KeepAlive::open(out, "app:8080").await?;
+    assert_eq!(again.get("/").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_upload_to_a_slow_reader_keeps_memory_bounded() -> Result<()> {
+    let _serial = serial().await;
+    let app = HttpEcho::start("app").await?;
+    let dir = TempDir::new("bigbody")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &["--upstream", "app:8080=0"]).await?;
+    let addr = proxy.upstream("app.default:8080")?;
+    const TOTAL: u64 = 1 << 30;
+    let sent = Arc::new(AtomicU64::new(0));
+    let body = plexus_testkit::client::PatternBody::new(TOTAL, true).with_progress(sent.clone());
+    let req = Request::post("/echo").header("host", "app:8080").body(body)?;
+    let resp = plexus_testkit::client::request(addr, plexus_testkit::client::Version::Http1, req).await?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut verifier = plexus_testkit::client::PatternVerifier::new();
+    let mut first_response_byte_at_sent = None;
+    let mut max_rss = 0;
+    let mut last_sample = Instant::now();
+    let started = Instant::now();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(30), body.frame()).await? {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            if first_response_byte_at_sent.is_none() {
+                first_response_byte_at_sent = Some(sent.load(Ordering::SeqCst));
+            }
+            verifier.update(data)?;
+            // A slow reader for the first 64 MiB: the proxy must apply back-pressure, not buffer.
+            if verifier.verified() < 64 << 20 {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        if last_sample.elapsed() > Duration::from_millis(100) {
+            max_rss = max_rss.max(proxy.rss_bytes()?);
+            last_sample = Instant::now();
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(240), "1 GiB echo took too long");
+    }
+    assert_eq!(verifier.verified(), TOTAL, "all bytes echoed intact");
+    let first = first_response_byte_at_sent.context("no response bytes")?;
+    assert!(first < TOTAL / 2, "response bytes flowed before the upload ended (first after {first} bytes sent)");
+    assert!(max_rss < 30 << 20, "proxy RSS peaked at {} MiB (limit 30 MiB)", max_rss >> 20);
+    Ok(())
+}
