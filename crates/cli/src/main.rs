@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a sidecar or gateway proxy.
-    Proxy(proxy_cmd::ProxyArgs),
+    Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Print CLI, control plane and proxy versions.
     Version(version_cmd::VersionArgs),
 }
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Proxy(args) => proxy_cmd::run(args).await,
+            Command::Proxy(args) => proxy_cmd::run(*args).await,
             Command::Version(args) => version_cmd::run(args).await,
         }
     });

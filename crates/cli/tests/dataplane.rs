@@ -390,12 +390,11 @@ async fn malformed_requests_get_the_right_answer() -> Result<()> {
                 break;
             }
             let mut buf = [0u8; 256];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
-                if n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408") {
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
+                && (n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408")) {
                     closed_after = Some(started.elapsed());
                     break;
                 }
-            }
         }
         closed_after
     });

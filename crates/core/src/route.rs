@@ -191,7 +191,7 @@ impl RouteTable {
     /// Attaches every HTTPRoute to the Service ports its parentRefs name, ordered by precedence
     /// (ties: older route, then `namespace/name`, then rule and match order).
     pub(crate) fn attach_all(resources: &[Resource], services: &mut BTreeMap<ServiceName, CompiledService>) {
-        let mut staged: BTreeMap<(ServiceName, u16), Vec<(RouteEntry, String, usize)>> = BTreeMap::new();
+        let mut staged: BTreeMap<(ServiceName, u16), Vec<Staged>> = BTreeMap::new();
         for r in resources {
             let Spec::HttpRoute(spec) = &r.spec else { continue };
             let ns = r.metadata.namespace();
@@ -262,6 +262,9 @@ impl RouteTable {
         }
     }
 }
+
+/// A route entry waiting to be ordered: with its route's creation time and match index.
+type Staged = (RouteEntry, String, usize);
 
 fn anchored(pattern: &str) -> Option<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).ok()
@@ -338,8 +341,8 @@ spec:
         snap.resolve_authority("reviews:9080").expect("service").1.routes.clone()
     }
 
-    fn find<'t>(
-        t: &'t RouteTable,
+    fn find(
+        t: &RouteTable,
         method: &str,
         path: &str,
         query: Option<&str>,

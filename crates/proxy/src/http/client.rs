@@ -31,12 +31,15 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 /// At most this many idle HTTP/1 connections are kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// An idle HTTP/1 connection and when it became idle.
+type IdleH1 = (Instant, http1::SendRequest<Body>);
+
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 /// Connections to upstream endpoints.
 pub struct Pool {
     connect_timeout: Duration,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<Body>)>>>,
+    h1_idle: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, H2Slot>>,
 }
 
@@ -177,11 +180,10 @@ impl Pool {
     fn recycle(self: &Arc<Self>, addr: SocketAddr, mut sender: http1::SendRequest<Body>) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                if let Some(pool) = pool.upgrade() {
+            if sender.ready().await.is_ok()
+                && let Some(pool) = pool.upgrade() {
                     pool.put_idle(addr, sender);
                 }
-            }
         });
     }
 
