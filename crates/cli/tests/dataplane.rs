@@ -391,10 +391,11 @@ async fn malformed_requests_get_the_right_answer() -> Result<()> {
             }
             let mut buf = [0u8; 256];
             if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
-                && (n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408")) {
-                    closed_after = Some(started.elapsed());
-                    break;
-                }
+                && (n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"))
+            {
+                closed_after = Some(started.elapsed());
+                break;
+            }
         }
         closed_after
     });
@@ -456,5 +457,210 @@ async fn a_gigabyte_upload_to_a_slow_reader_keeps_memory_bounded() -> Result<()>
     let first = first_response_byte_at_sent.context("no response bytes")?;
     assert!(first < TOTAL / 2, "response bytes flowed before the upload ended (first after {first} bytes sent)");
     assert!(max_rss < 30 << 20, "proxy RSS peaked at {} MiB (limit 30 MiB)", max_rss >> 20);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_made_errors_carry_status_reason_and_grpc_status() -> Result<()> {
+    let dir = TempDir::new("errors")?;
+    let res = dir.join("mesh.yaml");
+    let dead_port = plexus_testkit::free_port();
+    Resources::new()
+        .service("empty", &[ServicePort::new("http", 8080, Some("http"))])
+        .service("dead", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("dead-1", "dead", "http", dead_port))
+        .raw("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-missing}\nspec:\n  parentRefs: [{name: empty}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /missing}}]\n    backendRefs: [{name: nowhere, port: 80}]\n  - matches: [{path: {type: PathPrefix, value: /zero}}]\n    backendRefs: [{name: empty, weight: 0}]\n")
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &[]).await?;
+    let out = proxy.outbound();
+    let get = |host: &'static str, path: &'static str| async move {
+        plexus_testkit::client::get(out, host, path, &[], Duration::from_secs(5)).await
+    };
+    let r = get("empty:8080", "/").await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-plexus-error"), Some("no healthy endpoint for empty.default:8080"));
+    let r = get("empty:8080", "/missing/x").await?;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("x-plexus-error"), Some("backend not found: nowhere.default"));
+    let r = get("empty:8080", "/zero").await?;
+    assert_eq!(r.status, 500);
+    let r = get("dead:8080", "/").await?;
+    assert_eq!(r.status, 502);
+    assert!(
+        r.header("x-plexus-error").is_some_and(|e| e.starts_with("connection failed")),
+        "{:?}",
+        r.header("x-plexus-error")
+    );
+
+    // gRPC requests get a gRPC status instead of an HTTP error status.
+    if require_tool("curl") {
+        let out_arg = format!("http://{out}/pkg.Svc/Method");
+        let o = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "host: empty:8080",
+                "--data-binary",
+                "@/dev/null",
+                &out_arg,
+            ])
+            .output()?;
+        let head = String::from_utf8_lossy(&o.stdout).to_ascii_lowercase();
+        assert!(head.starts_with("http/2 200"), "{head}");
+        assert!(head.contains("grpc-status: 14"), "UNAVAILABLE expected: {head}");
+        assert!(head.contains("x-plexus-error: no healthy endpoint"), "{head}");
+    }
+
+    // Each answer was counted with its response flag.
+    let metrics = proxy.admin_get("/metrics").await?.text();
+    for (code, flag) in [("503", "UH"), ("500", "NR"), ("502", "UF")] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"outbound\"")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && l.contains(&format!("response_flags=\"{flag}\""))),
+            "no {code}/{flag} series in:\n{metrics}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_request_exactly_and_access_log_lines_are_json() -> Result<()> {
+    let app = HttpEcho::start("app").await?;
+    let dir = TempDir::new("metrics")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &["--access-log", "--workload", "client-1", "--service", "client"]).await?;
+    let mut c = KeepAlive::open(proxy.outbound(), "app:8080").await?;
+    for _ in 0..100 {
+        assert_eq!(c.get("/things?id=1").await?.0, 200);
+    }
+    let metrics = proxy.admin_get("/metrics").await?.text();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("plexus_requests_total{direction=\"outbound\"") && l.contains("destination_service=\"app\"")
+        })
+        .with_context(|| format!("no series for app in:\n{metrics}"))?;
+    assert!(line.ends_with(" 100"), "exactly 100 requests: {line}");
+    for label in [
+        "source_workload=\"client-1\"",
+        "source_service=\"client\"",
+        "destination_workload=\"app-1\"",
+        "destination_version=\"v1\"",
+        "response_code=\"200\"",
+        "request_protocol=\"http\"",
+    ] {
+        assert!(line.contains(label), "{label} missing: {line}");
+    }
+    assert!(metrics.contains("plexus_request_duration_seconds_count{direction=\"outbound\""), "histogram present");
+    plexus_testkit::eventually(Duration::from_secs(5), || {
+        let p = &proxy;
+        async move {
+            let lines = p.extra_stdout();
+            anyhow::ensure!(lines.len() >= 100, "{} access log lines", lines.len());
+            Ok(())
+        }
+    })
+    .await?;
+    let first: serde_json::Value = serde_json::from_str(&proxy.extra_stdout()[0])?;
+    assert_eq!(first["path"], "/things");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["destination_service"], "app");
+    assert_eq!(first["request_id"].as_str().map(str::len), Some(32), "a generated x-request-id: {first}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reload_keeps_the_previous_config() -> Result<()> {
+    let app = HttpEcho::start("app").await?;
+    let dir = TempDir::new("badreload")?;
+    let res = dir.join("mesh.yaml");
+    let good = Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()));
+    good.write(&res)?;
+    let proxy = sidecar("proxy", &res, &[]).await?;
+    let before = proxy.admin_get("/config").await?.json()?["version"].clone();
+    std::fs::write(&res, good.to_yaml().replace("appProtocol", "appProtocl"))?;
+    plexus_testkit::eventually(Duration::from_secs(5), || {
+        let p = &proxy;
+        async move {
+            anyhow::ensure!(p.stderr().contains("appProtocl"), "error not reported yet");
+            Ok(())
+        }
+    })
+    .await?;
+    let stderr = proxy.stderr();
+    assert!(
+        stderr.contains("document 1") && stderr.contains("spec.ports[0].appProtocl"),
+        "the error names document and field:\n{stderr}"
+    );
+    assert_eq!(proxy.admin_get("/config").await?.json()?["version"], before, "previous config kept");
+    let r = plexus_testkit::client::get(proxy.outbound(), "app:8080", "/", &[], Duration::from_secs(5)).await?;
+    assert_eq!(r.status, 200, "still routing with the previous config");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_with_an_invalid_file_exits_2_naming_file_document_and_field() -> Result<()> {
+    let dir = TempDir::new("badstart")?;
+    let res = dir.join("mesh.yaml");
+    std::fs::write(
+        &res,
+        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec: {address: not-an-ip}\n",
+    )?;
+    let out = std::process::Command::new(PLEXUS)
+        .args(["proxy", "--resources"])
+        .arg(&res)
+        .args(["--admin-port", "0", "--outbound-port", "0", "--inbound-port", "0"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: invalid resources file"), "{err}");
+    assert!(
+        err.contains("document 2 (Workload default/w), field spec.address: \"not-an-ip\" is not an IP address"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests_and_stops_accepting() -> Result<()> {
+    let app = HttpEcho::start("app").await?;
+    app.set_delay(Duration::from_millis(1500));
+    let dir = TempDir::new("drain")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &[]).await?;
+    let out = proxy.outbound();
+    let in_flight =
+        tokio::spawn(
+            async move { plexus_testkit::client::get(out, "app:8080", "/", &[], Duration::from_secs(10)).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = proxy.admin_post("/shutdown").await?;
+    assert_eq!(r.status, 202);
+    assert_eq!(proxy.admin_get("/ready").await?.status, 503, "not ready while draining");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(TcpStream::connect(out).await.is_err(), "the outbound listener stopped accepting");
+    let r = in_flight.await??;
+    assert_eq!(r.status, 200, "the in-flight request finished");
+    let status = proxy.wait_exit(Duration::from_secs(10)).await?;
+    assert!(status.success(), "exit status {status:?}");
     Ok(())
 }

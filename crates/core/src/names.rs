@@ -43,10 +43,11 @@ impl fmt::Display for ServiceName {
 pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     if let Some(rest) = authority.strip_prefix('[')
-        && let Some((host, tail)) = rest.split_once(']') {
-            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
-            return (host, port);
-        }
+        && let Some((host, tail)) = rest.split_once(']')
+    {
+        let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+        return (host, port);
+    }
     match authority.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') => match port.parse() {
             Ok(p) => (host, Some(p)),

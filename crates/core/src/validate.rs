@@ -19,9 +19,10 @@ pub(crate) fn resource(r: &Resource) -> Problems {
         p.push(("metadata.name".into(), reason));
     }
     if let Some(ns) = &r.metadata.namespace
-        && let Err(reason) = dns_name(ns, 63) {
-            p.push(("metadata.namespace".into(), reason));
-        }
+        && let Err(reason) = dns_name(ns, 63)
+    {
+        p.push(("metadata.namespace".into(), reason));
+    }
     match &r.spec {
         Spec::Service(s) => service(s, &mut p),
         Spec::Workload(w) => workload(w, &mut p),
@@ -79,16 +80,18 @@ fn service(s: &ServiceSpec, p: &mut Problems) {
             p.push((format!("{at}.port"), format!("port {} is listed twice", port.port)));
         }
         if let Some(name) = &port.name
-            && !names.insert(name.clone()) {
-                p.push((format!("{at}.name"), format!("port name {name:?} is listed twice")));
-            }
+            && !names.insert(name.clone())
+        {
+            p.push((format!("{at}.name"), format!("port name {name:?} is listed twice")));
+        }
         if let Some(proto) = &port.app_protocol
-            && AppProtocol::parse(proto).is_none() {
-                p.push((
-                    format!("{at}.appProtocol"),
-                    format!("{proto:?} is not one of http, http2, grpc, tcp, tls, opaque"),
-                ));
-            }
+            && AppProtocol::parse(proto).is_none()
+        {
+            p.push((
+                format!("{at}.appProtocol"),
+                format!("{proto:?} is not one of http, http2, grpc, tcp, tls, opaque"),
+            ));
+        }
         if let Some(crate::resource::PortRef::Number(0)) = port.target_port {
             p.push((format!("{at}.targetPort"), "must be between 1 and 65535".into()));
         }
@@ -113,9 +116,10 @@ fn workload(w: &WorkloadSpec, p: &mut Problems) {
         }
     }
     if let Some(sa) = &w.service_account
-        && let Err(reason) = dns_name(sa, 253) {
-            p.push(("spec.serviceAccount".into(), reason));
-        }
+        && let Err(reason) = dns_name(sa, 253)
+    {
+        p.push(("spec.serviceAccount".into(), reason));
+    }
 }
 
 fn service_ref_group_kind(group: Option<&str>, kind: Option<&str>) -> Result<(), String> {
@@ -186,9 +190,10 @@ fn http_route(h: &HttpRouteSpec, p: &mut Problems) {
                         ));
                     }
                     if v.match_type == ValueMatchType::RegularExpression
-                        && let Err(e) = regex::Regex::new(&v.value) {
-                            p.push((format!("{mat}.{kind}[{vi}].value"), format!("invalid regular expression: {e}")));
-                        }
+                        && let Err(e) = regex::Regex::new(&v.value)
+                    {
+                        p.push((format!("{mat}.{kind}[{vi}].value"), format!("invalid regular expression: {e}")));
+                    }
                 }
             }
             if let Some(method) = &m.method {
@@ -232,9 +237,10 @@ fn http_route(h: &HttpRouteSpec, p: &mut Problems) {
         if let Some(t) = &rule.timeouts {
             for (field, value) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
                 if let Some(v) = value
-                    && let Err(reason) = duration::parse(v) {
-                        p.push((format!("{at}.timeouts.{field}"), reason));
-                    }
+                    && let Err(reason) = duration::parse(v)
+                {
+                    p.push((format!("{at}.timeouts.{field}"), reason));
+                }
             }
         }
     }

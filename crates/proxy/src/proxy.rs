@@ -369,11 +369,12 @@ async fn forward_opaque(
     };
     let guard = state.tcp_opened(direction, up.peers.clone(), "none");
     if !prefix.is_empty()
-        && let Err(e) = up.stream.write_all(prefix).await {
-            tracing::debug!(error = %e, "upstream write failed");
-            guard.closed(tcp::Transferred::default());
-            return;
-        }
+        && let Err(e) = up.stream.write_all(prefix).await
+    {
+        tracing::debug!(error = %e, "upstream write failed");
+        guard.closed(tcp::Transferred::default());
+        return;
+    }
     let mut moved = tcp::forward(client, up.stream, state.settings.limits.idle_timeout).await.unwrap_or_default();
     moved.sent += prefix.len() as u64;
     guard.closed(moved);

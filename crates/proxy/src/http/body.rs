@@ -74,9 +74,10 @@ impl Metered {
     pub fn new(inner: Body, on_end: OnEnd) -> Self {
         let mut m = Metered { inner, bytes: 0, on_end: Some(on_end) };
         if m.inner.is_end_stream()
-            && let Some(f) = m.on_end.take() {
-                f(0, BodyEnd::Complete, None);
-            }
+            && let Some(f) = m.on_end.take()
+        {
+            f(0, BodyEnd::Complete, None);
+        }
         m
     }
 }

@@ -181,9 +181,10 @@ impl Pool {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_ok()
-                && let Some(pool) = pool.upgrade() {
-                    pool.put_idle(addr, sender);
-                }
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.put_idle(addr, sender);
+            }
         });
     }
 

@@ -133,14 +133,17 @@ where
         if buf.len() >= MAX_TLS_RECORD {
             return Ok(Sniffed::Client(Protocol::Opaque, early));
         }
-        if buf.is_empty() && early.is_none() && Instant::now() >= first_wait
-            && let Some(open) = connect.take() {
-                match tokio::time::timeout_at(deadline, open()).await {
-                    Ok(Ok(upstream)) => early = Some(upstream),
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Ok(Sniffed::TimedOut),
-                }
+        if buf.is_empty()
+            && early.is_none()
+            && Instant::now() >= first_wait
+            && let Some(open) = connect.take()
+        {
+            match tokio::time::timeout_at(deadline, open()).await {
+                Ok(Ok(upstream)) => early = Some(upstream),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(Sniffed::TimedOut),
             }
+        }
         let wake = if buf.is_empty() && early.is_none() && connect.is_some() { first_wait } else { deadline };
         let server_spoke = async {
             match &early {
