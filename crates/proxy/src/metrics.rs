@@ -3,6 +3,15 @@
 //! prometheus-client appends `_total` to counters itself, so counters are registered without
 //! it (`plexus_requests` is exposed as `plexus_requests_total`); a test checks the exposed
 //! names. Each proxy owns its registry, so many proxies can live in one process (tests).
+//!
+//! Per-request and per-stream series are reached through [`Metrics::request`] and
+//! [`Metrics::tcp`], which remember when each label set was last used; a sweep removes series
+//! idle for 10 minutes (SPEC §5), so label cardinality stays bounded by recent traffic.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -82,9 +91,66 @@ pub struct EndpointStateLabels {
     pub state: String,
 }
 
+/// How long a series may go unused before it is removed.
+pub const SERIES_IDLE_EXPIRY: Duration = Duration::from_secs(600);
+
+/// Handles on the series of one request label set.
+#[derive(Clone)]
+pub struct RequestSeries {
+    pub requests: Counter,
+    pub duration: Histogram,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+}
+
+/// Handles on the series of one TCP label set.
+#[derive(Clone)]
+pub struct TcpSeries {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+/// Label sets in use, with when each was last used.
+struct LastUse<L, H> {
+    map: Mutex<HashMap<L, (H, Instant)>>,
+}
+
+impl<L: Clone + Eq + Hash, H: Clone> LastUse<L, H> {
+    fn new() -> Self {
+        LastUse { map: Mutex::new(HashMap::new()) }
+    }
+
+    fn get(&self, labels: &L, create: impl FnOnce() -> H) -> H {
+        let Ok(mut map) = self.map.lock() else { return create() };
+        let now = Instant::now();
+        if let Some((h, seen)) = map.get_mut(labels) {
+            *seen = now;
+            return h.clone();
+        }
+        let h = create();
+        map.insert(labels.clone(), (h.clone(), now));
+        h
+    }
+
+    /// Forgets label sets idle for `max_idle` and returns them.
+    fn expire(&self, max_idle: Duration) -> Vec<L> {
+        let Ok(mut map) = self.map.lock() else { return Vec::new() };
+        let stale: Vec<L> =
+            map.iter().filter(|(_, (_, seen))| seen.elapsed() >= max_idle).map(|(l, _)| l.clone()).collect();
+        for l in &stale {
+            map.remove(l);
+        }
+        stale
+    }
+}
+
 /// Every metric a proxy exports.
 pub struct Metrics {
     registry: Registry,
+    request_series: LastUse<RequestLabels, RequestSeries>,
+    tcp_series: LastUse<TcpLabels, TcpSeries>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Counter>,
@@ -126,6 +192,8 @@ impl Metrics {
             config_version: Gauge::default(),
             control_plane_connected: Gauge::default(),
             registry: Registry::default(),
+            request_series: LastUse::new(),
+            tcp_series: LastUse::new(),
         };
         registry.register("plexus_requests", "Requests handled, by direction and peers", m.requests.clone());
         registry.register(
@@ -167,6 +235,45 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The series of a request label set (created on first use).
+    pub fn request(&self, labels: &RequestLabels) -> RequestSeries {
+        self.request_series.get(labels, || RequestSeries {
+            requests: self.requests.get_or_create_owned(labels),
+            duration: self.request_duration.get_or_create_owned(labels),
+            request_bytes: self.request_bytes.get_or_create_owned(labels),
+            response_bytes: self.response_bytes.get_or_create_owned(labels),
+        })
+    }
+
+    /// The series of a TCP label set (created on first use).
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpSeries {
+        self.tcp_series.get(labels, || TcpSeries {
+            opened: self.tcp_opened.get_or_create_owned(labels),
+            closed: self.tcp_closed.get_or_create_owned(labels),
+            sent: self.tcp_sent.get_or_create_owned(labels),
+            received: self.tcp_received.get_or_create_owned(labels),
+        })
+    }
+
+    /// Removes request and TCP series unused for `max_idle`; returns how many label sets went.
+    pub fn expire_idle(&self, max_idle: Duration) -> usize {
+        let requests = self.request_series.expire(max_idle);
+        for l in &requests {
+            self.requests.remove(l);
+            self.request_duration.remove(l);
+            self.request_bytes.remove(l);
+            self.response_bytes.remove(l);
+        }
+        let streams = self.tcp_series.expire(max_idle);
+        for l in &streams {
+            self.tcp_opened.remove(l);
+            self.tcp_closed.remove(l);
+            self.tcp_sent.remove(l);
+            self.tcp_received.remove(l);
+        }
+        requests.len() + streams.len()
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -194,15 +301,16 @@ mod tests {
             response_flags: "-".into(),
             connection_security_policy: "none".into(),
         };
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration.get_or_create(&labels).observe(0.002);
-        m.tcp_opened
-            .get_or_create(&TcpLabels {
-                direction: "inbound".into(),
-                peers: PeerLabels::default(),
-                connection_security_policy: "none".into(),
-            })
-            .inc();
+        let series = m.request(&labels);
+        series.requests.inc();
+        series.duration.observe(0.002);
+        m.tcp(&TcpLabels {
+            direction: "inbound".into(),
+            peers: PeerLabels::default(),
+            connection_security_policy: "none".into(),
+        })
+        .opened
+        .inc();
         let text = m.encode();
         for name in [
             "plexus_requests_total{direction=\"outbound\",source_workload=\"unknown\"",
@@ -215,5 +323,8 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in:\n{text}");
         }
+        assert_eq!(m.expire_idle(Duration::from_secs(60)), 0, "fresh series stay");
+        assert_eq!(m.expire_idle(Duration::ZERO), 2, "idle series go");
+        assert!(!m.encode().contains("plexus_requests_total{"), "expired series are no longer exposed");
     }
 }

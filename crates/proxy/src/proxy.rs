@@ -51,10 +51,10 @@ pub struct TcpGuard {
 
 impl TcpGuard {
     pub fn closed(self, moved: tcp::Transferred) {
-        let m = &self.state.metrics;
-        m.tcp_sent.get_or_create(&self.labels).inc_by(moved.sent);
-        m.tcp_received.get_or_create(&self.labels).inc_by(moved.received);
-        m.tcp_closed.get_or_create(&self.labels).inc();
+        let series = self.state.metrics.tcp(&self.labels);
+        series.sent.inc_by(moved.sent);
+        series.received.inc_by(moved.received);
+        series.closed.inc();
     }
 }
 
@@ -99,7 +99,7 @@ impl State {
     /// Counts a TCP stream as opened.
     pub fn tcp_opened(self: &Arc<Self>, direction: &str, peers: PeerLabels, security: &str) -> TcpGuard {
         let labels = TcpLabels { direction: direction.into(), peers, connection_security_policy: security.into() };
-        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        self.metrics.tcp(&labels).opened.inc();
         TcpGuard { state: self.clone(), labels }
     }
 
@@ -213,6 +213,7 @@ impl Proxy {
             tasks.push(tokio::spawn(accept_loop(state.clone(), l, Role::Outbound(Some((bind.service, bind.port))))));
         }
         tasks.push(tokio::spawn(prune_on_change(state.clone())));
+        tasks.push(tokio::spawn(expire_idle_series(state.clone())));
         let mut drain = state.drain.subscribe();
         tokio::select! {
             _ = shutdown => state.start_drain(),
@@ -241,6 +242,18 @@ impl Proxy {
 /// Completes once a drain has started.
 pub async fn drained(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|d| *d).await;
+}
+
+/// Removes metric series unused for 10 minutes, once a minute.
+async fn expire_idle_series(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let n = state.metrics.expire_idle(crate::metrics::SERIES_IDLE_EXPIRY);
+        if n > 0 {
+            tracing::debug!(series = n, "expired idle metric series");
+        }
+    }
 }
 
 /// Keeps per-endpoint state only for endpoints that still exist after a config change.

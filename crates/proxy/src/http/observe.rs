@@ -101,10 +101,11 @@ impl Observation {
             response_flags: flags.into(),
             connection_security_policy: self.security.into(),
         };
-        m.requests.get_or_create(&labels).inc();
-        m.request_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
-        m.request_bytes.get_or_create(&labels).inc_by(req_bytes);
-        m.response_bytes.get_or_create(&labels).inc_by(resp_bytes);
+        let series = m.request(&labels);
+        series.requests.inc();
+        series.duration.observe(elapsed.as_secs_f64());
+        series.request_bytes.inc_by(req_bytes);
+        series.response_bytes.inc_by(resp_bytes);
         if self.state.settings.access_log {
             let line = serde_json::json!({
                 "time": humantime_utc(SystemTime::now()),
