@@ -1,8 +1,11 @@
 //! `plexus`: the one binary of the mesh — the proxy today; the control plane and management
 //! commands build on the same entry point.
 
+mod api_client;
+mod control_cmd;
 mod logging;
 mod proxy_cmd;
+mod resources_cmd;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -24,6 +27,14 @@ struct Cli {
 enum Command {
     /// Run a sidecar or gateway proxy.
     Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// Run the control plane (embedded file store, resource API).
+    Control(control_cmd::ControlArgs),
+    /// Create or update resources from files (validated first; all or nothing).
+    Apply(resources_cmd::ApplyArgs),
+    /// List resources of a kind, or show one.
+    Get(resources_cmd::GetArgs),
+    /// Delete a resource, or those named in files.
+    Delete(resources_cmd::DeleteArgs),
     /// Print CLI, control plane and proxy versions.
     Version(version_cmd::VersionArgs),
 }
@@ -58,6 +69,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy_cmd::run(*args).await,
+            Command::Control(args) => control_cmd::run(args).await,
+            Command::Apply(args) => resources_cmd::apply(args).await,
+            Command::Get(args) => resources_cmd::get(args).await,
+            Command::Delete(args) => resources_cmd::delete(args).await,
             Command::Version(args) => version_cmd::run(args).await,
         }
     });

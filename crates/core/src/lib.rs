@@ -10,9 +10,10 @@ pub mod model;
 pub mod names;
 pub mod resource;
 pub mod route;
+pub mod time;
 mod validate;
 
-pub use load::{LoadError, ValidationError, parse_documents};
+pub use load::{LoadError, ValidationError, parse_documents, resource_from_value};
 pub use model::{AppProtocol, CompiledPort, CompiledService, Endpoint, MeshSnapshot};
 pub use names::ServiceName;
 pub use resource::{Kind, ObjectMeta, Resource, Spec};

@@ -88,6 +88,13 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, LoadErro
     if errors.is_empty() { Ok(resources) } else { Err(LoadError { errors }) }
 }
 
+/// Decodes one stored resource (JSON written by this version) without re-validating it.
+pub fn resource_from_value(value: Value) -> Result<Resource, String> {
+    decode_resource(value).map_err(|(object, field, reason)| {
+        format!("{}{field}: {reason}", object.map(|o| format!("{o}: ")).unwrap_or_default())
+    })
+}
+
 fn split_documents(file: &str, text: &str) -> Result<Vec<Value>, LoadError> {
     let whole_file = |reason: String| LoadError {
         errors: vec![ValidationError { file: file.into(), document: 0, object: None, field: String::new(), reason }],

@@ -48,12 +48,20 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.as_str() == kind)
     }
 
-    /// Resolves a kind as the CLI accepts it: case-insensitive, singular or plural.
+    /// Resolves a kind as the CLI accepts it: case-insensitive, singular or plural, or a short
+    /// name (`svc`, `wl`).
     pub fn from_cli(text: &str) -> Option<Kind> {
         let t = text.to_ascii_lowercase();
-        Kind::ALL.into_iter().find(|k| {
-            let name = k.as_str().to_ascii_lowercase();
-            t == name || t == format!("{name}s")
+        let short = match t.as_str() {
+            "svc" => Some(Kind::Service),
+            "wl" => Some(Kind::Workload),
+            _ => None,
+        };
+        short.or_else(|| {
+            Kind::ALL.into_iter().find(|k| {
+                let name = k.as_str().to_ascii_lowercase();
+                t == name || t == format!("{name}s")
+            })
         })
     }
 

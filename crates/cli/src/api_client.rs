@@ -1,0 +1,106 @@
+//! A small client for the control plane's HTTP API (`--server`, token from `--data-dir`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::Failure;
+
+/// Where the control plane is and how to authenticate to it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// The control plane's HTTP API.
+    #[arg(long, global = true, env = "PLEXUS_SERVER", default_value = "http://127.0.0.1:7701")]
+    pub server: String,
+    /// The control plane's data dir (the CLI reads the admin token from it).
+    #[arg(long, global = true, env = "PLEXUS_DATA_DIR", default_value = "./.plexus")]
+    pub data_dir: PathBuf,
+}
+
+impl ServerArgs {
+    fn authority(&self) -> Result<String, Failure> {
+        let rest = self
+            .server
+            .strip_prefix("http://")
+            .ok_or_else(|| Failure::usage(format!("--server {:?}: only http:// URLs are supported", self.server)))?;
+        Ok(rest.trim_end_matches('/').to_string())
+    }
+
+    fn admin_token(&self) -> Result<String, Failure> {
+        plexus_control::datadir::read_token(&self.data_dir, plexus_control::datadir::ADMIN_TOKEN).map_err(|e| {
+            Failure::runtime(format!(
+                "cannot read the admin token from {}: {e}\n  hint: run the command where the control plane's data dir is, or pass --data-dir",
+                self.data_dir.join(plexus_control::datadir::ADMIN_TOKEN).display()
+            ))
+        })
+    }
+
+    /// Sends a request and returns the status and the JSON body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        write: bool,
+    ) -> Result<(StatusCode, Value), Failure> {
+        let authority = self.authority()?;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Failure::runtime(format!(
+                "cannot reach the control plane at {}: {e}\n  hint: start it with `plexus control` (or `plexus demo`), or set --server / PLEXUS_SERVER",
+                self.server
+            ))
+        };
+        let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&authority))
+            .await
+            .map_err(|_| unreachable(&"connect timed out"))?
+            .map_err(|e| unreachable(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
+        tokio::spawn(conn);
+        let mut builder = Request::builder().method(method).uri(path).header(http::header::HOST, authority.as_str());
+        if write {
+            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {}", self.admin_token()?));
+        }
+        let payload = match body {
+            Some(v) => {
+                builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = builder.body(Full::new(payload)).map_err(|e| Failure::runtime(e.to_string()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+            .await
+            .map_err(|_| unreachable(&"no answer within 30 s"))?
+            .map_err(|e| unreachable(&e))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Ok((status, value))
+    }
+}
+
+/// The `error` field of an API error answer.
+pub fn api_error(status: StatusCode, body: &Value) -> Failure {
+    let message = body
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("the control plane answered {status}"));
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Failure::runtime(format!("{message}\n  hint: check --data-dir (the admin token is read from it)"))
+        }
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => Failure::usage(message),
+        _ => Failure::runtime(message),
+    }
+}

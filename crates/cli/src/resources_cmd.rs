@@ -1,0 +1,266 @@
+//! `plexus apply`, `plexus get`, `plexus delete`: managing resources through the control plane.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use http::{Method, StatusCode};
+use plexus_core::{Kind, Resource, Spec, parse_documents};
+use serde_json::{Value, json};
+
+use crate::Failure;
+use crate::api_client::{ServerArgs, api_error};
+
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    /// Files or directories of YAML/JSON resources (`-` for stdin); repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args)]
+pub struct GetArgs {
+    /// Kind: case-insensitive, singular or plural (service, workloads, HTTPRoute…).
+    kind: String,
+    name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+    output: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DeleteArgs {
+    kind: Option<String>,
+    name: Option<String>,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Delete the resources named in these files instead.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<String>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Reads and validates every document of every file; all problems are reported together.
+fn load(files: &[String]) -> Result<Vec<Resource>, Failure> {
+    let mut inputs: Vec<(String, String)> = Vec::new();
+    for f in files {
+        if f == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| Failure::usage(format!("cannot read stdin: {e}")))?;
+            inputs.push(("-".into(), text));
+            continue;
+        }
+        let path = PathBuf::from(f);
+        let paths: Vec<PathBuf> = if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map_err(|e| Failure::usage(format!("cannot read directory {f}: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+                .collect();
+            entries.sort();
+            entries
+        } else {
+            vec![path]
+        };
+        for p in paths {
+            let text =
+                std::fs::read_to_string(&p).map_err(|e| Failure::usage(format!("cannot read {}: {e}", p.display())))?;
+            inputs.push((p.display().to_string(), text));
+        }
+    }
+    let mut resources = Vec::new();
+    let mut problems = Vec::new();
+    for (name, text) in &inputs {
+        match parse_documents(name, text) {
+            Ok(r) => resources.extend(r),
+            Err(e) => problems.extend(e.errors.iter().map(|e| format!("  {e}"))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::usage(format!("invalid resources; nothing was applied\n{}", problems.join("\n"))));
+    }
+    Ok(resources)
+}
+
+fn object_ref(kind: &str, name: &str) -> String {
+    format!("{}/{name}", kind.to_ascii_lowercase())
+}
+
+pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
+    let resources = load(&args.files)?;
+    if resources.is_empty() {
+        return Err(Failure::usage("no resources found in the given files"));
+    }
+    let source = args.files.join(",");
+    let body = json!({ "source": source, "items": resources });
+    let (status, answer) = args.server.call(Method::POST, "/api/v1/apply", Some(&body), true).await?;
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        let lines: Vec<String> = answer
+            .get("errors")
+            .and_then(Value::as_array)
+            .map(|errs| {
+                errs.iter()
+                    .map(|e| {
+                        format!(
+                            "  {}: {}: {}",
+                            e["object"].as_str().unwrap_or("?"),
+                            e["field"].as_str().unwrap_or(""),
+                            e["reason"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Err(Failure::usage(format!(
+            "the control plane rejected the resources; nothing was applied\n{}",
+            lines.join("\n")
+        )));
+    }
+    if !status.is_success() {
+        return Err(api_error(status, &answer));
+    }
+    for r in answer.get("results").and_then(Value::as_array).cloned().unwrap_or_default() {
+        println!(
+            "{} {}",
+            object_ref(r["kind"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?")),
+            r["outcome"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn kind_arg(kind: &str) -> Result<Kind, Failure> {
+    Kind::from_cli(kind).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        Failure::usage(format!("unknown kind {kind:?} (known: {})", known.join(", ")))
+    })
+}
+
+pub async fn get(args: GetArgs) -> Result<(), Failure> {
+    let kind = kind_arg(&args.kind)?;
+    let plural = format!("{}s", kind.as_str().to_ascii_lowercase());
+    let value = match &args.name {
+        Some(name) => {
+            let path = format!("/api/v1/resources/{plural}/{}/{name}", args.namespace);
+            let (status, v) = args.server.call(Method::GET, &path, None, false).await?;
+            if status == StatusCode::NOT_FOUND {
+                return Err(Failure::runtime(format!(
+                    "{} {}/{name} not found",
+                    kind.as_str().to_ascii_lowercase(),
+                    args.namespace
+                )));
+            }
+            if !status.is_success() {
+                return Err(api_error(status, &v));
+            }
+            v
+        }
+        None => {
+            let ns = if args.all_namespaces { "all".to_string() } else { args.namespace.clone() };
+            let (status, v) = args
+                .server
+                .call(Method::GET, &format!("/api/v1/resources/{plural}?namespace={ns}"), None, false)
+                .await?;
+            if !status.is_success() {
+                return Err(api_error(status, &v));
+            }
+            v
+        }
+    };
+    match args.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+        "yaml" => print!("{}", serde_saphyr::to_string(&value).map_err(|e| Failure::runtime(e.to_string()))?),
+        _ => {
+            let items = match &args.name {
+                Some(_) => vec![value],
+                None => value.get("items").and_then(Value::as_array).cloned().unwrap_or_default(),
+            };
+            print_table(kind, &items);
+        }
+    }
+    Ok(())
+}
+
+/// Kind-specific columns for the table view.
+fn summary(r: &Resource) -> String {
+    match &r.spec {
+        Spec::Service(s) => {
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}{}", p.port, p.app_protocol.as_ref().map(|a| format!("/{a}")).unwrap_or_default()))
+                .collect();
+            let selector: Vec<String> = s.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{:<24} {}", ports.join(","), selector.join(","))
+        }
+        Spec::Workload(w) => {
+            let ports: Vec<String> = w.ports.iter().map(|p| p.port.to_string()).collect();
+            format!("{:<16} {:<16} {}", w.address, ports.join(","), if w.meshed { "yes" } else { "no" })
+        }
+        Spec::HttpRoute(h) => {
+            let parents: Vec<String> = h.parent_refs.iter().map(|p| p.name.clone()).collect();
+            format!("{:<24} {}", parents.join(","), h.rules.len())
+        }
+    }
+}
+
+fn print_table(kind: Kind, items: &[Value]) {
+    let header = match kind {
+        Kind::Service => format!("{:<24} {:<24} {}", "PORTS", "SELECTOR", ""),
+        Kind::Workload => format!("{:<16} {:<16} {}", "ADDRESS", "PORTS", "MESHED"),
+        Kind::HttpRoute => format!("{:<24} {}", "PARENTS", "RULES"),
+    };
+    println!("{:<12} {:<28} {}", "NAMESPACE", "NAME", header.trim_end());
+    for item in items {
+        let Ok(r) = plexus_core::resource_from_value(item.clone()) else { continue };
+        println!("{:<12} {:<28} {}", r.metadata.namespace(), r.metadata.name, summary(&r).trim_end());
+    }
+}
+
+pub async fn delete(args: DeleteArgs) -> Result<(), Failure> {
+    if !args.files.is_empty() {
+        let resources = load(&args.files)?;
+        let items: Vec<Value> = resources
+            .iter()
+            .map(|r| json!({"kind": r.kind.as_str(), "namespace": r.metadata.namespace(), "name": r.metadata.name}))
+            .collect();
+        let (status, answer) =
+            args.server.call(Method::POST, "/api/v1/delete", Some(&json!({ "items": items })), true).await?;
+        if !status.is_success() {
+            return Err(api_error(status, &answer));
+        }
+        for r in answer.get("results").and_then(Value::as_array).cloned().unwrap_or_default() {
+            let what = object_ref(r["kind"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?"));
+            println!("{what} {}", if r["deleted"].as_bool() == Some(true) { "deleted" } else { "not found" });
+        }
+        return Ok(());
+    }
+    let (Some(kind), Some(name)) = (&args.kind, &args.name) else {
+        return Err(Failure::usage("usage: plexus delete KIND NAME [-n NAMESPACE] | plexus delete -f FILE"));
+    };
+    let kind = kind_arg(kind)?;
+    let path = format!("/api/v1/resources/{}s/{}/{name}", kind.as_str().to_ascii_lowercase(), args.namespace);
+    let (status, answer) = args.server.call(Method::DELETE, &path, None, true).await?;
+    if status == StatusCode::NOT_FOUND {
+        return Err(Failure::runtime(format!(
+            "{} {}/{name} not found",
+            kind.as_str().to_ascii_lowercase(),
+            args.namespace
+        )));
+    }
+    if !status.is_success() {
+        return Err(api_error(status, &answer));
+    }
+    println!("{} deleted", object_ref(kind.as_str(), name));
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The control plane's HTTP API (`/api/v1/...`), used by the CLI; JSON in and out.
+//!
+//! Reads need no token; writes need `Authorization: Bearer <admin token>`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use plexus_core::{Kind, LoadError, parse_documents};
+use serde_json::{Value, json};
+
+use crate::store::{ObjectKey, Store};
+
+/// What the handlers share.
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub admin_token: String,
+}
+
+type Shared = Arc<ApiState>;
+
+/// The HTTP API router.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(landing))
+        .route("/healthz", get(healthz))
+        .route("/api/v1/version", get(version))
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/delete", post(delete_many))
+        .route("/api/v1/resources/{kind}", get(list))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
+        .route("/api/v1/prometheus/targets", get(prometheus_targets))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.trim().as_bytes(), state.admin_token.as_bytes()) => Ok(()),
+        Some(_) => Err(error(StatusCode::FORBIDDEN, "invalid admin token")),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "writes need the admin token (Authorization: Bearer ...); the CLI reads it from the data dir",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_kind(kind: &str) -> Result<Kind, Response> {
+    Kind::from_cli(kind).ok_or_else(|| error(StatusCode::NOT_FOUND, format!("unknown kind {kind:?}")))
+}
+
+fn store_failure(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "store failure");
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn landing() -> Html<&'static str> {
+    Html(include_str!("landing.html"))
+}
+
+async fn healthz(State(s): State<Shared>) -> Json<Value> {
+    Json(json!({ "status": "ok", "revision": s.store.revision() }))
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn validation_errors(e: &LoadError) -> Response {
+    let errors: Vec<Value> = e
+        .errors
+        .iter()
+        .map(|e| json!({"file": e.file, "document": e.document, "object": e.object, "field": e.field, "reason": e.reason}))
+        .collect();
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": "validation failed", "errors": errors }))).into_response()
+}
+
+/// `POST /api/v1/apply` with `{"source": "file name", "items": [resources...]}`: validates
+/// everything, then stores all or nothing.
+async fn apply(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let source = body.get("source").and_then(Value::as_str).unwrap_or("request").to_string();
+    let items = body.get("items").cloned().unwrap_or(Value::Array(Vec::new()));
+    let resources = match parse_documents(&source, &items.to_string()) {
+        Ok(r) => r,
+        Err(e) => return validation_errors(&e),
+    };
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || store.apply(&resources)).await {
+        Ok(Ok(results)) => {
+            let results: Vec<Value> = results
+                .iter()
+                .map(|(r, outcome)| json!({"kind": r.kind, "namespace": r.metadata.namespace(), "name": r.metadata.name, "outcome": outcome, "resourceVersion": r.metadata.resource_version}))
+                .collect();
+            Json(json!({ "results": results })).into_response()
+        }
+        Ok(Err(e)) => store_failure(e),
+        Err(e) => store_failure(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+}
+
+async fn list(State(s): State<Shared>, Path(kind): Path<String>, Query(q): Query<ListQuery>) -> Response {
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let ns = q.namespace.filter(|n| n != "all" && !n.is_empty());
+    match s.store.list(Some(kind), ns.as_deref()) {
+        Ok(items) => Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response(),
+        Err(e) => store_failure(e),
+    }
+}
+
+async fn get_one(State(s): State<Shared>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Response {
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let key = ObjectKey { kind, namespace, name };
+    match s.store.get(&key) {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("{} {}/{} not found", key.kind.as_str().to_ascii_lowercase(), key.namespace, key.name),
+        ),
+        Err(e) => store_failure(e),
+    }
+}
+
+async fn delete_one(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let kind = match parse_kind(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let key = ObjectKey { kind, namespace, name };
+    match s.store.delete(std::slice::from_ref(&key)) {
+        Ok(existed) if existed.first() == Some(&true) => Json(json!({ "deleted": true })).into_response(),
+        Ok(_) => error(
+            StatusCode::NOT_FOUND,
+            format!("{} {}/{} not found", key.kind.as_str().to_ascii_lowercase(), key.namespace, key.name),
+        ),
+        Err(e) => store_failure(e),
+    }
+}
+
+/// `POST /api/v1/delete` with `{"items": [{kind, namespace, name}...]}`: one transaction.
+async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let mut keys = Vec::new();
+    for item in body.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
+        let field = |f: &str| item.get(f).and_then(Value::as_str).map(str::to_string);
+        let (Some(kind), Some(name)) = (field("kind").and_then(|k| Kind::from_cli(&k)), field("name")) else {
+            return error(StatusCode::BAD_REQUEST, format!("invalid item {item}"));
+        };
+        keys.push(ObjectKey { kind, namespace: field("namespace").unwrap_or_else(|| "default".into()), name });
+    }
+    match s.store.delete(&keys) {
+        Ok(existed) => {
+            let results: Vec<Value> = keys
+                .iter()
+                .zip(existed)
+                .map(|(k, e)| json!({"kind": k.kind, "namespace": k.namespace, "name": k.name, "deleted": e}))
+                .collect();
+            Json(json!({ "results": results })).into_response()
+        }
+        Err(e) => store_failure(e),
+    }
+}
+
+/// Prometheus HTTP service discovery (SPEC §10): one target group per proxy. Proxies register
+/// with the discovery service of the control-plane issue; until then the list is empty.
+async fn prometheus_targets() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], "[]").into_response()
+}

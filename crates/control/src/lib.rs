@@ -1,0 +1,9 @@
+//! The Plexus control plane: the resource store (behind one [`store::Store`] trait: an
+//! embedded redb file today, etcd and Kubernetes as further backends), the data dir with its
+//! tokens, and the HTTP resource API the CLI uses.
+//!
+//! It never touches application traffic.
+
+pub mod api;
+pub mod datadir;
+pub mod store;
