@@ -1,0 +1,226 @@
+//! The control plane and the resource CLI end to end: `plexus control` with its embedded
+//! store, `plexus apply/get/delete` as users run them (exit codes, messages, atomicity,
+//! authentication, crash safety).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use plexus_testkit::{TempDir, free_port};
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+
+/// A `plexus control` process on a free port with its own data dir; killed on drop.
+struct ControlPlane {
+    child: Child,
+    server: String,
+    data_dir: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(data_dir: &Path) -> Result<ControlPlane> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(PLEXUS)
+            .args(["control", "--http-addr", &addr, "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        anyhow::ensure!(line.contains("\"http\""), "no ready line: {line:?}");
+        Ok(ControlPlane { child, server: format!("http://{addr}"), data_dir: data_dir.to_path_buf() })
+    }
+
+    fn plexus(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut cmd = Command::new(PLEXUS);
+        cmd.args(args).env("PLEXUS_SERVER", &self.server).env("PLEXUS_DATA_DIR", &self.data_dir);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            use std::io::Write as _;
+            input.write_all(text.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+}
+
+const MESH: &str = "apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-v1, labels: {app: reviews, version: v1}}
+spec: {address: 127.0.0.1, ports: [{name: http, port: 9081}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080, weight: 80}, {name: reviews-v2, port: 9080, weight: 20}]
+";
+
+#[test]
+fn apply_get_delete_round_trip() -> Result<()> {
+    let dir = TempDir::new("cp-roundtrip")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, MESH)?;
+    let f = file.to_str().context("path")?;
+
+    let o = cp.plexus(&["apply", "-f", f], None)?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(text(&o).0, "service/reviews created\nworkload/reviews-v1 created\nhttproute/reviews created\n");
+    let o = cp.plexus(&["apply", "-f", f], None)?;
+    assert!(text(&o).0.contains("service/reviews unchanged"), "{:?}", text(&o));
+
+    // `get KIND -o json` is a List of full resources; one object with NAME.
+    let o = cp.plexus(&["get", "HTTPRoutes", "-o", "json"], None)?;
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(list["apiVersion"], "v1");
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"][0]["kind"], "HTTPRoute");
+    assert_eq!(list["items"][0]["spec"]["rules"][0]["backendRefs"][1]["weight"], 20);
+    assert_eq!(list["items"][0]["metadata"]["resourceVersion"], "1");
+    let o = cp.plexus(&["get", "workload", "reviews-v1", "-o", "json"], None)?;
+    let one: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(one["spec"]["address"], "127.0.0.1");
+    let o = cp.plexus(&["get", "services"], None)?;
+    assert!(text(&o).0.contains("reviews"), "table: {:?}", text(&o));
+
+    // Missing object: exit 1 and the SPEC's message.
+    let o = cp.plexus(&["get", "service", "nope"], None)?;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(text(&o).1.trim(), "error: service default/nope not found");
+
+    // Delete by name and by file.
+    let o = cp.plexus(&["delete", "httproute", "reviews"], None)?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = cp.plexus(&["delete", "httproute", "reviews"], None)?;
+    assert_eq!(o.status.code(), Some(1));
+    let o = cp.plexus(&["delete", "-f", f], None)?;
+    assert!(text(&o).0.contains("service/reviews deleted"), "{:?}", text(&o));
+    let o = cp.plexus(&["get", "services", "-o", "json"], None)?;
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+#[test]
+fn invalid_documents_exit_2_with_a_precise_message_and_apply_nothing() -> Result<()> {
+    let dir = TempDir::new("cp-invalid")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let cases: [(&str, String, &str); 5] = [
+        ("bad YAML", format!("{MESH}---\nkind: [unclosed\n"), "invalid YAML"),
+        ("unknown kind", format!("{MESH}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n"), "document 4, field kind: unsupported kind \"Pod\""),
+        ("missing field", format!("{MESH}---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{ports: []}}\n"), "document 4 (Workload default/w), field spec: missing field `address`"),
+        ("wrong type", MESH.replace("port: 9081", "port: \"high\""), "document 2 (Workload default/reviews-v1), field spec.ports[0].port"),
+        ("negative weight", MESH.replace("weight: 20", "weight: -20"), "document 3 (HTTPRoute default/reviews), field spec.rules[0].backendRefs[1].weight"),
+    ];
+    for (what, doc, expected) in cases {
+        let file = dir.join("bad.yaml");
+        std::fs::write(&file, &doc)?;
+        let o = cp.plexus(&["apply", "-f", file.to_str().context("path")?], None)?;
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(err.starts_with("error: invalid resources; nothing was applied"), "{what}: {err}");
+        assert!(err.contains(&format!("{}", file.display())), "{what}: names the file: {err}");
+        assert!(err.contains(expected), "{what}: expected {expected:?} in {err}");
+    }
+    let o = cp.plexus(&["get", "services", "-o", "json"], None)?;
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "nothing was applied");
+    // Stdin works too.
+    let o = cp.plexus(&["apply", "-f", "-"], Some(MESH))?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn writes_need_the_admin_token() -> Result<()> {
+    let dir = TempDir::new("cp-auth")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let token = std::fs::read_to_string(dir.join("data").join("admin-token"))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(dir.join("data").join("admin-token"))?.permissions().mode() & 0o777, 0o600);
+    let body = format!("{{\"items\": {}}}", serde_json::to_string(&serde_json::json!([{"apiVersion":"plexus.dev/v1alpha1","kind":"Service","metadata":{"name":"x"},"spec":{"ports":[{"port":80}]}}]))?);
+    let url = format!("{}/api/v1/apply", cp.server);
+    let curl = |extra: &[&str]| -> Result<String> {
+        let o = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "content-type: application/json", "--data", &body]).args(extra).arg(&url).output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    assert_eq!(curl(&[])?, "401", "no token");
+    assert_eq!(curl(&["-H", "authorization: Bearer wrong"])?, "403", "wrong token");
+    assert_eq!(curl(&["-H", &format!("authorization: Bearer {}", token.trim())])?, "200", "admin token");
+    // The CLI with another data dir (no token) is refused with a hint.
+    let other = dir.join("elsewhere");
+    let o = Command::new(PLEXUS).args(["delete", "service", "x", "--server", &cp.server, "--data-dir"]).arg(&other).output()?;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("cannot read the admin token"), "{:?}", text(&o));
+    Ok(())
+}
+
+#[test]
+fn the_store_survives_kill_9_during_applies_with_a_prefix_of_them() -> Result<()> {
+    let dir = TempDir::new("cp-crash")?;
+    let data = dir.join("data");
+    let mut cp = ControlPlane::start(&data)?;
+    let server = cp.server.clone();
+    let applier = {
+        let data = data.clone();
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut applied = 0;
+            for i in 0..50 {
+                let file = dir.join(format!("s{i}.yaml"));
+                let doc = format!("apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n");
+                if std::fs::write(&file, doc).is_err() {
+                    break;
+                }
+                let ok = Command::new(PLEXUS).args(["apply", "-f"]).arg(&file).env("PLEXUS_SERVER", &server).env("PLEXUS_DATA_DIR", &data).output().map(|o| o.status.success()).unwrap_or(false);
+                if !ok {
+                    break;
+                }
+                applied += 1;
+            }
+            applied
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    cp.kill9();
+    let acknowledged = applier.join().map_err(|_| anyhow::anyhow!("applier panicked"))?;
+    let cp = ControlPlane::start(&data)?;
+    let o = cp.plexus(&["get", "services", "-o", "json"], None)?;
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| format!("{:?}", text(&o)))?;
+    let mut names: Vec<usize> = list["items"].as_array().context("items")?.iter().filter_map(|i| i["metadata"]["name"].as_str()?.strip_prefix('s')?.parse().ok()).collect();
+    names.sort();
+    let n = names.len();
+    assert_eq!(names, (0..n).collect::<Vec<_>>(), "the store holds a prefix of the applies");
+    assert!(n >= acknowledged, "every acknowledged apply survived: {n} stored, {acknowledged} acknowledged");
+    assert!(n <= acknowledged + 1, "at most the in-flight apply beyond those acknowledged");
+    Ok(())
+}
