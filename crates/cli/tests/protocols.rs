@@ -187,6 +187,7 @@ async fn curl_keepalive(hops: Hops) {
         assert_eq!(j["authority"], "echo:8080", "Host the app saw: {j}");
     }
     assert_eq!(echo.requests(), 5, "requests that reached the app");
+    mesh.assert_traversed().await;
 }
 
 /// A `Transfer-Encoding: chunked` request body arrives intact (echoed back, and counted by
@@ -233,6 +234,7 @@ async fn curl_chunked_upload(hops: Hops) {
     assert_eq!(j["body_len"], len as u64, "body length the app received: {j}");
     assert_eq!(j["method"], "POST");
     assert!(j["body_error"].is_null(), "the app saw a body error: {j}");
+    mesh.assert_traversed().await;
 }
 
 /// `Expect: 100-continue`: curl waits for `100 Continue` before sending the body; with an
@@ -275,6 +277,7 @@ async fn curl_expect_continue(hops: Hops) {
     let j: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", show(&out)));
     assert_eq!(j["body_len"], len as u64, "body length the app received: {j}");
+    mesh.assert_traversed().await;
 }
 
 // ------------------------------------------------------------------ curl, HTTP/2
@@ -325,6 +328,7 @@ async fn curl_http2_prior_knowledge(hops: Hops) {
     let out = curl_ok(&["--http2-prior-knowledge", "-w", W, "-H", "Host: echo:8080", &url]).await;
     let js = check_json_responses(&out, &["/by-authority"], true, "h2c via outbound port, :authority");
     assert_eq!(js[0]["authority"], "echo:8080", "authority the app saw: {}", js[0]);
+    mesh.assert_traversed().await;
 }
 
 // ------------------------------------------------------------------ explicit proxy
@@ -346,6 +350,7 @@ async fn curl_explicit_proxy_absolute_form(hops: Hops) {
         js[0]
     );
     assert_eq!(echo.requests(), 2);
+    mesh.assert_traversed().await;
 }
 
 /// `curl -p -x`: a CONNECT tunnel to `echo:8080`, then plain HTTP inside it.
@@ -364,6 +369,7 @@ async fn curl_connect_tunnel(hops: Hops) {
         show(&out)
     );
     check_json_responses(&out, &["/tunneled"], true, "request inside the CONNECT tunnel");
+    mesh.assert_traversed().await;
 }
 
 /// A raw CONNECT to a TCP Service, then echo through the tunnel with half-close.
@@ -390,6 +396,7 @@ async fn connect_tunnel_raw_tcp(hops: Hops) {
         mesh.stderr()
     );
     tcp_exchange(s, 256 * 1024, "through a CONNECT tunnel").await;
+    mesh.assert_traversed().await;
 }
 
 // ------------------------------------------------------------------ h2load
@@ -410,6 +417,7 @@ async fn h2load_many_streams(hops: Hops) {
     let out = run_peer("h2load", &["-n", "500", "-c", "2", "-m", "50", "-H", ":authority: echo:8080", &url]).await;
     check_h2load(&out, 500, "via outbound port, :authority routing");
     assert_eq!(echo.requests(), 2500, "requests that reached the app");
+    mesh.assert_traversed().await;
 }
 
 fn check_h2load(out: &std::process::Output, n: u64, what: &str) {
@@ -457,6 +465,7 @@ async fn grpc_all_kinds(hops: Hops) {
         &format!("gRPC via outbound port by :authority ({hops:?})"),
     )
     .await;
+    mesh.assert_traversed().await;
 }
 
 /// websockets client ↔ websockets server: Host and path preserved, text and binary echoes
@@ -481,6 +490,7 @@ async fn websocket_echo(hops: Hops) {
         &format!("WebSocket via outbound port by Host ({hops:?})"),
     )
     .await;
+    mesh.assert_traversed().await;
 }
 
 // ------------------------------------------------------------------ TCP
@@ -538,6 +548,7 @@ async fn tcp_case(hops: Hops, port: ServicePort, extra: &[&str], what: &str) {
         tcp_exchange(s, 4 * 1024 * 1024, &format!("{what}, connection {i}")).await;
     }
     assert_eq!(app.connections(), 2, "{what}: connections that reached the app");
+    mesh.assert_traversed().await;
 }
 
 /// `appProtocol: opaque`.
@@ -589,6 +600,7 @@ async fn server_first_greeting(hops: Hops) {
         timings.iter().all(|t| *t < Duration::from_millis(50)),
         "server-first greeting must reach the client within 50 ms of connect; took {timings:?}"
     );
+    mesh.assert_traversed().await;
 }
 
 // ------------------------------------------------------------------ big streamed body
@@ -672,4 +684,5 @@ async fn big_upload(hops: Hops, version: Version) {
             RSS_LIMIT / 1024
         );
     }
+    mesh.assert_traversed().await;
 }

@@ -19,6 +19,7 @@ use crate::store::{ObjectKey, Store};
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub admin_token: String,
+    pub proxies: Arc<crate::proxies::Proxies>,
 }
 
 type Shared = Arc<ApiState>;
@@ -34,6 +35,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/resources/{kind}", get(list))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
+        .route("/api/v1/proxies", get(proxies))
         .with_state(state)
 }
 
@@ -54,7 +56,8 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -196,8 +199,25 @@ async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Js
     }
 }
 
-/// Prometheus HTTP service discovery (SPEC §10): one target group per proxy. Proxies register
-/// with the discovery service of the control-plane issue; until then the list is empty.
-async fn prometheus_targets() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], "[]").into_response()
+/// Prometheus HTTP service discovery (SPEC §10): one target group per connected proxy,
+/// scraped at its admin address.
+async fn prometheus_targets(State(s): State<Shared>) -> Response {
+    let groups: Vec<Value> = s
+        .proxies
+        .list()
+        .into_iter()
+        .filter(|p| !p.admin_address.is_empty())
+        .map(|p| {
+            json!({
+                "targets": [p.admin_address],
+                "labels": {"service": p.service, "workload": p.workload, "version": p.version, "namespace": p.namespace},
+            })
+        })
+        .collect();
+    ([(header::CONTENT_TYPE, "application/json")], Value::Array(groups).to_string()).into_response()
+}
+
+/// The connected proxies with their sync state (`plexus check`).
+async fn proxies(State(s): State<Shared>) -> Json<Value> {
+    Json(json!({ "revision": s.store.revision(), "proxies": s.proxies.list() }))
 }

@@ -5,13 +5,14 @@
 //! working across changes. Sources: a resources file ([`FileSource`], `--resources`) and, with
 //! the control plane, its gRPC discovery stream — both publish into the same handle.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use plexus_core::{LoadError, MeshSnapshot, parse_documents};
+use plexus_core::{LoadError, MeshSnapshot, ServiceName, parse_documents};
 use tokio::sync::watch;
 
 /// The current view of the mesh, shared by every part of the proxy.
@@ -20,17 +21,83 @@ pub struct Discovery {
     generation: AtomicU64,
     connected: AtomicBool,
     changed: watch::Sender<u64>,
+    /// Fed by the control plane: only the destinations asked for are known ("lazy"
+    /// discovery); `false` for a resources file, which holds everything.
+    lazy: AtomicBool,
+    /// Destinations this proxy needs (sent to the control plane).
+    wanted: watch::Sender<BTreeSet<ServiceName>>,
+    /// Destinations the current snapshot answers (present or known not to exist).
+    covered: Mutex<BTreeSet<ServiceName>>,
 }
 
 impl Discovery {
     pub fn new(initial: MeshSnapshot) -> Arc<Self> {
         let (changed, _) = watch::channel(1);
+        let (wanted, _) = watch::channel(BTreeSet::new());
         Arc::new(Discovery {
             current: ArcSwap::from_pointee(initial),
             generation: AtomicU64::new(1),
             connected: AtomicBool::new(false),
             changed,
+            lazy: AtomicBool::new(false),
+            wanted,
+            covered: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// A discovery fed by the control plane, which knows only what it asked for.
+    pub fn new_lazy() -> Arc<Self> {
+        let d = Discovery::new(MeshSnapshot::default());
+        d.lazy.store(true, Ordering::Relaxed);
+        d
+    }
+
+    /// Publishes a snapshot that answers `covered` destinations.
+    pub fn publish_covering(&self, snapshot: MeshSnapshot, covered: BTreeSet<ServiceName>) {
+        if let Ok(mut c) = self.covered.lock() {
+            *c = covered;
+        }
+        self.publish(snapshot);
+    }
+
+    /// Asks for destinations (no-op for those already wanted).
+    pub fn want(&self, names: &[ServiceName]) {
+        self.wanted.send_if_modified(|w| {
+            let before = w.len();
+            w.extend(names.iter().cloned());
+            w.len() != before
+        });
+    }
+
+    /// Notified when the wanted set grows.
+    pub fn wanted(&self) -> watch::Receiver<BTreeSet<ServiceName>> {
+        self.wanted.subscribe()
+    }
+
+    fn covers_any(&self, names: &[ServiceName]) -> bool {
+        self.covered.lock().map(|c| names.iter().any(|n| c.contains(n))).unwrap_or(false)
+    }
+
+    /// Makes sure the snapshot answers one of `names` (a host's candidate Services): with a
+    /// control plane, asks for them on first use and waits (up to `timeout`) for the answer.
+    /// Returns the snapshot to use.
+    pub async fn ensure(&self, names: &[ServiceName], timeout: std::time::Duration) -> Arc<MeshSnapshot> {
+        if !self.lazy.load(Ordering::Relaxed) || names.is_empty() || self.covers_any(names) {
+            return self.current();
+        }
+        let mut changed = self.subscribe();
+        self.want(names);
+        let wait = async {
+            while !self.covers_any(names) {
+                if changed.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::warn!(destinations = ?names.iter().map(ToString::to_string).collect::<Vec<_>>(), "no answer from the control plane in time");
+        }
+        self.current()
     }
 
     /// The snapshot in force now.

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod control_plane;
 pub mod discovery;
 pub mod error;
 pub mod http;

@@ -28,6 +28,10 @@ use crate::transport::detect::{Protocol, Sniffed, sniff};
 use crate::transport::io::PrefixedIo;
 use crate::transport::{listen, original_dst, tcp};
 
+/// How long a request waits for the control plane to describe a destination seen for the
+/// first time.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
+
 /// Everything connections and requests share.
 pub struct State {
     /// Settings, with the addresses actually bound (port 0 resolved).
@@ -101,6 +105,16 @@ impl State {
         let labels = TcpLabels { direction: direction.into(), peers, connection_security_policy: security.into() };
         self.metrics.tcp(&labels).opened.inc();
         TcpGuard { state: self.clone(), labels }
+    }
+
+    /// The snapshot to resolve `host` with: with a control plane, a Service seen for the first
+    /// time is asked for and awaited (lazy discovery).
+    pub async fn snapshot_for_host(&self, host: &str) -> Arc<MeshSnapshot> {
+        let snapshot = self.discovery.current();
+        if snapshot.service_by_host(host).is_some() {
+            return snapshot;
+        }
+        self.discovery.ensure(&ServiceName::candidates(host), DISCOVERY_WAIT).await
     }
 
     /// Starts a graceful drain: listeners stop accepting, connections finish their work.
@@ -178,6 +192,7 @@ impl Proxy {
         let mut own_listeners = vec![settings.outbound, settings.inbound, settings.admin];
         own_listeners.extend(addresses.upstreams.values());
         let (drain, _) = watch::channel(false);
+        discovery.want(&settings.upstreams.iter().map(|u| u.service.clone()).collect::<Vec<_>>());
         let state = Arc::new(State {
             balancer: Balancer::new(settings.load_balancer),
             pool: Pool::new(settings.limits.connect_timeout),
@@ -401,7 +416,10 @@ async fn outbound_conn(
     watcher: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
 ) {
-    let snapshot: Arc<MeshSnapshot> = state.discovery.current();
+    let snapshot: Arc<MeshSnapshot> = match &bound {
+        Some((name, _)) => state.discovery.ensure(std::slice::from_ref(name), DISCOVERY_WAIT).await,
+        None => state.discovery.current(),
+    };
     let orig_dst = if bound.is_none() { original_dst(&stream) } else { None };
     let mut peers = PeerLabels::default();
     state.fill_source(&mut peers);

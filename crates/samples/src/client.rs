@@ -22,10 +22,7 @@ pub(crate) enum CallError {
     #[error("cannot resolve {host}: {reason}")]
     Resolve { host: String, reason: String },
     #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("invalid request: {0}")]
     Request(#[from] http::Error),
     #[error("HTTP error: {0}")]
@@ -69,14 +66,8 @@ pub(crate) struct Target {
 
 /// Parses `http://HOST[:PORT][/PATH]` (the scheme may be omitted); the port defaults to 80.
 fn parse_http_url(url: &str) -> anyhow::Result<(Uri, Endpoint)> {
-    let with_scheme = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    };
-    let uri: Uri = with_scheme
-        .parse()
-        .with_context(|| format!("invalid URL {url:?}"))?;
+    let with_scheme = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let uri: Uri = with_scheme.parse().with_context(|| format!("invalid URL {url:?}"))?;
     if uri.scheme_str() != Some("http") {
         bail!("invalid URL {url:?}: only http:// is supported");
     }
@@ -90,10 +81,7 @@ fn parse_http_url(url: &str) -> anyhow::Result<(Uri, Endpoint)> {
     if host.is_empty() {
         bail!("invalid URL {url:?}: no host");
     }
-    let endpoint = Endpoint {
-        host: host.to_string(),
-        port: authority.port_u16().unwrap_or(80),
-    };
+    let endpoint = Endpoint { host: host.to_string(), port: authority.port_u16().unwrap_or(80) };
     Ok((uri, endpoint))
 }
 
@@ -105,10 +93,7 @@ impl Target {
             bail!("invalid URL {url:?}: a base URL takes no query");
         }
         Ok(Target {
-            authority: uri
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_default(),
+            authority: uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default(),
             endpoint,
             prefix: uri.path().trim_end_matches('/').to_string(),
         })
@@ -126,18 +111,11 @@ pub(crate) fn parse_proxy(value: &str) -> anyhow::Result<Endpoint> {
 
 /// `http_proxy`, else `HTTP_PROXY`, when set and not empty.
 pub(crate) fn proxy_from_env() -> Option<String> {
-    proxy_from_values(
-        std::env::var("http_proxy").ok(),
-        std::env::var("HTTP_PROXY").ok(),
-    )
+    proxy_from_values(std::env::var("http_proxy").ok(), std::env::var("HTTP_PROXY").ok())
 }
 
 fn proxy_from_values(lower: Option<String>, upper: Option<String>) -> Option<String> {
-    [lower, upper]
-        .into_iter()
-        .flatten()
-        .map(|v| v.trim().to_string())
-        .find(|v| !v.is_empty())
+    [lower, upper].into_iter().flatten().map(|v| v.trim().to_string()).find(|v| !v.is_empty())
 }
 
 /// Aborts the connection task when the call ends (completed, failed or timed out).
@@ -172,12 +150,7 @@ impl Client {
         Ok(serde_json::from_slice(&body)?)
     }
 
-    async fn get(
-        &self,
-        target: &Target,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Result<Bytes, CallError> {
+    async fn get(&self, target: &Target, path: &str, headers: &HeaderMap) -> Result<Bytes, CallError> {
         let path = format!("{}{path}", target.prefix);
         let (endpoint, uri) = match &self.proxy {
             // Absolute form, as HTTP proxies (explicit-mode sidecars) expect.
@@ -186,8 +159,7 @@ impl Client {
         };
         let stream = connect(endpoint).await?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let _connection = AbortOnDrop(tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection ended with an error");
@@ -206,10 +178,8 @@ impl Client {
         if !status.is_success() {
             return Err(CallError::Status(status));
         }
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| CallError::Body(e.to_string()))?;
+        let body =
+            Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(|e| CallError::Body(e.to_string()))?;
         Ok(body.to_bytes())
     }
 }
@@ -218,10 +188,7 @@ impl Client {
 async fn connect(endpoint: &Endpoint) -> Result<TcpStream, CallError> {
     let addrs = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
         .await
-        .map_err(|e| CallError::Resolve {
-            host: endpoint.host.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| CallError::Resolve { host: endpoint.host.clone(), reason: e.to_string() })?;
     let mut last_error = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -230,14 +197,8 @@ async fn connect(endpoint: &Endpoint) -> Result<TcpStream, CallError> {
         }
     }
     Err(match last_error {
-        Some(source) => CallError::Connect {
-            addr: endpoint.to_string(),
-            source,
-        },
-        None => CallError::Resolve {
-            host: endpoint.host.clone(),
-            reason: "no addresses".to_string(),
-        },
+        Some(source) => CallError::Connect { addr: endpoint.to_string(), source },
+        None => CallError::Resolve { host: endpoint.host.clone(), reason: "no addresses".to_string() },
     })
 }
 

@@ -73,9 +73,7 @@ pub enum App {
 
 /// Error for an unknown app name or reviews version.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown Bookinfo app {0:?}: expected productpage, details, reviews-v1, reviews-v2, reviews-v3 or ratings"
-)]
+#[error("unknown Bookinfo app {0:?}: expected productpage, details, reviews-v1, reviews-v2, reviews-v3 or ratings")]
 pub struct ParseAppError(String);
 
 impl App {
@@ -93,11 +91,7 @@ impl App {
             None => None,
             Some(v) => {
                 let digits = v.strip_prefix('v').unwrap_or(v);
-                Some(
-                    util::parse_id(digits)
-                        .and_then(|n| u8::try_from(n).ok())
-                        .ok_or_else(err)?,
-                )
+                Some(util::parse_id(digits).and_then(|n| u8::try_from(n).ok()).ok_or_else(err)?)
             }
         };
         let app = match (service, number) {
@@ -194,10 +188,7 @@ impl Upstreams {
     /// [`Upstreams::direct`] with the proxy taken from `http_proxy` or else `HTTP_PROXY`
     /// (ignored when empty), as `plexus run` sets them in explicit mode.
     pub fn from_env() -> Upstreams {
-        Upstreams {
-            proxy: client::proxy_from_env(),
-            ..Upstreams::direct()
-        }
+        Upstreams { proxy: client::proxy_from_env(), ..Upstreams::direct() }
     }
 }
 
@@ -215,10 +206,7 @@ impl Default for Upstreams {
 /// otherwise it never returns (accept errors are logged and retried).
 pub async fn serve(app: App, listener: TcpListener, upstreams: Upstreams) -> anyhow::Result<()> {
     if let App::Reviews { version } = app {
-        anyhow::ensure!(
-            (1..=3).contains(&version),
-            "reviews version must be 1, 2 or 3, not {version}"
-        );
+        anyhow::ensure!((1..=3).contains(&version), "reviews version must be 1, 2 or 3, not {version}");
     }
     let state = Arc::new(apps::State::new(app, &upstreams)?);
     let local = listener.local_addr().context("listener address")?;
@@ -264,21 +252,11 @@ mod tests {
 
     #[test]
     fn app_names_round_trip() {
-        for name in [
-            "productpage",
-            "details",
-            "reviews-v1",
-            "reviews-v2",
-            "reviews-v3",
-            "ratings",
-        ] {
+        for name in ["productpage", "details", "reviews-v1", "reviews-v2", "reviews-v3", "ratings"] {
             let app: App = name.parse().expect(name);
             assert_eq!(app.to_string(), name);
         }
-        assert_eq!(
-            "reviews-v2".parse::<App>().ok(),
-            Some(App::Reviews { version: 2 })
-        );
+        assert_eq!("reviews-v2".parse::<App>().ok(), Some(App::Reviews { version: 2 }));
         for bad in ["reviews", "reviews-v4", "reviews-v0", "details-v2", "x", ""] {
             assert!(bad.parse::<App>().is_err(), "{bad}");
         }
@@ -287,10 +265,7 @@ mod tests {
     #[test]
     fn app_from_service_and_version() {
         let ok = |s, v| App::from_service(s, v).ok();
-        assert_eq!(
-            ok("reviews", Some("v3")),
-            Some(App::Reviews { version: 3 })
-        );
+        assert_eq!(ok("reviews", Some("v3")), Some(App::Reviews { version: 3 }));
         assert_eq!(ok("reviews", Some("1")), Some(App::Reviews { version: 1 }));
         assert_eq!(ok("reviews", None), None);
         assert_eq!(ok("productpage", Some("v1")), Some(App::ProductPage));

@@ -64,15 +64,10 @@ pub(crate) fn form_param(form: &str, name: &str) -> Option<String> {
 
 /// The value of cookie `name` in the request's `Cookie` headers, percent-decoded.
 pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key.trim() == name).then(|| percent_decode(value.trim().trim_matches('"'), false))
-        })
+    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key.trim() == name).then(|| percent_decode(value.trim().trim_matches('"'), false))
+    })
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -95,8 +90,7 @@ pub(crate) fn html_escape(s: &str) -> String {
 pub(crate) fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 

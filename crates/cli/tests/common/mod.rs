@@ -133,6 +133,18 @@ impl Mesh {
         self.server.iter().chain(Some(&self.client)).collect()
     }
 
+    /// Checks, with the metrics of §5 ("each request is counted once by the source sidecar
+    /// (`direction="outbound"`) and once by the destination sidecar (`direction="inbound"`)"),
+    /// that the traffic really took the path of the topology: the client proxy counted
+    /// outbound traffic and, over two hops, the server sidecar counted inbound traffic (so
+    /// the client sidecar did not bypass it by dialling the app's port directly).
+    pub async fn assert_traversed(&self) {
+        assert_counted(&self.client, "outbound").await;
+        if let Some(server) = &self.server {
+            assert_counted(server, "inbound").await;
+        }
+    }
+
     /// Stderr of every proxy, for failure messages.
     pub fn stderr(&self) -> String {
         self.proxies()
@@ -186,4 +198,38 @@ pub async fn python_client(script: &str, args: &[&str], context: &str) -> Output
     let out = run(&mut cmd, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{context}: {e:#}"));
     assert!(out.status.success(), "{context}: {script} client {} reported failures\n{}", args.join(" "), show(&out));
     out
+}
+
+/// Sum of the samples of `metric` (exact name) whose labels contain `label`.
+pub fn metric_sum(text: &str, metric: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric && labels.contains(label)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Panics unless `proxy` counted requests or TCP connections in `direction`.
+pub async fn assert_counted(proxy: &Proxy, direction: &str) {
+    let label = format!("direction=\"{direction}\"");
+    let metrics = plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let m = proxy.admin_get("/metrics").await?;
+        let text = m.text();
+        let n = metric_sum(&text, "plexus_requests_total", &label)
+            + metric_sum(&text, "plexus_tcp_connections_opened_total", &label);
+        anyhow::ensure!(n > 0.0, "nothing counted yet:\n{text}");
+        Ok(text)
+    })
+    .await;
+    if let Err(e) = metrics {
+        panic!(
+            "{} counted no {direction} requests or TCP connections (plexus_requests_total / \
+             plexus_tcp_connections_opened_total with {label}): the traffic did not go \
+             through it\n{e:#}",
+            proxy.name()
+        );
+    }
 }

@@ -53,7 +53,10 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     if req.method() == Method::CONNECT {
         return connect_tunnel(state, req, obs).await;
     }
-    let snapshot = state.discovery.current();
+    let snapshot = match head.authority() {
+        Some(a) if conn.bound.is_none() => state.snapshot_for_host(split_authority(&a).0).await,
+        _ => state.discovery.current(),
+    };
     let dest = match resolve(&snapshot, &conn, &head) {
         Ok(d) => d,
         Err(e) => return obs.fail(e),
@@ -273,7 +276,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return obs.fail(ProxyError::BadRequest("CONNECT needs host:port".into()));
     };
-    let snapshot = state.discovery.current();
+    let snapshot = state.snapshot_for_host(split_authority(&authority).0).await;
     let timeout = state.settings.limits.connect_timeout;
     let upstream = if let Some((service, port)) = snapshot.resolve_authority(&authority) {
         obs.peers.destination_service = service.name.name.clone();

@@ -1,0 +1,11 @@
+//! Generates the tonic/prost code from the .proto files with protox (pure Rust, no protoc).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/plexus/discovery/v1/discovery.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    Ok(())
+}

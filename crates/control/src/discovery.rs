@@ -1,0 +1,165 @@
+//! The gRPC discovery service: one Watch stream per proxy (see the .proto for the protocol).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plexus_api::discovery::discovery_server::Discovery;
+use plexus_api::discovery::{WatchRequest, WatchResponse};
+use plexus_core::{Kind, ServiceName, Spec, parse_documents};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::index::Views;
+use crate::proxies::{ProxyRecord, Proxies};
+use crate::store::{ObjectKey, Store};
+
+/// Annotation marking a Workload registered by a proxy (removed when the proxy goes away).
+pub const REGISTERED_ANNOTATION: &str = "plexus.dev/registered";
+
+/// Serves Watch streams from the shared index.
+pub struct DiscoveryService {
+    pub views: watch::Receiver<Arc<Views>>,
+    pub store: Arc<dyn Store>,
+    pub proxies: Arc<Proxies>,
+    pub join_token: String,
+}
+
+fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
+    names.iter().filter_map(|n| ServiceName::candidates(n).into_iter().next()).collect()
+}
+
+impl DiscoveryService {
+    /// Validates and stores the workload a proxy registers.
+    async fn register(&self, json: &[u8], token: &str) -> Result<ObjectKey, Status> {
+        if !crate::api::constant_time_eq(token.as_bytes(), self.join_token.as_bytes()) {
+            return Err(Status::unauthenticated("registering a workload needs the join token"));
+        }
+        let text = String::from_utf8_lossy(json);
+        let mut resources = parse_documents("registration", &text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let [mut workload] = <[_; 1]>::try_from(std::mem::take(&mut resources)).map_err(|_| Status::invalid_argument("register exactly one Workload"))?;
+        if !matches!(workload.spec, Spec::Workload(_)) {
+            return Err(Status::invalid_argument("only a Workload can be registered"));
+        }
+        workload.metadata.annotations.insert(REGISTERED_ANNOTATION.into(), "true".into());
+        let key = ObjectKey::of(&workload);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.apply(&[workload]))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(key)
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let info = first.proxy.clone().ok_or_else(|| Status::invalid_argument("the first message must carry ProxyInfo"))?;
+        let registered = if info.register_workload.is_empty() { None } else { Some(self.register(&info.register_workload, &info.token).await?) };
+        let id = self.proxies.connect(ProxyRecord {
+            id: 0,
+            workload: info.workload.clone(),
+            namespace: if info.namespace.is_empty() { "default".into() } else { info.namespace.clone() },
+            service: info.service.clone(),
+            version: info.version.clone(),
+            mode: if info.mode.is_empty() { "sidecar".into() } else { info.mode.clone() },
+            admin_address: info.admin_address.clone(),
+            sent_revision: 0,
+            applied_revision: 0,
+            last_seen: None,
+            registered,
+        });
+        tracing::info!(id, workload = %info.workload, service = %info.service, "proxy connected");
+        let (tx, rx) = mpsc::channel(4);
+        let mut views = self.views.clone();
+        let proxies = self.proxies.clone();
+        tokio::spawn(async move {
+            let mut wanted = parse_destinations(&first.destinations);
+            let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<bytes::Bytes>)> = None;
+            let mut silence = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                // Send the state of the world for the wanted set when it changed.
+                let current = views.borrow_and_update().clone();
+                let resources: Vec<bytes::Bytes> = current.union(&wanted).iter().map(|e| e.json.clone()).collect();
+                let changed = last_sent.as_ref().is_none_or(|(_, w, r)| *w != wanted || *r != resources);
+                if changed {
+                    let response = WatchResponse {
+                        revision: current.revision,
+                        resources: resources.clone(),
+                        destinations: wanted.iter().map(ToString::to_string).collect(),
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        break;
+                    }
+                    proxies.sent(id, current.revision);
+                    last_sent = Some((current.revision, wanted.clone(), resources));
+                }
+                tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => {
+                            proxies.heard_from(id, Some(m.applied_revision));
+                            wanted = parse_destinations(&m.destinations);
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    changed = views.changed() => if changed.is_err() { break },
+                    _ = silence.tick() => {
+                        if proxies.silent().contains(&id) {
+                            tracing::warn!(id, "proxy silent for 15 s; closing its stream");
+                            break;
+                        }
+                    }
+                }
+            }
+            proxies.disconnect(id);
+            tracing::info!(id, "proxy disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Rebuilds the index on every store change.
+pub async fn maintain_index(store: Arc<dyn Store>, views: watch::Sender<Arc<Views>>) {
+    let mut changes = store.subscribe();
+    loop {
+        let revision = *changes.borrow_and_update();
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.list(None, None)).await {
+            Ok(Ok(resources)) => {
+                views.send_replace(Arc::new(Views::build(revision, &resources)));
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot read the store to rebuild the index"),
+            Err(e) => tracing::error!(error = %e, "index rebuild failed"),
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Removes registered workloads whose proxy has been silent for 15 s (checked every second).
+pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) {
+    // Workloads registered before a restart get a fresh grace period.
+    if let Ok(existing) = store.list(Some(Kind::Workload), None) {
+        proxies.adopt(existing.iter().filter(|w| w.metadata.annotations.contains_key(REGISTERED_ANNOTATION)).map(ObjectKey::of));
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let gone = proxies.expired();
+        if gone.is_empty() {
+            continue;
+        }
+        tracing::info!(workloads = ?gone.iter().map(ToString::to_string).collect::<Vec<_>>(), "registered workloads expired");
+        let s = store.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.delete(&gone)).await {
+            tracing::error!(error = %e, "cannot delete expired workloads");
+        }
+    }
+}

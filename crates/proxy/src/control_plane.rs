@@ -1,0 +1,106 @@
+//! The control-plane source of configuration: a gRPC Watch stream (see the .proto in
+//! `plexus-api`). The proxy sends the destinations it needs (and, when started by
+//! `plexus run`, the Workload to register) and compiles every answer with the same code as
+//! `--resources` mode. While the control plane is unreachable the proxy keeps serving with
+//! the last view and reconnects with capped exponential backoff.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plexus_api::discovery::discovery_client::DiscoveryClient;
+use plexus_api::discovery::{ProxyInfo, WatchRequest};
+use plexus_core::{MeshSnapshot, ServiceName, resource_from_value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::discovery::Discovery;
+
+/// How a proxy talks to the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// `http://HOST:PORT` of the control plane's gRPC port.
+    pub address: String,
+    pub workload: String,
+    pub namespace: String,
+    pub service: String,
+    pub version: String,
+    pub mode: String,
+    /// Filled in once the admin listener is bound.
+    pub admin_address: String,
+    /// The join token (needed to register).
+    pub token: String,
+    /// A Workload resource (JSON) to register while connected.
+    pub register: Option<Vec<u8>>,
+}
+
+/// Runs the watch loop forever (abort the task to stop).
+pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&discovery, &config).await {
+            Ok(()) => tracing::warn!(address = %config.address, "control plane closed the discovery stream"),
+            Err(e) => tracing::warn!(address = %config.address, error = %e, retry_in = ?backoff, "control plane unreachable; serving with the last config"),
+        }
+        discovery.set_control_plane_connected(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn request(discovery: &Discovery, applied: u64, proxy: Option<ProxyInfo>) -> WatchRequest {
+    let destinations = discovery.wanted().borrow().iter().map(ToString::to_string).collect();
+    WatchRequest { proxy, destinations, applied_revision: applied }
+}
+
+async fn session(discovery: &Arc<Discovery>, config: &ControlPlaneConfig) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(config.address.clone())?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut client = DiscoveryClient::new(channel);
+    let info = ProxyInfo {
+        workload: config.workload.clone(),
+        namespace: config.namespace.clone(),
+        service: config.service.clone(),
+        version: config.version.clone(),
+        admin_address: config.admin_address.clone(),
+        mode: config.mode.clone(),
+        token: config.token.clone(),
+        register_workload: config.register.clone().unwrap_or_default().into(),
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let mut applied = 0;
+    tx.send(request(discovery, applied, Some(info))).await?;
+    let mut stream = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+    let mut wanted = discovery.wanted();
+    wanted.borrow_and_update();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(resp) = msg? else { return Ok(()) };
+                let mut resources = Vec::with_capacity(resp.resources.len());
+                for bytes in &resp.resources {
+                    let value: serde_json::Value = serde_json::from_slice(bytes)?;
+                    resources.push(resource_from_value(value).map_err(|e| anyhow::anyhow!("bad resource from the control plane: {e}"))?);
+                }
+                let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
+                discovery.publish_covering(MeshSnapshot::compile(&resources, resp.revision.to_string()), covered);
+                discovery.set_control_plane_connected(true);
+                applied = resp.revision;
+                tx.send(request(discovery, applied, None)).await?;
+            }
+            changed = wanted.changed() => {
+                changed?;
+                tx.send(request(discovery, applied, None)).await?;
+            }
+            _ = heartbeat.tick() => {
+                tx.send(request(discovery, applied, None)).await?;
+            }
+        }
+    }
+}
