@@ -34,41 +34,94 @@ pub struct ControlArgs {
 
 pub async fn run(args: ControlArgs) -> Result<(), Failure> {
     if args.store != "file" {
-        return Err(Failure::usage(format!("--store {:?}: this version supports only the embedded `file` store", args.store)));
+        return Err(Failure::usage(format!(
+            "--store {:?}: this version supports only the embedded `file` store",
+            args.store
+        )));
     }
-    let data = DataDir::init(&args.data_dir)
-        .map_err(|e| Failure::runtime(format!("cannot initialise the data dir {}: {e}", args.data_dir.display())))?;
-    let store: Arc<dyn Store> =
-        Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
-    let proxies = Arc::new(Proxies::default());
-    let state = Arc::new(ApiState { store: store.clone(), admin_token: data.admin_token.clone(), proxies: proxies.clone() });
-    let bind = |addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| Failure::runtime(format!("cannot listen on {addr}: {e}")))
-    };
-    let listener = bind(args.http_addr).await?;
-    let http = listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?;
-    let grpc_listener = bind(args.grpc_addr).await?;
-    let grpc = grpc_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?;
-
-    let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
-    tokio::spawn(maintain_index(store.clone(), views_tx));
-    tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
-    let discovery = DiscoveryService { views: views_rx, store: store.clone(), proxies, join_token: data.join_token.clone() };
-    let grpc_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(DiscoveryServer::new(discovery))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            crate::proxy_cmd::shutdown_signal(),
-        );
-
-    tracing::info!(%http, %grpc, data_dir = %args.data_dir.display(), "control plane ready");
+    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr).await?;
     println!(
         "{}",
-        serde_json::json!({ "http": http.to_string(), "grpc": grpc.to_string(), "dataDir": args.data_dir.display().to_string() })
+        serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() })
     );
-    let http_server = axum::serve(listener, router(state)).with_graceful_shutdown(crate::proxy_cmd::shutdown_signal());
-    let (h, g) = tokio::join!(http_server, grpc_server);
-    h.map_err(|e| Failure::runtime(e.to_string()))?;
-    g.map_err(|e| Failure::runtime(e.to_string()))
+    cp.serve(crate::proxy_cmd::shutdown_signal()).await
+}
+
+/// A control plane with its listeners bound (used by `plexus control` and `plexus demo`).
+pub struct ControlPlane {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub proxies: Arc<Proxies>,
+    pub data: DataDir,
+    http_listener: tokio::net::TcpListener,
+    grpc_listener: tokio::net::TcpListener,
+}
+
+impl ControlPlane {
+    /// Initialises the data dir (tokens), opens the store and binds both listeners.
+    pub async fn start(
+        data_dir: &std::path::Path,
+        http_addr: SocketAddr,
+        grpc_addr: SocketAddr,
+    ) -> Result<ControlPlane, Failure> {
+        let data = DataDir::init(data_dir)
+            .map_err(|e| Failure::runtime(format!("cannot initialise the data dir {}: {e}", data_dir.display())))?;
+        let store: Arc<dyn Store> =
+            Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failure::runtime(format!("cannot listen on {addr}: {e}")))
+        };
+        let http_listener = bind(http_addr).await?;
+        let grpc_listener = bind(grpc_addr).await?;
+        Ok(ControlPlane {
+            http: http_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?,
+            grpc: grpc_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?,
+            store,
+            proxies: Arc::new(Proxies::default()),
+            data,
+            http_listener,
+            grpc_listener,
+        })
+    }
+
+    /// Serves the HTTP API and the discovery gRPC service until `shutdown` completes.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
+        let ControlPlane { http, grpc, store, proxies, data, http_listener, grpc_listener } = self;
+        let state = Arc::new(ApiState {
+            store: store.clone(),
+            admin_token: data.admin_token.clone(),
+            proxies: proxies.clone(),
+        });
+        let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
+        let index = tokio::spawn(maintain_index(store.clone(), views_tx));
+        let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
+        let discovery =
+            DiscoveryService { views: views_rx, store: store.clone(), proxies, join_token: data.join_token.clone() };
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let grpc_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(DiscoveryServer::new(discovery))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                stopped(stop_tx.subscribe()),
+            );
+        tracing::info!(%http, %grpc, data_dir = %data.path.display(), "control plane ready");
+        let http_server =
+            axum::serve(http_listener, router(state)).with_graceful_shutdown(stopped(stop_tx.subscribe()));
+        let trigger = async move {
+            shutdown.await;
+            stop_tx.send_replace(true);
+        };
+        let (h, g, ()) = tokio::join!(http_server, grpc_server, trigger);
+        index.abort();
+        expiry.abort();
+        h.map_err(|e| Failure::runtime(e.to_string()))?;
+        g.map_err(|e| Failure::runtime(e.to_string()))
+    }
 }

@@ -3,9 +3,12 @@
 
 mod api_client;
 mod control_cmd;
+mod demo_cmd;
 mod logging;
 mod proxy_cmd;
 mod resources_cmd;
+mod run_cmd;
+mod sample_cmd;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -14,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// Plexus: a light, fast service mesh.
 #[derive(Parser)]
-#[command(name = "plexus", version, about, propagate_version = true)]
+#[command(name = "plexus", version, about)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "PLEXUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -27,6 +30,8 @@ struct Cli {
 enum Command {
     /// Run a sidecar or gateway proxy.
     Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// Run the whole mesh on this machine: control plane, Bookinfo with sidecars, ingress, load.
+    Demo(demo_cmd::DemoArgs),
     /// Run the control plane (embedded file store, resource API).
     Control(control_cmd::ControlArgs),
     /// Create or update resources from files (validated first; all or nothing).
@@ -35,6 +40,11 @@ enum Command {
     Get(resources_cmd::GetArgs),
     /// Delete a resource, or those named in files.
     Delete(resources_cmd::DeleteArgs),
+    /// Start a workload with its sidecar, registered in the mesh while it runs.
+    Run(Box<run_cmd::RunArgs>),
+    /// Run a Bookinfo sample service (used by `plexus demo`).
+    #[command(hide = true)]
+    Sample(sample_cmd::SampleArgs),
     /// Print CLI, control plane and proxy versions.
     Version(version_cmd::VersionArgs),
 }
@@ -69,17 +79,23 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Proxy(args) => proxy_cmd::run(*args).await,
+            Command::Demo(args) => demo_cmd::run(args).await,
             Command::Control(args) => control_cmd::run(args).await,
             Command::Apply(args) => resources_cmd::apply(args).await,
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,
+            Command::Run(args) => run_cmd::run(*args).await,
+            Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            // An empty message passes on an exit status (e.g. the workload's under `plexus run`).
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }

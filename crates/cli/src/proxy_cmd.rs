@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_core::MeshSnapshot;
+use plexus_proxy::control_plane::ControlPlaneConfig;
 use plexus_proxy::discovery::{Discovery, FileError, FileSource};
 use plexus_proxy::settings::Limits;
 use plexus_proxy::{LoadBalancer, Proxy, Settings, UpstreamBind};
@@ -20,17 +21,27 @@ fn duration(s: &str) -> Result<Duration, String> {
 pub struct ProxyArgs {
     /// Run with no control plane from a file of resources (Service, Workload, HTTPRoute),
     /// re-read whenever it changes.
-    #[arg(long, env = "PLEXUS_RESOURCES")]
+    #[arg(long, env = "PLEXUS_RESOURCES", conflicts_with = "control_plane")]
     resources: Option<PathBuf>,
+    /// The control plane's gRPC address (e.g. http://127.0.0.1:7700): configuration comes from
+    /// it, fetched per destination on first use.
+    #[arg(long, env = "PLEXUS_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// What this proxy is: a workload's sidecar, or the mesh's ingress or egress gateway.
+    #[arg(long, env = "PLEXUS_MODE", default_value = "sidecar", value_parser = ["sidecar", "ingress", "egress"])]
+    pub mode: String,
+    /// This proxy's workload version (metrics labels, service discovery).
+    #[arg(long = "workload-version", env = "PLEXUS_WORKLOAD_VERSION")]
+    pub workload_version: Option<String>,
     /// Outbound listener port (0 = pick a free one).
     #[arg(long, env = "PLEXUS_OUTBOUND_PORT", default_value_t = 7710)]
-    outbound_port: u16,
+    pub outbound_port: u16,
     /// Inbound listener port (0 = pick a free one).
     #[arg(long, env = "PLEXUS_INBOUND_PORT", default_value_t = 7711)]
-    inbound_port: u16,
+    pub inbound_port: u16,
     /// Admin server port (0 = pick a free one).
     #[arg(long, env = "PLEXUS_ADMIN_PORT", default_value_t = 7712)]
-    admin_port: u16,
+    pub admin_port: u16,
     #[arg(long, env = "PLEXUS_OUTBOUND_IP", default_value = "127.0.0.1")]
     outbound_ip: IpAddr,
     #[arg(long, env = "PLEXUS_INBOUND_IP", default_value = "127.0.0.1")]
@@ -40,11 +51,11 @@ pub struct ProxyArgs {
     /// The local application's port: the inbound listener forwards to 127.0.0.1:PORT.
     /// Without it, only transparently redirected inbound traffic (original destination) works.
     #[arg(long, env = "PLEXUS_APP_PORT")]
-    app_port: Option<u16>,
+    pub app_port: Option<u16>,
     /// SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT: a local port whose every connection goes to
     /// that Service port (HTTP is detected and routed; anything else is forwarded as TCP).
     #[arg(long = "upstream", env = "PLEXUS_UPSTREAMS", value_delimiter = ',')]
-    upstreams: Vec<UpstreamBind>,
+    pub upstreams: Vec<UpstreamBind>,
     /// Destination ports whose connections skip protocol detection.
     #[arg(long, env = "PLEXUS_OPAQUE_PORTS", value_delimiter = ',')]
     opaque_ports: Vec<u16>,
@@ -53,12 +64,12 @@ pub struct ProxyArgs {
     load_balancer: LoadBalancer,
     /// This proxy's workload name (metrics labels).
     #[arg(long, env = "PLEXUS_WORKLOAD")]
-    workload: Option<String>,
+    pub workload: Option<String>,
     /// This proxy's service name (metrics labels).
     #[arg(long, env = "PLEXUS_SERVICE")]
-    service: Option<String>,
+    pub service: Option<String>,
     #[arg(long, env = "PLEXUS_NAMESPACE", default_value = "default")]
-    namespace: String,
+    pub namespace: String,
     /// Print one JSON access-log line per request on stdout.
     #[arg(long, env = "PLEXUS_ACCESS_LOG")]
     access_log: bool,
@@ -82,7 +93,7 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    fn settings(self) -> Settings {
+    pub fn settings(self) -> Settings {
         Settings {
             outbound: SocketAddr::new(self.outbound_ip, self.outbound_port),
             inbound: SocketAddr::new(self.inbound_ip, self.inbound_port),
@@ -109,6 +120,23 @@ impl ProxyArgs {
 }
 
 pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
+    if let Some(address) = args.control_plane.take() {
+        let config = ControlPlaneConfig {
+            address,
+            workload: args.workload.clone().unwrap_or_default(),
+            namespace: args.namespace.clone(),
+            service: args.service.clone().unwrap_or_default(),
+            version: args.workload_version.clone().unwrap_or_default(),
+            mode: args.mode.clone(),
+            admin_address: String::new(),
+            token: String::new(),
+            register: None,
+        };
+        let sidecar = Sidecar::start(args.settings(), config)?;
+        println!("{}", sidecar.ready_line());
+        sidecar.run(shutdown_signal()).await;
+        return Ok(());
+    }
     let resources = args.resources.take();
     let (discovery, source) = match resources {
         Some(path) => {
@@ -120,7 +148,7 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             (Discovery::new(snapshot), Some((source, bytes)))
         }
         None => {
-            tracing::warn!("no --resources file and no control plane: only forwarding to explicit hosts");
+            tracing::warn!("no --resources file and no --control-plane: only forwarding to explicit hosts");
             (Discovery::new(MeshSnapshot::default()), None)
         }
     };
@@ -133,6 +161,74 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
     }
     proxy.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// A proxy fed by the control plane (used by `plexus proxy --control-plane` and `plexus run`).
+pub struct Sidecar {
+    pub proxy: Proxy,
+    discovery: Arc<Discovery>,
+    leave: tokio::sync::watch::Sender<bool>,
+    control: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecar {
+    /// Binds the listeners and starts the control-plane session.
+    pub fn start(settings: Settings, config: ControlPlaneConfig) -> Result<Sidecar, Failure> {
+        Sidecar::start_registering(settings, config, |_| None)
+    }
+
+    /// Like [`Sidecar::start`], registering the workload `register` builds from the bound
+    /// addresses (JSON).
+    pub fn start_registering(
+        settings: Settings,
+        mut config: ControlPlaneConfig,
+        register: impl FnOnce(&plexus_proxy::proxy::Addresses) -> Option<Vec<u8>>,
+    ) -> Result<Sidecar, Failure> {
+        let discovery = Discovery::new_lazy();
+        let proxy = Proxy::bind(settings, discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+        config.admin_address = proxy.addresses().admin.to_string();
+        config.register = register(proxy.addresses());
+        let (leave, leave_rx) = tokio::sync::watch::channel(false);
+        let control = tokio::spawn(plexus_proxy::control_plane::run(discovery.clone(), config, leave_rx));
+        Ok(Sidecar { proxy, discovery, leave, control })
+    }
+
+    /// The JSON line with the listeners' addresses.
+    pub fn ready_line(&self) -> String {
+        serde_json::to_string(self.proxy.addresses()).unwrap_or_default()
+    }
+
+    /// Waits until the control plane has answered once (or `timeout`).
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut changes = self.discovery.subscribe();
+        let wait = async {
+            while !self.discovery.control_plane_connected() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// A switch that, turned on, makes the sidecar leave the mesh: it deregisters (peers stop
+    /// sending new requests) and closes its control-plane stream.
+    pub fn leave_handle(&self) -> tokio::sync::watch::Sender<bool> {
+        self.leave.clone()
+    }
+
+    /// Serves until `shutdown`, then deregisters and drains.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Sidecar { proxy, leave, control, .. } = self;
+        proxy
+            .run(async {
+                shutdown.await;
+                leave.send_replace(true);
+            })
+            .await;
+        leave.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

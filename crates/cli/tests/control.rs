@@ -136,10 +136,28 @@ fn invalid_documents_exit_2_with_a_precise_message_and_apply_nothing() -> Result
     let cp = ControlPlane::start(&dir.join("data"))?;
     let cases: [(&str, String, &str); 5] = [
         ("bad YAML", format!("{MESH}---\nkind: [unclosed\n"), "invalid YAML"),
-        ("unknown kind", format!("{MESH}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n"), "document 4, field kind: unsupported kind \"Pod\""),
-        ("missing field", format!("{MESH}---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{ports: []}}\n"), "document 4 (Workload default/w), field spec: missing field `address`"),
-        ("wrong type", MESH.replace("port: 9081", "port: \"high\""), "document 2 (Workload default/reviews-v1), field spec.ports[0].port"),
-        ("negative weight", MESH.replace("weight: 20", "weight: -20"), "document 3 (HTTPRoute default/reviews), field spec.rules[0].backendRefs[1].weight"),
+        (
+            "unknown kind",
+            format!("{MESH}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n"),
+            "document 4, field kind: unsupported kind \"Pod\"",
+        ),
+        (
+            "missing field",
+            format!(
+                "{MESH}---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec: {{ports: []}}\n"
+            ),
+            "document 4 (Workload default/w), field spec: missing field `address`",
+        ),
+        (
+            "wrong type",
+            MESH.replace("port: 9081", "port: \"high\""),
+            "document 2 (Workload default/reviews-v1), field spec.ports[0].port",
+        ),
+        (
+            "negative weight",
+            MESH.replace("weight: 20", "weight: -20"),
+            "document 3 (HTTPRoute default/reviews), field spec.rules[0].backendRefs[1].weight",
+        ),
     ];
     for (what, doc, expected) in cases {
         let file = dir.join("bad.yaml");
@@ -167,10 +185,31 @@ fn writes_need_the_admin_token() -> Result<()> {
     let token = std::fs::read_to_string(dir.join("data").join("admin-token"))?;
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(std::fs::metadata(dir.join("data").join("admin-token"))?.permissions().mode() & 0o777, 0o600);
-    let body = format!("{{\"items\": {}}}", serde_json::to_string(&serde_json::json!([{"apiVersion":"plexus.dev/v1alpha1","kind":"Service","metadata":{"name":"x"},"spec":{"ports":[{"port":80}]}}]))?);
+    let body = format!(
+        "{{\"items\": {}}}",
+        serde_json::to_string(
+            &serde_json::json!([{"apiVersion":"plexus.dev/v1alpha1","kind":"Service","metadata":{"name":"x"},"spec":{"ports":[{"port":80}]}}])
+        )?
+    );
     let url = format!("{}/api/v1/apply", cp.server);
     let curl = |extra: &[&str]| -> Result<String> {
-        let o = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "content-type: application/json", "--data", &body]).args(extra).arg(&url).output()?;
+        let o = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                &body,
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()?;
         Ok(String::from_utf8_lossy(&o.stdout).to_string())
     };
     assert_eq!(curl(&[])?, "401", "no token");
@@ -178,7 +217,10 @@ fn writes_need_the_admin_token() -> Result<()> {
     assert_eq!(curl(&["-H", &format!("authorization: Bearer {}", token.trim())])?, "200", "admin token");
     // The CLI with another data dir (no token) is refused with a hint.
     let other = dir.join("elsewhere");
-    let o = Command::new(PLEXUS).args(["delete", "service", "x", "--server", &cp.server, "--data-dir"]).arg(&other).output()?;
+    let o = Command::new(PLEXUS)
+        .args(["delete", "service", "x", "--server", &cp.server, "--data-dir"])
+        .arg(&other)
+        .output()?;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("cannot read the admin token"), "{:?}", text(&o));
     Ok(())
@@ -197,11 +239,20 @@ fn the_store_survives_kill_9_during_applies_with_a_prefix_of_them() -> Result<()
             let mut applied = 0;
             for i in 0..50 {
                 let file = dir.join(format!("s{i}.yaml"));
-                let doc = format!("apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n");
+                let doc = format!(
+                    "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+                );
                 if std::fs::write(&file, doc).is_err() {
                     break;
                 }
-                let ok = Command::new(PLEXUS).args(["apply", "-f"]).arg(&file).env("PLEXUS_SERVER", &server).env("PLEXUS_DATA_DIR", &data).output().map(|o| o.status.success()).unwrap_or(false);
+                let ok = Command::new(PLEXUS)
+                    .args(["apply", "-f"])
+                    .arg(&file)
+                    .env("PLEXUS_SERVER", &server)
+                    .env("PLEXUS_DATA_DIR", &data)
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
                 if !ok {
                     break;
                 }
@@ -216,7 +267,12 @@ fn the_store_survives_kill_9_during_applies_with_a_prefix_of_them() -> Result<()
     let cp = ControlPlane::start(&data)?;
     let o = cp.plexus(&["get", "services", "-o", "json"], None)?;
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| format!("{:?}", text(&o)))?;
-    let mut names: Vec<usize> = list["items"].as_array().context("items")?.iter().filter_map(|i| i["metadata"]["name"].as_str()?.strip_prefix('s')?.parse().ok()).collect();
+    let mut names: Vec<usize> = list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str()?.strip_prefix('s')?.parse().ok())
+        .collect();
     names.sort();
     let n = names.len();
     assert_eq!(names, (0..n).collect::<Vec<_>>(), "the store holds a prefix of the applies");

@@ -17,8 +17,8 @@ use common::{Hops, Mesh, TEST_TIMEOUT, curl_ok, python_client, python_server, ru
 use plexus_testkit::client::{self, PatternBody, Version};
 use plexus_testkit::http::Request;
 use plexus_testkit::{
-    HttpEcho, SERVER_FIRST_GREETING, ServerFirst, ServicePort, TCP_ECHO_FINAL_LINE, TcpEcho, TempDir,
-    require_python_module, require_tool, serial,
+    HttpEcho, SERVER_FIRST_GREETING, ServerFirst, ServicePort, TCP_ECHO_FINAL_LINE, TCP_ECHO_SERVER_BYE,
+    TCP_ECHO_SERVER_CLOSES_FIRST, TcpEcho, TempDir, require_python_module, require_tool, serial,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -547,8 +547,46 @@ async fn tcp_case(hops: Hops, port: ServicePort, extra: &[&str], what: &str) {
         let s = client::connect(mesh.upstream()).await.expect("connect to upstream bind");
         tcp_exchange(s, 4 * 1024 * 1024, &format!("{what}, connection {i}")).await;
     }
-    assert_eq!(app.connections(), 2, "{what}: connections that reached the app");
+    server_closes_first(&app, mesh.upstream(), what).await;
+    assert_eq!(app.connections(), 3, "{what}: connections that reached the app");
     mesh.assert_traversed().await;
+}
+
+/// The other direction of half-close: the app shuts down its side first; the client must
+/// see the app's last bytes then EOF, and can still send (the app counts what arrives).
+async fn server_closes_first(app: &TcpEcho, addr: SocketAddr, what: &str) {
+    let mut s = client::connect(addr).await.expect("connect to upstream bind");
+    s.write_all(TCP_ECHO_SERVER_CLOSES_FIRST).await.expect("write command");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: the app half-closed first, but no EOF reached the client within 10 s                  (got {:?})",
+                String::from_utf8_lossy(&got)
+            )
+        })
+        .unwrap_or_else(|e| panic!("{what}: reading after the app's half-close: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(TCP_ECHO_SERVER_BYE),
+        "{what}: the app's last bytes before its half-close"
+    );
+    let size = 1024 * 1024;
+    s.write_all(&client::pattern(0, size)).await.unwrap_or_else(|e| {
+        panic!("{what}: sending after the app's half-close failed (the proxy closed the whole connection?): {e}")
+    });
+    s.shutdown().await.expect("client half-close");
+    let received = plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let n = app.received_after_close();
+        anyhow::ensure!(n >= size as u64, "the app received {n} of {size} bytes");
+        Ok(n)
+    })
+    .await;
+    match received {
+        Ok(n) => assert_eq!(n, size as u64, "{what}: bytes the app received after its half-close"),
+        Err(e) => panic!("{what}: after the app half-closed, the client's data must still reach it: {e:#}"),
+    }
 }
 
 /// `appProtocol: opaque`.
@@ -596,6 +634,7 @@ async fn server_first_greeting(hops: Hops) {
             .expect("read echo");
         assert_eq!(echo, b"EHLO plexus\r\n", "connection {i}: echo after the greeting");
     }
+    println!("{hops:?}: server-first greeting after {timings:?}");
     assert!(
         timings.iter().all(|t| *t < Duration::from_millis(50)),
         "server-first greeting must reach the client within 50 ms of connect; took {timings:?}"
@@ -676,6 +715,10 @@ async fn big_upload(hops: Hops, version: Version) {
         Ok(Err(e)) => panic!("{version:?} 100 MiB echo failed: {e:#} ({progress})\n{}", mesh.stderr()),
         Ok(Ok(n)) => assert_eq!(n, BIG, "{version:?}: echoed length ({progress})"),
     }
+    println!(
+        "{hops:?} {version:?}: {progress}; peak RSS (KiB): {:?}",
+        pids.iter().map(|(n, _)| n).zip(max.iter().map(|r| r / 1024)).collect::<Vec<_>>()
+    );
     for ((name, _), rss) in pids.iter().zip(&max) {
         assert!(
             *rss > 0 && *rss < RSS_LIMIT,

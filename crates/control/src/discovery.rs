@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::index::Views;
-use crate::proxies::{ProxyRecord, Proxies};
+use crate::proxies::{Proxies, ProxyRecord};
 use crate::store::{ObjectKey, Store};
 
 /// Annotation marking a Workload registered by a proxy (removed when the proxy goes away).
@@ -37,8 +37,10 @@ impl DiscoveryService {
             return Err(Status::unauthenticated("registering a workload needs the join token"));
         }
         let text = String::from_utf8_lossy(json);
-        let mut resources = parse_documents("registration", &text).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let [mut workload] = <[_; 1]>::try_from(std::mem::take(&mut resources)).map_err(|_| Status::invalid_argument("register exactly one Workload"))?;
+        let mut resources =
+            parse_documents("registration", &text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let [mut workload] = <[_; 1]>::try_from(std::mem::take(&mut resources))
+            .map_err(|_| Status::invalid_argument("register exactly one Workload"))?;
         if !matches!(workload.spec, Spec::Workload(_)) {
             return Err(Status::invalid_argument("only a Workload can be registered"));
         }
@@ -60,8 +62,13 @@ impl Discovery for DiscoveryService {
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
-        let info = first.proxy.clone().ok_or_else(|| Status::invalid_argument("the first message must carry ProxyInfo"))?;
-        let registered = if info.register_workload.is_empty() { None } else { Some(self.register(&info.register_workload, &info.token).await?) };
+        let info =
+            first.proxy.clone().ok_or_else(|| Status::invalid_argument("the first message must carry ProxyInfo"))?;
+        let registered = if info.register_workload.is_empty() {
+            None
+        } else {
+            Some(self.register(&info.register_workload, &info.token).await?)
+        };
         let id = self.proxies.connect(ProxyRecord {
             id: 0,
             workload: info.workload.clone(),
@@ -79,6 +86,7 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let mut views = self.views.clone();
         let proxies = self.proxies.clone();
+        let store = self.store.clone();
         tokio::spawn(async move {
             let mut wanted = parse_destinations(&first.destinations);
             let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<bytes::Bytes>)> = None;
@@ -102,6 +110,16 @@ impl Discovery for DiscoveryService {
                 }
                 tokio::select! {
                     msg = inbound.message() => match msg {
+                        Ok(Some(m)) if m.leaving => {
+                            if let Some(key) = proxies.leave(id) {
+                                tracing::info!(workload = %key, "workload deregistered");
+                                let s = store.clone();
+                                if let Err(e) = tokio::task::spawn_blocking(move || s.delete(&[key])).await {
+                                    tracing::error!(error = %e, "cannot delete a deregistered workload");
+                                }
+                            }
+                            break;
+                        }
                         Ok(Some(m)) => {
                             proxies.heard_from(id, Some(m.applied_revision));
                             wanted = parse_destinations(&m.destinations);
@@ -147,7 +165,9 @@ pub async fn maintain_index(store: Arc<dyn Store>, views: watch::Sender<Arc<View
 pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) {
     // Workloads registered before a restart get a fresh grace period.
     if let Ok(existing) = store.list(Some(Kind::Workload), None) {
-        proxies.adopt(existing.iter().filter(|w| w.metadata.annotations.contains_key(REGISTERED_ANNOTATION)).map(ObjectKey::of));
+        proxies.adopt(
+            existing.iter().filter(|w| w.metadata.annotations.contains_key(REGISTERED_ANNOTATION)).map(ObjectKey::of),
+        );
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {

@@ -38,7 +38,9 @@ impl Views {
     pub fn build(revision: u64, resources: &[Resource]) -> Views {
         let encoded: Vec<Arc<Encoded>> = resources
             .iter()
-            .map(|r| Arc::new(Encoded { key: ObjectKey::of(r), json: serde_json::to_vec(r).unwrap_or_default().into() }))
+            .map(|r| {
+                Arc::new(Encoded { key: ObjectKey::of(r), json: serde_json::to_vec(r).unwrap_or_default().into() })
+            })
             .collect();
         let mut services: BTreeMap<ServiceName, (usize, &ServiceSpec)> = BTreeMap::new();
         for (i, r) in resources.iter().enumerate() {

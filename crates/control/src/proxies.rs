@@ -85,6 +85,16 @@ impl Proxies {
         }
     }
 
+    /// The proxy leaves for good: forgets it and returns the workload it registered.
+    pub fn leave(&self, id: u64) -> Option<ObjectKey> {
+        let record = self.connected.lock().ok()?.remove(&id)?;
+        let key = record.registered?;
+        if let Ok(mut r) = self.registered.lock() {
+            r.remove(&key);
+        }
+        Some(key)
+    }
+
     pub fn disconnect(&self, id: u64) {
         if let Ok(mut c) = self.connected.lock() {
             c.remove(&id);
@@ -102,9 +112,17 @@ impl Proxies {
 
     /// Registered workloads not heard from for [`EXPIRY`]: to delete. Forgets them.
     pub fn expired(&self) -> Vec<ObjectKey> {
-        let live: Vec<ObjectKey> = self.connected.lock().map(|c| c.values().filter_map(|p| p.registered.clone()).collect()).unwrap_or_default();
+        let live: Vec<ObjectKey> = self
+            .connected
+            .lock()
+            .map(|c| c.values().filter_map(|p| p.registered.clone()).collect())
+            .unwrap_or_default();
         let Ok(mut r) = self.registered.lock() else { return Vec::new() };
-        let gone: Vec<ObjectKey> = r.iter().filter(|(k, seen)| !live.contains(k) && seen.elapsed() >= EXPIRY).map(|(k, _)| k.clone()).collect();
+        let gone: Vec<ObjectKey> = r
+            .iter()
+            .filter(|(k, seen)| !live.contains(k) && seen.elapsed() >= EXPIRY)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in &gone {
             r.remove(k);
         }

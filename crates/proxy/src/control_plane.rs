@@ -34,26 +34,41 @@ pub struct ControlPlaneConfig {
     pub register: Option<Vec<u8>>,
 }
 
-/// Runs the watch loop forever (abort the task to stop).
-pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig) {
+/// Runs the watch loop until `leave` turns true: then the registered workload is
+/// deregistered (best effort, within 2 s) and the function returns.
+pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leave: tokio::sync::watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&discovery, &config).await {
+        let result = session(&discovery, &config, &mut leave).await;
+        let leaving = *leave.borrow();
+        if leaving {
+            return;
+        }
+        match result {
             Ok(()) => tracing::warn!(address = %config.address, "control plane closed the discovery stream"),
-            Err(e) => tracing::warn!(address = %config.address, error = %e, retry_in = ?backoff, "control plane unreachable; serving with the last config"),
+            Err(e) => {
+                tracing::warn!(address = %config.address, error = %e, retry_in = ?backoff, "control plane unreachable; serving with the last config")
+            }
         }
         discovery.set_control_plane_connected(false);
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = crate::proxy::drained(&mut leave) => return,
+        }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
 fn request(discovery: &Discovery, applied: u64, proxy: Option<ProxyInfo>) -> WatchRequest {
     let destinations = discovery.wanted().borrow().iter().map(ToString::to_string).collect();
-    WatchRequest { proxy, destinations, applied_revision: applied }
+    WatchRequest { proxy, destinations, applied_revision: applied, leaving: false }
 }
 
-async fn session(discovery: &Arc<Discovery>, config: &ControlPlaneConfig) -> anyhow::Result<()> {
+async fn session(
+    discovery: &Arc<Discovery>,
+    config: &ControlPlaneConfig,
+    leave: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(config.address.clone())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -100,6 +115,13 @@ async fn session(discovery: &Arc<Discovery>, config: &ControlPlaneConfig) -> any
             }
             _ = heartbeat.tick() => {
                 tx.send(request(discovery, applied, None)).await?;
+            }
+            _ = crate::proxy::drained(leave) => {
+                let bye = WatchRequest { leaving: true, ..request(discovery, applied, None) };
+                tx.send(bye).await?;
+                // The control plane ends the stream once the workload is removed.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Ok(Some(_)) = stream.message().await {} }).await;
+                return Ok(());
             }
         }
     }

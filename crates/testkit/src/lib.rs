@@ -38,7 +38,10 @@ mod upstream;
 pub use background::Background;
 pub use proxy::{Proxy, ProxyAddrs};
 pub use resources::{Resources, ServicePort, WorkloadSpec};
-pub use upstream::{HttpEcho, SERVER_FIRST_GREETING, ServerFirst, TCP_ECHO_FINAL_LINE, TcpEcho};
+pub use upstream::{
+    HttpEcho, SERVER_FIRST_GREETING, ServerFirst, TCP_ECHO_FINAL_LINE, TCP_ECHO_SERVER_BYE,
+    TCP_ECHO_SERVER_CLOSES_FIRST, TcpEcho,
+};
 
 /// Re-exports so that test crates need no direct dependency on these.
 pub use {bytes, http, http_body_util, hyper, hyper_util};

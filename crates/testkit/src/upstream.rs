@@ -27,6 +27,14 @@ use crate::LOCALHOST;
 /// The line [`TcpEcho`] sends after the client's EOF, right before closing.
 pub const TCP_ECHO_FINAL_LINE: &[u8] = b"plexus-test: eof\n";
 
+/// Sent first on a connection to [`TcpEcho`], makes it half-close its side first: it answers
+/// [`TCP_ECHO_SERVER_BYE`], shuts down its write side and then only reads until the client's
+/// EOF, counting bytes in [`TcpEcho::received_after_close`].
+pub const TCP_ECHO_SERVER_CLOSES_FIRST: &[u8] = b"SERVER-CLOSES-FIRST\n";
+
+/// [`TcpEcho`]'s answer to [`TCP_ECHO_SERVER_CLOSES_FIRST`], right before its half-close.
+pub const TCP_ECHO_SERVER_BYE: &[u8] = b"plexus-test: server closes first\n";
+
 /// The greeting [`ServerFirst`] sends as soon as it accepts a connection.
 pub const SERVER_FIRST_GREETING: &[u8] = b"220 plexus-test ready\r\n";
 
@@ -237,12 +245,14 @@ impl EchoShared {
 }
 
 /// A raw TCP echo server. When the client half-closes (EOF), it sends
-/// [`TCP_ECHO_FINAL_LINE`] and then closes.
+/// [`TCP_ECHO_FINAL_LINE`] and then closes. A connection that starts with
+/// [`TCP_ECHO_SERVER_CLOSES_FIRST`] tests the other direction: the server half-closes first.
 #[derive(Debug)]
 pub struct TcpEcho {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    received_after_close: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -252,14 +262,23 @@ impl TcpEcho {
         let (listener, addr) = bind().await?;
         let connections = Arc::new(AtomicU64::new(0));
         let received = Arc::new(AtomicU64::new(0));
+        let received_after_close = Arc::new(AtomicU64::new(0));
         let counter = received.clone();
+        let after = received_after_close.clone();
         let task = spawn_accept_loop(listener, connections.clone(), move |stream, _| {
             let counter = counter.clone();
+            let after = after.clone();
             async move {
-                let _ = echo(stream, &counter, None, Some(TCP_ECHO_FINAL_LINE)).await;
+                let _ = tcp_echo(stream, &counter, &after).await;
             }
         });
-        Ok(TcpEcho { addr, connections, received, task })
+        Ok(TcpEcho { addr, connections, received, received_after_close, task })
+    }
+
+    /// Bytes received, over all connections, after the server half-closed first (see
+    /// [`TCP_ECHO_SERVER_CLOSES_FIRST`]).
+    pub fn received_after_close(&self) -> u64 {
+        self.received_after_close.load(Ordering::SeqCst)
     }
 
     /// Where it listens.
@@ -336,6 +355,44 @@ impl Drop for ServerFirst {
     }
 }
 
+async fn tcp_echo(
+    mut stream: TcpStream,
+    received: &AtomicU64,
+    received_after_close: &AtomicU64,
+) -> std::io::Result<()> {
+    // Read until the first bytes are known to be, or not to be, the magic command.
+    let mut start = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while start.len() < TCP_ECHO_SERVER_CLOSES_FIRST.len() && TCP_ECHO_SERVER_CLOSES_FIRST.starts_with(&start) {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        received.fetch_add(n as u64, Ordering::SeqCst);
+        start.extend_from_slice(&buf[..n]);
+    }
+    if let Some(rest) = start.strip_prefix(TCP_ECHO_SERVER_CLOSES_FIRST) {
+        received_after_close.fetch_add(rest.len() as u64, Ordering::SeqCst);
+        stream.write_all(TCP_ECHO_SERVER_BYE).await?;
+        stream.shutdown().await?;
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            received.fetch_add(n as u64, Ordering::SeqCst);
+            received_after_close.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    }
+    if start.is_empty() {
+        // EOF straight away.
+        stream.write_all(TCP_ECHO_FINAL_LINE).await?;
+        return stream.shutdown().await;
+    }
+    stream.write_all(&start).await?;
+    echo(stream, received, None, Some(TCP_ECHO_FINAL_LINE)).await
+}
+
 async fn echo(
     mut stream: TcpStream,
     received: &AtomicU64,
@@ -399,6 +456,21 @@ mod tests {
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.expect("read");
         assert_eq!(out, [&b"ping\n"[..], TCP_ECHO_FINAL_LINE].concat());
+
+        let mut s = TcpStream::connect(echo.addr()).await.expect("connect");
+        s.write_all(TCP_ECHO_SERVER_CLOSES_FIRST).await.expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        assert_eq!(out, TCP_ECHO_SERVER_BYE);
+        s.write_all(&[7u8; 5000]).await.expect("write after server close");
+        s.shutdown().await.expect("shutdown");
+        drop(s);
+        crate::eventually(Duration::from_secs(5), || async {
+            anyhow::ensure!(echo.received_after_close() == 5000, "{}", echo.received_after_close());
+            Ok(())
+        })
+        .await
+        .expect("bytes after the server's half-close");
 
         let sf = ServerFirst::start().await.expect("start");
         let mut s = TcpStream::connect(sf.addr()).await.expect("connect");

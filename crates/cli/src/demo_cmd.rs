@@ -1,0 +1,239 @@
+//! `plexus demo`: the whole mesh on one machine — a control plane, the Bookinfo sample with a
+//! sidecar per workload (`plexus run`), an ingress gateway on 127.0.0.1:9080 and a light load.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use plexus_core::{Kind, parse_documents};
+use plexus_proxy::control_plane::ControlPlaneConfig;
+use plexus_proxy::{Settings, UpstreamBind};
+
+use crate::Failure;
+use crate::control_cmd::ControlPlane;
+use crate::proxy_cmd::{Sidecar, shutdown_signal};
+
+/// The Bookinfo Services (SPEC §9).
+const BOOKINFO: &str = include_str!("../../../examples/bookinfo/bookinfo.yaml");
+/// The Bookinfo workloads: service and version.
+const WORKLOADS: [(&str, &str); 6] = [
+    ("details", "v1"),
+    ("ratings", "v1"),
+    ("reviews", "v1"),
+    ("reviews", "v2"),
+    ("reviews", "v3"),
+    ("productpage", "v1"),
+];
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    #[arg(long, env = "PLEXUS_DATA_DIR", default_value = "./.plexus")]
+    data_dir: PathBuf,
+    /// Skip the light background load.
+    #[arg(long)]
+    no_load: bool,
+    /// Run each workload in its own network namespace (root).
+    #[arg(long)]
+    netns: bool,
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    http_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    grpc_addr: SocketAddr,
+    /// Where the ingress gateway listens.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    ingress_addr: SocketAddr,
+}
+
+/// Child processes, stopped (SIGTERM, then SIGKILL) on drop.
+struct Children(Vec<tokio::process::Child>);
+
+impl Children {
+    async fn stop(&mut self, timeout: Duration) {
+        for c in &self.0 {
+            if let Some(pid) = c.id() {
+                // SAFETY: kill(2) on a child we spawned.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        for c in &mut self.0 {
+            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+fn free_port() -> Result<u16, Failure> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Failure::runtime(e.to_string()))?;
+    Ok(l.local_addr().map_err(|e| Failure::runtime(e.to_string()))?.port())
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), Failure> {
+    if args.netns {
+        return Err(Failure::usage("--netns is not available in this version yet; run `plexus demo` without it"));
+    }
+    let exe = std::env::current_exe().map_err(|e| Failure::runtime(format!("cannot find the plexus binary: {e}")))?;
+    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr).await?;
+    let (store, proxies) = (cp.store.clone(), cp.proxies.clone());
+    let grpc = format!("http://{}", cp.grpc);
+    let http = cp.http;
+    let (stop_cp, stop_cp_rx) = tokio::sync::oneshot::channel::<()>();
+    let control = tokio::spawn(cp.serve(async {
+        let _ = stop_cp_rx.await;
+    }));
+
+    // Workloads registered by an earlier demo that did not stop cleanly belong to dead processes.
+    let stale: Vec<_> = store
+        .list(Some(Kind::Workload), None)
+        .map_err(|e| Failure::runtime(e.to_string()))?
+        .iter()
+        .filter(|w| w.metadata.annotations.contains_key(plexus_control::discovery::REGISTERED_ANNOTATION))
+        .map(plexus_control::store::ObjectKey::of)
+        .collect();
+    store.delete(&stale).map_err(|e| Failure::runtime(e.to_string()))?;
+    let services =
+        parse_documents("examples/bookinfo/bookinfo.yaml", BOOKINFO).map_err(|e| Failure::runtime(e.to_string()))?;
+    store.apply(&services).map_err(|e| Failure::runtime(e.to_string()))?;
+
+    let logs = args.data_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| Failure::runtime(format!("cannot create {}: {e}", logs.display())))?;
+    let mut children = Children(Vec::new());
+    for (service, version) in WORKLOADS {
+        let port = free_port()?.to_string();
+        let log = std::fs::File::create(logs.join(format!("{service}-{version}.log")))
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        let log2 = log.try_clone().map_err(|e| Failure::runtime(e.to_string()))?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args([
+            "run",
+            "--service",
+            service,
+            "--version",
+            version,
+            "--port",
+            &port,
+            "--control-plane",
+            &grpc,
+            "--data-dir",
+        ])
+        .arg(&args.data_dir)
+        .arg("--")
+        .arg(&exe)
+        .args(["sample", service, "--version", version, "--port", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0);
+        crate::run_cmd::die_with_parent(&mut cmd);
+        children.0.push(cmd.spawn().map_err(|e| Failure::runtime(format!("cannot start {service} {version}: {e}")))?);
+    }
+
+    // The ingress answers only once every workload is registered and every sidecar in sync.
+    let started = Instant::now();
+    loop {
+        let registered = store
+            .list(Some(Kind::Workload), Some("default"))
+            .map(|w| {
+                w.iter()
+                    .filter(|w| w.metadata.annotations.contains_key(plexus_control::discovery::REGISTERED_ANNOTATION))
+                    .count()
+            })
+            .unwrap_or(0);
+        let list = proxies.list();
+        let in_sync = list.len() >= WORKLOADS.len()
+            && list.iter().all(|p| p.sent_revision > 0 && p.applied_revision == p.sent_revision);
+        if registered >= WORKLOADS.len() && in_sync {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            children.stop(Duration::from_secs(5)).await;
+            let _ = stop_cp.send(());
+            return Err(Failure::runtime(format!(
+                "the Bookinfo workloads did not all register within 60 s ({registered}/{} registered); see the logs in {}",
+                WORKLOADS.len(),
+                logs.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let ingress_settings = Settings {
+        outbound: ([127, 0, 0, 1], 0).into(),
+        inbound: ([127, 0, 0, 1], 0).into(),
+        admin: ([127, 0, 0, 1], 0).into(),
+        upstreams: vec![UpstreamBind {
+            service: plexus_core::ServiceName::new("productpage", "default"),
+            port: Some(9080),
+            listen: args.ingress_addr,
+        }],
+        workload: Some("ingress-gateway".into()),
+        service: Some("ingress-gateway".into()),
+        ..Settings::default()
+    };
+    let ingress = Sidecar::start(
+        ingress_settings,
+        ControlPlaneConfig {
+            address: grpc.clone(),
+            workload: "ingress-gateway".into(),
+            namespace: "default".into(),
+            service: "ingress-gateway".into(),
+            version: "v1".into(),
+            mode: "ingress".into(),
+            admin_address: String::new(),
+            token: String::new(),
+            register: None,
+        },
+    )?;
+    ingress.wait_connected(Duration::from_secs(10)).await;
+    let (stop_ingress, stop_ingress_rx) = tokio::sync::oneshot::channel::<()>();
+    let ingress_task = tokio::spawn(ingress.run(async {
+        let _ = stop_ingress_rx.await;
+    }));
+
+    let load = if args.no_load { None } else { Some(tokio::spawn(light_load(args.ingress_addr))) };
+    println!("Plexus demo is running ({:.1} s to start).", started.elapsed().as_secs_f64());
+    println!("  Bookinfo:       http://{}/productpage", args.ingress_addr);
+    println!("  Control plane:  http://{http}/");
+    println!("  Try:            plexus get workloads");
+    println!("                  plexus apply -f examples/bookinfo/   (walk-throughs as they land)");
+    println!("  Logs:           {}", logs.display());
+    println!("Press Ctrl-C to stop.");
+
+    shutdown_signal().await;
+    println!("Stopping…");
+    if let Some(l) = load {
+        l.abort();
+    }
+    children.stop(Duration::from_secs(7)).await;
+    let _ = stop_ingress.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), ingress_task).await;
+    let _ = stop_cp.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(1), control).await;
+    Ok(())
+}
+
+/// About 5 requests per second to `/productpage` through the ingress.
+async fn light_load(ingress: SocketAddr) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let one = async {
+            let stream = tokio::net::TcpStream::connect(ingress).await.ok()?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(conn);
+            let req = http::Request::get("/productpage")
+                .header("host", ingress.to_string())
+                .body(Empty::<Bytes>::new())
+                .ok()?;
+            let resp = sender.send_request(req).await.ok()?;
+            resp.into_body().collect().await.ok()?;
+            Some(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), one).await;
+    }
+}
