@@ -41,7 +41,8 @@ enum Dest<'a> {
     Direct { authority: String, addr: Option<SocketAddr> },
 }
 
-/// Connection attempts per request when connecting fails (nothing was sent, so it is safe).
+/// Attempts per request when connecting fails (nothing was sent, so it is safe) or a safe
+/// (GET, HEAD, OPTIONS, TRACE) request without a body is reset before its response.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
 /// Handles one outbound request; never fails (errors become responses).
@@ -139,12 +140,15 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
                         state.count_ejection(&backend.name, &obs.route);
                     }
                     tried.push(ep.addr);
-                    if e.retryable()
+                    // Nothing reached the app (connect failure), or a safe request was reset
+                    // before any response (the endpoint died): another endpoint may answer.
+                    let safe_reset = matches!(e, ProxyError::UpstreamReset(_)) && head.method.is_safe();
+                    if (e.retryable() || safe_reset)
                         && body_empty
                         && tried.len() < MAX_CONNECT_ATTEMPTS
                         && tried.len() < backend_port.endpoints.len()
                     {
-                        tracing::debug!(endpoint = %ep.addr, error = %e, "connect failed; trying another endpoint");
+                        tracing::debug!(endpoint = %ep.addr, error = %e, "trying another endpoint");
                         state
                             .metrics
                             .retries

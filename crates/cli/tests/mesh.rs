@@ -1,0 +1,317 @@
+//! The mesh end to end: `plexus demo`, and `plexus control` + `plexus run` + sidecars fed by
+//! gRPC discovery — route changes reaching proxies, control-plane restarts under load,
+//! workloads crashing out of the balancers.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use plexus_testkit::{HttpEcho, Proxy, TempDir, free_port, serial};
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+
+/// A child process killed (SIGKILL) on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc_kill(self.0.id() as i32, sig) };
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `plexus control` on the given ports; returns once it printed its ready line.
+fn control(data: &Path, http: u16, grpc: u16) -> Result<Proc> {
+    let mut child = Command::new(PLEXUS)
+        .args([
+            "control",
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--data-dir",
+        ])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    anyhow::ensure!(line.contains("\"grpc\""), "no ready line: {line:?}");
+    Ok(Proc(child))
+}
+
+fn cli(data: &Path, http: u16, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(PLEXUS)
+        .args(args)
+        .env("PLEXUS_SERVER", format!("http://127.0.0.1:{http}"))
+        .env("PLEXUS_DATA_DIR", data)
+        .output()?)
+}
+
+fn get_text(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, out))
+}
+
+fn served_by(page: &str) -> Option<String> {
+    page.lines().find_map(|l| l.trim().strip_prefix("Reviews served by: ").map(|v| v.trim().to_string()))
+}
+
+#[test]
+fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
+    let dir = TempDir::new("demo")?;
+    let data = dir.join("data");
+    let (http, grpc, ingress) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(PLEXUS)
+        .args([
+            "demo",
+            "--no-load",
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--ingress-addr",
+            &format!("127.0.0.1:{ingress}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let demo = Proc(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().context("demo printed nothing")??;
+    assert!(first.starts_with("Plexus demo is running"), "{first}");
+    let ingress_addr = format!("127.0.0.1:{ingress}");
+
+    // Every reviews version takes a turn with no route.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (status, page) = get_text(&ingress_addr, "/productpage", &[])?;
+        assert_eq!(status, 200, "{page}");
+        seen.insert(served_by(&page).context("no 'Reviews served by' line")?);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1", "reviews-v2", "reviews-v3"]);
+    let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
+    assert!(!page.contains("Error fetching product details"), "details reachable");
+
+    // A route shifts traffic within a second, without restarting anything.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
+    let o = cli(&data, http, &["apply", "-f", repo.join("route-jason-v3.yaml").to_str().context("path")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let applied = Instant::now();
+    loop {
+        let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
+        let (_, jason) = get_text(&ingress_addr, "/productpage", &[("end-user", "jason")])?;
+        if served_by(&page).as_deref() == Some("reviews-v1") && served_by(&jason).as_deref() == Some("reviews-v3") {
+            break;
+        }
+        assert!(applied.elapsed() < Duration::from_secs(2), "the route did not take effect within a second or so");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..10 {
+        let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
+        assert_eq!(served_by(&page).as_deref(), Some("reviews-v1"));
+        assert!(!page.contains("stars:"), "v1 shows no stars");
+        let (_, jason) = get_text(&ingress_addr, "/productpage", &[("end-user", "jason")])?;
+        assert!(jason.contains("stars: red"), "jason sees red stars");
+    }
+    // Deleting it spreads traffic again.
+    let o = cli(&data, http, &["delete", "httproute", "reviews"])?;
+    assert!(o.status.success());
+    let deleted = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 {
+        let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
+        seen.extend(served_by(&page));
+        assert!(deleted.elapsed() < Duration::from_secs(5), "traffic did not spread again: {seen:?}");
+    }
+
+    // Prometheus discovery lists every proxy.
+    let (status, targets) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/prometheus/targets", &[])?;
+    assert_eq!(status, 200);
+    assert!(targets.to_ascii_lowercase().contains("content-type: application/json"), "{targets}");
+    let body = targets.split("\r\n\r\n").nth(1).context("body")?;
+    let groups: serde_json::Value = serde_json::from_str(body)?;
+    assert_eq!(groups.as_array().map(Vec::len), Some(7), "six sidecars and the ingress: {groups}");
+
+    // SIGINT stops everything within 10 s, leaving no process behind.
+    let stopping = Instant::now();
+    demo.signal(2);
+    let mut demo = demo;
+    loop {
+        if demo.0.try_wait()?.is_some() {
+            break;
+        }
+        assert!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let leftovers = Command::new("pgrep").args(["-f", &data.display().to_string()]).output()?;
+    assert!(leftovers.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&leftovers.stdout));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balancers() -> Result<()> {
+    let _serial = serial().await;
+    let dir = TempDir::new("cp-restart")?;
+    let data = dir.join("data");
+    let (http, grpc) = (free_port(), free_port());
+    let cp = control(&data, http, grpc)?;
+    let services = dir.join("svc.yaml");
+    std::fs::write(
+        &services,
+        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
+    )?;
+    let o = cli(&data, http, &["apply", "-f", services.to_str().context("path")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Two workloads: each an in-test echo app behind a `plexus run` sidecar.
+    let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let mut runs = Vec::new();
+    for app in &apps {
+        let child = Command::new(PLEXUS)
+            .args([
+                "run",
+                "--service",
+                "echo",
+                "--port",
+                &app.port().to_string(),
+                "--control-plane",
+                &grpc_url,
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(["--", "sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        runs.push(Proc(child));
+    }
+    let client = Proxy::start_named(
+        "client",
+        PLEXUS,
+        [
+            "proxy",
+            "--control-plane",
+            &grpc_url,
+            "--outbound-port",
+            "0",
+            "--inbound-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--upstream",
+            "echo:8080=0",
+        ],
+    )
+    .await?;
+    let addr = client.upstream("echo.default:8080")?;
+    // Both endpoints registered and serving.
+    plexus_testkit::eventually(Duration::from_secs(20), || async move {
+        let mut by = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let r = plexus_testkit::client::get(addr, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            by.extend(r.header("x-served-by").map(str::to_string));
+        }
+        anyhow::ensure!(by.len() == 2, "served by {by:?}");
+        Ok(())
+    })
+    .await?;
+
+    // Load during the rest of the test: no request may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, failures, done) = (stop.clone(), failures.clone(), done.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match plexus_testkit::client::get(addr, "echo:8080", "/", &[], Duration::from_secs(5)).await {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => {
+                        eprintln!("status {} ({:?})", r.status, r.header("x-plexus-error"));
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        eprintln!("error {e:#}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    // Kill -9 the control plane, keep serving for 2 s, restart it: proxies resync.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(cp);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cp = control(&data, http, grpc)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = done.load(Ordering::SeqCst);
+
+    // A workload crashes (its sidecar is SIGKILLed): it leaves every balancer within 15 s,
+    // and requests keep succeeding meanwhile (a refused connection is retried elsewhere).
+    let crashed = runs.remove(0);
+    drop(crashed);
+    let crash = Instant::now();
+    loop {
+        let o = cli(&data, http, &["get", "workloads", "-o", "json"])?;
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        if list["items"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(crash.elapsed() < Duration::from_secs(20), "the crashed workload is still registered after 20 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let expired_after = crash.elapsed();
+    assert!(expired_after < Duration::from_secs(17), "expired after {expired_after:?}");
+    // The restarted control plane pushed the removal: the client's balancer holds one endpoint.
+    let proxy = &client;
+    plexus_testkit::eventually(Duration::from_secs(3), || async move {
+        let config = proxy.admin_get("/config").await?.json()?;
+        let endpoints = config["services"][0]["ports"][0]["endpoints"].as_array().map(Vec::len);
+        anyhow::ensure!(endpoints == Some(1), "endpoints in the client's config: {endpoints:?}");
+        Ok(())
+    })
+    .await?;
+    stop.store(true, Ordering::SeqCst);
+    load.await?;
+    assert!(done.load(Ordering::SeqCst) > before + 50, "load kept running");
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "requests failed during the restart or the crash");
+    drop(cp);
+    Ok(())
+}
