@@ -39,11 +39,23 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// An API failure: a status and a message, answered as `{"error": message}`.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
 }
 
-fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError { status, message: message.into() }
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
@@ -61,11 +73,11 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse_kind(kind: &str) -> Result<Kind, Response> {
+fn parse_kind(kind: &str) -> Result<Kind, ApiError> {
     Kind::from_cli(kind).ok_or_else(|| error(StatusCode::NOT_FOUND, format!("unknown kind {kind:?}")))
 }
 
-fn store_failure(e: impl std::fmt::Display) -> Response {
+fn store_failure(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "store failure");
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
@@ -94,8 +106,8 @@ fn validation_errors(e: &LoadError) -> Response {
 /// `POST /api/v1/apply` with `{"source": "file name", "items": [resources...]}`: validates
 /// everything, then stores all or nothing.
 async fn apply(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
-        return r;
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
     }
     let source = body.get("source").and_then(Value::as_str).unwrap_or("request").to_string();
     let items = body.get("items").cloned().unwrap_or(Value::Array(Vec::new()));
@@ -112,8 +124,8 @@ async fn apply(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Val
                 .collect();
             Json(json!({ "results": results })).into_response()
         }
-        Ok(Err(e)) => store_failure(e),
-        Err(e) => store_failure(e),
+        Ok(Err(e)) => store_failure(e).into_response(),
+        Err(e) => store_failure(e).into_response(),
     }
 }
 
@@ -125,19 +137,19 @@ struct ListQuery {
 async fn list(State(s): State<Shared>, Path(kind): Path<String>, Query(q): Query<ListQuery>) -> Response {
     let kind = match parse_kind(&kind) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let ns = q.namespace.filter(|n| n != "all" && !n.is_empty());
     match s.store.list(Some(kind), ns.as_deref()) {
         Ok(items) => Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response(),
-        Err(e) => store_failure(e),
+        Err(e) => store_failure(e).into_response(),
     }
 }
 
 async fn get_one(State(s): State<Shared>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Response {
     let kind = match parse_kind(&kind) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let key = ObjectKey { kind, namespace, name };
     match s.store.get(&key) {
@@ -145,8 +157,9 @@ async fn get_one(State(s): State<Shared>, Path((kind, namespace, name)): Path<(S
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("{} {}/{} not found", key.kind.as_str().to_ascii_lowercase(), key.namespace, key.name),
-        ),
-        Err(e) => store_failure(e),
+        )
+        .into_response(),
+        Err(e) => store_failure(e).into_response(),
     }
 }
 
@@ -155,12 +168,12 @@ async fn delete_one(
     headers: HeaderMap,
     Path((kind, namespace, name)): Path<(String, String, String)>,
 ) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
-        return r;
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
     }
     let kind = match parse_kind(&kind) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let key = ObjectKey { kind, namespace, name };
     match s.store.delete(std::slice::from_ref(&key)) {
@@ -168,21 +181,22 @@ async fn delete_one(
         Ok(_) => error(
             StatusCode::NOT_FOUND,
             format!("{} {}/{} not found", key.kind.as_str().to_ascii_lowercase(), key.namespace, key.name),
-        ),
-        Err(e) => store_failure(e),
+        )
+        .into_response(),
+        Err(e) => store_failure(e).into_response(),
     }
 }
 
 /// `POST /api/v1/delete` with `{"items": [{kind, namespace, name}...]}`: one transaction.
 async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
-        return r;
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
     }
     let mut keys = Vec::new();
     for item in body.get("items").and_then(Value::as_array).cloned().unwrap_or_default() {
         let field = |f: &str| item.get(f).and_then(Value::as_str).map(str::to_string);
         let (Some(kind), Some(name)) = (field("kind").and_then(|k| Kind::from_cli(&k)), field("name")) else {
-            return error(StatusCode::BAD_REQUEST, format!("invalid item {item}"));
+            return error(StatusCode::BAD_REQUEST, format!("invalid item {item}")).into_response();
         };
         keys.push(ObjectKey { kind, namespace: field("namespace").unwrap_or_else(|| "default".into()), name });
     }
@@ -195,7 +209,7 @@ async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Js
                 .collect();
             Json(json!({ "results": results })).into_response()
         }
-        Err(e) => store_failure(e),
+        Err(e) => store_failure(e).into_response(),
     }
 }
 

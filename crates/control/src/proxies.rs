@@ -51,10 +51,10 @@ impl Proxies {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         record.id = id;
         record.last_seen = Some(Instant::now());
-        if let Some(k) = &record.registered {
-            if let Ok(mut r) = self.registered.lock() {
-                r.insert(k.clone(), Instant::now());
-            }
+        if let Some(k) = &record.registered
+            && let Ok(mut r) = self.registered.lock()
+        {
+            r.insert(k.clone(), Instant::now());
         }
         if let Ok(mut c) = self.connected.lock() {
             c.insert(id, record);
@@ -70,18 +70,18 @@ impl Proxies {
         if let Some(r) = applied_revision {
             rec.applied_revision = r;
         }
-        if let Some(k) = &rec.registered {
-            if let Ok(mut r) = self.registered.lock() {
-                r.insert(k.clone(), Instant::now());
-            }
+        if let Some(k) = &rec.registered
+            && let Ok(mut r) = self.registered.lock()
+        {
+            r.insert(k.clone(), Instant::now());
         }
     }
 
     pub fn sent(&self, id: u64, revision: u64) {
-        if let Ok(mut c) = self.connected.lock() {
-            if let Some(rec) = c.get_mut(&id) {
-                rec.sent_revision = revision;
-            }
+        if let Ok(mut c) = self.connected.lock()
+            && let Some(rec) = c.get_mut(&id)
+        {
+            rec.sent_revision = revision;
         }
     }
 
