@@ -23,7 +23,7 @@ impl ControlPlane {
     fn start(data_dir: &Path) -> Result<ControlPlane> {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(PLEXUS)
-            .args(["control", "--http-addr", &addr, "--data-dir"])
+            .args(["control", "--http-addr", &addr, "--grpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
