@@ -2,6 +2,7 @@
 //! commands build on the same entry point.
 
 mod api_client;
+mod check_cmd;
 mod control_cmd;
 mod demo_cmd;
 mod logging;
@@ -40,6 +41,8 @@ enum Command {
     Get(resources_cmd::GetArgs),
     /// Delete a resource, or those named in files.
     Delete(resources_cmd::DeleteArgs),
+    /// Health checks of the control plane, proxies and configuration.
+    Check(check_cmd::CheckArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
     /// Run a Bookinfo sample service (used by `plexus demo`).
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             Command::Apply(args) => resources_cmd::apply(args).await,
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,
+            Command::Check(args) => check_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,

@@ -124,6 +124,12 @@ fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
     assert!(!page.contains("Error fetching product details"), "details reachable");
 
+    // A healthy demo passes `plexus check`.
+    let o = cli(&data, http, &["check"])?;
+    let report = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "check failed on a healthy demo:\n{report}");
+    assert!(report.contains("✓ 7 proxies connected") && report.contains("✓ every proxy is in sync"), "{report}");
+
     // A route shifts traffic within a second, without restarting anything.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
     let o = cli(&data, http, &["apply", "-f", repo.join("route-jason-v3.yaml").to_str().context("path")?])?;
@@ -156,13 +162,55 @@ fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
         assert!(deleted.elapsed() < Duration::from_secs(5), "traffic did not spread again: {seen:?}");
     }
 
+    // `check` flags a route to a missing Service, and a workload whose proxy stopped.
+    let broken = dir.join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken}\nspec:\n  parentRefs: [{name: ratings}]\n  rules: [{backendRefs: [{name: ratings-v9}]}]\n",
+    )?;
+    assert!(cli(&data, http, &["apply", "-f", broken.to_str().context("path")?])?.status.success());
+    let o = cli(&data, http, &["check"])?;
+    let report = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains(
+            "✗ HTTPRoute default/broken: rule 0 sends traffic to Service ratings-v9.default, which does not exist"
+        ),
+        "{report}"
+    );
+    assert!(cli(&data, http, &["delete", "httproute", "broken"])?.status.success());
+    let details_run = Command::new("pgrep").args(["-f", "run --service details"]).output()?;
+    let pid: i32 =
+        String::from_utf8_lossy(&details_run.stdout).lines().next().context("details run pid")?.trim().parse()?;
+    // SAFETY: SIGKILL to a process of this test's demo.
+    unsafe { libc_kill(pid, 9) };
+    std::thread::sleep(Duration::from_millis(500));
+    let o = cli(&data, http, &["check"])?;
+    let report = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    assert!(report.contains("is registered but its proxy is not connected"), "{report}");
+    let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
+    assert!(page.contains("Error fetching product details"), "details is down");
+
     // Prometheus discovery lists every proxy.
     let (status, targets) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/prometheus/targets", &[])?;
     assert_eq!(status, 200);
     assert!(targets.to_ascii_lowercase().contains("content-type: application/json"), "{targets}");
     let body = targets.split("\r\n\r\n").nth(1).context("body")?;
     let groups: serde_json::Value = serde_json::from_str(body)?;
-    assert_eq!(groups.as_array().map(Vec::len), Some(7), "six sidecars and the ingress: {groups}");
+    assert_eq!(
+        groups.as_array().map(Vec::len),
+        Some(6),
+        "five sidecars (details was killed) and the ingress: {groups}"
+    );
+    assert!(
+        groups
+            .as_array()
+            .context("groups")?
+            .iter()
+            .any(|g| g["labels"]["service"] == "reviews" && g["labels"]["version"] == "v2"),
+        "{groups}"
+    );
 
     // SIGINT stops everything within 10 s, leaving no process behind.
     let stopping = Instant::now();
