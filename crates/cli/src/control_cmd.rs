@@ -90,16 +90,23 @@ impl ControlPlane {
     /// Serves the HTTP API and the discovery gRPC service until `shutdown` completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
         let ControlPlane { http, grpc, store, proxies, data, http_listener, grpc_listener } = self;
+        let traffic = Arc::new(plexus_control::traffic::TrafficWindow::default());
         let state = Arc::new(ApiState {
             store: store.clone(),
             admin_token: data.admin_token.clone(),
             proxies: proxies.clone(),
+            traffic: traffic.clone(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));
         let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
-        let discovery =
-            DiscoveryService { views: views_rx, store: store.clone(), proxies, join_token: data.join_token.clone() };
+        let discovery = DiscoveryService {
+            views: views_rx,
+            store: store.clone(),
+            proxies,
+            join_token: data.join_token.clone(),
+            traffic,
+        };
         let (stop_tx, _) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

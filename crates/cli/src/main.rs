@@ -10,6 +10,7 @@ mod proxy_cmd;
 mod resources_cmd;
 mod run_cmd;
 mod sample_cmd;
+mod stat_cmd;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Delete(resources_cmd::DeleteArgs),
     /// Health checks of the control plane, proxies and configuration.
     Check(check_cmd::CheckArgs),
+    /// Golden metrics (requests/s, success rate, latency percentiles) per service, workload, route.
+    Stat(stat_cmd::StatArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
     /// Run a Bookinfo sample service (used by `plexus demo`).
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,
             Command::Check(args) => check_cmd::run(args).await,
+            Command::Stat(args) => stat_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,

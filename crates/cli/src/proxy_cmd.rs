@@ -188,6 +188,13 @@ impl Sidecar {
         let proxy = Proxy::bind(settings, discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
         config.admin_address = proxy.addresses().admin.to_string();
         config.register = register(proxy.addresses());
+        tokio::spawn(plexus_proxy::telemetry::report_loop(
+            proxy.telemetry(),
+            config.address.clone(),
+            config.workload.clone(),
+            config.namespace.clone(),
+            config.service.clone(),
+        ));
         let (leave, leave_rx) = tokio::sync::watch::channel(false);
         let control = tokio::spawn(plexus_proxy::control_plane::run(discovery.clone(), config, leave_rx));
         Ok(Sidecar { proxy, discovery, leave, control })

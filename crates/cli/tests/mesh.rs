@@ -363,3 +363,88 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     drop(cp);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
+    let dir = TempDir::new("stat")?;
+    let data = dir.join("data");
+    let (http, grpc) = (free_port(), free_port());
+    let _cp = control(&data, http, grpc)?;
+    let services = dir.join("svc.yaml");
+    std::fs::write(
+        &services,
+        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
+    )?;
+    assert!(cli(&data, http, &["apply", "-f", services.to_str().context("path")?])?.status.success());
+    let app = HttpEcho::start("echo").await?;
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let _run = Proc(
+        Command::new(PLEXUS)
+            .args([
+                "run",
+                "--service",
+                "echo",
+                "--port",
+                &app.port().to_string(),
+                "--control-plane",
+                &grpc_url,
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(["--", "sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let client = Proxy::start_named(
+        "client",
+        PLEXUS,
+        [
+            "proxy",
+            "--control-plane",
+            &grpc_url,
+            "--outbound-port",
+            "0",
+            "--inbound-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--upstream",
+            "echo:8080=0",
+            "--workload",
+            "client-1",
+            "--service",
+            "client",
+        ],
+    )
+    .await?;
+    let addr = client.upstream("echo.default:8080")?;
+    plexus_testkit::eventually(Duration::from_secs(20), || async move {
+        let r = plexus_testkit::client::get(addr, "echo:8080", "/warmup", &[], Duration::from_secs(5)).await?;
+        anyhow::ensure!(r.status == 200, "status {}", r.status);
+        Ok(())
+    })
+    .await?;
+    let before = app.requests();
+    for i in 0..1000 {
+        let path = if i % 10 == 0 { "/status/500" } else { "/ok" };
+        let r = plexus_testkit::client::get(addr, "echo:8080", path, &[], Duration::from_secs(5)).await?;
+        assert_eq!(r.status, if i % 10 == 0 { 500 } else { 200 });
+    }
+    assert_eq!(app.requests() - before, 1000);
+    // Reports go out every 2 s; the window covers the warm-up request and the 1,000.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let o = cli(&data, http, &["stat", "service", "echo", "--window", "1m", "-o", "json"])?;
+    let stat: serde_json::Value =
+        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
+    let row = &stat["rows"][0];
+    assert_eq!(row["requests"], 1001, "the warm-up and exactly 1,000 more: {stat}");
+    let success = row["successRate"].as_f64().context("successRate")?;
+    assert!((0.89..=0.91).contains(&success), "success rate {success}");
+    assert!(row["p99Ms"].as_f64().is_some_and(|p| p > 0.0), "{stat}");
+    // The table view and the per-workload view agree.
+    let o = cli(&data, http, &["stat", "workload", "--window", "1m"])?;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%")), "{table}");
+    Ok(())
+}

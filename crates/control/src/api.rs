@@ -20,6 +20,7 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub admin_token: String,
     pub proxies: Arc<crate::proxies::Proxies>,
+    pub traffic: Arc<crate::traffic::TrafficWindow>,
 }
 
 type Shared = Arc<ApiState>;
@@ -36,6 +37,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
         .route("/api/v1/proxies", get(proxies))
+        .route("/api/v1/stat", get(stat))
         .with_state(state)
 }
 
@@ -229,6 +231,35 @@ async fn prometheus_targets(State(s): State<Shared>) -> Response {
         })
         .collect();
     ([(header::CONTENT_TYPE, "application/json")], Value::Array(groups).to_string()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct StatQuery {
+    kind: Option<String>,
+    window: Option<String>,
+}
+
+/// `GET /api/v1/stat?kind=service|workload|route&window=1m`: golden metrics.
+async fn stat(State(s): State<Shared>, Query(q): Query<StatQuery>) -> Response {
+    use crate::traffic::StatKind;
+    let kind = match q.kind.as_deref().unwrap_or("service") {
+        "service" | "services" | "svc" => StatKind::Service,
+        "workload" | "workloads" => StatKind::Workload,
+        "route" | "routes" | "httproute" | "httproutes" => StatKind::Route,
+        other => {
+            return error(StatusCode::BAD_REQUEST, format!("cannot stat {other:?}: use service, workload or route"))
+                .into_response();
+        }
+    };
+    let window = match q.window.as_deref().map(plexus_core::duration::parse).transpose() {
+        Ok(w) => w.unwrap_or(std::time::Duration::from_secs(60)),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("window: {e}")).into_response(),
+    };
+    if window > crate::traffic::RETENTION {
+        return error(StatusCode::BAD_REQUEST, "window: at most 10m of history is kept").into_response();
+    }
+    Json(json!({ "window": plexus_core::duration::format(window), "rows": s.traffic.stat(kind, window) }))
+        .into_response()
 }
 
 /// The connected proxies with their sync state (`plexus check`).

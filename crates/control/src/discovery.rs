@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_api::discovery::discovery_server::Discovery;
-use plexus_api::discovery::{WatchRequest, WatchResponse};
+use plexus_api::discovery::{ReportAck, TelemetryReport, WatchRequest, WatchResponse};
 use plexus_core::{Kind, ServiceName, Spec, parse_documents};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,7 @@ pub struct DiscoveryService {
     pub store: Arc<dyn Store>,
     pub proxies: Arc<Proxies>,
     pub join_token: String,
+    pub traffic: Arc<crate::traffic::TrafficWindow>,
 }
 
 fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
@@ -58,6 +59,11 @@ impl DiscoveryService {
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn report(&self, request: Request<TelemetryReport>) -> Result<Response<ReportAck>, Status> {
+        self.traffic.add(request.into_inner().summaries);
+        Ok(Response::new(ReportAck {}))
+    }
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let mut inbound = request.into_inner();

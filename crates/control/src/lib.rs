@@ -10,3 +10,4 @@ pub mod discovery;
 pub mod index;
 pub mod proxies;
 pub mod store;
+pub mod traffic;

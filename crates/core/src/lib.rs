@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod duration;
+pub mod latency;
 pub mod load;
 pub mod model;
 pub mod names;

@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod settings;
+pub mod telemetry;
 pub mod transport;
 
 pub use proxy::{Proxy, ProxyHandle};

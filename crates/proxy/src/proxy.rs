@@ -40,6 +40,7 @@ pub struct State {
     pub balancer: Balancer,
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub http: HttpServer,
     conn_limit: Arc<Semaphore>,
     draining: AtomicBool,
@@ -197,6 +198,7 @@ impl Proxy {
             balancer: Balancer::new(settings.load_balancer),
             pool: Pool::new(settings.limits.connect_timeout),
             metrics: Metrics::new(),
+            telemetry: Arc::default(),
             http: HttpServer::new(&settings.limits),
             conn_limit: Arc::new(Semaphore::new(settings.limits.max_connections)),
             draining: AtomicBool::new(false),
@@ -210,6 +212,11 @@ impl Proxy {
 
     pub fn addresses(&self) -> &Addresses {
         &self.addresses
+    }
+
+    /// Where finished requests are summarised for the control plane.
+    pub fn telemetry(&self) -> Arc<crate::telemetry::Telemetry> {
+        self.state.telemetry.clone()
     }
 
     pub fn handle(&self) -> ProxyHandle {

@@ -101,6 +101,15 @@ impl Observation {
             response_flags: flags.into(),
             connection_security_policy: self.security.into(),
         };
+        let success = status < 500 && (labels.grpc_response_status.is_empty() || labels.grpc_response_status == "0");
+        self.state.telemetry.record(
+            self.direction,
+            &labels.peers,
+            &self.route,
+            success,
+            self.security == "mutual_tls",
+            elapsed,
+        );
         let series = m.request(&labels);
         series.requests.inc();
         series.duration.observe(elapsed.as_secs_f64());
