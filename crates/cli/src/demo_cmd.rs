@@ -1,6 +1,7 @@
 //! `plexus demo`: the whole mesh on one machine — a control plane, the Bookinfo sample with a
 //! sidecar per workload (`plexus run`), an ingress gateway on 127.0.0.1:9080 and a light load.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -36,7 +37,8 @@ pub struct DemoArgs {
     /// Skip the light background load.
     #[arg(long)]
     no_load: bool,
-    /// Run each workload in its own network namespace (root).
+    /// Run each workload in its own network namespace with transparent interception (root);
+    /// namespaces `plx-*` on bridge `plx0`, 10.251.0.0/24.
     #[arg(long)]
     netns: bool,
     #[arg(long, default_value = "127.0.0.1:7701")]
@@ -74,11 +76,16 @@ fn free_port() -> Result<u16, Failure> {
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), Failure> {
+    let mut grpc_addr = args.grpc_addr;
     if args.netns {
-        return Err(Failure::usage("--netns is not available in this version yet; run `plexus demo` without it"));
+        crate::netns::require_root()?;
+        crate::netns::remove_stale();
+        crate::netns::ensure_bridge()?;
+        // Sidecars in the workloads' namespaces reach the control plane on the bridge.
+        grpc_addr = SocketAddr::new(crate::netns::GATEWAY.into(), args.grpc_addr.port());
     }
     let exe = std::env::current_exe().map_err(|e| Failure::runtime(format!("cannot find the plexus binary: {e}")))?;
-    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr).await?;
+    let cp = ControlPlane::start(&args.data_dir, args.http_addr, grpc_addr).await?;
     let (store, proxies) = (cp.store.clone(), cp.proxies.clone());
     let grpc = format!("http://{}", cp.grpc);
     let http = cp.http;
@@ -122,6 +129,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             "--data-dir",
         ])
         .arg(&args.data_dir)
+        .args(["--server", &format!("http://{http}")])
+        .args(if args.netns { &["--netns"][..] } else { &[] })
         .arg("--")
         .arg(&exe)
         .args(["sample", service, "--version", version, "--port", &port])
@@ -205,11 +214,16 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     println!("Press Ctrl-C to stop.");
 
     shutdown_signal().await;
-    println!("Stopping…");
+    // Whoever started the demo may have stopped reading its output: never fail on that.
+    let _ = writeln!(std::io::stdout(), "Stopping…");
     if let Some(l) = load {
         l.abort();
     }
     children.stop(Duration::from_secs(7)).await;
+    if args.netns {
+        // Normally each `plexus run` removed its own; this catches any it could not.
+        crate::netns::remove_stale();
+    }
     let _ = stop_ingress.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), ingress_task).await;
     let _ = stop_cp.send(());

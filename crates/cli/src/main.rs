@@ -6,6 +6,7 @@ mod check_cmd;
 mod control_cmd;
 mod demo_cmd;
 mod logging;
+mod netns;
 mod proxy_cmd;
 mod resources_cmd;
 mod run_cmd;

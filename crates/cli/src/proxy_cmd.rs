@@ -13,6 +13,14 @@ use plexus_proxy::{LoadBalancer, Proxy, Settings, UpstreamBind};
 
 use crate::Failure;
 
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("invalid mark {s:?}: {e}"))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     plexus_core::duration::parse(s)
 }
@@ -30,6 +38,19 @@ pub struct ProxyArgs {
     /// What this proxy is: a workload's sidecar, or the mesh's ingress or egress gateway.
     #[arg(long, env = "PLEXUS_MODE", default_value = "sidecar", value_parser = ["sidecar", "ingress", "egress"])]
     pub mode: String,
+    /// SO_MARK for the proxy's own upstream connections (transparent interception lets marked
+    /// packets through; netns mode uses 0x504c).
+    #[arg(long, env = "PLEXUS_OUTBOUND_MARK", value_parser = parse_mark)]
+    pub outbound_mark: Option<u32>,
+    /// A hosts file whose addresses are Service virtual IPs (netns mode: `/etc/hosts`).
+    #[arg(long, env = "PLEXUS_VIP_HOSTS")]
+    pub vip_hosts: Option<PathBuf>,
+    /// A Workload (JSON) to register with the control plane while running (`plexus run --netns`).
+    #[arg(long, hide = true)]
+    pub register_json: Option<String>,
+    /// The join token, needed to register.
+    #[arg(long, env = "PLEXUS_TOKEN", hide = true)]
+    pub token: Option<String>,
     /// This proxy's workload version (metrics labels, service discovery).
     #[arg(long = "workload-version", env = "PLEXUS_WORKLOAD_VERSION")]
     pub workload_version: Option<String>,
@@ -106,6 +127,8 @@ impl ProxyArgs {
             service: self.service,
             namespace: self.namespace,
             access_log: self.access_log,
+            outbound_mark: self.outbound_mark,
+            vip_hosts: self.vip_hosts,
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,
                 max_connections: self.max_connections,
@@ -129,10 +152,11 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             version: args.workload_version.clone().unwrap_or_default(),
             mode: args.mode.clone(),
             admin_address: String::new(),
-            token: String::new(),
+            token: args.token.clone().unwrap_or_default(),
             register: None,
         };
-        let sidecar = Sidecar::start(args.settings(), config)?;
+        let register = args.register_json.take().map(String::into_bytes);
+        let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;
         println!("{}", sidecar.ready_line());
         sidecar.run(shutdown_signal()).await;
         return Ok(());

@@ -12,6 +12,9 @@ use crate::proxy_cmd::{Sidecar, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// The control plane's HTTP API (`--netns` reads the Services from it for name resolution).
+    #[arg(long, env = "PLEXUS_SERVER", default_value = "http://127.0.0.1:7701")]
+    server: String,
     /// The Service this workload serves (its `app` label).
     #[arg(long)]
     service: String,
@@ -66,9 +69,6 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
 const APP_STOP_TIMEOUT: Duration = Duration::from_secs(8);
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
-    if args.netns {
-        return Err(Failure::usage("--netns is not available in this version yet; run without it (explicit mode)"));
-    }
     let token = match args.token.clone() {
         Some(t) => t,
         None => {
@@ -82,6 +82,9 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let workload = format!("{}-{}-{:05x}", args.service, args.version, fastrand::u32(..) & 0xfffff);
     let service_account = args.service_account.clone().unwrap_or_else(|| args.service.clone());
+    if args.netns {
+        return run_in_netns(&args, token, workload, service_account).await;
+    }
     let settings = Settings {
         outbound: ([127, 0, 0, 1], args.outbound_port).into(),
         inbound: ([127, 0, 0, 1], args.inbound_port).into(),
@@ -169,4 +172,158 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         Some(code) => Err(Failure { code: code.clamp(1, 255) as u8, message: String::new() }),
         None => Err(Failure { code: 1, message: String::new() }),
     }
+}
+
+/// `--netns`: the workload and its sidecar in their own network namespace, traffic
+/// intercepted transparently, Service names resolved to virtual IPs through the hosts file.
+async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_account: String) -> Result<(), Failure> {
+    crate::netns::require_root()?;
+    // Inside the namespace 127.0.0.1 is the pod's own loopback: reach the control plane on
+    // the bridge address instead.
+    let control_plane = args.control_plane.replace("127.0.0.1", &crate::netns::GATEWAY.to_string());
+    let cp_port = control_plane.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(7700);
+    let pod = std::sync::Arc::new(crate::netns::Pod::create(cp_port)?);
+    let servers = crate::api_client::ServerArgs { server: args.server.clone(), data_dir: args.data_dir.clone() };
+    refresh_hosts(&pod, &servers).await;
+    let ports: Vec<serde_json::Value> =
+        args.port.map(|p| json!({"name": "http", "port": p, "targetPort": p})).into_iter().collect();
+    let registration = json!({
+        "apiVersion": "plexus.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {"name": workload, "namespace": args.namespace, "labels": {"app": args.service, "version": args.version}},
+        "spec": {"address": pod.ip.to_string(), "ports": ports, "serviceAccount": service_account, "meshed": true},
+    });
+    let exe = std::env::current_exe().map_err(|e| Failure::runtime(e.to_string()))?;
+    let mut sidecar = pod.exec(&exe.to_string_lossy());
+    sidecar
+        .args([
+            "proxy",
+            "--control-plane",
+            &control_plane,
+            "--inbound-ip",
+            "0.0.0.0",
+            "--admin-ip",
+            &pod.ip.to_string(),
+        ])
+        .args(["--outbound-mark", crate::netns::MARK, "--vip-hosts", "/etc/hosts"])
+        .args([
+            "--workload",
+            &workload,
+            "--service",
+            &args.service,
+            "--workload-version",
+            &args.version,
+            "--namespace",
+            &args.namespace,
+        ])
+        .args(["--register-json", &registration.to_string(), "--token", &token, "--drain-timeout", "5s"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    die_with_parent(&mut sidecar);
+    let mut sidecar = sidecar.spawn().map_err(|e| Failure::runtime(format!("cannot start the sidecar: {e}")))?;
+    let stdout = sidecar.stdout.take().ok_or_else(|| Failure::runtime("sidecar stdout"))?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    match tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
+        Ok(Ok(Some(_ready))) => {}
+        _ => return Err(Failure::runtime("the sidecar did not start (see its log above)")),
+    }
+    let admin = format!("{}:7712", pod.ip);
+    if !wait_connected(&admin, Duration::from_secs(15)).await {
+        tracing::warn!(%control_plane, "the sidecar has not reached the control plane yet; starting the workload anyway");
+    }
+    let hosts_pod = pod.clone();
+    let refresher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            refresh_hosts(&hosts_pod, &servers).await;
+        }
+    });
+    let mut app = pod.exec(&args.command[0]);
+    app.args(&args.command[1..]).kill_on_drop(true).process_group(0);
+    die_with_parent(&mut app);
+    let mut app = app.spawn().map_err(|e| Failure::runtime(format!("cannot start {:?}: {e}", args.command[0])))?;
+    let status = tokio::select! {
+        status = app.wait() => status,
+        _ = shutdown_signal() => {
+            // The sidecar deregisters first (peers stop sending new requests), then the app stops.
+            signal(&sidecar, libc::SIGTERM);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            signal(&app, libc::SIGTERM);
+            match tokio::time::timeout(APP_STOP_TIMEOUT, app.wait()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = app.kill().await;
+                    app.wait().await
+                }
+            }
+        }
+    };
+    refresher.abort();
+    signal(&sidecar, libc::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(12), sidecar.wait()).await.is_err() {
+        let _ = sidecar.kill().await;
+    }
+    // The namespace is deleted when the last reference (this one, once the refresher is
+    // gone) is dropped.
+    drop(pod);
+    let status = status.map_err(|e| Failure::runtime(format!("waiting for the workload: {e}")))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(Failure { code: code.clamp(1, 255) as u8, message: String::new() }),
+        None => Err(Failure { code: 1, message: String::new() }),
+    }
+}
+
+fn signal(child: &tokio::process::Child, sig: libc::c_int) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on a child we spawned.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+    }
+}
+
+/// Rewrites the pod's hosts file from the control plane's Services.
+async fn refresh_hosts(pod: &crate::netns::Pod, servers: &crate::api_client::ServerArgs) {
+    let Ok((status, body)) =
+        servers.call(http::Method::GET, "/api/v1/resources/services?namespace=all", None, false).await
+    else {
+        return;
+    };
+    if !status.is_success() {
+        return;
+    }
+    let services: Vec<(String, String)> = body["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s["metadata"]["name"].as_str()?.to_string(),
+                s["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+            ))
+        })
+        .collect();
+    if let Err(e) = pod.write_hosts(&services) {
+        tracing::warn!(error = %e.message, "cannot update the hosts file");
+    }
+}
+
+/// Polls the sidecar's admin `/config` until it reports a control-plane connection.
+async fn wait_connected(admin: &str, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        let probe = async {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+            s.write_all(b"GET /config HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.ok()?;
+            Some(out.contains("\"controlPlaneConnected\": true"))
+        };
+        if tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten() == Some(true) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }

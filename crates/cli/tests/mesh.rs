@@ -448,3 +448,85 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
     assert!(table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%")), "{table}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<()> {
+    if !(plexus_testkit::require_root()
+        && plexus_testkit::require_tool("ip")
+        && plexus_testkit::require_tool("iptables"))
+    {
+        return Ok(());
+    }
+    let _serial = serial().await;
+    let dir = TempDir::new("demo-netns")?;
+    let data = dir.join("data");
+    let (http, grpc, ingress) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(PLEXUS)
+        .args([
+            "demo",
+            "--netns",
+            "--no-load",
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--ingress-addr",
+            &format!("127.0.0.1:{ingress}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let demo = Proc(child);
+    let first = tokio::task::spawn_blocking(move || BufReader::new(stdout).lines().next())
+        .await?
+        .context("demo printed nothing")??;
+    assert!(first.starts_with("Plexus demo is running"), "{first}");
+    let ingress_addr = format!("127.0.0.1:{ingress}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, page) = get_text(&ingress_addr, "/productpage", &[])?;
+        assert_eq!(status, 200, "{page}");
+        assert!(!page.contains("Error fetching product details"), "{page}");
+        seen.extend(served_by(&page));
+    }
+    assert_eq!(seen.len(), 3, "every reviews version answered: {seen:?}");
+    // Workloads live in their namespaces' addresses, and productpage's plain
+    // `http://reviews:9080` calls (no HTTP_PROXY) went through its sidecar.
+    let (_, targets) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/prometheus/targets", &[])?;
+    let body = targets.split("\r\n\r\n").nth(1).context("body")?;
+    let groups: serde_json::Value = serde_json::from_str(body)?;
+    let admin = groups
+        .as_array()
+        .context("groups")?
+        .iter()
+        .find(|g| g["labels"]["service"] == "productpage")
+        .and_then(|g| g["targets"][0].as_str())
+        .context("productpage target")?
+        .to_string();
+    assert!(admin.starts_with("10.251.0."), "productpage runs in its namespace: {admin}");
+    let (_, metrics) = get_text(&admin, "/metrics", &[])?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("plexus_requests_total{direction=\"outbound\",source_workload=\"productpage-v1-")
+                && l.contains("destination_service=\"reviews\"")
+                && l.contains("response_code=\"200\"")),
+        "productpage's sidecar carried its calls to reviews:\n{metrics}"
+    );
+    let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
+    assert_eq!(String::from_utf8_lossy(&namespaces.stdout).lines().filter(|l| l.starts_with("plx-")).count(), 6);
+    demo.signal(2);
+    let mut demo = demo;
+    let stopping = Instant::now();
+    while demo.0.try_wait()?.is_none() {
+        assert!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
+    let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
+    assert!(!left.contains("plx-"), "namespaces left behind after {:?}: {left}", stopping.elapsed());
+    Ok(())
+}

@@ -30,9 +30,9 @@ impl Netns {
     fn create() -> anyhow::Result<Netns> {
         let id = std::process::id();
         let subnet = (id % 200) as u8 + 20;
-        let (a, b) = (format!("plx-a-{id}"), format!("plx-b-{id}"));
+        let (a, b) = (format!("ptest-a-{id}"), format!("ptest-b-{id}"));
         let n = Netns { a, b, subnet };
-        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
+        let (va, vb) = (format!("pta{id}"), format!("ptb{id}"));
         let ip_a = format!("10.231.{subnet}.1/24");
         let ip_b = format!("10.231.{subnet}.2/24");
         sh(&["ip", "netns", "add", &n.a])?;

@@ -118,6 +118,26 @@ impl State {
         self.discovery.ensure(&ServiceName::candidates(host), DISCOVERY_WAIT).await
     }
 
+    /// The Service a redirected connection's original destination names: an endpoint of a
+    /// known Service, or a Service virtual IP from the `--vip-hosts` file (netns mode).
+    pub async fn service_for_orig_dst(&self, orig: SocketAddr) -> Option<(ServiceName, u16)> {
+        let snapshot = self.discovery.current();
+        if let Some((s, p)) = snapshot.service_by_endpoint(orig) {
+            return Some((s.name.clone(), p.port));
+        }
+        let path = self.settings.vip_hosts.as_ref()?;
+        let hosts = tokio::fs::read_to_string(path).await.ok()?;
+        let name = hosts.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let ip: std::net::IpAddr = fields.next()?.parse().ok()?;
+            (ip == orig.ip()).then(|| fields.next().map(str::to_string)).flatten()
+        })?;
+        let candidates = ServiceName::candidates(&name);
+        let snapshot = self.discovery.ensure(&candidates, DISCOVERY_WAIT).await;
+        let service = candidates.iter().find_map(|c| snapshot.services.get(c))?;
+        Some((service.name.clone(), service.port(Some(orig.port()))?.port))
+    }
+
     /// Starts a graceful drain: listeners stop accepting, connections finish their work.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
@@ -196,7 +216,7 @@ impl Proxy {
         discovery.want(&settings.upstreams.iter().map(|u| u.service.clone()).collect::<Vec<_>>());
         let state = Arc::new(State {
             balancer: Balancer::new(settings.load_balancer),
-            pool: Pool::new(settings.limits.connect_timeout),
+            pool: Pool::new(client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark }),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
             http: HttpServer::new(&settings.limits),
@@ -345,7 +365,9 @@ impl AsRef<TcpStream> for Dialed {
 async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
     let timeout = state.settings.limits.connect_timeout;
     match dest {
-        TcpDest::Addr(addr) => Ok(Dialed { stream: client::connect(*addr, timeout).await?, peers }),
+        TcpDest::Addr(addr) => {
+            Ok(Dialed { stream: client::connect(*addr, timeout, state.settings.outbound_mark).await?, peers })
+        }
         TcpDest::Service(name, port) => {
             let snapshot = state.discovery.current();
             let endpoints = snapshot
@@ -362,7 +384,7 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                 peers.destination_service = name.name.clone();
                 peers.destination_workload = ep.workload.clone();
                 peers.destination_version = ep.version.clone().unwrap_or_else(|| UNKNOWN.into());
-                match client::connect(ep.addr, timeout).await {
+                match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
                     Ok(stream) => {
                         pick.finish(true);
                         return Ok(Dialed { stream, peers });

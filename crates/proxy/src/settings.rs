@@ -95,6 +95,12 @@ pub struct Settings {
     pub namespace: String,
     /// Print one JSON line per request on stdout.
     pub access_log: bool,
+    /// `SO_MARK` on the proxy's upstream connections (netns mode: iptables lets them pass).
+    pub outbound_mark: Option<u32>,
+    /// A hosts file mapping Service virtual IPs to names (netns mode): a redirected
+    /// connection to one of its addresses goes to that Service.
+    #[serde(skip)]
+    pub vip_hosts: Option<std::path::PathBuf>,
     pub limits: Limits,
 }
 
@@ -159,6 +165,8 @@ impl Default for Settings {
             service: None,
             namespace: "default".into(),
             access_log: false,
+            outbound_mark: None,
+            vip_hosts: None,
             limits: Limits::default(),
         }
     }

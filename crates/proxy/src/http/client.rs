@@ -38,14 +38,35 @@ type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 /// Connections to upstream endpoints.
 pub struct Pool {
-    connect_timeout: Duration,
+    dialer: Dialer,
     h1_idle: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, H2Slot>>,
 }
 
-/// Opens a TCP connection within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// How the proxy dials upstreams.
+#[derive(Debug, Clone, Copy)]
+pub struct Dialer {
+    pub timeout: Duration,
+    /// `SO_MARK` for the proxy's own connections, so transparent-interception rules can let
+    /// them through (netns mode) instead of redirecting them back to the proxy.
+    pub mark: Option<u32>,
+}
+
+impl Dialer {
+    /// Opens a TCP connection within the timeout.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, ProxyError> {
+        connect(addr, self.timeout, self.mark).await
+    }
+}
+
+/// Opens a TCP connection within `timeout`, with `SO_MARK` `mark` when given.
+pub async fn connect(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> Result<TcpStream, ProxyError> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(ProxyError::ConnectFailed)?;
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark).map_err(ProxyError::ConnectFailed)?;
+    }
+    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ProxyError::ConnectFailed(e)),
         Err(_) => {
@@ -74,8 +95,8 @@ pub fn upstream_error(e: hyper::Error) -> ProxyError {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Pool { connect_timeout, h1_idle: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()) })
+    pub fn new(dialer: Dialer) -> Arc<Self> {
+        Arc::new(Pool { dialer, h1_idle: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()) })
     }
 
     /// Sends a request to `addr` and returns the response head with its streaming body.
@@ -114,7 +135,7 @@ impl Pool {
     }
 
     async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = connect(addr, self.connect_timeout).await?;
+        let stream = self.dialer.connect(addr).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1024 * 1024)
@@ -189,7 +210,7 @@ impl Pool {
     }
 
     async fn connect_h1(&self, addr: SocketAddr, upgrades: bool) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = connect(addr, self.connect_timeout).await?;
+        let stream = self.dialer.connect(addr).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };

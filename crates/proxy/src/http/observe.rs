@@ -135,7 +135,9 @@ impl Observation {
                 "request_bytes": req_bytes,
                 "response_bytes": resp_bytes,
             });
-            println!("{line}");
+            // A closed stdout must not fail the request.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
     }
 }

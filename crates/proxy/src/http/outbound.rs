@@ -288,7 +288,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {
                 describe_endpoint(&mut obs, ep);
-                let r = client::connect(ep.addr, timeout).await;
+                let r = client::connect(ep.addr, timeout, state.settings.outbound_mark).await;
                 pick.finish(r.is_ok());
                 r
             }
@@ -300,7 +300,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
             }
             Ok(addr) => {
                 obs.upstream = Some(addr);
-                client::connect(addr, timeout).await
+                client::connect(addr, timeout, state.settings.outbound_mark).await
             }
             Err(e) => Err(e),
         }
