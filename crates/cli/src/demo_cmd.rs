@@ -204,6 +204,16 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         let _ = stop_ingress_rx.await;
     }));
 
+    // Sidecars learn destinations on first use: one request through the whole chain before
+    // announcing the demo, so the first page a user loads is complete.
+    let warm = Instant::now();
+    while !page_ok(args.ingress_addr).await {
+        if warm.elapsed() > Duration::from_secs(30) {
+            tracing::warn!("Bookinfo is not answering completely yet; see the logs");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let load = if args.no_load { None } else { Some(tokio::spawn(light_load(args.ingress_addr))) };
     println!("Plexus demo is running ({:.1} s to start).", started.elapsed().as_secs_f64());
     println!("  Bookinfo:       http://{}/productpage", args.ingress_addr);
@@ -229,6 +239,27 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let _ = stop_cp.send(());
     let _ = tokio::time::timeout(Duration::from_secs(1), control).await;
     Ok(())
+}
+
+/// Whether `/productpage` answers with details and reviews.
+async fn page_ok(ingress: SocketAddr) -> bool {
+    let fetch = async {
+        let stream = tokio::net::TcpStream::connect(ingress).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(conn);
+        let req =
+            http::Request::get("/productpage").header("host", ingress.to_string()).body(Empty::<Bytes>::new()).ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        let ok = resp.status().is_success();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        Some(
+            ok && text.contains("Reviews served by:")
+                && !text.contains("Error fetching product details")
+                && !text.contains("Ratings service is currently unavailable"),
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(12), fetch).await.ok().flatten().unwrap_or(false)
 }
 
 /// About 5 requests per second to `/productpage` through the ingress.

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -499,6 +499,8 @@ struct Bench {
     events: mpsc::UnboundedReceiver<Event>,
     events_tx: mpsc::UnboundedSender<Event>,
     next_seq: u64,
+    /// Set before the control plane is stopped: streams ending is then expected.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Bench {
@@ -540,8 +542,11 @@ impl Bench {
             let channel = pool[i / cfg.streams_per_channel].clone();
             let (destinations, mark, tx) = (cfg.destinations(i), self.mark.clone(), self.events_tx.clone());
             let service = format!("svc-{}", i % cfg.spread);
+            let stopping = self.stopping.clone();
             tokio::spawn(async move {
-                if let Err(e) = simulated_proxy(i, channel, destinations, service, mark, tx).await {
+                if let Err(e) = simulated_proxy(i, channel, destinations, service, mark, tx).await
+                    && !stopping.load(Ordering::Acquire)
+                {
                     eprintln!("  proxy {i}: {e:#}");
                 }
             });
@@ -673,8 +678,16 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     eprintln!("control plane pid {} (http {}, grpc {}), {cpus} CPUs", cp.pid, cp.http, cp.grpc);
     let api = Api { addr: cp.http.clone(), token: cp.token.clone(), sender: None };
     let (events_tx, events) = mpsc::unbounded_channel();
-    let mut b =
-        Bench { cfg: cfg.clone(), cp, api, mark: Arc::new(AtomicU64::new(NO_MARK)), events, events_tx, next_seq: 0 };
+    let mut b = Bench {
+        cfg: cfg.clone(),
+        cp,
+        api,
+        mark: Arc::new(AtomicU64::new(NO_MARK)),
+        events,
+        events_tx,
+        next_seq: 0,
+        stopping: Arc::default(),
+    };
     let started_rss = b.cp.rss_kib()?;
 
     // 1. Setup.
@@ -829,6 +842,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&all)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    b.stopping.store(true, Ordering::Release);
     b.cp.child.kill().await.context("stopping the control plane")?;
     Ok(())
 }
