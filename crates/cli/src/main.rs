@@ -8,6 +8,7 @@ mod demo_cmd;
 mod logging;
 mod netns;
 mod proxy_cmd;
+mod proxy_config_cmd;
 mod resources_cmd;
 mod run_cmd;
 mod sample_cmd;
@@ -43,6 +44,8 @@ enum Command {
     Get(resources_cmd::GetArgs),
     /// Delete a resource, or those named in files.
     Delete(resources_cmd::DeleteArgs),
+    /// A running proxy's effective configuration (version, settings, services, endpoints, routes).
+    ProxyConfig(proxy_config_cmd::ProxyConfigArgs),
     /// Health checks of the control plane, proxies and configuration.
     Check(check_cmd::CheckArgs),
     /// Golden metrics (requests/s, success rate, latency percentiles) per service, workload, route.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,
             Command::Check(args) => check_cmd::run(args).await,
+            Command::ProxyConfig(args) => proxy_config_cmd::run(args).await,
             Command::Stat(args) => stat_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Sample(args) => sample_cmd::run(args).await,

@@ -169,6 +169,18 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
         assert!(deleted.elapsed() < Duration::from_secs(5), "traffic did not spread again: {seen:?}");
     }
 
+    // `proxy-config` shows what a proxy holds: the ingress learned productpage.
+    let o = cli(&data, http, &["proxy-config", "ingress-gateway"])?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
+    assert_eq!(config["controlPlaneConnected"], true);
+    assert!(
+        config["services"].as_array().is_some_and(|s| s.iter().any(|s| s["name"]["name"] == "productpage")),
+        "{config}"
+    );
+    let o = cli(&data, http, &["proxy-config", "nope"])?;
+    assert_eq!(o.status.code(), Some(1));
+
     // `check` flags a route to a missing Service, and a workload whose proxy stopped.
     let broken = dir.join("broken.yaml");
     std::fs::write(
