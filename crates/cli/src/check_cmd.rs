@@ -190,5 +190,36 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     }
 
     r.section("identity");
-    r.skip("trust anchor, issuer and proxy certificates: mTLS is not in this version yet");
+    match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
+        Ok((StatusCode::OK, v)) => {
+            const SIXTY_DAYS: i64 = 60 * 86_400;
+            for (what, cert) in [("trust anchor", &v["trustAnchor"]), ("issuer", &v["issuer"])] {
+                let left = cert["expiresInSeconds"].as_i64().unwrap_or(0);
+                if left <= 0 {
+                    r.fail(
+                        format!("{what} expired on {}", cert["notAfter"].as_str().unwrap_or("?")),
+                        "rotate it: plexus identity rotate (security issue)",
+                    );
+                } else if left < SIXTY_DAYS {
+                    r.fail(
+                        format!("{what} expires within 60 days ({})", cert["notAfter"].as_str().unwrap_or("?")),
+                        "rotate it before it expires",
+                    );
+                } else {
+                    r.ok(format!("{what} valid until {}", cert["notAfter"].as_str().unwrap_or("?")));
+                }
+            }
+            if v["issuerSignedByAnchor"] == true {
+                r.ok("issuer signed by the trust anchor");
+            } else {
+                r.fail("the issuer is not signed by the trust anchor", "restore the matching pair in the data dir");
+            }
+            r.skip("proxy certificates: mTLS between sidecars is not in this version yet");
+        }
+        Ok((status, v)) => r.fail(
+            format!("cannot read the certificate authority: {}", v["error"].as_str().unwrap_or(status.as_str())),
+            "check the data dir's trust-anchor.pem and issuer.pem",
+        ),
+        Err(e) => r.fail("cannot read the certificate authority", e.message),
+    }
 }

@@ -67,6 +67,11 @@ impl ControlPlane {
     ) -> Result<ControlPlane, Failure> {
         let data = DataDir::init(data_dir)
             .map_err(|e| Failure::runtime(format!("cannot initialise the data dir {}: {e}", data_dir.display())))?;
+        match plexus_control::identity::ensure_ca(&data.path, plexus_core::names::DEFAULT_TRUST_DOMAIN) {
+            Ok(true) => tracing::info!(data_dir = %data.path.display(), "created the trust anchor and issuer"),
+            Ok(false) => {}
+            Err(e) => return Err(Failure::runtime(e)),
+        }
         let store: Arc<dyn Store> =
             Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
         let bind = |addr: SocketAddr| async move {
@@ -96,6 +101,7 @@ impl ControlPlane {
             admin_token: data.admin_token.clone(),
             proxies: proxies.clone(),
             traffic: traffic.clone(),
+            data_dir: data.path.clone(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));

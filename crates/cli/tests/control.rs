@@ -280,3 +280,64 @@ fn the_store_survives_kill_9_during_applies_with_a_prefix_of_them() -> Result<()
     assert!(n <= acknowledged + 1, "at most the in-flight apply beyond those acknowledged");
     Ok(())
 }
+
+#[test]
+fn the_certificate_authority_is_created_on_first_start_and_checked() -> Result<()> {
+    if !plexus_testkit::require_tool("openssl") {
+        return Ok(());
+    }
+    let dir = TempDir::new("cp-ca")?;
+    let data = dir.join("data");
+    let cp = ControlPlane::start(&data)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    for key in ["trust-anchor-key.pem", "issuer-key.pem"] {
+        assert_eq!(std::fs::metadata(data.join(key))?.permissions().mode() & 0o777, 0o600, "{key}");
+    }
+    // An independent verifier agrees the issuer chains to the anchor, and both are P-256 CAs.
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(data.join("trust-anchor.pem"))
+        .arg(data.join("issuer.pem"))
+        .output()?;
+    assert!(o.status.success(), "openssl verify: {:?}", text(&o));
+    let o = Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(data.join("issuer.pem")).output()?;
+    let t = text(&o).0;
+    assert!(t.contains("CA:TRUE") && t.contains("prime256v1"), "{t}");
+    let o = cp.plexus(&["check"], None)?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("✓ issuer signed by the trust anchor"));
+    let anchor_before = std::fs::read(data.join("trust-anchor.pem"))?;
+    drop(cp);
+
+    // Restarting keeps the CA; an issuer from another CA is flagged by `check`.
+    let cp = ControlPlane::start(&data)?;
+    assert_eq!(std::fs::read(data.join("trust-anchor.pem"))?, anchor_before, "the anchor survives restarts");
+    let other = dir.join("other");
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=impostor",
+            "-keyout",
+        ])
+        .arg(other.with_extension("key"))
+        .arg("-out")
+        .arg(&other)
+        .output()?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    std::fs::copy(&other, data.join("issuer.pem"))?;
+    let o = cp.plexus(&["check"], None)?;
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("✗ issuer expires within 60 days"), "{out}");
+    assert!(out.contains("✗ the issuer is not signed by the trust anchor"), "{out}");
+    Ok(())
+}

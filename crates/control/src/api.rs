@@ -21,6 +21,8 @@ pub struct ApiState {
     pub admin_token: String,
     pub proxies: Arc<crate::proxies::Proxies>,
     pub traffic: Arc<crate::traffic::TrafficWindow>,
+    /// Where the certificate authority files live.
+    pub data_dir: std::path::PathBuf,
 }
 
 type Shared = Arc<ApiState>;
@@ -38,6 +40,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/stat", get(stat))
+        .route("/api/v1/identity", get(identity))
         .with_state(state)
 }
 
@@ -260,6 +263,14 @@ async fn stat(State(s): State<Shared>, Query(q): Query<StatQuery>) -> Response {
     }
     Json(json!({ "window": plexus_core::duration::format(window), "rows": s.traffic.stat(kind, window) }))
         .into_response()
+}
+
+/// The trust anchor and issuer (never their keys).
+async fn identity(State(s): State<Shared>) -> Response {
+    match crate::identity::chain_status(&s.data_dir) {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
 }
 
 /// The connected proxies with their sync state (`plexus check`).

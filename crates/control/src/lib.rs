@@ -7,6 +7,7 @@
 pub mod api;
 pub mod datadir;
 pub mod discovery;
+pub mod identity;
 pub mod index;
 pub mod proxies;
 pub mod store;
