@@ -139,6 +139,27 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// GET or DELETE one object; a missing one is `error: <kind> <namespace>/<name> not found`.
+async fn object_call(
+    server: &ServerArgs,
+    method: Method,
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+) -> Result<Value, Failure> {
+    let lower = kind.as_str().to_ascii_lowercase();
+    let write = method == Method::DELETE;
+    let (status, v) =
+        server.call(method, &format!("/api/v1/resources/{lower}s/{namespace}/{name}"), None, write).await?;
+    if status == StatusCode::NOT_FOUND {
+        return Err(Failure::runtime(format!("{lower} {namespace}/{name} not found")));
+    }
+    if !status.is_success() {
+        return Err(api_error(status, &v));
+    }
+    Ok(v)
+}
+
 fn kind_arg(kind: &str) -> Result<Kind, Failure> {
     Kind::from_cli(kind).ok_or_else(|| {
         let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
@@ -150,21 +171,7 @@ pub async fn get(args: GetArgs) -> Result<(), Failure> {
     let kind = kind_arg(&args.kind)?;
     let plural = format!("{}s", kind.as_str().to_ascii_lowercase());
     let value = match &args.name {
-        Some(name) => {
-            let path = format!("/api/v1/resources/{plural}/{}/{name}", args.namespace);
-            let (status, v) = args.server.call(Method::GET, &path, None, false).await?;
-            if status == StatusCode::NOT_FOUND {
-                return Err(Failure::runtime(format!(
-                    "{} {}/{name} not found",
-                    kind.as_str().to_ascii_lowercase(),
-                    args.namespace
-                )));
-            }
-            if !status.is_success() {
-                return Err(api_error(status, &v));
-            }
-            v
-        }
+        Some(name) => object_call(&args.server, Method::GET, kind, &args.namespace, name).await?,
         None => {
             let ns = if args.all_namespaces { "all".to_string() } else { args.namespace.clone() };
             let (status, v) = args
@@ -249,18 +256,7 @@ pub async fn delete(args: DeleteArgs) -> Result<(), Failure> {
         return Err(Failure::usage("usage: plexus delete KIND NAME [-n NAMESPACE] | plexus delete -f FILE"));
     };
     let kind = kind_arg(kind)?;
-    let path = format!("/api/v1/resources/{}s/{}/{name}", kind.as_str().to_ascii_lowercase(), args.namespace);
-    let (status, answer) = args.server.call(Method::DELETE, &path, None, true).await?;
-    if status == StatusCode::NOT_FOUND {
-        return Err(Failure::runtime(format!(
-            "{} {}/{name} not found",
-            kind.as_str().to_ascii_lowercase(),
-            args.namespace
-        )));
-    }
-    if !status.is_success() {
-        return Err(api_error(status, &answer));
-    }
+    object_call(&args.server, Method::DELETE, kind, &args.namespace, name).await?;
     println!("{} deleted", object_ref(kind.as_str(), name));
     Ok(())
 }

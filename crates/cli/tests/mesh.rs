@@ -85,51 +85,72 @@ fn served_by(page: &str) -> Option<String> {
     page.lines().find_map(|l| l.trim().strip_prefix("Reviews served by: ").map(|v| v.trim().to_string()))
 }
 
+/// A `plexus demo` on free ports with its own data dir; killed on drop.
+struct Demo {
+    proc: Proc,
+    data: std::path::PathBuf,
+    http: u16,
+    ingress: String,
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Demo {
+    /// Starts the demo and waits for its "running" line (it prints it once Bookinfo answers).
+    async fn start(dir: &TempDir, netns: bool) -> Result<Demo> {
+        let data = dir.join("data");
+        let (http, grpc, ingress) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(PLEXUS);
+        cmd.args(["demo", "--no-load"]).args(if netns { &["--netns"][..] } else { &[] });
+        cmd.args(["--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")]);
+        cmd.args(["--ingress-addr", &format!("127.0.0.1:{ingress}"), "--data-dir"]).arg(&data);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let proc = Proc(child);
+        let (first, lines) = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            (lines.next(), lines)
+        })
+        .await?;
+        let first = first.context("demo printed nothing")??;
+        anyhow::ensure!(first.starts_with("Plexus demo is running"), "{first}");
+        Ok(Demo { proc, data, http, ingress: format!("127.0.0.1:{ingress}"), _stdout: lines })
+    }
+
+    /// Fetches pages until every reviews version has answered (the latency-aware balancer
+    /// favours the fastest; an idle version's estimate decays within seconds, so it is tried
+    /// again). Every page must be complete.
+    fn every_version_answers(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        let started = Instant::now();
+        while seen.len() < 3 && started.elapsed() < Duration::from_secs(20) {
+            let (status, page) = get_text(&self.ingress, "/productpage", &[])?;
+            assert_eq!(status, 200, "{page}");
+            assert!(!page.contains("Error fetching product details"), "{page}");
+            seen.insert(served_by(&page).context("no 'Reviews served by' line")?);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1", "reviews-v2", "reviews-v3"]);
+        Ok(())
+    }
+
+    /// SIGINT, then the demo must be gone within 10 s.
+    async fn stop_within_10s(mut self) -> Result<()> {
+        self.proc.signal(2);
+        let stopping = Instant::now();
+        while self.proc.0.try_wait()?.is_none() {
+            anyhow::ensure!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     let _serial = serial().await;
     let dir = TempDir::new("demo")?;
-    let data = dir.join("data");
-    let (http, grpc, ingress) = (free_port(), free_port(), free_port());
-    let mut child = Command::new(PLEXUS)
-        .args([
-            "demo",
-            "--no-load",
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--ingress-addr",
-            &format!("127.0.0.1:{ingress}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let demo = Proc(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().context("demo printed nothing")??;
-    assert!(first.starts_with("Plexus demo is running"), "{first}");
-    let ingress_addr = format!("127.0.0.1:{ingress}");
-
-    // Every reviews version gets a share with no route (the latency-aware balancer favours
-    // the fastest; an idle version's latency estimate decays within seconds, so it is tried
-    // again).
-    let mut seen = std::collections::BTreeSet::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(20) {
-        let (status, page) = get_text(&ingress_addr, "/productpage", &[])?;
-        assert_eq!(status, 200, "{page}");
-        seen.insert(served_by(&page).context("no 'Reviews served by' line")?);
-        if seen.len() == 3 {
-            break;
-        }
-    }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1", "reviews-v2", "reviews-v3"]);
-    let (_, page) = get_text(&ingress_addr, "/productpage", &[])?;
-    assert!(!page.contains("Error fetching product details"), "details reachable");
+    let demo = Demo::start(&dir, false).await?;
+    let (data, http, ingress_addr) = (demo.data.clone(), demo.http, demo.ingress.clone());
+    demo.every_version_answers()?;
 
     // A healthy demo passes `plexus check`.
     let o = cli(&data, http, &["check"])?;
@@ -234,16 +255,7 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     );
 
     // SIGINT stops everything within 10 s, leaving no process behind.
-    let stopping = Instant::now();
-    demo.signal(2);
-    let mut demo = demo;
-    loop {
-        if demo.0.try_wait()?.is_some() {
-            break;
-        }
-        assert!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    demo.stop_within_10s().await?;
     std::thread::sleep(Duration::from_millis(300));
     let leftovers = Command::new("pgrep").args(["-f", &data.display().to_string()]).output()?;
     assert!(leftovers.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&leftovers.stdout));
@@ -480,44 +492,9 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     }
     let _serial = serial().await;
     let dir = TempDir::new("demo-netns")?;
-    let data = dir.join("data");
-    let (http, grpc, ingress) = (free_port(), free_port(), free_port());
-    let mut child = Command::new(PLEXUS)
-        .args([
-            "demo",
-            "--netns",
-            "--no-load",
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--ingress-addr",
-            &format!("127.0.0.1:{ingress}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let demo = Proc(child);
-    let first = tokio::task::spawn_blocking(move || BufReader::new(stdout).lines().next())
-        .await?
-        .context("demo printed nothing")??;
-    assert!(first.starts_with("Plexus demo is running"), "{first}");
-    let ingress_addr = format!("127.0.0.1:{ingress}");
-    let mut seen = std::collections::BTreeSet::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(20) {
-        let (status, page) = get_text(&ingress_addr, "/productpage", &[])?;
-        assert_eq!(status, 200, "{page}");
-        assert!(!page.contains("Error fetching product details"), "{page}");
-        seen.extend(served_by(&page));
-        if seen.len() == 3 {
-            break;
-        }
-    }
-    assert_eq!(seen.len(), 3, "every reviews version answered: {seen:?}");
+    let demo = Demo::start(&dir, true).await?;
+    let http = demo.http;
+    demo.every_version_answers()?;
     // Workloads live in their namespaces' addresses, and productpage's plain
     // `http://reviews:9080` calls (no HTTP_PROXY) went through its sidecar.
     let (_, targets) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/prometheus/targets", &[])?;
@@ -543,13 +520,8 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     );
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     assert_eq!(String::from_utf8_lossy(&namespaces.stdout).lines().filter(|l| l.starts_with("plx-")).count(), 6);
-    demo.signal(2);
-    let mut demo = demo;
     let stopping = Instant::now();
-    while demo.0.try_wait()?.is_none() {
-        assert!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    demo.stop_within_10s().await?;
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
     assert!(!left.contains("plx-"), "namespaces left behind after {:?}: {left}", stopping.elapsed());
