@@ -37,6 +37,8 @@ const GOAL_KIB_PER_PROXY: f64 = 10.0;
 const NO_MARK: u64 = u64::MAX;
 /// How long one update may take to reach every proxy before the round gives up on the rest.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an update's CPU is still counted after its last reception (acknowledgements).
+const SETTLE_AFTER: Duration = Duration::from_millis(250);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,6 +92,15 @@ struct Args {
     /// Also write every figure as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Before starting, wait up to S seconds for a second in which the machine is at most 10% busy.
+    #[arg(long, default_value_t = 0.0, value_name = "S")]
+    wait_quiet: f64,
+    /// Skip the in-process timing of the control plane's steps (after the run).
+    #[arg(long)]
+    no_breakdown: bool,
+    /// Only the in-process timing of the control plane's steps (no control plane, no proxies).
+    #[arg(long)]
+    breakdown_only: bool,
     /// Keep the temporary directory (data dir, control.log).
     #[arg(long)]
     keep: bool,
@@ -171,6 +182,33 @@ fn cpu_ticks(pid: &str) -> Result<u64> {
     Ok(utime + stime)
 }
 
+/// Busy clock ticks of the whole machine, every CPU (/proc/stat: user, nice, system, irq,
+/// softirq, steal).
+fn machine_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().ok_or_else(|| anyhow!("empty /proc/stat"))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    Ok([0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum())
+}
+
+/// Waits up to `max` for a second in which the machine is at most 10% busy (all CPUs).
+async fn wait_quiet(max: Duration, cpus: usize) -> Result<()> {
+    let start = Instant::now();
+    let limit = clock_ticks_per_second() * cpus as f64 * 0.10;
+    loop {
+        let b0 = machine_busy_ticks()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let busy = machine_busy_ticks()? - b0;
+        if busy as f64 <= limit {
+            return Ok(());
+        }
+        if start.elapsed() >= max {
+            eprintln!("  (the machine is still busy after {max:?}: {busy} ticks in 1 s; measuring anyway)");
+            return Ok(());
+        }
+    }
+}
+
 /// A `Vm*` line of /proc/PID/status, in KiB.
 fn status_kib(pid: &str, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -236,19 +274,21 @@ impl ControlPlane {
         status_kib(&self.pid, "VmRSS")
     }
 
-    /// Waits until the control plane has used at most 1 clock tick of CPU over 1 s (index
-    /// rebuilds and connection bursts are over), at most `max`.
+    /// Waits until the control plane has used at most a fifth of one core over the last second
+    /// (index rebuilds and connection bursts are over; idle proxies' heartbeats may go on), at
+    /// most `max`.
     async fn settle(&self, max: Duration) -> Result<Duration> {
+        let threshold = (clock_ticks_per_second() / 5.0) as u64;
         let start = Instant::now();
         let mut window = std::collections::VecDeque::new();
         loop {
-            window.push_back((Instant::now(), self.cpu()?));
+            window.push_back(self.cpu()?);
             while window.len() > 5 {
                 window.pop_front();
             }
             if let (Some(first), Some(last)) = (window.front(), window.back())
                 && window.len() == 5
-                && last.1 - first.1 <= 1
+                && last - first <= threshold
             {
                 return Ok(start.elapsed());
             }
@@ -319,17 +359,20 @@ fn service(s: usize) -> Value {
            "spec": {"selector": {"app": format!("svc-{s}")}, "ports": [{"name": "http", "port": 8080}]}})
 }
 
-fn workload(s: usize, j: usize, per_service: usize, port: usize, annotations: Value) -> Value {
+/// Workload `j` of svc-`s`; `port` overrides its own port (20000 + its index).
+fn workload(s: usize, j: usize, per_service: usize, port: Option<usize>, annotations: Value) -> Value {
+    let port = port.unwrap_or(20000 + (s * per_service + j) % 40000);
     json!({"apiVersion": "plexus.dev/v1alpha1", "kind": "Workload",
-           "metadata": {"name": format!("w-{s}-{j}"), "labels": {"app": format!("svc-{s}")}, "annotations": annotations},
-           "spec": {"address": "127.0.0.1", "ports": [{"name": "http", "port": port.max(20000 + (s * per_service + j) % 40000)}]}})
+           "metadata": {"name": format!("w-{s}-{j}"), "labels": {"app": format!("svc-{s}")},
+                        "annotations": annotations},
+           "spec": {"address": "127.0.0.1", "ports": [{"name": "http", "port": port}]}})
 }
 
 /// Update `seq` of the hot service svc-0: alternately an HTTPRoute on it (a header match that
 /// changes every time) and a Workload it selects (a port that changes every time).
 fn hot_change(seq: u64) -> Value {
     let m = marker(seq);
-    if seq % 2 == 0 {
+    if seq.is_multiple_of(2) {
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                "metadata": {"name": "bench-hot", "annotations": {"plexus.dev/bench": m}},
                "spec": {"parentRefs": [{"kind": "Service", "name": "svc-0", "port": 8080}],
@@ -337,14 +380,15 @@ fn hot_change(seq: u64) -> Value {
                                    "backendRefs": [{"name": "svc-0", "port": 8080}]}]}})
     } else {
         json!({"apiVersion": "plexus.dev/v1alpha1", "kind": "Workload",
-               "metadata": {"name": "bench-hot-extra", "labels": {"app": "svc-0"}, "annotations": {"plexus.dev/bench": m}},
+               "metadata": {"name": "bench-hot-extra", "labels": {"app": "svc-0"},
+                            "annotations": {"plexus.dev/bench": m}},
                "spec": {"address": "127.0.0.2", "ports": [{"name": "http", "port": 40000 + seq % 20000}]}})
     }
 }
 
 /// Update `seq` of one cold service: one of its Workloads gets a new port.
 fn cold_change(seq: u64, s: usize, per_service: usize) -> Value {
-    workload(s, 0, per_service, 40000 + (seq as usize) % 20000, json!({"plexus.dev/bench": marker(seq)}))
+    workload(s, 0, per_service, Some(60000 + (seq as usize) % 5000), json!({"plexus.dev/bench": marker(seq)}))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -477,12 +521,14 @@ impl Series {
         json!({
             "updates": self.updates, "fanout": self.fanout, "receptions": l.len(), "missing": self.missing,
             "unexpected": self.unexpected,
-            "p50Ms": pct(&l, 50.0), "p90Ms": pct(&l, 90.0), "p99Ms": pct(&l, 99.0), "maxMs": l.last().copied().unwrap_or(f64::NAN),
+            "p50Ms": pct(&l, 50.0), "p90Ms": pct(&l, 90.0), "p99Ms": pct(&l, 99.0),
+            "maxMs": l.last().copied().unwrap_or(f64::NAN),
             "applyP50Ms": pct(&a, 50.0), "applyMaxMs": a.last().copied().unwrap_or(f64::NAN),
             "firstReceptionP50Ms": pct(&f, 50.0), "lastReceptionP50Ms": pct(&z, 50.0),
             "lastReceptionMaxMs": z.last().copied().unwrap_or(f64::NAN),
             "cpuMsPerUpdate": cpu_ms, "cpuMsPerUpdateMinusIdle": (cpu_ms - idle_ms).max(0.0),
             "clientCpuMsPerUpdate": self.client_ticks as f64 / tck * 1000.0 / self.updates.max(1) as f64,
+            "perUpdate": {"applyMs": self.apply, "firstReceptionMs": self.first, "lastReceptionMs": self.last},
         })
     }
 }
@@ -583,9 +629,11 @@ impl Bench {
             bail!("update {seq} changed nothing: {results:?}");
         }
         let mut got: Vec<Option<f64>> = vec![None; self.cfg.proxies];
-        let window_end = tokio::time::Instant::from_std(t0) + self.cfg.gap;
-        let deadline = tokio::time::Instant::from_std(t0) + ROUND_TIMEOUT;
-        // Until everyone got it, then until the end of the gap (strays, acknowledgements).
+        let start = tokio::time::Instant::from_std(t0);
+        let deadline = start + ROUND_TIMEOUT;
+        let mut window_end = deadline;
+        // Until everyone got it, then until the end of the gap but at least 250 ms more (strays,
+        // acknowledgements: their CPU belongs to this update).
         loop {
             let until = if remaining > 0 { deadline } else { window_end };
             match tokio::time::timeout_at(until, self.events.recv()).await {
@@ -593,6 +641,9 @@ impl Bench {
                     if e.seq == Some(seq) && expected[e.proxy] && got[e.proxy].is_none() {
                         got[e.proxy] = Some(ms(e.at.duration_since(t0)));
                         remaining -= 1;
+                        if remaining == 0 {
+                            window_end = (start + self.cfg.gap).max(tokio::time::Instant::now() + SETTLE_AFTER);
+                        }
                     } else {
                         series.unexpected += 1;
                     }
@@ -601,7 +652,6 @@ impl Bench {
                 Err(_) => break,
             }
         }
-        tokio::time::sleep_until(window_end).await;
         series.cp_ticks += self.cp.cpu()? - cp0;
         series.client_ticks += cpu_ticks("self")? - me0;
         series.measured += t0.elapsed();
@@ -648,6 +698,94 @@ impl Perf {
     }
 }
 
+/// Median wall time of `runs` calls, in ms.
+fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        v.push(ms(t.elapsed()));
+    }
+    Ok(pct(&sorted(v), 50.0))
+}
+
+/// In-process timings of the control plane's own code (the plexus-control library) on the same
+/// data, to attribute where an update's time goes: what `maintain_index` does per store change
+/// (list + decode the whole store, `Views::build`), what every Watch task does per change
+/// (`Views::union` + comparison with what it sent), and the idle liveness checks
+/// (`Proxies::silent`, called by every stream every second).
+fn breakdown(cfg: &Config, dir: &Path) -> Result<Value> {
+    use plexus_control::index::Views;
+    use plexus_control::proxies::{Proxies, ProxyRecord};
+    use plexus_control::store::{FileStore, Store};
+    use plexus_core::ServiceName;
+    use std::collections::BTreeSet;
+
+    let mut items: Vec<Value> = (0..cfg.services).map(service).collect();
+    for s in 0..cfg.services {
+        for j in 0..cfg.workloads_per_service {
+            items.push(workload(s, j, cfg.workloads_per_service, None, json!({})));
+        }
+    }
+    items.push(hot_change(0));
+    let resources = plexus_core::parse_documents("bench", &Value::Array(items).to_string())?;
+    let store = FileStore::open(&dir.join("breakdown.redb"))?;
+    store.apply(&resources)?;
+    let list_ms = median_ms(3, || store.list(None, None).map(drop).map_err(Into::into))?;
+    let listed = store.list(None, None)?;
+    let build_ms = median_ms(3, || {
+        std::hint::black_box(Views::build(1, &listed));
+        Ok(())
+    })?;
+    let views = Views::build(1, &listed);
+    let wanted: Vec<BTreeSet<ServiceName>> = (0..cfg.proxies)
+        .map(|i| cfg.destinations(i).iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect())
+        .collect();
+    let sent: Vec<Vec<Bytes>> =
+        wanted.iter().map(|w| views.union(w).iter().map(|e| e.json.clone()).collect()).collect();
+    // Per change, every stream: union of its destinations' views, compared with what it sent.
+    let union_ms = median_ms(3, || {
+        let mut changed = 0;
+        for (w, last) in wanted.iter().zip(&sent) {
+            let now: Vec<Bytes> = views.union(w).iter().map(|e| e.json.clone()).collect();
+            changed += usize::from(now != *last);
+        }
+        std::hint::black_box(changed);
+        Ok(())
+    })?;
+    let response_bytes: usize =
+        sent.iter().map(|r| r.iter().map(Bytes::len).sum::<usize>()).sum::<usize>() / cfg.proxies;
+    let proxies = Proxies::default();
+    for i in 0..cfg.proxies {
+        proxies.connect(ProxyRecord {
+            id: 0,
+            workload: format!("bench-proxy-{i}"),
+            namespace: "default".into(),
+            service: format!("svc-{}", i % cfg.spread),
+            version: String::new(),
+            mode: "sidecar".into(),
+            admin_address: "127.0.0.1:9".into(),
+            sent_revision: 0,
+            applied_revision: 0,
+            last_seen: None,
+            registered: None,
+        });
+    }
+    // Every stream calls it once a second.
+    let silent_ms = median_ms(3, || {
+        for _ in 0..cfg.proxies {
+            std::hint::black_box(proxies.silent());
+        }
+        Ok(())
+    })?;
+    Ok(json!({
+        "resources": listed.len(), "storeListMs": list_ms, "viewsBuildMs": build_ms,
+        "unionAllStreamsMs": union_ms, "responseBytes": response_bytes, "silentPerSecondMs": silent_ms,
+        // Each Watch stream's mpsc::channel(4) allocates a block of 32 such slots.
+        "responseSlotBytes": std::mem::size_of::<Result<plexus_api::discovery::WatchResponse, tonic::Status>>(),
+    }))
+}
+
 fn default_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/plexus")
 }
@@ -657,12 +795,16 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = Config::from(&args)?;
     let bin = args.bin.clone().unwrap_or_else(default_bin);
-    if !bin.exists() {
+    if !bin.exists() && !args.breakdown_only {
         bail!("{} not found: build it with `cargo build --release -p plexus` or set PLEXUS_BIN", bin.display());
     }
     let dir = std::env::temp_dir().join(format!("plexus-bench-control-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let outcome = run(&args, cfg, &bin, &dir).await;
+    let outcome = if args.breakdown_only {
+        breakdown(&cfg, &dir).map(|bd| println!("{}", serde_json::to_string_pretty(&bd).unwrap_or_default()))
+    } else {
+        run(&args, cfg, &bin, &dir).await
+    };
     if args.keep {
         eprintln!("kept {}", dir.display());
     } else {
@@ -674,6 +816,10 @@ async fn main() -> Result<()> {
 async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     let tck = clock_ticks_per_second();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if args.wait_quiet > 0.0 {
+        eprintln!("waiting up to {} s for the machine to be idle...", args.wait_quiet);
+        wait_quiet(Duration::from_secs_f64(args.wait_quiet), cpus).await?;
+    }
     let cp = ControlPlane::start(bin, dir, &args.log).await?;
     eprintln!("control plane pid {} (http {}, grpc {}), {cpus} CPUs", cp.pid, cp.http, cp.grpc);
     let api = Api { addr: cp.http.clone(), token: cp.token.clone(), sender: None };
@@ -696,7 +842,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     let mut requests = b.apply_batches((0..cfg.services).map(service).collect()).await?;
     let workloads: Vec<Value> = (0..cfg.services)
         .flat_map(|s| (0..cfg.workloads_per_service).map(move |j| (s, j)))
-        .map(|(s, j)| workload(s, j, cfg.workloads_per_service, 0, json!({})))
+        .map(|(s, j)| workload(s, j, cfg.workloads_per_service, None, json!({})))
         .collect();
     requests += b.apply_batches(workloads).await?;
     let setup_apply = t.elapsed();
@@ -732,6 +878,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         Some(out) => Some(Perf::start(&b.cp.pid, out)?),
         None => None,
     };
+    let (busy0, cp0, me0, t_updates) = (machine_busy_ticks()?, b.cp.cpu()?, cpu_ticks("self")?, Instant::now());
     let mut hot = Series::default();
     eprintln!("{} updates of the hot service svc-0...", cfg.rounds);
     for _ in 0..cfg.rounds {
@@ -745,11 +892,22 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         let s = 1 + k % (cfg.spread - 1);
         b.update(s, cold_change(seq, s, cfg.workloads_per_service), seq, &mut cold).await?;
     }
+    // CPU of other processes during the updates: this machine is shared.
+    let others = (machine_busy_ticks()? - busy0).saturating_sub(b.cp.cpu()? - cp0 + cpu_ticks("self")? - me0);
+    let others_pct = others as f64 / tck / t_updates.elapsed().as_secs_f64() * 100.0;
     if let Some(p) = perf {
         p.stop().await?;
     }
     let rss_end = b.cp.rss_kib()?;
     let hwm = status_kib(&b.cp.pid, "VmHWM")?;
+    b.stopping.store(true, Ordering::Release);
+    b.cp.child.kill().await.context("stopping the control plane")?;
+    let bd = if args.no_breakdown {
+        Value::Null
+    } else {
+        eprintln!("in-process breakdown (the control plane is stopped)...");
+        breakdown(&cfg, dir)?
+    };
 
     // Report.
     let hs = hot.summary(tck, idle_ticks_per_s);
@@ -828,7 +986,39 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     if stray > 0 {
         println!("| responses while idle | {stray} | |");
     }
+    println!(
+        "| other processes' CPU during the updates (should be ~0) | {others_pct:.1} % of one core{} | |",
+        if others_pct > 10.0 { " WARNING: the machine was busy, figures are pessimistic" } else { "" }
+    );
     println!();
+    if !bd.is_null() {
+        println!(
+            "Where an update's time goes: the control plane's code called in-process on the same {} resources \
+             (median of 3):",
+            bd["resources"]
+        );
+        println!();
+        println!("| step (per store change unless said) | time |");
+        println!("|---|---|");
+        println!("| `FileStore::list(None, None)`: read + decode the whole store | {:.1} ms |", f(&bd, "storeListMs"));
+        println!("| `Views::build`: every Service's view from scratch | {:.1} ms |", f(&bd, "viewsBuildMs"));
+        println!(
+            "| `Views::union` + compare, once per stream ({} streams, {:.1} KiB per response) | {:.1} ms |",
+            cfg.proxies,
+            f(&bd, "responseBytes") / 1024.0,
+            f(&bd, "unionAllStreamsMs")
+        );
+        println!(
+            "| `Proxies::silent()` x {} (every stream, every second, while idle) | {:.1} ms per second |",
+            cfg.proxies,
+            f(&bd, "silentPerSecondMs")
+        );
+        println!(
+            "| size of one `Result<WatchResponse, Status>` slot (a stream's `mpsc::channel(4)` allocates blocks of 32) | {} bytes |",
+            bd["responseSlotBytes"]
+        );
+        println!();
+    }
     if let Some(path) = &args.json {
         let all = json!({
             "proxies": cfg.proxies, "services": cfg.services, "workloadsPerService": cfg.workloads_per_service,
@@ -836,13 +1026,12 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             "setupSeconds": setup_apply.as_secs_f64(), "setupSettleSeconds": setup_settle.as_secs_f64(),
             "initialSyncSeconds": sync.as_secs_f64(),
             "rssKiB": {"start": started_rss, "zeroProxies": rss0, "idleProxies": rss1, "end": rss_end, "peak": hwm},
-            "kibPerIdleProxy": per_proxy, "idleCpuPercent": idle_pct, "hot": hs, "cold": cs,
-            "hotLatenciesMs": hot.latencies, "coldLatenciesMs": cold.latencies,
+            "kibPerIdleProxy": per_proxy, "idleCpuPercent": idle_pct, "otherProcessesCpuPercent": others_pct,
+            "hot": hs, "cold": cs,
+            "breakdown": bd, "hotLatenciesMs": hot.latencies, "coldLatenciesMs": cold.latencies,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&all)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    b.stopping.store(true, Ordering::Release);
-    b.cp.child.kill().await.context("stopping the control plane")?;
     Ok(())
 }
