@@ -86,7 +86,7 @@ struct Args {
     /// `RUST_LOG` of the control plane (its stderr goes to control.log in the temporary directory).
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Record a CPU profile of the control plane during the updates with `perf record -g` into FILE.
+    /// Record a CPU profile of the control plane during the updates with `perf record` into FILE.
     #[arg(long)]
     perf: Option<PathBuf>,
     /// Also write every figure as JSON to FILE.
@@ -547,6 +547,8 @@ struct Bench {
     next_seq: u64,
     /// Set before the control plane is stopped: streams ending is then expected.
     stopping: Arc<AtomicBool>,
+    /// HTTP/2 connections (tonic Channels) by number: proxy i uses i / streams_per_channel.
+    pool: std::collections::HashMap<usize, Channel>,
 }
 
 impl Bench {
@@ -571,23 +573,26 @@ impl Bench {
         n
     }
 
-    /// Connects every simulated proxy and waits for all initial views.
-    async fn connect(&mut self) -> Result<(usize, Duration)> {
-        let cfg = &self.cfg;
-        let channels = cfg.proxies.div_ceil(cfg.streams_per_channel);
+    /// Connects simulated proxies `range` (opening the connections they need) and waits for
+    /// all their initial views.
+    async fn connect(&mut self, range: std::ops::Range<usize>) -> Result<Duration> {
         let endpoint = Endpoint::from_shared(format!("http://{}", self.cp.grpc))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         let start = Instant::now();
-        let mut pool = Vec::with_capacity(channels);
-        for _ in 0..channels {
-            pool.push(endpoint.connect().await.with_context(|| format!("connecting to gRPC {}", self.cp.grpc))?);
+        let per = self.cfg.streams_per_channel;
+        for c in range.start / per..range.end.div_ceil(per) {
+            if !self.pool.contains_key(&c) {
+                let channel =
+                    endpoint.connect().await.with_context(|| format!("connecting to gRPC {}", self.cp.grpc))?;
+                self.pool.insert(c, channel);
+            }
         }
-        for i in 0..cfg.proxies {
-            let channel = pool[i / cfg.streams_per_channel].clone();
-            let (destinations, mark, tx) = (cfg.destinations(i), self.mark.clone(), self.events_tx.clone());
-            let service = format!("svc-{}", i % cfg.spread);
+        for i in range.clone() {
+            let channel = self.pool.get(&(i / per)).cloned().ok_or_else(|| anyhow!("no channel for proxy {i}"))?;
+            let (destinations, mark, tx) = (self.cfg.destinations(i), self.mark.clone(), self.events_tx.clone());
+            let service = format!("svc-{}", i % self.cfg.spread);
             let stopping = self.stopping.clone();
             tokio::spawn(async move {
                 if let Err(e) = simulated_proxy(i, channel, destinations, service, mark, tx).await
@@ -597,21 +602,29 @@ impl Bench {
                 }
             });
         }
-        let mut seen = vec![false; cfg.proxies];
-        let mut remaining = cfg.proxies;
+        let mut seen = vec![false; self.cfg.proxies];
+        let mut remaining = range.len();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while remaining > 0 {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(e)) if !seen[e.proxy] => {
+                Ok(Some(e)) if range.contains(&e.proxy) && !seen[e.proxy] => {
                     seen[e.proxy] = true;
                     remaining -= 1;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => bail!("event channel closed"),
-                Err(_) => bail!("{remaining} of {} proxies got no initial view within 120 s", cfg.proxies),
+                Err(_) => bail!("{remaining} of {} proxies got no initial view within 120 s", range.len()),
             }
         }
-        Ok((channels, start.elapsed()))
+        Ok(start.elapsed())
+    }
+
+    /// Waits for the control plane to be idle, then a heartbeat period (every stream has been
+    /// through its steady state once); returns its RSS.
+    async fn steady_rss(&self) -> Result<u64> {
+        self.cp.settle(Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        self.cp.rss_kib()
     }
 
     /// Applies one change and waits for every proxy watching `service` to receive it.
@@ -678,7 +691,8 @@ struct Perf(tokio::process::Child);
 impl Perf {
     fn start(pid: &str, out: &Path) -> Result<Perf> {
         let child = tokio::process::Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-p", pid, "-o"])
+            // The release binary has no frame pointers: unwind with DWARF (.eh_frame).
+            .args(["record", "-F", "249", "--call-graph", "dwarf,32768", "-p", pid, "-o"])
             .arg(out)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -781,8 +795,6 @@ fn breakdown(cfg: &Config, dir: &Path) -> Result<Value> {
     Ok(json!({
         "resources": listed.len(), "storeListMs": list_ms, "viewsBuildMs": build_ms,
         "unionAllStreamsMs": union_ms, "responseBytes": response_bytes, "silentPerSecondMs": silent_ms,
-        // Each Watch stream's mpsc::channel(4) allocates a block of 32 such slots.
-        "responseSlotBytes": std::mem::size_of::<Result<plexus_api::discovery::WatchResponse, tonic::Status>>(),
     }))
 }
 
@@ -833,6 +845,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         events_tx,
         next_seq: 0,
         stopping: Arc::default(),
+        pool: Default::default(),
     };
     let started_rss = b.cp.rss_kib()?;
 
@@ -852,18 +865,26 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         setup_apply.as_secs_f64(),
         setup_settle.as_secs_f64()
     );
-    let rss0 = b.cp.rss_kib()?;
+    let rss0 = b.steady_rss().await?;
 
-    // 2. Proxies.
-    eprintln!("connecting {} simulated proxies...", cfg.proxies);
-    let (channels, sync) = b.connect().await?;
+    // 2. Proxies: half of them, then the rest (memory at two points: is it linear?).
+    let half = cfg.proxies / 2;
+    eprintln!("connecting {half} simulated proxies...");
+    let sync_half = b.connect(0..half).await?;
+    eprintln!("  all initial views after {:.2} s", sync_half.as_secs_f64());
+    let rss_half = b.steady_rss().await?;
+    eprintln!("connecting {} more...", cfg.proxies - half);
+    let sync = b.connect(half..cfg.proxies).await?;
     eprintln!("  all initial views after {:.2} s", sync.as_secs_f64());
-    b.cp.settle(Duration::from_secs(60)).await?;
-    // A heartbeat period, so every stream has been through its steady state once.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss1 = b.cp.rss_kib()?;
+    let rss1 = b.steady_rss().await?;
+    let channels = b.pool.len();
     let per_proxy = (rss1 as f64 - rss0 as f64) / cfg.proxies as f64;
-    eprintln!("  RSS {rss0} KiB with 0 proxies, {rss1} KiB with {}: {per_proxy:.1} KiB per proxy", cfg.proxies);
+    let per_proxy_marginal = (rss1 as f64 - rss_half as f64) / (cfg.proxies - half) as f64;
+    eprintln!(
+        "  RSS {rss0} KiB with 0 proxies, {rss_half} KiB with {half}, {rss1} KiB with {}: {per_proxy:.1} KiB per proxy \
+         ({per_proxy_marginal:.1} from {half} to {})",
+        cfg.proxies, cfg.proxies
+    );
 
     // Idle CPU with every proxy connected (heartbeats every 5 s, liveness checks).
     let (c0, t0) = (b.cp.cpu()?, Instant::now());
@@ -917,7 +938,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     println!();
     println!(
         "Control-plane propagation: {} services x {} workloads, {} simulated proxies on {channels} HTTP/2 connections \
-         ({} streams each), proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {cpus} CPUs",
+         (up to {} Watch stream(s) each), proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {cpus} CPUs",
         cfg.services,
         cfg.workloads_per_service,
         cfg.proxies,
@@ -936,8 +957,9 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         setup_settle.as_secs_f64()
     );
     println!(
-        "| initial sync: {} proxies connect, all get their first view | {:.2} s | |",
-        cfg.proxies,
+        "| initial sync: {half} proxies connect at once, all get their first view (then {} more) | {:.2} s ({:.2} s) | |",
+        cfg.proxies - half,
+        sync_half.as_secs_f64(),
         sync.as_secs_f64()
     );
     for (name, s, v, goal) in [
@@ -971,12 +993,15 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         }
     }
     println!(
-        "| control-plane RSS: start / after setup (0 proxies) / {} idle proxies / after updates (peak) | {} / {} / {} / {} ({}) KiB | |",
-        cfg.proxies, started_rss, rss0, rss1, rss_end, hwm
+        "| control-plane RSS: start / after setup (0 proxies) / {half} / {} idle proxies / after the updates (peak) \
+         | {} / {} / {} / {} / {} ({}) KiB | |",
+        cfg.proxies, started_rss, rss0, rss_half, rss1, rss_end, hwm
     );
     println!(
-        "| control-plane memory per idle proxy | {per_proxy:.1} KiB | < {GOAL_KIB_PER_PROXY} KiB: {} |",
-        verdict(per_proxy < GOAL_KIB_PER_PROXY)
+        "| control-plane memory per idle proxy: (RSS {n} - RSS 0) / {n} (marginal, {half} to {n}) \
+         | {per_proxy:.1} KiB ({per_proxy_marginal:.1} KiB) | < {GOAL_KIB_PER_PROXY} KiB: {} |",
+        verdict(per_proxy < GOAL_KIB_PER_PROXY),
+        n = cfg.proxies
     );
     println!("| control-plane CPU, {} idle proxies | {idle_pct:.1} % of one core | |", cfg.proxies);
     println!(
@@ -1013,10 +1038,6 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             cfg.proxies,
             f(&bd, "silentPerSecondMs")
         );
-        println!(
-            "| size of one `Result<WatchResponse, Status>` slot (a stream's `mpsc::channel(4)` allocates blocks of 32) | {} bytes |",
-            bd["responseSlotBytes"]
-        );
         println!();
     }
     if let Some(path) = &args.json {
@@ -1024,9 +1045,10 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             "proxies": cfg.proxies, "services": cfg.services, "workloadsPerService": cfg.workloads_per_service,
             "spread": cfg.spread, "channels": channels, "streamsPerChannel": cfg.streams_per_channel, "cpus": cpus,
             "setupSeconds": setup_apply.as_secs_f64(), "setupSettleSeconds": setup_settle.as_secs_f64(),
-            "initialSyncSeconds": sync.as_secs_f64(),
-            "rssKiB": {"start": started_rss, "zeroProxies": rss0, "idleProxies": rss1, "end": rss_end, "peak": hwm},
-            "kibPerIdleProxy": per_proxy, "idleCpuPercent": idle_pct, "otherProcessesCpuPercent": others_pct,
+            "initialSyncSeconds": [sync_half.as_secs_f64(), sync.as_secs_f64()],
+            "rssKiB": {"start": started_rss, "zeroProxies": rss0, "halfProxies": rss_half, "idleProxies": rss1,
+                       "end": rss_end, "peak": hwm},
+            "kibPerIdleProxy": per_proxy, "kibPerIdleProxyMarginal": per_proxy_marginal, "idleCpuPercent": idle_pct, "otherProcessesCpuPercent": others_pct,
             "hot": hs, "cold": cs,
             "breakdown": bd, "hotLatenciesMs": hot.latencies, "coldLatenciesMs": cold.latencies,
         });
