@@ -95,24 +95,29 @@ impl Discovery for DiscoveryService {
         let store = self.store.clone();
         tokio::spawn(async move {
             let mut wanted = parse_destinations(&first.destinations);
-            let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<bytes::Bytes>)> = None;
+            let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<Arc<crate::index::Encoded>>)> = None;
             let mut silence = tokio::time::interval(Duration::from_secs(1));
+            let mut last_heard = std::time::Instant::now();
             loop {
                 // Send the state of the world for the wanted set when it changed.
                 let current = views.borrow_and_update().clone();
-                let resources: Vec<bytes::Bytes> = current.union(&wanted).iter().map(|e| e.json.clone()).collect();
-                let changed = last_sent.as_ref().is_none_or(|(_, w, r)| *w != wanted || *r != resources);
+                let union = current.union(&wanted);
+                // Unchanged resources are the same shared encodings: compare pointers, not bytes.
+                let changed = last_sent.as_ref().is_none_or(|(_, w, r)| {
+                    *w != wanted || r.len() != union.len() || r.iter().zip(&union).any(|(a, b)| !Arc::ptr_eq(a, b))
+                });
                 if changed {
+                    let resources: Vec<bytes::Bytes> = union.iter().map(|e| e.json.clone()).collect();
                     let response = WatchResponse {
                         revision: current.revision,
-                        resources: resources.clone(),
+                        resources,
                         destinations: wanted.iter().map(ToString::to_string).collect(),
                     };
                     if tx.send(Ok(response)).await.is_err() {
                         break;
                     }
                     proxies.sent(id, current.revision);
-                    last_sent = Some((current.revision, wanted.clone(), resources));
+                    last_sent = Some((current.revision, wanted.clone(), union));
                 }
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -127,6 +132,7 @@ impl Discovery for DiscoveryService {
                             break;
                         }
                         Ok(Some(m)) => {
+                            last_heard = std::time::Instant::now();
                             proxies.heard_from(id, Some(m.applied_revision));
                             wanted = parse_destinations(&m.destinations);
                         }
@@ -134,7 +140,7 @@ impl Discovery for DiscoveryService {
                     },
                     changed = views.changed() => if changed.is_err() { break },
                     _ = silence.tick() => {
-                        if proxies.silent().contains(&id) {
+                        if last_heard.elapsed() >= crate::proxies::EXPIRY {
                             tracing::warn!(id, "proxy silent for 15 s; closing its stream");
                             break;
                         }
@@ -154,9 +160,15 @@ pub async fn maintain_index(store: Arc<dyn Store>, views: watch::Sender<Arc<View
     loop {
         let revision = *changes.borrow_and_update();
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.list(None, None)).await {
-            Ok(Ok(resources)) => {
-                views.send_replace(Arc::new(Views::build(revision, &resources)));
+        // Reading the store and compiling the views is CPU work: keep it off the workers
+        // that serve the streams.
+        match tokio::task::spawn_blocking(move || {
+            s.list(None, None).map(|resources| Views::build(revision, &resources))
+        })
+        .await
+        {
+            Ok(Ok(built)) => {
+                views.send_replace(Arc::new(built));
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot read the store to rebuild the index"),
             Err(e) => tracing::error!(error = %e, "index rebuild failed"),

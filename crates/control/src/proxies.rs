@@ -140,12 +140,4 @@ impl Proxies {
         v.sort_by_key(|p| p.id);
         v
     }
-
-    /// Proxies silent for longer than [`EXPIRY`] (their streams are ended).
-    pub fn silent(&self) -> Vec<u64> {
-        self.connected
-            .lock()
-            .map(|c| c.values().filter(|p| p.last_seen.is_none_or(|t| t.elapsed() >= EXPIRY)).map(|p| p.id).collect())
-            .unwrap_or_default()
-    }
 }
