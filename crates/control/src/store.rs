@@ -74,10 +74,13 @@ pub trait Store: Send + Sync {
 }
 
 /// The embedded store: one redb file (ACID, crash-safe: an interrupted write leaves the last
-/// committed state).
+/// committed state), with a decoded in-memory mirror for reads — the index reads everything
+/// on every change, and decoding 10,000 objects from disk took longer than the rest of a
+/// change's propagation.
 pub struct FileStore {
     db: Database,
     changes: watch::Sender<u64>,
+    mirror: std::sync::RwLock<std::collections::BTreeMap<String, Resource>>,
 }
 
 impl FileStore {
@@ -93,8 +96,23 @@ impl FileStore {
             meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0)
         };
         txn.commit().map_err(err)?;
+        let mut mirror = std::collections::BTreeMap::new();
+        {
+            let txn = db.begin_read().map_err(err)?;
+            let objects = txn.open_table(OBJECTS).map_err(err)?;
+            for entry in objects.iter().map_err(err)? {
+                let (k, v) = entry.map_err(err)?;
+                mirror.insert(k.value().to_string(), Self::decode(v.value())?);
+            }
+        }
         let (changes, _) = watch::channel(revision);
-        Ok(FileStore { db, changes })
+        Ok(FileStore { db, changes, mirror: std::sync::RwLock::new(mirror) })
+    }
+
+    fn mirror_read(
+        &self,
+    ) -> Result<std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<String, Resource>>, StoreError> {
+        self.mirror.read().map_err(|_| StoreError("store mirror poisoned".into()))
     }
 
     fn decode(bytes: &[u8]) -> Result<Resource, StoreError> {
@@ -157,6 +175,13 @@ impl Store for FileStore {
         }
         txn.commit().map_err(err)?;
         if results.iter().any(|(_, o)| *o != Outcome::Unchanged) {
+            let mut mirror = self.mirror.write().map_err(|_| StoreError("store mirror poisoned".into()))?;
+            for (r, outcome) in &results {
+                if *outcome != Outcome::Unchanged {
+                    mirror.insert(ObjectKey::of(r).storage_key(), r.clone());
+                }
+            }
+            drop(mirror);
             self.changes.send_replace(revision);
         }
         Ok(results)
@@ -180,40 +205,34 @@ impl Store for FileStore {
         }
         txn.commit().map_err(err)?;
         if existed.iter().any(|e| *e) {
+            let mut mirror = self.mirror.write().map_err(|_| StoreError("store mirror poisoned".into()))?;
+            for k in keys {
+                mirror.remove(&k.storage_key());
+            }
+            drop(mirror);
             self.changes.send_replace(revision);
         }
         Ok(existed)
     }
 
     fn get(&self, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let objects = txn.open_table(OBJECTS).map_err(err)?;
-        match objects.get(key.storage_key().as_str()).map_err(err)? {
-            Some(v) => Ok(Some(Self::decode(v.value())?)),
-            None => Ok(None),
-        }
+        Ok(self.mirror_read()?.get(&key.storage_key()).cloned())
     }
 
     fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Result<Vec<Resource>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let objects = txn.open_table(OBJECTS).map_err(err)?;
         let prefix = match (kind, namespace) {
             (Some(k), Some(ns)) => format!("{}/{ns}/", k.as_str()),
             (Some(k), None) => format!("{}/", k.as_str()),
             (None, _) => String::new(),
         };
-        let mut out = Vec::new();
-        for entry in objects.range(prefix.as_str()..).map_err(err)? {
-            let (k, v) = entry.map_err(err)?;
-            if !k.value().starts_with(&prefix) {
-                break;
-            }
-            let r = Self::decode(v.value())?;
-            if namespace.is_none_or(|ns| r.metadata.namespace() == ns) {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        let mirror = self.mirror_read()?;
+        Ok(mirror
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, r)| r)
+            .filter(|r| namespace.is_none_or(|ns| r.metadata.namespace() == ns))
+            .cloned()
+            .collect())
     }
 
     fn revision(&self) -> u64 {
