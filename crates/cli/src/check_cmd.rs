@@ -137,12 +137,24 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
                 r.skip("no proxy connected");
             } else {
                 r.ok(format!("{} proxies connected", proxies.len()));
-                let behind: Vec<&Value> =
-                    proxies.iter().filter(|p| p["appliedRevision"] != p["sentRevision"]).collect();
+                let mut behind: Vec<Value> =
+                    proxies.iter().filter(|p| p["appliedRevision"] != p["sentRevision"]).cloned().collect();
+                if !behind.is_empty() {
+                    // A proxy in the middle of applying an update is not out of sync: look again.
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    if let Ok((StatusCode::OK, again)) =
+                        args.server.call(Method::GET, "/api/v1/proxies", None, false).await
+                    {
+                        let still: Vec<Value> = again["proxies"].as_array().cloned().unwrap_or_default();
+                        behind.retain(|b| {
+                            still.iter().any(|p| p["id"] == b["id"] && p["appliedRevision"] != p["sentRevision"])
+                        });
+                    }
+                }
                 if behind.is_empty() {
                     r.ok("every proxy is in sync with its configuration");
                 }
-                for p in behind {
+                for p in &behind {
                     r.fail(
                         format!(
                             "proxy {} ({}) is not in sync: applied revision {}, sent {}",
