@@ -103,7 +103,10 @@ impl Demo {
         cmd.args(["demo", "--no-load"]).args(if netns { &["--netns"][..] } else { &[] });
         cmd.args(["--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")]);
         cmd.args(["--ingress-addr", &format!("127.0.0.1:{ingress}"), "--data-dir"]).arg(&data);
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        // The demo's log and its workloads' logs (data/logs) stay in the kept temp dir when a
+        // test fails.
+        let log = std::fs::File::create(dir.join("demo.log"))?;
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let proc = Proc(child);
         let (first, lines) = tokio::task::spawn_blocking(move || {
