@@ -85,6 +85,39 @@ fn served_by(page: &str) -> Option<String> {
     page.lines().find_map(|l| l.trim().strip_prefix("Reviews served by: ").map(|v| v.trim().to_string()))
 }
 
+/// Applies a one-port `echo` Service (port 8080, HTTP) through the CLI.
+fn apply_echo_service(dir: &TempDir, data: &Path, http: u16) -> Result<()> {
+    let services = dir.join("svc.yaml");
+    std::fs::write(
+        &services,
+        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
+    )?;
+    let o = cli(data, http, &["apply", "-f", services.to_str().context("path")?])?;
+    anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Ok(())
+}
+
+/// `plexus run --service echo` in front of an in-test app on `app_port` (the workload's own
+/// command just sleeps).
+fn run_echo_workload(data: &Path, grpc_url: &str, app_port: u16) -> Result<Proc> {
+    let child = Command::new(PLEXUS)
+        .args(["run", "--service", "echo", "--port", &app_port.to_string(), "--control-plane", grpc_url, "--data-dir"])
+        .arg(data)
+        .args(["--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+/// A client sidecar fed by the control plane, with an `--upstream` bind to `echo:8080`.
+async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
+    let mut args = vec!["proxy", "--control-plane", grpc_url, "--outbound-port", "0", "--inbound-port", "0"];
+    args.extend_from_slice(&["--admin-port", "0", "--upstream", "echo:8080=0"]);
+    args.extend_from_slice(extra);
+    Proxy::start_named("client", PLEXUS, args).await
+}
+
 /// A `plexus demo` on free ports with its own data dir; killed on drop.
 struct Demo {
     proc: Proc,
@@ -272,55 +305,16 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     let data = dir.join("data");
     let (http, grpc) = (free_port(), free_port());
     let cp = control(&data, http, grpc)?;
-    let services = dir.join("svc.yaml");
-    std::fs::write(
-        &services,
-        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
-    )?;
-    let o = cli(&data, http, &["apply", "-f", services.to_str().context("path")?])?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    apply_echo_service(&dir, &data, http)?;
 
     // Two workloads: each an in-test echo app behind a `plexus run` sidecar.
     let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
     let grpc_url = format!("http://127.0.0.1:{grpc}");
     let mut runs = Vec::new();
     for app in &apps {
-        let child = Command::new(PLEXUS)
-            .args([
-                "run",
-                "--service",
-                "echo",
-                "--port",
-                &app.port().to_string(),
-                "--control-plane",
-                &grpc_url,
-                "--data-dir",
-            ])
-            .arg(&data)
-            .args(["--", "sleep", "600"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        runs.push(Proc(child));
+        runs.push(run_echo_workload(&data, &grpc_url, app.port())?);
     }
-    let client = Proxy::start_named(
-        "client",
-        PLEXUS,
-        [
-            "proxy",
-            "--control-plane",
-            &grpc_url,
-            "--outbound-port",
-            "0",
-            "--inbound-port",
-            "0",
-            "--admin-port",
-            "0",
-            "--upstream",
-            "echo:8080=0",
-        ],
-    )
-    .await?;
+    let client = echo_client(&grpc_url, &[]).await?;
     let addr = client.upstream("echo.default:8080")?;
     // Both endpoints registered and serving.
     plexus_testkit::eventually(Duration::from_secs(20), || async move {
@@ -406,54 +400,11 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
     let data = dir.join("data");
     let (http, grpc) = (free_port(), free_port());
     let _cp = control(&data, http, grpc)?;
-    let services = dir.join("svc.yaml");
-    std::fs::write(
-        &services,
-        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
-    )?;
-    assert!(cli(&data, http, &["apply", "-f", services.to_str().context("path")?])?.status.success());
+    apply_echo_service(&dir, &data, http)?;
     let app = HttpEcho::start("echo").await?;
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let _run = Proc(
-        Command::new(PLEXUS)
-            .args([
-                "run",
-                "--service",
-                "echo",
-                "--port",
-                &app.port().to_string(),
-                "--control-plane",
-                &grpc_url,
-                "--data-dir",
-            ])
-            .arg(&data)
-            .args(["--", "sleep", "600"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let client = Proxy::start_named(
-        "client",
-        PLEXUS,
-        [
-            "proxy",
-            "--control-plane",
-            &grpc_url,
-            "--outbound-port",
-            "0",
-            "--inbound-port",
-            "0",
-            "--admin-port",
-            "0",
-            "--upstream",
-            "echo:8080=0",
-            "--workload",
-            "client-1",
-            "--service",
-            "client",
-        ],
-    )
-    .await?;
+    let _run = run_echo_workload(&data, &grpc_url, app.port())?;
+    let client = echo_client(&grpc_url, &["--workload", "client-1", "--service", "client"]).await?;
     let addr = client.upstream("echo.default:8080")?;
     plexus_testkit::eventually(Duration::from_secs(20), || async move {
         let r = plexus_testkit::client::get(addr, "echo:8080", "/warmup", &[], Duration::from_secs(5)).await?;
