@@ -198,39 +198,140 @@ pub async fn get(args: GetArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Kind-specific column headers for the table view.
+fn columns(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Service => &["PORTS", "SELECTOR"],
+        Kind::Workload => &["ADDRESS", "PORTS", "MESHED"],
+        Kind::HttpRoute | Kind::GrpcRoute => &["PARENTS", "RULES"],
+        Kind::TrafficSplit => &["SERVICE", "BACKENDS"],
+        Kind::AuthorizationPolicy => &["TARGET", "ACTION", "RULES"],
+        Kind::ResiliencePolicy | Kind::RateLimitPolicy => &["TARGET", "SETTINGS"],
+        Kind::FaultInjection => &["DELAY", "ABORT"],
+        Kind::ExternalService => &["HOSTS", "PORTS"],
+        Kind::Gateway => &["LISTENERS"],
+        Kind::MeshConfig => &["MTLS", "AUTHORIZATION"],
+        Kind::TrafficTarget => &["DESTINATION", "SOURCES"],
+        Kind::HttpRouteGroup => &["MATCHES"],
+    }
+}
+
 /// Kind-specific columns for the table view.
-fn summary(r: &Resource) -> String {
+fn summary(r: &Resource) -> Vec<String> {
+    let list = |items: Vec<String>| items.join(",");
+    let target = |t: &plexus_core::resource::PolicyTargetRef| {
+        format!("{}{}", t.name, t.port.map(|p| format!(":{p}")).unwrap_or_default())
+    };
     match &r.spec {
-        Spec::Service(s) => {
-            let ports: Vec<String> = s
-                .ports
-                .iter()
-                .map(|p| format!("{}{}", p.port, p.app_protocol.as_ref().map(|a| format!("/{a}")).unwrap_or_default()))
-                .collect();
-            let selector: Vec<String> = s.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{:<24} {}", ports.join(","), selector.join(","))
-        }
-        Spec::Workload(w) => {
-            let ports: Vec<String> = w.ports.iter().map(|p| p.port.to_string()).collect();
-            format!("{:<16} {:<16} {}", w.address, ports.join(","), if w.meshed { "yes" } else { "no" })
-        }
+        Spec::Service(s) => vec![
+            list(
+                s.ports
+                    .iter()
+                    .map(|p| {
+                        format!("{}{}", p.port, p.app_protocol.as_ref().map(|a| format!("/{a}")).unwrap_or_default())
+                    })
+                    .collect(),
+            ),
+            list(s.selector.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        ],
+        Spec::Workload(w) => vec![
+            w.address.clone(),
+            list(w.ports.iter().map(|p| p.port.to_string()).collect()),
+            if w.meshed { "yes" } else { "no" }.into(),
+        ],
         Spec::HttpRoute(h) => {
-            let parents: Vec<String> = h.parent_refs.iter().map(|p| p.name.clone()).collect();
-            format!("{:<24} {}", parents.join(","), h.rules.len())
+            vec![list(h.parent_refs.iter().map(|p| p.name.clone()).collect()), h.rules.len().to_string()]
         }
+        Spec::GrpcRoute(g) => {
+            vec![list(g.parent_refs.iter().map(|p| p.name.clone()).collect()), g.rules.len().to_string()]
+        }
+        Spec::TrafficSplit(t) => {
+            vec![t.service.clone(), list(t.backends.iter().map(|b| format!("{}={}", b.service, b.weight)).collect())]
+        }
+        Spec::AuthorizationPolicy(a) => {
+            vec![target(&a.target_ref), format!("{:?}", a.action).to_lowercase(), a.rules.len().to_string()]
+        }
+        Spec::ResiliencePolicy(p) => {
+            let mut set = Vec::new();
+            if p.timeouts.is_some() {
+                set.push("timeouts".to_string());
+            }
+            if let Some(r) = &p.retries {
+                set.push(format!("retries={}", r.attempts));
+            }
+            if p.retry_budget.is_some() {
+                set.push("retryBudget".into());
+            }
+            if p.outlier_detection.is_some() {
+                set.push("outlierDetection".into());
+            }
+            if p.connection_limits.is_some() {
+                set.push("connectionLimits".into());
+            }
+            if let Some(lb) = &p.load_balancer {
+                set.push(format!("lb={:?}", lb.algorithm));
+            }
+            vec![target(&p.target_ref), list(set)]
+        }
+        Spec::RateLimitPolicy(p) => vec![
+            target(&p.target_ref),
+            format!("{}/s burst {}", p.requests_per_second, p.burst.unwrap_or(p.requests_per_second)),
+        ],
+        Spec::FaultInjection(f) => vec![
+            f.delay
+                .as_ref()
+                .map(|d| format!("{} {}%", plexus_core::duration::format(d.fixed.0), d.percent.unwrap_or(100.0)))
+                .unwrap_or_else(|| "-".into()),
+            f.abort
+                .as_ref()
+                .map(|a| {
+                    let status = a
+                        .http_status
+                        .map(|s| s.to_string())
+                        .or_else(|| a.grpc_status.as_ref().map(|g| format!("grpc {g:?}")));
+                    format!("{} {}%", status.unwrap_or_default(), a.percent.unwrap_or(100.0))
+                })
+                .unwrap_or_else(|| "-".into()),
+        ],
+        Spec::ExternalService(e) => {
+            vec![list(e.hosts.clone()), list(e.ports.iter().map(|p| p.number().to_string()).collect())]
+        }
+        Spec::Gateway(g) => {
+            vec![list(g.listeners.iter().map(|l| format!("{}/{}:{}", l.name, l.protocol, l.port)).collect())]
+        }
+        Spec::MeshConfig(m) => vec![
+            format!("{:?}", plexus_core::model::MeshSettings::from_spec(m).mtls_mode).to_lowercase(),
+            format!("{:?}", plexus_core::model::MeshSettings::from_spec(m).default_authorization).to_lowercase(),
+        ],
+        Spec::TrafficTarget(t) => {
+            vec![t.destination.name.clone(), list(t.sources.iter().map(|s| s.name.clone()).collect())]
+        }
+        Spec::HttpRouteGroup(g) => vec![list(g.matches.iter().map(|m| m.name.clone()).collect())],
     }
 }
 
 fn print_table(kind: Kind, items: &[Value]) {
-    let header = match kind {
-        Kind::Service => format!("{:<24} {:<24} {}", "PORTS", "SELECTOR", ""),
-        Kind::Workload => format!("{:<16} {:<16} {}", "ADDRESS", "PORTS", "MESHED"),
-        Kind::HttpRoute => format!("{:<24} {}", "PARENTS", "RULES"),
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .filter_map(|item| plexus_core::resource_from_value(item.clone()).ok())
+        .map(|r| {
+            let mut row = vec![r.metadata.namespace().to_string(), r.metadata.name.clone()];
+            row.extend(summary(&r));
+            row
+        })
+        .collect();
+    let mut header = vec!["NAMESPACE", "NAME"];
+    header.extend(columns(kind));
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(String::len).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("   ").trim_end());
     };
-    println!("{:<12} {:<28} {}", "NAMESPACE", "NAME", header.trim_end());
-    for item in items {
-        let Ok(r) = plexus_core::resource_from_value(item.clone()) else { continue };
-        println!("{:<12} {:<28} {}", r.metadata.namespace(), r.metadata.name, summary(&r).trim_end());
+    line(header.clone());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
     }
 }
 

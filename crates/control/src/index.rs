@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use plexus_core::resource::ServiceSpec;
-use plexus_core::{Resource, ServiceName, Spec};
+use plexus_core::resource::{HttpRouteFilter, ServiceSpec};
+use plexus_core::{Kind, Resource, ServiceName, Spec};
 
 use crate::store::ObjectKey;
 
@@ -72,29 +72,49 @@ impl Views {
                 })
                 .unwrap_or_default()
         };
-        // Routes by parent Service.
-        let mut routes: HashMap<ServiceName, Vec<usize>> = HashMap::new();
+        // What each resource attaches to, and the Services and named resources it needs.
+        let by_key: HashMap<(plexus_core::Kind, String), usize> =
+            resources.iter().enumerate().map(|(i, r)| ((r.kind, r.key()), i)).collect();
+        let mut attached: HashMap<ServiceName, Vec<(usize, Links)>> = HashMap::new();
+        let mut namespace_wide: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut global: Vec<usize> = Vec::new();
         for (i, r) in resources.iter().enumerate() {
-            if let Spec::HttpRoute(h) = &r.spec {
-                for p in &h.parent_refs {
-                    let parent = ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(r.metadata.namespace()));
-                    routes.entry(parent).or_default().push(i);
+            match links(r) {
+                Attachment::Services(targets, l) => {
+                    for t in targets {
+                        attached.entry(t).or_default().push((i, l.clone()));
+                    }
                 }
+                Attachment::Namespace(refs) => {
+                    namespace_wide.entry(r.metadata.namespace()).or_default().push(i);
+                    namespace_wide
+                        .entry(r.metadata.namespace())
+                        .or_default()
+                        .extend(refs.iter().filter_map(|k| by_key.get(k).copied()));
+                }
+                Attachment::Global => global.push(i),
+                Attachment::None => {}
             }
         }
         let mut by_service = HashMap::new();
         for (name, (index, spec)) in &services {
             let mut members = vec![*index];
             members.extend(selected(name, spec));
-            for &ri in routes.get(name).map(Vec::as_slice).unwrap_or_default() {
-                members.push(ri);
-                let Spec::HttpRoute(h) = &resources[ri].spec else { continue };
-                let ns = resources[ri].metadata.namespace();
-                for b in h.rules.iter().flat_map(|rule| &rule.backend_refs) {
-                    let backend = ServiceName::new(&b.name, b.namespace.as_deref().unwrap_or(ns));
-                    if let Some((bi, bspec)) = services.get(&backend) {
+            members.extend(&global);
+            members.extend(namespace_wide.get(name.namespace.as_str()).map(Vec::as_slice).unwrap_or_default());
+            for (ri, l) in attached.get(name).map(Vec::as_slice).unwrap_or_default() {
+                members.push(*ri);
+                members.extend(l.refs.iter().filter_map(|k| by_key.get(k).copied()));
+                for backend in &l.backends {
+                    if let Some((bi, bspec)) = services.get(backend) {
                         members.push(*bi);
-                        members.extend(selected(&backend, bspec));
+                        members.extend(selected(backend, bspec));
+                        // The backend's own client policies (not its routes: routing is one hop).
+                        for (pi, pl) in attached.get(backend).map(Vec::as_slice).unwrap_or_default() {
+                            if pl.policy {
+                                members.push(*pi);
+                            }
+                        }
                     }
                 }
             }
@@ -117,6 +137,78 @@ impl Views {
             }
         }
         out.into_values().collect()
+    }
+}
+
+/// How a resource reaches Service views.
+enum Attachment {
+    /// Attached to these Services (routes by parent, policies by target).
+    Services(Vec<ServiceName>, Links),
+    /// Concerns every Service of its namespace (SMI TrafficTarget), with what it references.
+    Namespace(Vec<(Kind, String)>),
+    /// Part of every view (MeshConfig).
+    Global,
+    /// Only reached through references (workloads, groups, faults) or not sent to proxies.
+    None,
+}
+
+/// What an attached resource needs alongside it.
+#[derive(Debug, Clone, Default)]
+struct Links {
+    /// Services it sends traffic to (backends, mirrors).
+    backends: Vec<ServiceName>,
+    /// Named resources it uses (FaultInjections, HTTPRouteGroups).
+    refs: Vec<(Kind, String)>,
+    /// A policy (also sent to clients that reach the Service as a route backend).
+    policy: bool,
+}
+
+fn links(r: &Resource) -> Attachment {
+    let ns = r.metadata.namespace();
+    let svc = |name: &str, namespace: Option<&String>| ServiceName::new(name, namespace.map_or(ns, String::as_str));
+    let route_links = |rules: Vec<(&[plexus_core::resource::BackendRef], &[HttpRouteFilter])>| {
+        let mut l = Links::default();
+        for (backends, filters) in rules {
+            l.backends.extend(backends.iter().map(|b| svc(&b.name, b.namespace.as_ref())));
+            for f in filters {
+                if let Some(m) = &f.request_mirror {
+                    l.backends.push(svc(&m.backend_ref.name, m.backend_ref.namespace.as_ref()));
+                }
+                if let Some(e) = &f.extension_ref {
+                    l.refs.push((Kind::FaultInjection, format!("{ns}/{}", e.name)));
+                }
+            }
+        }
+        l
+    };
+    let policy = |t: &plexus_core::resource::PolicyTargetRef| {
+        Attachment::Services(vec![svc(&t.name, t.namespace.as_ref())], Links { policy: true, ..Links::default() })
+    };
+    match &r.spec {
+        Spec::HttpRoute(h) => Attachment::Services(
+            h.parent_refs.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect(),
+            route_links(h.rules.iter().map(|r| (r.backend_refs.as_slice(), r.filters.as_slice())).collect()),
+        ),
+        Spec::GrpcRoute(g) => Attachment::Services(
+            g.parent_refs.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect(),
+            route_links(g.rules.iter().map(|r| (r.backend_refs.as_slice(), r.filters.as_slice())).collect()),
+        ),
+        Spec::TrafficSplit(t) => Attachment::Services(
+            vec![svc(&t.service, None)],
+            Links {
+                backends: t.backends.iter().map(|b| svc(&b.service, None)).collect(),
+                refs: t.matches.iter().map(|m| (Kind::HttpRouteGroup, format!("{ns}/{}", m.name))).collect(),
+                policy: false,
+            },
+        ),
+        Spec::ResiliencePolicy(p) => policy(&p.target_ref),
+        Spec::RateLimitPolicy(p) => policy(&p.target_ref),
+        Spec::AuthorizationPolicy(p) => policy(&p.target_ref),
+        Spec::TrafficTarget(t) => {
+            Attachment::Namespace(t.rules.iter().map(|m| (Kind::HttpRouteGroup, format!("{ns}/{}", m.name))).collect())
+        }
+        Spec::MeshConfig(_) => Attachment::Global,
+        _ => Attachment::None,
     }
 }
 

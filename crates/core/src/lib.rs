@@ -10,6 +10,7 @@ pub mod latency;
 pub mod load;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod resource;
 pub mod route;
 pub mod time;

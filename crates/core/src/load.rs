@@ -147,9 +147,20 @@ fn decode_resource(value: Value) -> Result<Resource, DecodeError> {
         return Err((object, unknown.clone(), "unknown field".into()));
     }
     let spec = match kind {
+        Kind::MeshConfig => decode(spec_value, "spec").map(Spec::MeshConfig),
         Kind::Service => decode(spec_value, "spec").map(Spec::Service),
         Kind::Workload => decode(spec_value, "spec").map(Spec::Workload),
+        Kind::ExternalService => decode(spec_value, "spec").map(Spec::ExternalService),
+        Kind::HttpRouteGroup => decode(spec_value, "spec").map(Spec::HttpRouteGroup),
+        Kind::FaultInjection => decode(spec_value, "spec").map(Spec::FaultInjection),
+        Kind::Gateway => decode(spec_value, "spec").map(Spec::Gateway),
         Kind::HttpRoute => decode(spec_value, "spec").map(Spec::HttpRoute),
+        Kind::GrpcRoute => decode(spec_value, "spec").map(Spec::GrpcRoute),
+        Kind::TrafficSplit => decode(spec_value, "spec").map(Spec::TrafficSplit),
+        Kind::TrafficTarget => decode(spec_value, "spec").map(Spec::TrafficTarget),
+        Kind::AuthorizationPolicy => decode(spec_value, "spec").map(Spec::AuthorizationPolicy),
+        Kind::ResiliencePolicy => decode(spec_value, "spec").map(Spec::ResiliencePolicy),
+        Kind::RateLimitPolicy => decode(spec_value, "spec").map(Spec::RateLimitPolicy),
     }
     .map_err(|(f, r)| (object, f, r))?;
     Ok(Resource { api_version, kind, metadata, spec })

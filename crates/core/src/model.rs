@@ -10,8 +10,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::names::{ServiceName, split_authority};
-use crate::resource::{PortRef, Resource, ServicePort, Spec, WorkloadPort, WorkloadSpec};
+use crate::names::{DEFAULT_TRUST_DOMAIN, ServiceName, split_authority};
+use crate::policy::{ClientPolicy, RateLimit};
+use crate::resource::{
+    DefaultAuthorization, MeshConfigSpec, MtlsMode, OutboundTrafficPolicy, PolicyTargetRef, PortRef, Resource,
+    ServicePort, Spec, WorkloadPort, WorkloadSpec,
+};
 use crate::route::RouteTable;
 
 /// The protocol a Service port declares (`appProtocol`).
@@ -75,6 +79,11 @@ pub struct CompiledPort {
     pub protocol: Option<AppProtocol>,
     pub endpoints: Arc<Vec<Endpoint>>,
     pub routes: RouteTable,
+    /// How clients call this port (ResiliencePolicy, or the defaults).
+    pub policy: Arc<ClientPolicy>,
+    /// The local rate limit the destination's sidecars enforce (RateLimitPolicy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// A Service with its compiled ports.
@@ -95,11 +104,42 @@ impl CompiledService {
     }
 }
 
+/// Mesh-wide settings (MeshConfig `default`, with defaults filled in).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSettings {
+    pub trust_domain: String,
+    pub mtls_mode: MtlsMode,
+    pub default_authorization: DefaultAuthorization,
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The MeshConfig as written, for the parts other modules read (tracing, access logs).
+    pub config: MeshConfigSpec,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings::from_spec(&MeshConfigSpec::default())
+    }
+}
+
+impl MeshSettings {
+    pub fn from_spec(spec: &MeshConfigSpec) -> MeshSettings {
+        MeshSettings {
+            trust_domain: spec.trust_domain.clone().unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into()),
+            mtls_mode: spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default(),
+            default_authorization: spec.default_authorization.unwrap_or_default(),
+            outbound_traffic_policy: spec.outbound_traffic_policy.unwrap_or_default(),
+            config: spec.clone(),
+        }
+    }
+}
+
 /// An immutable, compiled view of the mesh.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MeshSnapshot {
     /// Changes whenever the configuration changes.
     pub version: String,
+    pub mesh: MeshSettings,
     pub services: BTreeMap<ServiceName, CompiledService>,
     /// Which Service port an endpoint address serves (for transparent traffic to a pod IP).
     #[serde(skip)]
@@ -145,13 +185,23 @@ impl MeshSnapshot {
                         protocol: sp.app_protocol.as_deref().and_then(AppProtocol::parse),
                         endpoints: Arc::new(endpoints),
                         routes: RouteTable::default(),
+                        policy: Arc::new(ClientPolicy::default()),
+                        rate_limit: None,
                     }
                 })
                 .collect();
             services.insert(name.clone(), CompiledService { name, ports });
         }
+        let mesh = resources
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::MeshConfig(m) => Some(MeshSettings::from_spec(m)),
+                _ => None,
+            })
+            .unwrap_or_default();
         RouteTable::attach_all(resources, &mut services);
-        MeshSnapshot { version: version.into(), services, by_endpoint }
+        attach_policies(resources, &mesh, &mut services);
+        MeshSnapshot { version: version.into(), mesh, services, by_endpoint }
     }
 
     /// Looks a Service up by a host (`reviews`, `reviews.prod`, `reviews.prod.svc.cluster.local`).
@@ -172,6 +222,60 @@ impl MeshSnapshot {
         let (name, port) = self.by_endpoint.get(&addr)?;
         let service = self.services.get(name)?;
         Some((service, service.port(Some(*port))?))
+    }
+}
+
+/// The Service ports a policy's `targetRef` selects, with its rank: a port-specific policy wins
+/// over a Service-wide one, then the oldest, then `namespace/name` (Gateway API conflict rule).
+type Rank = (bool, String, String);
+
+fn policy_targets(r: &Resource, target: &PolicyTargetRef) -> (ServiceName, Option<u16>, Rank) {
+    let ns = r.metadata.namespace();
+    let name = ServiceName::new(&target.name, target.namespace.as_deref().unwrap_or(ns));
+    let rank = (target.port.is_none(), r.metadata.creation_timestamp.clone().unwrap_or_default(), r.key());
+    (name, target.port, rank)
+}
+
+/// Attaches ResiliencePolicies and RateLimitPolicies to the ports they target.
+fn attach_policies(resources: &[Resource], mesh: &MeshSettings, services: &mut BTreeMap<ServiceName, CompiledService>) {
+    let mut client: HashMap<(ServiceName, u16), (Rank, Arc<ClientPolicy>)> = HashMap::new();
+    let mut limits: HashMap<(ServiceName, u16), (Rank, Arc<RateLimit>)> = HashMap::new();
+    for r in resources {
+        let (target, compiled) = match &r.spec {
+            Spec::ResiliencePolicy(p) => (&p.target_ref, Ok(Arc::new(ClientPolicy::from_spec(r.key(), p)))),
+            Spec::RateLimitPolicy(p) => (
+                &p.target_ref,
+                Err(Arc::new(RateLimit::from_spec(r.key(), r.metadata.namespace(), &mesh.trust_domain, p))),
+            ),
+            _ => continue,
+        };
+        let (name, port, rank) = policy_targets(r, target);
+        let Some(service) = services.get(&name) else { continue };
+        for p in service.ports.iter().filter(|p| port.is_none_or(|x| x == p.port)) {
+            let key = (name.clone(), p.port);
+            match &compiled {
+                Ok(c) => {
+                    if client.get(&key).is_none_or(|(best, _)| rank < *best) {
+                        client.insert(key, (rank.clone(), c.clone()));
+                    }
+                }
+                Err(l) => {
+                    if limits.get(&key).is_none_or(|(best, _)| rank < *best) {
+                        limits.insert(key, (rank.clone(), l.clone()));
+                    }
+                }
+            }
+        }
+    }
+    for ((name, port), (_, policy)) in client {
+        if let Some(p) = services.get_mut(&name).and_then(|s| s.ports.iter_mut().find(|p| p.port == port)) {
+            p.policy = policy;
+        }
+    }
+    for ((name, port), (_, limit)) in limits {
+        if let Some(p) = services.get_mut(&name).and_then(|s| s.ports.iter_mut().find(|p| p.port == port)) {
+            p.rate_limit = Some(limit);
+        }
     }
 }
 

@@ -9,10 +9,13 @@ use http::HeaderMap;
 use regex::Regex;
 use serde::{Serialize, Serializer};
 
-use crate::duration;
 use crate::model::CompiledService;
 use crate::names::ServiceName;
-use crate::resource::{HeaderModifier, HttpRouteMatch, HttpValueMatch, PathMatchType, Resource, Spec, ValueMatchType};
+use crate::policy::{Fault, RetryPolicy};
+use crate::resource::{
+    BackendRef, FilterType, GrpcRouteMatch, HeaderModifier, HttpRouteFilter, HttpRouteMatch, HttpRouteTimeouts,
+    HttpValueMatch, PathMatchType, PathModifier, PathModifierType, Resource, Spec, ValueMatchType,
+};
 
 /// The parts of a request routing looks at.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +128,7 @@ pub struct Backend {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteEntry {
-    /// `namespace/name` of the HTTPRoute.
+    /// `namespace/name` of the HTTPRoute, GRPCRoute or TrafficSplit.
     pub route: String,
     pub rule: usize,
     pub matcher: Matcher,
@@ -134,13 +137,76 @@ pub struct RouteEntry {
     pub request_headers: Option<HeaderModifier>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<HeaderModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    /// FaultInjections named by ExtensionRef filters, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<FaultRef>,
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
     pub request_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
     pub backend_request_timeout: Option<Duration>,
+    /// The rule's own `retry`, which replaces the Service's ResiliencePolicy retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
 
-mod opt_duration {
+/// `RequestRedirect`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+/// `URLRewrite`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathChange>,
+}
+
+/// A path change of a redirect or rewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "value")]
+pub enum PathChange {
+    ReplaceFullPath(String),
+    ReplacePrefixMatch(String),
+}
+
+/// `RequestMirror`, compiled.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mirror {
+    pub service: ServiceName,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub percent: f64,
+}
+
+/// An ExtensionRef to a FaultInjection; `fault` is `None` when it does not exist (the rule then
+/// answers 500, as the Gateway API asks for invalid filters).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultRef {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+pub(crate) mod opt_duration {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -148,6 +214,66 @@ mod opt_duration {
             Some(d) => s.serialize_str(&crate::duration::format(*d)),
             None => s.serialize_none(),
         }
+    }
+}
+
+pub(crate) mod duration_str {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::duration::format(*d))
+    }
+}
+
+/// Applies a path change: `matched_prefix` is the PathPrefix the rule matched (`/` when none).
+pub fn change_path(change: &PathChange, path: &str, matched_prefix: &str) -> String {
+    match change {
+        PathChange::ReplaceFullPath(p) => p.clone(),
+        PathChange::ReplacePrefixMatch(replacement) => {
+            let rest = if matched_prefix == "/" { path } else { path.get(matched_prefix.len()..).unwrap_or("") };
+            let rest = rest.trim_start_matches('/');
+            let base = replacement.trim_end_matches('/');
+            match (base.is_empty(), rest.is_empty()) {
+                (true, true) => "/".into(),
+                (true, false) => format!("/{rest}"),
+                (false, true) => replacement.clone(),
+                (false, false) => format!("{base}/{rest}"),
+            }
+        }
+    }
+}
+
+impl Matcher {
+    /// The prefix a PathPrefix matcher matched (for ReplacePrefixMatch), `/` otherwise.
+    pub fn prefix(&self) -> &str {
+        match &self.path {
+            PathMatcher::PathPrefix(p) => p,
+            _ => "/",
+        }
+    }
+}
+
+impl Redirect {
+    /// The `Location` of the redirect for a request with this scheme, host, port and path
+    /// (and query, kept as is). The port is dropped when it is the scheme's default.
+    pub fn location(&self, scheme: &str, host: &str, port: Option<u16>, path_and_query: &str, prefix: &str) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or(scheme);
+        let host = self.hostname.as_deref().unwrap_or(host);
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let path = self.path.as_ref().map(|c| change_path(c, path, prefix)).unwrap_or_else(|| path.to_string());
+        // Gateway API: a scheme change without a port drops the port (the new scheme's default).
+        let port = match (self.port, &self.scheme) {
+            (Some(p), _) => Some(p),
+            (None, Some(_)) => None,
+            (None, None) => port,
+        };
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let port = port.filter(|p| *p != default_port).map(|p| format!(":{p}")).unwrap_or_default();
+        let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{scheme}://{host}{port}{path}{query}")
     }
 }
 
@@ -188,54 +314,21 @@ impl RouteTable {
         self.entries.is_empty()
     }
 
-    /// Attaches every HTTPRoute to the Service ports its parentRefs name, ordered by precedence
-    /// (ties: older route, then `namespace/name`, then rule and match order).
+    /// Attaches every HTTPRoute, GRPCRoute and TrafficSplit to the Service ports they name,
+    /// ordered by precedence (ties: older route, then `namespace/name`, then rule and match
+    /// order).
     pub(crate) fn attach_all(resources: &[Resource], services: &mut BTreeMap<ServiceName, CompiledService>) {
+        let lookup = Lookup::new(resources);
         let mut staged: BTreeMap<(ServiceName, u16), Vec<Staged>> = BTreeMap::new();
         for r in resources {
-            let Spec::HttpRoute(spec) = &r.spec else { continue };
-            let ns = r.metadata.namespace();
-            let route = r.key();
+            let Some(route) = RouteSource::of(r, &lookup) else { continue };
             let created = r.metadata.creation_timestamp.clone().unwrap_or_default();
-            for (ri, rule) in spec.rules.iter().enumerate() {
-                let backends: Vec<Backend> = rule
-                    .backend_refs
-                    .iter()
-                    .map(|b| Backend {
-                        service: ServiceName::new(&b.name, b.namespace.as_deref().unwrap_or(ns)),
-                        port: b.port,
-                        weight: b.weight,
-                    })
-                    .collect();
-                let timeouts = rule.timeouts.as_ref();
-                let parse = |v: Option<&String>| v.and_then(|v| duration::parse(v).ok()).filter(|d| !d.is_zero());
-                let header_filter = |t: &str| {
-                    rule.filters.iter().filter(|f| f.filter_type == t).find_map(|f| {
-                        if t == "RequestHeaderModifier" {
-                            f.request_header_modifier.clone()
-                        } else {
-                            f.response_header_modifier.clone()
-                        }
-                    })
-                };
-                let default_match = [HttpRouteMatch::default()];
-                let matches: &[HttpRouteMatch] = if rule.matches.is_empty() { &default_match } else { &rule.matches };
-                for (mi, m) in matches.iter().enumerate() {
-                    let Some(matcher) = compile_match(m) else { continue };
-                    let entry = RouteEntry {
-                        route: route.clone(),
-                        rule: ri,
-                        matcher,
-                        backends: backends.clone(),
-                        request_headers: header_filter("RequestHeaderModifier"),
-                        response_headers: header_filter("ResponseHeaderModifier"),
-                        request_timeout: parse(timeouts.and_then(|t| t.request.as_ref())),
-                        backend_request_timeout: parse(timeouts.and_then(|t| t.backend_request.as_ref())),
-                    };
-                    for parent in &spec.parent_refs {
-                        let parent_name = ServiceName::new(&parent.name, parent.namespace.as_deref().unwrap_or(ns));
-                        let Some(service) = services.get(&parent_name) else { continue };
-                        for port in service.ports.iter().filter(|p| parent.port.is_none_or(|pp| pp == p.port)) {
+            for (ri, rule) in route.rules.into_iter().enumerate() {
+                for (mi, matcher) in rule.matchers.iter().enumerate() {
+                    let entry = RouteEntry { matcher: matcher.clone(), rule: ri, ..rule.template.clone() };
+                    for (parent_name, parent_port) in &route.parents {
+                        let Some(service) = services.get(parent_name) else { continue };
+                        for port in service.ports.iter().filter(|p| parent_port.is_none_or(|pp| pp == p.port)) {
                             staged.entry((parent_name.clone(), port.port)).or_default().push((
                                 entry.clone(),
                                 created.clone(),
@@ -266,6 +359,216 @@ impl RouteTable {
 /// A route entry waiting to be ordered: with its route's creation time and match index.
 type Staged = (RouteEntry, String, usize);
 
+/// Resources routes refer to by name: FaultInjections and HTTPRouteGroups.
+struct Lookup<'a> {
+    faults: BTreeMap<String, &'a crate::resource::FaultInjectionSpec>,
+    groups: BTreeMap<String, &'a crate::resource::HttpRouteGroupSpec>,
+}
+
+impl<'a> Lookup<'a> {
+    fn new(resources: &'a [Resource]) -> Self {
+        let mut faults = BTreeMap::new();
+        let mut groups = BTreeMap::new();
+        for r in resources {
+            match &r.spec {
+                Spec::FaultInjection(f) => {
+                    faults.insert(r.key(), f);
+                }
+                Spec::HttpRouteGroup(g) => {
+                    groups.insert(r.key(), g);
+                }
+                _ => {}
+            }
+        }
+        Lookup { faults, groups }
+    }
+}
+
+/// Any route kind, reduced to parents and rules of (matchers, what to do).
+struct RouteSource {
+    parents: Vec<(ServiceName, Option<u16>)>,
+    rules: Vec<CompiledRule>,
+}
+
+struct CompiledRule {
+    matchers: Vec<Matcher>,
+    template: RouteEntry,
+}
+
+impl RouteSource {
+    fn of(r: &Resource, lookup: &Lookup<'_>) -> Option<RouteSource> {
+        let ns = r.metadata.namespace();
+        let route = r.key();
+        let parents_of = |refs: &[crate::resource::ParentRef]| {
+            refs.iter()
+                .map(|p| (ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns)), p.port))
+                .collect::<Vec<_>>()
+        };
+        match &r.spec {
+            Spec::HttpRoute(spec) => Some(RouteSource {
+                parents: parents_of(&spec.parent_refs),
+                rules: spec
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        let default_match = [HttpRouteMatch::default()];
+                        let matches = if rule.matches.is_empty() { &default_match[..] } else { &rule.matches };
+                        let mut template = template(&route, ns, &rule.backend_refs, &rule.filters, lookup);
+                        timeouts(&mut template, rule.timeouts.as_ref());
+                        template.retry = rule.retry.as_ref().map(|rt| {
+                            RetryPolicy::from_route(rt.codes.clone(), Vec::new(), rt.attempts, rt.backoff.map(|d| d.0))
+                        });
+                        CompiledRule { matchers: matches.iter().filter_map(compile_match).collect(), template }
+                    })
+                    .collect(),
+            }),
+            Spec::GrpcRoute(spec) => Some(RouteSource {
+                parents: parents_of(&spec.parent_refs),
+                rules: spec
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        let default_match = [GrpcRouteMatch::default()];
+                        let matches = if rule.matches.is_empty() { &default_match[..] } else { &rule.matches };
+                        let mut template = template(&route, ns, &rule.backend_refs, &rule.filters, lookup);
+                        timeouts(&mut template, rule.timeouts.as_ref());
+                        template.retry = rule.retry.as_ref().map(|rt| {
+                            let codes = rt.codes.iter().filter_map(|c| c.code()).collect();
+                            RetryPolicy::from_route(Vec::new(), codes, rt.attempts, rt.backoff.map(|d| d.0))
+                        });
+                        CompiledRule { matchers: matches.iter().filter_map(compile_grpc_match).collect(), template }
+                    })
+                    .collect(),
+            }),
+            Spec::TrafficSplit(spec) => {
+                let backends: Vec<BackendRef> = spec
+                    .backends
+                    .iter()
+                    .map(|b| BackendRef { name: b.service.clone(), weight: b.weight, ..BackendRef::default() })
+                    .collect();
+                let template = template(&route, ns, &backends, &[], lookup);
+                let matchers = if spec.matches.is_empty() {
+                    vec![compile_match(&HttpRouteMatch::default())?]
+                } else {
+                    let mut out = Vec::new();
+                    for m in &spec.matches {
+                        // A missing group contributes nothing (reported by `check`).
+                        let Some(group) = lookup.groups.get(&format!("{ns}/{}", m.name)) else { continue };
+                        for hm in group.matches.iter().filter(|hm| m.matches.is_empty() || m.matches.contains(&hm.name))
+                        {
+                            out.extend(compile_smi_match(hm));
+                        }
+                    }
+                    out
+                };
+                Some(RouteSource {
+                    parents: vec![(ServiceName::new(&spec.service, ns), None)],
+                    rules: vec![CompiledRule { matchers, template }],
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn timeouts(entry: &mut RouteEntry, t: Option<&HttpRouteTimeouts>) {
+    let nz = |d: Option<crate::duration::Dur>| d.map(|d| d.0).filter(|d| !d.is_zero());
+    entry.request_timeout = nz(t.and_then(|t| t.request));
+    entry.backend_request_timeout = nz(t.and_then(|t| t.backend_request));
+}
+
+fn path_change(m: &PathModifier) -> Option<PathChange> {
+    match m.modifier_type {
+        PathModifierType::ReplaceFullPath => m.replace_full_path.clone().map(PathChange::ReplaceFullPath),
+        PathModifierType::ReplacePrefixMatch => m.replace_prefix_match.clone().map(PathChange::ReplacePrefixMatch),
+    }
+}
+
+/// What a rule does, without its matchers.
+fn template(
+    route: &str,
+    ns: &str,
+    backend_refs: &[BackendRef],
+    filters: &[HttpRouteFilter],
+    lookup: &Lookup<'_>,
+) -> RouteEntry {
+    let mut entry = RouteEntry {
+        route: route.into(),
+        rule: 0,
+        matcher: Matcher {
+            path: PathMatcher::PathPrefix("/".into()),
+            method: None,
+            headers: Vec::new(),
+            query_params: Vec::new(),
+        },
+        backends: backend_refs
+            .iter()
+            .map(|b| Backend {
+                service: ServiceName::new(&b.name, b.namespace.as_deref().unwrap_or(ns)),
+                port: b.port,
+                weight: b.weight,
+            })
+            .collect(),
+        request_headers: None,
+        response_headers: None,
+        redirect: None,
+        rewrite: None,
+        mirrors: Vec::new(),
+        faults: Vec::new(),
+        request_timeout: None,
+        backend_request_timeout: None,
+        retry: None,
+    };
+    for f in filters {
+        match f.filter_type {
+            FilterType::RequestHeaderModifier => entry.request_headers = f.request_header_modifier.clone(),
+            FilterType::ResponseHeaderModifier => entry.response_headers = f.response_header_modifier.clone(),
+            FilterType::RequestRedirect => {
+                entry.redirect = f.request_redirect.as_ref().map(|r| Redirect {
+                    scheme: r.scheme.clone(),
+                    hostname: r.hostname.clone(),
+                    path: r.path.as_ref().and_then(path_change),
+                    port: r.port,
+                    status: r.status_code.unwrap_or(302),
+                })
+            }
+            FilterType::UrlRewrite => {
+                entry.rewrite = f
+                    .url_rewrite
+                    .as_ref()
+                    .map(|r| Rewrite { hostname: r.hostname.clone(), path: r.path.as_ref().and_then(path_change) })
+            }
+            FilterType::RequestMirror => {
+                if let Some(m) = &f.request_mirror {
+                    let percent = match (m.percent, m.fraction) {
+                        (Some(p), _) => f64::from(p),
+                        (None, Some(fr)) if fr.denominator > 0 => {
+                            100.0 * f64::from(fr.numerator) / f64::from(fr.denominator)
+                        }
+                        _ => 100.0,
+                    };
+                    entry.mirrors.push(Mirror {
+                        service: ServiceName::new(
+                            &m.backend_ref.name,
+                            m.backend_ref.namespace.as_deref().unwrap_or(ns),
+                        ),
+                        port: m.backend_ref.port,
+                        percent,
+                    });
+                }
+            }
+            FilterType::ExtensionRef => {
+                if let Some(e) = &f.extension_ref {
+                    let name = format!("{ns}/{}", e.name);
+                    let fault = lookup.faults.get(&name).map(|spec| Fault::from_spec(name.clone(), spec));
+                    entry.faults.push(FaultRef { name, fault });
+                }
+            }
+        }
+    }
+    entry
+}
+
 fn anchored(pattern: &str) -> Option<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).ok()
 }
@@ -277,6 +580,62 @@ fn compile_value(v: &HttpValueMatch, lowercase_name: bool) -> Option<ValueMatche
     };
     let name = if lowercase_name { v.name.to_ascii_lowercase() } else { v.name.clone() };
     Some(ValueMatcher { name, value })
+}
+
+/// A GRPCRoute match: the method becomes a path condition on `/SERVICE/METHOD`.
+fn compile_grpc_match(m: &GrpcRouteMatch) -> Option<Matcher> {
+    let path = match &m.method {
+        None => PathMatcher::PathPrefix("/".into()),
+        Some(mm) => match mm.match_type {
+            ValueMatchType::Exact => match (&mm.service, &mm.method) {
+                (Some(s), Some(m)) => PathMatcher::Exact(format!("/{s}/{m}")),
+                (Some(s), None) => PathMatcher::PathPrefix(format!("/{s}")),
+                (None, Some(m)) => PathMatcher::RegularExpression(anchored(&format!("/[^/]+/{}", regex::escape(m)))?),
+                (None, None) => PathMatcher::PathPrefix("/".into()),
+            },
+            ValueMatchType::RegularExpression => {
+                let s = mm.service.as_deref().unwrap_or("[^/]+");
+                let m = mm.method.as_deref().unwrap_or("[^/]+");
+                PathMatcher::RegularExpression(anchored(&format!("/(?:{s})/(?:{m})"))?)
+            }
+        },
+    };
+    Some(Matcher {
+        path,
+        method: None,
+        headers: m.headers.iter().map(|h| compile_value(h, true)).collect::<Option<_>>()?,
+        query_params: Vec::new(),
+    })
+}
+
+/// An SMI HTTPRouteGroup match: one matcher per listed method (`*` or none: any method).
+fn compile_smi_match(m: &crate::resource::SmiHttpMatch) -> Vec<Matcher> {
+    let path = match &m.path_regex {
+        Some(r) => match anchored(r) {
+            Some(re) => PathMatcher::RegularExpression(re),
+            None => return Vec::new(),
+        },
+        None => PathMatcher::PathPrefix("/".into()),
+    };
+    let Some(headers) = m
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            Some(ValueMatcher { name: k.to_ascii_lowercase(), value: ValuePattern::RegularExpression(anchored(v)?) })
+        })
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Vec::new();
+    };
+    let methods: Vec<Option<String>> = if m.methods.is_empty() || m.methods.iter().any(|x| x == "*") {
+        vec![None]
+    } else {
+        m.methods.iter().cloned().map(Some).collect()
+    };
+    methods
+        .into_iter()
+        .map(|method| Matcher { path: path.clone(), method, headers: headers.clone(), query_params: Vec::new() })
+        .collect()
 }
 
 fn compile_match(m: &HttpRouteMatch) -> Option<Matcher> {

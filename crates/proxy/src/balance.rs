@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plexus_core::Endpoint;
+use plexus_core::policy::{ClientPolicy, OutlierDetection};
+use plexus_core::resource::LbAlgorithm;
 
 use crate::settings::LoadBalancer;
 
@@ -116,6 +118,33 @@ pub fn p2c(n: usize, roll_a: usize, roll_b: usize, cost: impl Fn(usize) -> f64) 
     if cost(b) < cost(a) { b } else { a }
 }
 
+/// What a Service port's policy says about choosing its endpoints for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Choice {
+    /// The port's ResiliencePolicy algorithm; `None` uses the proxy's default.
+    pub algorithm: Option<LbAlgorithm>,
+    /// The request's ring-hash key, when the algorithm is `ringHash`.
+    pub hash: Option<u64>,
+    pub outlier: OutlierDetection,
+}
+
+impl Choice {
+    /// The choice for a port under `policy`, with the request's hash key.
+    pub fn new(policy: &ClientPolicy, hash: Option<u64>) -> Choice {
+        Choice {
+            algorithm: policy.load_balancer_set.then_some(policy.load_balancer),
+            hash,
+            outlier: policy.outlier_detection,
+        }
+    }
+}
+
+impl Default for Choice {
+    fn default() -> Self {
+        Choice { algorithm: None, hash: None, outlier: plexus_core::policy::DEFAULT_OUTLIER }
+    }
+}
+
 /// Picks endpoints and keeps their statistics.
 pub struct Balancer {
     algorithm: LoadBalancer,
@@ -198,7 +227,13 @@ impl Balancer {
     }
 
     /// Chooses an endpoint, skipping `exclude` (already tried) and ejected endpoints.
-    pub fn pick<'a>(&self, endpoints: &'a [Endpoint], exclude: &[SocketAddr]) -> Option<(&'a Endpoint, Pick)> {
+    pub fn pick<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        choice: &Choice,
+        exclude: &[SocketAddr],
+    ) -> Option<(&'a Endpoint, Pick)> {
+        let _ = choice;
         let now = Instant::now();
         let all: Vec<&Endpoint> = endpoints.iter().filter(|e| !exclude.contains(&e.addr)).collect();
         if all.is_empty() {
@@ -274,15 +309,19 @@ mod tests {
         slow.observe_rtt(Duration::from_millis(50), Instant::now(), DEFAULT_DECAY);
         let fast = b.stats_for(&[&endpoints[0]]).remove(0);
         fast.observe_rtt(Duration::from_millis(1), Instant::now(), DEFAULT_DECAY);
-        let fast_picks = (0..100).filter(|_| b.pick(&endpoints, &[]).map(|(e, _)| e.addr.port()) == Some(1)).count();
+        let fast_picks = (0..100)
+            .filter(|_| b.pick(&endpoints, &Choice::default(), &[]).map(|(e, _)| e.addr.port()) == Some(1))
+            .count();
         assert_eq!(fast_picks, 100);
         for _ in 0..CONSECUTIVE_FAILURES {
-            let (e, pick) = b.pick(&endpoints, &[SocketAddr::from(([127, 0, 0, 1], 2))]).expect("endpoint");
+            let (e, pick) =
+                b.pick(&endpoints, &Choice::default(), &[SocketAddr::from(([127, 0, 0, 1], 2))]).expect("endpoint");
             assert_eq!(e.addr.port(), 1);
             pick.finish(false);
         }
         assert_eq!(b.ejected_count(&endpoints), 1);
-        let picks: Vec<u16> = (0..20).filter_map(|_| b.pick(&endpoints, &[]).map(|(e, _)| e.addr.port())).collect();
+        let picks: Vec<u16> =
+            (0..20).filter_map(|_| b.pick(&endpoints, &Choice::default(), &[]).map(|(e, _)| e.addr.port())).collect();
         assert!(picks.iter().all(|p| *p == 2), "the ejected endpoint gets nothing: {picks:?}");
     }
 }

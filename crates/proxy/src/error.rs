@@ -30,6 +30,14 @@ pub enum ProxyError {
     Timeout,
     /// The client's request cannot be proxied.
     BadRequest(String),
+    /// A connection limit of the destination is reached (circuit open).
+    Overloaded(String),
+    /// The destination's rate limit is exhausted; retry after the given time.
+    RateLimited { policy: String, retry_after: std::time::Duration },
+    /// A FaultInjection aborted the request with this HTTP (or gRPC) status.
+    FaultAbort { fault: String, http_status: u16, grpc_status: u16 },
+    /// The matched rule cannot be served (e.g. an ExtensionRef to a missing FaultInjection).
+    InvalidRoute(String),
 }
 
 impl ProxyError {
@@ -41,16 +49,24 @@ impl ProxyError {
             ProxyError::ConnectFailed(_) | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::FaultAbort { http_status, .. } => {
+                StatusCode::from_u16(*http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ProxyError::InvalidRoute(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// The matching gRPC status code.
     pub fn grpc_status(&self) -> u16 {
         match self {
-            ProxyError::Timeout => 4,                                         // DEADLINE_EXCEEDED
-            ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) => 13, // INTERNAL
-            ProxyError::BadRequest(_) => 3,                                   // INVALID_ARGUMENT
-            _ => 14,                                                          // UNAVAILABLE
+            ProxyError::Timeout => 4, // DEADLINE_EXCEEDED
+            ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::InvalidRoute(_) => 13, // INTERNAL
+            ProxyError::BadRequest(_) => 3, // INVALID_ARGUMENT
+            ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
+            ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
+            _ => 14, // UNAVAILABLE
         }
     }
 
@@ -63,6 +79,10 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "UC",
             ProxyError::Timeout => "UT",
             ProxyError::BadRequest(_) => "DPE",
+            ProxyError::Overloaded(_) => "UO",
+            ProxyError::RateLimited { .. } => "RL",
+            ProxyError::FaultAbort { .. } => "FI",
+            ProxyError::InvalidRoute(_) => "NR",
         }
     }
 
@@ -89,6 +109,10 @@ impl ProxyError {
             r
         };
         resp.headers_mut().insert(ERROR_HEADER, header);
+        if let ProxyError::RateLimited { retry_after, .. } = &self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }
@@ -104,6 +128,10 @@ impl fmt::Display for ProxyError {
             ProxyError::UpstreamReset(e) => write!(f, "upstream reset: {e}"),
             ProxyError::Timeout => write!(f, "request timeout"),
             ProxyError::BadRequest(r) => write!(f, "bad request: {r}"),
+            ProxyError::Overloaded(r) => write!(f, "circuit open: {r}"),
+            ProxyError::RateLimited { policy, .. } => write!(f, "rate limited by {policy}"),
+            ProxyError::FaultAbort { fault, .. } => write!(f, "fault injected by {fault}"),
+            ProxyError::InvalidRoute(r) => write!(f, "invalid route: {r}"),
         }
     }
 }

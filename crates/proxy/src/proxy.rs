@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Choice};
 use crate::discovery::Discovery;
 use crate::error::ProxyError;
 use crate::http::client::{self, Pool};
@@ -370,15 +370,12 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
         }
         TcpDest::Service(name, port) => {
             let snapshot = state.discovery.current();
-            let endpoints = snapshot
-                .services
-                .get(name)
-                .and_then(|s| s.port(Some(*port)))
-                .map(|p| p.endpoints.clone())
-                .unwrap_or_default();
+            let compiled = snapshot.services.get(name).and_then(|s| s.port(Some(*port)));
+            let endpoints = compiled.map(|p| p.endpoints.clone()).unwrap_or_default();
+            let choice = compiled.map(|p| Choice::new(&p.policy, None)).unwrap_or_default();
             let mut tried = Vec::new();
             loop {
-                let Some((ep, pick)) = state.balancer.pick(&endpoints, &tried) else {
+                let Some((ep, pick)) = state.balancer.pick(&endpoints, &choice, &tried) else {
                     return Err(ProxyError::NoEndpoints(format!("{name}:{port}")));
                 };
                 peers.destination_service = name.name.clone();

@@ -21,6 +21,7 @@ use super::body::{self, Body};
 use super::client::{self, Proto};
 use super::observe::Observation;
 use super::{Head, Target, downstream_response, forward_upgrade, headers};
+use crate::balance::Choice;
 use crate::error::ProxyError;
 use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
@@ -99,7 +100,9 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     let destination = format!("{}:{}", backend.name, backend_port.port);
 
     if upgrade {
-        let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &[]) else {
+        let Some((ep, pick)) =
+            state.balancer.pick(&backend_port.endpoints, &Choice::new(&backend_port.policy, None), &[])
+        else {
             return obs.fail(ProxyError::NoEndpoints(destination));
         };
         describe_endpoint(&mut obs, ep);
@@ -117,7 +120,9 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     let attempt = async {
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &tried) else {
+            let Some((ep, pick)) =
+                state.balancer.pick(&backend_port.endpoints, &Choice::new(&backend_port.policy, None), &tried)
+            else {
                 return Err(ProxyError::NoEndpoints(destination.clone()));
             };
             let target = Target {
@@ -284,7 +289,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
     let timeout = state.settings.limits.connect_timeout;
     let upstream = if let Some((service, port)) = snapshot.resolve_authority(&authority) {
         obs.peers.destination_service = service.name.name.clone();
-        match state.balancer.pick(&port.endpoints, &[]) {
+        match state.balancer.pick(&port.endpoints, &Choice::new(&port.policy, None), &[]) {
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {
                 describe_endpoint(&mut obs, ep);
