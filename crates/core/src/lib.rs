@@ -5,7 +5,9 @@
 //! synchronously (see `docs/ARCHITECTURE.md`, "Decisions are pure functions").
 
 pub mod check;
+pub mod decide;
 pub mod duration;
+pub mod explain;
 pub mod latency;
 pub mod load;
 pub mod model;

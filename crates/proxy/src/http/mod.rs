@@ -3,10 +3,13 @@
 
 pub mod body;
 pub mod client;
+pub mod deadline;
+pub mod forward;
 pub mod headers;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
+pub mod retry;
 pub mod server;
 
 use std::net::SocketAddr;

@@ -12,18 +12,17 @@ use std::sync::Arc;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use plexus_core::model::{AppProtocol, CompiledPort, CompiledService, Endpoint};
-use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id, split_authority};
-use plexus_core::route::RequestInfo;
+use plexus_core::model::{CompiledPort, CompiledService};
+use plexus_core::names::split_authority;
 use plexus_core::{MeshSnapshot, ServiceName};
 
 use super::body::{self, Body};
-use super::client::{self, Proto};
+use super::client;
+use super::forward::{self, app_protocol, describe_endpoint};
 use super::observe::Observation;
 use super::{Head, Target, downstream_response, forward_upgrade, headers};
 use crate::balance::Choice;
 use crate::error::ProxyError;
-use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
 use crate::transport::tcp;
 
@@ -42,14 +41,10 @@ enum Dest<'a> {
     Direct { authority: String, addr: Option<SocketAddr> },
 }
 
-/// Attempts per request when connecting fails (nothing was sent, so it is safe) or a safe
-/// (GET, HEAD, OPTIONS, TRACE) request without a body is reset before its response.
-const MAX_CONNECT_ATTEMPTS: usize = 3;
-
 /// Handles one outbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let request_id = headers::ensure_request_id(req.headers_mut());
-    let mut head = Head::of(&req);
+    let head = Head::of(&req);
     let mut obs = Observation::new(state.clone(), "outbound", &head, request_id);
     state.fill_source(&mut obs.peers);
     if req.method() == Method::CONNECT {
@@ -67,144 +62,8 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
         Dest::Service(s, p) => (s, p),
         Dest::Direct { authority, addr } => return direct(state, req, head, obs, authority, addr).await,
     };
-    let info = RequestInfo {
-        method: head.method.as_str(),
-        path: head.uri.path(),
-        query: head.uri.query(),
-        headers: &head.headers,
-    };
-    let entry = port.routes.find(&info).cloned();
-    let (backend, backend_port) = match &entry {
-        None => (service, port),
-        Some(e) => {
-            obs.route = e.route.clone();
-            let Some(b) = e.pick_backend(fastrand::u64(..)) else {
-                return obs.fail(ProxyError::NoBackends(e.route.clone()));
-            };
-            let Some(bs) = snapshot.services.get(&b.service) else {
-                return obs.fail(ProxyError::BackendNotFound(b.service.to_string()));
-            };
-            let Some(bp) = bs.port(b.port.or(Some(port.port))).or_else(|| bs.port(None)) else {
-                return obs.fail(ProxyError::BackendNotFound(format!("{}:{}", b.service, b.port.unwrap_or(port.port))));
-            };
-            if let Some(m) = &e.request_headers {
-                headers::apply_modifier(&mut head.headers, m);
-            }
-            (bs, bp)
-        }
-    };
-    obs.peers.destination_service = backend.name.name.clone();
-    let authority = head.authority().unwrap_or_else(|| format!("{}:{}", service.name.name, port.port));
-    let app_proto = app_protocol(backend_port.protocol, head.version);
-    let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
-    let destination = format!("{}:{}", backend.name, backend_port.port);
-
-    if upgrade {
-        let Some((ep, pick)) =
-            state.balancer.pick(&backend_port.endpoints, &Choice::new(&backend_port.policy, None), &[])
-        else {
-            return obs.fail(ProxyError::NoEndpoints(destination));
-        };
-        describe_endpoint(&mut obs, ep);
-        let target = Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false };
-        let result = forward_upgrade(&state, req, &head, &target).await;
-        pick.finish(result.is_ok());
-        return match result {
-            Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
-            Err(e) => obs.fail(e),
-        };
-    }
-
-    let body_empty = http_body::Body::is_end_stream(req.body());
-    let mut body = Some(obs.count_request_body(body::boxed(req.into_body())));
-    let attempt = async {
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        loop {
-            let Some((ep, pick)) =
-                state.balancer.pick(&backend_port.endpoints, &Choice::new(&backend_port.policy, None), &tried)
-            else {
-                return Err(ProxyError::NoEndpoints(destination.clone()));
-            };
-            let target = Target {
-                addr: ep.addr,
-                proto: if ep.meshed { Proto::Http2 } else { app_proto },
-                authority: authority.clone(),
-                app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
-            };
-            let up_req = head.upstream_request(&target, body.take().unwrap_or_else(body::empty), false)?;
-            match state.pool.send(ep.addr, target.proto, up_req).await {
-                Ok(resp) => {
-                    let ok = !matches!(resp.status().as_u16(), 502..=504);
-                    if pick.finish(ok) {
-                        state.count_ejection(&backend.name, &obs.route);
-                    }
-                    return Ok((ep, resp));
-                }
-                Err(e) => {
-                    if pick.finish(false) {
-                        state.count_ejection(&backend.name, &obs.route);
-                    }
-                    tried.push(ep.addr);
-                    // Nothing reached the app (connect failure), or a safe request was reset
-                    // before any response (the endpoint died): another endpoint may answer.
-                    let safe_reset = matches!(e, ProxyError::UpstreamReset(_)) && head.method.is_safe();
-                    if (e.retryable() || safe_reset)
-                        && body_empty
-                        && tried.len() < MAX_CONNECT_ATTEMPTS
-                        && tried.len() < backend_port.endpoints.len()
-                    {
-                        tracing::debug!(endpoint = %ep.addr, error = %e, "trying another endpoint");
-                        state
-                            .metrics
-                            .retries
-                            .get_or_create(&ServiceRouteLabels {
-                                destination_service: backend.name.name.clone(),
-                                route: obs.route.clone(),
-                            })
-                            .inc();
-                        continue;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-    };
-    let timeout = entry.as_ref().and_then(|e| e.request_timeout.or(e.backend_request_timeout));
-    let result = match timeout {
-        Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or(Err(ProxyError::Timeout)),
-        None => attempt.await,
-    };
-    match result {
-        Ok((ep, resp)) => {
-            describe_endpoint(&mut obs, ep);
-            let mut resp = downstream_response(resp, head.version);
-            if let Some(m) = entry.as_ref().and_then(|e| e.response_headers.as_ref()) {
-                headers::apply_modifier(resp.headers_mut(), m);
-            }
-            obs.respond(resp, "-")
-        }
-        Err(e) => obs.fail(e),
-    }
-}
-
-/// The protocol the destination application speaks: declared by `appProtocol`, else the
-/// client's own.
-fn app_protocol(declared: Option<AppProtocol>, client: Version) -> Proto {
-    match declared {
-        Some(p) if p.is_http2() => Proto::Http2,
-        Some(AppProtocol::Http) => Proto::Http1,
-        _ if client == Version::HTTP_2 => Proto::Http2,
-        _ => Proto::Http1,
-    }
-}
-
-fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
-    obs.upstream = Some(ep.addr);
-    obs.peers.destination_workload = ep.workload.clone();
-    obs.peers.destination_version = ep.version.clone().unwrap_or_else(|| crate::metrics::UNKNOWN.into());
-    if ep.meshed {
-        obs.peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &ep.namespace, &ep.service_account);
-    }
+    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer };
+    forward::to_service(state.clone(), to, req, head, obs).await
 }
 
 fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> Result<Dest<'a>, ProxyError> {

@@ -1,0 +1,459 @@
+//! Forwarding a request to a mesh Service: the routing decision (shared with `plexus explain`),
+//! route filters, fault injection, mirroring, timeouts and deadline propagation, retries within
+//! a budget, and endpoint choice.
+//!
+//! Order per request: decide (match, redirect, backend) → request filters (headers, rewrite) →
+//! deadline (client `grpc-timeout` and route timeout, whichever ends first) → faults (delay,
+//! then abort) → mirrors → tries (endpoint, send, retry while the policy, the method, the body
+//! and the budget allow) → response filters. The whole of it, fault delay included, runs
+//! within the deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use plexus_core::decide::{Addressed, Outcome, RouteFailure, decide};
+use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
+use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id, split_authority};
+use plexus_core::policy::{ClientPolicy, FaultAbort, RetryOn, RetryPolicy, happens};
+use plexus_core::route::{Mirror, RequestInfo, RouteEntry, change_path};
+use plexus_core::{MeshSnapshot, ServiceName};
+use tokio::time::Instant;
+
+use super::body::{self, Body};
+use super::client::Proto;
+use super::observe::Observation;
+use super::retry::RequestBody;
+use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
+use crate::balance::Choice;
+use crate::error::ProxyError;
+use crate::metrics::ServiceRouteLabels;
+use crate::proxy::State;
+
+/// Tries per request when no policy says otherwise: a connection failure (nothing was sent)
+/// or a reset of an idempotent request is tried on another endpoint.
+static DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 3,
+    per_try_timeout: None,
+    on: RetryOn {
+        server_error: false,
+        gateway_error: false,
+        connect_failure: true,
+        reset: true,
+        statuses: Vec::new(),
+        grpc_statuses: Vec::new(),
+    },
+    backoff: Duration::ZERO,
+    non_idempotent: false,
+};
+
+/// How long a mirrored copy may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The request as it arrived at the outbound side, with where it is going.
+pub struct MeshRequest<'a> {
+    pub snapshot: &'a MeshSnapshot,
+    pub service: &'a CompiledService,
+    pub port: &'a CompiledPort,
+    /// The client's address (ring hash on source IP).
+    pub peer: SocketAddr,
+}
+
+/// Sends `req` to the mesh Service `to.service:to.port`; never fails (errors become responses).
+pub async fn to_service(
+    state: Arc<State>,
+    to: MeshRequest<'_>,
+    req: Request<Incoming>,
+    mut head: Head,
+    mut obs: Observation,
+) -> Response<Body> {
+    let received = Instant::now();
+    let authority = head.authority().unwrap_or_else(|| format!("{}:{}", to.service.name.name, to.port.port));
+    let (host, host_port) = split_authority(&authority);
+    let info = RequestInfo {
+        method: head.method.as_str(),
+        path: head.uri.path(),
+        query: head.uri.query(),
+        headers: &head.headers,
+    };
+    let addressed = Addressed { scheme: "http", host, port: host_port, path_and_query: head.path_and_query() };
+    let decision = decide(to.snapshot, to.service, to.port, &info, &addressed, fastrand::u64(..));
+    let entry = decision.entry;
+    if let Some(e) = entry {
+        obs.route = e.route.clone();
+    }
+    let (backend, backend_port) = match decision.outcome {
+        Outcome::Forward { service, port } => (service, port),
+        Outcome::Redirect { status, location } => return obs.respond(redirect(status, &location), "-"),
+        Outcome::Fail(f) => return obs.fail(route_failure(f)),
+    };
+    obs.peers.destination_service = backend.name.name.clone();
+    let authority = match apply_request_filters(entry, &mut head, authority) {
+        Ok(a) => a,
+        Err(e) => return obs.fail(e),
+    };
+    // A policy set on the backend Service governs calls to it; else the addressed Service's.
+    let policy: &ClientPolicy =
+        if backend_port.policy.source.is_some() { &backend_port.policy } else { &to.port.policy };
+    let app_proto = app_protocol(backend_port.protocol, head.version);
+    let destination = format!("{}:{}", backend.name, backend_port.port);
+
+    if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
+        let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &Choice::new(policy, None), &[]) else {
+            return obs.fail(ProxyError::NoEndpoints(destination));
+        };
+        describe_endpoint(&mut obs, ep);
+        let target = Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false };
+        let result = forward_upgrade(&state, req, &head, &target).await;
+        pick.finish(result.is_ok());
+        return match result {
+            Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
+            Err(e) => obs.fail(e),
+        };
+    }
+
+    let route_timeout = entry.and_then(|e| e.request_timeout).or(policy.request_timeout);
+    let deadline = deadline::deadline(&head.headers, received, route_timeout);
+    let retry = entry.and_then(|e| e.retry.as_ref()).or(policy.retry.as_ref()).unwrap_or(&DEFAULT_RETRY);
+    let mirrors = entry.map(|e| e.mirrors.as_slice()).unwrap_or_default();
+    let incoming = obs.count_request_body(body::boxed(req.into_body()));
+    let work = async {
+        if let Some(e) = entry {
+            inject_faults(e, obs.grpc).await?;
+        }
+        // Read small bodies ahead only when a retry after sending, or a mirror, needs a copy.
+        let body = if retries_after_send(retry) || !mirrors.is_empty() {
+            RequestBody::read(incoming).await
+        } else if http_body::Body::is_end_stream(&incoming) {
+            RequestBody::Replayable(bytes::Bytes::new())
+        } else {
+            RequestBody::Streaming(Some(incoming))
+        };
+        for m in mirrors {
+            if happens(m.percent, fastrand::f64())
+                && let Some(copy) = body.copy()
+            {
+                spawn_mirror(&state, to.snapshot, m, to.port.port, &head, copy);
+            }
+        }
+        let tries = Tries {
+            state: &state,
+            backend: &backend.name,
+            endpoints: &backend_port.endpoints,
+            destination: &destination,
+            policy,
+            retry,
+            route: &obs.route,
+            backend_request_timeout: entry.and_then(|e| e.backend_request_timeout),
+            app_proto,
+            grpc: obs.grpc,
+            deadline,
+            hash: None,
+        };
+        tries.run(&head, authority, body).await
+    };
+    let result = match deadline {
+        Some(d) => tokio::time::timeout_at(d, work).await.unwrap_or(Err(ProxyError::Timeout)),
+        None => work.await,
+    };
+    match result {
+        Ok((ep, resp)) => {
+            describe_endpoint(&mut obs, &ep);
+            let mut resp = downstream_response(resp, head.version);
+            if let Some(m) = entry.and_then(|e| e.response_headers.as_ref()) {
+                headers::apply_modifier(resp.headers_mut(), m);
+            }
+            obs.respond(resp, "-")
+        }
+        Err(e) => obs.fail(e),
+    }
+}
+
+/// Request header modifier and URL rewrite; returns the authority to send.
+fn apply_request_filters(entry: Option<&RouteEntry>, head: &mut Head, authority: String) -> Result<String, ProxyError> {
+    let Some(e) = entry else { return Ok(authority) };
+    if let Some(m) = &e.request_headers {
+        headers::apply_modifier(&mut head.headers, m);
+    }
+    let Some(rw) = &e.rewrite else { return Ok(authority) };
+    if let Some(change) = &rw.path {
+        let path = change_path(change, head.uri.path(), e.matcher.prefix());
+        let pq = match head.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = head.uri.clone().into_parts();
+        parts.path_and_query =
+            Some(pq.parse().map_err(|_| ProxyError::BadRequest(format!("rewritten path {pq:?} is invalid")))?);
+        head.uri = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("rewritten URI is invalid".into()))?;
+    }
+    match &rw.hostname {
+        Some(h) => {
+            // The Host the application sees changes; the URI keeps addressing the Service.
+            head.uri = strip_authority(&head.uri)?;
+            Ok(h.clone())
+        }
+        None => Ok(authority),
+    }
+}
+
+fn strip_authority(uri: &Uri) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    pq.parse().map_err(|_| ProxyError::BadRequest("invalid path".into()))
+}
+
+/// Delays and aborts of the rule's FaultInjections, in order.
+async fn inject_faults(entry: &RouteEntry, grpc: bool) -> Result<(), ProxyError> {
+    for f in entry.faults.iter().filter_map(|f| f.fault.as_ref()) {
+        if let Some(d) = &f.delay
+            && happens(d.percent, fastrand::f64())
+        {
+            tokio::time::sleep(d.fixed).await;
+        }
+        if let Some(a) = &f.abort
+            && happens(a.percent, fastrand::f64())
+        {
+            let (http_status, grpc_status) = abort_statuses(a, grpc);
+            return Err(ProxyError::FaultAbort { fault: f.name.clone(), http_status, grpc_status });
+        }
+    }
+    Ok(())
+}
+
+/// The statuses an abort answers with: what it names, the other derived from it (gRPC's
+/// HTTP-to-status mapping).
+fn abort_statuses(a: &FaultAbort, grpc: bool) -> (u16, u16) {
+    let from_http = |s: u16| match s {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    };
+    match (a.http_status, a.grpc_status) {
+        (Some(h), Some(g)) => (h, g),
+        (Some(h), None) => (h, from_http(h)),
+        (None, Some(g)) => (if grpc { 200 } else { 503 }, g),
+        (None, None) => (503, 14),
+    }
+}
+
+/// Whether a policy may retry once the request was sent (so the body must be kept).
+fn retries_after_send(r: &RetryPolicy) -> bool {
+    r.attempts > 1
+        && (r.on.server_error
+            || r.on.gateway_error
+            || !r.on.statuses.is_empty()
+            || !r.on.grpc_statuses.is_empty()
+            || (r.on.reset && r.per_try_timeout.is_some()))
+}
+
+/// The tries of one request.
+struct Tries<'a> {
+    state: &'a Arc<State>,
+    backend: &'a ServiceName,
+    endpoints: &'a [Endpoint],
+    /// `name.namespace:port`, for errors.
+    destination: &'a str,
+    policy: &'a ClientPolicy,
+    retry: &'a RetryPolicy,
+    route: &'a str,
+    backend_request_timeout: Option<Duration>,
+    app_proto: Proto,
+    grpc: bool,
+    deadline: Option<Instant>,
+    hash: Option<u64>,
+}
+
+impl Tries<'_> {
+    /// Whether the method may be sent twice: idempotent, or the policy says so (gRPC requests
+    /// count as told when the policy names gRPC status codes).
+    fn method_allows(&self, head: &Head) -> bool {
+        head.method.is_idempotent()
+            || self.retry.non_idempotent
+            || (self.grpc && !self.retry.on.grpc_statuses.is_empty())
+    }
+
+    async fn run(
+        &self,
+        head: &Head,
+        authority: String,
+        mut body: RequestBody,
+    ) -> Result<(Endpoint, Response<Incoming>), ProxyError> {
+        self.state.budgets.deposit(self.backend, self.policy.retry_budget);
+        let per_try = self.backend_request_timeout.or(self.retry.per_try_timeout);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Err(ProxyError::Timeout);
+            }
+            // Prefer endpoints not tried yet; when all were, any may be tried again.
+            let exclude: &[SocketAddr] = if tried.len() < self.endpoints.len() { &tried } else { &[] };
+            let choice = Choice::new(self.policy, self.hash);
+            let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
+                return Err(ProxyError::NoEndpoints(self.destination.to_string()));
+            };
+            let target = Target {
+                addr: ep.addr,
+                proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
+                authority: authority.clone(),
+                app_http1_behind_peer: ep.meshed && self.app_proto == Proto::Http1,
+            };
+            let Some(b) = body.take() else {
+                return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
+            };
+            let mut up = head.upstream_request(&target, b, false)?;
+            if self.grpc
+                && let Some(d) = self.deadline
+            {
+                deadline::propagate(up.headers_mut(), d, Instant::now());
+            }
+            let send = self.state.pool.send(ep.addr, target.proto, up);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::Timeout)),
+                None => send.await,
+            };
+            let can_repeat = body.replayable() && attempt < self.retry.attempts;
+            // A retry happens only when the failure is retriable AND the budget grants it;
+            // otherwise the client gets this try's answer.
+            let why = match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let grpc_status =
+                        resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                    let ejected = pick.finish(!matches!(status, 502..=504));
+                    self.count_ejection(ejected);
+                    let retriable =
+                        can_repeat && self.method_allows(head) && self.retry.retries_status(status, grpc_status);
+                    if !retriable || !self.grant_retry() {
+                        return Ok((ep.clone(), resp));
+                    }
+                    format!("status {status}")
+                }
+                Err(e) => {
+                    let ejected = pick.finish(false);
+                    self.count_ejection(ejected);
+                    let on = &self.retry.on;
+                    let retriable = can_repeat
+                        && match &e {
+                            ProxyError::ConnectFailed(_) => on.connect_failure,
+                            ProxyError::UpstreamReset(_) => on.reset && self.method_allows(head),
+                            ProxyError::Timeout => {
+                                (on.reset || on.gateway_error || on.server_error) && self.method_allows(head)
+                            }
+                            _ => false,
+                        };
+                    if !retriable || !self.grant_retry() {
+                        return Err(e);
+                    }
+                    e.to_string()
+                }
+            };
+            tried.push(ep.addr);
+            tracing::debug!(endpoint = %ep.addr, %why, attempt, "retrying");
+            attempt += 1;
+            let wait = self.retry.backoff_before(attempt, fastrand::f64());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+
+    /// Takes a retry from the budget and counts it.
+    fn grant_retry(&self) -> bool {
+        if !self.state.budgets.withdraw(self.backend, self.policy.retry_budget) {
+            tracing::debug!(backend = %self.backend, "retry budget exhausted");
+            return false;
+        }
+        self.state
+            .metrics
+            .retries
+            .get_or_create(&ServiceRouteLabels {
+                destination_service: self.backend.name.clone(),
+                route: self.route.to_string(),
+            })
+            .inc();
+        true
+    }
+
+    fn count_ejection(&self, ejected: bool) {
+        if ejected {
+            self.state.count_ejection(self.backend, self.route);
+        }
+    }
+}
+
+/// Sends a copy of the request to a mirror Service in the background; its answer is dropped.
+fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u16, head: &Head, body: Body) {
+    let Some(service) = snapshot.services.get(&m.service) else {
+        tracing::debug!(mirror = %m.service, "mirror Service not found");
+        return;
+    };
+    let Some(mport) = service.port(m.port.or(Some(port))).or_else(|| service.port(None)) else { return };
+    let Some((ep, pick)) = state.balancer.pick(&mport.endpoints, &Choice::new(&mport.policy, None), &[]) else {
+        return;
+    };
+    let app_proto = app_protocol(mport.protocol, head.version);
+    let target = Target {
+        addr: ep.addr,
+        proto: if ep.meshed { Proto::Http2 } else { app_proto },
+        authority: format!("{}:{}", service.name.name, mport.port),
+        app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
+    };
+    let Ok(up) = head.upstream_request(&target, body, false) else { return };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
+            let resp = state.pool.send(target.addr, target.proto, up).await?;
+            let ok = resp.status().as_u16() < 500;
+            // Drain the answer so the connection can be reused.
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            Ok::<bool, ProxyError>(ok)
+        })
+        .await;
+        pick.finish(matches!(sent, Ok(Ok(true))));
+    });
+}
+
+fn redirect(status: u16, location: &str) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+fn route_failure(f: RouteFailure) -> ProxyError {
+    match f {
+        RouteFailure::NoBackends(route) => ProxyError::NoBackends(route),
+        RouteFailure::BackendNotFound(b) => ProxyError::BackendNotFound(b),
+        RouteFailure::MissingFault(name) => ProxyError::InvalidRoute(format!("FaultInjection {name} not found")),
+    }
+}
+
+/// The protocol the destination application speaks: declared by `appProtocol`, else the
+/// client's own.
+pub fn app_protocol(declared: Option<plexus_core::AppProtocol>, client: Version) -> Proto {
+    match declared {
+        Some(p) if p.is_http2() => Proto::Http2,
+        Some(plexus_core::AppProtocol::Http) => Proto::Http1,
+        _ if client == Version::HTTP_2 => Proto::Http2,
+        _ => Proto::Http1,
+    }
+}
+
+/// Fills the destination labels from the endpoint that answered.
+pub fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
+    obs.upstream = Some(ep.addr);
+    obs.peers.destination_workload = ep.workload.clone();
+    obs.peers.destination_version = ep.version.clone().unwrap_or_else(|| crate::metrics::UNKNOWN.into());
+    if ep.meshed {
+        obs.peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &ep.namespace, &ep.service_account);
+    }
+}
