@@ -157,13 +157,16 @@ impl Discovery for DiscoveryService {
 /// Rebuilds the index on every store change.
 pub async fn maintain_index(store: Arc<dyn Store>, views: watch::Sender<Arc<Views>>) {
     let mut changes = store.subscribe();
+    let cache = Arc::new(std::sync::Mutex::new(crate::index::EncodeCache::default()));
     loop {
         let revision = *changes.borrow_and_update();
         let s = store.clone();
+        let c = cache.clone();
         // Reading the store and compiling the views is CPU work: keep it off the workers
         // that serve the streams.
         match tokio::task::spawn_blocking(move || {
-            s.list(None, None).map(|resources| Views::build(revision, &resources))
+            let mut cache = c.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            s.list_shared().map(|resources| Views::build(revision, &resources, &mut cache))
         })
         .await
         {

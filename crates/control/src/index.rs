@@ -20,6 +20,36 @@ pub struct Encoded {
     pub json: bytes::Bytes,
 }
 
+/// Encodings of the objects in the store, by key, with the resource version they encode.
+#[derive(Debug, Default)]
+pub struct EncodeCache {
+    by_key: HashMap<ObjectKey, (Option<String>, Arc<Encoded>)>,
+}
+
+impl EncodeCache {
+    fn encode(&mut self, r: &Resource) -> Arc<Encoded> {
+        let key = ObjectKey::of(r);
+        let version = &r.metadata.resource_version;
+        if let Some((v, e)) = self.by_key.get(&key)
+            && v == version
+            && version.is_some()
+        {
+            return e.clone();
+        }
+        let encoded = Arc::new(Encoded { key: key.clone(), json: serde_json::to_vec(r).unwrap_or_default().into() });
+        self.by_key.insert(key, (version.clone(), encoded.clone()));
+        encoded
+    }
+
+    /// Drops the encodings of deleted objects.
+    fn retain_only(&mut self, resources: &[Arc<Resource>]) {
+        if self.by_key.len() > resources.len() {
+            let live: std::collections::HashSet<ObjectKey> = resources.iter().map(|r| ObjectKey::of(r)).collect();
+            self.by_key.retain(|k, _| live.contains(k));
+        }
+    }
+}
+
 /// What a proxy needs for one destination.
 #[derive(Debug, Default)]
 pub struct View {
@@ -34,14 +64,12 @@ pub struct Views {
 }
 
 impl Views {
-    /// Builds every Service's view from the whole store content.
-    pub fn build(revision: u64, resources: &[Resource]) -> Views {
-        let encoded: Vec<Arc<Encoded>> = resources
-            .iter()
-            .map(|r| {
-                Arc::new(Encoded { key: ObjectKey::of(r), json: serde_json::to_vec(r).unwrap_or_default().into() })
-            })
-            .collect();
+    /// Builds every Service's view from the whole store content. Encodings of unchanged
+    /// objects are reused from `cache` (which is updated), so a change re-encodes only what
+    /// changed and unchanged views keep sharing the same bytes.
+    pub fn build(revision: u64, resources: &[Arc<Resource>], cache: &mut EncodeCache) -> Views {
+        let encoded: Vec<Arc<Encoded>> = resources.iter().map(|r| cache.encode(r)).collect();
+        cache.retain_only(resources);
         let mut services: BTreeMap<ServiceName, (usize, &ServiceSpec)> = BTreeMap::new();
         for (i, r) in resources.iter().enumerate() {
             if let Spec::Service(s) = &r.spec {
@@ -73,8 +101,13 @@ impl Views {
                 .unwrap_or_default()
         };
         // What each resource attaches to, and the Services and named resources it needs.
-        let by_key: HashMap<(plexus_core::Kind, String), usize> =
-            resources.iter().enumerate().map(|(i, r)| ((r.kind, r.key()), i)).collect();
+        // Only these kinds are referenced by name (ExtensionRef, SMI matches).
+        let by_key: HashMap<(Kind, String), usize> = resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r.kind, Kind::FaultInjection | Kind::HttpRouteGroup))
+            .map(|(i, r)| ((r.kind, r.key()), i))
+            .collect();
         let mut attached: HashMap<ServiceName, Vec<(usize, Links)>> = HashMap::new();
         let mut namespace_wide: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut global: Vec<usize> = Vec::new();
@@ -219,8 +252,9 @@ mod tests {
     #[test]
     fn a_view_holds_routes_backends_and_their_workloads() {
         let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 9080}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews-v2}\nspec: {selector: {app: reviews, version: v2}, ports: [{port: 9080}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: ratings}\nspec: {selector: {app: ratings}, ports: [{port: 9080}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: r2, labels: {app: reviews, version: v2}}\nspec: {address: 127.0.0.1, ports: [{port: 1}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: rt, labels: {app: ratings}}\nspec: {address: 127.0.0.1, ports: [{port: 2}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-v2}\nspec: {parentRefs: [{name: reviews}], rules: [{backendRefs: [{name: reviews-v2}]}]}\n";
-        let resources = plexus_core::parse_documents("t", yaml).expect("valid");
-        let views = Views::build(7, &resources);
+        let resources: Vec<Arc<Resource>> =
+            plexus_core::parse_documents("t", yaml).expect("valid").into_iter().map(Arc::new).collect();
+        let views = Views::build(7, &resources, &mut EncodeCache::default());
         let names = |d: &str| -> Vec<String> {
             views.union([&ServiceName::new(d, "default")]).iter().map(|e| e.key.name.clone()).collect()
         };

@@ -6,6 +6,7 @@
 //! `metadata.resourceVersion`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use plexus_core::{Kind, Resource, resource_from_value};
@@ -67,6 +68,10 @@ pub trait Store: Send + Sync {
     fn get(&self, key: &ObjectKey) -> Result<Option<Resource>, StoreError>;
     /// Objects of a kind (all kinds when `None`), in one namespace or all, sorted by key.
     fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Result<Vec<Resource>, StoreError>;
+    /// Every object, shared rather than copied (the index reads everything on every change).
+    fn list_shared(&self) -> Result<Vec<Arc<Resource>>, StoreError> {
+        Ok(self.list(None, None)?.into_iter().map(Arc::new).collect())
+    }
     /// The revision of the last change.
     fn revision(&self) -> u64;
     /// Notified with the new revision after every change.
@@ -80,7 +85,7 @@ pub trait Store: Send + Sync {
 pub struct FileStore {
     db: Database,
     changes: watch::Sender<u64>,
-    mirror: std::sync::RwLock<std::collections::BTreeMap<String, Resource>>,
+    mirror: std::sync::RwLock<std::collections::BTreeMap<String, Arc<Resource>>>,
 }
 
 impl FileStore {
@@ -102,7 +107,7 @@ impl FileStore {
             let objects = txn.open_table(OBJECTS).map_err(err)?;
             for entry in objects.iter().map_err(err)? {
                 let (k, v) = entry.map_err(err)?;
-                mirror.insert(k.value().to_string(), Self::decode(v.value())?);
+                mirror.insert(k.value().to_string(), Arc::new(Self::decode(v.value())?));
             }
         }
         let (changes, _) = watch::channel(revision);
@@ -111,7 +116,7 @@ impl FileStore {
 
     fn mirror_read(
         &self,
-    ) -> Result<std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<String, Resource>>, StoreError> {
+    ) -> Result<std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<String, Arc<Resource>>>, StoreError> {
         self.mirror.read().map_err(|_| StoreError("store mirror poisoned".into()))
     }
 
@@ -178,7 +183,7 @@ impl Store for FileStore {
             let mut mirror = self.mirror.write().map_err(|_| StoreError("store mirror poisoned".into()))?;
             for (r, outcome) in &results {
                 if *outcome != Outcome::Unchanged {
-                    mirror.insert(ObjectKey::of(r).storage_key(), r.clone());
+                    mirror.insert(ObjectKey::of(r).storage_key(), Arc::new(r.clone()));
                 }
             }
             drop(mirror);
@@ -216,7 +221,7 @@ impl Store for FileStore {
     }
 
     fn get(&self, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
-        Ok(self.mirror_read()?.get(&key.storage_key()).cloned())
+        Ok(self.mirror_read()?.get(&key.storage_key()).map(|r| Resource::clone(r)))
     }
 
     fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Result<Vec<Resource>, StoreError> {
@@ -231,8 +236,12 @@ impl Store for FileStore {
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(_, r)| r)
             .filter(|r| namespace.is_none_or(|ns| r.metadata.namespace() == ns))
-            .cloned()
+            .map(|r| Resource::clone(r))
             .collect())
+    }
+
+    fn list_shared(&self) -> Result<Vec<Arc<Resource>>, StoreError> {
+        Ok(self.mirror_read()?.values().cloned().collect())
     }
 
     fn revision(&self) -> u64 {
