@@ -5,11 +5,13 @@ mod api_client;
 mod check_cmd;
 mod control_cmd;
 mod demo_cmd;
+mod explain_cmd;
 mod logging;
 mod netns;
 mod proxy_cmd;
 mod proxy_config_cmd;
 mod resources_cmd;
+mod routes_cmd;
 mod run_cmd;
 mod sample_cmd;
 mod stat_cmd;
@@ -48,6 +50,10 @@ enum Command {
     ProxyConfig(proxy_config_cmd::ProxyConfigArgs),
     /// Health checks of the control plane, proxies and configuration.
     Check(check_cmd::CheckArgs),
+    /// The effective routing table a proxy holds for a Service (matches, weights, filters, policies).
+    Routes(routes_cmd::RoutesArgs),
+    /// What would happen to a request: route, backends, filters, timeouts, retries, authorization.
+    Explain(Box<explain_cmd::ExplainArgs>),
     /// Golden metrics (requests/s, success rate, latency percentiles) per service, workload, route.
     Stat(stat_cmd::StatArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
@@ -79,6 +85,19 @@ impl Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(&cli.log_format);
+    let serves = matches!(
+        cli.command,
+        Command::Proxy(_) | Command::Demo(_) | Command::Control(_) | Command::Run(_) | Command::Sample(_)
+    );
+    if !serves {
+        // A short-lived command piped into `head` ends quietly when the pipe closes, as Unix
+        // tools do, instead of failing on every later write. Long-running commands keep
+        // Rust's default (SIGPIPE ignored: a closed socket is an error, not a signal).
+        // SAFETY: restoring a default signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -95,6 +114,8 @@ fn main() -> ExitCode {
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,
             Command::Check(args) => check_cmd::run(args).await,
+            Command::Routes(args) => routes_cmd::run(args).await,
+            Command::Explain(args) => explain_cmd::run(*args).await,
             Command::ProxyConfig(args) => proxy_config_cmd::run(args).await,
             Command::Stat(args) => stat_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,

@@ -3,6 +3,8 @@
 //! run exactly the same code.
 
 use crate::model::{CompiledPort, CompiledService, MeshSnapshot};
+use crate::names::ServiceName;
+use crate::policy::ClientPolicy;
 use crate::route::{RequestInfo, RouteEntry};
 
 /// What happens to a request.
@@ -73,16 +75,32 @@ pub fn decide<'a>(
     let Some(backend) = entry.pick_backend(backend_roll) else {
         return fail(RouteFailure::NoBackends(entry.route.clone()));
     };
-    let Some(bs) = snapshot.services.get(&backend.service) else {
-        return fail(RouteFailure::BackendNotFound(backend.service.to_string()));
+    match resolve_backend(snapshot, &backend.service, backend.port, port.port) {
+        Ok((bs, bp)) => Decision { entry: Some(entry), outcome: Outcome::Forward { service: bs, port: bp } },
+        Err(f) => fail(f),
+    }
+}
+
+/// The Service port a backend reference names: its own `port`, else the destination's port
+/// number, else the backend's only port.
+pub fn resolve_backend<'a>(
+    snapshot: &'a MeshSnapshot,
+    service: &ServiceName,
+    port: Option<u16>,
+    destination_port: u16,
+) -> Result<(&'a CompiledService, &'a CompiledPort), RouteFailure> {
+    let Some(bs) = snapshot.services.get(service) else {
+        return Err(RouteFailure::BackendNotFound(service.to_string()));
     };
-    // A backend without a port uses the destination's port number, else its only port.
-    let Some(bp) = bs.port(backend.port.or(Some(port.port))).or_else(|| bs.port(None)) else {
-        return fail(RouteFailure::BackendNotFound(format!(
-            "{}:{}",
-            backend.service,
-            backend.port.unwrap_or(port.port)
-        )));
+    let Some(bp) = bs.port(port.or(Some(destination_port))).or_else(|| bs.port(None)) else {
+        return Err(RouteFailure::BackendNotFound(format!("{service}:{}", port.unwrap_or(destination_port))));
     };
-    Decision { entry: Some(entry), outcome: Outcome::Forward { service: bs, port: bp } }
+    Ok((bs, bp))
+}
+
+/// The policy governing calls to `backend`: the backend Service's own ResiliencePolicy when it
+/// has one, else the addressed Service's (a policy on `reviews` applies to traffic a route
+/// sends on to `reviews-v1`).
+pub fn client_policy<'a>(addressed: &'a CompiledPort, backend: &'a CompiledPort) -> &'a ClientPolicy {
+    if backend.policy.source.is_some() { &backend.policy } else { &addressed.policy }
 }

@@ -100,6 +100,24 @@ pub struct RetryOn {
     pub grpc_statuses: Vec<u16>,
 }
 
+/// Tries per request when no policy says otherwise: a connection failure (nothing was sent)
+/// or a reset of an idempotent request is tried again, on another endpoint when there is one
+/// (SPEC §4: "no retries except on connection failure").
+pub static DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    attempts: 3,
+    per_try_timeout: None,
+    on: RetryOn {
+        server_error: false,
+        gateway_error: false,
+        connect_failure: true,
+        reset: true,
+        statuses: Vec::new(),
+        grpc_statuses: Vec::new(),
+    },
+    backoff: Duration::ZERO,
+    non_idempotent: false,
+};
+
 /// Default base backoff between tries.
 pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use plexus_core::decide::{Addressed, Outcome, RouteFailure, decide};
+use plexus_core::decide::{Addressed, Outcome, RouteFailure, client_policy, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
 use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id, split_authority};
-use plexus_core::policy::{ClientPolicy, FaultAbort, RetryOn, RetryPolicy, happens};
+use plexus_core::policy::{ClientPolicy, DEFAULT_RETRY, FaultAbort, RetryPolicy, happens};
 use plexus_core::route::{Mirror, RequestInfo, RouteEntry, change_path};
 use plexus_core::{MeshSnapshot, ServiceName};
 use tokio::time::Instant;
@@ -31,23 +31,6 @@ use crate::balance::Choice;
 use crate::error::ProxyError;
 use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
-
-/// Tries per request when no policy says otherwise: a connection failure (nothing was sent)
-/// or a reset of an idempotent request is tried on another endpoint.
-static DEFAULT_RETRY: RetryPolicy = RetryPolicy {
-    attempts: 3,
-    per_try_timeout: None,
-    on: RetryOn {
-        server_error: false,
-        gateway_error: false,
-        connect_failure: true,
-        reset: true,
-        statuses: Vec::new(),
-        grpc_statuses: Vec::new(),
-    },
-    backoff: Duration::ZERO,
-    non_idempotent: false,
-};
 
 /// How long a mirrored copy may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,9 +77,7 @@ pub async fn to_service(
         Ok(a) => a,
         Err(e) => return obs.fail(e),
     };
-    // A policy set on the backend Service governs calls to it; else the addressed Service's.
-    let policy: &ClientPolicy =
-        if backend_port.policy.source.is_some() { &backend_port.policy } else { &to.port.policy };
+    let policy = client_policy(to.port, backend_port);
     let app_proto = app_protocol(backend_port.protocol, head.version);
     let destination = format!("{}:{}", backend.name, backend_port.port);
 
@@ -343,8 +324,12 @@ impl Tries<'_> {
                         && match &e {
                             ProxyError::ConnectFailed(_) => on.connect_failure,
                             ProxyError::UpstreamReset(_) => on.reset && self.method_allows(head),
+                            // A try cut by the per-try timeout counts as the 504 (gRPC:
+                            // DEADLINE_EXCEEDED) it is answered with, so a route's
+                            // `retry.codes: [504]` retries it as a policy's `5xx` does.
                             ProxyError::Timeout => {
-                                (on.reset || on.gateway_error || on.server_error) && self.method_allows(head)
+                                (on.reset || self.retry.retries_status(504, self.grpc.then_some(4)))
+                                    && self.method_allows(head)
                             }
                             _ => false,
                         };

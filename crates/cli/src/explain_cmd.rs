@@ -1,0 +1,226 @@
+//! `plexus explain`: what the mesh would do with a request — route, backends and weights,
+//! outcome, filters, timeouts, retries, rate limit, authorization — evaluated with the proxy's
+//! own decision (`plexus_core::decide`, through `plexus_core::explain`).
+//!
+//! Against the control plane's current resources; with `-f`, against the current resources
+//! with the files' resources applied on top (a proposed config), or the files alone when no
+//! control plane answers.
+
+use http::{HeaderName, HeaderValue, Method};
+use plexus_core::MeshSnapshot;
+use plexus_core::explain::{
+    Action, ExplainRequest, Explanation, Target, apply_on_top, describe_lb, describe_limits, describe_rate_limit,
+    trim_float,
+};
+
+use crate::Failure;
+use crate::api_client::{ServerArgs, api_error};
+use crate::routes_cmd::{emit, fetch_all, labelled, load_files, print_structured, protocol_name, revision};
+
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// The workload (or service) sending the request; informational.
+    #[arg(long)]
+    from: Option<String>,
+    /// The destination: SERVICE[.NAMESPACE][:PORT].
+    #[arg(long)]
+    to: String,
+    /// The request path, optionally with a query (`/api?x=1`).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// The request method.
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    /// A request header, NAME=VALUE; repeatable.
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// A proposed config: resources applied on top of the current ones (or alone when no
+    /// control plane answers).
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<String>,
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+    output: String,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Parses `NAME=VALUE` headers (usage errors).
+fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>, Failure> {
+    raw.iter()
+        .map(|h| {
+            let bad = |why: &str| Failure::usage(format!("--header {h:?}: {why}"));
+            let (name, value) = h.split_once('=').ok_or_else(|| bad("expected NAME=VALUE"))?;
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(bad("expected NAME=VALUE (the name is empty)"));
+            }
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("not a valid header name"))?;
+            HeaderValue::from_str(value).map_err(|_| bad("not a valid header value"))?;
+            Ok((name.to_ascii_lowercase(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The resources to evaluate against and a sentence saying which they are.
+async fn resources(args: &ExplainArgs) -> Result<(MeshSnapshot, String), Failure> {
+    if args.files.is_empty() {
+        let rev = revision(&args.server).await?;
+        let current = fetch_all(&args.server).await?;
+        return Ok((MeshSnapshot::compile(&current, rev.to_string()), format!("control plane revision {rev}")));
+    }
+    let proposed = load_files(&args.files)?;
+    let files = args.files.join(", ");
+    match args.server.call(Method::GET, "/healthz", None, false).await {
+        // Nothing answers (a bad --server URL is a usage error, code 2): the files alone.
+        Err(f) if f.code == 1 => Ok((
+            MeshSnapshot::compile(&proposed, "proposed"),
+            format!("{files} alone (no control plane answers at {})", args.server.server),
+        )),
+        Err(f) => Err(f),
+        Ok((status, v)) if !status.is_success() => Err(api_error(status, &v)),
+        Ok((_, v)) => {
+            let rev = v["revision"].as_u64().unwrap_or(0);
+            let current = fetch_all(&args.server).await?;
+            let now = plexus_core::time::rfc3339(std::time::SystemTime::now());
+            let merged = apply_on_top(current, proposed, &now);
+            Ok((
+                MeshSnapshot::compile(&merged, format!("{rev}+proposed")),
+                format!("control plane revision {rev} with {files} applied on top"),
+            ))
+        }
+    }
+}
+
+pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
+    let headers = parse_headers(&args.headers)?;
+    if !args.path.starts_with('/') {
+        return Err(Failure::usage(format!("--path {:?} must start with /", args.path)));
+    }
+    if args.method.is_empty() || Method::from_bytes(args.method.as_bytes()).is_err() {
+        return Err(Failure::usage(format!("--method {:?} is not an HTTP method", args.method)));
+    }
+    let request = ExplainRequest { method: args.method.to_ascii_uppercase(), path: args.path.clone(), headers };
+    let (snapshot, config) = resources(&args).await?;
+    let x =
+        plexus_core::explain::explain(&snapshot, args.from.as_deref(), &args.to, &request).map_err(Failure::runtime)?;
+    match args.output.as_str() {
+        "json" | "yaml" => {
+            let mut value = serde_json::to_value(&x).map_err(|e| Failure::runtime(e.to_string()))?;
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("config".into(), config.into());
+            }
+            print_structured(&args.output, &value)
+        }
+        _ => {
+            print_human(&x, &config);
+            Ok(())
+        }
+    }
+}
+
+/// One value per forwarded target: one line when every target agrees, else a line per target.
+fn per_target(targets: &[&Target], f: impl Fn(&Target) -> String) -> Vec<String> {
+    let values: Vec<String> = targets.iter().map(|t| f(t)).collect();
+    match values.first() {
+        None => vec!["- (not forwarded)".into()],
+        Some(first) if values.iter().all(|v| v == first) => vec![first.clone()],
+        Some(_) => targets.iter().zip(&values).map(|(t, v)| format!("{}: {v}", t.service)).collect(),
+    }
+}
+
+fn print_human(x: &Explanation, config: &str) {
+    let targets: Vec<&Target> = x
+        .outcomes
+        .iter()
+        .filter_map(|p| match &p.action {
+            Action::Forward(t) => Some(t.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let query = x.request.query.as_ref().map(|q| format!("?{q}")).unwrap_or_default();
+    let from = x.source.as_ref().map(|s| format!(" from {s}")).unwrap_or_default();
+    let headers: Vec<String> = x.request.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let headers = if headers.is_empty() { String::new() } else { format!(" [{}]", headers.join(", ")) };
+    let protocol = x.destination.protocol.map(|p| format!(" ({})", protocol_name(p))).unwrap_or_default();
+    let route = match (&x.route.name, x.route.rule) {
+        (Some(name), Some(rule)) => format!("{name} rule {rule}: {}", x.route.description),
+        _ => x.route.description.clone(),
+    };
+    let backends: Vec<String> = x
+        .backends
+        .iter()
+        .map(|b| {
+            let port = b.port.map(|p| format!(":{p}")).unwrap_or_default();
+            let missing = if b.exists { "" } else { ", missing" };
+            format!("{}{port} weight {} ({}%{missing})", b.service, b.weight, trim_float(b.percent))
+        })
+        .collect();
+    let outcomes: Vec<String> = x
+        .outcomes
+        .iter()
+        .map(|p| {
+            let share = trim_float(p.percent);
+            match &p.action {
+                Action::Forward(t) => {
+                    let problem = t.problem.as_ref().map(|p| format!(" — {p}")).unwrap_or_default();
+                    format!("forward to {}:{} ({share}%){problem}", t.service, t.port)
+                }
+                Action::Redirect { status, location } => format!("redirect {status} to {location} ({share}%)"),
+                Action::Fail { status, error } => format!("answer {status} \"{error}\" ({share}%)"),
+            }
+        })
+        .collect();
+    let filters = x.filters.describe();
+    let mut lines: Vec<(&str, Vec<String>)> = vec![
+        ("config", vec![config.to_string()]),
+        ("request", vec![format!("{} {}{query}{headers}{from}", x.request.method, x.request.path)]),
+        ("destination", vec![format!("{}:{}{protocol}", x.destination.service, x.destination.port)]),
+        ("route", vec![route]),
+        ("backends", vec![if backends.is_empty() { "-".into() } else { backends.join(", ") }]),
+        ("outcome", outcomes),
+        ("filters", if filters.is_empty() { vec!["none".into()] } else { filters }),
+        ("timeouts", per_target(&targets, |t| t.timeouts.describe())),
+        ("retries", per_target(&targets, |t| t.retries.describe())),
+        (
+            "load balancer",
+            per_target(&targets, |t| describe_lb(t.load_balancer, t.load_balancer_set, t.hash_on.as_ref())),
+        ),
+        (
+            "connection limits",
+            per_target(&targets, |t| {
+                t.connection_limits.as_ref().map(describe_limits).unwrap_or_else(|| "none".into())
+            }),
+        ),
+        (
+            "rate limit",
+            per_target(&targets, |t| match &t.rate_limit {
+                None => "none".into(),
+                // Only a sidecar in front of the backend enforces it.
+                Some(r) if !t.endpoints.iter().any(|e| e.meshed) => {
+                    format!("{} — not enforced: no endpoint has a sidecar", describe_rate_limit(r))
+                }
+                Some(r) => describe_rate_limit(r),
+            }),
+        ),
+        (
+            "endpoints",
+            per_target(&targets, |t| {
+                let eps: Vec<String> = t
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let version = e.version.as_ref().map(|v| format!(" {v}")).unwrap_or_default();
+                        format!("{} ({}{version})", e.address, e.workload)
+                    })
+                    .collect();
+                if eps.is_empty() { "none".into() } else { eps.join(", ") }
+            }),
+        ),
+        ("authorization", vec![x.authorization.clone()]),
+    ];
+    if targets.is_empty() {
+        // Nothing is sent anywhere: only the lines that say so stay.
+        lines.retain(|(k, _)| !matches!(*k, "load balancer" | "connection limits" | "endpoints"));
+    }
+    emit(&labelled(lines.iter().map(|(k, v)| (*k, v.as_slice()))));
+}
