@@ -420,6 +420,9 @@ fn grpc_route(g: &GrpcRouteSpec, p: &mut Problems) {
                     ));
                 }
             }
+            if retry.attempts.is_some_and(|a| a > 10) {
+                p.push((format!("{at}.retry.attempts"), "must be at most 10".into()));
+            }
         }
     }
 }
@@ -706,11 +709,20 @@ fn rate_limit_policy(r: &RateLimitPolicySpec, p: &mut Problems) {
         if o.identities.is_empty() && o.service_accounts.is_empty() {
             p.push((at.clone(), "name the sources: identities or serviceAccounts".into()));
         }
+        // Sources are matched by exact SPIFFE identity: anything else would never match.
+        for (j, id) in o.identities.iter().enumerate() {
+            if !id.starts_with("spiffe://") {
+                p.push((format!("{at}.identities[{j}]"), format!("{id:?} is not a spiffe:// identity")));
+            }
+        }
         for (j, sa) in o.service_accounts.iter().enumerate() {
             service_account_ref(sa, format!("{at}.serviceAccounts[{j}]"), p);
         }
         if o.requests_per_second == 0 {
             p.push((format!("{at}.requestsPerSecond"), "must be at least 1".into()));
+        }
+        if o.burst == Some(0) {
+            p.push((format!("{at}.burst"), "must be at least 1".into()));
         }
     }
 }
