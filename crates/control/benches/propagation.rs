@@ -1029,7 +1029,10 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         println!("| step (per store change unless said) | time |");
         println!("|---|---|");
         println!("| `FileStore::list_shared()`: every object (shared) | {:.1} ms |", f(&bd, "storeListMs"));
-        println!("| `Views::build`: every Service's view (encodings of unchanged objects cached) | {:.1} ms |", f(&bd, "viewsBuildMs"));
+        println!(
+            "| `Views::build`: every Service's view (encodings of unchanged objects cached) | {:.1} ms |",
+            f(&bd, "viewsBuildMs")
+        );
         println!(
             "| `Views::union` + compare, once per stream ({} streams, {:.1} KiB per response) | {:.1} ms |",
             cfg.proxies,

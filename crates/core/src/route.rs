@@ -106,14 +106,40 @@ impl Matcher {
     /// the Gateway API; placed before prefixes as Envoy Gateway does, so a catch-all `/` never
     /// hides a regex), then longest prefix, method, most headers, most query params.
     /// Lower sorts first.
-    fn precedence(&self) -> (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>) {
+    fn precedence(&self) -> Precedence {
         let (kind, len) = match &self.path {
             PathMatcher::Exact(p) => (0, p.len()),
             PathMatcher::RegularExpression(r) => (1, r.as_str().len()),
             PathMatcher::PathPrefix(p) => (2, p.len()),
         };
-        (kind, Reverse(len), self.method.is_none(), Reverse(self.headers.len()), Reverse(self.query_params.len()))
+        Precedence::Http(
+            kind,
+            Reverse(len),
+            self.method.is_none(),
+            Reverse(self.headers.len()),
+            Reverse(self.query_params.len()),
+        )
     }
+}
+
+/// The sort key of a match (lower first). HTTPRoute and SMI matches rank by [`Matcher`]'s path,
+/// method, headers and query params; GRPCRoute matches by the GRPCRoute rules instead: most
+/// characters of the service, then of the method, then most header matches — so a
+/// service-wide match beats a method-only one (both compile to path matchers, whose HTTP
+/// ranking would put the method-only regular expression first). The Gateway API does not
+/// merge the two kinds; should both attach to one port, HTTP matches come first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Precedence {
+    Http(u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>),
+    Grpc(Reverse<usize>, Reverse<usize>, Reverse<usize>),
+}
+
+/// A compiled match with its sort key.
+type Ranked = (Matcher, Precedence);
+
+fn ranked(m: Matcher) -> Ranked {
+    let p = m.precedence();
+    (m, p)
 }
 
 /// A weighted destination of a rule.
@@ -230,15 +256,18 @@ pub fn change_path(change: &PathChange, path: &str, matched_prefix: &str) -> Str
     match change {
         PathChange::ReplaceFullPath(p) => p.clone(),
         PathChange::ReplacePrefixMatch(replacement) => {
-            let rest = if matched_prefix == "/" { path } else { path.get(matched_prefix.len()..).unwrap_or("") };
-            let rest = rest.trim_start_matches('/');
-            let base = replacement.trim_end_matches('/');
-            match (base.is_empty(), rest.is_empty()) {
-                (true, true) => "/".into(),
-                (true, false) => format!("/{rest}"),
-                (false, true) => replacement.clone(),
-                (false, false) => format!("{base}/{rest}"),
+            // What follows the matched prefix: nothing, or `/…` (prefixes match whole segments).
+            let rest = match matched_prefix {
+                "/" if path == "/" => "",
+                "/" => path,
+                p => path.get(p.len()..).unwrap_or(""),
+            };
+            if rest.is_empty() {
+                return if replacement.is_empty() { "/".into() } else { replacement.clone() };
             }
+            // A trailing `/` after the prefix is kept (the Gateway API's table: `/foo/` with
+            // prefix `/foo` and replacement `/xyz` becomes `/xyz/`).
+            format!("{}/{}", replacement.trim_end_matches('/'), rest.trim_start_matches('/'))
         }
     }
 }
@@ -324,13 +353,14 @@ impl RouteTable {
             let Some(route) = RouteSource::of(r, &lookup) else { continue };
             let created = r.metadata.creation_timestamp.clone().unwrap_or_default();
             for (ri, rule) in route.rules.into_iter().enumerate() {
-                for (mi, matcher) in rule.matchers.iter().enumerate() {
+                for (mi, (matcher, rank)) in rule.matchers.iter().enumerate() {
                     let entry = RouteEntry { matcher: matcher.clone(), rule: ri, ..rule.template.clone() };
                     for (parent_name, parent_port) in &route.parents {
                         let Some(service) = services.get(parent_name) else { continue };
                         for port in service.ports.iter().filter(|p| parent_port.is_none_or(|pp| pp == p.port)) {
                             staged.entry((parent_name.clone(), port.port)).or_default().push((
                                 entry.clone(),
+                                rank.clone(),
                                 created.clone(),
                                 mi,
                             ));
@@ -340,24 +370,19 @@ impl RouteTable {
             }
         }
         for ((name, port), mut entries) in staged {
-            entries.sort_by(|(a, ca, ma), (b, cb, mb)| {
-                a.matcher
-                    .precedence()
-                    .cmp(&b.matcher.precedence())
-                    .then(ca.cmp(cb))
-                    .then(a.route.cmp(&b.route))
-                    .then(a.rule.cmp(&b.rule))
-                    .then(ma.cmp(mb))
+            entries.sort_by(|(a, pa, ca, ma), (b, pb, cb, mb)| {
+                pa.cmp(pb).then(ca.cmp(cb)).then(a.route.cmp(&b.route)).then(a.rule.cmp(&b.rule)).then(ma.cmp(mb))
             });
             if let Some(p) = services.get_mut(&name).and_then(|s| s.ports.iter_mut().find(|p| p.port == port)) {
-                p.routes.entries = entries.into_iter().map(|(e, _, _)| e).collect();
+                p.routes.entries = entries.into_iter().map(|(e, _, _, _)| e).collect();
             }
         }
     }
 }
 
-/// A route entry waiting to be ordered: with its route's creation time and match index.
-type Staged = (RouteEntry, String, usize);
+/// A route entry waiting to be ordered: with its match's rank, its route's creation time and
+/// its match index.
+type Staged = (RouteEntry, Precedence, String, usize);
 
 /// Resources routes refer to by name: FaultInjections and HTTPRouteGroups.
 struct Lookup<'a> {
@@ -391,7 +416,7 @@ struct RouteSource {
 }
 
 struct CompiledRule {
-    matchers: Vec<Matcher>,
+    matchers: Vec<Ranked>,
     template: RouteEntry,
 }
 
@@ -418,7 +443,10 @@ impl RouteSource {
                         template.retry = rule.retry.as_ref().map(|rt| {
                             RetryPolicy::from_route(rt.codes.clone(), Vec::new(), rt.attempts, rt.backoff.map(|d| d.0))
                         });
-                        CompiledRule { matchers: matches.iter().filter_map(compile_match).collect(), template }
+                        CompiledRule {
+                            matchers: matches.iter().filter_map(compile_match).map(ranked).collect(),
+                            template,
+                        }
                     })
                     .collect(),
             }),
@@ -436,7 +464,9 @@ impl RouteSource {
                             let codes = rt.codes.iter().filter_map(|c| c.code()).collect();
                             RetryPolicy::from_route(Vec::new(), codes, rt.attempts, rt.backoff.map(|d| d.0))
                         });
-                        CompiledRule { matchers: matches.iter().filter_map(compile_grpc_match).collect(), template }
+                        let matchers =
+                            matches.iter().filter_map(|m| Some((compile_grpc_match(m)?, grpc_precedence(m)))).collect();
+                        CompiledRule { matchers, template }
                     })
                     .collect(),
             }),
@@ -448,7 +478,7 @@ impl RouteSource {
                     .collect();
                 let template = template(&route, ns, &backends, &[], lookup);
                 let matchers = if spec.matches.is_empty() {
-                    vec![compile_match(&HttpRouteMatch::default())?]
+                    vec![ranked(compile_match(&HttpRouteMatch::default())?)]
                 } else {
                     let mut out = Vec::new();
                     for m in &spec.matches {
@@ -456,7 +486,7 @@ impl RouteSource {
                         let Some(group) = lookup.groups.get(&format!("{ns}/{}", m.name)) else { continue };
                         for hm in group.matches.iter().filter(|hm| m.matches.is_empty() || m.matches.contains(&hm.name))
                         {
-                            out.extend(compile_smi_match(hm));
+                            out.extend(compile_smi_match(hm).into_iter().map(ranked));
                         }
                     }
                     out
@@ -580,6 +610,15 @@ fn compile_value(v: &HttpValueMatch, lowercase_name: bool) -> Option<ValueMatche
     };
     let name = if lowercase_name { v.name.to_ascii_lowercase() } else { v.name.clone() };
     Some(ValueMatcher { name, value })
+}
+
+/// The rank of a GRPCRoute match: characters of its service, then of its method, then its
+/// header matches (for regular expressions, the pattern's characters).
+fn grpc_precedence(m: &GrpcRouteMatch) -> Precedence {
+    let chars = |s: Option<&String>| s.map_or(0, String::len);
+    let (service, method) =
+        m.method.as_ref().map_or((0, 0), |mm| (chars(mm.service.as_ref()), chars(mm.method.as_ref())));
+    Precedence::Grpc(Reverse(service), Reverse(method), Reverse(m.headers.len()))
 }
 
 /// A GRPCRoute match: the method becomes a path condition on `/SERVICE/METHOD`.
@@ -756,5 +795,76 @@ spec:
         assert!(zero.pick_backend(7).is_none());
         let jason = t.entries.iter().find(|e| !e.matcher.headers.is_empty()).expect("header rule");
         assert_eq!(jason.request_timeout, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn replace_prefix_match_follows_the_gateway_api_table() {
+        let change = |path: &str, prefix: &str, replacement: &str| {
+            change_path(&PathChange::ReplacePrefixMatch(replacement.into()), path, prefix)
+        };
+        // (request path, matched prefix as compiled, replacement, modified path)
+        for (path, prefix, replacement, want) in [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "", "/bar"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+            ("/prefix/one/two", "/prefix/one", "/one", "/one/two"),
+            ("/a/b", "/", "/xyz", "/xyz/a/b"),
+            ("/", "/", "/xyz", "/xyz"),
+        ] {
+            assert_eq!(change(path, prefix, replacement), want, "{path} with prefix {prefix} → {replacement:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_matches_rank_by_service_then_method_characters() {
+        let snap = MeshSnapshot::compile(
+            &parse_documents(
+                "r",
+                r#"
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: cart}
+spec: {ports: [{port: 9090, appProtocol: grpc}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart}
+spec:
+  parentRefs: [{name: cart}]
+  rules:
+  - matches: [{method: {method: Ping}}]
+    backendRefs: [{name: any-ping}]
+  - matches: [{method: {service: shop.Cart}}]
+    backendRefs: [{name: service-wide}]
+  - matches: [{method: {service: shop.Cart, method: Ping}}]
+    backendRefs: [{name: exact}]
+  - backendRefs: [{name: catch-all}]
+"#,
+            )
+            .expect("valid"),
+            "1",
+        );
+        let t = &snap.resolve_authority("cart:9090").expect("service").1.routes;
+        let to = |path: &str| {
+            let headers = HeaderMap::new();
+            let req = RequestInfo { method: "POST", path, query: None, headers: &headers };
+            t.find(&req).map(|e| e.backends[0].service.name.clone()).unwrap_or_default()
+        };
+        assert_eq!(to("/shop.Cart/Ping"), "exact");
+        assert_eq!(to("/shop.Cart/Pong"), "service-wide");
+        assert_eq!(to("/shop.Basket/Ping"), "any-ping");
+        assert_eq!(to("/shop.Basket/Pong"), "catch-all");
+        let order: Vec<&str> = t.entries.iter().map(|e| e.backends[0].service.name.as_str()).collect();
+        assert_eq!(
+            order,
+            ["exact", "service-wide", "any-ping", "catch-all"],
+            "a service-wide match beats a method-only one"
+        );
     }
 }
