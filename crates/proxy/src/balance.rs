@@ -6,32 +6,48 @@
 //! used (time constant [`DEFAULT_DECAY`]), so an endpoint that was slow is probed again and
 //! wins its share back within seconds once it recovers.
 //!
+//! A Service port's ResiliencePolicy may choose another algorithm ([`Choice::algorithm`]):
+//! round robin, least request (P2C over pending requests) or ring hash: a consistent-hash ring
+//! ([`Ring`], Ketama style) over the endpoints' addresses, on which the request's key
+//! ([`request_hash`]) lands; ejected and already-tried endpoints are skipped by walking on
+//! along the ring, so a key only moves when its own endpoint is unavailable.
+//!
 //! Tower's `p2c::Balance` assumes a `Discover` stream of tower services; Plexus picks among the
 //! endpoints of a compiled snapshot per request and shares per-endpoint statistics across
 //! config reloads, so the choice is implemented here as small pure functions plus per-endpoint
 //! atomics.
 //!
-//! Outlier detection: an endpoint failing `consecutive_failures` times in a row (connection
-//! failures and 502/503/504 answers) is ejected for a base time that grows with each ejection;
-//! at most half of a Service's endpoints are ejected at once.
+//! Outlier detection, with the port's parameters ([`Choice::outlier`]): an endpoint failing
+//! `consecutive_failures` times in a row (connection failures and 502/503/504 answers) is
+//! ejected for `base_ejection_time` × its number of ejections (capped at [`MAX_EJECTION`], or
+//! the base time when that is longer); the multiplier drops by one for every `interval` the
+//! endpoint spends back in service. An ejection that would leave more than
+//! `max_ejection_percent` of the endpoints ejected does not happen; and should more be ejected
+//! anyway (endpoints removed from the Service while others were ejected, concurrent
+//! ejections), the balancer ignores ejections altogether (panic mode) rather than pile all
+//! traffic on the few left.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plexus_core::Endpoint;
-use plexus_core::policy::{ClientPolicy, OutlierDetection};
+use plexus_core::policy::{ClientPolicy, HashKey, OutlierDetection};
 use plexus_core::resource::LbAlgorithm;
 
 use crate::settings::LoadBalancer;
 
 /// Time constant of the latency estimate's decay.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(3);
-const CONSECUTIVE_FAILURES: u32 = 7;
-const BASE_EJECTION: Duration = Duration::from_secs(1);
-const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Longest ejection (unless the base ejection time itself is longer), as Envoy's default.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Virtual nodes per endpoint on a hash ring: enough for each endpoint's share to stay within
+/// about ±10% of the mean, few enough to build a ring of a thousand endpoints in milliseconds.
+pub const RING_VNODES: usize = 160;
+/// Rings kept at most (one per distinct endpoint set); past it the cache starts over.
+const MAX_RINGS: usize = 1024;
 
 /// Latency and load statistics of one endpoint, kept across config reloads.
 #[derive(Debug)]
@@ -50,7 +66,9 @@ struct Rtt {
 
 #[derive(Debug, Default)]
 struct Ejection {
+    /// End of the current (or last) ejection.
     until: Option<Instant>,
+    /// The ejection-time multiplier.
     count: u32,
 }
 
@@ -118,12 +136,110 @@ pub fn p2c(n: usize, roll_a: usize, roll_b: usize, cost: impl Fn(usize) -> f64) 
     if cost(b) < cost(a) { b } else { a }
 }
 
+/// Whether `ejected` of `total` endpoints is within `max_percent`.
+fn within_percent(ejected: usize, total: usize, max_percent: u32) -> bool {
+    (ejected as u64) * 100 <= u64::from(max_percent) * total as u64
+}
+
+/// A 64-bit hash that is the same in every process and build (FNV-1a, then the splitmix64
+/// finaliser, since FNV alone spreads short, similar keys poorly): every client proxy must map
+/// a key, and place an endpoint's ring points, identically.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The ring-hash key of a request: the value of a header (all its values, in order), of a
+/// cookie (from the `Cookie` headers), of a query parameter (compared and hashed as sent, not
+/// percent-decoded), or the client's IP. `None` when the request has no such value: the caller
+/// then leaves [`Choice::hash`] empty and the ring is entered at a random point.
+pub fn request_hash(key: &HashKey, headers: &http::HeaderMap, query: Option<&str>, peer: IpAddr) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => {
+            let mut values = headers.get_all(name.as_str()).iter().peekable();
+            values.peek()?;
+            let mut bytes = Vec::new();
+            for (i, v) in values.enumerate() {
+                if i > 0 {
+                    bytes.push(b',');
+                }
+                bytes.extend_from_slice(v.as_bytes());
+            }
+            Some(stable_hash(&bytes))
+        }
+        HashKey::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k.trim() == name).then(|| stable_hash(v.trim().trim_matches('"').as_bytes()))
+            }),
+        HashKey::QueryParam(name) => query?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| stable_hash(v.as_bytes()))
+        }),
+        HashKey::SourceIp => Some(match peer.to_canonical() {
+            IpAddr::V4(ip) => stable_hash(&ip.octets()),
+            IpAddr::V6(ip) => stable_hash(&ip.octets()),
+        }),
+    }
+}
+
+/// A consistent-hash ring (Ketama style): each endpoint owns [`RING_VNODES`] points hashed
+/// from its address and the point's number, so a point's place depends on its endpoint only.
+/// A key belongs to the first point at or after its hash (wrapping around); removing one of N
+/// endpoints moves only the keys it owned, about 1/N of them.
+#[derive(Debug)]
+pub struct Ring {
+    addrs: Vec<SocketAddr>,
+    /// `(point, endpoint index)`, sorted.
+    points: Vec<(u64, u32)>,
+}
+
+impl Ring {
+    /// The ring of `addrs` (endpoint `i` of the set is `addrs[i]`).
+    pub fn new(addrs: Vec<SocketAddr>) -> Ring {
+        let mut points = Vec::with_capacity(addrs.len() * RING_VNODES);
+        for (i, a) in addrs.iter().enumerate() {
+            let name = a.to_string();
+            for v in 0..RING_VNODES {
+                points.push((stable_hash(format!("{name}-{v}").as_bytes()), i as u32));
+            }
+        }
+        points.sort_unstable();
+        Ring { addrs, points }
+    }
+
+    /// Endpoint indices in ring order starting at `hash`, each once.
+    pub fn walk(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.points.partition_point(|(p, _)| *p < hash);
+        let n = self.points.len();
+        let mut seen = vec![false; self.addrs.len()];
+        (0..n)
+            .map(move |k| self.points[(start + k) % n].1 as usize)
+            .filter(move |&i| !std::mem::replace(&mut seen[i], true))
+    }
+
+    fn serves(&self, endpoints: &[Endpoint]) -> bool {
+        self.addrs.len() == endpoints.len() && self.addrs.iter().zip(endpoints).all(|(a, e)| *a == e.addr)
+    }
+}
+
 /// What a Service port's policy says about choosing its endpoints for one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Choice {
     /// The port's ResiliencePolicy algorithm; `None` uses the proxy's default.
     pub algorithm: Option<LbAlgorithm>,
-    /// The request's ring-hash key, when the algorithm is `ringHash`.
+    /// The request's ring-hash key, when the algorithm is `ringHash` ([`request_hash`]);
+    /// without one the ring is entered at a random point.
     pub hash: Option<u64>,
     pub outlier: OutlierDetection,
 }
@@ -151,12 +267,17 @@ pub struct Balancer {
     decay: Duration,
     stats: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
     round_robin: AtomicUsize,
+    /// Hash rings by a hash of their endpoint addresses, built once per endpoint set.
+    rings: Mutex<HashMap<u64, Arc<Ring>>>,
 }
 
 /// An endpoint chosen for one request: report the outcome with [`Pick::finish`]; dropping it
 /// without finishing only releases the pending slot.
 pub struct Pick {
     stats: Arc<EndpointStats>,
+    /// Every endpoint of the set picked from (for the ejection limit).
+    set: Arc<[Arc<EndpointStats>]>,
+    outlier: OutlierDetection,
     started: Instant,
     decay: Duration,
     done: bool,
@@ -165,23 +286,44 @@ pub struct Pick {
 impl Pick {
     /// Records latency (time to response headers) and success; returns `true` when this
     /// failure ejected the endpoint.
-    pub fn finish(mut self, success: bool) -> bool {
+    pub fn finish(self, success: bool) -> bool {
+        self.finish_at(success, Instant::now())
+    }
+
+    fn finish_at(mut self, success: bool, now: Instant) -> bool {
         self.done = true;
-        let now = Instant::now();
         self.stats.pending.fetch_sub(1, Ordering::Relaxed);
-        self.stats.observe_rtt(now - self.started, now, self.decay);
+        self.stats.observe_rtt(now.saturating_duration_since(self.started), now, self.decay);
         if success {
             self.stats.failures.store(0, Ordering::Relaxed);
             return false;
         }
-        let failures = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < CONSECUTIVE_FAILURES {
+        let failures = self.stats.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let od = self.outlier;
+        // `consecutiveFailures: 0` turns ejection off.
+        if od.consecutive_failures == 0 || failures < od.consecutive_failures {
+            return false;
+        }
+        // Counted before taking this endpoint's lock: holding it while locking the others
+        // could deadlock against a concurrent ejection of one of them.
+        let others = self.set.iter().filter(|s| !Arc::ptr_eq(s, &self.stats) && s.ejected(now)).count();
+        if !within_percent(others + 1, self.set.len(), od.max_ejection_percent) {
+            // The failure count stays at the threshold: the next failure tries again.
+            return false;
+        }
+        let Ok(mut e) = self.stats.ejection.lock() else { return false };
+        if e.until.is_some_and(|u| u > now) {
+            // Requests in flight when it was ejected: already out.
             return false;
         }
         self.stats.failures.store(0, Ordering::Relaxed);
-        let Ok(mut e) = self.stats.ejection.lock() else { return false };
+        if let Some(ended) = e.until {
+            let healthy = now.saturating_duration_since(ended).as_nanos();
+            let steps = healthy.checked_div(od.interval.as_nanos()).unwrap_or(u128::MAX);
+            e.count = e.count.saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX));
+        }
         e.count = e.count.saturating_add(1);
-        let time = BASE_EJECTION.saturating_mul(e.count).min(MAX_EJECTION);
+        let time = od.base_ejection_time.saturating_mul(e.count).min(MAX_EJECTION.max(od.base_ejection_time));
         e.until = Some(now + time);
         true
     }
@@ -195,6 +337,15 @@ impl Drop for Pick {
     }
 }
 
+/// The algorithm in force for one pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    Ewma,
+    RoundRobin,
+    LeastRequest,
+    RingHash,
+}
+
 impl Balancer {
     pub fn new(algorithm: LoadBalancer) -> Self {
         Balancer {
@@ -202,20 +353,51 @@ impl Balancer {
             decay: DEFAULT_DECAY,
             stats: Mutex::new(HashMap::new()),
             round_robin: AtomicUsize::new(0),
+            rings: Mutex::new(HashMap::new()),
         }
     }
 
-    fn stats_for(&self, endpoints: &[&Endpoint]) -> Vec<Arc<EndpointStats>> {
+    fn stats_for(&self, endpoints: &[Endpoint]) -> Vec<Arc<EndpointStats>> {
         let Ok(mut map) = self.stats.lock() else {
             return endpoints.iter().map(|_| Arc::new(EndpointStats::new())).collect();
         };
         endpoints.iter().map(|e| map.entry(e.addr).or_insert_with(|| Arc::new(EndpointStats::new())).clone()).collect()
     }
 
-    /// Forgets endpoints no longer in any Service.
+    /// The hash ring of an endpoint set, built on first use and kept while the set lives.
+    fn ring_for(&self, endpoints: &[Endpoint]) -> Arc<Ring> {
+        let mut bytes = Vec::with_capacity(endpoints.len() * 18);
+        for e in endpoints {
+            match e.addr.ip() {
+                IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
+                IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
+            }
+            bytes.extend_from_slice(&e.addr.port().to_be_bytes());
+        }
+        let key = stable_hash(&bytes);
+        if let Ok(rings) = self.rings.lock()
+            && let Some(r) = rings.get(&key)
+            && r.serves(endpoints)
+        {
+            return r.clone();
+        }
+        let ring = Arc::new(Ring::new(endpoints.iter().map(|e| e.addr).collect()));
+        if let Ok(mut rings) = self.rings.lock() {
+            if rings.len() >= MAX_RINGS {
+                rings.clear();
+            }
+            rings.insert(key, ring.clone());
+        }
+        ring
+    }
+
+    /// Forgets endpoints no longer in any Service (and rings of sets with such endpoints).
     pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
         if let Ok(mut map) = self.stats.lock() {
             map.retain(|addr, _| live(addr));
+        }
+        if let Ok(mut rings) = self.rings.lock() {
+            rings.retain(|_, r| r.addrs.iter().all(&live));
         }
     }
 
@@ -226,6 +408,15 @@ impl Balancer {
         endpoints.iter().filter(|e| map.get(&e.addr).is_some_and(|s| s.ejected(now))).count()
     }
 
+    fn algorithm_for(&self, choice: &Choice) -> Algorithm {
+        match (choice.algorithm, self.algorithm) {
+            (Some(LbAlgorithm::Ewma), _) | (None, LoadBalancer::Ewma) => Algorithm::Ewma,
+            (Some(LbAlgorithm::RoundRobin), _) | (None, LoadBalancer::RoundRobin) => Algorithm::RoundRobin,
+            (Some(LbAlgorithm::LeastRequest), _) | (None, LoadBalancer::LeastRequest) => Algorithm::LeastRequest,
+            (Some(LbAlgorithm::RingHash), _) => Algorithm::RingHash,
+        }
+    }
+
     /// Chooses an endpoint, skipping `exclude` (already tried) and ejected endpoints.
     pub fn pick<'a>(
         &self,
@@ -233,40 +424,110 @@ impl Balancer {
         choice: &Choice,
         exclude: &[SocketAddr],
     ) -> Option<(&'a Endpoint, Pick)> {
-        let _ = choice;
-        let now = Instant::now();
-        let all: Vec<&Endpoint> = endpoints.iter().filter(|e| !exclude.contains(&e.addr)).collect();
-        if all.is_empty() {
+        self.pick_at(endpoints, choice, exclude, Instant::now())
+    }
+
+    fn pick_at<'a>(
+        &self,
+        endpoints: &'a [Endpoint],
+        choice: &Choice,
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Option<(&'a Endpoint, Pick)> {
+        if endpoints.is_empty() {
             return None;
         }
-        let all_stats = self.stats_for(&all);
-        let healthy: Vec<usize> = (0..all.len()).filter(|i| !all_stats[*i].ejected(now)).collect();
-        // Never eject more than half: past that, ejection is ignored (panic threshold).
-        let candidates: Vec<usize> =
-            if healthy.len() * 2 >= all.len() && !healthy.is_empty() { healthy } else { (0..all.len()).collect() };
+        let set: Arc<[Arc<EndpointStats>]> = self.stats_for(endpoints).into();
+        let ejected: Vec<bool> = set.iter().map(|s| s.ejected(now)).collect();
+        let honour_ejections = within_percent(
+            ejected.iter().filter(|e| **e).count(),
+            endpoints.len(),
+            choice.outlier.max_ejection_percent,
+        );
+        let allowed: Vec<bool> = endpoints.iter().map(|e| !exclude.contains(&e.addr)).collect();
+        let mut usable: Vec<bool> =
+            allowed.iter().zip(&ejected).map(|(a, e)| *a && !(honour_ejections && *e)).collect();
+        if !usable.contains(&true) {
+            // Every endpoint left is ejected: better to try one than to fail the request.
+            usable = allowed;
+        }
+        let candidates: Vec<usize> = (0..endpoints.len()).filter(|i| usable[*i]).collect();
         let n = candidates.len();
-        let chosen = match self.algorithm {
-            LoadBalancer::RoundRobin => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
-            LoadBalancer::LeastRequest => {
-                candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
-                    f64::from(all_stats[candidates[i]].pending())
-                })]
+        if n == 0 {
+            return None;
+        }
+        let chosen = match self.algorithm_for(choice) {
+            Algorithm::RoundRobin => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
+            Algorithm::LeastRequest => {
+                candidates
+                    [p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(set[candidates[i]].pending()))]
             }
-            LoadBalancer::Ewma => {
-                candidates[p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
-                    all_stats[candidates[i]].cost(now, self.decay)
-                })]
+            Algorithm::Ewma => {
+                candidates
+                    [p2c(n, fastrand::usize(..), fastrand::usize(..), |i| set[candidates[i]].cost(now, self.decay))]
+            }
+            Algorithm::RingHash => {
+                let hash = choice.hash.unwrap_or_else(|| fastrand::u64(..));
+                self.ring_for(endpoints).walk(hash).find(|i| usable[*i]).unwrap_or(candidates[0])
             }
         };
-        let stats = all_stats[chosen].clone();
+        let stats = set[chosen].clone();
         stats.pending.fetch_add(1, Ordering::Relaxed);
-        Some((all[chosen], Pick { stats, started: now, decay: self.decay, done: false }))
+        Some((
+            &endpoints[chosen],
+            Pick { stats, set, outlier: choice.outlier, started: now, decay: self.decay, done: false },
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plexus_core::policy::DEFAULT_OUTLIER;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            workload: format!("w{port}"),
+            namespace: "default".into(),
+            version: None,
+            service_account: "default".into(),
+            meshed: false,
+            app_port: port,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn ring_choice(hash: u64) -> Choice {
+        Choice { algorithm: Some(LbAlgorithm::RingHash), hash: Some(hash), ..Choice::default() }
+    }
+
+    fn outlier(consecutive_failures: u32, base_ms: u64, max_ejection_percent: u32) -> Choice {
+        Choice {
+            outlier: OutlierDetection {
+                consecutive_failures,
+                interval: Duration::from_secs(1),
+                base_ejection_time: Duration::from_millis(base_ms),
+                max_ejection_percent,
+            },
+            ..Choice::default()
+        }
+    }
+
+    /// Fails one request to `port` at `now` (every other endpoint excluded).
+    fn fail(b: &Balancer, endpoints: &[Endpoint], choice: &Choice, port: u16, now: Instant) -> bool {
+        let others: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).filter(|a| a.port() != port).collect();
+        let (e, pick) = b.pick_at(endpoints, choice, &others, now).expect("endpoint");
+        assert_eq!(e.addr.port(), port);
+        pick.finish_at(false, now)
+    }
+
+    fn ejected_at(b: &Balancer, port: u16, now: Instant) -> bool {
+        b.stats.lock().expect("stats").get(&addr(port)).is_some_and(|s| s.ejected(now))
+    }
 
     #[test]
     fn p2c_takes_the_cheaper_of_two_distinct() {
@@ -294,34 +555,223 @@ mod tests {
 
     #[test]
     fn ewma_prefers_the_fast_endpoint_and_ejects_failing_ones() {
-        let ep = |port| Endpoint {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            workload: format!("w{port}"),
-            namespace: "default".into(),
-            version: None,
-            service_account: "default".into(),
-            meshed: false,
-            app_port: port,
-        };
         let endpoints = vec![ep(1), ep(2)];
         let b = Balancer::new(LoadBalancer::Ewma);
-        let slow = b.stats_for(&[&endpoints[1]]).remove(0);
-        slow.observe_rtt(Duration::from_millis(50), Instant::now(), DEFAULT_DECAY);
-        let fast = b.stats_for(&[&endpoints[0]]).remove(0);
-        fast.observe_rtt(Duration::from_millis(1), Instant::now(), DEFAULT_DECAY);
+        let stats = b.stats_for(&endpoints);
+        stats[1].observe_rtt(Duration::from_millis(50), Instant::now(), DEFAULT_DECAY);
+        stats[0].observe_rtt(Duration::from_millis(1), Instant::now(), DEFAULT_DECAY);
         let fast_picks = (0..100)
             .filter(|_| b.pick(&endpoints, &Choice::default(), &[]).map(|(e, _)| e.addr.port()) == Some(1))
             .count();
         assert_eq!(fast_picks, 100);
-        for _ in 0..CONSECUTIVE_FAILURES {
-            let (e, pick) =
-                b.pick(&endpoints, &Choice::default(), &[SocketAddr::from(([127, 0, 0, 1], 2))]).expect("endpoint");
-            assert_eq!(e.addr.port(), 1);
-            pick.finish(false);
+        let now = Instant::now();
+        for i in 0..DEFAULT_OUTLIER.consecutive_failures {
+            let ejected = fail(&b, &endpoints, &Choice::default(), 1, now);
+            assert_eq!(ejected, i + 1 == DEFAULT_OUTLIER.consecutive_failures);
         }
         assert_eq!(b.ejected_count(&endpoints), 1);
         let picks: Vec<u16> =
             (0..20).filter_map(|_| b.pick(&endpoints, &Choice::default(), &[]).map(|(e, _)| e.addr.port())).collect();
         assert!(picks.iter().all(|p| *p == 2), "the ejected endpoint gets nothing: {picks:?}");
+    }
+
+    #[test]
+    fn the_policy_overrides_the_proxy_algorithm() {
+        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let rr = Choice { algorithm: Some(LbAlgorithm::RoundRobin), ..Choice::default() };
+        let picks: Vec<u16> = (0..8).filter_map(|_| b.pick(&endpoints, &rr, &[]).map(|(e, _)| e.addr.port())).collect();
+        let first = usize::from(picks[0]) - 1;
+        let expected: Vec<u16> = (0..8).map(|i| ((first + i) % 4 + 1) as u16).collect();
+        assert_eq!(picks, expected, "round robin cycles through every endpoint in order");
+
+        // Least request: the endpoint with requests in flight loses every comparison.
+        let lr = Choice { algorithm: Some(LbAlgorithm::LeastRequest), ..Choice::default() };
+        let two = vec![ep(1), ep(2)];
+        let busy: Vec<Pick> = (0..3).map(|_| b.pick(&two, &lr, &[addr(2)]).expect("endpoint").1).collect();
+        let idle_picks = (0..50).filter(|_| b.pick(&two, &lr, &[]).map(|(e, _)| e.addr.port()) == Some(2)).count();
+        assert_eq!(idle_picks, 50);
+        drop(busy);
+        assert_eq!(b.stats_for(&two)[0].pending(), 0, "dropped picks release their slot");
+    }
+
+    #[test]
+    fn ring_hash_sends_a_key_to_one_endpoint() {
+        let endpoints: Vec<Endpoint> = (1..=5).map(ep).collect();
+        let b = Balancer::new(LoadBalancer::Ewma);
+        for user in ["alice", "bob", "carol"] {
+            let choice = ring_choice(stable_hash(user.as_bytes()));
+            let picks: Vec<u16> =
+                (0..1000).filter_map(|_| b.pick(&endpoints, &choice, &[]).map(|(e, _)| e.addr.port())).collect();
+            assert_eq!(picks.len(), 1000);
+            assert!(picks.iter().all(|p| *p == picks[0]), "{user}: {picks:?}");
+        }
+        let spread: std::collections::HashSet<u16> = (0..100)
+            .filter_map(|k| b.pick(&endpoints, &ring_choice(stable_hash(format!("user-{k}").as_bytes())), &[]))
+            .map(|(e, _)| e.addr.port())
+            .collect();
+        assert_eq!(spread.len(), 5, "100 keys reach every one of 5 endpoints");
+        assert_eq!(b.rings.lock().expect("rings").len(), 1, "one ring for the one endpoint set");
+    }
+
+    #[test]
+    fn ring_hash_remaps_about_one_nth_when_an_endpoint_goes() {
+        let all: Vec<Endpoint> = (1..=10).map(ep).collect();
+        let fewer: Vec<Endpoint> = all.iter().filter(|e| e.addr.port() != 4).cloned().collect();
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let owner = |endpoints: &[Endpoint], k: u32| {
+            let choice = ring_choice(stable_hash(format!("key-{k}").as_bytes()));
+            b.pick(endpoints, &choice, &[]).map(|(e, _)| e.addr.port()).expect("endpoint")
+        };
+        let mut moved = 0;
+        for k in 0..10_000 {
+            let before = owner(&all, k);
+            let after = owner(&fewer, k);
+            if before != after {
+                moved += 1;
+                assert_eq!(before, 4, "key {k} moved from {before} to {after} although {before} stayed");
+            }
+        }
+        let share = f64::from(moved) / 10_000.0;
+        assert!((0.05..=0.20).contains(&share), "{moved} of 10000 keys moved");
+    }
+
+    #[test]
+    fn ring_hash_walks_past_excluded_and_ejected_endpoints() {
+        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let choice = Choice { outlier: outlier(1, 1000, 50).outlier, ..ring_choice(stable_hash(b"dave")) };
+        let home = b.pick(&endpoints, &choice, &[]).expect("endpoint").0.addr;
+        let next = b.pick(&endpoints, &choice, &[home]).expect("endpoint").0.addr;
+        assert_ne!(home, next);
+        let ring = Ring::new(endpoints.iter().map(|e| e.addr).collect());
+        let order: Vec<SocketAddr> = ring.walk(stable_hash(b"dave")).map(|i| endpoints[i].addr).collect();
+        assert_eq!(order.len(), 4, "a walk visits every endpoint once");
+        assert_eq!(&order[..2], &[home, next], "the next endpoint along the ring");
+        let now = Instant::now();
+        assert!(fail(&b, &endpoints, &choice, home.port(), now), "one failure ejects with consecutiveFailures 1");
+        for _ in 0..20 {
+            let (e, _) = b.pick_at(&endpoints, &choice, &[], now).expect("endpoint");
+            assert_eq!(e.addr, next, "while ejected, the key goes to the next endpoint on the ring");
+        }
+        let later = now + Duration::from_millis(1001);
+        assert_eq!(b.pick_at(&endpoints, &choice, &[], later).expect("endpoint").0.addr, home, "and comes back");
+    }
+
+    #[test]
+    fn ejection_follows_the_policy_parameters() {
+        let endpoints = vec![ep(1), ep(2)];
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let choice = outlier(3, 2000, 50);
+        let t0 = Instant::now();
+        assert!(!fail(&b, &endpoints, &choice, 1, t0));
+        assert!(!fail(&b, &endpoints, &choice, 1, t0));
+        assert!(!ejected_at(&b, 1, t0), "two failures are not enough");
+        assert!(fail(&b, &endpoints, &choice, 1, t0), "the third ejects");
+        assert!(ejected_at(&b, 1, t0 + Duration::from_millis(1999)));
+        assert!(!ejected_at(&b, 1, t0 + Duration::from_millis(2000)), "back after baseEjectionTime");
+
+        // A success resets the count.
+        let t1 = t0 + Duration::from_millis(2100);
+        assert!(!fail(&b, &endpoints, &choice, 1, t1));
+        assert!(!fail(&b, &endpoints, &choice, 1, t1));
+        let (_, pick) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
+        assert!(!pick.finish_at(true, t1));
+        assert!(!fail(&b, &endpoints, &choice, 1, t1));
+        assert!(!fail(&b, &endpoints, &choice, 1, t1));
+        assert!(!ejected_at(&b, 1, t1));
+
+        // Ejected again soon after: twice the base time.
+        assert!(fail(&b, &endpoints, &choice, 1, t1));
+        assert!(ejected_at(&b, 1, t1 + Duration::from_millis(3999)));
+        assert!(!ejected_at(&b, 1, t1 + Duration::from_millis(4000)));
+
+        // Failures of requests in flight while ejected neither extend nor count twice.
+        let (_, in_flight) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
+        for _ in 0..3 {
+            let (_, p) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
+            assert!(!p.finish_at(false, t1 + Duration::from_millis(10)));
+        }
+        assert!(!in_flight.finish_at(false, t1 + Duration::from_millis(10)));
+        assert!(!ejected_at(&b, 1, t1 + Duration::from_millis(4000)));
+
+        // Long healthy (many intervals) brings the multiplier back down: base time again.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..3 {
+            fail(&b, &endpoints, &choice, 1, t2);
+        }
+        assert!(ejected_at(&b, 1, t2 + Duration::from_millis(1999)));
+        assert!(!ejected_at(&b, 1, t2 + Duration::from_millis(2000)));
+
+        // The multiplier is capped.
+        let capped = outlier(1, 200_000, 50);
+        let t3 = t2 + Duration::from_secs(5);
+        assert!(fail(&b, &endpoints, &capped, 2, t3));
+        let t4 = t3 + Duration::from_secs(200);
+        assert!(fail(&b, &endpoints, &capped, 2, t4), "ejected again right after its return");
+        assert!(ejected_at(&b, 2, t4 + Duration::from_secs(299)));
+        assert!(!ejected_at(&b, 2, t4 + Duration::from_secs(300)), "400 s capped at the 300 s maximum");
+
+        // consecutiveFailures 0 never ejects.
+        let off = outlier(0, 1000, 100);
+        let t5 = t4 + Duration::from_secs(1000);
+        assert!((0..20).all(|_| !fail(&b, &endpoints, &off, 1, t5)));
+    }
+
+    #[test]
+    fn never_ejects_beyond_max_ejection_percent() {
+        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let now = Instant::now();
+        for (percent, expected) in [(50, 2), (25, 1), (10, 0), (100, 4), (0, 0)] {
+            let b = Balancer::new(LoadBalancer::Ewma);
+            let choice = outlier(1, 10_000, percent);
+            for e in &endpoints {
+                for _ in 0..3 {
+                    fail(&b, &endpoints, &choice, e.addr.port(), now);
+                }
+            }
+            assert_eq!(b.ejected_count(&endpoints), expected, "max {percent}%");
+            let picked: std::collections::HashSet<u16> =
+                (0..200).filter_map(|_| b.pick_at(&endpoints, &choice, &[], now)).map(|(e, _)| e.addr.port()).collect();
+            if expected == 4 {
+                assert_eq!(picked.len(), 4, "all ejected: panic mode uses them all");
+            } else {
+                assert_eq!(picked.len(), 4 - expected, "max {percent}%: ejected ones get nothing");
+            }
+        }
+
+        // More ejected than allowed (the endpoint set shrank): ejections are ignored.
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let choice = outlier(1, 10_000, 50);
+        fail(&b, &endpoints, &choice, 1, now);
+        fail(&b, &endpoints, &choice, 2, now);
+        let shrunk = &endpoints[..3];
+        let picked: std::collections::HashSet<u16> =
+            (0..200).filter_map(|_| b.pick_at(shrunk, &choice, &[], now)).map(|(e, _)| e.addr.port()).collect();
+        assert_eq!(picked.len(), 3, "2 of 3 ejected exceeds 50%: panic mode");
+    }
+
+    #[test]
+    fn request_hash_sources() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-user", http::HeaderValue::from_static("alice"));
+        h.append(http::header::COOKIE, http::HeaderValue::from_static("a=1; session=abc"));
+        h.append(http::header::COOKIE, http::HeaderValue::from_static("other=2"));
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let key = |k: HashKey, q: Option<&str>| request_hash(&k, &h, q, ip);
+        assert_eq!(key(HashKey::Header("x-user".into()), None), Some(stable_hash(b"alice")));
+        assert_eq!(key(HashKey::Header("x-none".into()), None), None);
+        assert_eq!(key(HashKey::Cookie("session".into()), None), Some(stable_hash(b"abc")));
+        assert_eq!(key(HashKey::Cookie("other".into()), None), Some(stable_hash(b"2")));
+        assert_eq!(key(HashKey::Cookie("sess".into()), None), None);
+        assert_eq!(key(HashKey::QueryParam("u".into()), Some("a=1&u=bob")), Some(stable_hash(b"bob")));
+        assert_eq!(key(HashKey::QueryParam("u".into()), Some("uu=1")), None);
+        assert_eq!(key(HashKey::QueryParam("u".into()), None), None);
+        let v4 = key(HashKey::SourceIp, None);
+        assert_eq!(v4, Some(stable_hash(&[10, 0, 0, 1])));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert_eq!(request_hash(&HashKey::SourceIp, &h, None, mapped), v4, "IPv4-mapped IPv6 is the IPv4 address");
+        // Pinned: every proxy, whatever its build, must hash a key the same way.
+        assert_eq!(stable_hash(b"alice"), 0xc5d1_556d_6677_4a5c);
     }
 }

@@ -5,7 +5,9 @@
 //! - [`transport`]: listeners, original destination, protocol detection, TCP forwarding.
 //! - [`http`]: the HTTP server side, routing, forwarding through pooled upstream connections,
 //!   and the one place errors become responses.
-//! - [`balance`]: endpoint choice (P2C over peak-EWMA, round robin, least request).
+//! - [`balance`]: endpoint choice (P2C over peak-EWMA, round robin, least request, ring hash)
+//!   and outlier detection.
+//! - [`resilience`]: connection limits (circuit breaking) and local rate limiting.
 //! - [`discovery`]: the configuration a proxy works from, fed by a resources file (or, later,
 //!   the control plane) and swapped atomically.
 //! - [`metrics`], [`admin`]: observability and the admin server.
@@ -19,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod resilience;
 pub mod settings;
 pub mod telemetry;
 pub mod transport;

@@ -84,6 +84,14 @@ pub struct ServiceRouteLabels {
     pub route: String,
 }
 
+/// Labels of the per-policy counters (`plexus_rate_limited_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServicePolicyLabels {
+    pub destination_service: String,
+    /// `namespace/name` of the policy.
+    pub policy: String,
+}
+
 /// Labels of `plexus_balancer_endpoints`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointStateLabels {
@@ -161,6 +169,7 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     pub retries: Family<ServiceRouteLabels, Counter>,
     pub outlier_ejections: Family<ServiceRouteLabels, Counter>,
+    pub rate_limited: Family<ServicePolicyLabels, Counter>,
     pub balancer_endpoints: Family<EndpointStateLabels, Gauge>,
     pub config_version: Gauge,
     pub control_plane_connected: Gauge,
@@ -188,6 +197,7 @@ impl Metrics {
             tcp_received: Family::default(),
             retries: Family::default(),
             outlier_ejections: Family::default(),
+            rate_limited: Family::default(),
             balancer_endpoints: Family::default(),
             config_version: Gauge::default(),
             control_plane_connected: Gauge::default(),
@@ -216,6 +226,11 @@ impl Metrics {
             "plexus_outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "plexus_rate_limited",
+            "Requests refused by a rate limit at the destination",
+            m.rate_limited.clone(),
         );
         registry.register(
             "plexus_balancer_endpoints",

@@ -38,6 +38,12 @@ pub struct State {
     pub settings: Settings,
     pub discovery: Arc<Discovery>,
     pub balancer: Balancer,
+    /// Connection limits (circuit breaking) per destination Service port.
+    pub limits: crate::resilience::Limits,
+    /// Rate-limit buckets of the policies this sidecar enforces as a destination.
+    pub rate_limits: crate::resilience::RateLimiters,
+    /// Retry budgets per destination Service.
+    pub budgets: crate::http::retry::Budgets,
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
@@ -213,9 +219,18 @@ impl Proxy {
         let mut own_listeners = vec![settings.outbound, settings.inbound, settings.admin];
         own_listeners.extend(addresses.upstreams.values());
         let (drain, _) = watch::channel(false);
-        discovery.want(&settings.upstreams.iter().map(|u| u.service.clone()).collect::<Vec<_>>());
+        let mut wanted: Vec<ServiceName> = settings.upstreams.iter().map(|u| u.service.clone()).collect();
+        // Its own Service too: the view of it carries the policies enforced here as the
+        // destination (RateLimitPolicy) — with a control plane, nothing arrives unasked.
+        if let Some(own) = &settings.service {
+            wanted.push(ServiceName::new(own.as_str(), settings.namespace.as_str()));
+        }
+        discovery.want(&wanted);
         let state = Arc::new(State {
             balancer: Balancer::new(settings.load_balancer),
+            limits: crate::resilience::Limits::new(),
+            rate_limits: crate::resilience::RateLimiters::new(),
+            budgets: Default::default(),
             pool: Pool::new(client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark }),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
@@ -310,6 +325,8 @@ async fn prune_on_change(state: Arc<State>) {
             .flat_map(|p| p.endpoints.iter().map(|e| e.addr))
             .collect();
         state.balancer.retain(|a| live.contains(a));
+        state.budgets.retain(|s| snapshot.services.contains_key(s));
+        state.limits.retain(|s, p| snapshot.services.get(s).is_some_and(|svc| svc.port(Some(p)).is_some()));
         state.metrics.config_version.set(state.discovery.generation() as i64);
     }
 }

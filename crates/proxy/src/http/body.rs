@@ -34,6 +34,34 @@ where
     b.map_err(Into::into).boxed_unsync()
 }
 
+/// `b`, keeping `guard` alive until the body is dropped (e.g. a connection-limit slot held
+/// until the response has been streamed).
+pub fn holding<T: Send + Unpin + 'static>(b: Body, guard: T) -> Body {
+    boxed(Holding { inner: b, _guard: guard })
+}
+
+struct Holding<T> {
+    inner: Body,
+    _guard: T,
+}
+
+impl<T: Unpin> http_body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How a metered body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyEnd {

@@ -3,7 +3,9 @@
 //! HTTP/2 endpoints (other sidecars, h2c and gRPC apps) get ONE shared connection each, on
 //! which every request is multiplexed — so any number of HTTP/1 client connections cost one
 //! connection between two sidecars. HTTP/1 endpoints get a stack of idle keep-alive
-//! connections; a connection goes back to the stack once its response body is fully read.
+//! connections; a connection goes back to the stack once its response body is fully read —
+//! unless it has served a ResiliencePolicy's `maxRequestsPerConnection` requests
+//! ([`SendOptions`]): then it is closed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,8 +33,23 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 /// At most this many idle HTTP/1 connections are kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
-/// An idle HTTP/1 connection and when it became idle.
-type IdleH1 = (Instant, http1::SendRequest<Body>);
+/// An idle HTTP/1 connection.
+struct IdleH1 {
+    /// When it became idle.
+    since: Instant,
+    sender: http1::SendRequest<Body>,
+    /// Requests it has carried.
+    served: u32,
+}
+
+/// Per-request options of [`Pool::send_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Close an HTTP/1 connection once it has carried this many requests (ResiliencePolicy
+    /// `connectionLimits.maxRequestsPerConnection`); `None`: reuse it as long as it lives.
+    /// HTTP/2 connections are shared by all requests and not affected.
+    pub max_requests_per_connection: Option<u32>,
+}
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
@@ -106,9 +123,20 @@ impl Pool {
         proto: Proto,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        self.send_with(addr, proto, req, SendOptions::default()).await
+    }
+
+    /// [`Pool::send`] with per-request options.
+    pub async fn send_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: Proto,
+        req: Request<Body>,
+        options: SendOptions,
+    ) -> Result<Response<Incoming>, ProxyError> {
         match proto {
             Proto::Http2 => self.send_h2(addr, req).await,
-            Proto::Http1 => self.send_h1(addr, req).await,
+            Proto::Http1 => self.send_h1(addr, req, options.max_requests_per_connection).await,
         }
     }
 
@@ -154,35 +182,42 @@ impl Pool {
         Ok(sender)
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    /// An idle connection that may carry one more request, with the requests it carried.
+    fn take_idle(&self, addr: SocketAddr, max: Option<u32>) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut map = self.h1_idle.lock().ok()?;
         let idle = map.get_mut(&addr)?;
-        while let Some((since, sender)) = idle.pop() {
-            if since.elapsed() < IDLE_TTL && sender.is_ready() {
-                return Some(sender);
+        while let Some(c) = idle.pop() {
+            // A connection past a (lowered) limit is dropped, which closes it.
+            if c.since.elapsed() < IDLE_TTL && c.sender.is_ready() && max.is_none_or(|m| c.served < m) {
+                return Some((c.sender, c.served));
             }
         }
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, served: u32) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(addr).or_default();
-            idle.retain(|(since, s)| since.elapsed() < IDLE_TTL && !s.is_closed());
+            idle.retain(|c| c.since.elapsed() < IDLE_TTL && !c.sender.is_closed());
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                idle.push((Instant::now(), sender));
+                idle.push(IdleH1 { since: Instant::now(), sender, served });
             }
         }
     }
 
-    async fn send_h1(self: &Arc<Self>, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h1(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+        max: Option<u32>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
         // A reused connection may have been closed by the server a moment ago; hyper hands the
         // request back when it was never written, and it is sent on a new connection.
-        while let Some(mut sender) = self.take_idle(addr) {
+        while let Some((mut sender, served)) = self.take_idle(addr, max) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.recycle(addr, sender);
+                    self.recycle(addr, sender, served + 1, max);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -193,18 +228,27 @@ impl Pool {
         }
         let mut sender = self.connect_h1(addr, false).await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
-        self.recycle(addr, sender);
+        self.recycle(addr, sender, 1, max);
         Ok(resp)
     }
 
-    /// Returns the connection to the idle stack once the response body has been read.
-    fn recycle(self: &Arc<Self>, addr: SocketAddr, mut sender: http1::SendRequest<Body>) {
+    /// Returns the connection to the idle stack once the response body has been read, or
+    /// closes it then when it has carried `max` requests.
+    fn recycle(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut sender: http1::SendRequest<Body>,
+        served: u32,
+        max: Option<u32>,
+    ) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
+            // Dropping the last sender once the response is complete closes the connection.
             if sender.ready().await.is_ok()
+                && max.is_none_or(|m| served < m)
                 && let Some(pool) = pool.upgrade()
             {
-                pool.put_idle(addr, sender);
+                pool.put_idle(addr, sender, served);
             }
         });
     }
@@ -236,5 +280,86 @@ impl Pool {
         if let Ok(mut m) = self.h2.lock() {
             m.retain(|a, _| live(a));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use http_body_util::BodyExt as _;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::body;
+
+    /// An HTTP/1 server answering "ok", counting connections opened and closed.
+    async fn server() -> (SocketAddr, Arc<AtomicU32>, Arc<AtomicU32>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (opened, closed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (o, c) = (opened.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                o.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(|_req| async { Ok::<_, std::convert::Infallible>(Response::new(body::full("ok"))) });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, opened, closed)
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("not reached in 5 s: {what}");
+    }
+
+    fn idle(pool: &Pool, addr: SocketAddr) -> usize {
+        pool.h1_idle.lock().expect("idle").get(&addr).map_or(0, Vec::len)
+    }
+
+    async fn get(pool: &Arc<Pool>, addr: SocketAddr, options: SendOptions) {
+        let req = Request::get("/").header(http::header::HOST, "test").body(body::empty()).expect("request");
+        let resp = pool.send_with(addr, Proto::Http1, req, options).await.expect("response");
+        let text = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&text[..], b"ok");
+    }
+
+    #[tokio::test]
+    async fn http1_connections_close_after_max_requests() {
+        let (addr, opened, closed) = server().await;
+        let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
+        let limited = SendOptions { max_requests_per_connection: Some(2) };
+        for i in 1..=6u32 {
+            get(&pool, addr, limited).await;
+            if i % 2 == 0 {
+                until("the connection closed after its second request", || closed.load(Ordering::SeqCst) == i / 2)
+                    .await;
+                assert_eq!(idle(&pool, addr), 0);
+            } else {
+                until("the connection back in the pool", || idle(&pool, addr) == 1).await;
+            }
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 3, "6 requests, 2 per connection");
+
+        let (addr, opened, closed) = server().await;
+        for _ in 0..6 {
+            get(&pool, addr, SendOptions::default()).await;
+            until("the connection back in the pool", || idle(&pool, addr) == 1).await;
+        }
+        assert_eq!((opened.load(Ordering::SeqCst), closed.load(Ordering::SeqCst)), (1, 0), "no limit: one connection");
     }
 }

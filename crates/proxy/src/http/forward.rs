@@ -23,7 +23,7 @@ use plexus_core::{MeshSnapshot, ServiceName};
 use tokio::time::Instant;
 
 use super::body::{self, Body};
-use super::client::Proto;
+use super::client::{Proto, SendOptions};
 use super::observe::Observation;
 use super::retry::RequestBody;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
@@ -31,6 +31,7 @@ use crate::balance::Choice;
 use crate::error::ProxyError;
 use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
+use crate::resilience::limits::LimitPermit;
 
 /// How long a mirrored copy may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -119,6 +120,16 @@ pub async fn to_service(
                 spawn_mirror(&state, to.snapshot, m, to.port.port, &head, copy);
             }
         }
+        // Circuit breaking: a slot of the destination's connection limits, held until the
+        // response body ends.
+        let permit = match &policy.connection_limits {
+            Some(l) => state.limits.acquire(&backend.name, backend_port.port, l).await?,
+            None => LimitPermit::unlimited(),
+        };
+        let hash = policy
+            .hash_on
+            .as_ref()
+            .and_then(|k| crate::balance::request_hash(k, &head.headers, head.uri.query(), to.peer.ip()));
         let tries = Tries {
             state: &state,
             backend: &backend.name,
@@ -131,18 +142,21 @@ pub async fn to_service(
             app_proto,
             grpc: obs.grpc,
             deadline,
-            hash: None,
+            hash,
+            send: SendOptions {
+                max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
+            },
         };
-        tries.run(&head, authority, body).await
+        tries.run(&head, authority, body).await.map(|(ep, resp)| (ep, resp, permit))
     };
     let result = match deadline {
         Some(d) => tokio::time::timeout_at(d, work).await.unwrap_or(Err(ProxyError::Timeout)),
         None => work.await,
     };
     match result {
-        Ok((ep, resp)) => {
+        Ok((ep, resp, permit)) => {
             describe_endpoint(&mut obs, &ep);
-            let mut resp = downstream_response(resp, head.version);
+            let mut resp = downstream_response(resp, head.version).map(|b| body::holding(b, permit));
             if let Some(m) = entry.and_then(|e| e.response_headers.as_ref()) {
                 headers::apply_modifier(resp.headers_mut(), m);
             }
@@ -247,6 +261,7 @@ struct Tries<'a> {
     grpc: bool,
     deadline: Option<Instant>,
     hash: Option<u64>,
+    send: SendOptions,
 }
 
 impl Tries<'_> {
@@ -294,7 +309,7 @@ impl Tries<'_> {
             {
                 deadline::propagate(up.headers_mut(), d, Instant::now());
             }
-            let send = self.state.pool.send(ep.addr, target.proto, up);
+            let send = self.state.pool.send_with(ep.addr, target.proto, up, self.send);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::Timeout)),
                 None => send.await,

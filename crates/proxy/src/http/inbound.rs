@@ -1,5 +1,9 @@
 //! Inbound HTTP: requests arriving from other sidecars (or, in permissive mode, from outside
 //! the mesh) for the local application.
+//!
+//! Before a request is forwarded, the rate limit of this sidecar's own Service port
+//! (RateLimitPolicy) takes a token; without one the request is answered 429 (gRPC
+//! `RESOURCE_EXHAUSTED`) with `retry-after`, and counted in `plexus_rate_limited_total`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,8 +14,9 @@ use hyper::body::Incoming;
 use super::body::{self, Body};
 use super::client::Proto;
 use super::observe::Observation;
-use super::{Head, Target, downstream_response, forward_upgrade, headers};
+use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
 use crate::error::ProxyError;
+use crate::metrics::ServicePolicyLabels;
 use crate::proxy::State;
 
 /// What the inbound listener knows about a connection.
@@ -24,6 +29,7 @@ pub struct InboundConn {
 
 /// Handles one inbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<Incoming>) -> Response<Body> {
+    let received = tokio::time::Instant::now();
     let request_id = headers::ensure_request_id(req.headers_mut());
     let head = Head::of(&req);
     let mut obs = Observation::new(state.clone(), "inbound", &head, request_id);
@@ -31,6 +37,9 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let Some(app_port) = conn.app_port else {
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));
     };
+    if let Err(e) = rate_limit(&state, app_port) {
+        return obs.fail(e);
+    }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
     obs.upstream = Some(addr);
     // The peer sidecar says when the app speaks HTTP/1 although the hop was HTTP/2.
@@ -44,9 +53,21 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         forward_upgrade(&state, req, &head, &target).await
     } else {
+        // gRPC deadlines shrink here too: the app sees what is left, and an expired request
+        // is answered DEADLINE_EXCEEDED without reaching it.
+        let deadline = if obs.grpc { deadline::deadline(&head.headers, received, None) } else { None };
         let b = obs.count_request_body(body::boxed(req.into_body()));
         match head.upstream_request(&target, b, false) {
-            Ok(up) => state.pool.send(addr, proto, up).await,
+            Ok(mut up) => match deadline {
+                Some(d) if d <= tokio::time::Instant::now() => Err(ProxyError::Timeout),
+                Some(d) => {
+                    deadline::propagate(up.headers_mut(), d, tokio::time::Instant::now());
+                    tokio::time::timeout_at(d, state.pool.send(addr, proto, up))
+                        .await
+                        .unwrap_or(Err(ProxyError::Timeout))
+                }
+                None => state.pool.send(addr, proto, up).await,
+            },
             Err(e) => Err(e),
         }
     };
@@ -54,4 +75,24 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
         Err(e) => obs.fail(e),
     }
+}
+
+/// Takes a token from the rate limit of this sidecar's Service port serving `app_port`, if any.
+fn rate_limit(state: &State, app_port: u16) -> Result<(), ProxyError> {
+    let snapshot = state.discovery.current();
+    let Some(own) = state.rate_limits.own_limit(&snapshot, &state.settings, Some(app_port)) else {
+        return Ok(());
+    };
+    // The source's identity selects an override's bucket. It will be the SPIFFE ID of the
+    // peer's mTLS client certificate; until mTLS between sidecars exists every source uses
+    // the shared bucket.
+    let identity: Option<&str> = None;
+    state.rate_limits.check(&own.limit, identity).map_err(|retry_after| {
+        state
+            .metrics
+            .rate_limited
+            .get_or_create(&ServicePolicyLabels { destination_service: own.service, policy: own.limit.policy.clone() })
+            .inc();
+        ProxyError::RateLimited { policy: own.limit.policy.clone(), retry_after }
+    })
 }
