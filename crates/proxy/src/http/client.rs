@@ -49,6 +49,12 @@ pub struct SendOptions {
     /// `connectionLimits.maxRequestsPerConnection`); `None`: reuse it as long as it lives.
     /// HTTP/2 connections are shared by all requests and not affected.
     pub max_requests_per_connection: Option<u32>,
+    /// Connect timeout for new connections (ResiliencePolicy `timeouts.connect`); `None`: the
+    /// proxy's own.
+    pub connect_timeout: Option<Duration>,
+    /// An idle HTTP/1 connection older than this is not reused (ResiliencePolicy
+    /// `timeouts.idle`); `None`: the pool's default.
+    pub idle_timeout: Option<Duration>,
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
@@ -73,6 +79,11 @@ impl Dialer {
     /// Opens a TCP connection within the timeout.
     pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, ProxyError> {
         connect(addr, self.timeout, self.mark).await
+    }
+
+    /// Opens a TCP connection within `timeout`, else the dialer's own timeout.
+    pub async fn connect_within(&self, addr: SocketAddr, timeout: Option<Duration>) -> Result<TcpStream, ProxyError> {
+        connect(addr, timeout.unwrap_or(self.timeout), self.mark).await
     }
 }
 
@@ -135,12 +146,17 @@ impl Pool {
         options: SendOptions,
     ) -> Result<Response<Incoming>, ProxyError> {
         match proto {
-            Proto::Http2 => self.send_h2(addr, req).await,
-            Proto::Http1 => self.send_h1(addr, req, options.max_requests_per_connection).await,
+            Proto::Http2 => self.send_h2(addr, req, options).await,
+            Proto::Http1 => self.send_h1(addr, req, options).await,
         }
     }
 
-    async fn send_h2(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        options: SendOptions,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let slot = {
             let mut map = self.h2.lock().map_err(|_| ProxyError::UpstreamReset("pool poisoned".into()))?;
             map.entry(addr).or_default().clone()
@@ -152,7 +168,7 @@ impl Pool {
             match guard.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.connect_h2(addr).await?;
+                    let s = self.connect_h2(addr, options.connect_timeout).await?;
                     *guard = Some(s.clone());
                     s
                 }
@@ -162,8 +178,12 @@ impl Pool {
         sender.send_request(req).await.map_err(upstream_error)
     }
 
-    async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = self.dialer.connect(addr).await?;
+    async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let stream = self.dialer.connect_within(addr, timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1024 * 1024)
@@ -183,12 +203,14 @@ impl Pool {
     }
 
     /// An idle connection that may carry one more request, with the requests it carried.
-    fn take_idle(&self, addr: SocketAddr, max: Option<u32>) -> Option<(http1::SendRequest<Body>, u32)> {
+    fn take_idle(&self, addr: SocketAddr, options: SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut map = self.h1_idle.lock().ok()?;
         let idle = map.get_mut(&addr)?;
+        let max = options.max_requests_per_connection;
+        let ttl = options.idle_timeout.unwrap_or(IDLE_TTL).min(IDLE_TTL);
         while let Some(c) = idle.pop() {
             // A connection past a (lowered) limit is dropped, which closes it.
-            if c.since.elapsed() < IDLE_TTL && c.sender.is_ready() && max.is_none_or(|m| c.served < m) {
+            if c.since.elapsed() < ttl && c.sender.is_ready() && max.is_none_or(|m| c.served < m) {
                 return Some((c.sender, c.served));
             }
         }
@@ -209,12 +231,13 @@ impl Pool {
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<Body>,
-        max: Option<u32>,
+        options: SendOptions,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let max = options.max_requests_per_connection;
         let mut req = req;
         // A reused connection may have been closed by the server a moment ago; hyper hands the
         // request back when it was never written, and it is sent on a new connection.
-        while let Some((mut sender, served)) = self.take_idle(addr, max) {
+        while let Some((mut sender, served)) = self.take_idle(addr, options) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.recycle(addr, sender, served + 1, max);
@@ -226,7 +249,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect_h1(addr, false).await?;
+        let mut sender = self.connect_h1(addr, false, options.connect_timeout).await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
         self.recycle(addr, sender, 1, max);
         Ok(resp)
@@ -253,8 +276,13 @@ impl Pool {
         });
     }
 
-    async fn connect_h1(&self, addr: SocketAddr, upgrades: bool) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = self.dialer.connect(addr).await?;
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        upgrades: bool,
+        timeout: Option<Duration>,
+    ) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let stream = self.dialer.connect_within(addr, timeout).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };
@@ -268,7 +296,7 @@ impl Pool {
     /// Sends an Upgrade (e.g. WebSocket) request on a dedicated HTTP/1 connection that can be
     /// taken over after a `101 Switching Protocols`.
     pub async fn send_upgrade(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(addr, true).await?;
+        let mut sender = self.connect_h1(addr, true, None).await?;
         sender.send_request(req).await.map_err(upstream_error)
     }
 
@@ -342,7 +370,7 @@ mod tests {
     async fn http1_connections_close_after_max_requests() {
         let (addr, opened, closed) = server().await;
         let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
-        let limited = SendOptions { max_requests_per_connection: Some(2) };
+        let limited = SendOptions { max_requests_per_connection: Some(2), ..SendOptions::default() };
         for i in 1..=6u32 {
             get(&pool, addr, limited).await;
             if i % 2 == 0 {
