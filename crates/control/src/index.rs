@@ -36,7 +36,14 @@ impl EncodeCache {
         {
             return e.clone();
         }
-        let encoded = Arc::new(Encoded { key: key.clone(), json: serde_json::to_vec(r).unwrap_or_default().into() });
+        // Proxies need neither the uid nor the resource version (the view's revision versions
+        // it); leaving them out makes every response, and so every stream's buffers, smaller.
+        // The creation time stays: it orders routes and policies that tie.
+        let mut sent = r.clone();
+        sent.metadata.uid = None;
+        sent.metadata.resource_version = None;
+        let encoded =
+            Arc::new(Encoded { key: key.clone(), json: serde_json::to_vec(&sent).unwrap_or_default().into() });
         self.by_key.insert(key, (version.clone(), encoded.clone()));
         encoded
     }

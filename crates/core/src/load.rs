@@ -110,7 +110,11 @@ fn split_documents(file: &str, text: &str) -> Result<Vec<Value>, LoadError> {
             other => vec![other],
         }
     } else {
-        serde_saphyr::from_multiple::<Value>(text).map_err(|e| whole_file(format!("invalid YAML: {e}")))?
+        // YAML 1.2 booleans (only `true`/`false`): a value such as `y`, `no` or `on` stays the
+        // string it reads as, as Kubernetes manifests expect.
+        let options = serde_saphyr::Options { strict_booleans: true, ..serde_saphyr::Options::default() };
+        serde_saphyr::from_multiple_with_options::<Value>(text, options)
+            .map_err(|e| whole_file(format!("invalid YAML: {e}")))?
     };
     Ok(values.into_iter().filter(|v| !v.is_null()).collect())
 }
@@ -230,6 +234,15 @@ status: {ignored: true}
         let err = parse_documents("f.yaml", &bad).unwrap_err();
         assert_eq!(err.errors.len(), 2, "{err}");
         assert_eq!(err.errors[1].field, "spec.address");
+    }
+
+    #[test]
+    fn yaml_1_1_boolean_words_stay_strings() {
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: y, labels: {app: on, version: no}}\nspec: {address: 127.0.0.1, meshed: true}\n";
+        let r = parse_documents("f.yaml", yaml).expect("valid");
+        assert_eq!(r[0].metadata.name, "y");
+        assert_eq!(r[0].metadata.labels.get("app").map(String::as_str), Some("on"));
+        assert_eq!(r[0].metadata.labels.get("version").map(String::as_str), Some("no"));
     }
 
     #[test]
