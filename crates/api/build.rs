@@ -1,7 +1,7 @@
 //! Generates the tonic/prost code from the .proto files with protox (pure Rust, no protoc).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/plexus/discovery/v1/discovery.proto"];
+    let files = ["proto/plexus/discovery/v1/discovery.proto", "proto/plexus/identity/v1/identity.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

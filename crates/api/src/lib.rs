@@ -4,3 +4,8 @@
 pub mod discovery {
     tonic::include_proto!("plexus.discovery.v1");
 }
+
+/// `plexus.identity.v1`: workload certificate signing.
+pub mod identity {
+    tonic::include_proto!("plexus.identity.v1");
+}

@@ -112,6 +112,7 @@ impl Discovery for DiscoveryService {
                         revision: current.revision,
                         resources,
                         destinations: wanted.iter().map(ToString::to_string).collect(),
+                        trust_bundle_pem: String::new(),
                     };
                     if tx.send(Ok(response)).await.is_err() {
                         break;
