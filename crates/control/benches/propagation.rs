@@ -431,6 +431,7 @@ async fn simulated_proxy(
         destinations: destinations.clone(),
         applied_revision: applied,
         leaving: false,
+        ..WatchRequest::default()
     };
     let info = ProxyInfo {
         workload: format!("bench-proxy-{i}"),

@@ -61,7 +61,7 @@ pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leav
 
 fn request(discovery: &Discovery, applied: u64, proxy: Option<ProxyInfo>) -> WatchRequest {
     let destinations = discovery.wanted().borrow().iter().map(ToString::to_string).collect();
-    WatchRequest { proxy, destinations, applied_revision: applied, leaving: false }
+    WatchRequest { proxy, destinations, applied_revision: applied, leaving: false, ..WatchRequest::default() }
 }
 
 async fn session(
