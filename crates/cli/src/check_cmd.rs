@@ -204,34 +204,263 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     r.section("identity");
     match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
         Ok((StatusCode::OK, v)) => {
-            const SIXTY_DAYS: i64 = 60 * 86_400;
-            for (what, cert) in [("trust anchor", &v["trustAnchor"]), ("issuer", &v["issuer"])] {
-                let left = cert["expiresInSeconds"].as_i64().unwrap_or(0);
-                if left <= 0 {
-                    r.fail(
-                        format!("{what} expired on {}", cert["notAfter"].as_str().unwrap_or("?")),
-                        "rotate it: plexus identity rotate (security issue)",
-                    );
-                } else if left < SIXTY_DAYS {
-                    r.fail(
-                        format!("{what} expires within 60 days ({})", cert["notAfter"].as_str().unwrap_or("?")),
-                        "rotate it before it expires",
-                    );
-                } else {
-                    r.ok(format!("{what} valid until {}", cert["notAfter"].as_str().unwrap_or("?")));
+            for line in identity_lines(&v) {
+                match line {
+                    Line::Ok(what) => r.ok(what),
+                    Line::Warn(what, hint) => r.warn(what, hint),
+                    Line::Fail(what, hint) => r.fail(what, hint),
+                    Line::Skip(what) => r.skip(what),
                 }
             }
-            if v["issuerSignedByAnchor"] == true {
-                r.ok("issuer signed by the trust anchor");
-            } else {
-                r.fail("the issuer is not signed by the trust anchor", "restore the matching pair in the data dir");
-            }
-            r.skip("proxy certificates: mTLS between sidecars is not in this version yet");
         }
         Ok((status, v)) => r.fail(
             format!("cannot read the certificate authority: {}", v["error"].as_str().unwrap_or(status.as_str())),
             "check the data dir's trust-anchor.pem and issuer.pem",
         ),
         Err(e) => r.fail("cannot read the certificate authority", e.message),
+    }
+}
+
+/// One result of the identity checks.
+#[derive(Debug, Clone, PartialEq)]
+enum Line {
+    Ok(String),
+    /// What, hint.
+    Warn(String, String),
+    /// What, hint.
+    Fail(String, String),
+    Skip(String),
+}
+
+/// A CA certificate is ✗ once expired and ‼ within 60 days of it.
+fn expiry_line(what: &str, cert: &Value, hint: &str) -> Line {
+    const SIXTY_DAYS: i64 = 60 * 86_400;
+    let left = cert["expiresInSeconds"].as_i64().unwrap_or(0);
+    let not_after = cert["notAfter"].as_str().unwrap_or("?");
+    if left <= 0 {
+        Line::Fail(format!("{what} expired on {not_after}"), format!("rotate it now: {hint}"))
+    } else if left < SIXTY_DAYS {
+        Line::Warn(
+            format!("{what} expires within 60 days ({not_after}, {} days left)", left / 86_400),
+            format!("rotate it before it expires: {hint}"),
+        )
+    } else {
+        Line::Ok(format!("{what} valid until {not_after}"))
+    }
+}
+
+/// The identity checks over `/api/v1/identity` (pure, so each case is tested directly):
+/// the trust bundle and issuer, and each connected proxy's certificate.
+fn identity_lines(v: &Value) -> Vec<Line> {
+    let mut lines = Vec::new();
+    let bundle = v["trustBundle"].as_array().cloned().unwrap_or_else(|| vec![v["trustAnchor"].clone()]);
+    for (i, anchor) in bundle.iter().enumerate() {
+        let what = if i == 0 { "trust anchor" } else { "previous trust anchor" };
+        lines.push(expiry_line(what, anchor, "plexus identity rotate --anchor"));
+    }
+    lines.push(expiry_line("issuer", &v["issuer"], "plexus identity rotate"));
+    if v["issuerSignedByAnchor"] == true {
+        lines.push(Line::Ok("issuer signed by the trust anchor".into()));
+    } else {
+        lines.push(Line::Fail(
+            "the issuer is not signed by the trust anchor".into(),
+            "restore the matching pair in the data dir, or replace both with `plexus identity init --force`".into(),
+        ));
+    }
+    if let (Some(in_use), Some(on_disk)) = (v["issuerInUseSha256"].as_str(), v["issuer"]["sha256"].as_str())
+        && in_use != on_disk
+    {
+        lines.push(Line::Warn(
+            "the issuer in the data dir is not the one the control plane signs with".into(),
+            "the files were changed under the running control plane: restart it to use them".into(),
+        ));
+    }
+
+    let Some(proxies) = v["proxies"].as_array() else { return lines };
+    if proxies.is_empty() {
+        lines.push(Line::Skip("proxy certificates: no proxy connected".into()));
+        return lines;
+    }
+    let grace = plexus_control::certify::CERTIFICATE_GRACE.as_secs();
+    let (mut current, mut previous_issuer, mut failed) = (0, 0, 0);
+    for p in proxies {
+        let name = format!(
+            "proxy {} ({}, namespace {})",
+            p["workload"].as_str().filter(|w| !w.is_empty()).unwrap_or("?"),
+            p["mode"].as_str().unwrap_or("sidecar"),
+            p["namespace"].as_str().unwrap_or("default")
+        );
+        let issued_by = p["issuedBy"].as_str().unwrap_or("none");
+        if issued_by == "none" {
+            let connected = p["connectedSeconds"].as_u64().unwrap_or(0);
+            if connected < grace {
+                lines.push(Line::Skip(format!("{name} is getting its certificate (connected {connected}s ago)")));
+            } else {
+                failed += 1;
+                lines.push(Line::Fail(
+                    format!("{name} has no workload certificate after {connected}s"),
+                    "look at the proxy's logs: it needs the control plane's gRPC address and the join token to get one"
+                        .into(),
+                ));
+            }
+            continue;
+        }
+        if p["expiresInSeconds"].as_i64().unwrap_or(0) <= 0 {
+            failed += 1;
+            lines.push(Line::Fail(
+                format!("{name} holds an expired certificate (notAfter {})", p["notAfter"].as_str().unwrap_or("?")),
+                "its renewal failed: look at the proxy's logs; restarting it gets a fresh certificate".into(),
+            ));
+            continue;
+        }
+        match issued_by {
+            "current" => current += 1,
+            "previousIssuer" => previous_issuer += 1,
+            // Counted by the rotation line below.
+            "previousAnchor" => {}
+            _ => {
+                failed += 1;
+                lines.push(Line::Fail(
+                    format!(
+                        "{name} holds a certificate from an unknown issuer (sha256 {})",
+                        p["issuerSha256"].as_str().unwrap_or("?")
+                    ),
+                    "it does not chain to this control plane's certificate authority: check the proxy talks to this control plane, then restart it".into(),
+                ));
+            }
+        }
+    }
+    if failed == 0 && current == proxies.len() {
+        lines.push(Line::Ok(format!("{current} proxies hold a valid certificate from the current issuer")));
+    } else if current > 0 {
+        lines.push(Line::Ok(format!(
+            "{current} of {} proxies hold a valid certificate from the current issuer",
+            proxies.len()
+        )));
+    }
+    if previous_issuer > 0 {
+        lines.push(Line::Warn(
+            format!("{previous_issuer} proxies hold a certificate from the previous issuer"),
+            "still valid (same trust anchor); they move to the current issuer at their next renewal, or when restarted"
+                .into(),
+        ));
+    }
+    if v["rotation"].is_object() {
+        lines.push(Line::Warn(
+            format!("rotation in progress: {} proxies still on the old issuer", v["rotation"]["proxiesOnOldIssuer"]),
+            "the previous trust anchor leaves the bundle once every connected proxy has a certificate from the new issuer (plexus identity show); restart a proxy that does not re-certify".into(),
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cert(days: i64) -> Value {
+        json!({"expiresInSeconds": days * 86_400 + 60, "notAfter": "2030-01-01T00:00:00.000Z", "sha256": "aa"})
+    }
+
+    fn healthy() -> Value {
+        json!({
+            "trustAnchor": cert(3650), "trustBundle": [cert(3650)], "issuer": cert(365),
+            "issuerSignedByAnchor": true, "issuerInUseSha256": "aa", "rotation": null,
+            "proxies": [proxy("current", 30, 3600)],
+        })
+    }
+
+    fn proxy(issued_by: &str, connected: u64, expires_in: i64) -> Value {
+        json!({"workload": "reviews-v1", "namespace": "default", "mode": "sidecar", "issuedBy": issued_by,
+               "connectedSeconds": connected, "expiresInSeconds": expires_in, "notAfter": "2026-01-01T00:00:00.000Z",
+               "issuerSha256": "bb"})
+    }
+
+    fn fails(lines: &[Line]) -> Vec<String> {
+        lines.iter().filter_map(|l| if let Line::Fail(w, _) = l { Some(w.clone()) } else { None }).collect()
+    }
+
+    fn warns(lines: &[Line]) -> Vec<String> {
+        lines.iter().filter_map(|l| if let Line::Warn(w, _) = l { Some(w.clone()) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_healthy_mesh_passes() {
+        let lines = identity_lines(&healthy());
+        assert!(fails(&lines).is_empty() && warns(&lines).is_empty(), "{lines:?}");
+        assert!(lines.contains(&Line::Ok("1 proxies hold a valid certificate from the current issuer".into())));
+    }
+
+    #[test]
+    fn ca_certificates_warn_within_60_days_and_fail_when_expired() {
+        let mut v = healthy();
+        v["issuer"] = cert(59);
+        v["trustBundle"] = json!([cert(-1)]);
+        let lines = identity_lines(&v);
+        assert_eq!(warns(&lines), vec!["issuer expires within 60 days (2030-01-01T00:00:00.000Z, 59 days left)"]);
+        assert_eq!(fails(&lines), vec!["trust anchor expired on 2030-01-01T00:00:00.000Z"]);
+        v["issuer"] = json!({"expiresInSeconds": -5, "notAfter": "x", "sha256": "aa"});
+        assert!(fails(&identity_lines(&v)).contains(&"issuer expired on x".to_string()));
+    }
+
+    #[test]
+    fn an_issuer_not_signed_by_the_anchor_fails() {
+        let mut v = healthy();
+        v["issuerSignedByAnchor"] = json!(false);
+        assert_eq!(fails(&identity_lines(&v)), vec!["the issuer is not signed by the trust anchor"]);
+    }
+
+    #[test]
+    fn proxy_certificates_are_checked() {
+        let mut v = healthy();
+        v["proxies"] = json!([proxy("none", 3, 0)]);
+        let lines = identity_lines(&v);
+        assert!(fails(&lines).is_empty(), "within the grace period: {lines:?}");
+        v["proxies"] = json!([proxy("none", 11, 0)]);
+        assert_eq!(
+            fails(&identity_lines(&v)),
+            vec!["proxy reviews-v1 (sidecar, namespace default) has no workload certificate after 11s"]
+        );
+        v["proxies"] = json!([proxy("current", 30, -1)]);
+        assert_eq!(
+            fails(&identity_lines(&v)),
+            vec![
+                "proxy reviews-v1 (sidecar, namespace default) holds an expired certificate (notAfter 2026-01-01T00:00:00.000Z)"
+            ]
+        );
+        v["proxies"] = json!([proxy("unknown", 30, 3600)]);
+        assert_eq!(
+            fails(&identity_lines(&v)),
+            vec![
+                "proxy reviews-v1 (sidecar, namespace default) holds a certificate from an unknown issuer (sha256 bb)"
+            ]
+        );
+        v["proxies"] = json!([proxy("previousIssuer", 30, 3600)]);
+        let lines = identity_lines(&v);
+        assert!(fails(&lines).is_empty());
+        assert_eq!(warns(&lines), vec!["1 proxies hold a certificate from the previous issuer"]);
+    }
+
+    #[test]
+    fn an_anchor_rotation_in_progress_is_a_warning() {
+        let mut v = healthy();
+        v["trustBundle"] = json!([cert(3650), cert(3000)]);
+        v["rotation"] = json!({"proxiesOnOldIssuer": 1, "proxiesOnNewIssuer": 1});
+        v["proxies"] = json!([proxy("current", 30, 3600), proxy("previousAnchor", 30, 3600)]);
+        let lines = identity_lines(&v);
+        assert!(fails(&lines).is_empty(), "{lines:?}");
+        assert_eq!(warns(&lines), vec!["rotation in progress: 1 proxies still on the old issuer"]);
+        assert!(lines.contains(&Line::Ok("previous trust anchor valid until 2030-01-01T00:00:00.000Z".into())));
+    }
+
+    #[test]
+    fn a_data_dir_changed_under_the_control_plane_is_a_warning() {
+        let mut v = healthy();
+        v["issuerInUseSha256"] = json!("cc");
+        assert_eq!(
+            warns(&identity_lines(&v)),
+            vec!["the issuer in the data dir is not the one the control plane signs with"]
+        );
     }
 }

@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_api::discovery::discovery_server::DiscoveryServer;
+use plexus_api::identity::identity_server::IdentityServer;
 use plexus_control::api::{ApiState, router};
+use plexus_control::certify::CertifyService;
 use plexus_control::datadir::DataDir;
 use plexus_control::discovery::{DiscoveryService, expire_registrations, maintain_index};
+use plexus_control::identity::Ca;
 use plexus_control::index::Views;
 use plexus_control::proxies::Proxies;
 use plexus_control::store::{FileStore, Store};
@@ -27,7 +30,7 @@ pub struct ControlArgs {
     /// HTTP API and dashboard address.
     #[arg(long, env = "PLEXUS_HTTP_ADDR", default_value = "127.0.0.1:7701")]
     http_addr: SocketAddr,
-    /// gRPC address for proxies (discovery).
+    /// gRPC address for proxies (discovery, certificate signing).
     #[arg(long, env = "PLEXUS_GRPC_ADDR", default_value = "127.0.0.1:7700")]
     grpc_addr: SocketAddr,
 }
@@ -54,6 +57,8 @@ pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub proxies: Arc<Proxies>,
     pub data: DataDir,
+    /// The certificate authority (loaded from the data dir).
+    pub ca: Arc<Ca>,
     http_listener: tokio::net::TcpListener,
     grpc_listener: tokio::net::TcpListener,
 }
@@ -72,6 +77,10 @@ impl ControlPlane {
             Ok(false) => {}
             Err(e) => return Err(Failure::runtime(e)),
         }
+        let ca = Arc::new(Ca::load(&data.path).map_err(Failure::runtime)?);
+        if let Some(previous) = &ca.state().previous_anchor {
+            tracing::info!(previous_anchor = %previous.summary.serial, "continuing the trust anchor rotation in progress");
+        }
         let store: Arc<dyn Store> =
             Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
         let bind = |addr: SocketAddr| async move {
@@ -87,14 +96,16 @@ impl ControlPlane {
             store,
             proxies: Arc::new(Proxies::default()),
             data,
+            ca,
             http_listener,
             grpc_listener,
         })
     }
 
-    /// Serves the HTTP API and the discovery gRPC service until `shutdown` completes.
+    /// Serves the HTTP API and the discovery and identity gRPC services until `shutdown`
+    /// completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
-        let ControlPlane { http, grpc, store, proxies, data, http_listener, grpc_listener } = self;
+        let ControlPlane { http, grpc, store, proxies, data, ca, http_listener, grpc_listener } = self;
         let traffic = Arc::new(plexus_control::traffic::TrafficWindow::default());
         let state = Arc::new(ApiState {
             store: store.clone(),
@@ -102,16 +113,20 @@ impl ControlPlane {
             proxies: proxies.clone(),
             traffic: traffic.clone(),
             data_dir: data.path.clone(),
+            ca: ca.clone(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));
         let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
+        let rotation = tokio::spawn(plexus_control::identity::maintain_rotation(ca.clone(), proxies.clone()));
+        let certify = CertifyService::new(ca.clone(), store.clone(), data.join_token.clone());
         let discovery = DiscoveryService {
             views: views_rx,
             store: store.clone(),
             proxies,
             join_token: data.join_token.clone(),
             traffic,
+            ca,
         };
         let (stop_tx, _) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -120,6 +135,7 @@ impl ControlPlane {
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(DiscoveryServer::new(discovery))
+            .add_service(IdentityServer::new(certify))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                 stopped(stop_tx.subscribe()),
@@ -134,6 +150,7 @@ impl ControlPlane {
         let (h, g, ()) = tokio::join!(http_server, grpc_server, trigger);
         index.abort();
         expiry.abort();
+        rotation.abort();
         h.map_err(|e| Failure::runtime(e.to_string()))?;
         g.map_err(|e| Failure::runtime(e.to_string()))
     }

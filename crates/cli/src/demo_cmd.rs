@@ -171,6 +171,9 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The ingress gateway has its own identity (`ingress-gateway`) and originates mTLS.
+    let join_token = plexus_control::datadir::read_token(&args.data_dir, plexus_control::datadir::JOIN_TOKEN)
+        .map_err(|e| Failure::runtime(format!("cannot read the join token: {e}")))?;
     let ingress_settings = Settings {
         outbound: ([127, 0, 0, 1], 0).into(),
         inbound: ([127, 0, 0, 1], 0).into(),
@@ -194,8 +197,10 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             version: "v1".into(),
             mode: "ingress".into(),
             admin_address: String::new(),
-            token: String::new(),
+            token: join_token.clone(),
             register: None,
+            service_account: "ingress-gateway".into(),
+            identity: None,
         },
     )?;
     ingress.wait_connected(Duration::from_secs(10)).await;

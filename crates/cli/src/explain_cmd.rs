@@ -1,17 +1,19 @@
 //! `plexus explain`: what the mesh would do with a request — route, backends and weights,
 //! outcome, filters, timeouts, retries, rate limit, authorization — evaluated with the proxy's
-//! own decision (`plexus_core::decide`, through `plexus_core::explain`).
+//! own decisions (`plexus_core::decide` and `plexus_core::authz`, through
+//! `plexus_core::explain`). Authorization is decided for the identity of the `--from`
+//! workload, as the destination would see it over mutual TLS.
 //!
 //! Against the control plane's current resources; with `-f`, against the current resources
 //! with the files' resources applied on top (a proposed config), or the files alone when no
 //! control plane answers.
 
 use http::{HeaderName, HeaderValue, Method};
-use plexus_core::MeshSnapshot;
 use plexus_core::explain::{
-    Action, ExplainRequest, Explanation, Target, apply_on_top, describe_lb, describe_limits, describe_rate_limit,
-    trim_float,
+    Action, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb, describe_limits,
+    describe_rate_limit, trim_float,
 };
+use plexus_core::{MeshSnapshot, Resource};
 
 use crate::Failure;
 use crate::api_client::{ServerArgs, api_error};
@@ -19,7 +21,9 @@ use crate::routes_cmd::{emit, fetch_all, labelled, load_files, print_structured,
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
-    /// The workload (or service) sending the request; informational.
+    /// The workload sending the request: a Workload NAME[.NAMESPACE], the workloads labelled
+    /// app=NAME (as `plexus run --service NAME` registers them), or a spiffe:// identity.
+    /// Authorization is decided for its identity; without --from, for an unauthenticated client.
     #[arg(long)]
     from: Option<String>,
     /// The destination: SERVICE[.NAMESPACE][:PORT].
@@ -61,21 +65,22 @@ fn parse_headers(raw: &[String]) -> Result<Vec<(String, String)>, Failure> {
         .collect()
 }
 
-/// The resources to evaluate against and a sentence saying which they are.
-async fn resources(args: &ExplainArgs) -> Result<(MeshSnapshot, String), Failure> {
+/// The resources to evaluate against, compiled, and a sentence saying which they are.
+async fn resources(args: &ExplainArgs) -> Result<(Vec<Resource>, MeshSnapshot, String), Failure> {
     if args.files.is_empty() {
         let rev = revision(&args.server).await?;
         let current = fetch_all(&args.server).await?;
-        return Ok((MeshSnapshot::compile(&current, rev.to_string()), format!("control plane revision {rev}")));
+        let snapshot = MeshSnapshot::compile(&current, rev.to_string());
+        return Ok((current, snapshot, format!("control plane revision {rev}")));
     }
     let proposed = load_files(&args.files)?;
     let files = args.files.join(", ");
     match args.server.call(Method::GET, "/healthz", None, false).await {
         // Nothing answers (a bad --server URL is a usage error, code 2): the files alone.
-        Err(f) if f.code == 1 => Ok((
-            MeshSnapshot::compile(&proposed, "proposed"),
-            format!("{files} alone (no control plane answers at {})", args.server.server),
-        )),
+        Err(f) if f.code == 1 => {
+            let snapshot = MeshSnapshot::compile(&proposed, "proposed");
+            Ok((proposed, snapshot, format!("{files} alone (no control plane answers at {})", args.server.server)))
+        }
         Err(f) => Err(f),
         Ok((status, v)) if !status.is_success() => Err(api_error(status, &v)),
         Ok((_, v)) => {
@@ -83,10 +88,8 @@ async fn resources(args: &ExplainArgs) -> Result<(MeshSnapshot, String), Failure
             let current = fetch_all(&args.server).await?;
             let now = plexus_core::time::rfc3339(std::time::SystemTime::now());
             let merged = apply_on_top(current, proposed, &now);
-            Ok((
-                MeshSnapshot::compile(&merged, format!("{rev}+proposed")),
-                format!("control plane revision {rev} with {files} applied on top"),
-            ))
+            let snapshot = MeshSnapshot::compile(&merged, format!("{rev}+proposed"));
+            Ok((merged, snapshot, format!("control plane revision {rev} with {files} applied on top")))
         }
     }
 }
@@ -100,9 +103,10 @@ pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
         return Err(Failure::usage(format!("--method {:?} is not an HTTP method", args.method)));
     }
     let request = ExplainRequest { method: args.method.to_ascii_uppercase(), path: args.path.clone(), headers };
-    let (snapshot, config) = resources(&args).await?;
-    let x =
-        plexus_core::explain::explain(&snapshot, args.from.as_deref(), &args.to, &request).map_err(Failure::runtime)?;
+    let (resources, snapshot, config) = resources(&args).await?;
+    let client =
+        client_identity(&resources, &snapshot.mesh.trust_domain, args.from.as_deref()).map_err(Failure::usage)?;
+    let x = plexus_core::explain::explain_as(&snapshot, &client, &args.to, &request).map_err(Failure::runtime)?;
     match args.output.as_str() {
         "json" | "yaml" => {
             let mut value = serde_json::to_value(&x).map_err(|e| Failure::runtime(e.to_string()))?;
@@ -216,7 +220,12 @@ fn print_human(x: &Explanation, config: &str) {
                 if eps.is_empty() { "none".into() } else { eps.join(", ") }
             }),
         ),
-        ("authorization", vec![x.authorization.clone()]),
+        (
+            "authorization",
+            std::iter::once(x.authorization.description.clone())
+                .chain(x.authorization.notes.iter().map(|n| format!("({n})")))
+                .collect(),
+        ),
     ];
     if targets.is_empty() {
         // Nothing is sent anywhere: only the lines that say so stay.

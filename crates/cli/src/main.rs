@@ -6,6 +6,7 @@ mod check_cmd;
 mod control_cmd;
 mod demo_cmd;
 mod explain_cmd;
+mod identity_cmd;
 mod logging;
 mod netns;
 mod proxy_cmd;
@@ -58,6 +59,8 @@ enum Command {
     Stat(stat_cmd::StatArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
+    /// Create, show or rotate the mesh's trust anchor and issuer.
+    Identity(identity_cmd::IdentityArgs),
     /// Run a Bookinfo sample service (used by `plexus demo`).
     #[command(hide = true)]
     Sample(sample_cmd::SampleArgs),
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
             Command::ProxyConfig(args) => proxy_config_cmd::run(args).await,
             Command::Stat(args) => stat_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
+            Command::Identity(args) => identity_cmd::run(args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,
         }

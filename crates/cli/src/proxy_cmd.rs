@@ -89,6 +89,10 @@ pub struct ProxyArgs {
     /// This proxy's service name (metrics labels).
     #[arg(long, env = "PLEXUS_SERVICE")]
     pub service: Option<String>,
+    /// The workload's service account: its identity is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (default: the service name).
+    #[arg(long, env = "PLEXUS_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
     #[arg(long, env = "PLEXUS_NAMESPACE", default_value = "default")]
     pub namespace: String,
     /// Print one JSON access-log line per request on stdout.
@@ -116,6 +120,7 @@ pub struct ProxyArgs {
 impl ProxyArgs {
     pub fn settings(self) -> Settings {
         Settings {
+            identity: None,
             outbound: SocketAddr::new(self.outbound_ip, self.outbound_port),
             inbound: SocketAddr::new(self.inbound_ip, self.inbound_port),
             admin: SocketAddr::new(self.admin_ip, self.admin_port),
@@ -154,6 +159,12 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             admin_address: String::new(),
             token: args.token.clone().unwrap_or_default(),
             register: None,
+            service_account: args
+                .service_account
+                .clone()
+                .or_else(|| args.service.clone())
+                .unwrap_or_else(|| "default".into()),
+            identity: None,
         };
         let register = args.register_json.take().map(String::into_bytes);
         let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;
@@ -209,7 +220,28 @@ impl Sidecar {
         register: impl FnOnce(&plexus_proxy::proxy::Addresses) -> Option<Vec<u8>>,
     ) -> Result<Sidecar, Failure> {
         let discovery = Discovery::new_lazy();
+        let mut settings = settings;
+        // With a join token the proxy gets a workload certificate: mTLS between sidecars.
+        if !config.token.is_empty() {
+            let identity = plexus_proxy::identity::WorkloadIdentity::new();
+            settings.identity = Some(identity.clone());
+            config.identity = Some(identity);
+        }
         let proxy = Proxy::bind(settings, discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+        if let Some(identity) = &config.identity {
+            let gauge = proxy.handle().metrics_gauge_for_identity();
+            tokio::spawn(identity.clone().run(
+                plexus_proxy::identity::IdentityConfig {
+                    address: config.address.clone(),
+                    token: config.token.clone(),
+                    namespace: config.namespace.clone(),
+                    service_account: config.service_account.clone(),
+                },
+                move |not_after| {
+                    gauge.set(not_after);
+                },
+            ));
+        }
         config.admin_address = proxy.addresses().admin.to_string();
         config.register = register(proxy.addresses());
         tokio::spawn(plexus_proxy::telemetry::report_loop(

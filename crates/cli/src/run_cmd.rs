@@ -105,6 +105,8 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         admin_address: String::new(),
         token,
         register: None,
+        service_account: args.service_account.clone().unwrap_or_else(|| args.service.clone()),
+        identity: None,
     };
     let (app_port, service, version, namespace) =
         (args.port, args.service.clone(), args.version.clone(), args.namespace.clone());
@@ -215,6 +217,8 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
             &args.version,
             "--namespace",
             &args.namespace,
+            "--service-account",
+            &service_account,
         ])
         .args(["--register-json", &registration.to_string(), "--token", &token, "--drain-timeout", "5s"])
         .stdout(std::process::Stdio::piped())

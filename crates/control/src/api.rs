@@ -23,6 +23,8 @@ pub struct ApiState {
     pub traffic: Arc<crate::traffic::TrafficWindow>,
     /// Where the certificate authority files live.
     pub data_dir: std::path::PathBuf,
+    /// The certificate authority the control plane signs with.
+    pub ca: Arc<crate::identity::Ca>,
 }
 
 type Shared = Arc<ApiState>;
@@ -41,6 +43,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/stat", get(stat))
         .route("/api/v1/identity", get(identity))
+        .route("/api/v1/identity/rotate", post(rotate_identity))
         .with_state(state)
 }
 
@@ -265,15 +268,51 @@ async fn stat(State(s): State<Shared>, Query(q): Query<StatQuery>) -> Response {
         .into_response()
 }
 
-/// The trust anchor and issuer (never their keys).
+/// The trust bundle and issuer as the data dir holds them (never their keys), the rotation in
+/// progress and each connected proxy's certificate.
 async fn identity(State(s): State<Shared>) -> Response {
-    match crate::identity::chain_status(&s.data_dir) {
+    let settings = crate::identity::IdentitySettings::from_store(s.store.as_ref());
+    match s.ca.status(&settings, s.proxies.statuses()) {
         Ok(status) => Json(status).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
 }
 
-/// The connected proxies with their sync state (`plexus check`).
+/// `POST /api/v1/identity/rotate` with `{"anchor": bool}` (admin token): rotates the issuer,
+/// or starts a trust anchor rotation.
+async fn rotate_identity(State(s): State<Shared>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
+    }
+    let anchor = if body.is_empty() {
+        false
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => match v.get("anchor") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return error(StatusCode::BAD_REQUEST, format!("anchor: expected true or false, got {other}"))
+                        .into_response();
+                }
+            },
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")).into_response(),
+        }
+    };
+    let settings = crate::identity::IdentitySettings::from_store(s.store.as_ref());
+    let ca = s.ca.clone();
+    match tokio::task::spawn_blocking(move || ca.rotate(anchor, &settings)).await {
+        Ok(Ok(rotated)) => Json(rotated).into_response(),
+        Ok(Err(crate::identity::RotateError::Conflict(m))) => error(StatusCode::CONFLICT, m).into_response(),
+        Ok(Err(crate::identity::RotateError::Failed(m))) => {
+            tracing::error!(error = %m, "rotation failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, m).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The connected proxies with their sync state and certificates (`plexus check`).
 async fn proxies(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({ "revision": s.store.revision(), "proxies": s.proxies.list() }))
+    Json(json!({ "revision": s.store.revision(), "proxies": s.proxies.statuses() }))
 }

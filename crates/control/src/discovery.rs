@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::index::Views;
-use crate::proxies::{Proxies, ProxyRecord};
+use crate::proxies::{Proxies, ProxyCertificate, ProxyRecord};
 use crate::store::{ObjectKey, Store};
 
 /// Annotation marking a Workload registered by a proxy (removed when the proxy goes away).
@@ -25,6 +25,18 @@ pub struct DiscoveryService {
     pub proxies: Arc<Proxies>,
     pub join_token: String,
     pub traffic: Arc<crate::traffic::TrafficWindow>,
+    /// The certificate authority: its trust bundle goes in every response.
+    pub ca: Arc<crate::identity::Ca>,
+}
+
+/// The certificate a proxy reports in a message (`None` before it has one).
+fn reported_certificate(m: &WatchRequest) -> Option<ProxyCertificate> {
+    (!m.certificate_serial.is_empty() || !m.certificate_issuer_sha256.is_empty()).then(|| ProxyCertificate {
+        serial: m.certificate_serial.clone(),
+        issuer_sha256: m.certificate_issuer_sha256.clone(),
+        not_after_unix: m.certificate_not_after_unix,
+        spiffe_id: m.spiffe_id.clone(),
+    })
 }
 
 fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
@@ -88,14 +100,17 @@ impl Discovery for DiscoveryService {
             last_seen: None,
             registered,
         });
+        self.proxies.report_certificate(id, reported_certificate(&first));
         tracing::info!(id, workload = %info.workload, service = %info.service, "proxy connected");
         let (tx, rx) = mpsc::channel(4);
         let mut views = self.views.clone();
+        let mut bundle = self.ca.subscribe_bundle();
         let proxies = self.proxies.clone();
         let store = self.store.clone();
         tokio::spawn(async move {
             let mut wanted = parse_destinations(&first.destinations);
             let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<Arc<crate::index::Encoded>>)> = None;
+            let mut last_bundle: Option<Arc<str>> = None;
             let mut silence = tokio::time::interval(Duration::from_secs(1));
             let mut last_heard = std::time::Instant::now();
             loop {
@@ -106,19 +121,23 @@ impl Discovery for DiscoveryService {
                 let changed = last_sent.as_ref().is_none_or(|(_, w, r)| {
                     *w != wanted || r.len() != union.len() || r.iter().zip(&union).any(|(a, b)| !Arc::ptr_eq(a, b))
                 });
-                if changed {
+                // A new trust bundle (anchor rotation) is pushed at once with the same view.
+                let trust_bundle = bundle.borrow_and_update().clone();
+                let bundle_changed = last_bundle.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &trust_bundle));
+                if changed || bundle_changed {
                     let resources: Vec<bytes::Bytes> = union.iter().map(|e| e.json.clone()).collect();
                     let response = WatchResponse {
                         revision: current.revision,
                         resources,
                         destinations: wanted.iter().map(ToString::to_string).collect(),
-                        trust_bundle_pem: String::new(),
+                        trust_bundle_pem: trust_bundle.to_string(),
                     };
                     if tx.send(Ok(response)).await.is_err() {
                         break;
                     }
                     proxies.sent(id, current.revision);
                     last_sent = Some((current.revision, wanted.clone(), union));
+                    last_bundle = Some(trust_bundle);
                 }
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -135,11 +154,13 @@ impl Discovery for DiscoveryService {
                         Ok(Some(m)) => {
                             last_heard = std::time::Instant::now();
                             proxies.heard_from(id, Some(m.applied_revision));
+                            proxies.report_certificate(id, reported_certificate(&m));
                             wanted = parse_destinations(&m.destinations);
                         }
                         Ok(None) | Err(_) => break,
                     },
                     changed = views.changed() => if changed.is_err() { break },
+                    changed = bundle.changed() => if changed.is_err() { break },
                     _ = silence.tick() => {
                         if last_heard.elapsed() >= crate::proxies::EXPIRY {
                             tracing::warn!(id, "proxy silent for 15 s; closing its stream");

@@ -5,6 +5,7 @@
 //! It never touches application traffic.
 
 pub mod api;
+pub mod certify;
 pub mod datadir;
 pub mod discovery;
 pub mod identity;

@@ -1,6 +1,7 @@
 //! Connected proxies and the workloads they registered: liveness (a registered workload whose
 //! proxy is silent for 15 s leaves the mesh), sync state for `plexus check`, and targets for
-//! Prometheus service discovery.
+//! Prometheus service discovery, and the workload certificate each proxy reports (for
+//! `plexus check`, `plexus identity show` and anchor rotation).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,11 +36,42 @@ pub struct ProxyRecord {
     pub registered: Option<ObjectKey>,
 }
 
+/// The workload certificate a proxy says it holds (`WatchRequest.certificate_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyCertificate {
+    /// Serial, hex.
+    pub serial: String,
+    /// SHA-256 (hex) of the issuer certificate that signed it.
+    pub issuer_sha256: String,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    pub spiffe_id: String,
+}
+
+/// A connected proxy with its certificate, as `/api/v1/proxies` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    #[serde(flatten)]
+    pub record: ProxyRecord,
+    /// `None` until the proxy reports one.
+    pub certificate: Option<ProxyCertificate>,
+    /// How long this stream has been connected.
+    pub connected_seconds: u64,
+}
+
+struct Entry {
+    record: ProxyRecord,
+    connected_at: Instant,
+    certificate: Option<ProxyCertificate>,
+}
+
 /// Every connected proxy.
 #[derive(Default)]
 pub struct Proxies {
     next_id: AtomicU64,
-    connected: Mutex<HashMap<u64, ProxyRecord>>,
+    connected: Mutex<HashMap<u64, Entry>>,
     /// Registered workloads and when their proxy was last heard from (kept after disconnect
     /// until they expire).
     registered: Mutex<HashMap<ObjectKey, Instant>>,
@@ -57,15 +89,25 @@ impl Proxies {
             r.insert(k.clone(), Instant::now());
         }
         if let Ok(mut c) = self.connected.lock() {
-            c.insert(id, record);
+            c.insert(id, Entry { record, connected_at: Instant::now(), certificate: None });
         }
         id
+    }
+
+    /// Records the certificate the proxy reports in a message (`None`: it has none).
+    pub fn report_certificate(&self, id: u64, certificate: Option<ProxyCertificate>) {
+        if let Ok(mut c) = self.connected.lock()
+            && let Some(e) = c.get_mut(&id)
+            && e.certificate != certificate
+        {
+            e.certificate = certificate;
+        }
     }
 
     /// Records a message from the proxy.
     pub fn heard_from(&self, id: u64, applied_revision: Option<u64>) {
         let Ok(mut c) = self.connected.lock() else { return };
-        let Some(rec) = c.get_mut(&id) else { return };
+        let Some(rec) = c.get_mut(&id).map(|e| &mut e.record) else { return };
         rec.last_seen = Some(Instant::now());
         if let Some(r) = applied_revision {
             rec.applied_revision = r;
@@ -79,15 +121,15 @@ impl Proxies {
 
     pub fn sent(&self, id: u64, revision: u64) {
         if let Ok(mut c) = self.connected.lock()
-            && let Some(rec) = c.get_mut(&id)
+            && let Some(e) = c.get_mut(&id)
         {
-            rec.sent_revision = revision;
+            e.record.sent_revision = revision;
         }
     }
 
     /// The proxy leaves for good: forgets it and returns the workload it registered.
     pub fn leave(&self, id: u64) -> Option<ObjectKey> {
-        let record = self.connected.lock().ok()?.remove(&id)?;
+        let record = self.connected.lock().ok()?.remove(&id)?.record;
         let key = record.registered?;
         if let Ok(mut r) = self.registered.lock() {
             r.remove(&key);
@@ -115,7 +157,7 @@ impl Proxies {
         let live: Vec<ObjectKey> = self
             .connected
             .lock()
-            .map(|c| c.values().filter_map(|p| p.registered.clone()).collect())
+            .map(|c| c.values().filter_map(|e| e.record.registered.clone()).collect())
             .unwrap_or_default();
         let Ok(mut r) = self.registered.lock() else { return Vec::new() };
         let gone: Vec<ObjectKey> = r
@@ -136,8 +178,75 @@ impl Proxies {
 
     /// A copy of every connected proxy, by id.
     pub fn list(&self) -> Vec<ProxyRecord> {
-        let mut v: Vec<ProxyRecord> = self.connected.lock().map(|c| c.values().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<ProxyRecord> =
+            self.connected.lock().map(|c| c.values().map(|e| e.record.clone()).collect()).unwrap_or_default();
         v.sort_by_key(|p| p.id);
         v
+    }
+
+    /// Every connected proxy with its certificate, by id.
+    pub fn statuses(&self) -> Vec<ProxyStatus> {
+        let mut v: Vec<ProxyStatus> = self
+            .connected
+            .lock()
+            .map(|c| {
+                c.values()
+                    .map(|e| ProxyStatus {
+                        record: e.record.clone(),
+                        certificate: e.certificate.clone(),
+                        connected_seconds: e.connected_at.elapsed().as_secs(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|p| p.record.id);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(workload: &str) -> ProxyRecord {
+        ProxyRecord {
+            id: 0,
+            workload: workload.into(),
+            namespace: "default".into(),
+            service: workload.into(),
+            version: String::new(),
+            mode: "sidecar".into(),
+            admin_address: String::new(),
+            sent_revision: 0,
+            applied_revision: 0,
+            last_seen: None,
+            registered: None,
+        }
+    }
+
+    #[test]
+    fn reported_certificates_are_listed_per_proxy() {
+        let proxies = Proxies::default();
+        let a = proxies.connect(record("a"));
+        let b = proxies.connect(record("b"));
+        let cert = ProxyCertificate {
+            serial: "0a".into(),
+            issuer_sha256: "ff".into(),
+            not_after_unix: 1_900_000_000,
+            spiffe_id: "spiffe://plexus.local/ns/default/sa/a".into(),
+        };
+        proxies.report_certificate(a, Some(cert.clone()));
+        let list = proxies.statuses();
+        assert_eq!(list.iter().map(|p| p.record.id).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(list[0].certificate.as_ref(), Some(&cert));
+        assert_eq!(list[1].certificate, None);
+        let json = serde_json::to_value(&list[0]).expect("json");
+        assert_eq!(json["workload"], "a", "the record's fields stay at the top level");
+        assert_eq!(json["certificate"]["issuerSha256"], "ff");
+        assert_eq!(json["certificate"]["notAfterUnix"], 1_900_000_000);
+        proxies.report_certificate(a, None);
+        assert_eq!(proxies.statuses()[0].certificate, None, "each message says what the proxy holds now");
+        proxies.disconnect(a);
+        assert_eq!(proxies.statuses().len(), 1);
     }
 }

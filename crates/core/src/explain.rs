@@ -4,13 +4,15 @@
 //! Nothing here matches routes or picks backends itself: [`explain`] asks
 //! [`decide::decide`](crate::decide::decide), the decision the proxy runs per request, once per
 //! weighted backend (with the roll that selects it), so what it reports is what a proxy holding
-//! the same snapshot does.
+//! the same snapshot does. The authorization decision likewise comes from
+//! [`authz::decide`](crate::authz::decide), the function the destination sidecar runs.
 
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
+use crate::authz::{self, AuthzRequest};
 use crate::decide::{self, Addressed, Outcome, RouteFailure};
 use crate::duration::format as fmt_duration;
 use crate::model::{AppProtocol, CompiledPort, CompiledService, Endpoint, MeshSnapshot};
@@ -19,14 +21,10 @@ use crate::policy::{
     ClientPolicy, ConnectionLimits, FaultAbort, FaultDelay, HashKey, OutlierDetection, RateLimit, RetryBudget,
     RetryPolicy,
 };
-use crate::resource::{HeaderModifier, LbAlgorithm, Resource};
+use crate::resource::{HeaderModifier, LbAlgorithm, Resource, Spec};
 use crate::route::{
     Backend, Matcher, PathChange, PathMatcher, Redirect, RequestInfo, Rewrite, RouteEntry, ValuePattern,
 };
-
-/// The authorization decision while no AuthorizationPolicy is enforced. One field of its own
-/// ([`Explanation::authorization`]) so that the real decision can replace it.
-pub const AUTHORIZATION_NOT_ENFORCED: &str = "allow (no AuthorizationPolicy is enforced in this version)";
 
 /// What `plexus explain` says about a request that matches no route.
 pub const NO_ROUTE: &str = "no route: sent to the Service itself";
@@ -59,8 +57,52 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_backend: Option<String>,
     pub filters: AppliedFilters,
-    /// Always [`AUTHORIZATION_NOT_ENFORCED`] in this version.
-    pub authorization: String,
+    /// What the destination's sidecar decides for this client.
+    pub authorization: AuthorizationExplanation,
+}
+
+/// The client of an explained request as the destination's authorization sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Client {
+    /// As given (`--from`).
+    pub name: Option<String>,
+    /// Its SPIFFE ID; `None`: evaluated as an unauthenticated client.
+    pub identity: Option<String>,
+    /// How the identity was found, or why there is none.
+    pub note: Option<String>,
+}
+
+impl Client {
+    /// A client whose identity is not looked up: evaluated as unauthenticated.
+    pub fn unresolved(name: Option<&str>) -> Client {
+        Client {
+            name: name.map(str::to_string),
+            identity: None,
+            note: name.map(|n| format!("the identity of {n} was not looked up: evaluated as unauthenticated")),
+        }
+    }
+}
+
+/// The authorization decision for the explained request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationExplanation {
+    pub allowed: bool,
+    /// Who decided: `namespace/name` of a policy, or `mesh default (…)`.
+    pub policy: String,
+    /// The client's SPIFFE ID; absent: unauthenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Audit policies that would have denied the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<String>,
+    /// The Service port whose policies were evaluated (`name.namespace:port`).
+    pub evaluated_at: String,
+    /// The decision in words: `allow by default/reviews`, `deny: 403 denied by default/reviews`.
+    pub description: String,
+    /// How the client's identity was found, or why the decision may not hold.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The Service port the request is addressed to.
@@ -368,13 +410,27 @@ fn ports(service: &CompiledService) -> String {
 }
 
 /// Explains what the mesh does with `request` sent from `from` to `to`
-/// (`NAME[.NAMESPACE][:PORT]`). Errors: unknown Service or port, malformed header or path.
+/// (`NAME[.NAMESPACE][:PORT]`), authorizing it as from an unauthenticated client (use
+/// [`explain_as`] with [`client_identity`] to evaluate the client's own identity). Errors:
+/// unknown Service or port, malformed header or path.
 pub fn explain(
     snapshot: &MeshSnapshot,
     from: Option<&str>,
     to: &str,
     request: &ExplainRequest,
 ) -> Result<Explanation, String> {
+    explain_as(snapshot, &Client::unresolved(from), to, request)
+}
+
+/// Explains what the mesh does with `request` sent by `client` to `to`
+/// (`NAME[.NAMESPACE][:PORT]`). Errors: unknown Service or port, malformed header or path.
+pub fn explain_as(
+    snapshot: &MeshSnapshot,
+    client: &Client,
+    to: &str,
+    request: &ExplainRequest,
+) -> Result<Explanation, String> {
+    let from = client.name.as_deref();
     let (service, port) = resolve_destination(snapshot, to)?;
     let headers = header_map(&request.headers)?;
     let (path, query) = match request.path.split_once('?') {
@@ -421,6 +477,9 @@ pub fn explain(
             exists: true,
         }],
     };
+    let filters = entry.map(|e| applied_filters(snapshot, e, path)).unwrap_or_default();
+    let reaches_destination = outcomes.iter().any(|p| matches!(p.action, Action::Forward(_)));
+    let authorization = authorize(snapshot, service, port, client, &info, &filters, reaches_destination);
     Ok(Explanation {
         source: from.map(str::to_string),
         destination: Destination {
@@ -447,9 +506,112 @@ pub fn explain(
         backends,
         outcomes,
         predicted_backend,
-        filters: entry.map(|e| applied_filters(snapshot, e, path)).unwrap_or_default(),
-        authorization: AUTHORIZATION_NOT_ENFORCED.into(),
+        filters,
+        authorization,
     })
+}
+
+/// The decision of the addressed Service port's sidecars for the request as it reaches them
+/// (after a URLRewrite of its path): the port they call their own when their workloads run
+/// for that Service — `plexus run --service S` serves S, also when a route sends traffic on
+/// to a per-version Service selecting the same workloads.
+fn authorize(
+    snapshot: &MeshSnapshot,
+    service: &CompiledService,
+    port: &CompiledPort,
+    client: &Client,
+    info: &RequestInfo<'_>,
+    filters: &AppliedFilters,
+    reaches_destination: bool,
+) -> AuthorizationExplanation {
+    let path = filters.rewrite.as_ref().and_then(|r| r.path.as_deref()).unwrap_or(info.path);
+    let arriving = RequestInfo { path, ..*info };
+    let route = port.routes.find(&arriving).map(|e| e.route.as_str());
+    let request = AuthzRequest {
+        peer: client.identity.as_deref(),
+        method: info.method,
+        path,
+        port: port.port,
+        route,
+        headers: info.headers,
+    };
+    let d = authz::decide(&port.authorization, &request, snapshot.mesh.default_authorization);
+    let who = client.identity.as_deref().map_or_else(|| "an unauthenticated client".to_string(), str::to_string);
+    let description = match d.denial() {
+        None => format!("allow by {} for {who}", d.policy),
+        Some(reason) => format!("deny: 403 {reason} for {who}"),
+    };
+    let mut notes: Vec<String> = client.note.iter().cloned().collect();
+    notes.extend(d.audit.iter().map(|a| format!("audit policy {a} would deny this request")));
+    if !reaches_destination {
+        notes.push("the request does not reach the destination (answered by the client's sidecar)".into());
+    }
+    AuthorizationExplanation {
+        allowed: d.allowed,
+        policy: d.policy,
+        identity: client.identity.clone(),
+        audit: d.audit,
+        evaluated_at: format!("{}:{}", service.name, port.port),
+        description,
+        notes,
+    }
+}
+
+/// Finds the SPIFFE identity of the workload `from` names, as the destination would see it
+/// over mutual TLS: `spiffe://…` as is; else `NAME[.NAMESPACE]` names a Workload, or the
+/// Workloads labelled `app: NAME` (what `plexus run --service NAME` registers), whose
+/// `spec.serviceAccount` (default `default`) gives the identity in `trust_domain`. Not found:
+/// evaluated as unauthenticated, with a note. Error: workloads of several service accounts.
+pub fn client_identity(resources: &[Resource], trust_domain: &str, from: Option<&str>) -> Result<Client, String> {
+    let Some(from) = from else {
+        return Ok(Client {
+            note: Some("no --from: evaluated as an unauthenticated client".into()),
+            ..Client::default()
+        });
+    };
+    let found = |identity: String, note: String| Client {
+        name: Some(from.to_string()),
+        identity: Some(identity),
+        note: Some(note),
+    };
+    if from.starts_with("spiffe://") {
+        return Ok(Client { name: Some(from.to_string()), identity: Some(from.to_string()), note: None });
+    }
+    let not_found = || Client {
+        name: Some(from.to_string()),
+        identity: None,
+        note: Some(format!("no workload {from} found: evaluated as an unauthenticated client")),
+    };
+    let Some(name) = ServiceName::candidates(from).into_iter().next() else { return Ok(not_found()) };
+    let workloads = resources.iter().filter_map(|r| match &r.spec {
+        Spec::Workload(w) if r.metadata.namespace() == name.namespace => Some((r, w)),
+        _ => None,
+    });
+    let account = |w: &crate::resource::WorkloadSpec| w.service_account.clone().unwrap_or_else(|| "default".into());
+    if let Some((r, w)) = workloads.clone().find(|(r, _)| r.metadata.name == name.name) {
+        let sa = account(w);
+        return Ok(found(
+            crate::names::spiffe_id(trust_domain, &name.namespace, &sa),
+            format!("workload {} runs as service account {sa}", r.key()),
+        ));
+    }
+    let mut accounts: Vec<String> =
+        workloads.filter(|(r, _)| r.metadata.labels.get("app") == Some(&name.name)).map(|(_, w)| account(w)).collect();
+    accounts.sort();
+    accounts.dedup();
+    match accounts.as_slice() {
+        [] => Ok(not_found()),
+        [sa] => Ok(found(
+            crate::names::spiffe_id(trust_domain, &name.namespace, sa),
+            format!("workloads labelled app={} in {} run as service account {sa}", name.name, name.namespace),
+        )),
+        several => Err(format!(
+            "workloads labelled app={} in {} run as several service accounts ({}): give one workload's name, or a spiffe:// identity, with --from",
+            name.name,
+            name.namespace,
+            several.join(", ")
+        )),
+    }
 }
 
 fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, String> {
@@ -1048,7 +1210,9 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, requestsPerSecond: 100, bur
         assert_eq!(t.retries.policy.as_ref().map(|r| r.attempts), Some(3), "2 retries = 3 tries");
         assert_eq!(t.rate_limit.as_ref().map(|r| (r.requests_per_second, r.burst)), Some((100, 200)));
         assert_eq!(t.endpoints[0].workload, "reviews-2");
-        assert_eq!(x.authorization, AUTHORIZATION_NOT_ENFORCED);
+        assert!(x.authorization.allowed);
+        assert_eq!(x.authorization.policy, "mesh default (allow)");
+        assert_eq!(x.authorization.identity, None, "explain() does not look the client up");
         assert_eq!(x.source.as_deref(), Some("productpage"));
     }
 
@@ -1198,5 +1362,98 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, requestsPerSecond: 100, bur
         let x = explain(&snap, None, "reviews", &req("GET", "/api/x", &[])).expect("explains");
         assert_eq!(x.predicted_backend.as_deref(), Some("reviews-v2.default"), "the proposed route replaced the old");
         assert!(snap.services.contains_key(&ServiceName::new("extra", "default")));
+    }
+
+    const AUTHZ: &str = r#"
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: productpage-v1-abcde, labels: {app: productpage, version: v1}}
+spec: {address: 127.0.0.9, ports: [{port: 7009}], serviceAccount: productpage}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: intruder, namespace: prod, labels: {app: intruder}}
+spec: {address: 127.0.0.10, ports: [{port: 7010}]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: reviews}
+spec:
+  targetRef: {kind: Service, name: reviews, port: 9080}
+  action: allow
+  rules:
+  - from: {serviceAccounts: [productpage]}
+  - from: {unauthenticated: true}
+    to: {paths: ["/flat"]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: trial}
+spec:
+  targetRef: {kind: Service, name: reviews}
+  action: audit
+  rules: [{to: {methods: [GET]}}]
+"#;
+
+    #[test]
+    fn client_identities_come_from_workloads() {
+        let resources = parse_documents("mesh", &format!("{MESH}{AUTHZ}")).expect("valid");
+        let id = |from: Option<&str>| client_identity(&resources, "plexus.local", from);
+        let pp = id(Some("productpage")).expect("found by app label");
+        assert_eq!(pp.identity.as_deref(), Some("spiffe://plexus.local/ns/default/sa/productpage"));
+        let by_name = id(Some("productpage-v1-abcde")).expect("found by name");
+        assert_eq!(by_name.identity, pp.identity);
+        assert!(by_name.note.as_deref().is_some_and(|n| n.contains("default/productpage-v1-abcde")), "{by_name:?}");
+        let intruder = id(Some("intruder.prod")).expect("found in its namespace");
+        assert_eq!(intruder.identity.as_deref(), Some("spiffe://plexus.local/ns/prod/sa/default"));
+        assert_eq!(id(Some("intruder")).expect("looked up").identity, None, "not in namespace default");
+        let raw = id(Some("spiffe://x/ns/a/sa/b")).expect("as is");
+        assert_eq!(raw.identity.as_deref(), Some("spiffe://x/ns/a/sa/b"));
+        let none = id(None).expect("unauthenticated");
+        assert_eq!((none.name, none.identity), (None, None));
+        let ghost = id(Some("ghost")).expect("not an error");
+        assert_eq!(ghost.identity, None);
+        assert!(ghost.note.as_deref().is_some_and(|n| n.contains("no workload ghost")));
+        let two = parse_documents(
+            "two",
+            &format!("{MESH}---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: r-x, labels: {{app: reviews}}}}\nspec: {{address: 127.0.0.11, serviceAccount: other}}\n"),
+        )
+        .expect("valid");
+        let err = client_identity(&two, "plexus.local", Some("reviews")).expect_err("ambiguous");
+        assert!(err.contains("default, other"), "{err}");
+    }
+
+    #[test]
+    fn authorization_is_the_destination_decision_for_the_client() {
+        let resources = parse_documents("mesh", &format!("{MESH}{AUTHZ}")).expect("valid");
+        let snap = MeshSnapshot::compile(&resources, "1");
+        let client = |from: &str| client_identity(&resources, &snap.mesh.trust_domain, Some(from)).expect("client");
+        let x =
+            explain_as(&snap, &client("productpage"), "reviews:9080", &req("GET", "/api/x", &[])).expect("explains");
+        let a = &x.authorization;
+        assert!(a.allowed, "{a:?}");
+        assert_eq!(a.policy, "default/reviews");
+        assert_eq!(a.evaluated_at, "reviews.default:9080");
+        assert_eq!(a.description, "allow by default/reviews for spiffe://plexus.local/ns/default/sa/productpage");
+        assert!(a.audit.is_empty(), "GET matches the audit policy's rule");
+
+        let x = explain_as(&snap, &client("intruder.prod"), "reviews", &req("POST", "/api/x", &[])).expect("explains");
+        let a = &x.authorization;
+        assert!(!a.allowed);
+        assert_eq!(a.description, "deny: 403 denied by default/reviews for spiffe://plexus.local/ns/prod/sa/default");
+        assert_eq!(a.audit, ["default/trial"]);
+        assert!(a.notes.iter().any(|n| n == "audit policy default/trial would deny this request"), "{a:?}");
+
+        // No --from: unauthenticated; the rewrite to /flat happens before the destination.
+        let anon = client_identity(&resources, "plexus.local", None).expect("client");
+        let x = explain_as(&snap, &anon, "reviews", &req("GET", "/api/x", &[])).expect("explains");
+        assert_eq!(x.authorization.description, "deny: 403 denied by default/reviews for an unauthenticated client");
+        let x = explain_as(&snap, &anon, "reviews", &req("GET", "/v2/items", &[])).expect("explains");
+        assert!(x.authorization.allowed, "rewritten to /flat: {:?}", x.authorization);
+
+        // A redirect never reaches the destination: said so.
+        let x = explain_as(&snap, &anon, "reviews", &req("GET", "/old", &[])).expect("explains");
+        assert!(x.authorization.notes.iter().any(|n| n.contains("does not reach the destination")));
     }
 }

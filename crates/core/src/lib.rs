@@ -4,6 +4,7 @@
 //! Nothing here does I/O or depends on an async runtime, so every decision is unit-testable
 //! synchronously (see `docs/ARCHITECTURE.md`, "Decisions are pure functions").
 
+pub mod authz;
 pub mod check;
 pub mod decide;
 pub mod duration;

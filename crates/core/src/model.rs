@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::authz::Authorization;
 use crate::names::{DEFAULT_TRUST_DOMAIN, ServiceName, split_authority};
 use crate::policy::{ClientPolicy, RateLimit};
 use crate::resource::{
@@ -84,6 +85,9 @@ pub struct CompiledPort {
     /// The local rate limit the destination's sidecars enforce (RateLimitPolicy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<Arc<RateLimit>>,
+    /// What the destination's sidecars authorize (AuthorizationPolicies, TrafficTargets).
+    #[serde(skip_serializing_if = "Authorization::is_empty")]
+    pub authorization: Arc<Authorization>,
 }
 
 /// A Service with its compiled ports.
@@ -187,6 +191,7 @@ impl MeshSnapshot {
                         routes: RouteTable::default(),
                         policy: Arc::new(ClientPolicy::default()),
                         rate_limit: None,
+                        authorization: Arc::default(),
                     }
                 })
                 .collect();
@@ -201,6 +206,9 @@ impl MeshSnapshot {
             .unwrap_or_default();
         RouteTable::attach_all(resources, &mut services);
         attach_policies(resources, &mesh, &mut services);
+        // After the endpoints are known: TrafficTargets select ports by their workloads'
+        // service account.
+        crate::authz::attach_all(resources, &mesh, &mut services);
         MeshSnapshot { version: version.into(), mesh, services, by_endpoint }
     }
 

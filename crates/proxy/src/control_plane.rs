@@ -32,6 +32,11 @@ pub struct ControlPlaneConfig {
     pub token: String,
     /// A Workload resource (JSON) to register while connected.
     pub register: Option<Vec<u8>>,
+    /// The workload's service account (its SPIFFE identity).
+    pub service_account: String,
+    /// The workload identity: trust bundles from the control plane are installed into it, and
+    /// its certificate is reported (so the control plane knows who still needs a rotation).
+    pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
 }
 
 /// Runs the watch loop until `leave` turns true: then the registered workload is
@@ -59,9 +64,24 @@ pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leav
     }
 }
 
-fn request(discovery: &Discovery, applied: u64, proxy: Option<ProxyInfo>) -> WatchRequest {
+fn request(
+    discovery: &Discovery,
+    identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
+    applied: u64,
+    proxy: Option<ProxyInfo>,
+) -> WatchRequest {
     let destinations = discovery.wanted().borrow().iter().map(ToString::to_string).collect();
-    WatchRequest { proxy, destinations, applied_revision: applied, leaving: false, ..WatchRequest::default() }
+    let cert = identity.and_then(|i| i.info()).unwrap_or_default();
+    WatchRequest {
+        proxy,
+        destinations,
+        applied_revision: applied,
+        leaving: false,
+        certificate_serial: cert.serial,
+        certificate_issuer_sha256: cert.issuer_sha256,
+        certificate_not_after_unix: cert.not_after_unix,
+        spiffe_id: cert.spiffe_id,
+    }
 }
 
 async fn session(
@@ -88,12 +108,14 @@ async fn session(
     };
     let (tx, rx) = mpsc::channel(8);
     let mut applied = 0;
-    tx.send(request(discovery, applied, Some(info))).await?;
+    tx.send(request(discovery, config.identity.as_ref(), applied, Some(info))).await?;
     let mut stream = client.watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut wanted = discovery.wanted();
     wanted.borrow_and_update();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     heartbeat.tick().await;
+    // A new certificate is reported at once (anchor rotations wait for every proxy's).
+    let mut cert_changes = config.identity.as_ref().map(|i| i.subscribe());
     loop {
         tokio::select! {
             msg = stream.message() => {
@@ -106,18 +128,24 @@ async fn session(
                 let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
                 discovery.publish_covering(MeshSnapshot::compile(&resources, resp.revision.to_string()), covered);
                 discovery.set_control_plane_connected(true);
+                if let Some(identity) = &config.identity {
+                    identity.update_bundle(&resp.trust_bundle_pem);
+                }
                 applied = resp.revision;
-                tx.send(request(discovery, applied, None)).await?;
+                tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
             changed = wanted.changed() => {
                 changed?;
-                tx.send(request(discovery, applied, None)).await?;
+                tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
             _ = heartbeat.tick() => {
-                tx.send(request(discovery, applied, None)).await?;
+                tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
+            }
+            Some(Ok(())) = async { match cert_changes.as_mut() { Some(c) => Some(c.changed().await), None => None } } => {
+                tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
             _ = crate::proxy::drained(leave) => {
-                let bye = WatchRequest { leaving: true, ..request(discovery, applied, None) };
+                let bye = WatchRequest { leaving: true, ..request(discovery, config.identity.as_ref(), applied, None) };
                 tx.send(bye).await?;
                 // The control plane ends the stream once the workload is removed.
                 let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Ok(Some(_)) = stream.message().await {} }).await;

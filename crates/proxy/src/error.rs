@@ -34,6 +34,9 @@ pub enum ProxyError {
     Overloaded(String),
     /// The destination's rate limit is exhausted; retry after the given time.
     RateLimited { policy: String, retry_after: std::time::Duration },
+    /// Authorization denied the request: `policy` is the AuthorizationPolicy or TrafficTarget
+    /// (`namespace/name`), or `mesh default (…)`.
+    Denied { policy: String },
     /// A FaultInjection aborted the request with this HTTP (or gRPC) status.
     FaultAbort { fault: String, http_status: u16, grpc_status: u16 },
     /// The matched rule cannot be served (e.g. an ExtensionRef to a missing FaultInjection).
@@ -51,6 +54,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::FaultAbort { http_status, .. } => {
                 StatusCode::from_u16(*http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
@@ -65,6 +69,7 @@ impl ProxyError {
             ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::InvalidRoute(_) => 13, // INTERNAL
             ProxyError::BadRequest(_) => 3, // INVALID_ARGUMENT
             ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
+            ProxyError::Denied { .. } => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
             _ => 14, // UNAVAILABLE
         }
@@ -81,6 +86,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "DPE",
             ProxyError::Overloaded(_) => "UO",
             ProxyError::RateLimited { .. } => "RL",
+            ProxyError::Denied { .. } => "RBAC",
             ProxyError::FaultAbort { .. } => "FI",
             ProxyError::InvalidRoute(_) => "NR",
         }
@@ -130,6 +136,7 @@ impl fmt::Display for ProxyError {
             ProxyError::BadRequest(r) => write!(f, "bad request: {r}"),
             ProxyError::Overloaded(r) => write!(f, "circuit open: {r}"),
             ProxyError::RateLimited { policy, .. } => write!(f, "rate limited by {policy}"),
+            ProxyError::Denied { policy } => write!(f, "denied by {policy}"),
             ProxyError::FaultAbort { fault, .. } => write!(f, "fault injected by {fault}"),
             ProxyError::InvalidRoute(r) => write!(f, "invalid route: {r}"),
         }
@@ -151,5 +158,19 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "4");
         assert_eq!(ProxyError::BackendNotFound("x".into()).status(), 500);
+    }
+
+    #[test]
+    fn denials_are_403_or_permission_denied() {
+        let denied = || ProxyError::Denied { policy: "default/reviews".into() };
+        let r = denied().into_response(false);
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[ERROR_HEADER], "denied by default/reviews");
+        let r = denied().into_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(r.headers()["grpc-message"], "denied by default/reviews");
+        assert_eq!(denied().flag(), "RBAC");
+        assert!(!denied().retryable());
     }
 }

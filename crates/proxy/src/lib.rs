@@ -19,11 +19,13 @@ pub mod control_plane;
 pub mod discovery;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod resilience;
 pub mod settings;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 
 pub use proxy::{Proxy, ProxyHandle};

@@ -84,7 +84,7 @@ pub struct ServiceRouteLabels {
     pub route: String,
 }
 
-/// Labels of the per-policy counters (`plexus_rate_limited_total`).
+/// Labels of the per-policy counters (`plexus_rate_limited_total`, `plexus_authz_denied_total`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServicePolicyLabels {
     pub destination_service: String,
@@ -170,8 +170,12 @@ pub struct Metrics {
     pub retries: Family<ServiceRouteLabels, Counter>,
     pub outlier_ejections: Family<ServiceRouteLabels, Counter>,
     pub rate_limited: Family<ServicePolicyLabels, Counter>,
+    /// Requests denied by authorization at this (destination) sidecar.
+    pub authz_denied: Family<ServicePolicyLabels, Counter>,
     pub balancer_endpoints: Family<EndpointStateLabels, Gauge>,
     pub config_version: Gauge,
+    /// notAfter of the workload certificate (Unix seconds); absent without one.
+    pub identity_cert_expiration: Gauge,
     pub control_plane_connected: Gauge,
 }
 
@@ -198,8 +202,10 @@ impl Metrics {
             retries: Family::default(),
             outlier_ejections: Family::default(),
             rate_limited: Family::default(),
+            authz_denied: Family::default(),
             balancer_endpoints: Family::default(),
             config_version: Gauge::default(),
+            identity_cert_expiration: Gauge::default(),
             control_plane_connected: Gauge::default(),
             registry: Registry::default(),
             request_series: LastUse::new(),
@@ -233,9 +239,19 @@ impl Metrics {
             m.rate_limited.clone(),
         );
         registry.register(
+            "plexus_authz_denied",
+            "Requests denied by authorization at the destination, by the policy that denied them",
+            m.authz_denied.clone(),
+        );
+        registry.register(
             "plexus_balancer_endpoints",
             "Endpoints known to the balancer, by state",
             m.balancer_endpoints.clone(),
+        );
+        registry.register(
+            "plexus_identity_cert_expiration_timestamp_seconds",
+            "When the workload certificate expires (Unix seconds)",
+            m.identity_cert_expiration.clone(),
         );
         registry.register(
             "plexus_config_version",

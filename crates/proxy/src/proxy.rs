@@ -42,6 +42,8 @@ pub struct State {
     pub limits: crate::resilience::Limits,
     /// Rate-limit buckets of the policies this sidecar enforces as a destination.
     pub rate_limits: crate::resilience::RateLimiters,
+    /// Terminates mesh mTLS on the inbound listener (with a workload identity).
+    mesh_tls: Option<Arc<rustls::ServerConfig>>,
     /// Retry budgets per destination Service.
     pub budgets: crate::http::retry::Budgets,
     pub pool: Arc<Pool>,
@@ -182,6 +184,11 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// The gauge of the workload certificate's expiry (`plexus_identity_cert_expiration_timestamp_seconds`).
+    pub fn metrics_gauge_for_identity(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.state.metrics.identity_cert_expiration.clone()
+    }
+
     /// Starts a graceful drain.
     pub fn shutdown(&self) {
         self.state.start_drain();
@@ -231,7 +238,14 @@ impl Proxy {
             limits: crate::resilience::Limits::new(),
             rate_limits: crate::resilience::RateLimiters::new(),
             budgets: Default::default(),
-            pool: Pool::new(client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark }),
+            mesh_tls: match &settings.identity {
+                Some(identity) => Some(identity.credentials.server_config().map_err(std::io::Error::other)?),
+                None => None,
+            },
+            pool: Pool::with_credentials(
+                client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark },
+                settings.identity.as_ref().map(|i| i.credentials.clone()),
+            ),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
             http: HttpServer::new(&settings.limits),
@@ -431,6 +445,18 @@ async fn forward_opaque(
     prefix: &[u8],
     upstream: Result<Dialed, ProxyError>,
 ) {
+    forward_opaque_io(state, direction, client, prefix, upstream, "none").await
+}
+
+/// [`forward_opaque`] for any client stream (plain or TLS-terminated).
+async fn forward_opaque_io<C: crate::transport::io::Io>(
+    state: &Arc<State>,
+    direction: &str,
+    client: C,
+    prefix: &[u8],
+    upstream: Result<Dialed, ProxyError>,
+    security: &str,
+) {
     let mut up = match upstream {
         Ok(u) => u,
         Err(e) => {
@@ -438,7 +464,7 @@ async fn forward_opaque(
             return;
         }
     };
-    let guard = state.tcp_opened(direction, up.peers.clone(), "none");
+    let guard = state.tcp_opened(direction, up.peers.clone(), security);
     if !prefix.is_empty()
         && let Err(e) = up.stream.write_all(prefix).await
     {
@@ -507,7 +533,7 @@ async fn outbound_conn(
         Ok(Sniffed::Client(protocol, early)) => {
             // TLS passes through by SNI when the destination is not otherwise known.
             let dest = tcp_dest.or_else(|| match &protocol {
-                Protocol::Tls { sni: Some(host) } => {
+                Protocol::Tls { sni: Some(host), .. } => {
                     snapshot.resolve_authority(host).map(|(s, p)| TcpDest::Service(s.name.clone(), p.port))
                 }
                 _ => None,
@@ -551,15 +577,31 @@ async fn inbound_conn(
     }
     let limits = &state.settings.limits;
     let mut buf = BytesMut::with_capacity(4096);
-    let connect = app.clone().map(|d| {
+    // Strict mTLS: nothing but mesh TLS reaches the app, so the app is never dialled early.
+    let strict = state.discovery.current().mesh.mtls_mode == plexus_core::resource::MtlsMode::Strict;
+    let connect = app.clone().filter(|_| !strict).map(|d| {
         let state = state.clone();
         let peers = peers.clone();
         move || async move { dial(&state, &d, peers).await.map_err(io_error) }
     });
-    match sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, connect).await {
+    let sniffed = sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, connect).await;
+    let mesh_tls =
+        matches!(&sniffed, Ok(Sniffed::Client(Protocol::Tls { alpn, .. }, _)) if crate::tls::is_mesh_alpn(alpn));
+    if mesh_tls {
+        serve_mesh_tls(state, stream, buf, peer, app_port, watcher).await;
+        drop(permit);
+        return;
+    }
+    if strict {
+        // Plaintext and non-mesh TLS are closed without any response (SPEC §5).
+        tracing::debug!(%peer, "strict mTLS: closing a connection that is not mesh TLS");
+        drop(permit);
+        return;
+    }
+    match sniffed {
         Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
             drop(early);
-            let conn = Arc::new(InboundConn { peer, app_port });
+            let conn = Arc::new(InboundConn { peer, app_port, peer_identity: None });
             let handler_state = state.clone();
             let io = PrefixedIo::new(buf.freeze(), stream);
             state.http.serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
@@ -578,4 +620,48 @@ async fn inbound_conn(
         Err(e) => tracing::debug!(%peer, error = %e, "inbound connection failed during detection"),
     }
     drop(permit);
+}
+
+/// Terminates mesh mutual TLS on the inbound listener: the client certificate is required and
+/// verified, its SPIFFE ID becomes the requests' source identity, and the negotiated ALPN says
+/// what runs inside (HTTP or an opaque stream).
+async fn serve_mesh_tls(
+    state: Arc<State>,
+    stream: TcpStream,
+    buf: BytesMut,
+    peer: SocketAddr,
+    app_port: Option<u16>,
+    watcher: watch::Receiver<bool>,
+) {
+    let Some(config) = state.mesh_tls.clone() else {
+        tracing::debug!(%peer, "mesh TLS from a peer, but this proxy has no identity; closing");
+        return;
+    };
+    let io = PrefixedIo::new(buf.freeze(), stream);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
+    let tls = match tokio::time::timeout(state.settings.limits.header_read_timeout, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "mesh TLS handshake refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (_, session) = tls.get_ref();
+    let peer_identity = session.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::spiffe_id_of);
+    if session.alpn_protocol() == Some(crate::tls::ALPN_TCP) {
+        let mut peers = PeerLabels::default();
+        state.fill_destination(&mut peers);
+        if let Some(id) = &peer_identity {
+            peers.source_principal = id.clone();
+        }
+        let Some(port) = app_port else { return };
+        let dest = TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let up = dial(&state, &dest, peers).await;
+        forward_opaque_io(&state, "inbound", tls, &[], up, "mutual_tls").await;
+        return;
+    }
+    let conn = Arc::new(InboundConn { peer, app_port, peer_identity });
+    let handler_state = state.clone();
+    state.http.serve(tls, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
 }

@@ -80,6 +80,10 @@ impl UpstreamBind {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
+    /// The workload identity for mutual TLS between sidecars (with a control plane); `None`:
+    /// plaintext (e.g. `--resources` mode).
+    #[serde(skip)]
+    pub identity: Option<std::sync::Arc<crate::identity::WorkloadIdentity>>,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
@@ -154,6 +158,7 @@ impl Default for Settings {
     fn default() -> Self {
         let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         Settings {
+            identity: None,
             outbound: local(7710),
             inbound: local(7711),
             admin: local(7712),

@@ -43,8 +43,11 @@ struct IdleH1 {
 }
 
 /// Per-request options of [`Pool::send_with`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendOptions {
+    /// The peer is a sidecar running as this SPIFFE ID: connect with mutual TLS (when this
+    /// proxy has a certificate) and refuse any other identity.
+    pub peer_identity: Option<Arc<str>>,
     /// Close an HTTP/1 connection once it has carried this many requests (ResiliencePolicy
     /// `connectionLimits.maxRequestsPerConnection`); `None`: reuse it as long as it lives.
     /// HTTP/2 connections are shared by all requests and not affected.
@@ -59,11 +62,16 @@ pub struct SendOptions {
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
+/// An HTTP/2 connection's identity: the endpoint and, over mTLS, who must answer there.
+type H2Key = (SocketAddr, Option<Arc<str>>);
+
 /// Connections to upstream endpoints.
 pub struct Pool {
     dialer: Dialer,
     h1_idle: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Slot>>,
+    h2: Mutex<HashMap<H2Key, H2Slot>>,
+    /// This proxy's certificate and trust bundle, when it has a mesh identity.
+    credentials: Option<Arc<crate::tls::MeshCredentials>>,
 }
 
 /// How the proxy dials upstreams.
@@ -124,7 +132,44 @@ pub fn upstream_error(e: hyper::Error) -> ProxyError {
 
 impl Pool {
     pub fn new(dialer: Dialer) -> Arc<Self> {
-        Arc::new(Pool { dialer, h1_idle: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()) })
+        Pool::with_credentials(dialer, None)
+    }
+
+    /// A pool that speaks mutual TLS to sidecars once `credentials` hold a certificate.
+    pub fn with_credentials(dialer: Dialer, credentials: Option<Arc<crate::tls::MeshCredentials>>) -> Arc<Self> {
+        Arc::new(Pool { dialer, h1_idle: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()), credentials })
+    }
+
+    /// Whether requests to a sidecar running as `peer` go over mutual TLS.
+    pub fn mtls_to(&self, peer: Option<&Arc<str>>) -> bool {
+        peer.is_some() && self.credentials.as_ref().is_some_and(|c| c.ready())
+    }
+
+    /// Dials `addr`; over mutual TLS (ALPN `alpn`) when the peer is a sidecar and this proxy has
+    /// a certificate.
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+        peer: Option<&Arc<str>>,
+        alpn: &[u8],
+    ) -> Result<Box<dyn crate::transport::io::Io>, ProxyError> {
+        let stream = self.dialer.connect_within(addr, timeout).await?;
+        match (peer, &self.credentials) {
+            (Some(id), Some(creds)) if creds.ready() => {
+                let config = creds
+                    .client_config(id, alpn)
+                    .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(e.to_string())))?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(crate::tls::MeshCredentials::server_name(), stream)
+                    .await
+                    .map_err(|e| {
+                        ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id} at {addr}: {e}")))
+                    })?;
+                Ok(Box::new(tls))
+            }
+            _ => Ok(Box::new(stream)),
+        }
     }
 
     /// Sends a request to `addr` and returns the response head with its streaming body.
@@ -159,7 +204,7 @@ impl Pool {
     ) -> Result<Response<Incoming>, ProxyError> {
         let slot = {
             let mut map = self.h2.lock().map_err(|_| ProxyError::UpstreamReset("pool poisoned".into()))?;
-            map.entry(addr).or_default().clone()
+            map.entry((addr, options.peer_identity.clone())).or_default().clone()
         };
         let mut sender = {
             // Holding the slot while connecting makes concurrent first requests share one
@@ -168,7 +213,7 @@ impl Pool {
             match guard.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.connect_h2(addr, options.connect_timeout).await?;
+                    let s = self.connect_h2(addr, options.connect_timeout, options.peer_identity.as_ref()).await?;
                     *guard = Some(s.clone());
                     s
                 }
@@ -182,8 +227,9 @@ impl Pool {
         &self,
         addr: SocketAddr,
         timeout: Option<Duration>,
+        peer: Option<&Arc<str>>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = self.dialer.connect_within(addr, timeout).await?;
+        let stream = self.dial(addr, timeout, peer, crate::tls::ALPN_H2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1024 * 1024)
@@ -203,7 +249,7 @@ impl Pool {
     }
 
     /// An idle connection that may carry one more request, with the requests it carried.
-    fn take_idle(&self, addr: SocketAddr, options: SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
+    fn take_idle(&self, addr: SocketAddr, options: &SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut map = self.h1_idle.lock().ok()?;
         let idle = map.get_mut(&addr)?;
         let max = options.max_requests_per_connection;
@@ -237,7 +283,7 @@ impl Pool {
         let mut req = req;
         // A reused connection may have been closed by the server a moment ago; hyper hands the
         // request back when it was never written, and it is sent on a new connection.
-        while let Some((mut sender, served)) = self.take_idle(addr, options) {
+        while let Some((mut sender, served)) = self.take_idle(addr, &options) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.recycle(addr, sender, served + 1, max);
@@ -249,7 +295,7 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect_h1(addr, false, options.connect_timeout).await?;
+        let mut sender = self.connect_h1(addr, false, options.connect_timeout, options.peer_identity.as_ref()).await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
         self.recycle(addr, sender, 1, max);
         Ok(resp)
@@ -281,8 +327,9 @@ impl Pool {
         addr: SocketAddr,
         upgrades: bool,
         timeout: Option<Duration>,
+        peer: Option<&Arc<str>>,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = self.dialer.connect_within(addr, timeout).await?;
+        let stream = self.dial(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };
@@ -295,8 +342,13 @@ impl Pool {
 
     /// Sends an Upgrade (e.g. WebSocket) request on a dedicated HTTP/1 connection that can be
     /// taken over after a `101 Switching Protocols`.
-    pub async fn send_upgrade(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(addr, true, None).await?;
+    pub async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        peer: Option<&Arc<str>>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.connect_h1(addr, true, None, peer).await?;
         sender.send_request(req).await.map_err(upstream_error)
     }
 
@@ -306,7 +358,7 @@ impl Pool {
             m.retain(|a, _| live(a));
         }
         if let Ok(mut m) = self.h2.lock() {
-            m.retain(|a, _| live(a));
+            m.retain(|(a, _), _| live(a));
         }
     }
 }
@@ -372,7 +424,7 @@ mod tests {
         let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
         let limited = SendOptions { max_requests_per_connection: Some(2), ..SendOptions::default() };
         for i in 1..=6u32 {
-            get(&pool, addr, limited).await;
+            get(&pool, addr, limited.clone()).await;
             if i % 2 == 0 {
                 until("the connection closed after its second request", || closed.load(Ordering::SeqCst) == i / 2)
                     .await;

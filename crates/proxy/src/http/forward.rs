@@ -87,7 +87,12 @@ pub async fn to_service(
             return obs.fail(ProxyError::NoEndpoints(destination));
         };
         describe_endpoint(&mut obs, ep);
-        let target = Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false };
+        let peer_identity = peer_identity(to.snapshot, ep);
+        if state.pool.mtls_to(peer_identity.as_ref()) {
+            obs.security = "mutual_tls";
+        }
+        let target =
+            Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false, peer_identity };
         let result = forward_upgrade(&state, req, &head, &target).await;
         pick.finish(result.is_ok());
         return match result {
@@ -143,7 +148,9 @@ pub async fn to_service(
             grpc: obs.grpc,
             deadline,
             hash,
+            snapshot: to.snapshot,
             send: SendOptions {
+                peer_identity: None,
                 max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
                 connect_timeout: policy.connect_timeout,
                 idle_timeout: policy.idle_timeout,
@@ -158,6 +165,9 @@ pub async fn to_service(
     match result {
         Ok((ep, resp, permit)) => {
             describe_endpoint(&mut obs, &ep);
+            if state.pool.mtls_to(peer_identity(to.snapshot, &ep).as_ref()) {
+                obs.security = "mutual_tls";
+            }
             let mut resp = downstream_response(resp, head.version).map(|b| body::holding(b, permit));
             if let Some(m) = entry.and_then(|e| e.response_headers.as_ref()) {
                 headers::apply_modifier(resp.headers_mut(), m);
@@ -264,6 +274,8 @@ struct Tries<'a> {
     deadline: Option<Instant>,
     hash: Option<u64>,
     send: SendOptions,
+    /// For the peers' SPIFFE IDs.
+    snapshot: &'a MeshSnapshot,
 }
 
 impl Tries<'_> {
@@ -296,11 +308,13 @@ impl Tries<'_> {
             let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
                 return Err(ProxyError::NoEndpoints(self.destination.to_string()));
             };
+            let peer = peer_identity(self.snapshot, ep);
             let target = Target {
                 addr: ep.addr,
                 proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
                 authority: authority.clone(),
                 app_http1_behind_peer: ep.meshed && self.app_proto == Proto::Http1,
+                peer_identity: peer.clone(),
             };
             let Some(b) = body.take() else {
                 return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
@@ -311,7 +325,12 @@ impl Tries<'_> {
             {
                 deadline::propagate(up.headers_mut(), d, Instant::now());
             }
-            let send = self.state.pool.send_with(ep.addr, target.proto, up, self.send);
+            let send = self.state.pool.send_with(
+                ep.addr,
+                target.proto,
+                up,
+                SendOptions { peer_identity: peer, ..self.send.clone() },
+            );
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::Timeout)),
                 None => send.await,
@@ -406,6 +425,7 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
         proto: if ep.meshed { Proto::Http2 } else { app_proto },
         authority: format!("{}:{}", service.name.name, mport.port),
         app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
+        peer_identity: peer_identity(snapshot, ep),
     };
     let Ok(up) = head.upstream_request(&target, body, false) else { return };
     let state = state.clone();
@@ -448,6 +468,11 @@ pub fn app_protocol(declared: Option<plexus_core::AppProtocol>, client: Version)
         _ if client == Version::HTTP_2 => Proto::Http2,
         _ => Proto::Http1,
     }
+}
+
+/// The SPIFFE ID a meshed endpoint's sidecar must present (`None` for a plain endpoint).
+pub fn peer_identity(snapshot: &MeshSnapshot, ep: &Endpoint) -> Option<Arc<str>> {
+    ep.meshed.then(|| Arc::from(spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account)))
 }
 
 /// Fills the destination labels from the endpoint that answered.

@@ -4,20 +4,28 @@
 //! Before a request is forwarded, the rate limit of this sidecar's own Service port
 //! (RateLimitPolicy) takes a token; without one the request is answered 429 (gRPC
 //! `RESOURCE_EXHAUSTED`) with `retry-after`, and counted in `plexus_rate_limited_total`.
+//! Then authorization ([`authorize`]: AuthorizationPolicies, TrafficTargets and the MeshConfig
+//! default of the same port, for the peer's verified identity) may answer 403 (gRPC
+//! `PERMISSION_DENIED`) with `x-plexus-error: denied by <policy>`, counted in
+//! `plexus_authz_denied_total`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use plexus_core::authz::{self, Authorization, AuthzRequest};
+use plexus_core::resource::DefaultAuthorization;
+use plexus_core::route::RequestInfo;
 
 use super::body::{self, Body};
 use super::client::Proto;
 use super::observe::Observation;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
 use crate::error::ProxyError;
-use crate::metrics::ServicePolicyLabels;
+use crate::metrics::{ServicePolicyLabels, UNKNOWN};
 use crate::proxy::State;
+use crate::resilience::ratelimit::own_port;
 
 /// What the inbound listener knows about a connection.
 #[derive(Debug, Clone)]
@@ -25,6 +33,8 @@ pub struct InboundConn {
     pub peer: SocketAddr,
     /// The application port: `--app-port`, or the original destination port when redirected.
     pub app_port: Option<u16>,
+    /// The client's SPIFFE ID, verified by mutual TLS; `None` for plaintext (unauthenticated).
+    pub peer_identity: Option<String>,
 }
 
 /// Handles one inbound request; never fails (errors become responses).
@@ -34,10 +44,17 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let head = Head::of(&req);
     let mut obs = Observation::new(state.clone(), "inbound", &head, request_id);
     state.fill_destination(&mut obs.peers);
+    if let Some(id) = &conn.peer_identity {
+        obs.security = "mutual_tls";
+        obs.peers.source_principal = id.clone();
+    }
     let Some(app_port) = conn.app_port else {
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));
     };
     if let Err(e) = rate_limit(&state, app_port) {
+        return obs.fail(e);
+    }
+    if let Err(e) = authorize(&state, app_port, conn.peer_identity.as_deref(), &head) {
         return obs.fail(e);
     }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
@@ -49,7 +66,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         Proto::Http2
     };
     let authority = head.authority().unwrap_or_else(|| addr.to_string());
-    let target = Target { addr, proto, authority, app_http1_behind_peer: false };
+    let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         forward_upgrade(&state, req, &head, &target).await
     } else {
@@ -95,4 +112,56 @@ fn rate_limit(state: &State, app_port: u16) -> Result<(), ProxyError> {
             .inc();
         ProxyError::RateLimited { policy: own.limit.policy.clone(), retry_after }
     })
+}
+
+/// Authorizes a request for the application port `app_port` from the peer whose verified
+/// SPIFFE ID is `peer` (`None`: unauthenticated — plaintext, or no mesh certificate), with
+/// the policies of this sidecar's own Service port (the port the rate limit uses) and the
+/// MeshConfig default. A denial is counted in `plexus_authz_denied_total`; each audit policy
+/// that would have denied the request is logged (info), the decision unchanged.
+pub fn authorize(state: &State, app_port: u16, peer: Option<&str>, head: &Head) -> Result<(), ProxyError> {
+    let snapshot = state.discovery.current();
+    let default = snapshot.mesh.default_authorization;
+    let own = own_port(&snapshot, &state.settings, Some(app_port));
+    // Without a Service port of its own no policy can name this sidecar: the default decides.
+    let none = Authorization::default();
+    let authorization = own.map_or(&none, |(_, p)| &*p.authorization);
+    if authorization.is_empty() && default == DefaultAuthorization::Allow {
+        return Ok(());
+    }
+    let method = head.method.as_str();
+    let path = head.uri.path();
+    let route = match own {
+        Some((_, port)) if authorization.needs_route() => {
+            let info = RequestInfo { method, path, query: head.uri.query(), headers: &head.headers };
+            port.routes.find(&info).map(|e| e.route.as_str())
+        }
+        _ => None,
+    };
+    let request =
+        AuthzRequest { peer, method, path, port: own.map_or(app_port, |(_, p)| p.port), route, headers: &head.headers };
+    let decision = authz::decide(authorization, &request, default);
+    let service = own.map_or(UNKNOWN, |(s, _)| s.name.name.as_str());
+    for policy in &decision.audit {
+        tracing::info!(
+            policy = %policy,
+            destination = %service,
+            method,
+            path,
+            peer = peer.unwrap_or("unauthenticated"),
+            "authorization audit: the policy would deny this request"
+        );
+    }
+    if decision.allowed {
+        return Ok(());
+    }
+    state
+        .metrics
+        .authz_denied
+        .get_or_create(&ServicePolicyLabels {
+            destination_service: service.to_string(),
+            policy: decision.policy.clone(),
+        })
+        .inc();
+    Err(ProxyError::Denied { policy: decision.policy })
 }

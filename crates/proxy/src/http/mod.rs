@@ -34,6 +34,8 @@ pub struct Target {
     pub authority: String,
     /// Set when the peer is a sidecar and the application behind it speaks HTTP/1.
     pub app_http1_behind_peer: bool,
+    /// The peer sidecar's SPIFFE ID (mutual TLS when this proxy has a certificate).
+    pub peer_identity: Option<std::sync::Arc<str>>,
 }
 
 /// The request head, kept so a request whose body is empty can be re-sent to another endpoint.
@@ -125,7 +127,7 @@ pub async fn forward_upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let target = Target { proto: Proto::Http1, app_http1_behind_peer: false, ..target.clone() };
     let up_req = head.upstream_request(&target, body::boxed(req.into_body()), true)?;
-    let mut resp = state.pool.send_upgrade(target.addr, up_req).await?;
+    let mut resp = state.pool.send_upgrade(target.addr, up_req, target.peer_identity.as_ref()).await?;
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let idle = state.settings.limits.idle_timeout;

@@ -122,7 +122,13 @@ async fn direct(
     }
     obs.upstream = Some(addr);
     obs.peers.destination_service = split_authority(&authority).0.to_string();
-    let target = Target { addr, proto: app_protocol(None, head.version), authority, app_http1_behind_peer: false };
+    let target = Target {
+        addr,
+        proto: app_protocol(None, head.version),
+        authority,
+        app_http1_behind_peer: false,
+        peer_identity: None,
+    };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         forward_upgrade(&state, req, &head, &target).await
     } else {

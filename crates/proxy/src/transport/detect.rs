@@ -23,7 +23,11 @@ use super::sni;
 pub enum Protocol {
     Http1,
     Http2,
-    Tls { sni: Option<String> },
+    /// A TLS ClientHello: its server name and ALPN protocols.
+    Tls {
+        sni: Option<String>,
+        alpn: Vec<Vec<u8>>,
+    },
     Opaque,
 }
 
@@ -74,7 +78,8 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
             return None;
         }
         let end = (5 + len).min(buf.len());
-        return Some(Protocol::Tls { sni: sni::server_name(&buf[5..end]) });
+        let hello = sni::client_hello(&buf[5..end]).unwrap_or_default();
+        return Some(Protocol::Tls { sni: hello.sni, alpn: hello.alpn });
     }
     match buf.iter().position(|b| *b == b' ') {
         Some(i) => {
@@ -200,6 +205,6 @@ mod tests {
         record.extend((hello.len() as u16).to_be_bytes());
         assert_eq!(classify(&record), None, "waits for the whole ClientHello");
         record.extend(hello);
-        assert_eq!(classify(&record), Some(Protocol::Tls { sni: Some("db.prod".into()) }));
+        assert_eq!(classify(&record), Some(Protocol::Tls { sni: Some("db.prod".into()), alpn: Vec::new() }));
     }
 }

@@ -128,3 +128,8 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
         self.project().inner.poll_shutdown(cx)
     }
 }
+
+/// A byte stream of any kind (plain TCP, TLS), for code that handles both.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}

@@ -1,8 +1,22 @@
-//! Reading the server name (SNI) from a TLS ClientHello, for TLS passthrough.
+//! Reading a TLS ClientHello: the server name (SNI), for TLS passthrough, and the ALPN
+//! protocols, which tell mesh mTLS from application TLS.
+
+/// What a ClientHello asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hello {
+    /// Lowercased.
+    pub sni: Option<String>,
+    pub alpn: Vec<Vec<u8>>,
+}
 
 /// Returns the SNI host name of a TLS handshake record's payload (the bytes after the 5-byte
 /// record header), or `None` if it has none or is malformed.
 pub fn server_name(handshake: &[u8]) -> Option<String> {
+    client_hello(handshake)?.sni
+}
+
+/// Parses a ClientHello (the handshake record's payload); `None` when malformed.
+pub fn client_hello(handshake: &[u8]) -> Option<Hello> {
     let mut r = Reader(handshake);
     if r.u8()? != 1 {
         return None; // not a ClientHello
@@ -17,27 +31,43 @@ pub fn server_name(handshake: &[u8]) -> Option<String> {
     r.take(n)?; // cipher suites
     let n = r.u8()? as usize;
     r.take(n)?; // compression methods
+    let mut hello = Hello::default();
+    if r.0.is_empty() {
+        return Some(hello);
+    }
     let n = r.u16()? as usize;
     let mut exts = Reader(r.take(n)?);
     while !exts.0.is_empty() {
         let ext_type = exts.u16()?;
         let n = exts.u16()? as usize;
         let data = exts.take(n)?;
-        if ext_type == 0 {
-            let mut list = Reader(data);
-            let n = list.u16()? as usize;
-            let mut names = Reader(list.take(n)?);
-            while !names.0.is_empty() {
-                let kind = names.u8()?;
-                let n = names.u16()? as usize;
-                let name = names.take(n)?;
-                if kind == 0 {
-                    return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+        match ext_type {
+            0 => {
+                let mut list = Reader(data);
+                let n = list.u16()? as usize;
+                let mut names = Reader(list.take(n)?);
+                while !names.0.is_empty() {
+                    let kind = names.u8()?;
+                    let n = names.u16()? as usize;
+                    let name = names.take(n)?;
+                    if kind == 0 && hello.sni.is_none() {
+                        hello.sni = std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+                    }
                 }
             }
+            16 => {
+                let mut list = Reader(data);
+                let n = list.u16()? as usize;
+                let mut protocols = Reader(list.take(n)?);
+                while !protocols.0.is_empty() {
+                    let n = protocols.u8()? as usize;
+                    hello.alpn.push(protocols.take(n)?.to_vec());
+                }
+            }
+            _ => {}
         }
     }
-    None
+    Some(hello)
 }
 
 struct Reader<'a>(&'a [u8]);

@@ -1,0 +1,205 @@
+//! The gRPC `Identity` service: signs workload certificates.
+//!
+//! A proxy sends a PKCS#10 CSR with the join token, its namespace and service account. In
+//! universal mode the join token authorises any identity in the mesh (as a Kubernetes
+//! ServiceAccount token would in that mode). The control plane takes only the public key from
+//! the CSR (after checking the CSR's signature: the requester holds the key) and decides
+//! everything else: the only SAN is `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, keyUsage
+//! digitalSignature + keyEncipherment, extendedKeyUsage serverAuth + clientAuth, not a CA, a
+//! random serial, valid from a minute ago for MeshConfig `certificates.leafLifetime` (24h).
+//!
+//! Signing is rate limited for the whole control plane (a token bucket, 50/s with bursts of
+//! 100) so a misbehaving fleet cannot monopolise it; the join token is checked first so that
+//! requests without it cannot use up the budget.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plexus_api::identity::identity_server::Identity;
+use plexus_api::identity::{CertifyRequest, CertifyResponse};
+use tonic::{Request, Response, Status};
+
+use crate::identity::{Ca, IdentitySettings, SignError};
+use crate::store::Store;
+
+/// Signing rate for the whole control plane.
+pub const RATE_PER_SECOND: f64 = 50.0;
+/// Requests accepted at once above the rate.
+pub const BURST: f64 = 100.0;
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket { rate, burst, tokens: burst, last: now }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A DNS-1123 label (Kubernetes namespace and ServiceAccount names are at least this strict
+/// where it matters for SPIFFE IDs): 1–63 of `a-z 0-9 -`, starting and ending alphanumeric.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|&c| ok(c) || c == b'-')
+        && b.first().is_some_and(|&c| ok(c))
+        && b.last().is_some_and(|&c| ok(c))
+}
+
+/// Checks a CSR's signature and returns its public key. The subject and extensions it asks for
+/// are ignored: the control plane decides the certificate's contents.
+pub fn csr_public_key(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, String> {
+    use x509_parser::prelude::FromDer as _;
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+        .map_err(|e| format!("csr_der is not a PKCS#10 certificate signing request (DER): {e}"))?;
+    if !rest.is_empty() {
+        return Err("csr_der has trailing bytes after the request".into());
+    }
+    csr.verify_signature().map_err(|e| format!("the CSR's signature does not verify: {e}"))?;
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| format!("unsupported public key in the CSR: {e}"))?;
+    use rcgen::PublicKeyData as _;
+    let alg = spki.algorithm();
+    if alg != &rcgen::PKCS_ECDSA_P256_SHA256 && alg != &rcgen::PKCS_ECDSA_P384_SHA384 && alg != &rcgen::PKCS_ED25519 {
+        return Err("unsupported key type in the CSR: use ECDSA P-256 (or P-384, Ed25519)".into());
+    }
+    Ok(spki)
+}
+
+/// Serves `plexus.identity.v1.Identity`.
+pub struct CertifyService {
+    pub ca: Arc<Ca>,
+    pub store: Arc<dyn Store>,
+    pub join_token: String,
+    limiter: Mutex<TokenBucket>,
+}
+
+impl CertifyService {
+    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>, join_token: String) -> CertifyService {
+        CertifyService {
+            ca,
+            store,
+            join_token,
+            limiter: Mutex::new(TokenBucket::new(RATE_PER_SECOND, BURST, Instant::now())),
+        }
+    }
+
+    fn admit(&self) -> bool {
+        self.limiter.lock().map(|mut b| b.try_take(Instant::now())).unwrap_or(false)
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for CertifyService {
+    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let r = request.into_inner();
+        if !crate::api::constant_time_eq(r.token.as_bytes(), self.join_token.as_bytes()) {
+            tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, "certificate request with an invalid join token refused");
+            return Err(Status::unauthenticated("invalid join token"));
+        }
+        if !self.admit() {
+            return Err(Status::resource_exhausted(format!(
+                "too many certificate requests (the control plane signs at most {RATE_PER_SECOND}/s); retry with backoff"
+            )));
+        }
+        for (field, value) in [("namespace", &r.namespace), ("service_account", &r.service_account)] {
+            if !is_dns1123_label(value) {
+                return Err(Status::invalid_argument(format!(
+                    "{field} {value:?} is not a DNS-1123 label (1-63 lower-case letters, digits and '-', starting and ending with a letter or digit)"
+                )));
+            }
+        }
+        let public_key = csr_public_key(&r.csr_der).map_err(Status::invalid_argument)?;
+        let settings = IdentitySettings::from_store(self.store.as_ref());
+        let spiffe_id = plexus_core::names::spiffe_id(&settings.trust_domain, &r.namespace, &r.service_account);
+        let leaf = match self.ca.sign(&public_key, &spiffe_id, settings.leaf_lifetime) {
+            Ok(leaf) => leaf,
+            Err(SignError::IssuerExpired(when)) => {
+                return Err(Status::failed_precondition(format!(
+                    "the issuer expired on {when}; an operator must rotate it (plexus identity rotate)"
+                )));
+            }
+            Err(SignError::Invalid(e)) => return Err(Status::invalid_argument(e)),
+            Err(SignError::Failed(e)) => {
+                tracing::error!(error = %e, "cannot sign a workload certificate");
+                return Err(Status::internal("cannot sign the certificate"));
+            }
+        };
+        tracing::info!(%peer, spiffe_id = %spiffe_id, serial = %leaf.serial, not_after = leaf.not_after_unix, "issued a workload certificate");
+        Ok(Response::new(CertifyResponse {
+            certificate_chain_pem: leaf.chain_pem,
+            trust_bundle_pem: self.ca.bundle_pem().to_string(),
+            not_after_unix: leaf.not_after_unix,
+            spiffe_id,
+        }))
+    }
+}
+
+/// How long a proxy may be connected without a certificate before `plexus check` flags it.
+pub const CERTIFICATE_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(50.0, 100.0, start);
+        assert_eq!((0..150).filter(|_| b.try_take(start)).count(), 100, "the burst");
+        assert!(!b.try_take(start));
+        let later = start + Duration::from_millis(100);
+        assert_eq!((0..20).filter(|_| b.try_take(later)).count(), 5, "50/s refills 5 in 100 ms");
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!((0..150).filter(|_| b.try_take(much_later)).count(), 100, "never more than the burst");
+    }
+
+    #[test]
+    fn dns1123_labels() {
+        for ok in ["default", "a", "bookinfo-2", "x".repeat(63).as_str()] {
+            assert!(is_dns1123_label(ok), "{ok}");
+        }
+        for bad in ["", "Default", "-a", "a-", "a.b", "a_b", "x".repeat(64).as_str(), "a/b"] {
+            assert!(!is_dns1123_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn csrs_are_checked() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = rcgen::CertificateParams::new(vec!["ignored.example".to_string()])
+            .expect("params")
+            .serialize_request(&key)
+            .expect("csr");
+        let spki = csr_public_key(csr.der()).expect("valid CSR");
+        use rcgen::PublicKeyData as _;
+        assert_eq!(spki.der_bytes(), key.der_bytes());
+        let mut tampered = csr.der().to_vec();
+        let n = tampered.len();
+        tampered[n - 3] ^= 0x55;
+        assert!(csr_public_key(&tampered).is_err(), "a bad signature is refused");
+        assert!(csr_public_key(b"not a csr").is_err());
+    }
+}
