@@ -126,8 +126,7 @@ fn init(data_dir: &Path, args: InitArgs) -> Result<(), Failure> {
             (ca.anchor, ca.issuer)
         }
         None => {
-            let (anchor, issuer) =
-                identity::generate_into(&data.path, &args.trust_domain).map_err(Failure::runtime)?;
+            let (anchor, issuer) = identity::generate_into(&data.path, &args.trust_domain).map_err(Failure::runtime)?;
             println!(
                 "created a trust anchor and issuer (ECDSA P-256) in {} for {}",
                 data.path.display(),

@@ -542,8 +542,8 @@ async fn call_reviews_as(service: &str, server: &str, grpc: &str, data: &std::pa
 }
 
 /// Bookinfo's rule (SPEC §9, `examples/bookinfo/authz-reviews.yaml`): only `productpage` may
-/// call `reviews`; `intruder` gets 403. Then the same with a SPIFFE identity, and with an SMI
-/// TrafficTarget. Every workload runs under `plexus run`, with the certificate the control
+/// call `reviews`; `intruder` gets 403. Then, by SPIFFE identity, only `intruder`; then an SMI
+/// TrafficTarget naming `productpage` as the only source. Every workload runs under `plexus run`, with the certificate the control
 /// plane issues, so the destination sidecar sees each caller's identity.
 ///
 /// Ignored until mutual TLS between sidecars is in: without it every caller is
@@ -600,17 +600,22 @@ async fn only_productpage_may_call_reviews() -> Result<()> {
     assert_eq!(got, (403, "denied by default/reviews".to_string()));
     ensure!(app.requests() >= 1);
 
-    // The same by SPIFFE identity.
+    // By SPIFFE identity, the other way round: now only intruder may call. Each change is
+    // awaited by its visible effect (the sidecar gets it from the control plane).
     apply(policy(
         "reviews",
         "reviews",
         "allow",
-        "[{from: {identities: [\"spiffe://plexus.local/ns/default/sa/productpage\"]}}]",
+        "[{from: {identities: [\"spiffe://plexus.local/ns/default/sa/intruder\"]}}]",
     ))
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(call_reviews_as("productpage", &server, &grpc, &data).await?.0, 200);
-    assert_eq!(call_reviews_as("intruder", &server, &grpc, &data).await?, (403, "denied by default/reviews".into()));
+    eventually(Duration::from_secs(30), || async move {
+        let got = call_reviews_as("productpage", server_ref, grpc_ref, data_ref).await?;
+        ensure!(got == (403, "denied by default/reviews".to_string()), "productpage got {got:?}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(call_reviews_as("intruder", &server, &grpc, &data).await?.0, 200);
 
     // SMI: a TrafficTarget alone makes reviews deny-by-default for everyone but its sources.
     delete("authorizationpolicy", "reviews").await?;
@@ -619,8 +624,12 @@ async fn only_productpage_may_call_reviews() -> Result<()> {
             .to_string(),
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(Duration::from_secs(30), || async move {
+        let got = call_reviews_as("intruder", server_ref, grpc_ref, data_ref).await?;
+        ensure!(got == (403, "denied by default/reviews-tt".to_string()), "intruder got {got:?}");
+        Ok(())
+    })
+    .await?;
     assert_eq!(call_reviews_as("productpage", &server, &grpc, &data).await?.0, 200);
-    assert_eq!(call_reviews_as("intruder", &server, &grpc, &data).await?, (403, "denied by default/reviews-tt".into()));
     Ok(())
 }

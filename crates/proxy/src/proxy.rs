@@ -383,22 +383,83 @@ enum TcpDest {
 
 /// An upstream TCP connection with the labels describing its peer.
 struct Dialed {
-    stream: TcpStream,
+    stream: Upstream,
     peers: PeerLabels,
+    /// `mutual_tls` when the stream runs over mesh mTLS.
+    security: &'static str,
+}
+
+/// A plain upstream stream, or mesh mTLS to a peer sidecar (ALPN `plexus.tcp`).
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl AsRef<TcpStream> for Dialed {
+    /// The TCP socket under the stream: server-first detection waits for it to become
+    /// readable (mesh TLS servers send no session tickets, so only the app's bytes do that).
     fn as_ref(&self) -> &TcpStream {
-        &self.stream
+        match &self.stream {
+            Upstream::Plain(s) => s,
+            Upstream::Tls(s) => s.get_ref().0,
+        }
     }
 }
 
 async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
     let timeout = state.settings.limits.connect_timeout;
     match dest {
-        TcpDest::Addr(addr) => {
-            Ok(Dialed { stream: client::connect(*addr, timeout, state.settings.outbound_mark).await?, peers })
-        }
+        TcpDest::Addr(addr) => Ok(Dialed {
+            stream: Upstream::Plain(client::connect(*addr, timeout, state.settings.outbound_mark).await?),
+            peers,
+            security: "none",
+        }),
         TcpDest::Service(name, port) => {
             let snapshot = state.discovery.current();
             let compiled = snapshot.services.get(name).and_then(|s| s.port(Some(*port)));
@@ -412,10 +473,15 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                 peers.destination_service = name.name.clone();
                 peers.destination_workload = ep.workload.clone();
                 peers.destination_version = ep.version.clone().unwrap_or_else(|| UNKNOWN.into());
-                match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
-                    Ok(stream) => {
+                let peer = crate::http::forward::peer_identity(&snapshot, ep);
+                let connected = match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
+                    Ok(tcp) => mesh_tcp(state, tcp, peer.as_deref()).await,
+                    Err(e) => Err(e),
+                };
+                match connected {
+                    Ok((stream, security)) => {
                         pick.finish(true);
-                        return Ok(Dialed { stream, peers });
+                        return Ok(Dialed { stream, peers, security });
                     }
                     Err(e) => {
                         pick.finish(false);
@@ -428,6 +494,21 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
             }
         }
     }
+}
+
+/// Wraps a connection to a peer sidecar in mesh mTLS (ALPN `plexus.tcp`) when this proxy has
+/// a certificate; plain otherwise.
+async fn mesh_tcp(state: &State, tcp: TcpStream, peer: Option<&str>) -> Result<(Upstream, &'static str), ProxyError> {
+    let credentials = state.settings.identity.as_ref().map(|i| &i.credentials).filter(|c| c.ready());
+    let (Some(id), Some(credentials)) = (peer, credentials) else { return Ok((Upstream::Plain(tcp), "none")) };
+    let config = credentials
+        .client_config(id, crate::tls::ALPN_TCP)
+        .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(e.to_string())))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(crate::tls::MeshCredentials::server_name(), tcp)
+        .await
+        .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id}: {e}"))))?;
+    Ok((Upstream::Tls(Box::new(tls)), "mutual_tls"))
 }
 
 fn io_error(e: ProxyError) -> std::io::Error {
@@ -464,6 +545,7 @@ async fn forward_opaque_io<C: crate::transport::io::Io>(
             return;
         }
     };
+    let security = if up.security == "mutual_tls" { up.security } else { security };
     let guard = state.tcp_opened(direction, up.peers.clone(), security);
     if !prefix.is_empty()
         && let Err(e) = up.stream.write_all(prefix).await

@@ -104,6 +104,9 @@ impl MeshCredentials {
             .with_client_cert_verifier(Arc::new(MeshClientVerifier { credentials: self.clone() }))
             .with_cert_resolver(Arc::new(Resolver { credentials: self.clone() }));
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+        // No session tickets: after the handshake only application bytes arrive, so a client
+        // sidecar can tell a server-first protocol's greeting from TLS housekeeping.
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 
