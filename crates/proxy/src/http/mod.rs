@@ -75,6 +75,9 @@ impl Head {
         let pq = self.path_and_query();
         let mut headers = self.headers.clone();
         headers::strip_hop_by_hop(&mut headers, upgrade);
+        // Identity comes from mTLS only: a client-supplied certificate header is never passed
+        // on, so no application can be fooled by a forged one.
+        headers.remove("x-forwarded-client-cert");
         let (uri, version) = match target.proto {
             Proto::Http1 => {
                 let host = http::HeaderValue::from_str(&target.authority)
