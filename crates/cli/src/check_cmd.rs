@@ -276,6 +276,13 @@ fn identity_lines(v: &Value) -> Vec<Line> {
         ));
     }
 
+    if v["rotation"].is_object() {
+        let n = v["rotation"]["proxiesOnOldIssuer"].as_u64().unwrap_or(0) as usize;
+        lines.push(Line::Warn(
+            format!("rotation in progress: {} still on the old issuer", proxies_text(n)),
+            "the previous trust anchor leaves the bundle once every connected proxy has a certificate from the new issuer (plexus identity show); restart a proxy that does not re-certify".into(),
+        ));
+    }
     let Some(proxies) = v["proxies"].as_array() else { return lines };
     if proxies.is_empty() {
         lines.push(Line::Skip("proxy certificates: no proxy connected".into()));
@@ -331,7 +338,7 @@ fn identity_lines(v: &Value) -> Vec<Line> {
         }
     }
     if failed == 0 && current == proxies.len() {
-        lines.push(Line::Ok(format!("{current} proxies hold a valid certificate from the current issuer")));
+        lines.push(Line::Ok(format!("{} a valid certificate from the current issuer", holds(current))));
     } else if current > 0 {
         lines.push(Line::Ok(format!(
             "{current} of {} proxies hold a valid certificate from the current issuer",
@@ -340,18 +347,22 @@ fn identity_lines(v: &Value) -> Vec<Line> {
     }
     if previous_issuer > 0 {
         lines.push(Line::Warn(
-            format!("{previous_issuer} proxies hold a certificate from the previous issuer"),
+            format!("{} a certificate from the previous issuer", holds(previous_issuer)),
             "still valid (same trust anchor); they move to the current issuer at their next renewal, or when restarted"
                 .into(),
         ));
     }
-    if v["rotation"].is_object() {
-        lines.push(Line::Warn(
-            format!("rotation in progress: {} proxies still on the old issuer", v["rotation"]["proxiesOnOldIssuer"]),
-            "the previous trust anchor leaves the bundle once every connected proxy has a certificate from the new issuer (plexus identity show); restart a proxy that does not re-certify".into(),
-        ));
-    }
     lines
+}
+
+/// "1 proxy holds", "2 proxies hold".
+fn holds(n: usize) -> String {
+    if n == 1 { "1 proxy holds".into() } else { format!("{n} proxies hold") }
+}
+
+/// "1 proxy", "2 proxies".
+fn proxies_text(n: usize) -> String {
+    if n == 1 { "1 proxy".into() } else { format!("{n} proxies") }
 }
 
 #[cfg(test)]
@@ -389,7 +400,7 @@ mod tests {
     fn a_healthy_mesh_passes() {
         let lines = identity_lines(&healthy());
         assert!(fails(&lines).is_empty() && warns(&lines).is_empty(), "{lines:?}");
-        assert!(lines.contains(&Line::Ok("1 proxies hold a valid certificate from the current issuer".into())));
+        assert!(lines.contains(&Line::Ok("1 proxy holds a valid certificate from the current issuer".into())));
     }
 
     #[test]
@@ -439,7 +450,7 @@ mod tests {
         v["proxies"] = json!([proxy("previousIssuer", 30, 3600)]);
         let lines = identity_lines(&v);
         assert!(fails(&lines).is_empty());
-        assert_eq!(warns(&lines), vec!["1 proxies hold a certificate from the previous issuer"]);
+        assert_eq!(warns(&lines), vec!["1 proxy holds a certificate from the previous issuer"]);
     }
 
     #[test]
@@ -450,8 +461,16 @@ mod tests {
         v["proxies"] = json!([proxy("current", 30, 3600), proxy("previousAnchor", 30, 3600)]);
         let lines = identity_lines(&v);
         assert!(fails(&lines).is_empty(), "{lines:?}");
-        assert_eq!(warns(&lines), vec!["rotation in progress: 1 proxies still on the old issuer"]);
+        assert_eq!(warns(&lines), vec!["rotation in progress: 1 proxy still on the old issuer"]);
         assert!(lines.contains(&Line::Ok("previous trust anchor valid until 2030-01-01T00:00:00.000Z".into())));
+    }
+
+    #[test]
+    fn an_anchor_rotation_shows_even_with_no_proxy_connected() {
+        let mut v = healthy();
+        v["rotation"] = json!({"proxiesOnOldIssuer": 0, "proxiesOnNewIssuer": 0});
+        v["proxies"] = json!([]);
+        assert_eq!(warns(&identity_lines(&v)), vec!["rotation in progress: 0 proxies still on the old issuer"]);
     }
 
     #[test]

@@ -550,7 +550,6 @@ async fn call_reviews_as(service: &str, server: &str, grpc: &str, data: &std::pa
 /// unauthenticated and productpage would be denied too. Enable it (remove the `ignore`) when
 /// the inbound listener fills `InboundConn::peer_identity` from the TLS session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs mTLS peer identities"]
 async fn only_productpage_may_call_reviews() -> Result<()> {
     let _serial = serial().await;
     if !plexus_testkit::require_tool("curl") {

@@ -163,7 +163,8 @@ async fn routes_and_explain_on_a_resources_file() {
     assert_eq!(target["rateLimit"]["requestsPerSecond"], 50);
     assert_eq!(target["rateLimit"]["burst"], 100);
     assert_eq!(target["endpoints"][0]["address"], "127.0.0.3:7003");
-    assert_eq!(x["authorization"], "allow (no AuthorizationPolicy is enforced in this version)");
+    assert_eq!(x["authorization"]["allowed"], true, "{x:#}");
+    assert_eq!(x["authorization"]["policy"], "mesh default (allow)");
 
     // The regex wins over the header rule (path before headers).
     let x = explain_json(vec!["--to", "reviews", "--path", "/ratings/42", "-H", "end-user=jason"]).await;

@@ -763,7 +763,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert_eq!(proxies["notAfterUnix"], first.response.not_after_unix);
     assert_eq!(proxies["spiffeId"], "spiffe://plexus.local/ns/default/sa/sim");
     let report = cp.plexus_ok(&["check"]).await?;
-    assert!(report.contains("✓ 1 proxies hold a valid certificate from the current issuer"), "{report}");
+    assert!(report.contains("✓ 1 proxy holds a valid certificate from the current issuer"), "{report}");
 
     // Issuer rotation: same anchor, new issuer; old and new leaves both chain to the anchor.
     let out = cp.plexus_ok(&["identity", "rotate"]).await?;
@@ -777,7 +777,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     let v: Value = serde_json::from_str(&cp.plexus_ok(&["identity", "show", "-o", "json"]).await?)?;
     assert_eq!(v["proxies"][0]["issuedBy"], "previousIssuer", "{v}");
     let report = cp.plexus_ok(&["check"]).await?;
-    assert!(report.contains("‼ 1 proxies hold a certificate from the previous issuer"), "{report}");
+    assert!(report.contains("‼ 1 proxy holds a certificate from the previous issuer"), "{report}");
     proxy.report_issued(&second).await?;
 
     // Anchor rotation: the bundle becomes [new anchor, old anchor] and is pushed to the proxy.
@@ -792,7 +792,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert!(v["rotation"].is_object(), "{v}");
     assert_eq!(v["trustBundle"].as_array().map(Vec::len), Some(2));
     let report = cp.plexus_ok(&["check"]).await?;
-    assert!(report.contains("‼ rotation in progress: 1 proxies still on the old issuer"), "{report}");
+    assert!(report.contains("‼ rotation in progress: 1 proxy still on the old issuer"), "{report}");
     let o = cp.plexus(&["identity", "rotate", "--anchor"]).await?;
     assert_eq!(o.status.code(), Some(1), "one anchor rotation at a time: {}", show(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("already in progress"), "{}", show(&o));
@@ -832,7 +832,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert!(v["rotation"].is_null(), "{v}");
     let report = cp.plexus_ok(&["check"]).await?;
     assert!(!report.contains("rotation in progress"), "{report}");
-    assert!(report.contains("✓ 1 proxies hold a valid certificate from the current issuer"), "{report}");
+    assert!(report.contains("✓ 1 proxy holds a valid certificate from the current issuer"), "{report}");
     Ok(())
 }
 

@@ -27,6 +27,27 @@ pub const RATE_PER_SECOND: f64 = 50.0;
 /// Requests accepted at once above the rate.
 pub const BURST: f64 = 100.0;
 
+/// FOR TESTS ONLY: an environment variable of `plexus control` that overrides the workload
+/// certificate lifetime (a duration such as `6s`). MeshConfig validation keeps
+/// `certificates.leafLifetime` at 10m or more, which would make renewal at half-life, and
+/// rotations under load, take far too long to test end to end. Never set it in production.
+pub const TEST_LEAF_LIFETIME_ENV: &str = "PLEXUS_TEST_LEAF_LIFETIME";
+
+/// The [`TEST_LEAF_LIFETIME_ENV`] override, when set to a valid duration (logged loudly).
+fn test_leaf_lifetime() -> Option<Duration> {
+    let text = std::env::var(TEST_LEAF_LIFETIME_ENV).ok()?;
+    match plexus_core::duration::parse(text.trim()) {
+        Ok(d) if !d.is_zero() => {
+            tracing::warn!(lifetime = %text, "{TEST_LEAF_LIFETIME_ENV} is set: workload certificates get this lifetime (for tests only)");
+            Some(d)
+        }
+        _ => {
+            tracing::warn!(value = %text, "ignoring {TEST_LEAF_LIFETIME_ENV}: not a positive duration such as 6s");
+            None
+        }
+    }
+}
+
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Debug)]
 pub struct TokenBucket {
@@ -93,6 +114,8 @@ pub struct CertifyService {
     pub store: Arc<dyn Store>,
     pub join_token: String,
     limiter: Mutex<TokenBucket>,
+    /// [`TEST_LEAF_LIFETIME_ENV`], read once at start.
+    leaf_lifetime_override: Option<Duration>,
 }
 
 impl CertifyService {
@@ -102,6 +125,7 @@ impl CertifyService {
             store,
             join_token,
             limiter: Mutex::new(TokenBucket::new(RATE_PER_SECOND, BURST, Instant::now())),
+            leaf_lifetime_override: test_leaf_lifetime(),
         }
     }
 
@@ -134,7 +158,8 @@ impl Identity for CertifyService {
         let public_key = csr_public_key(&r.csr_der).map_err(Status::invalid_argument)?;
         let settings = IdentitySettings::from_store(self.store.as_ref());
         let spiffe_id = plexus_core::names::spiffe_id(&settings.trust_domain, &r.namespace, &r.service_account);
-        let leaf = match self.ca.sign(&public_key, &spiffe_id, settings.leaf_lifetime) {
+        let lifetime = self.leaf_lifetime_override.unwrap_or(settings.leaf_lifetime);
+        let leaf = match self.ca.sign(&public_key, &spiffe_id, lifetime) {
             Ok(leaf) => leaf,
             Err(SignError::IssuerExpired(when)) => {
                 return Err(Status::failed_precondition(format!(

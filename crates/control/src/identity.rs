@@ -796,7 +796,7 @@ impl Ca {
                 !matches!(old.origin(issuer), CertOrigin::Current | CertOrigin::PreviousIssuer)
             })
             .count();
-        if waiting > 1000 {
+        if waiting > 0 {
             return Ok(false);
         }
         let previous_issuers: Vec<Cert> = old

@@ -51,10 +51,11 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let Some(app_port) = conn.app_port else {
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));
     };
-    if let Err(e) = rate_limit(&state, app_port) {
+    // Authorization first: a denied request does not spend the rate limit's tokens.
+    if let Err(e) = authorize(&state, app_port, conn.peer_identity.as_deref(), &head) {
         return obs.fail(e);
     }
-    if let Err(e) = authorize(&state, app_port, conn.peer_identity.as_deref(), &head) {
+    if let Err(e) = rate_limit(&state, app_port, conn.peer_identity.as_deref()) {
         return obs.fail(e);
     }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
@@ -95,15 +96,13 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
 }
 
 /// Takes a token from the rate limit of this sidecar's Service port serving `app_port`, if any.
-fn rate_limit(state: &State, app_port: u16) -> Result<(), ProxyError> {
+fn rate_limit(state: &State, app_port: u16, identity: Option<&str>) -> Result<(), ProxyError> {
     let snapshot = state.discovery.current();
     let Some(own) = state.rate_limits.own_limit(&snapshot, &state.settings, Some(app_port)) else {
         return Ok(());
     };
-    // The source's identity selects an override's bucket. It will be the SPIFFE ID of the
-    // peer's mTLS client certificate; until mTLS between sidecars exists every source uses
-    // the shared bucket.
-    let identity: Option<&str> = None;
+    // The source's identity (the SPIFFE ID of the peer's mTLS client certificate; none for
+    // plaintext) selects an override's bucket.
     state.rate_limits.check(&own.limit, identity).map_err(|retry_after| {
         state
             .metrics
