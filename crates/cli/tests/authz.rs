@@ -632,3 +632,35 @@ async fn only_productpage_may_call_reviews() -> Result<()> {
     assert_eq!(call_reviews_as("productpage", &server, &grpc, &data).await?.0, 200);
     Ok(())
 }
+
+/// Sends `data` on a raw TCP connection through the client sidecar's bind and returns what
+/// comes back before the connection closes.
+async fn tcp_round_trip(target: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(target).await?;
+    s.write_all(data).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut out)).await.context("TCP echo timed out")??;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_streams_are_authorized_too() -> Result<()> {
+    let echo = plexus_testkit::TcpEcho::start().await?;
+    let port = ServicePort::new("tcp", 9000, Some("tcp"));
+    // Default deny: an opaque stream (no method, no path) is refused like a request would be.
+    let mesh = Mesh::start("db", port, echo.port(), &mesh_config("deny")).await?;
+    let out = tcp_round_trip(mesh.target, b"hello\n").await?;
+    ensure!(!out.windows(6).any(|w| w == b"hello\n"), "a denied stream reached the app: {out:?}\n{}", mesh.stderr());
+    // A rule on sources only (no HTTP conditions) admits it; one with paths never matches TCP.
+    let paths_only = policy("db-paths", "db", "allow", "[{to: {paths: [\"/x\"]}}]");
+    mesh.set(&format!("{}---\n{paths_only}", mesh_config("deny"))).await?;
+    let out = tcp_round_trip(mesh.target, b"hello\n").await?;
+    ensure!(!out.windows(6).any(|w| w == b"hello\n"), "a path rule admitted a TCP stream: {out:?}");
+    let sources = policy("db-open", "db", "allow", "[{from: {unauthenticated: true}}]");
+    mesh.set(&format!("{}---\n{sources}", mesh_config("deny"))).await?;
+    let out = tcp_round_trip(mesh.target, b"hello\n").await?;
+    ensure!(out.starts_with(b"hello\n"), "an allowed stream was not echoed: {out:?}\n{}", mesh.stderr());
+    Ok(())
+}

@@ -651,7 +651,16 @@ async fn inbound_conn(
     let mut peers = PeerLabels::default();
     state.fill_destination(&mut peers);
     let app = app_port.map(|p| TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));
-    if let (Some(dest), true) = (&app, app_port.is_some_and(|p| state.settings.opaque_ports.contains(&p))) {
+    // Declared-opaque ports skip detection, unless peers may come over mesh mTLS (a ClientHello
+    // to read first; server-first apps still work through detection's race).
+    let skip_detection = state.mesh_tls.is_none() && app_port.is_some_and(|p| state.settings.opaque_ports.contains(&p));
+    if let (Some(dest), true) = (&app, skip_detection) {
+        if let Some(port) = app_port
+            && inbound::authorize_stream(&state, port, None).is_err()
+        {
+            drop(permit);
+            return;
+        }
         let up = dial(&state, dest, peers).await;
         forward_opaque(&state, "inbound", stream, &[], up).await;
         drop(permit);
@@ -677,6 +686,16 @@ async fn inbound_conn(
     if strict {
         // Plaintext and non-mesh TLS are closed without any response (SPEC §5).
         tracing::debug!(%peer, "strict mTLS: closing a connection that is not mesh TLS");
+        drop(permit);
+        return;
+    }
+    let opaque = matches!(&sniffed, Ok(Sniffed::ServerFirst(_)))
+        || matches!(&sniffed, Ok(Sniffed::Client(p, _)) if !matches!(p, Protocol::Http1 | Protocol::Http2));
+    if opaque
+        && let Some(port) = app_port
+        && let Err(e) = inbound::authorize_stream(&state, port, None)
+    {
+        tracing::debug!(%peer, error = %e, "opaque stream refused");
         drop(permit);
         return;
     }
@@ -738,6 +757,10 @@ async fn serve_mesh_tls(
             peers.source_principal = id.clone();
         }
         let Some(port) = app_port else { return };
+        if let Err(e) = inbound::authorize_stream(&state, port, peer_identity.as_deref()) {
+            tracing::debug!(%peer, error = %e, "opaque stream refused");
+            return;
+        }
         let dest = TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         let up = dial(&state, &dest, peers).await;
         forward_opaque_io(&state, "inbound", tls, &[], up, "mutual_tls").await;

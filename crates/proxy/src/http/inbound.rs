@@ -119,6 +119,25 @@ fn rate_limit(state: &State, app_port: u16, identity: Option<&str>) -> Result<()
 /// MeshConfig default. A denial is counted in `plexus_authz_denied_total`; each audit policy
 /// that would have denied the request is logged (info), the decision unchanged.
 pub fn authorize(state: &State, app_port: u16, peer: Option<&str>, head: &Head) -> Result<(), ProxyError> {
+    authorize_parts(state, app_port, peer, head.method.as_str(), head.uri.path(), head.uri.query(), &head.headers)
+}
+
+/// Authorizes an opaque TCP stream (or a TLS stream passed through) to the local app: as a
+/// request with no method and no path, so only rules without HTTP conditions (`to.paths`,
+/// `to.methods`) can match it, as Istio does for TCP.
+pub fn authorize_stream(state: &State, app_port: u16, peer: Option<&str>) -> Result<(), ProxyError> {
+    authorize_parts(state, app_port, peer, "", "", None, &http::HeaderMap::new())
+}
+
+fn authorize_parts(
+    state: &State,
+    app_port: u16,
+    peer: Option<&str>,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
     let snapshot = state.discovery.current();
     let default = snapshot.mesh.default_authorization;
     let own = own_port(&snapshot, &state.settings, Some(app_port));
@@ -128,17 +147,14 @@ pub fn authorize(state: &State, app_port: u16, peer: Option<&str>, head: &Head) 
     if authorization.is_empty() && default == DefaultAuthorization::Allow {
         return Ok(());
     }
-    let method = head.method.as_str();
-    let path = head.uri.path();
     let route = match own {
-        Some((_, port)) if authorization.needs_route() => {
-            let info = RequestInfo { method, path, query: head.uri.query(), headers: &head.headers };
+        Some((_, port)) if authorization.needs_route() && !method.is_empty() => {
+            let info = RequestInfo { method, path, query, headers };
             port.routes.find(&info).map(|e| e.route.as_str())
         }
         _ => None,
     };
-    let request =
-        AuthzRequest { peer, method, path, port: own.map_or(app_port, |(_, p)| p.port), route, headers: &head.headers };
+    let request = AuthzRequest { peer, method, path, port: own.map_or(app_port, |(_, p)| p.port), route, headers };
     let decision = authz::decide(authorization, &request, default);
     let service = own.map_or(UNKNOWN, |(s, _)| s.name.name.as_str());
     for policy in &decision.audit {
