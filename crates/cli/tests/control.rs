@@ -337,7 +337,7 @@ fn the_certificate_authority_is_created_on_first_start_and_checked() -> Result<(
     let o = cp.plexus(&["check"], None)?;
     let (out, _) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
-    assert!(out.contains("✗ issuer expires within 60 days"), "{out}");
+    assert!(out.contains("‼ issuer expires within 60 days"), "{out}");
     assert!(out.contains("✗ the issuer is not signed by the trust anchor"), "{out}");
     Ok(())
 }

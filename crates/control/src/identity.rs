@@ -229,6 +229,8 @@ fn read_key(path: &Path) -> Result<KeyPair, String> {
 /// Writes a file atomically (temporary file + rename), owner-only when `private`.
 fn write_atomic(path: &Path, text: &str, private: bool) -> Result<(), String> {
     let tmp = path.with_extension("pem.tmp");
+    // A leftover from an interrupted write would keep its permissions: start afresh.
+    let _ = std::fs::remove_file(&tmp);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
