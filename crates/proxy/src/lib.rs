@@ -11,6 +11,7 @@
 //! - [`discovery`]: the configuration a proxy works from, fed by a resources file (or, later,
 //!   the control plane) and swapped atomically.
 //! - [`metrics`], [`admin`]: observability and the admin server.
+//! - [`trace`]: trace context propagation (W3C, B3) and span export over OTLP/gRPC.
 //! - [`proxy`]: wiring it all together and graceful drain.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod resilience;
 pub mod settings;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod transport;
 
 pub use proxy::{Proxy, ProxyHandle};

@@ -306,6 +306,8 @@ impl Proxy {
         for t in tasks {
             t.abort();
         }
+        // Spans of the last requests go out before the process ends.
+        crate::trace::flush(Duration::from_secs(2)).await;
         tracing::info!("drained");
     }
 }

@@ -160,12 +160,26 @@ impl Pool {
                 let config = creds
                     .client_config(id, alpn)
                     .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(e.to_string())))?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(crate::tls::MeshCredentials::server_name(), stream)
-                    .await
-                    .map_err(|e| {
-                        ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id} at {addr}: {e}")))
-                    })?;
+                let handshake = tokio_rustls::TlsConnector::from(config)
+                    .connect(crate::tls::MeshCredentials::server_name(), stream);
+                // The handshake is part of connecting: a peer that accepts TCP but never answers
+                // (hung, or registered before it serves) is a connection failure within the
+                // connect timeout — retried elsewhere — not a request that hangs.
+                let limit = timeout.unwrap_or(self.dialer.timeout);
+                let tls = match tokio::time::timeout(limit, handshake).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        let e = std::io::Error::other(format!("mTLS to {id} at {addr}: {e}"));
+                        return Err(ProxyError::ConnectFailed(e));
+                    }
+                    Err(_) => {
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("mTLS to {id} at {addr}: no TLS handshake within {limit:?}"),
+                        );
+                        return Err(ProxyError::ConnectFailed(e));
+                    }
+                };
                 Ok(Box::new(tls))
             }
             _ => Ok(Box::new(stream)),
@@ -202,9 +216,12 @@ impl Pool {
         req: Request<Body>,
         options: SendOptions,
     ) -> Result<Response<Incoming>, ProxyError> {
+        // The pool key says whether the connection is mTLS: a plaintext connection opened
+        // before this proxy had its certificate is never reused (or labelled) as mTLS after.
+        let tls_peer = options.peer_identity.clone().filter(|_| self.mtls_to(options.peer_identity.as_ref()));
         let slot = {
             let mut map = self.h2.lock().map_err(|_| ProxyError::UpstreamReset("pool poisoned".into()))?;
-            map.entry((addr, options.peer_identity.clone())).or_default().clone()
+            map.entry((addr, tls_peer.clone())).or_default().clone()
         };
         let mut sender = {
             // Holding the slot while connecting makes concurrent first requests share one
@@ -213,7 +230,7 @@ impl Pool {
             match guard.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.connect_h2(addr, options.connect_timeout, options.peer_identity.as_ref()).await?;
+                    let s = self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref()).await?;
                     *guard = Some(s.clone());
                     s
                 }

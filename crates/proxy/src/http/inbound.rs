@@ -40,9 +40,7 @@ pub struct InboundConn {
 /// Handles one inbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let received = tokio::time::Instant::now();
-    let request_id = headers::ensure_request_id(req.headers_mut());
-    let head = Head::of(&req);
-    let mut obs = Observation::new(state.clone(), "inbound", &head, request_id);
+    let (head, mut obs) = Observation::start(state.clone(), "inbound", &mut req);
     state.fill_destination(&mut obs.peers);
     if let Some(id) = &conn.peer_identity {
         obs.security = "mutual_tls";

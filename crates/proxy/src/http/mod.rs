@@ -1,6 +1,7 @@
 //! HTTP proxying: the server side, routing (outbound), forwarding through pooled upstream
 //! connections, upgrades, and per-request metrics and access logs.
 
+pub mod access_log;
 pub mod body;
 pub mod client;
 pub mod deadline;

@@ -1,16 +1,21 @@
-//! Recording one request: metrics when its response ends, and the JSON access log line.
+//! Observing one request: its request id and trace span, made when it arrives; then, when its
+//! response body ends, metrics, the traffic summary, the access log line and the span.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
-use http::Response;
+use http::{Request, Response, Version};
 
+use super::access_log::{self, Format};
 use super::body::{self, Body, BodyEnd, Metered};
+use super::{Head, headers};
 use crate::error::ProxyError;
-use crate::metrics::{PeerLabels, RequestLabels};
+use crate::metrics::{PeerLabels, RequestLabels, UNKNOWN};
 use crate::proxy::State;
+use crate::trace::span::{FinishedSpan, Kind, ProxyResource, Value};
+use crate::trace::{SpanContext, TracingConfig};
 
 /// What is known about a request while it is proxied.
 pub struct Observation {
@@ -26,26 +31,50 @@ pub struct Observation {
     pub request_id: String,
     pub upstream: Option<SocketAddr>,
     pub security: &'static str,
+    /// This proxy's span of the request; its ids are in the headers sent on.
+    pub span: SpanContext,
+    started_at: SystemTime,
+    version: Version,
+    /// The collector the span goes to (MeshConfig `tracing.otlpEndpoint`, sampled traces only).
+    export_to: Option<String>,
+    access_log: Option<Format>,
     request_bytes: Arc<AtomicU64>,
 }
 
 impl Observation {
-    pub fn new(state: Arc<State>, direction: &'static str, head: &super::Head, request_id: String) -> Self {
-        Observation {
-            state,
+    /// Starts observing `req` as it arrives: `x-request-id` is generated when absent, and the
+    /// trace it carries is continued with a span of this proxy (or a new trace started, with
+    /// MeshConfig's sampling rate), its headers rewritten for the next hop. Returns the
+    /// request's head, with those headers, and the observation.
+    pub fn start<B>(state: Arc<State>, direction: &'static str, req: &mut Request<B>) -> (Head, Observation) {
+        let request_id = headers::ensure_request_id(req.headers_mut());
+        let snapshot = state.discovery.current();
+        let mesh = &snapshot.mesh.config;
+        let tracing = TracingConfig::of(mesh);
+        let span = SpanContext::continue_from(req.headers(), || tracing.sample_new());
+        span.inject(req.headers_mut());
+        let head = Head::of(req);
+        let obs = Observation {
             started: Instant::now(),
+            started_at: SystemTime::now(),
             direction,
             peers: PeerLabels::default(),
             route: "default".into(),
-            grpc: super::headers::is_grpc(&head.headers),
+            grpc: headers::is_grpc(&head.headers),
             method: head.method.to_string(),
             authority: head.authority().unwrap_or_default(),
             path: head.uri.path().to_string(),
             request_id,
             upstream: None,
             security: "none",
+            version: head.version,
+            export_to: tracing.otlp_endpoint.filter(|_| span.sampled),
+            access_log: access_log::format(mesh, state.settings.access_log),
+            span,
             request_bytes: Arc::new(AtomicU64::new(0)),
-        }
+            state,
+        };
+        (head, obs)
     }
 
     /// Wraps the request body so its size is counted.
@@ -115,29 +144,135 @@ impl Observation {
         series.duration.observe(elapsed.as_secs_f64());
         series.request_bytes.inc_by(req_bytes);
         series.response_bytes.inc_by(resp_bytes);
-        if self.state.settings.access_log {
-            let line = serde_json::json!({
-                "time": plexus_core::time::rfc3339(SystemTime::now()),
-                "direction": self.direction,
-                "request_id": self.request_id,
-                "method": self.method,
-                "authority": self.authority,
-                "path": self.path,
-                "status": status,
-                "grpc_status": labels.grpc_response_status,
-                "flags": flags,
-                "route": self.route,
-                "source_workload": labels.peers.source_workload,
-                "destination_service": labels.peers.destination_service,
-                "destination_workload": labels.peers.destination_workload,
-                "upstream": self.upstream.map(|a| a.to_string()),
-                "duration_ms": elapsed.as_secs_f64() * 1000.0,
-                "request_bytes": req_bytes,
-                "response_bytes": resp_bytes,
-            });
-            // A closed stdout must not fail the request.
-            use std::io::Write as _;
-            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        if self.access_log.is_none() && self.export_to.is_none() {
+            return;
+        }
+        let RequestLabels { mut peers, grpc_response_status: grpc_status, .. } = labels;
+        // This sidecar's own identity is the source of what it sends out.
+        if self.direction == "outbound"
+            && peers.source_principal == UNKNOWN
+            && let Some(info) = self.state.settings.identity.as_ref().and_then(|i| i.info())
+        {
+            peers.source_principal = info.spiffe_id;
+        }
+        let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, peers, success };
+        if let Some(format) = self.access_log {
+            access_log::write(&self.log_entry(&done).render(format));
+        }
+        if let Some(endpoint) = &self.export_to {
+            crate::trace::export::submit(endpoint, self.finished_span(done));
         }
     }
+
+    fn protocol(&self) -> &'static str {
+        match self.version {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+    }
+
+    fn log_entry<'a>(&'a self, d: &'a Done<'a>) -> access_log::Entry<'a> {
+        access_log::Entry {
+            time: plexus_core::time::rfc3339(self.started_at),
+            trace_id: self.span.trace_id.to_string(),
+            span_id: self.span.span_id.to_string(),
+            parent_span_id: self.span.parent_span_id.map(|p| p.to_string()),
+            sampled: self.span.sampled,
+            request_id: &self.request_id,
+            direction: self.direction,
+            source_workload: &d.peers.source_workload,
+            source_service: &d.peers.source_service,
+            source_principal: &d.peers.source_principal,
+            destination_service: &d.peers.destination_service,
+            destination_workload: &d.peers.destination_workload,
+            destination_version: &d.peers.destination_version,
+            destination_principal: &d.peers.destination_principal,
+            route: &self.route,
+            protocol: self.protocol(),
+            method: &self.method,
+            authority: &self.authority,
+            path: &self.path,
+            status: d.status,
+            grpc_status: &d.grpc_status,
+            response_flags: d.flags,
+            duration_ms: d.elapsed.as_secs_f64() * 1000.0,
+            request_bytes: d.req_bytes,
+            response_bytes: d.resp_bytes,
+            upstream: self.upstream.map(|a| a.to_string()),
+            connection_security_policy: self.security,
+        }
+    }
+
+    /// The span: a client span on the outbound side, a server span on the inbound side.
+    fn finished_span(&self, d: Done<'_>) -> FinishedSpan {
+        let s = &self.state.settings;
+        let resource = ProxyResource {
+            service: s.service.clone().or_else(|| s.workload.clone()).unwrap_or_else(|| UNKNOWN.into()),
+            workload: s.workload.clone().unwrap_or_else(|| UNKNOWN.into()),
+            namespace: s.namespace.clone(),
+        };
+        let (kind, peer_principal) = match self.direction {
+            "inbound" => (Kind::Server, d.peers.source_principal.clone()),
+            _ => (Kind::Client, d.peers.destination_principal.clone()),
+        };
+        let str = |v: &str| Value::Str(v.to_string());
+        let p = d.peers;
+        let mut attributes = vec![
+            ("plexus.direction", str(self.direction)),
+            ("plexus.route", str(&self.route)),
+            ("http.request.method", str(&self.method)),
+            ("http.response.status_code", Value::Int(i64::from(d.status))),
+            ("url.path", str(&self.path)),
+            ("server.address", str(&self.authority)),
+            ("network.protocol.version", str(self.protocol().trim_start_matches("HTTP/"))),
+            ("plexus.request_id", str(&self.request_id)),
+            ("plexus.response_flags", str(d.flags)),
+            ("plexus.peer.principal", Value::Str(peer_principal)),
+            ("plexus.connection_security_policy", str(self.security)),
+            ("http.request.body.size", Value::Int(d.req_bytes.min(i64::MAX as u64) as i64)),
+            ("http.response.body.size", Value::Int(d.resp_bytes.min(i64::MAX as u64) as i64)),
+        ];
+        if let Some(up) = self.upstream {
+            attributes.push(("plexus.upstream.address", Value::Str(up.to_string())));
+        }
+        if let Ok(code) = d.grpc_status.parse::<i64>() {
+            attributes.push(("rpc.grpc.status_code", Value::Int(code)));
+        }
+        attributes.extend([
+            ("plexus.source.workload", Value::Str(p.source_workload)),
+            ("plexus.source.service", Value::Str(p.source_service)),
+            ("plexus.source.principal", Value::Str(p.source_principal)),
+            ("plexus.destination.workload", Value::Str(p.destination_workload)),
+            ("plexus.destination.version", Value::Str(p.destination_version)),
+            ("plexus.destination.principal", Value::Str(p.destination_principal)),
+        ]);
+        let name = format!("{} {}", self.method, p.destination_service);
+        attributes.push(("plexus.destination.service", Value::Str(p.destination_service)));
+        FinishedSpan {
+            resource,
+            trace_id: self.span.trace_id,
+            span_id: self.span.span_id,
+            parent_span_id: self.span.parent_span_id,
+            tracestate: self.span.tracestate.clone(),
+            name,
+            kind,
+            start: self.started_at,
+            end: self.started_at + d.elapsed,
+            attributes,
+            error: !d.success || d.flags != "-",
+        }
+    }
+}
+
+/// How a request ended.
+struct Done<'a> {
+    status: u16,
+    grpc_status: String,
+    flags: &'a str,
+    req_bytes: u64,
+    resp_bytes: u64,
+    elapsed: std::time::Duration,
+    peers: PeerLabels,
+    success: bool,
 }

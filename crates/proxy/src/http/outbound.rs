@@ -43,9 +43,7 @@ enum Dest<'a> {
 
 /// Handles one outbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
-    let request_id = headers::ensure_request_id(req.headers_mut());
-    let head = Head::of(&req);
-    let mut obs = Observation::new(state.clone(), "outbound", &head, request_id);
+    let (head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
     if req.method() == Method::CONNECT {
         return connect_tunnel(state, req, obs).await;
