@@ -53,7 +53,7 @@ fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 "controlPlaneConnected": state.discovery.control_plane_connected(),
                 "settings": state.settings,
                 "services": snapshot.services.values().collect::<Vec<_>>(),
-                "certificate": null,
+                "certificate": state.settings.identity.as_ref().and_then(|i| i.info()),
             });
             text(StatusCode::OK, "application/json", format!("{config:#}\n"))
         }

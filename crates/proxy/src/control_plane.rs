@@ -126,8 +126,9 @@ async fn session(
                     resources.push(resource_from_value(value).map_err(|e| anyhow::anyhow!("bad resource from the control plane: {e}"))?);
                 }
                 let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
-                discovery.publish_covering(MeshSnapshot::compile(&resources, resp.revision.to_string()), covered);
+                // Connected first: whoever wakes on the new snapshot sees the connection too.
                 discovery.set_control_plane_connected(true);
+                discovery.publish_covering(MeshSnapshot::compile(&resources, resp.revision.to_string()), covered);
                 if let Some(identity) = &config.identity {
                     identity.update_bundle(&resp.trust_bundle_pem);
                 }

@@ -81,6 +81,9 @@ impl State {
         if let Some(svc) = &s.service {
             peers.source_service = svc.clone();
         }
+        if let Some(cert) = s.identity.as_ref().and_then(|i| i.info()) {
+            peers.source_principal = cert.spiffe_id;
+        }
     }
 
     /// Destination labels of inbound traffic: this proxy's own workload.
@@ -91,7 +94,10 @@ impl State {
         }
         if let Some(svc) = &s.service {
             peers.destination_service = svc.clone();
-            peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc);
+            peers.destination_principal = match s.identity.as_ref().and_then(|i| i.info()) {
+                Some(cert) => cert.spiffe_id,
+                None => spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc),
+            };
         }
     }
 
@@ -506,10 +512,18 @@ async fn mesh_tcp(state: &State, tcp: TcpStream, peer: Option<&str>) -> Result<(
     let config = credentials
         .client_config(id, crate::tls::ALPN_TCP)
         .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(e.to_string())))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(crate::tls::MeshCredentials::server_name(), tcp)
-        .await
-        .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id}: {e}"))))?;
+    // The handshake counts as part of connecting: a peer that never answers TLS fails fast.
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(crate::tls::MeshCredentials::server_name(), tcp);
+    let tls = match tokio::time::timeout(state.settings.limits.connect_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id}: {e}")))),
+        Err(_) => {
+            return Err(ProxyError::ConnectFailed(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("mTLS handshake with {id} timed out"),
+            )));
+        }
+    };
     Ok((Upstream::Tls(Box::new(tls)), "mutual_tls"))
 }
 

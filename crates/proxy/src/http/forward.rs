@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use plexus_core::decide::{Addressed, Outcome, RouteFailure, client_policy, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
-use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id, split_authority};
+use plexus_core::names::{spiffe_id, split_authority};
 use plexus_core::policy::{ClientPolicy, DEFAULT_RETRY, FaultAbort, RetryPolicy, happens};
 use plexus_core::route::{Mirror, RequestInfo, RouteEntry, change_path};
 use plexus_core::{MeshSnapshot, ServiceName};
@@ -86,7 +86,7 @@ pub async fn to_service(
         let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &Choice::new(policy, None), &[]) else {
             return obs.fail(ProxyError::NoEndpoints(destination));
         };
-        describe_endpoint(&mut obs, ep);
+        describe_endpoint(&mut obs, to.snapshot, ep);
         let peer_identity = peer_identity(to.snapshot, ep);
         if state.pool.mtls_to(peer_identity.as_ref()) {
             obs.security = "mutual_tls";
@@ -164,7 +164,7 @@ pub async fn to_service(
     };
     match result {
         Ok((ep, resp, permit)) => {
-            describe_endpoint(&mut obs, &ep);
+            describe_endpoint(&mut obs, to.snapshot, &ep);
             if state.pool.mtls_to(peer_identity(to.snapshot, &ep).as_ref()) {
                 obs.security = "mutual_tls";
             }
@@ -476,11 +476,11 @@ pub fn peer_identity(snapshot: &MeshSnapshot, ep: &Endpoint) -> Option<Arc<str>>
 }
 
 /// Fills the destination labels from the endpoint that answered.
-pub fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
+pub fn describe_endpoint(obs: &mut Observation, snapshot: &MeshSnapshot, ep: &Endpoint) {
     obs.upstream = Some(ep.addr);
     obs.peers.destination_workload = ep.workload.clone();
     obs.peers.destination_version = ep.version.clone().unwrap_or_else(|| crate::metrics::UNKNOWN.into());
     if ep.meshed {
-        obs.peers.destination_principal = spiffe_id(DEFAULT_TRUST_DOMAIN, &ep.namespace, &ep.service_account);
+        obs.peers.destination_principal = spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account);
     }
 }

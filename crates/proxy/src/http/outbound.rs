@@ -155,7 +155,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
         match state.balancer.pick(&port.endpoints, &Choice::new(&port.policy, None), &[]) {
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {
-                describe_endpoint(&mut obs, ep);
+                describe_endpoint(&mut obs, &snapshot, ep);
                 let r = client::connect(ep.addr, timeout, state.settings.outbound_mark).await;
                 pick.finish(r.is_ok());
                 r
