@@ -204,6 +204,7 @@ pub struct Sidecar {
     discovery: Arc<Discovery>,
     leave: tokio::sync::watch::Sender<bool>,
     control: tokio::task::JoinHandle<()>,
+    identity: Option<Arc<plexus_proxy::identity::WorkloadIdentity>>,
 }
 
 impl Sidecar {
@@ -252,8 +253,9 @@ impl Sidecar {
             config.service.clone(),
         ));
         let (leave, leave_rx) = tokio::sync::watch::channel(false);
+        let identity = config.identity.clone();
         let control = tokio::spawn(plexus_proxy::control_plane::run(discovery.clone(), config, leave_rx));
-        Ok(Sidecar { proxy, discovery, leave, control })
+        Ok(Sidecar { proxy, discovery, leave, control, identity })
     }
 
     /// The JSON line with the listeners' addresses.
@@ -261,17 +263,28 @@ impl Sidecar {
         serde_json::to_string(self.proxy.addresses()).unwrap_or_default()
     }
 
-    /// Waits until the control plane has answered once (or `timeout`).
+    /// Waits until the control plane has answered once and, with a join token, the sidecar
+    /// holds its workload certificate (so its first requests already go over mTLS), or
+    /// `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut changes = self.discovery.subscribe();
-        let wait = async {
+        let connected = async {
             while !self.discovery.control_plane_connected() {
                 if changes.changed().await.is_err() {
                     return;
                 }
             }
         };
-        tokio::time::timeout(timeout, wait).await.is_ok()
+        let certified = async {
+            let Some(identity) = &self.identity else { return };
+            let mut certs = identity.subscribe();
+            while identity.info().is_none() {
+                if certs.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, async { tokio::join!(connected, certified) }).await.is_ok()
     }
 
     /// A switch that, turned on, makes the sidecar leave the mesh: it deregisters (peers stop

@@ -322,7 +322,8 @@ async fn wait_connected(admin: &str, timeout: Duration) -> bool {
             s.write_all(b"GET /config HTTP/1.0\r\n\r\n").await.ok()?;
             let mut out = String::new();
             s.read_to_string(&mut out).await.ok()?;
-            Some(out.contains("\"controlPlaneConnected\": true"))
+            // Connected, and holding its workload certificate (mTLS from the first request).
+            Some(out.contains("\"controlPlaneConnected\": true") && !out.contains("\"certificate\": null"))
         };
         if tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten() == Some(true) {
             return true;

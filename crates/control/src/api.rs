@@ -42,6 +42,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/stat", get(stat))
+        .route("/api/v1/graph", get(graph))
         .route("/api/v1/identity", get(identity))
         .route("/api/v1/identity/rotate", post(rotate_identity))
         .with_state(state)
@@ -265,6 +266,53 @@ async fn stat(State(s): State<Shared>, Query(q): Query<StatQuery>) -> Response {
         return error(StatusCode::BAD_REQUEST, "window: at most 10m of history is kept").into_response();
     }
     Json(json!({ "window": plexus_core::duration::format(window), "rows": s.traffic.stat(kind, window) }))
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct GraphQuery {
+    window: Option<String>,
+    group: Option<String>,
+}
+
+/// `GET /api/v1/graph?window=1m&group=version|service`: the live service graph
+/// ([`crate::graph`]); no token needed.
+async fn graph(State(s): State<Shared>, Query(q): Query<GraphQuery>) -> Response {
+    use crate::graph::{Directory, Graph, Grouping, NodeKind, Placement};
+    let window = match q.window.as_deref().map(plexus_core::duration::parse).transpose() {
+        Ok(w) => w.unwrap_or(std::time::Duration::from_secs(60)),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("window: {e}")).into_response(),
+    };
+    if window < std::time::Duration::from_secs(1) || window > crate::traffic::RETENTION {
+        return error(StatusCode::BAD_REQUEST, "window: between 1s and 10m (10m of history is kept)").into_response();
+    }
+    let Some(grouping) = Grouping::parse(q.group.as_deref().unwrap_or("version")) else {
+        return error(StatusCode::BAD_REQUEST, "group: version or service").into_response();
+    };
+    let mut directory = Directory::default();
+    for p in s.proxies.list() {
+        let placement = Placement {
+            service: p.service,
+            version: Some(p.version).filter(|v| !v.is_empty()),
+            namespace: p.namespace,
+            kind: NodeKind::of_mode(&p.mode),
+        };
+        directory.add_workload(&p.workload, placement);
+    }
+    // Services without a connected proxy still place their callers' summaries in a namespace;
+    // without the store the graph is only less precise, so a failure is logged, not answered.
+    match s.store.list(Some(Kind::Service), None) {
+        Ok(services) => {
+            for svc in services {
+                directory.add_service(&svc.metadata.name, svc.metadata.namespace());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "graph: cannot list Services"),
+    }
+    let (nodes, edges) = s
+        .traffic
+        .with_recent(window, |summaries, seconds| crate::graph::build(summaries, seconds, &directory, grouping));
+    Json(Graph { window: plexus_core::duration::format(window), group: grouping.as_str(), nodes, edges })
         .into_response()
 }
 

@@ -8,6 +8,7 @@ pub mod api;
 pub mod certify;
 pub mod datadir;
 pub mod discovery;
+pub mod graph;
 pub mod identity;
 pub mod index;
 pub mod proxies;

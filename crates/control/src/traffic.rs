@@ -1,5 +1,6 @@
 //! The rolling window of traffic summaries reported by proxies, and the golden metrics
-//! computed from it for `plexus stat` (and later `top`, the topology graph, the dashboard).
+//! computed from it for `plexus stat` (and `top`, the dashboard); the topology graph
+//! ([`crate::graph`]) reads the same window through [`TrafficWindow::with_recent`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -12,9 +13,18 @@ use serde::Serialize;
 pub const RETENTION: Duration = Duration::from_secs(600);
 
 /// Reported summaries, newest last.
-#[derive(Default)]
 pub struct TrafficWindow {
     entries: Mutex<VecDeque<(Instant, TrafficSummary)>>,
+    /// When collection started: a window reaching further back than this covers only the
+    /// time since, and rates are computed over that (not over the whole window, which would
+    /// understate them right after a control-plane start).
+    started: Instant,
+}
+
+impl Default for TrafficWindow {
+    fn default() -> Self {
+        TrafficWindow { entries: Mutex::new(VecDeque::new()), started: Instant::now() }
+    }
 }
 
 /// What `plexus stat` groups by.
@@ -39,14 +49,6 @@ pub struct StatRow {
     pub mtls_share: f64,
 }
 
-#[derive(Default)]
-struct Acc {
-    requests: u64,
-    successes: u64,
-    mtls: u64,
-    latency: BTreeMap<u32, u64>,
-}
-
 impl TrafficWindow {
     /// Adds a proxy's report.
     pub fn add(&self, summaries: Vec<TrafficSummary>) {
@@ -58,54 +60,109 @@ impl TrafficWindow {
         e.extend(summaries.into_iter().map(|s| (now, s)));
     }
 
+    /// The seconds of history a `window` actually covers (at least 1).
+    pub fn covered_seconds(&self, window: Duration) -> f64 {
+        window.min(self.started.elapsed()).as_secs_f64().max(1.0)
+    }
+
+    /// Calls `f` with the summaries reported during the last `window` (oldest first) and the
+    /// seconds they cover ([`Self::covered_seconds`]). The window stays locked meanwhile, so
+    /// `f` should only compute.
+    pub fn with_recent<R>(&self, window: Duration, f: impl FnOnce(&[&TrafficSummary], f64) -> R) -> R {
+        let now = Instant::now();
+        let seconds = self.covered_seconds(window);
+        let Ok(entries) = self.entries.lock() else { return f(&[], seconds) };
+        let recent: Vec<&TrafficSummary> =
+            entries.iter().filter(|(t, _)| now.duration_since(*t) <= window).map(|(_, s)| s).collect();
+        f(&recent, seconds)
+    }
+
     /// Golden metrics over the last `window`, grouped by `kind`. Services and workloads are
     /// measured where requests arrive (inbound), falling back to what senders saw (outbound)
     /// for destinations with no sidecar of their own; routes are known to senders only.
     pub fn stat(&self, kind: StatKind, window: Duration) -> Vec<StatRow> {
-        let now = Instant::now();
-        let Ok(entries) = self.entries.lock() else { return Vec::new() };
-        let recent: Vec<&TrafficSummary> =
-            entries.iter().filter(|(t, _)| now.duration_since(*t) <= window).map(|(_, s)| s).collect();
-        let name_of = |s: &TrafficSummary| -> String {
-            match kind {
-                StatKind::Service => s.destination_service.clone(),
-                StatKind::Workload => s.destination_workload.clone(),
-                StatKind::Route => s.route.clone(),
-            }
-        };
-        let inbound_names: std::collections::BTreeSet<String> =
-            recent.iter().filter(|s| s.direction == "inbound").map(|s| name_of(s)).collect();
-        let mut acc: BTreeMap<String, Acc> = BTreeMap::new();
-        for s in recent {
-            let name = name_of(s);
-            let counts = match kind {
-                StatKind::Route => s.direction == "outbound",
-                _ => s.direction == "inbound" || !inbound_names.contains(&name),
+        self.with_recent(window, |recent, secs| {
+            let name_of = |s: &TrafficSummary| -> String {
+                match kind {
+                    StatKind::Service => s.destination_service.clone(),
+                    StatKind::Workload => s.destination_workload.clone(),
+                    StatKind::Route => s.route.clone(),
+                }
             };
-            if !counts || name.is_empty() || name == "unknown" {
-                continue;
+            let inbound_names: std::collections::BTreeSet<String> =
+                recent.iter().filter(|s| s.direction == "inbound").map(|s| name_of(s)).collect();
+            let mut acc: BTreeMap<String, Totals> = BTreeMap::new();
+            for s in recent {
+                let name = name_of(s);
+                let counts = match kind {
+                    StatKind::Route => s.direction == "outbound",
+                    _ => s.direction == "inbound" || !inbound_names.contains(&name),
+                };
+                if !counts || name.is_empty() || name == "unknown" {
+                    continue;
+                }
+                acc.entry(name).or_default().add(s);
             }
-            let a = acc.entry(name).or_default();
-            a.requests += s.requests;
-            a.successes += s.successes;
-            a.mtls += s.mtls;
-            for (b, n) in &s.latency {
-                *a.latency.entry(*b).or_default() += n;
-            }
+            acc.into_iter()
+                .map(|(name, a)| StatRow {
+                    name,
+                    requests: a.requests,
+                    requests_per_second: a.requests as f64 / secs,
+                    success_rate: a.success_rate(),
+                    p50_ms: a.quantile_ms(0.50),
+                    p95_ms: a.quantile_ms(0.95),
+                    p99_ms: a.quantile_ms(0.99),
+                    mtls_share: a.mtls_share(),
+                })
+                .collect()
+        })
+    }
+}
+
+/// Summed counts and latency histogram of some summaries.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub successes: u64,
+    pub mtls: u64,
+    /// Bucket ([`plexus_core::latency`]) -> count.
+    pub latency: BTreeMap<u32, u64>,
+}
+
+impl Totals {
+    /// Adds one summary.
+    pub fn add(&mut self, s: &TrafficSummary) {
+        self.requests += s.requests;
+        self.successes += s.successes;
+        self.mtls += s.mtls;
+        for (b, n) in &s.latency {
+            *self.latency.entry(*b).or_default() += n;
         }
-        let secs = window.as_secs_f64().max(1.0);
-        acc.into_iter()
-            .map(|(name, a)| StatRow {
-                name,
-                requests: a.requests,
-                requests_per_second: a.requests as f64 / secs,
-                success_rate: if a.requests == 0 { 0.0 } else { a.successes as f64 / a.requests as f64 },
-                p50_ms: plexus_core::latency::quantile_ms(&a.latency, 0.50),
-                p95_ms: plexus_core::latency::quantile_ms(&a.latency, 0.95),
-                p99_ms: plexus_core::latency::quantile_ms(&a.latency, 0.99),
-                mtls_share: if a.requests == 0 { 0.0 } else { a.mtls as f64 / a.requests as f64 },
-            })
-            .collect()
+    }
+
+    /// Adds other totals.
+    pub fn merge(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.successes += other.successes;
+        self.mtls += other.mtls;
+        for (b, n) in &other.latency {
+            *self.latency.entry(*b).or_default() += n;
+        }
+    }
+
+    /// Successes ÷ requests (0 without requests).
+    pub fn success_rate(&self) -> f64 {
+        if self.requests == 0 { 0.0 } else { self.successes as f64 / self.requests as f64 }
+    }
+
+    /// Requests over mutual TLS ÷ requests (0 without requests).
+    pub fn mtls_share(&self) -> f64 {
+        if self.requests == 0 { 0.0 } else { self.mtls as f64 / self.requests as f64 }
+    }
+
+    /// The `q` latency quantile in milliseconds (`None` without requests).
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        plexus_core::latency::quantile_ms(&self.latency, q)
     }
 }
 
@@ -143,5 +200,16 @@ mod tests {
         assert_eq!(rows.iter().find(|r| r.name == "external").map(|r| r.requests), Some(10));
         let routes = w.stat(StatKind::Route, Duration::from_secs(60));
         assert_eq!(routes[0].requests, 910);
+    }
+
+    #[test]
+    fn rates_cover_only_the_time_since_collection_started() {
+        let started = Instant::now().checked_sub(Duration::from_secs(30)).expect("uptime over 30 s");
+        let w = TrafficWindow { started, ..TrafficWindow::default() };
+        w.add(vec![summary("inbound", "echo", 300, 300)]);
+        let rps = |window| w.stat(StatKind::Service, window)[0].requests_per_second;
+        let over_a_minute = rps(Duration::from_secs(60));
+        assert!((9.0..=10.0).contains(&over_a_minute), "300 requests in the 30 s collected: {over_a_minute}");
+        assert!((rps(Duration::from_secs(10)) - 30.0).abs() < 1e-9);
     }
 }
