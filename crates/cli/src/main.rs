@@ -2,6 +2,7 @@
 //! commands build on the same entry point.
 
 mod api_client;
+mod bench_cmd;
 mod check_cmd;
 mod control_cmd;
 mod demo_cmd;
@@ -66,6 +67,8 @@ enum Command {
     Sample(sample_cmd::SampleArgs),
     /// Print CLI, control plane and proxy versions.
     Version(version_cmd::VersionArgs),
+    /// Constant-rate load generation with SMP results; `bench compare A B` compares two runs.
+    Bench(Box<bench_cmd::BenchArgs>),
 }
 
 /// A failure the user should see as `error: ...` with the given exit code.
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,
+            Command::Bench(args) => bench_cmd::run(*args).await,
         }
     });
     match result {
