@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
@@ -83,14 +84,15 @@ pub struct PathResult {
     pub proxy_cpu: Duration,
     /// Largest resident memory of the path's proxies together, bytes.
     pub proxy_rss: u64,
+    /// Requests sent on the path while `proxy_cpu` was counted (warm-ups included).
+    pub requests: u64,
 }
 
 impl PathResult {
-    /// Proxy CPU (cores) per 1,000 req/s.
+    /// Proxy CPU (cores) per 1,000 req/s: CPU seconds per request × 1,000. CPU is counted
+    /// over whole runs, warm-up included, so it is divided by every request of those runs.
     pub fn cpu_per_krps(&self) -> f64 {
-        let secs = self.result.duration.as_secs_f64();
-        let krps = self.result.actual_qps() / 1000.0;
-        if secs <= 0.0 || krps <= 0.0 { 0.0 } else { self.proxy_cpu.as_secs_f64() / secs / krps }
+        if self.requests == 0 { 0.0 } else { self.proxy_cpu.as_secs_f64() / self.requests as f64 * 1000.0 }
     }
 }
 
@@ -312,7 +314,7 @@ pub async fn run_overhead(cfg: &OverheadConfig, progress: Arc<Progress>) -> Resu
     ));
     std::fs::create_dir_all(&dir)
         .map_err(|e| BenchError::File { path: dir.display().to_string(), why: e.to_string() })?;
-    let outcome = measure(cfg, &target, &dir, progress).await;
+    let outcome = measure(cfg, &target, &dir, &progress).await;
     if outcome.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -323,7 +325,7 @@ async fn measure(
     cfg: &OverheadConfig,
     target: &Target,
     dir: &Path,
-    progress: Arc<Progress>,
+    progress: &Arc<Progress>,
 ) -> Result<Vec<PathResult>, BenchError> {
     let mesh = start_mesh(cfg, target, dir).await?;
     let routes = [Route::Direct, Route::OneSidecar, Route::TwoSidecars];
@@ -338,16 +340,19 @@ async fn measure(
             let mut load = cfg.load.clone();
             load.url = url.to_string();
             let cpu_before: Duration = proxies.iter().map(|p| p.cpu()).sum();
+            let warmup_before = progress.warmup.load(Ordering::Relaxed);
             let result = run(&load, progress.clone()).await?;
             let cpu: Duration = proxies.iter().map(|p| p.cpu()).sum::<Duration>().saturating_sub(cpu_before);
             let rss: u64 = proxies.iter().map(|p| p.rss()).sum();
+            let requests = result.sent + progress.warmup.load(Ordering::Relaxed).saturating_sub(warmup_before);
             match &mut results[i] {
                 Some(acc) => {
                     acc.result.merge_sequential(&result);
                     acc.proxy_cpu += cpu;
                     acc.proxy_rss = acc.proxy_rss.max(rss);
+                    acc.requests += requests;
                 }
-                slot => *slot = Some(PathResult { route: *route, result, proxy_cpu: cpu, proxy_rss: rss }),
+                slot => *slot = Some(PathResult { route: *route, result, proxy_cpu: cpu, proxy_rss: rss, requests }),
             }
         }
     }
@@ -419,5 +424,54 @@ impl RunResult {
         self.url = other.url.clone();
         self.duration = duration;
         self.start_time = start;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resources_written_for_the_sidecars_are_valid() {
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let text = format!("{}---\n{}", service_yaml(), workload_yaml(ip, 7000, 9000, true));
+        let docs = plexus_core::load::parse_documents("overhead.yaml", &text).expect("valid resources");
+        assert_eq!(docs.len(), 2);
+    }
+
+    #[test]
+    fn cpu_per_thousand_requests_per_second() {
+        let result = RunResult {
+            url: String::new(),
+            protocol: Protocol::Http1,
+            load: Load::ConstantRate(1000.0),
+            keepalive: true,
+            connections: 1,
+            streams: 1,
+            threads: 1,
+            duration: Duration::from_secs(10),
+            warmup: Duration::ZERO,
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            drained_after: Duration::ZERO,
+            planned: None,
+            unsent: 0,
+            sent: 10_000,
+            completed: 10_000,
+            errors: Default::default(),
+            latency: crate::recorder::histogram(),
+            service: crate::recorder::histogram(),
+            lag: crate::recorder::histogram(),
+            generator_cpu: None,
+        };
+        // 2.5 s of proxy CPU for 10,000 requests: 0.25 ms each, a quarter of a core at 1k/s.
+        let p = PathResult {
+            route: Route::OneSidecar,
+            result,
+            proxy_cpu: Duration::from_millis(2500),
+            proxy_rss: 0,
+            requests: 10_000,
+        };
+        assert!((p.cpu_per_krps() - 0.25).abs() < 1e-9);
     }
 }
