@@ -50,6 +50,12 @@ pub struct DeleteArgs {
 
 /// Reads and validates every document of every file; all problems are reported together.
 fn load(files: &[String]) -> Result<Vec<Resource>, Failure> {
+    load_resources(files, "invalid resources; nothing was applied")
+}
+
+/// Reads and validates resources from files, directories (their .yaml/.yml/.json) or `-`
+/// (stdin); any problem fails the whole input with `heading` and every problem listed.
+pub(crate) fn load_resources(files: &[String], heading: &str) -> Result<Vec<Resource>, Failure> {
     let mut inputs: Vec<(String, String)> = Vec::new();
     for f in files {
         if f == "-" {
@@ -87,7 +93,7 @@ fn load(files: &[String]) -> Result<Vec<Resource>, Failure> {
         }
     }
     if !problems.is_empty() {
-        return Err(Failure::usage(format!("invalid resources; nothing was applied\n{}", problems.join("\n"))));
+        return Err(Failure::usage(format!("{heading}\n{}", problems.join("\n"))));
     }
     Ok(resources)
 }

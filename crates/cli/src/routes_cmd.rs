@@ -4,14 +4,11 @@
 //! The table is compiled with `MeshSnapshot::compile`, exactly as a proxy compiles what it
 //! receives, from the control plane's resources (every kind) or from `-f` files.
 
-use std::io::Read as _;
-use std::path::PathBuf;
-
 use http::{Method, StatusCode};
 use plexus_core::explain::{
     PortTable, describe_budget, describe_lb, describe_limits, describe_rate_limit, describe_retry, trim_float,
 };
-use plexus_core::{Kind, MeshSnapshot, Resource, ServiceName, parse_documents};
+use plexus_core::{Kind, MeshSnapshot, Resource, ServiceName};
 use serde_json::Value;
 
 use crate::Failure;
@@ -35,49 +32,9 @@ pub struct RoutesArgs {
     server: ServerArgs,
 }
 
-/// Reads and validates every document of every file (`-` is stdin); all problems are reported
-/// together. The same reading rules as `plexus apply -f`.
+/// Reads and validates resources files (as `plexus apply -f` does).
 pub(crate) fn load_files(files: &[String]) -> Result<Vec<Resource>, Failure> {
-    let mut inputs: Vec<(String, String)> = Vec::new();
-    for f in files {
-        if f == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|e| Failure::usage(format!("cannot read stdin: {e}")))?;
-            inputs.push(("-".into(), text));
-            continue;
-        }
-        let path = PathBuf::from(f);
-        let paths: Vec<PathBuf> = if path.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)
-                .map_err(|e| Failure::usage(format!("cannot read directory {f}: {e}")))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
-                .collect();
-            entries.sort();
-            entries
-        } else {
-            vec![path]
-        };
-        for p in paths {
-            let text =
-                std::fs::read_to_string(&p).map_err(|e| Failure::usage(format!("cannot read {}: {e}", p.display())))?;
-            inputs.push((p.display().to_string(), text));
-        }
-    }
-    let mut resources = Vec::new();
-    let mut problems = Vec::new();
-    for (name, text) in &inputs {
-        match parse_documents(name, text) {
-            Ok(r) => resources.extend(r),
-            Err(e) => problems.extend(e.errors.iter().map(|e| format!("  {e}"))),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(Failure::usage(format!("invalid resources\n{}", problems.join("\n"))));
-    }
-    Ok(resources)
+    crate::resources_cmd::load_resources(files, "invalid resources")
 }
 
 /// The control plane's store revision (`/healthz`); an error when it cannot be reached.
