@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -48,19 +49,50 @@ impl ServerArgs {
         body: Option<&Value>,
         write: bool,
     ) -> Result<(StatusCode, Value), Failure> {
-        let authority = self.authority()?;
-        let unreachable = |e: &dyn std::fmt::Display| {
-            Failure::runtime(format!(
-                "cannot reach the control plane at {}: {e}\n  hint: start it with `plexus control` (or `plexus demo`), or set --server / PLEXUS_SERVER",
-                self.server
-            ))
+        let resp = self.send(method, path, body, write).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| self.unreachable(&e))?.to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
         };
+        Ok((status, value))
+    }
+
+    /// `GET path` whose answer streams (tap): the response, its body still unread, when it
+    /// succeeded; the API's error otherwise.
+    pub async fn stream(&self, path: &str) -> Result<Response<Incoming>, Failure> {
+        let resp = self.send(Method::GET, path, None, false).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| self.unreachable(&e))?.to_bytes();
+        Err(api_error(status, &serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> Failure {
+        Failure::runtime(format!(
+            "cannot reach the control plane at {}: {e}\n  hint: start it with `plexus control` (or `plexus demo`), or set --server / PLEXUS_SERVER",
+            self.server
+        ))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        write: bool,
+    ) -> Result<Response<Incoming>, Failure> {
+        let authority = self.authority()?;
         let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&authority))
             .await
-            .map_err(|_| unreachable(&"connect timed out"))?
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|_| self.unreachable(&"connect timed out"))?
+            .map_err(|e| self.unreachable(&e))?;
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| self.unreachable(&e))?;
         tokio::spawn(conn);
         let mut builder = Request::builder().method(method).uri(path).header(http::header::HOST, authority.as_str());
         if write {
@@ -74,18 +106,10 @@ impl ServerArgs {
             None => Bytes::new(),
         };
         let req = builder.body(Full::new(payload)).map_err(|e| Failure::runtime(e.to_string()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
             .await
-            .map_err(|_| unreachable(&"no answer within 30 s"))?
-            .map_err(|e| unreachable(&e))?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        Ok((status, value))
+            .map_err(|_| self.unreachable(&"no answer within 30 s"))?
+            .map_err(|e| self.unreachable(&e))
     }
 }
 

@@ -5,6 +5,7 @@ mod api_client;
 mod bench_cmd;
 mod check_cmd;
 mod control_cmd;
+mod dashboard_cmd;
 mod demo_cmd;
 mod explain_cmd;
 mod identity_cmd;
@@ -17,6 +18,7 @@ mod routes_cmd;
 mod run_cmd;
 mod sample_cmd;
 mod stat_cmd;
+mod tap_cmd;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -58,6 +60,12 @@ enum Command {
     Explain(Box<explain_cmd::ExplainArgs>),
     /// Golden metrics (requests/s, success rate, latency percentiles) per service, workload, route.
     Stat(stat_cmd::StatArgs),
+    /// Live stream of requests through the proxies of a target (route, decisions, outcome).
+    Tap(Box<tap_cmd::TapArgs>),
+    /// The busiest paths of a target, live, ranked by requests.
+    Top(Box<tap_cmd::TopArgs>),
+    /// Print (or open) the web dashboard's address.
+    Dashboard(dashboard_cmd::DashboardArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
     /// Create, show or rotate the mesh's trust anchor and issuer.
@@ -124,6 +132,9 @@ fn main() -> ExitCode {
             Command::Explain(args) => explain_cmd::run(*args).await,
             Command::ProxyConfig(args) => proxy_config_cmd::run(args).await,
             Command::Stat(args) => stat_cmd::run(args).await,
+            Command::Tap(args) => tap_cmd::tap(*args).await,
+            Command::Top(args) => tap_cmd::top(*args).await,
+            Command::Dashboard(args) => dashboard_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Sample(args) => sample_cmd::run(args).await,

@@ -130,6 +130,7 @@ impl ProxyArgs {
             load_balancer: self.load_balancer,
             workload: self.workload,
             service: self.service,
+            version: self.workload_version.clone().filter(|v| !v.is_empty()),
             namespace: self.namespace,
             access_log: self.access_log,
             outbound_mark: self.outbound_mark,

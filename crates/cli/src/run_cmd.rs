@@ -92,6 +92,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         app_port: args.port,
         workload: Some(workload.clone()),
         service: Some(args.service.clone()),
+        version: Some(args.version.clone()).filter(|v| !v.is_empty()),
         namespace: args.namespace.clone(),
         ..Settings::default()
     };

@@ -4,14 +4,13 @@
 //! panel of the Grafana dashboard in `deploy/grafana/` run against that Prometheus.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use plexus_testkit::{HttpEcho, Proxy, TcpEcho, TempDir, eventually, free_port, require_tool, serial};
+use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TcpEcho, TempDir, eventually, free_port, require_tool, serial};
 use serde_json::Value;
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
@@ -19,126 +18,6 @@ const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 /// The repository's root (the dashboard and the Prometheus example live there).
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A child process killed (SIGKILL) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-/// A `plexus demo` (with its light load) on free ports with its own data dir; killed on drop.
-struct Demo {
-    proc: Proc,
-    data: PathBuf,
-    http: u16,
-    grpc: u16,
-    ingress: SocketAddr,
-    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Demo {
-    /// Starts the demo and waits for its "running" line (printed once Bookinfo answers).
-    async fn start(dir: &TempDir) -> Result<Demo> {
-        let data = dir.join("data");
-        let (http, grpc, ingress) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(PLEXUS);
-        cmd.args(["demo", "--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")]);
-        cmd.args(["--ingress-addr", &format!("127.0.0.1:{ingress}"), "--data-dir"]).arg(&data);
-        // The demo's log and its workloads' logs (data/logs) stay in the kept temp dir when a
-        // test fails.
-        let log = std::fs::File::create(dir.join("demo.log"))?;
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let proc = Proc(child);
-        let (first, lines) = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            (lines.next(), lines)
-        })
-        .await?;
-        let log_tail = || {
-            let log = std::fs::read_to_string(dir.join("demo.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            format!("demo log (tail):\n{}", lines[lines.len().saturating_sub(15)..].join("\n"))
-        };
-        let first = first.with_context(|| format!("demo printed nothing; {}", log_tail()))??;
-        ensure!(first.starts_with("Plexus demo is running"), "{first}; {}", log_tail());
-        let ingress = SocketAddr::from(([127, 0, 0, 1], ingress));
-        Ok(Demo { proc, data, http, grpc, ingress, _stdout: lines })
-    }
-
-    fn api(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.http))
-    }
-
-    /// Fetches pages until every reviews version has served one (the latency-aware balancer
-    /// favours the fastest, so this can take a few pages). Pages are not judged here: the
-    /// graph test judges the steady traffic that follows.
-    async fn every_version_answers(&self) -> Result<()> {
-        let mut seen = BTreeSet::new();
-        let started = Instant::now();
-        while seen.len() < 3 {
-            ensure!(started.elapsed() < Duration::from_secs(60), "only {seen:?} answered within 60 s");
-            let page = get(self.ingress, "/productpage").await?.text();
-            seen.extend(page.lines().find_map(|l| l.trim().strip_prefix("Reviews served by: ").map(str::to_string)));
-        }
-        Ok(())
-    }
-
-    /// Runs a `plexus` command against this demo's control plane.
-    fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(PLEXUS)
-            .args(args)
-            .env("PLEXUS_SERVER", format!("http://127.0.0.1:{}", self.http))
-            .env("PLEXUS_DATA_DIR", &self.data)
-            .output()?)
-    }
-
-    /// `plexus apply` of a YAML text.
-    fn apply(&self, dir: &TempDir, name: &str, yaml: &str) -> Result<()> {
-        let file = dir.join(name);
-        std::fs::write(&file, yaml)?;
-        let o = self.cli(&["apply", "-f", file.to_str().context("path")?])?;
-        ensure!(o.status.success(), "apply {name}: {}", String::from_utf8_lossy(&o.stderr));
-        Ok(())
-    }
-
-    /// `plexus run --service SERVICE --version VERSION --port APP_PORT` joined to this demo
-    /// (the workload itself just sleeps; the app is served by the test).
-    fn run_workload(&self, dir: &TempDir, service: &str, version: &str, app_port: u16) -> Result<Proc> {
-        let log = std::fs::File::create(dir.join(format!("{service}-{version}.log")))?;
-        let child = Command::new(PLEXUS)
-            .args(["run", "--service", service, "--version", version, "--port", &app_port.to_string()])
-            .args(["--control-plane", &format!("http://127.0.0.1:{}", self.grpc)])
-            .args(["--server", &format!("http://127.0.0.1:{}", self.http), "--data-dir"])
-            .arg(&self.data)
-            .args(["--", "sleep", "600"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()?;
-        Ok(Proc(child))
-    }
-
-    /// SIGINT, then the demo must be gone within 10 s.
-    async fn stop(mut self) -> Result<()> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc_kill(self.proc.0.id() as i32, 2) };
-        let stopping = Instant::now();
-        while self.proc.0.try_wait()?.is_none() {
-            ensure!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
 }
 
 /// `GET path` on `addr` (HTTP/1.1, 15 s).
@@ -227,7 +106,7 @@ async fn page_load(ingress: SocketAddr) {
 async fn graph_of_the_bookinfo_demo_has_every_hop_with_its_golden_metrics() -> Result<()> {
     let _serial = serial().await;
     let dir = TempDir::new("graph")?;
-    let demo = Demo::start(&dir).await?;
+    let demo = Demo::start(PLEXUS, &dir, &[]).await?;
     let started = Instant::now();
     let api = demo.api();
     demo.every_version_answers().await?;
@@ -689,7 +568,7 @@ async fn prometheus_scrapes_every_proxy_and_every_dashboard_panel_has_data() -> 
     }
     let _serial = serial().await;
     let dir = TempDir::new("prometheus")?;
-    let demo = Demo::start(&dir).await?;
+    let demo = Demo::start(PLEXUS, &dir, &[]).await?;
     let api = demo.api();
     let prometheus = Prometheus::start(&dir, api).await?;
     // Traffic to every reviews version.

@@ -45,6 +45,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/identity", get(identity))
         .route("/api/v1/identity/rotate", post(rotate_identity))
+        .route("/api/v1/tap", get(crate::tap::tap))
         .with_state(state)
 }
 

@@ -13,4 +13,5 @@ pub mod identity;
 pub mod index;
 pub mod proxies;
 pub mod store;
+pub mod tap;
 pub mod traffic;

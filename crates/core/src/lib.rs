@@ -16,6 +16,7 @@ pub mod names;
 pub mod policy;
 pub mod resource;
 pub mod route;
+pub mod tap;
 pub mod time;
 mod validate;
 

@@ -1,4 +1,5 @@
-//! The admin server (SPEC §5): `/ready`, `/live`, `/metrics`, `/config`, `POST /shutdown`.
+//! The admin server (SPEC §5): `/ready`, `/live`, `/metrics`, `/config`, `/tap` (JSON lines,
+//! see [`crate::tap`]), `POST /shutdown`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -57,17 +58,18 @@ fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
             });
             text(StatusCode::OK, "application/json", format!("{config:#}\n"))
         }
+        (&Method::GET, "/tap") => state.tap.serve(req.uri().query()),
         (&Method::POST, "/shutdown") => {
             state.start_drain();
             text(StatusCode::ACCEPTED, "text/plain", "draining\n".into())
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown") => {
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/tap" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into())
         }
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /ready, /live, /metrics, /config, POST /shutdown\n".into(),
+            "not found: try /ready, /live, /metrics, /config, /tap, POST /shutdown\n".into(),
         ),
     }
 }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod resilience;
 pub mod settings;
+pub mod tap;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;

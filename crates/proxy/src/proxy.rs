@@ -49,6 +49,8 @@ pub struct State {
     pub pool: Arc<Pool>,
     pub metrics: Metrics,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Live request stream for admin `/tap`.
+    pub tap: crate::tap::Tap,
     pub http: HttpServer,
     conn_limit: Arc<Semaphore>,
     draining: AtomicBool,
@@ -91,6 +93,9 @@ impl State {
         let s = &self.settings;
         if let Some(w) = &s.workload {
             peers.destination_workload = w.clone();
+        }
+        if let Some(v) = &s.version {
+            peers.destination_version = v.clone();
         }
         if let Some(svc) = &s.service {
             peers.destination_service = svc.clone();
@@ -254,6 +259,7 @@ impl Proxy {
             ),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
+            tap: crate::tap::Tap::default(),
             http: HttpServer::new(&settings.limits),
             conn_limit: Arc::new(Semaphore::new(settings.limits.max_connections)),
             draining: AtomicBool::new(false),

@@ -96,6 +96,8 @@ pub struct Settings {
     /// This proxy's own workload (metrics' source labels), when known.
     pub workload: Option<String>,
     pub service: Option<String>,
+    /// This proxy's workload version (inbound `destination_version`), when known.
+    pub version: Option<String>,
     pub namespace: String,
     /// Print one JSON line per request on stdout.
     pub access_log: bool,
@@ -168,6 +170,7 @@ impl Default for Settings {
             load_balancer: LoadBalancer::Ewma,
             workload: None,
             service: None,
+            version: None,
             namespace: "default".into(),
             access_log: false,
             outbound_mark: None,

@@ -11,6 +11,7 @@
 //! * [`require_tool`], [`require_root`] and [`require_python_module`] implement the
 //!   prerequisite rule: under `CI=true` a missing prerequisite fails the test (panic);
 //!   elsewhere it prints `SKIPPED: <why>` and the caller returns early.
+//! * [`Demo`] runs a whole `plexus demo` on free ports.
 //! * [`Background`] runs helper processes (the Python peers) that print a ready line.
 //! * [`client`] has small HTTP client helpers built on hyper (no proxy env vars, no pooling).
 //!
@@ -31,11 +32,13 @@ use anyhow::{Context as _, Result, bail};
 
 mod background;
 pub mod client;
+mod demo;
 mod proxy;
 mod resources;
 mod upstream;
 
 pub use background::Background;
+pub use demo::{Demo, Proc};
 pub use proxy::{Proxy, ProxyAddrs};
 pub use resources::{Resources, ServicePort, WorkloadSpec};
 pub use upstream::{

@@ -32,6 +32,7 @@ use crate::error::ProxyError;
 use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
 use crate::resilience::limits::LimitPermit;
+use crate::tap::Notes;
 
 /// How long a mirrored copy may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,9 +71,17 @@ pub async fn to_service(
     }
     let (backend, backend_port) = match decision.outcome {
         Outcome::Forward { service, port } => (service, port),
-        Outcome::Redirect { status, location } => return obs.respond(redirect(status, &location), "-"),
-        Outcome::Fail(f) => return obs.fail(route_failure(f)),
+        Outcome::Redirect { status, location } => {
+            obs.notes.add(|| format!("{}: redirect {status} to {location}", matched(entry)));
+            return obs.respond(redirect(status, &location), "-");
+        }
+        Outcome::Fail(f) => {
+            let err = route_failure(f);
+            obs.notes.add(|| format!("{}: {err}", matched(entry)));
+            return obs.fail(err);
+        }
     };
+    obs.notes.add(|| format!("{}: backend {}:{}", matched(entry), backend.name, backend_port.port));
     obs.peers.destination_service = backend.name.name.clone();
     let authority = match apply_request_filters(entry, &mut head, authority) {
         Ok(a) => a,
@@ -105,10 +114,14 @@ pub async fn to_service(
     let deadline = deadline::deadline(&head.headers, received, route_timeout);
     let retry = entry.and_then(|e| e.retry.as_ref()).or(policy.retry.as_ref()).unwrap_or(&DEFAULT_RETRY);
     let mirrors = entry.map(|e| e.mirrors.as_slice()).unwrap_or_default();
+    if let Some(d) = deadline {
+        obs.notes.add(|| format!("deadline in {} ms", d.saturating_duration_since(received).as_millis()));
+    }
     let incoming = obs.count_request_body(body::boxed(req.into_body()));
+    let notes = &obs.notes;
     let work = async {
         if let Some(e) = entry {
-            inject_faults(e, obs.grpc).await?;
+            inject_faults(e, obs.grpc, notes).await?;
         }
         // Read small bodies ahead only when a retry after sending, or a mirror, needs a copy.
         let body = if retries_after_send(retry) || !mirrors.is_empty() {
@@ -123,6 +136,7 @@ pub async fn to_service(
                 && let Some(copy) = body.copy()
             {
                 spawn_mirror(&state, to.snapshot, m, to.port.port, &head, copy);
+                notes.add(|| format!("mirrored to {}", m.service));
             }
         }
         // Circuit breaking: a slot of the destination's connection limits, held until the
@@ -149,6 +163,7 @@ pub async fn to_service(
             deadline,
             hash,
             snapshot: to.snapshot,
+            notes,
             send: SendOptions {
                 peer_identity: None,
                 max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
@@ -212,17 +227,19 @@ fn strip_authority(uri: &Uri) -> Result<Uri, ProxyError> {
 }
 
 /// Delays and aborts of the rule's FaultInjections, in order.
-async fn inject_faults(entry: &RouteEntry, grpc: bool) -> Result<(), ProxyError> {
+async fn inject_faults(entry: &RouteEntry, grpc: bool, notes: &Notes) -> Result<(), ProxyError> {
     for f in entry.faults.iter().filter_map(|f| f.fault.as_ref()) {
         if let Some(d) = &f.delay
             && happens(d.percent, fastrand::f64())
         {
+            notes.add(|| format!("fault {}: delay {} ms", f.name, d.fixed.as_millis()));
             tokio::time::sleep(d.fixed).await;
         }
         if let Some(a) = &f.abort
             && happens(a.percent, fastrand::f64())
         {
             let (http_status, grpc_status) = abort_statuses(a, grpc);
+            notes.add(|| format!("fault {}: abort", f.name));
             return Err(ProxyError::FaultAbort { fault: f.name.clone(), http_status, grpc_status });
         }
     }
@@ -276,6 +293,8 @@ struct Tries<'a> {
     send: SendOptions,
     /// For the peers' SPIFFE IDs.
     snapshot: &'a MeshSnapshot,
+    /// Retries and budget refusals, for tap.
+    notes: &'a Notes,
 }
 
 impl Tries<'_> {
@@ -377,6 +396,7 @@ impl Tries<'_> {
             };
             tried.push(ep.addr);
             tracing::debug!(endpoint = %ep.addr, %why, attempt, "retrying");
+            self.notes.retry(|| format!("try {attempt} to {}: {why}; retrying", ep.addr));
             attempt += 1;
             let wait = self.retry.backoff_before(attempt, fastrand::f64());
             if !wait.is_zero() {
@@ -389,6 +409,7 @@ impl Tries<'_> {
     fn grant_retry(&self) -> bool {
         if !self.state.budgets.withdraw(self.backend, self.policy.retry_budget) {
             tracing::debug!(backend = %self.backend, "retry budget exhausted");
+            self.notes.add(|| "retry budget exhausted: no retry".into());
             return false;
         }
         self.state
@@ -440,6 +461,14 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
         .await;
         pick.finish(matches!(sent, Ok(Ok(true))));
     });
+}
+
+/// How a request was routed, for tap: the route and rule that matched, or none.
+fn matched(entry: Option<&RouteEntry>) -> String {
+    match entry {
+        Some(e) => format!("route {} rule {}", e.route, e.rule),
+        None => "no route matched".into(),
+    }
 }
 
 fn redirect(status: u16, location: &str) -> Response<Body> {

@@ -26,6 +26,7 @@ use crate::error::ProxyError;
 use crate::metrics::{ServicePolicyLabels, UNKNOWN};
 use crate::proxy::State;
 use crate::resilience::ratelimit::own_port;
+use crate::tap::Notes;
 
 /// What the inbound listener knows about a connection.
 #[derive(Debug, Clone)]
@@ -50,10 +51,11 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));
     };
     // Authorization first: a denied request does not spend the rate limit's tokens.
-    if let Err(e) = authorize(&state, app_port, conn.peer_identity.as_deref(), &head) {
+    if let Err(e) = authorize(&state, app_port, conn.peer_identity.as_deref(), &head, &obs.notes) {
         return obs.fail(e);
     }
     if let Err(e) = rate_limit(&state, app_port, conn.peer_identity.as_deref()) {
+        obs.notes.add(|| e.to_string());
         return obs.fail(e);
     }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
@@ -116,25 +118,32 @@ fn rate_limit(state: &State, app_port: u16, identity: Option<&str>) -> Result<()
 /// the policies of this sidecar's own Service port (the port the rate limit uses) and the
 /// MeshConfig default. A denial is counted in `plexus_authz_denied_total`; each audit policy
 /// that would have denied the request is logged (info), the decision unchanged.
-pub fn authorize(state: &State, app_port: u16, peer: Option<&str>, head: &Head) -> Result<(), ProxyError> {
-    authorize_parts(state, app_port, peer, head.method.as_str(), head.uri.path(), head.uri.query(), &head.headers)
+/// The decision is noted for tap.
+pub fn authorize(
+    state: &State,
+    app_port: u16,
+    peer: Option<&str>,
+    head: &Head,
+    notes: &Notes,
+) -> Result<(), ProxyError> {
+    let parts = (head.method.as_str(), head.uri.path(), head.uri.query());
+    authorize_parts(state, app_port, peer, parts, &head.headers, notes)
 }
 
 /// Authorizes an opaque TCP stream (or a TLS stream passed through) to the local app: as a
 /// request with no method and no path, so only rules without HTTP conditions (`to.paths`,
 /// `to.methods`) can match it, as Istio does for TCP.
 pub fn authorize_stream(state: &State, app_port: u16, peer: Option<&str>) -> Result<(), ProxyError> {
-    authorize_parts(state, app_port, peer, "", "", None, &http::HeaderMap::new())
+    authorize_parts(state, app_port, peer, ("", "", None), &http::HeaderMap::new(), &Notes::default())
 }
 
 fn authorize_parts(
     state: &State,
     app_port: u16,
     peer: Option<&str>,
-    method: &str,
-    path: &str,
-    query: Option<&str>,
+    (method, path, query): (&str, &str, Option<&str>),
     headers: &http::HeaderMap,
+    notes: &Notes,
 ) -> Result<(), ProxyError> {
     let snapshot = state.discovery.current();
     let default = snapshot.mesh.default_authorization;
@@ -143,6 +152,7 @@ fn authorize_parts(
     let none = Authorization::default();
     let authorization = own.map_or(&none, |(_, p)| &*p.authorization);
     if authorization.is_empty() && default == DefaultAuthorization::Allow {
+        notes.add(|| "authorization: allowed (no policy; mesh default allow)".into());
         return Ok(());
     }
     let route = match own {
@@ -165,9 +175,14 @@ fn authorize_parts(
             "authorization audit: the policy would deny this request"
         );
     }
+    for policy in &decision.audit {
+        notes.add(|| format!("authorization audit: {policy} would deny"));
+    }
     if decision.allowed {
+        notes.add(|| format!("authorization: allowed by {}", decision.policy));
         return Ok(());
     }
+    notes.add(|| format!("authorization: denied by {}", decision.policy));
     state
         .metrics
         .authz_denied

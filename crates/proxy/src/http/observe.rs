@@ -14,6 +14,7 @@ use super::{Head, headers};
 use crate::error::ProxyError;
 use crate::metrics::{PeerLabels, RequestLabels, UNKNOWN};
 use crate::proxy::State;
+use crate::tap::Notes;
 use crate::trace::span::{FinishedSpan, Kind, ProxyResource, Value};
 use crate::trace::{SpanContext, TracingConfig};
 
@@ -33,6 +34,8 @@ pub struct Observation {
     pub security: &'static str,
     /// This proxy's span of the request; its ids are in the headers sent on.
     pub span: SpanContext,
+    /// Decisions and retries, recorded while someone taps ([`crate::tap`]).
+    pub notes: Notes,
     started_at: SystemTime,
     version: Version,
     /// The collector the span goes to (MeshConfig `tracing.otlpEndpoint`, sampled traces only).
@@ -71,6 +74,7 @@ impl Observation {
             export_to: tracing.otlp_endpoint.filter(|_| span.sampled),
             access_log: access_log::format(mesh, state.settings.access_log),
             span,
+            notes: Notes::new(state.tap.active()),
             request_bytes: Arc::new(AtomicU64::new(0)),
             state,
         };
@@ -144,7 +148,7 @@ impl Observation {
         series.duration.observe(elapsed.as_secs_f64());
         series.request_bytes.inc_by(req_bytes);
         series.response_bytes.inc_by(resp_bytes);
-        if self.access_log.is_none() && self.export_to.is_none() {
+        if self.access_log.is_none() && self.export_to.is_none() && !self.notes.on() {
             return;
         }
         let RequestLabels { mut peers, grpc_response_status: grpc_status, .. } = labels;
@@ -156,6 +160,9 @@ impl Observation {
             peers.source_principal = info.spiffe_id;
         }
         let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, peers, success };
+        if self.notes.on() {
+            self.state.tap.publish(self.tap_event(&done));
+        }
         if let Some(format) = self.access_log {
             access_log::write(&self.log_entry(&done).render(format));
         }
@@ -201,6 +208,43 @@ impl Observation {
             response_bytes: d.resp_bytes,
             upstream: self.upstream.map(|a| a.to_string()),
             connection_security_policy: self.security,
+        }
+    }
+
+    fn tap_event(&self, d: &Done<'_>) -> plexus_core::tap::TapEvent {
+        use plexus_core::tap::{TapEvent, TapPeer};
+        let noted = self.notes.take();
+        let p = &d.peers;
+        TapEvent {
+            time: plexus_core::time::rfc3339(self.started_at),
+            proxy: self.state.settings.workload.clone().unwrap_or_else(|| UNKNOWN.into()),
+            direction: self.direction.into(),
+            method: self.method.clone(),
+            authority: self.authority.clone(),
+            path: self.path.clone(),
+            status: d.status,
+            grpc_status: d.grpc_status.parse().ok(),
+            latency_ms: d.elapsed.as_secs_f64() * 1000.0,
+            source: TapPeer {
+                workload: p.source_workload.clone(),
+                service: p.source_service.clone(),
+                principal: p.source_principal.clone(),
+                ..TapPeer::default()
+            },
+            destination: TapPeer {
+                workload: p.destination_workload.clone(),
+                service: p.destination_service.clone(),
+                principal: p.destination_principal.clone(),
+                version: p.destination_version.clone(),
+                endpoint: self.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            },
+            route: self.route.clone(),
+            tls: self.security == "mutual_tls",
+            retries: noted.retries,
+            flags: d.flags.into(),
+            decisions: noted.decisions,
+            request_id: self.request_id.clone(),
+            trace_id: self.span.trace_id.to_string(),
         }
     }
 
