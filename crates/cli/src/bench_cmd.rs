@@ -14,6 +14,9 @@ use plexus_bench::smp::{self, PerformanceTestConfig};
 use plexus_bench::{BenchConfig, Load, Progress, Protocol, RunResult, compare, overhead, profile, summary};
 
 use crate::Failure;
+use crate::api_client::{ServerArgs, api_error};
+use http::{Method, StatusCode};
+use serde_json::Value;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -78,17 +81,29 @@ pub struct BenchArgs {
     /// Run an SMP PerformanceTestConfig (YAML or JSON) instead of a URL.
     #[arg(long, conflicts_with = "url")]
     profile: Option<PathBuf>,
+    /// Do not send the result to the control plane (by default it is stored there when one
+    /// answers at --server, for `plexus bench list` and the dashboard).
+    #[arg(long)]
+    no_store: bool,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(clap::Subcommand)]
 enum BenchAction {
     /// Compare two results (`--out` files): differences per percentile and in rate, with a
     /// note when the runs are too noisy to tell.
+    /// A and B are result files or the ids of runs stored by the control plane.
     Compare {
         /// The baseline.
         a: PathBuf,
         /// The result compared with it.
         b: PathBuf,
+    },
+    /// The runs stored by the control plane, newest first.
+    List {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// What the mesh adds: the same constant-rate load directly, through one sidecar and
     /// through two, interleaved round by round; added latency per percentile and the proxies'
@@ -133,7 +148,8 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     match &args.action {
-        Some(BenchAction::Compare { a, b }) => return compare_files(a, b),
+        Some(BenchAction::Compare { a, b }) => return compare_runs(&args.server, a, b).await,
+        Some(BenchAction::List { output }) => return list(&args.server, output).await,
         Some(BenchAction::Overhead(o)) => return overhead(o).await,
         None => {}
     }
@@ -193,16 +209,27 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     }
 
     print!("{}", summary::render(&total));
+    let env = Environment::detect();
+    let details_uri = args
+        .out
+        .as_deref()
+        .and_then(|out| smp::details_path(out).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let (result, details) = smp::documents(&total, &env, labels, &details_uri);
     if let Some(out) = &args.out {
-        let env = Environment::detect();
-        let smp = smp::write_result(out, &total, &env, labels).map_err(|e| Failure::runtime(e.to_string()))?;
+        let failed = |e: plexus_bench::BenchError| Failure::runtime(e.to_string());
+        smp::write_document(&smp::details_path(out), &details).map_err(failed)?;
+        smp::write_document(out, &result).map_err(failed)?;
         println!();
         println!(
             "results: {} (SMP PerformanceTestResult, id {}); details: {}",
             out.display(),
-            smp.id,
+            result.id,
             smp::details_path(out).display()
         );
+    }
+    if !args.no_store {
+        store(&args.server, &result, &details).await;
     }
     if total.completed == 0 {
         return Err(Failure::runtime("no request completed"));
@@ -339,9 +366,74 @@ async fn overhead(args: &OverheadArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn compare_files(a: &Path, b: &Path) -> Result<(), Failure> {
-    let la = smp::read_result(a).map_err(|e| Failure::usage(e.to_string()))?;
-    let lb = smp::read_result(b).map_err(|e| Failure::usage(e.to_string()))?;
+/// Sends a result to the control plane; a missing control plane or token is a note, not a
+/// failure (the run itself succeeded).
+async fn store(server: &ServerArgs, result: &smp::PerformanceTestResult, details: &smp::Details) {
+    let body = serde_json::json!({ "result": result, "details": details });
+    match server.call(Method::POST, "/api/v1/bench/results", Some(&body), true).await {
+        Ok((StatusCode::CREATED, _)) => {
+            println!("stored in the control plane at {} as run {} (plexus bench list)", server.server, result.id)
+        }
+        Ok((status, answer)) => eprintln!("note: not stored: {}", api_error(status, &answer).message),
+        Err(e) => eprintln!("note: not stored in a control plane: {}", e.message.lines().next().unwrap_or_default()),
+    }
+}
+
+/// `plexus bench list`.
+async fn list(server: &ServerArgs, output: &str) -> Result<(), Failure> {
+    let (status, answer) = server.call(Method::GET, "/api/v1/bench/results", None, false).await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &answer));
+    }
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<20}  {:<14}  {:>9}  {:>9}  {:>9}  {:>9}  {:>7}  NAME",
+        "ID", "START", "MODE", "QPS", "P50", "P99", "MAX", "ERRORS"
+    );
+    let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    for r in answer["items"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let l = &r["latenciesMs"];
+        println!(
+            "{:<36}  {:<20}  {:<14}  {:>9.1}  {:>7.2}ms  {:>7.2}ms  {:>7.2}ms  {:>7}  {}",
+            r["id"].as_str().unwrap_or("?"),
+            r["startTime"].as_str().unwrap_or("?").chars().take(19).collect::<String>(),
+            r["mode"].as_str().unwrap_or("?"),
+            number(&r["actualQPS"]),
+            number(&l["p50"]),
+            number(&l["p99"]),
+            number(&l["max"]),
+            r["errors"].as_u64().unwrap_or(0),
+            r["name"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+/// A result from a file or, when no such file exists, a run stored by the control plane.
+async fn load_run(server: &ServerArgs, what: &Path) -> Result<smp::Loaded, Failure> {
+    if what.exists() {
+        return smp::read_result(what).map_err(|e| Failure::usage(e.to_string()));
+    }
+    let id = what.to_string_lossy();
+    let (status, answer) = server.call(Method::GET, &format!("/api/v1/bench/results/{id}"), None, false).await?;
+    if status == StatusCode::NOT_FOUND {
+        return Err(Failure::runtime(format!("{id}: no such file, and no run with that id in the control plane")));
+    }
+    if status != StatusCode::OK {
+        return Err(api_error(status, &answer));
+    }
+    let invalid = |e: serde_json::Error| Failure::runtime(format!("run {id}: {e}"));
+    let result = serde_json::from_value(answer["result"].clone()).map_err(invalid)?;
+    let details = serde_json::from_value(answer["details"].clone()).map_err(invalid)?;
+    Ok(smp::Loaded { result, details })
+}
+
+async fn compare_runs(server: &ServerArgs, a: &Path, b: &Path) -> Result<(), Failure> {
+    let la = load_run(server, a).await?;
+    let lb = load_run(server, b).await?;
     let c = compare::compare(&la, &lb);
     print!("{}", compare::render(&c, &a.display().to_string(), &b.display().to_string()));
     Ok(())

@@ -114,6 +114,7 @@ impl ControlPlane {
             traffic: traffic.clone(),
             data_dir: data.path.clone(),
             ca: ca.clone(),
+            bench: Arc::new(plexus_control::bench_results::BenchResults::open(&data.path)),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));

@@ -341,3 +341,65 @@ fn the_certificate_authority_is_created_on_first_start_and_checked() -> Result<(
     assert!(out.contains("✗ the issuer is not signed by the trust anchor"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_results_are_stored_listed_and_compared_by_id() -> Result<()> {
+    let dir = TempDir::new("cp-bench")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let upstream = plexus_testkit::HttpEcho::start("bench-target").await?;
+    let url = format!("http://{}/", upstream.addr());
+    let run = cp.plexus(&["bench", &url, "--rate", "50", "--duration", "1s", "--warmup", "0"], None)?;
+    let (out, err) = text(&run);
+    assert!(run.status.success(), "{out}{err}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("stored in the control plane at ")?.split(" as run ").nth(1)?.split(' ').next())
+        .with_context(|| format!("no stored line in:\n{out}{err}"))?
+        .to_string();
+
+    let list = cp.plexus(&["bench", "list", "-o", "json"], None)?;
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    let item = listed["items"].as_array().and_then(|a| a.first()).context("no run listed")?;
+    assert_eq!(item["id"], id.as_str());
+    assert_eq!(item["url"], url.as_str());
+    assert_eq!(item["mode"], "constant-rate");
+    let qps = item["actualQPS"].as_f64().context("actualQPS")?;
+    assert!((40.0..=60.0).contains(&qps), "actualQPS {qps}");
+    let table = cp.plexus(&["bench", "list"], None)?;
+    assert!(text(&table).0.lines().nth(1).is_some_and(|l| l.starts_with(&id)), "{:?}", text(&table));
+
+    // The stored run holds the details (full histogram) and compares with itself as equal.
+    let one: serde_json::Value = serde_json::from_str(
+        &Command::new("curl")
+            .args(["-s", &format!("{}/api/v1/bench/results/{id}", cp.server)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())?,
+    )?;
+    assert_eq!(one["details"]["resultId"], id.as_str());
+    assert!(one["details"]["histogram"]["totalCount"].as_u64().is_some_and(|n| n >= 40), "{}", one["details"]);
+    let compare = cp.plexus(&["bench", "compare", &id, &id], None)?;
+    assert!(compare.status.success(), "{:?}", text(&compare));
+    assert!(text(&compare).0.contains("no difference"), "{}", text(&compare).0);
+
+    // Writes need the admin token, and an id must be a file name.
+    let post = |auth: &[&str], body: &str| -> Result<String> {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--data", body])
+            .args(auth)
+            .arg(format!("{}/api/v1/bench/results", cp.server))
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    assert_eq!(post(&[], &one.to_string())?, "401");
+    let token = std::fs::read_to_string(dir.join("data").join("admin-token"))?;
+    let auth = format!("authorization: Bearer {}", token.trim());
+    let mut evil = one.clone();
+    evil["result"]["id"] = "../../escape".into();
+    assert_eq!(post(&["-H", &auth], &evil.to_string())?, "422");
+    assert_eq!(post(&["-H", &auth], "{\"result\": 1}")?, "422");
+    // Missing runs: exit 1 with the reason.
+    let missing = cp.plexus(&["bench", "compare", "no-such-run", &id], None)?;
+    assert_eq!(missing.status.code(), Some(1), "{:?}", text(&missing));
+    assert!(text(&missing).1.contains("no run with that id"), "{:?}", text(&missing));
+    Ok(())
+}

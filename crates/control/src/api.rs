@@ -25,6 +25,8 @@ pub struct ApiState {
     pub data_dir: std::path::PathBuf,
     /// The certificate authority the control plane signs with.
     pub ca: Arc<crate::identity::Ca>,
+    /// Performance runs sent by `plexus bench`.
+    pub bench: Arc<crate::bench_results::BenchResults>,
 }
 
 type Shared = Arc<ApiState>;
@@ -46,6 +48,11 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/identity", get(identity))
         .route("/api/v1/identity/rotate", post(rotate_identity))
         .route("/api/v1/tap", get(crate::tap::tap))
+        .route("/api/v1/bench/results", get(crate::bench_results::list).post(crate::bench_results::create))
+        .route(
+            "/api/v1/bench/results/{id}",
+            get(crate::bench_results::get).delete(crate::bench_results::delete),
+        )
         .with_state(state)
 }
 
@@ -65,7 +72,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError { status, message: message.into() }
 }
 
-fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
