@@ -7,6 +7,9 @@
 //! Per-request and per-stream series are reached through [`Metrics::request`] and
 //! [`Metrics::tcp`], which remember when each label set was last used; a sweep removes series
 //! idle for 10 minutes (SPEC §5), so label cardinality stays bounded by recent traffic.
+//! Within those 10 minutes it is bounded too: past [`MAX_REQUEST_SERIES`] label sets (say, a
+//! flood of distinct client identities) a new label set has its source labels replaced by
+//! [`OVERFLOW`], so totals stay exact while memory stays flat.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -37,6 +40,14 @@ pub struct PeerLabels {
     pub destination_workload: String,
     pub destination_version: String,
     pub destination_principal: String,
+}
+
+impl PeerLabels {
+    /// These labels with the source's replaced by [`OVERFLOW`].
+    fn overflowed(&self) -> PeerLabels {
+        let o = || OVERFLOW.to_string();
+        PeerLabels { source_workload: o(), source_service: o(), source_principal: o(), ..self.clone() }
+    }
 }
 
 impl Default for PeerLabels {
@@ -99,6 +110,15 @@ pub struct EndpointStateLabels {
     pub state: String,
 }
 
+/// Request label sets kept per proxy before new ones are folded into [`OVERFLOW`] sources.
+pub const MAX_REQUEST_SERIES: usize = 4096;
+
+/// TCP label sets kept per proxy, likewise.
+pub const MAX_TCP_SERIES: usize = 1024;
+
+/// The source labels of requests counted past the series limit.
+pub const OVERFLOW: &str = "overflow";
+
 /// How long a series may go unused before it is removed.
 pub const SERIES_IDLE_EXPIRY: Duration = Duration::from_secs(600);
 
@@ -130,16 +150,23 @@ impl<L: Clone + Eq + Hash, H: Clone> LastUse<L, H> {
         LastUse { map: Mutex::new(HashMap::new()) }
     }
 
-    fn get(&self, labels: &L, create: impl FnOnce() -> H) -> H {
-        let Ok(mut map) = self.map.lock() else { return create() };
+    /// The handles of `labels`, created with `create` on first use; past `max` label sets a
+    /// new one is replaced by `overflow(labels)` (which is created even past `max`: one more).
+    fn get(&self, labels: &L, max: usize, overflow: impl FnOnce(&L) -> L, create: impl Fn(&L) -> H) -> H {
+        let Ok(mut map) = self.map.lock() else { return create(labels) };
         let now = Instant::now();
         if let Some((h, seen)) = map.get_mut(labels) {
             *seen = now;
             return h.clone();
         }
-        let h = create();
-        map.insert(labels.clone(), (h.clone(), now));
-        h
+        let labels = if map.len() >= max { overflow(labels) } else { labels.clone() };
+        let (h, seen) = map.entry(labels).or_insert_with_key(|l| (create(l), now));
+        *seen = now;
+        h.clone()
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Forgets label sets idle for `max_idle` and returns them.
@@ -266,24 +293,31 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The series of a request label set (created on first use).
+    /// The series of a request label set (created on first use; see [`MAX_REQUEST_SERIES`]).
     pub fn request(&self, labels: &RequestLabels) -> RequestSeries {
-        self.request_series.get(labels, || RequestSeries {
-            requests: self.requests.get_or_create_owned(labels),
-            duration: self.request_duration.get_or_create_owned(labels),
-            request_bytes: self.request_bytes.get_or_create_owned(labels),
-            response_bytes: self.response_bytes.get_or_create_owned(labels),
+        let overflow = |l: &RequestLabels| RequestLabels { peers: l.peers.overflowed(), ..l.clone() };
+        self.request_series.get(labels, MAX_REQUEST_SERIES, overflow, |l| RequestSeries {
+            requests: self.requests.get_or_create_owned(l),
+            duration: self.request_duration.get_or_create_owned(l),
+            request_bytes: self.request_bytes.get_or_create_owned(l),
+            response_bytes: self.response_bytes.get_or_create_owned(l),
         })
     }
 
-    /// The series of a TCP label set (created on first use).
+    /// The series of a TCP label set (created on first use; see [`MAX_TCP_SERIES`]).
     pub fn tcp(&self, labels: &TcpLabels) -> TcpSeries {
-        self.tcp_series.get(labels, || TcpSeries {
-            opened: self.tcp_opened.get_or_create_owned(labels),
-            closed: self.tcp_closed.get_or_create_owned(labels),
-            sent: self.tcp_sent.get_or_create_owned(labels),
-            received: self.tcp_received.get_or_create_owned(labels),
+        let overflow = |l: &TcpLabels| TcpLabels { peers: l.peers.overflowed(), ..l.clone() };
+        self.tcp_series.get(labels, MAX_TCP_SERIES, overflow, |l| TcpSeries {
+            opened: self.tcp_opened.get_or_create_owned(l),
+            closed: self.tcp_closed.get_or_create_owned(l),
+            sent: self.tcp_sent.get_or_create_owned(l),
+            received: self.tcp_received.get_or_create_owned(l),
         })
+    }
+
+    /// Request and TCP label sets in use.
+    pub fn series(&self) -> usize {
+        self.request_series.len() + self.tcp_series.len()
     }
 
     /// Removes request and TCP series unused for `max_idle`; returns how many label sets went.
@@ -357,5 +391,61 @@ mod tests {
         assert_eq!(m.expire_idle(Duration::from_secs(60)), 0, "fresh series stay");
         assert_eq!(m.expire_idle(Duration::ZERO), 2, "idle series go");
         assert!(!m.encode().contains("plexus_requests_total{"), "expired series are no longer exposed");
+    }
+}
+
+#[cfg(test)]
+mod cardinality {
+    use super::*;
+
+    fn from(principal: &str) -> RequestLabels {
+        RequestLabels {
+            direction: "inbound".into(),
+            peers: PeerLabels {
+                source_principal: principal.into(),
+                destination_service: "reviews".into(),
+                ..PeerLabels::default()
+            },
+            route: "default".into(),
+            request_protocol: "http".into(),
+            response_code: "200".into(),
+            grpc_response_status: String::new(),
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls".into(),
+        }
+    }
+
+    /// 10,000 distinct client identities: the series stop growing at the limit, the exposition
+    /// stays the same size after it, and every request is still counted.
+    #[test]
+    fn ten_thousand_client_identities_stay_bounded() {
+        let m = Metrics::new();
+        let mut size_at_limit = 0;
+        for i in 0..10_000 {
+            let series = m.request(&from(&format!("spiffe://plexus.local/ns/default/sa/client-{i}")));
+            series.requests.inc();
+            series.duration.observe(0.001);
+            if i + 1 == MAX_REQUEST_SERIES + 1 {
+                size_at_limit = m.encode().len();
+            }
+        }
+        assert_eq!(m.series(), MAX_REQUEST_SERIES + 1, "the limit plus the overflow series");
+        let text = m.encode();
+        // Past the limit only the overflow series' numbers grow (a few digits each).
+        assert!(text.len() < size_at_limit + 512, "{} bytes at the limit, {} after", size_at_limit, text.len());
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("plexus_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 10_000.0);
+        let overflow = text
+            .lines()
+            .find(|l| l.starts_with("plexus_requests_total{") && l.contains("source_principal=\"overflow\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert_eq!(overflow, Some((10_000 - MAX_REQUEST_SERIES) as f64));
+        // Once idle, they all go.
+        assert_eq!(m.expire_idle(Duration::ZERO), MAX_REQUEST_SERIES + 1);
+        assert!(!m.encode().contains("plexus_requests_total{"));
     }
 }
