@@ -4,12 +4,14 @@
 //! reporting the latency each path adds per percentile and the proxies' CPU and memory per
 //! 1,000 req/s.
 //!
-//! The sidecars are real `plexus proxy` processes started here from a resources file (no
-//! control plane): one sidecar is a proxy whose `--upstream` bind leads to the target; two
-//! sidecars add a server sidecar whose inbound port fronts the target (`--app-port`), as a
-//! meshed workload. Between the two sidecars traffic is plaintext: mutual TLS needs workload
-//! certificates from a control plane, which this mode does not start (the results say
-//! `mtls: off`).
+//! The sidecars are real `plexus proxy` processes started here from a resources file: one
+//! sidecar is a proxy whose `--upstream` bind leads to the target; two sidecars add a server
+//! sidecar whose inbound port fronts the target (`--app-port`), as a meshed workload, with
+//! plaintext between them. The fourth path is the mesh as it runs by default: a real
+//! `plexus control` (its own temporary data dir and certificate authority) feeds two sidecars
+//! that hold workload certificates, so the hop between them is mutual TLS 1.3; the path is
+//! only measured once a request through it is counted as `mutual_tls` by the client sidecar.
+//! The control plane's own CPU is not counted (it is idle while the load runs).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -42,6 +44,8 @@ pub enum Route {
     Direct,
     OneSidecar,
     TwoSidecars,
+    /// Two sidecars fed by a control plane, mutual TLS between them.
+    TwoSidecarsMtls,
 }
 
 impl Route {
@@ -51,6 +55,7 @@ impl Route {
             Route::Direct => "direct",
             Route::OneSidecar => "1-sidecar",
             Route::TwoSidecars => "2-sidecars",
+            Route::TwoSidecarsMtls => "2-sidecars-mtls",
         }
     }
 
@@ -59,8 +64,13 @@ impl Route {
         match self {
             Route::Direct => 0,
             Route::OneSidecar => 1,
-            Route::TwoSidecars => 2,
+            Route::TwoSidecars | Route::TwoSidecarsMtls => 2,
         }
+    }
+
+    /// Whether the hop between the sidecars is mutual TLS.
+    pub fn mtls(self) -> bool {
+        self == Route::TwoSidecarsMtls
     }
 }
 
@@ -222,13 +232,22 @@ async fn wait_routing(addr: SocketAddr, path: &str, what: &str) -> Result<(), Be
     )))
 }
 
-/// The started sidecars of both mesh paths, with the URL to load for each.
+/// The started sidecars of the mesh paths, with the URL to load for each.
 struct Mesh {
     one: Sidecar,
     one_url: String,
     client: Sidecar,
     server: Sidecar,
     two_url: String,
+    mtls: MtlsMesh,
+}
+
+/// The mutual-TLS path: a control plane and two sidecars with workload certificates.
+struct MtlsMesh {
+    _control_plane: Sidecar,
+    client: Sidecar,
+    server: Sidecar,
+    url: String,
 }
 
 async fn start_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> Result<Mesh, BenchError> {
@@ -284,13 +303,128 @@ async fn start_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> Result
     let two_addr = upstream_addr(&ready)?;
     wait_routing(two_addr, path, "the client and server sidecars").await?;
 
+    let mtls = start_mtls_mesh(cfg, target, dir).await?;
     Ok(Mesh {
         one,
         one_url: format!("http://{one_addr}{path}"),
         client,
         server,
         two_url: format!("http://{two_addr}{path}"),
+        mtls,
     })
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+fn free_port() -> Result<u16, BenchError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| BenchError::Runtime(format!("cannot find a free port: {e}")))
+}
+
+/// `plexus control` with its own data dir, a Service applied to it, a server sidecar that
+/// registers the target as a meshed workload, and a client sidecar; both sidecars get workload
+/// certificates with the control plane's join token.
+async fn start_mtls_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> Result<MtlsMesh, BenchError> {
+    let bin = &cfg.proxy_bin;
+    let runtime = |why: String| BenchError::Runtime(format!("mTLS path: {why}"));
+    let data = dir.join("control-plane");
+    let args: Vec<String> = ["control", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"]
+        .into_iter()
+        .map(String::from)
+        .chain([data.display().to_string()])
+        .collect();
+    let (control_plane, ready) = Sidecar::start(bin, &args, &dir.join("control-plane.log")).await?;
+    let field = |k: &str| ready.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let (Some(http), Some(grpc)) = (field("http"), field("grpc")) else {
+        return Err(runtime(format!("the control plane's ready line has no addresses: {ready}")));
+    };
+    let token = std::fs::read_to_string(data.join("join-token")).map_err(|e| runtime(format!("join token: {e}")))?;
+    let token = token.trim().to_string();
+
+    let service = dir.join("mtls-service.yaml");
+    write_atomic(&service, &service_yaml())?;
+    let applied = Command::new(bin)
+        .args(["apply", "-f"])
+        .arg(&service)
+        .args(["--server", &format!("http://{http}"), "--data-dir"])
+        .arg(&data)
+        .output()
+        .await
+        .map_err(|e| runtime(format!("plexus apply: {e}")))?;
+    if !applied.status.success() {
+        return Err(runtime(format!("plexus apply: {}", String::from_utf8_lossy(&applied.stderr))));
+    }
+
+    let app = target.addr;
+    let inbound = free_port()?;
+    let registration = serde_json::json!({
+        "apiVersion": "plexus.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {"name": format!("{SERVICE}-mtls"), "namespace": "default", "labels": {"app": SERVICE}},
+        "spec": {
+            "address": "127.0.0.1",
+            "ports": [{"name": "http", "port": inbound, "targetPort": app.port()}],
+            "serviceAccount": SERVICE,
+            "meshed": true,
+        },
+    });
+    let mesh_args = |workload: &str, service: &str| -> Vec<String> {
+        let control_plane = format!("http://{grpc}");
+        ["proxy", "--control-plane", &control_plane, "--token", &token, "--workload", workload, "--service", service]
+            .into_iter()
+            .chain(["--service-account", service, "--outbound-port", "0", "--admin-port", "0"])
+            .map(String::from)
+            .collect()
+    };
+    let mut args = mesh_args(&format!("{SERVICE}-mtls"), SERVICE);
+    args.extend(["--app-port".into(), app.port().to_string(), "--inbound-port".into(), inbound.to_string()]);
+    args.extend(["--register-json".into(), registration.to_string()]);
+    let (server, _) = Sidecar::start(bin, &args, &dir.join("mtls-server-sidecar.log")).await?;
+    let mut args = mesh_args("bench-client", "bench-client");
+    args.extend(["--inbound-port".into(), "0".into()]);
+    args.extend(["--upstream".into(), format!("{SERVICE}.default:{SERVICE_PORT}=0")]);
+    let (client, ready) = Sidecar::start(bin, &args, &dir.join("mtls-client-sidecar.log")).await?;
+    let client_addr = ready
+        .get("upstreams")
+        .and_then(|u| u.as_object())
+        .and_then(|u| u.values().next())
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.parse::<SocketAddr>().ok())
+        .ok_or_else(|| runtime(format!("client sidecar ready line has no upstream bind: {ready}")))?;
+    let admin = addr(&ready, "admin")?;
+    let path = target.path.as_str();
+    wait_routing(client_addr, path, "the mTLS client and server sidecars").await?;
+    // Certificates arrive shortly after start: measure only once requests go over mTLS.
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !counted_mtls(admin).await {
+        if Instant::now() > deadline {
+            return Err(runtime(format!(
+                "no request went over mutual TLS within {START_TIMEOUT:?} (logs in {})",
+                dir.display()
+            )));
+        }
+        let _ = probe(client_addr, path).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(MtlsMesh { _control_plane: control_plane, client, server, url: format!("http://{client_addr}{path}") })
+}
+
+/// Whether a sidecar's `/metrics` counts an outbound request over mutual TLS.
+async fn counted_mtls(admin: SocketAddr) -> bool {
+    let scrape = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        Some(text.lines().any(|l| {
+            l.starts_with("plexus_requests_total{")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        }))
+    };
+    tokio::time::timeout(Duration::from_secs(2), scrape).await.ok().flatten().unwrap_or(false)
 }
 
 /// Runs the comparison. Only HTTP/1.1 and HTTP/2 at a constant rate: overhead at "max
@@ -328,14 +462,15 @@ async fn measure(
     progress: &Arc<Progress>,
 ) -> Result<Vec<PathResult>, BenchError> {
     let mesh = start_mesh(cfg, target, dir).await?;
-    let routes = [Route::Direct, Route::OneSidecar, Route::TwoSidecars];
-    let mut results: Vec<Option<PathResult>> = vec![None, None, None];
+    let routes = [Route::Direct, Route::OneSidecar, Route::TwoSidecars, Route::TwoSidecarsMtls];
+    let mut results: Vec<Option<PathResult>> = vec![None; routes.len()];
     for _ in 0..cfg.rounds {
         for (i, route) in routes.iter().enumerate() {
             let (url, proxies): (&str, Vec<&Sidecar>) = match route {
                 Route::Direct => (&cfg.load.url, vec![]),
                 Route::OneSidecar => (&mesh.one_url, vec![&mesh.one]),
                 Route::TwoSidecars => (&mesh.two_url, vec![&mesh.client, &mesh.server]),
+                Route::TwoSidecarsMtls => (&mesh.mtls.url, vec![&mesh.mtls.client, &mesh.mtls.server]),
             };
             let mut load = cfg.load.clone();
             load.url = url.to_string();
@@ -369,7 +504,7 @@ pub fn render(paths: &[PathResult]) -> String {
     let q = |p: &PathResult, q: f64| p.result.quantile_ms(q);
     let _ = writeln!(
         s,
-        "{:<11} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>29}   {:>13} {:>9}",
+        "{:<15} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>29}   {:>13} {:>9}",
         "path", "rate", "p50", "p90", "p99", "p99.9", "added p50 / p90 / p99 / p99.9", "CPU/1k req/s", "RSS"
     );
     for p in paths {
@@ -385,7 +520,7 @@ pub fn render(paths: &[PathResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<11} {:>7.1}/s {:>9} {:>9} {:>9} {:>9}   {added:>29}   {cpu:>13} {rss:>9}",
+            "{:<15} {:>7.1}/s {:>9} {:>9} {:>9} {:>9}   {added:>29}   {cpu:>13} {rss:>9}",
             p.route.as_str(),
             p.result.actual_qps(),
             msf(q(p, 0.5)),
@@ -395,13 +530,17 @@ pub fn render(paths: &[PathResult]) -> String {
         );
         if p.result.error_count() > 0 || p.result.unsent > 0 {
             let kinds: Vec<String> = p.result.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-            let _ = writeln!(s, "{:<11} errors: {}; not sent: {}", "", kinds.join(", "), p.result.unsent);
+            let _ = writeln!(s, "{:<15} errors: {}; not sent: {}", "", kinds.join(", "), p.result.unsent);
         }
     }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "latencies are corrected (from intended send times); CPU is the path's proxies together, in cores per 1,000 req/s; RSS is their resident memory; between the two sidecars: plaintext (mtls: off)"
+        "latencies are corrected (from intended send times); CPU is the path's proxies together, in cores per 1,000 req/s; RSS is their resident memory"
+    );
+    let _ = writeln!(
+        s,
+        "2-sidecars: plaintext between the sidecars (resources file); 2-sidecars-mtls: fed by a control plane, mutual TLS 1.3 between them"
     );
     s
 }

@@ -106,7 +106,8 @@ enum BenchAction {
         output: String,
     },
     /// What the mesh adds: the same constant-rate load directly, through one sidecar and
-    /// through two, interleaved round by round; added latency per percentile and the proxies'
+    /// through two (plaintext, and mutual TLS with a control plane), interleaved round by round;
+    /// added latency per percentile and the proxies'
     /// CPU and memory per 1,000 req/s.
     Overhead(OverheadArgs),
 }
@@ -127,7 +128,7 @@ struct OverheadArgs {
     /// TCP connections.
     #[arg(short = 'c', long, default_value_t = 10)]
     connections: usize,
-    /// Rounds of (direct, 1 sidecar, 2 sidecars).
+    /// Rounds of (direct, 1 sidecar, 2 sidecars, 2 sidecars with mTLS).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// http1 or http2 (h2c).
@@ -334,7 +335,7 @@ async fn overhead(args: &OverheadArgs) -> Result<(), Failure> {
         std::env::current_exe().map_err(|e| Failure::runtime(format!("cannot find the plexus binary: {e}")))?;
     let cfg = overhead::OverheadConfig { load, rounds: args.rounds, proxy_bin };
     println!(
-        "mesh overhead: {} at {} req/s, {} round(s) of direct / 1 sidecar / 2 sidecars, {:.0} s each",
+        "mesh overhead: {} at {} req/s, {} round(s) of direct / 1 sidecar / 2 sidecars / 2 sidecars with mTLS, {:.0} s each",
         args.url,
         args.rate,
         args.rounds,
@@ -345,14 +346,14 @@ async fn overhead(args: &OverheadArgs) -> Result<(), Failure> {
     println!();
     print!("{}", overhead::render(&paths));
     if let Some(out) = &args.out {
-        let mut env = Environment::detect();
-        env.extra.insert("mtls".into(), "off".into());
+        let env = Environment::detect();
         for p in &paths {
             let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "overhead".into());
             let ext = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "yaml".into());
             let file = out.with_file_name(format!("{stem}.{}.{ext}", p.route.as_str()));
             let mut env = env.clone();
             env.extra.insert("proxies".into(), p.route.proxies().to_string());
+            env.extra.insert("mtls".into(), if p.route.mtls() { "on" } else { "off" }.into());
             let mut labels = BTreeMap::new();
             labels.insert("plexus.io/overhead-path".to_string(), p.route.as_str().to_string());
             if p.route != overhead::Route::Direct {

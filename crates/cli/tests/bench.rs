@@ -606,8 +606,8 @@ async fn usage_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/a.json"), "{}", show(&out));
 }
 
-/// `plexus bench overhead`: the same load directly, through one sidecar and through two
-/// (real `plexus proxy` processes), with the latency each path adds and the proxies' cost; one
+/// `plexus bench overhead`: the same load directly, through one sidecar, through two, and
+/// through two with mutual TLS (real `plexus proxy` and `plexus control` processes), with the latency each path adds and the proxies' cost; one
 /// SMP result per path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overhead_direct_one_and_two_sidecars() {
@@ -634,12 +634,17 @@ async fn overhead_direct_one_and_two_sidecars() {
     .await;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    for route in ["direct", "1-sidecar", "2-sidecars"] {
-        let line = text.lines().find(|l| l.starts_with(route)).unwrap_or_else(|| panic!("no {route} row\n{text}"));
+    for route in ["direct", "1-sidecar", "2-sidecars", "2-sidecars-mtls"] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(route))
+            .unwrap_or_else(|| panic!("no {route} row\n{text}"));
         assert!(line.contains("100.0/s"), "{route}: rate\n{text}");
         let path = dir.join(&format!("overhead.{route}.json"));
         let result = read_json(&path);
         assert_eq!(result["labels"]["plexus.io/overhead-path"], route);
+        let mtls = if route == "2-sidecars-mtls" { "on" } else { "off" };
+        assert_eq!(result["labels"]["plexus.io/env.mtls"], mtls, "{route}: {}", result["labels"]);
         let details = details_of(&path, &result);
         assert_eq!(details["completed"], 400, "{route}: 2 rounds × 2 s × 100 req/s\n{text}");
         assert_eq!(details["errors"], serde_json::json!({}), "{route}\n{text}");
@@ -652,6 +657,6 @@ async fn overhead_direct_one_and_two_sidecars() {
             assert!(line.contains(" ms "), "{route}: added latency\n{text}");
         }
     }
-    // 3 paths × 2 rounds × 200 requests, plus the readiness probes and the pre-run checks.
-    assert!(echo.requests() >= 1200, "{} requests reached the upstream", echo.requests());
+    // 4 paths × 2 rounds × 200 requests, plus the readiness probes and the pre-run checks.
+    assert!(echo.requests() >= 1600, "{} requests reached the upstream", echo.requests());
 }
