@@ -292,6 +292,14 @@ async fn a_w3c_trace_is_continued_per_hop_and_both_spans_are_exported_and_chaine
         "B sent to the app"
     );
 
+    // The export is counted on /metrics (A sent its span).
+    let metrics = mesh.a.admin_get("/metrics").await?.text();
+    let exported = metrics
+        .lines()
+        .find(|l| l.starts_with("plexus_trace_spans_total{outcome=\"exported\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(exported.is_some_and(|n| n >= 1.0), "plexus_trace_spans_total exported: {exported:?}");
+
     // The access log lines carry the same ids.
     let line_a = json_line(&mesh.a, "/w3c").await?;
     let line_b = json_line(&mesh.b, "/w3c").await?;

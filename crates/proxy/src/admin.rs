@@ -79,6 +79,7 @@ fn refresh_gauges(state: &Arc<State>) {
     let m = &state.metrics;
     m.config_version.set(state.discovery.generation() as i64);
     m.control_plane_connected.set(i64::from(state.discovery.control_plane_connected()));
+    m.update_trace_spans(crate::trace::export::stats());
     let snapshot = state.discovery.current();
     m.balancer_endpoints.clear();
     for service in snapshot.services.values() {

@@ -204,6 +204,15 @@ pub struct Metrics {
     /// notAfter of the workload certificate (Unix seconds); absent without one.
     pub identity_cert_expiration: Gauge,
     pub control_plane_connected: Gauge,
+    /// Trace spans by outcome (`exported`, `dropped`, `failed`), counted by the exporter and
+    /// brought here at scrape time.
+    pub trace_spans: Family<OutcomeLabels, Counter>,
+}
+
+/// The outcome label of [`Metrics::trace_spans`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -234,6 +243,7 @@ impl Metrics {
             config_version: Gauge::default(),
             identity_cert_expiration: Gauge::default(),
             control_plane_connected: Gauge::default(),
+            trace_spans: Family::default(),
             registry: Registry::default(),
             request_series: LastUse::new(),
             tcp_series: LastUse::new(),
@@ -290,6 +300,11 @@ impl Metrics {
             "1 while a control plane feeds this proxy",
             m.control_plane_connected.clone(),
         );
+        registry.register(
+            "plexus_trace_spans",
+            "Trace spans by outcome: exported (accepted by the collector), dropped (queue full), failed",
+            m.trace_spans.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -313,6 +328,14 @@ impl Metrics {
             sent: self.tcp_sent.get_or_create_owned(l),
             received: self.tcp_received.get_or_create_owned(l),
         })
+    }
+
+    /// Brings the span exporter's counters up to date (`crate::trace::export::stats`).
+    pub fn update_trace_spans(&self, stats: crate::trace::export::ExportStats) {
+        for (outcome, total) in [("exported", stats.exported), ("dropped", stats.dropped), ("failed", stats.failed)] {
+            let c = self.trace_spans.get_or_create(&OutcomeLabels { outcome });
+            c.inc_by(total.saturating_sub(c.get()));
+        }
     }
 
     /// Request and TCP label sets in use.
