@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    // Small per-RPC buffers: see `src/codec.rs`.
+    tonic_prost_build::configure().bytes(".").codec_path("crate::codec::SmallBufferCodec").compile_fds(fds)?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The proxy ↔ control plane protocol (gRPC), generated from `proto/`.
 
+pub mod codec;
+
 /// `plexus.discovery.v1`: the discovery watch stream.
 pub mod discovery {
     tonic::include_proto!("plexus.discovery.v1");
