@@ -44,7 +44,17 @@ fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "ready\n".into()),
         (&Method::GET, "/metrics") => {
             refresh_gauges(state);
-            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+            // OpenMetrics for scrapers that ask for it (Prometheus does), else the classic format.
+            let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if accept.contains("application/openmetrics-text") {
+                text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    state.metrics.encode(),
+                )
+            } else {
+                text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.encode_classic())
+            }
         }
         (&Method::GET, "/config") => {
             let snapshot = state.discovery.current();

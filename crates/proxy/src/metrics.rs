@@ -370,6 +370,38 @@ impl Metrics {
         }
         out
     }
+
+    /// The classic Prometheus text format (0.0.4), for scrapers that do not ask for
+    /// OpenMetrics: see [`to_classic`].
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+}
+
+/// Rewrites an OpenMetrics exposition in the classic Prometheus text format: a counter family
+/// is named with its `_total` suffix in `# HELP`/`# TYPE` (OpenMetrics names the family
+/// without it), and `# UNIT` and `# EOF` lines, which the classic format does not have, go.
+/// Samples are the same in both formats.
+pub fn to_classic(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        open_metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -470,5 +502,24 @@ mod cardinality {
         // Once idle, they all go.
         assert_eq!(m.expire_idle(Duration::ZERO), MAX_REQUEST_SERIES + 1);
         assert!(!m.encode().contains("plexus_requests_total{"));
+    }
+}
+
+#[cfg(test)]
+mod classic {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_and_openmetrics_lines_go() {
+        let m = Metrics::new();
+        m.config_version.set(3);
+        let route = ServiceRouteLabels { destination_service: "reviews".into(), route: "default".into() };
+        m.retries.get_or_create(&route).inc();
+        let classic = m.encode_classic();
+        assert!(classic.contains("# TYPE plexus_retries_total counter\nplexus_retries_total{"), "{classic}");
+        assert!(classic.contains("# HELP plexus_retries_total Requests retried"), "{classic}");
+        assert!(classic.contains("# TYPE plexus_config_version gauge\nplexus_config_version 3\n"), "{classic}");
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"), "{classic}");
+        assert!(m.encode().ends_with("# EOF\n"));
     }
 }
