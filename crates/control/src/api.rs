@@ -8,7 +8,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use plexus_core::{Kind, LoadError, parse_documents};
 use serde_json::{Value, json};
@@ -34,7 +34,6 @@ type Shared = Arc<ApiState>;
 /// The HTTP API router.
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/", get(landing))
         .route("/healthz", get(healthz))
         .route("/api/v1/version", get(version))
         .route("/api/v1/apply", post(apply))
@@ -45,6 +44,9 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/stat", get(stat))
         .route("/api/v1/graph", get(graph))
+        .route("/api/v1/findings", get(crate::views::findings))
+        .route("/api/v1/overview", get(crate::views::overview))
+        .route("/api/v1/stat/series", get(crate::views::stat_series))
         .route("/api/v1/identity", get(identity))
         .route("/api/v1/identity/rotate", post(rotate_identity))
         .route("/api/v1/tap", get(crate::tap::tap))
@@ -53,6 +55,7 @@ pub fn router(state: Shared) -> Router {
             "/api/v1/bench/results/{id}",
             get(crate::bench_results::get).delete(crate::bench_results::delete),
         )
+        .merge(crate::dashboard::router())
         .with_state(state)
 }
 
@@ -97,10 +100,6 @@ fn parse_kind(kind: &str) -> Result<Kind, ApiError> {
 fn store_failure(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "store failure");
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-}
-
-async fn landing() -> Html<&'static str> {
-    Html(include_str!("landing.html"))
 }
 
 async fn healthz(State(s): State<Shared>) -> Json<Value> {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod bench_results;
 pub mod certify;
+pub mod dashboard;
 pub mod datadir;
 pub mod discovery;
 pub mod graph;
@@ -16,3 +17,4 @@ pub mod proxies;
 pub mod store;
 pub mod tap;
 pub mod traffic;
+pub mod views;
