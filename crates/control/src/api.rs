@@ -51,10 +51,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/identity/rotate", post(rotate_identity))
         .route("/api/v1/tap", get(crate::tap::tap))
         .route("/api/v1/bench/results", get(crate::bench_results::list).post(crate::bench_results::create))
-        .route(
-            "/api/v1/bench/results/{id}",
-            get(crate::bench_results::get).delete(crate::bench_results::delete),
-        )
+        .route("/api/v1/bench/results/{id}", get(crate::bench_results::get).delete(crate::bench_results::delete))
         .merge(crate::dashboard::router())
         .with_state(state)
 }
