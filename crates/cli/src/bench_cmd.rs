@@ -415,10 +415,13 @@ async fn list(server: &ServerArgs, output: &str) -> Result<(), Failure> {
 
 /// A result from a file or, when no such file exists, a run stored by the control plane.
 async fn load_run(server: &ServerArgs, what: &Path) -> Result<smp::Loaded, Failure> {
-    if what.exists() {
+    let id = what.to_string_lossy();
+    // A path (or anything that cannot be a run id) is read as a file, so a missing file is
+    // reported as such.
+    let could_be_id = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if what.exists() || !could_be_id {
         return smp::read_result(what).map_err(|e| Failure::usage(e.to_string()));
     }
-    let id = what.to_string_lossy();
     let (status, answer) = server.call(Method::GET, &format!("/api/v1/bench/results/{id}"), None, false).await?;
     if status == StatusCode::NOT_FOUND {
         return Err(Failure::runtime(format!("{id}: no such file, and no run with that id in the control plane")));
