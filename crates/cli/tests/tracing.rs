@@ -292,13 +292,20 @@ async fn a_w3c_trace_is_continued_per_hop_and_both_spans_are_exported_and_chaine
         "B sent to the app"
     );
 
-    // The export is counted on /metrics (A sent its span).
-    let metrics = mesh.a.admin_get("/metrics").await?.text();
-    let exported = metrics
-        .lines()
-        .find(|l| l.starts_with("plexus_trace_spans_total{outcome=\"exported\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    assert!(exported.is_some_and(|n| n >= 1.0), "plexus_trace_spans_total exported: {exported:?}");
+    // The export is counted on /metrics once the collector has answered A's export.
+    let started = Instant::now();
+    loop {
+        let metrics = mesh.a.admin_get("/metrics").await?.text();
+        let exported = metrics
+            .lines()
+            .find(|l| l.starts_with("plexus_trace_spans_total{outcome=\"exported\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if exported.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "plexus_trace_spans_total exported: {exported:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The access log lines carry the same ids.
     let line_a = json_line(&mesh.a, "/w3c").await?;
