@@ -4,36 +4,19 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use plexus_testkit::{HttpEcho, Proxy, TempDir, free_port, serial};
+use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TempDir, free_port, serial};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
-
-/// A child process killed (SIGKILL) on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc_kill(self.0.id() as i32, sig) };
-    }
-}
 
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Starts `plexus control` on the given ports; returns once it printed its ready line.
@@ -118,75 +101,30 @@ async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
     Proxy::start_named("client", PLEXUS, args).await
 }
 
-/// A `plexus demo` on free ports with its own data dir; killed on drop.
-struct Demo {
-    proc: Proc,
-    data: std::path::PathBuf,
-    http: u16,
-    ingress: String,
-    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Demo {
-    /// Starts the demo and waits for its "running" line (it prints it once Bookinfo answers).
-    async fn start(dir: &TempDir, netns: bool) -> Result<Demo> {
-        let data = dir.join("data");
-        let (http, grpc, ingress) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(PLEXUS);
-        cmd.args(["demo", "--no-load"]).args(if netns { &["--netns"][..] } else { &[] });
-        cmd.args(["--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")]);
-        cmd.args(["--ingress-addr", &format!("127.0.0.1:{ingress}"), "--data-dir"]).arg(&data);
-        // The demo's log and its workloads' logs (data/logs) stay in the kept temp dir when a
-        // test fails.
-        let log = std::fs::File::create(dir.join("demo.log"))?;
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let proc = Proc(child);
-        let (first, lines) = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            (lines.next(), lines)
-        })
-        .await?;
-        let first = first.context("demo printed nothing")??;
-        anyhow::ensure!(first.starts_with("Plexus demo is running"), "{first}");
-        Ok(Demo { proc, data, http, ingress: format!("127.0.0.1:{ingress}"), _stdout: lines })
+/// Fetches pages until every reviews version has answered (the latency-aware balancer
+/// favours the fastest; an idle version's estimate decays within seconds, so it is tried
+/// again). Every page must be complete.
+fn every_version_answers(demo: &Demo) -> Result<()> {
+    let ingress = demo.ingress.to_string();
+    let mut seen = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while seen.len() < 3 && started.elapsed() < Duration::from_secs(20) {
+        let (status, page) = get_text(&ingress, "/productpage", &[])?;
+        assert_eq!(status, 200, "{page}");
+        assert!(!page.contains("Error fetching product details"), "{page}");
+        seen.insert(served_by(&page).context("no 'Reviews served by' line")?);
     }
-
-    /// Fetches pages until every reviews version has answered (the latency-aware balancer
-    /// favours the fastest; an idle version's estimate decays within seconds, so it is tried
-    /// again). Every page must be complete.
-    fn every_version_answers(&self) -> Result<()> {
-        let mut seen = std::collections::BTreeSet::new();
-        let started = Instant::now();
-        while seen.len() < 3 && started.elapsed() < Duration::from_secs(20) {
-            let (status, page) = get_text(&self.ingress, "/productpage", &[])?;
-            assert_eq!(status, 200, "{page}");
-            assert!(!page.contains("Error fetching product details"), "{page}");
-            seen.insert(served_by(&page).context("no 'Reviews served by' line")?);
-        }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1", "reviews-v2", "reviews-v3"]);
-        Ok(())
-    }
-
-    /// SIGINT, then the demo must be gone within 10 s.
-    async fn stop_within_10s(mut self) -> Result<()> {
-        self.proc.signal(2);
-        let stopping = Instant::now();
-        while self.proc.0.try_wait()?.is_none() {
-            anyhow::ensure!(stopping.elapsed() < Duration::from_secs(10), "demo still running 10 s after SIGINT");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1", "reviews-v2", "reviews-v3"]);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     let _serial = serial().await;
     let dir = TempDir::new("demo")?;
-    let demo = Demo::start(&dir, false).await?;
-    let (data, http, ingress_addr) = (demo.data.clone(), demo.http, demo.ingress.clone());
-    demo.every_version_answers()?;
+    let demo = Demo::start(PLEXUS, &dir, &["--no-load"]).await?;
+    let (data, http, ingress_addr) = (demo.data.clone(), demo.http, demo.ingress.to_string());
+    every_version_answers(&demo)?;
 
     // A healthy demo passes `plexus check`.
     let o = cli(&data, http, &["check"])?;
@@ -291,7 +229,7 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     );
 
     // SIGINT stops everything within 10 s, leaving no process behind.
-    demo.stop_within_10s().await?;
+    demo.stop().await?;
     std::thread::sleep(Duration::from_millis(300));
     let leftovers = Command::new("pgrep").args(["-f", &data.display().to_string()]).output()?;
     assert!(leftovers.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&leftovers.stdout));
@@ -446,9 +384,9 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     }
     let _serial = serial().await;
     let dir = TempDir::new("demo-netns")?;
-    let demo = Demo::start(&dir, true).await?;
+    let demo = Demo::start(PLEXUS, &dir, &["--no-load", "--netns"]).await?;
     let http = demo.http;
-    demo.every_version_answers()?;
+    every_version_answers(&demo)?;
     // Workloads live in their namespaces' addresses, and productpage's plain
     // `http://reviews:9080` calls (no HTTP_PROXY) went through its sidecar.
     let (_, targets) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/prometheus/targets", &[])?;
@@ -475,7 +413,7 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     assert_eq!(String::from_utf8_lossy(&namespaces.stdout).lines().filter(|l| l.starts_with("plx-")).count(), 6);
     let stopping = Instant::now();
-    demo.stop_within_10s().await?;
+    demo.stop().await?;
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
     assert!(!left.contains("plx-"), "namespaces left behind after {:?}: {left}", stopping.elapsed());
