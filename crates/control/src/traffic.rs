@@ -35,6 +35,23 @@ pub enum StatKind {
     Route,
 }
 
+impl StatKind {
+    /// The row a summary counts in.
+    pub(crate) fn name_of(self, s: &TrafficSummary) -> String {
+        match self {
+            StatKind::Service => s.destination_service.clone(),
+            StatKind::Workload => s.destination_workload.clone(),
+            StatKind::Route => s.route.clone(),
+        }
+    }
+}
+
+/// The rows some inbound summary measures (where requests arrive): those rows ignore what
+/// senders saw, which counts only for destinations with no sidecar of their own.
+pub(crate) fn inbound_names(recent: &[&TrafficSummary], kind: StatKind) -> std::collections::BTreeSet<String> {
+    recent.iter().filter(|s| s.direction == "inbound").map(|s| kind.name_of(s)).collect()
+}
+
 /// Golden metrics of one row.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -82,15 +99,8 @@ impl TrafficWindow {
     /// for destinations with no sidecar of their own; routes are known to senders only.
     pub fn stat(&self, kind: StatKind, window: Duration) -> Vec<StatRow> {
         self.with_recent(window, |recent, secs| {
-            let name_of = |s: &TrafficSummary| -> String {
-                match kind {
-                    StatKind::Service => s.destination_service.clone(),
-                    StatKind::Workload => s.destination_workload.clone(),
-                    StatKind::Route => s.route.clone(),
-                }
-            };
-            let inbound_names: std::collections::BTreeSet<String> =
-                recent.iter().filter(|s| s.direction == "inbound").map(|s| name_of(s)).collect();
+            let name_of = |s: &TrafficSummary| kind.name_of(s);
+            let inbound_names = inbound_names(recent, kind);
             let mut acc: BTreeMap<String, Totals> = BTreeMap::new();
             for s in recent {
                 let name = name_of(s);

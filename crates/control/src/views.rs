@@ -264,15 +264,8 @@ fn bucket(
     only: Option<&str>,
 ) -> BTreeMap<String, Vec<Totals>> {
     let steps = covered.len();
-    let name_of = |s: &TrafficSummary| -> String {
-        match kind {
-            StatKind::Service => s.destination_service.clone(),
-            StatKind::Workload => s.destination_workload.clone(),
-            StatKind::Route => s.route.clone(),
-        }
-    };
-    let inbound_names: std::collections::BTreeSet<String> =
-        recent.iter().filter(|s| s.direction == "inbound").map(|s| name_of(s)).collect();
+    let name_of = |s: &TrafficSummary| kind.name_of(s);
+    let inbound_names = crate::traffic::inbound_names(recent, kind);
     let mut acc: BTreeMap<String, Vec<Totals>> = BTreeMap::new();
     for (i, s) in recent.iter().enumerate() {
         // How far from the newest this summary is, and so which step (0 = newest) holds it.
