@@ -70,7 +70,21 @@ impl Children {
     }
 }
 
+/// A free port for a sample app, chosen below the kernel's ephemeral range: a port taken from
+/// that range (by binding port 0) is free again once released, and the sidecars binding port 0
+/// and every outgoing connection may be handed it before the app binds it.
 fn free_port() -> Result<u16, Failure> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 20_000 { (10_000, low) } else { (1_024, low.max(1_025)) };
+    for _ in 0..200 {
+        let port = fastrand::u16(from..to);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(l.local_addr().map_err(|e| Failure::runtime(e.to_string()))?.port())
 }

@@ -142,12 +142,20 @@ pub fn require_python_module(module: &str, package: &str) -> bool {
     skip(&format!("python3 cannot `import {module}` (pip install {package})"))
 }
 
-/// A port that was free a moment ago on 127.0.0.1. Ports handed out by this process are not
-/// handed out again (the kernel may still reuse them for others, as always with this trick).
+/// A port that was free a moment ago on 127.0.0.1, chosen below the kernel's ephemeral range
+/// (`ip_local_port_range`), so the ports the kernel hands out for `bind(0)` and outgoing
+/// connections in the meantime cannot take it. Ports handed out by this process are not
+/// handed out again.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    for _ in 0..100 {
-        let Ok(listener) = TcpListener::bind((LOCALHOST, 0)) else {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 20_000 { (10_000u16, low) } else { (1_024, low.max(1_025)) };
+    for _ in 0..500 {
+        let port = fastrand::u16(from..to);
+        let Ok(listener) = TcpListener::bind((LOCALHOST, port)) else {
             continue;
         };
         let Ok(addr) = listener.local_addr() else {
