@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
+use plexus_testkit::client::{get_api as get, get_api_json as get_json};
 use plexus_testkit::{Demo, TempDir, command, eventually, find_tool, require_tool, run, serial, skip};
 use serde_json::Value;
 
@@ -59,18 +60,6 @@ fn browser() -> Option<PathBuf> {
         return None;
     }
     Some(chromium)
-}
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> Result<plexus_testkit::client::Collected> {
-    plexus_testkit::client::get(addr, &addr.to_string(), path, &[], Duration::from_secs(15))
-        .await
-        .with_context(|| format!("GET http://{addr}{path}"))
-}
-
-async fn get_json(addr: std::net::SocketAddr, path: &str) -> Result<Value> {
-    let r = get(addr, path).await?;
-    ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.text());
-    r.json()
 }
 
 /// Waits until the graph shows every Bookinfo hop with some seconds of traffic behind it, so

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use plexus_testkit::client::{get_api as get, get_api_json as get_json};
 use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TcpEcho, TempDir, eventually, free_port, require_tool, serial};
 use serde_json::Value;
 
@@ -18,20 +19,6 @@ const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 /// The repository's root (the dashboard and the Prometheus example live there).
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `GET path` on `addr` (HTTP/1.1, 15 s).
-async fn get(addr: SocketAddr, path: &str) -> Result<plexus_testkit::client::Collected> {
-    plexus_testkit::client::get(addr, &addr.to_string(), path, &[], Duration::from_secs(15))
-        .await
-        .with_context(|| format!("GET http://{addr}{path}"))
-}
-
-/// `GET path` answering 200 with JSON.
-async fn get_json(addr: SocketAddr, path: &str) -> Result<Value> {
-    let r = get(addr, path).await?;
-    ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.text());
-    r.json()
 }
 
 /// Percent-encodes a query parameter value.

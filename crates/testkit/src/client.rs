@@ -117,6 +117,20 @@ pub async fn get(
     send_collect(addr, Version::Http1, req, timeout).await
 }
 
+/// `GET path` on `addr` with `Host: addr` (HTTP/1.1, 15 s): a local API.
+pub async fn get_api(addr: SocketAddr, path: &str) -> Result<Collected> {
+    get(addr, &addr.to_string(), path, &[], Duration::from_secs(15))
+        .await
+        .with_context(|| format!("GET http://{addr}{path}"))
+}
+
+/// [`get_api`] that must answer 200 with JSON.
+pub async fn get_api_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let r = get_api(addr, path).await?;
+    anyhow::ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.text());
+    r.json()
+}
+
 /// Sends `req` on a new connection and reads the whole response within `timeout`.
 pub async fn send_collect<B>(
     addr: SocketAddr,
