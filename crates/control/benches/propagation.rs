@@ -74,6 +74,10 @@ struct Args {
     /// Resources per apply request during setup.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Simulated proxies ask for the whole view on every change instead of incremental
+    /// responses (real proxies ask for incremental ones).
+    #[arg(long)]
+    state_of_the_world: bool,
     /// Seconds from one update to the next (acknowledgements settle in between).
     #[arg(long, default_value_t = 1.0)]
     gap: f64,
@@ -120,6 +124,8 @@ struct Config {
     cold_rounds: usize,
     streams_per_channel: usize,
     batch: usize,
+    /// Simulated proxies ask for incremental responses.
+    incremental: bool,
     gap: Duration,
     idle: Duration,
 }
@@ -141,6 +147,7 @@ impl Config {
             cold_rounds: args.cold_rounds.unwrap_or(if args.quick { 10 } else { 20 }),
             streams_per_channel: args.streams_per_channel.max(1),
             batch: args.batch.max(1),
+            incremental: !args.state_of_the_world,
             gap: Duration::from_secs_f64(args.gap.max(0.1)),
             idle: Duration::from_secs_f64(args.idle.max(1.0)),
         })
@@ -421,6 +428,7 @@ async fn simulated_proxy(
     channel: Channel,
     destinations: Vec<String>,
     service: String,
+    incremental: bool,
     mark: Arc<AtomicU64>,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<()> {
@@ -431,6 +439,7 @@ async fn simulated_proxy(
         destinations: destinations.clone(),
         applied_revision: applied,
         leaving: false,
+        incremental,
         ..WatchRequest::default()
     };
     let info = ProxyInfo {
@@ -594,9 +603,9 @@ impl Bench {
             let channel = self.pool.get(&(i / per)).cloned().ok_or_else(|| anyhow!("no channel for proxy {i}"))?;
             let (destinations, mark, tx) = (self.cfg.destinations(i), self.mark.clone(), self.events_tx.clone());
             let service = format!("svc-{}", i % self.cfg.spread);
-            let stopping = self.stopping.clone();
+            let (stopping, incremental) = (self.stopping.clone(), self.cfg.incremental);
             tokio::spawn(async move {
-                if let Err(e) = simulated_proxy(i, channel, destinations, service, mark, tx).await
+                if let Err(e) = simulated_proxy(i, channel, destinations, service, incremental, mark, tx).await
                     && !stopping.load(Ordering::Acquire)
                 {
                     eprintln!("  proxy {i}: {e:#}");
@@ -942,13 +951,14 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     println!();
     println!(
         "Control-plane propagation: {} services x {} workloads, {} simulated proxies on {channels} HTTP/2 connections \
-         (up to {} Watch stream(s) each), proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {cpus} CPUs",
+         (up to {} Watch stream(s) each), proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {} responses; {cpus} CPUs",
         cfg.services,
         cfg.workloads_per_service,
         cfg.proxies,
         cfg.streams_per_channel.min(cfg.proxies),
         cfg.spread,
-        cfg.spread
+        cfg.spread,
+        if cfg.incremental { "incremental" } else { "state-of-the-world" }
     );
     println!();
     println!("| measure | value | goal |");
@@ -1050,7 +1060,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     if let Some(path) = &args.json {
         let all = json!({
             "proxies": cfg.proxies, "services": cfg.services, "workloadsPerService": cfg.workloads_per_service,
-            "spread": cfg.spread, "channels": channels, "streamsPerChannel": cfg.streams_per_channel, "cpus": cpus,
+            "spread": cfg.spread, "channels": channels, "streamsPerChannel": cfg.streams_per_channel, "incremental": cfg.incremental, "cpus": cpus,
             "setupSeconds": setup_apply.as_secs_f64(), "setupSettleSeconds": setup_settle.as_secs_f64(),
             "initialSyncSeconds": [sync_half.as_secs_f64(), sync.as_secs_f64()],
             "rssKiB": {"start": started_rss, "zeroProxies": rss0, "halfProxies": rss_half, "idleProxies": rss1,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::index::Views;
+use crate::index::{Encoded, Views};
 use crate::proxies::{Proxies, ProxyCertificate, ProxyRecord};
 use crate::store::{ObjectKey, Store};
 
@@ -109,35 +109,27 @@ impl Discovery for DiscoveryService {
         let store = self.store.clone();
         tokio::spawn(async move {
             let mut wanted = parse_destinations(&first.destinations);
-            let mut last_sent: Option<(u64, BTreeSet<ServiceName>, Vec<Arc<crate::index::Encoded>>)> = None;
-            let mut last_bundle: Option<Arc<str>> = None;
+            let mut last_sent: Option<Sent> = None;
+            // Set by whatever may change the response (a new index, trust bundle or
+            // destination set); acknowledgements and heartbeats leave it alone.
+            let mut dirty = true;
             let mut silence = tokio::time::interval(Duration::from_secs(1));
             let mut last_heard = std::time::Instant::now();
             loop {
-                // Send the state of the world for the wanted set when it changed.
-                let current = views.borrow_and_update().clone();
-                let union = current.union(&wanted);
-                // Unchanged resources are the same shared encodings: compare pointers, not bytes.
-                let changed = last_sent.as_ref().is_none_or(|(_, w, r)| {
-                    *w != wanted || r.len() != union.len() || r.iter().zip(&union).any(|(a, b)| !Arc::ptr_eq(a, b))
-                });
-                // A new trust bundle (anchor rotation) is pushed at once with the same view.
-                let trust_bundle = bundle.borrow_and_update().clone();
-                let bundle_changed = last_bundle.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &trust_bundle));
-                if changed || bundle_changed {
-                    let resources: Vec<bytes::Bytes> = union.iter().map(|e| e.json.clone()).collect();
-                    let response = WatchResponse {
-                        revision: current.revision,
-                        resources,
-                        destinations: wanted.iter().map(ToString::to_string).collect(),
-                        trust_bundle_pem: trust_bundle.to_string(),
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
-                        break;
+                if dirty {
+                    dirty = false;
+                    let current = views.borrow_and_update().clone();
+                    let trust_bundle = bundle.borrow_and_update().clone();
+                    let union = current.union(&wanted);
+                    let next =
+                        Sent { revision: current.revision, wanted: wanted.clone(), resources: union, trust_bundle };
+                    if let Some(response) = next.response_after(last_sent.as_ref(), first.incremental) {
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                        proxies.sent(id, current.revision);
+                        last_sent = Some(next);
                     }
-                    proxies.sent(id, current.revision);
-                    last_sent = Some((current.revision, wanted.clone(), union));
-                    last_bundle = Some(trust_bundle);
                 }
                 tokio::select! {
                     msg = inbound.message() => match msg {
@@ -155,12 +147,16 @@ impl Discovery for DiscoveryService {
                             last_heard = std::time::Instant::now();
                             proxies.heard_from(id, Some(m.applied_revision));
                             proxies.report_certificate(id, reported_certificate(&m));
-                            wanted = parse_destinations(&m.destinations);
+                            let destinations = parse_destinations(&m.destinations);
+                            if destinations != wanted {
+                                wanted = destinations;
+                                dirty = true;
+                            }
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    changed = views.changed() => if changed.is_err() { break },
-                    changed = bundle.changed() => if changed.is_err() { break },
+                    changed = views.changed() => if changed.is_err() { break } else { dirty = true },
+                    changed = bundle.changed() => if changed.is_err() { break } else { dirty = true },
                     _ = silence.tick() => {
                         if last_heard.elapsed() >= crate::proxies::EXPIRY {
                             tracing::warn!(id, "proxy silent for 15 s; closing its stream");
@@ -174,6 +170,80 @@ impl Discovery for DiscoveryService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// What a stream sent last (or would send next): the view of its destinations at a revision.
+struct Sent {
+    revision: u64,
+    wanted: BTreeSet<ServiceName>,
+    /// Sorted by key (as [`Views::union`] returns them).
+    resources: Vec<Arc<Encoded>>,
+    trust_bundle: Arc<str>,
+}
+
+impl Sent {
+    /// The response that takes a proxy from `previous` to `self`, `None` when nothing it
+    /// would see changed. Unchanged resources are the same shared encodings, so changes are
+    /// found by comparing pointers, not bytes.
+    fn response_after(&self, previous: Option<&Sent>, incremental: bool) -> Option<WatchResponse> {
+        let bundle_changed = previous.is_none_or(|p| !Arc::ptr_eq(&p.trust_bundle, &self.trust_bundle));
+        let full = || WatchResponse {
+            revision: self.revision,
+            resources: self.resources.iter().map(|e| e.json.clone()).collect(),
+            destinations: self.wanted.iter().map(ToString::to_string).collect(),
+            trust_bundle_pem: self.trust_bundle.to_string(),
+            incremental: false,
+            removed: Vec::new(),
+        };
+        let Some(previous) = previous else { return Some(full()) };
+        let (changed, removed) = difference(&previous.resources, &self.resources);
+        if changed.is_empty() && removed.is_empty() && previous.wanted == self.wanted && !bundle_changed {
+            return None;
+        }
+        if !incremental {
+            return Some(full());
+        }
+        Some(WatchResponse {
+            revision: self.revision,
+            resources: changed.iter().map(|e| e.json.clone()).collect(),
+            destinations: self.wanted.iter().map(ToString::to_string).collect(),
+            trust_bundle_pem: if bundle_changed { self.trust_bundle.to_string() } else { String::new() },
+            incremental: true,
+            removed: removed.iter().map(|e| e.key.storage_key()).collect(),
+        })
+    }
+}
+
+/// What is new or changed in `new` and what is gone from `old`; both sorted by key.
+fn difference<'a>(old: &'a [Arc<Encoded>], new: &'a [Arc<Encoded>]) -> (Vec<&'a Encoded>, Vec<&'a Encoded>) {
+    use std::cmp::Ordering;
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut o, mut n) = (0, 0);
+    while o < old.len() || n < new.len() {
+        let order = match (old.get(o), new.get(n)) {
+            (Some(a), Some(b)) => a.key.cmp(&b.key),
+            (Some(_), None) => Ordering::Less,
+            _ => Ordering::Greater,
+        };
+        match order {
+            Ordering::Less => {
+                removed.push(old[o].as_ref());
+                o += 1;
+            }
+            Ordering::Greater => {
+                changed.push(new[n].as_ref());
+                n += 1;
+            }
+            Ordering::Equal => {
+                if !Arc::ptr_eq(&old[o], &new[n]) {
+                    changed.push(new[n].as_ref());
+                }
+                o += 1;
+                n += 1;
+            }
+        }
+    }
+    (changed, removed)
 }
 
 /// Rebuilds the index on every store change.
@@ -224,5 +294,55 @@ pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) 
         if let Err(e) = tokio::task::spawn_blocking(move || s.delete(&gone)).await {
             tracing::error!(error = %e, "cannot delete expired workloads");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ObjectKey;
+    use plexus_core::Kind;
+
+    fn encoded(name: &str, json: &str) -> Arc<Encoded> {
+        let key = ObjectKey { kind: Kind::Workload, namespace: "default".into(), name: name.into() };
+        Arc::new(Encoded { key, json: bytes::Bytes::copy_from_slice(json.as_bytes()) })
+    }
+
+    fn sent(resources: Vec<Arc<Encoded>>, bundle: &Arc<str>) -> Sent {
+        let wanted = [ServiceName::new("a", "default")].into_iter().collect();
+        Sent { revision: 1, wanted, resources, trust_bundle: bundle.clone() }
+    }
+
+    #[test]
+    fn incremental_responses_carry_only_what_changed() {
+        let bundle: Arc<str> = Arc::from("PEM");
+        let (a, b, c) = (encoded("a", "A1"), encoded("b", "B1"), encoded("c", "C1"));
+        let first = sent(vec![a.clone(), b.clone(), c.clone()], &bundle);
+        let whole = first.response_after(None, true).expect("the first response");
+        assert!(!whole.incremental);
+        assert_eq!(whole.resources.len(), 3);
+        assert_eq!(whole.trust_bundle_pem, "PEM");
+
+        // Same shared encodings: nothing to send.
+        assert!(sent(vec![a.clone(), b.clone(), c.clone()], &bundle).response_after(Some(&first), true).is_none());
+
+        // b changed, c removed, d added; the bundle is unchanged, so it is left out.
+        let next = sent(vec![a.clone(), encoded("b", "B2"), encoded("d", "D1")], &bundle);
+        let delta = next.response_after(Some(&first), true).expect("a change");
+        assert!(delta.incremental);
+        assert_eq!(delta.resources, [&b"B2"[..], &b"D1"[..]]);
+        assert_eq!(delta.removed, ["Workload/default/c"]);
+        assert!(delta.trust_bundle_pem.is_empty());
+
+        // A proxy that did not ask for increments gets the whole view again.
+        let whole = next.response_after(Some(&first), false).expect("a change");
+        assert!(!whole.incremental);
+        assert_eq!(whole.resources.len(), 3);
+
+        // A new bundle alone is a change, and it is sent.
+        let rotated: Arc<str> = Arc::from("PEM2");
+        let delta = sent(vec![a, b, c], &rotated).response_after(Some(&first), true).expect("a new bundle");
+        assert!(delta.resources.is_empty() && delta.removed.is_empty());
+        assert_eq!(delta.trust_bundle_pem, "PEM2");
     }
 }

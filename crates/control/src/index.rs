@@ -168,15 +168,15 @@ impl Views {
 
     /// The resources for a set of destinations, each once, in a stable order.
     pub fn union<'a>(&self, destinations: impl IntoIterator<Item = &'a ServiceName>) -> Vec<Arc<Encoded>> {
-        let mut out: BTreeMap<ObjectKey, Arc<Encoded>> = BTreeMap::new();
+        let mut out: BTreeMap<&ObjectKey, &Arc<Encoded>> = BTreeMap::new();
         for d in destinations {
             if let Some(v) = self.by_service.get(d) {
                 for e in &v.resources {
-                    out.entry(e.key.clone()).or_insert_with(|| e.clone());
+                    out.entry(&e.key).or_insert(e);
                 }
             }
         }
-        out.into_values().collect()
+        out.into_values().cloned().collect()
     }
 }
 

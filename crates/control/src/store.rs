@@ -30,8 +30,10 @@ impl ObjectKey {
         ObjectKey { kind: r.kind, namespace: r.metadata.namespace().to_string(), name: r.metadata.name.clone() }
     }
 
-    fn storage_key(&self) -> String {
-        format!("{}/{}/{}", self.kind.as_str(), self.namespace, self.name)
+    /// `Kind/namespace/name`, the same as [`Resource::id`]: the store's key, and the id
+    /// incremental discovery responses remove by.
+    pub fn storage_key(&self) -> String {
+        plexus_core::resource::object_id(self.kind, &self.namespace, &self.name)
     }
 }
 

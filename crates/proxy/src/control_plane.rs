@@ -1,16 +1,18 @@
 //! The control-plane source of configuration: a gRPC Watch stream (see the .proto in
 //! `plexus-api`). The proxy sends the destinations it needs (and, when started by
 //! `plexus run`, the Workload to register) and compiles every answer with the same code as
-//! `--resources` mode. While the control plane is unreachable the proxy keeps serving with
-//! the last view and reconnects with capped exponential backoff.
+//! `--resources` mode. The proxy asks for incremental responses: the whole view once per
+//! stream, then only what changed, applied to the view kept here. While the control plane is
+//! unreachable the proxy keeps serving with the last view and reconnects with capped
+//! exponential backoff.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_api::discovery::discovery_client::DiscoveryClient;
-use plexus_api::discovery::{ProxyInfo, WatchRequest};
-use plexus_core::{MeshSnapshot, ServiceName, resource_from_value};
+use plexus_api::discovery::{ProxyInfo, WatchRequest, WatchResponse};
+use plexus_core::{MeshSnapshot, Resource, ServiceName, resource_from_value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -81,6 +83,39 @@ fn request(
         certificate_issuer_sha256: cert.issuer_sha256,
         certificate_not_after_unix: cert.not_after_unix,
         spiffe_id: cert.spiffe_id,
+        incremental: true,
+    }
+}
+
+/// The resources of this stream's view, by id (`Kind/namespace/name`).
+#[derive(Default)]
+struct View {
+    resources: BTreeMap<String, Resource>,
+}
+
+impl View {
+    /// Applies a response: a whole view replaces this one, an incremental one changes it.
+    fn apply(&mut self, response: &WatchResponse) -> anyhow::Result<()> {
+        let mut changed = Vec::with_capacity(response.resources.len());
+        for bytes in &response.resources {
+            let value: serde_json::Value = serde_json::from_slice(bytes)?;
+            let resource =
+                resource_from_value(value).map_err(|e| anyhow::anyhow!("bad resource from the control plane: {e}"))?;
+            changed.push((resource.id(), resource));
+        }
+        if !response.incremental {
+            self.resources.clear();
+        }
+        for id in &response.removed {
+            self.resources.remove(id);
+        }
+        self.resources.extend(changed);
+        Ok(())
+    }
+
+    fn compile(&self, revision: u64) -> MeshSnapshot {
+        let resources: Vec<Resource> = self.resources.values().cloned().collect();
+        MeshSnapshot::compile(&resources, revision.to_string())
     }
 }
 
@@ -108,6 +143,7 @@ async fn session(
     };
     let (tx, rx) = mpsc::channel(8);
     let mut applied = 0;
+    let mut view = View::default();
     tx.send(request(discovery, config.identity.as_ref(), applied, Some(info))).await?;
     let mut stream = client.watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut wanted = discovery.wanted();
@@ -120,16 +156,15 @@ async fn session(
         tokio::select! {
             msg = stream.message() => {
                 let Some(resp) = msg? else { return Ok(()) };
-                let mut resources = Vec::with_capacity(resp.resources.len());
-                for bytes in &resp.resources {
-                    let value: serde_json::Value = serde_json::from_slice(bytes)?;
-                    resources.push(resource_from_value(value).map_err(|e| anyhow::anyhow!("bad resource from the control plane: {e}"))?);
-                }
+                view.apply(&resp)?;
                 let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
                 // Connected first: whoever wakes on the new snapshot sees the connection too.
                 discovery.set_control_plane_connected(true);
-                discovery.publish_covering(MeshSnapshot::compile(&resources, resp.revision.to_string()), covered);
-                if let Some(identity) = &config.identity {
+                discovery.publish_covering(view.compile(resp.revision), covered);
+                // An incremental response leaves an unchanged bundle out.
+                if let Some(identity) = &config.identity
+                    && !(resp.incremental && resp.trust_bundle_pem.is_empty())
+                {
                     identity.update_bundle(&resp.trust_bundle_pem);
                 }
                 applied = resp.revision;
@@ -153,5 +188,50 @@ async fn session(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, port: u16) -> bytes::Bytes {
+        let json = format!(
+            r#"{{"apiVersion":"plexus.dev/v1alpha1","kind":"Workload","metadata":{{"name":"{name}","labels":{{"app":"a"}}}},"spec":{{"address":"127.0.0.1","ports":[{{"port":{port}}}]}}}}"#
+        );
+        json.into_bytes().into()
+    }
+
+    fn ports(view: &View) -> Vec<(String, u16)> {
+        view.resources
+            .values()
+            .filter_map(|r| match &r.spec {
+                plexus_core::Spec::Workload(w) => Some((r.metadata.name.clone(), w.ports[0].port)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn increments_change_the_view_and_a_whole_view_replaces_it() {
+        let mut view = View::default();
+        let whole = |resources| WatchResponse { revision: 1, resources, ..WatchResponse::default() };
+        view.apply(&whole(vec![workload("w1", 1), workload("w2", 2)])).expect("valid");
+        assert_eq!(ports(&view), [("w1".into(), 1), ("w2".into(), 2)]);
+
+        let delta = WatchResponse {
+            revision: 2,
+            resources: vec![workload("w2", 20), workload("w3", 3)],
+            removed: vec!["Workload/default/w1".into()],
+            incremental: true,
+            ..WatchResponse::default()
+        };
+        view.apply(&delta).expect("valid");
+        assert_eq!(ports(&view), [("w2".into(), 20), ("w3".into(), 3)]);
+
+        view.apply(&whole(vec![workload("w9", 9)])).expect("valid");
+        assert_eq!(ports(&view), [("w9".into(), 9)]);
+        assert!(view.apply(&whole(vec![b"{not json".as_slice().into()])).is_err());
+        assert_eq!(ports(&view), [("w9".into(), 9)], "a bad response changes nothing");
     }
 }

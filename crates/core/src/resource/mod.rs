@@ -174,6 +174,17 @@ impl Resource {
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace(), self.metadata.name)
     }
+
+    /// `Kind/namespace/name`: what identifies an object across kinds (the store's key, and
+    /// the id incremental discovery responses remove by).
+    pub fn id(&self) -> String {
+        object_id(self.kind, self.metadata.namespace(), &self.metadata.name)
+    }
+}
+
+/// `Kind/namespace/name` (see [`Resource::id`]).
+pub fn object_id(kind: Kind, namespace: &str, name: &str) -> String {
+    format!("{}/{namespace}/{name}", kind.as_str())
 }
 
 /// The typed `spec` of each kind (sizes differ; resources are few and long-lived, so no boxing).
