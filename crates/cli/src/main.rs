@@ -112,7 +112,23 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One worker thread runs on tokio's single-threaded scheduler: no work stealing and no
+    // cross-thread wake-ups. A sidecar (`proxy`, `run`) gets one by default.
+    let workers = match &cli.command {
+        Command::Proxy(args) => args.worker_threads(),
+        Command::Run(_) => 1,
+        _ => 0,
+    };
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

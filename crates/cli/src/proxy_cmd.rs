@@ -112,12 +112,23 @@ pub struct ProxyArgs {
     idle_timeout: Duration,
     #[arg(long, env = "PLEXUS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     connect_timeout: Duration,
+    /// Threads serving traffic: 1 runs the whole proxy on one thread (no wake-ups across
+    /// threads: the least CPU per request), 0 = one per CPU this process may run on. Default:
+    /// 1 for a sidecar (one workload's traffic, beside it on the same machine), 0 for the
+    /// ingress and egress gateways.
+    #[arg(long, env = "PLEXUS_PROXY_WORKERS")]
+    pub workers: Option<usize>,
     /// How long a drain (SIGTERM, POST /shutdown) waits for in-flight work.
     #[arg(long, env = "PLEXUS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
 }
 
 impl ProxyArgs {
+    /// Runtime threads to start (see `--workers`); 0 = one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or(if self.mode == "sidecar" { 1 } else { 0 })
+    }
+
     pub fn settings(self) -> Settings {
         Settings {
             identity: None,
