@@ -17,6 +17,9 @@ use crate::store::ObjectKey;
 /// (the keys come from the store, not from the network).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// (namespace, label, value).
+type LabelPair<'a> = (&'a str, &'a str, &'a str);
+
 /// One resource, encoded once for every stream that sends it.
 #[derive(Debug, Clone)]
 pub struct Encoded {
@@ -110,7 +113,7 @@ impl Views {
         // Services are indexed by (namespace, label, value) of their first selector pair, and
         // each Workload label is looked up there: one pass over the Workloads instead of one
         // per Service (1,000 Services × 10,000 Workloads must stay cheap).
-        let mut by_first_pair: FastMap<(&str, &str, &str), Vec<(usize, &ServiceSpec)>> = FastMap::default();
+        let mut by_first_pair: FastMap<LabelPair, Vec<(usize, &ServiceSpec)>> = FastMap::default();
         for (name, (i, spec)) in &services {
             if let Some((k, v)) = spec.selector.iter().next() {
                 by_first_pair.entry((name.namespace.as_str(), k.as_str(), v.as_str())).or_default().push((*i, spec));
