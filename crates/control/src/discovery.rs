@@ -8,6 +8,7 @@ use plexus_api::discovery::discovery_server::Discovery;
 use plexus_api::discovery::{ReportAck, TelemetryReport, WatchRequest, WatchResponse};
 use plexus_core::{Kind, ServiceName, Spec, parse_documents};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -70,7 +71,7 @@ impl DiscoveryService {
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream = WatchStream;
 
     async fn report(&self, request: Request<TelemetryReport>) -> Result<Response<ReportAck>, Status> {
         self.traffic.add(request.into_inner().summaries);
@@ -102,7 +103,8 @@ impl Discovery for DiscoveryService {
         });
         self.proxies.report_certificate(id, reported_certificate(&first));
         tracing::info!(id, workload = %info.workload, service = %info.service, "proxy connected");
-        let (tx, rx) = mpsc::channel(4);
+        // Boxed: a channel allocates its slots up front, and a response is large.
+        let (tx, rx) = mpsc::channel::<Box<WatchResponse>>(4);
         let mut views = self.views.clone();
         let mut bundle = self.ca.subscribe_bundle();
         let proxies = self.proxies.clone();
@@ -124,7 +126,15 @@ impl Discovery for DiscoveryService {
                     let next =
                         Sent { revision: current.revision, wanted: wanted.clone(), resources: union, trust_bundle };
                     if let Some(response) = next.response_after(last_sent.as_ref(), first.incremental) {
-                        if tx.send(Ok(response)).await.is_err() {
+                        let pieces = if first.incremental { pieces(response) } else { vec![response] };
+                        let mut gone = false;
+                        for piece in pieces {
+                            if tx.send(Box::new(piece)).await.is_err() {
+                                gone = true;
+                                break;
+                            }
+                        }
+                        if gone {
                             break;
                         }
                         proxies.sent(id, current.revision);
@@ -168,8 +178,60 @@ impl Discovery for DiscoveryService {
             proxies.disconnect(id);
             tracing::info!(id, "proxy disconnected");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(ReceiverStream::new(rx).map(|r| Ok(*r))))
     }
+}
+
+/// The responses of a Watch stream.
+pub type WatchStream = tokio_stream::adapters::Map<
+    ReceiverStream<Box<WatchResponse>>,
+    fn(Box<WatchResponse>) -> Result<WatchResponse, Status>,
+>;
+
+/// Resource bytes per message when a change is split ([`pieces`]). Every stream keeps an
+/// encode buffer as large as the largest message it sent; a view of 9 KiB sent whole kept
+/// 16 KiB per stream for the stream's life.
+const PIECE_BYTES: usize = 2048;
+
+/// Splits a response into messages of about [`PIECE_BYTES`] of resources (a larger resource
+/// travels alone): the first as given, the rest incremental, all but the last with `more`.
+fn pieces(mut response: WatchResponse) -> Vec<WatchResponse> {
+    let total: usize = response.resources.iter().map(bytes::Bytes::len).sum();
+    if total <= PIECE_BYTES {
+        return vec![response];
+    }
+    let mut groups: Vec<Vec<bytes::Bytes>> = vec![Vec::new()];
+    let mut size = 0;
+    for r in std::mem::take(&mut response.resources) {
+        if size + r.len() > PIECE_BYTES && groups.last().is_some_and(|g| !g.is_empty()) {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += r.len();
+        if let Some(g) = groups.last_mut() {
+            g.push(r);
+        }
+    }
+    let last = groups.len() - 1;
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, resources)| {
+            if i == 0 {
+                WatchResponse { resources, more: last > 0, ..response.clone() }
+            } else {
+                WatchResponse {
+                    revision: response.revision,
+                    resources,
+                    destinations: response.destinations.clone(),
+                    trust_bundle_pem: String::new(),
+                    incremental: true,
+                    removed: Vec::new(),
+                    more: i < last,
+                }
+            }
+        })
+        .collect()
 }
 
 /// What a stream sent last (or would send next): the view of its destinations at a revision.
@@ -194,6 +256,7 @@ impl Sent {
             trust_bundle_pem: self.trust_bundle.to_string(),
             incremental: false,
             removed: Vec::new(),
+            more: false,
         };
         let Some(previous) = previous else { return Some(full()) };
         let (changed, removed) = difference(&previous.resources, &self.resources);
@@ -210,6 +273,7 @@ impl Sent {
             trust_bundle_pem: if bundle_changed { self.trust_bundle.to_string() } else { String::new() },
             incremental: true,
             removed: removed.iter().map(|e| e.key.storage_key()).collect(),
+            more: false,
         })
     }
 }
@@ -338,6 +402,19 @@ mod tests {
         let whole = next.response_after(Some(&first), false).expect("a change");
         assert!(!whole.incremental);
         assert_eq!(whole.resources.len(), 3);
+
+        // A large change is split into pieces of about PIECE_BYTES, only the last without `more`.
+        let big: Vec<Arc<Encoded>> = (0..10).map(|i| encoded(&format!("w{i}"), &"x".repeat(700))).collect();
+        let whole = sent(big, &bundle).response_after(None, true).expect("the first response");
+        let parts = pieces(whole);
+        assert_eq!(
+            parts.iter().map(|p| p.resources.len()).collect::<Vec<_>>(),
+            [2; 5],
+            "700-byte resources, 2 per piece"
+        );
+        assert!(!parts[0].incremental && parts[0].trust_bundle_pem == "PEM");
+        assert!(parts[1..].iter().all(|p| p.incremental && p.trust_bundle_pem.is_empty() && p.removed.is_empty()));
+        assert_eq!(parts.iter().map(|p| p.more).collect::<Vec<_>>(), [true, true, true, true, false]);
 
         // A new bundle alone is a change, and it is sent.
         let rotated: Arc<str> = Arc::from("PEM2");

@@ -91,6 +91,8 @@ fn request(
 #[derive(Default)]
 struct View {
     resources: BTreeMap<String, Resource>,
+    /// A trust bundle received and not yet installed (installed once a change is complete).
+    new_bundle: Option<String>,
 }
 
 impl View {
@@ -110,6 +112,10 @@ impl View {
             self.resources.remove(id);
         }
         self.resources.extend(changed);
+        // An incremental response leaves an unchanged bundle out.
+        if !(response.incremental && response.trust_bundle_pem.is_empty()) {
+            self.new_bundle = Some(response.trust_bundle_pem.clone());
+        }
         Ok(())
     }
 
@@ -157,15 +163,16 @@ async fn session(
             msg = stream.message() => {
                 let Some(resp) = msg? else { return Ok(()) };
                 view.apply(&resp)?;
+                if resp.more {
+                    // A piece of a larger change: act on the whole change at its last piece.
+                    continue;
+                }
                 let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
                 // Connected first: whoever wakes on the new snapshot sees the connection too.
                 discovery.set_control_plane_connected(true);
                 discovery.publish_covering(view.compile(resp.revision), covered);
-                // An incremental response leaves an unchanged bundle out.
-                if let Some(identity) = &config.identity
-                    && !(resp.incremental && resp.trust_bundle_pem.is_empty())
-                {
-                    identity.update_bundle(&resp.trust_bundle_pem);
+                if let (Some(identity), Some(bundle)) = (&config.identity, view.new_bundle.take()) {
+                    identity.update_bundle(&bundle);
                 }
                 applied = resp.revision;
                 tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
