@@ -357,7 +357,7 @@ impl Balancer {
         }
     }
 
-    fn stats_for(&self, endpoints: &[Endpoint]) -> Vec<Arc<EndpointStats>> {
+    fn stats_for(&self, endpoints: &[Endpoint]) -> Arc<[Arc<EndpointStats>]> {
         let Ok(mut map) = self.stats.lock() else {
             return endpoints.iter().map(|_| Arc::new(EndpointStats::new())).collect();
         };
@@ -437,21 +437,21 @@ impl Balancer {
         if endpoints.is_empty() {
             return None;
         }
-        let set: Arc<[Arc<EndpointStats>]> = self.stats_for(endpoints).into();
+        let set = self.stats_for(endpoints);
         let ejected: Vec<bool> = set.iter().map(|s| s.ejected(now)).collect();
         let honour_ejections = within_percent(
             ejected.iter().filter(|e| **e).count(),
             endpoints.len(),
             choice.outlier.max_ejection_percent,
         );
-        let allowed: Vec<bool> = endpoints.iter().map(|e| !exclude.contains(&e.addr)).collect();
-        let mut usable: Vec<bool> =
-            allowed.iter().zip(&ejected).map(|(a, e)| *a && !(honour_ejections && *e)).collect();
-        if !usable.contains(&true) {
+        let allowed = |i: &usize| !exclude.contains(&endpoints[*i].addr);
+        // Ascending, so membership is a binary search.
+        let mut candidates: Vec<usize> =
+            (0..endpoints.len()).filter(allowed).filter(|i| !(honour_ejections && ejected[*i])).collect();
+        if candidates.is_empty() {
             // Every endpoint left is ejected: better to try one than to fail the request.
-            usable = allowed;
+            candidates = (0..endpoints.len()).filter(allowed).collect();
         }
-        let candidates: Vec<usize> = (0..endpoints.len()).filter(|i| usable[*i]).collect();
         let n = candidates.len();
         if n == 0 {
             return None;
@@ -468,7 +468,10 @@ impl Balancer {
             }
             Algorithm::RingHash => {
                 let hash = choice.hash.unwrap_or_else(|| fastrand::u64(..));
-                self.ring_for(endpoints).walk(hash).find(|i| usable[*i]).unwrap_or(candidates[0])
+                self.ring_for(endpoints)
+                    .walk(hash)
+                    .find(|i| candidates.binary_search(i).is_ok())
+                    .unwrap_or(candidates[0])
             }
         };
         let stats = set[chosen].clone();

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,29 +30,48 @@ pub const DURATION_BUCKETS: [f64; 16] =
 /// The value of a label nobody could fill in.
 pub const UNKNOWN: &str = "unknown";
 
+/// A label value. Label sets are built for every request and cloned into metrics, telemetry
+/// and tap: a shared string makes each clone a reference count instead of a copy.
+pub type Label = Arc<str>;
+
+static UNKNOWN_LABEL: LazyLock<Label> = LazyLock::new(|| Label::from(UNKNOWN));
+static OVERFLOW_LABEL: LazyLock<Label> = LazyLock::new(|| Label::from(OVERFLOW));
+
+static DEFAULT_ROUTE_LABEL: LazyLock<Label> = LazyLock::new(|| Label::from("default"));
+
+/// The route label of requests no route matched (shared, no allocation).
+pub fn default_route() -> Label {
+    DEFAULT_ROUTE_LABEL.clone()
+}
+
+/// [`UNKNOWN`] as a label (shared, no allocation).
+pub fn unknown() -> Label {
+    UNKNOWN_LABEL.clone()
+}
+
 /// Who sent or received traffic, as labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
-    pub source_workload: String,
-    pub source_service: String,
-    pub source_principal: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_version: String,
-    pub destination_principal: String,
+    pub source_workload: Label,
+    pub source_service: Label,
+    pub source_principal: Label,
+    pub destination_service: Label,
+    pub destination_workload: Label,
+    pub destination_version: Label,
+    pub destination_principal: Label,
 }
 
 impl PeerLabels {
     /// These labels with the source's replaced by [`OVERFLOW`].
     fn overflowed(&self) -> PeerLabels {
-        let o = || OVERFLOW.to_string();
+        let o = || OVERFLOW_LABEL.clone();
         PeerLabels { source_workload: o(), source_service: o(), source_principal: o(), ..self.clone() }
     }
 }
 
 impl Default for PeerLabels {
     fn default() -> Self {
-        let u = || UNKNOWN.to_string();
+        let u = unknown;
         PeerLabels {
             source_workload: u(),
             source_service: u(),
@@ -71,7 +90,7 @@ pub struct RequestLabels {
     pub direction: String,
     #[prometheus(flatten)]
     pub peers: PeerLabels,
-    pub route: String,
+    pub route: Label,
     pub request_protocol: String,
     pub response_code: String,
     pub grpc_response_status: String,

@@ -22,7 +22,7 @@ use crate::http::client::{self, Pool};
 use crate::http::inbound::{self, InboundConn};
 use crate::http::outbound::{self, OutboundConn};
 use crate::http::server::HttpServer;
-use crate::metrics::{Metrics, PeerLabels, ServiceRouteLabels, TcpLabels, UNKNOWN};
+use crate::metrics::{Label, Metrics, PeerLabels, ServiceRouteLabels, TcpLabels};
 use crate::settings::Settings;
 use crate::transport::detect::{Protocol, Sniffed, sniff};
 use crate::transport::io::PrefixedIo;
@@ -52,10 +52,30 @@ pub struct State {
     /// Live request stream for admin `/tap`.
     pub tap: crate::tap::Tap,
     pub http: HttpServer,
+    /// This proxy's workload, service and version as labels (built once, shared by every request).
+    own: OwnLabels,
     conn_limit: Arc<Semaphore>,
     draining: AtomicBool,
     drain: watch::Sender<bool>,
     own_listeners: Vec<SocketAddr>,
+}
+
+/// This proxy's own workload, service and version labels (when configured).
+struct OwnLabels {
+    workload: Option<Label>,
+    service: Option<Label>,
+    version: Option<Label>,
+}
+
+impl OwnLabels {
+    fn of(settings: &Settings) -> OwnLabels {
+        let label = |v: &Option<String>| v.as_deref().map(Label::from);
+        OwnLabels {
+            workload: label(&settings.workload),
+            service: label(&settings.service),
+            version: label(&settings.version),
+        }
+    }
 }
 
 /// A TCP stream's metrics: opened now, closed by [`TcpGuard::closed`].
@@ -77,31 +97,31 @@ impl State {
     /// Source labels of outbound traffic: this proxy's own workload.
     pub fn fill_source(&self, peers: &mut PeerLabels) {
         let s = &self.settings;
-        if let Some(w) = &s.workload {
+        if let Some(w) = &self.own.workload {
             peers.source_workload = w.clone();
         }
-        if let Some(svc) = &s.service {
+        if let Some(svc) = &self.own.service {
             peers.source_service = svc.clone();
         }
         if let Some(cert) = s.identity.as_ref().and_then(|i| i.info()) {
-            peers.source_principal = cert.spiffe_id;
+            peers.source_principal = cert.spiffe_id.into();
         }
     }
 
     /// Destination labels of inbound traffic: this proxy's own workload.
     pub fn fill_destination(&self, peers: &mut PeerLabels) {
         let s = &self.settings;
-        if let Some(w) = &s.workload {
+        if let Some(w) = &self.own.workload {
             peers.destination_workload = w.clone();
         }
-        if let Some(v) = &s.version {
+        if let Some(v) = &self.own.version {
             peers.destination_version = v.clone();
         }
-        if let Some(svc) = &s.service {
-            peers.destination_service = svc.clone();
+        if let (Some(svc), Some(label)) = (&s.service, &self.own.service) {
+            peers.destination_service = label.clone();
             peers.destination_principal = match s.identity.as_ref().and_then(|i| i.info()) {
-                Some(cert) => cert.spiffe_id,
-                None => spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc),
+                Some(cert) => cert.spiffe_id.into(),
+                None => spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc).into(),
             };
         }
     }
@@ -261,6 +281,7 @@ impl Proxy {
             telemetry: Arc::default(),
             tap: crate::tap::Tap::default(),
             http: HttpServer::new(&settings.limits),
+            own: OwnLabels::of(&settings),
             conn_limit: Arc::new(Semaphore::new(settings.limits.max_connections)),
             draining: AtomicBool::new(false),
             drain,
@@ -484,9 +505,9 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                 let Some((ep, pick)) = state.balancer.pick(&endpoints, &choice, &tried) else {
                     return Err(ProxyError::NoEndpoints(format!("{name}:{port}")));
                 };
-                peers.destination_service = name.name.clone();
-                peers.destination_workload = ep.workload.clone();
-                peers.destination_version = ep.version.clone().unwrap_or_else(|| UNKNOWN.into());
+                peers.destination_service = name.name.as_str().into();
+                peers.destination_workload = ep.workload.as_str().into();
+                peers.destination_version = ep.version.as_deref().map_or_else(crate::metrics::unknown, Into::into);
                 let peer = crate::http::forward::peer_identity(&snapshot, ep);
                 let connected = match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
                     Ok(tcp) => mesh_tcp(state, tcp, peer.as_deref()).await,
@@ -776,7 +797,7 @@ async fn serve_mesh_tls(
         let mut peers = PeerLabels::default();
         state.fill_destination(&mut peers);
         if let Some(id) = &peer_identity {
-            peers.source_principal = id.clone();
+            peers.source_principal = id.as_str().into();
         }
         let Some(port) = app_port else { return };
         if let Err(e) = inbound::authorize_stream(&state, port, peer_identity.as_deref()) {

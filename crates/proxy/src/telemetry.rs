@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use plexus_api::discovery::discovery_client::DiscoveryClient;
 use plexus_api::discovery::{TelemetryReport, TrafficSummary};
 
-use crate::metrics::PeerLabels;
+use crate::metrics::{Label, PeerLabels};
 
 /// How often summaries are sent.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
@@ -17,12 +17,12 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     direction: &'static str,
-    source_workload: String,
-    source_service: String,
-    destination_service: String,
-    destination_workload: String,
-    destination_version: String,
-    route: String,
+    source_workload: Label,
+    source_service: Label,
+    destination_service: Label,
+    destination_workload: Label,
+    destination_version: Label,
+    route: Label,
 }
 
 #[derive(Debug, Default)]
@@ -51,7 +51,7 @@ impl Telemetry {
         &self,
         direction: &'static str,
         peers: &PeerLabels,
-        route: &str,
+        route: &Label,
         success: bool,
         mtls: bool,
         latency: Duration,
@@ -66,7 +66,7 @@ impl Telemetry {
             destination_service: peers.destination_service.clone(),
             destination_workload: peers.destination_workload.clone(),
             destination_version: peers.destination_version.clone(),
-            route: route.to_string(),
+            route: route.clone(),
         };
         let Ok(mut current) = self.current.lock() else { return };
         let s = current.entry(key).or_default();
@@ -85,12 +85,12 @@ impl Telemetry {
             .into_iter()
             .map(|(k, s)| TrafficSummary {
                 direction: k.direction.into(),
-                source_workload: k.source_workload,
-                source_service: k.source_service,
-                destination_service: k.destination_service,
-                destination_workload: k.destination_workload,
-                destination_version: k.destination_version,
-                route: k.route,
+                source_workload: k.source_workload.to_string(),
+                source_service: k.source_service.to_string(),
+                destination_service: k.destination_service.to_string(),
+                destination_workload: k.destination_workload.to_string(),
+                destination_version: k.destination_version.to_string(),
+                route: k.route.to_string(),
                 requests: s.requests,
                 successes: s.successes,
                 mtls: s.mtls,

@@ -67,7 +67,7 @@ pub async fn to_service(
     let decision = decide(to.snapshot, to.service, to.port, &info, &addressed, fastrand::u64(..));
     let entry = decision.entry;
     if let Some(e) = entry {
-        obs.route = e.route.clone();
+        obs.route = e.route.as_str().into();
     }
     let (backend, backend_port) = match decision.outcome {
         Outcome::Forward { service, port } => (service, port),
@@ -82,7 +82,7 @@ pub async fn to_service(
         }
     };
     obs.notes.add(|| format!("{}: backend {}:{}", matched(entry), backend.name, backend_port.port));
-    obs.peers.destination_service = backend.name.name.clone();
+    obs.peers.destination_service = backend.name.name.as_str().into();
     let authority = match apply_request_filters(entry, &mut head, authority) {
         Ok(a) => a,
         Err(e) => return obs.fail(e),
@@ -507,9 +507,10 @@ pub fn peer_identity(snapshot: &MeshSnapshot, ep: &Endpoint) -> Option<Arc<str>>
 /// Fills the destination labels from the endpoint that answered.
 pub fn describe_endpoint(obs: &mut Observation, snapshot: &MeshSnapshot, ep: &Endpoint) {
     obs.upstream = Some(ep.addr);
-    obs.peers.destination_workload = ep.workload.clone();
-    obs.peers.destination_version = ep.version.clone().unwrap_or_else(|| crate::metrics::UNKNOWN.into());
+    obs.peers.destination_workload = ep.workload.as_str().into();
+    obs.peers.destination_version = ep.version.as_deref().map_or_else(crate::metrics::unknown, Into::into);
     if ep.meshed {
-        obs.peers.destination_principal = spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account);
+        obs.peers.destination_principal =
+            spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account).into();
     }
 }

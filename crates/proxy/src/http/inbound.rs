@@ -45,7 +45,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     state.fill_destination(&mut obs.peers);
     if let Some(id) = &conn.peer_identity {
         obs.security = "mutual_tls";
-        obs.peers.source_principal = id.clone();
+        obs.peers.source_principal = id.as_str().into();
     }
     let Some(app_port) = conn.app_port else {
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));

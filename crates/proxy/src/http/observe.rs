@@ -24,7 +24,7 @@ pub struct Observation {
     pub started: Instant,
     pub direction: &'static str,
     pub peers: PeerLabels,
-    pub route: String,
+    pub route: crate::metrics::Label,
     pub grpc: bool,
     pub method: String,
     pub authority: String,
@@ -62,7 +62,7 @@ impl Observation {
             started_at: SystemTime::now(),
             direction,
             peers: PeerLabels::default(),
-            route: "default".into(),
+            route: crate::metrics::default_route(),
             grpc: headers::is_grpc(&head.headers),
             method: head.method.to_string(),
             authority: head.authority().unwrap_or_default(),
@@ -154,10 +154,10 @@ impl Observation {
         let RequestLabels { mut peers, grpc_response_status: grpc_status, .. } = labels;
         // This sidecar's own identity is the source of what it sends out.
         if self.direction == "outbound"
-            && peers.source_principal == UNKNOWN
+            && &*peers.source_principal == UNKNOWN
             && let Some(info) = self.state.settings.identity.as_ref().and_then(|i| i.info())
         {
-            peers.source_principal = info.spiffe_id;
+            peers.source_principal = info.spiffe_id.into();
         }
         let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, peers, success };
         if self.notes.on() {
@@ -226,19 +226,19 @@ impl Observation {
             grpc_status: d.grpc_status.parse().ok(),
             latency_ms: d.elapsed.as_secs_f64() * 1000.0,
             source: TapPeer {
-                workload: p.source_workload.clone(),
-                service: p.source_service.clone(),
-                principal: p.source_principal.clone(),
+                workload: p.source_workload.to_string(),
+                service: p.source_service.to_string(),
+                principal: p.source_principal.to_string(),
                 ..TapPeer::default()
             },
             destination: TapPeer {
-                workload: p.destination_workload.clone(),
-                service: p.destination_service.clone(),
-                principal: p.destination_principal.clone(),
-                version: p.destination_version.clone(),
+                workload: p.destination_workload.to_string(),
+                service: p.destination_service.to_string(),
+                principal: p.destination_principal.to_string(),
+                version: p.destination_version.to_string(),
                 endpoint: self.upstream.map(|a| a.to_string()).unwrap_or_default(),
             },
-            route: self.route.clone(),
+            route: self.route.to_string(),
             tls: self.security == "mutual_tls",
             retries: noted.retries,
             flags: d.flags.into(),
@@ -257,8 +257,8 @@ impl Observation {
             namespace: s.namespace.clone(),
         };
         let (kind, peer_principal) = match self.direction {
-            "inbound" => (Kind::Server, d.peers.source_principal.clone()),
-            _ => (Kind::Client, d.peers.destination_principal.clone()),
+            "inbound" => (Kind::Server, d.peers.source_principal.to_string()),
+            _ => (Kind::Client, d.peers.destination_principal.to_string()),
         };
         let str = |v: &str| Value::Str(v.to_string());
         let p = d.peers;
@@ -284,15 +284,15 @@ impl Observation {
             attributes.push(("rpc.grpc.status_code", Value::Int(code)));
         }
         attributes.extend([
-            ("plexus.source.workload", Value::Str(p.source_workload)),
-            ("plexus.source.service", Value::Str(p.source_service)),
-            ("plexus.source.principal", Value::Str(p.source_principal)),
-            ("plexus.destination.workload", Value::Str(p.destination_workload)),
-            ("plexus.destination.version", Value::Str(p.destination_version)),
-            ("plexus.destination.principal", Value::Str(p.destination_principal)),
+            ("plexus.source.workload", Value::Str(p.source_workload.to_string())),
+            ("plexus.source.service", Value::Str(p.source_service.to_string())),
+            ("plexus.source.principal", Value::Str(p.source_principal.to_string())),
+            ("plexus.destination.workload", Value::Str(p.destination_workload.to_string())),
+            ("plexus.destination.version", Value::Str(p.destination_version.to_string())),
+            ("plexus.destination.principal", Value::Str(p.destination_principal.to_string())),
         ]);
         let name = format!("{} {}", self.method, p.destination_service);
-        attributes.push(("plexus.destination.service", Value::Str(p.destination_service)));
+        attributes.push(("plexus.destination.service", Value::Str(p.destination_service.to_string())));
         FinishedSpan {
             resource,
             trace_id: self.span.trace_id,

@@ -119,7 +119,7 @@ async fn direct(
         return obs.fail(ProxyError::BadRequest(format!("{authority} is this proxy itself")));
     }
     obs.upstream = Some(addr);
-    obs.peers.destination_service = split_authority(&authority).0.to_string();
+    obs.peers.destination_service = split_authority(&authority).0.into();
     let target = Target {
         addr,
         proto: app_protocol(None, head.version),
@@ -151,7 +151,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
     let snapshot = state.snapshot_for_host(split_authority(&authority).0).await;
     let timeout = state.settings.limits.connect_timeout;
     let upstream = if let Some((service, port)) = snapshot.resolve_authority(&authority) {
-        obs.peers.destination_service = service.name.name.clone();
+        obs.peers.destination_service = service.name.name.as_str().into();
         match state.balancer.pick(&port.endpoints, &Choice::new(&port.policy, None), &[]) {
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {

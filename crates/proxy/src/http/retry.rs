@@ -86,7 +86,11 @@ impl Budgets {
     ) -> Option<T> {
         let now = Instant::now();
         let mut map = self.by_service.lock().ok()?;
-        let budget = map.entry(service.clone()).or_insert_with(|| Budget::new(params, now));
+        // Looked up first: the key is cloned only for a Service's first request.
+        if !map.contains_key(service) {
+            map.insert(service.clone(), Budget::new(params, now));
+        }
+        let budget = map.get_mut(service)?;
         if budget.params != params {
             *budget = Budget::new(params, now);
         }
