@@ -123,7 +123,7 @@ impl http_body::Body for Metered {
                     *this.bytes += data.len() as u64;
                 }
                 if let Some(trailers) = frame.trailers_ref() {
-                    let grpc = trailers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
+                    let grpc = trailers.get(super::headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse().ok());
                     if let Some(f) = this.on_end.take() {
                         f(*this.bytes, BodyEnd::Complete, grpc);
                     }

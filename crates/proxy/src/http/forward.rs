@@ -361,7 +361,7 @@ impl Tries<'_> {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let grpc_status =
-                        resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                        resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
                     let ejected = pick.finish(!matches!(status, 502..=504));
                     self.count_ejection(ejected);
                     let retriable =

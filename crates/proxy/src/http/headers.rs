@@ -6,9 +6,12 @@ use plexus_core::resource::HeaderModifier;
 
 /// Tells the peer sidecar which protocol the application behind it speaks when the two
 /// sidecars upgraded an HTTP/1 request to HTTP/2 between themselves.
-pub const ORIG_PROTO: &str = "x-plexus-orig-proto";
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-plexus-orig-proto");
 /// Generated when absent (SPEC §5).
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Never passed on: identity comes from mTLS only.
+pub const FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
 /// `te: trailers` is kept (gRPC needs it); `upgrade`/`connection: upgrade` are kept when the
@@ -25,9 +28,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for n in
-        ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer", "transfer-encoding"]
-    {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for n in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ] {
         headers.remove(n);
     }
     if keep_upgrade {

@@ -78,7 +78,7 @@ impl Head {
         headers::strip_hop_by_hop(&mut headers, upgrade);
         // Identity comes from mTLS only: a client-supplied certificate header is never passed
         // on, so no application can be fooled by a forged one.
-        headers.remove("x-forwarded-client-cert");
+        headers.remove(headers::FORWARDED_CLIENT_CERT);
         let (uri, version) = match target.proto {
             Proto::Http1 => {
                 let host = http::HeaderValue::from_str(&target.authority)

@@ -99,7 +99,7 @@ impl Observation {
     pub fn respond(self, resp: Response<Body>, flags: &'static str) -> Response<Body> {
         let (parts, b) = resp.into_parts();
         let status = parts.status.as_u16();
-        let header_grpc = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+        let header_grpc = parts.headers.get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
         let grpc = self.grpc || super::headers::is_grpc(&parts.headers);
         let metered = Metered::new(
             b,

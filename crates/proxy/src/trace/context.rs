@@ -13,22 +13,25 @@
 
 use std::fmt;
 
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+// Header names are `HeaderName` constants: looking a header up by `&str` parses and checks
+// the name on every call, and these are looked up on every request.
 /// W3C Trace Context headers.
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// B3 single-header form.
-pub const B3: &str = "b3";
+pub const B3: HeaderName = HeaderName::from_static("b3");
 /// B3 multi-header form.
-pub const B3_TRACE_ID: &str = "x-b3-traceid";
-pub const B3_SPAN_ID: &str = "x-b3-spanid";
-pub const B3_PARENT_SPAN_ID: &str = "x-b3-parentspanid";
-pub const B3_SAMPLED: &str = "x-b3-sampled";
-pub const B3_FLAGS: &str = "x-b3-flags";
+pub const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// Every header this module reads or writes.
-const ALL: [&str; 8] = [TRACEPARENT, TRACESTATE, B3, B3_TRACE_ID, B3_SPAN_ID, B3_PARENT_SPAN_ID, B3_SAMPLED, B3_FLAGS];
+const ALL: [HeaderName; 8] =
+    [TRACEPARENT, TRACESTATE, B3, B3_TRACE_ID, B3_SPAN_ID, B3_PARENT_SPAN_ID, B3_SAMPLED, B3_FLAGS];
 
 /// A 128-bit trace id (never all zeros once made or parsed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,7 +208,7 @@ pub fn parse_b3_single(value: &str) -> Option<B3Context> {
 /// `x-b3-sampled` (`1`/`0`, or the legacy `true`/`false`) and `x-b3-flags: 1` (debug) may
 /// come alone. `None` when no B3 header is present or the ids are malformed.
 pub fn parse_b3_multi(headers: &HeaderMap) -> Option<B3Context> {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let get = |n: HeaderName| headers.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     let (trace, span) = (get(B3_TRACE_ID), get(B3_SPAN_ID));
     let debug = get(B3_FLAGS) == Some("1");
     let sampled = match get(B3_SAMPLED) {
@@ -239,7 +242,7 @@ impl Formats {
     fn of(headers: &HeaderMap) -> Formats {
         Formats {
             b3_single: headers.contains_key(B3),
-            b3_multi: [B3_TRACE_ID, B3_SPAN_ID, B3_SAMPLED, B3_FLAGS].iter().any(|h| headers.contains_key(*h)),
+            b3_multi: [B3_TRACE_ID, B3_SPAN_ID, B3_SAMPLED, B3_FLAGS].iter().any(|h| headers.contains_key(h)),
         }
     }
 }
@@ -315,10 +318,10 @@ impl SpanContext {
     /// Replaces the trace headers in `headers` with this span's: `traceparent` (and the
     /// carried `tracestate`) always, B3 in the forms the request came with.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        for h in ALL {
+        for h in &ALL {
             headers.remove(h);
         }
-        let mut put = |name: &'static str, value: String| {
+        let mut put = |name: HeaderName, value: String| {
             if let Ok(v) = HeaderValue::try_from(value) {
                 headers.insert(name, v);
             }
