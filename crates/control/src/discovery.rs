@@ -117,7 +117,7 @@ impl Discovery for DiscoveryService {
             let mut dirty = true;
             let mut silence = tokio::time::interval(Duration::from_secs(1));
             let mut last_heard = std::time::Instant::now();
-            loop {
+            'stream: loop {
                 if dirty {
                     dirty = false;
                     let current = views.borrow_and_update().clone();
@@ -127,15 +127,10 @@ impl Discovery for DiscoveryService {
                         Sent { revision: current.revision, wanted: wanted.clone(), resources: union, trust_bundle };
                     if let Some(response) = next.response_after(last_sent.as_ref(), first.incremental) {
                         let pieces = if first.incremental { pieces(response) } else { vec![response] };
-                        let mut gone = false;
                         for piece in pieces {
                             if tx.send(Box::new(piece)).await.is_err() {
-                                gone = true;
-                                break;
+                                break 'stream;
                             }
-                        }
-                        if gone {
-                            break;
                         }
                         proxies.sent(id, current.revision);
                         last_sent = Some(next);
