@@ -1,6 +1,7 @@
 //! `plexus`: the one binary of the mesh — the proxy today; the control plane and management
 //! commands build on the same entry point.
 
+mod agent_cmd;
 mod api_client;
 mod bench_cmd;
 mod check_cmd;
@@ -44,6 +45,9 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Run the control plane (embedded file store, resource API).
     Control(control_cmd::ControlArgs),
+    /// Run the node agent: the proxies of this machine reach the control plane through it,
+    /// over one shared connection.
+    Agent(agent_cmd::AgentArgs),
     /// Create or update resources from files (validated first; all or nothing).
     Apply(resources_cmd::ApplyArgs),
     /// List resources of a kind, or show one.
@@ -101,7 +105,7 @@ fn main() -> ExitCode {
     logging::init(&cli.log_format);
     let serves = matches!(
         cli.command,
-        Command::Proxy(_) | Command::Demo(_) | Command::Control(_) | Command::Run(_) | Command::Sample(_)
+        Command::Proxy(_) | Command::Demo(_) | Command::Control(_) | Command::Agent(_) | Command::Run(_) | Command::Sample(_)
     );
     if !serves {
         // A short-lived command piped into `head` ends quietly when the pipe closes, as Unix
@@ -116,7 +120,8 @@ fn main() -> ExitCode {
     // cross-thread wake-ups. A sidecar (`proxy`, `run`) gets one by default.
     let workers = match &cli.command {
         Command::Proxy(args) => args.worker_threads(),
-        Command::Run(_) => 1,
+        // A relay of the machine's proxies: one thread is plenty and keeps it small.
+        Command::Run(_) | Command::Agent(_) => 1,
         _ => 0,
     };
     let mut builder = match workers {
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             Command::Proxy(args) => proxy_cmd::run(*args).await,
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Control(args) => control_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::run(args).await,
             Command::Apply(args) => resources_cmd::apply(args).await,
             Command::Get(args) => resources_cmd::get(args).await,
             Command::Delete(args) => resources_cmd::delete(args).await,

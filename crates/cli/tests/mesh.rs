@@ -101,6 +101,32 @@ async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
     Proxy::start_named("client", PLEXUS, args).await
 }
 
+/// Waits until requests through the client's `echo:8080` bind reach both echo workloads.
+async fn both_echo_workloads_serve(addr: std::net::SocketAddr) -> Result<()> {
+    plexus_testkit::eventually(Duration::from_secs(20), || async move {
+        let mut by = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let r = plexus_testkit::client::get(addr, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            by.extend(r.header("x-served-by").map(str::to_string));
+        }
+        anyhow::ensure!(by.len() == 2, "served by {by:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// Waits until the client's balancer for `echo` holds `n` endpoints.
+async fn client_endpoints(client: &Proxy, n: usize, within: Duration) -> Result<()> {
+    plexus_testkit::eventually(within, || async move {
+        let config = client.admin_get("/config").await?.json()?;
+        let endpoints = config["services"][0]["ports"][0]["endpoints"].as_array().map(Vec::len);
+        anyhow::ensure!(endpoints == Some(n), "endpoints in the client's config: {endpoints:?}");
+        Ok(())
+    })
+    .await
+}
+
 /// Fetches pages until every reviews version has answered (the latency-aware balancer
 /// favours the fastest; an idle version's estimate decays within seconds, so it is tried
 /// again). Every page must be complete.
@@ -254,18 +280,7 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     }
     let client = echo_client(&grpc_url, &[]).await?;
     let addr = client.upstream("echo.default:8080")?;
-    // Both endpoints registered and serving.
-    plexus_testkit::eventually(Duration::from_secs(20), || async move {
-        let mut by = std::collections::BTreeSet::new();
-        for _ in 0..20 {
-            let r = plexus_testkit::client::get(addr, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
-            anyhow::ensure!(r.status == 200, "status {}", r.status);
-            by.extend(r.header("x-served-by").map(str::to_string));
-        }
-        anyhow::ensure!(by.len() == 2, "served by {by:?}");
-        Ok(())
-    })
-    .await?;
+    both_echo_workloads_serve(addr).await?;
 
     // Load during the rest of the test: no request may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -316,14 +331,7 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     let expired_after = crash.elapsed();
     assert!(expired_after < Duration::from_secs(17), "expired after {expired_after:?}");
     // The restarted control plane pushed the removal: the client's balancer holds one endpoint.
-    let proxy = &client;
-    plexus_testkit::eventually(Duration::from_secs(3), || async move {
-        let config = proxy.admin_get("/config").await?.json()?;
-        let endpoints = config["services"][0]["ports"][0]["endpoints"].as_array().map(Vec::len);
-        anyhow::ensure!(endpoints == Some(1), "endpoints in the client's config: {endpoints:?}");
-        Ok(())
-    })
-    .await?;
+    client_endpoints(&client, 1, Duration::from_secs(3)).await?;
     stop.store(true, Ordering::SeqCst);
     load.await?;
     assert!(done.load(Ordering::SeqCst) > before + 50, "load kept running");
@@ -417,5 +425,95 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
     assert!(!left.contains("plx-"), "namespaces left behind after {:?}: {left}", stopping.elapsed());
+    Ok(())
+}
+
+/// Starts `plexus agent` on `port`, relaying to the control plane's gRPC port; returns once it
+/// printed its ready line.
+fn node_agent(port: u16, grpc: u16) -> Result<Proc> {
+    let mut child = Command::new(PLEXUS)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--control-plane", &format!("http://127.0.0.1:{grpc}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    anyhow::ensure!(line.contains("\"listen\""), "no ready line: {line:?}");
+    Ok(Proc(child))
+}
+
+/// Established TCP connections to a local port, counted from the connecting side
+/// (`/proc/net/tcp`: remote address `0100007F:PORT` in state `01`).
+fn connections_to(port: u16) -> Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let remote = format!("0100007F:{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(2) == Some(&remote.as_str()) && f.get(3) == Some(&"01")
+        })
+        .count())
+}
+
+/// Proxies the control plane counts as connected.
+async fn connected_proxies(http: u16) -> Result<usize> {
+    let v = plexus_testkit::client::get_api_json(([127, 0, 0, 1], http).into(), "/api/v1/proxies").await?;
+    Ok(v["proxies"].as_array().map(Vec::len).unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_behind_a_node_agent_share_one_connection_and_survive_its_restart() -> Result<()> {
+    let _serial = serial().await;
+    let dir = TempDir::new("node-agent")?;
+    let data = dir.join("data");
+    let (http, grpc, agent_port) = (free_port(), free_port(), free_port());
+    let _cp = control(&data, http, grpc)?;
+    apply_echo_service(&dir, &data, http)?;
+    let agent = node_agent(agent_port, grpc)?;
+
+    // Two workloads and a client, all reaching the control plane through the agent:
+    // registration, certificates, discovery and telemetry are relayed.
+    let agent_url = format!("http://127.0.0.1:{agent_port}");
+    let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
+    let mut runs = Vec::new();
+    for app in &apps {
+        runs.push(run_echo_workload(&data, &agent_url, app.port())?);
+    }
+    let client = echo_client(&agent_url, &[]).await?;
+    let addr = client.upstream("echo.default:8080")?;
+    both_echo_workloads_serve(addr).await?;
+
+    // The control plane sees three proxies over one connection.
+    let one_connection_three_proxies = || async {
+        let (proxies, connections) = (connected_proxies(http).await?, connections_to(grpc)?);
+        anyhow::ensure!(proxies == 3 && connections == 1, "{proxies} proxies over {connections} connections");
+        Ok(())
+    };
+    plexus_testkit::eventually(Duration::from_secs(10), one_connection_three_proxies).await?;
+
+    // The agent dies: proxies keep serving with their last view.
+    drop(agent);
+    for _ in 0..20 {
+        let r = plexus_testkit::client::get(addr, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
+        assert_eq!(r.status, 200, "with the agent down");
+    }
+    // It comes back: every proxy reconnects through it (backoff at most 5 s).
+    let _agent = node_agent(agent_port, grpc)?;
+    plexus_testkit::eventually(Duration::from_secs(15), one_connection_three_proxies).await?;
+    both_echo_workloads_serve(addr).await?;
+
+    // A workload's sidecar is killed: its stream on the shared connection ends, the control
+    // plane removes the workload and the client's balancer drops it.
+    drop(runs.remove(0));
+    client_endpoints(&client, 1, Duration::from_secs(20)).await?;
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let proxies = connected_proxies(http).await?;
+        anyhow::ensure!(proxies == 2, "{proxies} proxies connected");
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

@@ -71,6 +71,10 @@ struct Args {
     /// Watch streams multiplexed on one HTTP/2 connection (tonic Channel); 1 = a connection per proxy.
     #[arg(long, default_value_t = 100)]
     streams_per_channel: usize,
+    /// Node agents (`plexus agent` processes) between the proxies and the control plane, as on
+    /// N machines: connection c goes to agent c % N, each agent relays on one connection.
+    #[arg(long, default_value_t = 0)]
+    agents: usize,
     /// Resources per apply request during setup.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
@@ -123,6 +127,7 @@ struct Config {
     rounds: usize,
     cold_rounds: usize,
     streams_per_channel: usize,
+    agents: usize,
     batch: usize,
     /// Simulated proxies ask for incremental responses.
     incremental: bool,
@@ -146,6 +151,7 @@ impl Config {
             rounds: args.rounds.unwrap_or(if args.quick { 10 } else { 20 }),
             cold_rounds: args.cold_rounds.unwrap_or(if args.quick { 10 } else { 20 }),
             streams_per_channel: args.streams_per_channel.max(1),
+            agents: args.agents,
             batch: args.batch.max(1),
             incremental: !args.state_of_the_world,
             gap: Duration::from_secs_f64(args.gap.max(0.1)),
@@ -232,6 +238,44 @@ fn status_kib(pid: &str, field: &str) -> Result<u64> {
 // The control plane and its HTTP API
 // ------------------------------------------------------------------------------------------
 
+/// A `plexus` child process that prints one JSON line with its addresses when ready.
+struct Child {
+    child: tokio::process::Child,
+    pid: String,
+    ready: Value,
+}
+
+impl Child {
+    /// Starts `plexus ARGS` with its stderr in `dir/LOG.log`; waits for the ready line.
+    async fn start(bin: &Path, args: &[&std::ffi::OsStr], dir: &Path, log: &str, rust_log: &str) -> Result<Child> {
+        let stderr = std::fs::File::create(dir.join(format!("{log}.log"))).context("creating a log file")?;
+        let mut child = tokio::process::Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} ({log})", bin.display()))?;
+        let pid = child.id().ok_or_else(|| anyhow!("{log} exited at once"))?.to_string();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .with_context(|| format!("{log} printed no address line within 30 s"))??
+            .ok_or_else(|| anyhow!("{log} exited before printing its addresses (see {log}.log)"))?;
+        // Keep draining stdout so the child never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready: Value = serde_json::from_str(&line).with_context(|| format!("address line {line:?}"))?;
+        Ok(Child { child, pid, ready })
+    }
+
+    fn field(&self, k: &str) -> Result<String> {
+        self.ready[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("no {k:?} in {}", self.ready))
+    }
+}
+
 struct ControlPlane {
     child: tokio::process::Child,
     pid: String,
@@ -243,34 +287,12 @@ struct ControlPlane {
 impl ControlPlane {
     async fn start(bin: &Path, dir: &Path, log: &str) -> Result<ControlPlane> {
         let data = dir.join("data");
-        let stderr = std::fs::File::create(dir.join("control.log")).context("creating control.log")?;
-        let mut child = tokio::process::Command::new(bin)
-            .arg("control")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .env("RUST_LOG", log)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} control", bin.display()))?;
-        let pid = child.id().ok_or_else(|| anyhow!("the control plane exited at once"))?.to_string();
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("the control plane printed no address line within 30 s")??
-            .ok_or_else(|| anyhow!("the control plane exited before printing its addresses (see control.log)"))?;
-        // Keep draining stdout so the child never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let ready: Value = serde_json::from_str(&line).with_context(|| format!("address line {line:?}"))?;
-        let field = |k: &str| -> Result<String> {
-            ready[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("no {k:?} in {line:?}"))
-        };
+        let args = ["control".as_ref(), "--data-dir".as_ref(), data.as_os_str()];
+        let addrs = ["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"].map(std::ffi::OsStr::new);
+        let c = Child::start(bin, &[&args[..], &addrs[..]].concat(), dir, "control", log).await?;
         let token = std::fs::read_to_string(data.join("admin-token")).context("reading the admin token")?;
-        Ok(ControlPlane { pid, http: field("http")?, grpc: field("grpc")?, token: token.trim().to_string(), child })
+        let (http, grpc) = (c.field("http")?, c.field("grpc")?);
+        Ok(ControlPlane { pid: c.pid, http, grpc, token: token.trim().to_string(), child: c.child })
     }
 
     fn cpu(&self) -> Result<u64> {
@@ -516,6 +538,8 @@ struct Series {
     measured: Duration,
     /// This process's CPU ticks over the same windows.
     client_ticks: u64,
+    /// The node agents' CPU ticks over the same windows.
+    agent_ticks: u64,
     updates: usize,
     fanout: usize,
 }
@@ -538,6 +562,7 @@ impl Series {
             "lastReceptionMaxMs": z.last().copied().unwrap_or(f64::NAN),
             "cpuMsPerUpdate": cpu_ms, "cpuMsPerUpdateMinusIdle": (cpu_ms - idle_ms).max(0.0),
             "clientCpuMsPerUpdate": self.client_ticks as f64 / tck * 1000.0 / self.updates.max(1) as f64,
+            "agentCpuMsPerUpdate": self.agent_ticks as f64 / tck * 1000.0 / self.updates.max(1) as f64,
             "perUpdate": {"applyMs": self.apply, "firstReceptionMs": self.first, "lastReceptionMs": self.last},
         })
     }
@@ -559,6 +584,9 @@ struct Bench {
     stopping: Arc<AtomicBool>,
     /// HTTP/2 connections (tonic Channels) by number: proxy i uses i / streams_per_channel.
     pool: std::collections::HashMap<usize, Channel>,
+    /// Node agents (`--agents`): connection c goes to agent c % N; none = straight to the
+    /// control plane.
+    agents: Vec<Child>,
 }
 
 impl Bench {
@@ -586,16 +614,21 @@ impl Bench {
     /// Connects simulated proxies `range` (opening the connections they need) and waits for
     /// all their initial views.
     async fn connect(&mut self, range: std::ops::Range<usize>) -> Result<Duration> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.cp.grpc))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
         let start = Instant::now();
         let per = self.cfg.streams_per_channel;
         for c in range.start / per..range.end.div_ceil(per) {
             if !self.pool.contains_key(&c) {
-                let channel =
-                    endpoint.connect().await.with_context(|| format!("connecting to gRPC {}", self.cp.grpc))?;
+                let address = match self.agents.len() {
+                    0 => self.cp.grpc.clone(),
+                    n => self.agents[c % n].field("listen")?,
+                };
+                let channel = Endpoint::from_shared(format!("http://{address}"))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to gRPC {address}"))?;
                 self.pool.insert(c, channel);
             }
         }
@@ -644,7 +677,7 @@ impl Bench {
         let mut remaining = expected.iter().filter(|e| **e).count();
         series.fanout = remaining;
         self.mark.store(seq, Ordering::Release);
-        let (cp0, me0) = (self.cp.cpu()?, cpu_ticks("self")?);
+        let (cp0, me0, agents0) = (self.cp.cpu()?, cpu_ticks("self")?, self.agents_cpu()?);
         let t0 = Instant::now();
         let results = self.api.apply(vec![change]).await?;
         series.apply.push(ms(t0.elapsed()));
@@ -677,6 +710,7 @@ impl Bench {
         }
         series.cp_ticks += self.cp.cpu()? - cp0;
         series.client_ticks += cpu_ticks("self")? - me0;
+        series.agent_ticks += self.agents_cpu()? - agents0;
         series.measured += t0.elapsed();
         series.missing += remaining;
         let received: Vec<f64> = got.into_iter().flatten().collect();
@@ -687,6 +721,16 @@ impl Bench {
         series.updates += 1;
         self.mark.store(NO_MARK, Ordering::Release);
         Ok(())
+    }
+
+    /// CPU ticks of every node agent together.
+    fn agents_cpu(&self) -> Result<u64> {
+        self.agents.iter().map(|a| cpu_ticks(&a.pid)).sum()
+    }
+
+    /// VmRSS of every node agent together, KiB.
+    fn agents_rss_kib(&self) -> Result<u64> {
+        self.agents.iter().map(|a| status_kib(&a.pid, "VmRSS")).sum()
     }
 
     fn seq(&mut self) -> u64 {
@@ -848,6 +892,15 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     let cp = ControlPlane::start(bin, dir, &args.log).await?;
     eprintln!("control plane pid {} (http {}, grpc {}), {cpus} CPUs", cp.pid, cp.http, cp.grpc);
     let api = Api { addr: cp.http.clone(), token: cp.token.clone(), sender: None };
+    let mut agents = Vec::new();
+    for a in 0..cfg.agents {
+        let upstream = format!("http://{}", cp.grpc);
+        let argv = ["agent", "--listen", "127.0.0.1:0", "--control-plane", &upstream].map(std::ffi::OsStr::new);
+        agents.push(Child::start(bin, &argv, dir, &format!("agent-{a}"), &args.log).await?);
+    }
+    if !agents.is_empty() {
+        eprintln!("{} node agents, pids {}", agents.len(), agents.iter().map(|a| a.pid.as_str()).collect::<Vec<_>>().join(" "));
+    }
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut b = Bench {
         cfg: cfg.clone(),
@@ -859,6 +912,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         next_seq: 0,
         stopping: Arc::default(),
         pool: Default::default(),
+        agents,
     };
     let started_rss = b.cp.rss_kib()?;
 
@@ -879,6 +933,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         setup_settle.as_secs_f64()
     );
     let rss0 = b.steady_rss().await?;
+    let agents_rss0 = b.agents_rss_kib()?;
 
     // 2. Proxies: half of them, then the rest (memory at two points: is it linear?).
     let half = cfg.proxies / 2;
@@ -890,6 +945,8 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     let sync = b.connect(half..cfg.proxies).await?;
     eprintln!("  all initial views after {:.2} s", sync.as_secs_f64());
     let rss1 = b.steady_rss().await?;
+    let agents_rss1 = b.agents_rss_kib()?;
+    let agent_per_proxy = (agents_rss1 as f64 - agents_rss0 as f64) / cfg.proxies as f64;
     let channels = b.pool.len();
     let per_proxy = (rss1 as f64 - rss0 as f64) / cfg.proxies as f64;
     let per_proxy_marginal = (rss1 as f64 - rss_half as f64) / (cfg.proxies - half) as f64;
@@ -912,7 +969,8 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         Some(out) => Some(Perf::start(&b.cp.pid, out)?),
         None => None,
     };
-    let (busy0, cp0, me0, t_updates) = (machine_busy_ticks()?, b.cp.cpu()?, cpu_ticks("self")?, Instant::now());
+    let (busy0, cp0, me0, agents0, t_updates) =
+        (machine_busy_ticks()?, b.cp.cpu()?, cpu_ticks("self")?, b.agents_cpu()?, Instant::now());
     let mut hot = Series::default();
     eprintln!("{} updates of the hot service svc-0...", cfg.rounds);
     for _ in 0..cfg.rounds {
@@ -927,7 +985,8 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         b.update(s, cold_change(seq, s, cfg.workloads_per_service), seq, &mut cold).await?;
     }
     // CPU of other processes during the updates: this machine is shared.
-    let others = (machine_busy_ticks()? - busy0).saturating_sub(b.cp.cpu()? - cp0 + cpu_ticks("self")? - me0);
+    let ours = b.cp.cpu()? - cp0 + cpu_ticks("self")? - me0 + b.agents_cpu()? - agents0;
+    let others = (machine_busy_ticks()? - busy0).saturating_sub(ours);
     let others_pct = others as f64 / tck / t_updates.elapsed().as_secs_f64() * 100.0;
     if let Some(p) = perf {
         p.stop().await?;
@@ -951,11 +1010,15 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     println!();
     println!(
         "Control-plane propagation: {} services x {} workloads, {} simulated proxies on {channels} HTTP/2 connections \
-         (up to {} Watch stream(s) each), proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {} responses; {cpus} CPUs",
+         (up to {} Watch stream(s) each){}, proxy i watches svc-(i%{}), svc-((i+1)%{}), svc-0; {} responses; {cpus} CPUs",
         cfg.services,
         cfg.workloads_per_service,
         cfg.proxies,
         cfg.streams_per_channel.min(cfg.proxies),
+        match cfg.agents {
+            0 => String::new(),
+            n => format!(" to {n} node agents, each relaying on one connection to the control plane"),
+        },
         cfg.spread,
         cfg.spread,
         if cfg.incremental { "incremental" } else { "state-of-the-world" }
@@ -1002,6 +1065,9 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             f(v, "cpuMsPerUpdate"),
             f(v, "cpuMsPerUpdateMinusIdle")
         );
+        if cfg.agents > 0 {
+            println!("| {name}: node agents' CPU per update, all together | {:.1} ms | |", f(v, "agentCpuMsPerUpdate"));
+        }
         if s.unexpected > 0 {
             println!("| {name}: responses without the change or to non-watchers | {} | |", s.unexpected);
         }
@@ -1017,6 +1083,13 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         verdict(per_proxy < GOAL_KIB_PER_PROXY),
         n = cfg.proxies
     );
+    if cfg.agents > 0 {
+        println!(
+            "| node agents' memory per idle proxy: (RSS {n} - RSS 0) / {n}, all {} agents together | {agent_per_proxy:.1} KiB | |",
+            cfg.agents,
+            n = cfg.proxies
+        );
+    }
     println!("| control-plane CPU, {} idle proxies | {idle_pct:.1} % of one core | |", cfg.proxies);
     println!(
         "| bench process CPU per hot update (simulated proxies, same machine) | {:.1} ms | |",
@@ -1060,7 +1133,8 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     if let Some(path) = &args.json {
         let all = json!({
             "proxies": cfg.proxies, "services": cfg.services, "workloadsPerService": cfg.workloads_per_service,
-            "spread": cfg.spread, "channels": channels, "streamsPerChannel": cfg.streams_per_channel, "incremental": cfg.incremental, "cpus": cpus,
+            "spread": cfg.spread, "channels": channels, "streamsPerChannel": cfg.streams_per_channel, "agents": cfg.agents,
+            "agentRssKiB": {"zeroProxies": agents_rss0, "idleProxies": agents_rss1}, "agentKibPerIdleProxy": agent_per_proxy, "incremental": cfg.incremental, "cpus": cpus,
             "setupSeconds": setup_apply.as_secs_f64(), "setupSettleSeconds": setup_settle.as_secs_f64(),
             "initialSyncSeconds": [sync_half.as_secs_f64(), sync.as_secs_f64()],
             "rssKiB": {"start": started_rss, "zeroProxies": rss0, "halfProxies": rss_half, "idleProxies": rss1,

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod graph;
 pub mod identity;
 pub mod index;
+pub mod node_agent;
 pub mod proxies;
 pub mod store;
 pub mod tap;

@@ -15,6 +15,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::Notify;
 
+use crate::metrics::Label;
 use crate::tls::MeshCredentials;
 
 /// What the proxy reports about its certificate (discovery, `/config`, metrics).
@@ -39,10 +40,16 @@ pub struct IdentityConfig {
     pub service_account: String,
 }
 
+/// A certificate's details with its SPIFFE ID ready as a label value.
+struct Certified {
+    info: CertificateInfo,
+    spiffe_id: Label,
+}
+
 /// The proxy's certificate and trust bundle, kept current.
 pub struct WorkloadIdentity {
     pub credentials: Arc<MeshCredentials>,
-    info: ArcSwapOption<CertificateInfo>,
+    current: ArcSwapOption<Certified>,
     bundle_pem: Mutex<String>,
     renew: Notify,
     changed: tokio::sync::watch::Sender<u64>,
@@ -58,7 +65,7 @@ impl WorkloadIdentity {
     pub fn new() -> Arc<WorkloadIdentity> {
         Arc::new(WorkloadIdentity {
             credentials: MeshCredentials::new(),
-            info: ArcSwapOption::empty(),
+            current: ArcSwapOption::empty(),
             bundle_pem: Mutex::new(String::new()),
             renew: Notify::new(),
             changed: tokio::sync::watch::channel(0).0,
@@ -67,7 +74,13 @@ impl WorkloadIdentity {
 
     /// The current certificate, if any.
     pub fn info(&self) -> Option<CertificateInfo> {
-        self.info.load_full().map(|i| CertificateInfo::clone(&i))
+        self.current.load().as_ref().map(|c| c.info.clone())
+    }
+
+    /// The current certificate's SPIFFE ID, as the label value requests carry (read per
+    /// request: a reference count, not a copy of the certificate's details).
+    pub fn spiffe_id(&self) -> Option<Label> {
+        self.current.load().as_ref().map(|c| c.spiffe_id.clone())
     }
 
     /// Notified (with a counter) whenever the certificate changes.
@@ -110,7 +123,8 @@ impl WorkloadIdentity {
                     let now = unix_now();
                     let half = ((info.not_after_unix - now).max(2) / 2) as u64;
                     tracing::info!(spiffe_id = %info.spiffe_id, serial = %info.serial, renew_in_s = half, "workload certificate issued");
-                    self.info.store(Some(Arc::new(info)));
+                    let spiffe_id = Label::from(info.spiffe_id.as_str());
+                    self.current.store(Some(Arc::new(Certified { info, spiffe_id })));
                     self.changed.send_modify(|n| *n += 1);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(half)) => {}

@@ -103,8 +103,8 @@ impl State {
         if let Some(svc) = &self.own.service {
             peers.source_service = svc.clone();
         }
-        if let Some(cert) = s.identity.as_ref().and_then(|i| i.info()) {
-            peers.source_principal = cert.spiffe_id.into();
+        if let Some(id) = s.identity.as_ref().and_then(|i| i.spiffe_id()) {
+            peers.source_principal = id;
         }
     }
 
@@ -119,8 +119,8 @@ impl State {
         }
         if let (Some(svc), Some(label)) = (&s.service, &self.own.service) {
             peers.destination_service = label.clone();
-            peers.destination_principal = match s.identity.as_ref().and_then(|i| i.info()) {
-                Some(cert) => cert.spiffe_id.into(),
+            peers.destination_principal = match s.identity.as_ref().and_then(|i| i.spiffe_id()) {
+                Some(id) => id,
                 None => spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc).into(),
             };
         }

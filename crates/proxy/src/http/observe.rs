@@ -155,9 +155,9 @@ impl Observation {
         // This sidecar's own identity is the source of what it sends out.
         if self.direction == "outbound"
             && &*peers.source_principal == UNKNOWN
-            && let Some(info) = self.state.settings.identity.as_ref().and_then(|i| i.info())
+            && let Some(id) = self.state.settings.identity.as_ref().and_then(|i| i.spiffe_id())
         {
-            peers.source_principal = info.spiffe_id.into();
+            peers.source_principal = id;
         }
         let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, peers, success };
         if self.notes.on() {
