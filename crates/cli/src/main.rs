@@ -105,7 +105,12 @@ fn main() -> ExitCode {
     logging::init(&cli.log_format);
     let serves = matches!(
         cli.command,
-        Command::Proxy(_) | Command::Demo(_) | Command::Control(_) | Command::Agent(_) | Command::Run(_) | Command::Sample(_)
+        Command::Proxy(_)
+            | Command::Demo(_)
+            | Command::Control(_)
+            | Command::Agent(_)
+            | Command::Run(_)
+            | Command::Sample(_)
     );
     if !serves {
         // A short-lived command piped into `head` ends quietly when the pipe closes, as Unix

@@ -899,7 +899,11 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
         agents.push(Child::start(bin, &argv, dir, &format!("agent-{a}"), &args.log).await?);
     }
     if !agents.is_empty() {
-        eprintln!("{} node agents, pids {}", agents.len(), agents.iter().map(|a| a.pid.as_str()).collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "{} node agents, pids {}",
+            agents.len(),
+            agents.iter().map(|a| a.pid.as_str()).collect::<Vec<_>>().join(" ")
+        );
     }
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut b = Bench {

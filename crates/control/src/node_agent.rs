@@ -27,8 +27,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
 use tonic::codegen::Service as _;
+use tonic::transport::{Channel, Endpoint};
 
 /// How often the idle connection to the control plane is pinged, and how long a ping may go
 /// unanswered before the connection counts as dead.
@@ -94,8 +94,7 @@ impl NodeAgent {
     /// Sends one request of a local proxy to the control plane as a stream of the shared
     /// connection (the channel sets the control plane's scheme and authority) and streams the
     /// answer back.
-    async fn relay(
-        self, request: hyper::Request<Incoming>) -> Result<hyper::Response<tonic::body::Body>, Infallible> {
+    async fn relay(self, request: hyper::Request<Incoming>) -> Result<hyper::Response<tonic::body::Body>, Infallible> {
         let path = request.uri().path().to_string();
         let mut upstream = self.upstream;
         let relayed = match std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {

@@ -576,7 +576,7 @@ spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}, {
     fn decide_on(snap: &MeshSnapshot, r: &Req<'_>) -> AuthzDecision {
         let (_, port) = snap.resolve_authority(&format!("reviews:{}", r.port)).expect("port");
         let info = RouteRequest { method: r.method, path: r.path, query: None, headers: &r.headers };
-        let route = port.routes.find(&info).map(|e| e.route.as_str());
+        let route = port.routes.find(&info).map(|e| &*e.route);
         let request =
             AuthzRequest { peer: r.peer, method: r.method, path: r.path, port: r.port, route, headers: &r.headers };
         decide(&port.authorization, &request, snap.mesh.default_authorization)

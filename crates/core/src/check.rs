@@ -453,8 +453,8 @@ fn shadowed(resources: &[Resource]) -> Vec<Finding> {
             for e in &port.routes.entries {
                 let key = serde_json::to_string(&e.matcher).unwrap_or_default();
                 match seen.get(&key) {
-                    Some((route, rule)) if !(route == &e.route && *rule == e.rule) => {
-                        if reported.insert((e.route.clone(), e.rule)) {
+                    Some((route, rule)) if !(**route == *e.route && *rule == e.rule) => {
+                        if reported.insert((e.route.to_string(), e.rule)) {
                             let (object, what) = describe(&e.route, e.rule);
                             let (_, first) = describe(route, *rule);
                             let subject = what.strip_prefix(&object).unwrap_or_default().trim_start();
@@ -469,7 +469,7 @@ fn shadowed(resources: &[Resource]) -> Vec<Finding> {
                     }
                     Some(_) => {}
                     None => {
-                        seen.insert(key, (e.route.clone(), e.rule));
+                        seen.insert(key, (e.route.to_string(), e.rule));
                     }
                 }
             }

@@ -73,7 +73,7 @@ pub fn decide<'a>(
         return Decision { entry: Some(entry), outcome: Outcome::Redirect { status: r.status, location } };
     }
     let Some(backend) = entry.pick_backend(backend_roll) else {
-        return fail(RouteFailure::NoBackends(entry.route.clone()));
+        return fail(RouteFailure::NoBackends(entry.route.to_string()));
     };
     match resolve_backend(snapshot, &backend.service, backend.port, port.port) {
         Ok((bs, bp)) => Decision { entry: Some(entry), outcome: Outcome::Forward { service: bs, port: bp } },

@@ -496,7 +496,7 @@ pub fn explain_as(
         },
         route: match entry {
             Some(e) => RouteMatch {
-                name: Some(e.route.clone()),
+                name: Some(e.route.to_string()),
                 rule: Some(e.rule),
                 description: describe_match(&e.matcher),
                 matcher: Some(e.matcher.clone()),
@@ -526,7 +526,7 @@ fn authorize(
 ) -> AuthorizationExplanation {
     let path = filters.rewrite.as_ref().and_then(|r| r.path.as_deref()).unwrap_or(info.path);
     let arriving = RequestInfo { path, ..*info };
-    let route = port.routes.find(&arriving).map(|e| e.route.as_str());
+    let route = port.routes.find(&arriving).map(|e| &*e.route);
     let request = AuthzRequest {
         peer: client.identity.as_deref(),
         method: info.method,
@@ -716,8 +716,8 @@ fn summarize_endpoints(endpoints: &[Endpoint]) -> Vec<EndpointSummary> {
         .iter()
         .map(|e| EndpointSummary {
             address: e.addr.to_string(),
-            workload: e.workload.clone(),
-            version: e.version.clone(),
+            workload: e.workload.to_string(),
+            version: e.version.as_deref().map(str::to_string),
             meshed: e.meshed,
         })
         .collect()
@@ -833,7 +833,7 @@ pub fn routing_table(
 
 fn table_entry(snapshot: &MeshSnapshot, port: &CompiledPort, e: &RouteEntry) -> TableEntry {
     TableEntry {
-        route: e.route.clone(),
+        route: e.route.to_string(),
         rule: e.rule,
         description: describe_match(&e.matcher),
         matcher: e.matcher.clone(),

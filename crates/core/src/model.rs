@@ -61,10 +61,15 @@ impl AppProtocol {
 pub struct Endpoint {
     /// Where peers connect: the sidecar's inbound port when `meshed`, the app itself otherwise.
     pub addr: SocketAddr,
-    pub workload: String,
+    /// Shared strings (like `principal`): the proxy labels every request with them.
+    pub workload: Arc<str>,
     pub namespace: String,
-    pub version: Option<String>,
+    pub version: Option<Arc<str>>,
     pub service_account: String,
+    /// The sidecar's SPIFFE ID when `meshed` (from the namespace, service account and the
+    /// mesh's trust domain).
+    #[serde(skip)]
+    pub principal: Option<Arc<str>>,
     /// A Plexus sidecar answers at `addr` (HTTP/2 between sidecars, mTLS later).
     pub meshed: bool,
     /// The application's own port behind the sidecar.
@@ -94,6 +99,10 @@ pub struct CompiledPort {
 #[derive(Debug, Clone, Serialize)]
 pub struct CompiledService {
     pub name: ServiceName,
+    /// `name.name` as a shared string: the proxy's `destination_service` label value, set on
+    /// every request without copying.
+    #[serde(skip)]
+    pub label: Arc<str>,
     pub ports: Vec<CompiledPort>,
 }
 
@@ -160,6 +169,13 @@ impl MeshSnapshot {
                 _ => None,
             })
             .collect();
+        let mesh = resources
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::MeshConfig(m) => Some(MeshSettings::from_spec(m)),
+                _ => None,
+            })
+            .unwrap_or_default();
         let mut services = BTreeMap::new();
         let mut by_endpoint = HashMap::new();
         for r in resources {
@@ -176,7 +192,7 @@ impl MeshSnapshot {
                             !spec.selector.is_empty()
                                 && spec.selector.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v))
                         })
-                        .filter_map(|(w, ws)| endpoint(w, ws, sp))
+                        .filter_map(|(w, ws)| endpoint(w, ws, sp, &mesh.trust_domain))
                         .collect();
                     endpoints.sort_by(|a, b| a.addr.cmp(&b.addr).then(a.workload.cmp(&b.workload)));
                     endpoints.dedup_by(|a, b| a.addr == b.addr);
@@ -195,15 +211,8 @@ impl MeshSnapshot {
                     }
                 })
                 .collect();
-            services.insert(name.clone(), CompiledService { name, ports });
+            services.insert(name.clone(), CompiledService { label: name.name.as_str().into(), name, ports });
         }
-        let mesh = resources
-            .iter()
-            .find_map(|r| match &r.spec {
-                Spec::MeshConfig(m) => Some(MeshSettings::from_spec(m)),
-                _ => None,
-            })
-            .unwrap_or_default();
         RouteTable::attach_all(resources, &mut services);
         attach_policies(resources, &mesh, &mut services);
         // After the endpoints are known: TrafficTargets select ports by their workloads'
@@ -300,15 +309,18 @@ fn workload_port<'a>(ws: &'a WorkloadSpec, sp: &ServicePort) -> Option<&'a Workl
     }
 }
 
-fn endpoint(w: &Resource, ws: &WorkloadSpec, sp: &ServicePort) -> Option<Endpoint> {
+fn endpoint(w: &Resource, ws: &WorkloadSpec, sp: &ServicePort, trust_domain: &str) -> Option<Endpoint> {
     let ip: IpAddr = ws.address.parse().ok()?;
     let wp = workload_port(ws, sp)?;
+    let service_account = ws.service_account.clone().unwrap_or_else(|| "default".into());
+    let namespace = w.metadata.namespace();
     Some(Endpoint {
         addr: SocketAddr::new(ip, wp.port),
-        workload: w.metadata.name.clone(),
-        namespace: w.metadata.namespace().to_string(),
-        version: w.metadata.labels.get("version").cloned(),
-        service_account: ws.service_account.clone().unwrap_or_else(|| "default".into()),
+        workload: w.metadata.name.as_str().into(),
+        namespace: namespace.to_string(),
+        version: w.metadata.labels.get("version").map(|v| v.as_str().into()),
+        principal: ws.meshed.then(|| crate::names::spiffe_id(trust_domain, namespace, &service_account).into()),
+        service_account,
         meshed: ws.meshed,
         app_port: wp.target_port.unwrap_or(wp.port),
     })

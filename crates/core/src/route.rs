@@ -3,6 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -154,8 +155,9 @@ pub struct Backend {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteEntry {
-    /// `namespace/name` of the HTTPRoute, GRPCRoute or TrafficSplit.
-    pub route: String,
+    /// `namespace/name` of the HTTPRoute, GRPCRoute or TrafficSplit (shared: the proxy's
+    /// `route` label value on every request it matches).
+    pub route: Arc<str>,
     pub rule: usize,
     pub matcher: Matcher,
     pub backends: Vec<Backend>,
@@ -751,7 +753,7 @@ spec:
             map.append(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
         }
         let e = t.find(&RequestInfo { method, path, query, headers: &map }).expect("a route matches");
-        (e.route.clone(), e.rule)
+        (e.route.to_string(), e.rule)
     }
 
     #[test]

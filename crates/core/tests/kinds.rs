@@ -988,8 +988,9 @@ spec:
 "#,
     );
     let t = table(&snap, "reviews:9080");
-    let route =
-        |method: &str, path: &str, headers: &[(&str, &str)]| find(t, method, path, headers).map(|e| e.route.clone());
+    let route = |method: &str, path: &str, headers: &[(&str, &str)]| {
+        find(t, method, path, headers).map(|e| e.route.to_string())
+    };
     let split = Some("default/reviews-canary".to_string());
     assert_eq!(route("GET", "/reviews/12", &[]), split, "pathRegex + method");
     assert_eq!(route("HEAD", "/reviews/12", &[]), split);

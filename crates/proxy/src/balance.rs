@@ -491,10 +491,11 @@ mod tests {
     fn ep(port: u16) -> Endpoint {
         Endpoint {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            workload: format!("w{port}"),
+            workload: format!("w{port}").into(),
             namespace: "default".into(),
             version: None,
             service_account: "default".into(),
+            principal: None,
             meshed: false,
             app_port: port,
         }

@@ -86,25 +86,28 @@ impl Default for PeerLabels {
 
 /// Labels of the per-request series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+///
+/// Fields from a fixed vocabulary are static strings and the status a number: building a
+/// label set per request allocates nothing but the gRPC status of gRPC requests.
 pub struct RequestLabels {
-    pub direction: String,
+    pub direction: &'static str,
     #[prometheus(flatten)]
     pub peers: PeerLabels,
     pub route: Label,
-    pub request_protocol: String,
-    pub response_code: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
     pub grpc_response_status: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
 }
 
 /// Labels of the per-connection series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub direction: String,
+    pub direction: &'static str,
     #[prometheus(flatten)]
     pub peers: PeerLabels,
-    pub connection_security_policy: String,
+    pub connection_security_policy: &'static str,
 }
 
 /// Labels of the per-service resilience counters.
@@ -431,22 +434,22 @@ mod tests {
     fn exposes_the_spec_names() {
         let m = Metrics::new();
         let labels = RequestLabels {
-            direction: "outbound".into(),
+            direction: "outbound",
             peers: PeerLabels::default(),
             route: "default/r".into(),
-            request_protocol: "http".into(),
-            response_code: "200".into(),
+            request_protocol: "http",
+            response_code: 200,
             grpc_response_status: String::new(),
-            response_flags: "-".into(),
-            connection_security_policy: "none".into(),
+            response_flags: "-",
+            connection_security_policy: "none",
         };
         let series = m.request(&labels);
         series.requests.inc();
         series.duration.observe(0.002);
         m.tcp(&TcpLabels {
-            direction: "inbound".into(),
+            direction: "inbound",
             peers: PeerLabels::default(),
-            connection_security_policy: "none".into(),
+            connection_security_policy: "none",
         })
         .opened
         .inc();
@@ -474,18 +477,18 @@ mod cardinality {
 
     fn from(principal: &str) -> RequestLabels {
         RequestLabels {
-            direction: "inbound".into(),
+            direction: "inbound",
             peers: PeerLabels {
                 source_principal: principal.into(),
                 destination_service: "reviews".into(),
                 ..PeerLabels::default()
             },
             route: "default".into(),
-            request_protocol: "http".into(),
-            response_code: "200".into(),
+            request_protocol: "http",
+            response_code: 200,
             grpc_response_status: String::new(),
-            response_flags: "-".into(),
-            connection_security_policy: "mutual_tls".into(),
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
         }
     }
 

@@ -141,8 +141,13 @@ impl State {
     }
 
     /// Counts a TCP stream as opened.
-    pub fn tcp_opened(self: &Arc<Self>, direction: &str, peers: PeerLabels, security: &str) -> TcpGuard {
-        let labels = TcpLabels { direction: direction.into(), peers, connection_security_policy: security.into() };
+    pub fn tcp_opened(
+        self: &Arc<Self>,
+        direction: &'static str,
+        peers: PeerLabels,
+        security: &'static str,
+    ) -> TcpGuard {
+        let labels = TcpLabels { direction, peers, connection_security_policy: security };
         self.metrics.tcp(&labels).opened.inc();
         TcpGuard { state: self.clone(), labels }
     }
@@ -506,9 +511,9 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                     return Err(ProxyError::NoEndpoints(format!("{name}:{port}")));
                 };
                 peers.destination_service = name.name.as_str().into();
-                peers.destination_workload = ep.workload.as_str().into();
-                peers.destination_version = ep.version.as_deref().map_or_else(crate::metrics::unknown, Into::into);
-                let peer = crate::http::forward::peer_identity(&snapshot, ep);
+                peers.destination_workload = ep.workload.clone();
+                peers.destination_version = ep.version.clone().unwrap_or_else(crate::metrics::unknown);
+                let peer = ep.principal.clone();
                 let connected = match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
                     Ok(tcp) => mesh_tcp(state, tcp, peer.as_deref()).await,
                     Err(e) => Err(e),
@@ -564,7 +569,7 @@ fn io_error(e: ProxyError) -> std::io::Error {
 /// Forwards an opaque stream: the bytes read during detection first, then both directions.
 async fn forward_opaque(
     state: &Arc<State>,
-    direction: &str,
+    direction: &'static str,
     client: TcpStream,
     prefix: &[u8],
     upstream: Result<Dialed, ProxyError>,
@@ -575,11 +580,11 @@ async fn forward_opaque(
 /// [`forward_opaque`] for any client stream (plain or TLS-terminated).
 async fn forward_opaque_io<C: crate::transport::io::Io>(
     state: &Arc<State>,
-    direction: &str,
+    direction: &'static str,
     client: C,
     prefix: &[u8],
     upstream: Result<Dialed, ProxyError>,
-    security: &str,
+    security: &'static str,
 ) {
     let mut up = match upstream {
         Ok(u) => u,

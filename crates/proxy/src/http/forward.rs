@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use plexus_core::decide::{Addressed, Outcome, RouteFailure, client_policy, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
-use plexus_core::names::{spiffe_id, split_authority};
+use plexus_core::names::split_authority;
 use plexus_core::policy::{ClientPolicy, DEFAULT_RETRY, FaultAbort, RetryPolicy, happens};
 use plexus_core::route::{Mirror, RequestInfo, RouteEntry, change_path};
 use plexus_core::{MeshSnapshot, ServiceName};
@@ -55,7 +55,8 @@ pub async fn to_service(
     mut obs: Observation,
 ) -> Response<Body> {
     let received = Instant::now();
-    let authority = head.authority().unwrap_or_else(|| format!("{}:{}", to.service.name.name, to.port.port));
+    let authority =
+        head.authority().map_or_else(|| format!("{}:{}", to.service.name.name, to.port.port), str::to_string);
     let (host, host_port) = split_authority(&authority);
     let info = RequestInfo {
         method: head.method.as_str(),
@@ -67,7 +68,7 @@ pub async fn to_service(
     let decision = decide(to.snapshot, to.service, to.port, &info, &addressed, fastrand::u64(..));
     let entry = decision.entry;
     if let Some(e) = entry {
-        obs.route = e.route.as_str().into();
+        obs.route = e.route.clone();
     }
     let (backend, backend_port) = match decision.outcome {
         Outcome::Forward { service, port } => (service, port),
@@ -82,21 +83,22 @@ pub async fn to_service(
         }
     };
     obs.notes.add(|| format!("{}: backend {}:{}", matched(entry), backend.name, backend_port.port));
-    obs.peers.destination_service = backend.name.name.as_str().into();
+    obs.peers.destination_service = backend.label.clone();
     let authority = match apply_request_filters(entry, &mut head, authority) {
         Ok(a) => a,
         Err(e) => return obs.fail(e),
     };
     let policy = client_policy(to.port, backend_port);
     let app_proto = app_protocol(backend_port.protocol, head.version);
-    let destination = format!("{}:{}", backend.name, backend_port.port);
+    // `name.namespace:port`, for errors (formatted only when one happens).
+    let destination = || format!("{}:{}", backend.name, backend_port.port);
 
     if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &Choice::new(policy, None), &[]) else {
-            return obs.fail(ProxyError::NoEndpoints(destination));
+            return obs.fail(ProxyError::NoEndpoints(destination()));
         };
-        describe_endpoint(&mut obs, to.snapshot, ep);
-        let peer_identity = peer_identity(to.snapshot, ep);
+        describe_endpoint(&mut obs, ep);
+        let peer_identity = ep.principal.clone();
         if state.pool.mtls_to(peer_identity.as_ref()) {
             obs.security = "mutual_tls";
         }
@@ -162,7 +164,6 @@ pub async fn to_service(
             grpc: obs.grpc,
             deadline,
             hash,
-            snapshot: to.snapshot,
             notes,
             send: SendOptions {
                 peer_identity: None,
@@ -179,8 +180,8 @@ pub async fn to_service(
     };
     match result {
         Ok((ep, resp, permit)) => {
-            describe_endpoint(&mut obs, to.snapshot, &ep);
-            if state.pool.mtls_to(peer_identity(to.snapshot, &ep).as_ref()) {
+            describe_endpoint(&mut obs, &ep);
+            if state.pool.mtls_to(ep.principal.as_ref()) {
                 obs.security = "mutual_tls";
             }
             let mut resp = downstream_response(resp, head.version).map(|b| body::holding(b, permit));
@@ -281,7 +282,7 @@ struct Tries<'a> {
     backend: &'a ServiceName,
     endpoints: &'a [Endpoint],
     /// `name.namespace:port`, for errors.
-    destination: &'a str,
+    destination: &'a (dyn Fn() -> String + Sync),
     policy: &'a ClientPolicy,
     retry: &'a RetryPolicy,
     route: &'a str,
@@ -291,8 +292,6 @@ struct Tries<'a> {
     deadline: Option<Instant>,
     hash: Option<u64>,
     send: SendOptions,
-    /// For the peers' SPIFFE IDs.
-    snapshot: &'a MeshSnapshot,
     /// Retries and budget refusals, for tap.
     notes: &'a Notes,
 }
@@ -325,9 +324,9 @@ impl Tries<'_> {
             let exclude: &[SocketAddr] = if tried.len() < self.endpoints.len() { &tried } else { &[] };
             let choice = Choice::new(self.policy, self.hash);
             let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
-                return Err(ProxyError::NoEndpoints(self.destination.to_string()));
+                return Err(ProxyError::NoEndpoints((self.destination)()));
             };
-            let peer = peer_identity(self.snapshot, ep);
+            let peer = ep.principal.clone();
             let target = Target {
                 addr: ep.addr,
                 proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
@@ -446,7 +445,7 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
         proto: if ep.meshed { Proto::Http2 } else { app_proto },
         authority: format!("{}:{}", service.name.name, mport.port),
         app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
-        peer_identity: peer_identity(snapshot, ep),
+        peer_identity: ep.principal.clone(),
     };
     let Ok(up) = head.upstream_request(&target, body, false) else { return };
     let state = state.clone();
@@ -499,18 +498,12 @@ pub fn app_protocol(declared: Option<plexus_core::AppProtocol>, client: Version)
     }
 }
 
-/// The SPIFFE ID a meshed endpoint's sidecar must present (`None` for a plain endpoint).
-pub fn peer_identity(snapshot: &MeshSnapshot, ep: &Endpoint) -> Option<Arc<str>> {
-    ep.meshed.then(|| Arc::from(spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account)))
-}
-
 /// Fills the destination labels from the endpoint that answered.
-pub fn describe_endpoint(obs: &mut Observation, snapshot: &MeshSnapshot, ep: &Endpoint) {
+pub fn describe_endpoint(obs: &mut Observation, ep: &Endpoint) {
     obs.upstream = Some(ep.addr);
-    obs.peers.destination_workload = ep.workload.as_str().into();
-    obs.peers.destination_version = ep.version.as_deref().map_or_else(crate::metrics::unknown, Into::into);
-    if ep.meshed {
-        obs.peers.destination_principal =
-            spiffe_id(&snapshot.mesh.trust_domain, &ep.namespace, &ep.service_account).into();
+    obs.peers.destination_workload = ep.workload.clone();
+    obs.peers.destination_version = ep.version.clone().unwrap_or_else(crate::metrics::unknown);
+    if let Some(principal) = &ep.principal {
+        obs.peers.destination_principal = principal.clone();
     }
 }

@@ -71,14 +71,18 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Adds `x-request-id` when absent and returns its value.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        return id.to_string();
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(REQUEST_ID) {
+        return id.clone();
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID, v);
+    // 32 lower-case hex digits, formatted on the stack: the header value is the one copy.
+    let mut hex = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
+    let id = HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"));
+    headers.insert(REQUEST_ID, id.clone());
     id
 }
 
@@ -130,6 +134,8 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
+        assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
         assert_eq!(ensure_request_id(&mut h), id);
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id, "a new id per request");
     }
 }

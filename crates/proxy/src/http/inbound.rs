@@ -66,7 +66,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     } else {
         Proto::Http2
     };
-    let authority = head.authority().unwrap_or_else(|| addr.to_string());
+    let authority = head.authority().map_or_else(|| addr.to_string(), str::to_string);
     let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         forward_upgrade(&state, req, &head, &target).await
@@ -158,7 +158,7 @@ fn authorize_parts(
     let route = match own {
         Some((_, port)) if authorization.needs_route() && !method.is_empty() => {
             let info = RequestInfo { method, path, query, headers };
-            port.routes.find(&info).map(|e| e.route.as_str())
+            port.routes.find(&info).map(|e| &*e.route)
         }
         _ => None,
     };

@@ -59,11 +59,11 @@ impl Head {
     }
 
     /// The authority the client addressed: absolute-form URI or `:authority`, else `Host`.
-    pub fn authority(&self) -> Option<String> {
+    pub fn authority(&self) -> Option<&str> {
         self.uri
             .authority()
-            .map(|a| a.to_string())
-            .or_else(|| self.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+            .map(|a| a.as_str())
+            .or_else(|| self.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
     }
 
     pub fn path_and_query(&self) -> &str {
@@ -81,10 +81,18 @@ impl Head {
         headers.remove(headers::FORWARDED_CLIENT_CERT);
         let (uri, version) = match target.proto {
             Proto::Http1 => {
-                let host = http::HeaderValue::from_str(&target.authority)
-                    .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
-                headers.insert(header::HOST, host);
-                (pq.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid path".into()))?, Version::HTTP_11)
+                // Usually the client's own Host already says it: kept as it is.
+                if headers.get(header::HOST).is_none_or(|h| h.as_bytes() != target.authority.as_bytes()) {
+                    let host = http::HeaderValue::from_str(&target.authority)
+                        .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
+                    headers.insert(header::HOST, host);
+                }
+                // Origin form: the client's path and query as they are (shared, not re-parsed).
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(
+                    self.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                (Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid path".into()))?, Version::HTTP_11)
             }
             Proto::Http2 => {
                 headers.remove(header::HOST);

@@ -26,10 +26,11 @@ pub struct Observation {
     pub peers: PeerLabels,
     pub route: crate::metrics::Label,
     pub grpc: bool,
-    pub method: String,
+    pub method: http::Method,
     pub authority: String,
     pub path: String,
-    pub request_id: String,
+    /// The `x-request-id` value (a shared copy of the header's).
+    pub request_id: http::HeaderValue,
     pub upstream: Option<SocketAddr>,
     pub security: &'static str,
     /// This proxy's span of the request; its ids are in the headers sent on.
@@ -64,8 +65,8 @@ impl Observation {
             peers: PeerLabels::default(),
             route: crate::metrics::default_route(),
             grpc: headers::is_grpc(&head.headers),
-            method: head.method.to_string(),
-            authority: head.authority().unwrap_or_default(),
+            method: head.method.clone(),
+            authority: head.authority().unwrap_or_default().to_string(),
             path: head.uri.path().to_string(),
             request_id,
             upstream: None,
@@ -120,19 +121,19 @@ impl Observation {
         Response::from_parts(parts, body::boxed(metered))
     }
 
-    fn record(self, status: u16, grpc_status: String, flags: &str, resp_bytes: u64) {
+    fn record(self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
         let m = &self.state.metrics;
         let elapsed = self.started.elapsed();
         let req_bytes = self.request_bytes.load(Ordering::Relaxed);
         let labels = RequestLabels {
-            direction: self.direction.into(),
+            direction: self.direction,
             peers: self.peers.clone(),
             route: self.route.clone(),
-            request_protocol: if self.grpc { "grpc" } else { "http" }.into(),
-            response_code: status.to_string(),
+            request_protocol: if self.grpc { "grpc" } else { "http" },
+            response_code: status,
             grpc_response_status: grpc_status,
-            response_flags: flags.into(),
-            connection_security_policy: self.security.into(),
+            response_flags: flags,
+            connection_security_policy: self.security,
         };
         let success = status < 500 && (labels.grpc_response_status.is_empty() || labels.grpc_response_status == "0");
         self.state.telemetry.record(
@@ -186,7 +187,7 @@ impl Observation {
             span_id: self.span.span_id.to_string(),
             parent_span_id: self.span.parent_span_id.map(|p| p.to_string()),
             sampled: self.span.sampled,
-            request_id: &self.request_id,
+            request_id: self.request_id.to_str().unwrap_or_default(),
             direction: self.direction,
             source_workload: &d.peers.source_workload,
             source_service: &d.peers.source_service,
@@ -197,7 +198,7 @@ impl Observation {
             destination_principal: &d.peers.destination_principal,
             route: &self.route,
             protocol: self.protocol(),
-            method: &self.method,
+            method: self.method.as_str(),
             authority: &self.authority,
             path: &self.path,
             status: d.status,
@@ -219,7 +220,7 @@ impl Observation {
             time: plexus_core::time::rfc3339(self.started_at),
             proxy: self.state.settings.workload.clone().unwrap_or_else(|| UNKNOWN.into()),
             direction: self.direction.into(),
-            method: self.method.clone(),
+            method: self.method.to_string(),
             authority: self.authority.clone(),
             path: self.path.clone(),
             status: d.status,
@@ -243,7 +244,7 @@ impl Observation {
             retries: noted.retries,
             flags: d.flags.into(),
             decisions: noted.decisions,
-            request_id: self.request_id.clone(),
+            request_id: self.request_id.to_str().unwrap_or_default().to_string(),
             trace_id: self.span.trace_id.to_string(),
         }
     }
@@ -265,12 +266,12 @@ impl Observation {
         let mut attributes = vec![
             ("plexus.direction", str(self.direction)),
             ("plexus.route", str(&self.route)),
-            ("http.request.method", str(&self.method)),
+            ("http.request.method", str(self.method.as_str())),
             ("http.response.status_code", Value::Int(i64::from(d.status))),
             ("url.path", str(&self.path)),
             ("server.address", str(&self.authority)),
             ("network.protocol.version", str(self.protocol().trim_start_matches("HTTP/"))),
-            ("plexus.request_id", str(&self.request_id)),
+            ("plexus.request_id", str(self.request_id.to_str().unwrap_or_default())),
             ("plexus.response_flags", str(d.flags)),
             ("plexus.peer.principal", Value::Str(peer_principal)),
             ("plexus.connection_security_policy", str(self.security)),

@@ -49,7 +49,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
         return connect_tunnel(state, req, obs).await;
     }
     let snapshot = match head.authority() {
-        Some(a) if conn.bound.is_none() => state.snapshot_for_host(split_authority(&a).0).await,
+        Some(a) if conn.bound.is_none() => state.snapshot_for_host(split_authority(a).0).await,
         _ => state.discovery.current(),
     };
     let dest = match resolve(&snapshot, &conn, &head) {
@@ -74,17 +74,18 @@ fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> 
         return Ok(Dest::Service(service, cp));
     }
     let authority = head.authority();
-    if let Some((s, p)) = authority.as_deref().and_then(|a| snapshot.resolve_authority(a)) {
+    if let Some((s, p)) = authority.and_then(|a| snapshot.resolve_authority(a)) {
         return Ok(Dest::Service(s, p));
     }
     if let Some(orig) = conn.orig_dst {
         if let Some((s, p)) = snapshot.service_by_endpoint(orig) {
             return Ok(Dest::Service(s, p));
         }
-        return Ok(Dest::Direct { authority: authority.unwrap_or_else(|| orig.to_string()), addr: Some(orig) });
+        let authority = authority.map_or_else(|| orig.to_string(), str::to_string);
+        return Ok(Dest::Direct { authority, addr: Some(orig) });
     }
     match authority {
-        Some(a) => Ok(Dest::Direct { authority: a, addr: None }),
+        Some(a) => Ok(Dest::Direct { authority: a.to_string(), addr: None }),
         None => Err(ProxyError::BadRequest("no Host header or absolute URI to route by".into())),
     }
 }
@@ -151,11 +152,11 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
     let snapshot = state.snapshot_for_host(split_authority(&authority).0).await;
     let timeout = state.settings.limits.connect_timeout;
     let upstream = if let Some((service, port)) = snapshot.resolve_authority(&authority) {
-        obs.peers.destination_service = service.name.name.as_str().into();
+        obs.peers.destination_service = service.label.clone();
         match state.balancer.pick(&port.endpoints, &Choice::new(&port.policy, None), &[]) {
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {
-                describe_endpoint(&mut obs, &snapshot, ep);
+                describe_endpoint(&mut obs, ep);
                 let r = client::connect(ep.addr, timeout, state.settings.outbound_mark).await;
                 pick.finish(r.is_ok());
                 r

@@ -189,7 +189,7 @@ pub fn own_port<'a>(
     let service = snapshot.services.get(&ServiceName::new(name.as_str(), settings.namespace.as_str()))?;
     let with = |pred: &dyn Fn(&Endpoint) -> bool| service.ports.iter().find(|p| p.endpoints.iter().any(pred));
     let this_workload = |e: &Endpoint| {
-        settings.workload.as_deref() == Some(e.workload.as_str()) && e.namespace == settings.namespace && serves_app(e)
+        settings.workload.as_deref() == Some(&*e.workload) && e.namespace == settings.namespace && serves_app(e)
     };
     let port = with(&at_inbound)
         .or_else(|| with(&this_workload))
