@@ -438,40 +438,36 @@ impl Balancer {
             return None;
         }
         let set = self.stats_for(endpoints);
-        let ejected: Vec<bool> = set.iter().map(|s| s.ejected(now)).collect();
-        let honour_ejections = within_percent(
-            ejected.iter().filter(|e| **e).count(),
-            endpoints.len(),
-            choice.outlier.max_ejection_percent,
-        );
-        let allowed = |i: &usize| !exclude.contains(&endpoints[*i].addr);
-        // Ascending, so membership is a binary search.
-        let mut candidates: Vec<usize> =
-            (0..endpoints.len()).filter(allowed).filter(|i| !(honour_ejections && ejected[*i])).collect();
-        if candidates.is_empty() {
-            // Every endpoint left is ejected: better to try one than to fail the request.
-            candidates = (0..endpoints.len()).filter(allowed).collect();
-        }
+        let ejected = set.iter().filter(|s| s.ejected(now)).count();
+        let honour_ejections =
+            ejected > 0 && within_percent(ejected, endpoints.len(), choice.outlier.max_ejection_percent);
+        let candidates = if exclude.is_empty() && !honour_ejections {
+            // The common case: every endpoint, no list to build.
+            Candidates::All(endpoints.len())
+        } else {
+            let allowed = |i: &usize| !exclude.contains(&endpoints[*i].addr);
+            let mut list: Vec<usize> =
+                (0..endpoints.len()).filter(allowed).filter(|i| !(honour_ejections && set[*i].ejected(now))).collect();
+            if list.is_empty() {
+                // Every endpoint left is ejected: better to try one than to fail the request.
+                list = (0..endpoints.len()).filter(allowed).collect();
+            }
+            Candidates::Listed(list)
+        };
         let n = candidates.len();
         if n == 0 {
             return None;
         }
         let chosen = match self.algorithm_for(choice) {
-            Algorithm::RoundRobin => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
-            Algorithm::LeastRequest => {
-                candidates
-                    [p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(set[candidates[i]].pending()))]
-            }
-            Algorithm::Ewma => {
-                candidates
-                    [p2c(n, fastrand::usize(..), fastrand::usize(..), |i| set[candidates[i]].cost(now, self.decay))]
-            }
+            Algorithm::RoundRobin => candidates.get(self.round_robin.fetch_add(1, Ordering::Relaxed) % n),
+            Algorithm::LeastRequest => candidates
+                .get(p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(set[candidates.get(i)].pending()))),
+            Algorithm::Ewma => candidates.get(p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
+                set[candidates.get(i)].cost(now, self.decay)
+            })),
             Algorithm::RingHash => {
                 let hash = choice.hash.unwrap_or_else(|| fastrand::u64(..));
-                self.ring_for(endpoints)
-                    .walk(hash)
-                    .find(|i| candidates.binary_search(i).is_ok())
-                    .unwrap_or(candidates[0])
+                self.ring_for(endpoints).walk(hash).find(|i| candidates.contains(*i)).unwrap_or(candidates.get(0))
             }
         };
         let stats = set[chosen].clone();
@@ -480,6 +476,38 @@ impl Balancer {
             &endpoints[chosen],
             Pick { stats, set, outlier: choice.outlier, started: now, decay: self.decay, done: false },
         ))
+    }
+}
+
+/// The endpoint indices a pick chooses among.
+enum Candidates {
+    /// `0..n`.
+    All(usize),
+    /// Ascending, so membership is a binary search.
+    Listed(Vec<usize>),
+}
+
+impl Candidates {
+    fn len(&self) -> usize {
+        match self {
+            Candidates::All(n) => *n,
+            Candidates::Listed(l) => l.len(),
+        }
+    }
+
+    /// The endpoint index of the `k`-th candidate (`k < len()`).
+    fn get(&self, k: usize) -> usize {
+        match self {
+            Candidates::All(_) => k,
+            Candidates::Listed(l) => l[k],
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        match self {
+            Candidates::All(n) => i < *n,
+            Candidates::Listed(l) => l.binary_search(&i).is_ok(),
+        }
     }
 }
 

@@ -446,13 +446,9 @@ mod tests {
         let series = m.request(&labels);
         series.requests.inc();
         series.duration.observe(0.002);
-        m.tcp(&TcpLabels {
-            direction: "inbound",
-            peers: PeerLabels::default(),
-            connection_security_policy: "none",
-        })
-        .opened
-        .inc();
+        m.tcp(&TcpLabels { direction: "inbound", peers: PeerLabels::default(), connection_security_policy: "none" })
+            .opened
+            .inc();
         let text = m.encode();
         for name in [
             "plexus_requests_total{direction=\"outbound\",source_workload=\"unknown\"",

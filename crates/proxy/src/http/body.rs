@@ -73,20 +73,20 @@ pub enum BodyEnd {
     Dropped,
 }
 
-/// Called once when a metered body ends: bytes seen, how it ended, and its trailers'
-/// `grpc-status` if it had one.
-pub type OnEnd = Box<dyn FnOnce(u64, BodyEnd, Option<u16>) + Send>;
-
 pin_project_lite::pin_project! {
     /// Counts the bytes of a body and reports once when it ends.
-    pub struct Metered {
+    ///
+    /// `on_end` is called once, when the body ends: bytes seen, how it ended, and its
+    /// trailers' `grpc-status` if it had one. It is stored inline (a type parameter, not a
+    /// box): one allocation less per metered body, and every request has two.
+    pub struct Metered<F: FnOnce(u64, BodyEnd, Option<u16>)> {
         #[pin]
         inner: Body,
         bytes: u64,
-        on_end: Option<OnEnd>,
+        on_end: Option<F>,
     }
 
-    impl PinnedDrop for Metered {
+    impl<F: FnOnce(u64, BodyEnd, Option<u16>)> PinnedDrop for Metered<F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // hyper stops polling once a body with a known length has delivered every byte.
@@ -98,8 +98,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Metered {
-    pub fn new(inner: Body, on_end: OnEnd) -> Self {
+impl<F: FnOnce(u64, BodyEnd, Option<u16>)> Metered<F> {
+    pub fn new(inner: Body, on_end: F) -> Self {
         let mut m = Metered { inner, bytes: 0, on_end: Some(on_end) };
         if m.inner.is_end_stream()
             && let Some(f) = m.on_end.take()
@@ -110,7 +110,7 @@ impl Metered {
     }
 }
 
-impl http_body::Body for Metered {
+impl<F: FnOnce(u64, BodyEnd, Option<u16>)> http_body::Body for Metered<F> {
     type Data = Bytes;
     type Error = BoxError;
 

@@ -17,12 +17,17 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `te: trailers` is kept (gRPC needs it); `upgrade`/`connection: upgrade` are kept when the
 /// request is being upgraded end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers that `Connection` names: usually only `keep-alive` or `close`, which need no
+    // lookup (keep-alive goes below; close names no header), so the common case allocates nothing.
+    // An empty Vec does not allocate.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for n in named {

@@ -49,12 +49,14 @@ pub struct Head {
 }
 
 impl Head {
-    pub fn of<B>(req: &Request<B>) -> Head {
+    /// The head of `req`, its headers moved out (nothing reads them from the request
+    /// afterwards: the request is kept only for its body and upgrade).
+    pub fn take<B>(req: &mut Request<B>) -> Head {
         Head {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
-            headers: req.headers().clone(),
+            headers: std::mem::take(req.headers_mut()),
         }
     }
 

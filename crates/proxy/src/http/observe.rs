@@ -49,7 +49,7 @@ impl Observation {
     /// Starts observing `req` as it arrives: `x-request-id` is generated when absent, and the
     /// trace it carries is continued with a span of this proxy (or a new trace started, with
     /// MeshConfig's sampling rate), its headers rewritten for the next hop. Returns the
-    /// request's head, with those headers, and the observation.
+    /// request's head, with those headers (moved out of `req`), and the observation.
     pub fn start<B>(state: Arc<State>, direction: &'static str, req: &mut Request<B>) -> (Head, Observation) {
         let request_id = headers::ensure_request_id(req.headers_mut());
         let snapshot = state.discovery.current();
@@ -57,7 +57,7 @@ impl Observation {
         let tracing = TracingConfig::of(mesh);
         let span = SpanContext::continue_from(req.headers(), || tracing.sample_new());
         span.inject(req.headers_mut());
-        let head = Head::of(req);
+        let head = Head::take(req);
         let obs = Observation {
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -85,7 +85,7 @@ impl Observation {
     /// Wraps the request body so its size is counted.
     pub fn count_request_body(&self, b: Body) -> Body {
         let counter = self.request_bytes.clone();
-        body::boxed(Metered::new(b, Box::new(move |n, _, _| counter.store(n, Ordering::Relaxed))))
+        body::boxed(Metered::new(b, move |n, _, _| counter.store(n, Ordering::Relaxed)))
     }
 
     /// Answers with a proxy-made error response.
@@ -102,22 +102,19 @@ impl Observation {
         let status = parts.status.as_u16();
         let header_grpc = parts.headers.get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
         let grpc = self.grpc || super::headers::is_grpc(&parts.headers);
-        let metered = Metered::new(
-            b,
-            Box::new(move |resp_bytes, end, trailer_grpc| {
-                let grpc_status = match (header_grpc.or(trailer_grpc), grpc) {
-                    (Some(s), _) => s.to_string(),
-                    (None, true) if end != BodyEnd::Complete => "unknown".into(),
-                    (None, _) => String::new(),
-                };
-                let flags = match (flags, end) {
-                    ("-", BodyEnd::Dropped) => "DC",
-                    ("-", BodyEnd::Error) => "UC",
-                    (f, _) => f,
-                };
-                self.record(status, grpc_status, flags, resp_bytes);
-            }),
-        );
+        let metered = Metered::new(b, move |resp_bytes, end, trailer_grpc| {
+            let grpc_status = match (header_grpc.or(trailer_grpc), grpc) {
+                (Some(s), _) => s.to_string(),
+                (None, true) if end != BodyEnd::Complete => "unknown".into(),
+                (None, _) => String::new(),
+            };
+            let flags = match (flags, end) {
+                ("-", BodyEnd::Dropped) => "DC",
+                ("-", BodyEnd::Error) => "UC",
+                (f, _) => f,
+            };
+            self.record(status, grpc_status, flags, resp_bytes);
+        });
         Response::from_parts(parts, body::boxed(metered))
     }
 
