@@ -465,12 +465,12 @@ async fn connected_proxies(http: u16) -> Result<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxies_behind_a_node_agent_share_one_connection_and_survive_its_restart() -> Result<()> {
+async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts() -> Result<()> {
     let _serial = serial().await;
     let dir = TempDir::new("node-agent")?;
     let data = dir.join("data");
     let (http, grpc, agent_port) = (free_port(), free_port(), free_port());
-    let _cp = control(&data, http, grpc)?;
+    let cp = control(&data, http, grpc)?;
     apply_echo_service(&dir, &data, http)?;
     let agent = node_agent(agent_port, grpc)?;
 
@@ -502,6 +502,12 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_its_restar
     }
     // It comes back: every proxy reconnects through it (backoff at most 5 s).
     let _agent = node_agent(agent_port, grpc)?;
+    plexus_testkit::eventually(Duration::from_secs(15), one_connection_three_proxies).await?;
+    both_echo_workloads_serve(addr).await?;
+
+    // The control plane restarts: the agent reconnects upstream, the proxies resync through it.
+    drop(cp);
+    let _cp = control(&data, http, grpc)?;
     plexus_testkit::eventually(Duration::from_secs(15), one_connection_three_proxies).await?;
     both_echo_workloads_serve(addr).await?;
 

@@ -22,6 +22,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -34,6 +35,10 @@ use tonic::transport::{Channel, Endpoint};
 /// unanswered before the connection counts as dead.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Proxy connections served at once; more are closed at once (a machine runs far fewer
+/// proxies, so this only bounds a runaway client).
+pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// The relay: local proxies' requests become streams on one connection to the control plane.
 #[derive(Clone)]
@@ -60,6 +65,7 @@ impl NodeAgent {
     /// `shutdown` completes; open streams end then and their proxies reconnect.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -73,9 +79,14 @@ impl NodeAgent {
                 },
                 () = &mut shutdown => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "{MAX_CONNECTIONS} proxy connections open: closing a new one");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let agent = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| agent.clone().relay(request));
                 // No keep-alive pings towards the proxies: they are on this machine, so a
                 // proxy that dies has its socket closed by the kernel, and they ping the agent

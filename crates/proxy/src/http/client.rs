@@ -28,14 +28,17 @@ pub enum Proto {
     Http2,
 }
 
-/// Idle HTTP/1 connections older than this are closed rather than reused.
+/// Pooled HTTP/1 connections returned longer ago than this are closed rather than reused.
 const IDLE_TTL: Duration = Duration::from_secs(30);
-/// At most this many idle HTTP/1 connections are kept per endpoint.
+/// At most this many HTTP/1 connections are pooled per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
-/// An idle HTTP/1 connection.
+/// A pooled HTTP/1 connection: idle, or still carrying the body of the response it was
+/// returned with. It goes back to the pool as soon as the response head arrives (no task
+/// per request waits for the body to end); hyper's connection task marks it ready
+/// (`SendRequest::is_ready`) when that body is done, and only ready ones are handed out.
 struct IdleH1 {
-    /// When it became idle.
+    /// When it was returned to the pool.
     since: Instant,
     sender: http1::SendRequest<Body>,
     /// Requests it has carried.
@@ -268,12 +271,20 @@ impl Pool {
     /// An idle connection that may carry one more request, with the requests it carried.
     fn take_idle(&self, addr: SocketAddr, options: &SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut map = self.h1_idle.lock().ok()?;
-        let idle = map.get_mut(&addr)?;
+        let pooled = map.get_mut(&addr)?;
         let max = options.max_requests_per_connection;
         let ttl = options.idle_timeout.unwrap_or(IDLE_TTL).min(IDLE_TTL);
-        while let Some(c) = idle.pop() {
-            // A connection past a (lowered) limit is dropped, which closes it.
-            if c.since.elapsed() < ttl && c.sender.is_ready() && max.is_none_or(|m| c.served < m) {
+        // Most recently returned first. Indices above `i` are done with, so what
+        // `swap_remove` moves into `i` has been looked at already.
+        let mut i = pooled.len();
+        while i > 0 {
+            i -= 1;
+            let c = &pooled[i];
+            if c.sender.is_closed() || c.since.elapsed() >= ttl || max.is_some_and(|m| c.served >= m) {
+                // Dropped, which closes it (after its response, if one is still being read).
+                pooled.swap_remove(i);
+            } else if c.sender.is_ready() {
+                let c = pooled.swap_remove(i);
                 return Some((c.sender, c.served));
             }
         }
@@ -318,25 +329,12 @@ impl Pool {
         Ok(resp)
     }
 
-    /// Returns the connection to the idle stack once the response body has been read, or
-    /// closes it then when it has carried `max` requests.
-    fn recycle(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        mut sender: http1::SendRequest<Body>,
-        served: u32,
-        max: Option<u32>,
-    ) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            // Dropping the last sender once the response is complete closes the connection.
-            if sender.ready().await.is_ok()
-                && max.is_none_or(|m| served < m)
-                && let Some(pool) = pool.upgrade()
-            {
-                pool.put_idle(addr, sender, served);
-            }
-        });
+    /// Returns the connection to the pool (see [`IdleH1`]), or lets it close after this
+    /// response when it has carried `max` requests (dropping the last sender does that).
+    fn recycle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, served: u32, max: Option<u32>) {
+        if max.is_none_or(|m| served < m) {
+            self.put_idle(addr, sender, served);
+        }
     }
 
     async fn connect_h1(
@@ -458,5 +456,67 @@ mod tests {
             until("the connection back in the pool", || idle(&pool, addr) == 1).await;
         }
         assert_eq!((opened.load(Ordering::SeqCst), closed.load(Ordering::SeqCst)), (1, 0), "no limit: one connection");
+    }
+
+    /// A raw HTTP/1 server answering `ok` (keep-alive); its very first response stops after
+    /// the first body byte until `release` is notified. Counts connections opened.
+    async fn server_holding_first_body() -> (SocketAddr, Arc<AtomicU32>, Arc<tokio::sync::Notify>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (opened, release) = (Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Notify::new()));
+        let (o, r) = (opened.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let first = o.fetch_add(1, Ordering::SeqCst) == 0;
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut hold = first;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = stream.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\no";
+                            if stream.write_all(head).await.is_err() {
+                                return;
+                            }
+                            if std::mem::take(&mut hold) {
+                                r.notified().await;
+                            }
+                            if stream.write_all(b"k").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, opened, release)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_only_after_its_response_body_ends() {
+        let (addr, opened, release) = server_holding_first_body().await;
+        let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
+        let req = || Request::get("/").header(http::header::HOST, "test").body(body::empty()).expect("request");
+        // The first response's body has not ended: its connection is pooled but busy.
+        let held = pool.send(addr, Proto::Http1, req()).await.expect("response");
+        assert_eq!(idle(&pool, addr), 1, "pooled as soon as the head arrived");
+        get(&pool, addr, SendOptions::default()).await;
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "a busy connection is not handed out");
+        // Once its body ends, the first connection is ready again: both are reused.
+        release.notify_one();
+        let text = held.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&text[..], b"ok");
+        for _ in 0..4 {
+            get(&pool, addr, SendOptions::default()).await;
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "no third connection");
+        assert_eq!(idle(&pool, addr), 2);
     }
 }
