@@ -1122,7 +1122,7 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             f(&bd, "viewsBuildMs")
         );
         println!(
-            "| `Views::union` + compare, once per stream ({} streams, {:.1} KiB per response) | {:.1} ms |",
+            "| `Views::union` + compare, once per stream ({} streams, {:.1} KiB per whole view, what a stream sends first) | {:.1} ms |",
             cfg.proxies,
             f(&bd, "responseBytes") / 1024.0,
             f(&bd, "unionAllStreamsMs")
