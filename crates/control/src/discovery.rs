@@ -40,6 +40,20 @@ fn reported_certificate(m: &WatchRequest) -> Option<ProxyCertificate> {
     })
 }
 
+/// Whether a message reports the certificate already on record (compared in place: most
+/// messages are acknowledgements repeating it).
+fn same_certificate(known: Option<&ProxyCertificate>, m: &WatchRequest) -> bool {
+    match known {
+        None => m.certificate_serial.is_empty() && m.certificate_issuer_sha256.is_empty(),
+        Some(c) => {
+            c.serial == m.certificate_serial
+                && c.issuer_sha256 == m.certificate_issuer_sha256
+                && c.not_after_unix == m.certificate_not_after_unix
+                && c.spiffe_id == m.spiffe_id
+        }
+    }
+}
+
 fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
     names.iter().filter_map(|n| ServiceName::candidates(n).into_iter().next()).collect()
 }
@@ -101,7 +115,8 @@ impl Discovery for DiscoveryService {
             last_seen: None,
             registered,
         });
-        self.proxies.report_certificate(id, reported_certificate(&first));
+        let mut certificate = reported_certificate(&first);
+        self.proxies.report_certificate(id, certificate.clone());
         tracing::info!(id, workload = %info.workload, service = %info.service, "proxy connected");
         // Boxed: a channel allocates its slots up front, and a response is large.
         let (tx, rx) = mpsc::channel::<Box<WatchResponse>>(4);
@@ -110,7 +125,10 @@ impl Discovery for DiscoveryService {
         let proxies = self.proxies.clone();
         let store = self.store.clone();
         tokio::spawn(async move {
-            let mut wanted = parse_destinations(&first.destinations);
+            // Shared with what was last sent; `wanted_as_sent` is the proxy's own list, so an
+            // acknowledgement repeating it (nearly all of them) is recognised without parsing.
+            let mut wanted = Arc::new(parse_destinations(&first.destinations));
+            let mut wanted_as_sent = first.destinations.clone();
             let mut last_sent: Option<Sent> = None;
             // Set by whatever may change the response (a new index, trust bundle or
             // destination set); acknowledgements and heartbeats leave it alone.
@@ -122,7 +140,7 @@ impl Discovery for DiscoveryService {
                     dirty = false;
                     let current = views.borrow_and_update().clone();
                     let trust_bundle = bundle.borrow_and_update().clone();
-                    let union = current.union(&wanted);
+                    let union = current.union(wanted.iter());
                     let next =
                         Sent { revision: current.revision, wanted: wanted.clone(), resources: union, trust_bundle };
                     if let Some(response) = next.response_after(last_sent.as_ref(), first.incremental) {
@@ -151,11 +169,17 @@ impl Discovery for DiscoveryService {
                         Ok(Some(m)) => {
                             last_heard = std::time::Instant::now();
                             proxies.heard_from(id, Some(m.applied_revision));
-                            proxies.report_certificate(id, reported_certificate(&m));
-                            let destinations = parse_destinations(&m.destinations);
-                            if destinations != wanted {
-                                wanted = destinations;
-                                dirty = true;
+                            if !same_certificate(certificate.as_ref(), &m) {
+                                certificate = reported_certificate(&m);
+                                proxies.report_certificate(id, certificate.clone());
+                            }
+                            if m.destinations != wanted_as_sent {
+                                let destinations = parse_destinations(&m.destinations);
+                                wanted_as_sent = m.destinations;
+                                if destinations != *wanted {
+                                    wanted = Arc::new(destinations);
+                                    dirty = true;
+                                }
                             }
                         }
                         Ok(None) | Err(_) => break,
@@ -232,7 +256,7 @@ fn pieces(mut response: WatchResponse) -> Vec<WatchResponse> {
 /// What a stream sent last (or would send next): the view of its destinations at a revision.
 struct Sent {
     revision: u64,
-    wanted: BTreeSet<ServiceName>,
+    wanted: Arc<BTreeSet<ServiceName>>,
     /// Sorted by key (as [`Views::union`] returns them).
     resources: Vec<Arc<Encoded>>,
     trust_bundle: Arc<str>,
@@ -368,7 +392,7 @@ mod tests {
     }
 
     fn sent(resources: Vec<Arc<Encoded>>, bundle: &Arc<str>) -> Sent {
-        let wanted = [ServiceName::new("a", "default")].into_iter().collect();
+        let wanted = Arc::new([ServiceName::new("a", "default")].into_iter().collect());
         Sent { revision: 1, wanted, resources, trust_bundle: bundle.clone() }
     }
 
