@@ -19,25 +19,21 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
-/// Starts `plexus control` on the given ports; returns once it printed its ready line.
-fn control(data: &Path, http: u16, grpc: u16) -> Result<Proc> {
-    let mut child = Command::new(PLEXUS)
-        .args([
-            "control",
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--data-dir",
-        ])
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+/// Starts `plexus ARGS` and returns once it printed its one-line JSON ready line, which
+/// must hold the field `ready_field`.
+fn start_ready(args: &[&std::ffi::OsStr], ready_field: &str) -> Result<Proc> {
+    let mut child = Command::new(PLEXUS).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    anyhow::ensure!(line.contains("\"grpc\""), "no ready line: {line:?}");
+    anyhow::ensure!(line.contains(&format!("\"{ready_field}\"")), "no ready line: {line:?}");
     Ok(Proc(child))
+}
+
+/// Starts `plexus control` on the given ports; returns once it printed its ready line.
+fn control(data: &Path, http: u16, grpc: u16) -> Result<Proc> {
+    let (http, grpc) = (format!("127.0.0.1:{http}"), format!("127.0.0.1:{grpc}"));
+    let args = ["control", "--http-addr", &http, "--grpc-addr", &grpc].map(std::ffi::OsStr::new);
+    start_ready(&[&args[..], &["--data-dir".as_ref(), data.as_os_str()]].concat(), "grpc")
 }
 
 fn cli(data: &Path, http: u16, args: &[&str]) -> Result<std::process::Output> {
@@ -431,16 +427,8 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
 /// Starts `plexus agent` on `port`, relaying to the control plane's gRPC port; returns once it
 /// printed its ready line.
 fn node_agent(port: u16, grpc: u16) -> Result<Proc> {
-    let mut child = Command::new(PLEXUS)
-        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--control-plane", &format!("http://127.0.0.1:{grpc}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    anyhow::ensure!(line.contains("\"listen\""), "no ready line: {line:?}");
-    Ok(Proc(child))
+    let (listen, upstream) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{grpc}"));
+    start_ready(&["agent", "--listen", &listen, "--control-plane", &upstream].map(std::ffi::OsStr::new), "listen")
 }
 
 /// Established TCP connections to a local port, counted from the connecting side
