@@ -97,6 +97,19 @@ async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
     Proxy::start_named("client", PLEXUS, args).await
 }
 
+/// Two echo workloads (in-test apps behind `plexus run` sidecars) and a client sidecar, all
+/// fed from `grpc_url`; returns once the client reaches both.
+async fn echo_mesh(data: &Path, grpc_url: &str) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
+    let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
+    let mut runs = Vec::new();
+    for app in &apps {
+        runs.push(run_echo_workload(data, grpc_url, app.port())?);
+    }
+    let client = echo_client(grpc_url, &[]).await?;
+    both_echo_workloads_serve(client.upstream("echo.default:8080")?).await?;
+    Ok((apps, runs, client))
+}
+
 /// Waits until requests through the client's `echo:8080` bind reach both echo workloads.
 async fn both_echo_workloads_serve(addr: std::net::SocketAddr) -> Result<()> {
     plexus_testkit::eventually(Duration::from_secs(20), || async move {
@@ -268,15 +281,9 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     apply_echo_service(&dir, &data, http)?;
 
     // Two workloads: each an in-test echo app behind a `plexus run` sidecar.
-    let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let mut runs = Vec::new();
-    for app in &apps {
-        runs.push(run_echo_workload(&data, &grpc_url, app.port())?);
-    }
-    let client = echo_client(&grpc_url, &[]).await?;
+    let (_apps, mut runs, client) = echo_mesh(&data, &grpc_url).await?;
     let addr = client.upstream("echo.default:8080")?;
-    both_echo_workloads_serve(addr).await?;
 
     // Load during the rest of the test: no request may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -465,14 +472,8 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
     // Two workloads and a client, all reaching the control plane through the agent:
     // registration, certificates, discovery and telemetry are relayed.
     let agent_url = format!("http://127.0.0.1:{agent_port}");
-    let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
-    let mut runs = Vec::new();
-    for app in &apps {
-        runs.push(run_echo_workload(&data, &agent_url, app.port())?);
-    }
-    let client = echo_client(&agent_url, &[]).await?;
+    let (_apps, mut runs, client) = echo_mesh(&data, &agent_url).await?;
     let addr = client.upstream("echo.default:8080")?;
-    both_echo_workloads_serve(addr).await?;
 
     // The control plane sees three proxies over one connection.
     let one_connection_three_proxies = || async {

@@ -106,14 +106,14 @@ impl NodeAgent {
     /// connection (the channel sets the control plane's scheme and authority) and streams the
     /// answer back.
     async fn relay(self, request: hyper::Request<Incoming>) -> Result<hyper::Response<tonic::body::Body>, Infallible> {
-        let path = request.uri().path().to_string();
+        let uri = request.uri().clone();
         let mut upstream = self.upstream;
         let relayed = match std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {
             Ok(()) => upstream.call(request.map(tonic::body::Body::new)).await,
             Err(e) => Err(e),
         };
         Ok(relayed.unwrap_or_else(|e| {
-            tracing::debug!(%path, error = %e, "control plane unreachable");
+            tracing::debug!(path = uri.path(), error = %e, "control plane unreachable");
             tonic::Status::unavailable(format!("the node agent cannot reach the control plane: {e}")).into_http()
         }))
     }
