@@ -859,7 +859,11 @@ fn default_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/plexus")
 }
 
-#[tokio::main]
+/// One thread, as a real sidecar runs: the simulated proxies are the instrument, and a
+/// multi-threaded scheduler woke its workers across threads for every reception, taking CPU
+/// from the control plane it measures (docs/PERFORMANCE.md, sixth round). Receptions are
+/// handled in turn, which can only add to the latencies measured.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = Config::from(&args)?;
