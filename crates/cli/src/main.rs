@@ -100,8 +100,30 @@ impl Failure {
     }
 }
 
+/// `plexus proxy` parsed on its own: the arguments a sidecar starts with.
+#[derive(Parser)]
+#[command(name = "plexus proxy", bin_name = "plexus proxy", about = "Run a sidecar or gateway proxy.")]
+struct ProxyCli {
+    /// Log format on stderr.
+    #[arg(long, env = "PLEXUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(flatten)]
+    args: proxy_cmd::ProxyArgs,
+}
+
+/// The command line. `plexus proxy ...` (how every sidecar starts) is parsed on its own:
+/// clap's tree of every subcommand's arguments stays allocated for the process's life, about
+/// 150 KiB of each sidecar's private memory (RssAnon 1,160 → 1,012 KiB idle).
+fn parse() -> Cli {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "proxy") {
+        let p = ProxyCli::parse_from(std::env::args_os().skip(1));
+        return Cli { log_format: p.log_format, command: Command::Proxy(Box::new(p.args)) };
+    }
+    Cli::parse()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     logging::init(&cli.log_format);
     let serves = matches!(
         cli.command,

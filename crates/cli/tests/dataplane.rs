@@ -641,6 +641,31 @@ async fn startup_with_an_invalid_file_exits_2_naming_file_document_and_field() -
     Ok(())
 }
 
+/// `plexus proxy` is parsed on its own (a sidecar's start-up path): the same arguments, the
+/// same answers, whether the global `--log-format` comes before or after `proxy`.
+#[test]
+fn the_proxy_command_line_reads_the_same_on_its_own_path() -> Result<()> {
+    let dir = TempDir::new("proxyargs")?;
+    let res = dir.join("mesh.yaml");
+    std::fs::write(&res, "apiVersion: plexus.dev/v1alpha1\nkind: Nope\nmetadata: {name: a}\n")?;
+    let run = |args: &[&str]| std::process::Command::new(PLEXUS).args(args).output();
+    let unknown = run(&["proxy", "--no-such-flag"])?;
+    assert_eq!(unknown.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("unexpected argument '--no-such-flag'") && err.contains("Usage: plexus proxy"), "{err}");
+    let path = res.to_str().context("path")?;
+    let after = run(&["proxy", "--log-format", "json", "--resources", path])?;
+    let before = run(&["--log-format", "json", "proxy", "--resources", path])?;
+    assert_eq!(after.status.code(), Some(2));
+    assert_eq!(before.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&after.stderr);
+    assert!(err.contains("error: invalid resources file") && err.contains("Nope"), "{err}");
+    assert_eq!(after.stderr, before.stderr);
+    let bad_format = run(&["proxy", "--log-format", "xml"])?;
+    assert_eq!(bad_format.status.code(), Some(2));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests_and_stops_accepting() -> Result<()> {
     let app = HttpEcho::start("app").await?;
