@@ -433,9 +433,21 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
 
 /// Starts `plexus agent` on `port`, relaying to the control plane's gRPC port; returns once it
 /// printed its ready line.
-fn node_agent(port: u16, grpc: u16) -> Result<Proc> {
+fn node_agent(port: u16, admin: u16, grpc: u16) -> Result<Proc> {
     let (listen, upstream) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{grpc}"));
-    start_ready(&["agent", "--listen", &listen, "--control-plane", &upstream].map(std::ffi::OsStr::new), "listen")
+    let admin = format!("127.0.0.1:{admin}");
+    let args = ["agent", "--listen", &listen, "--admin", &admin, "--control-plane", &upstream];
+    start_ready(&args.map(std::ffi::OsStr::new), "listen")
+}
+
+/// The value of one sample (`name` or `name{labels}`, exactly as exposed) on an agent's
+/// admin `/metrics`; fails if the sample is absent.
+fn agent_metric(admin: u16, sample: &str) -> Result<f64> {
+    let (status, page) = get_text(&format!("127.0.0.1:{admin}"), "/metrics", &[])?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    page.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("no sample {sample} in:\n{page}"))
 }
 
 /// Established TCP connections to a local port, counted from the connecting side
@@ -453,6 +465,35 @@ fn connections_to(port: u16) -> Result<usize> {
         .count())
 }
 
+/// An agent whose control plane is down answers its proxies `UNAVAILABLE` (they keep retrying)
+/// and says so on its admin server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_agent_without_its_control_plane_reports_it() -> Result<()> {
+    let (agent_port, admin, closed) = (free_port(), free_port(), free_port());
+    let _agent = node_agent(agent_port, admin, closed)?;
+    assert_eq!(get_text(&format!("127.0.0.1:{admin}"), "/live", &[])?.0, 200);
+    assert_eq!(get_text(&format!("127.0.0.1:{admin}"), "/ready", &[])?.0, 200);
+    let _proxy = Proc(
+        Command::new(PLEXUS)
+            .args(["proxy", "--control-plane", &format!("http://127.0.0.1:{agent_port}")])
+            .args(["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    plexus_testkit::eventually(Duration::from_secs(10), || async {
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? == 1.0, "proxy connections");
+        anyhow::ensure!(
+            agent_metric(admin, "plexus_agent_requests_total{outcome=\"unavailable\"}")? >= 1.0,
+            "unavailable"
+        );
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_control_plane_reachable")? == 0.0, "unreachable");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? == 0.0, "no stream stays open");
+        Ok(())
+    })
+    .await
+}
+
 /// Proxies the control plane counts as connected.
 async fn connected_proxies(http: u16) -> Result<usize> {
     let v = plexus_testkit::client::get_api_json(([127, 0, 0, 1], http).into(), "/api/v1/proxies").await?;
@@ -464,10 +505,10 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
     let _serial = serial().await;
     let dir = TempDir::new("node-agent")?;
     let data = dir.join("data");
-    let (http, grpc, agent_port) = (free_port(), free_port(), free_port());
+    let (http, grpc, agent_port, admin) = (free_port(), free_port(), free_port(), free_port());
     let cp = control(&data, http, grpc)?;
     apply_echo_service(&dir, &data, http)?;
-    let agent = node_agent(agent_port, grpc)?;
+    let agent = node_agent(agent_port, admin, grpc)?;
 
     // Two workloads and a client, all reaching the control plane through the agent:
     // registration, certificates, discovery and telemetry are relayed.
@@ -482,6 +523,15 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
         Ok(())
     };
     plexus_testkit::eventually(Duration::from_secs(10), one_connection_three_proxies).await?;
+    // The agent's own view: three proxy connections, their watch streams open, all relayed.
+    plexus_testkit::eventually(Duration::from_secs(10), || async {
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? == 3.0, "proxy connections");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? >= 3.0, "open streams");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_control_plane_reachable")? == 1.0, "reachable");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_requests_total{outcome=\"relayed\"}")? >= 3.0, "relayed");
+        Ok(())
+    })
+    .await?;
 
     // The agent dies: proxies keep serving with their last view.
     drop(agent);
@@ -490,7 +540,7 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
         assert_eq!(r.status, 200, "with the agent down");
     }
     // It comes back: every proxy reconnects through it (backoff at most 5 s).
-    let _agent = node_agent(agent_port, grpc)?;
+    let _agent = node_agent(agent_port, admin, grpc)?;
     plexus_testkit::eventually(Duration::from_secs(15), one_connection_three_proxies).await?;
     both_echo_workloads_serve(addr).await?;
 

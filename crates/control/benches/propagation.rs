@@ -899,7 +899,8 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
     let mut agents = Vec::new();
     for a in 0..cfg.agents {
         let upstream = format!("http://{}", cp.grpc);
-        let argv = ["agent", "--listen", "127.0.0.1:0", "--control-plane", &upstream].map(std::ffi::OsStr::new);
+        let argv = ["agent", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--control-plane", &upstream]
+            .map(std::ffi::OsStr::new);
         agents.push(Child::start(bin, &argv, dir, &format!("agent-{a}"), &args.log).await?);
     }
     if !agents.is_empty() {

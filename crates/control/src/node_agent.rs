@@ -19,14 +19,30 @@
 //! view and reconnect with backoff as they do without an agent; when a proxy's connection
 //! closes, its stream on the shared connection is reset, which the control plane sees as that
 //! proxy disconnecting.
+//!
+//! Its own state is on an admin address (`--admin`): `/live`, `/ready` and `/metrics`
+//! (OpenMetrics): open proxy connections, relayed streams, requests by outcome, refused
+//! connections and whether the control plane answered the last relayed request.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::codegen::Service as _;
 use tonic::transport::{Channel, Endpoint};
@@ -44,6 +60,116 @@ pub const MAX_CONNECTIONS: usize = 10_000;
 #[derive(Clone)]
 pub struct NodeAgent {
     upstream: Channel,
+    metrics: Arc<AgentMetrics>,
+}
+
+/// How a relayed request went: `relayed` (the control plane answered) or `unavailable`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// The agent's own metrics (names under `plexus_agent_`).
+struct AgentMetrics {
+    registry: Registry,
+    proxy_connections: Gauge,
+    open_streams: Gauge,
+    requests: Family<OutcomeLabels, Counter>,
+    refused_connections: Counter,
+    control_plane_reachable: Gauge,
+}
+
+impl AgentMetrics {
+    fn new() -> AgentMetrics {
+        let (proxy_connections, open_streams, control_plane_reachable) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        let (requests, refused_connections) = (Family::default(), Counter::default());
+        let mut registry = Registry::default();
+        registry.register(
+            "plexus_agent_proxy_connections",
+            "Connections of local proxies open now",
+            proxy_connections.clone(),
+        );
+        registry.register(
+            "plexus_agent_open_streams",
+            "Relayed requests whose responses are still streaming (a proxy's discovery watch is one)",
+            open_streams.clone(),
+        );
+        registry.register(
+            "plexus_agent_requests",
+            "Requests of local proxies, by outcome: relayed, or unavailable (control plane unreachable)",
+            requests.clone(),
+        );
+        registry.register(
+            "plexus_agent_refused_connections",
+            "Proxy connections closed at once because the connection limit was reached",
+            refused_connections.clone(),
+        );
+        registry.register(
+            "plexus_agent_control_plane_reachable",
+            "1 if the control plane answered the last relayed request, else 0",
+            control_plane_reachable.clone(),
+        );
+        AgentMetrics {
+            registry,
+            proxy_connections,
+            open_streams,
+            requests,
+            refused_connections,
+            control_plane_reachable,
+        }
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Counts one in a gauge while it lives.
+struct Held(Gauge);
+
+impl Held {
+    fn new(gauge: &Gauge) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A relayed response body that counts as an open stream until hyper drops it (ended, reset,
+/// or its proxy's connection closed).
+struct CountedBody {
+    body: tonic::body::Body,
+    _open: Held,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl NodeAgent {
@@ -58,7 +184,19 @@ impl NodeAgent {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .connect_lazy();
-        Ok(NodeAgent { upstream })
+        Ok(NodeAgent { upstream, metrics: Arc::new(AgentMetrics::new()) })
+    }
+
+    /// The admin endpoints: `/live`, `/ready` (the agent is serving) and `/metrics`.
+    pub fn admin_router(&self) -> Router {
+        let metrics = self.metrics.clone();
+        Router::new().route("/live", get(|| async { "live\n" })).route("/ready", get(|| async { "ready\n" })).route(
+            "/metrics",
+            get(move || async move {
+                let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], metrics.encode()).into_response()
+            }),
+        )
     }
 
     /// Serves local proxies (HTTP/2 with prior knowledge, as gRPC clients speak) until
@@ -81,12 +219,14 @@ impl NodeAgent {
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "{MAX_CONNECTIONS} proxy connections open: closing a new one");
+                self.metrics.refused_connections.inc();
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let agent = self.clone();
+            let open = Held::new(&self.metrics.proxy_connections);
             tokio::spawn(async move {
-                let _slot = slot;
+                let (_slot, _open) = (slot, open);
                 let service = hyper::service::service_fn(move |request| agent.clone().relay(request));
                 // No keep-alive pings towards the proxies: they are on this machine, so a
                 // proxy that dies has its socket closed by the kernel, and they ping the agent
@@ -107,14 +247,22 @@ impl NodeAgent {
     /// answer back.
     async fn relay(self, request: hyper::Request<Incoming>) -> Result<hyper::Response<tonic::body::Body>, Infallible> {
         let uri = request.uri().clone();
+        let open = Held::new(&self.metrics.open_streams);
         let mut upstream = self.upstream;
         let relayed = match std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {
             Ok(()) => upstream.call(request.map(tonic::body::Body::new)).await,
             Err(e) => Err(e),
         };
-        Ok(relayed.unwrap_or_else(|e| {
-            tracing::debug!(path = uri.path(), error = %e, "control plane unreachable");
-            tonic::Status::unavailable(format!("the node agent cannot reach the control plane: {e}")).into_http()
-        }))
+        let metrics = &self.metrics;
+        let outcome = if relayed.is_ok() { "relayed" } else { "unavailable" };
+        metrics.requests.get_or_create(&OutcomeLabels { outcome }).inc();
+        metrics.control_plane_reachable.set(i64::from(relayed.is_ok()));
+        Ok(match relayed {
+            Ok(response) => response.map(|body| tonic::body::Body::new(CountedBody { body, _open: open })),
+            Err(e) => {
+                tracing::debug!(path = uri.path(), error = %e, "control plane unreachable");
+                tonic::Status::unavailable(format!("the node agent cannot reach the control plane: {e}")).into_http()
+            }
+        })
     }
 }
