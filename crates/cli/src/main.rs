@@ -1,5 +1,5 @@
-//! `plexus`: the one binary of the mesh — the proxy today; the control plane and management
-//! commands build on the same entry point.
+//! `plexus`: every command of the mesh — proxy, control plane, node agent, demo and the
+//! management CLI — in one binary. (`plexus-proxy` is the proxy alone: `src/bin/`.)
 
 mod agent_cmd;
 mod api_client;
@@ -10,9 +10,7 @@ mod dashboard_cmd;
 mod demo_cmd;
 mod explain_cmd;
 mod identity_cmd;
-mod logging;
 mod netns;
-mod proxy_cmd;
 mod proxy_config_cmd;
 mod resources_cmd;
 mod routes_cmd;
@@ -25,6 +23,8 @@ mod version_cmd;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use plexus_cli::proxy_cmd::ProxyCli;
+use plexus_cli::{Failure, exit_code, logging, proxy_cmd, runtime};
 
 /// Plexus: a light, fast service mesh.
 #[derive(Parser)]
@@ -83,34 +83,6 @@ enum Command {
     Bench(Box<bench_cmd::BenchArgs>),
 }
 
-/// A failure the user should see as `error: ...` with the given exit code.
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    /// Usage or validation error (exit 2).
-    pub fn usage(message: impl Into<String>) -> Self {
-        Failure { code: 2, message: message.into() }
-    }
-    /// Runtime failure (exit 1).
-    pub fn runtime(message: impl Into<String>) -> Self {
-        Failure { code: 1, message: message.into() }
-    }
-}
-
-/// `plexus proxy` parsed on its own: the arguments a sidecar starts with.
-#[derive(Parser)]
-#[command(name = "plexus proxy", bin_name = "plexus proxy", about = "Run a sidecar or gateway proxy.")]
-struct ProxyCli {
-    /// Log format on stderr.
-    #[arg(long, env = "PLEXUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-    #[command(flatten)]
-    args: proxy_cmd::ProxyArgs,
-}
-
 /// The command line. `plexus proxy ...` (how every sidecar starts) is parsed on its own:
 /// clap's tree of every subcommand's arguments stays allocated for the process's life, about
 /// 150 KiB of each sidecar's private memory (RssAnon 1,160 → 1,012 KiB idle).
@@ -143,29 +115,15 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    // One worker thread runs on tokio's single-threaded scheduler: no work stealing and no
-    // cross-thread wake-ups. A sidecar (`proxy`, `run`) gets one by default.
+    // A sidecar (`proxy`, `run`) runs on one thread by default; so does a node agent.
     let workers = match &cli.command {
         Command::Proxy(args) => args.worker_threads(),
-        // A relay of the machine's proxies: one thread is plenty and keeps it small.
         Command::Run(_) | Command::Agent(_) => 1,
         _ => 0,
     };
-    let mut builder = match workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime(workers) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(f) => return exit_code(Err(f)),
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -191,14 +149,5 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench_cmd::run(*args).await,
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            // An empty message passes on an exit status (e.g. the workload's under `plexus run`).
-            if !f.message.is_empty() {
-                eprintln!("error: {}", f.message);
-            }
-            ExitCode::from(f.code)
-        }
-    }
+    exit_code(result)
 }

@@ -25,6 +25,18 @@ fn duration(s: &str) -> Result<Duration, String> {
     plexus_core::duration::parse(s)
 }
 
+/// `plexus proxy` parsed on its own: the arguments a sidecar starts with (also the whole
+/// command line of `plexus-proxy`).
+#[derive(clap::Parser)]
+#[command(name = "plexus proxy", bin_name = "plexus proxy", about = "Run a sidecar or gateway proxy.")]
+pub struct ProxyCli {
+    /// Log format on stderr.
+    #[arg(long, env = "PLEXUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(flatten)]
+    pub args: ProxyArgs,
+}
+
 #[derive(clap::Args)]
 pub struct ProxyArgs {
     /// Run with no control plane from a file of resources (Service, Workload, HTTPRoute),

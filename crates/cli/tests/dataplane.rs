@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+/// The data plane alone: the same proxy and command line as `plexus proxy`.
+const PLEXUS_PROXY: &str = env!("CARGO_BIN_EXE_plexus-proxy");
 
 async fn sidecar(name: &str, resources: &Path, extra: &[&str]) -> Result<Proxy> {
     let mut args = vec![
@@ -663,6 +665,60 @@ fn the_proxy_command_line_reads_the_same_on_its_own_path() -> Result<()> {
     assert_eq!(after.stderr, before.stderr);
     let bad_format = run(&["proxy", "--log-format", "xml"])?;
     assert_eq!(bad_format.status.code(), Some(2));
+    Ok(())
+}
+
+/// `plexus-proxy` (the sidecar binary) takes `plexus proxy`'s arguments without the `proxy`
+/// word and proxies, counts and refuses bad input the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_binary_is_plexus_proxy() -> Result<()> {
+    let app = HttpEcho::start("app-1").await?;
+    let dir = TempDir::new("sidecarbin")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
+        .write(&res)?;
+    let path = res.to_str().context("path")?;
+    let args = [
+        "--resources",
+        path,
+        "--outbound-port",
+        "0",
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        "0",
+        "--upstream",
+        "app:8080=0",
+    ];
+    let proxy = Proxy::start_named("sidecar-binary", PLEXUS_PROXY, args).await?;
+    let bound = proxy.upstream("app.default:8080")?;
+    for addr in [bound, proxy.outbound()] {
+        let r = plexus_testkit::client::get(addr, "app:8080", "/x", &[], Duration::from_secs(5)).await?;
+        assert_eq!(r.status, 200, "through {addr}: {}", r.text());
+        assert_eq!(r.headers.get("x-served-by").and_then(|v| v.to_str().ok()), Some("app-1"));
+    }
+    let metrics = proxy.admin_get("/metrics").await?.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("plexus_requests_total{") && l.contains("destination_service=\"app\"")),
+        "requests counted under SPEC names:\n{metrics}"
+    );
+
+    let run = |args: &[&str]| std::process::Command::new(PLEXUS_PROXY).args(args).output();
+    let help = run(&["--help"])?;
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("Usage: plexus-proxy") && text.contains("--upstream"), "{text}");
+    let unknown = run(&["--no-such-flag"])?;
+    assert_eq!(unknown.status.code(), Some(2));
+    std::fs::write(&res, "apiVersion: plexus.dev/v1alpha1\nkind: Nope\nmetadata: {name: a}\n")?;
+    let own = run(&["--resources", path, "--admin-port", "0"])?;
+    let full = std::process::Command::new(PLEXUS).args(["proxy", "--resources", path, "--admin-port", "0"]).output()?;
+    assert_eq!(own.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&own.stderr);
+    assert!(err.contains("error: invalid resources file") && err.contains("Nope"), "{err}");
+    assert_eq!(own.stderr, full.stderr, "the same error as plexus proxy");
     Ok(())
 }
 
