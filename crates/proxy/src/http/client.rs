@@ -38,7 +38,8 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// per request waits for the body to end); hyper's connection task marks it ready
 /// (`SendRequest::is_ready`) when that body is done, and only ready ones are handed out.
 struct IdleH1 {
-    /// When it was returned to the pool.
+    /// When it was returned to the pool or last seen still carrying a response: the TTL
+    /// counts idle time, so a long streaming response does not age its connection out.
     since: Instant,
     sender: http1::SendRequest<Body>,
     /// Requests it has carried.
@@ -279,11 +280,16 @@ impl Pool {
         let mut i = pooled.len();
         while i > 0 {
             i -= 1;
-            let c = &pooled[i];
-            if c.sender.is_closed() || c.since.elapsed() >= ttl || max.is_some_and(|m| c.served >= m) {
+            let c = &mut pooled[i];
+            if c.sender.is_closed() || max.is_some_and(|m| c.served >= m) {
                 // Dropped, which closes it (after its response, if one is still being read).
                 pooled.swap_remove(i);
-            } else if c.sender.is_ready() {
+            } else if !c.sender.is_ready() {
+                // Still carrying a response body: busy, not idle.
+                c.since = Instant::now();
+            } else if c.since.elapsed() >= ttl {
+                pooled.swap_remove(i);
+            } else {
                 let c = pooled.swap_remove(i);
                 return Some((c.sender, c.served));
             }
@@ -294,7 +300,12 @@ impl Pool {
     fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, served: u32) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(addr).or_default();
-            idle.retain(|c| c.since.elapsed() < IDLE_TTL && !c.sender.is_closed());
+            idle.retain_mut(|c| {
+                if !c.sender.is_closed() && !c.sender.is_ready() {
+                    c.since = Instant::now();
+                }
+                c.since.elapsed() < IDLE_TTL && !c.sender.is_closed()
+            });
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(IdleH1 { since: Instant::now(), sender, served });
             }
@@ -518,5 +529,30 @@ mod tests {
         }
         assert_eq!(opened.load(Ordering::SeqCst), 2, "no third connection");
         assert_eq!(idle(&pool, addr), 2);
+    }
+
+    /// The idle TTL counts time without a request in flight: a connection whose response
+    /// streamed for longer than the TTL is reused once that response ends.
+    #[tokio::test]
+    async fn a_long_response_does_not_age_its_connection_out() {
+        let (addr, opened, release) = server_holding_first_body().await;
+        let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
+        let ttl = SendOptions { idle_timeout: Some(Duration::from_millis(200)), ..SendOptions::default() };
+        let req = || Request::get("/").header(http::header::HOST, "test").body(body::empty()).expect("request");
+        let held = pool.send_with(addr, Proto::Http1, req(), ttl.clone()).await.expect("response");
+        // Streaming for three TTLs, while other requests look through the pool.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(pool.take_idle(addr, &ttl).is_none(), "busy: not handed out");
+        }
+        release.notify_one();
+        let text = held.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&text[..], b"ok");
+        get(&pool, addr, ttl.clone()).await;
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "the streaming connection was reused");
+        // Truly idle for longer than the TTL: closed, not reused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        get(&pool, addr, ttl).await;
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "idle past the TTL: a new connection");
     }
 }
