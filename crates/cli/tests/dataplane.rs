@@ -23,9 +23,21 @@ const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 /// The data plane alone: the same proxy and command line as `plexus proxy`.
 const PLEXUS_PROXY: &str = env!("CARGO_BIN_EXE_plexus-proxy");
 
+/// Service `app` (HTTP on 8080) with one Workload, `app-1`, at `port` on this machine.
+fn one_app(port: u16) -> Resources {
+    Resources::new()
+        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
+        .workload(&WorkloadSpec::plain("app-1", "app", "http", port))
+}
+
 async fn sidecar(name: &str, resources: &Path, extra: &[&str]) -> Result<Proxy> {
-    let mut args = vec![
-        "proxy",
+    start_proxy(name, PLEXUS, &["proxy"], resources, extra).await
+}
+
+/// `program command... --resources FILE` on free ports, with `extra` arguments.
+async fn start_proxy(name: &str, program: &str, command: &[&str], resources: &Path, extra: &[&str]) -> Result<Proxy> {
+    let mut args = command.to_vec();
+    args.extend([
         "--resources",
         resources.to_str().context("path")?,
         "--outbound-port",
@@ -34,9 +46,9 @@ async fn sidecar(name: &str, resources: &Path, extra: &[&str]) -> Result<Proxy> 
         "0",
         "--admin-port",
         "0",
-    ];
+    ]);
     args.extend_from_slice(extra);
-    Proxy::start_named(name, PLEXUS, args).await
+    Proxy::start_named(name, program, args).await
 }
 
 /// A keep-alive HTTP/1.1 connection sending GETs one after another.
@@ -356,10 +368,7 @@ async fn malformed_requests_get_the_right_answer() -> Result<()> {
     let app = HttpEcho::start("app").await?;
     let dir = TempDir::new("malformed")?;
     let res = dir.join("mesh.yaml");
-    Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
-        .write(&res)?;
+    one_app(app.port()).write(&res)?;
     let proxy = sidecar("proxy", &res, &["--header-read-timeout", "2s", "--max-header-bytes", "16384"]).await?;
     let out = proxy.outbound();
 
@@ -419,10 +428,7 @@ async fn a_gigabyte_upload_to_a_slow_reader_keeps_memory_bounded() -> Result<()>
     let app = HttpEcho::start("app").await?;
     let dir = TempDir::new("bigbody")?;
     let res = dir.join("mesh.yaml");
-    Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
-        .write(&res)?;
+    one_app(app.port()).write(&res)?;
     let proxy = sidecar("proxy", &res, &["--upstream", "app:8080=0"]).await?;
     let addr = proxy.upstream("app.default:8080")?;
     let rss_before = proxy.rss_bytes()?;
@@ -543,10 +549,7 @@ async fn metrics_count_every_request_exactly_and_access_log_lines_are_json() -> 
     let app = HttpEcho::start("app").await?;
     let dir = TempDir::new("metrics")?;
     let res = dir.join("mesh.yaml");
-    Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
-        .write(&res)?;
+    one_app(app.port()).write(&res)?;
     let proxy = sidecar("proxy", &res, &["--access-log", "--workload", "client-1", "--service", "client"]).await?;
     let mut c = KeepAlive::open(proxy.outbound(), "app:8080").await?;
     for _ in 0..100 {
@@ -593,9 +596,7 @@ async fn an_invalid_reload_keeps_the_previous_config() -> Result<()> {
     let app = HttpEcho::start("app").await?;
     let dir = TempDir::new("badreload")?;
     let res = dir.join("mesh.yaml");
-    let good = Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()));
+    let good = one_app(app.port());
     good.write(&res)?;
     let proxy = sidecar("proxy", &res, &[]).await?;
     let before = proxy.admin_get("/config").await?.json()?["version"].clone();
@@ -675,24 +676,9 @@ async fn the_sidecar_binary_is_plexus_proxy() -> Result<()> {
     let app = HttpEcho::start("app-1").await?;
     let dir = TempDir::new("sidecarbin")?;
     let res = dir.join("mesh.yaml");
-    Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
-        .write(&res)?;
+    one_app(app.port()).write(&res)?;
     let path = res.to_str().context("path")?;
-    let args = [
-        "--resources",
-        path,
-        "--outbound-port",
-        "0",
-        "--inbound-port",
-        "0",
-        "--admin-port",
-        "0",
-        "--upstream",
-        "app:8080=0",
-    ];
-    let proxy = Proxy::start_named("sidecar-binary", PLEXUS_PROXY, args).await?;
+    let proxy = start_proxy("sidecar-binary", PLEXUS_PROXY, &[], &res, &["--upstream", "app:8080=0"]).await?;
     let bound = proxy.upstream("app.default:8080")?;
     for addr in [bound, proxy.outbound()] {
         let r = plexus_testkit::client::get(addr, "app:8080", "/x", &[], Duration::from_secs(5)).await?;
@@ -728,10 +714,7 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() -> Result<()> 
     app.set_delay(Duration::from_millis(1500));
     let dir = TempDir::new("drain")?;
     let res = dir.join("mesh.yaml");
-    Resources::new()
-        .service("app", &[ServicePort::new("http", 8080, Some("http"))])
-        .workload(&WorkloadSpec::plain("app-1", "app", "http", app.port()))
-        .write(&res)?;
+    one_app(app.port()).write(&res)?;
     let proxy = sidecar("proxy", &res, &[]).await?;
     let out = proxy.outbound();
     let in_flight =
