@@ -27,7 +27,7 @@
 //! ejections), the balancer ignores ejections altogether (panic mode) rather than pile all
 //! traffic on the few left.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -351,9 +351,9 @@ impl Balancer {
         Balancer {
             algorithm,
             decay: DEFAULT_DECAY,
-            stats: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::default()),
             round_robin: AtomicUsize::new(0),
-            rings: Mutex::new(HashMap::new()),
+            rings: Mutex::new(HashMap::default()),
         }
     }
 

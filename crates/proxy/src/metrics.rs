@@ -11,7 +11,7 @@
 //! flood of distinct client identities) a new label set has its source labels replaced by
 //! [`OVERFLOW`], so totals stay exact while memory stays flat.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -169,7 +169,7 @@ struct LastUse<L, H> {
 
 impl<L: Clone + Eq + Hash, H: Clone> LastUse<L, H> {
     fn new() -> Self {
-        LastUse { map: Mutex::new(HashMap::new()) }
+        LastUse { map: Mutex::new(HashMap::default()) }
     }
 
     /// The handles of `labels`, created with `create` on first use; past `max` label sets a

@@ -1,7 +1,9 @@
 //! Compact traffic summaries pushed to the control plane every few seconds (for `plexus stat`,
 //! `top` and the topology graph); Prometheus metrics are the detailed, per-proxy view.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

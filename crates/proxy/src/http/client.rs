@@ -7,7 +7,7 @@
 //! unless it has served a ResiliencePolicy's `maxRequestsPerConnection` requests
 //! ([`SendOptions`]): then it is closed.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -141,7 +141,12 @@ impl Pool {
 
     /// A pool that speaks mutual TLS to sidecars once `credentials` hold a certificate.
     pub fn with_credentials(dialer: Dialer, credentials: Option<Arc<crate::tls::MeshCredentials>>) -> Arc<Self> {
-        Arc::new(Pool { dialer, h1_idle: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()), credentials })
+        Arc::new(Pool {
+            dialer,
+            h1_idle: Mutex::new(HashMap::default()),
+            h2: Mutex::new(HashMap::default()),
+            credentials,
+        })
     }
 
     /// Whether requests to a sidecar running as `peer` go over mutual TLS.

@@ -13,10 +13,43 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The hop-by-hop headers every proxy removes (besides those `Connection` names).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
 /// `te: trailers` is kept (gRPC needs it); `upgrade`/`connection: upgrade` are kept when the
 /// request is being upgraded end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Usually only `Connection` is there (or none): one pass over the names tells, instead of
+    // a lookup per hop-by-hop name.
+    if !headers.keys().any(|n| *n != header::CONNECTION && HOP_BY_HOP.contains(n)) {
+        let keep_alive_only = headers.get_all(header::CONNECTION).iter().all(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .all(|t| t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close"))
+            })
+        });
+        if keep_alive_only {
+            headers.remove(header::CONNECTION);
+            if keep_upgrade {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            return;
+        }
+    }
     // Headers that `Connection` names: usually only `keep-alive` or `close`, which need no
     // lookup (keep-alive goes below; close names no header), so the common case allocates nothing.
     // An empty Vec does not allocate.
@@ -33,8 +66,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for n in [
         KEEP_ALIVE,
         PROXY_CONNECTION,
@@ -81,12 +112,9 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         return id.clone();
     }
     // 32 lower-case hex digits, formatted on the stack: the header value is the one copy.
-    let mut hex = [0u8; 32];
-    let n = fastrand::u128(..);
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = b"0123456789abcdef"[((n >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    let id = HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("0"));
+    let mut hex = [0; 32];
+    let hex = crate::trace::context::to_hex(&fastrand::u128(..).to_be_bytes(), &mut hex);
+    let id = HeaderValue::from_str(hex).unwrap_or(HeaderValue::from_static("0"));
     headers.insert(REQUEST_ID, id.clone());
     id
 }
@@ -127,6 +155,34 @@ mod tests {
         assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive") && !h.contains_key("connection"));
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    /// The common cases (no hop-by-hop header, or only `Connection: keep-alive|close`) take a
+    /// shorter path with the same result; `Connection` naming another header does not.
+    #[test]
+    fn strips_the_common_cases_the_same_way() {
+        let strip = |pairs: &[(&'static str, &'static str)], keep_upgrade: bool| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h, keep_upgrade);
+            let mut left: Vec<String> = h.iter().map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?"))).collect();
+            left.sort();
+            left
+        };
+        assert_eq!(strip(&[("host", "a"), ("connection", "keep-alive")], false), ["host: a"]);
+        assert_eq!(strip(&[("host", "a"), ("connection", "Close")], false), ["host: a"]);
+        assert_eq!(strip(&[("host", "a")], false), ["host: a"]);
+        assert_eq!(strip(&[("host", "a"), ("connection", "keep-alive")], true), ["connection: upgrade", "host: a"]);
+        assert_eq!(strip(&[("connection", "keep-alive, x-hop"), ("x-hop", "1"), ("x-app", "2")], false), ["x-app: 2"]);
+        assert_eq!(
+            strip(&[("connection", "keep-alive"), ("connection", "x-hop"), ("x-hop", "1")], false),
+            [] as [&str; 0]
+        );
+        assert_eq!(strip(&[("transfer-encoding", "chunked"), ("x-app", "2")], false), ["x-app: 2"]);
+        assert_eq!(strip(&[("proxy-connection", "keep-alive"), ("x-app", "2")], false), ["x-app: 2"]);
+        assert_eq!(strip(&[("te", "trailers")], false), ["te: trailers"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! × `ttl` (Finagle's and Linkerd's budget). So a failing destination sees at most
 //! (1 + ratio) × the offered load plus a small constant, however many attempts a policy allows.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@
 //! waiters, and the limits change with the policy at run time, so the limiter is a small
 //! counter pair under a mutex plus a [`Notify`] for the waiters.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 use plexus_core::ServiceName;

@@ -10,7 +10,7 @@
 //! the Service named by `--service`/`--namespace` (or, without it, the Service whose endpoint
 //! is this sidecar's inbound listener), port chosen by which endpoint is this workload.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};

@@ -72,21 +72,27 @@ impl SpanId {
 
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
+        f.write_str(to_hex(&self.0, &mut [0; 32]))
     }
 }
 
 impl fmt::Display for SpanId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_hex(f, &self.0)
+        f.write_str(to_hex(&self.0, &mut [0; 16]))
     }
 }
 
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
+/// `bytes` as lowercase hex in `out` (twice as long). Every request formats a request id, a
+/// trace id and a span id: a table lookup per digit instead of a `{:02x}` formatter call per
+/// byte (which was a tenth of a proxied request's instructions).
+pub(crate) fn to_hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
-    Ok(())
+    // Only ASCII digits were written.
+    std::str::from_utf8(out).unwrap_or_default()
 }
 
 /// Decodes `s` (exactly `N` bytes of hex) into bytes; `lower_only` refuses uppercase digits
@@ -306,7 +312,13 @@ impl SpanContext {
 
     /// `00-TRACEID-SPANID-FLAGS` for this span.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
+        let mut v = String::with_capacity(55);
+        v.push_str("00-");
+        v.push_str(to_hex(&self.trace_id.0, &mut [0; 32]));
+        v.push('-');
+        v.push_str(to_hex(&self.span_id.0, &mut [0; 16]));
+        v.push_str(if self.sampled { "-01" } else { "-00" });
+        v
     }
 
     /// The B3 form of the trace id (16 hex digits when it arrived so).
@@ -318,8 +330,11 @@ impl SpanContext {
     /// Replaces the trace headers in `headers` with this span's: `traceparent` (and the
     /// carried `tracestate`) always, B3 in the forms the request came with.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        for h in &ALL {
-            headers.remove(h);
+        // Most requests carry none of them: one pass over the names instead of a lookup each.
+        if headers.keys().any(|k| ALL.contains(k)) {
+            for h in &ALL {
+                headers.remove(h);
+            }
         }
         let mut put = |name: HeaderName, value: String| {
             if let Ok(v) = HeaderValue::try_from(value) {
