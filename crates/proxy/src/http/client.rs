@@ -239,7 +239,8 @@ impl Pool {
             match guard.as_ref() {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref()).await?;
+                    // Boxed, as in `send_h1`: connecting is rare, requests are not.
+                    let s = Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref())).await?;
                     *guard = Some(s.clone());
                     s
                 }
@@ -339,7 +340,10 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect_h1(addr, false, options.connect_timeout, options.peer_identity.as_ref()).await?;
+        // Boxed: a new connection is the rare case, and its future would otherwise be part of
+        // (and copied with) every request's future.
+        let mut sender =
+            Box::pin(self.connect_h1(addr, false, options.connect_timeout, options.peer_identity.as_ref())).await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
         self.recycle(addr, sender, 1, max);
         Ok(resp)

@@ -104,7 +104,8 @@ pub async fn to_service(
         }
         let target =
             Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false, peer_identity };
-        let result = forward_upgrade(&state, req, &head, &target).await;
+        // Boxed: upgrades are rare; unboxed, their future would be copied with every request's.
+        let result = Box::pin(forward_upgrade(&state, req, &head, &target)).await;
         pick.finish(result.is_ok());
         return match result {
             Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),

@@ -69,7 +69,8 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let authority = head.authority().map_or_else(|| addr.to_string(), str::to_string);
     let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
-        forward_upgrade(&state, req, &head, &target).await
+        // Boxed: upgrades are rare; unboxed, their future would be copied with every request's.
+        Box::pin(forward_upgrade(&state, req, &head, &target)).await
     } else {
         // gRPC deadlines shrink here too: the app sees what is left, and an expired request
         // is answered DEADLINE_EXCEEDED without reaching it.

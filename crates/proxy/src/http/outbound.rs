@@ -45,8 +45,10 @@ enum Dest<'a> {
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let (head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
+    // The rare paths (CONNECT, destinations outside the mesh) are boxed so that their futures
+    // are not part of, and copied with, every mesh request's future.
     if req.method() == Method::CONNECT {
-        return connect_tunnel(state, req, obs).await;
+        return Box::pin(connect_tunnel(state, req, obs)).await;
     }
     let snapshot = match head.authority() {
         Some(a) if conn.bound.is_none() => state.snapshot_for_host(split_authority(a).0).await,
@@ -58,7 +60,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     };
     let (service, port) = match dest {
         Dest::Service(s, p) => (s, p),
-        Dest::Direct { authority, addr } => return direct(state, req, head, obs, authority, addr).await,
+        Dest::Direct { authority, addr } => return Box::pin(direct(state, req, head, obs, authority, addr)).await,
     };
     let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer };
     forward::to_service(state.clone(), to, req, head, obs).await
