@@ -87,12 +87,14 @@ impl fmt::Display for SpanId {
 /// byte (which was a tenth of a proxied request's instructions).
 pub(crate) fn to_hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut written = 0;
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = DIGITS[usize::from(b >> 4)];
         pair[1] = DIGITS[usize::from(b & 0xf)];
+        written += 2;
     }
     // Only ASCII digits were written.
-    std::str::from_utf8(out).unwrap_or_default()
+    std::str::from_utf8(&out[..written]).unwrap_or_default()
 }
 
 /// Decodes `s` (exactly `N` bytes of hex) into bytes; `lower_only` refuses uppercase digits
