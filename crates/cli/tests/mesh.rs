@@ -481,8 +481,12 @@ async fn a_node_agent_without_its_control_plane_reports_it() -> Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
+    // The proxy's watch stream is answered UNAVAILABLE; it retries with backoff, each time on a
+    // new connection, so the connection gauge reads 1 only while a retry is in flight (the
+    // steady gauge is checked in `proxies_behind_a_node_agent_share_one_connection_and_survive_restarts`):
+    // here it must never exceed one.
     plexus_testkit::eventually(Duration::from_secs(10), || async {
-        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? == 1.0, "proxy connections");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? <= 1.0, "proxy connections");
         anyhow::ensure!(
             agent_metric(admin, "plexus_agent_requests_total{outcome=\"unavailable\"}")? >= 1.0,
             "unavailable"
