@@ -15,17 +15,15 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// The hop-by-hop headers every proxy removes (besides those `Connection` names).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
+/// Hop-by-hop headers removed whatever their value (`Connection`, `Upgrade` and `TE` have
+/// rules of their own, below).
+const ALWAYS_REMOVED: [HeaderName; 6] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
@@ -34,7 +32,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Usually only `Connection` is there (or none): one pass over the names tells, instead of
     // a lookup per hop-by-hop name.
-    if !headers.keys().any(|n| *n != header::CONNECTION && HOP_BY_HOP.contains(n)) {
+    if !headers.keys().any(|n| *n == header::TE || *n == header::UPGRADE || ALWAYS_REMOVED.contains(n)) {
         let keep_alive_only = headers.get_all(header::CONNECTION).iter().all(|v| {
             v.to_str().is_ok_and(|v| {
                 v.split(',')
@@ -66,14 +64,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
+    for n in ALWAYS_REMOVED {
         headers.remove(n);
     }
     if keep_upgrade {
