@@ -57,6 +57,18 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// The namespace and service account of the control plane's own identity: the certificate it
+/// serves the authenticated discovery port (7700) with and presents when it calls a proxy's
+/// admin `/tap` and `/config` over mTLS (SPEC §5, §6).
+pub const CONTROL_PLANE_NAMESPACE: &str = "plexus-system";
+/// See [`CONTROL_PLANE_NAMESPACE`].
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "plexus-control";
+
+/// The control plane's SPIFFE identity in `trust_domain`.
+pub fn control_plane_spiffe_id(trust_domain: &str) -> String {
+    spiffe_id(trust_domain, CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE_ACCOUNT)
+}
+
 /// The SPIFFE identity of a service account.
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
