@@ -87,6 +87,7 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     let health = args.server.call(Method::GET, "/healthz", None, false).await;
     let health = match health {
         Ok((StatusCode::OK, v)) => v,
+        Ok((StatusCode::SERVICE_UNAVAILABLE, v)) if v.get("status").is_some() => v,
         Ok((status, _)) => {
             r.fail(
                 format!("control plane at {} answered {status}", args.server.server),
@@ -105,7 +106,10 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     r.ok(format!("control plane reachable at {}", args.server.server));
     match health.get("status").and_then(Value::as_str) {
         Some("ok") => r.ok(format!("store healthy (revision {})", health["revision"])),
-        _ => r.fail("store unhealthy", "look at the control plane's logs"),
+        _ => r.fail(
+            format!("store unhealthy: {}", health.get("store").and_then(Value::as_str).unwrap_or("unknown")),
+            "writes fail (the store re-opens its file on each write): check the data dir's disk and permissions, and the control plane's logs",
+        ),
     }
 
     r.section("proxies");

@@ -116,10 +116,14 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         .filter(|w| w.metadata.annotations.contains_key(plexus_control::discovery::REGISTERED_ANNOTATION))
         .map(plexus_control::store::ObjectKey::of)
         .collect();
-    store.delete(&stale).map_err(|e| Failure::runtime(e.to_string()))?;
     let services =
         parse_documents("examples/bookinfo/bookinfo.yaml", BOOKINFO).map_err(|e| Failure::runtime(e.to_string()))?;
-    store.apply(&services).map_err(|e| Failure::runtime(e.to_string()))?;
+    plexus_control::store::write(&store, move |store| {
+        store.delete(&stale)?;
+        store.apply(&services)
+    })
+    .await
+    .map_err(|e| Failure::runtime(e.to_string()))?;
 
     let logs = args.data_dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| Failure::runtime(format!("cannot create {}: {e}", logs.display())))?;

@@ -99,8 +99,21 @@ fn store_failure(e: impl std::fmt::Display) -> ApiError {
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-async fn healthz(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({ "status": "ok", "revision": s.store.revision() }))
+/// `200 {"status": "ok"}`, or `503 {"status": "unhealthy"}` while store writes fail.
+async fn healthz(State(s): State<Shared>) -> Response {
+    match s.store.health() {
+        Ok(()) => Json(json!({ "status": "ok", "revision": s.store.revision() })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unhealthy",
+                "store": e,
+                "error": format!("store writes fail: {e}"),
+                "revision": s.store.revision(),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 async fn version() -> Json<Value> {
@@ -128,16 +141,14 @@ async fn apply(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Val
         Ok(r) => r,
         Err(e) => return validation_errors(&e),
     };
-    let store = s.store.clone();
-    match tokio::task::spawn_blocking(move || store.apply(&resources)).await {
-        Ok(Ok(results)) => {
+    match crate::store::write(&s.store, move |store| store.apply(&resources)).await {
+        Ok(results) => {
             let results: Vec<Value> = results
                 .iter()
                 .map(|(r, outcome)| json!({"kind": r.kind, "namespace": r.metadata.namespace(), "name": r.metadata.name, "outcome": outcome, "resourceVersion": r.metadata.resource_version}))
                 .collect();
             Json(json!({ "results": results })).into_response()
         }
-        Ok(Err(e)) => store_failure(e).into_response(),
         Err(e) => store_failure(e).into_response(),
     }
 }
@@ -189,7 +200,8 @@ async fn delete_one(
         Err(e) => return e.into_response(),
     };
     let key = ObjectKey { kind, namespace, name };
-    match s.store.delete(std::slice::from_ref(&key)) {
+    let k = key.clone();
+    match crate::store::write(&s.store, move |store| store.delete(&[k])).await {
         Ok(existed) if existed.first() == Some(&true) => Json(json!({ "deleted": true })).into_response(),
         Ok(_) => error(
             StatusCode::NOT_FOUND,
@@ -213,7 +225,8 @@ async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Js
         };
         keys.push(ObjectKey { kind, namespace: field("namespace").unwrap_or_else(|| "default".into()), name });
     }
-    match s.store.delete(&keys) {
+    let k = keys.clone();
+    match crate::store::write(&s.store, move |store| store.delete(&k)).await {
         Ok(existed) => {
             let results: Vec<Value> = keys
                 .iter()

@@ -74,10 +74,8 @@ impl DiscoveryService {
         }
         workload.metadata.annotations.insert(REGISTERED_ANNOTATION.into(), "true".into());
         let key = ObjectKey::of(&workload);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.apply(&[workload]))
+        crate::store::write(&self.store, move |store| store.apply(&[workload]))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(key)
     }
@@ -159,8 +157,7 @@ impl Discovery for DiscoveryService {
                         Ok(Some(m)) if m.leaving => {
                             if let Some(key) = proxies.leave(id) {
                                 tracing::info!(workload = %key, "workload deregistered");
-                                let s = store.clone();
-                                if let Err(e) = tokio::task::spawn_blocking(move || s.delete(&[key])).await {
+                                if let Err(e) = crate::store::write(&store, move |s| s.delete(&[key])).await {
                                     tracing::error!(error = %e, "cannot delete a deregistered workload");
                                 }
                             }
@@ -373,8 +370,7 @@ pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) 
             continue;
         }
         tracing::info!(workloads = ?gone.iter().map(ToString::to_string).collect::<Vec<_>>(), "registered workloads expired");
-        let s = store.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || s.delete(&gone)).await {
+        if let Err(e) = crate::store::write(&store, move |s| s.delete(&gone)).await {
             tracing::error!(error = %e, "cannot delete expired workloads");
         }
     }

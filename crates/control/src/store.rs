@@ -5,8 +5,8 @@
 //! none. Each change bumps the store's revision, which becomes the objects'
 //! `metadata.resourceVersion`.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use plexus_core::{Kind, Resource, resource_from_value};
@@ -54,14 +54,33 @@ pub enum Outcome {
 
 /// A store failure (I/O, corruption); never a validation problem.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(String);
+#[error("store: {message}")]
+pub struct StoreError {
+    message: String,
+    /// The database reported an I/O failure: it refuses every later write until re-opened.
+    io: bool,
+}
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+impl StoreError {
+    fn new(message: impl Into<String>) -> StoreError {
+        StoreError { message: message.into(), io: false }
+    }
+}
+
+fn err(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    let io = matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo);
+    StoreError { message: e.to_string(), io }
+}
+
+fn decode_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(e.to_string())
 }
 
 /// A backend holding resources.
+///
+/// Writes (`apply`, `delete`) block on disk I/O: async code calls them through [`write`],
+/// which runs them on the blocking pool. Reads are served from memory.
 pub trait Store: Send + Sync {
     /// Creates or updates every resource in one transaction.
     fn apply(&self, resources: &[Resource]) -> Result<Vec<(Resource, Outcome)>, StoreError>;
@@ -78,53 +97,210 @@ pub trait Store: Send + Sync {
     fn revision(&self) -> u64;
     /// Notified with the new revision after every change.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Whether writes currently succeed: the last write's failure, until a write succeeds again.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Runs a store write (or any blocking store call) on the blocking pool, off the async workers.
+pub async fn write<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| StoreError::new(format!("store write task failed: {e}")))?
+}
+
+type Mirror = std::collections::BTreeMap<String, Arc<Resource>>;
+
+/// What a committed write changes in the mirror.
+enum MirrorChange {
+    Put(String, Arc<Resource>),
+    Remove(String),
+}
+
+/// A committed transaction: its result, and the new revision and mirror changes if it changed
+/// anything.
+struct Committed<T> {
+    value: T,
+    changed: Option<(u64, Vec<MirrorChange>)>,
 }
 
 /// The embedded store: one redb file (ACID, crash-safe: an interrupted write leaves the last
 /// committed state), with a decoded in-memory mirror for reads — the index reads everything
 /// on every change, and decoding 10,000 objects from disk took longer than the rest of a
 /// change's propagation.
+///
+/// One writer at a time, in order: the writer lock is held across the transaction, the mirror
+/// update and the revision announcement, so the mirror always equals the last commit and the
+/// announced revision never moves backwards. After an I/O failure (redb then refuses every
+/// later write until re-opened) the writer re-opens the file, reloads the mirror from it and
+/// retries once; a write that still fails leaves the store unhealthy ([`Store::health`]) and
+/// the next write re-opens again.
 pub struct FileStore {
-    db: Database,
+    path: PathBuf,
+    /// The one writer. `None` after a failed re-open.
+    db: Mutex<Option<Database>>,
     changes: watch::Sender<u64>,
-    mirror: std::sync::RwLock<std::collections::BTreeMap<String, Arc<Resource>>>,
+    mirror: RwLock<Mirror>,
+    /// The last write's failure, until a write succeeds.
+    failure: Mutex<Option<String>>,
+    #[cfg(test)]
+    faults: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl FileStore {
     /// Opens (creating if needed) the store file.
     pub fn open(path: &Path) -> Result<FileStore, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        let txn = db.begin_write().map_err(err)?;
-        let revision = {
-            txn.open_table(OBJECTS).map_err(err)?;
-            let meta = txn.open_table(META).map_err(err)?;
-            meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0)
-        };
-        txn.commit().map_err(err)?;
-        let mut mirror = std::collections::BTreeMap::new();
-        {
-            let txn = db.begin_read().map_err(err)?;
-            let objects = txn.open_table(OBJECTS).map_err(err)?;
-            for entry in objects.iter().map_err(err)? {
-                let (k, v) = entry.map_err(err)?;
-                mirror.insert(k.value().to_string(), Arc::new(Self::decode(v.value())?));
-            }
-        }
-        let (changes, _) = watch::channel(revision);
-        Ok(FileStore { db, changes, mirror: std::sync::RwLock::new(mirror) })
+        Self::open_inner(path, None)
     }
 
-    fn mirror_read(
-        &self,
-    ) -> Result<std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<String, Arc<Resource>>>, StoreError> {
-        self.mirror.read().map_err(|_| StoreError("store mirror poisoned".into()))
+    fn open_inner(path: &Path, faults: Option<Arc<std::sync::atomic::AtomicBool>>) -> Result<FileStore, StoreError> {
+        let db = Self::open_db(path, faults.as_ref())?;
+        let (revision, mirror) = Self::load(&db)?;
+        let (changes, _) = watch::channel(revision);
+        #[cfg(not(test))]
+        let _ = faults;
+        Ok(FileStore {
+            path: path.to_path_buf(),
+            db: Mutex::new(Some(db)),
+            changes,
+            mirror: RwLock::new(mirror),
+            failure: Mutex::new(None),
+            #[cfg(test)]
+            faults,
+        })
+    }
+
+    fn open_db(path: &Path, faults: Option<&Arc<std::sync::atomic::AtomicBool>>) -> Result<Database, StoreError> {
+        let cannot_open = |e: &dyn std::fmt::Display| StoreError {
+            message: format!("cannot open {}: {e}", path.display()),
+            io: true,
+        };
+        let db = match faults {
+            #[cfg(test)]
+            Some(fail) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| cannot_open(&e))?;
+                let inner = redb::backends::FileBackend::new(file).map_err(|e| cannot_open(&e))?;
+                Database::builder()
+                    .create_with_backend(tests::Faulty { inner, fail: fail.clone() })
+                    .map_err(|e| cannot_open(&e))?
+            }
+            _ => Database::create(path).map_err(|e| cannot_open(&e))?,
+        };
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| cannot_open(&e))?;
+        let txn = db.begin_write().map_err(err)?;
+        {
+            txn.open_table(OBJECTS).map_err(err)?;
+            txn.open_table(META).map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(db)
+    }
+
+    /// The committed revision and every object.
+    fn load(db: &Database) -> Result<(u64, Mirror), StoreError> {
+        let txn = db.begin_read().map_err(err)?;
+        let revision = txn.open_table(META).map_err(err)?.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+        let objects = txn.open_table(OBJECTS).map_err(err)?;
+        let mut mirror = Mirror::new();
+        for entry in objects.iter().map_err(err)? {
+            let (k, v) = entry.map_err(err)?;
+            mirror.insert(k.value().to_string(), Arc::new(Self::decode(v.value())?));
+        }
+        Ok((revision, mirror))
+    }
+
+    fn mirror_read(&self) -> Result<std::sync::RwLockReadGuard<'_, Mirror>, StoreError> {
+        self.mirror.read().map_err(|_| StoreError::new("store mirror poisoned"))
     }
 
     fn decode(bytes: &[u8]) -> Result<Resource, StoreError> {
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(err)?;
-        resource_from_value(value).map_err(err)
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(decode_err)?;
+        resource_from_value(value).map_err(decode_err)
+    }
+
+    /// The one write path: runs `body` as the only writer, then updates the mirror and
+    /// announces the revision before letting the next writer in.
+    fn write<T>(&self, body: impl Fn(&Database) -> Result<Committed<T>, StoreError>) -> Result<T, StoreError> {
+        let mut db = self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            if db.is_none() {
+                match self.reopen() {
+                    Ok(fresh) => *db = Some(fresh),
+                    Err(e) => break Err(e),
+                }
+            }
+            let Some(open) = db.as_ref() else { break Err(StoreError::new("store closed")) };
+            match body(open) {
+                Err(e) if e.io => {
+                    tracing::warn!(error = %e, path = %self.path.display(), "store write failed; re-opening the store");
+                    // Closed before re-opening: the file is locked while open.
+                    *db = None;
+                    if attempt < 2 {
+                        continue;
+                    }
+                    break Err(e);
+                }
+                other => break other,
+            }
+        };
+        let mut failure = self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match result {
+            Ok(Committed { value, changed }) => {
+                if failure.take().is_some() {
+                    tracing::info!(path = %self.path.display(), "store writes succeed again");
+                }
+                if let Some((revision, changes)) = changed {
+                    let mut mirror = self.mirror.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    for change in changes {
+                        match change {
+                            MirrorChange::Put(k, r) => mirror.insert(k, r),
+                            MirrorChange::Remove(k) => mirror.remove(&k),
+                        };
+                    }
+                    drop(mirror);
+                    self.changes.send_replace(revision);
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                if e.io {
+                    tracing::error!(error = %e, path = %self.path.display(), "store write failed after re-opening");
+                    *failure = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the file again and reloads the mirror from it (a write that reported failure may
+    /// still have reached the disk), announcing the revision if it moved.
+    fn reopen(&self) -> Result<Database, StoreError> {
+        #[cfg(test)]
+        let faults = self.faults.as_ref();
+        #[cfg(not(test))]
+        let faults = None;
+        let db = Self::open_db(&self.path, faults)?;
+        let (revision, fresh) = Self::load(&db)?;
+        *self.mirror.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        if revision != *self.changes.borrow() {
+            self.changes.send_replace(revision);
+        }
+        tracing::info!(path = %self.path.display(), revision, "store re-opened");
+        Ok(db)
     }
 }
 
@@ -135,91 +311,82 @@ fn same_declaration(a: &Resource, b: &Resource) -> bool {
 
 impl Store for FileStore {
     fn apply(&self, resources: &[Resource]) -> Result<Vec<(Resource, Outcome)>, StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let mut results = Vec::with_capacity(resources.len());
-        let mut revision;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(err)?;
-            let mut meta = txn.open_table(META).map_err(err)?;
-            revision = meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0);
-            let next = revision + 1;
-            let now = plexus_core::time::rfc3339(SystemTime::now());
-            let mut changed = false;
-            for r in resources {
-                let key = ObjectKey::of(r).storage_key();
-                let existing = match objects.get(key.as_str()).map_err(err)? {
-                    Some(v) => Some(Self::decode(v.value())?),
-                    None => None,
-                };
-                let mut stored = r.clone();
-                stored.metadata.namespace = Some(r.metadata.namespace().to_string());
-                let outcome = match &existing {
-                    Some(old) if same_declaration(old, r) => {
-                        results.push((old.clone(), Outcome::Unchanged));
-                        continue;
-                    }
-                    Some(old) => {
-                        stored.metadata.uid = old.metadata.uid.clone();
-                        stored.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
-                        Outcome::Configured
-                    }
-                    None => {
-                        stored.metadata.uid = Some(format!("{:032x}", fastrand::u128(..)));
-                        stored.metadata.creation_timestamp = Some(now.clone());
-                        Outcome::Created
-                    }
-                };
-                stored.metadata.resource_version = Some(next.to_string());
-                let bytes = serde_json::to_vec(&stored).map_err(err)?;
-                objects.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
-                changed = true;
-                results.push((stored, outcome));
-            }
-            if changed {
-                revision = next;
-                meta.insert(REVISION, revision).map_err(err)?;
-            }
-        }
-        txn.commit().map_err(err)?;
-        if results.iter().any(|(_, o)| *o != Outcome::Unchanged) {
-            let mut mirror = self.mirror.write().map_err(|_| StoreError("store mirror poisoned".into()))?;
-            for (r, outcome) in &results {
-                if *outcome != Outcome::Unchanged {
-                    mirror.insert(ObjectKey::of(r).storage_key(), Arc::new(r.clone()));
+        self.write(|db| {
+            let txn = db.begin_write().map_err(err)?;
+            let mut results = Vec::with_capacity(resources.len());
+            let mut changes = Vec::new();
+            let next;
+            {
+                let mut objects = txn.open_table(OBJECTS).map_err(err)?;
+                let mut meta = txn.open_table(META).map_err(err)?;
+                next = meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0) + 1;
+                let now = plexus_core::time::rfc3339(SystemTime::now());
+                for r in resources {
+                    let key = ObjectKey::of(r).storage_key();
+                    let existing = match objects.get(key.as_str()).map_err(err)? {
+                        Some(v) => Some(Self::decode(v.value())?),
+                        None => None,
+                    };
+                    let mut stored = r.clone();
+                    stored.metadata.namespace = Some(r.metadata.namespace().to_string());
+                    let outcome = match &existing {
+                        Some(old) if same_declaration(old, r) => {
+                            results.push((old.clone(), Outcome::Unchanged));
+                            continue;
+                        }
+                        Some(old) => {
+                            stored.metadata.uid = old.metadata.uid.clone();
+                            stored.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
+                            Outcome::Configured
+                        }
+                        None => {
+                            stored.metadata.uid = Some(format!("{:032x}", fastrand::u128(..)));
+                            stored.metadata.creation_timestamp = Some(now.clone());
+                            Outcome::Created
+                        }
+                    };
+                    stored.metadata.resource_version = Some(next.to_string());
+                    let bytes = serde_json::to_vec(&stored).map_err(decode_err)?;
+                    objects.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+                    changes.push(MirrorChange::Put(key, Arc::new(stored.clone())));
+                    results.push((stored, outcome));
+                }
+                if !changes.is_empty() {
+                    meta.insert(REVISION, next).map_err(err)?;
                 }
             }
-            drop(mirror);
-            self.changes.send_replace(revision);
-        }
-        Ok(results)
+            txn.commit().map_err(err)?;
+            let changed = (!changes.is_empty()).then_some((next, changes));
+            Ok(Committed { value: results, changed })
+        })
     }
 
     fn delete(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, StoreError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        let mut existed = Vec::with_capacity(keys.len());
-        let mut revision;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(err)?;
-            let mut meta = txn.open_table(META).map_err(err)?;
-            revision = meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0);
-            for k in keys {
-                existed.push(objects.remove(k.storage_key().as_str()).map_err(err)?.is_some());
+        self.write(|db| {
+            let txn = db.begin_write().map_err(err)?;
+            let mut existed = Vec::with_capacity(keys.len());
+            let mut changes = Vec::new();
+            let next;
+            {
+                let mut objects = txn.open_table(OBJECTS).map_err(err)?;
+                let mut meta = txn.open_table(META).map_err(err)?;
+                next = meta.get(REVISION).map_err(err)?.map(|v| v.value()).unwrap_or(0) + 1;
+                for k in keys {
+                    let key = k.storage_key();
+                    let removed = objects.remove(key.as_str()).map_err(err)?.is_some();
+                    if removed {
+                        changes.push(MirrorChange::Remove(key));
+                    }
+                    existed.push(removed);
+                }
+                if !changes.is_empty() {
+                    meta.insert(REVISION, next).map_err(err)?;
+                }
             }
-            if existed.iter().any(|e| *e) {
-                revision += 1;
-                meta.insert(REVISION, revision).map_err(err)?;
-            }
-        }
-        txn.commit().map_err(err)?;
-        if existed.iter().any(|e| *e) {
-            let mut mirror = self.mirror.write().map_err(|_| StoreError("store mirror poisoned".into()))?;
-            for k in keys {
-                mirror.remove(&k.storage_key());
-            }
-            drop(mirror);
-            self.changes.send_replace(revision);
-        }
-        Ok(existed)
+            txn.commit().map_err(err)?;
+            let changed = (!changes.is_empty()).then_some((next, changes));
+            Ok(Committed { value: existed, changed })
+        })
     }
 
     fn get(&self, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
@@ -253,6 +420,13 @@ impl Store for FileStore {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    fn health(&self) -> Result<(), String> {
+        match self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref() {
+            Some(f) => Err(f.clone()),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -264,6 +438,153 @@ mod tests {
     }
 
     const TWO: &str = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: prod}\nspec: {ports: [{port: 81}]}\n";
+
+    /// A file backend whose writes and syncs fail while `fail` is set, as a full or
+    /// read-only disk does.
+    #[derive(Debug)]
+    pub(super) struct Faulty {
+        pub(super) inner: redb::backends::FileBackend,
+        pub(super) fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Faulty {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected: disk not writable"));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for Faulty {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+            self.inner.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("plexus-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    fn service(name: &str, port: u32) -> Vec<Resource> {
+        resources(&format!(
+            "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+        ))
+    }
+
+    /// Concurrent writers (registration, expiry, the API) each see their own commit in the
+    /// mirror, announced revisions only move forward, and the mirror ends equal to the disk.
+    #[test]
+    fn concurrent_writers_keep_the_mirror_and_revision_in_order() {
+        let path = temp_path("concurrent");
+        let store = Arc::new(FileStore::open(&path).expect("open"));
+        let mut seen = store.subscribe();
+        let announced = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let watcher = {
+            let announced = announced.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+                rt.block_on(async {
+                    while seen.changed().await.is_ok() {
+                        let r = *seen.borrow_and_update();
+                        announced.lock().expect("lock").push(r);
+                    }
+                });
+            })
+        };
+        let writers: Vec<_> = (0..16u32)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40u32 {
+                        let port = 1000 + w * 100 + i;
+                        if i % 5 == 4 {
+                            let key =
+                                ObjectKey { kind: Kind::Service, namespace: "default".into(), name: "shared".into() };
+                            store.delete(&[key]).expect("delete");
+                        } else {
+                            store.apply(&service("shared", port)).expect("apply");
+                        }
+                        store.apply(&service(&format!("own{w}"), port)).expect("apply");
+                        let own =
+                            ObjectKey { kind: Kind::Service, namespace: "default".into(), name: format!("own{w}") };
+                        let mine = store.get(&own).expect("get").expect("own service present");
+                        assert_eq!(
+                            mine.spec,
+                            service(&format!("own{w}"), port)[0].spec,
+                            "a writer reads its own write"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
+        }
+        let final_revision = store.revision();
+        let mirror: Vec<_> = store.list(None, None).expect("list");
+        drop(store);
+        watcher.join().expect("watcher");
+        let announced = announced.lock().expect("lock").clone();
+        assert!(announced.windows(2).all(|w| w[0] < w[1]), "announced revisions move forward: {announced:?}");
+        assert_eq!(announced.last(), Some(&final_revision));
+        let reopened = FileStore::open(&path).expect("reopen");
+        assert_eq!(reopened.revision(), final_revision, "the announced revision is the committed one");
+        assert_eq!(reopened.list(None, None).expect("list"), mirror, "the mirror equals the disk");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// One failed write (the disk briefly not writable) does not brick the store: once the
+    /// disk is fine, the next write re-opens it and succeeds, and health says the truth
+    /// meanwhile.
+    #[test]
+    fn a_failed_write_recovers_once_the_disk_is_fine_and_health_tells_the_truth() {
+        let path = temp_path("faulty");
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = FileStore::open_inner(&path, Some(fail.clone())).expect("open");
+        store.apply(&service("a", 80)).expect("a healthy write");
+        assert_eq!(store.health(), Ok(()));
+
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed = store.apply(&service("b", 81));
+        assert!(failed.is_err(), "the write fails while the disk does");
+        let health = store.health().expect_err("unhealthy while writes fail");
+        assert!(health.contains("injected"), "{health}");
+        assert!(store.apply(&service("c", 82)).is_err(), "still failing");
+        let key = |n: &str| ObjectKey { kind: Kind::Service, namespace: "default".into(), name: n.into() };
+        assert!(store.get(&key("b")).expect("get").is_none(), "a failed write is not in the mirror");
+        assert_eq!(store.revision(), 1);
+
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let out = store.apply(&service("d", 83)).expect("writes succeed again once the disk does");
+        assert_eq!(out[0].1, Outcome::Created);
+        assert_eq!(store.health(), Ok(()));
+        assert!(store.delete(&[key("a")]).expect("delete")[0]);
+        assert_eq!(store.list(None, None).expect("list").len(), 1);
+        let revision = store.revision();
+        drop(store);
+        let reopened = FileStore::open(&path).expect("reopen");
+        assert_eq!(reopened.revision(), revision);
+        assert_eq!(reopened.list(None, None).expect("list").len(), 1);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn apply_get_list_delete_and_reopen() {
