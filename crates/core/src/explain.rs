@@ -664,26 +664,28 @@ fn target(
     addressed: &CompiledPort,
     entry: Option<&RouteEntry>,
 ) -> Target {
-    let policy = crate::decide::client_policy(addressed, port);
+    let call = crate::decide::call_settings(entry, addressed, port);
+    let policy = call.policy;
     let policy_source = || match &policy.source {
         Some(s) => format!("ResiliencePolicy {s}"),
         None => "default".to_string(),
     };
-    let route_source = |e: &RouteEntry| format!("route {} rule {}", e.route, e.rule);
-    let sourced = |d: Duration, source: String| Sourced { value: fmt_duration(d), source };
-    let request = entry
-        .and_then(|e| e.request_timeout.map(|d| sourced(d, route_source(e))))
-        .or_else(|| policy.request_timeout.map(|d| sourced(d, policy_source())));
-    let backend_request = entry.and_then(|e| e.backend_request_timeout.map(|d| sourced(d, route_source(e))));
-    let retries = match entry.and_then(|e| e.retry.as_ref().map(|r| (e, r))) {
-        Some((e, r)) => Retries { source: route_source(e), policy: Some(r.clone()), budget: policy.retry_budget },
-        None => Retries { source: policy_source(), policy: policy.retry.clone(), budget: policy.retry_budget },
+    let source = |from: crate::decide::Source| match (from, entry) {
+        (crate::decide::Source::Route, Some(e)) => format!("route {} rule {}", e.route, e.rule),
+        _ => policy_source(),
     };
-    // The rule's backendRequest bounds each try; else the retry policy's perTryTimeout.
-    let per_try = match backend_request {
-        Some(_) => None,
-        None => retries.policy.as_ref().and_then(|r| r.per_try_timeout).map(|d| sourced(d, retries.source.clone())),
+    let sourced =
+        |(d, from): (Duration, crate::decide::Source)| Sourced { value: fmt_duration(d), source: source(from) };
+    let request = call.request_timeout.map(sourced);
+    let backend_request = call.backend_request_timeout.map(|d| sourced((d, crate::decide::Source::Route)));
+    let retries = Retries {
+        source: source(call.retry_source),
+        policy: (call.retry_source != crate::decide::Source::Default).then(|| call.retry.clone()),
+        budget: policy.retry_budget,
     };
+    // Shown apart when the rule's backendRequest bounds each try.
+    let per_try = call.per_try_timeout.filter(|_| call.backend_request_timeout.is_none()).map(sourced);
+    let policy_sourced = |d: Duration| sourced((d, crate::decide::Source::Policy));
     let endpoints = summarize_endpoints(&port.endpoints);
     let problem = endpoints
         .is_empty()
@@ -695,8 +697,8 @@ fn target(
             request,
             backend_request,
             per_try,
-            connect: policy.connect_timeout.map(|d| sourced(d, policy_source())),
-            idle: policy.idle_timeout.map(|d| sourced(d, policy_source())),
+            connect: policy.connect_timeout.map(policy_sourced),
+            idle: policy.idle_timeout.map(policy_sourced),
         },
         retries,
         load_balancer: policy.load_balancer,

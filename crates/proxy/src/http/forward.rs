@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use plexus_core::decide::{Addressed, Outcome, RouteFailure, client_policy, decide};
+use plexus_core::decide::{Addressed, Outcome, RouteFailure, call_settings, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
 use plexus_core::names::split_authority;
-use plexus_core::policy::{ClientPolicy, DEFAULT_RETRY, FaultAbort, RetryPolicy, happens};
+use plexus_core::policy::{ClientPolicy, FaultAbort, RetryPolicy, happens};
 use plexus_core::route::{Mirror, RequestInfo, RouteEntry, change_path};
 use plexus_core::{MeshSnapshot, ServiceName};
 use tokio::time::Instant;
@@ -88,7 +88,8 @@ pub async fn to_service(
         Ok(a) => a,
         Err(e) => return obs.fail(e),
     };
-    let policy = client_policy(to.port, backend_port);
+    let call = call_settings(entry, to.port, backend_port);
+    let policy = call.policy;
     let app_proto = app_protocol(backend_port.protocol, head.version);
     // `name.namespace:port`, for errors (formatted only when one happens).
     let destination = || format!("{}:{}", backend.name, backend_port.port);
@@ -113,9 +114,8 @@ pub async fn to_service(
         };
     }
 
-    let route_timeout = entry.and_then(|e| e.request_timeout).or(policy.request_timeout);
-    let deadline = deadline::deadline(&head.headers, received, route_timeout);
-    let retry = entry.and_then(|e| e.retry.as_ref()).or(policy.retry.as_ref()).unwrap_or(&DEFAULT_RETRY);
+    let deadline = deadline::deadline(&head.headers, received, call.request_timeout.map(|(d, _)| d));
+    let retry = call.retry;
     let mirrors = entry.map(|e| e.mirrors.as_slice()).unwrap_or_default();
     if let Some(d) = deadline {
         obs.notes.add(|| format!("deadline in {} ms", d.saturating_duration_since(received).as_millis()));
@@ -160,7 +160,7 @@ pub async fn to_service(
             policy,
             retry,
             route: &obs.route,
-            backend_request_timeout: entry.and_then(|e| e.backend_request_timeout),
+            per_try_timeout: call.per_try_timeout.map(|(d, _)| d),
             app_proto,
             grpc: obs.grpc,
             deadline,
@@ -287,7 +287,8 @@ struct Tries<'a> {
     policy: &'a ClientPolicy,
     retry: &'a RetryPolicy,
     route: &'a str,
-    backend_request_timeout: Option<Duration>,
+    /// Each try ([`plexus_core::decide::CallSettings::per_try_timeout`]).
+    per_try_timeout: Option<Duration>,
     app_proto: Proto,
     grpc: bool,
     deadline: Option<Instant>,
@@ -313,7 +314,7 @@ impl Tries<'_> {
         mut body: RequestBody,
     ) -> Result<(Endpoint, Response<Incoming>), ProxyError> {
         self.state.budgets.deposit(self.backend, self.policy.retry_budget);
-        let per_try = self.backend_request_timeout.or(self.retry.per_try_timeout);
+        let per_try = self.per_try_timeout;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 1;
         loop {
