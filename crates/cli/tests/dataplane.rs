@@ -733,3 +733,72 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() -> Result<()> 
     assert!(status.success(), "exit status {status:?}");
     Ok(())
 }
+
+/// Established TCP connections to `port` on this machine (the proxy's side of them).
+fn connections_to(port: u16) -> Result<usize> {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( dport = :{port} )")])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Issue 17 item 7: pooled HTTP/1 and HTTP/2 connections to endpoints that left the mesh are
+/// closed on the config change, while connections to endpoints that stayed are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_to_endpoints_that_left_the_mesh_are_closed() -> Result<()> {
+    let _serial = serial().await;
+    if !require_tool("ss") {
+        return Ok(());
+    }
+    let (h1_gone, h1_new) = (HttpEcho::start("h1-gone").await?, HttpEcho::start("h1-new").await?);
+    let (h2_gone, h2_kept) = (HttpEcho::start("h2-gone").await?, HttpEcho::start("h2-kept").await?);
+    let dir = TempDir::new("pool-prune")?;
+    let res = dir.join("mesh.yaml");
+    let write = |h1: &HttpEcho, h2: &[&HttpEcho]| {
+        let mut r = Resources::new()
+            .service("h1", &[ServicePort::new("http", 8080, Some("http"))])
+            .service("h2", &[ServicePort::new("http", 8081, Some("http2"))])
+            .workload(&WorkloadSpec::plain(h1.name(), "h1", "http", h1.port()));
+        for e in h2 {
+            r = r.workload(&WorkloadSpec::plain(e.name(), "h2", "http", e.port()));
+        }
+        r.write(&res)
+    };
+    write(&h1_gone, &[&h2_gone, &h2_kept])?;
+    let proxy = sidecar("proxy", &res, &[]).await?;
+    let mut h1 = KeepAlive::open(proxy.outbound(), "h1:8080").await?;
+    let mut h2 = KeepAlive::open(proxy.outbound(), "h2:8081").await?;
+    for _ in 0..20 {
+        assert_eq!(h1.get("/").await?, (200, "h1-gone".to_string()));
+        assert_eq!(h2.get("/").await?.0, 200);
+    }
+    assert!(h2_gone.requests() > 0 && h2_kept.requests() > 0, "both HTTP/2 endpoints served");
+    for e in [&h1_gone, &h2_gone, &h2_kept] {
+        assert!(connections_to(e.port())? >= 1, "a pooled connection to {} before the change", e.name());
+    }
+
+    write(&h1_new, &[&h2_kept])?;
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let config = proxy.admin_get("/config").await?.text();
+        anyhow::ensure!(!config.contains("h2-gone") && config.contains("h1-new"), "not reloaded yet");
+        Ok(())
+    })
+    .await?;
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        for e in [&h1_gone, &h2_gone] {
+            let n = connections_to(e.port())?;
+            anyhow::ensure!(n == 0, "{n} connections still open to {}, which left the mesh", e.name());
+        }
+        Ok(())
+    })
+    .await?;
+    // The endpoint that stayed keeps its connection, and traffic flows to the current ones.
+    assert!(connections_to(h2_kept.port())? >= 1, "the connection to the endpoint that stayed is kept");
+    let kept_before = h2_kept.connections();
+    for _ in 0..10 {
+        assert_eq!(h1.get("/").await?, (200, "h1-new".to_string()));
+        assert_eq!(h2.get("/").await?, (200, "h2-kept".to_string()));
+    }
+    assert_eq!(h2_kept.connections(), kept_before, "HTTP/2 to the endpoint that stayed reuses its connection");
+    Ok(())
+}

@@ -367,18 +367,29 @@ async fn expire_idle_series(state: Arc<State>) {
     }
 }
 
-/// Keeps per-endpoint state only for endpoints that still exist after a config change.
+/// Keeps per-endpoint state only for endpoints that still exist after a config change, and
+/// closes pooled connections to endpoints that left the mesh. (The pool also holds
+/// connections to addresses that never were mesh endpoints, the local app and passthrough
+/// destinations: those stay.)
 async fn prune_on_change(state: Arc<State>) {
-    let mut changes = state.discovery.subscribe();
-    while changes.changed().await.is_ok() {
-        let snapshot = state.discovery.current();
-        let live: std::collections::HashSet<SocketAddr> = snapshot
+    let endpoints = |snapshot: &plexus_core::MeshSnapshot| -> std::collections::HashSet<SocketAddr> {
+        snapshot
             .services
             .values()
             .flat_map(|s| s.ports.iter())
             .flat_map(|p| p.endpoints.iter().map(|e| e.addr))
-            .collect();
+            .collect()
+    };
+    let mut changes = state.discovery.subscribe();
+    let mut previous = endpoints(&state.discovery.current());
+    while changes.changed().await.is_ok() {
+        let snapshot = state.discovery.current();
+        let live = endpoints(&snapshot);
         state.balancer.retain(|a| live.contains(a));
+        if previous.iter().any(|a| !live.contains(a)) {
+            state.pool.retain(|a| live.contains(a) || !previous.contains(a));
+        }
+        previous = live;
         state.budgets.retain(|s| snapshot.services.contains_key(s));
         state.limits.retain(|s, p| snapshot.services.get(s).is_some_and(|svc| svc.port(Some(p)).is_some()));
         state.metrics.config_version.set(state.discovery.generation() as i64);
