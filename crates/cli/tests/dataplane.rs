@@ -802,3 +802,78 @@ async fn pooled_connections_to_endpoints_that_left_the_mesh_are_closed() -> Resu
     assert_eq!(h2_kept.connections(), kept_before, "HTTP/2 to the endpoint that stayed reuses its connection");
     Ok(())
 }
+
+/// The value of the metric series whose line starts with `name{` and contains every label.
+fn metric_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Issue 17 item 10: a TCP stream closed by the idle timeout still counts its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_bytes_are_counted_when_a_stream_ends_by_idle_timeout() -> Result<()> {
+    let _serial = serial().await;
+    let echo = TcpEcho::start().await?;
+    let dir = TempDir::new("tcp-counts")?;
+    let res = dir.join("mesh.yaml");
+    Resources::new()
+        .service("tcp", &[ServicePort::new("tcp", 9000, Some("tcp"))])
+        .workload(&WorkloadSpec::plain("tcp-1", "tcp", "tcp", echo.port()))
+        .write(&res)?;
+    let proxy = sidecar("proxy", &res, &["--upstream", "tcp:9000=0", "--idle-timeout", "1s"]).await?;
+    let addr = proxy.upstream("tcp.default:9000")?;
+    let line = "x".repeat(999) + "\n";
+
+    // Positive control: a stream the client closes is counted, as before.
+    let mut clean = TcpStream::connect(addr).await?;
+    clean.write_all(line.as_bytes()).await?;
+    let mut buf = vec![0u8; line.len()];
+    tokio::time::timeout(Duration::from_secs(5), clean.read_exact(&mut buf)).await??;
+    clean.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), clean.read_to_end(&mut rest)).await??;
+    let clean_received = (line.len() + rest.len()) as f64;
+    drop(clean);
+    let metric = |name: &'static str| {
+        let p = &proxy;
+        async move {
+            let m = p.admin_get("/metrics").await?.text();
+            anyhow::Ok(metric_value(&m, name, &["destination_service=\"tcp\""]).unwrap_or(0.0))
+        }
+    };
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let (sent, received) =
+            (metric("plexus_tcp_sent_bytes_total").await?, metric("plexus_tcp_received_bytes_total").await?);
+        anyhow::ensure!(sent == 1000.0 && received == clean_received, "sent {sent}, received {received}");
+        Ok(())
+    })
+    .await?;
+
+    // Streams left idle: the proxy closes them after 1 s, and their bytes are counted too.
+    for n in [1usize, 3] {
+        let mut idle = TcpStream::connect(addr).await?;
+        for _ in 0..n {
+            idle.write_all(line.as_bytes()).await?;
+            tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut buf)).await??;
+        }
+        let mut end = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut end)).await?;
+        anyhow::ensure!(matches!(closed, Ok(0)), "the proxy closes the idle stream: {closed:?}");
+    }
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let (sent, received) =
+            (metric("plexus_tcp_sent_bytes_total").await?, metric("plexus_tcp_received_bytes_total").await?);
+        anyhow::ensure!(
+            sent == 5000.0 && received == clean_received + 4000.0,
+            "sent {sent} (want 5000), received {received} (want {})",
+            clean_received + 4000.0
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

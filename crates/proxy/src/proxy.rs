@@ -613,7 +613,10 @@ async fn forward_opaque_io<C: crate::transport::io::Io>(
         guard.closed(tcp::Transferred::default());
         return;
     }
-    let mut moved = tcp::forward(client, up.stream, state.settings.limits.idle_timeout).await.unwrap_or_default();
+    let (mut moved, end) = tcp::forward(client, up.stream, state.settings.limits.idle_timeout).await;
+    if let Err(e) = end {
+        tracing::debug!(error = %e, "TCP stream ended");
+    }
     moved.sent += prefix.len() as u64;
     guard.closed(moved);
 }

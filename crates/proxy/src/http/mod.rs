@@ -148,7 +148,7 @@ pub async fn forward_upgrade(
         tokio::spawn(async move {
             match tokio::join!(client_upgrade, upstream_upgrade) {
                 (Ok(client), Ok(upstream)) => {
-                    if let Err(e) = tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await {
+                    if let (_, Err(e)) = tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await {
                         tracing::debug!(error = %e, "upgraded stream ended");
                     }
                 }

@@ -187,8 +187,11 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
         match hyper::upgrade::on(req).await {
             Ok(client) => {
                 let guard = tunnel_state.tcp_opened("outbound", peers, "none");
-                let result = tcp::forward(TokioIo::new(client), upstream, idle).await;
-                guard.closed(result.unwrap_or_default());
+                let (moved, end) = tcp::forward(TokioIo::new(client), upstream, idle).await;
+                if let Err(e) = end {
+                    tracing::debug!(error = %e, "CONNECT tunnel ended");
+                }
+                guard.closed(moved);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }

@@ -86,17 +86,23 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// Marks activity whenever bytes are read or written.
+    /// Marks activity whenever bytes are read or written, and counts the bytes written.
     pub struct Tracked<T> {
         #[pin]
         inner: T,
         activity: Activity,
+        written: u64,
     }
 }
 
 impl<T> Tracked<T> {
     pub fn new(inner: T, activity: Activity) -> Self {
-        Tracked { inner, activity }
+        Tracked { inner, activity, written: 0 }
+    }
+
+    /// Bytes written to the stream so far (whatever ends it later).
+    pub fn written(&self) -> u64 {
+        self.written
     }
 }
 
@@ -116,7 +122,10 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            *this.written += n as u64;
             this.activity.touch();
         }
         r
