@@ -18,6 +18,16 @@ use crate::Failure;
 use crate::control_cmd::ControlPlane;
 use crate::proxy_cmd::{Sidecar, shutdown_signal};
 
+/// SIGINT/SIGTERM to exit (SPEC §3: within 10 s): the edge drains first, then the workloads,
+/// then the control plane, all inside this one budget.
+const STOP_BUDGET: Duration = Duration::from_millis(9_500);
+/// The ingress's share of [`STOP_BUDGET`]: requests already accepted at the edge finish while
+/// every workload behind it still runs.
+const EDGE_DRAIN: Duration = Duration::from_secs(3);
+/// Each workload's share (`plexus run --stop-timeout`): leave the mesh, the app finishes its
+/// requests in flight (`plexus sample --drain-timeout`, less), the sidecar drains.
+const WORKLOAD_STOP: Duration = Duration::from_secs(5);
+
 /// The Bookinfo Services (SPEC §9).
 const BOOKINFO: &str = include_str!("../../../examples/bookinfo/bookinfo.yaml");
 /// The Bookinfo workloads: service and version.
@@ -148,10 +158,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         ])
         .arg(&args.data_dir)
         .args(["--server", &format!("http://{http}")])
+        .args(["--stop-timeout", &format!("{}ms", WORKLOAD_STOP.as_millis())])
         .args(if args.netns { &["--netns"][..] } else { &[] })
         .arg("--")
         .arg(&exe)
         .args(["sample", service, "--version", version, "--port", &port])
+        .args(["--drain-timeout", &format!("{}ms", WORKLOAD_STOP.mul_f64(0.6).as_millis())])
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
@@ -203,6 +215,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         }],
         workload: Some("ingress-gateway".into()),
         service: Some("ingress-gateway".into()),
+        limits: plexus_proxy::settings::Limits { drain_timeout: EDGE_DRAIN, ..Default::default() },
         ..Settings::default()
     };
     let ingress = Sidecar::start(
@@ -247,20 +260,25 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     println!("Press Ctrl-C to stop.");
 
     shutdown_signal().await;
+    let deadline = tokio::time::Instant::now() + STOP_BUDGET;
     // Whoever started the demo may have stopped reading its output: never fail on that.
     let _ = writeln!(std::io::stdout(), "Stopping…");
     if let Some(l) = load {
         l.abort();
     }
-    children.stop(Duration::from_secs(7)).await;
+    // The edge first: it stops accepting, and what it already accepted finishes while every
+    // workload behind it still runs.
+    let _ = stop_ingress.send(());
+    let _ = tokio::time::timeout(EDGE_DRAIN + Duration::from_millis(500), ingress_task).await;
+    // Then the workloads, each leaving the mesh before its app finishes its requests.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    children.stop(left.saturating_sub(Duration::from_millis(700))).await;
     if args.netns {
         // Normally each `plexus run` removed its own; this catches any it could not.
         crate::netns::remove_stale();
     }
-    let _ = stop_ingress.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(2), ingress_task).await;
     let _ = stop_cp.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(1), control).await;
+    let _ = tokio::time::timeout_at(deadline, control).await;
     Ok(())
 }
 

@@ -21,7 +21,8 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     .map_err(|e| format!("invalid mark {s:?}: {e}"))
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+/// Parses a duration flag (`500ms`, `10s`, `5m`).
+pub fn duration(s: &str) -> Result<Duration, String> {
     plexus_core::duration::parse(s)
 }
 

@@ -46,6 +46,11 @@ pub struct RunArgs {
     inbound_port: u16,
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// On SIGTERM/SIGINT: how long the workload and its sidecar get, together, to finish what
+    /// is in flight (the workload leaves the mesh first, then gets SIGTERM, then the sidecar
+    /// drains); whatever is left at the deadline is killed.
+    #[arg(long, default_value = "9s", value_parser = crate::proxy_cmd::duration)]
+    stop_timeout: Duration,
     /// The workload's command.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -65,8 +70,59 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// How long the workload gets to exit after SIGTERM before it is killed.
-const APP_STOP_TIMEOUT: Duration = Duration::from_secs(8);
+/// After leaving the mesh, how long peers get to see the workload gone before it is stopped
+/// (so no new request is sent to an app that is stopping), at most a third of the stop budget.
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
+
+/// Why `plexus run` stops.
+enum Stop {
+    /// The workload exited on its own.
+    Exited(std::io::Result<std::process::ExitStatus>),
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// The sidecar stopped (admin `POST /shutdown`, or it died): the workload goes with it.
+    SidecarStopped,
+}
+
+/// SIGTERM to the workload's process group, then waits for it until `deadline` (then SIGKILL).
+async fn stop_app(
+    child: &mut tokio::process::Child,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on the process group of a child we spawned (it leads its group).
+        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGTERM) };
+    }
+    match tokio::time::timeout_at(deadline, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::warn!("the workload did not exit in time; killing it");
+            let _ = child.kill().await;
+            child.wait().await
+        }
+    }
+}
+
+/// The share of the stop budget that waits for the workload; the rest is the sidecar's drain.
+fn app_deadline(started: tokio::time::Instant, budget: Duration) -> tokio::time::Instant {
+    started + budget.mul_f64(0.8)
+}
+
+/// The exit of `plexus run`: the workload's status, or a failure when the sidecar stopped
+/// first (a supervisor should restart the pair).
+fn exit_of(sidecar_stopped: bool, status: std::io::Result<std::process::ExitStatus>) -> Result<(), Failure> {
+    let status = status.map_err(|e| Failure::runtime(format!("waiting for the workload: {e}")))?;
+    if sidecar_stopped {
+        return Err(Failure::runtime(format!(
+            "the sidecar stopped, so the workload was stopped with it (workload exit: {status})"
+        )));
+    }
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(Failure { code: code.clamp(1, 255) as u8, message: String::new() }),
+        None => Err(Failure { code: 1, message: String::new() }),
+    }
+}
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let token = match args.token.clone() {
@@ -142,39 +198,39 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let mut child = child.spawn().map_err(|e| Failure::runtime(format!("cannot start {:?}: {e}", args.command[0])))?;
     let leave = sidecar.leave_handle();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let proxy_task = tokio::spawn(sidecar.run(async {
+    let mut proxy_task = tokio::spawn(sidecar.run(async {
         let _ = stop_rx.await;
     }));
 
-    let status = tokio::select! {
-        status = child.wait() => status,
-        _ = shutdown_signal() => {
-            // Leave the mesh first so peers stop sending new requests, then stop the app.
+    let stop = tokio::select! {
+        status = child.wait() => Stop::Exited(status),
+        _ = shutdown_signal() => Stop::Signal,
+        _ = &mut proxy_task => Stop::SidecarStopped,
+    };
+    let started = tokio::time::Instant::now();
+    let sidecar_stopped = matches!(stop, Stop::SidecarStopped);
+    let status = match stop {
+        Stop::Exited(status) => status,
+        Stop::Signal => {
+            // Leave the mesh first so peers stop sending new requests, then stop the app: it
+            // finishes what it is serving while the sidecar still carries its calls.
             leave.send_replace(true);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if let Some(pid) = child.id() {
-                // SAFETY: kill(2) with a pid we spawned and still own.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-            }
-            match tokio::time::timeout(APP_STOP_TIMEOUT, child.wait()).await {
-                Ok(s) => s,
-                Err(_) => {
-                    tracing::warn!("the workload did not exit in time; killing it");
-                    let _ = child.kill().await;
-                    child.wait().await
-                }
-            }
+            tokio::time::sleep(LEAVE_GRACE.min(args.stop_timeout / 3)).await;
+            stop_app(&mut child, app_deadline(started, args.stop_timeout)).await
+        }
+        Stop::SidecarStopped => {
+            tracing::error!("the sidecar stopped (admin POST /shutdown or a crash); stopping the workload with it");
+            stop_app(&mut child, app_deadline(started, args.stop_timeout)).await
         }
     };
     leave.send_replace(true);
     let _ = stop_tx.send(());
-    let _ = proxy_task.await;
-    let status = status.map_err(|e| Failure::runtime(format!("waiting for the workload: {e}")))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(code) => Err(Failure { code: code.clamp(1, 255) as u8, message: String::new() }),
-        None => Err(Failure { code: 1, message: String::new() }),
+    if !proxy_task.is_finished() && tokio::time::timeout_at(started + args.stop_timeout, &mut proxy_task).await.is_err()
+    {
+        tracing::warn!("the sidecar did not finish draining within --stop-timeout");
+        proxy_task.abort();
     }
+    exit_of(sidecar_stopped, status)
 }
 
 /// `--netns`: the workload and its sidecar in their own network namespace, traffic
@@ -221,7 +277,8 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
             "--service-account",
             &service_account,
         ])
-        .args(["--register-json", &registration.to_string(), "--token", &token, "--drain-timeout", "5s"])
+        .args(["--register-json", &registration.to_string(), "--token", &token])
+        .args(["--drain-timeout", &format!("{}ms", (args.stop_timeout / 5).as_millis().max(1))])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true);
     die_with_parent(&mut sidecar);
@@ -247,36 +304,35 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
     app.args(&args.command[1..]).kill_on_drop(true).process_group(0);
     die_with_parent(&mut app);
     let mut app = app.spawn().map_err(|e| Failure::runtime(format!("cannot start {:?}: {e}", args.command[0])))?;
-    let status = tokio::select! {
-        status = app.wait() => status,
-        _ = shutdown_signal() => {
+    let stop = tokio::select! {
+        status = app.wait() => Stop::Exited(status),
+        _ = shutdown_signal() => Stop::Signal,
+        _ = sidecar.wait() => Stop::SidecarStopped,
+    };
+    let started = tokio::time::Instant::now();
+    let sidecar_stopped = matches!(stop, Stop::SidecarStopped);
+    let status = match stop {
+        Stop::Exited(status) => status,
+        Stop::Signal => {
             // The sidecar deregisters first (peers stop sending new requests), then the app stops.
             signal(&sidecar, libc::SIGTERM);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            signal(&app, libc::SIGTERM);
-            match tokio::time::timeout(APP_STOP_TIMEOUT, app.wait()).await {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = app.kill().await;
-                    app.wait().await
-                }
-            }
+            tokio::time::sleep(LEAVE_GRACE.min(args.stop_timeout / 3)).await;
+            stop_app(&mut app, app_deadline(started, args.stop_timeout)).await
+        }
+        Stop::SidecarStopped => {
+            tracing::error!("the sidecar stopped (admin POST /shutdown or a crash); stopping the workload with it");
+            stop_app(&mut app, app_deadline(started, args.stop_timeout)).await
         }
     };
     refresher.abort();
     signal(&sidecar, libc::SIGTERM);
-    if tokio::time::timeout(Duration::from_secs(12), sidecar.wait()).await.is_err() {
+    if tokio::time::timeout_at(started + args.stop_timeout, sidecar.wait()).await.is_err() {
         let _ = sidecar.kill().await;
     }
     // The namespace is deleted when the last reference (this one, once the refresher is
     // gone) is dropped.
     drop(pod);
-    let status = status.map_err(|e| Failure::runtime(format!("waiting for the workload: {e}")))?;
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(code) => Err(Failure { code: code.clamp(1, 255) as u8, message: String::new() }),
-        None => Err(Failure { code: 1, message: String::new() }),
-    }
+    exit_of(sidecar_stopped, status)
 }
 
 fn signal(child: &tokio::process::Child, sig: libc::c_int) {

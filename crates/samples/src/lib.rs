@@ -26,6 +26,7 @@ use anyhow::Context as _;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -205,6 +206,19 @@ impl Default for Upstreams {
 /// Fails at once if `upstreams` holds an invalid URL or `app` an unknown reviews version;
 /// otherwise it never returns (accept errors are logged and retried).
 pub async fn serve(app: App, listener: TcpListener, upstreams: Upstreams) -> anyhow::Result<()> {
+    serve_until(app, listener, upstreams, std::future::pending()).await
+}
+
+/// Like [`serve`], until `shutdown` completes; then it stops accepting, lets every request in
+/// flight finish (idle keep-alive connections are closed, busy ones after their response) and
+/// returns once all connections are closed. Callers bound the drain with a timeout (dropping
+/// the future closes what is left).
+pub async fn serve_until(
+    app: App,
+    listener: TcpListener,
+    upstreams: Upstreams,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     if let App::Reviews { version } = app {
         anyhow::ensure!((1..=3).contains(&version), "reviews version must be 1, 2 or 3, not {version}");
     }
@@ -212,25 +226,27 @@ pub async fn serve(app: App, listener: TcpListener, upstreams: Upstreams) -> any
     let local = listener.local_addr().context("listener address")?;
     tracing::info!(%app, %local, proxy = ?upstreams.proxy, "bookinfo app listening");
 
+    let graceful = GracefulShutdown::new();
     // Dropping the JoinSet (when this future is dropped) aborts every connection task.
     let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(apps::handle(&state, req).await) }
+                    });
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
                     connections.spawn(async move {
-                        let service = service_fn(move |req| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(apps::handle(&state, req).await) }
-                        });
-                        let result = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                        if let Err(error) = result {
+                        if let Err(error) = conn.await {
                             tracing::debug!(%peer, %error, "connection ended with an error");
                         }
                     });
@@ -242,8 +258,15 @@ pub async fn serve(app: App, listener: TcpListener, upstreams: Upstreams) -> any
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
         }
     }
+    drop(listener);
+    tracing::info!(%app, in_flight = connections.len(), "stopping: finishing the requests in flight");
+    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+    tracing::info!(%app, "stopped");
+    Ok(())
 }
 
 #[cfg(test)]

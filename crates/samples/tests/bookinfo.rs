@@ -560,3 +560,50 @@ async fn serve_rejects_bad_configuration() {
     let (listener, _) = bind().await;
     assert!(serve(App::Reviews { version: 4 }, listener, upstreams()).await.is_err());
 }
+
+/// SIGTERM semantics of the apps (`serve_until`): requests in flight when shutdown starts get
+/// their complete answer, an idle keep-alive connection is closed, no new connection is
+/// accepted, and the server returns once the last request is done.
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_accepts_no_new_ones() {
+    let (details, _d) = start(App::Details, upstreams()).await;
+    let (slow, _s) =
+        Capture::start(StatusCode::OK, r#"{"id":0,"podname":"reviews-v1","reviews":[]}"#, Duration::from_millis(800))
+            .await;
+    let (listener, productpage) = bind().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(plexus_samples::serve_until(
+        App::ProductPage,
+        listener,
+        Upstreams { details: url(details), reviews: slow.url(), ..upstreams() },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    // Positive control before shutdown, on a connection that then stays idle.
+    let idle = TcpStream::connect(productpage).await.expect("connect");
+    let (mut idle_sender, idle_conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(idle)).await.expect("handshake");
+    let idle_conn = tokio::spawn(idle_conn);
+    let resp = idle_sender
+        .send_request(Request::get("/health").header("host", "productpage").body(Empty::<Bytes>::new()).expect("req"))
+        .await
+        .expect("health");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.expect("body");
+
+    let in_flight: Vec<_> = (0..5).map(|_| tokio::spawn(get(productpage, "/productpage"))).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = Instant::now();
+    stop_tx.send(()).expect("stop");
+    for request in in_flight {
+        let (status, page) = request.await.expect("request task");
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("Reviews served by: reviews-v1"), "{page}");
+    }
+    // The idle keep-alive connection is closed by the server, not left open.
+    tokio::time::timeout(Duration::from_secs(2), idle_conn).await.expect("idle connection closed").ok();
+    tokio::time::timeout(Duration::from_secs(2), server).await.expect("server returns").expect("join").expect("serve");
+    assert!(stopping.elapsed() < Duration::from_secs(2), "{:?}", stopping.elapsed());
+    assert!(TcpStream::connect(productpage).await.is_err(), "still accepting after shutdown");
+}

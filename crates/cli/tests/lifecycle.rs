@@ -1,0 +1,157 @@
+//! Workloads and their sidecars stopping and starting without losing requests (issue 18):
+//! graceful shutdown of the demo (the edge drains first, the apps finish what is in flight),
+//! and a sidecar stopped on its own taking its workload with it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use plexus_testkit::{Demo, TempDir};
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+
+fn cli(data: &Path, http: u16, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(PLEXUS)
+        .args(args)
+        .env("PLEXUS_SERVER", format!("http://127.0.0.1:{http}"))
+        .env("PLEXUS_DATA_DIR", data)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// One `GET /productpage` over its own connection: status and body.
+async fn page(ingress: std::net::SocketAddr) -> Result<(u16, String)> {
+    let r = plexus_testkit::client::get(ingress, "productpage", "/productpage", &[], Duration::from_secs(15)).await?;
+    Ok((r.status.as_u16(), r.text()))
+}
+
+/// SIGINT to the demo while 2-second requests are in flight through the ingress: every one of
+/// them gets its complete page (the ingress stops accepting first and drains, the sample apps
+/// finish their requests before exiting), and the demo still exits within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stop_finishes_the_requests_in_flight() -> Result<()> {
+    let dir = TempDir::new("demo-stop")?;
+    let demo = Demo::start(PLEXUS, &dir, &["--no-load"]).await?;
+    // Positive control: a page before anything changes.
+    let (status, body) = page(demo.ingress).await?;
+    assert_eq!(status, 200, "{body}");
+
+    // Every call to reviews now takes 2 s (a delay at productpage's sidecar), so requests are
+    // in flight through the ingress, productpage and its sidecar when the demo is stopped.
+    let slow = dir.join("slow-reviews.yaml");
+    std::fs::write(
+        &slow,
+        "apiVersion: plexus.dev/v1alpha1\nkind: FaultInjection\nmetadata: {name: reviews-delay}\nspec:\n  delay: {fixed: 2s, percent: 100}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews}\nspec:\n  parentRefs: [{kind: Service, name: reviews, port: 9080}]\n  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: {group: plexus.dev, kind: FaultInjection, name: reviews-delay}\n    backendRefs: [{name: reviews, port: 9080}]\n",
+    )?;
+    let o = cli(&demo.data, demo.http, &["apply", "-f", slow.to_str().context("path")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ingress = demo.ingress;
+    plexus_testkit::eventually(Duration::from_secs(10), || async move {
+        let started = Instant::now();
+        let (status, _) = page(ingress).await?;
+        anyhow::ensure!(status == 200 && started.elapsed() >= Duration::from_millis(1900), "delay not in effect yet");
+        Ok(())
+    })
+    .await?;
+
+    let in_flight: Vec<_> = (0..20).map(|_| tokio::spawn(page(ingress))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = Instant::now();
+    demo.stop().await?;
+    let stopped_in = stopping.elapsed();
+    let mut failures = Vec::new();
+    for request in in_flight {
+        match request.await? {
+            Ok((200, body)) if body.contains("Reviews served by:") && !body.contains("unavailable") => {}
+            Ok((status, body)) => failures.push(format!("{status}: {}", body.chars().take(200).collect::<String>())),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    assert!(failures.is_empty(), "{} of 20 requests in flight failed at shutdown: {failures:#?}", failures.len());
+    assert!(stopped_in < Duration::from_secs(10), "the demo took {stopped_in:?} to stop");
+    // The edge is closed: nothing new gets in once the demo has stopped.
+    assert!(tokio::net::TcpStream::connect(ingress).await.is_err(), "the ingress still accepts");
+    Ok(())
+}
+
+/// `plexus control` on free ports; returns it (killed on drop) once it printed its ready line.
+fn control_plane(data: &Path) -> Result<(plexus_testkit::Proc, u16, u16)> {
+    use std::io::BufRead as _;
+    let (http, grpc) = (plexus_testkit::free_port(), plexus_testkit::free_port());
+    let mut child = Command::new(PLEXUS)
+        .args(["control", "--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let proc = plexus_testkit::Proc(child);
+    anyhow::ensure!(line.contains("\"grpc\""), "no ready line: {line:?}");
+    Ok((proc, http, grpc))
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// `POST /shutdown` on a `plexus run` sidecar's admin port: the workload is stopped with it and
+/// `plexus run` exits with a failure that says why, instead of leaving an app whose proxy is
+/// gone. Positive control: before that, the pair runs and the sidecar is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_stopped_on_its_own_takes_its_workload_with_it() -> Result<()> {
+    let dir = TempDir::new("run-shutdown")?;
+    let data = dir.join("data");
+    let (_control, _http, grpc) = control_plane(&data)?;
+    let admin = plexus_testkit::free_port();
+    let pidfile = dir.join("app.pid");
+    let script = format!("echo $$ > {}; exec sleep 600", pidfile.display());
+    let run = Command::new(PLEXUS)
+        .args(["run", "--service", "echo", "--port", &plexus_testkit::free_port().to_string()])
+        .args(["--admin-port", &admin.to_string(), "--control-plane", &format!("http://127.0.0.1:{grpc}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("run.log"))?)
+        .spawn()?;
+    let mut run = plexus_testkit::Proc(run);
+    let pid_path = pidfile.clone();
+    let app: i32 = plexus_testkit::eventually(Duration::from_secs(20), || {
+        let pid_path = pid_path.clone();
+        async move { Ok(std::fs::read_to_string(&pid_path)?.trim().parse::<i32>()?) }
+    })
+    .await?;
+    assert!(alive(app), "the app is running");
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let ready = plexus_testkit::client::get_api(admin_addr, "/ready").await?;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+
+    let req = http::Request::post("/shutdown")
+        .header("host", admin_addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = plexus_testkit::client::send_collect(
+        admin_addr,
+        plexus_testkit::client::Version::Http1,
+        req,
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert!(resp.status.is_success(), "POST /shutdown: {} {}", resp.status, resp.text());
+
+    let status = plexus_testkit::eventually(Duration::from_secs(15), || {
+        let status = run.0.try_wait();
+        async move { status?.context("plexus run still running") }
+    })
+    .await?;
+    let log = std::fs::read_to_string(dir.join("run.log"))?;
+    assert!(!status.success(), "plexus run must fail when its sidecar stopped first; log:\n{log}");
+    assert!(log.contains("sidecar stopped"), "{log}");
+    assert!(!alive(app), "the app outlived its sidecar; log:\n{log}");
+    Ok(())
+}
