@@ -139,8 +139,13 @@ impl Discovery for DiscoveryService {
                     let current = views.borrow_and_update().clone();
                     let trust_bundle = bundle.borrow_and_update().clone();
                     let union = current.union(wanted.iter());
-                    let next =
-                        Sent { revision: current.revision, wanted: wanted.clone(), resources: union, trust_bundle };
+                    let next = Sent {
+                        revision: current.revision,
+                        wanted: wanted.clone(),
+                        resources: union,
+                        trust_bundle,
+                        namespaces: current.namespaces.clone(),
+                    };
                     if let Some(response) = next.response_after(last_sent.as_ref(), first.incremental) {
                         let pieces = if first.incremental { pieces(response) } else { vec![response] };
                         for piece in pieces {
@@ -244,6 +249,7 @@ fn pieces(mut response: WatchResponse) -> Vec<WatchResponse> {
                     incremental: true,
                     removed: Vec::new(),
                     more: i < last,
+                    namespaces: response.namespaces.clone(),
                 }
             }
         })
@@ -257,6 +263,7 @@ struct Sent {
     /// Sorted by key (as [`Views::union`] returns them).
     resources: Vec<Arc<Encoded>>,
     trust_bundle: Arc<str>,
+    namespaces: Arc<[String]>,
 }
 
 impl Sent {
@@ -273,10 +280,16 @@ impl Sent {
             incremental: false,
             removed: Vec::new(),
             more: false,
+            namespaces: self.namespaces.to_vec(),
         };
         let Some(previous) = previous else { return Some(full()) };
         let (changed, removed) = difference(&previous.resources, &self.resources);
-        if changed.is_empty() && removed.is_empty() && previous.wanted == self.wanted && !bundle_changed {
+        if changed.is_empty()
+            && removed.is_empty()
+            && previous.wanted == self.wanted
+            && !bundle_changed
+            && previous.namespaces == self.namespaces
+        {
             return None;
         }
         if !incremental {
@@ -290,6 +303,7 @@ impl Sent {
             incremental: true,
             removed: removed.iter().map(|e| e.key.storage_key()).collect(),
             more: false,
+            namespaces: self.namespaces.to_vec(),
         })
     }
 }
@@ -389,7 +403,39 @@ mod tests {
 
     fn sent(resources: Vec<Arc<Encoded>>, bundle: &Arc<str>) -> Sent {
         let wanted = Arc::new([ServiceName::new("a", "default")].into_iter().collect());
-        Sent { revision: 1, wanted, resources, trust_bundle: bundle.clone() }
+        Sent {
+            revision: 1,
+            wanted,
+            resources,
+            trust_bundle: bundle.clone(),
+            namespaces: Arc::from(["default".to_string()]),
+        }
+    }
+
+    /// Every response names the mesh's namespaces (proxies read `name.ns` hosts only in
+    /// them), and a new namespace alone is a change to send.
+    #[test]
+    fn responses_carry_the_namespaces_and_a_new_namespace_is_sent() {
+        let bundle: Arc<str> = Arc::from("PEM");
+        let a = encoded("a", "A1");
+        let first = sent(vec![a.clone()], &bundle);
+        assert_eq!(first.response_after(None, true).expect("first").namespaces, ["default"]);
+        let same = sent(vec![a.clone()], &bundle);
+        assert!(same.response_after(Some(&first), true).is_none(), "unchanged: nothing sent");
+        let more =
+            Sent { namespaces: Arc::from(["default".to_string(), "prod".to_string()]), ..sent(vec![a], &bundle) };
+        let delta = more.response_after(Some(&first), true).expect("a new namespace is a change");
+        assert_eq!(delta.namespaces, ["default", "prod"]);
+        assert!(delta.resources.is_empty() && delta.removed.is_empty());
+    }
+
+    #[test]
+    fn views_list_the_namespaces_that_have_a_service() {
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: a, namespace: prod}\nspec: {ports: [{port: 80}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: lonely, labels: {app: x}}\nspec: {address: 127.0.0.1, ports: [{port: 1}]}\n";
+        let resources: Vec<Arc<plexus_core::Resource>> =
+            plexus_core::parse_documents("t", yaml).expect("valid").into_iter().map(Arc::new).collect();
+        let views = Views::build(1, &resources, &mut crate::index::EncodeCache::default());
+        assert_eq!(&*views.namespaces, ["default".to_string(), "prod".to_string()]);
     }
 
     #[test]

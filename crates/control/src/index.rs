@@ -5,7 +5,7 @@
 //! as `--resources` mode: the Service, the HTTPRoutes attached to it, the routes' backend
 //! Services, and the Workloads those Services select.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use plexus_core::resource::{HttpRouteFilter, ServiceSpec};
@@ -94,6 +94,8 @@ pub struct View {
 pub struct Views {
     pub revision: u64,
     pub by_service: HashMap<ServiceName, Arc<View>>,
+    /// Every namespace that has a Service, sorted.
+    pub namespaces: Arc<[String]>,
 }
 
 impl Views {
@@ -190,7 +192,9 @@ impl Views {
             let view = View { resources: members.into_iter().map(|i| encoded[i].clone()).collect() };
             by_service.insert(name.clone(), Arc::new(view));
         }
-        Views { revision, by_service }
+        let namespaces: BTreeSet<&str> = services.keys().map(|s| s.namespace.as_str()).collect();
+        let namespaces = namespaces.into_iter().map(str::to_string).collect();
+        Views { revision, by_service, namespaces }
     }
 
     /// The resources for a set of destinations, each once, in a stable order.

@@ -22,12 +22,25 @@ impl ServiceName {
     /// The names a host may mean, most specific first: `reviews` → `reviews.default`;
     /// `reviews.prod`, `reviews.prod.svc` and `reviews.prod.svc.cluster.local` → `reviews.prod`.
     pub fn candidates(host: &str) -> Vec<ServiceName> {
+        Self::candidates_in(host, |_| true)
+    }
+
+    /// [`ServiceName::candidates`] of a host that names a mesh Service: `name.ns` only when
+    /// `namespace_known(ns)` (`example.com` is not Service `example` in namespace `com` unless
+    /// that namespace exists); the explicit `name.ns.svc[.cluster.local]` and a single label
+    /// always.
+    pub fn candidates_in(host: &str, namespace_known: impl Fn(&str) -> bool) -> Vec<ServiceName> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let host = host.strip_suffix(".svc.cluster.local").or_else(|| host.strip_suffix(".svc")).unwrap_or(&host);
-        let mut parts = host.splitn(3, '.');
+        let explicit = host.strip_suffix(".svc.cluster.local").or_else(|| host.strip_suffix(".svc"));
+        let name = explicit.unwrap_or(&host);
+        let mut parts = name.splitn(3, '.');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(name), None, None) if !name.is_empty() => vec![ServiceName::new(name, "default")],
-            (Some(name), Some(ns), None) if !name.is_empty() && !ns.is_empty() => vec![ServiceName::new(name, ns)],
+            (Some(name), Some(ns), None)
+                if !name.is_empty() && !ns.is_empty() && (explicit.is_some() || namespace_known(ns)) =>
+            {
+                vec![ServiceName::new(name, ns)]
+            }
             _ => Vec::new(),
         }
     }
@@ -77,6 +90,19 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dns_name_is_a_mesh_name_only_in_a_known_namespace() {
+        let known = |ns: &str| ["default", "prod"].contains(&ns);
+        assert!(ServiceName::candidates_in("example.com", known).is_empty(), "com is no namespace");
+        assert!(ServiceName::candidates_in("api.example.com", known).is_empty());
+        assert!(ServiceName::candidates_in("EXAMPLE.COM.", known).is_empty());
+        assert_eq!(ServiceName::candidates_in("reviews.prod", known), vec![ServiceName::new("reviews", "prod")]);
+        assert_eq!(ServiceName::candidates_in("reviews", known), vec![ServiceName::new("reviews", "default")]);
+        // The explicit forms name a namespace even before it is known.
+        assert_eq!(ServiceName::candidates_in("a.new.svc", known), vec![ServiceName::new("a", "new")]);
+        assert_eq!(ServiceName::candidates_in("a.new.svc.cluster.local", known), vec![ServiceName::new("a", "new")]);
+    }
 
     #[test]
     fn host_candidates() {

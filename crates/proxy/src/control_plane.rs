@@ -168,6 +168,7 @@ async fn session(
                     continue;
                 }
                 let covered: BTreeSet<ServiceName> = resp.destinations.iter().filter_map(|d| ServiceName::candidates(d).into_iter().next()).collect();
+                discovery.set_namespaces(&resp.namespaces);
                 // Connected first: whoever wakes on the new snapshot sees the connection too.
                 discovery.set_control_plane_connected(true);
                 discovery.publish_covering(view.compile(resp.revision), covered);
@@ -182,6 +183,7 @@ async fn session(
                 tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
             _ = heartbeat.tick() => {
+                discovery.forget_unused();
                 tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
             Some(Ok(())) = async { match cert_changes.as_mut() { Some(c) => Some(c.changed().await), None => None } } => {

@@ -5,11 +5,11 @@
 //! working across changes. Sources: a resources file ([`FileSource`], `--resources`) and, with
 //! the control plane, its gRPC discovery stream — both publish into the same handle.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use plexus_core::{LoadError, MeshSnapshot, ServiceName, parse_documents};
@@ -28,7 +28,17 @@ pub struct Discovery {
     wanted: watch::Sender<BTreeSet<ServiceName>>,
     /// Destinations the current snapshot answers (present or known not to exist).
     covered: Mutex<BTreeSet<ServiceName>>,
+    /// When each wanted destination was last asked for (bounds `wanted`).
+    asked: Mutex<HashMap<ServiceName, Instant>>,
+    /// The mesh's namespaces, as the control plane last sent them (`None`: not known).
+    namespaces: arc_swap::ArcSwapOption<BTreeSet<String>>,
 }
+
+/// At most this many destinations that do not exist stay wanted (sent in every watch
+/// message); the least recently asked go first.
+pub const MAX_ABSENT_WANTED: usize = 256;
+/// A wanted destination that does not exist is forgotten after this long without a request.
+pub const ABSENT_FORGOTTEN_AFTER: Duration = Duration::from_secs(300);
 
 impl Discovery {
     pub fn new(initial: MeshSnapshot) -> Arc<Self> {
@@ -42,6 +52,8 @@ impl Discovery {
             lazy: AtomicBool::new(false),
             wanted,
             covered: Mutex::new(BTreeSet::new()),
+            asked: Mutex::new(HashMap::new()),
+            namespaces: arc_swap::ArcSwapOption::empty(),
         })
     }
 
@@ -62,11 +74,89 @@ impl Discovery {
 
     /// Asks for destinations (no-op for those already wanted).
     pub fn want(&self, names: &[ServiceName]) {
+        self.want_at(names, Instant::now());
+    }
+
+    fn want_at(&self, names: &[ServiceName], now: Instant) {
+        self.touch(names, now);
         self.wanted.send_if_modified(|w| {
             let before = w.len();
             w.extend(names.iter().cloned());
             w.len() != before
         });
+        self.forget_unused_at(now);
+    }
+
+    fn touch(&self, names: &[ServiceName], now: Instant) {
+        if let Ok(mut asked) = self.asked.lock() {
+            for n in names {
+                asked.insert(n.clone(), now);
+            }
+        }
+    }
+
+    /// Stops asking for destinations that do not exist and were not asked for in
+    /// [`ABSENT_FORGOTTEN_AFTER`], and for the least recently asked beyond
+    /// [`MAX_ABSENT_WANTED`]. Destinations that exist stay (the mesh bounds them). A forgotten
+    /// destination is asked for again on its next request.
+    pub fn forget_unused(&self) {
+        self.forget_unused_at(Instant::now());
+    }
+
+    fn forget_unused_at(&self, now: Instant) {
+        let snapshot = self.current();
+        let Ok(mut asked) = self.asked.lock() else { return };
+        let mut absent: Vec<(Instant, ServiceName)> = self
+            .wanted
+            .borrow()
+            .iter()
+            .filter(|n| !snapshot.services.contains_key(*n))
+            .map(|n| (asked.get(n).copied().unwrap_or(now), n.clone()))
+            .collect();
+        absent.sort_unstable();
+        let over = absent.len().saturating_sub(MAX_ABSENT_WANTED);
+        let forget: Vec<ServiceName> = absent
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (at, _))| *i < over || now.saturating_duration_since(*at) >= ABSENT_FORGOTTEN_AFTER)
+            .map(|(_, (_, n))| n)
+            .collect();
+        if forget.is_empty() {
+            return;
+        }
+        for n in &forget {
+            asked.remove(n);
+        }
+        drop(asked);
+        tracing::debug!(destinations = forget.len(), "no longer asking for destinations that do not exist");
+        self.wanted.send_modify(|w| {
+            for n in &forget {
+                w.remove(n);
+            }
+        });
+    }
+
+    /// The destinations wanted now.
+    pub fn wanted_now(&self) -> BTreeSet<ServiceName> {
+        self.wanted.borrow().clone()
+    }
+
+    /// Records the mesh's namespaces (from the control plane; empty: not known).
+    pub fn set_namespaces(&self, namespaces: &[String]) {
+        let known = (!namespaces.is_empty()).then(|| Arc::new(namespaces.iter().cloned().collect()));
+        self.namespaces.store(known);
+    }
+
+    /// The Services `host` may name ([`ServiceName::candidates`]). With a control plane that
+    /// sent the mesh's namespaces, `name.ns` only when `ns` is one of them: `example.com` is a
+    /// DNS name, not Service `example` in namespace `com`.
+    pub fn candidates(&self, host: &str) -> Vec<ServiceName> {
+        match self.namespaces.load().as_ref() {
+            Some(known) if self.lazy.load(Ordering::Relaxed) => {
+                ServiceName::candidates_in(host, |ns| known.contains(ns))
+            }
+            _ => ServiceName::candidates(host),
+        }
     }
 
     /// Notified when the wanted set grows.
@@ -82,7 +172,11 @@ impl Discovery {
     /// control plane, asks for them on first use and waits (up to `timeout`) for the answer.
     /// Returns the snapshot to use.
     pub async fn ensure(&self, names: &[ServiceName], timeout: std::time::Duration) -> Arc<MeshSnapshot> {
-        if !self.lazy.load(Ordering::Relaxed) || names.is_empty() || self.covers_any(names) {
+        if !self.lazy.load(Ordering::Relaxed) || names.is_empty() {
+            return self.current();
+        }
+        if self.covers_any(names) {
+            self.touch(names, Instant::now());
             return self.current();
         }
         let mut changed = self.subscribe();
@@ -210,4 +304,72 @@ fn content_version(bytes: &[u8]) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(prefix: &str, n: usize) -> Vec<ServiceName> {
+        (0..n).map(|i| ServiceName::new(format!("{prefix}{i}"), "default")).collect()
+    }
+
+    fn with_service_a() -> Arc<Discovery> {
+        let d = Discovery::new_lazy();
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n";
+        let resources = parse_documents("t", yaml).expect("valid");
+        d.publish(MeshSnapshot::compile(&resources, "t"));
+        d
+    }
+
+    #[test]
+    fn dns_names_outside_the_meshs_namespaces_are_not_services() {
+        let d = Discovery::new_lazy();
+        // Before the control plane said which namespaces exist: read as before.
+        assert_eq!(d.candidates("example.com"), vec![ServiceName::new("example", "com")]);
+        d.set_namespaces(&["default".into(), "prod".into()]);
+        assert!(d.candidates("example.com").is_empty(), "com is no namespace of the mesh");
+        assert!(d.candidates("www.example.com").is_empty());
+        assert_eq!(d.candidates("reviews.prod"), vec![ServiceName::new("reviews", "prod")]);
+        assert_eq!(d.candidates("reviews"), vec![ServiceName::new("reviews", "default")]);
+        assert_eq!(d.candidates("x.new.svc.cluster.local"), vec![ServiceName::new("x", "new")]);
+        // A resources file holds everything: nothing is asked for, candidates read as always.
+        let file = Discovery::new(MeshSnapshot::default());
+        file.set_namespaces(&["default".into()]);
+        assert_eq!(file.candidates("reviews.prod"), vec![ServiceName::new("reviews", "prod")]);
+    }
+
+    #[test]
+    fn destinations_that_do_not_exist_are_bounded_and_the_ones_that_exist_stay() {
+        let d = with_service_a();
+        let t0 = Instant::now();
+        d.want_at(&[ServiceName::new("a", "default")], t0);
+        for (i, n) in names("absent", 1_000).iter().enumerate() {
+            d.want_at(std::slice::from_ref(n), t0 + Duration::from_millis(i as u64));
+        }
+        let wanted = d.wanted_now();
+        assert_eq!(wanted.len(), MAX_ABSENT_WANTED + 1, "the existing one plus the bound");
+        assert!(wanted.contains(&ServiceName::new("a", "default")), "a Service that exists stays wanted");
+        assert!(wanted.contains(&ServiceName::new("absent999", "default")), "the most recent stay");
+        assert!(!wanted.contains(&ServiceName::new("absent0", "default")), "the least recently asked go");
+        assert!(d.asked.lock().expect("lock").len() <= MAX_ABSENT_WANTED + 1, "their timestamps go too");
+    }
+
+    #[test]
+    fn a_destination_that_does_not_exist_is_forgotten_when_unused() {
+        let d = with_service_a();
+        let t0 = Instant::now();
+        d.want_at(&[ServiceName::new("a", "default"), ServiceName::new("gone", "default")], t0);
+        d.want_at(&[ServiceName::new("recent", "default")], t0 + Duration::from_secs(200));
+        d.forget_unused_at(t0 + Duration::from_secs(299));
+        assert_eq!(d.wanted_now().len(), 3, "nothing is forgotten early");
+        d.forget_unused_at(t0 + ABSENT_FORGOTTEN_AFTER + Duration::from_secs(1));
+        let wanted = d.wanted_now();
+        assert!(!wanted.contains(&ServiceName::new("gone", "default")), "unused for 5 minutes and absent");
+        assert!(wanted.contains(&ServiceName::new("recent", "default")));
+        assert!(wanted.contains(&ServiceName::new("a", "default")), "exists: stays however long unused");
+        // Asked for again, it is wanted again.
+        d.want(&[ServiceName::new("gone", "default")]);
+        assert!(d.wanted_now().contains(&ServiceName::new("gone", "default")));
+    }
 }

@@ -159,7 +159,7 @@ impl State {
         if snapshot.service_by_host(host).is_some() {
             return snapshot;
         }
-        self.discovery.ensure(&ServiceName::candidates(host), DISCOVERY_WAIT).await
+        self.discovery.ensure(&self.discovery.candidates(host), DISCOVERY_WAIT).await
     }
 
     /// The Service a redirected connection's original destination names: an endpoint of a
