@@ -324,7 +324,7 @@ fn free_port() -> Result<u16, BenchError> {
 
 /// `plexus control` with its own data dir, a Service applied to it, a server sidecar that
 /// registers the target as a meshed workload, and a client sidecar; both sidecars get workload
-/// certificates with the control plane's join token.
+/// certificates with workload tokens of their own service accounts (`plexus token create`).
 async fn start_mtls_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> Result<MtlsMesh, BenchError> {
     let bin = &cfg.proxy_bin;
     let runtime = |why: String| BenchError::Runtime(format!("mTLS path: {why}"));
@@ -339,8 +339,25 @@ async fn start_mtls_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> R
     let (Some(http), Some(grpc)) = (field("http"), field("grpc")) else {
         return Err(runtime(format!("the control plane's ready line has no addresses: {ready}")));
     };
-    let token = std::fs::read_to_string(data.join("join-token")).map_err(|e| runtime(format!("join token: {e}")))?;
-    let token = token.trim().to_string();
+    let create_token = |service_account: &'static str| {
+        let (bin, http, data) = (bin.clone(), http.clone(), data.clone());
+        async move {
+            let out = Command::new(&bin)
+                .args(["token", "create", "--service-account", service_account, "--server", &format!("http://{http}")])
+                .arg("--data-dir")
+                .arg(&data)
+                .output()
+                .await
+                .map_err(|e| format!("plexus token create: {e}"))?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            match text.lines().last() {
+                Some(t) if out.status.success() => Ok(t.trim().to_string()),
+                _ => Err(format!("plexus token create: {}", String::from_utf8_lossy(&out.stderr))),
+            }
+        }
+    };
+    let server_token = create_token(SERVICE).await.map_err(runtime)?;
+    let client_token = create_token("bench-client").await.map_err(runtime)?;
 
     let service = dir.join("mtls-service.yaml");
     write_atomic(&service, &service_yaml())?;
@@ -369,19 +386,19 @@ async fn start_mtls_mesh(cfg: &OverheadConfig, target: &Target, dir: &Path) -> R
             "meshed": true,
         },
     });
-    let mesh_args = |workload: &str, service: &str| -> Vec<String> {
+    let mesh_args = |workload: &str, service: &str, token: &str| -> Vec<String> {
         let control_plane = format!("http://{grpc}");
-        ["proxy", "--control-plane", &control_plane, "--token", &token, "--workload", workload, "--service", service]
+        ["proxy", "--control-plane", &control_plane, "--token", token, "--workload", workload, "--service", service]
             .into_iter()
             .chain(["--service-account", service, "--outbound-port", "0", "--admin-port", "0"])
             .map(String::from)
             .collect()
     };
-    let mut args = mesh_args(&format!("{SERVICE}-mtls"), SERVICE);
+    let mut args = mesh_args(&format!("{SERVICE}-mtls"), SERVICE, &server_token);
     args.extend(["--app-port".into(), app.port().to_string(), "--inbound-port".into(), inbound.to_string()]);
     args.extend(["--register-json".into(), registration.to_string()]);
     let (server, _) = Sidecar::start(bin, &args, &dir.join("mtls-server-sidecar.log")).await?;
-    let mut args = mesh_args("bench-client", "bench-client");
+    let mut args = mesh_args("bench-client", "bench-client", &client_token);
     args.extend(["--inbound-port".into(), "0".into()]);
     args.extend(["--upstream".into(), format!("{SERVICE}.default:{SERVICE_PORT}=0")]);
     let (client, ready) = Sidecar::start(bin, &args, &dir.join("mtls-client-sidecar.log")).await?;

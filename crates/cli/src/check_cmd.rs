@@ -310,7 +310,7 @@ fn identity_lines(v: &Value) -> Vec<Line> {
                 failed += 1;
                 lines.push(Line::Fail(
                     format!("{name} has no workload certificate after {connected}s"),
-                    "look at the proxy's logs: it needs the control plane's gRPC address and the join token to get one"
+                    "look at the proxy's logs: it needs the control plane's gRPC address and a workload token (`plexus token create`) to get one"
                         .into(),
                 ));
             }

@@ -59,6 +59,8 @@ pub struct ControlPlane {
     pub data: DataDir,
     /// The certificate authority (loaded from the data dir).
     pub ca: Arc<Ca>,
+    /// Workload tokens (`plexus token`; `plexus demo` creates its own).
+    pub tokens: Arc<plexus_control::tokens::Tokens>,
     http_listener: tokio::net::TcpListener,
     grpc_listener: tokio::net::TcpListener,
 }
@@ -81,6 +83,7 @@ impl ControlPlane {
         if let Some(previous) = &ca.state().previous_anchor {
             tracing::info!(previous_anchor = %previous.summary.serial, "continuing the trust anchor rotation in progress");
         }
+        let tokens = Arc::new(plexus_control::tokens::Tokens::open(&data.path).map_err(Failure::runtime)?);
         let store: Arc<dyn Store> =
             Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
         let bind = |addr: SocketAddr| async move {
@@ -97,6 +100,7 @@ impl ControlPlane {
             proxies: Arc::new(Proxies::default()),
             data,
             ca,
+            tokens,
             http_listener,
             grpc_listener,
         })
@@ -105,7 +109,7 @@ impl ControlPlane {
     /// Serves the HTTP API and the discovery and identity gRPC services until `shutdown`
     /// completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
-        let ControlPlane { http, grpc, store, proxies, data, ca, http_listener, grpc_listener } = self;
+        let ControlPlane { http, grpc, store, proxies, data, ca, tokens, http_listener, grpc_listener } = self;
         let traffic = Arc::new(plexus_control::traffic::TrafficWindow::default());
         let state = Arc::new(ApiState {
             store: store.clone(),
@@ -115,20 +119,14 @@ impl ControlPlane {
             data_dir: data.path.clone(),
             ca: ca.clone(),
             bench: Arc::new(plexus_control::bench_results::BenchResults::open(&data.path)),
+            tokens: tokens.clone(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));
         let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
         let rotation = tokio::spawn(plexus_control::identity::maintain_rotation(ca.clone(), proxies.clone()));
-        let certify = CertifyService::new(ca.clone(), store.clone(), data.join_token.clone());
-        let discovery = DiscoveryService {
-            views: views_rx,
-            store: store.clone(),
-            proxies,
-            join_token: data.join_token.clone(),
-            traffic,
-            ca,
-        };
+        let certify = CertifyService::new(ca.clone(), store.clone(), tokens.clone());
+        let discovery = DiscoveryService { views: views_rx, store: store.clone(), proxies, tokens, traffic, ca };
         let (stop_tx, _) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -111,6 +111,19 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let exe = std::env::current_exe().map_err(|e| Failure::runtime(format!("cannot find the plexus binary: {e}")))?;
     let cp = ControlPlane::start(&args.data_dir, args.http_addr, grpc_addr).await?;
     let (store, proxies) = (cp.store.clone(), cp.proxies.clone());
+    // The ingress gateway's own workload token (the Bookinfo workloads' `plexus run` create
+    // theirs with the admin token of the data dir).
+    let ingress_token = cp
+        .tokens
+        .create(
+            &plexus_control::identity::IdentitySettings::from_store(store.as_ref()).trust_domain,
+            "default",
+            "ingress-gateway",
+            plexus_control::tokens::DEFAULT_TTL,
+            &cp.ca.state().anchor.summary.sha256,
+        )
+        .map_err(|e| Failure::runtime(format!("cannot create the ingress gateway's token: {e}")))?
+        .token;
     let grpc = format!("http://{}", cp.grpc);
     let http = cp.http;
     let (stop_cp, stop_cp_rx) = tokio::sync::oneshot::channel::<()>();
@@ -202,8 +215,6 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     }
 
     // The ingress gateway has its own identity (`ingress-gateway`) and originates mTLS.
-    let join_token = plexus_control::datadir::read_token(&args.data_dir, plexus_control::datadir::JOIN_TOKEN)
-        .map_err(|e| Failure::runtime(format!("cannot read the join token: {e}")))?;
     let ingress_settings = Settings {
         outbound: ([127, 0, 0, 1], 0).into(),
         inbound: ([127, 0, 0, 1], 0).into(),
@@ -228,7 +239,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             version: "v1".into(),
             mode: "ingress".into(),
             admin_address: String::new(),
-            token: join_token.clone(),
+            token: ingress_token,
             register: None,
             service_account: "ingress-gateway".into(),
             identity: None,

@@ -18,6 +18,7 @@ mod run_cmd;
 mod sample_cmd;
 mod stat_cmd;
 mod tap_cmd;
+mod token_cmd;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -74,6 +75,8 @@ enum Command {
     Run(Box<run_cmd::RunArgs>),
     /// Create, show or rotate the mesh's trust anchor and issuer.
     Identity(identity_cmd::IdentityArgs),
+    /// Workload tokens: create (bound to one identity), list, revoke.
+    Token(token_cmd::TokenArgs),
     /// Run a Bookinfo sample service (used by `plexus demo`).
     #[command(hide = true)]
     Sample(sample_cmd::SampleArgs),
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
             Command::Dashboard(args) => dashboard_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
+            Command::Token(args) => token_cmd::run(args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,
             Command::Bench(args) => bench_cmd::run(*args).await,

@@ -61,7 +61,7 @@ pub struct ProxyArgs {
     /// A Workload (JSON) to register with the control plane while running (`plexus run --netns`).
     #[arg(long, hide = true)]
     pub register_json: Option<String>,
-    /// The join token, needed to register.
+    /// The workload token (`plexus token create`): bootstraps the certificate, needed to register.
     #[arg(long, env = "PLEXUS_TOKEN", hide = true)]
     pub token: Option<String>,
     /// This proxy's workload version (metrics labels, service discovery).
@@ -247,7 +247,7 @@ impl Sidecar {
     ) -> Result<Sidecar, Failure> {
         let discovery = Discovery::new_lazy();
         let mut settings = settings;
-        // With a join token the proxy gets a workload certificate: mTLS between sidecars.
+        // With a workload token the proxy gets a workload certificate: mTLS between sidecars.
         if !config.token.is_empty() {
             let identity = plexus_proxy::identity::WorkloadIdentity::new();
             settings.identity = Some(identity.clone());
@@ -288,7 +288,7 @@ impl Sidecar {
         serde_json::to_string(self.proxy.addresses()).unwrap_or_default()
     }
 
-    /// Waits until the control plane has answered once and, with a join token, the sidecar
+    /// Waits until the control plane has answered once and, with a workload token, the sidecar
     /// holds its workload certificate (so its first requests already go over mTLS), or
     /// `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {

@@ -32,8 +32,9 @@ pub struct RunArgs {
     /// Run the workload in its own network namespace with transparent interception (root).
     #[arg(long)]
     netns: bool,
-    /// The join token (default: read from the data dir).
-    #[arg(long, env = "PLEXUS_TOKEN")]
+    /// A workload token for this service account (`plexus token create`). Default: where the
+    /// admin token is readable in --data-dir, `plexus run` creates one for itself.
+    #[arg(long, env = "PLEXUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[arg(long, env = "PLEXUS_CONTROL_PLANE", default_value = "http://127.0.0.1:7700")]
     control_plane: String,
@@ -125,19 +126,21 @@ fn exit_of(sidecar_stopped: bool, status: std::io::Result<std::process::ExitStat
 }
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
-    let token = match args.token.clone() {
+    let service_account = args.service_account.clone().unwrap_or_else(|| args.service.clone());
+    let token = match args.token.clone().filter(|t| !t.trim().is_empty()) {
         Some(t) => t,
         None => {
-            plexus_control::datadir::read_token(&args.data_dir, plexus_control::datadir::JOIN_TOKEN).map_err(|e| {
+            let servers =
+                crate::api_client::ServerArgs { server: args.server.clone(), data_dir: args.data_dir.clone() };
+            crate::token_cmd::create_for(&servers, &args.namespace, &service_account).await.map_err(|e| {
                 Failure::usage(format!(
-                    "no join token: {e} (reading {})\n  hint: pass --token or --data-dir of the control plane",
-                    args.data_dir.join(plexus_control::datadir::JOIN_TOKEN).display()
+                    "no workload token: {}\n  hint: pass --token (or PLEXUS_TOKEN) from `plexus token create --service-account {service_account} --namespace {}`, or run where the control plane's data dir is (--data-dir)",
+                    e.message, args.namespace
                 ))
             })?
         }
     };
     let workload = format!("{}-{}-{:05x}", args.service, args.version, fastrand::u32(..) & 0xfffff);
-    let service_account = args.service_account.clone().unwrap_or_else(|| args.service.clone());
     if args.netns {
         return run_in_netns(&args, token, workload, service_account).await;
     }
@@ -162,7 +165,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         admin_address: String::new(),
         token,
         register: None,
-        service_account: args.service_account.clone().unwrap_or_else(|| args.service.clone()),
+        service_account: service_account.clone(),
         identity: None,
     };
     let (app_port, service, version, namespace) =
@@ -192,6 +195,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         .env("HTTP_PROXY", &proxy_url)
         .env("http_proxy", &proxy_url)
         .env("PLEXUS_WORKLOAD", sidecar.proxy.addresses().admin.to_string())
+        .env_remove("PLEXUS_TOKEN")
         .kill_on_drop(true)
         .process_group(0);
     die_with_parent(&mut child);
@@ -277,8 +281,11 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
             "--service-account",
             &service_account,
         ])
-        .args(["--register-json", &registration.to_string(), "--token", &token])
+        .args(["--register-json", &registration.to_string()])
         .args(["--drain-timeout", &format!("{}ms", (args.stop_timeout / 5).as_millis().max(1))])
+        // The token goes through the environment, never the command line (visible to every
+        // local user in /proc).
+        .env("PLEXUS_TOKEN", &token)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true);
     die_with_parent(&mut sidecar);
@@ -301,7 +308,7 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
         }
     });
     let mut app = pod.exec(&args.command[0]);
-    app.args(&args.command[1..]).kill_on_drop(true).process_group(0);
+    app.args(&args.command[1..]).env_remove("PLEXUS_TOKEN").kill_on_drop(true).process_group(0);
     die_with_parent(&mut app);
     let mut app = app.spawn().map_err(|e| Failure::runtime(format!("cannot start {:?}: {e}", args.command[0])))?;
     let stop = tokio::select! {

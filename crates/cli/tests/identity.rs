@@ -161,8 +161,9 @@ impl ControlPlane {
         Ok(stdout(&o))
     }
 
-    fn join_token(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.data_dir.join("join-token"))?.trim().to_string())
+    /// A workload token for `namespace`/`service_account` (`plexus token create`).
+    async fn token(&self, namespace: &str, service_account: &str) -> Result<String> {
+        plexus_testkit::workload_token(PLEXUS, &self.server, &self.data_dir, namespace, service_account).await
     }
 
     /// `GET path` on the HTTP API, as JSON.
@@ -222,7 +223,8 @@ struct Issued {
 
 async fn issue(cp: &ControlPlane, dir: &Path, name: &str, sa: &str) -> Result<Issued> {
     let (_, der) = csr(dir, name).await?;
-    let response = cp.certify(&cp.join_token()?, "default", sa, der).await.map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let response =
+        cp.certify(&cp.token("default", sa).await?, "default", sa, der).await.map_err(|s| anyhow::anyhow!("{s:?}"))?;
     let blocks = pem_blocks(&response.certificate_chain_pem);
     ensure!(blocks.len() == 2, "the chain is leaf + issuer: {}", response.certificate_chain_pem);
     let (leaf, issuer, bundle) = (
@@ -260,7 +262,8 @@ impl SimProxy {
                 namespace: "default".into(),
                 service: workload.into(),
                 mode: "sidecar".into(),
-                token: cp.join_token()?,
+                // No token: the stream registers nothing.
+                token: String::new(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -591,7 +594,7 @@ async fn certify_signs_a_spiffe_leaf_openssl_verifies_and_refuses_a_wrong_token(
     let _serial = serial().await;
     let dir = TempDir::new("identity-certify")?;
     let cp = ControlPlane::start(&dir.join("data"), &dir.join("control.log"))?;
-    let token = cp.join_token()?;
+    let token = cp.token("default", "reviews").await?;
 
     let (key, der) = csr(dir.path(), "reviews").await?;
     let started = unix_now();
@@ -643,7 +646,8 @@ async fn certify_signs_a_spiffe_leaf_openssl_verifies_and_refuses_a_wrong_token(
     )?;
     cp.plexus_ok(&["apply", "-f", path(&mesh_config)]).await?;
     let before = unix_now();
-    let r = cp.certify(&token, "shop", "cart", der.clone()).await.map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let cart = cp.token("shop", "cart").await?;
+    let r = cp.certify(&cart, "shop", "cart", der.clone()).await.map_err(|s| anyhow::anyhow!("{s:?}"))?;
     assert_eq!(r.spiffe_id, "spiffe://corp.example/ns/shop/sa/cart");
     let lifetime = r.not_after_unix - before;
     assert!((3600 - 5..=3600 + 60).contains(&lifetime), "MeshConfig leafLifetime 1h, got {lifetime}s");
@@ -651,27 +655,26 @@ async fn certify_signs_a_spiffe_leaf_openssl_verifies_and_refuses_a_wrong_token(
     let san = openssl(&["x509", "-noout", "-ext", "subjectAltName", "-in", path(&leaf)]).await?;
     assert!(san.contains("URI:spiffe://corp.example/ns/shop/sa/cart"), "{san}");
 
-    // A wrong join token: UNAUTHENTICATED and no certificate.
+    // A wrong token: UNAUTHENTICATED and no certificate.
     let wrong = cp.certify("not-the-token", "default", "reviews", der.clone()).await;
     match wrong {
         Err(s) => {
             assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
-            assert_eq!(s.message(), "invalid join token");
+            assert!(s.message().contains("malformed workload token"), "{s:?}");
         }
         Ok(r) => panic!("signed with a wrong token: {}", r.certificate_chain_pem),
     }
     let empty = cp.certify("", "default", "reviews", der.clone()).await;
     assert_eq!(empty.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
-    // Invalid names and CSRs.
-    for (ns, sa, csr_der, what) in [
-        ("Default", "reviews", der.clone(), "namespace"),
-        ("default", "a/b", der.clone(), "service_account"),
-        ("default", "reviews", b"not a CSR".to_vec(), "PKCS#10"),
-    ] {
-        let s = cp.certify(&token, ns, sa, csr_der).await.expect_err("refused");
-        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{what}: {s:?}");
-        assert!(s.message().contains(what), "{what}: {s:?}");
+    // The token is bound to default/reviews: any other identity is refused, naming the binding.
+    for (ns, sa) in [("default", "ratings"), ("shop", "reviews"), ("Default", "reviews"), ("default", "a/b")] {
+        let s = cp.certify(&token, ns, sa, der.clone()).await.expect_err("refused");
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{ns}/{sa}: {s:?}");
+        assert!(s.message().contains("is bound to spiffe://corp.example/ns/default/sa/reviews"), "{s:?}");
     }
+    let s = cp.certify(&token, "default", "reviews", b"not a CSR".to_vec()).await.expect_err("refused");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("PKCS#10"), "{s:?}");
 
     // Keys: owner-only files whose contents never reach the log.
     let data = &cp.data_dir;
@@ -685,7 +688,8 @@ async fn certify_signs_a_spiffe_leaf_openssl_verifies_and_refuses_a_wrong_token(
             assert!(!log.contains(line), "{key_file} content in the control plane's log");
         }
     }
-    assert!(log.contains("invalid join token"), "refusals are logged");
+    assert!(log.contains("certificate request refused"), "refusals are logged");
+    assert!(log.contains("certificate request for another identity refused"), "refusals are logged");
     Ok(())
 }
 
@@ -697,7 +701,7 @@ async fn signing_is_rate_limited_for_the_whole_control_plane() -> Result<()> {
     let _serial = serial().await;
     let dir = TempDir::new("identity-rate")?;
     let cp = ControlPlane::start(&dir.join("data"), &dir.join("control.log"))?;
-    let token = cp.join_token()?;
+    let token = cp.token("default", "burst").await?;
     let (_, der) = csr(dir.path(), "burst").await?;
     let client = IdentityClient::connect(cp.grpc.clone()).await?;
     // 250 at once: the bucket holds 100 and refills 50/s, so unless signing took over 3 s some

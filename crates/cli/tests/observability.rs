@@ -402,7 +402,8 @@ impl ExtraTraffic {
             demo.run_workload(dir, "flaky", "v2", b.port())?,
             demo.run_workload(dir, "tcp-echo", "v1", tcp.port())?,
         ];
-        let token = plexus_control::datadir::read_token(&demo.data, plexus_control::datadir::JOIN_TOKEN)?;
+        let server = format!("http://127.0.0.1:{}", demo.http);
+        let token = plexus_testkit::workload_token(PLEXUS, &server, &demo.data, "default", "loadgen").await?;
         let grpc = format!("http://127.0.0.1:{}", demo.grpc);
         let loadgen = Proxy::start_named(
             "loadgen",

@@ -584,8 +584,9 @@ impl ControlPlane {
         .await
     }
 
-    fn join_token(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.data.join("join-token"))?.trim().to_string())
+    /// A workload token for `default/<service_account>` (`plexus token create`).
+    async fn token(&self, service_account: &str) -> Result<String> {
+        plexus_testkit::workload_token(PLEXUS, &self.server, &self.data, "default", service_account).await
     }
 }
 
@@ -616,8 +617,8 @@ async fn with_mutual_tls_spans_and_logs_name_the_peer_identities() -> Result<()>
         .stdout(std::process::Stdio::from(std::fs::File::create(&run_log)?))
         .stderr(std::process::Stdio::from(std::fs::File::create(dir.join("run.err"))?));
     let _run = run.spawn().context("spawn plexus run")?;
-    // A: a client sidecar with the join token (so it has a certificate).
-    let token = cp.join_token()?;
+    // A: a client sidecar with a workload token (so it has a certificate).
+    let token = cp.token("client").await?;
     #[rustfmt::skip]
     let a = Proxy::start_named("sidecar-a", PLEXUS, [
         "proxy", "--control-plane", &cp.grpc, "--token", &token, "--service", "client", "--service-account", "client",

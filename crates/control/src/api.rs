@@ -27,6 +27,8 @@ pub struct ApiState {
     pub ca: Arc<crate::identity::Ca>,
     /// Performance runs sent by `plexus bench`.
     pub bench: Arc<crate::bench_results::BenchResults>,
+    /// Workload tokens (`plexus token`).
+    pub tokens: Arc<crate::tokens::Tokens>,
 }
 
 type Shared = Arc<ApiState>;
@@ -50,6 +52,8 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/identity", get(identity))
         .route("/api/v1/identity/rotate", post(rotate_identity))
         .route("/api/v1/tap", get(crate::tap::tap))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/bench/results", get(crate::bench_results::list).post(crate::bench_results::create))
         .route("/api/v1/bench/results/{id}", get(crate::bench_results::get).delete(crate::bench_results::delete))
         .merge(crate::dashboard::router())
@@ -380,4 +384,73 @@ async fn rotate_identity(State(s): State<Shared>, headers: HeaderMap, body: byte
 /// The connected proxies with their sync state and certificates (`plexus check`).
 async fn proxies(State(s): State<Shared>) -> Json<Value> {
     Json(json!({ "revision": s.store.revision(), "proxies": s.proxies.statuses() }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateToken {
+    service_account: String,
+    namespace: Option<String>,
+    ttl: Option<String>,
+}
+
+/// `POST /api/v1/tokens` with `{"serviceAccount", "namespace"?, "ttl"?}` (admin token): a
+/// workload token bound to that identity, with the trust anchor it pins.
+async fn create_token(State(s): State<Shared>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
+    }
+    let req: CreateToken = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")).into_response(),
+    };
+    let ttl = match req.ttl.as_deref().map(plexus_core::duration::parse).transpose() {
+        Ok(t) => t.unwrap_or(crate::tokens::DEFAULT_TTL),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")).into_response(),
+    };
+    let td = crate::identity::IdentitySettings::from_store(s.store.as_ref()).trust_domain;
+    let anchor = s.ca.state().anchor.clone();
+    let namespace = req.namespace.unwrap_or_else(|| "default".into());
+    let tokens = s.tokens.clone();
+    let sha = anchor.summary.sha256.clone();
+    let created =
+        tokio::task::spawn_blocking(move || tokens.create(&td, &namespace, &req.service_account, ttl, &sha)).await;
+    match created {
+        Ok(Ok(t)) => {
+            tracing::info!(id = %t.id, identity = %t.identity, "workload token created");
+            let mut v = serde_json::to_value(&t).unwrap_or_default();
+            v["anchorPem"] = Value::String(anchor.pem());
+            Json(v).into_response()
+        }
+        Ok(Err(e @ crate::tokens::TokenError::Invalid(_))) => {
+            error(StatusCode::BAD_REQUEST, e.to_string()).into_response()
+        }
+        Ok(Err(e)) => store_failure(e).into_response(),
+        Err(e) => store_failure(e).into_response(),
+    }
+}
+
+/// `GET /api/v1/tokens` (admin token): ids, identities, expiry; never secrets.
+async fn list_tokens(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
+    }
+    let td = crate::identity::IdentitySettings::from_store(s.store.as_ref()).trust_domain;
+    Json(json!({ "items": s.tokens.list(&td) })).into_response()
+}
+
+/// `DELETE /api/v1/tokens/{id}` (admin token): revokes a token (and the renewals of the
+/// certificates it bootstrapped).
+async fn revoke_token(State(s): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(e) = authorized(&s, &headers) {
+        return e.into_response();
+    }
+    match s.tokens.revoke(&id) {
+        Ok(true) => {
+            tracing::info!(%id, "workload token revoked");
+            Json(json!({ "revoked": id })).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("token {id} not found")).into_response(),
+        Err(e) => store_failure(e).into_response(),
+    }
 }

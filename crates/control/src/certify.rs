@@ -1,16 +1,17 @@
 //! The gRPC `Identity` service: signs workload certificates.
 //!
-//! A proxy sends a PKCS#10 CSR with the join token, its namespace and service account. In
-//! universal mode the join token authorises any identity in the mesh (as a Kubernetes
-//! ServiceAccount token would in that mode). The control plane takes only the public key from
-//! the CSR (after checking the CSR's signature: the requester holds the key) and decides
-//! everything else: the only SAN is `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, keyUsage
-//! digitalSignature + keyEncipherment, extendedKeyUsage serverAuth + clientAuth, not a CA, a
-//! random serial, valid from a minute ago for MeshConfig `certificates.leafLifetime` (24h).
+//! A proxy sends a PKCS#10 CSR with its workload token ([`crate::tokens`]). The certificate is
+//! for the token's identity only: a request naming another namespace or service account is
+//! refused (PERMISSION_DENIED, naming the token's identity). The control plane takes only the
+//! public key from the CSR (after checking the CSR's signature: the requester holds the key) and
+//! decides everything else: the only SAN is `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, the
+//! subject names the token (so revoking it ends renewals), keyUsage digitalSignature +
+//! keyEncipherment, extendedKeyUsage serverAuth + clientAuth, not a CA, a random serial, valid
+//! from a minute ago for MeshConfig `certificates.leafLifetime` (24h).
 //!
 //! Signing is rate limited for the whole control plane (a token bucket, 50/s with bursts of
-//! 100) so a misbehaving fleet cannot monopolise it; the join token is checked first so that
-//! requests without it cannot use up the budget.
+//! 100) so a misbehaving fleet cannot monopolise it; the token is checked first so that
+//! requests without a valid one cannot use up the budget.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -112,18 +113,18 @@ pub fn csr_public_key(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, String>
 pub struct CertifyService {
     pub ca: Arc<Ca>,
     pub store: Arc<dyn Store>,
-    pub join_token: String,
+    pub tokens: Arc<crate::tokens::Tokens>,
     limiter: Mutex<TokenBucket>,
     /// [`TEST_LEAF_LIFETIME_ENV`], read once at start.
     leaf_lifetime_override: Option<Duration>,
 }
 
 impl CertifyService {
-    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>, join_token: String) -> CertifyService {
+    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>, tokens: Arc<crate::tokens::Tokens>) -> CertifyService {
         CertifyService {
             ca,
             store,
-            join_token,
+            tokens,
             limiter: Mutex::new(TokenBucket::new(RATE_PER_SECOND, BURST, Instant::now())),
             leaf_lifetime_override: test_leaf_lifetime(),
         }
@@ -139,27 +140,34 @@ impl Identity for CertifyService {
     async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = request.into_inner();
-        if !crate::api::constant_time_eq(r.token.as_bytes(), self.join_token.as_bytes()) {
-            tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, "certificate request with an invalid join token refused");
-            return Err(Status::unauthenticated("invalid join token"));
+        let record = match self.tokens.authenticate(&r.token) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, error = %e, "certificate request refused");
+                return Err(Status::unauthenticated(e.to_string()));
+            }
+        };
+        let settings = IdentitySettings::from_store(self.store.as_ref());
+        let bound = plexus_core::names::spiffe_id(&settings.trust_domain, &record.namespace, &record.service_account);
+        let asked_namespace = if r.namespace.is_empty() { &record.namespace } else { &r.namespace };
+        let asked_account = if r.service_account.is_empty() { &record.service_account } else { &r.service_account };
+        if *asked_namespace != record.namespace || *asked_account != record.service_account {
+            let asked = plexus_core::names::spiffe_id(&settings.trust_domain, asked_namespace, asked_account);
+            tracing::warn!(%peer, token = %record.id, %bound, %asked, "certificate request for another identity refused");
+            return Err(Status::permission_denied(format!(
+                "workload token {} is bound to {bound}; it cannot get a certificate for {asked}",
+                record.id
+            )));
         }
         if !self.admit() {
             return Err(Status::resource_exhausted(format!(
                 "too many certificate requests (the control plane signs at most {RATE_PER_SECOND}/s); retry with backoff"
             )));
         }
-        for (field, value) in [("namespace", &r.namespace), ("service_account", &r.service_account)] {
-            if !is_dns1123_label(value) {
-                return Err(Status::invalid_argument(format!(
-                    "{field} {value:?} is not a DNS-1123 label (1-63 lower-case letters, digits and '-', starting and ending with a letter or digit)"
-                )));
-            }
-        }
         let public_key = csr_public_key(&r.csr_der).map_err(Status::invalid_argument)?;
-        let settings = IdentitySettings::from_store(self.store.as_ref());
-        let spiffe_id = plexus_core::names::spiffe_id(&settings.trust_domain, &r.namespace, &r.service_account);
+        let spiffe_id = bound;
         let lifetime = self.leaf_lifetime_override.unwrap_or(settings.leaf_lifetime);
-        let leaf = match self.ca.sign(&public_key, &spiffe_id, lifetime) {
+        let leaf = match self.ca.sign_bootstrapped(&public_key, &spiffe_id, lifetime, Some(&record.id)) {
             Ok(leaf) => leaf,
             Err(SignError::IssuerExpired(when)) => {
                 return Err(Status::failed_precondition(format!(
@@ -172,7 +180,7 @@ impl Identity for CertifyService {
                 return Err(Status::internal("cannot sign the certificate"));
             }
         };
-        tracing::info!(%peer, spiffe_id = %spiffe_id, serial = %leaf.serial, not_after = leaf.not_after_unix, "issued a workload certificate");
+        tracing::info!(%peer, spiffe_id = %spiffe_id, token = %record.id, serial = %leaf.serial, not_after = leaf.not_after_unix, "issued a workload certificate");
         Ok(Response::new(CertifyResponse {
             certificate_chain_pem: leaf.chain_pem,
             trust_bundle_pem: self.ca.bundle_pem().to_string(),

@@ -1,5 +1,7 @@
-//! The control plane's data dir (default `./.plexus`): the store file and the tokens, created
-//! on first start with owner-only permissions.
+//! The control plane's data dir (default `./.plexus`): the store file, the admin token and the
+//! workload tokens' file ([`crate::tokens`]), created on first start with owner-only
+//! permissions. (There is no unscoped join token: each workload gets a token bound to its
+//! identity.)
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -7,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 /// File names inside the data dir.
 pub const ADMIN_TOKEN: &str = "admin-token";
-pub const JOIN_TOKEN: &str = "join-token";
 pub const STORE_FILE: &str = "store.redb";
 
 /// An initialised data dir.
@@ -15,7 +16,6 @@ pub const STORE_FILE: &str = "store.redb";
 pub struct DataDir {
     pub path: PathBuf,
     pub admin_token: String,
-    pub join_token: String,
 }
 
 impl DataDir {
@@ -24,8 +24,9 @@ impl DataDir {
         std::fs::create_dir_all(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
         let admin_token = ensure_token(&path.join(ADMIN_TOKEN))?;
-        let join_token = ensure_token(&path.join(JOIN_TOKEN))?;
-        Ok(DataDir { path: path.to_path_buf(), admin_token, join_token })
+        // A join token left by an earlier version authorised any identity: remove it.
+        let _ = std::fs::remove_file(path.join("join-token"));
+        Ok(DataDir { path: path.to_path_buf(), admin_token })
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -64,7 +65,7 @@ mod tests {
         let a = DataDir::init(&dir).expect("init");
         let b = DataDir::init(&dir).expect("init again");
         assert_eq!(a.admin_token, b.admin_token, "tokens survive restarts");
-        assert_ne!(a.admin_token, a.join_token);
+        assert_eq!(a.admin_token.len(), 64);
         let mode = std::fs::metadata(dir.join(ADMIN_TOKEN)).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(read_token(&dir, ADMIN_TOKEN).expect("read"), a.admin_token);

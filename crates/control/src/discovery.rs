@@ -24,7 +24,8 @@ pub struct DiscoveryService {
     pub views: watch::Receiver<Arc<Views>>,
     pub store: Arc<dyn Store>,
     pub proxies: Arc<Proxies>,
-    pub join_token: String,
+    /// Workload tokens (registrations are bound to the token's identity).
+    pub tokens: Arc<crate::tokens::Tokens>,
     pub traffic: Arc<crate::traffic::TrafficWindow>,
     /// The certificate authority: its trust bundle goes in every response.
     pub ca: Arc<crate::identity::Ca>,
@@ -59,26 +60,85 @@ fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
 }
 
 impl DiscoveryService {
-    /// Validates and stores the workload a proxy registers.
-    async fn register(&self, json: &[u8], token: &str) -> Result<ObjectKey, Status> {
-        if !crate::api::constant_time_eq(token.as_bytes(), self.join_token.as_bytes()) {
-            return Err(Status::unauthenticated("registering a workload needs the join token"));
-        }
+    /// Validates and stores the workload a proxy registers, as `identity` (the namespace and
+    /// service account its credential is bound to): only in that namespace, only with that
+    /// service account, only for Services that admit it (`spec.serviceAccounts`), and never
+    /// over a resource an operator applied or another identity registered.
+    async fn register(&self, json: &[u8], identity: &Caller) -> Result<ObjectKey, Status> {
         let text = String::from_utf8_lossy(json);
         let mut resources =
             parse_documents("registration", &text).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let [mut workload] = <[_; 1]>::try_from(std::mem::take(&mut resources))
             .map_err(|_| Status::invalid_argument("register exactly one Workload"))?;
-        if !matches!(workload.spec, Spec::Workload(_)) {
-            return Err(Status::invalid_argument("only a Workload can be registered"));
-        }
-        workload.metadata.annotations.insert(REGISTERED_ANNOTATION.into(), "true".into());
         let key = ObjectKey::of(&workload);
-        crate::store::write(&self.store, move |store| store.apply(&[workload]))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let Spec::Workload(spec) = &mut workload.spec else {
+            return Err(Status::invalid_argument("only a Workload can be registered"));
+        };
+        let who = &identity.spiffe_id;
+        if key.namespace != identity.namespace {
+            return Err(Status::permission_denied(format!(
+                "{who} cannot register a Workload in namespace {:?}: only in {:?}",
+                key.namespace, identity.namespace
+            )));
+        }
+        match spec.service_account.as_deref() {
+            None => spec.service_account = Some(identity.service_account.clone()),
+            Some(sa) if sa == identity.service_account => {}
+            Some(sa) => {
+                return Err(Status::permission_denied(format!(
+                    "{who} cannot register a Workload running as service account {sa:?}: only as {:?}",
+                    identity.service_account
+                )));
+            }
+        }
+        let labels = workload.metadata.labels.clone();
+        workload.metadata.annotations.insert(REGISTERED_ANNOTATION.into(), "true".into());
+        let store = self.store.clone();
+        let (sa, ns, who) = (identity.service_account.clone(), identity.namespace.clone(), who.clone());
+        let checked_key = key.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let services = store.list(Some(Kind::Service), Some(&ns)).map_err(|e| Status::internal(e.to_string()))?;
+            for svc in &services {
+                let Spec::Service(s) = &svc.spec else { continue };
+                let selected = !s.selector.is_empty() && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+                if selected && !s.admits(Some(&sa)) {
+                    return Err(Status::permission_denied(format!(
+                        "Service {ns}/{} admits only the service accounts {:?} (spec.serviceAccounts); {who} cannot back it",
+                        svc.metadata.name, s.service_accounts
+                    )));
+                }
+            }
+            if let Some(existing) = store.get(&checked_key).map_err(|e| Status::internal(e.to_string()))? {
+                if !existing.metadata.annotations.contains_key(REGISTERED_ANNOTATION) {
+                    return Err(Status::already_exists(format!(
+                        "{checked_key} was applied by an operator; a registration never replaces it (choose another workload name)"
+                    )));
+                }
+                let owner = match &existing.spec {
+                    Spec::Workload(w) => w.service_account.clone(),
+                    _ => None,
+                };
+                if owner.as_deref() != Some(sa.as_str()) {
+                    return Err(Status::already_exists(format!(
+                        "{checked_key} is registered by another identity; {who} cannot replace it"
+                    )));
+                }
+            }
+            store.apply(&[workload]).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(key)
     }
+}
+
+/// Who a proxy is, from its credential: the identity its calls are attributed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+    pub spiffe_id: String,
 }
 
 #[tonic::async_trait]
@@ -95,10 +155,21 @@ impl Discovery for DiscoveryService {
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
         let info =
             first.proxy.clone().ok_or_else(|| Status::invalid_argument("the first message must carry ProxyInfo"))?;
-        let registered = if info.register_workload.is_empty() {
+        let caller = if info.token.is_empty() {
             None
         } else {
-            Some(self.register(&info.register_workload, &info.token).await?)
+            let record = self.tokens.authenticate(&info.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
+            let td = crate::identity::IdentitySettings::from_store(self.store.as_ref()).trust_domain;
+            Some(Caller {
+                spiffe_id: plexus_core::names::spiffe_id(&td, &record.namespace, &record.service_account),
+                namespace: record.namespace,
+                service_account: record.service_account,
+            })
+        };
+        let registered = match (&caller, info.register_workload.is_empty()) {
+            (_, true) => None,
+            (Some(caller), false) => Some(self.register(&info.register_workload, caller).await?),
+            (None, false) => return Err(Status::unauthenticated("registering a workload needs a workload token")),
         };
         let id = self.proxies.connect(ProxyRecord {
             id: 0,

@@ -673,14 +673,31 @@ impl Ca {
         spiffe_id: &str,
         lifetime: Duration,
     ) -> Result<Leaf, SignError> {
+        self.sign_bootstrapped(public_key, spiffe_id, lifetime, None)
+    }
+
+    /// [`Ca::sign`], naming in the subject (OU `plexus-token:<id>`) the workload token the
+    /// certificate descends from, so its renewals end when that token is revoked.
+    pub fn sign_bootstrapped(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &str,
+        lifetime: Duration,
+        token_id: Option<&str>,
+    ) -> Result<Leaf, SignError> {
         let state = self.state();
         let issuer_end = state.issuer.summary.not_after_unix;
         if issuer_end <= unix_now() {
             return Err(SignError::IssuerExpired(state.issuer.summary.not_after.clone()));
         }
         let mut p = CertificateParams::default();
-        // An empty subject: the identity is the SPIFFE URI SAN, marked critical by rcgen.
+        // The identity is the SPIFFE URI SAN (marked critical by rcgen); the subject holds at
+        // most the token the certificate descends from.
         p.distinguished_name = DistinguishedName::new();
+        if let Some(id) = token_id {
+            p.distinguished_name
+                .push(DnType::OrganizationalUnitName, format!("{}{id}", crate::tokens::CERT_TOKEN_OU_PREFIX));
+        }
         p.subject_alt_names = vec![SanType::URI(
             spiffe_id.try_into().map_err(|e| SignError::Invalid(format!("SPIFFE ID {spiffe_id:?}: {e}")))?,
         )];

@@ -17,5 +17,6 @@ pub mod node_agent;
 pub mod proxies;
 pub mod store;
 pub mod tap;
+pub mod tokens;
 pub mod traffic;
 pub mod views;

@@ -192,6 +192,7 @@ impl MeshSnapshot {
                             !spec.selector.is_empty()
                                 && spec.selector.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v))
                         })
+                        .filter(|(_, ws)| spec.admits(ws.service_account.as_deref()))
                         .filter_map(|(w, ws)| endpoint(w, ws, sp, &mesh.trust_domain))
                         .collect();
                     endpoints.sort_by(|a, b| a.addr.cmp(&b.addr).then(a.workload.cmp(&b.workload)));
@@ -369,5 +370,25 @@ spec: {address: 127.0.0.3, ports: [{port: 9003}]}
         assert!(snap.resolve_authority("reviews:1234").is_none());
         let by_ep = snap.service_by_endpoint("127.0.0.2:9002".parse().expect("addr"));
         assert_eq!(by_ep.map(|(s, _)| s.name.name.as_str()), Some("reviews"));
+    }
+
+    #[test]
+    fn service_accounts_limit_who_backs_a_service() {
+        let limited =
+            MESH.replacen("selector: {app: reviews}", "selector: {app: reviews}\n  serviceAccounts: [reviews]", 1);
+        let snap = MeshSnapshot::compile(&parse_documents("m", &limited).expect("valid"), "1");
+        let (_, port) = snap.resolve_authority("reviews:9080").expect("resolves");
+        let addrs: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:7001"], "reviews-v2 runs as `default`: not admitted");
+        let other =
+            MESH.replacen("selector: {app: reviews}", "selector: {app: reviews}\n  serviceAccounts: [default]", 1);
+        let snap = MeshSnapshot::compile(&parse_documents("m", &other).expect("valid"), "1");
+        let (_, port) = snap.resolve_authority("reviews:9080").expect("resolves");
+        let addrs: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.2:9002"], "no serviceAccount is `default`");
+        let bad =
+            MESH.replacen("selector: {app: reviews}", "selector: {app: reviews}\n  serviceAccounts: [Bad_Name]", 1);
+        let err = parse_documents("m", &bad).expect_err("invalid");
+        assert!(err.to_string().contains("spec.serviceAccounts[0]"), "{err}");
     }
 }

@@ -122,6 +122,11 @@ fn service(s: &ServiceSpec, p: &mut Problems) {
             p.push(("spec.selector".into(), "selector keys and values must not be empty".into()));
         }
     }
+    for (i, sa) in s.service_accounts.iter().enumerate() {
+        if let Err(e) = dns_name(sa, 63) {
+            p.push((format!("spec.serviceAccounts[{i}]"), e));
+        }
+    }
 }
 
 fn workload(w: &WorkloadSpec, p: &mut Problems) {

@@ -30,7 +30,7 @@ pub struct ControlPlaneConfig {
     pub mode: String,
     /// Filled in once the admin listener is bound.
     pub admin_address: String,
-    /// The join token (needed to register).
+    /// The workload token (bootstraps the certificate; needed to register).
     pub token: String,
     /// A Workload resource (JSON) to register while connected.
     pub register: Option<Vec<u8>>,

@@ -291,6 +291,25 @@ pub async fn run_ok(cmd: &mut tokio::process::Command, timeout: Duration) -> Res
     Ok(out)
 }
 
+/// A workload token for `namespace`/`service_account` made by `plexus token create` (the
+/// `plexus` binary `bin`) against the control plane at `server` (HTTP API URL) with the admin
+/// token of `data_dir`: the last line of its output.
+pub async fn workload_token(
+    bin: impl AsRef<std::ffi::OsStr>,
+    server: &str,
+    data_dir: &Path,
+    namespace: &str,
+    service_account: &str,
+) -> Result<String> {
+    let mut cmd = command(bin);
+    cmd.args(["token", "create", "--service-account", service_account, "--namespace", namespace])
+        .env("PLEXUS_SERVER", server)
+        .env("PLEXUS_DATA_DIR", data_dir);
+    let out = run_ok(&mut cmd, Duration::from_secs(30)).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().last().context("no token printed")?.trim().to_string())
+}
+
 /// The resident set size of process `pid` in bytes (`VmRSS` in `/proc/PID/status`).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status =

@@ -214,8 +214,21 @@ pub enum Spec {
 pub struct ServiceSpec {
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// The only service accounts (of the Service's namespace) whose workloads may back it;
+    /// empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+}
+
+impl ServiceSpec {
+    /// Whether a workload running as `service_account` (`None`: `default`) may back this
+    /// Service (`spec.serviceAccounts`).
+    pub fn admits(&self, service_account: Option<&str>) -> bool {
+        self.service_accounts.is_empty()
+            || self.service_accounts.iter().any(|sa| sa == service_account.unwrap_or("default"))
+    }
 }
 
 /// A port of a Service.
