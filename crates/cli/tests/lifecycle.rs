@@ -107,13 +107,15 @@ fn alive(pid: i32) -> bool {
 async fn a_sidecar_stopped_on_its_own_takes_its_workload_with_it() -> Result<()> {
     let dir = TempDir::new("run-shutdown")?;
     let data = dir.join("data");
-    let (_control, _http, grpc) = control_plane(&data)?;
+    let (_control, http, grpc) = control_plane(&data)?;
     let admin = plexus_testkit::free_port();
     let pidfile = dir.join("app.pid");
     let script = format!("echo $$ > {}; exec sleep 600", pidfile.display());
     let run = Command::new(PLEXUS)
         .args(["run", "--service", "echo", "--port", &plexus_testkit::free_port().to_string()])
         .args(["--admin-port", &admin.to_string(), "--control-plane", &format!("http://127.0.0.1:{grpc}")])
+        // Its workload token is created through this control plane's API.
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(&data)
         .args(["--", "sh", "-c", &script])
