@@ -120,7 +120,12 @@ pub struct ProxyArgs {
     /// Time allowed to receive a request head.
     #[arg(long, env = "PLEXUS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     header_read_timeout: Duration,
-    /// Idle time after which a TCP stream or upgraded connection is closed.
+    /// Time a request body may go without a byte before the response starts (a stalled
+    /// upload is answered 408).
+    #[arg(long, env = "PLEXUS_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    request_body_timeout: Duration,
+    /// Idle time after which a TCP stream, upgraded connection or idle HTTP/2 client
+    /// connection is closed.
     #[arg(long, env = "PLEXUS_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     idle_timeout: Duration,
     #[arg(long, env = "PLEXUS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
@@ -163,6 +168,7 @@ impl ProxyArgs {
                 max_header_bytes: self.max_header_bytes,
                 max_connections: self.max_connections,
                 header_read_timeout: self.header_read_timeout,
+                request_body_timeout: self.request_body_timeout,
                 idle_timeout: self.idle_timeout,
                 connect_timeout: self.connect_timeout,
                 drain_timeout: self.drain_timeout,

@@ -25,17 +25,15 @@
 //! `/ns/<namespace>/` segment, and `unauthenticated: true` matches a request without a peer
 //! identity. Within `to`, each non-empty list is a condition and all must hold: `paths`
 //! (exact, or a prefix with a trailing `*`; `*` alone is any path), `methods` (exact) and
-//! `ports` (the Service port). Paths are compared after normalization (percent-encoded
-//! unreserved characters and slashes decoded, `.`/`..` segments resolved, repeated slashes
-//! merged), so
-//! `/public/../admin` (or `/public%2F..%2Fadmin`) cannot slip past a rule about `/admin`.
+//! `ports` (the Service port). Paths are compared as [`crate::normalize`] made them — the
+//! path the application receives — so `/public/../admin` cannot slip past a rule about
+//! `/admin`, and `/public%2F..%2Fadmin` never gets this far (400).
 //!
 //! An SMI TrafficTarget becomes an `allow` policy named `<namespace>/<name>` on every Service
 //! port with an endpoint running as its destination service account: only the listed source
 //! service accounts may call, and when it has rules, only with requests matching the named
 //! HTTPRouteGroup matches (SMI is deny-by-default for a destination with a TrafficTarget).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -68,6 +66,14 @@ impl Authorization {
     /// matches at the destination.
     pub fn needs_route(&self) -> bool {
         self.policies.iter().any(|p| !p.routes.is_empty())
+    }
+
+    /// The first allow or deny policy with an HTTP-level condition (`to.paths`, `to.methods`,
+    /// HTTPRouteGroup matches, or `targetRef.route`), if any. On such a port a connection that
+    /// is not HTTP is refused in its name: it carries no method or path such a rule could
+    /// judge, while the application may still read HTTP in it (SPEC §5).
+    pub fn http_policy(&self) -> Option<&AuthzPolicy> {
+        self.policies.iter().find(|p| p.action != AuthorizationAction::Audit && p.is_http_level()).map(|p| &**p)
     }
 }
 
@@ -145,7 +151,8 @@ pub struct AuthzRequest<'a> {
     /// The peer's verified SPIFFE ID; `None` when unauthenticated.
     pub peer: Option<&'a str>,
     pub method: &'a str,
-    /// The path as received (without query); it is normalized before matching.
+    /// The normalized path ([`crate::normalize::normalize_path`]), without query: the path
+    /// forwarded to the application.
     pub path: &'a str,
     /// The Service port the request is for.
     pub port: u16,
@@ -189,9 +196,9 @@ pub fn mesh_default(default: DefaultAuthorization) -> String {
 /// Decides whether `req` may reach the destination whose port holds `authz`; `default` is the
 /// MeshConfig `defaultAuthorization`.
 pub fn decide(authz: &Authorization, req: &AuthzRequest<'_>, default: DefaultAuthorization) -> AuthzDecision {
-    let path = normalize_path(req.path);
+    let path = req.path;
     let applicable = || authz.policies.iter().filter(|p| p.applies_to(req.route));
-    let matches = |p: &AuthzPolicy| p.matches(req, &path);
+    let matches = |p: &AuthzPolicy| p.matches(req, path);
     let audit: Vec<String> = applicable()
         .filter(|p| p.action == AuthorizationAction::Audit && !matches(p))
         .map(|p| p.name.clone())
@@ -222,6 +229,15 @@ impl AuthzPolicy {
 
     fn matches(&self, req: &AuthzRequest<'_>, path: &str) -> bool {
         self.rules.is_empty() || self.rules.iter().any(|r| r.matches(req, path))
+    }
+
+    fn is_http_level(&self) -> bool {
+        !self.routes.is_empty()
+            || self
+                .rules
+                .iter()
+                .filter_map(|r| r.to.as_ref())
+                .any(|t| !t.paths.is_empty() || !t.methods.is_empty() || t.requests.is_some())
     }
 
     /// Compiles an AuthorizationPolicy; `serviceAccounts` become SPIFFE IDs of `trust_domain`.
@@ -371,66 +387,6 @@ pub fn spiffe_namespace(id: &str) -> Option<&str> {
     segments.next().filter(|ns| !ns.is_empty())
 }
 
-/// The path as the application will most likely understand it, for matching only: the query
-/// cut off, percent-encoded unreserved characters (letters, digits, `-._~`) and slashes decoded, repeated
-/// slashes merged, `.` and `..` segments resolved (RFC 3986 §5.2.4); a trailing slash is kept.
-/// Paths not starting with `/` (`*`) are left alone.
-pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    if !path.starts_with('/') {
-        return Cow::Borrowed(path);
-    }
-    let plain = !path.contains('%') && !path.contains("//") && !path.split('/').any(|s| s == "." || s == "..");
-    if plain {
-        return Cow::Borrowed(path);
-    }
-    let decoded = decode_unreserved(path);
-    let ends_in_directory = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in decoded.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut out = String::with_capacity(decoded.len());
-    out.push('/');
-    out.push_str(&segments.join("/"));
-    if ends_in_directory && !segments.is_empty() {
-        out.push('/');
-    }
-    Cow::Owned(out)
-}
-
-/// Decodes `%XX` where XX encodes an unreserved character or `/`; everything else is kept as
-/// is. An encoded slash is decoded because many applications decode it before routing: kept
-/// encoded, `/public%2F..%2Fadmin` would match `/public/*` and reach `/admin`.
-fn decode_unreserved(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = path.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-            && (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/'))
-        {
-            out.push(char::from(b));
-            i += 3;
-            continue;
-        }
-        // Copy up to the next `%` (ASCII, so every index used here is a char boundary).
-        let from = if bytes[i] == b'%' { i + 1 } else { i };
-        let next = path[from..].find('%').map_or(bytes.len(), |n| from + n);
-        out.push_str(&path[i..next]);
-        i = next;
-    }
-    out
-}
-
 /// An HTTPRouteGroup match as route matchers: one per listed method (`*` or none: any).
 fn smi_matchers(m: &SmiHttpMatch) -> Vec<Matcher> {
     let anchored = |pattern: &str| Regex::new(&format!("^(?:{pattern})$")).ok();
@@ -575,10 +531,12 @@ spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}, {
     /// Decides as the destination sidecar does: the port's routes give the route.
     fn decide_on(snap: &MeshSnapshot, r: &Req<'_>) -> AuthzDecision {
         let (_, port) = snap.resolve_authority(&format!("reviews:{}", r.port)).expect("port");
-        let info = RouteRequest { method: r.method, path: r.path, query: None, headers: &r.headers };
+        // The proxy normalizes the path first (and answers 400 to what it refuses).
+        let path = crate::normalize::normalize_path(r.path, Default::default()).expect("a path the proxy forwards");
+        let info = RouteRequest { method: r.method, path: &path, query: None, headers: &r.headers };
         let route = port.routes.find(&info).map(|e| &*e.route);
         let request =
-            AuthzRequest { peer: r.peer, method: r.method, path: r.path, port: r.port, route, headers: &r.headers };
+            AuthzRequest { peer: r.peer, method: r.method, path: &path, port: r.port, route, headers: &r.headers };
         decide(&port.authorization, &request, snap.mesh.default_authorization)
     }
 
@@ -655,8 +613,10 @@ spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}, {
         for sneaky in ["/public/../admin/users", "//admin/users", "/%61dmin/users", "/./admin/x", "/x/%2e%2e/admin/y"] {
             assert!(!allowed(&snap, &req(None, sneaky)), "{sneaky} must be denied");
         }
-        assert!(!allowed(&snap, &req(None, "/admin%2Fusers")), "an encoded slash is a separator too");
-        assert!(allowed(&snap, &req(None, "/admin%5Cusers")), "a backslash is not");
+        // Ambiguous spellings never reach the decision: the proxy answers 400.
+        for refused in ["/admin%2Fusers", "/admin%5Cusers", "/public/..;x/admin/users", "/admin%252Fusers"] {
+            assert!(crate::normalize::normalize_path(refused, Default::default()).is_err(), "{refused}");
+        }
         // A deny without rules denies everything, even under a mesh default of allow.
         let all = snapshot(&policy("closed", "deny", "name: reviews", "[]"));
         assert_eq!(decide_on(&all, &req(Some(PRODUCTPAGE), "/")).denial().as_deref(), Some("denied by default/closed"));
@@ -811,25 +771,7 @@ spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}, {
     }
 
     #[test]
-    fn paths_are_normalized_for_matching() {
-        for (raw, want) in [
-            ("/a/b", "/a/b"),
-            ("/a/b?x=1", "/a/b"),
-            ("/a//b", "/a/b"),
-            ("/a/./b/", "/a/b/"),
-            ("/a/../../b", "/b"),
-            ("/a/..", "/"),
-            ("/%7Euser/%41%2fb", "/~user/A/b"),
-            ("/public%2F..%2Fadmin", "/admin"),
-            ("/100%", "/100%"),
-            ("/%zz/%4", "/%zz/%4"),
-            ("/caf%C3%A9/%2E%2E/x", "/x"),
-            ("/é//x", "/é/x"),
-            ("*", "*"),
-        ] {
-            assert_eq!(normalize_path(raw), want, "{raw}");
-        }
-        assert!(matches!(normalize_path("/plain/path"), Cow::Borrowed(_)));
+    fn path_patterns_and_spiffe_namespaces() {
         assert!(path_matches("*", "/x"));
         assert!(path_matches("/p/*", "/p/q/r"));
         assert!(!path_matches("/p/*", "/pq"));

@@ -17,6 +17,7 @@ use crate::decide::{self, Addressed, Outcome, RouteFailure};
 use crate::duration::format as fmt_duration;
 use crate::model::{AppProtocol, CompiledPort, CompiledService, Endpoint, MeshSnapshot};
 use crate::names::{ServiceName, split_authority};
+use crate::normalize;
 use crate::policy::{
     ClientPolicy, ConnectionLimits, FaultAbort, FaultDelay, HashKey, OutlierDetection, RateLimit, RetryBudget,
     RetryPolicy,
@@ -440,10 +441,20 @@ pub fn explain_as(
     if !path.starts_with('/') {
         return Err(format!("path {:?} must start with /", request.path));
     }
+    // What the proxy does first: refuse an ambiguous method or path (400), normalize the path.
+    let refused = |r: normalize::Refusal| format!("the proxy answers 400 to this request: {r}");
+    normalize::check_method(&request.method).map_err(refused)?;
+    let options = normalize::PathOptions { allow_encoded_slashes: snapshot.mesh.allow_encoded_slashes };
+    let path = normalize::normalize_path(path, options).map_err(refused)?;
+    let path: &str = &path;
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
     let info = RequestInfo { method: &request.method, path, query, headers: &headers };
     // A client addressing the Service as `to` sends `Host: <to>`; redirects keep host and port.
     let (host, host_port) = split_authority(to);
-    let addressed = Addressed { scheme: "http", host, port: host_port, path_and_query: &request.path };
+    let addressed = Addressed { scheme: "http", host, port: host_port, path_and_query: &path_and_query };
 
     let first = decide::decide(snapshot, service, port, &info, &addressed, 0);
     let entry = first.entry;
@@ -525,6 +536,10 @@ fn authorize(
     reaches_destination: bool,
 ) -> AuthorizationExplanation {
     let path = filters.rewrite.as_ref().and_then(|r| r.path.as_deref()).unwrap_or(info.path);
+    // The destination sidecar normalizes the (rewritten) path again.
+    let options = normalize::PathOptions { allow_encoded_slashes: snapshot.mesh.allow_encoded_slashes };
+    let path = normalize::normalize_path(path, options).unwrap_or(std::borrow::Cow::Borrowed(path));
+    let path: &str = &path;
     let arriving = RequestInfo { path, ..*info };
     let route = port.routes.find(&arriving).map(|e| &*e.route);
     let request = AuthzRequest {

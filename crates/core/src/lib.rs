@@ -13,6 +13,7 @@ pub mod latency;
 pub mod load;
 pub mod model;
 pub mod names;
+pub mod normalize;
 pub mod policy;
 pub mod resource;
 pub mod route;

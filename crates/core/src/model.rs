@@ -125,6 +125,8 @@ pub struct MeshSettings {
     pub mtls_mode: MtlsMode,
     pub default_authorization: DefaultAuthorization,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// `http.allowEncodedSlashes`: `%2F` in a path is forwarded undecoded instead of refused.
+    pub allow_encoded_slashes: bool,
     /// The MeshConfig as written, for the parts other modules read (tracing, access logs).
     pub config: MeshConfigSpec,
 }
@@ -142,6 +144,7 @@ impl MeshSettings {
             mtls_mode: spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default(),
             default_authorization: spec.default_authorization.unwrap_or_default(),
             outbound_traffic_policy: spec.outbound_traffic_policy.unwrap_or_default(),
+            allow_encoded_slashes: spec.http.as_ref().and_then(|h| h.allow_encoded_slashes).unwrap_or(false),
             config: spec.clone(),
         }
     }

@@ -77,6 +77,23 @@ impl ValuePattern {
     }
 }
 
+/// A header's value as header matches see it: a header sent more than once is its values
+/// joined with `,` in the order received (RFC 9110 §5.3; what Envoy matches, and what the
+/// Gateway API points to), so a match on `x-role: admin` does not match a request carrying
+/// `x-role: user` and `x-role: admin`. `None` when absent or not visible ASCII. Borrowed
+/// unless repeated.
+pub fn header_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<std::borrow::Cow<'h, str>> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next()?.to_str().ok()?;
+    let Some(second) = all.next() else { return Some(std::borrow::Cow::Borrowed(first)) };
+    let mut joined = format!("{first},{}", second.to_str().ok()?);
+    for v in all {
+        joined.push(',');
+        joined.push_str(v.to_str().ok()?);
+    }
+    Some(std::borrow::Cow::Owned(joined))
+}
+
 impl Matcher {
     /// Whether the request satisfies every condition.
     pub fn matches(&self, req: &RequestInfo<'_>) -> bool {
@@ -91,9 +108,7 @@ impl Matcher {
         };
         path_ok
             && self.method.as_deref().is_none_or(|m| m == req.method)
-            && self.headers.iter().all(|h| {
-                req.headers.get_all(h.name.as_str()).iter().any(|v| v.to_str().is_ok_and(|v| h.value.matches(v)))
-            })
+            && self.headers.iter().all(|h| header_value(req.headers, &h.name).is_some_and(|v| h.value.matches(&v)))
             && self.query_params.iter().all(|q| {
                 req.query
                     .unwrap_or("")

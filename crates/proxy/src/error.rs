@@ -30,6 +30,8 @@ pub enum ProxyError {
     Timeout,
     /// The client's request cannot be proxied.
     BadRequest(String),
+    /// The client stopped sending its request body (`--request-body-timeout`).
+    RequestBodyTimeout,
     /// A connection limit of the destination is reached (circuit open).
     Overloaded(String),
     /// The destination's rate limit is exhausted; retry after the given time.
@@ -52,6 +54,7 @@ impl ProxyError {
             ProxyError::ConnectFailed(_) | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
@@ -65,11 +68,11 @@ impl ProxyError {
     /// The matching gRPC status code.
     pub fn grpc_status(&self) -> u16 {
         match self {
-            ProxyError::Timeout => 4, // DEADLINE_EXCEEDED
+            ProxyError::Timeout | ProxyError::RequestBodyTimeout => 4, // DEADLINE_EXCEEDED
             ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::InvalidRoute(_) => 13, // INTERNAL
-            ProxyError::BadRequest(_) => 3, // INVALID_ARGUMENT
-            ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
-            ProxyError::Denied { .. } => 7, // PERMISSION_DENIED
+            ProxyError::BadRequest(_) => 3,                            // INVALID_ARGUMENT
+            ProxyError::RateLimited { .. } => 8,                       // RESOURCE_EXHAUSTED
+            ProxyError::Denied { .. } => 7,                            // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
             _ => 14, // UNAVAILABLE
         }
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "UC",
             ProxyError::Timeout => "UT",
             ProxyError::BadRequest(_) => "DPE",
+            ProxyError::RequestBodyTimeout => "SI",
             ProxyError::Overloaded(_) => "UO",
             ProxyError::RateLimited { .. } => "RL",
             ProxyError::Denied { .. } => "RBAC",
@@ -134,6 +138,7 @@ impl fmt::Display for ProxyError {
             ProxyError::UpstreamReset(e) => write!(f, "upstream reset: {e}"),
             ProxyError::Timeout => write!(f, "request timeout"),
             ProxyError::BadRequest(r) => write!(f, "bad request: {r}"),
+            ProxyError::RequestBodyTimeout => write!(f, "request body timeout"),
             ProxyError::Overloaded(r) => write!(f, "circuit open: {r}"),
             ProxyError::RateLimited { policy, .. } => write!(f, "rate limited by {policy}"),
             ProxyError::Denied { policy } => write!(f, "denied by {policy}"),

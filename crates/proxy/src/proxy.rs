@@ -732,7 +732,9 @@ async fn inbound_conn(
     let mut buf = BytesMut::with_capacity(4096);
     // Strict mTLS: nothing but mesh TLS reaches the app, so the app is never dialled early.
     let strict = state.discovery.current().mesh.mtls_mode == plexus_core::resource::MtlsMode::Strict;
-    let connect = app.clone().filter(|_| !strict).map(|d| {
+    // Nor when only HTTP may reach it: nothing reaches the app before it is authorized.
+    let http_only = app_port.is_some_and(|p| inbound::http_only(&state, p));
+    let connect = app.clone().filter(|_| !strict && !http_only).map(|d| {
         let state = state.clone();
         let peers = peers.clone();
         move || async move { dial(&state, &d, peers).await.map_err(io_error) }

@@ -121,6 +121,10 @@ pub struct Limits {
     /// Time allowed to receive a complete request head (slowloris protection).
     #[serde(with = "secs")]
     pub header_read_timeout: Duration,
+    /// Time a request body may go without a byte before the response starts (a stalled
+    /// upload): answered 408.
+    #[serde(with = "secs")]
+    pub request_body_timeout: Duration,
     /// Idle time after which a connection (HTTP keep-alive or TCP stream) is closed.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
@@ -148,6 +152,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),

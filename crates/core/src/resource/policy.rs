@@ -42,6 +42,19 @@ pub struct MeshConfigSpec {
     pub tracing: Option<TracingSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSettings>,
+}
+
+/// `http`: how the proxies read requests (SPEC §5).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Accept `%2F` in paths and forward it undecoded (default: answered 400), for
+    /// applications that need encoded slashes. Such an application must not decode `%2F`
+    /// before routing, or a path rule can be walked around.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_encoded_slashes: Option<bool>,
 }
 
 /// `mtls.mode`.

@@ -3,8 +3,12 @@
 //! Bodies are always streamed frame by frame (never collected), so trailers (gRPC) pass
 //! through and memory stays bounded whatever the size of the body.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
@@ -142,6 +146,110 @@ impl<F: FnOnce(u64, BodyEnd, Option<u16>)> http_body::Body for Metered<F> {
             Poll::Pending => {}
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What became of a client's request body: shared by the body ([`ClientBody`]) and the
+/// request's observation, which answers for the client's fault instead of the upstream's.
+#[derive(Debug, Default)]
+pub struct ClientBodyState {
+    /// Bytes read so far.
+    pub bytes: AtomicU64,
+    /// 0 (none), [`MALFORMED`] or [`STALLED`].
+    failure: AtomicU8,
+    /// Set once the response has started: a stall is then the application's business (a
+    /// gRPC stream waiting on its client), no longer an upload to time out.
+    responded: AtomicBool,
+}
+
+const MALFORMED: u8 = 1;
+const STALLED: u8 = 2;
+
+impl ClientBodyState {
+    /// The proxy's own error for a body the client broke: malformed (bad chunked encoding, a
+    /// length it did not keep, a reset) → 400; stalled → 408.
+    pub fn failure(&self) -> Option<crate::error::ProxyError> {
+        match self.failure.load(Ordering::Relaxed) {
+            MALFORMED => Some(crate::error::ProxyError::BadRequest("malformed request body".into())),
+            STALLED => Some(crate::error::ProxyError::RequestBodyTimeout),
+            _ => None,
+        }
+    }
+
+    pub fn responded(&self) {
+        self.responded.store(true, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body as the proxy reads it: bytes counted, a read error recorded as
+    /// the client's fault (its text never reaches anyone), and no frame for `timeout` before
+    /// the response starts ends it (a stalled upload). The timer exists only once a read has
+    /// had to wait.
+    pub struct ClientBody<B> {
+        #[pin]
+        inner: B,
+        state: Arc<ClientBodyState>,
+        timeout: Duration,
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<B> ClientBody<B> {
+    pub fn new(inner: B, state: Arc<ClientBodyState>, timeout: Duration) -> Self {
+        ClientBody { inner, state, timeout, stall: None, progressed: false }
+    }
+}
+
+impl<B> http_body::Body for ClientBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                *this.progressed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.state.failure.store(MALFORMED, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.state.responded.load(Ordering::Relaxed) {
+                    *this.stall = None;
+                    return Poll::Pending;
+                }
+                let deadline = tokio::time::Instant::now() + *this.timeout;
+                let stall = this.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if std::mem::take(this.progressed) {
+                    stall.as_mut().reset(deadline);
+                }
+                if stall.as_mut().poll(cx).is_ready() {
+                    this.state.failure.store(STALLED, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err("request body timeout".into())));
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

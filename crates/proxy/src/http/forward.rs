@@ -120,7 +120,7 @@ pub async fn to_service(
     if let Some(d) = deadline {
         obs.notes.add(|| format!("deadline in {} ms", d.saturating_duration_since(received).as_millis()));
     }
-    let incoming = obs.count_request_body(body::boxed(req.into_body()));
+    let incoming = obs.request_body(req.into_body());
     let notes = &obs.notes;
     let work = async {
         if let Some(e) = entry {

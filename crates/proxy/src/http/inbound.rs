@@ -18,7 +18,8 @@ use plexus_core::authz::{self, Authorization, AuthzRequest};
 use plexus_core::resource::DefaultAuthorization;
 use plexus_core::route::RequestInfo;
 
-use super::body::{self, Body};
+use super::admit::admit;
+use super::body::Body;
 use super::client::Proto;
 use super::observe::Observation;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
@@ -41,11 +42,15 @@ pub struct InboundConn {
 /// Handles one inbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let received = tokio::time::Instant::now();
-    let (head, mut obs) = Observation::start(state.clone(), "inbound", &mut req);
+    let (mut head, mut obs) = Observation::start(state.clone(), "inbound", &mut req);
     state.fill_destination(&mut obs.peers);
     if let Some(id) = &conn.peer_identity {
         obs.security = "mutual_tls";
         obs.peers.source_principal = id.as_str().into();
+    }
+    // The path normalized here is the one authorized and forwarded.
+    if let Err(e) = admit(&state, &mut head) {
+        return obs.fail(e);
     }
     let Some(app_port) = conn.app_port else {
         return obs.fail(ProxyError::NoEndpoints("the local application (no --app-port)".into()));
@@ -75,7 +80,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         // gRPC deadlines shrink here too: the app sees what is left, and an expired request
         // is answered DEADLINE_EXCEEDED without reaching it.
         let deadline = if obs.grpc { deadline::deadline(&head.headers, received, None) } else { None };
-        let b = obs.count_request_body(body::boxed(req.into_body()));
+        let b = obs.request_body(req.into_body());
         match head.upstream_request(&target, b, false) {
             Ok(mut up) => match deadline {
                 Some(d) if d <= tokio::time::Instant::now() => Err(ProxyError::Timeout),
@@ -131,11 +136,37 @@ pub fn authorize(
     authorize_parts(state, app_port, peer, parts, &head.headers, notes)
 }
 
-/// Authorizes an opaque TCP stream (or a TLS stream passed through) to the local app: as a
-/// request with no method and no path, so only rules without HTTP conditions (`to.paths`,
-/// `to.methods`) can match it, as Istio does for TCP.
+/// Authorizes a stream that is not HTTP (opaque TCP, TLS passed through, a mesh `plexus.tcp`
+/// stream) to the local app. On a port with HTTP-level rules (paths, methods, routes) it is
+/// refused in the name of the first such policy: it has no method or path those rules could
+/// judge, and the application may still read HTTP in it (SPEC §5). Otherwise it is decided as
+/// a request with no method and no path, so only rules without HTTP conditions match it, as
+/// Istio does for TCP.
 pub fn authorize_stream(state: &State, app_port: u16, peer: Option<&str>) -> Result<(), ProxyError> {
+    let snapshot = state.discovery.current();
+    if let Some((service, port)) = own_port(&snapshot, &state.settings, Some(app_port))
+        && let Some(policy) = port.authorization.http_policy()
+    {
+        return Err(denied(state, &service.name.name, &policy.name));
+    }
     authorize_parts(state, app_port, peer, ("", "", None), &http::HeaderMap::new(), &Notes::default())
+}
+
+/// Whether only HTTP may reach the application port `app_port` (its Service port has
+/// HTTP-level authorization rules): the app is then never dialled before a request is read.
+pub fn http_only(state: &State, app_port: u16) -> bool {
+    let snapshot = state.discovery.current();
+    own_port(&snapshot, &state.settings, Some(app_port)).is_some_and(|(_, p)| p.authorization.http_policy().is_some())
+}
+
+/// Counts a denial in `plexus_authz_denied_total` and makes its error.
+fn denied(state: &State, service: &str, policy: &str) -> ProxyError {
+    state
+        .metrics
+        .authz_denied
+        .get_or_create(&ServicePolicyLabels { destination_service: service.to_string(), policy: policy.to_string() })
+        .inc();
+    ProxyError::Denied { policy: policy.to_string() }
 }
 
 fn authorize_parts(
@@ -184,13 +215,5 @@ fn authorize_parts(
         return Ok(());
     }
     notes.add(|| format!("authorization: denied by {}", decision.policy));
-    state
-        .metrics
-        .authz_denied
-        .get_or_create(&ServicePolicyLabels {
-            destination_service: service.to_string(),
-            policy: decision.policy.clone(),
-        })
-        .inc();
-    Err(ProxyError::Denied { policy: decision.policy })
+    Err(denied(state, service, &decision.policy))
 }

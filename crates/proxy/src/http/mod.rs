@@ -2,6 +2,7 @@
 //! connections, upgrades, and per-request metrics and access logs.
 
 pub mod access_log;
+pub mod admit;
 pub mod body;
 pub mod client;
 pub mod deadline;

@@ -3,13 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use http::{Request, Response, Version};
 
 use super::access_log::{self, Format};
-use super::body::{self, Body, BodyEnd, Metered};
+use super::body::{self, Body, BodyEnd, ClientBody, ClientBodyState, Metered};
 use super::{Head, headers};
 use crate::error::ProxyError;
 use crate::metrics::{PeerLabels, RequestLabels, UNKNOWN};
@@ -42,7 +42,7 @@ pub struct Observation {
     /// The collector the span goes to (MeshConfig `tracing.otlpEndpoint`, sampled traces only).
     export_to: Option<String>,
     access_log: Option<Format>,
-    request_bytes: Arc<AtomicU64>,
+    request_body: Arc<ClientBodyState>,
 }
 
 impl Observation {
@@ -76,20 +76,24 @@ impl Observation {
             access_log: access_log::format(mesh, state.settings.access_log),
             span,
             notes: Notes::new(state.tap.active()),
-            request_bytes: Arc::new(AtomicU64::new(0)),
+            request_body: Arc::default(),
             state,
         };
         (head, obs)
     }
 
-    /// Wraps the request body so its size is counted.
-    pub fn count_request_body(&self, b: Body) -> Body {
-        let counter = self.request_bytes.clone();
-        body::boxed(Metered::new(b, move |n, _, _| counter.store(n, Ordering::Relaxed)))
+    /// The client's request body as forwarded: its size counted, its failures (malformed,
+    /// stalled longer than `--request-body-timeout`) answered as the client's (400, 408).
+    pub fn request_body(&self, b: hyper::body::Incoming) -> Body {
+        let timeout = self.state.settings.limits.request_body_timeout;
+        body::boxed(ClientBody::new(b, self.request_body.clone(), timeout))
     }
 
     /// Answers with a proxy-made error response.
     pub fn fail(self, err: ProxyError) -> Response<Body> {
+        // A request whose body the client broke fails because of it, whatever the upstream
+        // made of it: the client gets the proxy's own answer, no upstream error text.
+        let err = self.request_body.failure().unwrap_or(err);
         tracing::debug!(error = %err, authority = %self.authority, path = %self.path, "request failed");
         let flag = err.flag();
         let resp = err.into_response(self.grpc);
@@ -98,6 +102,7 @@ impl Observation {
 
     /// Passes the response on; metrics are recorded when its body ends.
     pub fn respond(self, resp: Response<Body>, flags: &'static str) -> Response<Body> {
+        self.request_body.responded();
         let (parts, b) = resp.into_parts();
         let status = parts.status.as_u16();
         let header_grpc = parts.headers.get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
@@ -121,7 +126,7 @@ impl Observation {
     fn record(self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
         let m = &self.state.metrics;
         let elapsed = self.started.elapsed();
-        let req_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let req_bytes = self.request_body.bytes.load(Ordering::Relaxed);
         let labels = RequestLabels {
             direction: self.direction,
             peers: self.peers.clone(),

@@ -16,6 +16,7 @@ use plexus_core::model::{CompiledPort, CompiledService};
 use plexus_core::names::split_authority;
 use plexus_core::{MeshSnapshot, ServiceName};
 
+use super::admit::admit;
 use super::body::{self, Body};
 use super::client;
 use super::forward::{self, app_protocol, describe_endpoint};
@@ -43,8 +44,12 @@ enum Dest<'a> {
 
 /// Handles one outbound request; never fails (errors become responses).
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
-    let (head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
+    let (mut head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
+    // The path normalized here is the one routed and forwarded.
+    if let Err(e) = admit(&state, &mut head) {
+        return obs.fail(e);
+    }
     // The rare paths (CONNECT, destinations outside the mesh) are boxed so that their futures
     // are not part of, and copied with, every mesh request's future.
     if req.method() == Method::CONNECT {
@@ -133,7 +138,7 @@ async fn direct(
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         forward_upgrade(&state, req, &head, &target).await
     } else {
-        let b = obs.count_request_body(body::boxed(req.into_body()));
+        let b = obs.request_body(req.into_body());
         match head.upstream_request(&target, b, false) {
             Ok(up) => state.pool.send(addr, target.proto, up).await,
             Err(e) => Err(e),

@@ -81,6 +81,19 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         let hello = sni::client_hello(&buf[5..end]).unwrap_or_default();
         return Some(Protocol::Tls { sni: hello.sni, alpn: hello.alpn });
     }
+    // Empty lines before the request line are skipped, as HTTP/1 servers do (RFC 9112 §2.2;
+    // hyper does): they cannot make an HTTP request look opaque. Anything else before it
+    // (spaces, other bytes) makes the stream opaque, and an opaque stream is refused on a port
+    // with HTTP-level authorization rules.
+    match buf.iter().position(|b| !matches!(b, b'\r' | b'\n')) {
+        None => None,
+        Some(start) => request_line(&buf[start..]),
+    }
+}
+
+/// Whether `buf` starts with an HTTP/1 request line's method: a known method, or an upper-case
+/// token followed by ` /`.
+fn request_line(buf: &[u8]) -> Option<Protocol> {
     match buf.iter().position(|b| *b == b' ') {
         Some(i) => {
             let token = &buf[..i];
@@ -200,6 +213,15 @@ mod tests {
         assert_eq!(classify(b"\x00\x01binary"), Some(Protocol::Opaque));
         assert_eq!(classify(b"HELLO world"), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Opaque));
+        // Empty lines before the request line do not hide it; other leading bytes make the
+        // stream opaque (refused on a port with HTTP-level rules).
+        assert_eq!(classify(b"\r\n\r\nGET /admin HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\n\nDELETE /x HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\n\r\n"), None);
+        assert_eq!(classify(b"\r\nGE"), None);
+        assert_eq!(classify(b" GET /admin HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get /admin HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"\r\n\x16\x03\x01"), Some(Protocol::Opaque));
         let hello = super::sni::tests::client_hello("db.prod");
         let mut record = vec![0x16, 3, 1];
         record.extend((hello.len() as u16).to_be_bytes());

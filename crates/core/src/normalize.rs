@@ -1,0 +1,312 @@
+//! The one normalizer of request paths and methods (SPEC §5, "Authorization decides on what is
+//! forwarded"): the proxy runs it on every request, inbound and outbound, before routing and
+//! authorization, and forwards what it returns; `plexus explain` runs it too. So routing,
+//! authorization and the application all see the same path.
+//!
+//! A path is normalized by
+//! - decoding percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §2.3);
+//!   other percent-encodings are kept, their hex digits upper-cased (§6.2.2.1);
+//! - merging repeated slashes (`//` → `/`);
+//! - removing `.` and `..` segments (§5.2.4; `..` never climbs above the root). A path ending
+//!   in a dot segment keeps its trailing slash (`/a/b/..` → `/a/`).
+//!
+//! A path is refused (the proxy answers 400 itself) when its meaning depends on who decodes it:
+//! an encoded `/` (`%2F`, unless MeshConfig `http.allowEncodedSlashes` lets it through,
+//! undecoded), an encoded `\` (`%5C`) or `%` (`%25`), a backslash, a NUL (`%00`) or any other
+//! control character, invalid percent-encoding (`%`, `%4`, `%zz`), or a dot segment carrying
+//! parameters (`..;x`, `.;x`: servlet containers strip the parameters and then climb).
+//!
+//! The query string is not touched: it is forwarded as received, and query matches see it as
+//! received.
+//!
+//! Methods are matched exactly as sent (case-sensitive, RFC 9110 §9.1), and a method with a
+//! lower-case letter is refused: applications that upper-case methods themselves (Werkzeug,
+//! and so Flask, does) would otherwise serve `delete` as `DELETE` past a rule about `DELETE`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// What may change how a path is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathOptions {
+    /// MeshConfig `http.allowEncodedSlashes`: `%2F` is accepted and forwarded undecoded.
+    pub allow_encoded_slashes: bool,
+}
+
+/// Why a request is refused before routing (the proxy's own 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `%2F` without `http.allowEncodedSlashes`.
+    EncodedSlash,
+    /// `%5C`.
+    EncodedBackslash,
+    /// `%25`.
+    EncodedPercent,
+    /// A literal `\`.
+    Backslash,
+    /// `%00`.
+    Nul,
+    /// A control character (literal, or encoded as `%01`–`%1F`, `%7F`).
+    ControlCharacter,
+    /// `%` not followed by two hex digits.
+    InvalidEncoding,
+    /// `..;x` or `.;x`.
+    DotSegmentParameters,
+    /// Neither `/…` nor `*`.
+    NotAPath,
+    /// A method containing a lower-case letter.
+    LowerCaseMethod,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::EncodedSlash => "encoded slash (%2F) in the path",
+            Refusal::EncodedBackslash => "encoded backslash (%5C) in the path",
+            Refusal::EncodedPercent => "encoded percent sign (%25) in the path",
+            Refusal::Backslash => "backslash in the path",
+            Refusal::Nul => "NUL (%00) in the path",
+            Refusal::ControlCharacter => "control character in the path",
+            Refusal::InvalidEncoding => "invalid percent-encoding in the path",
+            Refusal::DotSegmentParameters => "dot segment with parameters (..;) in the path",
+            Refusal::NotAPath => "the path does not start with /",
+            Refusal::LowerCaseMethod => "the method is not upper-case",
+        })
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The path as every party will read it, or why it is refused. Borrowed (no copy) when the
+/// path is already normal, which is every path a well-behaved client sends.
+pub fn normalize_path(path: &str, options: PathOptions) -> Result<Cow<'_, str>, Refusal> {
+    if is_normal(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    if path == "*" {
+        return Ok(Cow::Borrowed(path));
+    }
+    if path.is_empty() {
+        return Ok(Cow::Borrowed("/"));
+    }
+    if !path.starts_with('/') {
+        return Err(Refusal::NotAPath);
+    }
+    let decoded = decode(path, options)?;
+    Ok(Cow::Owned(remove_dot_segments(&decoded)?))
+}
+
+/// Whether `path` is already normal: starts with `/`; no `%`, `\` or control character; no
+/// empty segment but the last (`/a/` is normal, `/a//b` is not); no `.`/`..` segment, nor one
+/// starting with `.;`/`..;`. One pass over the bytes, no allocation.
+pub fn is_normal(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    // Bytes since the last `/`: the segment being read.
+    let mut start = 1;
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        match b {
+            b'%' | b'\\' | 0..=0x1f | 0x7f => return false,
+            b'/' => {
+                if !normal_segment(&bytes[start..i]) || i == start {
+                    return false;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    normal_segment(&bytes[start..])
+}
+
+/// A segment that is not a dot segment, with or without parameters.
+fn normal_segment(s: &[u8]) -> bool {
+    !matches!(s, [b'.'] | [b'.', b'.'] | [b'.', b';', ..] | [b'.', b'.', b';', ..])
+}
+
+/// Decodes percent-encoded unreserved characters, upper-cases other encodings, and refuses
+/// the ambiguous ones.
+fn decode(path: &str, options: PathOptions) -> Result<String, Refusal> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(Refusal::Backslash),
+            0..=0x1f | 0x7f => return Err(Refusal::ControlCharacter),
+            b'%' => {
+                let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2)) else {
+                    return Err(Refusal::InvalidEncoding);
+                };
+                let (Some(hi), Some(lo)) = (hex(h), hex(l)) else { return Err(Refusal::InvalidEncoding) };
+                let b = hi << 4 | lo;
+                match b {
+                    0 => return Err(Refusal::Nul),
+                    0x01..=0x1f | 0x7f => return Err(Refusal::ControlCharacter),
+                    b'/' if options.allow_encoded_slashes => out.push_str("%2F"),
+                    b'/' => return Err(Refusal::EncodedSlash),
+                    b'\\' => return Err(Refusal::EncodedBackslash),
+                    b'%' => return Err(Refusal::EncodedPercent),
+                    b if is_unreserved(b) => out.push(char::from(b)),
+                    b => {
+                        out.push('%');
+                        out.push(char::from(HEX[usize::from(b >> 4)]));
+                        out.push(char::from(HEX[usize::from(b & 0xf)]));
+                    }
+                }
+                i += 3;
+            }
+            _ => {
+                // Up to the next byte needing a look (all ASCII, so a char boundary).
+                let next = bytes[i..]
+                    .iter()
+                    .position(|&b| matches!(b, b'%' | b'\\' | 0..=0x1f | 0x7f))
+                    .map_or(bytes.len(), |n| i + n);
+                out.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// RFC 3986 §2.3.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Merges empty segments and removes dot segments of a decoded path starting with `/`;
+/// refuses a dot segment with parameters (`;` or its encoding `%3B`).
+fn remove_dot_segments(decoded: &str) -> Result<String, Refusal> {
+    let mut segments: Vec<&str> = Vec::new();
+    let mut directory = false;
+    for segment in decoded[1..].split('/') {
+        let bare = segment.split(';').next().unwrap_or(segment);
+        let bare = bare.split("%3B").next().unwrap_or(bare);
+        if (bare == "." || bare == "..") && bare.len() != segment.len() {
+            return Err(Refusal::DotSegmentParameters);
+        }
+        directory = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if directory || segments.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Refuses a method with a lower-case letter (see the module documentation); methods are
+/// otherwise compared exactly as sent.
+pub fn check_method(method: &str) -> Result<(), Refusal> {
+    if method.bytes().any(|b| b.is_ascii_lowercase()) { Err(Refusal::LowerCaseMethod) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, Refusal> {
+        normalize_path(p, PathOptions::default()).map(|c| c.into_owned())
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in ["/", "/a", "/a/", "/a/b.c/d", "/public/x~y_z-1", "/a;b=c", "/.well-known/x", "/a/..b", "/a/.b", "*"] {
+            assert!(matches!(normalize_path(p, PathOptions::default()), Ok(Cow::Borrowed(x)) if x == p), "{p}");
+        }
+    }
+
+    #[test]
+    fn normalizes() {
+        let cases = [
+            ("/public/../admin", "/admin"),
+            ("/public/./admin", "/public/admin"),
+            ("//admin", "/admin"),
+            ("/public//admin///", "/public/admin/"),
+            ("/%61dmin", "/admin"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/public/%2E%2E/admin", "/admin"),
+            ("/public/.%2e/admin", "/admin"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("/a%20b", "/a%20b"),
+            ("/a%3fb", "/a%3Fb"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/%7euser", "/~user"),
+            ("/a;x/b", "/a;x/b"),
+            ("", "/"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(norm(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn refuses_ambiguous_paths() {
+        let cases = [
+            ("/public%2F..%2Fadmin", Refusal::EncodedSlash),
+            ("/a%2fb", Refusal::EncodedSlash),
+            ("/a%5cb", Refusal::EncodedBackslash),
+            ("/a%255c", Refusal::EncodedPercent),
+            ("/a%252e%252e/admin", Refusal::EncodedPercent),
+            ("/a\\..\\admin", Refusal::Backslash),
+            ("/admin%00.html", Refusal::Nul),
+            ("/admin%0a", Refusal::ControlCharacter),
+            ("/a%", Refusal::InvalidEncoding),
+            ("/a%4", Refusal::InvalidEncoding),
+            ("/a%zz", Refusal::InvalidEncoding),
+            ("/a%+1", Refusal::InvalidEncoding),
+            ("/public/..;x/admin", Refusal::DotSegmentParameters),
+            ("/public/.;x/admin", Refusal::DotSegmentParameters),
+            ("/public/..;/admin", Refusal::DotSegmentParameters),
+            ("/public/%2e%2e;x/admin", Refusal::DotSegmentParameters),
+            ("/public/..%3bx/admin", Refusal::DotSegmentParameters),
+            ("admin", Refusal::NotAPath),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(norm(raw), Err(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn encoded_slashes_pass_undecoded_when_allowed() {
+        let allow = PathOptions { allow_encoded_slashes: true };
+        assert_eq!(normalize_path("/a%2fb/./c", allow).as_deref(), Ok("/a%2Fb/c"));
+        assert_eq!(normalize_path("/a%5cb", allow), Err(Refusal::EncodedBackslash));
+    }
+
+    #[test]
+    fn methods_are_exact_and_upper_case() {
+        assert_eq!(check_method("GET"), Ok(()));
+        assert_eq!(check_method("M-SEARCH"), Ok(()));
+        for m in ["get", "Delete", "dELETE", "purge"] {
+            assert_eq!(check_method(m), Err(Refusal::LowerCaseMethod), "{m}");
+        }
+    }
+}
