@@ -102,7 +102,7 @@ pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
     if args.method.is_empty() || Method::from_bytes(args.method.as_bytes()).is_err() {
         return Err(Failure::usage(format!("--method {:?} is not an HTTP method", args.method)));
     }
-    let request = ExplainRequest { method: args.method.clone(), path: args.path.clone(), headers };
+    let request = ExplainRequest { method: args.method.to_ascii_uppercase(), path: args.path.clone(), headers };
     let (resources, snapshot, config) = resources(&args).await?;
     let client =
         client_identity(&resources, &snapshot.mesh.trust_domain, args.from.as_deref()).map_err(Failure::usage)?;
