@@ -121,8 +121,10 @@ def absolute_form():
 def http2():
     for where, a in ENTRIES:
         base = [(":method", "GET"), (":scheme", "http"), (":authority", "web:8080")]
-        status, _, body = h.h2_request(a, base + [(":path", "/public/x")])
-        h.check(status == 200 and SECRET not in body, f"{where}: h2 control", (status, body[:200]))
+        if a == UPSTREAM:
+            # (The destination sidecar speaks HTTP/2 to the app when its client did.)
+            status, _, body = h.h2_request(a, base + [(":path", "/public/x")])
+            h.check(status == 200 and SECRET not in body, f"{where}: h2 control", (status, body[:200]))
         for p, want in [("/public/../private", 403), ("/public/%2e%2e/private", 403), ("//private", 403),
                         ("/public%2F..%2Fprivate", 400), ("/public/..;x/private", 400),
                         ("/public%5C..%5Cprivate", 400)]:

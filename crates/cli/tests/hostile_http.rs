@@ -78,7 +78,7 @@ impl Mesh {
         let app_port = app.ready_port()?;
         let file = dir.join("mesh.yaml");
         let path = file.to_str().context("utf-8 path")?;
-        let port = ServicePort::new("http", 8080, None);
+        let port = ServicePort::new("http", 8080, Some("http"));
         let service = Resources::new().service("web", std::slice::from_ref(&port)).raw(POLICIES);
         service.write(&file)?;
         let app_arg = app_port.to_string();
@@ -87,7 +87,9 @@ impl Mesh {
         args.extend(["--admin-port", "0", "--app-port", &app_arg, "--service", "web", "--workload", "web-1"]);
         args.extend(common);
         let server = Proxy::start_named("server-sidecar", PLEXUS, &args).await?;
-        service.workload(&WorkloadSpec::meshed("web-1", "web", "http", server.inbound().port(), app_port)).write(&file)?;
+        service
+            .workload(&WorkloadSpec::meshed("web-1", "web", "http", server.inbound().port(), app_port))
+            .write(&file)?;
         let mut args = vec!["proxy", "--resources", path, "--outbound-port", "0", "--inbound-port", "0"];
         args.extend(["--admin-port", "0", "--upstream", "web:8080=0"]);
         args.extend(common);
