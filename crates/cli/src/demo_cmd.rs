@@ -227,6 +227,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         workload: Some("ingress-gateway".into()),
         service: Some("ingress-gateway".into()),
         limits: plexus_proxy::settings::Limits { drain_timeout: EDGE_DRAIN, ..Default::default() },
+        mode: plexus_proxy::settings::Mode::Ingress,
         ..Settings::default()
     };
     let ingress = Sidecar::start(

@@ -150,6 +150,7 @@ impl ProxyArgs {
     pub fn settings(self) -> Settings {
         Settings {
             identity: None,
+            mode: self.mode.parse().unwrap_or_default(),
             outbound: SocketAddr::new(self.outbound_ip, self.outbound_port),
             inbound: SocketAddr::new(self.inbound_ip, self.inbound_port),
             admin: SocketAddr::new(self.admin_ip, self.admin_port),

@@ -310,7 +310,7 @@ async fn reloads_keep_open_streams_and_lose_no_requests() -> Result<()> {
 }
 
 /// A server that accepts any HTTP/1.1 Upgrade request with `101` and then echoes raw bytes, as
-/// a WebSocket server does after its handshake.
+/// a WebSocket server does after its handshake (the proxy carries out WebSocket upgrades only).
 async fn start_upgrade_echo() -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -325,7 +325,7 @@ async fn start_upgrade_echo() -> Result<SocketAddr> {
                     }
                     head.push(byte[0]);
                 }
-                let resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: plexus-echo\r\n\r\n";
+                let resp = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
                 if s.write_all(resp).await.is_err() {
                     return;
                 }
@@ -340,8 +340,7 @@ async fn start_upgrade_echo() -> Result<SocketAddr> {
 /// Opens an HTTP/1.1 Upgrade connection (through the proxy) to the upgrade echo server.
 async fn open_upgrade(addr: SocketAddr) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: ws:8081\r\nConnection: Upgrade\r\nUpgrade: plexus-echo\r\n\r\n")
-        .await?;
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: ws:8081\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await?;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

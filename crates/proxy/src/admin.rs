@@ -1,31 +1,134 @@
 //! The admin server (SPEC §5): `/ready`, `/live`, `/metrics`, `/config`, `/tap` (JSON lines,
 //! see [`crate::tap`]), `POST /shutdown`.
+//!
+//! Who may ask what ([`Caller`]):
+//! - `/ready`, `/live`, `/metrics`: anyone who reaches the port (scrapers, probes).
+//! - `/config`, `/tap`: a caller on loopback, or, from anywhere else (a pod address),
+//!   only the control plane over mutual TLS: the port also accepts TLS (told apart by its first
+//!   byte), requires a client certificate chained to the mesh trust anchor, and these two
+//!   endpoints then answer only the identity `control_plane_spiffe_id(trust domain)`.
+//! - `POST /shutdown`: a plaintext caller on loopback only, with no `Origin` header (a
+//!   browser's cross-site form post carries one) and a `Host` naming the admin address itself
+//!   (DNS rebinding sends the attacker's name).
+//!
+//! Everything refused is answered `403` with `x-plexus-error`.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
+use crate::error::ERROR_HEADER;
 use crate::http::body::{self, Body};
 use crate::proxy::State;
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What the admin server knows about who is asking.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    /// The peer connected from a loopback address, in plaintext.
+    local: bool,
+    /// The peer proved the control plane's identity with a mesh client certificate.
+    control_plane: bool,
+}
 
 /// Serves the admin endpoints until aborted.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else { continue };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            if let Err(e) = serve_conn(state, stream, peer).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
         });
     }
+}
+
+async fn serve_conn(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(state.settings.limits.header_read_timeout, stream.peek(&mut first)).await;
+    let Ok(Ok(1)) = peeked else { return Ok(()) };
+    let tls = state.settings.identity.as_ref().map(|i| &i.credentials).filter(|c| c.ready());
+    if first[0] == TLS_HANDSHAKE
+        && let Some(credentials) = tls
+    {
+        // The workload certificate serves; the client must present one chained to the trust
+        // anchor (no ALPN: HTTP/1 inside).
+        let mut config = (*credentials.server_config().map_err(std::io::Error::other)?).clone();
+        config.alpn_protocols.clear();
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(stream);
+        let tls = tokio::time::timeout(state.settings.limits.header_read_timeout, accept)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let peer_id = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::spiffe_id_of);
+        let control_plane = peer_id.is_some_and(|id| control_plane_identity(&state).is_some_and(|cp| cp == id));
+        let caller = Caller { local: false, control_plane };
+        return serve_http(state, TokioIo::new(tls), caller).await;
+    }
+    let caller = Caller { local: peer.ip().to_canonical().is_loopback(), control_plane: false };
+    serve_http(state, TokioIo::new(stream), caller).await
+}
+
+async fn serve_http<I>(state: Arc<State>, io: I, caller: Caller) -> std::io::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(&state, caller, req)) }
+    });
+    hyper::server::conn::http1::Builder::new().serve_connection(io, service).await.map_err(std::io::Error::other)
+}
+
+/// The control plane's SPIFFE ID in this proxy's trust domain (known once it has a certificate).
+fn control_plane_identity(state: &State) -> Option<String> {
+    let own = state.settings.identity.as_ref()?.spiffe_id()?;
+    let trust_domain = own.strip_prefix("spiffe://")?.split('/').next()?;
+    Some(plexus_core::names::control_plane_spiffe_id(trust_domain))
+}
+
+/// Whether `req` may shut the proxy down: plaintext from this host, no `Origin`, and a `Host`
+/// that is the admin address (its IP, or `localhost` when it listens on loopback; an
+/// unspecified admin address accepts any of this host's loopback addresses) with its port.
+fn may_shut_down(state: &State, caller: Caller, req: &Request<Incoming>) -> Result<(), &'static str> {
+    if !caller.local {
+        return Err("POST /shutdown is accepted only on loopback");
+    }
+    if req.headers().contains_key(header::ORIGIN) {
+        return Err("POST /shutdown is refused with an Origin header");
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h.to_str().unwrap_or_default(),
+        _ => return Err("POST /shutdown needs exactly one Host header naming the admin address"),
+    };
+    if req.uri().authority().is_some_and(|a| a.as_str() != host) {
+        return Err("POST /shutdown: the request target names another host");
+    }
+    let admin = state.settings.admin;
+    let (name, port) = plexus_core::names::split_authority(host);
+    let ip_ok = match name.parse::<IpAddr>() {
+        Ok(ip) => ip == admin.ip() || (admin.ip().is_unspecified() && ip.to_canonical().is_loopback()),
+        Err(_) => name == "localhost" && (admin.ip().is_loopback() || admin.ip().is_unspecified()),
+    };
+    if !ip_ok || port != Some(admin.port()) {
+        return Err("POST /shutdown: Host is not the admin address");
+    }
+    Ok(())
+}
+
+fn forbidden(reason: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::FORBIDDEN, "text/plain", format!("{reason}\n"));
+    r.headers_mut().insert(ERROR_HEADER, header::HeaderValue::from_static(reason));
+    r
 }
 
 fn text(status: StatusCode, content_type: &'static str, body_text: String) -> Response<Body> {
@@ -35,8 +138,18 @@ fn text(status: StatusCode, content_type: &'static str, body_text: String) -> Re
     r
 }
 
-fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
+fn route(state: &Arc<State>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if matches!(path, "/config" | "/tap") && !caller.local && !caller.control_plane {
+        return forbidden("/config and /tap answer only on loopback or to the control plane over mTLS");
+    }
+    if req.method() == Method::POST
+        && path == "/shutdown"
+        && let Err(reason) = may_shut_down(state, caller, &req)
+    {
+        return forbidden(reason);
+    }
+    match (req.method(), path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "text/plain", "live\n".into()),
         (&Method::GET, "/ready") if state.draining() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())

@@ -43,6 +43,9 @@ pub enum ProxyError {
     FaultAbort { fault: String, http_status: u16, grpc_status: u16 },
     /// The matched rule cannot be served (e.g. an ExtensionRef to a missing FaultInjection).
     InvalidRoute(String),
+    /// The proxy does not forward this at all: a gateway asked for what its configuration does
+    /// not define (CONNECT, another host), or a request to the proxy's own listeners.
+    Forbidden(String),
 }
 
 impl ProxyError {
@@ -62,6 +65,7 @@ impl ProxyError {
                 StatusCode::from_u16(*http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             ProxyError::InvalidRoute(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -72,7 +76,7 @@ impl ProxyError {
             ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::InvalidRoute(_) => 13, // INTERNAL
             ProxyError::BadRequest(_) => 3,                            // INVALID_ARGUMENT
             ProxyError::RateLimited { .. } => 8,                       // RESOURCE_EXHAUSTED
-            ProxyError::Denied { .. } => 7,                            // PERMISSION_DENIED
+            ProxyError::Denied { .. } | ProxyError::Forbidden(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
             _ => 14, // UNAVAILABLE
         }
@@ -92,7 +96,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "RL",
             ProxyError::Denied { .. } => "RBAC",
             ProxyError::FaultAbort { .. } => "FI",
-            ProxyError::InvalidRoute(_) => "NR",
+            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) => "NR",
         }
     }
 
@@ -144,6 +148,7 @@ impl fmt::Display for ProxyError {
             ProxyError::Denied { policy } => write!(f, "denied by {policy}"),
             ProxyError::FaultAbort { fault, .. } => write!(f, "fault injected by {fault}"),
             ProxyError::InvalidRoute(r) => write!(f, "invalid route: {r}"),
+            ProxyError::Forbidden(r) => write!(f, "not forwarded: {r}"),
         }
     }
 }

@@ -133,11 +133,15 @@ impl State {
             .inc();
     }
 
-    /// Whether `addr` is one of this proxy's own listeners (a request loop).
-    pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|l| {
-            l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified() || addr.ip().is_loopback())
-        })
+    /// Whether connecting to `addr` would reach one of this proxy's own listeners (outbound,
+    /// inbound, admin, `--upstream` binds): the one check every forwarding to an address a
+    /// client named goes through (CONNECT, absolute-form, `Host`, original destination).
+    /// It compares the resolved socket address, never a spelling: any address of this host
+    /// (loopback, unspecified, IPv4-mapped, or assigned to an interface) on a listener's port
+    /// counts, since an unspecified listener accepts on every local address — and refusing
+    /// another local address on the same port costs nothing legitimate.
+    pub fn is_self(&self, addr: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|l| l.port() == addr.port()) && is_local_ip(addr.ip())
     }
 
     /// Counts a TCP stream as opened.
@@ -191,6 +195,13 @@ impl State {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// Whether `ip` is an address of this host (in this network namespace): loopback, unspecified
+/// (connecting to it reaches the host itself), or one a socket can bind to (an interface's).
+pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// The addresses a running proxy listens on.
@@ -440,66 +451,13 @@ struct Dialed {
     security: &'static str,
 }
 
-/// A plain upstream stream, or mesh mTLS to a peer sidecar (ALPN `plexus.tcp`).
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for Upstream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Upstream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Upstream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+use crate::http::client::PeerStream as Upstream;
 
 impl AsRef<TcpStream> for Dialed {
     /// The TCP socket under the stream: server-first detection waits for it to become
     /// readable (mesh TLS servers send no session tickets, so only the app's bytes do that).
     fn as_ref(&self) -> &TcpStream {
-        match &self.stream {
-            Upstream::Plain(s) => s,
-            Upstream::Tls(s) => s.get_ref().0,
-        }
+        self.stream.tcp()
     }
 }
 
@@ -524,14 +482,10 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                 peers.destination_service = name.name.as_str().into();
                 peers.destination_workload = ep.workload.clone();
                 peers.destination_version = ep.version.clone().unwrap_or_else(crate::metrics::unknown);
-                let peer = ep.principal.clone();
-                let connected = match client::connect(ep.addr, timeout, state.settings.outbound_mark).await {
-                    Ok(tcp) => mesh_tcp(state, tcp, peer.as_deref()).await,
-                    Err(e) => Err(e),
-                };
-                match connected {
-                    Ok((stream, security)) => {
+                match state.pool.connect_peer(ep.addr, None, ep.principal.as_ref(), crate::tls::ALPN_TCP).await {
+                    Ok(stream) => {
                         pick.finish(true);
+                        let security = if stream.is_mtls() { "mutual_tls" } else { "none" };
                         return Ok(Dialed { stream, peers, security });
                     }
                     Err(e) => {
@@ -545,29 +499,6 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
             }
         }
     }
-}
-
-/// Wraps a connection to a peer sidecar in mesh mTLS (ALPN `plexus.tcp`) when this proxy has
-/// a certificate; plain otherwise.
-async fn mesh_tcp(state: &State, tcp: TcpStream, peer: Option<&str>) -> Result<(Upstream, &'static str), ProxyError> {
-    let credentials = state.settings.identity.as_ref().map(|i| &i.credentials).filter(|c| c.ready());
-    let (Some(id), Some(credentials)) = (peer, credentials) else { return Ok((Upstream::Plain(tcp), "none")) };
-    let config = credentials
-        .client_config(id, crate::tls::ALPN_TCP)
-        .map_err(|e| ProxyError::ConnectFailed(std::io::Error::other(e.to_string())))?;
-    // The handshake counts as part of connecting: a peer that never answers TLS fails fast.
-    let handshake = tokio_rustls::TlsConnector::from(config).connect(crate::tls::MeshCredentials::server_name(), tcp);
-    let tls = match tokio::time::timeout(state.settings.limits.connect_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(ProxyError::ConnectFailed(std::io::Error::other(format!("mTLS to {id}: {e}")))),
-        Err(_) => {
-            return Err(ProxyError::ConnectFailed(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("mTLS handshake with {id} timed out"),
-            )));
-        }
-    };
-    Ok((Upstream::Tls(Box::new(tls)), "mutual_tls"))
 }
 
 fn io_error(e: ProxyError) -> std::io::Error {
@@ -633,7 +564,10 @@ async fn outbound_conn(
         Some((name, _)) => state.discovery.ensure(std::slice::from_ref(name), DISCOVERY_WAIT).await,
         None => state.discovery.current(),
     };
-    let orig_dst = if bound.is_none() { original_dst(&stream) } else { None };
+    // A gateway's outbound port forwards nothing (SPEC §5): no original destination, no
+    // passthrough by SNI — only HTTP, answered 403.
+    let gateway = state.settings.mode == crate::settings::Mode::Ingress;
+    let orig_dst = if bound.is_none() && !gateway { original_dst(&stream) } else { None };
     let mut peers = PeerLabels::default();
     state.fill_source(&mut peers);
     let (tcp_dest, declared_opaque) = match (&bound, orig_dst) {
@@ -641,10 +575,16 @@ async fn outbound_conn(
             Some(p) => (Some(TcpDest::Service(name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection())),
             None => (None, false),
         },
-        (None, Some(orig)) => match snapshot.service_by_endpoint(orig) {
-            Some((s, p)) => {
-                (Some(TcpDest::Service(s.name.clone(), p.port)), p.protocol.is_some_and(|p| p.skips_detection()))
+        // An endpoint of a Service, or a Service's virtual IP (netns mode): balanced over its
+        // endpoints with mTLS like every path into the mesh; anything else as addressed.
+        (None, Some(orig)) => match state.service_for_orig_dst(orig).await {
+            Some((name, port)) => {
+                let snapshot = state.discovery.current();
+                let declared = snapshot.services.get(&name).and_then(|s| s.port(Some(port)));
+                let opaque = declared.is_some_and(|p| p.protocol.is_some_and(|p| p.skips_detection()));
+                (Some(TcpDest::Service(name, port)), opaque)
             }
+            None if state.is_self(orig) => (None, false),
             None => (Some(TcpDest::Addr(orig)), false),
         },
         (None, None) => (None, false),
@@ -677,7 +617,7 @@ async fn outbound_conn(
         Ok(Sniffed::Client(protocol, early)) => {
             // TLS passes through by SNI when the destination is not otherwise known.
             let dest = tcp_dest.or_else(|| match &protocol {
-                Protocol::Tls { sni: Some(host), .. } => {
+                Protocol::Tls { sni: Some(host), .. } if !gateway => {
                     snapshot.resolve_authority(host).map(|(s, p)| TcpDest::Service(s.name.clone(), p.port))
                 }
                 _ => None,
@@ -763,28 +703,52 @@ async fn inbound_conn(
         drop(permit);
         return;
     }
-    match sniffed {
-        Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
-            drop(early);
-            let conn = Arc::new(InboundConn { peer, app_port, peer_identity: None });
-            let handler_state = state.clone();
-            let io = PrefixedIo::new(buf.freeze(), stream);
-            state.http.serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
-        }
-        Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => {
-            forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await
-        }
-        Ok(Sniffed::Client(_, None)) => match &app {
-            Some(dest) => {
-                let up = dial(&state, dest, peers).await;
-                forward_opaque(&state, "inbound", stream, &buf, up).await;
+    // A plaintext connection serves only while the mesh is permissive: switching MeshConfig to
+    // strict closes it (SPEC §5), however long it has been kept alive.
+    let serve = async {
+        match sniffed {
+            Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
+                drop(early);
+                let conn = Arc::new(InboundConn { peer, app_port, peer_identity: None });
+                let handler_state = state.clone();
+                let io = PrefixedIo::new(buf.freeze(), stream);
+                state
+                    .http
+                    .serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req))
+                    .await;
             }
-            None => tracing::debug!(%peer, "inbound stream with no application port; closing"),
-        },
-        Ok(Sniffed::Closed | Sniffed::TimedOut) => {}
-        Err(e) => tracing::debug!(%peer, error = %e, "inbound connection failed during detection"),
+            Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => {
+                forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await
+            }
+            Ok(Sniffed::Client(_, None)) => match &app {
+                Some(dest) => {
+                    let up = dial(&state, dest, peers).await;
+                    forward_opaque(&state, "inbound", stream, &buf, up).await;
+                }
+                None => tracing::debug!(%peer, "inbound stream with no application port; closing"),
+            },
+            Ok(Sniffed::Closed | Sniffed::TimedOut) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "inbound connection failed during detection"),
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = strict_enabled(&state) => tracing::debug!(%peer, "strict mTLS: closing a plaintext inbound connection"),
     }
     drop(permit);
+}
+
+/// Completes once MeshConfig's mTLS mode is strict (at once if it already is).
+async fn strict_enabled(state: &State) {
+    let mut changes = state.discovery.subscribe();
+    loop {
+        if state.discovery.current().mesh.mtls_mode == plexus_core::resource::MtlsMode::Strict {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Terminates mesh mutual TLS on the inbound listener: the client certificate is required and

@@ -30,6 +30,33 @@ impl FromStr for LoadBalancer {
     }
 }
 
+/// What a proxy is (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// A workload's sidecar: its outbound port is also an HTTP proxy into the mesh.
+    #[default]
+    Sidecar,
+    /// The mesh's ingress gateway: forwards only what its configuration defines (its
+    /// `--upstream` binds); no CONNECT, no absolute-form requests to other hosts, nothing on
+    /// its outbound port.
+    Ingress,
+    /// The mesh's egress gateway.
+    Egress,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sidecar" => Ok(Mode::Sidecar),
+            "ingress" => Ok(Mode::Ingress),
+            "egress" => Ok(Mode::Egress),
+            other => Err(format!("unknown mode {other:?} (use sidecar, ingress or egress)")),
+        }
+    }
+}
+
 /// `--upstream SERVICE[.NAMESPACE][:PORT]=[IP:]LOCALPORT`: a local port whose every connection
 /// goes to one Service port.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -84,6 +111,7 @@ pub struct Settings {
     /// plaintext (e.g. `--resources` mode).
     #[serde(skip)]
     pub identity: Option<std::sync::Arc<crate::identity::WorkloadIdentity>>,
+    pub mode: Mode,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
@@ -166,6 +194,7 @@ impl Default for Settings {
         let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         Settings {
             identity: None,
+            mode: Mode::Sidecar,
             outbound: local(7710),
             inbound: local(7711),
             admin: local(7712),

@@ -28,6 +28,74 @@ pub enum Proto {
     Http2,
 }
 
+/// A stream to an upstream: plain TCP, or mesh mutual TLS to a peer sidecar
+/// ([`Pool::connect_peer`]).
+pub enum PeerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl PeerStream {
+    /// Whether the stream runs over mesh mutual TLS.
+    pub fn is_mtls(&self) -> bool {
+        matches!(self, PeerStream::Tls(_))
+    }
+
+    /// The TCP socket under the stream.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            PeerStream::Plain(s) => s,
+            PeerStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Pooled HTTP/1 connections returned longer ago than this are closed rather than reused.
 const IDLE_TTL: Duration = Duration::from_secs(30);
 /// At most this many HTTP/1 connections are pooled per endpoint.
@@ -120,6 +188,15 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> 
     Ok(stream)
 }
 
+/// A `101 Switching Protocols` answering a request that asked for no upgrade (only WebSocket
+/// upgrades go through [`Pool::send_upgrade`]) is an upstream failure: nothing is spliced.
+fn not_switching(resp: Response<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UpstreamReset("the upstream switched protocols unasked".into()));
+    }
+    Ok(resp)
+}
+
 /// Maps a hyper client error to the proxy's error.
 pub fn upstream_error(e: hyper::Error) -> ProxyError {
     if e.is_timeout() {
@@ -154,15 +231,19 @@ impl Pool {
         peer.is_some() && self.credentials.as_ref().is_some_and(|c| c.ready())
     }
 
-    /// Dials `addr`; over mutual TLS (ALPN `alpn`) when the peer is a sidecar and this proxy has
-    /// a certificate.
-    async fn dial(
+    /// Connects to an upstream: THE one way to reach a meshed endpoint (SPEC §5). Every path
+    /// to a peer sidecar — routes and their retries, mirrors, upgrades, CONNECT to a Service,
+    /// opaque TCP in explicit, `--upstream` and transparent modes — dials through here with the
+    /// endpoint's expected SPIFFE ID `peer`: when this proxy has a certificate, the stream is
+    /// mutual TLS (ALPN `alpn` says what runs inside) and the handshake fails unless the server
+    /// proves exactly that identity. `peer` `None` (an endpoint outside the mesh) dials plain TCP.
+    pub async fn connect_peer(
         &self,
         addr: SocketAddr,
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
         alpn: &[u8],
-    ) -> Result<Box<dyn crate::transport::io::Io>, ProxyError> {
+    ) -> Result<PeerStream, ProxyError> {
         let stream = self.dialer.connect_within(addr, timeout).await?;
         match (peer, &self.credentials) {
             (Some(id), Some(creds)) if creds.ready() => {
@@ -189,9 +270,9 @@ impl Pool {
                         return Err(ProxyError::ConnectFailed(e));
                     }
                 };
-                Ok(Box::new(tls))
+                Ok(PeerStream::Tls(Box::new(tls)))
             }
-            _ => Ok(Box::new(stream)),
+            _ => Ok(PeerStream::Plain(stream)),
         }
     }
 
@@ -256,7 +337,7 @@ impl Pool {
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = self.dial(addr, timeout, peer, crate::tls::ALPN_H2).await?;
+        let stream = self.connect_peer(addr, timeout, peer, crate::tls::ALPN_H2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1024 * 1024)
@@ -332,7 +413,7 @@ impl Pool {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.recycle(addr, sender, served + 1, max);
-                    return Ok(resp);
+                    return not_switching(resp);
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
@@ -346,7 +427,7 @@ impl Pool {
             Box::pin(self.connect_h1(addr, false, options.connect_timeout, options.peer_identity.as_ref())).await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
         self.recycle(addr, sender, 1, max);
-        Ok(resp)
+        not_switching(resp)
     }
 
     /// Returns the connection to the pool (see [`IdleH1`]), or lets it close after this
@@ -364,7 +445,7 @@ impl Pool {
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = self.dial(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?;
+        let stream = self.connect_peer(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };

@@ -453,7 +453,9 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
     let state = state.clone();
     tokio::spawn(async move {
         let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
-            let resp = state.pool.send(target.addr, target.proto, up).await?;
+            // Like every path to a peer sidecar: mutual TLS to the endpoint's identity.
+            let options = SendOptions { peer_identity: target.peer_identity.clone(), ..SendOptions::default() };
+            let resp = state.pool.send_with(target.addr, target.proto, up, options).await?;
             let ok = resp.status().as_u16() < 500;
             // Drain the answer so the connection can be reused.
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;

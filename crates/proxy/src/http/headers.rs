@@ -83,9 +83,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Whether an HTTP/1 request asks to switch protocols (WebSocket and the like).
+/// Whether an HTTP/1 request is a WebSocket upgrade (`Connection: upgrade` and exactly
+/// `Upgrade: websocket`), the only upgrade the proxy carries out (SPEC §5): any other
+/// (`h2c`, `TLS/1.0`, a list of protocols…) is forwarded as a plain request with its
+/// `Upgrade` removed, so nothing is spliced that was not authorized request by request.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut upgrade = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (upgrade.next(), upgrade.next()) {
+        (Some(v), None) => v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"),
+        _ => false,
+    };
+    websocket
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -174,6 +182,23 @@ mod tests {
         assert_eq!(strip(&[("transfer-encoding", "chunked"), ("x-app", "2")], false), ["x-app: 2"]);
         assert_eq!(strip(&[("proxy-connection", "keep-alive"), ("x-app", "2")], false), ["x-app: 2"]);
         assert_eq!(strip(&[("te", "trailers")], false), ["te: trailers"]);
+    }
+
+    #[test]
+    fn only_websocket_is_an_upgrade() {
+        let upgrade = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            is_upgrade(&h)
+        };
+        assert!(upgrade(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]));
+        assert!(!upgrade(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]));
+        assert!(!upgrade(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]));
+        assert!(!upgrade(&[("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "h2c")]));
+        assert!(!upgrade(&[("connection", "upgrade"), ("upgrade", "TLS/1.0")]));
+        assert!(!upgrade(&[("upgrade", "websocket")]), "no Connection: upgrade");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use super::{Head, Target, downstream_response, forward_upgrade, headers};
 use crate::balance::Choice;
 use crate::error::ProxyError;
 use crate::proxy::State;
+use crate::settings::Mode;
 use crate::transport::tcp;
 
 /// What the outbound listener knows about a connection before reading any request.
@@ -46,6 +47,11 @@ enum Dest<'a> {
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let (mut head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
+    if state.settings.mode == Mode::Ingress
+        && let Err(e) = gateway_allows(&state, &conn, &head)
+    {
+        return obs.fail(e);
+    }
     // The path normalized here is the one routed and forwarded.
     if let Err(e) = admit(&state, &mut head) {
         return obs.fail(e);
@@ -69,6 +75,31 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     };
     let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer };
     forward::to_service(state.clone(), to, req, head, obs).await
+}
+
+/// What an ingress gateway forwards (SPEC §5 "Not a way around the mesh"): only its
+/// configuration — each `--upstream` bind to its Service. Nothing arriving on its outbound
+/// port, no `CONNECT`, and no absolute-form request naming a host other than the bound
+/// Service (an HTTP/1 request line `GET http://127.0.0.1:7701/… HTTP/1.1`).
+fn gateway_allows(state: &State, conn: &OutboundConn, head: &Head) -> Result<(), ProxyError> {
+    let Some((bound, _)) = &conn.bound else {
+        return Err(ProxyError::Forbidden("a gateway forwards only to its configured routes".into()));
+    };
+    if head.method == Method::CONNECT {
+        return Err(ProxyError::Forbidden("CONNECT is not served by a gateway".into()));
+    }
+    let absolute_form = head.version != Version::HTTP_2 && head.uri.scheme().is_some();
+    if absolute_form {
+        let host = head.uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let names_bound = ServiceName::candidates(host).contains(bound);
+        let services_port = names_bound
+            && state.discovery.current().services.get(bound).is_some_and(|s| s.port(head.uri.port_u16()).is_some());
+        if !services_port {
+            return Err(ProxyError::Forbidden(format!("a gateway forwards only to {bound}")));
+        }
+    }
+    Ok(())
 }
 
 fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> Result<Dest<'a>, ProxyError> {
@@ -123,8 +154,8 @@ async fn direct(
             Err(e) => return obs.fail(e),
         },
     };
-    if state.is_own_listener(addr) {
-        return obs.fail(ProxyError::BadRequest(format!("{authority} is this proxy itself")));
+    if state.is_self(addr) {
+        return obs.fail(ProxyError::Forbidden(format!("{authority} is this proxy itself")));
     }
     obs.upstream = Some(addr);
     obs.peers.destination_service = split_authority(&authority).0.into();
@@ -164,19 +195,18 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
             None => Err(ProxyError::NoEndpoints(format!("{}:{}", service.name, port.port))),
             Some((ep, pick)) => {
                 describe_endpoint(&mut obs, ep);
-                let r = client::connect(ep.addr, timeout, state.settings.outbound_mark).await;
+                // A meshed endpoint is reached like on every other path: mTLS to its identity.
+                let r = state.pool.connect_peer(ep.addr, None, ep.principal.as_ref(), crate::tls::ALPN_TCP).await;
                 pick.finish(r.is_ok());
                 r
             }
         }
     } else {
         match lookup(&authority, 443).await {
-            Ok(addr) if state.is_own_listener(addr) => {
-                Err(ProxyError::BadRequest(format!("{authority} is this proxy itself")))
-            }
+            Ok(addr) if state.is_self(addr) => Err(ProxyError::Forbidden(format!("{authority} is this proxy itself"))),
             Ok(addr) => {
                 obs.upstream = Some(addr);
-                client::connect(addr, timeout, state.settings.outbound_mark).await
+                client::connect(addr, timeout, state.settings.outbound_mark).await.map(client::PeerStream::Plain)
             }
             Err(e) => Err(e),
         }
@@ -188,10 +218,12 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
     let peers = obs.peers.clone();
     let idle = state.settings.limits.idle_timeout;
     let tunnel_state = state.clone();
+    let security = if upstream.is_mtls() { "mutual_tls" } else { "none" };
+    obs.security = security;
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(client) => {
-                let guard = tunnel_state.tcp_opened("outbound", peers, "none");
+                let guard = tunnel_state.tcp_opened("outbound", peers, security);
                 let (moved, end) = tcp::forward(TokioIo::new(client), upstream, idle).await;
                 if let Err(e) = end {
                     tracing::debug!(error = %e, "CONNECT tunnel ended");
