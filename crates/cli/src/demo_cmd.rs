@@ -244,6 +244,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             register: None,
             service_account: "ingress-gateway".into(),
             identity: None,
+            app_readiness: None,
         },
     )?;
     ingress.wait_connected(Duration::from_secs(10)).await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_core::MeshSnapshot;
-use plexus_proxy::control_plane::ControlPlaneConfig;
+use plexus_proxy::control_plane::{AppReadiness, ControlPlaneConfig};
 use plexus_proxy::discovery::{Discovery, FileError, FileSource};
 use plexus_proxy::settings::Limits;
 use plexus_proxy::{LoadBalancer, Proxy, Settings, UpstreamBind};
@@ -20,6 +20,9 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
     .map_err(|e| format!("invalid mark {s:?}: {e}"))
 }
+
+/// How often `plexus run` (and a sidecar started by it) probes the app before registering it.
+pub const APP_READY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Parses a duration flag (`500ms`, `10s`, `5m`).
 pub fn duration(s: &str) -> Result<Duration, String> {
@@ -61,6 +64,12 @@ pub struct ProxyArgs {
     /// A Workload (JSON) to register with the control plane while running (`plexus run --netns`).
     #[arg(long, hide = true)]
     pub register_json: Option<String>,
+    /// With `--register-json`: register only once the app accepts connections on
+    /// 127.0.0.1:PORT (and answers 2xx on `--app-ready-path`, if given).
+    #[arg(long, hide = true)]
+    pub register_when_ready: Option<u16>,
+    #[arg(long, hide = true)]
+    pub app_ready_path: Option<String>,
     /// The workload token (`plexus token create`): bootstraps the certificate, needed to register.
     #[arg(long, env = "PLEXUS_TOKEN", hide = true)]
     pub token: Option<String>,
@@ -197,6 +206,11 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
                 .or_else(|| args.service.clone())
                 .unwrap_or_else(|| "default".into()),
             identity: None,
+            app_readiness: args.register_when_ready.map(|port| AppReadiness {
+                addr: ([127, 0, 0, 1], port).into(),
+                http_path: args.app_ready_path.clone(),
+                interval: APP_READY_INTERVAL,
+            }),
         };
         let register = args.register_json.take().map(String::into_bytes);
         let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use plexus_proxy::Settings;
-use plexus_proxy::control_plane::ControlPlaneConfig;
+use plexus_proxy::control_plane::{AppReadiness, ControlPlaneConfig};
 use serde_json::json;
 
 use crate::Failure;
@@ -47,6 +47,10 @@ pub struct RunArgs {
     inbound_port: u16,
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// An HTTP path on the app's port that must answer 2xx before the workload is registered
+    /// (without it, the port accepting connections is enough).
+    #[arg(long)]
+    ready_path: Option<String>,
     /// On SIGTERM/SIGINT: how long the workload and its sidecar get, together, to finish what
     /// is in flight (the workload leaves the mesh first, then gets SIGTERM, then the sidecar
     /// drains); whatever is left at the deadline is killed.
@@ -167,6 +171,12 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         register: None,
         service_account: service_account.clone(),
         identity: None,
+        // Registered only once the app listens: no peer is sent traffic before that.
+        app_readiness: args.port.map(|p| AppReadiness {
+            addr: ([127, 0, 0, 1], p).into(),
+            http_path: args.ready_path.clone(),
+            interval: crate::proxy_cmd::APP_READY_INTERVAL,
+        }),
     };
     let (app_port, service, version, namespace) =
         (args.port, args.service.clone(), args.version.clone(), args.namespace.clone());
@@ -282,6 +292,8 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
             &service_account,
         ])
         .args(["--register-json", &registration.to_string()])
+        .args(args.port.map(|p| ["--register-when-ready".to_string(), p.to_string()]).into_iter().flatten())
+        .args(args.ready_path.iter().flat_map(|p| ["--app-ready-path", p.as_str()]))
         .args(["--drain-timeout", &format!("{}ms", (args.stop_timeout / 5).as_millis().max(1))])
         // The token goes through the environment, never the command line (visible to every
         // local user in /proc).

@@ -157,3 +157,90 @@ async fn a_sidecar_stopped_on_its_own_takes_its_workload_with_it() -> Result<()>
     assert!(!alive(app), "the app outlived its sidecar; log:\n{log}");
     Ok(())
 }
+
+/// A workload whose app takes 2 s to start listening: `plexus run` registers it only once the
+/// app accepts connections, so callers meanwhile get the mesh's own "no endpoint" answer and
+/// never a 502 from a sidecar whose app is not there yet; once registered, requests succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
+    if !plexus_testkit::require_tool("python3") {
+        return Ok(());
+    }
+    let dir = TempDir::new("run-ready")?;
+    let data = dir.join("data");
+    let (_control, http, grpc) = control_plane(&data)?;
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let svc = dir.join("svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 8080, appProtocol: http}]\n",
+    )?;
+    let o = cli(&data, http, &["apply", "-f", svc.to_str().context("path")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let client = plexus_testkit::Proxy::start_named(
+        "client",
+        PLEXUS,
+        ["proxy", "--control-plane", &grpc_url, "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"]
+            .into_iter()
+            .chain(["--upstream", "echo:8080=0"]),
+    )
+    .await?;
+    let bind = client.upstream("echo.default:8080")?;
+
+    let app_port = plexus_testkit::free_port();
+    let marker = dir.join("listening");
+    let app = "import sys, time, http.server\ntime.sleep(2)\ns = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler)\nopen(sys.argv[2], 'w').write('up')\ns.serve_forever()\n";
+    let run = Command::new(PLEXUS)
+        .args(["run", "--service", "echo", "--port", &app_port.to_string(), "--control-plane", &grpc_url])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--", "python3", "-c", app, &app_port.to_string(), marker.to_str().context("path")?])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("run.log"))?)
+        .spawn()?;
+    let _run = plexus_testkit::Proc(run);
+
+    // Calls every 50 ms from the start: none may reach a sidecar whose app is not listening.
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    let mut registered_at = None;
+    let mut listening_at = None;
+    let mut ok_after_registration = 0;
+    while ok_after_registration < 5 {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "no success within 30 s: {statuses:?}");
+        if listening_at.is_none() && marker.exists() {
+            listening_at = Some(started.elapsed());
+        }
+        if registered_at.is_none() {
+            let w = plexus_testkit::client::get_api_json(
+                std::net::SocketAddr::from(([127, 0, 0, 1], http)),
+                "/api/v1/resources/workloads",
+            )
+            .await?;
+            if w["items"].as_array().is_some_and(|items| !items.is_empty()) {
+                // The marker is written right after the bind: it must already be there.
+                assert!(marker.exists(), "registered at {:?} before the app listened", started.elapsed());
+                listening_at.get_or_insert(started.elapsed());
+                registered_at = Some(started.elapsed());
+            }
+        }
+        let r = plexus_testkit::client::get(bind, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
+        *statuses.entry(r.status.as_u16()).or_default() += 1;
+        if r.status == 200 && registered_at.is_some() {
+            ok_after_registration += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(dir.join("run.log"))?;
+    assert!(!statuses.contains_key(&502), "callers got 502 before the app listened: {statuses:?}\n{log}");
+    assert!(
+        registered_at >= listening_at && listening_at.is_some(),
+        "registered at {registered_at:?}, app listening at {listening_at:?}"
+    );
+    assert!(
+        listening_at >= Some(Duration::from_millis(1500)),
+        "the app started too early for the test: {listening_at:?}"
+    );
+    Ok(())
+}

@@ -39,20 +39,87 @@ pub struct ControlPlaneConfig {
     /// The workload identity: trust bundles from the control plane are installed into it, and
     /// its certificate is reported (so the control plane knows who still needs a rotation).
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
+    /// When set, [`ControlPlaneConfig::register`] is held back until the application answers
+    /// there, so no peer is sent traffic before the app listens.
+    pub app_readiness: Option<AppReadiness>,
+}
+
+/// Where the local application is probed before its Workload is registered.
+#[derive(Debug, Clone)]
+pub struct AppReadiness {
+    /// The app's own listener (a TCP connect must succeed).
+    pub addr: std::net::SocketAddr,
+    /// Optionally, an HTTP path that must answer 2xx as well.
+    pub http_path: Option<String>,
+    /// Time between probes.
+    pub interval: Duration,
+}
+
+impl AppReadiness {
+    /// Probes until the app is ready, then turns the returned switch on (and stops).
+    fn spawn_probe(self) -> tokio::sync::watch::Receiver<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut waiting_since = tokio::time::Instant::now();
+            loop {
+                if self.ready_once().await {
+                    tracing::info!(app = %self.addr, "the application is ready; registering the workload");
+                    let _ = tx.send(true);
+                    return;
+                }
+                if waiting_since.elapsed() >= Duration::from_secs(10) {
+                    tracing::warn!(app = %self.addr, path = ?self.http_path, "the application is not ready yet; the workload stays unregistered until it is");
+                    waiting_since = tokio::time::Instant::now();
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(self.interval).await;
+            }
+        });
+        rx
+    }
+
+    async fn ready_once(&self) -> bool {
+        let probe = async {
+            let stream = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+            let Some(path) = &self.http_path else { return Some(true) };
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(conn);
+            let req = http::Request::get(path.as_str())
+                .header(http::header::HOST, self.addr.to_string())
+                .header(http::header::USER_AGENT, "plexus-readiness")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .ok()?;
+            Some(sender.send_request(req).await.ok()?.status().is_success())
+        };
+        tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or(false)
+    }
+}
+
+/// Why a discovery session ended without an error.
+enum Ended {
+    /// The control plane closed the stream.
+    Closed,
+    /// The application became ready: a new session carries the registration.
+    AppReady,
 }
 
 /// Runs the watch loop until `leave` turns true: then the registered workload is
 /// deregistered (best effort, within 2 s) and the function returns.
 pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leave: tokio::sync::watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
+    let app_ready = config.app_readiness.clone().map(AppReadiness::spawn_probe);
     loop {
-        let result = session(&discovery, &config, &mut leave).await;
+        let result = session(&discovery, &config, app_ready.clone(), &mut leave).await;
         let leaving = *leave.borrow();
         if leaving {
             return;
         }
         match result {
-            Ok(()) => tracing::warn!(address = %config.address, "control plane closed the discovery stream"),
+            Ok(Ended::AppReady) => continue,
+            Ok(Ended::Closed) => tracing::warn!(address = %config.address, "control plane closed the discovery stream"),
             Err(e) => {
                 tracing::warn!(address = %config.address, error = %e, retry_in = ?backoff, "control plane unreachable; serving with the last config")
             }
@@ -128,8 +195,15 @@ impl View {
 async fn session(
     discovery: &Arc<Discovery>,
     config: &ControlPlaneConfig,
+    mut app_ready: Option<tokio::sync::watch::Receiver<bool>>,
     leave: &mut tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
+    // Registered in this session only once the app is ready; until then a change of readiness
+    // ends the session so the next one carries the registration.
+    let registering = app_ready.as_ref().is_none_or(|r| *r.borrow());
+    if registering {
+        app_ready = None;
+    }
     let channel = tonic::transport::Endpoint::from_shared(config.address.clone())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -145,7 +219,7 @@ async fn session(
         admin_address: config.admin_address.clone(),
         mode: config.mode.clone(),
         token: config.token.clone(),
-        register_workload: config.register.clone().unwrap_or_default().into(),
+        register_workload: config.register.clone().filter(|_| registering).unwrap_or_default().into(),
     };
     let (tx, rx) = mpsc::channel(8);
     let mut applied = 0;
@@ -161,7 +235,7 @@ async fn session(
     loop {
         tokio::select! {
             msg = stream.message() => {
-                let Some(resp) = msg? else { return Ok(()) };
+                let Some(resp) = msg? else { return Ok(Ended::Closed) };
                 view.apply(&resp)?;
                 if resp.more {
                     // A piece of a larger change: act on the whole change at its last piece.
@@ -189,12 +263,17 @@ async fn session(
             Some(Ok(())) = async { match cert_changes.as_mut() { Some(c) => Some(c.changed().await), None => None } } => {
                 tx.send(request(discovery, config.identity.as_ref(), applied, None)).await?;
             }
+            Some(Ok(())) = async { match app_ready.as_mut() { Some(r) => Some(r.wait_for(|ready| *ready).await.map(drop)), None => None } } => {
+                // Leaving this stream ends nothing else: the control plane keeps the view, and
+                // the next stream (at once, no backoff) registers the workload.
+                return Ok(Ended::AppReady);
+            }
             _ = crate::proxy::drained(leave) => {
                 let bye = WatchRequest { leaving: true, ..request(discovery, config.identity.as_ref(), applied, None) };
                 tx.send(bye).await?;
                 // The control plane ends the stream once the workload is removed.
                 let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Ok(Some(_)) = stream.message().await {} }).await;
-                return Ok(());
+                return Ok(Ended::Closed);
             }
         }
     }
