@@ -158,7 +158,9 @@ where
         {
             match tokio::time::timeout_at(deadline, open()).await {
                 Ok(Ok(upstream)) => early = Some(upstream),
-                Ok(Err(e)) => return Err(e),
+                // Only a guess for server-first protocols: a client that is merely slow to send
+                // (HTTP to a Service with no endpoint yet) must still be served and answered.
+                Ok(Err(e)) => tracing::debug!(error = %e, "early upstream connection failed; waiting for the client"),
                 Err(_) => return Ok(Sniffed::TimedOut),
             }
         }
@@ -197,6 +199,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client slower than `client_first_wait` to a destination that cannot be reached is
+    /// still detected (and so answered), not dropped because the early connection failed.
+    #[tokio::test]
+    async fn a_failed_early_connection_still_waits_for_the_client() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.expect("write");
+            c
+        });
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let mut buf = BytesMut::new();
+        let refused = || async { Err::<TcpStream, _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)) };
+        let sniffed =
+            sniff(&mut server, &mut buf, Duration::from_millis(10), Duration::from_secs(5), Some(refused)).await;
+        assert!(matches!(sniffed, Ok(Sniffed::Client(Protocol::Http1, None))), "{:?}", sniffed.map(|_| ()));
+        drop(client.await);
+    }
 
     #[test]
     fn classifies_first_bytes() {
