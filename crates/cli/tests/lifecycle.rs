@@ -192,6 +192,8 @@ async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
     let app = "import sys, time, http.server\ntime.sleep(2)\ns = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler)\nopen(sys.argv[2], 'w').write('up')\ns.serve_forever()\n";
     let run = Command::new(PLEXUS)
         .args(["run", "--service", "echo", "--port", &app_port.to_string(), "--control-plane", &grpc_url])
+        // Its workload token is created through this control plane's API.
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(&data)
         .args(["--", "python3", "-c", app, &app_port.to_string(), marker.to_str().context("path")?])
