@@ -566,3 +566,22 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
     .await?;
     Ok(())
 }
+
+/// Issue 17 item 2: in a fresh demo, 60 quick sequential page loads reach every reviews
+/// version (latency awareness must not starve an endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_sequential_page_loads_reach_every_reviews_version() -> Result<()> {
+    let _serial = serial().await;
+    let dir = TempDir::new("demo-spread")?;
+    let demo = Demo::start(PLEXUS, &dir, &["--no-load"]).await?;
+    let mut served = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..60 {
+        let page = demo.get("/productpage").await?;
+        anyhow::ensure!(page.status == 200, "productpage answered {}", page.status);
+        let by = page.text().lines().find_map(|l| l.trim().strip_prefix("Reviews served by: ").map(str::to_string));
+        *served.entry(by.unwrap_or_else(|| "none".into())).or_default() += 1;
+    }
+    let versions = served.keys().filter(|k| k.contains("reviews")).count();
+    assert_eq!(versions, 3, "60 page loads reached: {served:?}");
+    demo.stop().await
+}

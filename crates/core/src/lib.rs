@@ -22,6 +22,6 @@ pub mod time;
 mod validate;
 
 pub use load::{LoadError, ValidationError, parse_documents, resource_from_value};
-pub use model::{AppProtocol, CompiledPort, CompiledService, Endpoint, MeshSnapshot};
+pub use model::{AppProtocol, CompiledPort, CompiledService, Endpoint, EndpointSet, MeshSnapshot};
 pub use names::ServiceName;
 pub use resource::{Kind, ObjectMeta, Resource, Spec};

@@ -83,7 +83,7 @@ pub struct CompiledPort {
     pub port: u16,
     pub name: Option<String>,
     pub protocol: Option<AppProtocol>,
-    pub endpoints: Arc<Vec<Endpoint>>,
+    pub endpoints: Arc<EndpointSet>,
     pub routes: RouteTable,
     /// How clients call this port (ResiliencePolicy, or the defaults).
     pub policy: Arc<ClientPolicy>,
@@ -93,6 +93,53 @@ pub struct CompiledPort {
     /// What the destination's sidecars authorize (AuthorizationPolicies, TrafficTargets).
     #[serde(skip_serializing_if = "Authorization::is_empty")]
     pub authorization: Arc<Authorization>,
+}
+
+/// The endpoints of a Service port (a slice of [`Endpoint`]), with a slot where a data plane
+/// keeps its state about this set (the proxy's balancer: its handles on the endpoints'
+/// statistics, its hash ring, its pick counter), built on first use and dropped with the
+/// snapshot, so a request finds it without a lookup.
+#[derive(Default)]
+pub struct EndpointSet {
+    list: Vec<Endpoint>,
+    cache: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl EndpointSet {
+    pub fn new(list: Vec<Endpoint>) -> EndpointSet {
+        EndpointSet { list, cache: std::sync::OnceLock::new() }
+    }
+
+    /// The state kept for this set, built by `init` on first use. `None` only if a state of
+    /// another type was kept first (one data plane per process uses it).
+    pub fn cached<T: std::any::Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.cache.get_or_init(|| Arc::new(init())).downcast_ref::<T>()
+    }
+}
+
+impl std::ops::Deref for EndpointSet {
+    type Target = [Endpoint];
+    fn deref(&self) -> &[Endpoint] {
+        &self.list
+    }
+}
+
+impl std::fmt::Debug for EndpointSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.list.iter()).finish()
+    }
+}
+
+impl Serialize for EndpointSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.list.serialize(serializer)
+    }
+}
+
+impl From<Vec<Endpoint>> for EndpointSet {
+    fn from(list: Vec<Endpoint>) -> EndpointSet {
+        EndpointSet::new(list)
+    }
 }
 
 /// A Service with its compiled ports.
@@ -207,7 +254,7 @@ impl MeshSnapshot {
                         port: sp.port,
                         name: sp.name.clone(),
                         protocol: sp.app_protocol.as_deref().and_then(AppProtocol::parse),
-                        endpoints: Arc::new(endpoints),
+                        endpoints: Arc::new(EndpointSet::new(endpoints)),
                         routes: RouteTable::default(),
                         policy: Arc::new(ClientPolicy::default()),
                         rate_limit: None,

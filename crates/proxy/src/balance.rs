@@ -2,9 +2,15 @@
 //!
 //! Default: power of two choices (P2C) over peak-EWMA latency × (pending + 1), as Finagle and
 //! Linkerd do: two random endpoints are compared and the cheaper wins, so a slow or overloaded
-//! endpoint quickly loses traffic. The estimate decays toward zero while an endpoint is not
-//! used (time constant [`DEFAULT_DECAY`]), so an endpoint that was slow is probed again and
-//! wins its share back within seconds once it recovers.
+//! endpoint quickly loses traffic. The estimate decays toward neutral — zero, the estimate of
+//! an endpoint never measured, which is tried at once — while an endpoint is not used (time
+//! constant [`DEFAULT_DECAY`]). Latency awareness must not become starvation: a decaying
+//! estimate alone takes long to forget a very slow sample (a 2.5 s answer during a fault
+//! needs ~20 s to decay below a 4 ms one), so an endpoint not picked for [`PROBE_AFTER`]
+//! with nothing in flight is picked whenever P2C draws it (a probe): one request per
+//! [`PROBE_AFTER`] at most, which measures it afresh. At 5 requests/s a Service's endpoints
+//! each get a request within ~6 s, while a 50 ms endpoint beside a 1 ms one still gets under
+//! 10% of the requests.
 //!
 //! A Service port's ResiliencePolicy may choose another algorithm ([`Choice::algorithm`]):
 //! round robin, least request (P2C over pending requests) or ring hash: a consistent-hash ring
@@ -29,18 +35,21 @@
 
 use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use plexus_core::Endpoint;
 use plexus_core::policy::{ClientPolicy, HashKey, OutlierDetection};
 use plexus_core::resource::LbAlgorithm;
+use plexus_core::{Endpoint, EndpointSet};
 
 use crate::settings::LoadBalancer;
 
 /// Time constant of the latency estimate's decay.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(3);
+/// An endpoint not picked for this long (and with nothing in flight) is probed: picked
+/// whenever P2C draws it, whatever its estimate.
+pub const PROBE_AFTER: Duration = Duration::from_secs(5);
 /// Longest ejection (unless the base ejection time itself is longer), as Envoy's default.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Virtual nodes per endpoint on a hash ring: enough for each endpoint's share to stay within
@@ -56,6 +65,8 @@ pub struct EndpointStats {
     rtt: Mutex<Rtt>,
     failures: AtomicU32,
     ejection: Mutex<Ejection>,
+    /// When it was last picked, in ms since the balancer's origin.
+    last_pick_ms: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -73,13 +84,20 @@ struct Ejection {
 }
 
 impl EndpointStats {
-    fn new() -> Self {
+    fn new(now_ms: u64) -> Self {
         EndpointStats {
             pending: AtomicU32::new(0),
             rtt: Mutex::new(Rtt { estimate_ns: 0.0, updated: Instant::now() }),
             failures: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
+            last_pick_ms: AtomicU64::new(now_ms),
         }
+    }
+
+    /// Not picked for [`PROBE_AFTER`] and nothing in flight: due for a probe.
+    fn due_for_probe(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_pick_ms.load(Ordering::Relaxed)) >= PROBE_AFTER.as_millis() as u64
+            && self.pending.load(Ordering::Relaxed) == 0
     }
 
     /// Peak-EWMA cost: decayed latency estimate × (pending + 1).
@@ -134,6 +152,28 @@ pub fn p2c(n: usize, roll_a: usize, roll_b: usize, cost: impl Fn(usize) -> f64) 
     let a = roll_a % n;
     let b = (a + 1 + roll_b % (n - 1)) % n;
     if cost(b) < cost(a) { b } else { a }
+}
+
+/// [`p2c`], except that a candidate due for a probe wins whatever its cost.
+pub fn p2c_probing(
+    n: usize,
+    roll_a: usize,
+    roll_b: usize,
+    due: impl Fn(usize) -> bool,
+    cost: impl Fn(usize) -> f64,
+) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let a = roll_a % n;
+    let b = (a + 1 + roll_b % (n - 1)) % n;
+    if due(a) {
+        a
+    } else if due(b) || cost(b) < cost(a) {
+        b
+    } else {
+        a
+    }
 }
 
 /// Whether `ejected` of `total` endpoints is within `max_percent`.
@@ -222,10 +262,15 @@ impl Ring {
     pub fn walk(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
         let start = self.points.partition_point(|(p, _)| *p < hash);
         let n = self.points.len();
-        let mut seen = vec![false; self.addrs.len()];
-        (0..n)
-            .map(move |k| self.points[(start + k) % n].1 as usize)
-            .filter(move |&i| !std::mem::replace(&mut seen[i], true))
+        // The endpoints met so far: a walk usually stops at its first, so no bitmap of all.
+        let mut seen: Vec<usize> = Vec::new();
+        (0..n).map(move |k| self.points[(start + k) % n].1 as usize).filter(move |&i| {
+            let new = !seen.contains(&i);
+            if new {
+                seen.push(i);
+            }
+            new
+        })
     }
 
     fn serves(&self, endpoints: &[Endpoint]) -> bool {
@@ -265,18 +310,70 @@ impl Default for Choice {
 pub struct Balancer {
     algorithm: LoadBalancer,
     decay: Duration,
+    /// Where the endpoints' `last_pick_ms` count from.
+    origin: Instant,
     stats: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
     round_robin: AtomicUsize,
     /// Hash rings by a hash of their endpoint addresses, built once per endpoint set.
     rings: Mutex<HashMap<u64, Arc<Ring>>>,
+    /// Tells this balancer's set states from another's (tests run several per process).
+    id: usize,
 }
+
+/// The balancer's state for one endpoint set, kept in the set itself
+/// ([`plexus_core::EndpointSet::cached`]): built on the set's first pick (one lookup of each
+/// endpoint's statistics), so a pick costs O(1) — no shared map, no list of the endpoints.
+struct SetState {
+    balancer: usize,
+    inner: Arc<SetInner>,
+}
+
+struct SetInner {
+    /// Each endpoint's statistics (shared by address across config changes), in set order.
+    stats: Box<[Arc<EndpointStats>]>,
+    /// The hash ring, built on the first ring-hash pick.
+    ring: std::sync::OnceLock<Arc<Ring>>,
+    /// Picks from this set so far, and the pick number at which each endpoint was last picked.
+    picks: AtomicU64,
+    last_pick: Box<[AtomicU64]>,
+    /// Until when an endpoint of this set may be ejected (ms since `origin`): before it, a
+    /// pick looks at ejections; after it, there are none and it does not.
+    ejections_until_ms: AtomicU64,
+    origin: Instant,
+}
+
+impl SetInner {
+    fn note_ejection(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.origin).as_millis() as u64 + 1;
+        self.ejections_until_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn may_have_ejections(&self, now: Instant) -> bool {
+        (now.saturating_duration_since(self.origin).as_millis() as u64)
+            < self.ejections_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Not picked in the last [`probe_every`] picks of this set, and nothing in flight.
+    fn due_by_count(&self, i: usize, picks: u64) -> bool {
+        picks.saturating_sub(self.last_pick[i].load(Ordering::Relaxed)) >= probe_every(self.stats.len())
+            && self.stats[i].pending() == 0
+    }
+}
+
+/// Picks of a set of `n` endpoints after which one not picked is probed: each endpoint gets
+/// at least one request in this many (P2C draws it with probability 2/n per pick).
+pub fn probe_every(n: usize) -> u64 {
+    (4 * n as u64).max(20)
+}
+
+static BALANCER_IDS: AtomicUsize = AtomicUsize::new(0);
 
 /// An endpoint chosen for one request: report the outcome with [`Pick::finish`]; dropping it
 /// without finishing only releases the pending slot.
 pub struct Pick {
     stats: Arc<EndpointStats>,
-    /// Every endpoint of the set picked from (for the ejection limit).
-    set: Arc<[Arc<EndpointStats>]>,
+    /// The set picked from (every endpoint, for the ejection limit).
+    set: Arc<SetInner>,
     outlier: OutlierDetection,
     started: Instant,
     decay: Duration,
@@ -306,8 +403,9 @@ impl Pick {
         }
         // Counted before taking this endpoint's lock: holding it while locking the others
         // could deadlock against a concurrent ejection of one of them.
-        let others = self.set.iter().filter(|s| !Arc::ptr_eq(s, &self.stats) && s.ejected(now)).count();
-        if !within_percent(others + 1, self.set.len(), od.max_ejection_percent) {
+        let set = &self.set.stats;
+        let others = set.iter().filter(|s| !Arc::ptr_eq(s, &self.stats) && s.ejected(now)).count();
+        if !within_percent(others + 1, set.len(), od.max_ejection_percent) {
             // The failure count stays at the threshold: the next failure tries again.
             return false;
         }
@@ -325,6 +423,7 @@ impl Pick {
         e.count = e.count.saturating_add(1);
         let time = od.base_ejection_time.saturating_mul(e.count).min(MAX_EJECTION.max(od.base_ejection_time));
         e.until = Some(now + time);
+        self.set.note_ejection(now + time);
         true
     }
 }
@@ -351,17 +450,54 @@ impl Balancer {
         Balancer {
             algorithm,
             decay: DEFAULT_DECAY,
+            origin: Instant::now(),
             stats: Mutex::new(HashMap::default()),
             round_robin: AtomicUsize::new(0),
             rings: Mutex::new(HashMap::default()),
+            id: BALANCER_IDS.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    fn stats_for(&self, endpoints: &[Endpoint]) -> Arc<[Arc<EndpointStats>]> {
+    fn ms_since_origin(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    fn stats_for(&self, endpoints: &[Endpoint], now: Instant) -> Box<[Arc<EndpointStats>]> {
+        let now_ms = self.ms_since_origin(now);
         let Ok(mut map) = self.stats.lock() else {
-            return endpoints.iter().map(|_| Arc::new(EndpointStats::new())).collect();
+            return endpoints.iter().map(|_| Arc::new(EndpointStats::new(now_ms))).collect();
         };
-        endpoints.iter().map(|e| map.entry(e.addr).or_insert_with(|| Arc::new(EndpointStats::new())).clone()).collect()
+        endpoints
+            .iter()
+            .map(|e| map.entry(e.addr).or_insert_with(|| Arc::new(EndpointStats::new(now_ms))).clone())
+            .collect()
+    }
+
+    fn new_set_state(&self, endpoints: &[Endpoint], now: Instant) -> SetState {
+        let stats = self.stats_for(endpoints, now);
+        let inner = SetInner {
+            last_pick: stats.iter().map(|_| AtomicU64::new(0)).collect(),
+            ring: std::sync::OnceLock::new(),
+            picks: AtomicU64::new(0),
+            ejections_until_ms: AtomicU64::new(0),
+            origin: self.origin,
+            stats,
+        };
+        for s in inner.stats.iter() {
+            if let Some(until) = s.ejection.lock().ok().and_then(|e| e.until) {
+                inner.note_ejection(until);
+            }
+        }
+        SetState { balancer: self.id, inner: Arc::new(inner) }
+    }
+
+    /// This balancer's state for `endpoints`: the one kept in the set, else (a set another
+    /// balancer keeps state in) a fresh one.
+    fn set_state(&self, endpoints: &EndpointSet, now: Instant) -> Arc<SetInner> {
+        match endpoints.cached(|| self.new_set_state(endpoints, now)) {
+            Some(state) if state.balancer == self.id => state.inner.clone(),
+            _ => self.new_set_state(endpoints, now).inner,
+        }
     }
 
     /// The hash ring of an endpoint set, built on first use and kept while the set lives.
@@ -420,7 +556,7 @@ impl Balancer {
     /// Chooses an endpoint, skipping `exclude` (already tried) and ejected endpoints.
     pub fn pick<'a>(
         &self,
-        endpoints: &'a [Endpoint],
+        endpoints: &'a EndpointSet,
         choice: &Choice,
         exclude: &[SocketAddr],
     ) -> Option<(&'a Endpoint, Pick)> {
@@ -429,7 +565,7 @@ impl Balancer {
 
     fn pick_at<'a>(
         &self,
-        endpoints: &'a [Endpoint],
+        endpoints: &'a EndpointSet,
         choice: &Choice,
         exclude: &[SocketAddr],
         now: Instant,
@@ -437,10 +573,12 @@ impl Balancer {
         if endpoints.is_empty() {
             return None;
         }
-        let set = self.stats_for(endpoints);
-        let ejected = set.iter().filter(|s| s.ejected(now)).count();
-        let honour_ejections =
-            ejected > 0 && within_percent(ejected, endpoints.len(), choice.outlier.max_ejection_percent);
+        let state = self.set_state(endpoints, now);
+        let set = &state.stats;
+        let honour_ejections = state.may_have_ejections(now) && {
+            let ejected = set.iter().filter(|s| s.ejected(now)).count();
+            ejected > 0 && within_percent(ejected, endpoints.len(), choice.outlier.max_ejection_percent)
+        };
         let candidates = if exclude.is_empty() && !honour_ejections {
             // The common case: every endpoint, no list to build.
             Candidates::All(endpoints.len())
@@ -458,23 +596,37 @@ impl Balancer {
         if n == 0 {
             return None;
         }
+        let picks = state.picks.fetch_add(1, Ordering::Relaxed) + 1;
         let chosen = match self.algorithm_for(choice) {
             Algorithm::RoundRobin => candidates.get(self.round_robin.fetch_add(1, Ordering::Relaxed) % n),
             Algorithm::LeastRequest => candidates
                 .get(p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(set[candidates.get(i)].pending()))),
-            Algorithm::Ewma => candidates.get(p2c(n, fastrand::usize(..), fastrand::usize(..), |i| {
-                set[candidates.get(i)].cost(now, self.decay)
-            })),
+            Algorithm::Ewma => {
+                let now_ms = self.ms_since_origin(now);
+                candidates.get(p2c_probing(
+                    n,
+                    fastrand::usize(..),
+                    fastrand::usize(..),
+                    |i| {
+                        let i = candidates.get(i);
+                        state.due_by_count(i, picks) || set[i].due_for_probe(now_ms)
+                    },
+                    |i| set[candidates.get(i)].cost(now, self.decay),
+                ))
+            }
             Algorithm::RingHash => {
                 let hash = choice.hash.unwrap_or_else(|| fastrand::u64(..));
-                self.ring_for(endpoints).walk(hash).find(|i| candidates.contains(*i)).unwrap_or(candidates.get(0))
+                let ring = state.ring.get_or_init(|| self.ring_for(endpoints));
+                ring.walk(hash).find(|i| candidates.contains(*i)).unwrap_or(candidates.get(0))
             }
         };
         let stats = set[chosen].clone();
         stats.pending.fetch_add(1, Ordering::Relaxed);
+        stats.last_pick_ms.store(self.ms_since_origin(now), Ordering::Relaxed);
+        state.last_pick[chosen].store(picks, Ordering::Relaxed);
         Some((
             &endpoints[chosen],
-            Pick { stats, set, outlier: choice.outlier, started: now, decay: self.decay, done: false },
+            Pick { stats, set: state, outlier: choice.outlier, started: now, decay: self.decay, done: false },
         ))
     }
 }
@@ -550,7 +702,7 @@ mod tests {
     }
 
     /// Fails one request to `port` at `now` (every other endpoint excluded).
-    fn fail(b: &Balancer, endpoints: &[Endpoint], choice: &Choice, port: u16, now: Instant) -> bool {
+    fn fail(b: &Balancer, endpoints: &EndpointSet, choice: &Choice, port: u16, now: Instant) -> bool {
         let others: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).filter(|a| a.port() != port).collect();
         let (e, pick) = b.pick_at(endpoints, choice, &others, now).expect("endpoint");
         assert_eq!(e.addr.port(), port);
@@ -575,6 +727,122 @@ mod tests {
         assert_eq!(p2c(1, 7, 9, |_| 0.0), 0);
     }
 
+    /// `requests` sequential requests, one every `gap` from `start`, each answered after its
+    /// endpoint's latency (`latency(port, k)` for the k-th request); the ports picked, in order.
+    fn simulate(
+        b: &Balancer,
+        endpoints: &EndpointSet,
+        start: Instant,
+        gap: Duration,
+        requests: u32,
+        mut latency: impl FnMut(u16, u32) -> Duration,
+    ) -> Vec<u16> {
+        (0..requests)
+            .map(|k| {
+                let now = start + gap * k;
+                let (e, pick) = b.pick_at(endpoints, &Choice::default(), &[], now).expect("endpoint");
+                let port = e.addr.port();
+                pick.finish_at(true, now + latency(port, k));
+                port
+            })
+            .collect()
+    }
+
+    /// Issue 17 item 2: after a fault made one endpoint answer in 2.5 s, it gets a request
+    /// again within 10 s at 5 requests/s once the fault is gone (today's decay alone took ~20 s).
+    #[test]
+    fn an_endpoint_slow_once_is_probed_again_within_10_s_at_5_rps() {
+        for seed in 0..20 {
+            fastrand::seed(seed);
+            let endpoints = EndpointSet::new(vec![ep(1), ep(2), ep(3)]);
+            let b = Balancer::new(LoadBalancer::Ewma);
+            let start = Instant::now();
+            let stats = b.stats_for(&endpoints, start);
+            stats[0].observe_rtt(Duration::from_millis(2), start, DEFAULT_DECAY);
+            stats[1].observe_rtt(Duration::from_millis(4), start, DEFAULT_DECAY);
+            stats[2].observe_rtt(Duration::from_millis(2500), start, DEFAULT_DECAY);
+            let normal = |port: u16, _| Duration::from_millis(if port == 1 { 2 } else { 4 });
+            let picks = simulate(&b, &endpoints, start, Duration::from_millis(200), 50, normal);
+            assert!(picks.contains(&3), "seed {seed}: endpoint 3 got none of 50 requests in 10 s: {picks:?}");
+            for port in [1, 2] {
+                assert!(picks.contains(&port), "seed {seed}: endpoint {port} starved");
+            }
+        }
+    }
+
+    /// Fresh endpoints whose first request is slow (connection set-up) all get requests among
+    /// 60 quick sequential ones.
+    #[test]
+    fn sixty_sequential_requests_reach_every_endpoint() {
+        for seed in 0..20 {
+            fastrand::seed(seed);
+            let endpoints = EndpointSet::new(vec![ep(1), ep(2), ep(3)]);
+            let b = Balancer::new(LoadBalancer::Ewma);
+            let mut connected = std::collections::HashSet::new();
+            // The first request to each endpoint also opens its connection: 30 ms more.
+            let latency = |port: u16, _| {
+                let setup = if connected.insert(port) { Duration::from_millis(30) } else { Duration::ZERO };
+                setup + Duration::from_millis(if port == 1 { 1 } else { 3 })
+            };
+            let picks = simulate(&b, &endpoints, Instant::now(), Duration::from_millis(50), 60, latency);
+            for port in [1, 2, 3] {
+                assert!(picks.contains(&port), "seed {seed}: endpoint {port} got none of 60: {picks:?}");
+            }
+        }
+    }
+
+    /// Latency awareness stays: 1 ms against 50 ms sends at least 90% to the fast endpoint, at
+    /// 5 and at 100 requests/s.
+    #[test]
+    fn the_fast_endpoint_still_gets_at_least_90_percent() {
+        for (gap_ms, requests) in [(200u64, 300u32), (10, 3_000)] {
+            for seed in 0..5 {
+                fastrand::seed(seed);
+                let endpoints = EndpointSet::new(vec![ep(1), ep(2)]);
+                let b = Balancer::new(LoadBalancer::Ewma);
+                let latency = |port: u16, _| Duration::from_millis(if port == 1 { 1 } else { 50 });
+                let picks = simulate(&b, &endpoints, Instant::now(), Duration::from_millis(gap_ms), requests, latency);
+                let fast = picks.iter().filter(|p| **p == 1).count() as f64 / picks.len() as f64;
+                assert!(fast >= 0.9, "every {gap_ms} ms, seed {seed}: {:.1}% to the fast endpoint", fast * 100.0);
+                assert!(picks.contains(&2), "the slow one is still measured now and then");
+            }
+        }
+    }
+
+    /// Issue 17 item 11: after a set's first pick, picks take no shared lock and build no
+    /// list of the endpoints: they run while another thread holds the statistics map.
+    #[test]
+    fn picks_from_a_known_set_need_no_shared_map() {
+        let endpoints = Arc::new(EndpointSet::new((1..=1000).map(ep).collect()));
+        let b = Arc::new(Balancer::new(LoadBalancer::Ewma));
+        assert!(b.pick(&endpoints, &Choice::default(), &[]).is_some(), "the first pick builds the set's state");
+        let held = b.stats.lock().expect("lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (b2, e2) = (b.clone(), endpoints.clone());
+        std::thread::spawn(move || {
+            let choices = [Choice::default(), Choice { algorithm: Some(LbAlgorithm::RingHash), ..Choice::default() }];
+            let n = (0..10_000).filter(|k| b2.pick(&e2, &choices[k % 2], &[]).is_some()).count();
+            let _ = tx.send(n);
+        });
+        let picked = rx.recv_timeout(Duration::from_secs(20));
+        drop(held);
+        assert_eq!(picked, Ok(10_000), "picks waited for the shared map");
+    }
+
+    /// A new snapshot's set (a config change) keeps what was learnt about its endpoints.
+    #[test]
+    fn statistics_survive_a_new_endpoint_set() {
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let first = EndpointSet::new(vec![ep(1), ep(2)]);
+        let now = Instant::now();
+        let stats = b.stats_for(&first, now);
+        stats[1].observe_rtt(Duration::from_millis(50), now, DEFAULT_DECAY);
+        stats[0].observe_rtt(Duration::from_millis(1), now, DEFAULT_DECAY);
+        let second = EndpointSet::new(vec![ep(1), ep(2), ep(3)]);
+        let (e, _) = b.pick_at(&second, &Choice::default(), &[ep(3).addr], now).expect("endpoint");
+        assert_eq!(e.addr.port(), 1, "the slow endpoint is still known to be slow");
+    }
+
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let d = DEFAULT_DECAY;
@@ -587,15 +855,16 @@ mod tests {
 
     #[test]
     fn ewma_prefers_the_fast_endpoint_and_ejects_failing_ones() {
-        let endpoints = vec![ep(1), ep(2)];
+        let endpoints = EndpointSet::new(vec![ep(1), ep(2)]);
         let b = Balancer::new(LoadBalancer::Ewma);
-        let stats = b.stats_for(&endpoints);
+        let stats = b.stats_for(&endpoints, Instant::now());
         stats[1].observe_rtt(Duration::from_millis(50), Instant::now(), DEFAULT_DECAY);
         stats[0].observe_rtt(Duration::from_millis(1), Instant::now(), DEFAULT_DECAY);
         let fast_picks = (0..100)
             .filter(|_| b.pick(&endpoints, &Choice::default(), &[]).map(|(e, _)| e.addr.port()) == Some(1))
             .count();
-        assert_eq!(fast_picks, 100);
+        // All but the probes of the slow one (one in `probe_every(2)` picks).
+        assert!(fast_picks >= 100 - 100 / probe_every(2) as usize, "{fast_picks} of 100 to the fast endpoint");
         let now = Instant::now();
         for i in 0..DEFAULT_OUTLIER.consecutive_failures {
             let ejected = fail(&b, &endpoints, &Choice::default(), 1, now);
@@ -609,7 +878,7 @@ mod tests {
 
     #[test]
     fn the_policy_overrides_the_proxy_algorithm() {
-        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let endpoints = EndpointSet::new((1..=4).map(ep).collect());
         let b = Balancer::new(LoadBalancer::Ewma);
         let rr = Choice { algorithm: Some(LbAlgorithm::RoundRobin), ..Choice::default() };
         let picks: Vec<u16> = (0..8).filter_map(|_| b.pick(&endpoints, &rr, &[]).map(|(e, _)| e.addr.port())).collect();
@@ -619,17 +888,17 @@ mod tests {
 
         // Least request: the endpoint with requests in flight loses every comparison.
         let lr = Choice { algorithm: Some(LbAlgorithm::LeastRequest), ..Choice::default() };
-        let two = vec![ep(1), ep(2)];
+        let two = EndpointSet::new(vec![ep(1), ep(2)]);
         let busy: Vec<Pick> = (0..3).map(|_| b.pick(&two, &lr, &[addr(2)]).expect("endpoint").1).collect();
         let idle_picks = (0..50).filter(|_| b.pick(&two, &lr, &[]).map(|(e, _)| e.addr.port()) == Some(2)).count();
         assert_eq!(idle_picks, 50);
         drop(busy);
-        assert_eq!(b.stats_for(&two)[0].pending(), 0, "dropped picks release their slot");
+        assert_eq!(b.stats_for(&two, Instant::now())[0].pending(), 0, "dropped picks release their slot");
     }
 
     #[test]
     fn ring_hash_sends_a_key_to_one_endpoint() {
-        let endpoints: Vec<Endpoint> = (1..=5).map(ep).collect();
+        let endpoints = EndpointSet::new((1..=5).map(ep).collect());
         let b = Balancer::new(LoadBalancer::Ewma);
         for user in ["alice", "bob", "carol"] {
             let choice = ring_choice(stable_hash(user.as_bytes()));
@@ -648,10 +917,10 @@ mod tests {
 
     #[test]
     fn ring_hash_remaps_about_one_nth_when_an_endpoint_goes() {
-        let all: Vec<Endpoint> = (1..=10).map(ep).collect();
-        let fewer: Vec<Endpoint> = all.iter().filter(|e| e.addr.port() != 4).cloned().collect();
+        let all = EndpointSet::new((1..=10).map(ep).collect());
+        let fewer = EndpointSet::new(all.iter().filter(|e| e.addr.port() != 4).cloned().collect());
         let b = Balancer::new(LoadBalancer::Ewma);
-        let owner = |endpoints: &[Endpoint], k: u32| {
+        let owner = |endpoints: &EndpointSet, k: u32| {
             let choice = ring_choice(stable_hash(format!("key-{k}").as_bytes()));
             b.pick(endpoints, &choice, &[]).map(|(e, _)| e.addr.port()).expect("endpoint")
         };
@@ -670,7 +939,7 @@ mod tests {
 
     #[test]
     fn ring_hash_walks_past_excluded_and_ejected_endpoints() {
-        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let endpoints = EndpointSet::new((1..=4).map(ep).collect());
         let b = Balancer::new(LoadBalancer::Ewma);
         let choice = Choice { outlier: outlier(1, 1000, 50).outlier, ..ring_choice(stable_hash(b"dave")) };
         let home = b.pick(&endpoints, &choice, &[]).expect("endpoint").0.addr;
@@ -692,7 +961,7 @@ mod tests {
 
     #[test]
     fn ejection_follows_the_policy_parameters() {
-        let endpoints = vec![ep(1), ep(2)];
+        let endpoints = EndpointSet::new(vec![ep(1), ep(2)]);
         let b = Balancer::new(LoadBalancer::Ewma);
         let choice = outlier(3, 2000, 50);
         let t0 = Instant::now();
@@ -752,12 +1021,12 @@ mod tests {
 
     #[test]
     fn never_ejects_beyond_max_ejection_percent() {
-        let endpoints: Vec<Endpoint> = (1..=4).map(ep).collect();
+        let endpoints = EndpointSet::new((1..=4).map(ep).collect());
         let now = Instant::now();
         for (percent, expected) in [(50, 2), (25, 1), (10, 0), (100, 4), (0, 0)] {
             let b = Balancer::new(LoadBalancer::Ewma);
             let choice = outlier(1, 10_000, percent);
-            for e in &endpoints {
+            for e in endpoints.iter() {
                 for _ in 0..3 {
                     fail(&b, &endpoints, &choice, e.addr.port(), now);
                 }
@@ -777,7 +1046,7 @@ mod tests {
         let choice = outlier(1, 10_000, 50);
         fail(&b, &endpoints, &choice, 1, now);
         fail(&b, &endpoints, &choice, 2, now);
-        let shrunk = &endpoints[..3];
+        let shrunk = &EndpointSet::new(endpoints[..3].to_vec());
         let picked: std::collections::HashSet<u16> =
             (0..200).filter_map(|_| b.pick_at(shrunk, &choice, &[], now)).map(|(e, _)| e.addr.port()).collect();
         assert_eq!(picked.len(), 3, "2 of 3 ejected exceeds 50%: panic mode");

@@ -281,7 +281,7 @@ fn retries_after_send(r: &RetryPolicy) -> bool {
 struct Tries<'a> {
     state: &'a Arc<State>,
     backend: &'a ServiceName,
-    endpoints: &'a [Endpoint],
+    endpoints: &'a plexus_core::EndpointSet,
     /// `name.namespace:port`, for errors.
     destination: &'a (dyn Fn() -> String + Sync),
     policy: &'a ClientPolicy,
