@@ -93,10 +93,10 @@ def response_complete(data: bytes) -> bool:
     return False
 
 
-def read_response(s, timeout: float = TIMEOUT, linger: float = 0.3) -> bytes:
+def read_response(s, timeout: float = TIMEOUT, linger: float = 0.3, head_only: bool = False) -> bytes:
     """Reads one response without waiting for the connection to close: until it is complete
     (then up to `linger` more seconds for anything following it, e.g. spliced bytes), the peer
-    closes, or `timeout` passes."""
+    closes, or `timeout` passes. `head_only`: complete once the head is (a CONNECT's 200)."""
     deadline = time.monotonic() + timeout
     out = b""
     while time.monotonic() < deadline:
@@ -108,8 +108,8 @@ def read_response(s, timeout: float = TIMEOUT, linger: float = 0.3) -> bytes:
         if not chunk:
             return out
         out += chunk
-        if response_complete(out):
-            return out + read_all(s, linger)
+        if response_complete(out) or (head_only and b"\r\n\r\n" in out):
+            return out + (read_all(s, linger) if linger > 0 else b"")
     return out
 
 

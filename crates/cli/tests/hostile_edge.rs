@@ -11,11 +11,16 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use common::PLEXUS;
-use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, command, free_port, run};
+use plexus_testkit::client;
+use plexus_testkit::{
+    Background, HttpEcho, Proxy, Resources, ServicePort, TcpEcho, TempDir, WorkloadSpec, command, eventually,
+    free_port, run, run_ok,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// How long one hostile script may run.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -163,4 +168,331 @@ async fn admin() -> Result<()> {
     ensure!(target.exit_status().is_none(), "the target proxy stopped:\n{}", target.stderr_tail(4000));
     victim.wait_exit(Duration::from_secs(15)).await.context("the legitimate POST /shutdown did not stop the victim")?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// With a control plane: identities, mTLS
+
+const TRUST_DOMAIN: &str = "plexus.local";
+
+const STRICT: &str =
+    "apiVersion: plexus.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec:\n  mtls: {mode: strict}\n";
+
+/// A `plexus control` on free ports with its own data dir.
+struct ControlPlane {
+    _proc: Background,
+    server: String,
+    grpc: String,
+    data: PathBuf,
+}
+
+impl ControlPlane {
+    async fn start(dir: &TempDir) -> Result<ControlPlane> {
+        let data = dir.join("data");
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut cmd = command(PLEXUS);
+        cmd.args(["control", "--http-addr", &http, "--grpc-addr", "127.0.0.1:0", "--data-dir"]).arg(&data);
+        let proc = Background::start("control", cmd, "{", Duration::from_secs(30)).await?;
+        let ready: serde_json::Value = serde_json::from_str(proc.ready_line()).context("control ready line")?;
+        let grpc = format!("http://{}", ready["grpc"].as_str().context("no grpc address in the ready line")?);
+        Ok(ControlPlane { _proc: proc, server: format!("http://{http}"), grpc, data })
+    }
+
+    fn plexus(&self) -> tokio::process::Command {
+        let mut cmd = command(PLEXUS);
+        cmd.env("PLEXUS_SERVER", &self.server)
+            .env("PLEXUS_CONTROL_PLANE", &self.grpc)
+            .env("PLEXUS_DATA_DIR", &self.data);
+        cmd
+    }
+
+    async fn apply(&self, dir: &TempDir, name: &str, yaml: &str) -> Result<()> {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        let mut cmd = self.plexus();
+        cmd.args(["apply", "-f"]).arg(&file);
+        run_ok(&mut cmd, Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    async fn api(&self, path: &str) -> Result<serde_json::Value> {
+        let addr: SocketAddr = self.server.trim_start_matches("http://").parse()?;
+        let r = client::get(addr, &addr.to_string(), path, &[], Duration::from_secs(10)).await?;
+        ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.text());
+        r.json()
+    }
+
+    async fn token(&self, service_account: &str) -> Result<String> {
+        plexus_testkit::workload_token(PLEXUS, &self.server, &self.data, "default", service_account).await
+    }
+
+    /// A sidecar (`plexus proxy --control-plane --token`) for `name` with `--upstream` binds and
+    /// `extra` flags.
+    async fn sidecar(&self, name: &str, upstreams: &[&str], extra: &[&str]) -> Result<Proxy> {
+        let token = self.token(name).await?;
+        let mut args: Vec<String> =
+            ["proxy", "--control-plane", &self.grpc, "--token", &token, "--service", name].map(String::from).to_vec();
+        args.extend(["--service-account", name].map(String::from));
+        args.extend(["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"].map(String::from));
+        for up in upstreams {
+            args.extend(["--upstream".to_string(), format!("{up}=0")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Proxy::start_named(name, PLEXUS, args).await
+    }
+
+    /// Waits until the proxy of `service` reports a workload certificate.
+    async fn wait_certificate(&self, service: &str) -> Result<()> {
+        eventually(Duration::from_secs(30), || async move {
+            let list = self.api("/api/v1/proxies").await?;
+            let has = list["proxies"].as_array().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["service"] == service && p["certificate"]["serial"].as_str().is_some_and(|s| !s.is_empty())
+                })
+            });
+            ensure!(has, "no certificate yet for {service}: {list}");
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// An app behind `plexus run --service <service> --port <app_port>` (its command sleeps).
+struct Meshed {
+    _run: tokio::process::Child,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Meshed {
+    async fn start(cp: &ControlPlane, dir: &TempDir, service: &str, app_port: u16) -> Result<Meshed> {
+        let log = dir.join(format!("run-{service}.log"));
+        let mut cmd = cp.plexus();
+        cmd.args(["run", "--service", service, "--port", &app_port.to_string(), "--", "sleep", "600"]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::from(std::fs::File::create(&log)?));
+        cmd.kill_on_drop(true);
+        let run = cmd.spawn().context("spawn plexus run")?;
+        let found = eventually(Duration::from_secs(30), || async move {
+            let proxies = cp.api("/api/v1/proxies").await?;
+            let p = proxies["proxies"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["service"] == service))
+                .cloned()
+                .with_context(|| format!("no proxy for {service} yet: {proxies}"))?;
+            let admin: SocketAddr = p["adminAddress"].as_str().context("no admin address")?.parse()?;
+            let config = client::get(admin, "admin", "/config", &[], Duration::from_secs(5)).await?.json()?;
+            let inbound: SocketAddr =
+                config["settings"]["inbound"].as_str().context("no inbound in /config")?.parse()?;
+            Ok((inbound, admin))
+        })
+        .await;
+        let (inbound, admin) = match found {
+            Ok(f) => f,
+            Err(e) => {
+                anyhow::bail!("{e:#}\n--- plexus run log ---\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+            }
+        };
+        Ok(Meshed { _run: run, inbound, admin })
+    }
+}
+
+/// Sum of the samples of `metric` whose label set contains every one of `labels`.
+fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, set) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric && labels.iter().all(|want| set.contains(want))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Certificates made with `openssl` for the hostile scripts.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    async fn openssl(&self, args: &[&str]) -> Result<()> {
+        let mut cmd = command("openssl");
+        cmd.args(args).current_dir(&self.dir);
+        run_ok(&mut cmd, Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    /// A leaf for `spiffe_id` signed by `ca`/`ca_key`; the returned certificate file holds the
+    /// leaf then the signer (the chain a client sends). `ca` `None`: a self-signed CA of its own.
+    async fn leaf(&self, name: &str, spiffe_id: &str, ca: Option<(&Path, &Path)>) -> Result<(PathBuf, PathBuf)> {
+        let p = |f: &str| self.dir.join(format!("{name}{f}")).display().to_string();
+        let (key, csr, leaf, ext, chain) = (p("-key.pem"), p(".csr"), p("-leaf.pem"), p(".ext"), p(".pem"));
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{spiffe_id}\n"
+            ),
+        )?;
+        self.openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]).await?;
+        self.openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={name}"), "-out", &csr]).await?;
+        let (ca_cert, ca_key) = match ca {
+            Some((c, k)) => (c.display().to_string(), k.display().to_string()),
+            None => {
+                let (c, k) = (p("-ca.pem"), p("-ca-key.pem"));
+                #[rustfmt::skip]
+                self.openssl(&[
+                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", &k, "-out", &c, "-subj", "/O=Elsewhere/CN=foreign", "-days", "2",
+                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                ]).await?;
+                (c, k)
+            }
+        };
+        #[rustfmt::skip]
+        self.openssl(&[
+            "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-CAcreateserial",
+            "-days", "1", "-extfile", &ext, "-out", &leaf,
+        ]).await?;
+        let both = format!("{}{}", std::fs::read_to_string(&leaf)?, std::fs::read_to_string(&ca_cert)?);
+        std::fs::write(&chain, both)?;
+        Ok((chain.into(), key.into()))
+    }
+}
+
+/// Item 7: every path from a client sidecar to meshed endpoints works under strict mTLS and
+/// is counted `mutual_tls` with the client's identity by the destination — the mirror's sidecar
+/// included; switching to strict closes a plaintext keep-alive connection within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_every_path() -> Result<()> {
+    if !prerequisites() || !plexus_testkit::require_tool("openssl") {
+        return Ok(());
+    }
+    let _serial = plexus_testkit::serial().await;
+    let dir = TempDir::new("hostile-mtls")?;
+    let cp = ControlPlane::start(&dir).await?;
+    let services = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 80, appProtocol: http}]\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: shadow}\nspec:\n  selector: {app: shadow}\n  ports: [{name: http, port: 80, appProtocol: http}]\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: tcp}\nspec:\n  selector: {app: tcp}\n  ports: [{name: http, port: 9000, appProtocol: tcp}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-mirror}\nspec:\n  parentRefs: [{kind: Service, name: api, port: 80}]\n  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: {backendRef: {name: shadow, port: 80}}\n    backendRefs: [{name: api, port: 80}]\n";
+    cp.apply(&dir, "services", services).await?;
+    let api_app = HttpEcho::start("api").await?;
+    let shadow_app = HttpEcho::start("shadow").await?;
+    let tcp_app = TcpEcho::start().await?;
+    let api = Meshed::start(&cp, &dir, "api", api_app.port()).await?;
+    let shadow = Meshed::start(&cp, &dir, "shadow", shadow_app.port()).await?;
+    let _tcp = Meshed::start(&cp, &dir, "tcp", tcp_app.port()).await?;
+    let client = cp.sidecar("client", &["api:80", "tcp:9000"], &[]).await?;
+    for s in ["api", "shadow", "tcp", "client"] {
+        cp.wait_certificate(s).await?;
+    }
+
+    // Permissive: a plaintext keep-alive connection straight to the api sidecar is served...
+    let mut plain = tokio::net::TcpStream::connect(api.inbound).await?;
+    let keepalive_get = b"GET /plain HTTP/1.1\r\nHost: api:80\r\n\r\n";
+    plain.write_all(keepalive_get).await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buf)).await??;
+    ensure!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "plaintext keep-alive request: {}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // ... until MeshConfig turns strict: closed within 5 s, with no response.
+    let switched = Instant::now();
+    cp.apply(&dir, "strict", STRICT).await?;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match plain.read(&mut buf).await {
+                Ok(0) | Err(_) => return Ok::<_, anyhow::Error>(()),
+                Ok(n) => anyhow::bail!("bytes after strict: {}", String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+    .await;
+    let took = switched.elapsed();
+    ensure!(matches!(closed, Ok(Ok(()))), "the plaintext connection was not closed after strict: {closed:?}");
+    ensure!(took <= Duration::from_secs(5), "the plaintext connection closed {took:?} after the switch to strict");
+    println!("plaintext keep-alive closed {took:?} after `plexus apply` of the strict MeshConfig began");
+
+    let certs = Certs { dir: dir.join("certs") };
+    std::fs::create_dir_all(&certs.dir)?;
+    let cp_id = plexus_core::names::control_plane_spiffe_id(TRUST_DOMAIN);
+    let (foreign_cert, foreign_key) = certs.leaf("foreign", &cp_id, None).await?;
+    let env = vec![
+        ("HOSTILE_CLIENT_OUTBOUND", addr(client.outbound())),
+        ("HOSTILE_CLIENT_API", addr(client.upstream("api.default:80")?)),
+        ("HOSTILE_CLIENT_TCP", addr(client.upstream("tcp.default:9000")?)),
+        ("HOSTILE_API_INBOUND", addr(api.inbound)),
+        ("HOSTILE_FOREIGN_CERT", foreign_cert.display().to_string()),
+        ("HOSTILE_FOREIGN_KEY", foreign_key.display().to_string()),
+    ];
+    hostile("mtls_every_path.py", &env).await.with_context(|| client.stderr_tail(4000))?;
+
+    // The destinations saw the client's verified identity on every path, the mirror included.
+    let client_id = format!("source_principal=\"spiffe://{TRUST_DOMAIN}/ns/default/sa/client\"");
+    let mtls = "connection_security_policy=\"mutual_tls\"";
+    let metrics = |a: SocketAddr| async move {
+        anyhow::Ok(client::get(a, "admin", "/metrics", &[], Duration::from_secs(5)).await?.text())
+    };
+    let api_metrics = metrics(api.admin).await?;
+    let inbound = "direction=\"inbound\"";
+    let api_requests = sum(&api_metrics, "plexus_requests_total", &[inbound, mtls, &client_id]);
+    ensure!(api_requests >= 6.0, "api sidecar counted {api_requests} mTLS requests from the client (6 HTTP)");
+    // The CONNECT tunnel arrives as an opaque stream over mTLS (ALPN plexus.tcp).
+    let tunnels = sum(&api_metrics, "plexus_tcp_connections_opened_total", &[inbound, mtls, &client_id]);
+    ensure!(tunnels >= 1.0, "api sidecar counted {tunnels} mTLS streams from the client (the CONNECT tunnel)");
+    let mirrored = eventually(Duration::from_secs(10), || {
+        let client_id = client_id.clone();
+        async move {
+            let n = sum(
+                &metrics(shadow.admin).await?,
+                "plexus_requests_total",
+                &["direction=\"inbound\"", mtls, &client_id],
+            );
+            ensure!(n >= 3.0, "the mirror's sidecar counted {n} mTLS requests from the client");
+            Ok(n)
+        }
+    })
+    .await?;
+    ensure!(shadow_app.requests() as f64 >= mirrored, "the mirror app saw {} requests", shadow_app.requests());
+    let plaintext =
+        sum(&metrics(shadow.admin).await?, "plexus_requests_total", &["connection_security_policy=\"none\""]);
+    ensure!(plaintext == 0.0, "the mirror's sidecar counted {plaintext} plaintext requests");
+    Ok(())
+}
+
+/// Item 9 with identities: off loopback, `/config` and `/tap` answer the control plane's
+/// certificate (signed here from the mesh's issuer) and refuse another mesh identity, a
+/// foreign CA and no certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_mtls() -> Result<()> {
+    if !prerequisites() || !plexus_testkit::require_tool("openssl") {
+        return Ok(());
+    }
+    let Some(ip) = host_ip() else {
+        plexus_testkit::skip("this host has no non-loopback address to arrive off loopback from");
+        return Ok(());
+    };
+    let dir = TempDir::new("hostile-admin-mtls")?;
+    let cp = ControlPlane::start(&dir).await?;
+    let target = cp.sidecar("target", &[], &["--admin-ip", "0.0.0.0"]).await?;
+    cp.wait_certificate("target").await?;
+    let certs = Certs { dir: dir.join("certs") };
+    std::fs::create_dir_all(&certs.dir)?;
+    let issuer = (cp.data.join("issuer.pem"), cp.data.join("issuer-key.pem"));
+    let issuer = Some((issuer.0.as_path(), issuer.1.as_path()));
+    let cp_id = plexus_core::names::control_plane_spiffe_id(TRUST_DOMAIN);
+    let (cp_cert, cp_key) = certs.leaf("control-plane", &cp_id, issuer).await?;
+    let other_id = format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/other");
+    let (other_cert, other_key) = certs.leaf("other", &other_id, issuer).await?;
+    let (foreign_cert, foreign_key) = certs.leaf("foreign", &cp_id, None).await?;
+    let path = |p: PathBuf| p.display().to_string();
+    let env = vec![
+        ("HOSTILE_ADMIN", addr(target.admin())),
+        ("HOSTILE_HOST_IP", ip.to_string()),
+        ("HOSTILE_CA", path(cp.data.join("trust-anchor.pem"))),
+        ("HOSTILE_CP_CERT", path(cp_cert)),
+        ("HOSTILE_CP_KEY", path(cp_key)),
+        ("HOSTILE_OTHER_CERT", path(other_cert)),
+        ("HOSTILE_OTHER_KEY", path(other_key)),
+        ("HOSTILE_FOREIGN_CERT", path(foreign_cert)),
+        ("HOSTILE_FOREIGN_KEY", path(foreign_key)),
+    ];
+    hostile("admin.py", &env).await.with_context(|| target.stderr_tail(4000))
 }
