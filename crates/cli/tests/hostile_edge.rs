@@ -397,11 +397,9 @@ async fn mtls_every_path() -> Result<()> {
     let switched = Instant::now();
     cp.apply(&dir, "strict", STRICT).await?;
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match plain.read(&mut buf).await {
-                Ok(0) | Err(_) => return Ok::<_, anyhow::Error>(()),
-                Ok(n) => anyhow::bail!("bytes after strict: {}", String::from_utf8_lossy(&buf[..n])),
-            }
+        match plain.read(&mut buf).await {
+            Ok(0) | Err(_) => Ok::<_, anyhow::Error>(()),
+            Ok(n) => anyhow::bail!("bytes after strict: {}", String::from_utf8_lossy(&buf[..n])),
         }
     })
     .await;
