@@ -95,17 +95,18 @@ def backend_conn(c: socket.socket) -> None:
         c.close()
 
 
-def backend() -> None:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(LISTEN)
-    srv.listen(128)
+def backend(srv: socket.socket) -> None:
     while True:
         c, _ = srv.accept()
         threading.Thread(target=backend_conn, args=(c,), daemon=True).start()
 
 
-threading.Thread(target=backend, daemon=True).start()
+# Listening before the first case runs (the accept loop is a thread; the socket is not).
+_srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+_srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+_srv.bind(LISTEN)
+_srv.listen(128)
+threading.Thread(target=backend, args=(_srv,), daemon=True).start()
 
 
 def splices() -> int:
