@@ -33,6 +33,12 @@ pub struct ControlArgs {
     /// gRPC address for proxies (discovery, certificate signing).
     #[arg(long, env = "PLEXUS_GRPC_ADDR", default_value = "127.0.0.1:7700")]
     grpc_addr: SocketAddr,
+    /// How long a workload registered by its sidecar (`plexus run`) stays in the mesh after the
+    /// last message from that sidecar; also how long a silent discovery stream is kept, and how
+    /// long after a start an anchor rotation waits for proxies to reconnect. Sidecars send a
+    /// message at least every `--heartbeat-interval` (5s): keep this a few times longer.
+    #[arg(long, env = "PLEXUS_REGISTRATION_TTL", default_value = "15s", value_parser = crate::proxy_cmd::positive_duration)]
+    registration_ttl: Duration,
 }
 
 pub async fn run(args: ControlArgs) -> Result<(), Failure> {
@@ -42,7 +48,9 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
             args.store
         )));
     }
-    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr).await?;
+    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr)
+        .await?
+        .with_registration_ttl(args.registration_ttl);
     println!(
         "{}",
         serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() })
@@ -104,6 +112,13 @@ impl ControlPlane {
             http_listener,
             grpc_listener,
         })
+    }
+
+    /// Registrations (and silent streams) expire after `ttl` instead of
+    /// [`plexus_control::proxies::EXPIRY`].
+    pub fn with_registration_ttl(mut self, ttl: Duration) -> Self {
+        self.proxies = Arc::new(Proxies::new(ttl));
+        self
     }
 
     /// Serves the HTTP API and the discovery and identity gRPC services until `shutdown`

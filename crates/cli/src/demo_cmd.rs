@@ -234,6 +234,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         ingress_settings,
         ControlPlaneConfig {
             address: grpc.clone(),
+            timing: Default::default(),
             workload: "ingress-gateway".into(),
             namespace: "default".into(),
             service: "ingress-gateway".into(),

@@ -29,6 +29,47 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     plexus_core::duration::parse(s)
 }
 
+/// A duration over zero (an interval or a TTL).
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+/// How often a sidecar talks to the control plane (`plexus proxy`, `plexus run`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ControlPlaneTimingArgs {
+    /// How often the sidecar sends the control plane a message when nothing changes. The
+    /// control plane removes a registered workload whose sidecar is silent for its
+    /// `--registration-ttl` (15s): keep this a few times shorter.
+    #[arg(long, env = "PLEXUS_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = positive_duration)]
+    pub heartbeat_interval: Duration,
+    /// The longest wait between attempts to reach the control plane (starts at 100ms and
+    /// doubles); meanwhile the proxy serves with the configuration it last received.
+    #[arg(long, env = "PLEXUS_CONTROL_PLANE_RETRY_MAX", default_value = "5s", value_parser = positive_duration)]
+    pub control_plane_retry_max: Duration,
+}
+
+impl ControlPlaneTimingArgs {
+    pub fn timing(&self) -> plexus_proxy::control_plane::Timing {
+        plexus_proxy::control_plane::Timing {
+            heartbeat: self.heartbeat_interval,
+            retry_max: self.control_plane_retry_max,
+        }
+    }
+
+    /// The same settings as `plexus proxy` arguments (for a sidecar started as a process).
+    pub fn to_args(&self) -> [String; 4] {
+        [
+            "--heartbeat-interval".into(),
+            plexus_core::duration::format(self.heartbeat_interval),
+            "--control-plane-retry-max".into(),
+            plexus_core::duration::format(self.control_plane_retry_max),
+        ]
+    }
+}
+
 /// `plexus proxy` parsed on its own: the arguments a sidecar starts with (also the whole
 /// command line of `plexus-proxy`).
 #[derive(clap::Parser)]
@@ -51,6 +92,8 @@ pub struct ProxyArgs {
     /// it, fetched per destination on first use.
     #[arg(long, env = "PLEXUS_CONTROL_PLANE")]
     pub control_plane: Option<String>,
+    #[command(flatten)]
+    pub control_plane_timing: ControlPlaneTimingArgs,
     /// What this proxy is: a workload's sidecar, or the mesh's ingress or egress gateway.
     #[arg(long, env = "PLEXUS_MODE", default_value = "sidecar", value_parser = ["sidecar", "ingress", "egress"])]
     pub mode: String,
@@ -192,6 +235,7 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
     if let Some(address) = args.control_plane.take() {
         let config = ControlPlaneConfig {
             address,
+            timing: args.control_plane_timing.timing(),
             workload: args.workload.clone().unwrap_or_default(),
             namespace: args.namespace.clone(),
             service: args.service.clone().unwrap_or_default(),

@@ -38,6 +38,8 @@ pub struct RunArgs {
     token: Option<String>,
     #[arg(long, env = "PLEXUS_CONTROL_PLANE", default_value = "http://127.0.0.1:7700")]
     control_plane: String,
+    #[command(flatten)]
+    control_plane_timing: crate::proxy_cmd::ControlPlaneTimingArgs,
     #[arg(long, env = "PLEXUS_DATA_DIR", default_value = "./.plexus")]
     data_dir: PathBuf,
     /// Sidecar ports (0 = pick free ones).
@@ -161,6 +163,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let config = ControlPlaneConfig {
         address: args.control_plane.clone(),
+        timing: args.control_plane_timing.timing(),
         workload: workload.clone(),
         namespace: args.namespace.clone(),
         service: args.service.clone(),
@@ -295,6 +298,7 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
         .args(args.port.map(|p| ["--register-when-ready".to_string(), p.to_string()]).into_iter().flatten())
         .args(args.ready_path.iter().flat_map(|p| ["--app-ready-path", p.as_str()]))
         .args(["--drain-timeout", &format!("{}ms", (args.stop_timeout / 5).as_millis().max(1))])
+        .args(args.control_plane_timing.to_args())
         // The token goes through the environment, never the command line (visible to every
         // local user in /proc).
         .env("PLEXUS_TOKEN", &token)

@@ -222,7 +222,6 @@ fn assert_denied(r: &Collected, reason: &str, what: &str) -> Result<()> {
 /// `response_flags="RBAC"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allow_policy_admits_only_what_its_rules_match() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("public-app").await?;
     let public = policy(
         "public-only",
@@ -283,7 +282,6 @@ async fn an_allow_policy_admits_only_what_its_rules_match() -> Result<()> {
 /// (b) A matching deny wins over an allow-all policy, also for paths spelled to dodge it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_beats_allow() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("admin-app").await?;
     let docs = format!(
         "{}---\n{}",
@@ -309,7 +307,6 @@ async fn deny_beats_allow() -> Result<()> {
 /// An allow policy, once present, decides instead of the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_default_authorization() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("default-app").await?;
     let mesh =
         Mesh::start("defaults", ServicePort::new("http", 8080, Some("http")), app.port(), &mesh_config("deny")).await?;
@@ -341,7 +338,6 @@ async fn mesh_default_authorization() -> Result<()> {
 /// destination sidecar with the policy and the request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_logs_what_it_would_deny() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("audit-app").await?;
     let docs = policy("trial", "audited", "audit", "[{from: {serviceAccounts: [productpage]}}]");
     let mesh = Mesh::start("audited", ServicePort::new("http", 8080, Some("http")), app.port(), &docs).await?;
@@ -369,7 +365,6 @@ async fn audit_logs_what_it_would_deny() -> Result<()> {
 /// real grpcio client sees it, while allowed methods reach the real gRPC server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_requests_get_permission_denied() -> Result<()> {
-    let _serial = serial().await;
     if !plexus_testkit::require_python_module("grpc", "grpcio") {
         return Ok(());
     }
@@ -562,7 +557,6 @@ async fn call_reviews_as(service: &str, server: &str, grpc: &str, data: &std::pa
 /// the inbound listener fills `InboundConn::peer_identity` from the TLS session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_productpage_may_call_reviews() -> Result<()> {
-    let _serial = serial().await;
     if !plexus_testkit::require_tool("curl") {
         return Ok(());
     }

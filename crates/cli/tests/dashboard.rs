@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use plexus_testkit::client::{get_api as get, get_api_json as get_json};
-use plexus_testkit::{Demo, TempDir, command, eventually, find_tool, require_tool, run, serial, skip};
+use plexus_testkit::{Demo, TempDir, command, eventually, find_tool, require_tool, run, skip};
 use serde_json::Value;
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
@@ -99,7 +99,6 @@ async fn steady_graph(demo: &Demo) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_pages_in_headless_chromium() -> Result<()> {
-    let _serial = serial().await;
     let Some(chromium) = browser() else { return Ok(()) };
     let dir = TempDir::new("dashboard")?;
     let demo = Demo::start(PLEXUS, &dir, &[]).await?;
@@ -144,7 +143,6 @@ async fn dashboard_pages_in_headless_chromium() -> Result<()> {
 /// The pages and assets as served, and the views the pages read, over plain HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_pages_assets_and_views_api() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("dashboard-api")?;
     let demo = Demo::start(PLEXUS, &dir, &[]).await?;
     let api = demo.api();

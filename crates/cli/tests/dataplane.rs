@@ -169,7 +169,6 @@ async fn ewma_prefers_the_fast_endpoint_and_recovers_the_slow_one() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_http1_clients_share_one_connection_between_sidecars() -> Result<()> {
-    let _serial = serial().await;
     if !require_tool("ss") {
         return Ok(());
     }
@@ -226,7 +225,6 @@ async fn many_http1_clients_share_one_connection_between_sidecars() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_keep_open_streams_and_lose_no_requests() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("app").await?;
     let echo = TcpEcho::start().await?;
     let ws = start_upgrade_echo().await?;

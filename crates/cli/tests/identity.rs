@@ -470,7 +470,6 @@ async fn init_creates_or_imports_a_ca_and_show_reads_it_without_a_control_plane(
     if !require_tool("openssl") {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("identity-init")?;
     let data = dir.join("data");
     let nobody = format!("http://127.0.0.1:{}", free_port());
@@ -591,7 +590,6 @@ async fn certify_signs_a_spiffe_leaf_openssl_verifies_and_refuses_a_wrong_token(
     if !require_tool("openssl") {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("identity-certify")?;
     let cp = ControlPlane::start(&dir.join("data"), &dir.join("control.log"))?;
     let token = cp.token("default", "reviews").await?;
@@ -742,7 +740,6 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     if !require_tool("openssl") {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("identity-rotate")?;
     let data = dir.join("data");
     let mut cp = ControlPlane::start(&data, &dir.join("control.log"))?;
@@ -845,7 +842,6 @@ async fn check_flags_proxies_without_a_valid_certificate() -> Result<()> {
     if !require_tool("openssl") {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("identity-check")?;
     let cp = ControlPlane::start(&dir.join("data"), &dir.join("control.log"))?;
     let issued = issue(&cp, dir.path(), "good", "good").await?;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TempDir, free_port, serial};
+use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, Shared, TempDir, exclusive, free_port, serial};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 
@@ -31,10 +31,24 @@ fn start_ready(args: &[&std::ffi::OsStr], ready_field: &str) -> Result<Proc> {
 
 /// Starts `plexus control` on the given ports; returns once it printed its ready line.
 fn control(data: &Path, http: u16, grpc: u16) -> Result<Proc> {
+    control_with(data, http, grpc, &[])
+}
+
+/// [`control`] with more arguments (e.g. [`SHORT_TTL`]).
+fn control_with(data: &Path, http: u16, grpc: u16, extra: &[&str]) -> Result<Proc> {
     let (http, grpc) = (format!("127.0.0.1:{http}"), format!("127.0.0.1:{grpc}"));
     let args = ["control", "--http-addr", &http, "--grpc-addr", &grpc].map(std::ffi::OsStr::new);
-    start_ready(&[&args[..], &["--data-dir".as_ref(), data.as_os_str()]].concat(), "grpc")
+    let extra: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+    start_ready(&[&args[..], &["--data-dir".as_ref(), data.as_os_str()], &extra].concat(), "grpc")
 }
+
+/// The registration TTL of a control plane started with [`SHORT_TTL`] (15 s by default), for
+/// tests that wait for a crashed workload to leave the mesh.
+const TTL: Duration = Duration::from_secs(4);
+const SHORT_TTL: [&str; 2] = ["--registration-ttl", "4s"];
+/// Sidecar timing that fits [`SHORT_TTL`]: a heartbeat well within the TTL, and reconnection
+/// attempts at least every second.
+const FAST_SIDECAR: [&str; 4] = ["--heartbeat-interval", "1s", "--control-plane-retry-max", "1s"];
 
 fn cli(data: &Path, http: u16, args: &[&str]) -> Result<std::process::Output> {
     Ok(Command::new(PLEXUS)
@@ -79,9 +93,15 @@ fn apply_echo_service(dir: &TempDir, data: &Path, http: u16) -> Result<()> {
 /// `plexus run --service echo` in front of an in-test app on `app_port` (the workload's own
 /// command just sleeps).
 fn run_echo_workload(data: &Path, grpc_url: &str, app_port: u16) -> Result<Proc> {
+    run_echo_workload_with(data, grpc_url, app_port, &[])
+}
+
+/// [`run_echo_workload`] with more `plexus run` arguments (e.g. [`FAST_SIDECAR`]).
+fn run_echo_workload_with(data: &Path, grpc_url: &str, app_port: u16, extra: &[&str]) -> Result<Proc> {
     let child = Command::new(PLEXUS)
         .args(["run", "--service", "echo", "--port", &app_port.to_string(), "--control-plane", grpc_url, "--data-dir"])
         .arg(data)
+        .args(extra)
         .args(["--", "sleep", "600"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -100,12 +120,17 @@ async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
 /// Two echo workloads (in-test apps behind `plexus run` sidecars) and a client sidecar, all
 /// fed from `grpc_url`; returns once the client reaches both.
 async fn echo_mesh(data: &Path, grpc_url: &str) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
+    echo_mesh_with(data, grpc_url, &[]).await
+}
+
+/// [`echo_mesh`] with more arguments for every sidecar (e.g. [`FAST_SIDECAR`]).
+async fn echo_mesh_with(data: &Path, grpc_url: &str, extra: &[&str]) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
     let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
     let mut runs = Vec::new();
     for app in &apps {
-        runs.push(run_echo_workload(data, grpc_url, app.port())?);
+        runs.push(run_echo_workload_with(data, grpc_url, app.port(), extra)?);
     }
-    let client = echo_client(grpc_url, &[]).await?;
+    let client = echo_client(grpc_url, extra).await?;
     both_echo_workloads_serve(client.upstream("echo.default:8080")?).await?;
     Ok((apps, runs, client))
 }
@@ -273,16 +298,15 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balancers() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("cp-restart")?;
     let data = dir.join("data");
     let (http, grpc) = (free_port(), free_port());
-    let cp = control(&data, http, grpc)?;
+    let cp = control_with(&data, http, grpc, &SHORT_TTL)?;
     apply_echo_service(&dir, &data, http)?;
 
     // Two workloads: each an in-test echo app behind a `plexus run` sidecar.
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let (_apps, mut runs, client) = echo_mesh(&data, &grpc_url).await?;
+    let (_apps, mut runs, client) = echo_mesh_with(&data, &grpc_url, &FAST_SIDECAR).await?;
     let addr = client.upstream("echo.default:8080")?;
 
     // Load during the rest of the test: no request may fail.
@@ -313,12 +337,19 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(cp);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cp = control(&data, http, grpc)?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cp = control_with(&data, http, grpc, &SHORT_TTL)?;
+    // The client and both workloads' sidecars reconnect.
+    plexus_testkit::eventually(Duration::from_secs(10), || async move {
+        let n = connected_proxies(http).await?;
+        anyhow::ensure!(n == 3, "{n} of 3 proxies reconnected");
+        Ok(())
+    })
+    .await?;
     let before = done.load(Ordering::SeqCst);
 
-    // A workload crashes (its sidecar is SIGKILLed): it leaves every balancer within 15 s,
-    // and requests keep succeeding meanwhile (a refused connection is retried elsewhere).
+    // A workload crashes (its sidecar is SIGKILLed): it leaves every balancer within the
+    // registration TTL, and requests keep succeeding meanwhile (a refused connection is
+    // retried elsewhere).
     let crashed = runs.remove(0);
     drop(crashed);
     let crash = Instant::now();
@@ -328,11 +359,14 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
         if list["items"].as_array().map(Vec::len) == Some(1) {
             break;
         }
-        assert!(crash.elapsed() < Duration::from_secs(20), "the crashed workload is still registered after 20 s");
+        assert!(
+            crash.elapsed() < TTL + Duration::from_secs(5),
+            "the crashed workload is still registered after TTL + 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let expired_after = crash.elapsed();
-    assert!(expired_after < Duration::from_secs(17), "expired after {expired_after:?}");
+    assert!(expired_after < TTL + Duration::from_secs(2), "expired after {expired_after:?} (TTL {TTL:?})");
     // The restarted control plane pushed the removal: the client's balancer holds one endpoint.
     client_endpoints(&client, 1, Duration::from_secs(3)).await?;
     stop.store(true, Ordering::SeqCst);
@@ -368,19 +402,25 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
         assert_eq!(r.status, if i % 10 == 0 { 500 } else { 200 });
     }
     assert_eq!(app.requests() - before, 1000);
-    // Reports go out every 2 s; the window covers the warm-up request and the 1,000.
-    tokio::time::sleep(Duration::from_millis(4500)).await;
-    let o = cli(&data, http, &["stat", "service", "echo", "--window", "1m", "-o", "json"])?;
-    let stat: serde_json::Value =
-        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
+    // Reports go out every 2 s: wait until the client's and the workload's have arrived (the
+    // window covers the warm-up request and the 1,000).
+    let (stat, table) = plexus_testkit::eventually(Duration::from_secs(15), || async {
+        let o = cli(&data, http, &["stat", "service", "echo", "--window", "1m", "-o", "json"])?;
+        let stat: serde_json::Value =
+            serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
+        let o = cli(&data, http, &["stat", "workload", "--window", "1m"])?;
+        let table = String::from_utf8_lossy(&o.stdout).into_owned();
+        let workload_reported = table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%"));
+        anyhow::ensure!(stat["rows"][0]["requests"].as_u64() >= Some(1001) && workload_reported, "{stat}\n{table}");
+        Ok((stat, table))
+    })
+    .await?;
     let row = &stat["rows"][0];
     assert_eq!(row["requests"], 1001, "the warm-up and exactly 1,000 more: {stat}");
     let success = row["successRate"].as_f64().context("successRate")?;
     assert!((0.89..=0.91).contains(&success), "success rate {success}");
     assert!(row["p99Ms"].as_f64().is_some_and(|p| p > 0.0), "{stat}");
     // The table view and the per-workload view agree.
-    let o = cli(&data, http, &["stat", "workload", "--window", "1m"])?;
-    let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%")), "{table}");
     Ok(())
 }
@@ -393,7 +433,7 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     {
         return Ok(());
     }
-    let _serial = serial().await;
+    let _host_network = exclusive(Shared::HostNetwork).await;
     let dir = TempDir::new("demo-netns")?;
     let demo = Demo::start(PLEXUS, &dir, &["--no-load", "--netns"]).await?;
     let http = demo.http;
@@ -506,7 +546,6 @@ async fn connected_proxies(http: u16) -> Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("node-agent")?;
     let data = dir.join("data");
     let (http, grpc, agent_port, admin) = (free_port(), free_port(), free_port(), free_port());

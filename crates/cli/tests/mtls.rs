@@ -909,7 +909,6 @@ async fn issuer_and_anchor_rotation_under_load() -> Result<()> {
     if !prerequisites() {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("mtls-rotate")?;
     let cp = ControlPlane::start(&dir, Some("6s")).await?;
     cp.apply(&service_yaml("echo", 8080)).await?;

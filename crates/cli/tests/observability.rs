@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use plexus_testkit::client::{get_api as get, get_api_json as get_json};
-use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TcpEcho, TempDir, eventually, free_port, require_tool, serial};
+use plexus_testkit::{Demo, HttpEcho, Proc, Proxy, TcpEcho, TempDir, eventually, free_port, require_tool};
 use serde_json::Value;
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
@@ -91,7 +91,6 @@ async fn page_load(ingress: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graph_of_the_bookinfo_demo_has_every_hop_with_its_golden_metrics() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("graph")?;
     let demo = Demo::start(PLEXUS, &dir, &[]).await?;
     let started = Instant::now();
@@ -541,7 +540,6 @@ async fn prometheus_scrapes_every_proxy_and_every_dashboard_panel_has_data() -> 
     if !require_tool("prometheus") {
         return Ok(());
     }
-    let _serial = serial().await;
     let dir = TempDir::new("prometheus")?;
     let demo = Demo::start(PLEXUS, &dir, &[]).await?;
     let api = demo.api();

@@ -301,7 +301,6 @@ async fn a_sidecar_fed_by_the_control_plane_enforces_its_own_rate_limit() -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limits_open_the_circuit() -> Result<()> {
-    let _serial = serial().await;
     let slow = HttpEcho::start("slow").await?;
     slow.set_delay(Duration::from_millis(500));
     let dir = TempDir::new("conn-limits")?;
@@ -398,7 +397,6 @@ async fn outlier_detection_ejects_and_readmits() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_a_user_on_one_endpoint() -> Result<()> {
-    let _serial = serial().await;
     let apps =
         [HttpEcho::start("sticky-a").await?, HttpEcho::start("sticky-b").await?, HttpEcho::start("sticky-c").await?];
     let dir = TempDir::new("ringhash")?;

@@ -574,7 +574,6 @@ async fn bookinfo_delay_fault_for_jason_is_cut_short_by_the_ratings_timeout() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborts_hit_their_percentage_and_grpc_aborts_answer_a_grpc_status() -> Result<()> {
-    let _serial = serial().await;
     let app = App::start().await?;
     let dir = TempDir::new("resilience-aborts")?;
     let res = dir.join("mesh.yaml");
@@ -841,7 +840,6 @@ async fn grpc_deadlines_shrink_over_two_sidecars_and_expired_calls_stop() -> Res
 /// one whose deadline has passed is answered DEADLINE_EXCEEDED without calling the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_sidecar_decrements_grpc_timeout_and_refuses_expired_calls() -> Result<()> {
-    let _serial = serial().await;
     let app = App::start().await?;
     let chain = chain(&app).await?;
     let h2 = H2::open(chain.b.inbound()).await?;
@@ -876,7 +874,6 @@ async fn destination_sidecar_decrements_grpc_timeout_and_refuses_expired_calls()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_idempotent_and_large_requests_are_not_retried() -> Result<()> {
-    let _serial = serial().await;
     let app = App::start().await?;
     app.fail(Failing::Always);
     let dir = TempDir::new("resilience-writes")?;

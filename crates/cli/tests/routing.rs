@@ -293,7 +293,6 @@ async fn record(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_backends_split_80_20_and_100_0() -> Result<()> {
-    let _serial = serial().await;
     let apps = [
         HttpEcho::start("reviews-v1").await?,
         HttpEcho::start("reviews-v2").await?,
@@ -823,7 +822,6 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smi_traffic_split_splits_matching_requests_only() -> Result<()> {
-    let _serial = serial().await;
     let root = HttpEcho::start("shop").await?;
     let v1 = HttpEcho::start("shop-v1").await?;
     let v2 = HttpEcho::start("shop-v2").await?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use plexus_core::tap::TapEvent;
-use plexus_testkit::{Demo, Proc, TempDir, serial};
+use plexus_testkit::{Demo, Proc, TempDir};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 
@@ -58,7 +58,6 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_and_top_on_bookinfo() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("tap")?;
     let demo = Demo::start(PLEXUS, &dir, &["--no-load"]).await?;
 

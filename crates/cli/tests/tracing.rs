@@ -235,7 +235,6 @@ fn traceparent(headers: &serde_json::Value) -> Result<(String, String, String)> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_w3c_trace_is_continued_per_hop_and_both_spans_are_exported_and_chained() -> Result<()> {
-    let _serial = serial().await;
     let (collector, addr, _server) = Collector::start().await?;
     let mesh = Mesh::start(&mesh_config(&format!("tracing: {{otlpEndpoint: \"{addr}\"}}")), &["--access-log"]).await?;
 
@@ -333,7 +332,6 @@ async fn a_w3c_trace_is_continued_per_hop_and_both_spans_are_exported_and_chaine
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b3_in_b3_out_multi_and_single() -> Result<()> {
-    let _serial = serial().await;
     let mesh = Mesh::start("", &["--access-log"]).await?;
 
     let seen = mesh
@@ -371,7 +369,6 @@ async fn b3_in_b3_out_multi_and_single() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_zero_exports_no_span_but_still_propagates() -> Result<()> {
-    let _serial = serial().await;
     let (collector, addr, _server) = Collector::start().await?;
     let mesh =
         Mesh::start(&mesh_config(&format!("tracing: {{sampling: 0, otlpEndpoint: \"http://{addr}\"}}")), &[]).await?;
@@ -496,7 +493,6 @@ async fn access_log_format_follows_mesh_config_within_a_second() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_flushed_when_the_proxies_drain() -> Result<()> {
-    let _serial = serial().await;
     let (collector, addr, _server) = Collector::start().await?;
     let mesh = Mesh::start(&mesh_config(&format!("tracing: {{otlpEndpoint: \"{addr}\"}}")), &[]).await?;
     // Let the warm-up's spans go out first, so what is counted below is only the last request.
@@ -596,7 +592,6 @@ fn fastrand_suffix() -> u128 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mutual_tls_spans_and_logs_name_the_peer_identities() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("tracing-mtls")?;
     let (collector, addr, _server) = Collector::start().await?;
     let cp = ControlPlane::start(&dir).await?;

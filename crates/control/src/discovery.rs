@@ -202,7 +202,7 @@ impl Discovery for DiscoveryService {
             // Set by whatever may change the response (a new index, trust bundle or
             // destination set); acknowledgements and heartbeats leave it alone.
             let mut dirty = true;
-            let mut silence = tokio::time::interval(Duration::from_secs(1));
+            let mut silence = tokio::time::interval(check_interval(proxies.ttl()));
             let mut last_heard = std::time::Instant::now();
             'stream: loop {
                 if dirty {
@@ -260,8 +260,8 @@ impl Discovery for DiscoveryService {
                     changed = views.changed() => if changed.is_err() { break } else { dirty = true },
                     changed = bundle.changed() => if changed.is_err() { break } else { dirty = true },
                     _ = silence.tick() => {
-                        if last_heard.elapsed() >= crate::proxies::EXPIRY {
-                            tracing::warn!(id, "proxy silent for 15 s; closing its stream");
+                        if last_heard.elapsed() >= proxies.ttl() {
+                            tracing::warn!(id, silent = ?proxies.ttl(), "proxy silent for the registration TTL; closing its stream");
                             break;
                         }
                     }
@@ -439,7 +439,8 @@ pub async fn maintain_index(store: Arc<dyn Store>, views: watch::Sender<Arc<View
     }
 }
 
-/// Removes registered workloads whose proxy has been silent for 15 s (checked every second).
+/// Removes registered workloads whose proxy has been silent for the registration TTL (checked
+/// every second, or every TTL/4 when that is shorter).
 pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) {
     // Workloads registered before a restart get a fresh grace period.
     if let Ok(existing) = store.list(Some(Kind::Workload), None) {
@@ -447,7 +448,7 @@ pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) 
             existing.iter().filter(|w| w.metadata.annotations.contains_key(REGISTERED_ANNOTATION)).map(ObjectKey::of),
         );
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(check_interval(proxies.ttl()));
     loop {
         tick.tick().await;
         let gone = proxies.expired();
@@ -459,6 +460,12 @@ pub async fn expire_registrations(store: Arc<dyn Store>, proxies: Arc<Proxies>) 
             tracing::error!(error = %e, "cannot delete expired workloads");
         }
     }
+}
+
+/// How often to look for what has been silent for `ttl`: every second, or every `ttl`/4 when
+/// that is shorter (at least 50 ms), so a short TTL is kept to within a quarter.
+pub fn check_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 #[cfg(test)]

@@ -52,7 +52,8 @@ pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const BACKDATE: Duration = Duration::from_secs(60);
 /// An anchor rotation is not finished before the control plane has run this long: after a
 /// restart in the middle of one, the proxies connected before must first reconnect and report
-/// their certificates (they send a message at least every 5 s).
+/// their certificates (they send a message at least every 5 s by default). The registration
+/// TTL ([`crate::proxies::EXPIRY`] by default; [`maintain_rotation`] uses the configured one).
 pub const ROTATION_SETTLE: Duration = crate::proxies::EXPIRY;
 
 fn unix_now() -> i64 {
@@ -799,10 +800,11 @@ impl Ca {
     }
 
     /// Finishes an anchor rotation once nothing needs the old anchor: the control plane has run
-    /// for [`ROTATION_SETTLE`] and every connected proxy holds a certificate from an issuer
-    /// under the new anchor. Returns whether it finished now.
-    pub fn finish_anchor_rotation_if_done(&self, proxies: &[ProxyStatus]) -> Result<bool, String> {
-        if self.state().previous_anchor.is_none() || self.loaded_at.elapsed() < ROTATION_SETTLE {
+    /// for `settle` (the registration TTL, [`ROTATION_SETTLE`] by default) and every connected
+    /// proxy holds a certificate from an issuer under the new anchor. Returns whether it
+    /// finished now.
+    pub fn finish_anchor_rotation_if_done(&self, proxies: &[ProxyStatus], settle: Duration) -> Result<bool, String> {
+        if self.state().previous_anchor.is_none() || self.loaded_at.elapsed() < settle {
             return Ok(false);
         }
         let _guard = self.lock_writes();
@@ -985,16 +987,18 @@ pub struct ProxyCertStatus {
     pub issued_by: CertOrigin,
 }
 
-/// Finishes anchor rotations when their time comes (checked every second).
+/// Finishes anchor rotations when their time comes (checked every second, or more often with a
+/// registration TTL under 4 s).
 pub async fn maintain_rotation(ca: Arc<Ca>, proxies: Arc<Proxies>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let settle = proxies.ttl();
+    let mut tick = tokio::time::interval(crate::discovery::check_interval(settle));
     loop {
         tick.tick().await;
         if ca.state().previous_anchor.is_none() {
             continue;
         }
         let (ca, list) = (ca.clone(), proxies.statuses());
-        match tokio::task::spawn_blocking(move || ca.finish_anchor_rotation_if_done(&list)).await {
+        match tokio::task::spawn_blocking(move || ca.finish_anchor_rotation_if_done(&list, settle)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot finish the trust anchor rotation"),
             Err(e) => tracing::error!(error = %e, "trust anchor rotation check failed"),
@@ -1166,10 +1170,14 @@ mod tests {
 
         ca.loaded_at = Instant::now() - ROTATION_SETTLE;
         let on_old = [proxy(&old_issuer.summary.sha256)];
-        assert_eq!(ca.finish_anchor_rotation_if_done(&on_old), Ok(false));
-        assert_eq!(ca.finish_anchor_rotation_if_done(&[proxy("")]), Ok(false), "a proxy without a certificate");
+        assert_eq!(ca.finish_anchor_rotation_if_done(&on_old, ROTATION_SETTLE), Ok(false));
+        assert_eq!(
+            ca.finish_anchor_rotation_if_done(&[proxy("")], ROTATION_SETTLE),
+            Ok(false),
+            "a proxy without a certificate"
+        );
         let on_new = [proxy(&s.issuer.summary.sha256)];
-        assert_eq!(ca.finish_anchor_rotation_if_done(&on_new), Ok(true));
+        assert_eq!(ca.finish_anchor_rotation_if_done(&on_new, ROTATION_SETTLE), Ok(true));
         assert_eq!(parse_pem_certs(ca.bundle_pem().as_bytes()).expect("bundle").len(), 1);
         assert!(!dir.join(PREVIOUS_ANCHOR_CERT).exists());
         assert_eq!(ca.state().origin(&old_issuer.summary.sha256), CertOrigin::Unknown);
@@ -1182,7 +1190,7 @@ mod tests {
         ensure_ca(&dir, "plexus.local").expect("ca");
         let ca = Ca::load(&dir).expect("load");
         ca.rotate(true, &IdentitySettings::default()).expect("rotate");
-        assert_eq!(ca.finish_anchor_rotation_if_done(&[]), Ok(false), "no proxy has reconnected yet");
+        assert_eq!(ca.finish_anchor_rotation_if_done(&[], ROTATION_SETTLE), Ok(false), "no proxy has reconnected yet");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

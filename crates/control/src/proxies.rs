@@ -1,5 +1,5 @@
 //! Connected proxies and the workloads they registered: liveness (a registered workload whose
-//! proxy is silent for 15 s leaves the mesh), sync state for `plexus check`, and targets for
+//! proxy is silent for the registration TTL, 15 s by default, leaves the mesh), sync state for `plexus check`, and targets for
 //! Prometheus service discovery, and the workload certificate each proxy reports (for
 //! `plexus check`, `plexus identity show` and anchor rotation).
 
@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use crate::store::ObjectKey;
 
-/// How long a registered workload survives without hearing from its proxy.
+/// How long a registered workload survives without hearing from its proxy, by default
+/// (`plexus control --registration-ttl`). Proxies send a message at least every 5 s by default
+/// (`plexus proxy --heartbeat-interval`).
 pub const EXPIRY: Duration = Duration::from_secs(15);
 
 /// What the control plane knows about one connected proxy.
@@ -68,8 +70,10 @@ struct Entry {
 }
 
 /// Every connected proxy.
-#[derive(Default)]
 pub struct Proxies {
+    /// The registration TTL: a registered workload whose proxy is silent this long is removed,
+    /// and a stream silent this long is closed.
+    ttl: Duration,
     next_id: AtomicU64,
     connected: Mutex<HashMap<u64, Entry>>,
     /// Registered workloads and when their proxy was last heard from (kept after disconnect
@@ -77,7 +81,23 @@ pub struct Proxies {
     registered: Mutex<HashMap<ObjectKey, Instant>>,
 }
 
+impl Default for Proxies {
+    fn default() -> Self {
+        Proxies::new(EXPIRY)
+    }
+}
+
 impl Proxies {
+    /// No proxy yet; registrations live `ttl` without a message from their proxy.
+    pub fn new(ttl: Duration) -> Self {
+        Proxies { ttl, next_id: AtomicU64::new(0), connected: Mutex::default(), registered: Mutex::default() }
+    }
+
+    /// The registration TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Adds a proxy; returns its id.
     pub fn connect(&self, mut record: ProxyRecord) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -152,7 +172,7 @@ impl Proxies {
         }
     }
 
-    /// Registered workloads not heard from for [`EXPIRY`]: to delete. Forgets them.
+    /// Registered workloads not heard from for the TTL: to delete. Forgets them.
     pub fn expired(&self) -> Vec<ObjectKey> {
         let live: Vec<ObjectKey> = self
             .connected
@@ -162,7 +182,7 @@ impl Proxies {
         let Ok(mut r) = self.registered.lock() else { return Vec::new() };
         let gone: Vec<ObjectKey> = r
             .iter()
-            .filter(|(k, seen)| !live.contains(k) && seen.elapsed() >= EXPIRY)
+            .filter(|(k, seen)| !live.contains(k) && seen.elapsed() >= self.ttl)
             .map(|(k, _)| k.clone())
             .collect();
         for k in &gone {

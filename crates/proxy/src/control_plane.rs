@@ -18,11 +18,30 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::discovery::Discovery;
 
+/// How often a proxy talks to the control plane when nothing changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// A message (heartbeat) at least this often: the control plane removes a registered
+    /// workload whose sidecar is silent for its registration TTL (15 s by default).
+    pub heartbeat: Duration,
+    /// The longest wait between attempts to reach the control plane (the wait starts at
+    /// 100 ms and doubles).
+    pub retry_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { heartbeat: Duration::from_secs(5), retry_max: Duration::from_secs(5) }
+    }
+}
+
 /// How a proxy talks to the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
     /// `http://HOST:PORT` of the control plane's gRPC port.
     pub address: String,
+    /// Heartbeat and reconnection intervals.
+    pub timing: Timing,
     pub workload: String,
     pub namespace: String,
     pub service: String,
@@ -109,7 +128,7 @@ enum Ended {
 /// Runs the watch loop until `leave` turns true: then the registered workload is
 /// deregistered (best effort, within 2 s) and the function returns.
 pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leave: tokio::sync::watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(100).min(config.timing.retry_max);
     let app_ready = config.app_readiness.clone().map(AppReadiness::spawn_probe);
     loop {
         let result = session(&discovery, &config, app_ready.clone(), &mut leave).await;
@@ -129,7 +148,7 @@ pub async fn run(discovery: Arc<Discovery>, config: ControlPlaneConfig, mut leav
             _ = tokio::time::sleep(backoff) => {}
             _ = crate::proxy::drained(&mut leave) => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(config.timing.retry_max);
     }
 }
 
@@ -228,7 +247,7 @@ async fn session(
     let mut stream = client.watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut wanted = discovery.wanted();
     wanted.borrow_and_update();
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut heartbeat = tokio::time::interval(config.timing.heartbeat);
     heartbeat.tick().await;
     // A new certificate is reported at once (anchor rotations wait for every proxy's).
     let mut cert_changes = config.identity.as_ref().map(|i| i.subscribe());

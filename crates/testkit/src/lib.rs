@@ -241,12 +241,64 @@ impl Drop for TempDir {
     }
 }
 
-/// Serializes heavy or timing-sensitive tests inside one test binary: hold the guard for the
-/// duration of the test (`let _serial = serial().await;`). An async mutex, so holding it
-/// across `.await` is fine, and a test that panics releases it.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+/// What a test needs to itself, beyond its own free ports and temp dirs (which every test has:
+/// those need no lock). Held with [`exclusive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// The CPU: the test's assertions depend on timing (latency, rates, throughput, "within
+    /// a second") or it loads every core, so it must not overlap another such test.
+    Cpu,
+    /// The host's network configuration: the `plx0` bridge and `10.251.0.0/24` of
+    /// `--netns` mode, and iptables rules outside a test's own network namespaces.
+    HostNetwork,
+}
+
+impl Shared {
+    fn name(self) -> &'static str {
+        match self {
+            Shared::Cpu => "cpu",
+            Shared::HostNetwork => "host-network",
+        }
+    }
+}
+
+/// An exclusive hold on a [`Shared`] resource; released on drop (also when the test panics).
+#[derive(Debug)]
+pub struct Exclusive {
+    _file: std::fs::File,
+}
+
+/// Holds `what` for the rest of the test (`let _cpu = exclusive(Shared::Cpu).await;`): waits
+/// until no other test holds it. The lock is an advisory file lock
+/// (`$TMPDIR/plexus-test-<what>.lock`), so it works across test binaries and processes — under
+/// `cargo test` and under `cargo nextest run` (one process per test) alike — and across
+/// concurrent runs on one machine. The kernel releases it if the process dies.
+/// `.config/nextest.toml` also puts these tests in test groups, so nextest does not start
+/// several only for them to wait here.
+pub async fn exclusive(what: Shared) -> Exclusive {
+    let path = std::env::temp_dir().join(format!("plexus-test-{}.lock", what.name()));
+    match lock_file(path).await {
+        Ok(file) => Exclusive { _file: file },
+        Err(e) => panic!("cannot take the {} test lock: {e}", what.name()),
+    }
+}
+
+/// An exclusive `flock` on `path` (created if missing), waited for off the async workers.
+async fn lock_file(path: PathBuf) -> std::io::Result<std::fs::File> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// `exclusive(Shared::Cpu)`: for a test whose assertions depend on timing or that loads every
+/// core (see [`Shared::Cpu`]). A test that only needs its own ports and directories takes no
+/// lock.
+pub async fn serial() -> Exclusive {
+    exclusive(Shared::Cpu).await
 }
 
 /// The directory holding the Python peers (`tests/peers` at the workspace root).
@@ -349,6 +401,19 @@ mod tests {
     #[test]
     fn rss_of_self() {
         assert!(rss_bytes(std::process::id()).expect("rss") > 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_file_is_held_until_dropped() {
+        let dir = TempDir::new("lock").expect("temp dir");
+        let path = dir.join("test.lock");
+        let first = lock_file(path.clone()).await.expect("first lock");
+        let second = tokio::spawn(lock_file(path.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "a second holder got the lock while the first held it");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(10), second).await.expect("released on drop");
+        second.expect("task").expect("second lock");
     }
 
     #[tokio::test]
