@@ -120,12 +120,23 @@ struct ControlPlane {
     log: PathBuf,
 }
 
+/// The registration TTL of a control plane started with [`SHORT_TTL`] (15 s by default): an
+/// anchor rotation settles this long after a start. [`SimProxy`] sends a message every 2 s.
+const TTL: Duration = Duration::from_secs(6);
+const SHORT_TTL: [&str; 2] = ["--registration-ttl", "6s"];
+
 impl ControlPlane {
     fn start(data_dir: &Path, log: &Path) -> Result<ControlPlane> {
+        ControlPlane::start_with(data_dir, log, &[])
+    }
+
+    /// [`ControlPlane::start`] with more `plexus control` arguments (e.g. [`SHORT_TTL`]).
+    fn start_with(data_dir: &Path, log: &Path, extra: &[&str]) -> Result<ControlPlane> {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(PLEXUS)
             .args(["control", "--http-addr", &addr, "--grpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -742,7 +753,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     }
     let dir = TempDir::new("identity-rotate")?;
     let data = dir.join("data");
-    let mut cp = ControlPlane::start(&data, &dir.join("control.log"))?;
+    let mut cp = ControlPlane::start_with(&data, &dir.join("control.log"), &SHORT_TTL)?;
     let original_anchor = dir.join("anchor-1.pem");
     std::fs::copy(data.join("trust-anchor.pem"), &original_anchor)?;
 
@@ -808,7 +819,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     // A restart in the middle continues the rotation.
     drop(proxy);
     cp.stop();
-    let cp = ControlPlane::start(&data, &dir.join("control-2.log"))?;
+    let cp = ControlPlane::start_with(&data, &dir.join("control-2.log"), &SHORT_TTL)?;
     let restarted = Instant::now();
     let mut proxy = SimProxy::connect(&cp, "sim").await?;
     proxy.report_issued(&second).await?;
@@ -817,8 +828,8 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert!(table.contains("previous anchor") && table.contains("trust anchor rotation in progress"), "{table}");
     assert!(table.contains("old anchor (rotating)"), "{table}");
     // Held back while the proxy is on the old issuer, also past the settle time after a start
-    // (15 s, for proxies to reconnect).
-    tokio::time::sleep(Duration::from_secs(18).saturating_sub(restarted.elapsed())).await;
+    // (the registration TTL, for proxies to reconnect).
+    tokio::time::sleep((TTL + Duration::from_secs(3)).saturating_sub(restarted.elapsed())).await;
     assert!(data.join("previous-trust-anchor.pem").exists(), "the old anchor stays while a proxy needs it");
     assert!(cp.get("/api/v1/identity").await?["rotation"].is_object());
 
