@@ -12,7 +12,7 @@ use plexus_api::discovery::discovery_client::DiscoveryClient;
 use plexus_api::discovery::{ProxyInfo, WatchRequest};
 use plexus_api::identity::CertifyRequest;
 use plexus_api::identity::identity_client::IdentityClient;
-use plexus_testkit::{Background, TempDir, command, free_port, serial};
+use plexus_testkit::{Background, TempDir, command, free_port};
 use serde_json::{Value, json};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
@@ -142,7 +142,6 @@ fn expect_refused<T>(r: Result<T, tonic::Status>, code: tonic::Code, needle: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_commands_create_list_revoke_and_need_the_admin_token() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("cred-cli")?;
     let cp = ControlPlane::start(&dir).await?;
     let anchor_out = dir.join("anchor.pem");
@@ -231,7 +230,6 @@ async fn token_commands_create_list_revoke_and_need_the_admin_token() -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_gets_a_certificate_for_its_identity_only_and_revoked_or_expired_tokens_get_nothing() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("cred-certify")?;
     let cp = ControlPlane::start(&dir).await?;
     let a = cp.token("default", "a").await?;
@@ -286,7 +284,6 @@ async fn a_token_gets_a_certificate_for_its_identity_only_and_revoked_or_expired
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_registers_only_its_own_identity_and_never_replaces_an_operators_workload() -> Result<()> {
-    let _serial = serial().await;
     let dir = TempDir::new("cred-register")?;
     let cp = ControlPlane::start(&dir).await?;
     cp.apply(

@@ -91,16 +91,13 @@ fn apply_echo_service(dir: &TempDir, data: &Path, http: u16) -> Result<()> {
 }
 
 /// `plexus run --service echo` in front of an in-test app on `app_port` (the workload's own
-/// command just sleeps).
-fn run_echo_workload(data: &Path, grpc_url: &str, app_port: u16) -> Result<Proc> {
-    run_echo_workload_with(data, grpc_url, app_port, &[])
-}
-
-/// [`run_echo_workload`] with more `plexus run` arguments (e.g. [`FAST_SIDECAR`]).
-fn run_echo_workload_with(data: &Path, grpc_url: &str, app_port: u16, extra: &[&str]) -> Result<Proc> {
+/// command just sleeps); its workload token is created through the API on `http`. `extra`:
+/// more `plexus run` arguments (e.g. [`FAST_SIDECAR`]).
+fn run_echo_workload(data: &Path, http: u16, grpc_url: &str, app_port: u16, extra: &[&str]) -> Result<Proc> {
     let child = Command::new(PLEXUS)
         .args(["run", "--service", "echo", "--port", &app_port.to_string(), "--control-plane", grpc_url, "--data-dir"])
         .arg(data)
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
         .args(extra)
         .args(["--", "sleep", "600"])
         .stdout(Stdio::null())
@@ -119,16 +116,17 @@ async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
 
 /// Two echo workloads (in-test apps behind `plexus run` sidecars) and a client sidecar, all
 /// fed from `grpc_url`; returns once the client reaches both.
-async fn echo_mesh(data: &Path, grpc_url: &str) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
-    echo_mesh_with(data, grpc_url, &[]).await
-}
-
-/// [`echo_mesh`] with more arguments for every sidecar (e.g. [`FAST_SIDECAR`]).
-async fn echo_mesh_with(data: &Path, grpc_url: &str, extra: &[&str]) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
+/// `extra`: more arguments for every sidecar (e.g. [`FAST_SIDECAR`]).
+async fn echo_mesh(
+    data: &Path,
+    http: u16,
+    grpc_url: &str,
+    extra: &[&str],
+) -> Result<([HttpEcho; 2], Vec<Proc>, Proxy)> {
     let apps = [HttpEcho::start("echo-a").await?, HttpEcho::start("echo-b").await?];
     let mut runs = Vec::new();
     for app in &apps {
-        runs.push(run_echo_workload_with(data, grpc_url, app.port(), extra)?);
+        runs.push(run_echo_workload(data, http, grpc_url, app.port(), extra)?);
     }
     let client = echo_client(grpc_url, extra).await?;
     both_echo_workloads_serve(client.upstream("echo.default:8080")?).await?;
@@ -306,7 +304,7 @@ async fn control_plane_restart_under_load_and_crashed_workloads_leave_the_balanc
 
     // Two workloads: each an in-test echo app behind a `plexus run` sidecar.
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let (_apps, mut runs, client) = echo_mesh_with(&data, &grpc_url, &FAST_SIDECAR).await?;
+    let (_apps, mut runs, client) = echo_mesh(&data, http, &grpc_url, &FAST_SIDECAR).await?;
     let addr = client.upstream("echo.default:8080")?;
 
     // Load during the rest of the test: no request may fail.
@@ -386,7 +384,7 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
     apply_echo_service(&dir, &data, http)?;
     let app = HttpEcho::start("echo").await?;
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let _run = run_echo_workload(&data, &grpc_url, app.port())?;
+    let _run = run_echo_workload(&data, http, &grpc_url, app.port(), &[])?;
     let client = echo_client(&grpc_url, &["--workload", "client-1", "--service", "client"]).await?;
     let addr = client.upstream("echo.default:8080")?;
     plexus_testkit::eventually(Duration::from_secs(20), || async move {
@@ -556,7 +554,7 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
     // Two workloads and a client, all reaching the control plane through the agent:
     // registration, certificates, discovery and telemetry are relayed.
     let agent_url = format!("http://127.0.0.1:{agent_port}");
-    let (_apps, mut runs, client) = echo_mesh(&data, &agent_url).await?;
+    let (_apps, mut runs, client) = echo_mesh(&data, http, &agent_url, &[]).await?;
     let addr = client.upstream("echo.default:8080")?;
 
     // The control plane sees three proxies over one connection.
