@@ -11,7 +11,7 @@
 use http::{HeaderName, HeaderValue, Method};
 use plexus_core::explain::{
     Action, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb, describe_limits,
-    describe_rate_limit, trim_float,
+    describe_outlier, describe_rate_limit, trim_float,
 };
 use plexus_core::{MeshSnapshot, Resource};
 
@@ -189,6 +189,7 @@ fn print_human(x: &Explanation, config: &str) {
             "load balancer",
             per_target(&targets, |t| describe_lb(t.load_balancer, t.load_balancer_set, t.hash_on.as_ref())),
         ),
+        ("outlier detection", per_target(&targets, |t| describe_outlier(&t.outlier_detection))),
         (
             "connection limits",
             per_target(&targets, |t| {

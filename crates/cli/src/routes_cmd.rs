@@ -6,7 +6,8 @@
 
 use http::{Method, StatusCode};
 use plexus_core::explain::{
-    PortTable, describe_budget, describe_lb, describe_limits, describe_rate_limit, describe_retry, trim_float,
+    PortTable, describe_budget, describe_lb, describe_limits, describe_outlier, describe_rate_limit, describe_retry,
+    trim_float,
 };
 use plexus_core::{Kind, MeshSnapshot, Resource, ServiceName};
 use serde_json::Value;
@@ -225,16 +226,7 @@ fn port_text(t: &PortTable) -> String {
                 describe_budget(&p.retry_budget)
             ),
         ),
-        (
-            "outlier detection",
-            format!(
-                "{} consecutive failures, every {}, eject {}, at most {}%",
-                od.consecutive_failures,
-                plexus_core::duration::format(od.interval),
-                plexus_core::duration::format(od.base_ejection_time),
-                od.max_ejection_percent
-            ),
-        ),
+        ("outlier detection", describe_outlier(od)),
         ("load balancer", describe_lb(p.load_balancer, p.load_balancer_set, p.hash_on.as_ref())),
         ("connection limits", p.connection_limits.as_ref().map(describe_limits).unwrap_or_else(|| "none".into())),
         ("rate limit", t.rate_limit.as_ref().map(describe_rate_limit).unwrap_or_else(|| "none".into())),

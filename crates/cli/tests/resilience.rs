@@ -63,6 +63,7 @@ fn served_by(r: &Collected) -> String {
 
 /// An HTTP/1 app answering every request 503 until made healthy, then 200; every answer
 /// carries `x-served-by: <name>`.
+/// A server answering `failure` (503 unless told otherwise) until `healthy` is set, then 200.
 struct Flaky {
     addr: SocketAddr,
     healthy: Arc<AtomicBool>,
@@ -72,6 +73,10 @@ struct Flaky {
 
 impl Flaky {
     async fn start(name: &'static str) -> Result<Flaky> {
+        Self::failing_with(name, StatusCode::SERVICE_UNAVAILABLE).await
+    }
+
+    async fn failing_with(name: &'static str, failure: StatusCode) -> Result<Flaky> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let healthy = Arc::new(AtomicBool::new(false));
@@ -83,8 +88,7 @@ impl Flaky {
                 tokio::spawn(async move {
                     let service = service_fn(move |_req| {
                         n.fetch_add(1, Ordering::SeqCst);
-                        let status =
-                            if h.load(Ordering::SeqCst) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                        let status = if h.load(Ordering::SeqCst) { StatusCode::OK } else { failure };
                         let mut resp = Response::new(Full::new(Bytes::from_static(b"flaky\n")));
                         *resp.status_mut() = status;
                         resp.headers_mut().insert("x-served-by", plexus_testkit::http::HeaderValue::from_static(name));
@@ -392,6 +396,64 @@ async fn outlier_detection_ejects_and_readmits() -> Result<()> {
     let ejected =
         metric(&proxy, "plexus_balancer_endpoints", "destination_service=\"flaky\",state=\"ejected\"").await?;
     ensure!(ejected == 0.0, "still {ejected} ejected");
+    Ok(())
+}
+
+/// Issue 17 item 3: an endpoint answering 500 is ejected after `consecutive5xx` answers in a
+/// row; without it (the default) only gateway failures count, so it keeps its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_ejects_an_endpoint_answering_500_and_is_off_by_default() -> Result<()> {
+    let _serial = serial().await;
+    let good = HttpEcho::start("good").await?;
+    // One failing server per Service: an endpoint's counts are kept by address.
+    let bad = Flaky::failing_with("bad", StatusCode::INTERNAL_SERVER_ERROR).await?;
+    let bad_uncounted = Flaky::failing_with("bad", StatusCode::INTERNAL_SERVER_ERROR).await?;
+    let dir = TempDir::new("outlier-5xx")?;
+    let res = dir.join("mesh.yaml");
+    let policy = |name: &str, detection: &str| {
+        format!(
+            "apiVersion: plexus.dev/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRef: {{kind: Service, name: {name}}}\n  outlierDetection: {{{detection}baseEjectionTime: 30s}}\n  loadBalancer: {{algorithm: roundRobin}}\n"
+        )
+    };
+    let mut mesh = plain_service("counted", &[good.port(), bad.addr.port()], &policy("counted", "consecutive5xx: 3, "));
+    let uncounted_ports = [good.port(), bad_uncounted.addr.port()];
+    mesh = mesh
+        .raw(&plain_service("uncounted", &uncounted_ports, &policy("uncounted", "consecutiveFailures: 3, ")).to_yaml());
+    mesh.write(&res)?;
+    let proxy =
+        sidecar("client-sidecar", &res, &["--upstream", "counted:8080=0", "--upstream", "uncounted:8080=0"]).await?;
+
+    // Default counting (gateway failures only): 20 requests, the 500s keep coming, nothing ejected.
+    let uncounted = proxy.upstream("uncounted.default:8080")?;
+    let mut statuses = BTreeMap::<u16, u32>::new();
+    for _ in 0..20 {
+        *statuses.entry(get(uncounted, "uncounted:8080", &[]).await?.status.as_u16()).or_default() += 1;
+    }
+    ensure!(statuses.get(&500) == Some(&10) && statuses.get(&200) == Some(&10), "without consecutive5xx: {statuses:?}");
+    let ejected = |service: &'static str| {
+        let p = &proxy;
+        async move {
+            metric(p, "plexus_balancer_endpoints", &format!("destination_service=\"{service}\",state=\"ejected\""))
+                .await
+        }
+    };
+    ensure!(ejected("uncounted").await? == 0.0, "a 500 is no gateway failure");
+
+    // consecutive5xx: 3 — the third 500 in a row ejects it; then only the good one answers.
+    let counted = proxy.upstream("counted.default:8080")?;
+    let before = bad.requests();
+    let mut sent = 0;
+    while bad.requests() - before < 3 {
+        ensure!(sent < 20, "the failing endpoint got {} of {sent} requests", bad.requests() - before);
+        get(counted, "counted:8080", &[]).await?;
+        sent += 1;
+    }
+    ensure!(ejected("counted").await? == 1.0, "ejected after three 500s in a row");
+    for _ in 0..10 {
+        let r = get(counted, "counted:8080", &[]).await?;
+        ensure!(r.status == 200 && served_by(&r) == "good", "while ejected: {} from {}", r.status, served_by(&r));
+    }
+    ensure!(bad.requests() - before == 3, "the ejected endpoint got traffic");
     Ok(())
 }
 

@@ -1058,6 +1058,28 @@ pub fn describe_rate_limit(r: &RateLimit) -> String {
     s
 }
 
+/// Outlier detection in words: `7 consecutive gateway failures or 5 consecutive 5xx, every
+/// 1s, eject 1s, at most 50%`.
+pub fn describe_outlier(od: &OutlierDetection) -> String {
+    let mut what = Vec::new();
+    if od.consecutive_failures > 0 {
+        what.push(format!("{} consecutive gateway failures", od.consecutive_failures));
+    }
+    if od.consecutive_5xx > 0 {
+        what.push(format!("{} consecutive 5xx", od.consecutive_5xx));
+    }
+    if what.is_empty() {
+        return "off".into();
+    }
+    format!(
+        "{}, every {}, eject {}, at most {}%",
+        what.join(" or "),
+        crate::duration::format(od.interval),
+        crate::duration::format(od.base_ejection_time),
+        od.max_ejection_percent
+    )
+}
+
 /// Connection limits in words.
 pub fn describe_limits(c: &ConnectionLimits) -> String {
     let mut parts = Vec::new();

@@ -16,9 +16,11 @@ use crate::resource::{
 /// Default retry budget: retries may add 20% to the requests, plus 10 per second.
 pub const DEFAULT_BUDGET: RetryBudget = RetryBudget { ratio: 0.2, min_per_second: 10, ttl: Duration::from_secs(10) };
 
-/// Default outlier detection: 7 consecutive failures, 1 s base ejection, at most 50% ejected.
+/// Default outlier detection: 7 consecutive gateway failures, 1 s base ejection, at most 50%
+/// ejected; `consecutive5xx` off.
 pub const DEFAULT_OUTLIER: OutlierDetection = OutlierDetection {
     consecutive_failures: 7,
+    consecutive_5xx: 0,
     interval: Duration::from_secs(1),
     base_ejection_time: Duration::from_secs(1),
     max_ejection_percent: 50,
@@ -198,7 +200,11 @@ pub struct RetryBudget {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
+    /// Consecutive gateway failures (connection failures, 502, 503, 504) that eject; 0: off.
     pub consecutive_failures: u32,
+    /// Consecutive 5xx answers (and connection failures) that eject; 0: off (the default).
+    #[serde(rename = "consecutive5xx")]
+    pub consecutive_5xx: u32,
     #[serde(with = "crate::route::duration_str")]
     pub interval: Duration,
     #[serde(with = "crate::route::duration_str")]
@@ -248,6 +254,7 @@ impl ClientPolicy {
         if let Some(o) = &spec.outlier_detection {
             p.outlier_detection = OutlierDetection {
                 consecutive_failures: o.consecutive_failures.unwrap_or(DEFAULT_OUTLIER.consecutive_failures),
+                consecutive_5xx: o.consecutive_5xx.unwrap_or(DEFAULT_OUTLIER.consecutive_5xx),
                 interval: o.interval.map(|d| d.0).unwrap_or(DEFAULT_OUTLIER.interval),
                 base_ejection_time: o.base_ejection_time.map(|d| d.0).unwrap_or(DEFAULT_OUTLIER.base_ejection_time),
                 max_ejection_percent: o.max_ejection_percent.unwrap_or(DEFAULT_OUTLIER.max_ejection_percent),

@@ -662,6 +662,12 @@ fn resilience_policy(r: &ResiliencePolicySpec, p: &mut Problems) {
         if o.consecutive_failures == Some(0) {
             p.push(("spec.outlierDetection.consecutiveFailures".into(), "must be at least 1".into()));
         }
+        if o.consecutive_5xx == Some(0) {
+            p.push((
+                "spec.outlierDetection.consecutive5xx".into(),
+                "must be at least 1 (leave it out to count only gateway failures)".into(),
+            ));
+        }
         if o.max_ejection_percent.is_some_and(|x| x > 100) {
             p.push(("spec.outlierDetection.maxEjectionPercent".into(), "must be between 0 and 100".into()));
         }

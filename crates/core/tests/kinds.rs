@@ -751,6 +751,27 @@ fn resilience_policy() {
     );
     invalid(&mutate(RESILIENCE_POLICY, "attempts: 3", "attempts: 0"), "spec.retries.attempts", "between 1 and 10");
     invalid(
+        &mutate(RESILIENCE_POLICY, "consecutiveFailures: 5\n", "consecutiveFailures: 5\n    consecutive5xx: 0\n"),
+        "spec.outlierDetection.consecutive5xx",
+        "must be at least 1",
+    );
+    let with_5xx =
+        mutate(RESILIENCE_POLICY, "consecutiveFailures: 5\n", "consecutiveFailures: 5\n    consecutive5xx: 4\n");
+    let r = valid(Kind::ResiliencePolicy, &with_5xx);
+    let plexus_core::Spec::ResiliencePolicy(spec) = &r.spec else { panic!("a ResiliencePolicy spec") };
+    let od = plexus_core::policy::ClientPolicy::from_spec("default/reviews".into(), spec).outlier_detection;
+    assert_eq!((od.consecutive_failures, od.consecutive_5xx), (5, 4));
+    assert_eq!(
+        plexus_core::explain::describe_outlier(&od),
+        "5 consecutive gateway failures or 4 consecutive 5xx, every 10s, eject 30s, at most 50%"
+    );
+    let default = plexus_core::policy::DEFAULT_OUTLIER;
+    assert_eq!(default.consecutive_5xx, 0, "off unless set");
+    assert_eq!(
+        plexus_core::explain::describe_outlier(&default),
+        "7 consecutive gateway failures, every 1s, eject 1s, at most 50%"
+    );
+    invalid(
         &mutate(RESILIENCE_POLICY, "    name: reviews\n", "    name: reviews\n    route: reviews\n"),
         "spec.targetRef.route",
         "only an AuthorizationPolicy",

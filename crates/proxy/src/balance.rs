@@ -24,7 +24,8 @@
 //! atomics.
 //!
 //! Outlier detection, with the port's parameters ([`Choice::outlier`]): an endpoint failing
-//! `consecutive_failures` times in a row (connection failures and 502/503/504 answers) is
+//! `consecutive_failures` times in a row (connection failures and 502/503/504 answers), or,
+//! when set, answering `consecutive_5xx` times in a row with any 5xx (or no answer), is
 //! ejected for `base_ejection_time` × its number of ejections (capped at [`MAX_EJECTION`], or
 //! the base time when that is longer); the multiplier drops by one for every `interval` the
 //! endpoint spends back in service. An ejection that would leave more than
@@ -63,7 +64,9 @@ const MAX_RINGS: usize = 1024;
 pub struct EndpointStats {
     pending: AtomicU32,
     rtt: Mutex<Rtt>,
+    /// Consecutive gateway failures, and consecutive 5xx (see [`Pick::finish`]).
     failures: AtomicU32,
+    errors_5xx: AtomicU32,
     ejection: Mutex<Ejection>,
     /// When it was last picked, in ms since the balancer's origin.
     last_pick_ms: AtomicU64,
@@ -89,6 +92,7 @@ impl EndpointStats {
             pending: AtomicU32::new(0),
             rtt: Mutex::new(Rtt { estimate_ns: 0.0, updated: Instant::now() }),
             failures: AtomicU32::new(0),
+            errors_5xx: AtomicU32::new(0),
             ejection: Mutex::new(Ejection::default()),
             last_pick_ms: AtomicU64::new(now_ms),
         }
@@ -380,25 +384,60 @@ pub struct Pick {
     done: bool,
 }
 
-impl Pick {
-    /// Records latency (time to response headers) and success; returns `true` when this
-    /// failure ejected the endpoint.
-    pub fn finish(self, success: bool) -> bool {
-        self.finish_at(success, Instant::now())
+/// How a request to a picked endpoint ended, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryOutcome {
+    /// Answered (HTTP: with a status below 500), or a stream that worked.
+    Success,
+    /// Answered with this 5xx status: 502, 503 and 504 are gateway failures.
+    ServerError(u16),
+    /// No answer: connection failure, reset, timeout.
+    Failure,
+}
+
+impl TryOutcome {
+    /// The outcome of an HTTP answer with `status`.
+    pub fn of_status(status: u16) -> TryOutcome {
+        if status >= 500 { TryOutcome::ServerError(status) } else { TryOutcome::Success }
     }
 
-    fn finish_at(mut self, success: bool, now: Instant) -> bool {
+    pub fn of(ok: bool) -> TryOutcome {
+        if ok { TryOutcome::Success } else { TryOutcome::Failure }
+    }
+}
+
+impl Pick {
+    /// Records latency (time to response headers) and the outcome; returns `true` when this
+    /// failure ejected the endpoint. Gateway failures (no answer, 502, 503, 504) count toward
+    /// `consecutiveFailures`; every 5xx and no answer count toward `consecutive5xx`; an answer
+    /// resets the counts it does not add to.
+    pub fn finish(self, outcome: TryOutcome) -> bool {
+        self.finish_at(outcome, Instant::now())
+    }
+
+    fn finish_at(mut self, outcome: TryOutcome, now: Instant) -> bool {
         self.done = true;
         self.stats.pending.fetch_sub(1, Ordering::Relaxed);
         self.stats.observe_rtt(now.saturating_duration_since(self.started), now, self.decay);
-        if success {
-            self.stats.failures.store(0, Ordering::Relaxed);
-            return false;
-        }
-        let failures = self.stats.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let (gateway, server) = match outcome {
+            TryOutcome::Success => (false, false),
+            TryOutcome::ServerError(s) => (matches!(s, 502..=504), true),
+            TryOutcome::Failure => (true, true),
+        };
+        let count = |counter: &AtomicU32, counts: bool| {
+            if counts {
+                counter.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+            } else {
+                counter.store(0, Ordering::Relaxed);
+                0
+            }
+        };
+        let failures = count(&self.stats.failures, gateway);
+        let errors = count(&self.stats.errors_5xx, server);
         let od = self.outlier;
-        // `consecutiveFailures: 0` turns ejection off.
-        if od.consecutive_failures == 0 || failures < od.consecutive_failures {
+        // A threshold of 0 turns that detection off.
+        let reached = |n: u32, threshold: u32| threshold > 0 && n >= threshold;
+        if !reached(failures, od.consecutive_failures) && !reached(errors, od.consecutive_5xx) {
             return false;
         }
         // Counted before taking this endpoint's lock: holding it while locking the others
@@ -415,6 +454,7 @@ impl Pick {
             return false;
         }
         self.stats.failures.store(0, Ordering::Relaxed);
+        self.stats.errors_5xx.store(0, Ordering::Relaxed);
         if let Some(ended) = e.until {
             let healthy = now.saturating_duration_since(ended).as_nanos();
             let steps = healthy.checked_div(od.interval.as_nanos()).unwrap_or(u128::MAX);
@@ -693,6 +733,7 @@ mod tests {
         Choice {
             outlier: OutlierDetection {
                 consecutive_failures,
+                consecutive_5xx: 0,
                 interval: Duration::from_secs(1),
                 base_ejection_time: Duration::from_millis(base_ms),
                 max_ejection_percent,
@@ -706,7 +747,7 @@ mod tests {
         let others: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).filter(|a| a.port() != port).collect();
         let (e, pick) = b.pick_at(endpoints, choice, &others, now).expect("endpoint");
         assert_eq!(e.addr.port(), port);
-        pick.finish_at(false, now)
+        pick.finish_at(TryOutcome::Failure, now)
     }
 
     fn ejected_at(b: &Balancer, port: u16, now: Instant) -> bool {
@@ -742,7 +783,7 @@ mod tests {
                 let now = start + gap * k;
                 let (e, pick) = b.pick_at(endpoints, &Choice::default(), &[], now).expect("endpoint");
                 let port = e.addr.port();
-                pick.finish_at(true, now + latency(port, k));
+                pick.finish_at(TryOutcome::Success, now + latency(port, k));
                 port
             })
             .collect()
@@ -841,6 +882,44 @@ mod tests {
         let second = EndpointSet::new(vec![ep(1), ep(2), ep(3)]);
         let (e, _) = b.pick_at(&second, &Choice::default(), &[ep(3).addr], now).expect("endpoint");
         assert_eq!(e.addr.port(), 1, "the slow endpoint is still known to be slow");
+    }
+
+    /// Issue 17 item 3: `consecutive5xx` ejects an endpoint answering 500; the default counts
+    /// only gateway failures, and an answer below 500 resets the count.
+    #[test]
+    fn consecutive_5xx_counts_every_5xx_and_is_off_by_default() {
+        let endpoints = EndpointSet::new(vec![ep(1), ep(2)]);
+        let now = Instant::now();
+        let answer = |b: &Balancer, choice: &Choice, outcome: TryOutcome| {
+            let (e, pick) = b.pick_at(&endpoints, choice, &[ep(2).addr], now).expect("endpoint");
+            assert_eq!(e.addr.port(), 1);
+            pick.finish_at(outcome, now)
+        };
+        // Default: a hundred 500s eject nothing; seven gateway failures do.
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let default = outlier(7, 1000, 50);
+        assert!((0..100).all(|_| !answer(&b, &default, TryOutcome::ServerError(500))), "a 500 is no gateway failure");
+        let ejected: Vec<bool> = (0..7).map(|_| answer(&b, &default, TryOutcome::ServerError(503))).collect();
+        assert_eq!(ejected, [false, false, false, false, false, false, true]);
+
+        let mut choice = outlier(7, 1000, 50);
+        choice.outlier.consecutive_5xx = 3;
+        let b = Balancer::new(LoadBalancer::Ewma);
+        assert!(!answer(&b, &choice, TryOutcome::ServerError(500)));
+        assert!(!answer(&b, &choice, TryOutcome::ServerError(500)));
+        assert!(!answer(&b, &choice, TryOutcome::Success), "a 200 resets the count");
+        assert!(!answer(&b, &choice, TryOutcome::ServerError(500)));
+        assert!(!answer(&b, &choice, TryOutcome::Failure), "no answer counts as a 5xx too");
+        assert!(answer(&b, &choice, TryOutcome::ServerError(501)), "the third 5xx in a row ejects");
+        assert_eq!(b.ejected_count(&endpoints), 1);
+
+        // A 500 resets the gateway-failure count (Envoy's consecutive gateway failures).
+        let b = Balancer::new(LoadBalancer::Ewma);
+        let gateway_only = outlier(2, 1000, 50);
+        assert!(!answer(&b, &gateway_only, TryOutcome::ServerError(502)));
+        assert!(!answer(&b, &gateway_only, TryOutcome::ServerError(500)));
+        assert!(!answer(&b, &gateway_only, TryOutcome::ServerError(504)));
+        assert!(answer(&b, &gateway_only, TryOutcome::Failure));
     }
 
     #[test]
@@ -977,7 +1056,7 @@ mod tests {
         assert!(!fail(&b, &endpoints, &choice, 1, t1));
         assert!(!fail(&b, &endpoints, &choice, 1, t1));
         let (_, pick) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
-        assert!(!pick.finish_at(true, t1));
+        assert!(!pick.finish_at(TryOutcome::Success, t1));
         assert!(!fail(&b, &endpoints, &choice, 1, t1));
         assert!(!fail(&b, &endpoints, &choice, 1, t1));
         assert!(!ejected_at(&b, 1, t1));
@@ -991,9 +1070,9 @@ mod tests {
         let (_, in_flight) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
         for _ in 0..3 {
             let (_, p) = b.pick_at(&endpoints, &choice, &[addr(2)], t1).expect("endpoint");
-            assert!(!p.finish_at(false, t1 + Duration::from_millis(10)));
+            assert!(!p.finish_at(TryOutcome::Failure, t1 + Duration::from_millis(10)));
         }
-        assert!(!in_flight.finish_at(false, t1 + Duration::from_millis(10)));
+        assert!(!in_flight.finish_at(TryOutcome::Failure, t1 + Duration::from_millis(10)));
         assert!(!ejected_at(&b, 1, t1 + Duration::from_millis(4000)));
 
         // Long healthy (many intervals) brings the multiplier back down: base time again.

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::balance::{Balancer, Choice};
+use crate::balance::{Balancer, Choice, TryOutcome};
 use crate::discovery::Discovery;
 use crate::error::ProxyError;
 use crate::http::client::{self, Pool};
@@ -484,12 +484,12 @@ async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Resu
                 peers.destination_version = ep.version.clone().unwrap_or_else(crate::metrics::unknown);
                 match state.pool.connect_peer(ep.addr, None, ep.principal.as_ref(), crate::tls::ALPN_TCP).await {
                     Ok(stream) => {
-                        pick.finish(true);
+                        pick.finish(TryOutcome::Success);
                         let security = if stream.is_mtls() { "mutual_tls" } else { "none" };
                         return Ok(Dialed { stream, peers, security });
                     }
                     Err(e) => {
-                        pick.finish(false);
+                        pick.finish(TryOutcome::Failure);
                         tried.push(ep.addr);
                         if tried.len() >= endpoints.len().min(3) {
                             return Err(e);

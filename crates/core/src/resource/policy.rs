@@ -249,8 +249,12 @@ pub struct RetryBudgetSettings {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSettings {
+    /// Consecutive gateway failures (connection failures, 502, 503, 504) that eject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
+    /// Consecutive 5xx answers (any 5xx, and connection failures) that eject; off unless set.
+    #[serde(default, rename = "consecutive5xx", skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
     /// How often ejections are reconsidered (an ejected endpoint returns after its ejection
     /// time, checked at most this often).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,7 +27,7 @@ use super::client::{Proto, SendOptions};
 use super::observe::Observation;
 use super::retry::RequestBody;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
-use crate::balance::Choice;
+use crate::balance::{Choice, TryOutcome};
 use crate::error::ProxyError;
 use crate::metrics::ServiceRouteLabels;
 use crate::proxy::State;
@@ -107,7 +107,10 @@ pub async fn to_service(
             Target { addr: ep.addr, proto: Proto::Http1, authority, app_http1_behind_peer: false, peer_identity };
         // Boxed: upgrades are rare; unboxed, their future would be copied with every request's.
         let result = Box::pin(forward_upgrade(&state, req, &head, &target)).await;
-        pick.finish(result.is_ok());
+        pick.finish(match &result {
+            Ok(resp) => TryOutcome::of_status(resp.status().as_u16()),
+            Err(_) => TryOutcome::Failure,
+        });
         return match result {
             Ok(resp) => obs.respond(downstream_response(resp, head.version), "-"),
             Err(e) => obs.fail(e),
@@ -363,7 +366,7 @@ impl Tries<'_> {
                     let status = resp.status().as_u16();
                     let grpc_status =
                         resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-                    let ejected = pick.finish(!matches!(status, 502..=504));
+                    let ejected = pick.finish(TryOutcome::of_status(status));
                     self.count_ejection(ejected);
                     let retriable =
                         can_repeat && self.method_allows(head) && self.retry.retries_status(status, grpc_status);
@@ -373,7 +376,7 @@ impl Tries<'_> {
                     format!("status {status}")
                 }
                 Err(e) => {
-                    let ejected = pick.finish(false);
+                    let ejected = pick.finish(TryOutcome::Failure);
                     self.count_ejection(ejected);
                     let on = &self.retry.on;
                     let retriable = can_repeat
@@ -456,13 +459,16 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
             // Like every path to a peer sidecar: mutual TLS to the endpoint's identity.
             let options = SendOptions { peer_identity: target.peer_identity.clone(), ..SendOptions::default() };
             let resp = state.pool.send_with(target.addr, target.proto, up, options).await?;
-            let ok = resp.status().as_u16() < 500;
+            let outcome = TryOutcome::of_status(resp.status().as_u16());
             // Drain the answer so the connection can be reused.
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-            Ok::<bool, ProxyError>(ok)
+            Ok::<TryOutcome, ProxyError>(outcome)
         })
         .await;
-        pick.finish(matches!(sent, Ok(Ok(true))));
+        pick.finish(match sent {
+            Ok(Ok(outcome)) => outcome,
+            _ => TryOutcome::Failure,
+        });
     });
 }
 

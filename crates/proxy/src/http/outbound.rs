@@ -22,7 +22,7 @@ use super::client;
 use super::forward::{self, app_protocol, describe_endpoint};
 use super::observe::Observation;
 use super::{Head, Target, downstream_response, forward_upgrade, headers};
-use crate::balance::Choice;
+use crate::balance::{Choice, TryOutcome};
 use crate::error::ProxyError;
 use crate::proxy::State;
 use crate::settings::Mode;
@@ -197,7 +197,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
                 describe_endpoint(&mut obs, ep);
                 // A meshed endpoint is reached like on every other path: mTLS to its identity.
                 let r = state.pool.connect_peer(ep.addr, None, ep.principal.as_ref(), crate::tls::ALPN_TCP).await;
-                pick.finish(r.is_ok());
+                pick.finish(TryOutcome::of(r.is_ok()));
                 r
             }
         }
