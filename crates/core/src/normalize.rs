@@ -310,3 +310,113 @@ mod tests {
         }
     }
 }
+
+/// Property tests: normalizing is idempotent and agrees with its fast path, and what a policy
+/// decides on the normalized path is what it decides on the path a reference backend makes of
+/// the request (full percent-decoding, dot segments removed, slashes merged — Werkzeug's
+/// decoding plus a resolver), so no spelling the proxy forwards can mean something else
+/// behind it.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::authz::{self, Authorization, AuthzPolicy, AuthzRequest, AuthzRule, Operations, PolicyKind};
+    use crate::resource::{AuthorizationAction, DefaultAuthorization};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    const TOKENS: &[&str] = &[
+        "/", "/", "/", "a", "public", "private", "admin", "health", ".", "..", "%2e", "%2E", "%2F", "%2f", "%5c",
+        "%25", "%61", "%41", "%7E", "%7e", "%20", "%3b", "%3B", ";", ";x", "%", "%4", "%zz", "\\", "~", "-", "x.y",
+        "%C3%A9", "%00", "%0a", "%3F", "*",
+    ];
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(TOKENS), 0..12).prop_map(|t| format!("/{}", t.concat()))
+    }
+
+    /// What a backend that decodes everything makes of a path.
+    fn reference(path: &str) -> String {
+        let bytes = path.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%'
+                && let (Some(h), Some(l)) =
+                    (bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b)))
+            {
+                out.push(h << 4 | l);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        let decoded = String::from_utf8_lossy(&out).into_owned();
+        let mut segments: Vec<&str> = Vec::new();
+        for s in decoded.split('/') {
+            match s {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                s => segments.push(s),
+            }
+        }
+        let directory = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+        let mut r = format!("/{}", segments.join("/"));
+        if directory && !segments.is_empty() {
+            r.push('/');
+        }
+        r
+    }
+
+    fn policy(name: &str, action: AuthorizationAction, paths: &[&str]) -> Arc<AuthzPolicy> {
+        Arc::new(AuthzPolicy {
+            name: name.into(),
+            kind: PolicyKind::AuthorizationPolicy,
+            action,
+            routes: Vec::new(),
+            rules: vec![AuthzRule {
+                from: None,
+                to: Some(Operations { paths: paths.iter().map(|p| p.to_string()).collect(), ..Default::default() }),
+            }],
+        })
+    }
+
+    fn decision(authz: &Authorization, path: &str) -> bool {
+        let headers = http::HeaderMap::new();
+        let req = AuthzRequest { peer: None, method: "GET", path, port: 80, route: None, headers: &headers };
+        authz::decide(authz, &req, DefaultAuthorization::Allow).allowed
+    }
+
+    proptest! {
+        #[test]
+        fn idempotent_and_agrees_with_the_fast_path(p in path(), allow in any::<bool>()) {
+            let options = PathOptions { allow_encoded_slashes: allow };
+            if let Ok(n) = normalize_path(&p, options) {
+                let again = normalize_path(&n, options);
+                prop_assert_eq!(again.as_deref(), Ok(&*n));
+                prop_assert!(is_normal(&n) || n.contains('%'), "{} → {}", p, n);
+            }
+            if is_normal(&p) {
+                let same = normalize_path(&p, options);
+                prop_assert_eq!(same.as_deref(), Ok(p.as_str()));
+            }
+        }
+
+        #[test]
+        fn decisions_agree_with_a_reference_decoder(p in path()) {
+            let authz = Authorization {
+                policies: vec![
+                    policy("deny-admin", AuthorizationAction::Deny, &["/public/admin*", "/admin", "/admin/*"]),
+                    policy("allow-public", AuthorizationAction::Allow, &["/public/*", "/health", "/a/public/*"]),
+                ],
+            };
+            if let Ok(n) = normalize_path(&p, PathOptions::default()) {
+                let allowed = decision(&authz, &n);
+                prop_assert_eq!(allowed, decision(&authz, &reference(&n)), "{} → {} → {}", p, n, reference(&n));
+                prop_assert_eq!(allowed, decision(&authz, &reference(&p)), "{} → {} vs {}", p, n, reference(&p));
+            }
+        }
+    }
+}
