@@ -603,6 +603,25 @@ fn authorization_policy(a: &AuthorizationPolicySpec, p: &mut Problems) {
                         format!("{at}.to.paths[{j}]"),
                         "must start with '/' (a trailing * matches a prefix)".into(),
                     ));
+                    continue;
+                }
+                // Requests are matched with their normalized path (SPEC §5): a pattern the
+                // normalizer would change or refuse could never match.
+                let literal = path.strip_suffix('*').unwrap_or(path);
+                let lenient = crate::normalize::PathOptions { allow_encoded_slashes: true };
+                match crate::normalize::normalize_path(literal, lenient) {
+                    Err(reason) => p.push((
+                        format!("{at}.to.paths[{j}]"),
+                        format!("can never match: {reason} (such requests are refused with 400)"),
+                    )),
+                    Ok(n) if *n != *literal && path != "*" => p.push((
+                        format!("{at}.to.paths[{j}]"),
+                        format!(
+                            "requests are matched with their normalized path: write {:?}",
+                            format!("{n}{}", &path[literal.len()..])
+                        ),
+                    )),
+                    Ok(_) => {}
                 }
             }
             for (j, m) in to.methods.iter().enumerate() {

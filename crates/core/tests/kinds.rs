@@ -683,6 +683,18 @@ fn authorization_policy() {
         "spec.rules[0].to.paths[0]",
         "must start with '/'",
     );
+    // Requests are matched normalized: patterns that could never match are refused.
+    invalid(
+        &mutate(AUTHORIZATION_POLICY, "\"/reviews/*\"", "\"/public/../reviews/*\""),
+        "spec.rules[0].to.paths[0]",
+        "write \"/reviews/*\"",
+    );
+    invalid(
+        &mutate(AUTHORIZATION_POLICY, "\"/reviews/*\"", "\"/reviews%5C*\""),
+        "spec.rules[0].to.paths[0]",
+        "can never match: encoded backslash",
+    );
+    valid(Kind::AuthorizationPolicy, &mutate(AUTHORIZATION_POLICY, "\"/reviews/*\"", "\"/a%2Fb\""));
     invalid(
         &mutate(AUTHORIZATION_POLICY, "prod/frontend", "prod/front/end"),
         "spec.rules[0].from.serviceAccounts[1]",
