@@ -246,3 +246,69 @@ async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 17 item 1 (SPEC §3): `plexus run --service echo --port P` with no Service resource is
+/// reachable as `echo:P` (and `echo.default:P`) until a Service is applied; then the applied
+/// Service decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_without_a_service_resource_is_reachable_as_service_and_port() -> Result<()> {
+    let dir = TempDir::new("run-no-service")?;
+    let data = dir.join("data");
+    let (_control, http, grpc) = control_plane(&data)?;
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let app = plexus_testkit::HttpEcho::start("echo-app").await?;
+    let run = Command::new(PLEXUS)
+        .args(["run", "--service", "echo", "--port", &app.port().to_string(), "--control-plane", &grpc_url])
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("run.log"))?)
+        .spawn()?;
+    let _run = plexus_testkit::Proc(run);
+    let client = plexus_testkit::Proxy::start_named(
+        "client",
+        PLEXUS,
+        ["proxy", "--control-plane", &grpc_url, "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"],
+    )
+    .await?;
+    let get = |host: String| {
+        let outbound = client.outbound();
+        async move { plexus_testkit::client::get(outbound, &host, "/", &[], Duration::from_secs(5)).await }
+    };
+    let port = app.port();
+    plexus_testkit::eventually(Duration::from_secs(20), || async {
+        let r = get(format!("echo:{port}")).await?;
+        anyhow::ensure!(r.status == 200, "echo:{port} answered {} {}", r.status, r.text());
+        anyhow::ensure!(r.header("x-served-by") == Some("echo-app"), "served by {:?}", r.header("x-served-by"));
+        Ok(())
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(dir.join("run.log")).unwrap_or_default())?;
+    let r = get(format!("echo.default:{port}")).await?;
+    assert_eq!(r.status, 200, "the namespaced name too");
+    let other = port.wrapping_add(1).max(1);
+    let r = get(format!("echo:{other}")).await?;
+    assert_ne!(r.status, 200, "only its own port: echo:{other} answered {}", r.status);
+
+    // A Service applied later decides: its port, not the workload's.
+    let svc = dir.join("svc.yaml");
+    std::fs::write(
+        &svc,
+        format!(
+            "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: echo}}\nspec:\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 8080, targetPort: {port}}}]\n"
+        ),
+    )?;
+    let o = cli(&data, http, &["apply", "-f", svc.to_str().context("path")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let r = get("echo:8080".to_string()).await?;
+        anyhow::ensure!(r.status == 200, "echo:8080 answered {}", r.status);
+        let r = get(format!("echo:{port}")).await?;
+        anyhow::ensure!(r.status != 200, "echo:{port} still answers once the Service says 8080");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

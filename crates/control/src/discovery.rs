@@ -17,7 +17,7 @@ use crate::proxies::{Proxies, ProxyCertificate, ProxyRecord};
 use crate::store::{ObjectKey, Store};
 
 /// Annotation marking a Workload registered by a proxy (removed when the proxy goes away).
-pub const REGISTERED_ANNOTATION: &str = "plexus.dev/registered";
+pub const REGISTERED_ANNOTATION: &str = plexus_core::model::REGISTERED_ANNOTATION;
 
 /// Serves Watch streams from the shared index.
 pub struct DiscoveryService {

@@ -103,6 +103,15 @@ impl Views {
     /// objects are reused from `cache` (which is updated), so a change re-encodes only what
     /// changed and unchanged views keep sharing the same bytes.
     pub fn build(revision: u64, resources: &[Arc<Resource>], cache: &mut EncodeCache) -> Views {
+        // Services registered workloads imply (no Service resource yet): viewed as declared ones.
+        let implied = plexus_core::model::implied_services(resources.iter().map(|r| &**r));
+        let with_implied: Vec<Arc<Resource>>;
+        let resources = if implied.is_empty() {
+            resources
+        } else {
+            with_implied = resources.iter().cloned().chain(implied.into_iter().map(Arc::new)).collect();
+            &with_implied
+        };
         let encoded = cache.encode_all(resources);
         // Services by name: (position in `resources`, spec, ordinal in `selected`).
         let mut services: BTreeMap<ServiceName, (usize, &ServiceSpec)> = BTreeMap::new();

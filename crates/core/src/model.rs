@@ -212,6 +212,15 @@ pub struct MeshSnapshot {
 impl MeshSnapshot {
     /// Compiles validated resources into a snapshot.
     pub fn compile(resources: &[Resource], version: impl Into<String>) -> MeshSnapshot {
+        let implied = implied_services(resources);
+        if !implied.is_empty() {
+            let all: Vec<Resource> = resources.iter().cloned().chain(implied).collect();
+            return Self::compile_all(&all, version);
+        }
+        Self::compile_all(resources, version)
+    }
+
+    fn compile_all(resources: &[Resource], version: impl Into<String>) -> MeshSnapshot {
         let workloads: Vec<(&Resource, &WorkloadSpec)> = resources
             .iter()
             .filter_map(|r| match &r.spec {
@@ -377,10 +386,112 @@ fn endpoint(w: &Resource, ws: &WorkloadSpec, sp: &ServicePort, trust_domain: &st
     })
 }
 
+/// Annotation marking a Workload registered by its proxy (`plexus run`), removed with it.
+pub const REGISTERED_ANNOTATION: &str = "plexus.dev/registered";
+/// Annotation on a Service implied by registered workloads ([`implied_services`]).
+pub const IMPLIED_ANNOTATION: &str = "plexus.dev/implied-by";
+
+/// The Services registered workloads imply (SPEC §3): a Workload registered by `plexus run`
+/// for Service `S` (its `app` label) in a namespace where no Service `S` exists makes `S`
+/// reachable as `S:PORT` at each of its application ports, until a Service resource is
+/// applied. The control plane's index and [`MeshSnapshot::compile`] both add them, so a proxy
+/// and `plexus explain` see the same mesh. Each one's `resourceVersion` follows its
+/// workloads', so an unchanged one encodes to the same bytes.
+pub fn implied_services<'a>(resources: impl IntoIterator<Item = &'a Resource> + Clone) -> Vec<Resource> {
+    let declared: std::collections::HashSet<(&str, &str)> = resources
+        .clone()
+        .into_iter()
+        .filter(|r| matches!(r.spec, Spec::Service(_)))
+        .map(|r| (r.metadata.namespace(), r.metadata.name.as_str()))
+        .collect();
+    // (namespace, service) → (ports, service accounts, workload versions).
+    type Implied<'a> = (std::collections::BTreeSet<u16>, std::collections::BTreeSet<String>, Vec<&'a str>);
+    let mut implied: BTreeMap<(&str, &str), Implied<'_>> = BTreeMap::new();
+    for r in resources {
+        let Spec::Workload(w) = &r.spec else { continue };
+        let Some(service) = r.metadata.labels.get("app") else { continue };
+        let namespace = r.metadata.namespace();
+        if !r.metadata.annotations.contains_key(REGISTERED_ANNOTATION) || declared.contains(&(namespace, service)) {
+            continue;
+        }
+        let entry = implied.entry((namespace, service.as_str())).or_default();
+        entry.0.extend(w.ports.iter().map(|p| p.target_port.unwrap_or(p.port)));
+        entry.1.insert(w.service_account.clone().unwrap_or_else(|| "default".into()));
+        entry.2.push(r.metadata.resource_version.as_deref().unwrap_or("0"));
+    }
+    implied
+        .into_iter()
+        .filter(|(_, (ports, _, _))| !ports.is_empty())
+        .map(|((namespace, name), (ports, accounts, mut versions))| {
+            versions.sort_unstable();
+            let spec = crate::resource::ServiceSpec {
+                selector: [("app".to_string(), name.to_string())].into_iter().collect(),
+                service_accounts: accounts.into_iter().collect(),
+                ports: ports
+                    .into_iter()
+                    .map(|p| ServicePort {
+                        name: None,
+                        port: p,
+                        target_port: Some(PortRef::Number(p)),
+                        app_protocol: None,
+                    })
+                    .collect(),
+            };
+            Resource {
+                api_version: crate::Kind::Service.api_version().to_string(),
+                kind: crate::Kind::Service,
+                metadata: crate::ObjectMeta {
+                    name: name.to_string(),
+                    namespace: Some(namespace.to_string()),
+                    annotations: [(IMPLIED_ANNOTATION.to_string(), "registered workloads".to_string())]
+                        .into_iter()
+                        .collect(),
+                    resource_version: Some(format!("implied-{}", versions.join("-"))),
+                    ..Default::default()
+                },
+                spec: Spec::Service(spec),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::load::parse_documents;
+
+    /// SPEC §3: a registered workload with no Service resource is a Service at its app ports;
+    /// a declared Service, or an unregistered workload, implies nothing.
+    #[test]
+    fn registered_workloads_without_a_service_imply_one() {
+        let workload = |name: &str, ns: &str, app: &str, port: u16, registered: bool| {
+            let annotations = if registered { "annotations: {plexus.dev/registered: \"true\"}, " } else { "" };
+            format!(
+                "apiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}, {annotations}labels: {{app: {app}}}}}\nspec: {{address: 127.0.0.1, meshed: true, serviceAccount: {app}, ports: [{{name: http, port: 4{port}, targetPort: {port}}}]}}\n"
+            )
+        };
+        let yaml = [
+            workload("echo-1", "default", "echo", 1810, true),
+            workload("echo-2", "default", "echo", 1811, true),
+            workload("api-1", "prod", "api", 1812, true),
+            workload("manual-1", "default", "manual", 1813, false),
+            workload("declared-1", "default", "declared", 1814, true),
+            "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: declared}\nspec: {selector: {app: declared}, ports: [{port: 80, targetPort: 1814}]}\n".to_string(),
+        ]
+        .join("---\n");
+        let resources = parse_documents("t", &yaml).expect("valid");
+        let snapshot = MeshSnapshot::compile(&resources, "t");
+        let echo = snapshot.services.get(&ServiceName::new("echo", "default")).expect("echo implied");
+        assert_eq!(echo.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [1810, 1811]);
+        let p = echo.port(Some(1810)).expect("port");
+        assert_eq!(p.endpoints.iter().map(|e| e.addr.port()).collect::<Vec<_>>(), [41810], "via its sidecar");
+        assert!(snapshot.services.contains_key(&ServiceName::new("api", "prod")), "in its own namespace");
+        assert!(!snapshot.services.contains_key(&ServiceName::new("manual", "default")), "not registered");
+        let declared = snapshot.services.get(&ServiceName::new("declared", "default")).expect("declared");
+        assert_eq!(declared.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [80], "the declared Service wins");
+        // The same bytes for the same workloads (the index reuses their encoding).
+        assert_eq!(implied_services(&resources), implied_services(&resources));
+    }
 
     const MESH: &str = r#"
 apiVersion: plexus.dev/v1alpha1
