@@ -55,6 +55,12 @@ pub struct DemoArgs {
     http_addr: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:7700")]
     grpc_addr: SocketAddr,
+    /// Keep-alive idle timeout of every sidecar and of the ingress.
+    #[arg(long, default_value = "5m", value_parser = crate::proxy_cmd::duration)]
+    idle_timeout: Duration,
+    /// How long a request head may take from its first byte, on every sidecar and the ingress.
+    #[arg(long, default_value = "10s", value_parser = crate::proxy_cmd::duration)]
+    header_read_timeout: Duration,
     /// Where the ingress gateway listens.
     #[arg(long, default_value = "127.0.0.1:9080")]
     ingress_addr: SocketAddr,
@@ -172,6 +178,8 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         .arg(&args.data_dir)
         .args(["--server", &format!("http://{http}")])
         .args(["--stop-timeout", &format!("{}ms", WORKLOAD_STOP.as_millis())])
+        .args(["--idle-timeout", &format!("{}ms", args.idle_timeout.as_millis())])
+        .args(["--header-read-timeout", &format!("{}ms", args.header_read_timeout.as_millis())])
         .args(if args.netns { &["--netns"][..] } else { &[] })
         .arg("--")
         .arg(&exe)
@@ -226,7 +234,12 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         }],
         workload: Some("ingress-gateway".into()),
         service: Some("ingress-gateway".into()),
-        limits: plexus_proxy::settings::Limits { drain_timeout: EDGE_DRAIN, ..Default::default() },
+        limits: plexus_proxy::settings::Limits {
+            drain_timeout: EDGE_DRAIN,
+            idle_timeout: args.idle_timeout,
+            header_read_timeout: args.header_read_timeout,
+            ..Default::default()
+        },
         mode: plexus_proxy::settings::Mode::Ingress,
         ..Settings::default()
     };

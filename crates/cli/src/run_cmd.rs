@@ -49,6 +49,13 @@ pub struct RunArgs {
     inbound_port: u16,
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// The sidecar's keep-alive idle timeout (connections with no request in flight, and idle
+    /// TCP streams, are closed after it).
+    #[arg(long, default_value = "5m", value_parser = crate::proxy_cmd::duration)]
+    idle_timeout: Duration,
+    /// How long a request head may take from its first byte (slowloris protection).
+    #[arg(long, default_value = "10s", value_parser = crate::proxy_cmd::duration)]
+    header_read_timeout: Duration,
     /// An HTTP path on the app's port that must answer 2xx before the workload is registered
     /// (without it, the port accepting connections is enough).
     #[arg(long)]
@@ -159,6 +166,11 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         service: Some(args.service.clone()),
         version: Some(args.version.clone()).filter(|v| !v.is_empty()),
         namespace: args.namespace.clone(),
+        limits: plexus_proxy::settings::Limits {
+            idle_timeout: args.idle_timeout,
+            header_read_timeout: args.header_read_timeout,
+            ..Default::default()
+        },
         ..Settings::default()
     };
     let config = ControlPlaneConfig {
@@ -299,6 +311,8 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
         .args(args.ready_path.iter().flat_map(|p| ["--app-ready-path", p.as_str()]))
         .args(["--drain-timeout", &format!("{}ms", (args.stop_timeout / 5).as_millis().max(1))])
         .args(args.control_plane_timing.to_args())
+        .args(["--idle-timeout", &format!("{}ms", args.idle_timeout.as_millis())])
+        .args(["--header-read-timeout", &format!("{}ms", args.header_read_timeout.as_millis())])
         // The token goes through the environment, never the command line (visible to every
         // local user in /proc).
         .env("PLEXUS_TOKEN", &token)

@@ -3,8 +3,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -12,8 +14,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, watch};
 
 use super::body::Body;
 use crate::settings::Limits;
@@ -24,6 +26,8 @@ pub struct HttpServer {
     builder: auto::Builder<TokioExecutor>,
     /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
     idle_timeout: Duration,
+    /// An HTTP/1 request head must be complete this long after its first byte (slowloris).
+    header_read_timeout: Duration,
 }
 
 impl HttpServer {
@@ -32,7 +36,10 @@ impl HttpServer {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // hyper's own header timer also runs while a keep-alive connection waits for its
+            // next request, which would make it the keep-alive idle timeout: the head clock
+            // below starts at a request's first byte instead.
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);
         builder
@@ -44,15 +51,15 @@ impl HttpServer {
             .initial_connection_window_size(4 * 1024 * 1024)
             .max_send_buf_size(256 * 1024)
             .keep_alive_interval(std::time::Duration::from_secs(30));
-        HttpServer { builder, idle_timeout: limits.idle_timeout }
+        HttpServer { builder, idle_timeout: limits.idle_timeout, header_read_timeout: limits.header_read_timeout }
     }
 
     /// Serves requests on `io` with `handler` until the connection ends, or finishes in-flight
     /// requests and closes once `drain` turns true, or closes once no request has been in
-    /// flight for the idle timeout. HTTP/1 keep-alive connections already close sooner, when
-    /// no request head arrives within the header read timeout; the idle timeout is what
-    /// closes an idle HTTP/2 connection (GOAWAY: a stream still sending its response body
-    /// finishes first).
+    /// flight for the idle timeout (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a GOAWAY
+    /// and a stream still sending its response body finishes first). An HTTP/1 request head
+    /// must be complete within the header read timeout of its first byte, else the connection
+    /// is closed without an answer (slowloris); an idle keep-alive connection is not timed by it.
     pub async fn serve<I, F, Fut>(&self, io: I, mut drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -66,6 +73,8 @@ impl HttpServer {
             let fut = handler(req);
             let activity = counted.clone();
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            // The head is complete: its clock stops.
+            activity.head_since.store(0, Ordering::Relaxed);
             async move {
                 let resp = fut.await;
                 activity.last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -73,13 +82,38 @@ impl HttpServer {
                 Ok::<_, Infallible>(resp)
             }
         });
+        let io = HeadClock { inner: io, activity: activity.clone(), started, http2: None };
         let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = self.idle_timeout;
+        let head_timeout = self.header_read_timeout;
         let mut check = started + idle;
         let result = loop {
+            let head_since = activity.head_since.load(Ordering::Relaxed);
+            let head_deadline = (head_since != 0 && !head_timeout.is_zero())
+                .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
             tokio::select! {
                 r = conn.as_mut() => break r,
+                // A new request's first byte: re-arm the timers below.
+                () = activity.head_started.notified() => {}
+                _ = tokio::time::sleep_until(head_deadline.unwrap_or(check).into()), if head_deadline.is_some() => {
+                    if activity.wrote.swap(false, Ordering::Relaxed) {
+                        // Bytes went out meanwhile: what came in was the body of a request
+                        // whose response is streaming (an echo), not a new head. Look again
+                        // one timeout later.
+                        let _ = activity.head_since.compare_exchange(
+                            head_since,
+                            started.elapsed().as_millis() as u64 + 1,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    } else if activity.head_since.load(Ordering::Relaxed) == head_since
+                        && activity.in_flight.load(Ordering::Relaxed) == 0
+                    {
+                        tracing::debug!(timeout = ?head_timeout, "request head not complete in time; closing the connection");
+                        break Ok(());
+                    }
+                }
                 _ = crate::proxy::drained(&mut drain) => {
                     // HTTP/1: finish the current request, then close; HTTP/2: GOAWAY.
                     conn.as_mut().graceful_shutdown();
@@ -102,10 +136,90 @@ impl HttpServer {
     }
 }
 
-/// Requests in flight on a connection, and when the last one was answered (milliseconds
-/// since the connection started).
+/// Requests in flight on a connection, when the last one was answered (milliseconds since
+/// the connection started), and when the head being received started.
 #[derive(Default)]
 struct Activity {
     in_flight: AtomicUsize,
     last: AtomicU64,
+    /// 1 + milliseconds since the connection started at the first byte of an HTTP/1 request
+    /// head not yet complete; 0 when none is being received.
+    head_since: AtomicU64,
+    /// Wakes the connection's timers when a head starts.
+    head_started: Notify,
+    /// Bytes were written since the head clock started.
+    wrote: AtomicBool,
+}
+
+/// The connection's I/O, noting the first byte of each HTTP/1 request head: a byte that
+/// arrives while no request is in flight starts one (the head clock). HTTP/2 connections
+/// (recognised by their preface) have no head clock; their idle timeout covers them.
+/// Bytes read while no request is in flight may also be the rest of a request body whose
+/// response is already streaming (an echo): such a clock is restarted as long as bytes are
+/// written, so only a connection that neither completes a head nor receives anything is cut.
+struct HeadClock<I> {
+    inner: I,
+    activity: Arc<Activity>,
+    started: Instant,
+    /// Decided on the first bytes.
+    http2: Option<bool>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            let http2 = *self.http2.get_or_insert_with(|| read.starts_with(b"PRI * HTTP/2"));
+            let activity = &self.activity;
+            if !http2
+                && activity.in_flight.load(Ordering::Relaxed) == 0
+                && activity.head_since.load(Ordering::Relaxed) == 0
+            {
+                activity.wrote.store(false, Ordering::Relaxed);
+                activity.head_since.store(self.started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                activity.head_started.notify_one();
+            }
+        }
+        poll
+    }
+}
+
+impl<I> HeadClock<I> {
+    fn note_write(&self, poll: &Poll<std::io::Result<usize>>) {
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) && self.activity.head_since.load(Ordering::Relaxed) != 0 {
+            self.activity.wrote.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
