@@ -545,12 +545,22 @@ pub fn render(paths: &[PathResult]) -> String {
             msf(q(p, 0.99)),
             msf(q(p, 0.999)),
         );
-        if p.result.error_count() > 0 || p.result.unsent > 0 {
+        let mut problems = Vec::new();
+        if p.result.error_count() > 0 {
             let kinds: Vec<String> = p.result.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
-            let _ = writeln!(s, "{:<15} errors: {}; not sent: {}", "", kinds.join(", "), p.result.unsent);
+            problems.push(format!("errors: {}", kinds.join(", ")));
+        }
+        if p.result.unsent > 0 {
+            problems.push(format!("not sent on time: {}", p.result.unsent));
+        }
+        if !problems.is_empty() {
+            let _ = writeln!(s, "{:<15} {}", "", problems.join("; "));
         }
     }
     let _ = writeln!(s);
+    for w in warnings(paths, direct) {
+        let _ = writeln!(s, "warning: {w}");
+    }
     let _ = writeln!(
         s,
         "latencies are corrected (from intended send times); CPU is the path's proxies together, in cores per 1,000 req/s; RSS is their resident memory"
@@ -560,6 +570,38 @@ pub fn render(paths: &[PathResult]) -> String {
         "2-sidecars: plaintext between the sidecars (resources file); 2-sidecars-mtls: fed by a control plane, mutual TLS 1.3 between them"
     );
     s
+}
+
+/// What makes the figures above unreliable: a mesh path measured faster than the direct one
+/// (the overhead cannot be negative: the difference is the machine's noise), and requests the
+/// generator could not send on time (the machine, or the generator, fell behind).
+fn warnings(paths: &[PathResult], direct: &PathResult) -> Vec<String> {
+    let mut out = Vec::new();
+    let faster: Vec<String> = paths
+        .iter()
+        .filter(|p| p.route != Route::Direct)
+        .filter_map(|p| {
+            let below: Vec<String> = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")]
+                .into_iter()
+                .filter(|(q, _)| p.result.quantile_ms(*q) < direct.result.quantile_ms(*q))
+                .map(|(_, name)| name.to_string())
+                .collect();
+            (!below.is_empty()).then(|| format!("{} ({})", p.route.as_str(), below.join(", ")))
+        })
+        .collect();
+    if !faster.is_empty() {
+        out.push(format!(
+            "negative overheads: {} measured faster than direct — the machine is too busy or noisy for these differences to mean anything; run more --rounds, longer, or on a quieter machine",
+            faster.join(", ")
+        ));
+    }
+    let unsent: u64 = paths.iter().map(|p| p.result.unsent).sum();
+    if unsent > 0 {
+        out.push(format!(
+            "{unsent} requests were not sent on time: the load generator or the machine fell behind, so the rate was not held and latencies understate the load"
+        ));
+    }
+    out
 }
 
 impl RunResult {
@@ -595,9 +637,32 @@ mod tests {
         assert_eq!(docs.len(), 2);
     }
 
+    fn path(route: Route, p50_us: u64, unsent: u64) -> PathResult {
+        let mut result = run_result();
+        for _ in 0..100 {
+            result.latency.record(p50_us).expect("record");
+        }
+        result.unsent = unsent;
+        PathResult { route, result, proxy_cpu: Duration::ZERO, proxy_rss: 0, requests: 100 }
+    }
+
+    /// Issue 17 item 6: negative overheads come with a warning, unsent requests are reported
+    /// as such, and no empty `errors:` list is printed.
     #[test]
-    fn cpu_per_thousand_requests_per_second() {
-        let result = RunResult {
+    fn render_warns_about_negative_overheads_and_never_prints_empty_errors() {
+        let busy = [path(Route::Direct, 1_000, 0), path(Route::OneSidecar, 900, 6), path(Route::TwoSidecars, 1_500, 0)];
+        let text = render(&busy);
+        assert!(!text.contains("errors: ;") && !text.contains("errors: \n"), "{text}");
+        assert!(text.contains("not sent on time: 6"), "{text}");
+        assert!(text.contains("warning: negative overheads: 1-sidecar (p50, p90, p99, p99.9)"), "{text}");
+        assert!(text.contains("warning: 6 requests were not sent on time"), "{text}");
+        // A quiet machine: no warning.
+        let quiet = [path(Route::Direct, 1_000, 0), path(Route::OneSidecar, 1_100, 0)];
+        assert!(!render(&quiet).contains("warning"), "{}", render(&quiet));
+    }
+
+    fn run_result() -> RunResult {
+        RunResult {
             url: String::new(),
             protocol: Protocol::Http1,
             load: Load::ConstantRate(1000.0),
@@ -619,7 +684,12 @@ mod tests {
             service: crate::recorder::histogram(),
             lag: crate::recorder::histogram(),
             generator_cpu: None,
-        };
+        }
+    }
+
+    #[test]
+    fn cpu_per_thousand_requests_per_second() {
+        let result = run_result();
         // 2.5 s of proxy CPU for 10,000 requests: 0.25 ms each, a quarter of a core at 1k/s.
         let p = PathResult {
             route: Route::OneSidecar,
