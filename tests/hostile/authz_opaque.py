@@ -7,9 +7,13 @@ forwarded as opaque TCP. Leading empty lines are skipped as HTTP servers do, so 
 turn a request into an opaque stream either.
 
 Environment:
-  HOSTILE_UPSTREAM  the client sidecar's `--upstream` bind for the Service
+  HOSTILE_UPSTREAM  the client sidecar's (or an ingress's) `--upstream` bind for the Service
   HOSTILE_INBOUND   the destination sidecar's inbound listener
   HOSTILE_SECRET    the marker every private answer of the app carries
+  HOSTILE_STRICT    set under strict mTLS: the inbound listener is then reached only over mesh
+                    TLS (the plexus.tcp case); every other case goes through HOSTILE_UPSTREAM
+  HOSTILE_MESH_CERT, HOSTILE_MESH_KEY, HOSTILE_MESH_CA  optional: a valid mesh certificate (and
+                    the trust anchor) for the plexus.tcp case
 """
 
 import socket
@@ -20,7 +24,10 @@ import hostile as h
 UPSTREAM = h.env_addr("HOSTILE_UPSTREAM")
 INBOUND = h.env_addr("HOSTILE_INBOUND")
 SECRET = h.env("HOSTILE_SECRET").encode()
-ENTRIES = [("via the client sidecar", UPSTREAM), ("at the destination sidecar", INBOUND)]
+if h.env("HOSTILE_STRICT", ""):
+    ENTRIES = [("through the ingress (strict mTLS)", UPSTREAM)]
+else:
+    ENTRIES = [("via the client sidecar", UPSTREAM), ("at the destination sidecar", INBOUND)]
 
 PRIVATE = b"GET /private HTTP/1.1\r\nHost: web:8080\r\nConnection: close\r\n\r\n"
 PUBLIC = b"GET /public/x HTTP/1.1\r\nHost: web:8080\r\nConnection: close\r\n\r\n"

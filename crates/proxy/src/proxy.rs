@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id};
 use plexus_core::{MeshSnapshot, ServiceName};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -787,6 +787,12 @@ async fn serve_mesh_tls(
         let Some(port) = app_port else { return };
         if let Err(e) = inbound::authorize_stream(&state, port, peer_identity.as_deref()) {
             tracing::debug!(%peer, error = %e, "opaque stream refused");
+            // Closed once the peer speaks (or gives up), not at once: a peer sidecar that
+            // dialled early for server-first detection would take an immediate close for the
+            // server speaking first, and so lose a client that is about to send HTTP.
+            let mut tls = tls;
+            let mut first = [0u8; 1];
+            let _ = tokio::time::timeout(state.settings.limits.header_read_timeout, tls.read(&mut first)).await;
             return;
         }
         let dest = TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
