@@ -1143,3 +1143,62 @@ async fn a_peer_that_never_completes_the_handshake_fails_the_request_in_time() -
     drop(silent);
     Ok(())
 }
+
+/// Issue 17 item 5: over mTLS the destination sidecar labels requests with the caller's
+/// workload and Service (its sidecar states them over the verified connection), beside the
+/// verified principal; the header carrying them reaches no application, and neither a client
+/// app nor a plaintext caller can forge it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_labels_name_the_calling_workload_and_service_over_mtls() -> Result<()> {
+    if !prerequisites() {
+        return Ok(());
+    }
+    let dir = TempDir::new("mtls-source")?;
+    let cp = ControlPlane::start(&dir, None).await?;
+    cp.apply(&service_yaml("echo", 8080)).await?;
+    let echo = Meshed::start(&cp, &dir, "echo").await?;
+    let token = cp.token("client").await?;
+    let client = Proxy::start_named(
+        "client",
+        PLEXUS,
+        ["proxy", "--control-plane", &cp.grpc, "--token", &token, "--service", "client", "--service-account", "client"]
+            .into_iter()
+            .chain(["--workload", "client-7f3", "--upstream", "echo:8080=0"])
+            .chain(["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"]),
+    )
+    .await?;
+    cp.wait_certificate("echo").await?;
+    cp.wait_certificate("client").await?;
+    let addr = client.upstream("echo.default:8080")?;
+    wait_served(addr, "echo:8080").await?;
+
+    for i in 0..5 {
+        // The client app tries to pass itself off as another workload: its sidecar replaces it.
+        let forged: &[(&str, &str)] = if i % 2 == 0 { &[("x-plexus-source", "admin-1/admin")] } else { &[] };
+        let r = call(addr, "echo:8080", &format!("/source/{i}"), forged).await?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = r.json()?;
+        assert!(seen["headers"].get("x-plexus-source").is_none(), "the app saw the header: {seen}");
+    }
+    let inbound = echo.metrics().await?;
+    let from = [
+        "direction=\"inbound\"",
+        "source_workload=\"client-7f3\"",
+        "source_service=\"client\"",
+        &format!("source_principal=\"{}\"", spiffe("client")),
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    assert!(sum(&inbound, "plexus_requests_total", &from) >= 5.0, "no inbound series names the caller:\n{inbound}");
+    assert_eq!(sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
+
+    // Plaintext straight to the inbound port: no verified identity, so the header is ignored.
+    let out = plain_curl(echo.inbound, "/plain-forged", &["x-plexus-source: admin-1/admin"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.starts_with("HTTP/1.1 200"), "{}", show(&out));
+    assert!(!text.contains("x-plexus-source"), "the app saw the forged header: {text}");
+    let inbound = echo.metrics().await?;
+    let plain = ["direction=\"inbound\"", "source_workload=\"unknown\"", "connection_security_policy=\"none\""];
+    assert_eq!(sum(&inbound, "plexus_requests_total", &plain), 1.0, "{inbound}");
+    assert_eq!(sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
+    Ok(())
+}

@@ -65,6 +65,8 @@ struct OwnLabels {
     workload: Option<Label>,
     service: Option<Label>,
     version: Option<Label>,
+    /// `WORKLOAD/SERVICE` for [`crate::http::headers::SOURCE`], when both are known.
+    source: Option<http::HeaderValue>,
 }
 
 impl OwnLabels {
@@ -74,6 +76,11 @@ impl OwnLabels {
             workload: label(&settings.workload),
             service: label(&settings.service),
             version: label(&settings.version),
+            source: settings
+                .workload
+                .as_deref()
+                .zip(settings.service.as_deref())
+                .and_then(|(w, s)| http::HeaderValue::from_str(&format!("{w}/{s}")).ok()),
         }
     }
 }
@@ -94,6 +101,11 @@ impl TcpGuard {
 }
 
 impl State {
+    /// What this proxy tells a peer sidecar about its caller ([`crate::http::headers::SOURCE`]).
+    pub fn source_header(&self) -> Option<&http::HeaderValue> {
+        self.own.source.as_ref()
+    }
+
     /// Source labels of outbound traffic: this proxy's own workload.
     pub fn fill_source(&self, peers: &mut PeerLabels) {
         let s = &self.settings;

@@ -343,6 +343,12 @@ impl Tries<'_> {
                 return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
             };
             let mut up = head.upstream_request(&target, b, false)?;
+            // To a sidecar over mTLS: who calls, for its source labels.
+            if let Some(source) = self.state.source_header()
+                && self.state.pool.mtls_to(peer.as_ref())
+            {
+                up.headers_mut().insert(headers::SOURCE, source.clone());
+            }
             if self.grpc
                 && let Some(d) = self.deadline
             {

@@ -12,6 +12,23 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Never passed on: identity comes from mTLS only.
 pub const FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// Between sidecars over mutual TLS: the calling workload and its Service
+/// (`WORKLOAD/SERVICE`, in the namespace of the verified identity), for the destination
+/// sidecar's source labels. Read only from a verified mTLS peer; never passed on (an
+/// application neither sees it nor can forge it to the next hop).
+pub const SOURCE: HeaderName = HeaderName::from_static("x-plexus-source");
+
+/// Reads [`SOURCE`]: `(workload, service)`, each a DNS name (at most 253 characters of
+/// `a-z`, `0-9`, `-` and `.`), else `None`.
+pub fn parse_source(value: &HeaderValue) -> Option<(&str, &str)> {
+    let (workload, service) = value.to_str().ok()?.split_once('/')?;
+    let name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    (name(workload) && name(service)).then_some((workload, service))
+}
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

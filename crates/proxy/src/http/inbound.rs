@@ -47,6 +47,12 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     if let Some(id) = &conn.peer_identity {
         obs.security = "mutual_tls";
         obs.peers.source_principal = id.as_str().into();
+        // The caller's workload and Service, as its sidecar states them over this verified
+        // connection (the principal above is what mTLS proves).
+        if let Some((workload, service)) = head.headers.get(headers::SOURCE).and_then(headers::parse_source) {
+            obs.peers.source_workload = workload.into();
+            obs.peers.source_service = service.into();
+        }
     }
     // The path normalized here is the one authorized and forwarded.
     if let Err(e) = admit(&state, &mut head) {

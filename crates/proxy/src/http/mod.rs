@@ -82,6 +82,7 @@ impl Head {
         // Identity comes from mTLS only: a client-supplied certificate header is never passed
         // on, so no application can be fooled by a forged one.
         headers.remove(headers::FORWARDED_CLIENT_CERT);
+        headers.remove(headers::SOURCE);
         let (uri, version) = match target.proto {
             Proto::Http1 => {
                 // Usually the client's own Host already says it: kept as it is.
