@@ -366,7 +366,6 @@ async fn mtls_every_path() -> Result<()> {
     if !prerequisites() || !plexus_testkit::require_tool("openssl") {
         return Ok(());
     }
-    let _serial = plexus_testkit::serial().await;
     let dir = TempDir::new("hostile-mtls")?;
     let cp = ControlPlane::start(&dir).await?;
     let services = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec:\n  selector: {app: api}\n  ports: [{name: http, port: 80, appProtocol: http}]\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: shadow}\nspec:\n  selector: {app: shadow}\n  ports: [{name: http, port: 80, appProtocol: http}]\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: tcp}\nspec:\n  selector: {app: tcp}\n  ports: [{name: http, port: 9000, appProtocol: tcp}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-mirror}\nspec:\n  parentRefs: [{kind: Service, name: api, port: 80}]\n  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: {backendRef: {name: shadow, port: 80}}\n    backendRefs: [{name: api, port: 80}]\n";
