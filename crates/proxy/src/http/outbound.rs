@@ -71,7 +71,16 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     };
     let (service, port) = match dest {
         Dest::Service(s, p) => (s, p),
-        Dest::Direct { authority, addr } => return Box::pin(direct(state, req, head, obs, authority, addr)).await,
+        Dest::Direct { authority, addr } => {
+            // A Service's virtual IP (netns mode) is the Service: its routes, endpoints and
+            // mTLS, like every path into the mesh — never a plaintext dial of the address.
+            if let Some(orig) = addr.filter(|_| state.settings.vip_hosts.is_some())
+                && let Some(vip) = state.service_for_orig_dst(orig).await
+            {
+                return Box::pin(to_virtual_ip(state, &conn, req, head, obs, vip)).await;
+            }
+            return Box::pin(direct(state, req, head, obs, authority, addr)).await;
+        }
     };
     let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer };
     forward::to_service(state.clone(), to, req, head, obs).await
@@ -126,6 +135,23 @@ fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> 
         Some(a) => Ok(Dest::Direct { authority: a.to_string(), addr: None }),
         None => Err(ProxyError::BadRequest("no Host header or absolute URI to route by".into())),
     }
+}
+
+/// Sends a request whose original destination is a Service's virtual IP to that Service.
+async fn to_virtual_ip(
+    state: Arc<State>,
+    conn: &OutboundConn,
+    req: Request<Incoming>,
+    head: Head,
+    obs: Observation,
+    (name, port): (ServiceName, u16),
+) -> Response<Body> {
+    let snapshot = state.discovery.current();
+    let Some((service, cp)) = snapshot.services.get(&name).and_then(|s| Some((s, s.port(Some(port))?))) else {
+        return obs.fail(ProxyError::NoEndpoints(format!("{name}:{port}")));
+    };
+    let to = forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer };
+    forward::to_service(state.clone(), to, req, head, obs).await
 }
 
 /// Resolves `host[:port]` (port 80 by default) to one address.
