@@ -69,6 +69,8 @@ pub struct ControlPlane {
     pub ca: Arc<Ca>,
     /// Workload tokens (`plexus token`; `plexus demo` creates its own).
     pub tokens: Arc<plexus_control::tokens::Tokens>,
+    /// The control plane's own certificate (the TLS of the gRPC port).
+    pub serving: Arc<plexus_control::grpc_tls::ServingIdentity>,
     http_listener: tokio::net::TcpListener,
     grpc_listener: tokio::net::TcpListener,
 }
@@ -101,14 +103,18 @@ impl ControlPlane {
         };
         let http_listener = bind(http_addr).await?;
         let grpc_listener = bind(grpc_addr).await?;
+        let grpc = grpc_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?;
+        let serving = plexus_control::grpc_tls::ServingIdentity::new(ca.clone(), store.clone(), grpc)
+            .map_err(|e| Failure::runtime(format!("the control plane's certificate: {e}")))?;
         Ok(ControlPlane {
             http: http_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?,
-            grpc: grpc_listener.local_addr().map_err(|e| Failure::runtime(e.to_string()))?,
+            grpc,
             store,
             proxies: Arc::new(Proxies::default()),
             data,
             ca,
             tokens,
+            serving,
             http_listener,
             grpc_listener,
         })
@@ -124,7 +130,7 @@ impl ControlPlane {
     /// Serves the HTTP API and the discovery and identity gRPC services until `shutdown`
     /// completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
-        let ControlPlane { http, grpc, store, proxies, data, ca, tokens, http_listener, grpc_listener } = self;
+        let ControlPlane { http, grpc, store, proxies, data, ca, tokens, serving, http_listener, grpc_listener } = self;
         let traffic = Arc::new(plexus_control::traffic::TrafficWindow::default());
         let state = Arc::new(ApiState {
             store: store.clone(),
@@ -141,7 +147,9 @@ impl ControlPlane {
         let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
         let rotation = tokio::spawn(plexus_control::identity::maintain_rotation(ca.clone(), proxies.clone()));
         let certify = CertifyService::new(ca.clone(), store.clone(), tokens.clone());
-        let discovery = DiscoveryService { views: views_rx, store: store.clone(), proxies, tokens, traffic, ca };
+        let discovery = DiscoveryService { views: views_rx, store: store.clone(), proxies, traffic, ca };
+        let tls = serving.server_config().map_err(|e| Failure::runtime(format!("gRPC TLS: {e}")))?;
+        let renewal = tokio::spawn(serving.clone().maintain());
         let (stop_tx, _) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -151,7 +159,7 @@ impl ControlPlane {
             .add_service(DiscoveryServer::new(discovery))
             .add_service(IdentityServer::new(certify))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                plexus_control::grpc_tls::incoming(grpc_listener, tls),
                 stopped(stop_tx.subscribe()),
             );
         tracing::info!(%http, %grpc, data_dir = %data.path.display(), "control plane ready");
@@ -165,6 +173,7 @@ impl ControlPlane {
         index.abort();
         expiry.abort();
         rotation.abort();
+        renewal.abort();
         h.map_err(|e| Failure::runtime(e.to_string()))?;
         g.map_err(|e| Failure::runtime(e.to_string()))
     }

@@ -259,6 +259,9 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             service_account: "ingress-gateway".into(),
             identity: None,
             app_readiness: None,
+            anchors_pem: None,
+            tls: None,
+            plaintext_peers: false,
         },
     )?;
     ingress.wait_connected(Duration::from_secs(10)).await;

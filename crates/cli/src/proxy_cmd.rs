@@ -114,8 +114,16 @@ pub struct ProxyArgs {
     #[arg(long, hide = true)]
     pub app_ready_path: Option<String>,
     /// The workload token (`plexus token create`): bootstraps the certificate, needed to register.
-    #[arg(long, env = "PLEXUS_TOKEN", hide = true)]
+    #[arg(long, env = "PLEXUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Trust anchor(s), PEM, to verify the control plane with (default: the anchor the
+    /// workload token pins; `plexus token create --anchor-out FILE` writes it).
+    #[arg(long, env = "PLEXUS_ANCHOR")]
+    pub anchor: Option<PathBuf>,
+    /// FOR BENCHMARKS: use the workload certificate with the control plane only, and talk to
+    /// peers in plaintext.
+    #[arg(long, hide = true)]
+    pub plaintext_peers: bool,
     /// This proxy's workload version (metrics labels, service discovery).
     #[arg(long = "workload-version", env = "PLEXUS_WORKLOAD_VERSION")]
     pub workload_version: Option<String>,
@@ -233,6 +241,13 @@ impl ProxyArgs {
 
 pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
     if let Some(address) = args.control_plane.take() {
+        let anchors_pem = match &args.anchor {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Failure::usage(format!("--anchor {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
         let config = ControlPlaneConfig {
             address,
             timing: args.control_plane_timing.timing(),
@@ -255,6 +270,9 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
                 http_path: args.app_ready_path.clone(),
                 interval: APP_READY_INTERVAL,
             }),
+            anchors_pem,
+            tls: None,
+            plaintext_peers: args.plaintext_peers,
         };
         let register = args.register_json.take().map(String::into_bytes);
         let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;
@@ -312,18 +330,29 @@ impl Sidecar {
     ) -> Result<Sidecar, Failure> {
         let discovery = Discovery::new_lazy();
         let mut settings = settings;
-        // With a workload token the proxy gets a workload certificate: mTLS between sidecars.
+        // With a workload token the proxy gets a workload certificate: mTLS between sidecars
+        // and to the control plane (which serves nobody else).
         if !config.token.is_empty() {
             let identity = plexus_proxy::identity::WorkloadIdentity::new();
-            settings.identity = Some(identity.clone());
+            let tls = plexus_proxy::cp_tls::ControlPlaneTls::new(
+                &config.token,
+                config.anchors_pem.as_deref(),
+                Some(identity.credentials.clone()),
+            )
+            .map_err(|e| Failure::usage(format!("{e:#}")))?;
+            if !config.plaintext_peers {
+                settings.identity = Some(identity.clone());
+            }
             config.identity = Some(identity);
+            config.tls = Some(tls);
         }
         let proxy = Proxy::bind(settings, discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
-        if let Some(identity) = &config.identity {
+        if let (Some(identity), Some(tls)) = (&config.identity, &config.tls) {
             let gauge = proxy.handle().metrics_gauge_for_identity();
             tokio::spawn(identity.clone().run(
                 plexus_proxy::identity::IdentityConfig {
                     address: config.address.clone(),
+                    tls: tls.clone(),
                     token: config.token.clone(),
                     namespace: config.namespace.clone(),
                     service_account: config.service_account.clone(),
@@ -332,16 +361,19 @@ impl Sidecar {
                     gauge.set(not_after);
                 },
             ));
+            tokio::spawn(plexus_proxy::telemetry::report_loop(
+                proxy.telemetry(),
+                tls.clone(),
+                config.address.clone(),
+                config.workload.clone(),
+                config.namespace.clone(),
+                config.service.clone(),
+            ));
+        } else {
+            tracing::warn!("no workload token (--token, PLEXUS_TOKEN): the control plane will not serve this proxy");
         }
         config.admin_address = proxy.addresses().admin.to_string();
         config.register = register(proxy.addresses());
-        tokio::spawn(plexus_proxy::telemetry::report_loop(
-            proxy.telemetry(),
-            config.address.clone(),
-            config.workload.clone(),
-            config.namespace.clone(),
-            config.service.clone(),
-        ));
         let (leave, leave_rx) = tokio::sync::watch::channel(false);
         let identity = config.identity.clone();
         let control = tokio::spawn(plexus_proxy::control_plane::run(discovery.clone(), config, leave_rx));

@@ -192,6 +192,9 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
             http_path: args.ready_path.clone(),
             interval: crate::proxy_cmd::APP_READY_INTERVAL,
         }),
+        anchors_pem: None,
+        tls: None,
+        plaintext_peers: false,
     };
     let (app_port, service, version, namespace) =
         (args.port, args.service.clone(), args.version.clone(), args.namespace.clone());

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use plexus_api::discovery::discovery_client::DiscoveryClient;
-use plexus_api::discovery::{ProxyInfo, WatchRequest};
+use plexus_api::discovery::{ProxyInfo, TelemetryReport, TrafficSummary, WatchRequest};
 use plexus_api::identity::CertifyRequest;
 use plexus_api::identity::identity_client::IdentityClient;
+use plexus_proxy::cp_tls::ControlPlaneTls;
 use plexus_testkit::{Background, TempDir, command, free_port};
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 
@@ -61,46 +63,67 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn certify(&self, token: &str, ns: &str, sa: &str) -> Result<String, tonic::Status> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
-        let csr = rcgen::CertificateParams::default().serialize_request(&key).map_err(internal)?;
-        let mut client = IdentityClient::connect(self.grpc.clone()).await.map_err(internal)?;
-        let request = CertifyRequest {
-            token: token.into(),
-            namespace: ns.into(),
-            service_account: sa.into(),
-            csr_der: csr.der().to_vec().into(),
-        };
-        client.certify(request).await.map(|r| r.into_inner().spiffe_id)
+    /// A TLS channel to the gRPC port that verifies the control plane against the anchor
+    /// `token` pins, presenting no certificate.
+    async fn anonymous(&self, token: &str) -> Result<tonic::transport::Channel, tonic::Status> {
+        let tls = ControlPlaneTls::new(token, None, None).map_err(internal)?;
+        tls.channel(&self.grpc, |e| e).await.map_err(internal)
     }
 
-    /// Opens a discovery stream registering `workload` (JSON) with `token`; the stream is
-    /// kept open (returned) when the control plane accepts it.
+    /// Certificate signing with a token (bootstrap).
+    async fn certify(&self, token: &str, ns: &str, sa: &str) -> Result<String, tonic::Status> {
+        let pin_token =
+            if plexus_proxy::cp_tls::pinned_anchor(token).is_some() { token.to_string() } else { self.pinned("") };
+        let channel = self.anonymous(&pin_token).await?;
+        certify_on(channel, token, ns, sa).await
+    }
+
+    /// A string pinning this control plane's anchor after `prefix` (for malformed tokens).
+    fn pinned(&self, prefix: &str) -> String {
+        let pem = std::fs::read(self.data.join("trust-anchor.pem")).unwrap_or_default();
+        use rustls_pki_types::pem::PemObject as _;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).map(|d| d.to_vec()).unwrap_or_default();
+        format!("{prefix}.{}", sha256_hex(&der))
+    }
+
+    /// Bootstraps a certificate with `token`: the TLS to call as that identity.
+    async fn enroll(&self, token: &str) -> Result<Arc<ControlPlaneTls>> {
+        Ok(plexus_proxy::cp_tls::enroll(&self.grpc, token).await?.1)
+    }
+
+    /// Opens a discovery stream as `tls`'s identity, first message `info` (with the token
+    /// left empty: the certificate authenticates); the stream is kept open (returned) when the
+    /// control plane accepts it.
+    async fn watch(
+        &self,
+        tls: &Arc<ControlPlaneTls>,
+        info: ProxyInfo,
+    ) -> Result<tokio::sync::mpsc::Sender<WatchRequest>, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(WatchRequest { proxy: Some(info), ..Default::default() }).await.map_err(internal)?;
+        let channel = tls.channel(&self.grpc, |e| e).await.map_err(internal)?;
+        let mut stream =
+            DiscoveryClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        stream.message().await?;
+        Ok(tx)
+    }
+
+    /// [`ControlPlane::watch`] registering `workload` (JSON).
     async fn register(
         &self,
-        token: &str,
+        tls: &Arc<ControlPlaneTls>,
         namespace: &str,
         workload: &Value,
     ) -> Result<tokio::sync::mpsc::Sender<WatchRequest>, tonic::Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let name = workload["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        let first = WatchRequest {
-            proxy: Some(ProxyInfo {
-                workload: name.clone(),
-                namespace: namespace.into(),
-                service: name,
-                mode: "sidecar".into(),
-                token: token.into(),
-                register_workload: workload.to_string().into_bytes().into(),
-                ..Default::default()
-            }),
+        let info = ProxyInfo {
+            workload: name,
+            namespace: namespace.into(),
+            mode: "sidecar".into(),
+            register_workload: workload.to_string().into_bytes().into(),
             ..Default::default()
         };
-        tx.send(first).await.map_err(internal)?;
-        let mut client = DiscoveryClient::connect(self.grpc.clone()).await.map_err(internal)?;
-        let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-        stream.message().await?;
-        Ok(tx)
+        self.watch(tls, info).await
     }
 
     /// `GET /api/v1/resources/workloads/NS/NAME` as JSON (`None`: not found).
@@ -114,7 +137,33 @@ impl ControlPlane {
 }
 
 fn internal(e: impl std::fmt::Display) -> tonic::Status {
-    tonic::Status::internal(e.to_string())
+    tonic::Status::internal(format!("{e:#}"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+async fn certify_on(
+    channel: tonic::transport::Channel,
+    token: &str,
+    ns: &str,
+    sa: &str,
+) -> Result<String, tonic::Status> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).map_err(internal)?;
+    let request = CertifyRequest {
+        token: token.into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        csr_der: csr.der().to_vec().into(),
+    };
+    IdentityClient::new(channel).certify(request).await.map(|r| r.into_inner().spiffe_id)
 }
 
 fn workload(name: &str, ns: &str, app: &str, sa: Option<&str>) -> Value {
@@ -256,7 +305,17 @@ async fn a_token_gets_a_certificate_for_its_identity_only_and_revoked_or_expired
     let other_dir = TempDir::new("cred-certify-other")?;
     let other = ControlPlane::start(&other_dir).await?;
     let foreign = other.token("default", "a").await?;
-    expect_refused(cp.certify(&foreign, "default", "a").await, tonic::Code::Unauthenticated, "unknown")?;
+    let (id_part, secret_part) =
+        (foreign.split('.').nth(1).context("id")?, foreign.split('.').nth(2).context("secret")?);
+    // Sent as is, the foreign token pins the other mesh's anchor: the client refuses this
+    // control plane before it sends anything (so this control plane never sees the token).
+    expect_refused(cp.certify(&foreign, "default", "a").await, tonic::Code::Internal, "pinned trust anchor")?;
+    ensure!(!cp.proc.stderr().contains(id_part), "the foreign token reached the wrong control plane");
+    // Replayed with this mesh's pin, it is unknown here.
+    let replayed = cp.pinned(&format!("plx1.{id_part}.{secret_part}"));
+    expect_refused(cp.certify(&replayed, "default", "a").await, tonic::Code::Unauthenticated, "unknown")?;
+    // Positive control: the same token at its own control plane.
+    ensure!(other.certify(&foreign, "default", "a").await? == "spiffe://plexus.local/ns/default/sa/a");
 
     // Revoked: nothing more (B still works: revocation is per token).
     let id = a.split('.').nth(1).context("id")?;
@@ -304,7 +363,7 @@ spec:
 "#,
     )
     .await?;
-    let a = cp.token("default", "a").await?;
+    let a = cp.enroll(&cp.token("default", "a").await?).await?;
 
     // Positive control: A registers as A (service account filled in when omitted).
     let _a1 = cp.register(&a, "default", &workload("a-1", "default", "a", Some("a"))).await?;
@@ -317,10 +376,11 @@ spec:
     expect_refused(as_b, tonic::Code::PermissionDenied, "only as \"a\"")?;
     let elsewhere = cp.register(&a, "other", &workload("a-9", "other", "a", Some("a"))).await;
     expect_refused(elsewhere, tonic::Code::PermissionDenied, "only in \"default\"")?;
-    let anonymous = cp.register("", "default", &workload("x-1", "default", "a", None)).await;
-    expect_refused(anonymous, tonic::Code::Unauthenticated, "needs a workload token")?;
-    let bad = cp.register("plx1.nope", "default", &workload("x-2", "default", "a", None)).await;
-    expect_refused(bad, tonic::Code::Unauthenticated, "malformed")?;
+    let no_certificate = ControlPlaneTls::new(&cp.token("default", "a").await?, None, None)?;
+    let anonymous = cp.register(&no_certificate, "default", &workload("x-1", "default", "a", None)).await;
+    expect_refused(anonymous, tonic::Code::Unauthenticated, "needs mutual TLS with a workload certificate")?;
+    let bad = plexus_proxy::cp_tls::enroll(&cp.grpc, &cp.pinned("plx1.nope")).await;
+    ensure!(bad.as_ref().is_err_and(|e| e.to_string().contains("malformed")), "a bad token enrolled: {:?}", bad.err());
     for name in ["b-1", "a-9", "x-1", "x-2"] {
         for ns in ["default", "other"] {
             ensure!(cp.workload(ns, name).await?.is_none(), "{ns}/{name} was stored");
@@ -334,16 +394,230 @@ spec:
     ensure!(w["spec"]["address"] == "10.0.0.9", "unchanged: {w}");
 
     // A workload A registered cannot be replaced by B.
-    let b = cp.token("default", "b").await?;
+    let b = cp.enroll(&cp.token("default", "b").await?).await?;
     let theft = cp.register(&b, "default", &workload("a-1", "default", "b", Some("b"))).await;
-    expect_refused(theft, tonic::Code::AlreadyExists, "registered by another identity")?;
+    expect_refused(theft, tonic::Code::AlreadyExists, "another identity")?;
     ensure!(cp.workload("default", "a-1").await?.context("a-1")?["spec"]["serviceAccount"] == "a");
 
     // spec.serviceAccounts: only payments may back `guarded`.
     let joined = cp.register(&a, "default", &workload("g-1", "default", "guarded", Some("a"))).await;
     expect_refused(joined, tonic::Code::PermissionDenied, "admits only the service accounts")?;
-    let payments = cp.token("default", "payments").await?;
+    let payments = cp.enroll(&cp.token("default", "payments").await?).await?;
     let _p = cp.register(&payments, "default", &workload("g-2", "default", "guarded", None)).await?;
     ensure!(cp.workload("default", "g-2").await?.is_some(), "payments backs guarded");
+    Ok(())
+}
+
+fn info(workload: &str, service: &str, admin: &str) -> ProxyInfo {
+    ProxyInfo {
+        workload: workload.into(),
+        namespace: "default".into(),
+        service: service.into(),
+        mode: "sidecar".into(),
+        admin_address: admin.into(),
+        ..Default::default()
+    }
+}
+
+async fn http_get(server: &str, path: &str) -> Result<Value> {
+    let addr: std::net::SocketAddr = server.trim_start_matches("http://").parse()?;
+    let r = plexus_testkit::client::get(addr, &addr.to_string(), path, &[], Duration::from_secs(10)).await?;
+    ensure!(r.status == 200, "GET {path}: {}", r.status);
+    r.json()
+}
+
+fn summary(direction: &str, destination_service: &str, requests: u64) -> TrafficSummary {
+    TrafficSummary {
+        direction: direction.into(),
+        source_workload: "someone".into(),
+        source_service: "someone".into(),
+        destination_service: destination_service.into(),
+        destination_workload: format!("{destination_service}-1"),
+        route: String::new(),
+        requests,
+        successes: 1,
+        latency: [(100, requests)].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+async fn report(
+    tls: &Arc<ControlPlaneTls>,
+    grpc: &str,
+    workload: &str,
+    summaries: Vec<TrafficSummary>,
+) -> Result<(), tonic::Status> {
+    let channel = tls.channel(grpc, |e| e).await.map_err(internal)?;
+    let report = TelemetryReport {
+        workload: workload.into(),
+        namespace: "default".into(),
+        service: String::new(),
+        interval_ms: 2000,
+        summaries,
+    };
+    DiscoveryClient::new(channel).report(report).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_gets_nothing_from_the_grpc_port() -> Result<()> {
+    let dir = TempDir::new("cred-anonymous")?;
+    let cp = ControlPlane::start(&dir).await?;
+    cp.apply(&dir, "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {selector: {app: a}, ports: [{port: 80}]}\n").await?;
+    let token = cp.token("default", "a").await?;
+    let a = cp.enroll(&token).await?;
+    // Positive control: with its certificate, a proxy is served, listed, and a scrape target.
+    let _a = cp.watch(&a, info("a-1", "a", "127.0.0.1:9")).await?;
+    let targets = http_get(&cp.server, "/api/v1/prometheus/targets").await?;
+    ensure!(targets.to_string().contains("127.0.0.1:9"), "{targets}");
+
+    // TLS without a client certificate: discovery and telemetry refuse, with the reason.
+    let anon = ControlPlaneTls::new(&token, None, None)?;
+    let refused = cp.watch(&anon, info("evil-1", "a", "127.0.0.1:10")).await;
+    expect_refused(refused, tonic::Code::Unauthenticated, "needs mutual TLS")?;
+    let refused = report(&anon, &cp.grpc, "a-1", vec![summary("inbound", "a", 1669)]).await;
+    expect_refused(refused, tonic::Code::Unauthenticated, "needs mutual TLS")?;
+    // Plaintext gRPC (h2c, as `grpcurl -plaintext` or an insecure grpcio channel): no answer.
+    for call in 0..2 {
+        let plain = tonic::transport::Endpoint::from_shared(cp.grpc.clone())?.connect_timeout(Duration::from_secs(3));
+        let result = match plain.connect().await {
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            Ok(channel) if call == 0 => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let _ = tx
+                    .send(WatchRequest { proxy: Some(info("evil-2", "a", "127.0.0.1:11")), ..Default::default() })
+                    .await;
+                DiscoveryClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|_| ())
+            }
+            Ok(channel) => DiscoveryClient::new(channel)
+                .report(TelemetryReport {
+                    workload: "a-1".into(),
+                    summaries: vec![summary("inbound", "a", 1669)],
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        };
+        ensure!(result.is_err(), "plaintext call {call} was answered");
+    }
+    // Python grpcio with an insecure channel, when available.
+    if plexus_testkit::require_python_module("grpc", "grpcio") {
+        let script = format!(
+            "import grpc\nch = grpc.insecure_channel('{}')\ntry:\n    grpc.channel_ready_future(ch).result(timeout=3)\n    print('READY')\nexcept Exception as e:\n    print('REFUSED')\n",
+            cp.grpc.trim_start_matches("http://")
+        );
+        let o = plexus_testkit::run(command("python3").args(["-c", &script]), Duration::from_secs(20)).await?;
+        ensure!(String::from_utf8_lossy(&o.stdout).contains("REFUSED"), "grpcio: {o:?}");
+    }
+    // Nothing changed: one proxy listed, one scrape target, no injected telemetry.
+    let proxies = http_get(&cp.server, "/api/v1/proxies").await?;
+    ensure!(proxies["proxies"].as_array().map(Vec::len) == Some(1), "{proxies}");
+    let targets = http_get(&cp.server, "/api/v1/prometheus/targets").await?.to_string();
+    ensure!(!targets.contains("127.0.0.1:10") && !targets.contains("127.0.0.1:11"), "{targets}");
+    let stat = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
+    ensure!(stat["rows"].as_array().is_none_or(Vec::is_empty), "telemetry was injected: {stat}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_listed_reports_and_acts_only_as_itself() -> Result<()> {
+    let dir = TempDir::new("cred-itself")?;
+    let cp = ControlPlane::start(&dir).await?;
+    cp.apply(&dir, "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: shared}\nspec: {selector: {app: shared}, serviceAccounts: [a, b], ports: [{port: 80}]}\n").await?;
+    let a = cp.enroll(&cp.token("default", "a").await?).await?;
+    let b = cp.enroll(&cp.token("default", "b").await?).await?;
+    // Positive controls: A as itself, and as a Service that lists it.
+    let _a1 = cp.watch(&a, info("a-1", "a", "127.0.0.1:9")).await?;
+    let _shared = cp.watch(&a, info("a-2", "shared", "127.0.0.1:19")).await?;
+    let listed = http_get(&cp.server, "/api/v1/proxies").await?;
+    let identities: Vec<&str> = listed["proxies"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|p| p["identity"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(identities == ["spiffe://plexus.local/ns/default/sa/a"; 2], "{listed}");
+
+    // Not as service B, not in another namespace, not under B's workload name, not with an
+    // admin address on another host (where tap requests and scrapes would go).
+    expect_refused(
+        cp.watch(&a, info("a-3", "b", "127.0.0.1:9")).await,
+        tonic::Code::PermissionDenied,
+        "cannot act as service \"b\"",
+    )?;
+    let mut elsewhere = info("a-4", "a", "127.0.0.1:9");
+    elsewhere.namespace = "other".into();
+    expect_refused(cp.watch(&a, elsewhere).await, tonic::Code::PermissionDenied, "only in \"default\"")?;
+    expect_refused(
+        cp.watch(&b, info("a-1", "b", "127.0.0.1:9")).await,
+        tonic::Code::AlreadyExists,
+        "another identity",
+    )?;
+    expect_refused(
+        cp.watch(&a, info("a-5", "a", "10.1.2.3:7712")).await,
+        tonic::Code::PermissionDenied,
+        "not on the host",
+    )?;
+    expect_refused(
+        cp.watch(&a, info("a-6", "a", "192.168.0.1:7712")).await,
+        tonic::Code::PermissionDenied,
+        "not on the host",
+    )?;
+
+    // Telemetry: A reports for its own proxy only, and its side of each summary is A's.
+    report(&a, &cp.grpc, "a-1", vec![summary("inbound", "b", 1669), summary("outbound", "a", 3)]).await?;
+    expect_refused(
+        report(&a, &cp.grpc, "b-1", vec![summary("inbound", "b", 5)]).await,
+        tonic::Code::PermissionDenied,
+        "reports only for itself",
+    )?;
+    expect_refused(
+        report(&b, &cp.grpc, "a-1", vec![summary("inbound", "a", 5)]).await,
+        tonic::Code::PermissionDenied,
+        "reports only for itself",
+    )?;
+    let stat = plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let stat = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
+        ensure!(stat["rows"].as_array().is_some_and(|r| !r.is_empty()), "{stat}");
+        Ok(stat)
+    })
+    .await?;
+    let rows = stat["rows"].as_array().cloned().unwrap_or_default();
+    ensure!(rows.iter().any(|r| r["name"] == "a" && r["requests"] == 1669), "A's inbound is counted as A: {stat}");
+    ensure!(!rows.iter().any(|r| r["name"] == "b"), "B's traffic was injected: {stat}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_outlives_the_token_and_revocation_ends_it() -> Result<()> {
+    let dir = TempDir::new("cred-renew")?;
+    let cp = ControlPlane::start(&dir).await?;
+    let out = cp.plexus_ok(&["token", "create", "--service-account", "a", "--ttl", "2s"]).await?;
+    let token = out.lines().last().context("token")?.to_string();
+    let (credentials, tls, first) = plexus_proxy::cp_tls::enroll(&cp.grpc, &token).await?;
+    ensure!(first.spiffe_id == "spiffe://plexus.local/ns/default/sa/a");
+    // Once the token has expired it bootstraps nothing...
+    plexus_testkit::eventually(Duration::from_secs(10), || async {
+        expect_refused(cp.certify(&token, "", "").await, tonic::Code::Unauthenticated, "expired")
+    })
+    .await?;
+    // ...but the certificate it bootstrapped renews over mTLS (no token sent), for A only.
+    let renew = |ns: &'static str, sa: &'static str| {
+        let tls = tls.clone();
+        let grpc = cp.grpc.clone();
+        async move {
+            let channel = tls.channel(&grpc, |e| e).await.map_err(internal)?;
+            certify_on(channel, "", ns, sa).await
+        }
+    };
+    ensure!(renew("", "").await? == "spiffe://plexus.local/ns/default/sa/a");
+    ensure!(renew("default", "a").await? == "spiffe://plexus.local/ns/default/sa/a");
+    expect_refused(
+        renew("default", "b").await,
+        tonic::Code::PermissionDenied,
+        "is bound to spiffe://plexus.local/ns/default/sa/a",
+    )?;
+    drop(credentials);
+    // Revoking the token ends the renewals of what it bootstrapped.
+    let id = token.split('.').nth(1).context("id")?;
+    cp.plexus_ok(&["token", "revoke", id]).await?;
+    expect_refused(renew("", "").await, tonic::Code::PermissionDenied, "revoked")?;
     Ok(())
 }

@@ -829,6 +829,7 @@ fn breakdown(cfg: &Config, dir: &Path) -> Result<Value> {
     let proxies = Proxies::default();
     for i in 0..cfg.proxies {
         proxies.connect(ProxyRecord {
+            identity: String::new(),
             id: 0,
             workload: format!("bench-proxy-{i}"),
             namespace: "default".into(),

@@ -109,6 +109,13 @@ pub fn csr_public_key(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, String>
     Ok(spki)
 }
 
+/// The identity a request is bound to (by its token, or the certificate it renews).
+struct Bound {
+    id: String,
+    namespace: String,
+    service_account: String,
+}
+
 /// Serves `plexus.identity.v1.Identity`.
 pub struct CertifyService {
     pub ca: Arc<Ca>,
@@ -138,16 +145,39 @@ impl CertifyService {
 #[tonic::async_trait]
 impl Identity for CertifyService {
     async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = crate::grpc_tls::Peer::of(&request)
+            .and_then(|p| p.addr)
+            .or_else(|| request.remote_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let peer_identity = crate::grpc_tls::Peer::of(&request).and_then(|p| p.identity.clone());
         let r = request.into_inner();
-        let record = match self.tokens.authenticate(&r.token) {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, error = %e, "certificate request refused");
-                return Err(Status::unauthenticated(e.to_string()));
-            }
-        };
         let settings = IdentitySettings::from_store(self.store.as_ref());
+        // Renewal: over mTLS with the certificate the token bootstrapped (the token may have
+        // expired since; a revoked one ends renewals). Bootstrap: with the token.
+        let (record_namespace, record_account, token_id) = match peer_identity {
+            Some(id) => {
+                let Some(token_id) = id.token_id.clone() else {
+                    return Err(Status::permission_denied(format!(
+                        "{} was not bootstrapped with a workload token: it cannot be renewed here",
+                        id.spiffe_id
+                    )));
+                };
+                if let Err(e) = self.tokens.renewable(&token_id) {
+                    tracing::warn!(%peer, spiffe_id = %id.spiffe_id, error = %e, "certificate renewal refused");
+                    return Err(Status::permission_denied(format!("renewal of {} refused: {e}", id.spiffe_id)));
+                }
+                (id.namespace.clone(), id.service_account.clone(), token_id)
+            }
+            None => match self.tokens.authenticate(&r.token) {
+                Ok(record) => (record.namespace, record.service_account, record.id),
+                Err(e) => {
+                    tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, error = %e, "certificate request refused");
+                    return Err(Status::unauthenticated(e.to_string()));
+                }
+            },
+        };
+        let record = Bound { id: token_id, namespace: record_namespace, service_account: record_account };
         let bound = plexus_core::names::spiffe_id(&settings.trust_domain, &record.namespace, &record.service_account);
         let asked_namespace = if r.namespace.is_empty() { &record.namespace } else { &r.namespace };
         let asked_account = if r.service_account.is_empty() { &record.service_account } else { &r.service_account };

@@ -1,11 +1,12 @@
 //! The gRPC discovery service: one Watch stream per proxy (see the .proto for the protocol).
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_api::discovery::discovery_server::Discovery;
-use plexus_api::discovery::{ReportAck, TelemetryReport, WatchRequest, WatchResponse};
+use plexus_api::discovery::{ProxyInfo, ReportAck, TelemetryReport, WatchRequest, WatchResponse};
 use plexus_core::{Kind, ServiceName, Spec, parse_documents};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -24,8 +25,6 @@ pub struct DiscoveryService {
     pub views: watch::Receiver<Arc<Views>>,
     pub store: Arc<dyn Store>,
     pub proxies: Arc<Proxies>,
-    /// Workload tokens (registrations are bound to the token's identity).
-    pub tokens: Arc<crate::tokens::Tokens>,
     pub traffic: Arc<crate::traffic::TrafficWindow>,
     /// The certificate authority: its trust bundle goes in every response.
     pub ca: Arc<crate::identity::Ca>,
@@ -60,6 +59,59 @@ fn parse_destinations(names: &[String]) -> BTreeSet<ServiceName> {
 }
 
 impl DiscoveryService {
+    /// Checks what a proxy says about itself against the identity it proved: its namespace,
+    /// the service it acts as (its own service account's name, or a Service whose
+    /// `spec.serviceAccounts` lists it), a workload name no other identity holds, and an admin
+    /// address on the host its connection comes from (tap requests and Prometheus targets go
+    /// there).
+    async fn admit(&self, caller: &Caller, info: &mut ProxyInfo, peer_ip: Option<IpAddr>) -> Result<(), Status> {
+        let who = &caller.spiffe_id;
+        if info.namespace.is_empty() {
+            info.namespace.clone_from(&caller.namespace);
+        }
+        if info.namespace != caller.namespace {
+            return Err(Status::permission_denied(format!(
+                "{who} cannot act in namespace {:?}: only in {:?}",
+                info.namespace, caller.namespace
+            )));
+        }
+        if !info.service.is_empty() && info.service != caller.service_account {
+            let key =
+                ObjectKey { kind: Kind::Service, namespace: caller.namespace.clone(), name: info.service.clone() };
+            let store = self.store.clone();
+            let service = tokio::task::spawn_blocking(move || store.get(&key))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let listed = matches!(&service.map(|s| s.spec), Some(Spec::Service(s)) if s.service_accounts.contains(&caller.service_account));
+            if !listed {
+                return Err(Status::permission_denied(format!(
+                    "{who} cannot act as service {:?}: its service account is {:?}, and Service {}/{} does not list it in spec.serviceAccounts",
+                    info.service, caller.service_account, caller.namespace, info.service
+                )));
+            }
+        }
+        if !info.workload.is_empty() && self.proxies.workload_taken(who, &info.namespace, &info.workload) {
+            return Err(Status::already_exists(format!(
+                "workload {}/{} is connected as another identity",
+                info.namespace, info.workload
+            )));
+        }
+        if !info.admin_address.is_empty() {
+            let admin: std::net::SocketAddr = info.admin_address.parse().map_err(|_| {
+                Status::invalid_argument(format!("admin address {:?} is not IP:PORT", info.admin_address))
+            })?;
+            if let Some(peer) = peer_ip
+                && !same_host(admin.ip(), peer)
+            {
+                return Err(Status::permission_denied(format!(
+                    "admin address {admin} is not on the host this proxy connects from ({peer})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Validates and stores the workload a proxy registers, as `identity` (the namespace and
     /// service account its credential is bound to): only in that namespace, only with that
     /// service account, only for Services that admit it (`spec.serviceAccounts`), and never
@@ -133,6 +185,39 @@ impl DiscoveryService {
     }
 }
 
+/// The identity of a call: its verified client certificate. Everything but certificate
+/// signing needs one.
+fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let identity = crate::grpc_tls::Peer::of(request).and_then(|p| p.identity.clone()).ok_or_else(|| {
+        Status::unauthenticated(
+            "this call needs mutual TLS with a workload certificate (bootstrap one with a workload token: plexus token create)",
+        )
+    })?;
+    Ok(Caller {
+        namespace: identity.namespace.clone(),
+        service_account: identity.service_account.clone(),
+        spiffe_id: identity.spiffe_id.clone(),
+    })
+}
+
+/// A reported certificate, with the SPIFFE ID the connection proved (a proxy cannot report
+/// itself as someone else).
+fn attributed(mut c: ProxyCertificate, caller: &Caller) -> ProxyCertificate {
+    c.spiffe_id.clone_from(&caller.spiffe_id);
+    c
+}
+
+/// Whether `ip` (a proxy's admin address) is where the proxy's connection came from, or both
+/// are loopback (one machine).
+fn same_host(admin: IpAddr, peer: IpAddr) -> bool {
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let (admin, peer) = (canonical(admin), canonical(peer));
+    admin == peer || (admin.is_loopback() && peer.is_loopback())
+}
+
 /// Who a proxy is, from its credential: the identity its calls are attributed to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -146,35 +231,54 @@ impl Discovery for DiscoveryService {
     type WatchStream = WatchStream;
 
     async fn report(&self, request: Request<TelemetryReport>) -> Result<Response<ReportAck>, Status> {
-        self.traffic.add(request.into_inner().summaries);
+        let caller = caller_of(&request)?;
+        let report = request.into_inner();
+        let namespace = if report.namespace.is_empty() { caller.namespace.as_str() } else { report.namespace.as_str() };
+        // Attributed to the reporter alone: its own connected proxy, whose side of every
+        // summary (the destination of inbound, the source of outbound) the control plane fills in.
+        let Some(me) = self.proxies.find(&caller.spiffe_id, namespace, &report.workload) else {
+            return Err(Status::permission_denied(format!(
+                "{} has no connected proxy named {namespace}/{}: a proxy reports only for itself",
+                caller.spiffe_id, report.workload
+            )));
+        };
+        let mut summaries = report.summaries;
+        for s in &mut summaries {
+            match s.direction.as_str() {
+                "inbound" => {
+                    s.destination_workload.clone_from(&me.workload);
+                    s.destination_service.clone_from(&me.service);
+                    s.destination_version.clone_from(&me.version);
+                }
+                "outbound" => {
+                    s.source_workload.clone_from(&me.workload);
+                    s.source_service.clone_from(&me.service);
+                }
+                other => return Err(Status::invalid_argument(format!("direction {other:?}: inbound or outbound"))),
+            }
+        }
+        self.traffic.add(summaries);
         Ok(Response::new(ReportAck {}))
     }
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = caller_of(&request)?;
+        let peer_ip = crate::grpc_tls::Peer::of(&request).and_then(|p| p.addr).map(|a| a.ip());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
-        let info =
+        let mut info =
             first.proxy.clone().ok_or_else(|| Status::invalid_argument("the first message must carry ProxyInfo"))?;
-        let caller = if info.token.is_empty() {
+        self.admit(&caller, &mut info, peer_ip).await?;
+        let registered = if info.register_workload.is_empty() {
             None
         } else {
-            let record = self.tokens.authenticate(&info.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
-            let td = crate::identity::IdentitySettings::from_store(self.store.as_ref()).trust_domain;
-            Some(Caller {
-                spiffe_id: plexus_core::names::spiffe_id(&td, &record.namespace, &record.service_account),
-                namespace: record.namespace,
-                service_account: record.service_account,
-            })
-        };
-        let registered = match (&caller, info.register_workload.is_empty()) {
-            (_, true) => None,
-            (Some(caller), false) => Some(self.register(&info.register_workload, caller).await?),
-            (None, false) => return Err(Status::unauthenticated("registering a workload needs a workload token")),
+            Some(self.register(&info.register_workload, &caller).await?)
         };
         let id = self.proxies.connect(ProxyRecord {
+            identity: caller.spiffe_id.clone(),
             id: 0,
             workload: info.workload.clone(),
-            namespace: if info.namespace.is_empty() { "default".into() } else { info.namespace.clone() },
+            namespace: info.namespace.clone(),
             service: info.service.clone(),
             version: info.version.clone(),
             mode: if info.mode.is_empty() { "sidecar".into() } else { info.mode.clone() },
@@ -184,7 +288,7 @@ impl Discovery for DiscoveryService {
             last_seen: None,
             registered,
         });
-        let mut certificate = reported_certificate(&first);
+        let mut certificate = reported_certificate(&first).map(|c| attributed(c, &caller));
         self.proxies.report_certificate(id, certificate.clone());
         tracing::info!(id, workload = %info.workload, service = %info.service, "proxy connected");
         // Boxed: a channel allocates its slots up front, and a response is large.
@@ -243,7 +347,7 @@ impl Discovery for DiscoveryService {
                             last_heard = std::time::Instant::now();
                             proxies.heard_from(id, Some(m.applied_revision));
                             if !same_certificate(certificate.as_ref(), &m) {
-                                certificate = reported_certificate(&m);
+                                certificate = reported_certificate(&m).map(|c| attributed(c, &caller));
                                 proxies.report_certificate(id, certificate.clone());
                             }
                             if m.destinations != wanted_as_sent {

@@ -686,6 +686,40 @@ impl Ca {
         lifetime: Duration,
         token_id: Option<&str>,
     ) -> Result<Leaf, SignError> {
+        self.sign_with(public_key, spiffe_id, &[], lifetime, token_id)
+    }
+
+    /// The control plane's own serving certificate: its SPIFFE ID
+    /// ([`plexus_core::names::control_plane_spiffe_id`]) plus the IP addresses and DNS names it
+    /// listens on. The chain returned is leaf, issuer, trust anchor (a proxy pinning the
+    /// anchor's fingerprint finds it in the handshake).
+    pub fn sign_control_plane(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &str,
+        ips: &[std::net::IpAddr],
+        dns: &[&str],
+        lifetime: Duration,
+    ) -> Result<Leaf, SignError> {
+        let mut extra: Vec<SanType> = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        for name in dns {
+            extra.push(SanType::DnsName(
+                (*name).try_into().map_err(|e| SignError::Invalid(format!("DNS name {name:?}: {e}")))?,
+            ));
+        }
+        let mut leaf = self.sign_with(public_key, spiffe_id, &extra, lifetime, None)?;
+        leaf.chain_pem.push_str(&self.state().anchor.pem());
+        Ok(leaf)
+    }
+
+    fn sign_with(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &str,
+        extra_sans: &[SanType],
+        lifetime: Duration,
+        token_id: Option<&str>,
+    ) -> Result<Leaf, SignError> {
         let state = self.state();
         let issuer_end = state.issuer.summary.not_after_unix;
         if issuer_end <= unix_now() {
@@ -702,6 +736,7 @@ impl Ca {
         p.subject_alt_names = vec![SanType::URI(
             spiffe_id.try_into().map_err(|e| SignError::Invalid(format!("SPIFFE ID {spiffe_id:?}: {e}")))?,
         )];
+        p.subject_alt_names.extend(extra_sans.iter().cloned());
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -1109,6 +1144,7 @@ mod tests {
     fn proxy(issuer_sha256: &str) -> ProxyStatus {
         ProxyStatus {
             record: ProxyRecord {
+                identity: String::new(),
                 id: 1,
                 workload: "w".into(),
                 namespace: "default".into(),

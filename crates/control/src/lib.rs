@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod datadir;
 pub mod discovery;
 pub mod graph;
+pub mod grpc_tls;
 pub mod identity;
 pub mod index;
 pub mod node_agent;

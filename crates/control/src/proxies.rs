@@ -28,6 +28,10 @@ pub struct ProxyRecord {
     pub version: String,
     pub mode: String,
     pub admin_address: String,
+    /// The SPIFFE ID the proxy authenticated as (its client certificate): everything it
+    /// registers and reports is attributed to it.
+    #[serde(default)]
+    pub identity: String,
     /// Revision last sent to the proxy.
     pub sent_revision: u64,
     /// Revision the proxy says it applied.
@@ -196,6 +200,24 @@ impl Proxies {
         self.registered.lock().map(|r| r.contains_key(key)).unwrap_or(false)
     }
 
+    /// The connected proxy of `identity` named `workload` in `namespace`, if any.
+    pub fn find(&self, identity: &str, namespace: &str, workload: &str) -> Option<ProxyRecord> {
+        let c = self.connected.lock().ok()?;
+        c.values()
+            .map(|e| &e.record)
+            .find(|r| r.identity == identity && r.namespace == namespace && r.workload == workload)
+            .cloned()
+    }
+
+    /// Whether a connected proxy of another identity goes by `workload` in `namespace`.
+    pub fn workload_taken(&self, identity: &str, namespace: &str, workload: &str) -> bool {
+        self.connected.lock().is_ok_and(|c| {
+            c.values().any(|e| {
+                e.record.identity != identity && e.record.namespace == namespace && e.record.workload == workload
+            })
+        })
+    }
+
     /// A copy of every connected proxy, by id.
     pub fn list(&self) -> Vec<ProxyRecord> {
         let mut v: Vec<ProxyRecord> =
@@ -230,6 +252,7 @@ mod tests {
 
     fn record(workload: &str) -> ProxyRecord {
         ProxyRecord {
+            identity: String::new(),
             id: 0,
             workload: workload.into(),
             namespace: "default".into(),

@@ -189,6 +189,7 @@ mod tests {
 
     fn proxy(id: u64, workload: &str, service: &str, admin: &str) -> ProxyRecord {
         ProxyRecord {
+            identity: String::new(),
             id,
             workload: workload.into(),
             namespace: "default".into(),

@@ -184,6 +184,11 @@ impl Tokens {
                 )));
             }
         }
+        if namespace == plexus_core::names::CONTROL_PLANE_NAMESPACE {
+            return Err(TokenError::Invalid(format!(
+                "namespace {namespace:?} is reserved for the control plane's own identity"
+            )));
+        }
         if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(366 * 24 * 3600) {
             return Err(TokenError::Invalid("ttl: between 1s and 366 days".into()));
         }
@@ -336,6 +341,7 @@ mod tests {
         assert_eq!(tokens.list("plexus.local")[0].state, "expired");
         assert!(tokens.create("plexus.local", "Default", "a", DEFAULT_TTL, ANCHOR).is_err());
         assert!(tokens.create("plexus.local", "default", "a/b", DEFAULT_TTL, ANCHOR).is_err());
+        assert!(tokens.create("plexus.local", "plexus-system", "plexus-control", DEFAULT_TTL, ANCHOR).is_err());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

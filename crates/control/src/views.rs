@@ -469,6 +469,7 @@ spec:
         assert!(body["errors"].as_u64().is_some_and(|n| n >= 1), "{body}");
         assert_eq!(body["findings"][0]["kind"], "HTTPRoute");
         let proxy = |mode: &str, applied_revision| ProxyRecord {
+            identity: String::new(),
             id: 1,
             workload: format!("{mode}-1"),
             namespace: "default".into(),

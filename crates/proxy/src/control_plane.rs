@@ -61,6 +61,14 @@ pub struct ControlPlaneConfig {
     /// When set, [`ControlPlaneConfig::register`] is held back until the application answers
     /// there, so no peer is sent traffic before the app listens.
     pub app_readiness: Option<AppReadiness>,
+    /// Trust anchors (PEM) to verify the control plane with besides the one the token pins
+    /// (`--anchor FILE`).
+    pub anchors_pem: Option<String>,
+    /// How the control plane is verified and authenticated to (set up from the token).
+    pub tls: Option<Arc<crate::cp_tls::ControlPlaneTls>>,
+    /// FOR BENCHMARKS: the workload certificate is used with the control plane only, never
+    /// with peers (a plaintext baseline that is still an authenticated proxy).
+    pub plaintext_peers: bool,
 }
 
 /// Where the local application is probed before its Workload is registered.
@@ -223,11 +231,27 @@ async fn session(
     if registering {
         app_ready = None;
     }
-    let channel = tonic::transport::Endpoint::from_shared(config.address.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    let Some(tls) = &config.tls else {
+        anyhow::bail!(
+            "no workload token: the control plane serves only authenticated proxies (create one with `plexus token create`)"
+        );
+    };
+    // Discovery is authenticated by the workload certificate: wait for it.
+    if let Some(identity) = &config.identity {
+        let mut certs = identity.subscribe();
+        while !tls.has_certificate() {
+            tokio::select! {
+                changed = certs.changed() => changed?,
+                _ = crate::proxy::drained(leave) => return Ok(Ended::Closed),
+            }
+        }
+    }
+    let channel = tls
+        .channel(&config.address, |e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
         .await?;
     let mut client = DiscoveryClient::new(channel);
     let info = ProxyInfo {

@@ -35,6 +35,8 @@ pub struct CertificateInfo {
 pub struct IdentityConfig {
     /// `http://HOST:PORT` of the control plane's gRPC port.
     pub address: String,
+    /// How the control plane is verified (and, for renewals, how the proxy authenticates).
+    pub tls: Arc<crate::cp_tls::ControlPlaneTls>,
     pub token: String,
     pub namespace: String,
     pub service_account: String,
@@ -143,10 +145,11 @@ impl WorkloadIdentity {
     async fn certify(&self, config: &IdentityConfig) -> anyhow::Result<CertificateInfo> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-        let channel = tonic::transport::Endpoint::from_shared(config.address.clone())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect()
+        // Bootstrap sends the token to a verified control plane; a renewal is authenticated by
+        // the current certificate (presented whenever there is one).
+        let channel = config
+            .tls
+            .channel(&config.address, |e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)))
             .await?;
         let resp = IdentityClient::new(channel)
             .certify(CertifyRequest {

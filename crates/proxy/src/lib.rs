@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod balance;
 pub mod control_plane;
+pub mod cp_tls;
 pub mod discovery;
 pub mod error;
 pub mod http;

@@ -106,6 +106,7 @@ impl Telemetry {
 /// dropped; the control plane's window shows the gap).
 pub async fn report_loop(
     telemetry: std::sync::Arc<Telemetry>,
+    tls: std::sync::Arc<crate::cp_tls::ControlPlaneTls>,
     address: String,
     workload: String,
     namespace: String,
@@ -123,11 +124,12 @@ pub async fn report_loop(
         if summaries.is_empty() {
             continue;
         }
-        if client.is_none() {
-            client = match tonic::transport::Endpoint::from_shared(address.clone()) {
-                Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect().await.ok().map(DiscoveryClient::new),
-                Err(_) => None,
-            };
+        if client.is_none() && tls.has_certificate() {
+            client = tls
+                .channel(&address, |e| e.connect_timeout(Duration::from_secs(1)))
+                .await
+                .ok()
+                .map(DiscoveryClient::new);
         }
         let Some(c) = client.as_mut() else { continue };
         let report = TelemetryReport {

@@ -74,6 +74,16 @@ impl MeshCredentials {
         self.key.load().is_some() && self.roots.load().is_some()
     }
 
+    /// The current certificate and key (`None` before the first).
+    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.key.load_full()
+    }
+
+    /// The current trust bundle (`None` before the first).
+    pub fn trust_roots(&self) -> Option<Arc<RootCertStore>> {
+        self.roots.load_full()
+    }
+
     /// Installs a new certificate chain (leaf first) with its private key (PKCS#8 DER).
     pub fn set_certificate(&self, chain: Vec<CertificateDer<'static>>, key_pkcs8: Vec<u8>) -> Result<(), Error> {
         let key =
