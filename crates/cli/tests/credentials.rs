@@ -99,13 +99,7 @@ impl ControlPlane {
         tls: &Arc<ControlPlaneTls>,
         info: ProxyInfo,
     ) -> Result<tokio::sync::mpsc::Sender<WatchRequest>, tonic::Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(WatchRequest { proxy: Some(info), ..Default::default() }).await.map_err(internal)?;
-        let channel = tls.channel(&self.grpc, |e| e).await.map_err(internal)?;
-        let mut stream =
-            DiscoveryClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-        stream.message().await?;
-        Ok(tx)
+        watch_at(&self.grpc, tls, info).await
     }
 
     /// [`ControlPlane::watch`] registering `workload` (JSON).
@@ -408,6 +402,22 @@ spec:
     Ok(())
 }
 
+/// Opens a discovery stream at `grpc` as `tls`'s identity, first message `info`; the stream
+/// is kept open (returned) when the control plane accepts it.
+async fn watch_at(
+    grpc: &str,
+    tls: &Arc<ControlPlaneTls>,
+    info: ProxyInfo,
+) -> Result<tokio::sync::mpsc::Sender<WatchRequest>, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest { proxy: Some(info), ..Default::default() }).await.map_err(internal)?;
+    let channel = tls.channel(grpc, |e| e).await.map_err(internal)?;
+    let mut stream =
+        DiscoveryClient::new(channel).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    stream.message().await?;
+    Ok(tx)
+}
+
 fn info(workload: &str, service: &str, admin: &str) -> ProxyInfo {
     ProxyInfo {
         workload: workload.into(),
@@ -619,5 +629,48 @@ async fn renewal_outlives_the_token_and_revocation_ends_it() -> Result<()> {
     let id = token.split('.').nth(1).context("id")?;
     cp.plexus_ok(&["token", "revoke", id]).await?;
     expect_refused(renew("", "").await, tonic::Code::PermissionDenied, "revoked")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_behind_a_node_agent_is_only_itself() -> Result<()> {
+    let dir = TempDir::new("cred-agent")?;
+    let cp = ControlPlane::start(&dir).await?;
+    let mut cmd = command(PLEXUS);
+    cmd.args(["agent", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--control-plane", &cp.grpc]);
+    let agent = Background::start("agent", cmd, "{", Duration::from_secs(30)).await?;
+    let ready: Value = serde_json::from_str(agent.ready_line())?;
+    let via = format!("http://{}", ready["listen"].as_str().context("listen")?);
+
+    // Positive control: bootstrap, discovery and telemetry through the agent, as itself.
+    let token = cp.token("default", "a").await?;
+    let (_, a, issued) = plexus_proxy::cp_tls::enroll(&via, &token).await?;
+    ensure!(issued.spiffe_id == "spiffe://plexus.local/ns/default/sa/a");
+    let _a1 = watch_at(&via, &a, info("a-1", "a", "127.0.0.1:9")).await?;
+    report(&a, &via, "a-1", vec![summary("inbound", "a", 7)]).await?;
+    // Through the agent, nothing more than directly: not another identity's certificate, not
+    // another service, not another's telemetry, nothing without a certificate.
+    let anon = ControlPlaneTls::new(&token, None, None)?;
+    let s = certify_on(anon.channel(&via, |e| e).await?, &token, "default", "b").await;
+    expect_refused(s, tonic::Code::PermissionDenied, "is bound to")?;
+    expect_refused(
+        watch_at(&via, &a, info("a-2", "b", "127.0.0.1:9")).await,
+        tonic::Code::PermissionDenied,
+        "cannot act as service",
+    )?;
+    expect_refused(
+        report(&a, &via, "b-1", vec![summary("inbound", "b", 7)]).await,
+        tonic::Code::PermissionDenied,
+        "only for itself",
+    )?;
+    expect_refused(
+        watch_at(&via, &anon, info("x-1", "a", "127.0.0.1:9")).await,
+        tonic::Code::Unauthenticated,
+        "needs mutual TLS",
+    )?;
+    // The control plane sees the proxy's own identity, not the agent's (it has none).
+    let proxies = http_get(&cp.server, "/api/v1/proxies").await?;
+    ensure!(proxies["proxies"][0]["identity"] == "spiffe://plexus.local/ns/default/sa/a", "{proxies}");
+    drop(agent);
     Ok(())
 }

@@ -198,7 +198,7 @@ impl ControlPlane {
         csr_der: Vec<u8>,
     ) -> Result<CertifyResponse, tonic::Status> {
         let mut client =
-            IdentityClient::connect(self.grpc.clone()).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            IdentityClient::new(self.channel(token).await.map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?);
         let request = CertifyRequest {
             token: token.into(),
             namespace: ns.into(),
@@ -206,6 +206,17 @@ impl ControlPlane {
             csr_der: csr_der.into(),
         };
         client.certify(request).await.map(tonic::Response::into_inner)
+    }
+
+    /// A TLS channel to the gRPC port, verifying the control plane against the anchor `token`
+    /// pins (this control plane's anchor when `token` pins none), without a client certificate.
+    async fn channel(&self, token: &str) -> Result<tonic::transport::Channel> {
+        let pin = match plexus_proxy::cp_tls::pinned_anchor(token) {
+            Some(_) => token.to_string(),
+            None => format!("x.{}", fingerprint(&self.data_dir.join("trust-anchor.pem")).await?),
+        };
+        let tls = plexus_proxy::cp_tls::ControlPlaneTls::new(&pin, None, None)?;
+        tls.channel(&self.grpc, |e| e.connect_timeout(Duration::from_secs(5))).await
     }
 
     fn log_text(&self) -> String {
@@ -234,8 +245,14 @@ struct Issued {
 
 async fn issue(cp: &ControlPlane, dir: &Path, name: &str, sa: &str) -> Result<Issued> {
     let (_, der) = csr(dir, name).await?;
-    let response =
-        cp.certify(&cp.token("default", sa).await?, "default", sa, der).await.map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let token = cp.token("default", sa).await?;
+    // Just after an anchor rotation the control plane may still serve its certificate from the
+    // old issuer for a moment: a client pinning the new anchor retries, as proxies do.
+    let response = plexus_testkit::eventually(Duration::from_secs(15), || {
+        let (token, der) = (token.clone(), der.clone());
+        async move { cp.certify(&token, "default", sa, der).await.map_err(|s| anyhow::anyhow!("{s:?}")) }
+    })
+    .await?;
     let blocks = pem_blocks(&response.certificate_chain_pem);
     ensure!(blocks.len() == 2, "the chain is leaf + issuer: {}", response.certificate_chain_pem);
     let (leaf, issuer, bundle) = (
@@ -280,7 +297,14 @@ impl SimProxy {
             ..Default::default()
         };
         requests.send(first).await?;
-        let mut client = DiscoveryClient::connect(cp.grpc.clone()).await?;
+        // Discovery needs mTLS: enrol as the workload's own service account.
+        let token = cp.token("default", workload).await?;
+        let tls = plexus_testkit::eventually(Duration::from_secs(15), || {
+            let token = token.clone();
+            async move { Ok(plexus_proxy::cp_tls::enroll(&cp.grpc, &token).await?.1) }
+        })
+        .await?;
+        let mut client = DiscoveryClient::new(tls.channel(&cp.grpc, |e| e).await?);
         let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         let current = Arc::new(Mutex::new(WatchRequest::default()));
         let (resp_tx, responses) = mpsc::unbounded_channel();
@@ -712,7 +736,7 @@ async fn signing_is_rate_limited_for_the_whole_control_plane() -> Result<()> {
     let cp = ControlPlane::start(&dir.join("data"), &dir.join("control.log"))?;
     let token = cp.token("default", "burst").await?;
     let (_, der) = csr(dir.path(), "burst").await?;
-    let client = IdentityClient::connect(cp.grpc.clone()).await?;
+    let client = IdentityClient::new(cp.channel(&token).await?);
     // 250 at once: the bucket holds 100 and refills 50/s, so unless signing took over 3 s some
     // are refused.
     let started = Instant::now();

@@ -106,9 +106,15 @@ fn run_echo_workload(data: &Path, http: u16, grpc_url: &str, app_port: u16, extr
     Ok(Proc(child))
 }
 
-/// A client sidecar fed by the control plane, with an `--upstream` bind to `echo:8080`.
-async fn echo_client(grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
-    let mut args = vec!["proxy", "--control-plane", grpc_url, "--outbound-port", "0", "--inbound-port", "0"];
+/// A client sidecar fed by the control plane, with an `--upstream` bind to `echo:8080`, and a
+/// workload token for its service account (`--service` in `extra`, else `default`).
+async fn echo_client(data: &Path, http: u16, grpc_url: &str, extra: &[&str]) -> Result<Proxy> {
+    let account =
+        extra.iter().position(|a| *a == "--service").and_then(|i| extra.get(i + 1)).copied().unwrap_or("default");
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, data, "default", account).await?;
+    let mut args =
+        vec!["proxy", "--control-plane", grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"];
     args.extend_from_slice(&["--admin-port", "0", "--upstream", "echo:8080=0"]);
     args.extend_from_slice(extra);
     Proxy::start_named("client", PLEXUS, args).await
@@ -128,7 +134,7 @@ async fn echo_mesh(
     for app in &apps {
         runs.push(run_echo_workload(data, http, grpc_url, app.port(), extra)?);
     }
-    let client = echo_client(grpc_url, extra).await?;
+    let client = echo_client(data, http, grpc_url, extra).await?;
     both_echo_workloads_serve(client.upstream("echo.default:8080")?).await?;
     Ok((apps, runs, client))
 }
@@ -385,7 +391,7 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
     let app = HttpEcho::start("echo").await?;
     let grpc_url = format!("http://127.0.0.1:{grpc}");
     let _run = run_echo_workload(&data, http, &grpc_url, app.port(), &[])?;
-    let client = echo_client(&grpc_url, &["--workload", "client-1", "--service", "client"]).await?;
+    let client = echo_client(&data, http, &grpc_url, &["--workload", "client-1", "--service", "client"]).await?;
     let addr = client.upstream("echo.default:8080")?;
     plexus_testkit::eventually(Duration::from_secs(20), || async move {
         let r = plexus_testkit::client::get(addr, "echo:8080", "/warmup", &[], Duration::from_secs(5)).await?;
@@ -488,22 +494,7 @@ fn agent_metric(admin: u16, sample: &str) -> Result<f64> {
         .with_context(|| format!("no sample {sample} in:\n{page}"))
 }
 
-/// Established TCP connections to a local port, counted from the connecting side
-/// (`/proc/net/tcp`: remote address `0100007F:PORT` in state `01`).
-fn connections_to(port: u16) -> Result<usize> {
-    let table = std::fs::read_to_string("/proc/net/tcp")?;
-    let remote = format!("0100007F:{port:04X}");
-    Ok(table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(2) == Some(&remote.as_str()) && f.get(3) == Some(&"01")
-        })
-        .count())
-}
-
-/// An agent whose control plane is down answers its proxies `UNAVAILABLE` (they keep retrying)
+/// An agent whose control plane is down closes its proxies' connections (they keep retrying)
 /// and says so on its admin server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_without_its_control_plane_reports_it() -> Result<()> {
@@ -511,17 +502,19 @@ async fn a_node_agent_without_its_control_plane_reports_it() -> Result<()> {
     let _agent = node_agent(agent_port, admin, closed)?;
     assert_eq!(get_text(&format!("127.0.0.1:{admin}"), "/live", &[])?.0, 200);
     assert_eq!(get_text(&format!("127.0.0.1:{admin}"), "/ready", &[])?.0, 200);
+    // A well-formed token (it pins an anchor): the proxy tries to bootstrap through the agent.
+    let token = format!("plx1.{}.{}.{}", "0".repeat(16), "1".repeat(64), "2".repeat(64));
     let _proxy = Proc(
         Command::new(PLEXUS)
-            .args(["proxy", "--control-plane", &format!("http://127.0.0.1:{agent_port}")])
+            .args(["proxy", "--control-plane", &format!("http://127.0.0.1:{agent_port}"), "--token", &token])
             .args(["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
     );
-    // The proxy's watch stream is answered UNAVAILABLE; it retries with backoff, each time on a
-    // new connection, so the connection gauge reads 1 only while a retry is in flight (the
-    // steady gauge is checked in `proxies_behind_a_node_agent_share_one_connection_and_survive_restarts`):
+    // The agent closes the proxy's connection at once; the proxy retries with backoff, each
+    // time on a new connection, so the connection gauge reads 1 only while a retry is in
+    // flight (the steady gauge is checked in `proxies_behind_a_node_agent_survive_restarts`):
     // here it must never exceed one.
     plexus_testkit::eventually(Duration::from_secs(10), || async {
         anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? <= 1.0, "proxy connections");
@@ -530,7 +523,7 @@ async fn a_node_agent_without_its_control_plane_reports_it() -> Result<()> {
             "unavailable"
         );
         anyhow::ensure!(agent_metric(admin, "plexus_agent_control_plane_reachable")? == 0.0, "unreachable");
-        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? == 0.0, "no stream stays open");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? == 0.0, "no connection stays relayed");
         Ok(())
     })
     .await
@@ -557,17 +550,18 @@ async fn proxies_behind_a_node_agent_share_one_connection_and_survive_restarts()
     let (_apps, mut runs, client) = echo_mesh(&data, http, &agent_url, &[]).await?;
     let addr = client.upstream("echo.default:8080")?;
 
-    // The control plane sees three proxies over one connection.
+    // The control plane sees three proxies, each on its own TLS session relayed by the agent
+    // (end to end: the agent holds no credential and sees only ciphertext).
     let one_connection_three_proxies = || async {
-        let (proxies, connections) = (connected_proxies(http).await?, connections_to(grpc)?);
-        anyhow::ensure!(proxies == 3 && connections == 1, "{proxies} proxies over {connections} connections");
+        let proxies = connected_proxies(http).await?;
+        anyhow::ensure!(proxies == 3, "{proxies} proxies");
         Ok(())
     };
     plexus_testkit::eventually(Duration::from_secs(10), one_connection_three_proxies).await?;
-    // The agent's own view: three proxy connections, their watch streams open, all relayed.
+    // The agent's own view: the proxies' connections, all relayed.
     plexus_testkit::eventually(Duration::from_secs(10), || async {
-        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? == 3.0, "proxy connections");
-        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? >= 3.0, "open streams");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_proxy_connections")? >= 3.0, "proxy connections");
+        anyhow::ensure!(agent_metric(admin, "plexus_agent_open_streams")? >= 3.0, "relayed connections");
         anyhow::ensure!(agent_metric(admin, "plexus_agent_control_plane_reachable")? == 1.0, "reachable");
         anyhow::ensure!(agent_metric(admin, "plexus_agent_requests_total{outcome=\"relayed\"}")? >= 3.0, "relayed");
         Ok(())

@@ -799,17 +799,34 @@ async fn a_wrong_workload_token_gets_no_certificate_and_forged_client_cert_heade
     cp.apply(&service_yaml("echo", 8080)).await?;
     let echo = Meshed::start(&cp, &dir, "echo").await?;
 
-    let rogue = client_sidecar(&cp, "rogue", "echo", 8080, Some("not-a-workload-token")).await?;
+    // A token that is not one: the proxy refuses to start (it has no anchor to verify the
+    // control plane with), saying why.
+    let out = cp
+        .plexus()
+        .args(["proxy", "--control-plane", &cp.grpc, "--token", "not-a-workload-token", "--service", "rogue"])
+        .args(["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"])
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no trust anchor"), "{}", show(&out));
+    // A well-formed token the control plane never issued (another secret for a real id).
+    let real = cp.token("rogue").await?;
+    let mut parts: Vec<String> = real.split('.').map(str::to_string).collect();
+    parts[2] = "0".repeat(64);
+    let forged = parts.join(".");
+    let rogue = client_sidecar(&cp, "rogue", "echo", 8080, Some(&forged)).await?;
     eventually(Duration::from_secs(10), || async {
         let log = rogue.stderr();
-        ensure!(log.contains("cannot get a workload certificate") && log.contains("malformed workload token"), "{log}");
+        ensure!(log.contains("cannot get a workload certificate") && log.contains("unknown workload token"), "{log}");
         Ok(())
     })
     .await?;
     assert!(cp.proc.stderr().contains("certificate request refused"), "{}", cp.proc.stderr());
     // A bad token gets nothing at all: no certificate, no discovery stream, no configuration.
     assert!(cp.proxy_status("rogue").await.is_err(), "the rogue proxy is listed as connected");
-    assert!(!cp.proc.stderr().contains(&spiffe("rogue")), "a certificate was issued to the rogue proxy");
+    let log = cp.proc.stderr();
+    let issued = log.lines().any(|l| l.contains("issued a workload certificate") && l.contains(&spiffe("rogue")));
+    assert!(!issued, "a certificate was issued to the rogue proxy\n{log}");
     let metrics = rogue.admin_get("/metrics").await?.text();
     assert_eq!(sum(&metrics, "plexus_identity_cert_expiration_timestamp_seconds", &[]), 0.0, "{metrics}");
     assert_eq!(sum(&metrics, "plexus_control_plane_connected", &[]), 0.0, "{metrics}");

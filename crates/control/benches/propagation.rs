@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Goals from the issue.
 const GOAL_P99_MS: f64 = 100.0;
@@ -353,6 +353,26 @@ impl Api {
         self.sender.as_mut().ok_or_else(|| anyhow!("no connection"))
     }
 
+    /// `POST /api/v1/tokens`: a workload token for `default/<service_account>`.
+    async fn token(&mut self, service_account: &str) -> Result<String> {
+        let body = serde_json::to_vec(&json!({ "serviceAccount": service_account }))?;
+        let request = http::Request::post("/api/v1/tokens")
+            .header(http::header::HOST, &self.addr)
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let sender = self.sender().await?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await.context("POST /api/v1/tokens")?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("token answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let answer: Value = serde_json::from_slice(&body)?;
+        answer["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("no token in {answer}"))
+    }
+
     /// `POST /api/v1/apply`; returns the results.
     async fn apply(&mut self, items: Vec<Value>) -> Result<Vec<Value>> {
         let body = serde_json::to_vec(&json!({ "source": "bench", "items": items }))?;
@@ -587,6 +607,9 @@ struct Bench {
     /// Node agents (`--agents`): connection c goes to agent c % N; none = straight to the
     /// control plane.
     agents: Vec<Child>,
+    /// The simulated proxies' credential: one workload certificate (service account `bench`)
+    /// bootstrapped with a token; every connection is mTLS with it, as a proxy's is.
+    tls: Arc<plexus_proxy::cp_tls::ControlPlaneTls>,
 }
 
 impl Bench {
@@ -622,11 +645,13 @@ impl Bench {
                     0 => self.cp.grpc.clone(),
                     n => self.agents[c % n].field("listen")?,
                 };
-                let channel = Endpoint::from_shared(format!("http://{address}"))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect()
+                let channel = self
+                    .tls
+                    .channel(&format!("http://{address}"), |e| {
+                        e.connect_timeout(Duration::from_secs(5))
+                            .http2_keep_alive_interval(Duration::from_secs(10))
+                            .keep_alive_timeout(Duration::from_secs(5))
+                    })
                     .await
                     .with_context(|| format!("connecting to gRPC {address}"))?;
                 self.pool.insert(c, channel);
@@ -635,7 +660,9 @@ impl Bench {
         for i in range.clone() {
             let channel = self.pool.get(&(i / per)).cloned().ok_or_else(|| anyhow!("no channel for proxy {i}"))?;
             let (destinations, mark, tx) = (self.cfg.destinations(i), self.mark.clone(), self.events_tx.clone());
-            let service = format!("svc-{}", i % self.cfg.spread);
+            // As itself (service account `bench`): the control plane refuses a proxy acting as
+            // a service its identity does not back.
+            let service = "bench".to_string();
             let (stopping, incremental) = (self.stopping.clone(), self.cfg.incremental);
             tokio::spawn(async move {
                 if let Err(e) = simulated_proxy(i, channel, destinations, service, incremental, mark, tx).await
@@ -911,8 +938,12 @@ async fn run(args: &Args, cfg: Config, bin: &Path, dir: &Path) -> Result<()> {
             agents.iter().map(|a| a.pid.as_str()).collect::<Vec<_>>().join(" ")
         );
     }
+    let mut api = api;
+    let token = api.token("bench").await?;
+    let (_, tls, _) = plexus_proxy::cp_tls::enroll(&format!("http://{}", cp.grpc), &token).await?;
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut b = Bench {
+        tls,
         cfg: cfg.clone(),
         cp,
         api,

@@ -103,8 +103,11 @@ pub struct ServingIdentity {
     ips: Vec<IpAddr>,
     current: RwLock<Option<Serving>>,
     /// The client verifier for the current trust bundle (rebuilt when the bundle changes).
-    verifier: RwLock<Option<(Arc<str>, Arc<dyn ClientCertVerifier>)>>,
+    verifier: RwLock<Option<BundleVerifier>>,
 }
+
+/// A client verifier and the trust bundle (PEM) it was built from.
+type BundleVerifier = (Arc<str>, Arc<dyn ClientCertVerifier>);
 
 struct Serving {
     key: Arc<CertifiedKey>,
