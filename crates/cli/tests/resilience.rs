@@ -260,10 +260,14 @@ async fn a_sidecar_fed_by_the_control_plane_enforces_its_own_rate_limit() -> Res
     run_ok(&mut apply, Duration::from_secs(30)).await?;
 
     let app_port = app.port().to_string();
+    let server = format!("http://{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "cplimited").await?;
     let args = [
         "proxy",
         "--control-plane",
         &grpc,
+        "--token",
+        &token,
         "--outbound-port",
         "0",
         "--inbound-port",

@@ -391,9 +391,11 @@ async fn apply(data: &Path, http: u16, file: &Path) -> Result<()> {
 }
 
 /// `plexus run --service echo --version V` in front of an in-test app on `app_port`.
-fn run_echo_workload(data: &Path, grpc_url: &str, version: &str, app_port: u16) -> Result<Proc> {
+fn run_echo_workload(data: &Path, http: u16, grpc_url: &str, version: &str, app_port: u16) -> Result<Proc> {
     let child = Command::new(PLEXUS)
         .args(["run", "--service", "echo", "--version", version, "--port", &app_port.to_string()])
+        // Its workload token is created through this control plane's API.
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
         .args(["--control-plane", grpc_url, "--data-dir"])
         .arg(data)
         .args(["--", "sleep", "600"])
@@ -445,9 +447,12 @@ async fn weights_change_under_load_without_failed_requests() -> Result<()> {
     let v1 = HttpEcho::start("echo-v1").await?;
     let v2 = HttpEcho::start("echo-v2").await?;
     let grpc_url = format!("http://127.0.0.1:{grpc}");
-    let _run1 = run_echo_workload(&data, &grpc_url, "v1", v1.port())?;
-    let _run2 = run_echo_workload(&data, &grpc_url, "v2", v2.port())?;
-    let args = ["proxy", "--control-plane", &grpc_url, "--outbound-port", "0", "--inbound-port", "0"];
+    let _run1 = run_echo_workload(&data, http, &grpc_url, "v1", v1.port())?;
+    let _run2 = run_echo_workload(&data, http, &grpc_url, "v2", v2.port())?;
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await?;
+    let args =
+        ["proxy", "--control-plane", &grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"];
     let client = Proxy::start_named(
         "client",
         PLEXUS,
