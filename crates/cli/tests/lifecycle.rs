@@ -178,12 +178,14 @@ async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
     )?;
     let o = cli(&data, http, &["apply", "-f", svc.to_str().context("path")?])?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await?;
     let client = plexus_testkit::Proxy::start_named(
         "client",
         PLEXUS,
-        ["proxy", "--control-plane", &grpc_url, "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"]
+        ["proxy", "--control-plane", &grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"]
             .into_iter()
-            .chain(["--upstream", "echo:8080=0"]),
+            .chain(["--admin-port", "0", "--upstream", "echo:8080=0"]),
     )
     .await?;
     let bind = client.upstream("echo.default:8080")?;

@@ -102,6 +102,11 @@ impl DiscoveryService {
                 Status::invalid_argument(format!("admin address {:?} is not IP:PORT", info.admin_address))
             })?;
             if let Some(peer) = peer_ip
+                && admin.ip().is_unspecified()
+            {
+                // Listening on every address: reached where the proxy connects from.
+                info.admin_address = std::net::SocketAddr::new(peer, admin.port()).to_string();
+            } else if let Some(peer) = peer_ip
                 && !same_host(admin.ip(), peer)
             {
                 return Err(Status::permission_denied(format!(
@@ -207,15 +212,18 @@ fn attributed(mut c: ProxyCertificate, caller: &Caller) -> ProxyCertificate {
     c
 }
 
-/// Whether `ip` (a proxy's admin address) is where the proxy's connection came from, or both
-/// are loopback (one machine).
+/// Whether `admin` (a proxy's admin address) is on the host its connection came from (`peer`):
+/// the same address, or both addresses of this machine (a proxy beside the control plane
+/// reaching it over loopback or a bridge, as the demo's ingress does in `--netns` mode).
 fn same_host(admin: IpAddr, peer: IpAddr) -> bool {
     let canonical = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     let (admin, peer) = (canonical(admin), canonical(peer));
-    admin == peer || (admin.is_loopback() && peer.is_loopback())
+    // An address this machine holds can be bound to.
+    let local = |ip: IpAddr| ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok();
+    admin == peer || (local(admin) && local(peer))
 }
 
 /// Who a proxy is, from its credential: the identity its calls are attributed to.
