@@ -39,6 +39,10 @@ pub struct ClientPolicy {
     pub request_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none", with = "crate::route::opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// How long a request waits for an endpoint when the Service has none (Linkerd's
+    /// fail-fast: queue, then 503); zero fails at once.
+    #[serde(with = "crate::route::duration_str")]
+    pub endpoint_wait: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
     pub retry_budget: RetryBudget,
@@ -53,6 +57,9 @@ pub struct ClientPolicy {
     pub hash_on: Option<HashKey>,
 }
 
+/// How long a request waits for an endpoint of a Service that has none, by default.
+pub const DEFAULT_ENDPOINT_WAIT: Duration = Duration::from_secs(3);
+
 impl Default for ClientPolicy {
     fn default() -> Self {
         ClientPolicy {
@@ -60,6 +67,7 @@ impl Default for ClientPolicy {
             connect_timeout: None,
             request_timeout: None,
             idle_timeout: None,
+            endpoint_wait: DEFAULT_ENDPOINT_WAIT,
             retry: None,
             retry_budget: DEFAULT_BUDGET,
             outlier_detection: DEFAULT_OUTLIER,
@@ -242,6 +250,9 @@ impl ClientPolicy {
             p.connect_timeout = nz(t.connect);
             p.request_timeout = nz(t.request);
             p.idle_timeout = nz(t.idle);
+            if let Some(w) = t.endpoint_wait {
+                p.endpoint_wait = w.0;
+            }
         }
         p.retry = spec.retries.as_ref().map(RetryPolicy::from_settings);
         if let Some(b) = &spec.retry_budget {

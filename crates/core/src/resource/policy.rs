@@ -201,7 +201,8 @@ pub struct ResiliencePolicySpec {
 }
 
 /// Timeouts: `connect` (TCP connect), `request` (whole request incl. retries), `idle`
-/// (connection without traffic).
+/// (connection without traffic), `endpointWait` (how long a request waits for an endpoint when
+/// its Service has none, e.g. while its one replica restarts; default 3s, `0s` fails at once).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResilienceTimeouts {
@@ -211,6 +212,8 @@ pub struct ResilienceTimeouts {
     pub request: Option<Dur>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_wait: Option<Dur>,
 }
 
 /// Retries: `attempts` is the total number of tries (first included).

@@ -34,6 +34,45 @@ use crate::proxy::State;
 use crate::resilience::limits::LimitPermit;
 use crate::tap::Notes;
 
+/// A request whose backend has no endpoint: waits for one (bounded by the policy's
+/// `endpointWait` and the request timeout), then is decided again on the new config; else 503.
+#[allow(clippy::too_many_arguments)]
+async fn wait_then_retry(
+    state: Arc<State>,
+    to: MeshRequest<'_>,
+    backend: &CompiledService,
+    backend_port: u16,
+    entry: Option<&RouteEntry>,
+    req: Request<Incoming>,
+    head: Head,
+    obs: Observation,
+) -> Response<Body> {
+    let Some(port) = backend.port(Some(backend_port)) else {
+        return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
+    };
+    let call = call_settings(entry, to.port, port);
+    let wait = match call.request_timeout {
+        Some((timeout, _)) => call.policy.endpoint_wait.min(timeout),
+        None => call.policy.endpoint_wait,
+    };
+    let started = Instant::now();
+    let fresh = if wait.is_zero() { None } else { wait_for_endpoints(&state, &backend.name, backend_port, wait).await };
+    obs.notes.add(|| {
+        format!("no endpoint for {}:{backend_port}: waited {} ms", backend.name, started.elapsed().as_millis())
+    });
+    let Some(snapshot) = fresh else {
+        return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
+    };
+    let Some(service) = snapshot.services.get(&to.service.name) else {
+        return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
+    };
+    let Some(port) = service.port(Some(to.port.port)) else {
+        return obs.fail(ProxyError::NoEndpoints(format!("{}:{}", to.service.name, to.port.port)));
+    };
+    let again = MeshRequest { snapshot: &snapshot, service, port, peer: to.peer, waited_for_endpoints: true };
+    to_service(state, again, req, head, obs).await
+}
+
 /// How long a mirrored copy may take before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,6 +83,51 @@ pub struct MeshRequest<'a> {
     pub port: &'a CompiledPort,
     /// The client's address (ring hash on source IP).
     pub peer: SocketAddr,
+    /// Whether this request already waited for an endpoint (it waits once).
+    pub waited_for_endpoints: bool,
+}
+
+/// Requests waiting for an endpoint in this process, at most [`MAX_ENDPOINT_WAITERS`]; beyond
+/// that a request without endpoints fails at once (the queue is bounded).
+static ENDPOINT_WAITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_ENDPOINT_WAITERS: usize = 10_000;
+
+/// Waits up to `wait` for the config to hold an endpoint for `service:port`; returns that
+/// config. Linkerd's fail-fast model: while a Service has no endpoint (its one replica
+/// restarting), requests queue for a short, bounded time instead of failing at once.
+async fn wait_for_endpoints(
+    state: &State,
+    service: &ServiceName,
+    port: u16,
+    wait: Duration,
+) -> Option<Arc<MeshSnapshot>> {
+    struct Waiter;
+    impl Drop for Waiter {
+        fn drop(&mut self) {
+            ENDPOINT_WAITERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    if ENDPOINT_WAITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_ENDPOINT_WAITERS {
+        ENDPOINT_WAITERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        return None;
+    }
+    let _waiter = Waiter;
+    let mut changes = state.discovery.subscribe();
+    let ready = |s: &MeshSnapshot| {
+        s.services.get(service).and_then(|svc| svc.port(Some(port))).is_some_and(|p| !p.endpoints.is_empty())
+    };
+    tokio::time::timeout(wait, async {
+        loop {
+            let current = state.discovery.current();
+            if ready(&current) {
+                return Some(current);
+            }
+            changes.changed().await.ok()?;
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Sends `req` to the mesh Service `to.service:to.port`; never fails (errors become responses).
@@ -82,6 +166,10 @@ pub async fn to_service(
             return obs.fail(err);
         }
     };
+    if backend_port.endpoints.is_empty() && !to.waited_for_endpoints {
+        // The rare path (a Service with no endpoint): boxed, so every request's future stays small.
+        return Box::pin(wait_then_retry(state, to, backend, backend_port.port, entry, req, head, obs)).await;
+    }
     obs.notes.add(|| format!("{}: backend {}:{}", matched(entry), backend.name, backend_port.port));
     obs.peers.destination_service = backend.label.clone();
     let authority = match apply_request_filters(entry, &mut head, authority) {

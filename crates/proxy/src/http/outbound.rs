@@ -82,7 +82,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
             return Box::pin(direct(state, req, head, obs, authority, addr)).await;
         }
     };
-    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer };
+    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer, waited_for_endpoints: false };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
