@@ -306,6 +306,11 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     if args.netns {
         // Normally each `plexus run` removed its own; this catches any it could not.
         crate::netns::remove_stale();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        crate::netns::remove_bridge_if_unused(
+            left.saturating_sub(Duration::from_millis(300)).min(Duration::from_secs(2)),
+        )
+        .await;
     }
     let _ = stop_cp.send(());
     let _ = tokio::time::timeout_at(deadline, control).await;

@@ -65,6 +65,31 @@ pub fn ensure_bridge() -> Result<(), Failure> {
     ip(&["link", "set", BRIDGE, "up"])
 }
 
+/// Removes the host bridge once nothing is attached to it, waiting up to `wait` for the
+/// kernel to finish removing deleted namespaces' links (it does so in the background). While
+/// another `--netns` demo's namespaces are attached, the bridge stays.
+pub async fn remove_bridge_if_unused(wait: std::time::Duration) {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        let attached = Command::new("ip").args(["-o", "link", "show", "master", BRIDGE]).output();
+        let Ok(o) = attached else { return };
+        if !o.status.success() {
+            return; // No bridge.
+        }
+        if String::from_utf8_lossy(&o.stdout).trim().is_empty() {
+            if let Err(e) = ip(&["link", "del", BRIDGE]) {
+                tracing::warn!(error = %e.message, "cannot remove the {BRIDGE} bridge");
+            }
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            tracing::info!("the {BRIDGE} bridge stays: links are still attached to it");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Removes every `plx-*` namespace (left by an earlier run that did not stop cleanly).
 pub fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };

@@ -472,6 +472,10 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
     assert!(!left.contains("plx-"), "namespaces left behind after {:?}: {left}", stopping.elapsed());
+    // Issue 17 item 4: the bridge goes too (nothing else is attached to it: this test holds
+    // the host network).
+    let bridge = Command::new("ip").args(["link", "show", "plx0"]).output()?;
+    assert!(!bridge.status.success(), "the plx0 bridge stayed: {}", String::from_utf8_lossy(&bridge.stdout));
     Ok(())
 }
 
