@@ -150,7 +150,8 @@ async fn to_virtual_ip(
     let Some((service, cp)) = snapshot.services.get(&name).and_then(|s| Some((s, s.port(Some(port))?))) else {
         return obs.fail(ProxyError::NoEndpoints(format!("{name}:{port}")));
     };
-    let to = forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer };
+    let to =
+        forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer, waited_for_endpoints: false };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
