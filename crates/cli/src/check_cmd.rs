@@ -13,6 +13,10 @@ pub struct CheckArgs {
     /// Check that a control plane can be started here (data dir, ports) instead.
     #[arg(long)]
     pre: bool,
+    /// How long a connected proxy may go without a workload certificate before it is flagged
+    /// (it is "getting its certificate" until then).
+    #[arg(long, env = "PLEXUS_CERTIFICATE_GRACE", default_value = "10s", value_parser = plexus_core::duration::parse)]
+    certificate_grace: std::time::Duration,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -208,7 +212,7 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     r.section("identity");
     match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
         Ok((StatusCode::OK, v)) => {
-            for line in identity_lines(&v) {
+            for line in identity_lines(&v, args.certificate_grace) {
                 match line {
                     Line::Ok(what) => r.ok(what),
                     Line::Warn(what, hint) => r.warn(what, hint),
@@ -255,7 +259,7 @@ fn expiry_line(what: &str, cert: &Value, hint: &str) -> Line {
 
 /// The identity checks over `/api/v1/identity` (pure, so each case is tested directly):
 /// the trust bundle and issuer, and each connected proxy's certificate.
-fn identity_lines(v: &Value) -> Vec<Line> {
+fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
     let mut lines = Vec::new();
     let bundle = v["trustBundle"].as_array().cloned().unwrap_or_else(|| vec![v["trustAnchor"].clone()]);
     for (i, anchor) in bundle.iter().enumerate() {
@@ -292,7 +296,7 @@ fn identity_lines(v: &Value) -> Vec<Line> {
         lines.push(Line::Skip("proxy certificates: no proxy connected".into()));
         return lines;
     }
-    let grace = plexus_control::certify::CERTIFICATE_GRACE.as_secs();
+    let grace = grace.as_secs();
     let (mut current, mut previous_issuer, mut failed) = (0, 0, 0);
     for p in proxies {
         let name = format!(
@@ -372,6 +376,7 @@ fn proxies_text(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plexus_control::certify::CERTIFICATE_GRACE;
     use serde_json::json;
 
     fn cert(days: i64) -> Value {
@@ -402,7 +407,7 @@ mod tests {
 
     #[test]
     fn a_healthy_mesh_passes() {
-        let lines = identity_lines(&healthy());
+        let lines = identity_lines(&healthy(), CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty() && warns(&lines).is_empty(), "{lines:?}");
         assert!(lines.contains(&Line::Ok("1 proxy holds a valid certificate from the current issuer".into())));
     }
@@ -412,47 +417,47 @@ mod tests {
         let mut v = healthy();
         v["issuer"] = cert(59);
         v["trustBundle"] = json!([cert(-1)]);
-        let lines = identity_lines(&v);
+        let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert_eq!(warns(&lines), vec!["issuer expires within 60 days (2030-01-01T00:00:00.000Z, 59 days left)"]);
         assert_eq!(fails(&lines), vec!["trust anchor expired on 2030-01-01T00:00:00.000Z"]);
         v["issuer"] = json!({"expiresInSeconds": -5, "notAfter": "x", "sha256": "aa"});
-        assert!(fails(&identity_lines(&v)).contains(&"issuer expired on x".to_string()));
+        assert!(fails(&identity_lines(&v, CERTIFICATE_GRACE)).contains(&"issuer expired on x".to_string()));
     }
 
     #[test]
     fn an_issuer_not_signed_by_the_anchor_fails() {
         let mut v = healthy();
         v["issuerSignedByAnchor"] = json!(false);
-        assert_eq!(fails(&identity_lines(&v)), vec!["the issuer is not signed by the trust anchor"]);
+        assert_eq!(fails(&identity_lines(&v, CERTIFICATE_GRACE)), vec!["the issuer is not signed by the trust anchor"]);
     }
 
     #[test]
     fn proxy_certificates_are_checked() {
         let mut v = healthy();
         v["proxies"] = json!([proxy("none", 3, 0)]);
-        let lines = identity_lines(&v);
+        let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty(), "within the grace period: {lines:?}");
         v["proxies"] = json!([proxy("none", 11, 0)]);
         assert_eq!(
-            fails(&identity_lines(&v)),
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["proxy reviews-v1 (sidecar, namespace default) has no workload certificate after 11s"]
         );
         v["proxies"] = json!([proxy("current", 30, -1)]);
         assert_eq!(
-            fails(&identity_lines(&v)),
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec![
                 "proxy reviews-v1 (sidecar, namespace default) holds an expired certificate (notAfter 2026-01-01T00:00:00.000Z)"
             ]
         );
         v["proxies"] = json!([proxy("unknown", 30, 3600)]);
         assert_eq!(
-            fails(&identity_lines(&v)),
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec![
                 "proxy reviews-v1 (sidecar, namespace default) holds a certificate from an unknown issuer (sha256 bb)"
             ]
         );
         v["proxies"] = json!([proxy("previousIssuer", 30, 3600)]);
-        let lines = identity_lines(&v);
+        let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty());
         assert_eq!(warns(&lines), vec!["1 proxy holds a certificate from the previous issuer"]);
     }
@@ -463,7 +468,7 @@ mod tests {
         v["trustBundle"] = json!([cert(3650), cert(3000)]);
         v["rotation"] = json!({"proxiesOnOldIssuer": 1, "proxiesOnNewIssuer": 1});
         v["proxies"] = json!([proxy("current", 30, 3600), proxy("previousAnchor", 30, 3600)]);
-        let lines = identity_lines(&v);
+        let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty(), "{lines:?}");
         assert_eq!(warns(&lines), vec!["rotation in progress: 1 proxy still on the old issuer"]);
         assert!(lines.contains(&Line::Ok("previous trust anchor valid until 2030-01-01T00:00:00.000Z".into())));
@@ -474,7 +479,10 @@ mod tests {
         let mut v = healthy();
         v["rotation"] = json!({"proxiesOnOldIssuer": 0, "proxiesOnNewIssuer": 0});
         v["proxies"] = json!([]);
-        assert_eq!(warns(&identity_lines(&v)), vec!["rotation in progress: 0 proxies still on the old issuer"]);
+        assert_eq!(
+            warns(&identity_lines(&v, CERTIFICATE_GRACE)),
+            vec!["rotation in progress: 0 proxies still on the old issuer"]
+        );
     }
 
     #[test]
@@ -482,7 +490,7 @@ mod tests {
         let mut v = healthy();
         v["issuerInUseSha256"] = json!("cc");
         assert_eq!(
-            warns(&identity_lines(&v)),
+            warns(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["the issuer in the data dir is not the one the control plane signs with"]
         );
     }

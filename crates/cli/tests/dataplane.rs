@@ -421,7 +421,6 @@ async fn malformed_requests_get_the_right_answer() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gigabyte_upload_to_a_slow_reader_keeps_memory_bounded() -> Result<()> {
-    let _serial = serial().await;
     let app = HttpEcho::start("app").await?;
     let dir = TempDir::new("bigbody")?;
     let res = dir.join("mesh.yaml");

@@ -882,6 +882,10 @@ async fn check_flags_proxies_without_a_valid_certificate() -> Result<()> {
     let issued = issue(&cp, dir.path(), "good", "good").await?;
     let current = fingerprint(&cp.data_dir.join("issuer.pem")).await?;
 
+    // `plexus check` gives a proxy this long to get its certificate (10 s by default).
+    let grace = Duration::from_secs(5);
+    let check = ["check", "--certificate-grace", "5s"];
+    let connected = Instant::now();
     let none = SimProxy::connect(&cp, "no-cert").await?;
     let expired = SimProxy::connect(&cp, "expired").await?;
     expired.report("0a", &current, unix_now() - 60, "spiffe://plexus.local/ns/default/sa/expired").await?;
@@ -891,13 +895,13 @@ async fn check_flags_proxies_without_a_valid_certificate() -> Result<()> {
     good.report_issued(&issued).await?;
 
     // Within the grace period a proxy without a certificate is not a failure yet.
-    let o = cp.plexus(&["check"]).await?;
+    let o = cp.plexus(&check).await?;
     let report = stdout(&o);
     assert!(report.contains("no-cert (sidecar, namespace default) is getting its certificate"), "{report}");
     assert!(!report.contains("has no workload certificate"), "{report}");
 
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    let o = cp.plexus(&["check"]).await?;
+    tokio::time::sleep((grace + Duration::from_secs(1)).saturating_sub(connected.elapsed())).await;
+    let o = cp.plexus(&check).await?;
     let report = stdout(&o);
     assert_eq!(o.status.code(), Some(1), "{report}");
     for needle in [

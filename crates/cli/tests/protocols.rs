@@ -406,7 +406,6 @@ async fn h2load_many_streams(hops: Hops) {
     if !require_tool("h2load") {
         return;
     }
-    let _serial = serial().await;
     let (echo, mesh) = echo_mesh(hops).await;
     let url = format!("http://{}/load", mesh.upstream());
     let out = run_peer("h2load", &["-n", "2000", "-c", "4", "-m", "50", &url]).await;
@@ -658,7 +657,6 @@ async fn big_upload_http2(hops: Hops) {
 /// 100 MiB streamed up (chunked / h2 DATA) and echoed back while being sent; the echo must be
 /// byte-identical, and every proxy's RSS stays under 60 MiB throughout.
 async fn big_upload(hops: Hops, version: Version) {
-    let _serial = serial().await;
     let (_echo, mesh) = echo_mesh(hops).await;
     let up: SocketAddr = mesh.upstream();
 

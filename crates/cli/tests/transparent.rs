@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use plexus_testkit::{Proxy, TempDir, require_root, require_tool};
+use plexus_testkit::{Proxy, Shared, TempDir, exclusive, require_root, require_tool};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 
@@ -91,6 +91,8 @@ async fn transparent_interception_between_two_namespaces() -> anyhow::Result<()>
     if !prerequisites() {
         return Ok(());
     }
+    // Network namespaces, veth pairs and iptables: not beside the `--netns` demo.
+    let _host_network = exclusive(Shared::HostNetwork).await;
     let net = Netns::create()?;
     let server_ip = net.server_ip();
     let dir = TempDir::new("transparent")?;

@@ -220,7 +220,8 @@ impl Identity for CertifyService {
     }
 }
 
-/// How long a proxy may be connected without a certificate before `plexus check` flags it.
+/// How long a proxy may be connected without a certificate before `plexus check` flags it, by
+/// default (`plexus check --certificate-grace`).
 pub const CERTIFICATE_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
