@@ -66,6 +66,12 @@ struct Mesh {
     target: SocketAddr,
 }
 
+/// A sidecar's config generation (increases on every reload).
+async fn generation(proxy: &Proxy) -> Result<u64> {
+    let config = proxy.admin_get("/config").await?.json()?;
+    config["generation"].as_u64().context("no generation in /config")
+}
+
 impl Mesh {
     /// Starts the sidecars around the application at `app_port` for Service `svc` (`port`),
     /// with `docs` (policies, MeshConfig) in the file from the start.
@@ -101,6 +107,9 @@ impl Mesh {
         .await?;
         let base =
             service.workload(&WorkloadSpec::meshed(&workload, svc, &port.name, server.inbound().port(), app_port));
+        // The server sidecar's /config shows its own inbound address from the start: wait for
+        // its reload of this version by its generation instead.
+        let first = generation(&server).await?;
         with_docs(&base, docs).write(&file)?;
         let upstream = format!("{svc}:{}=0", port.port);
         let client = Proxy::start_named(
@@ -122,6 +131,12 @@ impl Mesh {
         )
         .await?;
         let target = client.upstream(&format!("{svc}.default:{}", port.port))?;
+        eventually(RELOAD_TIMEOUT, || async {
+            let now = generation(&server).await?;
+            ensure!(now > first, "the destination sidecar still runs config generation {now}");
+            Ok(())
+        })
+        .await?;
         let endpoint = format!("\"127.0.0.1:{}\"", server.inbound().port());
         for proxy in [&server, &client] {
             eventually(RELOAD_TIMEOUT, || async {
@@ -137,20 +152,14 @@ impl Mesh {
     /// Rewrites the file with `docs` instead of the previous policies and waits until the
     /// destination sidecar has loaded it.
     async fn set(&self, docs: &str) -> Result<()> {
-        let before = self.generation().await?;
+        let before = generation(&self.server).await?;
         with_docs(&self.base, docs).write(&self.file)?;
         eventually(RELOAD_TIMEOUT, || async {
-            let now = self.generation().await?;
+            let now = generation(&self.server).await?;
             ensure!(now > before, "the destination sidecar still runs config generation {now}");
             Ok(())
         })
         .await
-    }
-
-    /// The destination sidecar's config generation (increases on every reload).
-    async fn generation(&self) -> Result<u64> {
-        let config = self.server.admin_get("/config").await?.json()?;
-        config["generation"].as_u64().context("no generation in /config")
     }
 
     /// `method path` through the client sidecar, on a new HTTP/1.1 connection.
