@@ -179,7 +179,19 @@ spec:
     ])?;
     let client =
         Proxy::spawn_named("client-sidecar", "ip", net.exec(&net.a, &[PLEXUS, "proxy", "--resources", &res])).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both apps listen (the sidecars announced themselves already).
+    plexus_testkit::eventually(Duration::from_secs(20), || async {
+        let out = Command::new("ip").args(net.exec(&net.b, &["ss", "-Hltn"])).output()?;
+        let listening = String::from_utf8_lossy(&out.stdout).into_owned();
+        for port in [":8080 ", ":9000 "] {
+            anyhow::ensure!(
+                listening.contains(port),
+                "nothing listens on {port} in the server namespace yet:\n{listening}"
+            );
+        }
+        Ok(())
+    })
+    .await?;
 
     let as_app = |cmd: &[&str]| {
         let mut args = vec!["netns", "exec", &net.a, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
