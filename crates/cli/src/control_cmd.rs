@@ -141,6 +141,7 @@ impl ControlPlane {
             ca: ca.clone(),
             bench: Arc::new(plexus_control::bench_results::BenchResults::open(&data.path)),
             tokens: tokens.clone(),
+            serving: serving.clone(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));

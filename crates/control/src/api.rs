@@ -29,6 +29,8 @@ pub struct ApiState {
     pub bench: Arc<crate::bench_results::BenchResults>,
     /// Workload tokens (`plexus token`).
     pub tokens: Arc<crate::tokens::Tokens>,
+    /// The control plane's own certificate (it calls proxies' `/tap` over mTLS with it).
+    pub serving: Arc<crate::grpc_tls::ServingIdentity>,
 }
 
 type Shared = Arc<ApiState>;

@@ -236,6 +236,104 @@ impl ServingIdentity {
     }
 }
 
+/// The control plane as a TLS client of a proxy's admin server (`/tap`, `/config`, SPEC §5):
+/// presents its own certificate and accepts only a server chained to the current trust bundle
+/// whose SPIFFE ID is `expected` (the identity the proxy authenticated as), so an admin address
+/// cannot send a tap of one proxy to another.
+impl ServingIdentity {
+    pub fn admin_client_config(self: &Arc<Self>, expected: &str) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ProxyVerifier {
+                identity: self.clone(),
+                expected: expected.to_string(),
+            }))
+            .with_client_cert_resolver(Arc::new(Resolver { identity: self.clone() }));
+        Ok(Arc::new(config))
+    }
+}
+
+/// Verifies a proxy's admin server: chain to the bundle, and the expected SPIFFE ID.
+#[derive(Debug)]
+struct ProxyVerifier {
+    identity: Arc<ServingIdentity>,
+    expected: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ProxyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        for anchor in CertificateDer::pem_slice_iter(self.identity.ca.bundle_pem().as_bytes()) {
+            roots.add(anchor.map_err(|e| rustls::Error::General(format!("trust bundle: {e}")))?)?;
+        }
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            intermediates,
+            now,
+            self.identity.provider.signature_verification_algorithms.all,
+        )?;
+        match identity_of(end_entity) {
+            Some(id) if id.spiffe_id == self.expected => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Some(id) => {
+                Err(rustls::Error::General(format!("the admin server is {}, expected {}", id.spiffe_id, self.expected)))
+            }
+            None => Err(rustls::Error::General("the admin server's certificate has no SPIFFE ID".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.identity.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.identity.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.identity.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.identity.certified_key()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 #[derive(Debug)]
 struct Resolver {
     identity: Arc<ServingIdentity>,

@@ -111,8 +111,16 @@ async fn merge(s: Arc<ApiState>, request: TapRequest, out: mpsc::Sender<Result<B
                     if tapped.insert(p.id) {
                         let (id, admin, query, tx) =
                             (p.id, p.admin_address.clone(), request.proxy_query.clone(), lines_tx.clone());
+                        let tls = s.serving.admin_client_config(&p.identity);
                         streams.spawn(async move {
-                            if let Err(e) = stream_from(&admin, &query, tx).await {
+                            let tls = match tls {
+                                Ok(tls) => tls,
+                                Err(e) => {
+                                    tracing::warn!(%admin, error = %e, "tap: no TLS client config");
+                                    return id;
+                                }
+                            };
+                            if let Err(e) = stream_from(&admin, tls, &query, tx).await {
                                 tracing::debug!(%admin, error = %e, "tap stream from a proxy ended");
                             }
                             id
@@ -140,9 +148,23 @@ async fn merge(s: Arc<ApiState>, request: TapRequest, out: mpsc::Sender<Result<B
     // Leaving drops `streams`, which aborts every proxy stream.
 }
 
-/// Reads one proxy's `/tap` and sends each complete line to `out`.
-async fn stream_from(admin: &str, query: &str, out: mpsc::Sender<Bytes>) -> Result<(), String> {
+/// Reads one proxy's `/tap` over mTLS (the control plane's certificate; the proxy's must be
+/// the identity it connected as) and sends each complete line to `out`.
+async fn stream_from(
+    admin: &str,
+    tls: Arc<rustls::ClientConfig>,
+    query: &str,
+    out: mpsc::Sender<Bytes>,
+) -> Result<(), String> {
     let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("admin.plexus.internal").map_err(|e| e.to_string())?;
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(tls).connect(name, stream),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
