@@ -510,7 +510,7 @@ impl Load {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
-                    let upgrade = [("connection", "upgrade"), ("upgrade", "plexus-test")];
+                    let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
                     let headers: &[(&str, &str)] = if n.is_multiple_of(2) { &upgrade } else { &[] };
                     match call(addr, host, &format!("/load/{n}"), headers).await {
                         Ok(r) if r.status == 200 => {
@@ -1066,7 +1066,9 @@ async fn opaque_tcp_and_server_first_streams_between_sidecars_under_strict_mtls(
         .await?;
     }
 
-    // TCP echo, client-first binary bytes, then a half-close.
+    // TCP echo, client-first binary bytes, then a half-close. (`plexus run` probed the app's
+    // port once before registering it: only the streams of this exchange are counted.)
+    let probes = tcpecho.app.connections();
     let echo_addr = client.upstream("tcpecho.default:9000")?;
     for i in 0..3 {
         let exchange = async {
@@ -1087,7 +1089,7 @@ async fn opaque_tcp_and_server_first_streams_between_sidecars_under_strict_mtls(
             .context("TCP exchange hung")?
             .with_context(|| format!("TCP exchange {i} through the sidecars\n{}", client.stderr_tail(3000)))?;
     }
-    assert_eq!(tcpecho.app.connections(), 3, "TCP streams that reached the app");
+    assert_eq!(tcpecho.app.connections() - probes, 3, "TCP streams that reached the app");
 
     // Server-first with no configuration: the greeting reaches the client first, quickly.
     let smtp_addr = client.upstream("smtp.default:2525")?;
