@@ -1,6 +1,7 @@
 //! `plexus check`: health checks with ✓/✗ lines (‼ for warnings) and a hint per failure.
 
 use http::{Method, StatusCode};
+use plexus_control::proxies::{Health, ProxiesResponse, ProxyStatus};
 use plexus_core::Kind;
 use plexus_core::check::{Severity, analyze};
 use serde_json::Value;
@@ -89,9 +90,8 @@ fn pre(args: &CheckArgs, r: &mut Report) {
 async fn installed(args: &CheckArgs, r: &mut Report) {
     r.section("control plane");
     let health = args.server.call(Method::GET, "/healthz", None, false).await;
-    let health = match health {
-        Ok((StatusCode::OK, v)) => v,
-        Ok((StatusCode::SERVICE_UNAVAILABLE, v)) if v.get("status").is_some() => v,
+    let health = match health.map(|(status, v)| (status, serde_json::from_value::<Health>(v))) {
+        Ok((StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE, Ok(h))) => h,
         Ok((status, _)) => {
             r.fail(
                 format!("control plane at {} answered {status}", args.server.server),
@@ -108,10 +108,10 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
         }
     };
     r.ok(format!("control plane reachable at {}", args.server.server));
-    match health.get("status").and_then(Value::as_str) {
-        Some("ok") => r.ok(format!("store healthy (revision {})", health["revision"])),
+    match health.status.as_str() {
+        "ok" => r.ok(format!("store healthy (revision {})", health.revision)),
         _ => r.fail(
-            format!("store unhealthy: {}", health.get("store").and_then(Value::as_str).unwrap_or("unknown")),
+            format!("store unhealthy: {}", health.store.as_deref().unwrap_or("unknown")),
             "writes fail (the store re-opens its file on each write): check the data dir's disk and permissions, and the control plane's logs",
         ),
     }
@@ -131,10 +131,20 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
                 .collect(),
             _ => Vec::new(),
         };
+    let list = |v: Value| serde_json::from_value::<ProxiesResponse>(v).map(|r| r.proxies);
     match args.server.call(Method::GET, "/api/v1/proxies", None, false).await {
         Ok((StatusCode::OK, v)) => {
-            let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
-            let connected: Vec<&str> = proxies.iter().filter_map(|p| p["workload"].as_str()).collect();
+            let proxies = match list(v) {
+                Ok(p) => p,
+                Err(e) => {
+                    r.fail(
+                        format!("cannot read the proxy list: {e}"),
+                        "use a plexus CLI of the control plane's version",
+                    );
+                    Vec::new()
+                }
+            };
+            let connected: Vec<&str> = proxies.iter().map(|p| p.record.workload.as_str()).collect();
             for w in registered.iter().filter(|w| !connected.contains(&w.as_str())) {
                 r.fail(
                     format!("workload {w} is registered but its proxy is not connected"),
@@ -145,18 +155,16 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
                 r.skip("no proxy connected");
             } else {
                 r.ok(format!("{} proxies connected", proxies.len()));
-                let mut behind: Vec<Value> =
-                    proxies.iter().filter(|p| p["appliedRevision"] != p["sentRevision"]).cloned().collect();
+                let out_of_sync = |p: &ProxyStatus| p.record.applied_revision != p.record.sent_revision;
+                let mut behind: Vec<ProxyStatus> = proxies.iter().filter(|p| out_of_sync(p)).cloned().collect();
                 if !behind.is_empty() {
                     // A proxy in the middle of applying an update is not out of sync: look again.
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                     if let Ok((StatusCode::OK, again)) =
                         args.server.call(Method::GET, "/api/v1/proxies", None, false).await
                     {
-                        let still: Vec<Value> = again["proxies"].as_array().cloned().unwrap_or_default();
-                        behind.retain(|b| {
-                            still.iter().any(|p| p["id"] == b["id"] && p["appliedRevision"] != p["sentRevision"])
-                        });
+                        let still = list(again).unwrap_or_default();
+                        behind.retain(|b| still.iter().any(|p| p.record.id == b.record.id && out_of_sync(p)));
                     }
                 }
                 if behind.is_empty() {
@@ -166,10 +174,10 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
                     r.fail(
                         format!(
                             "proxy {} ({}) is not in sync: applied revision {}, sent {}",
-                            p["workload"].as_str().unwrap_or("?"),
-                            p["adminAddress"].as_str().unwrap_or("?"),
-                            p["appliedRevision"],
-                            p["sentRevision"]
+                            p.record.workload,
+                            p.record.admin_address,
+                            p.record.applied_revision,
+                            p.record.sent_revision
                         ),
                         "check the proxy's logs (its admin /config shows what it holds)",
                     );

@@ -44,7 +44,9 @@ pub(crate) async fn revision(server: &ServerArgs) -> Result<u64, Failure> {
     if status != StatusCode::OK {
         return Err(api_error(status, &v));
     }
-    Ok(v["revision"].as_u64().unwrap_or(0))
+    serde_json::from_value::<plexus_control::proxies::Health>(v)
+        .map(|h| h.revision)
+        .map_err(|e| Failure::runtime(format!("cannot read the control plane's /healthz: {e}")))
 }
 
 /// Every resource of every kind and namespace in the control plane. Objects this CLI cannot

@@ -107,16 +107,18 @@ fn store_failure(e: impl std::fmt::Display) -> ApiError {
 
 /// `200 {"status": "ok"}`, or `503 {"status": "unhealthy"}` while store writes fail.
 async fn healthz(State(s): State<Shared>) -> Response {
+    use crate::proxies::Health;
+    let revision = s.store.revision();
     match s.store.health() {
-        Ok(()) => Json(json!({ "status": "ok", "revision": s.store.revision() })).into_response(),
+        Ok(()) => Json(Health { status: "ok".into(), revision, store: None, error: None }).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unhealthy",
-                "store": e,
-                "error": format!("store writes fail: {e}"),
-                "revision": s.store.revision(),
-            })),
+            Json(Health {
+                status: "unhealthy".into(),
+                revision,
+                error: Some(format!("store writes fail: {e}")),
+                store: Some(e),
+            }),
         )
             .into_response(),
     }
@@ -384,8 +386,8 @@ async fn rotate_identity(State(s): State<Shared>, headers: HeaderMap, body: byte
 }
 
 /// The connected proxies with their sync state and certificates (`plexus check`).
-async fn proxies(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({ "revision": s.store.revision(), "proxies": s.proxies.statuses() }))
+async fn proxies(State(s): State<Shared>) -> Json<crate::proxies::ProxiesResponse> {
+    Json(crate::proxies::ProxiesResponse { revision: s.store.revision(), proxies: s.proxies.statuses() })
 }
 
 #[derive(serde::Deserialize)]

@@ -18,7 +18,7 @@ use crate::store::ObjectKey;
 pub const EXPIRY: Duration = Duration::from_secs(15);
 
 /// What the control plane knows about one connected proxy.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyRecord {
     pub id: u64,
@@ -43,7 +43,7 @@ pub struct ProxyRecord {
 }
 
 /// The workload certificate a proxy says it holds (`WatchRequest.certificate_*`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyCertificate {
     /// Serial, hex.
@@ -56,7 +56,7 @@ pub struct ProxyCertificate {
 }
 
 /// A connected proxy with its certificate, as `/api/v1/proxies` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStatus {
     #[serde(flatten)]
@@ -65,6 +65,28 @@ pub struct ProxyStatus {
     pub certificate: Option<ProxyCertificate>,
     /// How long this stream has been connected.
     pub connected_seconds: u64,
+}
+
+/// `GET /api/v1/proxies`: the server writes it and the CLI reads it with this one type, so a
+/// renamed field fails to compile instead of reading as 0.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ProxiesResponse {
+    pub revision: u64,
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// `GET /healthz` (200 healthy, 503 while store writes fail).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Health {
+    /// `ok` or `unhealthy`.
+    pub status: String,
+    pub revision: u64,
+    /// Why store writes fail, when they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The same, as every API error says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 struct Entry {
@@ -249,6 +271,39 @@ impl Proxies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17 item 13: the CLI reads `/api/v1/proxies` and `/healthz` with the types the
+    /// server writes them with.
+    #[test]
+    fn the_api_rows_read_back_as_written() {
+        let proxies = Proxies::default();
+        let id = proxies.connect(ProxyRecord {
+            id: 0,
+            workload: "reviews-v1-abc".into(),
+            namespace: "default".into(),
+            service: "reviews".into(),
+            version: "v1".into(),
+            mode: "sidecar".into(),
+            admin_address: "127.0.0.1:9901".into(),
+            identity: String::new(),
+            sent_revision: 7,
+            applied_revision: 6,
+            last_seen: None,
+            registered: None,
+        });
+        proxies.sent(id, 8);
+        let written = serde_json::to_value(ProxiesResponse { revision: 8, proxies: proxies.statuses() }).expect("json");
+        assert_eq!(written["proxies"][0]["adminAddress"], "127.0.0.1:9901", "the wire names stay camelCase");
+        let read: ProxiesResponse = serde_json::from_value(written).expect("reads back");
+        let p = &read.proxies[0];
+        assert_eq!(
+            (p.record.workload.as_str(), p.record.sent_revision, p.record.applied_revision),
+            ("reviews-v1-abc", 8, 6)
+        );
+        let health = Health { status: "unhealthy".into(), revision: 3, store: Some("disk".into()), error: None };
+        let read: Health = serde_json::from_value(serde_json::to_value(&health).expect("json")).expect("reads back");
+        assert_eq!((read.status.as_str(), read.revision, read.store.as_deref()), ("unhealthy", 3, Some("disk")));
+    }
 
     fn record(workload: &str) -> ProxyRecord {
         ProxyRecord {
