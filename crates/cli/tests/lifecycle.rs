@@ -270,10 +270,14 @@ async fn a_workload_without_a_service_resource_is_reachable_as_service_and_port(
         .stderr(std::fs::File::create(dir.join("run.log"))?)
         .spawn()?;
     let _run = plexus_testkit::Proc(run);
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await?;
     let client = plexus_testkit::Proxy::start_named(
         "client",
         PLEXUS,
-        ["proxy", "--control-plane", &grpc_url, "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"],
+        ["proxy", "--control-plane", &grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"]
+            .into_iter()
+            .chain(["--admin-port", "0"]),
     )
     .await?;
     let get = |host: String| {
