@@ -409,18 +409,29 @@ async fn refresh_hosts(pod: &crate::netns::Pod, servers: &crate::api_client::Ser
     }
 }
 
-/// Polls the sidecar's admin `/config` until it reports a control-plane connection.
+/// Polls the sidecar's admin `/metrics` until it reports a control-plane connection and a
+/// workload certificate.
 async fn wait_connected(admin: &str, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         let probe = async {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-            s.write_all(b"GET /config HTTP/1.0\r\n\r\n").await.ok()?;
+            // `/metrics`: the admin endpoint anyone may read off loopback (`/config` answers
+            // only the control plane there, SPEC §5).
+            s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes()).await.ok()?;
             let mut out = String::new();
             s.read_to_string(&mut out).await.ok()?;
             // Connected, and holding its workload certificate (mTLS from the first request).
-            Some(out.contains("\"controlPlaneConnected\": true") && !out.contains("\"certificate\": null"))
+            let gauge = |name: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            Some(
+                gauge("plexus_control_plane_connected") > 0.0
+                    && gauge("plexus_identity_cert_expiration_timestamp_seconds") > 0.0,
+            )
         };
         if tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten() == Some(true) {
             return true;
