@@ -94,6 +94,17 @@ fn control_plane(data: &Path) -> Result<(plexus_testkit::Proc, u16, u16)> {
     Ok((proc, http, grpc))
 }
 
+/// A client sidecar fed by the control plane at `grpc_url`, bootstrapped with a workload token
+/// (service account `default`) made through its API on port `http`; `extra` after the ports.
+async fn client_proxy(data: &Path, http: u16, grpc_url: &str, extra: &[&str]) -> Result<plexus_testkit::Proxy> {
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, data, "default", "default").await?;
+    let mut args = vec!["proxy", "--control-plane", grpc_url, "--token", &token, "--outbound-port", "0"];
+    args.extend_from_slice(&["--inbound-port", "0", "--admin-port", "0"]);
+    args.extend_from_slice(extra);
+    plexus_testkit::Proxy::start_named("client", PLEXUS, args).await
+}
+
 fn alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -178,16 +189,7 @@ async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
     )?;
     let o = cli(&data, http, &["apply", "-f", svc.to_str().context("path")?])?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let server = format!("http://127.0.0.1:{http}");
-    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await?;
-    let client = plexus_testkit::Proxy::start_named(
-        "client",
-        PLEXUS,
-        ["proxy", "--control-plane", &grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"]
-            .into_iter()
-            .chain(["--admin-port", "0", "--upstream", "echo:8080=0"]),
-    )
-    .await?;
+    let client = client_proxy(&data, http, &grpc_url, &["--upstream", "echo:8080=0"]).await?;
     let bind = client.upstream("echo.default:8080")?;
 
     let app_port = plexus_testkit::free_port();
@@ -270,16 +272,7 @@ async fn a_workload_without_a_service_resource_is_reachable_as_service_and_port(
         .stderr(std::fs::File::create(dir.join("run.log"))?)
         .spawn()?;
     let _run = plexus_testkit::Proc(run);
-    let server = format!("http://127.0.0.1:{http}");
-    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await?;
-    let client = plexus_testkit::Proxy::start_named(
-        "client",
-        PLEXUS,
-        ["proxy", "--control-plane", &grpc_url, "--token", &token, "--outbound-port", "0", "--inbound-port", "0"]
-            .into_iter()
-            .chain(["--admin-port", "0"]),
-    )
-    .await?;
+    let client = client_proxy(&data, http, &grpc_url, &[]).await?;
     let get = |host: String| {
         let outbound = client.outbound();
         async move { plexus_testkit::client::get(outbound, &host, "/", &[], Duration::from_secs(5)).await }
