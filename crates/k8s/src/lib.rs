@@ -3,3 +3,14 @@
 //!
 //! Everything that depends on `kube` / `k8s-openapi` lives in this one leaf crate, so the rest
 //! of the workspace compiles without them.
+
+pub mod access;
+pub mod crd;
+pub mod identity;
+pub mod inject;
+pub mod install;
+pub mod leader;
+pub mod status;
+pub mod store;
+pub mod translate;
+pub mod webhook;

@@ -1,0 +1,2 @@
+//! The mutating admission webhook that serves injection, and its
+//! `MutatingWebhookConfiguration` (owned by the inject engineer).
