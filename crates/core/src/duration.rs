@@ -65,6 +65,27 @@ impl<'de> serde::Deserialize<'de> for Dur {
     }
 }
 
+/// A duration is a string in the API schema (the Kubernetes CRDs), checked by the same pattern
+/// [`parse`] accepts.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^([0-9]+(ms|s|m|h))+$",
+            "description": "A duration: 500ms, 10s, 1m, 24h or a compound such as 1m30s."
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use crate::duration::Dur;
 
 /// `gateway.networking.k8s.io/v1 HTTPRoute`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteSpec {
     #[serde(default)]
@@ -20,6 +21,7 @@ pub struct HttpRouteSpec {
 
 /// A reference to the Service (GAMMA) a route attaches to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,6 +39,7 @@ pub struct ParentRef {
 
 /// One rule of an HTTPRoute.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +58,7 @@ pub struct HttpRouteRule {
 
 /// Request conditions of a rule; all given conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +73,7 @@ pub struct HttpRouteMatch {
 
 /// How a path is compared.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathMatchType {
     Exact,
     #[default]
@@ -78,6 +83,7 @@ pub enum PathMatchType {
 
 /// A path condition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpPathMatch {
     #[serde(rename = "type", default)]
@@ -92,6 +98,7 @@ fn root_path() -> String {
 
 /// How a header or query value is compared.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ValueMatchType {
     #[default]
     Exact,
@@ -100,6 +107,7 @@ pub enum ValueMatchType {
 
 /// A header or query-parameter condition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpValueMatch {
     #[serde(rename = "type", default)]
@@ -110,6 +118,7 @@ pub struct HttpValueMatch {
 
 /// The filter types of the Gateway API that Plexus implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum FilterType {
     RequestHeaderModifier,
     ResponseHeaderModifier,
@@ -136,6 +145,7 @@ impl FilterType {
 
 /// A filter applied to requests matching a rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteFilter {
     #[serde(rename = "type")]
@@ -170,6 +180,7 @@ impl HttpRouteFilter {
 
 /// `RequestRedirect`: answer with a redirect instead of forwarding.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestRedirect {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,6 +198,7 @@ pub struct RequestRedirect {
 
 /// `URLRewrite`: change the host and/or path before forwarding.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UrlRewrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +209,7 @@ pub struct UrlRewrite {
 
 /// How a redirect or rewrite changes the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathModifierType {
     ReplaceFullPath,
     ReplacePrefixMatch,
@@ -204,6 +217,7 @@ pub enum PathModifierType {
 
 /// A path change: the whole path, or the prefix the rule matched.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathModifier {
     #[serde(rename = "type")]
@@ -217,6 +231,7 @@ pub struct PathModifier {
 /// `RequestMirror`: send a copy of (a share of) the requests to another Service; its answers
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestMirror {
     pub backend_ref: BackendObjectRef,
@@ -229,6 +244,7 @@ pub struct RequestMirror {
 
 /// `numerator / denominator` (denominator default 100).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fraction {
     pub numerator: u32,
@@ -242,6 +258,7 @@ fn hundred() -> u32 {
 
 /// A reference to a Service without a weight.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendObjectRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +274,7 @@ pub struct BackendObjectRef {
 
 /// A reference to an object in the same namespace (`ExtensionRef`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalObjectReference {
     pub group: String,
@@ -267,6 +285,7 @@ pub struct LocalObjectReference {
 /// `retry` of a route rule (Gateway API GEP-1731): retry answers with these codes up to
 /// `attempts` more times, waiting `backoff` (growing, jittered) in between.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteRetry {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -279,6 +298,7 @@ pub struct HttpRouteRetry {
 
 /// Header edits: `set` replaces, `add` appends, `remove` deletes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderModifier {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -291,6 +311,7 @@ pub struct HeaderModifier {
 
 /// A header name and value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValue {
     pub name: String,
@@ -299,6 +320,7 @@ pub struct HeaderValue {
 
 /// Where matching requests go.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,6 +342,7 @@ fn default_weight() -> u32 {
 
 /// Route timeouts (`request`: the whole request including retries; `backendRequest`: one try).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteTimeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -330,6 +353,7 @@ pub struct HttpRouteTimeouts {
 
 /// `gateway.networking.k8s.io/v1 GRPCRoute`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRouteSpec {
     #[serde(default)]
@@ -342,6 +366,7 @@ pub struct GrpcRouteSpec {
 
 /// One rule of a GRPCRoute.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -361,6 +386,7 @@ pub struct GrpcRouteRule {
 
 /// `retry` of a GRPCRoute rule: retry answers with these gRPC status codes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRouteRetry {
     /// gRPC status codes, by number (14) or name (`unavailable`).
@@ -374,6 +400,7 @@ pub struct GrpcRouteRetry {
 
 /// A gRPC status code written as a number or a name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum GrpcCode {
     Number(u16),
@@ -417,6 +444,7 @@ impl GrpcCode {
 
 /// Request conditions of a GRPCRoute rule.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcRouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -427,6 +455,7 @@ pub struct GrpcRouteMatch {
 
 /// A gRPC service and/or method condition.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcMethodMatch {
     #[serde(rename = "type", default)]
@@ -439,6 +468,7 @@ pub struct GrpcMethodMatch {
 
 /// `gateway.networking.k8s.io/v1 Gateway`: the listeners of an ingress gateway.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,6 +480,7 @@ pub struct GatewaySpec {
 
 /// An address a Gateway binds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayAddress {
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
@@ -459,6 +490,7 @@ pub struct GatewayAddress {
 
 /// One listener of a Gateway.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayListener {
     pub name: String,
@@ -475,6 +507,7 @@ pub struct GatewayListener {
 
 /// TLS settings of an HTTPS listener.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayTls {
     /// `Terminate` (the only mode for HTTPS).
@@ -489,6 +522,7 @@ pub struct GatewayTls {
 
 /// A certificate (a Secret in Kubernetes).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -502,6 +536,7 @@ pub struct CertificateRef {
 
 /// Which routes may attach to a listener.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AllowedRoutes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -512,6 +547,7 @@ pub struct AllowedRoutes {
 
 /// `from: All|Same|Selector`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteNamespaces {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -522,6 +558,7 @@ pub struct RouteNamespaces {
 
 /// A route kind a listener accepts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteGroupKind {
     #[serde(default, skip_serializing_if = "Option::is_none")]

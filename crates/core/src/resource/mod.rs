@@ -23,6 +23,7 @@ pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// A kind of resource this version understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Kind {
     MeshConfig,
     Service,
@@ -132,6 +133,7 @@ impl std::fmt::Display for Kind {
 
 /// Object metadata (SPEC §1).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
     pub name: String,
@@ -210,6 +212,7 @@ pub enum Spec {
 
 /// `plexus.dev/v1alpha1 Service`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -233,6 +236,7 @@ impl ServiceSpec {
 
 /// A port of a Service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +251,7 @@ pub struct ServicePort {
 
 /// A port given by number or by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),
@@ -255,6 +260,7 @@ pub enum PortRef {
 
 /// `plexus.dev/v1alpha1 Workload`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub address: String,
@@ -268,6 +274,7 @@ pub struct WorkloadSpec {
 
 /// A port of a Workload: `port` is where peers connect, `targetPort` the application's own port.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,6 +8,7 @@ use crate::duration::Dur;
 /// The Service (port, route) a policy applies to. `kind` is `Service`; `group` `""`, absent or
 /// `plexus.dev`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -26,6 +27,7 @@ pub struct PolicyTargetRef {
 
 /// `plexus.dev/v1alpha1 MeshConfig` (one, named `default`, mesh-wide).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,6 +50,7 @@ pub struct MeshConfigSpec {
 
 /// `http`: how the proxies read requests (SPEC §5).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpSettings {
     /// Accept `%2F` in paths and forward it undecoded (default: answered 400), for
@@ -59,6 +62,7 @@ pub struct HttpSettings {
 
 /// `mtls.mode`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MtlsSettings {
     #[serde(default)]
@@ -67,6 +71,7 @@ pub struct MtlsSettings {
 
 /// `permissive` accepts plaintext from outside the mesh too; `strict` refuses it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum MtlsMode {
     #[default]
@@ -76,6 +81,7 @@ pub enum MtlsMode {
 
 /// Certificate lifetimes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateSettings {
     /// Workload (leaf) certificates, default 24h.
@@ -87,6 +93,7 @@ pub struct CertificateSettings {
 
 /// What happens to a request no AuthorizationPolicy decides.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum DefaultAuthorization {
     #[default]
@@ -97,6 +104,7 @@ pub enum DefaultAuthorization {
 
 /// Whether meshed workloads may reach hosts that are neither Services nor ExternalServices.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum OutboundTrafficPolicy {
     #[default]
@@ -106,6 +114,7 @@ pub enum OutboundTrafficPolicy {
 
 /// Distributed tracing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TracingSettings {
     /// Percent of new traces sampled, 0–100 (default 100 when an exporter is set).
@@ -118,6 +127,7 @@ pub struct TracingSettings {
 
 /// Access logs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessLogSettings {
     /// `json` (default), `text` or `off`.
@@ -127,6 +137,7 @@ pub struct AccessLogSettings {
 
 /// `plexus.dev/v1alpha1 AuthorizationPolicy`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     pub target_ref: PolicyTargetRef,
@@ -137,6 +148,7 @@ pub struct AuthorizationPolicySpec {
 
 /// What a matching policy does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum AuthorizationAction {
     #[default]
@@ -147,6 +159,7 @@ pub enum AuthorizationAction {
 
 /// `from` and `to` are ANDed; entries within a list are ORed; an absent part matches all.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +170,7 @@ pub struct AuthorizationRule {
 
 /// Who sends the request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationFrom {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -171,6 +185,7 @@ pub struct AuthorizationFrom {
 
 /// What the request asks for.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationTo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -183,6 +198,7 @@ pub struct AuthorizationTo {
 
 /// `plexus.dev/v1alpha1 ResiliencePolicy`: how clients call the target Service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResiliencePolicySpec {
     pub target_ref: PolicyTargetRef,
@@ -204,6 +220,7 @@ pub struct ResiliencePolicySpec {
 /// (connection without traffic), `endpointWait` (how long a request waits for an endpoint when
 /// its Service has none, e.g. while its one replica restarts; default 3s, `0s` fails at once).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResilienceTimeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,6 +235,7 @@ pub struct ResilienceTimeouts {
 
 /// Retries: `attempts` is the total number of tries (first included).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySettings {
     pub attempts: u32,
@@ -238,6 +256,7 @@ pub struct RetrySettings {
 
 /// Retries allowed = `ratio` × requests + `minPerSecond` × `ttl`, over a sliding `ttl`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudgetSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,6 +269,7 @@ pub struct RetryBudgetSettings {
 
 /// Passive health checking.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSettings {
     /// Consecutive gateway failures (connection failures, 502, 503, 504) that eject.
@@ -270,6 +290,7 @@ pub struct OutlierDetectionSettings {
 
 /// Circuit breaking: limits per client proxy and destination Service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionLimitSettings {
     /// Concurrent requests (and so HTTP/1 connections) in flight to the Service.
@@ -285,6 +306,7 @@ pub struct ConnectionLimitSettings {
 
 /// The load-balancing algorithm.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSettings {
     pub algorithm: LbAlgorithm,
@@ -295,6 +317,7 @@ pub struct LoadBalancerSettings {
 
 /// `ewma` (default), `roundRobin`, `leastRequest`, `ringHash`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum LbAlgorithm {
     #[default]
@@ -306,6 +329,7 @@ pub enum LbAlgorithm {
 
 /// Exactly one of: a header, a cookie, a query parameter, or the client's address.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashOn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,6 +344,7 @@ pub struct HashOn {
 
 /// `plexus.dev/v1alpha1 RateLimitPolicy`: a local token bucket at each destination sidecar.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitPolicySpec {
     pub target_ref: PolicyTargetRef,
@@ -333,6 +358,7 @@ pub struct RateLimitPolicySpec {
 
 /// A separate bucket for requests from these sources.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitOverride {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -347,6 +373,7 @@ pub struct RateLimitOverride {
 
 /// `plexus.dev/v1alpha1 FaultInjection`, used by routes through an `ExtensionRef` filter.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultInjectionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -357,6 +384,7 @@ pub struct FaultInjectionSpec {
 
 /// Delay a share of requests before forwarding them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     pub fixed: Dur,
@@ -367,6 +395,7 @@ pub struct FaultDelay {
 
 /// Answer a share of requests with an error instead of forwarding them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,6 +410,7 @@ pub struct FaultAbort {
 /// `plexus.dev/v1alpha1 ExternalService`: hosts outside the mesh that workloads may reach
 /// (what `outboundTrafficPolicy: registryOnly` allows).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalServiceSpec {
     pub hosts: Vec<String>,
@@ -392,6 +422,7 @@ pub struct ExternalServiceSpec {
 
 /// A port of an ExternalService: a number, or `{port, name, protocol}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum ExternalPort {
     Number(u16),
@@ -400,6 +431,7 @@ pub enum ExternalPort {
 
 /// A port with its own protocol.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalPortSpec {
     pub port: u16,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `split.smi-spec.io/v1alpha4 TrafficSplit`: requests to the root `service` (optionally only
 /// those matching the named HTTPRouteGroup matches) are split over `backends` by weight.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficSplitSpec {
     pub service: String,
@@ -19,6 +20,7 @@ pub struct TrafficSplitSpec {
 
 /// A weighted backend Service of a TrafficSplit.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficSplitBackend {
     pub service: String,
@@ -27,6 +29,7 @@ pub struct TrafficSplitBackend {
 
 /// A reference to an HTTPRouteGroup (optionally to some of its named matches).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SmiRouteRef {
     pub kind: String,
@@ -40,6 +43,7 @@ pub struct SmiRouteRef {
 
 /// `specs.smi-spec.io/v1alpha4 HTTPRouteGroup`: named request matches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteGroupSpec {
     pub matches: Vec<SmiHttpMatch>,
@@ -48,6 +52,7 @@ pub struct HttpRouteGroupSpec {
 /// One named match: all given conditions must hold. `pathRegex` and header values are regular
 /// expressions; `methods` may contain `*`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SmiHttpMatch {
     pub name: String,
@@ -62,6 +67,7 @@ pub struct SmiHttpMatch {
 /// `access.smi-spec.io/v1alpha4 TrafficTarget`: which service accounts may call a destination
 /// service account (on which routes).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficTargetSpec {
     pub destination: IdentityBinding,
@@ -72,6 +78,7 @@ pub struct TrafficTargetSpec {
 
 /// `{kind: ServiceAccount, name, namespace}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityBinding {
     pub kind: String,
