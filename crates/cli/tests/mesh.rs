@@ -465,6 +465,30 @@ async fn demo_in_network_namespaces_intercepts_plain_service_calls() -> Result<(
                 && l.contains("response_code=\"200\"")),
         "productpage's sidecar carried its calls to reviews:\n{metrics}"
     );
+    // Issue 16: `proxy-config` works in `--netns` mode, where a sidecar's admin `/config`
+    // answers off loopback only the control plane over mTLS: the CLI goes through it.
+    let (_, proxies) = get_text(&format!("127.0.0.1:{http}"), "/api/v1/proxies", &[])?;
+    let proxies: serde_json::Value = serde_json::from_str(proxies.split("\r\n\r\n").nth(1).context("body")?)?;
+    let workload = proxies["proxies"]
+        .as_array()
+        .context("proxies")?
+        .iter()
+        .find(|p| p["service"] == "productpage")
+        .and_then(|p| p["workload"].as_str())
+        .context("productpage's proxy")?
+        .to_string();
+    let o = demo.cli(&["proxy-config", &workload])?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
+    assert_eq!(config["controlPlaneConnected"], true, "{config}");
+    assert!(
+        config["services"].as_array().is_some_and(|s| s.iter().any(|s| s["name"]["name"] == "reviews")),
+        "{config}"
+    );
+    // ... while the admin address itself refuses `/config` to anyone else (the control: it is
+    // reachable, `/metrics` answered above).
+    let (status, _) = get_text(&admin, "/config", &[])?;
+    assert_ne!(status, 200, "/config off loopback answered a plain client");
     let namespaces = Command::new("ip").args(["netns", "list"]).output()?;
     assert_eq!(String::from_utf8_lossy(&namespaces.stdout).lines().filter(|l| l.starts_with("plx-")).count(), 6);
     let stopping = Instant::now();

@@ -46,6 +46,7 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
         .route("/api/v1/prometheus/targets", get(prometheus_targets))
         .route("/api/v1/proxies", get(proxies))
+        .route("/api/v1/proxies/{workload}/config", get(crate::proxy_admin::config))
         .route("/api/v1/stat", get(stat))
         .route("/api/v1/graph", get(graph))
         .route("/api/v1/findings", get(crate::views::findings))

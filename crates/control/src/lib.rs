@@ -16,6 +16,7 @@ pub mod identity;
 pub mod index;
 pub mod node_agent;
 pub mod proxies;
+pub mod proxy_admin;
 pub mod store;
 pub mod tap;
 pub mod tokens;

@@ -7,8 +7,9 @@
 //! that goes away just stops contributing. When the client goes, every proxy stream is
 //! closed, so the proxies stop describing requests.
 //!
-//! Like Linkerd's tap, this reaches the proxies' admin listeners: they must be reachable from
-//! the control plane (loopback in universal mode, the namespace's address with `--netns`).
+//! Like Linkerd's tap, this reaches the proxies' admin listeners ([`crate::proxy_admin`]): they
+//! must be reachable from the control plane (loopback in universal mode, the namespace's
+//! address with `--netns`).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -109,19 +110,11 @@ async fn merge(s: Arc<ApiState>, request: TapRequest, out: mpsc::Sender<Result<B
             _ = rescan.tick() => {
                 for p in request.selected(&s.proxies.list()) {
                     if tapped.insert(p.id) {
-                        let (id, admin, query, tx) =
-                            (p.id, p.admin_address.clone(), request.proxy_query.clone(), lines_tx.clone());
-                        let tls = s.serving.admin_client_config(&p.identity);
+                        let (id, proxy, query, tx) = (p.id, p.clone(), request.proxy_query.clone(), lines_tx.clone());
+                        let s = s.clone();
                         streams.spawn(async move {
-                            let tls = match tls {
-                                Ok(tls) => tls,
-                                Err(e) => {
-                                    tracing::warn!(%admin, error = %e, "tap: no TLS client config");
-                                    return id;
-                                }
-                            };
-                            if let Err(e) = stream_from(&admin, tls, &query, tx).await {
-                                tracing::debug!(%admin, error = %e, "tap stream from a proxy ended");
+                            if let Err(e) = stream_from(&s, &proxy, &query, tx).await {
+                                tracing::debug!(admin = %proxy.admin_address, error = %e, "tap stream from a proxy ended");
                             }
                             id
                         });
@@ -148,57 +141,31 @@ async fn merge(s: Arc<ApiState>, request: TapRequest, out: mpsc::Sender<Result<B
     // Leaving drops `streams`, which aborts every proxy stream.
 }
 
-/// Reads one proxy's `/tap` over mTLS (the control plane's certificate; the proxy's must be
-/// the identity it connected as) and sends each complete line to `out`.
-async fn stream_from(
-    admin: &str,
-    tls: Arc<rustls::ClientConfig>,
-    query: &str,
-    out: mpsc::Sender<Bytes>,
-) -> Result<(), String> {
-    let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| format!("connect: {e}"))?;
-    let name = rustls::pki_types::ServerName::try_from("admin.plexus.internal").map_err(|e| e.to_string())?;
-    let stream = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio_rustls::TlsConnector::from(tls).connect(name, stream),
-    )
-    .await
-    .map_err(|_| "TLS handshake timed out".to_string())?
-    .map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let req = http::Request::get(format!("/tap?{query}"))
-        .header(header::HOST, admin)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
-        }
-        let mut body = resp.into_body();
-        let mut pending = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("body: {e}"))?;
-            let Some(data) = frame.data_ref() else { continue };
-            pending.extend_from_slice(data);
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let line = pending.split_to(end + 1).freeze();
-                if out.send(line).await.is_err() {
-                    return Ok(());
-                }
-            }
-            if pending.len() > MAX_LINE {
-                pending.clear();
-            }
-        }
-        Ok(())
+/// Reads one proxy's `/tap` ([`crate::proxy_admin::get`]: over mTLS, the proxy's certificate
+/// verified to be the identity it connected as) and sends each complete line to `out`.
+async fn stream_from(s: &ApiState, proxy: &ProxyRecord, query: &str, out: mpsc::Sender<Bytes>) -> Result<(), String> {
+    // The connection lives as long as `answer`'s rest, to the end of this function.
+    let answer = crate::proxy_admin::get(s, proxy, &format!("/tap?{query}")).await?;
+    if !answer.response.status().is_success() {
+        return Err(format!("status {}", answer.response.status()));
     }
-    .await;
-    conn.abort();
-    result
+    let mut body = answer.response.into_body();
+    let mut pending = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body: {e}"))?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line = pending.split_to(end + 1).freeze();
+            if out.send(line).await.is_err() {
+                return Ok(());
+            }
+        }
+        if pending.len() > MAX_LINE {
+            pending.clear();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
