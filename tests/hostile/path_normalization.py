@@ -147,5 +147,44 @@ def methods():
         h.check(got["method"] == "POST" and got["length"] == 3, f"{where}: POST control", got)
 
 
+@h.case("segment parameters: a deny on a path covers it with ;params, as servlet containers read it")
+def segment_parameters():
+    for where, a in ENTRIES:
+        # Positive controls: the app (servlet reading) serves these; the proxy lets them through.
+        got = seen(h.get(a, "/public/x;v=1", host="web:8080"))
+        h.check(got["path"] == "/public/x" and got["raw"] == "/public/x;v=1",
+                f"{where}: parameters are forwarded as sent", got)
+        seen(h.get(a, "/public/internals", host="web:8080"))
+        seen(h.get(a, "/public/x;internal", host="web:8080"))
+        # The control of the attack: the plain path is denied.
+        denied(h.get(a, "/public/internal", host="web:8080"), f"{where}: GET /public/internal")
+        for p in ["/public/internal;x", "/public/internal;", "/public/internal;jsessionid=A1B2",
+                  "/public/internal;x/keys", "/public/internal/keys;v=2", "/public;x/internal",
+                  "/public/;x/internal", "/public/internal%3Bx", "/public/internal%3bx",
+                  "/public//internal;x", "/public/a/../internal;x", "/public/internal;a=1;b=2"]:
+            r = h.get(a, p, host="web:8080")
+            no_leak(r, f"{where}: GET {p}")
+            h.check(r.status in (400, 403), f"{where}: GET {p}: expected the proxy's 403 (or 400)", r)
+    status, _, body = h.h2_request(INBOUND, [(":method", "GET"), (":scheme", "http"), (":authority", "web:8080"),
+                                             (":path", "/public/internal;x")])
+    h.check(SECRET not in body and status == 403, "h2 :path /public/internal;x: expected 403", (status, body[:200]))
+
+
+@h.case("HEAD is GET without a body: a deny on GET covers HEAD")
+def head_is_get():
+    for where, a in ENTRIES:
+        # The attack's control: GET is denied.
+        denied(h.get(a, "/public/report", host="web:8080"), f"{where}: GET /public/report")
+        for target in ["/public/report", "/public/report;x", "/public/./report", "/public/%72eport"]:
+            r = h.request(a, "HEAD", target, host="web:8080")
+            no_leak(r, f"{where}: HEAD {target}")
+            h.check(r.status == 403, f"{where}: HEAD {target}: expected 403", r)
+        # Positive controls: other methods on the same path, HEAD elsewhere.
+        got = seen(h.request(a, "POST", "/public/report", host="web:8080", body=b"ab"))
+        h.check(got["method"] == "POST", f"{where}: POST /public/report reaches the app", got)
+        r = h.request(a, "HEAD", "/public/x", host="web:8080")
+        h.check(r.status == 200 and SECRET not in r.raw, f"{where}: HEAD /public/x is served", r)
+
+
 if __name__ == "__main__":
     h.main()

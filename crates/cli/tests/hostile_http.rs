@@ -2,8 +2,9 @@
 //! what is forwarded"): `tests/hostile/{path_normalization,authz_opaque,http_hygiene}.py`
 //! attack a real mesh — a client sidecar's `--upstream` bind in front of a destination sidecar
 //! (`--service web --app-port`), both reading one `--resources` file — in front of a Flask
-//! (Werkzeug) app that decodes paths its own way (`tests/hostile/flask_app.py`). The policies
-//! allow only `/public/*` and deny `DELETE`; an HTTPRoute adds `x-matched: admin` to requests
+//! (Werkzeug) app that decodes paths its own way (`tests/hostile/flask_app.py`, which also
+//! strips segment parameters as servlet containers do). The policies allow only `/public/*`,
+//! deny `DELETE`, `/public/internal[/*]` and GET on `/public/report`; an HTTPRoute adds `x-matched: admin` to requests
 //! whose `x-role` header is `admin`.
 //!
 //! [`authz_opaque_strict_mtls`] runs the non-HTTP attacks again under strict mTLS with a control
@@ -48,6 +49,22 @@ spec:
   targetRef: {kind: Service, name: web}
   action: deny
   rules: [{to: {methods: [DELETE]}}]
+---
+apiVersion: plexus.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-internal, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: deny
+  rules: [{to: {paths: [/public/internal, "/public/internal/*"]}}]
+---
+apiVersion: plexus.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-report-reads, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: deny
+  rules: [{to: {paths: [/public/report], methods: [GET]}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

@@ -24,10 +24,12 @@
 //! `NS/NAME` turned into SPIFFE IDs of the mesh trust domain, `namespaces` match the peer's
 //! `/ns/<namespace>/` segment, and `unauthenticated: true` matches a request without a peer
 //! identity. Within `to`, each non-empty list is a condition and all must hold: `paths`
-//! (exact, or a prefix with a trailing `*`; `*` alone is any path), `methods` (exact) and
+//! (exact, or a prefix with a trailing `*`; `*` alone is any path), `methods` (exact; `GET`
+//! also matches `HEAD`, which runs the GET handler) and
 //! `ports` (the Service port). Paths are compared as [`crate::normalize`] made them — the
 //! path the application receives — so `/public/../admin` cannot slip past a rule about
-//! `/admin`, and `/public%2F..%2Fadmin` never gets this far (400).
+//! `/admin`, and `/public%2F..%2Fadmin` never gets this far (400). A path with segment
+//! parameters (`/admin;x`) is decided under both readings backends give it (see [`decide`]).
 //!
 //! An SMI TrafficTarget becomes an `allow` policy named `<namespace>/<name>` on every Service
 //! port with an endpoint running as its destination service account: only the listed source
@@ -195,8 +197,37 @@ pub fn mesh_default(default: DefaultAuthorization) -> String {
 
 /// Decides whether `req` may reach the destination whose port holds `authz`; `default` is the
 /// MeshConfig `defaultAuthorization`.
+///
+/// A path with segment parameters (`/admin;x`, `/a;v=1/b`, or `;` encoded as `%3B`) has two
+/// readings: the path as forwarded (how Flask, Express, Go read it) and the path with each
+/// segment's parameters removed (how servlet containers — Tomcat, Jetty, Spring — read it:
+/// `/admin;x` is `/admin`). The request is decided under both, and is allowed only if both
+/// allow it; otherwise the first denial is the decision. So a deny on `/admin` covers
+/// `/admin;x` whichever backend serves it, and an allow-list cannot be entered through a
+/// spelling one backend reads differently.
 pub fn decide(authz: &Authorization, req: &AuthzRequest<'_>, default: DefaultAuthorization) -> AuthzDecision {
-    let path = req.path;
+    let forwarded = decide_path(authz, req, req.path, default);
+    let Some(stripped) = crate::normalize::without_segment_parameters(req.path) else {
+        return forwarded;
+    };
+    let servlet = decide_path(authz, req, &stripped, default);
+    // An audit policy is reported when it would have denied either reading.
+    let (mut decision, other) = if forwarded.allowed { (servlet, forwarded) } else { (forwarded, servlet) };
+    for a in other.audit {
+        if !decision.audit.contains(&a) {
+            decision.audit.push(a);
+        }
+    }
+    decision
+}
+
+/// [`decide`] for one reading of the path.
+fn decide_path(
+    authz: &Authorization,
+    req: &AuthzRequest<'_>,
+    path: &str,
+    default: DefaultAuthorization,
+) -> AuthzDecision {
     let applicable = || authz.policies.iter().filter(|p| p.applies_to(req.route));
     let matches = |p: &AuthzPolicy| p.matches(req, path);
     let audit: Vec<String> = applicable()
@@ -359,13 +390,20 @@ impl Operations {
     /// Whether the request satisfies every condition; `path` is already normalized.
     fn matches(&self, req: &AuthzRequest<'_>, path: &str) -> bool {
         (self.paths.is_empty() || self.paths.iter().any(|p| path_matches(p, path)))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| method_matches(m, req.method)))
             && (self.ports.is_empty() || self.ports.contains(&req.port))
             && self.requests.as_ref().is_none_or(|ms| {
                 let info = RequestInfo { method: req.method, path, query: None, headers: req.headers };
                 ms.iter().any(|m| m.matches(&info))
             })
     }
+}
+
+/// Methods match exactly (case-sensitive), and a rule naming `GET` also matches `HEAD`: HEAD is
+/// GET without the body (RFC 9110 §9.3.2), and frameworks (Flask, Express, Go's mux, Spring)
+/// run the GET handler for it, so a deny on GET must cover HEAD and an allow of GET admits it.
+fn method_matches(rule: &str, method: &str) -> bool {
+    rule == method || (rule == "GET" && method == "HEAD")
 }
 
 /// `*` matches any path; `/p/*` any path starting with `/p/`; otherwise the exact path.
@@ -620,6 +658,73 @@ spec: {address: 127.0.0.1, ports: [{name: http, port: 7001, targetPort: 9001}, {
         // A deny without rules denies everything, even under a mesh default of allow.
         let all = snapshot(&policy("closed", "deny", "name: reviews", "[]"));
         assert_eq!(decide_on(&all, &req(Some(PRODUCTPAGE), "/")).denial().as_deref(), Some("denied by default/closed"));
+    }
+
+    /// Issue 16: `/admin;x` is `/admin` to a servlet container; a deny on `/admin` covers every
+    /// spelling with segment parameters, and an allow-list is not entered through one.
+    #[test]
+    fn segment_parameters_are_decided_under_both_readings() {
+        let snap = snapshot(&policy(
+            "no-admin",
+            "deny",
+            "name: reviews",
+            "[{to: {paths: [/admin, \"/admin/*\", \"/api/internal/*\"]}}]",
+        ));
+        for sneaky in [
+            "/admin;x",
+            "/admin;",
+            "/admin;jsessionid=0123",
+            "/admin%3Bx",
+            "/admin%3bx",
+            "/;x/admin",
+            "/admin;x/users",
+            "/admin/users;v=1",
+            "/api;x/internal;y/keys",
+            "//admin;x",
+            "/public/../admin;x",
+        ] {
+            let d = decide_on(&snap, &req(Some(PRODUCTPAGE), sneaky));
+            assert_eq!(d.denial().as_deref(), Some("denied by default/no-admin"), "{sneaky}");
+        }
+        // Positive controls: parameters elsewhere, and lookalike names, still pass.
+        for fine in ["/public;x", "/a/b;c/admin", "/administrator;x", "/x;admin", "/api/public;v=1/keys", "/"] {
+            assert!(allowed(&snap, &req(Some(PRODUCTPAGE), fine)), "{fine}");
+        }
+        // An allow-list: a parameter cannot turn a private path into an allowed one, nor the
+        // other way round for an allowed one.
+        let list = snapshot(&policy("public", "allow", "name: reviews", "[{to: {paths: [\"/public/*\"]}}]"));
+        assert!(allowed(&list, &req(None, "/public/a;v=1")));
+        // `/public;x/a` is not under `/public/` for a backend that keeps parameters.
+        for denied in ["/private;/public/x", "/private;x", "/public;x", "/;x", "/public;x/a"] {
+            assert_eq!(
+                decide_on(&list, &req(None, denied)).denial().as_deref(),
+                Some("denied by default/public"),
+                "{denied}"
+            );
+        }
+    }
+
+    /// Issue 16: a rule naming GET also matches HEAD (GET without a body; frameworks run the GET
+    /// handler for it); other methods stay exact.
+    #[test]
+    fn get_in_a_rule_covers_head() {
+        let snap =
+            snapshot(&policy("no-get", "deny", "name: reviews", "[{to: {paths: [\"/admin/*\"], methods: [GET]}}]"));
+        for method in ["GET", "HEAD"] {
+            let d = decide_on(&snap, &Req { method, ..req(None, "/admin/x") });
+            assert_eq!(d.denial().as_deref(), Some("denied by default/no-get"), "{method}");
+        }
+        // Positive controls: other methods and other paths pass.
+        for (method, path) in [("POST", "/admin/x"), ("OPTIONS", "/admin/x"), ("HEAD", "/public"), ("GET", "/public")] {
+            assert!(allowed(&snap, &Req { method, ..req(None, path) }), "{method} {path}");
+        }
+        // A deny on HEAD does not deny GET; an allow of GET admits HEAD, not POST.
+        let head = snapshot(&policy("no-head", "deny", "name: reviews", "[{to: {methods: [HEAD]}}]"));
+        assert!(allowed(&head, &req(None, "/x")));
+        assert!(!allowed(&head, &Req { method: "HEAD", ..req(None, "/x") }));
+        let reads = snapshot(&policy("reads", "allow", "name: reviews", "[{to: {methods: [GET]}}]"));
+        assert!(allowed(&reads, &Req { method: "HEAD", ..req(None, "/x") }));
+        assert!(!allowed(&reads, &Req { method: "POST", ..req(None, "/x") }));
     }
 
     #[test]

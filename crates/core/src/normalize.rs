@@ -16,6 +16,10 @@
 //! control character, invalid percent-encoding (`%`, `%4`, `%zz`), or a dot segment carrying
 //! parameters (`..;x`, `.;x`: servlet containers strip the parameters and then climb).
 //!
+//! Segment parameters (`/admin;x`) are kept in the path forwarded; authorization decides on
+//! both the path and the path without them ([`without_segment_parameters`]), as a servlet
+//! container reads it.
+//!
 //! The query string is not touched: it is forwarded as received, and query matches see it as
 //! received.
 //!
@@ -219,6 +223,33 @@ fn remove_dot_segments(decoded: &str) -> Result<String, Refusal> {
     Ok(out)
 }
 
+/// A normalized path as servlet containers (Tomcat, Jetty, Spring) read it: each segment's
+/// parameters (from `;`, or its encoding `%3B`, to the end of the segment) removed, and the
+/// empty segments that leaves merged (`/admin;x` → `/admin`, `/a/b;c/admin` → `/a/b/admin`,
+/// `/;x/admin` → `/admin`). `None` when the path has no parameters (the common case: one scan,
+/// no allocation). Authorization decides on both readings ([`crate::authz::decide`]).
+pub fn without_segment_parameters(path: &str) -> Option<String> {
+    if !path.contains(';') && !path.contains("%3B") {
+        return None;
+    }
+    let rest = path.strip_prefix('/')?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let end = [segment.find(';'), segment.find("%3B")].into_iter().flatten().min().unwrap_or(segment.len());
+        let bare = &segment[..end];
+        if bare.is_empty() && i + 1 != segments.len() {
+            continue;
+        }
+        out.push('/');
+        out.push_str(bare);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Some(out)
+}
+
 /// Refuses a method with a lower-case letter (see the module documentation); methods are
 /// otherwise compared exactly as sent.
 pub fn check_method(method: &str) -> Result<(), Refusal> {
@@ -299,6 +330,24 @@ mod tests {
         let allow = PathOptions { allow_encoded_slashes: true };
         assert_eq!(normalize_path("/a%2fb/./c", allow).as_deref(), Ok("/a%2Fb/c"));
         assert_eq!(normalize_path("/a%5cb", allow), Err(Refusal::EncodedBackslash));
+    }
+
+    #[test]
+    fn segment_parameters_are_removed_for_the_servlet_reading() {
+        for (path, want) in [
+            ("/admin;x", Some("/admin")),
+            ("/admin;", Some("/admin")),
+            ("/a/b;c/admin", Some("/a/b/admin")),
+            ("/admin%3Bx", Some("/admin")),
+            ("/admin;jsessionid=1/users;v=2", Some("/admin/users")),
+            ("/;x/admin", Some("/admin")),
+            ("/admin/;x", Some("/admin/")),
+            ("/;x", Some("/")),
+            ("/admin", None),
+            ("/a/b/", None),
+        ] {
+            assert_eq!(without_segment_parameters(path).as_deref(), want, "{path}");
+        }
     }
 
     #[test]
@@ -389,7 +438,31 @@ mod props {
         authz::decide(authz, &req, DefaultAuthorization::Allow).allowed
     }
 
+    /// What a servlet container makes of a raw path: each segment's parameters removed (on
+    /// the raw path, before decoding), then decoded and resolved.
+    fn servlet(path: &str) -> String {
+        let stripped: Vec<&str> = path.split('/').map(|s| s.split(';').next().unwrap_or(s)).collect();
+        reference(&stripped.join("/"))
+    }
+
     proptest! {
+        /// Whatever the proxy allows, a servlet container's reading of the same request is
+        /// allowed too (and so is the plain reading: the test above).
+        #[test]
+        fn allowed_means_allowed_for_a_servlet_container(p in path()) {
+            let authz = Authorization {
+                policies: vec![
+                    policy("deny-admin", AuthorizationAction::Deny, &["/public/admin*", "/admin", "/admin/*"]),
+                    policy("allow-public", AuthorizationAction::Allow, &["/public/*", "/health", "/a/public/*"]),
+                ],
+            };
+            if let Ok(n) = normalize_path(&p, PathOptions::default())
+                && decision(&authz, &n)
+            {
+                prop_assert!(decision(&authz, &servlet(&p)), "{} → {} allowed, servlet reads {}", p, n, servlet(&p));
+            }
+        }
+
         #[test]
         fn idempotent_and_agrees_with_the_fast_path(p in path(), allow in any::<bool>()) {
             let options = PathOptions { allow_encoded_slashes: allow };
