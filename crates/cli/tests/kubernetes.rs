@@ -1,0 +1,575 @@
+//! End to end on a real single-node Kubernetes (SPEC §11, issue 19): Plexus installed with
+//! `plexus install kubernetes | kubectl apply -f -`, Bookinfo from
+//! `examples/kubernetes/bookinfo.yaml` injected, and what a user of the mesh relies on there.
+//!
+//! These tests are `#[ignore]`d in the default run: they need the lab node, which
+//! `scripts/test-kubernetes` builds, starts (and stops), with the image imported; it runs them
+//! one at a time (nextest profile `kubernetes`), as they share the cluster. Each test brings the
+//! install and Bookinfo to the ready state first (idempotent `kubectl apply`), so any one of them
+//! runs alone too, and undoes what it changed.
+//!
+//! The node runs in its own network namespace (`PLEXUS_K8S_NETNS`): clients that talk to pod
+//! IPs, ClusterIPs or the ingress NodePort run inside it (`nsenter --net`); `kubectl` reaches
+//! the API from the host (`PLEXUS_K8S_KUBECONFIG`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+const NS: &str = "bookinfo";
+/// The ingress gateway's NodePort (examples/kubernetes/bookinfo.yaml) on the node's IP.
+const INGRESS: &str = "http://10.10.0.2:30080";
+const BOOKINFO_DEPLOYMENTS: [&str; 6] =
+    ["productpage-v1", "details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3"];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The lab node, as `scripts/test-kubernetes` describes it in the environment.
+struct Node {
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+    netns: PathBuf,
+    state: PathBuf,
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from)
+}
+
+/// The node, or a skip (a failure under `CI=true`) when the tests run outside
+/// `scripts/test-kubernetes`.
+fn node() -> Option<Node> {
+    let (Some(kubectl), Some(kubeconfig), Some(netns), Some(state)) = (
+        env_path("PLEXUS_K8S_KUBECTL"),
+        env_path("PLEXUS_K8S_KUBECONFIG"),
+        env_path("PLEXUS_K8S_NETNS"),
+        env_path("PLEXUS_K8S_STATE"),
+    ) else {
+        plexus_testkit::skip("no Kubernetes node: run these tests with scripts/test-kubernetes");
+        return None;
+    };
+    Some(Node { kubectl, kubeconfig, netns, state })
+}
+
+fn output_text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<Output> {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    if let Some(input) = stdin {
+        use std::io::Write as _;
+        let mut pipe = child.stdin.take().context("stdin")?;
+        pipe.write_all(input.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+impl Node {
+    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.kubectl);
+        c.env("KUBECONFIG", &self.kubeconfig).args(args);
+        c
+    }
+
+    /// `kubectl ARGS` (with `stdin`), its output; an error with stdout and stderr when it fails.
+    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let out = run(&mut self.kubectl_cmd(args), stdin)?;
+        ensure!(out.status.success(), "kubectl {} failed: {}", args.join(" "), output_text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_in(args, None)
+    }
+
+    /// `kubectl ARGS`, expected to fail: its stderr.
+    fn kubectl_fails(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let out = run(&mut self.kubectl_cmd(args), stdin)?;
+        ensure!(!out.status.success(), "kubectl {} succeeded: {}", args.join(" "), output_text(&out));
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// A `plexus` command against the cluster (`--kubeconfig`).
+    fn plexus(&self, args: &[&str]) -> Result<Output> {
+        let mut c = Command::new(PLEXUS);
+        c.args(args).arg("--kubeconfig").arg(&self.kubeconfig).current_dir(std::env::temp_dir());
+        run(&mut c, None)
+    }
+
+    /// A program run inside the node's network namespace (pod IPs, ClusterIPs, NodePorts).
+    fn in_node(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns.display())).arg(program).args(args);
+        run(&mut c, None)
+    }
+
+    /// `sh -c SCRIPT` in a container of a pod (busybox in the Plexus image); its output and
+    /// whether it succeeded.
+    fn exec(&self, ns: &str, pod: &str, container: &str, script: &str) -> Result<(bool, String)> {
+        let out =
+            run(&mut self.kubectl_cmd(&["-n", ns, "exec", pod, "-c", container, "--", "sh", "-c", script]), None)?;
+        Ok((out.status.success(), output_text(&out)))
+    }
+
+    /// The name of a Running pod of a Deployment (by its `app` and `version` labels).
+    fn pod_of(&self, app: &str, version: &str) -> Result<String> {
+        let name = self.kubectl(&[
+            "-n",
+            NS,
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app},version={version}"),
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        ensure!(!name.trim().is_empty(), "no running pod for {app} {version}");
+        Ok(name.trim().to_string())
+    }
+
+    /// Installs Plexus (keeping its identity across runs: `--identity-dir`) and Bookinfo, and
+    /// waits until both are ready. Idempotent.
+    fn ensure_bookinfo(&self) -> Result<()> {
+        let identity = self.state.join("plexus-identity");
+        let mut install = Command::new(PLEXUS);
+        install.args(["install", "kubernetes", "--identity-dir"]).arg(&identity);
+        if let Ok(image) = std::env::var("PLEXUS_IMAGE") {
+            install.args(["--image", &image]);
+        }
+        let out = run(&mut install, None)?;
+        ensure!(out.status.success(), "plexus install kubernetes failed: {}", output_text(&out));
+        let manifests = String::from_utf8(out.stdout)?;
+        self.kubectl_in(&["apply", "-f", "-"], Some(&manifests))?;
+        self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/plexus-control", "--timeout=180s"])?;
+        let bookinfo = repo_root().join("examples/kubernetes/bookinfo.yaml");
+        self.kubectl(&["apply", "-f", &bookinfo.to_string_lossy()])?;
+        for d in BOOKINFO_DEPLOYMENTS {
+            self.kubectl(&["-n", NS, "rollout", "status", &format!("deployment/{d}"), "--timeout=240s"])?;
+        }
+        self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/ingress-gateway", "--timeout=120s"])?;
+        // The page answers once every hop is in the mesh's configuration.
+        poll(Duration::from_secs(60), || {
+            let page = self.get(&format!("{INGRESS}/productpage"), &[])?;
+            ensure!(page.contains("Reviews served by: reviews-v"), "productpage not served yet: {page:.200}");
+            ensure!(!page.contains("Error fetching product details"), "details not reached yet");
+            Ok(())
+        })
+    }
+
+    /// One GET from inside the node (curl); the body, or an error with the status.
+    fn get(&self, url: &str, headers: &[&str]) -> Result<String> {
+        let mut args = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        args.push(url);
+        let out = self.in_node("curl", &args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        ensure!(out.status.success() && code == "200", "GET {url}: {code} {}", output_text(&out));
+        Ok(body.to_string())
+    }
+
+    /// `n` page loads through the ingress (keep-alive, from inside the node): how many were
+    /// served by each reviews version, plus "error" for answers other than 200.
+    fn reviews_versions(
+        &self,
+        n: usize,
+        headers: &[(&str, &str)],
+    ) -> Result<std::collections::BTreeMap<String, usize>> {
+        let headers = serde_json::to_string(&headers.iter().copied().collect::<std::collections::BTreeMap<_, _>>())?;
+        let out = self.in_node("python3", &["-c", COUNT_VERSIONS, "10.10.0.2", "30080", &n.to_string(), &headers])?;
+        ensure!(out.status.success(), "page loads failed: {}", output_text(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// Page loads over one keep-alive connection: `python3 -c COUNT_VERSIONS HOST PORT N HEADERS_JSON`
+/// prints `{"reviews-v1": n1, ..., "error": e}`.
+const COUNT_VERSIONS: &str = r#"
+import http.client, json, re, sys
+host, port, n, headers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+conn, counts = http.client.HTTPConnection(host, port, timeout=15), {}
+for _ in range(n):
+    try:
+        conn.request("GET", "/productpage", headers=headers)
+        r = conn.getresponse(); body = r.read().decode()
+        m = re.search(r"Reviews served by: (reviews-v\d)", body)
+        key = m.group(1) if r.status == 200 and m else "error"
+    except Exception:
+        conn.close(); conn = http.client.HTTPConnection(host, port, timeout=15); key = "error"
+    counts[key] = counts.get(key, 0) + 1
+print(json.dumps(counts))
+"#;
+
+/// Polls `f` every 200 ms until it succeeds or `timeout` passes (then its last error).
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("not within {timeout:?}"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Applies `yaml` now and deletes it when dropped (the tests share the cluster).
+struct Applied<'a> {
+    node: &'a Node,
+    yaml: String,
+    ns: &'a str,
+}
+
+impl<'a> Applied<'a> {
+    fn new(node: &'a Node, ns: &'a str, yaml: &str) -> Result<Applied<'a>> {
+        node.kubectl_in(&["-n", ns, "apply", "-f", "-"], Some(yaml))?;
+        Ok(Applied { node, yaml: yaml.to_string(), ns })
+    }
+}
+
+impl Drop for Applied<'_> {
+    fn drop(&mut self) {
+        let _ = self.node.kubectl_in(&["-n", self.ns, "delete", "--ignore-not-found", "-f", "-"], Some(&self.yaml));
+    }
+}
+
+fn example(path: &str) -> String {
+    std::fs::read_to_string(repo_root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn install_and_injected_bookinfo_serve_the_product_page_through_the_ingress() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    // The control plane runs from the image, as `plexus install kubernetes` rendered it.
+    let images =
+        node.kubectl(&["-n", "plexus-system", "get", "pods", "-o", "jsonpath={.items[*].spec.containers[*].image}"])?;
+    ensure!(images.contains("plexus:"), "control plane image: {images}");
+    // Every Bookinfo pod got the init container and the proxy from the webhook.
+    let pods = node.kubectl(&["-n", NS, "get", "pods", "-o", "json"])?;
+    let pods: serde_json::Value = serde_json::from_str(&pods)?;
+    let items = pods["items"].as_array().context("pods")?;
+    ensure!(items.len() >= BOOKINFO_DEPLOYMENTS.len(), "{} pods", items.len());
+    for pod in items {
+        let name = pod["metadata"]["name"].as_str().unwrap_or("?");
+        let args0 = |list: &serde_json::Value| -> Vec<String> {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let args = c["args"].as_array().cloned().unwrap_or_default();
+                    args.first().and_then(|a| a.as_str()).unwrap_or_default().to_string()
+                })
+                .collect()
+        };
+        let init = args0(&pod["spec"]["initContainers"]);
+        let containers = args0(&pod["spec"]["containers"]);
+        ensure!(init.iter().any(|a| a == "init"), "{name}: no `plexus init` init container: {init:?}");
+        ensure!(containers.iter().any(|a| a == "proxy"), "{name}: no proxy container: {containers:?}");
+        ensure!(containers.iter().any(|a| a == "sample"), "{name}: the app container is gone: {containers:?}");
+    }
+    // The binaries run inside a pod.
+    let pod = node.pod_of("details", "v1")?;
+    let (ok, out) = node.exec(NS, &pod, "details", "plexus version")?;
+    ensure!(ok && out.contains("plexus"), "plexus version in a pod: {out}");
+    // productpage through the ingress gateway, with details and reviews behind it.
+    let page = node.get(&format!("{INGRESS}/productpage"), &[])?;
+    ensure!(page.contains("Reviews served by: reviews-v"), "{page:.300}");
+    ensure!(!page.contains("Error fetching product details"), "{page:.300}");
+    ensure!(!page.contains("Sorry, product reviews are currently unavailable"), "{page:.300}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn httproute_shifts_reviews_80_20_and_sends_jason_to_v3() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    // With no route every version takes a share (SPEC §9): v3 shows up.
+    poll(Duration::from_secs(30), || {
+        let c = node.reviews_versions(30, &[])?;
+        ensure!(c.contains_key("reviews-v3"), "no v3 without routes: {c:?}");
+        Ok(())
+    })?;
+    {
+        let _route = Applied::new(&node, NS, &example("examples/bookinfo/route-80-20.yaml"))?;
+        // Once every request lands on v1 or v2, the route is in force.
+        poll(Duration::from_secs(30), || {
+            let c = node.reviews_versions(30, &[])?;
+            ensure!(c.keys().all(|k| k == "reviews-v1" || k == "reviews-v2"), "{c:?}");
+            Ok(())
+        })?;
+        let c = node.reviews_versions(1000, &[])?;
+        let v1 = c.get("reviews-v1").copied().unwrap_or(0);
+        let v2 = c.get("reviews-v2").copied().unwrap_or(0);
+        ensure!(v1 + v2 == 1000, "answers other than v1/v2: {c:?}");
+        ensure!((750..=850).contains(&v1), "v1 got {v1}/1000, not 80% ± 5%: {c:?}");
+        ensure!((150..=250).contains(&v2), "v2 got {v2}/1000, not 20% ± 5%: {c:?}");
+    }
+    let _route = Applied::new(&node, NS, &example("examples/bookinfo/route-jason-v3.yaml"))?;
+    poll(Duration::from_secs(30), || {
+        let jason = node.reviews_versions(20, &[("end-user", "jason")])?;
+        ensure!(jason.get("reviews-v3") == Some(&20), "jason: {jason:?}");
+        let others = node.reviews_versions(20, &[("end-user", "alice")])?;
+        ensure!(others.get("reviews-v1") == Some(&20), "alice: {others:?}");
+        let anonymous = node.reviews_versions(20, &[])?;
+        ensure!(anonymous.get("reviews-v1") == Some(&20), "no end-user: {anonymous:?}");
+        Ok(())
+    })?;
+    // The red stars of v3 reach jason's page.
+    let page = node.get(&format!("{INGRESS}/productpage"), &["end-user: jason"])?;
+    ensure!(page.contains("stars: red"), "{page:.300}");
+    Ok(())
+}
+
+/// `printf 'GET PATH HTTP/1.0...' | nc -w 3 HOST 9080` in a pod: the status line (empty when
+/// the connection was closed without an answer).
+fn http_from_pod(node: &Node, ns: &str, pod: &str, container: &str, host: &str, path: &str) -> Result<String> {
+    let script = format!("printf 'GET {path} HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 3 {host} 9080 | head -1");
+    let (_, out) = node.exec(ns, pod, container, &script)?;
+    Ok(out.trim().to_string())
+}
+
+const PLAIN_POD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: plain}
+spec:
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: plain
+    image: IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sleep, "3600"]
+"#;
+
+fn image() -> String {
+    std::env::var("PLEXUS_IMAGE").unwrap_or_else(|_| format!("plexus:{}", env!("CARGO_PKG_VERSION")))
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn strict_mtls_refuses_a_pod_without_a_sidecar_and_serves_meshed_ones() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    node.kubectl_in(&["apply", "-f", "-"], Some(&PLAIN_POD.replace("IMAGE", &image())))?;
+    node.kubectl(&["-n", "plain", "wait", "pod/plain", "--for=condition=Ready", "--timeout=120s"])?;
+    let plain = node.kubectl(&["-n", "plain", "get", "pod", "plain", "-o", "jsonpath={.spec.containers[*].name}"])?;
+    ensure!(plain.trim() == "plain", "the pod outside the labelled namespace was injected: {plain}");
+    let details_ip =
+        node.kubectl(&["-n", NS, "get", "pod", &node.pod_of("details", "v1")?, "-o", "jsonpath={.status.podIP}"])?;
+    let details_cluster_ip =
+        node.kubectl(&["-n", NS, "get", "service", "details", "-o", "jsonpath={.spec.clusterIP}"])?;
+    let productpage = node.pod_of("productpage", "v1")?;
+    // Permissive (the default): the plain pod is served.
+    let status = http_from_pod(&node, "plain", "plain", "plain", details_ip.trim(), "/details/0")?;
+    ensure!(status.contains("200"), "permissive mTLS, plain pod -> details pod: {status:?}");
+
+    let strict = Applied::new(&node, "plexus-system", &example("examples/bookinfo/mtls-strict.yaml"))?;
+    poll(Duration::from_secs(20), || {
+        for target in [details_ip.trim(), details_cluster_ip.trim()] {
+            let status = http_from_pod(&node, "plain", "plain", "plain", target, "/details/0")?;
+            ensure!(status.is_empty(), "strict mTLS, plain pod -> {target}: answered {status:?}");
+        }
+        Ok(())
+    })?;
+    // Positive control: the meshed productpage reaches details by name, through its sidecar.
+    let status = http_from_pod(&node, NS, &productpage, "productpage", "details", "/details/0")?;
+    ensure!(status.contains("200"), "strict mTLS, meshed productpage -> details: {status:?}");
+    let page = node.get(&format!("{INGRESS}/productpage"), &[])?;
+    ensure!(!page.contains("Error fetching product details"), "{page:.300}");
+    drop(strict);
+    node.kubectl(&["delete", "namespace", "plain", "--wait=false"])?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn authorization_policy_by_service_account_denies_another_pod() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let productpage = node.pod_of("productpage", "v1")?;
+    let details = node.pod_of("details", "v1")?;
+    let ratings = node.pod_of("ratings", "v1")?;
+    // Before the policy, details may call reviews.
+    let status = http_from_pod(&node, NS, &details, "details", "reviews", "/reviews/0")?;
+    ensure!(status.contains("200"), "details -> reviews before the policy: {status:?}");
+    let _policy = Applied::new(&node, NS, &example("examples/bookinfo/authz-reviews.yaml"))?;
+    poll(Duration::from_secs(20), || {
+        for (pod, container) in [(&details, "details"), (&ratings, "ratings")] {
+            let status = http_from_pod(&node, NS, pod, container, "reviews", "/reviews/0")?;
+            ensure!(status.contains("403"), "{container} -> reviews under the policy: {status:?}");
+        }
+        Ok(())
+    })?;
+    // productpage (service account productpage) still is allowed, directly and for the page.
+    let status = http_from_pod(&node, NS, &productpage, "productpage", "reviews", "/reviews/0")?;
+    ensure!(status.contains("200"), "productpage -> reviews under the policy: {status:?}");
+    let page = node.get(&format!("{INGRESS}/productpage"), &[])?;
+    ensure!(!page.contains("Sorry, product reviews are currently unavailable"), "{page:.300}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn a_job_with_an_injected_sidecar_completes() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let job = format!(
+        r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: fetch-details}}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: fetch
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        command: [sh, -c, "printf 'GET /details/0 HTTP/1.0\r\nHost: details\r\n\r\n' | nc -w 5 details 9080 | head -1 | grep -q ' 200 '"]
+"#,
+        image = image()
+    );
+    let _ = node.kubectl(&["-n", NS, "delete", "job", "fetch-details", "--ignore-not-found"]);
+    let applied = Applied::new(&node, NS, &job)?;
+    node.kubectl(&["-n", NS, "wait", "job/fetch-details", "--for=condition=complete", "--timeout=120s"])
+        .context("the Job did not complete: its proxy must exit once the app container has")?;
+    let pod = node.kubectl(&["-n", NS, "get", "pods", "-l", "job-name=fetch-details", "-o", "json"])?;
+    let pod: serde_json::Value = serde_json::from_str(&pod)?;
+    let pod = &pod["items"][0];
+    let containers = pod["spec"]["containers"].as_array().context("containers")?;
+    ensure!(containers.len() >= 2, "the Job's pod was not injected: {containers:?}");
+    ensure!(pod["status"]["phase"] == "Succeeded", "phase {}", pod["status"]["phase"]);
+    drop(applied);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn invalid_crd_objects_are_rejected_by_the_api_servers_schema() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    // Positive control: the valid route passes the server's validation.
+    node.kubectl_in(
+        &["-n", NS, "apply", "--dry-run=server", "-f", "-"],
+        Some(&example("examples/bookinfo/route-80-20.yaml")),
+    )?;
+    let cases = [
+        // A weight that is not a number.
+        (
+            example("examples/bookinfo/route-80-20.yaml").replace("weight: 80", "weight: heavy"),
+            "spec.rules[0].backendRefs[0].weight",
+        ),
+        // An action outside the enum.
+        (example("examples/bookinfo/authz-reviews.yaml").replace("action: allow", "action: maybe"), "spec.action"),
+        // A required field missing (a policy with no target).
+        (
+            example("examples/bookinfo/rate-limit.yaml")
+                .replace("  targetRef: {kind: Service, name: productpage, port: 9080}\n", ""),
+            "spec.targetRef",
+        ),
+    ];
+    for (yaml, field) in cases {
+        let err = node.kubectl_fails(&["-n", NS, "apply", "--validate=false", "-f", "-"], Some(&yaml))?;
+        ensure!(err.contains(field), "the API server's error does not name {field}: {err}");
+        ensure!(err.contains("Invalid value") || err.contains("Required value"), "unclear error: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn httproute_status_conditions_are_written_back() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let _good = Applied::new(&node, NS, &example("examples/bookinfo/route-all-v1.yaml"))?;
+    let missing = example("examples/bookinfo/route-all-v1.yaml")
+        .replace("name: reviews}", "name: reviews-missing}")
+        .replace("{name: reviews-v1, port: 9080}", "{name: reviews-v9, port: 9080}");
+    let _bad = Applied::new(&node, NS, &missing)?;
+    poll(Duration::from_secs(30), || {
+        let yaml = node.kubectl(&["-n", NS, "get", "httproute", "reviews", "-o", "yaml"])?;
+        ensure!(yaml.contains("type: Accepted") && yaml.contains("type: ResolvedRefs"), "{yaml}");
+        let conditions = conditions_of(&node, "reviews")?;
+        ensure!(conditions.iter().all(|(_, status, _)| status == "True"), "reviews: {conditions:?}");
+        let conditions = conditions_of(&node, "reviews-missing")?;
+        let resolved = conditions.iter().find(|(t, _, _)| t == "ResolvedRefs").context("no ResolvedRefs")?;
+        ensure!(resolved.1 == "False" && resolved.2 == "BackendNotFound", "reviews-missing: {conditions:?}");
+        Ok(())
+    })
+}
+
+/// (type, status, reason) of every status condition of HTTPRoute `name`.
+fn conditions_of(node: &Node, name: &str) -> Result<Vec<(String, String, String)>> {
+    let route: serde_json::Value =
+        serde_json::from_str(&node.kubectl(&["-n", NS, "get", "httproute", name, "-o", "json"])?)?;
+    let mut out = Vec::new();
+    // Gateway API: status.parents[].conditions; a flat status.conditions is read too.
+    let lists = route["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| &p["conditions"])
+        .chain(std::iter::once(&route["status"]["conditions"]));
+    for list in lists {
+        for c in list.as_array().into_iter().flatten() {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            out.push((s("type"), s("status"), s("reason")));
+        }
+    }
+    if out.is_empty() {
+        bail!("HTTPRoute {name} has no status conditions yet: {}", route["status"]);
+    }
+    Ok(out)
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn plexus_check_passes_and_names_a_missing_webhook_certificate() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let out = poll(Duration::from_secs(60), || {
+        let out = node.plexus(&["check"])?;
+        ensure!(out.status.success(), "plexus check on the healthy install: {}", output_text(&out));
+        Ok(out)
+    })?;
+    let text = output_text(&out);
+    ensure!(text.contains('✓') && !text.contains('✗'), "{text}");
+    // Without the webhook's serving certificate, check fails and says so.
+    let secret = node.kubectl(&["-n", "plexus-system", "get", "secret", "plexus-webhook-tls", "-o", "json"])?;
+    let mut secret: serde_json::Value = serde_json::from_str(&secret)?;
+    for k in ["resourceVersion", "uid", "creationTimestamp", "managedFields"] {
+        if let Some(m) = secret["metadata"].as_object_mut() {
+            m.remove(k);
+        }
+    }
+    node.kubectl(&["-n", "plexus-system", "delete", "secret", "plexus-webhook-tls"])?;
+    let broken = node.plexus(&["check"]);
+    // Put it back before judging, so a failure here leaves the cluster as it was.
+    node.kubectl_in(&["apply", "-f", "-"], Some(&secret.to_string()))?;
+    let broken = broken?;
+    let text = output_text(&broken);
+    ensure!(!broken.status.success(), "plexus check passed without the webhook certificate: {text}");
+    ensure!(text.contains('✗') && text.to_lowercase().contains("webhook"), "{text}");
+    ensure!(text.contains("plexus-webhook-tls"), "the failure does not name the Secret: {text}");
+    Ok(())
+}
