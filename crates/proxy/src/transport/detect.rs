@@ -52,11 +52,29 @@ const METHODS: [&[u8]; 18] = [
     b"REPORT",
     b"SEARCH",
 ];
-/// The largest TLS record a ClientHello may fill.
+/// The largest TLS record a ClientHello may fill: also how many bytes classification ever
+/// looks at (no decision needs more).
 const MAX_TLS_RECORD: usize = 16 * 1024 + 5;
 
+/// The longest method token read as HTTP/1 (`PROPPATCH` is 9): a longer one — or ten or more
+/// upper-case bytes with no space yet — makes the stream opaque.
+const MAX_METHOD: usize = 16;
+
 /// Classifies the first bytes of a stream; `None` when more bytes are needed to decide.
+///
+/// The decision depends on the bytes only, never on how they arrived: once a prefix decides,
+/// every longer input decides the same (`classify(&b[..n]) == Some(p)` implies
+/// `classify(b) == Some(p)`), so the same bytes give the same class whether they came in one
+/// read or one byte at a time. Only the first [`MAX_TLS_RECORD`] bytes are looked at, and at
+/// that many bytes there is always a decision. (A stream that ends or times out undecided is
+/// opaque: see [`sniff`].)
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    let buf = &buf[..buf.len().min(MAX_TLS_RECORD)];
+    let decided = classify_prefix(buf);
+    if decided.is_none() && buf.len() == MAX_TLS_RECORD { Some(Protocol::Opaque) } else { decided }
+}
+
+fn classify_prefix(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
     }
@@ -73,11 +91,12 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         if buf[1] != 3 {
             return Some(Protocol::Opaque);
         }
-        let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
-        if buf.len() < 5 + len && 5 + len <= MAX_TLS_RECORD {
+        // The whole record, or as much of it as classification looks at: what the
+        // ClientHello says is then read from the same bytes however they arrived.
+        let end = (5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]))).min(MAX_TLS_RECORD);
+        if buf.len() < end {
             return None;
         }
-        let end = (5 + len).min(buf.len());
         let hello = sni::client_hello(&buf[5..end]).unwrap_or_default();
         return Some(Protocol::Tls { sni: hello.sni, alpn: hello.alpn });
     }
@@ -92,23 +111,23 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 }
 
 /// Whether `buf` starts with an HTTP/1 request line's method: a known method, or an upper-case
-/// token followed by ` /`.
+/// token of at most [`MAX_METHOD`] bytes followed by ` /`.
 fn request_line(buf: &[u8]) -> Option<Protocol> {
-    match buf.iter().position(|b| *b == b' ') {
+    let token_end = buf.iter().take(MAX_METHOD + 1).position(|b| *b == b' ');
+    match token_end {
         Some(i) => {
             let token = &buf[..i];
             let known = METHODS.contains(&token);
-            let method_like =
-                !token.is_empty() && token.iter().all(|b| b.is_ascii_uppercase()) && buf.get(i + 1) == Some(&b'/');
-            if known || method_like {
-                Some(Protocol::Http1)
-            } else if token.iter().all(|b| b.is_ascii_uppercase()) && buf.len() == i + 1 {
-                None
-            } else {
-                Some(Protocol::Opaque)
+            let upper = !token.is_empty() && token.iter().all(|b| b.is_ascii_uppercase());
+            match buf.get(i + 1) {
+                _ if known => Some(Protocol::Http1),
+                Some(b'/') if upper => Some(Protocol::Http1),
+                None if upper => None,
+                _ => Some(Protocol::Opaque),
             }
         }
-        None if buf.len() < 10 && buf.iter().all(|b| b.is_ascii_uppercase()) => None,
+        // No space yet: undecided while it can still be a method.
+        None if buf.len() <= MAX_METHOD && buf.iter().all(|b| b.is_ascii_uppercase()) => None,
         None => Some(Protocol::Opaque),
     }
 }
@@ -147,9 +166,6 @@ where
     loop {
         if let Some(p) = classify(buf) {
             return Ok(Sniffed::Client(p, early));
-        }
-        if buf.len() >= MAX_TLS_RECORD {
-            return Ok(Sniffed::Client(Protocol::Opaque, early));
         }
         if buf.is_empty()
             && early.is_none()
@@ -219,6 +235,138 @@ mod tests {
             sniff(&mut server, &mut buf, Duration::from_millis(10), Duration::from_secs(5), Some(refused)).await;
         assert!(matches!(sniffed, Ok(Sniffed::Client(Protocol::Http1, None))), "{:?}", sniffed.map(|_| ()));
         drop(client.await);
+    }
+
+    /// The class as [`sniff`] reaches it when the bytes arrive in `chunks`: the first decision
+    /// as the buffer grows, else (the stream ended) opaque.
+    fn arriving(chunks: &[&[u8]]) -> Protocol {
+        let mut buf = Vec::new();
+        for c in chunks {
+            buf.extend_from_slice(c);
+            if let Some(p) = classify(&buf) {
+                return p;
+            }
+        }
+        classify(&buf).unwrap_or(Protocol::Opaque)
+    }
+
+    /// Every way of cutting `data` into reads (one read; two reads at every point; one byte
+    /// at a time) gives the class the whole input gives.
+    fn same_in_every_split(data: &[u8]) -> Result<(), String> {
+        let whole = arriving(&[data]);
+        for cut in 0..=data.len() {
+            let split = arriving(&[&data[..cut], &data[cut..]]);
+            if split != whole {
+                return Err(format!("cut at {cut}: {split:?}, whole: {whole:?}"));
+            }
+        }
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        let one_by_one = arriving(&bytes);
+        if one_by_one != whole {
+            return Err(format!("byte by byte: {one_by_one:?}, whole: {whole:?}"));
+        }
+        Ok(())
+    }
+
+    /// Issue 16 (fuzz finding): 28 junk bytes then `GET /a` was opaque when a 10-byte prefix
+    /// arrived first and HTTP/1 when it came whole. The same bytes now give the same class.
+    #[test]
+    fn the_class_does_not_depend_on_how_bytes_arrive() {
+        let junk = [b"AAAAAAAAAAAAAAAAAAAAAAAAAAAA".as_slice(), b"GET /a HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(arriving(&[&junk]), Protocol::Opaque);
+        assert_eq!(arriving(&[&junk[..10], &junk[10..]]), Protocol::Opaque);
+        let crlf = [vec![b'\n'; MAX_TLS_RECORD + 10].as_slice(), b"GET / HTTP/1.1\r\n\r\n"].concat();
+        let mut record = vec![0x16, 3, 1, 0xff, 0xff];
+        record.extend(std::iter::repeat_n(0u8, MAX_TLS_RECORD + 100));
+        let long_method = [b"ABCDEFGHIJKLMNOPQ".as_slice(), b" /x HTTP/1.1\r\n\r\n"].concat();
+        for (name, data) in [
+            ("junk then GET", junk.as_slice()),
+            ("more empty lines than classification reads", crlf.as_slice()),
+            ("a TLS record longer than classification reads", record.as_slice()),
+            ("a 17-byte method", long_method.as_slice()),
+            ("a 16-byte method", b"ABCDEFGHIJKLMNOP /x HTTP/1.1\r\n".as_slice()),
+            ("GET", b"GET /a HTTP/1.1\r\n\r\n".as_slice()),
+            ("empty lines then GET", b"\r\n\r\nGET /a HTTP/1.1\r\n\r\n".as_slice()),
+            ("h2", H2_PREFACE),
+            ("almost h2", b"PRI * HTTP/1.1\r\n".as_slice()),
+            ("redis", b"*1\r\n$4\r\nPING\r\n".as_slice()),
+        ] {
+            same_in_every_split(data).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert_eq!(arriving(&[&crlf]), Protocol::Opaque);
+        assert_eq!(arriving(&[&long_method]), Protocol::Opaque);
+        assert!(matches!(arriving(&[&record]), Protocol::Tls { .. }));
+    }
+
+    /// The same through [`sniff`] on a real socket: written whole, or a byte at a time.
+    #[tokio::test]
+    async fn sniffing_a_socket_gives_the_same_class_however_the_bytes_are_written() {
+        let data = [b"AAAAAAAAAAAAAAAAAAAAAAAAAAAA".as_slice(), b"GET /a HTTP/1.1\r\n\r\n"].concat();
+        for byte_at_a_time in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let sent = data.clone();
+            let client = tokio::spawn(async move {
+                let mut c = TcpStream::connect(addr).await.expect("connect");
+                c.set_nodelay(true).expect("nodelay");
+                if byte_at_a_time {
+                    for b in &sent {
+                        tokio::io::AsyncWriteExt::write_all(&mut c, std::slice::from_ref(b)).await.expect("write");
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                } else {
+                    tokio::io::AsyncWriteExt::write_all(&mut c, &sent).await.expect("write");
+                }
+                c
+            });
+            let (mut server, _) = listener.accept().await.expect("accept");
+            let mut buf = BytesMut::new();
+            let none = None::<fn() -> std::future::Ready<std::io::Result<TcpStream>>>;
+            let sniffed = sniff(&mut server, &mut buf, Duration::from_millis(10), Duration::from_secs(5), none).await;
+            assert!(
+                matches!(sniffed, Ok(Sniffed::Client(Protocol::Opaque, None))),
+                "byte at a time: {byte_at_a_time}: {:?}",
+                sniffed.map(|_| ())
+            );
+            drop(client.await);
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const PIECES: &[&[u8]] = &[
+            b"\r\n",
+            b"\n",
+            b"GET",
+            b"HEAD",
+            b" ",
+            b"/",
+            b"A",
+            b"BREW",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"PRI",
+            b"\x16\x03\x01\x00\x05",
+            b"\x16",
+            b"\x03",
+            b"get",
+            b"\x00",
+            b"x",
+            b"HTTP/1.1\r\n",
+            b"ABCDEFGHIJ",
+        ];
+
+        proptest! {
+            #[test]
+            fn same_bytes_same_class_in_every_split(
+                pieces in prop::collection::vec(prop::sample::select(PIECES), 0..12),
+                tail in prop::collection::vec(any::<u8>(), 0..8),
+            ) {
+                let data = [pieces.concat(), tail].concat();
+                prop_assert!(same_in_every_split(&data).is_ok(), "{:?}: {:?}", data, same_in_every_split(&data));
+            }
+        }
     }
 
     #[test]
