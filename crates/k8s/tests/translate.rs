@@ -1,0 +1,113 @@
+//! Kubernetes → Plexus translation from API objects as the API server returns them
+//! (fixtures/: a ServiceList, a PodList and an HTTPRoute in the shapes of Kubernetes 1.20).
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use plexus_core::resource::PortRef;
+use plexus_core::{Kind, MeshSnapshot, ServiceName, Spec};
+use plexus_k8s::translate;
+use serde_json::Value;
+
+fn items<T: serde::de::DeserializeOwned>(fixture: &str) -> Vec<T> {
+    let list: Value = serde_json::from_str(fixture).expect("fixture is JSON");
+    let items = list.get("items").and_then(Value::as_array).expect("a List").clone();
+    items.into_iter().map(|i| serde_json::from_value(i).expect("a valid object")).collect()
+}
+
+#[test]
+fn services_keep_selector_tcp_ports_protocols_and_cluster_ip() {
+    let services: Vec<Service> = items(include_str!("fixtures/services.json"));
+    let translated: Vec<_> = services.iter().filter_map(translate::service).collect();
+    assert_eq!(translated.len(), 2, "ExternalName is not a mesh Service");
+    let reviews = &translated[0];
+    assert_eq!((reviews.kind, reviews.key().as_str()), (Kind::Service, "bookinfo/reviews"));
+    assert_eq!(
+        reviews.metadata.annotations.get(translate::CLUSTER_IP_ANNOTATION).map(String::as_str),
+        Some("10.96.41.7")
+    );
+    assert!(!reviews.metadata.annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+    let Spec::Service(spec) = &reviews.spec else { panic!("a Service") };
+    assert_eq!(spec.selector.get("app").map(String::as_str), Some("reviews"));
+    assert_eq!(spec.ports[0].port, 9080);
+    assert_eq!(spec.ports[0].target_port, Some(PortRef::Number(9080)));
+    assert_eq!(spec.ports[0].app_protocol.as_deref(), Some("http"), "from the port name");
+
+    let echo = &translated[1];
+    assert!(echo.metadata.annotations.is_empty(), "headless: no virtual address");
+    let Spec::Service(spec) = &echo.spec else { panic!("a Service") };
+    assert_eq!(spec.ports.len(), 2, "the UDP port is not meshed");
+    assert_eq!(spec.ports[0].target_port, Some(PortRef::Name("grpc".into())));
+    assert_eq!(spec.ports[0].app_protocol.as_deref(), Some("grpc"), "grpc-api");
+    assert_eq!(spec.ports[1].app_protocol.as_deref(), Some("http2"), "kubernetes.io/h2c");
+}
+
+#[test]
+fn only_running_ready_pods_are_workloads_meshed_when_injected() {
+    let services: Vec<Service> = items(include_str!("fixtures/services.json"));
+    let services: Vec<_> = services.iter().filter_map(translate::service).collect();
+    let pods: Vec<Pod> = items(include_str!("fixtures/pods.json"));
+    let workloads: Vec<_> =
+        pods.iter().filter_map(|p| translate::pod(p, &translate::selected_target_ports(p, &services))).collect();
+    let names: Vec<&str> = workloads.iter().map(|w| w.metadata.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["reviews-v2-7d8c9f6b5-x2kqp", "reviews-v1-5c6b7d8e9-abcde"],
+        "not Ready, Pending, terminating: out"
+    );
+
+    let Spec::Workload(v2) = &workloads[0].spec else { panic!("a Workload") };
+    assert_eq!(v2.address, "10.244.0.12");
+    assert!(v2.meshed, "has the plexus-proxy container");
+    assert_eq!(v2.service_account.as_deref(), Some("bookinfo-reviews"));
+    assert_eq!(v2.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [9080], "the proxy's own ports are not the app's");
+    assert_eq!(workloads[0].metadata.labels.get("version").map(String::as_str), Some("v2"));
+
+    let Spec::Workload(v1) = &workloads[1].spec else { panic!("a Workload") };
+    assert!(!v1.meshed, "no proxy container");
+    assert_eq!(v1.service_account.as_deref(), Some("default"));
+    assert_eq!(
+        v1.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+        [9080],
+        "undeclared, from the Service's targetPort"
+    );
+
+    // The same compiled mesh as universal mode: reviews:9080 has both pods, the injected one
+    // with its SPIFFE identity.
+    let all: Vec<_> = services.iter().chain(&workloads).cloned().collect();
+    let snapshot = MeshSnapshot::compile(&all, "1");
+    let (svc, port) = snapshot.resolve_authority("reviews.bookinfo:9080").expect("resolves");
+    assert_eq!(svc.name, ServiceName::new("reviews", "bookinfo"));
+    let endpoints: Vec<(String, bool)> = port.endpoints.iter().map(|e| (e.addr.to_string(), e.meshed)).collect();
+    assert_eq!(endpoints, [("10.244.0.12:9080".to_string(), true), ("10.244.0.13:9080".to_string(), false)]);
+    assert_eq!(port.endpoints[0].principal.as_deref(), Some("spiffe://plexus.local/ns/bookinfo/sa/bookinfo-reviews"));
+}
+
+#[test]
+fn custom_resources_are_validated_like_plexus_apply() {
+    let route: Value = serde_json::from_str(include_str!("fixtures/httproute.json")).expect("json");
+    let r = translate::custom_resource(Kind::HttpRoute, &route).expect("valid");
+    assert_eq!((r.kind, r.key().as_str()), (Kind::HttpRoute, "bookinfo/reviews"));
+    assert_eq!(r.metadata.resource_version.as_deref(), Some("2001"));
+    assert!(r.metadata.annotations.is_empty(), "kubectl's last-applied copy is dropped");
+    let Spec::HttpRoute(spec) = &r.spec else { panic!("an HTTPRoute") };
+    assert_eq!(spec.rules.len(), 2);
+    assert_eq!(spec.rules[1].backend_refs[0].weight, 80);
+
+    // What the schema cannot say, plexus-core does: the reason names the field.
+    let mut bad = route.clone();
+    bad["spec"]["rules"][1]["backendRefs"][0]["port"] = Value::from(70000);
+    let err = translate::custom_resource(Kind::HttpRoute, &bad).expect_err("port out of range");
+    assert!(err.contains("spec.rules[1].backendRefs[0].port"), "{err}");
+    let mut regex = route.clone();
+    regex["spec"]["rules"][0]["matches"][0]["path"] = serde_json::json!({"type": "RegularExpression", "value": "(["});
+    let err = translate::custom_resource(Kind::HttpRoute, &regex).expect_err("bad regex");
+    assert!(err.contains("spec.rules[0].matches[0].path"), "{err}");
+
+    // MeshConfig is cluster-scoped.
+    let mesh = serde_json::json!({
+        "apiVersion": "plexus.dev/v1alpha1", "kind": "MeshConfig",
+        "metadata": {"name": "default", "uid": "1", "generation": 1, "resourceVersion": "5"},
+        "spec": {"mtls": {"mode": "strict"}}
+    });
+    let m = translate::custom_resource(Kind::MeshConfig, &mesh).expect("valid");
+    assert_eq!(m.metadata.namespace, None);
+}
