@@ -24,9 +24,16 @@ pub struct ControlArgs {
     /// Where the store, tokens and certificates live.
     #[arg(long, env = "PLEXUS_DATA_DIR", default_value = "./.plexus")]
     data_dir: PathBuf,
-    /// The store: `file` (embedded, in the data dir).
+    /// The store: `file` (embedded, in the data dir) or `kubernetes` (the Kubernetes API, with
+    /// the in-cluster configuration or KUBECONFIG; proxies may then bootstrap with their pod's
+    /// ServiceAccount token).
     #[arg(long, env = "PLEXUS_STORE", default_value = "file")]
     store: String,
+    /// Kubernetes: import the trust anchor, issuer and admin token from this directory (the
+    /// Secrets `plexus-identity` and `plexus-admin-token` mounted: `ca.crt`, `issuer.crt`,
+    /// `issuer.key`, `admin-token`) instead of creating them in the data dir.
+    #[arg(long, env = "PLEXUS_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
     /// HTTP API and dashboard address.
     #[arg(long, env = "PLEXUS_HTTP_ADDR", default_value = "127.0.0.1:7701")]
     http_addr: SocketAddr,
@@ -42,13 +49,32 @@ pub struct ControlArgs {
 }
 
 pub async fn run(args: ControlArgs) -> Result<(), Failure> {
-    if args.store != "file" {
-        return Err(Failure::usage(format!(
-            "--store {:?}: this version supports only the embedded `file` store",
-            args.store
-        )));
+    if let Some(dir) = &args.identity_dir {
+        plexus_k8s::install::import_identity(dir, &args.data_dir).map_err(Failure::runtime)?;
     }
-    let cp = ControlPlane::start(&args.data_dir, args.http_addr, args.grpc_addr)
+    let kubernetes = match args.store.as_str() {
+        "file" => None,
+        "kubernetes" => {
+            let store = plexus_k8s::store::KubeStore::connect().await.map_err(Failure::runtime)?;
+            if let Err(e) = store.wait_synced(Duration::from_secs(30)).await {
+                tracing::warn!(problem = %e, "serving before every Kubernetes watch has listed its kind");
+            }
+            for kind in store.absent_kinds() {
+                tracing::warn!(%kind, "its CRD is not installed: no such objects are read");
+            }
+            Some(Arc::new(store))
+        }
+        other => {
+            return Err(Failure::usage(format!("--store {other:?}: use `file` (embedded) or `kubernetes`")));
+        }
+    };
+    let backend = kubernetes.as_ref().map(|k| {
+        let store: Arc<dyn Store> = k.clone();
+        let authenticator: Arc<dyn plexus_control::certify::Authenticator> =
+            Arc::new(plexus_k8s::identity::TokenReviewAuthenticator::new(k.client()));
+        (store, authenticator)
+    });
+    let cp = ControlPlane::start_with(&args.data_dir, args.http_addr, args.grpc_addr, backend)
         .await?
         .with_registration_ttl(args.registration_ttl);
     println!(
@@ -71,6 +97,8 @@ pub struct ControlPlane {
     pub tokens: Arc<plexus_control::tokens::Tokens>,
     /// The control plane's own certificate (the TLS of the gRPC port).
     pub serving: Arc<plexus_control::grpc_tls::ServingIdentity>,
+    /// Credentials other than workload tokens (Kubernetes: ServiceAccount tokens).
+    pub authenticator: Option<Arc<dyn plexus_control::certify::Authenticator>>,
     http_listener: tokio::net::TcpListener,
     grpc_listener: tokio::net::TcpListener,
 }
@@ -81,6 +109,17 @@ impl ControlPlane {
         data_dir: &std::path::Path,
         http_addr: SocketAddr,
         grpc_addr: SocketAddr,
+    ) -> Result<ControlPlane, Failure> {
+        Self::start_with(data_dir, http_addr, grpc_addr, None).await
+    }
+
+    /// [`ControlPlane::start`] with another store than the data dir's file store, and an
+    /// authenticator for credentials other than workload tokens (Kubernetes mode).
+    pub async fn start_with(
+        data_dir: &std::path::Path,
+        http_addr: SocketAddr,
+        grpc_addr: SocketAddr,
+        backend: Option<(Arc<dyn Store>, Arc<dyn plexus_control::certify::Authenticator>)>,
     ) -> Result<ControlPlane, Failure> {
         let data = DataDir::init(data_dir)
             .map_err(|e| Failure::runtime(format!("cannot initialise the data dir {}: {e}", data_dir.display())))?;
@@ -94,8 +133,13 @@ impl ControlPlane {
             tracing::info!(previous_anchor = %previous.summary.serial, "continuing the trust anchor rotation in progress");
         }
         let tokens = Arc::new(plexus_control::tokens::Tokens::open(&data.path).map_err(Failure::runtime)?);
-        let store: Arc<dyn Store> =
-            Arc::new(FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?);
+        let (store, authenticator) = match backend {
+            Some((store, authenticator)) => (store, Some(authenticator)),
+            None => {
+                let file = FileStore::open(&data.store_path()).map_err(|e| Failure::runtime(e.to_string()))?;
+                (Arc::new(file) as Arc<dyn Store>, None)
+            }
+        };
         let bind = |addr: SocketAddr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -115,6 +159,7 @@ impl ControlPlane {
             ca,
             tokens,
             serving,
+            authenticator,
             http_listener,
             grpc_listener,
         })
@@ -130,7 +175,19 @@ impl ControlPlane {
     /// Serves the HTTP API and the discovery and identity gRPC services until `shutdown`
     /// completes.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Failure> {
-        let ControlPlane { http, grpc, store, proxies, data, ca, tokens, serving, http_listener, grpc_listener } = self;
+        let ControlPlane {
+            http,
+            grpc,
+            store,
+            proxies,
+            data,
+            ca,
+            tokens,
+            serving,
+            authenticator,
+            http_listener,
+            grpc_listener,
+        } = self;
         let traffic = Arc::new(plexus_control::traffic::TrafficWindow::default());
         let state = Arc::new(ApiState {
             store: store.clone(),
@@ -147,7 +204,7 @@ impl ControlPlane {
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));
         let expiry = tokio::spawn(expire_registrations(store.clone(), proxies.clone()));
         let rotation = tokio::spawn(plexus_control::identity::maintain_rotation(ca.clone(), proxies.clone()));
-        let certify = CertifyService::new(ca.clone(), store.clone(), tokens.clone());
+        let certify = CertifyService::new(ca.clone(), store.clone(), tokens.clone()).with_authenticator(authenticator);
         let discovery = DiscoveryService { views: views_rx, store: store.clone(), proxies, traffic, ca };
         let tls = serving.server_config().map_err(|e| Failure::runtime(format!("gRPC TLS: {e}")))?;
         let renewal = tokio::spawn(serving.clone().maintain());

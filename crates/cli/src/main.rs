@@ -10,6 +10,7 @@ mod dashboard_cmd;
 mod demo_cmd;
 mod explain_cmd;
 mod identity_cmd;
+mod install_cmd;
 mod netns;
 mod proxy_config_cmd;
 mod resources_cmd;
@@ -77,6 +78,8 @@ enum Command {
     Identity(identity_cmd::IdentityArgs),
     /// Workload tokens: create (bound to one identity), list, revoke.
     Token(token_cmd::TokenArgs),
+    /// Print the manifests that install Plexus (`install kubernetes | kubectl apply -f -`).
+    Install(install_cmd::InstallArgs),
     /// Run a Bookinfo sample service (used by `plexus demo`).
     #[command(hide = true)]
     Sample(sample_cmd::SampleArgs),
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Token(args) => token_cmd::run(args).await,
+            Command::Install(args) => install_cmd::run(args).await,
             Command::Sample(args) => sample_cmd::run(args).await,
             Command::Version(args) => version_cmd::run(args).await,
             Command::Bench(args) => bench_cmd::run(*args).await,

@@ -109,6 +109,19 @@ pub fn csr_public_key(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, String>
     Ok(spki)
 }
 
+/// Proves identities from credentials that are not Plexus workload tokens (`plx1.`): in
+/// Kubernetes, a pod's ServiceAccount token (TokenReview). A certificate it bootstraps names
+/// [`EXTERNAL_TOKEN_ID`] as its token; renewing one needs the credential again (so a deleted
+/// ServiceAccount ends its renewals, as a revoked token does).
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync {
+    /// The `(namespace, service account)` that `credential` proves, or why it proves none.
+    async fn authenticate(&self, credential: &str) -> Result<(String, String), String>;
+}
+
+/// The token id in the certificates an [`Authenticator`] bootstrapped.
+pub const EXTERNAL_TOKEN_ID: &str = "external";
+
 /// The identity a request is bound to (by its token, or the certificate it renews).
 struct Bound {
     id: String,
@@ -124,6 +137,8 @@ pub struct CertifyService {
     limiter: Mutex<TokenBucket>,
     /// [`TEST_LEAF_LIFETIME_ENV`], read once at start.
     leaf_lifetime_override: Option<Duration>,
+    /// Credentials other than workload tokens (Kubernetes mode).
+    authenticator: Option<Arc<dyn Authenticator>>,
 }
 
 impl CertifyService {
@@ -134,7 +149,24 @@ impl CertifyService {
             tokens,
             limiter: Mutex::new(TokenBucket::new(RATE_PER_SECOND, BURST, Instant::now())),
             leaf_lifetime_override: test_leaf_lifetime(),
+            authenticator: None,
         }
+    }
+
+    /// Also accepts the credentials `authenticator` proves (a token without the `plx1.` prefix).
+    pub fn with_authenticator(mut self, authenticator: Option<Arc<dyn Authenticator>>) -> CertifyService {
+        self.authenticator = authenticator;
+        self
+    }
+
+    /// The identity an external credential proves, when an authenticator is configured and
+    /// the credential is not a workload token.
+    async fn external(&self, credential: &str) -> Option<Result<(String, String), String>> {
+        let authenticator = self.authenticator.as_ref()?;
+        if credential.trim().strip_prefix(crate::tokens::PREFIX).is_some_and(|rest| rest.starts_with(".")) {
+            return None;
+        }
+        Some(authenticator.authenticate(credential.trim()).await)
     }
 
     fn admit(&self) -> bool {
@@ -163,18 +195,47 @@ impl Identity for CertifyService {
                         id.spiffe_id
                     )));
                 };
-                if let Err(e) = self.tokens.renewable(&token_id) {
+                if token_id == EXTERNAL_TOKEN_ID {
+                    // Bootstrapped by the authenticator: renewed only while the credential
+                    // still proves this identity.
+                    match self.external(&r.token).await {
+                        Some(Ok((ns, sa))) if ns == id.namespace && sa == id.service_account => {}
+                        Some(Ok((ns, sa))) => {
+                            return Err(Status::permission_denied(format!(
+                                "renewal of {} refused: the credential is for {ns}/{sa}",
+                                id.spiffe_id
+                            )));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(%peer, spiffe_id = %id.spiffe_id, error = %e, "certificate renewal refused");
+                            return Err(Status::permission_denied(format!("renewal of {} refused: {e}", id.spiffe_id)));
+                        }
+                        None => {
+                            return Err(Status::permission_denied(format!(
+                                "renewal of {} refused: it needs its ServiceAccount credential",
+                                id.spiffe_id
+                            )));
+                        }
+                    }
+                } else if let Err(e) = self.tokens.renewable(&token_id) {
                     tracing::warn!(%peer, spiffe_id = %id.spiffe_id, error = %e, "certificate renewal refused");
                     return Err(Status::permission_denied(format!("renewal of {} refused: {e}", id.spiffe_id)));
                 }
                 (id.namespace.clone(), id.service_account.clone(), token_id)
             }
-            None => match self.tokens.authenticate(&r.token) {
-                Ok(record) => (record.namespace, record.service_account, record.id),
-                Err(e) => {
+            None => match self.external(&r.token).await {
+                Some(Ok((namespace, service_account))) => (namespace, service_account, EXTERNAL_TOKEN_ID.to_string()),
+                Some(Err(e)) => {
                     tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, error = %e, "certificate request refused");
-                    return Err(Status::unauthenticated(e.to_string()));
+                    return Err(Status::unauthenticated(e));
                 }
+                None => match self.tokens.authenticate(&r.token) {
+                    Ok(record) => (record.namespace, record.service_account, record.id),
+                    Err(e) => {
+                        tracing::warn!(%peer, namespace = %r.namespace, service_account = %r.service_account, error = %e, "certificate request refused");
+                        return Err(Status::unauthenticated(e.to_string()));
+                    }
+                },
             },
         };
         let record = Bound { id: token_id, namespace: record_namespace, service_account: record_account };

@@ -62,7 +62,7 @@ pub struct StoreError {
 }
 
 impl StoreError {
-    fn new(message: impl Into<String>) -> StoreError {
+    pub fn new(message: impl Into<String>) -> StoreError {
         StoreError { message: message.into(), io: false }
     }
 }

@@ -49,8 +49,8 @@ pub fn version(kind: Kind) -> &'static str {
 pub fn plural(kind: Kind) -> String {
     let lower = kind.as_str().to_ascii_lowercase();
     match lower.strip_suffix('y') {
-        Some(stem) => format!("{stem}ies"),
-        None => format!("{lower}s"),
+        Some(stem) if !stem.ends_with(['a', 'e', 'i', 'o', 'u']) => format!("{stem}ies"),
+        _ => format!("{lower}s"),
     }
 }
 
@@ -118,6 +118,14 @@ pub fn structural(schema: Value) -> Value {
     };
     for drop in ["$schema", "title", "default", "examples", "example", "components", "$defs", "definitions"] {
         map.remove(drop);
+    }
+    // `null` among an optional enum's values (schemars' `nullable` form) is not a value the
+    // API server accepts in `enum`: `nullable` says it.
+    if let Some(Value::Array(values)) = map.get_mut("enum")
+        && values.iter().any(Value::is_null)
+    {
+        values.retain(|v| !v.is_null());
+        map.insert("nullable".into(), true.into());
     }
     if let Some(format) = map.get("format").and_then(Value::as_str)
         && !matches!(format, "int32" | "int64" | "float" | "double" | "byte" | "date-time")
@@ -304,6 +312,16 @@ fn printer_columns(kind: Kind) -> Vec<Value> {
     columns
 }
 
+/// The API server protects `*.k8s.io` groups: their CRDs name the approved API review (the
+/// Gateway API's own CRDs carry the same annotation).
+fn annotations(kind: Kind) -> Value {
+    if group(kind).ends_with(".k8s.io") {
+        json!({"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/1538"})
+    } else {
+        json!({})
+    }
+}
+
 /// The CRD of one kind.
 pub fn crd(kind: Kind) -> CustomResourceDefinition {
     let schema = json!({
@@ -318,7 +336,8 @@ pub fn crd(kind: Kind) -> CustomResourceDefinition {
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": crd_name(kind),
-            "labels": {"app.kubernetes.io/part-of": "plexus"}
+            "labels": {"app.kubernetes.io/part-of": "plexus"},
+            "annotations": annotations(kind)
         },
         "spec": {
             "group": group(kind),
@@ -396,6 +415,8 @@ mod tests {
         assert_eq!(crds(true).len(), 9, "--skip-gateway-api");
         assert_eq!(crd_name(Kind::AuthorizationPolicy), "authorizationpolicies.plexus.dev");
         assert_eq!(crd_name(Kind::HttpRoute), "httproutes.gateway.networking.k8s.io");
+        assert_eq!(crd_name(Kind::Gateway), "gateways.gateway.networking.k8s.io");
+        assert_eq!(plural(Kind::ResiliencePolicy), "resiliencepolicies");
         let mesh = serde_json::to_value(crd(Kind::MeshConfig)).expect("json");
         assert_eq!(mesh.pointer("/spec/scope"), Some(&json!("Cluster")));
     }
