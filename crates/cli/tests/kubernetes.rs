@@ -573,3 +573,196 @@ fn plexus_check_passes_and_names_a_missing_webhook_certificate() -> Result<()> {
     ensure!(text.contains("plexus-webhook-tls"), "the failure does not name the Secret: {text}");
     Ok(())
 }
+
+/// The IPs of the Running pods in the Bookinfo namespace, by pod name.
+fn bookinfo_pod_ips(node: &Node) -> Result<Vec<(String, String)>> {
+    let out = node.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "pods",
+        "--field-selector=status.phase=Running",
+        "-o",
+        r#"jsonpath={range .items[*]}{.metadata.name}{" "}{.status.podIP}{"\n"}{end}"#,
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, ip)| (n.to_string(), ip.to_string()))
+        .filter(|(_, ip)| !ip.is_empty())
+        .collect())
+}
+
+/// A proxy's Prometheus metrics, from its admin port on the pod IP.
+fn proxy_metrics(node: &Node, pod_ip: &str) -> Result<String> {
+    let out = node.in_node("curl", &["-sS", "--max-time", "3", &format!("http://{pod_ip}:7712/metrics")])?;
+    ensure!(out.status.success(), "metrics of {pod_ip}: {}", output_text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `plexus_balancer_endpoints{destination_service=SERVICE,state="ready"}` in `metrics`.
+fn ready_endpoints(metrics: &str, service: &str) -> Option<u64> {
+    let prefix = "plexus_balancer_endpoints{";
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(prefix)?;
+        let (labels, value) = rest.split_once("} ")?;
+        (labels.contains(&format!("destination_service=\"{service}\"")) && labels.contains("state=\"ready\""))
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn a_deleted_pod_leaves_every_proxy_within_five_seconds() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    // One more reviews v1 pod, outside any Deployment: nothing re-creates it once deleted.
+    let extra = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-extra
+  labels: {{app: reviews, version: v1}}
+spec:
+  serviceAccountName: reviews
+  terminationGracePeriodSeconds: 15
+  containers:
+  - name: reviews
+    image: {image}
+    imagePullPolicy: IfNotPresent
+    args: [sample, reviews, --version, v1, --port, "9080"]
+    ports: [{{containerPort: 9080}}]
+    readinessProbe: {{httpGet: {{path: /health, port: 9080}}, periodSeconds: 2}}
+"#,
+        image = image()
+    );
+    let _ = node.kubectl(&["-n", NS, "delete", "pod", "reviews-extra", "--ignore-not-found", "--wait=true"]);
+    let applied = Applied::new(&node, NS, &extra)?;
+    node.kubectl(&["-n", NS, "wait", "pod/reviews-extra", "--for=condition=Ready", "--timeout=120s"])?;
+    // Every proxy that knows reviews (productpage's, at least: load the page) sees 4 endpoints.
+    let pods: Vec<_> = bookinfo_pod_ips(&node)?;
+    let knowing = poll(Duration::from_secs(30), || {
+        node.get(&format!("{INGRESS}/productpage"), &[])?;
+        let mut knowing = Vec::new();
+        for (name, ip) in &pods {
+            if let Some(n) = ready_endpoints(&proxy_metrics(&node, ip)?, "reviews") {
+                ensure!(n == 4, "{name}'s proxy has {n} reviews endpoints, not 4");
+                knowing.push((name.clone(), ip.clone()));
+            }
+        }
+        ensure!(knowing.iter().any(|(n, _)| n.starts_with("productpage")), "productpage's proxy does not know reviews");
+        Ok(knowing)
+    })?;
+    let started = Instant::now();
+    node.kubectl(&["-n", NS, "delete", "pod", "reviews-extra", "--wait=false"])?;
+    poll(Duration::from_secs(5), || {
+        for (name, ip) in &knowing {
+            let n = ready_endpoints(&proxy_metrics(&node, ip)?, "reviews");
+            ensure!(n == Some(3), "{name}'s proxy still has {n:?} reviews endpoints");
+        }
+        Ok(())
+    })
+    .context("the deleted pod's endpoint did not leave every proxy within 5 s")?;
+    println!(
+        "the deleted pod left {} proxies in {} ms ({:?})",
+        knowing.len(),
+        started.elapsed().as_millis(),
+        knowing.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    // The page keeps working meanwhile and after.
+    node.get(&format!("{INGRESS}/productpage"), &[])?;
+    drop(applied);
+    Ok(())
+}
+
+/// Measures how long HTTPRoute changes take to reach the Bookinfo proxies, from inside the
+/// node: `python3 -c ROUTE_PROPAGATION KUBECTL KUBECONFIG CHANGES POD_IP...` applies
+/// `CHANGES` HTTPRoute changes to reviews, one at a time, and after each polls every proxy's
+/// `plexus_config_version` (its admin port) every 10 ms until the proxies that received the
+/// change have all moved on; prints one JSON line per change:
+/// `{"apply_ms": kubectl's own time, "proxies": {ip: ms from the start of the apply}}`.
+const ROUTE_PROPAGATION: &str = r#"
+import json, re, subprocess, sys, time, urllib.request
+kubectl, kubeconfig, changes, ips = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+def version(ip):
+    try:
+        text = urllib.request.urlopen(f"http://{ip}:7712/metrics", timeout=2).read().decode()
+        return int(re.search(r"^plexus_config_version (\d+)", text, re.M).group(1))
+    except Exception:
+        return None
+ROUTE = """apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080, weight: %d}, {name: reviews-v2, port: 9080, weight: %d}]
+"""
+for i in range(changes):
+    before = {ip: version(ip) for ip in ips}
+    w = 80 - i  # every change differs from the one before
+    start = time.monotonic()
+    subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "-f", "-"], input=(ROUTE % (w, 100 - w)).encode(),
+                   check=True, stdout=subprocess.DEVNULL)
+    applied = time.monotonic()
+    seen = {}
+    while time.monotonic() - start < 5 and len(seen) < len(ips):
+        for ip in ips:
+            if ip not in seen:
+                v = version(ip)
+                if v is not None and before[ip] is not None and v > before[ip]:
+                    seen[ip] = round((time.monotonic() - start) * 1000, 1)
+        time.sleep(0.01)
+    print(json.dumps({"apply_ms": round((applied - start) * 1000, 1), "proxies": seen}), flush=True)
+    time.sleep(0.5)
+"#;
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn httproute_changes_reach_the_bookinfo_proxies_within_a_second() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    // Every proxy fetches reviews' configuration once productpage has called it.
+    node.get(&format!("{INGRESS}/productpage"), &[])?;
+    let pods = bookinfo_pod_ips(&node)?;
+    let ips: Vec<&str> = pods.iter().map(|(_, ip)| ip.as_str()).collect();
+    let kubeconfig = node.state.join("admin.kubeconfig");
+    let mut args = vec![
+        "-c",
+        ROUTE_PROPAGATION,
+        node.kubectl.to_str().context("kubectl path")?,
+        kubeconfig.to_str().context("kubeconfig path")?,
+        "20",
+    ];
+    args.extend(&ips);
+    let out = node.in_node("python3", &args);
+    let _ = node.kubectl(&["-n", NS, "delete", "httproute", "reviews", "--ignore-not-found"]);
+    let out = out?;
+    ensure!(out.status.success(), "{}", output_text(&out));
+    let mut slowest = Vec::new();
+    let mut reached = std::collections::BTreeMap::<String, usize>::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let change: serde_json::Value = serde_json::from_str(line)?;
+        let proxies = change["proxies"].as_object().context("proxies")?;
+        ensure!(!proxies.is_empty(), "a change reached no proxy within 5 s: {line}");
+        for ip in proxies.keys() {
+            let name = pods.iter().find(|(_, p)| p == ip).map(|(n, _)| n.clone()).unwrap_or_default();
+            *reached.entry(name).or_default() += 1;
+        }
+        slowest.push(proxies.values().filter_map(|v| v.as_f64()).fold(0.0, f64::max));
+    }
+    ensure!(slowest.len() == 20, "{} changes measured", slowest.len());
+    slowest.sort_by(f64::total_cmp);
+    let p50 = slowest[9];
+    let p99 = slowest[19];
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "HTTPRoute change -> the last proxy that took it: p50 {p50} ms, p99 (max of 20) {p99} ms; proxies reached: {reached:?}; load {}",
+        load.split_whitespace().next().unwrap_or("?")
+    );
+    ensure!(reached.keys().any(|n| n.starts_with("productpage")), "productpage's proxy never took a change: {reached:?}");
+    ensure!(p99 <= 1000.0, "p99 {p99} ms over 20 changes, not within 1 s (all: {slowest:?})");
+    Ok(())
+}
