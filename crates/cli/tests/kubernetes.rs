@@ -762,7 +762,10 @@ fn httproute_changes_reach_the_bookinfo_proxies_within_a_second() -> Result<()> 
         "HTTPRoute change -> the last proxy that took it: p50 {p50} ms, p99 (max of 20) {p99} ms; proxies reached: {reached:?}; load {}",
         load.split_whitespace().next().unwrap_or("?")
     );
-    ensure!(reached.keys().any(|n| n.starts_with("productpage")), "productpage's proxy never took a change: {reached:?}");
+    ensure!(
+        reached.keys().any(|n| n.starts_with("productpage")),
+        "productpage's proxy never took a change: {reached:?}"
+    );
     ensure!(p99 <= 1000.0, "p99 {p99} ms over 20 changes, not within 1 s (all: {slowest:?})");
     Ok(())
 }
