@@ -1,7 +1,9 @@
 //! `plexus check`: health checks with ✓/✗ lines (‼ for warnings) and a hint per failure.
 
 use http::{Method, StatusCode};
+use plexus_control::grpc_tls::ServingCertificate;
 use plexus_control::proxies::{Health, ProxiesResponse, ProxyStatus};
+use plexus_control::tokens::{TokenInfo, TokenList};
 use plexus_core::Kind;
 use plexus_core::check::{Severity, analyze};
 use serde_json::Value;
@@ -235,6 +237,106 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
         ),
         Err(e) => r.fail("cannot read the certificate authority", e.message),
     }
+
+    r.section("workload tokens");
+    let tokens = match args.server.call(Method::GET, "/api/v1/tokens", None, true).await {
+        Ok((StatusCode::OK, v)) => serde_json::from_value::<TokenList>(v).map(|l| l.items).map_err(|e| e.to_string()),
+        Ok((status, v)) => Err(v["error"].as_str().unwrap_or(status.as_str()).to_string()),
+        Err(e) => Err(e.message.lines().next().unwrap_or_default().to_string()),
+    };
+    let anchors = match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
+        Ok((StatusCode::OK, v)) => trust_bundle(&v),
+        _ => Vec::new(),
+    };
+    match tokens {
+        Ok(tokens) => {
+            for line in token_lines(&tokens, &anchors, unix_now()) {
+                match line {
+                    Line::Ok(what) => r.ok(what),
+                    Line::Warn(what, hint) => r.warn(what, hint),
+                    Line::Fail(what, hint) => r.fail(what, hint),
+                    Line::Skip(what) => r.skip(what),
+                }
+            }
+        }
+        // Listing tokens needs the admin token: not a failure of the mesh where it is not at hand.
+        Err(e) => r.skip(format!("workload tokens: cannot list them here ({e}; pass --data-dir)")),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The SHA-256 of each trust anchor of the bundle, current first.
+fn trust_bundle(identity: &Value) -> Vec<String> {
+    let bundle = identity["trustBundle"].as_array().cloned().unwrap_or_else(|| vec![identity["trustAnchor"].clone()]);
+    bundle.iter().filter_map(|a| a["sha256"].as_str().map(str::to_string)).collect()
+}
+
+/// How close to its expiry a valid token is flagged: within a day, or within the last quarter
+/// of its lifetime when that is shorter (a one-hour token is not flagged all its life).
+fn token_warning_window(t: &TokenInfo) -> i64 {
+    const DAY: i64 = 86_400;
+    DAY.min((t.expires_unix - t.created_unix) / 4)
+}
+
+/// The workload token checks (pure, so each case is tested directly): tokens about to expire
+/// or expired (‼: a proxy that starts with one after that cannot join; the certificates it
+/// bootstrapped keep renewing), and the trust anchor each valid token pins — what a proxy
+/// bootstrapping with it verifies the control plane against — is the current anchor, the one
+/// the control plane presents (✗ otherwise, also during a rotation). `anchors`: the bundle's
+/// SHA-256s, current first.
+fn token_lines(tokens: &[TokenInfo], anchors: &[String], now: i64) -> Vec<Line> {
+    let mut lines = Vec::new();
+    let valid: Vec<&TokenInfo> = tokens.iter().filter(|t| t.state == "valid").collect();
+    if tokens.is_empty() {
+        lines.push(Line::Skip("no workload token".into()));
+        return lines;
+    }
+    let mut fine = 0;
+    for t in &valid {
+        let name = format!("token {} ({})", t.id, t.identity);
+        let left = t.expires_unix - now;
+        let mut flagged = false;
+        if left < token_warning_window(t) {
+            flagged = true;
+            lines.push(Line::Warn(
+                format!("{name} expires in {}", plexus_core::duration::format(std::time::Duration::from_secs(left.max(0) as u64))),
+                "a proxy that starts with it after that cannot join: create a new one (`plexus token create`) where it is still needed".into(),
+            ));
+        }
+        match (anchors.first(), t.anchor_sha256.as_str()) {
+            (_, "") | (None, _) => {}
+            (Some(current), pin) if current == pin => {}
+            (_, pin) => {
+                flagged = true;
+                let previous = anchors.iter().skip(1).any(|a| a == pin);
+                lines.push(Line::Fail(
+                    format!(
+                        "{name} pins {} trust anchor ({}…), not the current one",
+                        if previous { "the previous" } else { "a former" },
+                        &pin[..pin.len().min(16)]
+                    ),
+                    "a proxy bootstrapping with it refuses the control plane, which presents the current anchor (the anchor was rotated): revoke it and create a new one (`plexus token create`)".into(),
+                ));
+            }
+        }
+        if !flagged {
+            fine += 1;
+        }
+    }
+    for t in tokens.iter().filter(|t| t.state == "expired") {
+        lines.push(Line::Warn(
+            format!("token {} ({}) has expired", t.id, t.identity),
+            "a proxy that starts with it cannot join (certificates it bootstrapped keep renewing): create a new one where it is still needed".into(),
+        ));
+    }
+    if fine > 0 {
+        let tokens = if fine == 1 { "1 valid token".to_string() } else { format!("{fine} valid tokens") };
+        lines.push(Line::Ok(format!("{tokens}, not near expiry, pinning the current trust anchor")));
+    }
+    lines
 }
 
 /// One result of the identity checks.
@@ -291,6 +393,8 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
             "the files were changed under the running control plane: restart it to use them".into(),
         ));
     }
+
+    lines.extend(control_plane_lines(v));
 
     if v["rotation"].is_object() {
         let n = v["rotation"]["proxiesOnOldIssuer"].as_u64().unwrap_or(0) as usize;
@@ -366,6 +470,50 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
             format!("{} a certificate from the previous issuer", holds(previous_issuer)),
             "still valid (same trust anchor); they move to the current issuer at their next renewal, or when restarted"
                 .into(),
+        ));
+    }
+    lines
+}
+
+/// The control plane's own serving certificate (`controlPlane`): valid now, and its chain ends
+/// in the current trust anchor — the one proxies verify it against (a token pins it).
+fn control_plane_lines(v: &Value) -> Vec<Line> {
+    let Some(cp) = v.get("controlPlane").filter(|c| c.is_object()) else {
+        return vec![Line::Skip("control plane certificate: not reported by this control plane".into())];
+    };
+    let Ok(cp) = serde_json::from_value::<ServingCertificate>(cp.clone()) else {
+        return vec![Line::Fail(
+            "control plane certificate: unreadable report".into(),
+            "use a plexus CLI of the control plane's version".into(),
+        )];
+    };
+    let c = &cp.certificate;
+    let now = unix_now();
+    let mut lines = Vec::new();
+    if c.not_after_unix <= now {
+        lines.push(Line::Fail(
+            format!("the control plane's serving certificate expired on {}", c.not_after),
+            "proxies refuse it: its renewal failed (the issuer may have expired): look at the control plane's logs, rotate the issuer if needed, restart it".into(),
+        ));
+    } else if c.not_before_unix > now {
+        lines.push(Line::Fail(
+            format!("the control plane's serving certificate is not valid before {}", c.not_before),
+            "check the clocks of this machine and the control plane's".into(),
+        ));
+    } else {
+        lines.push(Line::Ok(format!("control plane certificate {} valid until {}", cp.spiffe_id, c.not_after)));
+    }
+    let current = v["trustAnchor"]["sha256"].as_str().unwrap_or_default();
+    if cp.chain_anchor_sha256 == current {
+        lines.push(Line::Ok("the control plane presents the current trust anchor (the one tokens pin)".into()));
+    } else {
+        lines.push(Line::Fail(
+            format!(
+                "the control plane presents trust anchor {}…, not the current one ({}…)",
+                &cp.chain_anchor_sha256[..cp.chain_anchor_sha256.len().min(16)],
+                &current[..current.len().min(16)]
+            ),
+            "proxies bootstrapping with tokens of the current anchor refuse it: restart the control plane".into(),
         ));
     }
     lines
@@ -490,6 +638,95 @@ mod tests {
         assert_eq!(
             warns(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["rotation in progress: 0 proxies still on the old issuer"]
+        );
+    }
+
+    fn token(id: &str, state: &str, created: i64, expires: i64, anchor: &str) -> TokenInfo {
+        TokenInfo {
+            id: id.into(),
+            identity: format!("spiffe://plexus.local/ns/default/sa/{id}"),
+            namespace: "default".into(),
+            service_account: id.into(),
+            created_unix: created,
+            expires_unix: expires,
+            state: state.into(),
+            anchor_sha256: anchor.into(),
+        }
+    }
+
+    #[test]
+    fn tokens_near_expiry_or_expired_warn_and_a_stale_anchor_pin_fails() {
+        const DAY: i64 = 86_400;
+        let now = 1_000_000;
+        let anchors = ["aa".repeat(32), "bb".repeat(32)];
+        let (current, previous) = (anchors[0].as_str(), anchors[1].as_str());
+        let lines = token_lines(
+            &[
+                token("fresh", "valid", now, now + 30 * DAY, current),
+                token("day", "valid", now - 29 * DAY, now + DAY - 60, current),
+                token("hour", "valid", now - 60, now + 3600, current),
+                token("quarter", "valid", now - 3000, now + 600, current),
+                token("old", "expired", now - 2 * DAY, now - 10, current),
+                token("gone", "revoked", now, now + DAY, "cc"),
+                token("rotated", "valid", now, now + 30 * DAY, previous),
+                token("former", "valid", now, now + 30 * DAY, &"cc".repeat(32)),
+                token("unknown", "valid", now, now + 30 * DAY, ""),
+            ],
+            &anchors,
+            now,
+        );
+        assert_eq!(
+            warns(&lines),
+            vec![
+                "token day (spiffe://plexus.local/ns/default/sa/day) expires in 1439m",
+                "token quarter (spiffe://plexus.local/ns/default/sa/quarter) expires in 10m",
+                "token old (spiffe://plexus.local/ns/default/sa/old) has expired",
+            ]
+        );
+        assert_eq!(
+            fails(&lines),
+            vec![
+                "token rotated (spiffe://plexus.local/ns/default/sa/rotated) pins the previous trust anchor (bbbbbbbbbbbbbbbb…), not the current one",
+                "token former (spiffe://plexus.local/ns/default/sa/former) pins a former trust anchor (cccccccccccccccc…), not the current one",
+            ]
+        );
+        // Positive control: fresh, one-hour (not yet in its last quarter) and unknown-pin tokens.
+        assert!(lines.contains(&Line::Ok("3 valid tokens, not near expiry, pinning the current trust anchor".into())));
+        assert_eq!(token_lines(&[], &anchors, now), vec![Line::Skip("no workload token".into())]);
+    }
+
+    fn serving(not_before: i64, not_after: i64, anchor: &str) -> Value {
+        json!({"subject": "", "issuer": "", "serial": "01", "notBefore": "b", "notAfter": "a",
+               "notBeforeUnix": not_before, "notAfterUnix": not_after, "expiresInSeconds": 0, "daysLeft": 0,
+               "sha256": "dd", "isCa": false, "spiffeId": "spiffe://plexus.local/ns/plexus-system/sa/plexus-control",
+               "chainAnchorSha256": anchor})
+    }
+
+    #[test]
+    fn the_control_plane_certificate_must_be_valid_and_present_the_current_anchor() {
+        let now = unix_now();
+        let mut v = healthy();
+        v["trustAnchor"]["sha256"] = json!("aa");
+        v["controlPlane"] = serving(now - 60, now + 3600, "aa");
+        let lines = identity_lines(&v, CERTIFICATE_GRACE);
+        assert!(fails(&lines).is_empty() && warns(&lines).is_empty(), "{lines:?}");
+        assert!(lines.contains(&Line::Ok(
+            "control plane certificate spiffe://plexus.local/ns/plexus-system/sa/plexus-control valid until a".into()
+        )));
+        v["controlPlane"] = serving(now - 3600, now - 1, "aa");
+        assert_eq!(
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
+            vec!["the control plane's serving certificate expired on a"]
+        );
+        v["controlPlane"] = serving(now + 3600, now + 7200, "aa");
+        assert_eq!(
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
+            vec!["the control plane's serving certificate is not valid before b"]
+        );
+        v["controlPlane"] = serving(now - 60, now + 3600, "bb");
+        assert_eq!(
+            fails(&identity_lines(&v, CERTIFICATE_GRACE)),
+            vec!["the control plane presents trust anchor bb…, not the current one (aa…)"]
         );
     }
 

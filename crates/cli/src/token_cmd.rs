@@ -87,15 +87,11 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
             if l.output != "table" {
                 return crate::routes_cmd::print_structured(&l.output, &v);
             }
+            let list: plexus_control::tokens::TokenList =
+                serde_json::from_value(v).map_err(|e| Failure::runtime(format!("cannot read the token list: {e}")))?;
             println!("{:<18} {:<9} {:<22} IDENTITY", "ID", "STATE", "EXPIRES");
-            for t in v["items"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{:<18} {:<9} {:<22} {}",
-                    t["id"].as_str().unwrap_or_default(),
-                    t["state"].as_str().unwrap_or_default(),
-                    rfc3339(t["expiresUnix"].as_i64()),
-                    t["identity"].as_str().unwrap_or_default()
-                );
+            for t in list.items {
+                println!("{:<18} {:<9} {:<22} {}", t.id, t.state, rfc3339(Some(t.expires_unix)), t.identity);
             }
             Ok(())
         }

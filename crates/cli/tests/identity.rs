@@ -801,6 +801,37 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     let report = cp.plexus_ok(&["check"]).await?;
     assert!(report.contains("✓ 1 proxy holds a valid certificate from the current issuer"), "{report}");
 
+    // Issue 16: `check` looks at the control plane's own certificate and at workload tokens:
+    // their expiry and the trust anchor each pins (what a proxy bootstrapping with it
+    // verifies the control plane against).
+    assert!(
+        report.contains(
+            "✓ control plane certificate spiffe://plexus.local/ns/plexus-system/sa/plexus-control valid until"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("✓ the control plane presents the current trust anchor"), "{report}");
+    let token_id = |token: &str| token.split('.').nth(1).map(str::to_string).context("token id");
+    let pinned = token_id(&cp.token("default", "sim").await?)?;
+    let brief = cp
+        .plexus_ok(&["token", "create", "--service-account", "brief", "--ttl", "1s"])
+        .await?
+        .lines()
+        .last()
+        .map(str::to_string)
+        .context("token")?;
+    let brief = token_id(&brief)?;
+    let report = plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let report = cp.plexus_ok(&["check"]).await?;
+        ensure!(
+            report.contains(&format!("‼ token {brief} (spiffe://plexus.local/ns/default/sa/brief) has expired")),
+            "{report}"
+        );
+        Ok(report)
+    })
+    .await?;
+    assert!(report.contains(" valid tokens, not near expiry, pinning the current trust anchor"), "{report}");
+
     // Issuer rotation: same anchor, new issuer; old and new leaves both chain to the anchor.
     let out = cp.plexus_ok(&["identity", "rotate"]).await?;
     assert!(out.contains("issuer rotated"), "{out}");
@@ -827,7 +858,28 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     let v = cp.get("/api/v1/identity").await?;
     assert!(v["rotation"].is_object(), "{v}");
     assert_eq!(v["trustBundle"].as_array().map(Vec::len), Some(2));
-    let report = cp.plexus_ok(&["check"]).await?;
+    // A token pinning the old anchor cannot bootstrap a proxy any more (the control plane
+    // presents the new one): ✗ until revoked.
+    let o = cp.plexus(&["check"]).await?;
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let report = stdout(&o);
+    assert!(
+        report.contains(&format!(
+            "✗ token {pinned} (spiffe://plexus.local/ns/default/sa/sim) pins the previous trust anchor"
+        )),
+        "{report}"
+    );
+    // Revoking every token made before the rotation (this test's own too) passes the check.
+    let tokens: Value = serde_json::from_str(&cp.plexus_ok(&["token", "list", "-o", "json"]).await?)?;
+    for t in tokens["items"].as_array().context("tokens")?.iter().filter(|t| t["state"] == "valid") {
+        cp.plexus_ok(&["token", "revoke", t["id"].as_str().context("id")?]).await?;
+    }
+    let report = plexus_testkit::eventually(Duration::from_secs(15), || async {
+        let report = cp.plexus_ok(&["check"]).await?;
+        ensure!(report.contains("✓ the control plane presents the current trust anchor"), "{report}");
+        Ok(report)
+    })
+    .await?;
     assert!(report.contains("‼ rotation in progress: 1 proxy still on the old issuer"), "{report}");
     let o = cp.plexus(&["identity", "rotate", "--anchor"]).await?;
     assert_eq!(o.status.code(), Some(1), "one anchor rotation at a time: {}", show(&o));
@@ -866,7 +918,12 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert!(!data.join("previous-trust-anchor.pem").exists());
     let v = cp.get("/api/v1/identity").await?;
     assert!(v["rotation"].is_null(), "{v}");
-    let report = cp.plexus_ok(&["check"]).await?;
+    let report = plexus_testkit::eventually(Duration::from_secs(15), || async {
+        let report = cp.plexus_ok(&["check"]).await?;
+        ensure!(report.contains("✓ the control plane presents the current trust anchor"), "{report}");
+        Ok(report)
+    })
+    .await?;
     assert!(!report.contains("rotation in progress"), "{report}");
     assert!(report.contains("✓ 1 proxy holds a valid certificate from the current issuer"), "{report}");
     Ok(())

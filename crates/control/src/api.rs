@@ -347,7 +347,10 @@ async fn graph(State(s): State<Shared>, Query(q): Query<GraphQuery>) -> Response
 async fn identity(State(s): State<Shared>) -> Response {
     let settings = crate::identity::IdentitySettings::from_store(s.store.as_ref());
     match s.ca.status(&settings, s.proxies.statuses()) {
-        Ok(status) => Json(status).into_response(),
+        Ok(mut status) => {
+            status.control_plane = s.serving.certificate();
+            Json(status).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
 }
@@ -441,7 +444,7 @@ async fn list_tokens(State(s): State<Shared>, headers: HeaderMap) -> Response {
         return e.into_response();
     }
     let td = crate::identity::IdentitySettings::from_store(s.store.as_ref()).trust_domain;
-    Json(json!({ "items": s.tokens.list(&td) })).into_response()
+    Json(crate::tokens::TokenList { items: s.tokens.list(&td) }).into_response()
 }
 
 /// `DELETE /api/v1/tokens/{id}` (admin token): revokes a token (and the renewals of the

@@ -106,6 +106,17 @@ pub struct ServingIdentity {
     verifier: RwLock<Option<BundleVerifier>>,
 }
 
+/// The control plane's serving certificate, as `GET /api/v1/identity` shows it (`controlPlane`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingCertificate {
+    #[serde(flatten)]
+    pub certificate: crate::identity::CertSummary,
+    pub spiffe_id: String,
+    /// SHA-256 (hex) of the last certificate of the chain it presents: the trust anchor.
+    pub chain_anchor_sha256: String,
+}
+
 /// A client verifier and the trust bundle (PEM) it was built from.
 type BundleVerifier = (Arc<str>, Arc<dyn ClientCertVerifier>);
 
@@ -197,6 +208,20 @@ impl ServingIdentity {
                 }
             }
         }
+    }
+
+    /// What the control plane presents on its gRPC port now: its leaf and the trust anchor
+    /// at the end of its chain (the one a proxy pinning a token's anchor verifies).
+    pub fn certificate(&self) -> Option<ServingCertificate> {
+        let (key, trust_domain) = {
+            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+            let s = current.as_ref()?;
+            (s.key.clone(), s.trust_domain.clone())
+        };
+        let leaf = crate::identity::Cert::from_der(key.cert.first()?.to_vec()).ok()?;
+        let anchor = key.cert.last().map(|c| crate::identity::sha256_hex(c.as_ref())).unwrap_or_default();
+        let spiffe_id = plexus_core::names::control_plane_spiffe_id(&trust_domain);
+        Some(ServingCertificate { certificate: leaf.summary, spiffe_id, chain_anchor_sha256: anchor })
     }
 
     /// The current certificate and key (also used by the control plane as a TLS client).

@@ -104,7 +104,7 @@ pub fn certificate_pem(der: &[u8]) -> String {
 }
 
 /// What `plexus check` and `plexus identity show` need to know about a certificate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertSummary {
     pub subject: String,
@@ -924,6 +924,7 @@ impl Ca {
             leaf_lifetime: plexus_core::duration::format(settings.leaf_lifetime),
             rotation,
             proxies,
+            control_plane: None,
         })
     }
 }
@@ -989,6 +990,8 @@ pub struct IdentityStatus {
     /// The anchor rotation in progress, if any.
     pub rotation: Option<RotationStatus>,
     pub proxies: Vec<ProxyCertStatus>,
+    /// The control plane's own serving certificate (filled in by the API).
+    pub control_plane: Option<crate::grpc_tls::ServingCertificate>,
 }
 
 #[derive(Debug, Clone, Serialize)]

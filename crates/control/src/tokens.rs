@@ -42,10 +42,14 @@ pub struct TokenRecord {
     pub expires_unix: i64,
     #[serde(default)]
     pub revoked: bool,
+    /// SHA-256 (hex) of the trust anchor the token pins (empty for tokens made before it was
+    /// recorded).
+    #[serde(default)]
+    pub anchor_sha256: String,
 }
 
 /// What `list` shows of a token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenInfo {
     pub id: String,
@@ -55,7 +59,17 @@ pub struct TokenInfo {
     pub created_unix: i64,
     pub expires_unix: i64,
     /// `valid`, `expired` or `revoked`.
-    pub state: &'static str,
+    pub state: String,
+    /// The trust anchor the token pins (what a proxy bootstrapping with it verifies the
+    /// control plane against); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub anchor_sha256: String,
+}
+
+/// `GET /api/v1/tokens`: the server writes it and the CLI reads it with this one type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub items: Vec<TokenInfo>,
 }
 
 /// A token just created: the only time its secret is seen.
@@ -205,6 +219,7 @@ impl Tokens {
             created_unix: now,
             expires_unix: now + ttl.as_secs() as i64,
             revoked: false,
+            anchor_sha256: anchor_sha256.to_string(),
         };
         let mut records = self.lock();
         // Expired and revoked tokens are kept a day for `list`, then forgotten.
@@ -276,7 +291,9 @@ impl Tokens {
                     "expired"
                 } else {
                     "valid"
-                },
+                }
+                .to_string(),
+                anchor_sha256: r.anchor_sha256.clone(),
             })
             .collect()
     }
