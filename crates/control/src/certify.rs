@@ -166,7 +166,18 @@ impl CertifyService {
         if credential.trim().strip_prefix(crate::tokens::PREFIX).is_some_and(|rest| rest.starts_with(".")) {
             return None;
         }
-        Some(authenticator.authenticate(credential.trim()).await)
+        let proved = authenticator.authenticate(credential.trim()).await;
+        // The control plane's own identity is never a workload's (the control plane's pod
+        // runs as that ServiceAccount: its token must not make a proxy look like it).
+        Some(proved.and_then(|(ns, sa)| {
+            if ns == plexus_core::names::CONTROL_PLANE_NAMESPACE
+                && sa == plexus_core::names::CONTROL_PLANE_SERVICE_ACCOUNT
+            {
+                Err(format!("{ns}/{sa} is the control plane's own identity: no workload certificate is issued for it"))
+            } else {
+                Ok((ns, sa))
+            }
+        }))
     }
 
     fn admit(&self) -> bool {
@@ -309,6 +320,92 @@ mod tests {
         for bad in ["", "Default", "-a", "a-", "a.b", "a_b", "x".repeat(64).as_str(), "a/b"] {
             assert!(!is_dns1123_label(bad), "{bad}");
         }
+    }
+
+    /// Proves `bookinfo/reviews` for `sa-reviews` and `bookinfo/ratings` for `sa-ratings`.
+    struct FakeReview;
+
+    #[tonic::async_trait]
+    impl Authenticator for FakeReview {
+        async fn authenticate(&self, credential: &str) -> Result<(String, String), String> {
+            match credential {
+                "sa-reviews" => Ok(("bookinfo".into(), "reviews".into())),
+                "sa-ratings" => Ok(("bookinfo".into(), "ratings".into())),
+                "sa-control" => Ok(("plexus-system".into(), "plexus-control".into())),
+                "sa-gateway" => Ok(("plexus-system".into(), "ingress-gateway".into())),
+                _ => Err("the API server does not accept the token".into()),
+            }
+        }
+    }
+
+    fn request(token: &str, namespace: &str, account: &str, peer: Option<&[u8]>) -> Request<CertifyRequest> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).expect("csr");
+        let mut r = Request::new(CertifyRequest {
+            token: token.into(),
+            namespace: namespace.into(),
+            service_account: account.into(),
+            csr_der: csr.der().to_vec().into(),
+        });
+        let identity = peer.map(|der| Arc::new(crate::grpc_tls::identity_of(der).expect("a workload certificate")));
+        r.extensions_mut().insert(crate::grpc_tls::Peer { addr: None, identity });
+        r
+    }
+
+    fn leaf_der(response: &CertifyResponse) -> Vec<u8> {
+        use rustls_pki_types::pem::PemObject as _;
+        rustls_pki_types::CertificateDer::pem_slice_iter(response.certificate_chain_pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("PEM")
+            .to_vec()
+    }
+
+    /// Kubernetes mode: a ServiceAccount credential gets a certificate for exactly its own
+    /// identity; renewing it needs the same credential again; workload tokens still work.
+    #[tokio::test]
+    async fn an_authenticator_proves_service_accounts_and_renewals_need_it_again() {
+        let dir = std::env::temp_dir().join(format!("plexus-certify-external-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        crate::identity::ensure_ca(&dir, "plexus.local").expect("ca");
+        let ca = Arc::new(Ca::load(&dir).expect("load"));
+        let tokens = Arc::new(crate::tokens::Tokens::open(&dir).expect("tokens"));
+        let store: Arc<dyn Store> = Arc::new(crate::store::FileStore::open(&dir.join("store.redb")).expect("store"));
+        let with = CertifyService::new(ca.clone(), store.clone(), tokens.clone())
+            .with_authenticator(Some(Arc::new(FakeReview)));
+
+        let issued = with.certify(request("sa-reviews", "", "", None)).await.expect("bootstrap").into_inner();
+        assert_eq!(issued.spiffe_id, "spiffe://plexus.local/ns/bookinfo/sa/reviews");
+        let other = with.certify(request("sa-reviews", "bookinfo", "ratings", None)).await.expect_err("another SA");
+        assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+        let bad = with.certify(request("forged", "", "", None)).await.expect_err("not accepted");
+        assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+        let control = with.certify(request("sa-control", "", "", None)).await.expect_err("reserved");
+        assert_eq!(control.code(), tonic::Code::Unauthenticated);
+        assert!(control.message().contains("control plane's own identity"), "{control:?}");
+        let gateway = with.certify(request("sa-gateway", "", "", None)).await.expect("plexus-system, another SA");
+        assert_eq!(gateway.into_inner().spiffe_id, "spiffe://plexus.local/ns/plexus-system/sa/ingress-gateway");
+
+        // Renewal over mTLS: the same credential renews; none, or another identity's, does not.
+        let der = leaf_der(&issued);
+        let renewed = with.certify(request("sa-reviews", "", "", Some(&der))).await.expect("renewal").into_inner();
+        assert_eq!(renewed.spiffe_id, issued.spiffe_id);
+        for credential in ["", "sa-ratings", "forged"] {
+            let refused = with.certify(request(credential, "", "", Some(&der))).await.expect_err(credential);
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{credential:?}: {refused:?}");
+        }
+
+        // Workload tokens go to the token store, with or without an authenticator.
+        let anchor = ca.state().anchor.summary.sha256.clone();
+        let created = tokens.create("plexus.local", "shop", "cart", Duration::from_secs(60), &anchor).expect("token");
+        let by_token = with.certify(request(&created.token, "", "", None)).await.expect("workload token").into_inner();
+        assert_eq!(by_token.spiffe_id, "spiffe://plexus.local/ns/shop/sa/cart");
+        // Without an authenticator (universal mode) a ServiceAccount credential proves nothing.
+        let without = CertifyService::new(ca, store, tokens);
+        let refused = without.certify(request("sa-reviews", "", "", None)).await.expect_err("universal mode");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
