@@ -34,6 +34,13 @@ pub struct ControlArgs {
     /// `issuer.key`, `admin-token`) instead of creating them in the data dir.
     #[arg(long, env = "PLEXUS_IDENTITY_DIR")]
     identity_dir: Option<PathBuf>,
+    /// Kubernetes: the leader-election Lease (`plexus-control` in `plexus-system`) is taken over
+    /// when its holder has not renewed it for this long. Only the leader writes status.
+    #[arg(long, env = "PLEXUS_LEASE_DURATION", default_value = "15s", value_parser = crate::proxy_cmd::positive_duration)]
+    lease_duration: Duration,
+    /// Kubernetes: how often the leader renews the Lease (and the others look at it).
+    #[arg(long, env = "PLEXUS_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = crate::proxy_cmd::positive_duration)]
+    lease_renew_interval: Duration,
     /// HTTP API and dashboard address.
     #[arg(long, env = "PLEXUS_HTTP_ADDR", default_value = "127.0.0.1:7701")]
     http_addr: SocketAddr,
@@ -77,11 +84,31 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
     let cp = ControlPlane::start_with(&args.data_dir, args.http_addr, args.grpc_addr, backend)
         .await?
         .with_registration_ttl(args.registration_ttl);
+    // Kubernetes: every replica serves proxies; the Lease's holder alone writes status.
+    let singletons = kubernetes.map(|store| {
+        if args.lease_renew_interval >= args.lease_duration {
+            tracing::warn!("--lease-renew-interval should be well below --lease-duration");
+        }
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("plexus-control-{:08x}", fastrand::u32(..)));
+        let settings =
+            plexus_k8s::leader::LeaderSettings::new(identity, args.lease_duration, args.lease_renew_interval);
+        let (leading_tx, leading) = tokio::sync::watch::channel(false);
+        [
+            tokio::spawn(plexus_k8s::leader::run(store.client(), settings, leading_tx)),
+            tokio::spawn(plexus_k8s::status::maintain(store, leading)),
+        ]
+    });
     println!(
         "{}",
         serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() })
     );
-    cp.serve(crate::proxy_cmd::shutdown_signal()).await
+    let served = cp.serve(crate::proxy_cmd::shutdown_signal()).await;
+    for task in singletons.into_iter().flatten() {
+        task.abort();
+    }
+    served
 }
 
 /// A control plane with its listeners bound (used by `plexus control` and `plexus demo`).

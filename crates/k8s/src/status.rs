@@ -1,2 +1,472 @@
-//! Status write-back: `Accepted` and `ResolvedRefs` conditions on HTTPRoute/GRPCRoute and the
-//! other custom resources, written by the leader only.
+//! Status write-back: `Accepted` and `ResolvedRefs` conditions on the custom resources, in the
+//! Gateway API's shapes and reasons, written by the leader only ([`crate::leader`]).
+//!
+//! - HTTPRoute / GRPCRoute: `status.parents[]`, one per `parentRef` as written, with
+//!   `controllerName` [`CONTROLLER_NAME`] and the conditions `Accepted` (reasons `Accepted`,
+//!   `NoMatchingParent` — the Service or Gateway does not exist, or no listener has the
+//!   `sectionName` —, `NotAllowedByListeners` — the Gateway's listeners do not admit routes from
+//!   the route's namespace —, `UnsupportedValue` — plexus-core rejects the object) and
+//!   `ResolvedRefs` (`ResolvedRefs`, `BackendNotFound`, `InvalidKind`).
+//! - Every other kind: `status.conditions[]`: `Accepted` (`Accepted` or `Invalid` with
+//!   plexus-core's reason) and, for policies with a `targetRef`, `ResolvedRefs`
+//!   (`ResolvedRefs` or `TargetNotFound`).
+//!
+//! `observedGeneration` is the object's `metadata.generation`; a condition keeps its
+//! `lastTransitionTime` while its status does not change, so an unchanged mesh writes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use plexus_core::resource::{AuthorizationPolicySpec, PolicyTargetRef};
+use plexus_core::{Kind, Resource, Spec};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::store::KubeStore;
+
+/// The `controllerName` of Plexus's route status entries.
+pub const CONTROLLER_NAME: &str = "plexus.dev/control-plane";
+
+/// What exists in the mesh, for reference checks.
+pub struct Known {
+    services: BTreeSet<(String, String)>,
+    gateways: Vec<(String, String, plexus_core::resource::GatewaySpec)>,
+}
+
+impl Known {
+    pub fn of(resources: &[Arc<Resource>]) -> Known {
+        let mut services = BTreeSet::new();
+        let mut gateways = Vec::new();
+        for r in resources {
+            let key = (r.metadata.namespace().to_string(), r.metadata.name.clone());
+            match &r.spec {
+                Spec::Service(_) => {
+                    services.insert(key);
+                }
+                Spec::Gateway(g) => gateways.push((key.0, key.1, g.clone())),
+                _ => {}
+            }
+        }
+        Known { services, gateways }
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> bool {
+        self.services.contains(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Value {
+    // Never empty: the 1.20 API server reads `""` there as null, and the schema refuses it.
+    let message = if message.is_empty() { format!("{kind}: {reason}") } else { message };
+    let mut c = json!({
+        "type": kind,
+        "status": if ok { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+    });
+    if let Some(g) = generation {
+        c["observedGeneration"] = g.into();
+    }
+    c
+}
+
+/// Whether a reference (`group`, `kind`) names a mesh Service (`kind` defaults to `default_kind`).
+fn is_service(group: Option<&str>, kind: Option<&str>, default_kind: &str) -> bool {
+    matches!(group.unwrap_or(""), "" | "plexus.dev") && kind.unwrap_or(default_kind) == "Service"
+}
+
+fn parent_accepted(parent: &Value, route_ns: &str, known: &Known, generation: Option<i64>) -> Value {
+    let s = |k: &str| parent.get(k).and_then(Value::as_str);
+    let name = s("name").unwrap_or_default();
+    let ns = s("namespace").unwrap_or(route_ns);
+    if is_service(s("group"), s("kind"), "Gateway") {
+        return if known.service(ns, name) {
+            condition("Accepted", true, "Accepted", format!("attached to Service {ns}/{name}"), generation)
+        } else {
+            condition("Accepted", false, "NoMatchingParent", format!("Service {ns}/{name} not found"), generation)
+        };
+    }
+    if s("kind").unwrap_or("Gateway") != "Gateway" || !matches!(s("group"), None | Some("gateway.networking.k8s.io")) {
+        return condition(
+            "Accepted",
+            false,
+            "NoMatchingParent",
+            "a parent is a Service or a Gateway".into(),
+            generation,
+        );
+    }
+    let Some((_, _, gateway)) = known.gateways.iter().find(|(gns, gname, _)| gns == ns && gname == name) else {
+        return condition("Accepted", false, "NoMatchingParent", format!("Gateway {ns}/{name} not found"), generation);
+    };
+    let listeners: Vec<_> =
+        gateway.listeners.iter().filter(|l| s("sectionName").is_none_or(|section| l.name == section)).collect();
+    if listeners.is_empty() {
+        return condition(
+            "Accepted",
+            false,
+            "NoMatchingParent",
+            format!("Gateway {ns}/{name} has no listener {:?}", s("sectionName").unwrap_or_default()),
+            generation,
+        );
+    }
+    let admits = |l: &&plexus_core::resource::GatewayListener| {
+        let from = l.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref()).and_then(|n| n.from.as_deref());
+        match from.unwrap_or("Same") {
+            "Same" => ns == route_ns,
+            _ => true,
+        }
+    };
+    if listeners.iter().any(admits) {
+        condition("Accepted", true, "Accepted", format!("attached to Gateway {ns}/{name}"), generation)
+    } else {
+        condition(
+            "Accepted",
+            false,
+            "NotAllowedByListeners",
+            format!("Gateway {ns}/{name}'s listeners admit routes from its own namespace only"),
+            generation,
+        )
+    }
+}
+
+fn route_refs_resolved(spec: &Value, route_ns: &str, known: &Known, generation: Option<i64>) -> Value {
+    let mut missing = Vec::new();
+    let mut wrong_kind = Vec::new();
+    let refs = spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| rule.get("backendRefs").and_then(Value::as_array).into_iter().flatten());
+    for r in refs {
+        let s = |k: &str| r.get(k).and_then(Value::as_str);
+        let name = s("name").unwrap_or_default();
+        let ns = s("namespace").unwrap_or(route_ns);
+        if !is_service(s("group"), s("kind"), "Service") {
+            wrong_kind.push(format!("{}/{name}", s("kind").unwrap_or_default()));
+        } else if !known.service(ns, name) {
+            missing.push(format!("{ns}/{name}"));
+        }
+    }
+    if !wrong_kind.is_empty() {
+        condition("ResolvedRefs", false, "InvalidKind", format!("not a Service: {}", wrong_kind.join(", ")), generation)
+    } else if !missing.is_empty() {
+        missing.dedup();
+        condition(
+            "ResolvedRefs",
+            false,
+            "BackendNotFound",
+            format!("Service not found: {} (answered 500 until it exists)", missing.join(", ")),
+            generation,
+        )
+    } else {
+        condition("ResolvedRefs", true, "ResolvedRefs", "every backend Service exists".into(), generation)
+    }
+}
+
+fn target_ref(spec: &Spec) -> Option<&PolicyTargetRef> {
+    match spec {
+        Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_ref, .. }) => Some(target_ref),
+        Spec::ResiliencePolicy(p) => Some(&p.target_ref),
+        Spec::RateLimitPolicy(p) => Some(&p.target_ref),
+        _ => None,
+    }
+}
+
+/// The status an object should have. `valid`: the object as plexus-core accepted it, or its
+/// reason for refusing it. `now`: RFC 3339, for conditions that change.
+pub fn desired(kind: Kind, object: &Value, valid: Result<&Resource, &str>, known: &Known, now: &str) -> Value {
+    let generation = object.pointer("/metadata/generation").and_then(Value::as_i64);
+    let route_ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
+    let empty = json!({});
+    let spec = object.get("spec").unwrap_or(&empty);
+    let mut status = match kind {
+        Kind::HttpRoute | Kind::GrpcRoute => {
+            let parents: Vec<Value> = spec
+                .get("parentRefs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|parent| {
+                    let accepted = match valid {
+                        Ok(_) => parent_accepted(parent, route_ns, known, generation),
+                        Err(reason) => condition("Accepted", false, "UnsupportedValue", reason.to_string(), generation),
+                    };
+                    json!({
+                        "parentRef": parent,
+                        "controllerName": CONTROLLER_NAME,
+                        "conditions": [accepted, route_refs_resolved(spec, route_ns, known, generation)]
+                    })
+                })
+                .collect();
+            json!({ "parents": parents })
+        }
+        _ => {
+            let mut conditions = vec![match valid {
+                Ok(_) => condition("Accepted", true, "Accepted", String::new(), generation),
+                Err(reason) => condition("Accepted", false, "Invalid", reason.to_string(), generation),
+            }];
+            if let Ok(r) = valid
+                && let Some(target) = target_ref(&r.spec)
+            {
+                let ns = target.namespace.as_deref().unwrap_or(r.metadata.namespace());
+                conditions.push(if known.service(ns, &target.name) {
+                    condition("ResolvedRefs", true, "ResolvedRefs", String::new(), generation)
+                } else {
+                    condition(
+                        "ResolvedRefs",
+                        false,
+                        "TargetNotFound",
+                        format!("Service {ns}/{} not found", target.name),
+                        generation,
+                    )
+                });
+            }
+            let mut s = json!({ "conditions": conditions });
+            if let Some(g) = generation {
+                s["observedGeneration"] = g.into();
+            }
+            s
+        }
+    };
+    carry_transition_times(&mut status, object.get("status"), now);
+    status
+}
+
+/// Sets each condition's `lastTransitionTime`: the current one's while its status is the
+/// same, else `now`.
+fn carry_transition_times(status: &mut Value, current: Option<&Value>, now: &str) {
+    fn conditions_at(status: &Value, parent: Option<usize>) -> Option<&Vec<Value>> {
+        match parent {
+            Some(i) => status.pointer(&format!("/parents/{i}/conditions"))?.as_array(),
+            None => status.get("conditions")?.as_array(),
+        }
+    }
+    let parents = status.get("parents").and_then(Value::as_array).map(Vec::len);
+    let slots: Vec<Option<usize>> = match parents {
+        Some(n) => (0..n).map(Some).collect(),
+        None => vec![None],
+    };
+    for slot in slots {
+        let previous: Vec<Value> = current.and_then(|c| conditions_at(c, slot)).cloned().unwrap_or_default();
+        let path = match slot {
+            Some(i) => format!("/parents/{i}/conditions"),
+            None => "/conditions".to_string(),
+        };
+        let Some(Value::Array(conditions)) = status.pointer_mut(&path) else { continue };
+        for c in conditions {
+            let same = previous.iter().find(|p| p.get("type") == c.get("type") && p.get("status") == c.get("status"));
+            let time = same.and_then(|p| p.get("lastTransitionTime")).cloned().unwrap_or_else(|| now.into());
+            c["lastTransitionTime"] = time;
+        }
+    }
+}
+
+/// Writes every custom resource's status that differs from [`desired`] (the leader's duty).
+pub async fn reconcile(store: &KubeStore) -> Result<usize, String> {
+    let resources = plexus_control::store::Store::list_shared(store).map_err(|e| e.to_string())?;
+    let known = Known::of(&resources);
+    let by_id: std::collections::HashMap<String, &Arc<Resource>> = resources.iter().map(|r| (r.id(), r)).collect();
+    let invalid = store.invalid();
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut written = 0;
+    let mut failure = None;
+    for (kind, object) in store.custom_objects() {
+        let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let ns = object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default").to_string();
+        let id = plexus_core::resource::object_id(kind, if kind.namespaced() { &ns } else { "default" }, &name);
+        let valid = match (by_id.get(&id), invalid.get(&id)) {
+            (_, Some(reason)) => Err(reason.as_str()),
+            (Some(r), None) => Ok(r.as_ref()),
+            (None, None) => continue,
+        };
+        let status = desired(kind, &object, valid, &known, &now);
+        if object.get("status") == Some(&status) {
+            continue;
+        }
+        let ar = crate::crd::api_resource(kind);
+        let api: Api<kube::api::DynamicObject> = if kind.namespaced() {
+            Api::namespaced_with(store.client(), &ns, &ar)
+        } else {
+            Api::all_with(store.client(), &ar)
+        };
+        match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
+            Ok(_) => written += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                failure.get_or_insert(format!("writing the status of {kind} {ns}/{name}: {e}"));
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(written),
+    }
+}
+
+/// Keeps the statuses current while this replica leads: after every store change, and when
+/// it becomes the leader. Runs until the task is dropped.
+pub async fn maintain(store: Arc<KubeStore>, mut leading: watch::Receiver<bool>) {
+    let mut changes = plexus_control::store::Store::subscribe(store.as_ref());
+    loop {
+        if *leading.borrow_and_update() {
+            match reconcile(&store).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(written = n, "status conditions written"),
+                Err(e) => tracing::warn!(error = %e, "cannot write status conditions; retrying"),
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            r = leading.changed() => if r.is_err() { return },
+            // Objects the watch saw before their Services, and failed writes, are retried.
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Coalesce a burst of changes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec: {selector: {app: reviews}, ports: [{port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: plexus-system}
+spec:
+  gatewayClassName: plexus
+  listeners:
+  - {name: http, port: 9080, protocol: HTTP}
+  - {name: shared, port: 9081, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
+"#;
+
+    fn known() -> Known {
+        let resources = plexus_core::parse_documents("mesh", MESH).expect("valid");
+        Known::of(&resources.into_iter().map(Arc::new).collect::<Vec<_>>())
+    }
+
+    fn route(parents: Value, backends: Value) -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "bookinfo", "generation": 4},
+            "spec": {"parentRefs": parents, "rules": [{"backendRefs": backends}]}
+        })
+    }
+
+    fn conditions(status: &Value, parent: usize) -> Vec<(String, String, String)> {
+        status["parents"][parent]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                (s("type"), s("status"), s("reason"))
+            })
+            .collect()
+    }
+
+    fn t(a: &str, b: &str, c: &str) -> (String, String, String) {
+        (a.into(), b.into(), c.into())
+    }
+
+    fn status_of(object: &Value, now: &str) -> Value {
+        let resource = crate::translate::custom_resource(Kind::HttpRoute, object);
+        let valid = resource.as_ref().map_err(String::as_str);
+        desired(Kind::HttpRoute, object, valid, &known(), now)
+    }
+
+    #[test]
+    fn route_conditions_name_missing_parents_backends_and_listeners() {
+        let ok = route(
+            json!([{"kind": "Service", "name": "reviews", "port": 9080}]),
+            json!([{"name": "reviews", "port": 9080}]),
+        );
+        let s = status_of(&ok, "2026-12-06T20:00:00Z");
+        assert_eq!(conditions(&s, 0), [t("Accepted", "True", "Accepted"), t("ResolvedRefs", "True", "ResolvedRefs")]);
+        assert_eq!(s["parents"][0]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(s["parents"][0]["parentRef"]["name"], "reviews");
+        assert_eq!(s["parents"][0]["conditions"][0]["observedGeneration"], 4);
+
+        let missing = route(
+            json!([{"kind": "Service", "name": "nothing"}, {"name": "ingress", "namespace": "plexus-system", "sectionName": "http"},
+                   {"name": "ingress", "namespace": "plexus-system", "sectionName": "shared"},
+                   {"name": "ingress", "namespace": "plexus-system", "sectionName": "nope"}]),
+            json!([{"name": "reviews", "port": 9080}, {"name": "reviews-v9", "port": 9080}]),
+        );
+        let s = status_of(&missing, "2026-12-06T20:00:00Z");
+        assert_eq!(conditions(&s, 0)[0], t("Accepted", "False", "NoMatchingParent"));
+        assert_eq!(
+            conditions(&s, 1)[0],
+            t("Accepted", "False", "NotAllowedByListeners"),
+            "from: Same (default), another namespace"
+        );
+        assert_eq!(conditions(&s, 2)[0], t("Accepted", "True", "Accepted"), "from: All");
+        assert_eq!(conditions(&s, 3)[0], t("Accepted", "False", "NoMatchingParent"), "no such sectionName");
+        assert_eq!(conditions(&s, 0)[1], t("ResolvedRefs", "False", "BackendNotFound"));
+        let message = s["parents"][0]["conditions"][1]["message"].as_str().expect("message");
+        assert!(message.contains("bookinfo/reviews-v9") && !message.contains("bookinfo/reviews,"), "{message}");
+
+        // Invalid for plexus-core: every parent says why.
+        let invalid = route(json!([{"kind": "Service", "name": "reviews"}]), json!([{"name": "reviews", "port": 0}]));
+        let s = status_of(&invalid, "2026-12-06T20:00:00Z");
+        assert_eq!(conditions(&s, 0)[0], t("Accepted", "False", "UnsupportedValue"));
+        assert!(s["parents"][0]["conditions"][0]["message"].as_str().expect("message").contains("port"));
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_changes() {
+        let mut object =
+            route(json!([{"kind": "Service", "name": "reviews"}]), json!([{"name": "reviews-v9", "port": 9080}]));
+        let first = status_of(&object, "2026-12-06T20:00:00Z");
+        object["status"] = first.clone();
+        let again = status_of(&object, "2026-12-06T21:00:00Z");
+        assert_eq!(again, first, "nothing changed: the same status, nothing to write");
+        object["spec"]["rules"][0]["backendRefs"][0]["name"] = "reviews".into();
+        let changed = status_of(&object, "2026-12-06T22:00:00Z");
+        let times: Vec<&str> = changed["parents"][0]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .filter_map(|c| c["lastTransitionTime"].as_str())
+            .collect();
+        assert_eq!(times, ["2026-12-06T20:00:00Z", "2026-12-06T22:00:00Z"], "Accepted kept, ResolvedRefs moved");
+    }
+
+    #[test]
+    fn policies_report_their_target() {
+        let policy = |target: &str| {
+            json!({
+                "apiVersion": "plexus.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "p", "namespace": "bookinfo", "generation": 1},
+                "spec": {"targetRef": {"kind": "Service", "name": target}, "action": "deny", "rules": [{"from": {"serviceAccounts": ["ratings"]}}]}
+            })
+        };
+        for (target, ok, reason) in [("reviews", "True", "ResolvedRefs"), ("nothing", "False", "TargetNotFound")] {
+            let object = policy(target);
+            let r = crate::translate::custom_resource(Kind::AuthorizationPolicy, &object).expect("valid");
+            let s = desired(Kind::AuthorizationPolicy, &object, Ok(&r), &known(), "2026-12-06T20:00:00Z");
+            assert_eq!(s["conditions"][0]["status"], "True", "{s}");
+            assert_eq!(
+                (s["conditions"][1]["status"].as_str(), s["conditions"][1]["reason"].as_str()),
+                (Some(ok), Some(reason))
+            );
+            assert_eq!(s["observedGeneration"], 1);
+        }
+        let bad = json!({"apiVersion": "plexus.dev/v1alpha1", "kind": "FaultInjection", "metadata": {"name": "f", "namespace": "bookinfo"}, "spec": {"abort": {"httpStatus": 503, "percent": 150}}});
+        let reason = crate::translate::custom_resource(Kind::FaultInjection, &bad).expect_err("percent > 100");
+        let s = desired(Kind::FaultInjection, &bad, Err(&reason), &known(), "2026-12-06T20:00:00Z");
+        assert_eq!(
+            (s["conditions"][0]["status"].as_str(), s["conditions"][0]["reason"].as_str()),
+            (Some("False"), Some("Invalid"))
+        );
+    }
+}

@@ -129,6 +129,15 @@ fn translate_all(raw: &Raw) -> (Mirror, BTreeMap<String, String>) {
     (mirror, invalid)
 }
 
+/// Whether two resources differ at most in `metadata.resourceVersion`.
+fn same_but_version(a: &Resource, b: &Resource) -> bool {
+    a.metadata.resource_version != b.metadata.resource_version && {
+        let mut a = a.clone();
+        a.metadata.resource_version = b.metadata.resource_version.clone();
+        a == *b
+    }
+}
+
 impl Shared {
     fn watch_state(&self, name: &str, f: impl FnOnce(&mut WatchState)) {
         if let Ok(mut w) = self.watches.lock() {
@@ -141,10 +150,21 @@ impl Shared {
         loop {
             self.dirty.notified().await;
             tokio::time::sleep(COALESCE).await;
-            let (mirror, invalid) = match self.raw.lock() {
+            let (mut mirror, invalid) = match self.raw.lock() {
                 Ok(raw) => translate_all(&raw),
                 Err(_) => return,
             };
+            // A change of status alone (a pod's probe, the leader's conditions) gives an object
+            // a new resourceVersion and nothing else: the mesh has not changed.
+            if let Ok(old) = self.mirror.read() {
+                for (id, new) in mirror.iter_mut() {
+                    if let Some(o) = old.get(id)
+                        && same_but_version(o, new)
+                    {
+                        *new = o.clone();
+                    }
+                }
+            }
             if let Ok(mut i) = self.invalid.write() {
                 *i = invalid;
             }
@@ -324,6 +344,15 @@ impl KubeStore {
     /// The custom resources plexus-core rejected, by `Kind/namespace/name`, with the reason.
     pub fn invalid(&self) -> BTreeMap<String, String> {
         self.shared.invalid.read().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    /// The custom resources as the API server has them (status included), with their kind.
+    pub fn custom_objects(&self) -> Vec<(Kind, serde_json::Value)> {
+        self.shared
+            .raw
+            .lock()
+            .map(|raw| raw.custom.iter().map(|((k, _, _), v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// The kinds whose CRD is not installed.
