@@ -19,6 +19,7 @@ pub mod balance;
 pub mod control_plane;
 pub mod cp_tls;
 pub mod discovery;
+pub mod dns;
 pub mod error;
 pub mod http;
 pub mod identity;
