@@ -10,9 +10,11 @@ mod dashboard_cmd;
 mod demo_cmd;
 mod explain_cmd;
 mod identity_cmd;
+mod init_cmd;
 mod install_cmd;
 mod netns;
 mod proxy_config_cmd;
+mod redirect;
 mod resources_cmd;
 mod routes_cmd;
 mod run_cmd;
@@ -74,6 +76,8 @@ enum Command {
     Dashboard(dashboard_cmd::DashboardArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
+    /// Install a pod's traffic redirect (iptables; the injected init container).
+    Init(init_cmd::InitArgs),
     /// Create, show or rotate the mesh's trust anchor and issuer.
     Identity(identity_cmd::IdentityArgs),
     /// Workload tokens: create (bound to one identity), list, revoke.
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             Command::Top(args) => tap_cmd::top(*args).await,
             Command::Dashboard(args) => dashboard_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
+            Command::Init(args) => init_cmd::run(args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Token(args) => token_cmd::run(args).await,
             Command::Install(args) => install_cmd::run(args).await,

@@ -21,6 +21,7 @@ pub const BRIDGE: &str = "plx0";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 1);
 /// SO_MARK of the sidecar's own connections.
 pub const MARK: &str = "0x504c";
+const MARK_VALUE: u32 = 0x504c;
 const PREFIX: &str = "plx-";
 
 fn ip(args: &[&str]) -> Result<(), Failure> {
@@ -37,12 +38,6 @@ fn ip(args: &[&str]) -> Result<(), Failure> {
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
-}
-
-fn iptables(ns: &str, rule: &[&str]) -> Result<(), Failure> {
-    let mut args = vec!["netns", "exec", ns, "iptables", "-w", "-t", "nat", "-A"];
-    args.extend_from_slice(rule);
-    ip(&args)
 }
 
 /// Fails with a clear message unless running as root.
@@ -138,14 +133,17 @@ impl Pod {
         ip(&["-n", ns, "route", "add", "default", "via", &GATEWAY.to_string()])?;
         // Outbound: the sidecar's own (marked) and loopback traffic stay; all other TCP goes
         // to the sidecar's outbound port. Inbound: everything but the admin port goes to the
-        // sidecar's inbound port.
-        iptables(ns, &["OUTPUT", "-m", "mark", "--mark", MARK, "-j", "RETURN"])?;
-        iptables(ns, &["OUTPUT", "-d", "127.0.0.0/8", "-j", "RETURN"])?;
-        let cp_port = control_plane_port.to_string();
-        iptables(ns, &["OUTPUT", "-p", "tcp", "-d", &GATEWAY.to_string(), "--dport", &cp_port, "-j", "RETURN"])?;
-        iptables(ns, &["OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "7710"])?;
-        iptables(ns, &["PREROUTING", "-p", "tcp", "--dport", "7712", "-j", "RETURN"])?;
-        iptables(ns, &["PREROUTING", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "7711"])?;
+        // sidecar's inbound port. The same rules as a pod's (`plexus init`), by mark.
+        crate::redirect::Redirect {
+            owner: crate::redirect::ProxyOwner::Mark(MARK_VALUE),
+            outbound_port: 7710,
+            inbound_port: 7711,
+            skip_inbound_ports: vec![7712],
+            skip_outbound_ports: Vec::new(),
+            skip_outbound_to: vec![(GATEWAY, control_plane_port)],
+            dns_port: None,
+        }
+        .apply(Some(ns))?;
         self.write_hosts(&[])
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use plexus_core::MeshSnapshot;
 use plexus_proxy::control_plane::{AppReadiness, ControlPlaneConfig};
 use plexus_proxy::discovery::{Discovery, FileError, FileSource};
+use plexus_proxy::dns::{DiscoveryNames, DnsServer, DnsSettings};
 use plexus_proxy::settings::Limits;
 use plexus_proxy::{LoadBalancer, Proxy, Settings, UpstreamBind};
 
@@ -196,6 +197,14 @@ pub struct ProxyArgs {
     /// ingress and egress gateways.
     #[arg(long, env = "PLEXUS_PROXY_WORKERS")]
     pub workers: Option<usize>,
+    /// Answer DNS on this address (UDP and TCP; a pod's is 127.0.0.1:7753): mesh Service names
+    /// get the Service's virtual address, other names are forwarded to `--dns-resolv-conf`'s
+    /// nameservers. Off unless given.
+    #[arg(long, env = "PLEXUS_DNS_ADDR")]
+    pub dns_addr: Option<SocketAddr>,
+    /// Where the upstream nameservers and search domains for `--dns-addr` come from.
+    #[arg(long, env = "PLEXUS_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
     /// How long a drain (SIGTERM, POST /shutdown) waits for in-flight work.
     #[arg(long, env = "PLEXUS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
@@ -239,7 +248,35 @@ impl ProxyArgs {
     }
 }
 
+/// The DNS server's settings (`--dns-addr`), if it is on.
+fn dns_settings(args: &ProxyArgs) -> Result<Option<DnsSettings>, Failure> {
+    let Some(listen) = args.dns_addr else { return Ok(None) };
+    let path = &args.dns_resolv_conf;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Failure::usage(format!("--dns-resolv-conf {}: {e}", path.display()))),
+    };
+    let mut settings = DnsSettings::from_resolv_conf(listen, &text);
+    settings.mark = args.outbound_mark;
+    Ok(Some(settings))
+}
+
+/// Binds the DNS server (fails before serving if its address is taken) and serves it.
+async fn start_dns(
+    settings: Option<DnsSettings>,
+    discovery: Arc<Discovery>,
+    namespace: String,
+) -> Result<Option<tokio::task::JoinHandle<()>>, Failure> {
+    let Some(settings) = settings else { return Ok(None) };
+    let names = Arc::new(DiscoveryNames { discovery, namespace, wait: Duration::from_secs(3) });
+    let server = DnsServer::bind(settings, names).await.map_err(|e| Failure::runtime(e.to_string()))?;
+    Ok(Some(tokio::spawn(server.run())))
+}
+
 pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
+    let dns = dns_settings(&args)?;
+    let namespace = args.namespace.clone();
     if let Some(address) = args.control_plane.take() {
         let anchors_pem = match &args.anchor {
             Some(path) => Some(
@@ -276,8 +313,12 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
         };
         let register = args.register_json.take().map(String::into_bytes);
         let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;
+        let dns = start_dns(dns, sidecar.discovery.clone(), namespace).await?;
         println!("{}", sidecar.ready_line());
         sidecar.run(shutdown_signal()).await;
+        if let Some(dns) = dns {
+            dns.abort();
+        }
         return Ok(());
     }
     let resources = args.resources.take();
@@ -296,6 +337,7 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
         }
     };
     let proxy = Proxy::bind(args.settings(), discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+    let dns = start_dns(dns, discovery.clone(), namespace).await?;
     let addresses = serde_json::to_string(proxy.addresses()).map_err(|e| Failure::runtime(e.to_string()))?;
     tracing::info!(listening = %addresses, "proxy ready");
     println!("{addresses}");
@@ -303,6 +345,9 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
         tokio::spawn(source.watch(Arc::clone(&discovery), bytes));
     }
     proxy.run(shutdown_signal()).await;
+    if let Some(dns) = dns {
+        dns.abort();
+    }
     Ok(())
 }
 

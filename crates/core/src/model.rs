@@ -151,7 +151,16 @@ pub struct CompiledService {
     #[serde(skip)]
     pub label: Arc<str>,
     pub ports: Vec<CompiledPort>,
+    /// The Service's virtual addresses (a Kubernetes ClusterIP, annotation
+    /// [`VIRTUAL_IP_ANNOTATION`]): the sidecar's DNS answers them for the Service's names, and
+    /// transparent traffic to them goes to the Service.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtual_ips: Vec<IpAddr>,
 }
+
+/// Annotation of a Service holding its virtual address (set from the ClusterIP by the
+/// Kubernetes store).
+pub const VIRTUAL_IP_ANNOTATION: &str = "plexus.dev/cluster-ip";
 
 impl CompiledService {
     /// The port `port`, or the only port when `port` is `None`.
@@ -207,6 +216,9 @@ pub struct MeshSnapshot {
     /// Which Service port an endpoint address serves (for transparent traffic to a pod IP).
     #[serde(skip)]
     pub by_endpoint: HashMap<SocketAddr, (ServiceName, u16)>,
+    /// Which Service a virtual address belongs to.
+    #[serde(skip)]
+    pub by_virtual_ip: HashMap<IpAddr, ServiceName>,
 }
 
 impl MeshSnapshot {
@@ -237,6 +249,7 @@ impl MeshSnapshot {
             .unwrap_or_default();
         let mut services = BTreeMap::new();
         let mut by_endpoint = HashMap::new();
+        let mut by_virtual_ip = HashMap::new();
         for r in resources {
             let Spec::Service(spec) = &r.spec else { continue };
             let name = ServiceName::new(&r.metadata.name, r.metadata.namespace());
@@ -271,14 +284,26 @@ impl MeshSnapshot {
                     }
                 })
                 .collect();
-            services.insert(name.clone(), CompiledService { label: name.name.as_str().into(), name, ports });
+            let virtual_ips: Vec<IpAddr> = r
+                .metadata
+                .annotations
+                .get(VIRTUAL_IP_ANNOTATION)
+                .into_iter()
+                .flat_map(|v| v.split(','))
+                .filter_map(|ip| ip.trim().parse().ok())
+                .collect();
+            for ip in &virtual_ips {
+                by_virtual_ip.entry(*ip).or_insert_with(|| name.clone());
+            }
+            services
+                .insert(name.clone(), CompiledService { label: name.name.as_str().into(), name, ports, virtual_ips });
         }
         RouteTable::attach_all(resources, &mut services);
         attach_policies(resources, &mesh, &mut services);
         // After the endpoints are known: TrafficTargets select ports by their workloads'
         // service account.
         crate::authz::attach_all(resources, &mesh, &mut services);
-        MeshSnapshot { version: version.into(), mesh, services, by_endpoint }
+        MeshSnapshot { version: version.into(), mesh, services, by_endpoint, by_virtual_ip }
     }
 
     /// Looks a Service up by a host (`reviews`, `reviews.prod`, `reviews.prod.svc.cluster.local`).
@@ -292,6 +317,13 @@ impl MeshSnapshot {
         let (host, port) = split_authority(authority);
         let service = self.service_by_host(host)?;
         Some((service, service.port(port)?))
+    }
+
+    /// The Service port a connection to `addr` means when `addr`'s IP is a Service's virtual
+    /// address.
+    pub fn service_by_virtual_ip(&self, addr: SocketAddr) -> Option<(&CompiledService, &CompiledPort)> {
+        let service = self.services.get(self.by_virtual_ip.get(&addr.ip().to_canonical())?)?;
+        Some((service, service.port(Some(addr.port()))?))
     }
 
     /// The Service port served by the endpoint at `addr`, if any.
@@ -459,6 +491,20 @@ pub fn implied_services<'a>(resources: impl IntoIterator<Item = &'a Resource> + 
 mod tests {
     use super::*;
     use crate::load::parse_documents;
+
+    /// A Service's virtual address (annotation `plexus.dev/cluster-ip`) maps back to it, on
+    /// its ports only; a Service without one has none.
+    #[test]
+    fn virtual_ips_map_to_their_service() {
+        let text = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews, namespace: prod, annotations: {plexus.dev/cluster-ip: 10.96.0.12}}\nspec: {ports: [{port: 9080}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: ratings, namespace: prod, annotations: {plexus.dev/cluster-ip: not-an-ip}}\nspec: {ports: [{port: 9080}]}\n";
+        let snapshot = MeshSnapshot::compile(&parse_documents("t.yaml", text).expect("valid"), "1");
+        let (service, port) = snapshot.service_by_virtual_ip("10.96.0.12:9080".parse().expect("addr")).expect("mapped");
+        assert_eq!((service.name.to_string(), port.port), ("reviews.prod".to_string(), 9080));
+        assert!(snapshot.service_by_virtual_ip("10.96.0.12:80".parse().expect("addr")).is_none(), "not a port of it");
+        assert!(snapshot.service_by_virtual_ip("10.96.0.13:9080".parse().expect("addr")).is_none());
+        let ratings = snapshot.services.get(&ServiceName::new("ratings", "prod")).expect("ratings");
+        assert!(ratings.virtual_ips.is_empty(), "an unparsable address is ignored");
+    }
 
     /// SPEC §3: a registered workload with no Service resource is a Service at its app ports;
     /// a declared Service, or an unregistered workload, implies nothing.

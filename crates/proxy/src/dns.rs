@@ -23,9 +23,12 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
+use plexus_core::ServiceName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+
+use crate::discovery::Discovery;
 
 /// Where `plexus init` sends a pod's DNS traffic.
 pub const DEFAULT_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7753);
@@ -94,7 +97,8 @@ pub fn parse_resolv_conf(text: &str, listen: SocketAddr) -> (Vec<SocketAddr>, Ve
             }
             // The last `search` or `domain` line wins, as in glibc.
             Some("search" | "domain") => {
-                search = fields.map(|d| d.trim_end_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty()).collect();
+                search =
+                    fields.map(|d| d.trim_end_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty()).collect();
             }
             _ => {}
         }
@@ -124,6 +128,49 @@ pub fn hosts_of(qname: &str, search: &[String]) -> Vec<String> {
         }
     }
     hosts
+}
+
+/// The proxy's view of the mesh as [`MeshNames`]: a single label is a Service of the proxy's
+/// own namespace; other names are the Services [`Discovery::candidates`] finds, asked of the
+/// control plane on first use (waiting up to `wait`), like any destination.
+pub struct DiscoveryNames {
+    pub discovery: Arc<Discovery>,
+    pub namespace: String,
+    pub wait: Duration,
+}
+
+impl MeshNames for DiscoveryNames {
+    fn lookup<'a>(&'a self, hosts: &'a [String]) -> Pin<Box<dyn Future<Output = Option<Vec<Ipv4Addr>>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut candidates: Vec<ServiceName> = Vec::new();
+            for host in hosts {
+                let found = if host.contains('.') {
+                    self.discovery.candidates(host)
+                } else {
+                    vec![ServiceName::new(host.as_str(), self.namespace.as_str())]
+                };
+                for c in found {
+                    if !candidates.contains(&c) {
+                        candidates.push(c);
+                    }
+                }
+            }
+            if candidates.is_empty() {
+                return None;
+            }
+            let snapshot = self.discovery.ensure(&candidates, self.wait).await;
+            let service = candidates.iter().find_map(|c| snapshot.services.get(c))?;
+            let v4: Vec<Ipv4Addr> = service
+                .virtual_ips
+                .iter()
+                .filter_map(|ip| match ip.to_canonical() {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            (!v4.is_empty()).then_some(v4)
+        })
+    }
 }
 
 /// A bound DNS server (UDP and TCP on the same address).
@@ -400,7 +447,10 @@ mod tests {
     #[test]
     fn hosts_with_search_domains_removed() {
         let search = vec!["prod.svc.cluster.local".to_string(), "example.internal".to_string()];
-        assert_eq!(hosts_of("Reviews.Prod.svc.cluster.local.", &search), vec!["reviews.prod.svc.cluster.local", "reviews"]);
+        assert_eq!(
+            hosts_of("Reviews.Prod.svc.cluster.local.", &search),
+            vec!["reviews.prod.svc.cluster.local", "reviews"]
+        );
         assert_eq!(hosts_of("reviews.example.internal.", &search), vec!["reviews.example.internal", "reviews"]);
         assert_eq!(hosts_of("example.internal.", &search), vec!["example.internal"]);
         assert_eq!(hosts_of("xexample.internal", &search), vec!["xexample.internal"]);

@@ -182,7 +182,7 @@ impl State {
     /// known Service, or a Service virtual IP from the `--vip-hosts` file (netns mode).
     pub async fn service_for_orig_dst(&self, orig: SocketAddr) -> Option<(ServiceName, u16)> {
         let snapshot = self.discovery.current();
-        if let Some((s, p)) = snapshot.service_by_endpoint(orig) {
+        if let Some((s, p)) = snapshot.service_by_endpoint(orig).or_else(|| snapshot.service_by_virtual_ip(orig)) {
             return Some((s.name.clone(), p.port));
         }
         let path = self.settings.vip_hosts.as_ref()?;

@@ -72,9 +72,13 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     let (service, port) = match dest {
         Dest::Service(s, p) => (s, p),
         Dest::Direct { authority, addr } => {
-            // A Service's virtual IP (netns mode) is the Service: its routes, endpoints and
-            // mTLS, like every path into the mesh — never a plaintext dial of the address.
-            if let Some(orig) = addr.filter(|_| state.settings.vip_hosts.is_some())
+            // A Service's virtual IP (netns mode, a ClusterIP) is the Service: its routes,
+            // endpoints and mTLS, like every path into the mesh — never a plaintext dial of the
+            // address.
+            let virtual_ip = |a: &SocketAddr| {
+                state.settings.vip_hosts.is_some() || snapshot.by_virtual_ip.contains_key(&a.ip().to_canonical())
+            };
+            if let Some(orig) = addr.filter(virtual_ip)
                 && let Some(vip) = state.service_for_orig_dst(orig).await
             {
                 return Box::pin(to_virtual_ip(state, &conn, req, head, obs, vip)).await;

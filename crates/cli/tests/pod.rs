@@ -1,0 +1,242 @@
+//! What runs in an injected Kubernetes pod, tested on this machine: the sidecar's DNS server
+//! (`plexus proxy --dns-addr`, queried with `dig`, forwarding to a real upstream resolver) and
+//! `plexus init`'s traffic redirect (in a network namespace made here, read back with
+//! `iptables-save`).
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use plexus_testkit::{Background, Proxy, TempDir, command, free_port, peers_dir, require_root, require_tool, run};
+
+const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+
+const RESOURCES: &str = r#"
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: reviews, namespace: default, annotations: {plexus.dev/cluster-ip: 10.96.0.12}}
+spec: {selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: details, namespace: prod, annotations: {plexus.dev/cluster-ip: 10.96.0.13}}
+spec: {selector: {app: details}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec: {selector: {app: ratings}, ports: [{name: http, port: 9080}]}
+"#;
+
+/// `dig` against the sidecar's DNS: the whole output.
+async fn dig(port: u16, args: &[&str]) -> String {
+    let mut cmd = command("dig");
+    cmd.args(["@127.0.0.1", "-p", &port.to_string(), "+time=3", "+tries=1"]).args(args);
+    let out = run(&mut cmd, Duration::from_secs(20)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The A records of a `dig +short` answer.
+async fn short(port: u16, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["+short"];
+    all.extend_from_slice(args);
+    dig(port, &all).await.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+fn status_of(out: &str) -> &str {
+    out.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn sidecar_dns_answers_mesh_names_and_forwards_the_rest() {
+    if !(require_root() && require_tool("dig") && require_tool("python3")) {
+        return;
+    }
+    let dir = TempDir::new("pod-dns").expect("temp dir");
+    // An upstream resolver on port 53 of a loopback address of its own (resolv.conf names no
+    // port).
+    let upstream = format!("127.77.{}.{}", std::process::id() % 250, fastrand_octet());
+    let mut up = command("python3");
+    up.arg("-u").arg(peers_dir().join("dns_upstream.py")).arg(&upstream);
+    let upstream_peer =
+        Background::start("dns-upstream", up, "ready", Duration::from_secs(20)).await.expect("upstream");
+    let resolv = dir.join("resolv.conf");
+    // The first nameserver is the sidecar's own address: skipped (no forwarding loop).
+    let dns_port = free_port();
+    std::fs::write(
+        &resolv,
+        format!("nameserver 127.0.0.1\nnameserver {upstream}\nsearch default.svc.cluster.local svc.cluster.local example.internal\noptions ndots:5\n"),
+    )
+    .expect("resolv.conf");
+    let resources = dir.join("mesh.yaml");
+    std::fs::write(&resources, RESOURCES).expect("resources");
+    let dns_addr = format!("127.0.0.1:{dns_port}");
+    let proxy = Proxy::start(
+        PLEXUS,
+        [
+            "proxy",
+            "--resources",
+            resources.to_str().expect("path"),
+            "--outbound-port",
+            "0",
+            "--inbound-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--dns-addr",
+            &dns_addr,
+            "--dns-resolv-conf",
+            resolv.to_str().expect("path"),
+        ],
+    )
+    .await
+    .expect("proxy");
+    let _ = &proxy;
+
+    // Mesh names, every form, over UDP and TCP.
+    for name in [
+        "reviews",
+        "reviews.default",
+        "reviews.default.svc",
+        "reviews.default.svc.cluster.local",
+        "REVIEWS.Default.svc.cluster.local.",
+        // Fully qualified with one of the pod's search domains.
+        "reviews.example.internal",
+    ] {
+        assert_eq!(short(dns_port, &[name]).await, vec!["10.96.0.12"], "{name} over UDP");
+        assert_eq!(short(dns_port, &["+tcp", name]).await, vec!["10.96.0.12"], "{name} over TCP");
+    }
+    assert_eq!(short(dns_port, &["details.prod.svc.cluster.local"]).await, vec!["10.96.0.13"]);
+    assert_eq!(short(dns_port, &["details.prod"]).await, vec!["10.96.0.13"]);
+    // A single label is a Service of the proxy's own namespace (default): not prod's details.
+    let out = dig(dns_port, &["details"]).await;
+    assert_eq!(status_of(&out), "NXDOMAIN", "details is forwarded (not in default)\n{out}");
+
+    // AAAA for a mesh name: NOERROR without records (IPv4 only), answered here.
+    let out = dig(dns_port, &["reviews.default.svc.cluster.local", "AAAA"]).await;
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
+    assert!(out.contains("ANSWER: 0"), "{out}");
+    assert!(out.contains("flags: qr aa"), "authoritative answer from the sidecar\n{out}");
+
+    // Not mesh names: forwarded to the upstream, over the transport they came on.
+    assert_eq!(short(dns_port, &["example.test"]).await, vec!["192.0.2.7"]);
+    assert_eq!(short(dns_port, &["+tcp", "example.test"]).await, vec!["192.0.2.7"]);
+    let out = dig(dns_port, &["nothing.example.test"]).await;
+    assert_eq!(status_of(&out), "NXDOMAIN", "{out}");
+    // A mesh Service without a virtual address is not answered here.
+    let out = dig(dns_port, &["ratings.default.svc.cluster.local"]).await;
+    assert_eq!(status_of(&out), "NXDOMAIN", "{out}");
+    plexus_testkit::eventually(Duration::from_secs(5), || async {
+        let stderr = upstream_peer.stderr();
+        let log: Vec<&str> = stderr.lines().collect();
+        anyhow::ensure!(log.contains(&"answered example.test via tcp"), "upstream saw: {log:?}");
+        anyhow::ensure!(log.contains(&"answered example.test via udp"), "upstream saw: {log:?}");
+        anyhow::ensure!(!log.iter().any(|l| l.contains("reviews")), "a mesh name went upstream: {log:?}");
+        Ok(())
+    })
+    .await
+    .expect("the upstream answered the forwarded queries");
+
+    // Malformed packets: a short one is dropped, one with a header gets FORMERR, and the
+    // server keeps answering.
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    sock.send_to(&[1, 2, 3], &dns_addr).expect("send");
+    let mut garbage = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01];
+    garbage.extend_from_slice(&[0xc0; 30]);
+    sock.send_to(&garbage, &dns_addr).expect("send");
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).expect("a FORMERR reply");
+    assert!(n >= 12, "reply of {n} bytes");
+    assert_eq!(&buf[..2], &[0x12, 0x34], "same id");
+    assert_eq!(buf[3] & 0x0f, 1, "FORMERR");
+    // Over TCP: a length prefix longer than what follows, then the connection closes.
+    {
+        use std::io::Write as _;
+        let mut tcp = std::net::TcpStream::connect(&dns_addr).expect("tcp");
+        tcp.write_all(&[0x10, 0x00, 0xde, 0xad]).expect("write");
+    }
+    assert_eq!(short(dns_port, &["reviews"]).await, vec!["10.96.0.12"], "still serving after garbage");
+    assert!(proxy.exit_status().is_none(), "the proxy is still running\n{}", proxy.stderr());
+}
+
+fn fastrand_octet() -> u32 {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) % 200)
+        + 2
+}
+
+/// A network namespace deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(tag: &str) -> Netns {
+        let name = format!("ptest-{tag}-{}", std::process::id());
+        let out = Command::new("ip").args(["netns", "add", &name]).output().expect("ip");
+        assert!(out.status.success(), "ip netns add: {}", String::from_utf8_lossy(&out.stderr));
+        Netns(name)
+    }
+
+    fn exec(&self, argv: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.0]).args(argv).output().expect("ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn plexus_init_installs_the_pod_redirect_once() {
+    if !(require_root() && require_tool("iptables-save") && require_tool("ip")) {
+        return;
+    }
+    let ns = Netns::create("init");
+    let init = ["--skip-inbound-ports", "9090,9091", "--skip-outbound-ports", "5432"];
+    let mut argv = vec![PLEXUS, "init"];
+    argv.extend_from_slice(&init);
+    // Twice: the second run replaces the rules instead of adding them again.
+    for round in 0..2 {
+        let out = ns.exec(&argv);
+        assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let saved = String::from_utf8_lossy(&ns.exec(&["iptables-save", "-t", "nat"]).stdout).into_owned();
+    let rules: Vec<&str> = saved.lines().filter(|l| l.starts_with("-A ")).collect();
+    let expected = [
+        "-A PREROUTING -p tcp -j PLEXUS_INBOUND",
+        "-A OUTPUT -p udp -j PLEXUS_OUTPUT",
+        "-A OUTPUT -p tcp -j PLEXUS_OUTPUT",
+        "-A PLEXUS_INBOUND -p tcp -m tcp --dport 7710 -j RETURN",
+        "-A PLEXUS_INBOUND -p tcp -m tcp --dport 7711 -j RETURN",
+        "-A PLEXUS_INBOUND -p tcp -m tcp --dport 7712 -j RETURN",
+        "-A PLEXUS_INBOUND -p tcp -m tcp --dport 9090 -j RETURN",
+        "-A PLEXUS_INBOUND -p tcp -m tcp --dport 9091 -j RETURN",
+        "-A PLEXUS_INBOUND -p tcp -j REDIRECT --to-ports 7711",
+        "-A PLEXUS_OUTPUT -p udp -m udp --dport 53 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 7753",
+        "-A PLEXUS_OUTPUT -p tcp -m tcp --dport 53 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 7753",
+        "-A PLEXUS_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A PLEXUS_OUTPUT -d 127.0.0.0/8 -j RETURN",
+        "-A PLEXUS_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN",
+        "-A PLEXUS_OUTPUT -p tcp -j REDIRECT --to-ports 7710",
+    ];
+    assert_eq!(rules, expected, "iptables-save after two runs:\n{saved}");
+
+    // `--dry-run` prints the same rules and changes nothing.
+    let other = Netns::create("init-dry");
+    let mut dry = argv.clone();
+    dry.push("--dry-run");
+    let out = other.exec(&dry);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for rule in expected {
+        assert!(printed.lines().any(|l| l == rule), "dry run lacks {rule}:\n{printed}");
+    }
+    let untouched = String::from_utf8_lossy(&other.exec(&["iptables-save", "-t", "nat"]).stdout).into_owned();
+    assert!(!untouched.contains("PLEXUS"), "dry run changed the table:\n{untouched}");
+
+    // A bad flag is a usage error naming it.
+    let out = ns.exec(&[PLEXUS, "init", "--skip-inbound-ports", "http"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--skip-inbound-ports"));
+}
