@@ -256,6 +256,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             admin_address: String::new(),
             token: ingress_token,
             register: None,
+            token_file: None,
             service_account: "ingress-gateway".into(),
             identity: None,
             app_readiness: None,

@@ -117,10 +117,18 @@ pub struct ProxyArgs {
     /// The workload token (`plexus token create`): bootstraps the certificate, needed to register.
     #[arg(long, env = "PLEXUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file holding the token, re-read at every bootstrap: in a pod, its ServiceAccount
+    /// token (`/var/run/secrets/kubernetes.io/serviceaccount/token`), which the control plane
+    /// proves with a TokenReview.
+    #[arg(long, env = "PLEXUS_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Trust anchor(s), PEM, to verify the control plane with (default: the anchor the
     /// workload token pins; `plexus token create --anchor-out FILE` writes it).
-    #[arg(long, env = "PLEXUS_ANCHOR")]
+    #[arg(long, visible_alias = "trust-anchor", env = "PLEXUS_ANCHOR")]
     pub anchor: Option<PathBuf>,
+    /// Trust anchor(s) as PEM text (how the injection webhook passes them to a pod's proxy).
+    #[arg(long, env = "PLEXUS_TRUST_ANCHOR_PEM", hide = true, hide_env_values = true)]
+    pub trust_anchor_pem: Option<String>,
     /// FOR BENCHMARKS: use the workload certificate with the control plane only, and talk to
     /// peers in plaintext.
     #[arg(long, hide = true)]
@@ -278,13 +286,21 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
     let dns = dns_settings(&args)?;
     let namespace = args.namespace.clone();
     if let Some(address) = args.control_plane.take() {
-        let anchors_pem = match &args.anchor {
+        let mut anchors_pem = match &args.anchor {
             Some(path) => Some(
                 std::fs::read_to_string(path)
                     .map_err(|e| Failure::usage(format!("--anchor {}: {e}", path.display())))?,
             ),
             None => None,
         };
+        if let Some(pem) = args.trust_anchor_pem.as_deref().filter(|p| !p.trim().is_empty()) {
+            anchors_pem = Some(format!("{}{pem}\n", anchors_pem.unwrap_or_default()));
+        }
+        if let Some(path) = &args.token_file {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("--token-file {}: {e}", path.display())))?;
+            args.token = Some(token.trim().to_string());
+        }
         let config = ControlPlaneConfig {
             address,
             timing: args.control_plane_timing.timing(),
@@ -296,6 +312,7 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             admin_address: String::new(),
             token: args.token.clone().unwrap_or_default(),
             register: None,
+            token_file: args.token_file.clone(),
             service_account: args
                 .service_account
                 .clone()
@@ -399,6 +416,7 @@ impl Sidecar {
                     address: config.address.clone(),
                     tls: tls.clone(),
                     token: config.token.clone(),
+                    token_file: config.token_file.clone(),
                     namespace: config.namespace.clone(),
                     service_account: config.service_account.clone(),
                 },

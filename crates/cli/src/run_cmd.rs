@@ -184,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         admin_address: String::new(),
         token,
         register: None,
+        token_file: None,
         service_account: service_account.clone(),
         identity: None,
         // Registered only once the app listens: no peer is sent traffic before that.

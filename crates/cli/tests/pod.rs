@@ -240,3 +240,109 @@ async fn plexus_init_installs_the_pod_redirect_once() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--skip-inbound-ports"));
 }
+
+/// `plexus control` on free ports; returns it (killed on drop) once it printed its ready line.
+fn control_plane(data: &std::path::Path) -> anyhow::Result<(plexus_testkit::Proc, u16, u16)> {
+    use std::io::BufRead as _;
+    let (http, grpc) = (free_port(), free_port());
+    let mut child = Command::new(PLEXUS)
+        .args(["control", "--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("stdout"))?).read_line(&mut line)?;
+    let proc = plexus_testkit::Proc(child);
+    anyhow::ensure!(line.contains("\"grpc\""), "no ready line: {line:?}");
+    Ok((proc, http, grpc))
+}
+
+/// The workload certificate's expiry gauge of a proxy's `/metrics`.
+async fn cert_expiry(admin: std::net::SocketAddr) -> f64 {
+    let mut cmd = command("curl");
+    cmd.args(["-sS", "--max-time", "3", &format!("http://{admin}/metrics")]);
+    let Ok(out) = run(&mut cmd, Duration::from_secs(10)).await else { return 0.0 };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("plexus_identity_cert_expiration_timestamp_seconds ")?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A pod's proxy reads its token from a file (`--token-file`, the ServiceAccount token's
+/// mount) and takes the trust anchor as PEM text from `PLEXUS_TRUST_ANCHOR_PEM` (what the
+/// webhook sets): with a valid token it gets its certificate; with a token the control plane
+/// does not know it runs (the anchor from the environment is enough to start) and gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_proxy_bootstraps_from_a_token_file() {
+    let dir = TempDir::new("pod-token").expect("dir");
+    let data = dir.join("data");
+    let (_control, http, grpc) = control_plane(&data).expect("control plane");
+    let server = format!("http://127.0.0.1:{http}");
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "default").await.expect("token");
+    let anchor = std::fs::read_to_string(data.join("trust-anchor.pem")).expect("anchor");
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let start = |name: &'static str, file: std::path::PathBuf| {
+        let grpc_url = grpc_url.clone();
+        let anchor = anchor.clone();
+        async move {
+            // Through `env`, which execs the proxy with the variable set (as the pod spec does).
+            let pem_env = format!("PLEXUS_TRUST_ANCHOR_PEM={anchor}");
+            let args = [
+                pem_env.as_str(),
+                PLEXUS,
+                "proxy",
+                "--control-plane",
+                grpc_url.as_str(),
+                "--token-file",
+                file.to_str().expect("path"),
+                "--outbound-port",
+                "0",
+                "--inbound-port",
+                "0",
+                "--admin-port",
+                "0",
+            ];
+            Proxy::start_named(name, "env", args).await.expect("proxy starts")
+        }
+    };
+    // Positive: the token from the file (with a trailing newline, as mounted) bootstraps.
+    let good = dir.join("token");
+    std::fs::write(&good, format!("{token}\n")).expect("token file");
+    let proxy = start("pod-proxy", good).await;
+    plexus_testkit::eventually(Duration::from_secs(15), || async {
+        let expiry = cert_expiry(proxy.admin()).await;
+        anyhow::ensure!(expiry > 0.0, "no workload certificate yet");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", proxy.stderr()));
+
+    // Negative: an unknown token (not plx1, no TokenReview authenticator here) gets nothing.
+    let bad = dir.join("bad-token");
+    std::fs::write(&bad, "eyJhbGciOiJSUzI1NiJ9.not-a-plexus-token.sig\n").expect("token file");
+    let rejected = start("bad-proxy", bad).await;
+    plexus_testkit::eventually(Duration::from_secs(15), || async {
+        anyhow::ensure!(rejected.stderr().contains("cannot get a workload certificate"), "not refused yet");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", rejected.stderr()));
+    assert_eq!(cert_expiry(rejected.admin()).await, 0.0, "an unknown token got a certificate");
+    assert!(rejected.exit_status().is_none(), "started and still running\n{}", rejected.stderr());
+
+    // Without any anchor (no pin in the token, none in the environment) it refuses to start.
+    let mut cmd = command(PLEXUS);
+    cmd.args(["proxy", "--control-plane", &grpc_url, "--token-file"]).arg(dir.join("bad-token")).args([
+        "--outbound-port",
+        "0",
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        "0",
+    ]);
+    let out = run(&mut cmd, Duration::from_secs(20)).await.expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust anchor"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -51,6 +51,9 @@ pub struct ControlPlaneConfig {
     pub admin_address: String,
     /// The workload token (bootstraps the certificate; needed to register).
     pub token: String,
+    /// A file holding the token, re-read at every bootstrap (a pod's projected ServiceAccount
+    /// token rotates); `token` is its content at start.
+    pub token_file: Option<std::path::PathBuf>,
     /// A Workload resource (JSON) to register while connected.
     pub register: Option<Vec<u8>>,
     /// The workload's service account (its SPIFFE identity).

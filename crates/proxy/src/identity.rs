@@ -38,6 +38,8 @@ pub struct IdentityConfig {
     /// How the control plane is verified (and, for renewals, how the proxy authenticates).
     pub tls: Arc<crate::cp_tls::ControlPlaneTls>,
     pub token: String,
+    /// Re-read at every bootstrap instead of `token` when set (a rotating ServiceAccount token).
+    pub token_file: Option<std::path::PathBuf>,
     pub namespace: String,
     pub service_account: String,
 }
@@ -153,7 +155,13 @@ impl WorkloadIdentity {
             .await?;
         let resp = IdentityClient::new(channel)
             .certify(CertifyRequest {
-                token: config.token.clone(),
+                token: match &config.token_file {
+                    Some(path) => std::fs::read_to_string(path)
+                        .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?
+                        .trim()
+                        .to_string(),
+                    None => config.token.clone(),
+                },
                 namespace: config.namespace.clone(),
                 service_account: config.service_account.clone(),
                 csr_der: csr.der().to_vec().into(),
