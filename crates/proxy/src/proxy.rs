@@ -304,6 +304,7 @@ impl Proxy {
             pool: Pool::with_credentials(
                 client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark },
                 settings.identity.as_ref().map(|i| i.credentials.clone()),
+                OwnLabels::of(&settings).source,
             ),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
@@ -796,13 +797,26 @@ async fn serve_mesh_tls(
         if let Some(id) = &peer_identity {
             peers.source_principal = id.as_str().into();
         }
+        // The caller's workload and Service, as its sidecar states them over this verified
+        // stream (the principal above is what mTLS proves).
+        let mut tls = tls;
+        match crate::transport::source::read(&mut tls, state.settings.limits.header_read_timeout).await {
+            Ok(Some((workload, service))) => {
+                peers.source_workload = workload.as_str().into();
+                peers.source_service = service.as_str().into();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "mesh opaque stream without a source header; closing");
+                return;
+            }
+        }
         let Some(port) = app_port else { return };
         if let Err(e) = inbound::authorize_stream(&state, port, peer_identity.as_deref()) {
             tracing::debug!(%peer, error = %e, "opaque stream refused");
             // Closed once the peer speaks (or gives up), not at once: a peer sidecar that
             // dialled early for server-first detection would take an immediate close for the
             // server speaking first, and so lose a client that is about to send HTTP.
-            let mut tls = tls;
             let mut first = [0u8; 1];
             let _ = tokio::time::timeout(state.settings.limits.header_read_timeout, tls.read(&mut first)).await;
             return;

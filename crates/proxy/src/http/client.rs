@@ -144,6 +144,9 @@ pub struct Pool {
     h2: Mutex<HashMap<H2Key, H2Slot>>,
     /// This proxy's certificate and trust bundle, when it has a mesh identity.
     credentials: Option<Arc<crate::tls::MeshCredentials>>,
+    /// `WORKLOAD/SERVICE` of this proxy, sent at the start of mesh opaque streams
+    /// ([`crate::transport::source`]).
+    source: Option<http::HeaderValue>,
 }
 
 /// How the proxy dials upstreams.
@@ -213,16 +216,22 @@ pub fn upstream_error(e: hyper::Error) -> ProxyError {
 
 impl Pool {
     pub fn new(dialer: Dialer) -> Arc<Self> {
-        Pool::with_credentials(dialer, None)
+        Pool::with_credentials(dialer, None, None)
     }
 
-    /// A pool that speaks mutual TLS to sidecars once `credentials` hold a certificate.
-    pub fn with_credentials(dialer: Dialer, credentials: Option<Arc<crate::tls::MeshCredentials>>) -> Arc<Self> {
+    /// A pool that speaks mutual TLS to sidecars once `credentials` hold a certificate, and
+    /// names `source` (`WORKLOAD/SERVICE`) at the start of the opaque streams it opens.
+    pub fn with_credentials(
+        dialer: Dialer,
+        credentials: Option<Arc<crate::tls::MeshCredentials>>,
+        source: Option<http::HeaderValue>,
+    ) -> Arc<Self> {
         Arc::new(Pool {
             dialer,
             h1_idle: Mutex::new(HashMap::default()),
             h2: Mutex::new(HashMap::default()),
             credentials,
+            source,
         })
     }
 
@@ -256,7 +265,7 @@ impl Pool {
                 // (hung, or registered before it serves) is a connection failure within the
                 // connect timeout — retried elsewhere — not a request that hangs.
                 let limit = timeout.unwrap_or(self.dialer.timeout);
-                let tls = match tokio::time::timeout(limit, handshake).await {
+                let mut tls = match tokio::time::timeout(limit, handshake).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         let e = std::io::Error::other(format!("mTLS to {id} at {addr}: {e}"));
@@ -270,6 +279,12 @@ impl Pool {
                         return Err(ProxyError::ConnectFailed(e));
                     }
                 };
+                // An opaque stream starts with who is calling (HTTP carries it in a header).
+                if alpn == crate::tls::ALPN_TCP {
+                    crate::transport::source::write(&mut tls, self.source.as_ref().map(|v| v.as_bytes()))
+                        .await
+                        .map_err(ProxyError::ConnectFailed)?;
+                }
                 Ok(PeerStream::Tls(Box::new(tls)))
             }
             _ => Ok(PeerStream::Plain(stream)),

@@ -5,6 +5,7 @@ pub mod detect;
 pub mod io;
 pub mod listen;
 pub mod sni;
+pub mod source;
 pub mod tcp;
 
 use std::net::SocketAddr;
