@@ -23,6 +23,7 @@ mod stat_cmd;
 mod tap_cmd;
 mod token_cmd;
 mod version_cmd;
+mod wait_ready_cmd;
 
 use std::process::ExitCode;
 
@@ -76,6 +77,9 @@ enum Command {
     Dashboard(dashboard_cmd::DashboardArgs),
     /// Start a workload with its sidecar, registered in the mesh while it runs.
     Run(Box<run_cmd::RunArgs>),
+    /// Wait until a sidecar has reached the control plane and holds its certificate (the
+    /// injected proxy's postStart hook).
+    WaitReady(wait_ready_cmd::WaitReadyArgs),
     /// Install a pod's traffic redirect (iptables; the injected init container).
     Init(init_cmd::InitArgs),
     /// Create, show or rotate the mesh's trust anchor and issuer.
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
             Command::Dashboard(args) => dashboard_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Init(args) => init_cmd::run(args).await,
+            Command::WaitReady(args) => wait_ready_cmd::run(args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Token(args) => token_cmd::run(args).await,
             Command::Install(args) => install_cmd::run(args).await,

@@ -22,6 +22,19 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     .map_err(|e| format!("invalid mark {s:?}: {e}"))
 }
 
+/// `--app-probes`: the admin path → app probe table.
+#[derive(Clone, Debug)]
+pub struct AppProbes(std::collections::BTreeMap<String, plexus_proxy::settings::AppProbe>);
+
+fn parse_app_probes(s: &str) -> Result<AppProbes, String> {
+    let table: std::collections::BTreeMap<String, plexus_proxy::settings::AppProbe> =
+        serde_json::from_str(s).map_err(|e| format!("invalid probe table (JSON): {e}"))?;
+    if let Some(bad) = table.keys().find(|k| !k.starts_with("/app-health/")) {
+        return Err(format!("probe path {bad:?} does not start with /app-health/"));
+    }
+    Ok(AppProbes(table))
+}
+
 /// How often `plexus run` (and a sidecar started by it) probes the app before registering it.
 pub const APP_READY_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -213,6 +226,10 @@ pub struct ProxyArgs {
     /// Where the upstream nameservers and search domains for `--dns-addr` come from.
     #[arg(long, env = "PLEXUS_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
     pub dns_resolv_conf: PathBuf,
+    /// Kubelet probes rewritten to the admin port, as JSON `{"/app-health/C/KIND": {"port": N,
+    /// "path": "/healthz"}}` (set by the injection webhook): forwarded to the app.
+    #[arg(long, env = "PLEXUS_APP_PROBES", value_parser = parse_app_probes, hide_env_values = true)]
+    app_probes: Option<AppProbes>,
     /// How long a drain (SIGTERM, POST /shutdown) waits for in-flight work.
     #[arg(long, env = "PLEXUS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
@@ -242,6 +259,7 @@ impl ProxyArgs {
             access_log: self.access_log,
             outbound_mark: self.outbound_mark,
             vip_hosts: self.vip_hosts,
+            app_probes: self.app_probes.map(|p| p.0).unwrap_or_default(),
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,
                 max_connections: self.max_connections,

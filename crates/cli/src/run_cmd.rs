@@ -412,7 +412,7 @@ async fn refresh_hosts(pod: &crate::netns::Pod, servers: &crate::api_client::Ser
 
 /// Polls the sidecar's admin `/metrics` until it reports a control-plane connection and a
 /// workload certificate.
-async fn wait_connected(admin: &str, timeout: Duration) -> bool {
+pub(crate) async fn wait_connected(admin: &str, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         let probe = async {

@@ -346,3 +346,52 @@ async fn a_pod_proxy_bootstraps_from_a_token_file() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust anchor"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Kubelet probes rewritten by injection reach the app through the proxy's admin port
+/// (`/app-health/<container>/<kind>`): the app's status is passed on, a dead app is 503, and
+/// paths not in the table are not forwarded anywhere.
+#[tokio::test]
+async fn rewritten_kubelet_probes_are_forwarded_to_the_app() {
+    let app = plexus_testkit::HttpEcho::start("app").await.expect("app");
+    let closed = free_port();
+    let table = serde_json::json!({
+        "/app-health/app/readiness": {"port": app.port(), "path": "/healthz"},
+        "/app-health/app/liveness": {"port": app.port(), "path": "/status/500", "headers": [["x-probe", "1"]]},
+        "/app-health/dead/readiness": {"port": closed, "path": "/"},
+    });
+    let proxy = Proxy::start(
+        PLEXUS,
+        [
+            "proxy",
+            "--outbound-port",
+            "0",
+            "--inbound-port",
+            "0",
+            "--admin-port",
+            "0",
+            "--app-probes",
+            &table.to_string(),
+        ],
+    )
+    .await
+    .expect("proxy");
+    let status = |path: &'static str| {
+        let url = format!("http://{}{path}", proxy.admin());
+        async move {
+            let mut cmd = command("curl");
+            cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", &url]);
+            let out = run(&mut cmd, Duration::from_secs(20)).await.expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    assert_eq!(status("/app-health/app/readiness").await, "200");
+    assert_eq!(status("/app-health/app/liveness").await, "500");
+    assert_eq!(status("/app-health/dead/readiness").await, "503");
+    assert_eq!(status("/app-health/other/readiness").await, "404", "only the table's paths");
+    // A malformed table is a usage error.
+    let mut cmd = command(PLEXUS);
+    cmd.args(["proxy", "--app-probes", r#"{"/healthz": {"port": 1, "path": "/"}}"#]);
+    let out = run(&mut cmd, Duration::from_secs(20)).await.expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/app-health/"));
+}

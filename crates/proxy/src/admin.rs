@@ -81,11 +81,53 @@ async fn serve_http<I>(state: Arc<State>, io: I, caller: Caller) -> std::io::Res
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(&state, caller, req)) }
+        async move {
+            if req.method() == Method::GET
+                && let Some(probe) = state.settings.app_probes.get(req.uri().path())
+            {
+                return Ok::<_, Infallible>(app_health(&state, probe).await);
+            }
+            Ok::<_, Infallible>(route(&state, caller, req))
+        }
     });
     hyper::server::conn::http1::Builder::new().serve_connection(io, service).await.map_err(std::io::Error::other)
+}
+
+/// A kubelet probe rewritten to the admin port: the same GET to the app on 127.0.0.1, its
+/// status passed on (anything but a status line: 503). The app's port stays behind mTLS.
+async fn app_health(state: &State, probe: &crate::settings::AppProbe) -> Response<Body> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = SocketAddr::from(([127, 0, 0, 1], probe.port));
+    let ask = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        let mut head = format!("GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: kube-probe\r\n", probe.path);
+        for (name, value) in &probe.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < buf.len() {
+            let read = s.read(&mut buf[n..]).await.ok()?;
+            if read == 0 {
+                break;
+            }
+            n += read;
+            if buf[..n].contains(&b'\n') {
+                break;
+            }
+        }
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        line.strip_prefix("HTTP/1.")?.get(2..5)?.parse::<u16>().ok()
+    };
+    let timeout = state.settings.limits.connect_timeout.max(std::time::Duration::from_secs(5));
+    match tokio::time::timeout(timeout, ask).await.ok().flatten().and_then(|c| StatusCode::from_u16(c).ok()) {
+        Some(code) => text(code, "text/plain", format!("app probe: {}\n", code.as_u16())),
+        None => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("app probe: no answer on {addr}\n")),
+    }
 }
 
 /// The control plane's SPIFFE ID in this proxy's trust domain (known once it has a certificate).

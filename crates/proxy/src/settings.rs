@@ -135,7 +135,20 @@ pub struct Settings {
     /// connection to one of its addresses goes to that Service.
     #[serde(skip)]
     pub vip_hosts: Option<std::path::PathBuf>,
+    /// Kubelet probes rewritten to the admin port (`/app-health/<container>/<kind>`, set by the
+    /// injection webhook): forwarded to the app on 127.0.0.1.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     pub limits: Limits,
+}
+
+/// Where a rewritten kubelet probe goes: the app's port and path on 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 /// Resource limits that keep bad or slow clients from hurting the proxy.
@@ -209,6 +222,7 @@ impl Default for Settings {
             access_log: false,
             outbound_mark: None,
             vip_hosts: None,
+            app_probes: Default::default(),
             limits: Limits::default(),
         }
     }
