@@ -353,7 +353,10 @@ fn deployment(image: &str) -> Value {
                         "volumeMounts": [
                             {"name": "identity", "mountPath": "/etc/plexus/identity", "readOnly": true},
                             {"name": "webhook-tls", "mountPath": "/etc/plexus/webhook", "readOnly": true},
-                            {"name": "data", "mountPath": "/var/lib/plexus"}
+                            // The emptyDir's root belongs to root (mode 0777): mounted on the
+                            // parent, the control plane creates /var/lib/plexus itself and can
+                            // keep it 0700, as the data dir's keys need.
+                            {"name": "data", "mountPath": "/var/lib"}
                         ]
                     }],
                     "volumes": [
