@@ -21,9 +21,64 @@ pub struct ServerArgs {
     /// The control plane's data dir (the CLI reads the admin token from it).
     #[arg(long, global = true, env = "PLEXUS_DATA_DIR", default_value = "./.plexus")]
     pub data_dir: PathBuf,
+    /// Reach the control plane of a Kubernetes cluster instead: through the API server (a
+    /// port-forward to its pod), with the admin token from Secret plexus-admin-token. Env
+    /// KUBECONFIG is used when no --server is given.
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The cluster's control plane, once found.
+    #[arg(skip)]
+    cluster: std::sync::Arc<tokio::sync::OnceCell<Result<std::sync::Arc<plexus_k8s::access::ClusterAccess>, String>>>,
 }
 
+/// `--server`'s default.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:7701";
+
 impl ServerArgs {
+    /// A control plane at `server` whose admin token is in `data_dir`.
+    pub fn new(server: String, data_dir: PathBuf) -> ServerArgs {
+        ServerArgs { server, data_dir, kubeconfig: None, cluster: Default::default() }
+    }
+
+    /// The kubeconfig to reach a cluster with: `--kubeconfig`, else `KUBECONFIG` (its first
+    /// file) when no `--server` (nor `PLEXUS_SERVER`) is given.
+    pub fn kubeconfig_path(&self) -> Option<PathBuf> {
+        if let Some(k) = &self.kubeconfig {
+            return Some(k.clone());
+        }
+        if self.server != DEFAULT_SERVER || std::env::var_os("PLEXUS_SERVER").is_some() {
+            return None;
+        }
+        let list = std::env::var_os("KUBECONFIG")?;
+        std::env::split_paths(&list).find(|p| !p.as_os_str().is_empty())
+    }
+
+    /// Where the control plane is, for messages: `--server`, or the cluster's pod.
+    pub fn describe(&self) -> String {
+        match (self.kubeconfig_path(), self.cluster.get()) {
+            (Some(_), Some(Ok(access))) => {
+                format!("pod {}/{} (port-forward)", plexus_k8s::install::NAMESPACE, access.pod())
+            }
+            (Some(k), _) => format!("the cluster of {}", k.display()),
+            (None, _) => self.server.clone(),
+        }
+    }
+
+    /// The cluster's control plane when a kubeconfig is in use (found once per command).
+    async fn cluster(&self) -> Result<Option<std::sync::Arc<plexus_k8s::access::ClusterAccess>>, Failure> {
+        let Some(path) = self.kubeconfig_path() else { return Ok(None) };
+        let found = self
+            .cluster
+            .get_or_init(
+                || async move { plexus_k8s::access::ClusterAccess::connect(&path).await.map(std::sync::Arc::new) },
+            )
+            .await;
+        match found {
+            Ok(access) => Ok(Some(access.clone())),
+            Err(e) => Err(Failure::runtime(format!("cannot reach the control plane in the cluster: {e}"))),
+        }
+    }
+
     fn authority(&self) -> Result<String, Failure> {
         let rest = self
             .server
@@ -75,7 +130,7 @@ impl ServerArgs {
     fn unreachable(&self, e: &dyn std::fmt::Display) -> Failure {
         Failure::runtime(format!(
             "cannot reach the control plane at {}: {e}\n  hint: start it with `plexus control` (or `plexus demo`), or set --server / PLEXUS_SERVER",
-            self.server
+            self.describe()
         ))
     }
 
@@ -86,17 +141,43 @@ impl ServerArgs {
         body: Option<&Value>,
         write: bool,
     ) -> Result<Response<Incoming>, Failure> {
-        let authority = self.authority()?;
-        let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&authority))
-            .await
-            .map_err(|_| self.unreachable(&"connect timed out"))?
-            .map_err(|e| self.unreachable(&e))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| self.unreachable(&e))?;
-        tokio::spawn(conn);
+        let (mut sender, authority, token) = match self.cluster().await? {
+            Some(access) => {
+                // Kubernetes: one port-forwarded stream per request, the admin token from its Secret.
+                let stream = tokio::time::timeout(Duration::from_secs(10), access.connection())
+                    .await
+                    .map_err(|_| self.unreachable(&"the port-forward timed out"))?
+                    .map_err(|e| self.unreachable(&e))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| self.unreachable(&e))?;
+                tokio::spawn(conn);
+                (
+                    sender,
+                    format!("{}:{}", access.pod(), plexus_k8s::access::HTTP_PORT),
+                    Some(access.admin_token().to_string()),
+                )
+            }
+            None => {
+                let authority = self.authority()?;
+                let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&authority))
+                    .await
+                    .map_err(|_| self.unreachable(&"connect timed out"))?
+                    .map_err(|e| self.unreachable(&e))?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| self.unreachable(&e))?;
+                tokio::spawn(conn);
+                (sender, authority, None)
+            }
+        };
         let mut builder = Request::builder().method(method).uri(path).header(http::header::HOST, authority.as_str());
         if write {
-            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {}", self.admin_token()?));
+            let token = match token {
+                Some(t) => t,
+                None => self.admin_token()?,
+            };
+            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let payload = match body {
             Some(v) => {

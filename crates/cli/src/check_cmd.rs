@@ -89,27 +89,41 @@ fn pre(args: &CheckArgs, r: &mut Report) {
     }
 }
 
+/// SPEC §11: with a kubeconfig, the cluster's own checks come first.
+async fn kubernetes(args: &CheckArgs, r: &mut Report) {
+    let Some(kubeconfig) = args.server.kubeconfig_path() else { return };
+    r.section("kubernetes");
+    for finding in plexus_k8s::access::checks(&kubeconfig).await {
+        match finding {
+            plexus_k8s::access::Finding::Ok(what) => r.ok(what),
+            plexus_k8s::access::Finding::Warn(what, hint) => r.warn(what, hint),
+            plexus_k8s::access::Finding::Fail(what, hint) => r.fail(what, hint),
+        }
+    }
+}
+
 async fn installed(args: &CheckArgs, r: &mut Report) {
+    kubernetes(args, r).await;
     r.section("control plane");
     let health = args.server.call(Method::GET, "/healthz", None, false).await;
     let health = match health.map(|(status, v)| (status, serde_json::from_value::<Health>(v))) {
         Ok((StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE, Ok(h))) => h,
         Ok((status, _)) => {
             r.fail(
-                format!("control plane at {} answered {status}", args.server.server),
+                format!("control plane at {} answered {status}", args.server.describe()),
                 "look at the control plane's logs",
             );
             return;
         }
         Err(e) => {
             r.fail(
-                format!("control plane unreachable at {}", args.server.server),
+                format!("control plane unreachable at {}", args.server.describe()),
                 e.message.lines().next().unwrap_or_default(),
             );
             return;
         }
     };
-    r.ok(format!("control plane reachable at {}", args.server.server));
+    r.ok(format!("control plane reachable at {}", args.server.describe()));
     match health.status.as_str() {
         "ok" => r.ok(format!("store healthy (revision {})", health.revision)),
         _ => r.fail(

@@ -143,8 +143,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let token = match args.token.clone().filter(|t| !t.trim().is_empty()) {
         Some(t) => t,
         None => {
-            let servers =
-                crate::api_client::ServerArgs { server: args.server.clone(), data_dir: args.data_dir.clone() };
+            let servers = crate::api_client::ServerArgs::new(args.server.clone(), args.data_dir.clone());
             crate::token_cmd::create_for(&servers, &args.namespace, &service_account).await.map_err(|e| {
                 Failure::usage(format!(
                     "no workload token: {}\n  hint: pass --token (or PLEXUS_TOKEN) from `plexus token create --service-account {service_account} --namespace {}`, or run where the control plane's data dir is (--data-dir)",
@@ -275,7 +274,7 @@ async fn run_in_netns(args: &RunArgs, token: String, workload: String, service_a
     let control_plane = args.control_plane.replace("127.0.0.1", &crate::netns::GATEWAY.to_string());
     let cp_port = control_plane.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(7700);
     let pod = std::sync::Arc::new(crate::netns::Pod::create(cp_port)?);
-    let servers = crate::api_client::ServerArgs { server: args.server.clone(), data_dir: args.data_dir.clone() };
+    let servers = crate::api_client::ServerArgs::new(args.server.clone(), args.data_dir.clone());
     refresh_hosts(&pod, &servers).await;
     let ports: Vec<serde_json::Value> =
         args.port.map(|p| json!({"name": "http", "port": p, "targetPort": p})).into_iter().collect();
