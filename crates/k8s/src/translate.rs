@@ -31,7 +31,7 @@ use serde_json::Value;
 /// `meshed`.
 pub const PROXY_CONTAINER: &str = "plexus-proxy";
 /// Annotation carrying a Service's ClusterIP (its virtual address) on the translated Service.
-pub const CLUSTER_IP_ANNOTATION: &str = "plexus.dev/cluster-ip";
+pub const CLUSTER_IP_ANNOTATION: &str = plexus_core::model::VIRTUAL_IP_ANNOTATION;
 /// kubectl's copy of the applied object: large, and never a setting.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
