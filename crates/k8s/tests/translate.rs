@@ -79,6 +79,9 @@ fn only_running_ready_pods_are_workloads_meshed_when_injected() {
     let endpoints: Vec<(String, bool)> = port.endpoints.iter().map(|e| (e.addr.to_string(), e.meshed)).collect();
     assert_eq!(endpoints, [("10.244.0.12:9080".to_string(), true), ("10.244.0.13:9080".to_string(), false)]);
     assert_eq!(port.endpoints[0].principal.as_deref(), Some("spiffe://plexus.local/ns/bookinfo/sa/bookinfo-reviews"));
+    // The ClusterIP is the Service's virtual address (transparent traffic, sidecar DNS).
+    let cluster_ip: std::net::IpAddr = "10.96.41.7".parse().expect("ip");
+    assert_eq!(snapshot.by_virtual_ip.get(&cluster_ip), Some(&ServiceName::new("reviews", "bookinfo")));
 }
 
 #[test]
