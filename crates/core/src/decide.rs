@@ -2,7 +2,9 @@
 //! redirects, which backend Service port it goes to. Pure, so the proxy and `plexus explain`
 //! run exactly the same code.
 
+use crate::external::{CompiledExternal, ExternalPortInfo};
 use crate::model::{CompiledPort, CompiledService, MeshSnapshot};
+use crate::resource::OutboundTrafficPolicy;
 use crate::names::ServiceName;
 use std::time::Duration;
 
@@ -158,10 +160,146 @@ pub fn call_settings<'a>(
     CallSettings { policy, request_timeout, backend_request_timeout, retry, retry_source, per_try_timeout }
 }
 
+/// A destination outside the mesh's Services, as a sidecar sees it: the name the client used
+/// (absolute-form URI, `Host`/`:authority`, `CONNECT` target, TLS SNI) and/or the address it
+/// connected to (a transparently redirected connection's original destination), and the port.
+#[derive(Debug, Clone, Copy)]
+pub struct EgressTarget<'a> {
+    pub host: Option<&'a str>,
+    pub addr: Option<std::net::IpAddr>,
+    pub port: u16,
+}
+
+/// The egress decision ([`egress`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Egress<'a> {
+    /// A listed ExternalService port: allowed whatever the policy, labelled with its name.
+    External { service: &'a CompiledExternal, port: &'a ExternalPortInfo },
+    /// The address of an endpoint of a mesh Service (transparent traffic to a workload).
+    MeshAddress,
+    /// In no registry; `outboundTrafficPolicy: allowAny` lets it through as addressed.
+    AllowAny,
+    /// In no registry; `outboundTrafficPolicy: registryOnly` refuses it (SPEC §5: 502
+    /// `destination not in the registry`, a close for opaque streams).
+    Denied,
+}
+
+impl Egress<'_> {
+    pub fn allowed(&self) -> bool {
+        !matches!(self, Egress::Denied)
+    }
+
+    /// The decision in words (tap notes, `plexus explain`).
+    pub fn describe(&self) -> String {
+        match self {
+            Egress::External { service, port } => {
+                let tls = if service.originates_on(port).is_some() { ", TLS originated by the sidecar" } else { "" };
+                format!(
+                    "allowed: ExternalService {}/{} port {} ({}){tls}",
+                    service.name.namespace,
+                    service.name.name,
+                    port.port,
+                    port.protocol.as_str()
+                )
+            }
+            Egress::MeshAddress => "allowed: the address of a mesh endpoint".into(),
+            Egress::AllowAny => "allowed: not in the registry, outboundTrafficPolicy allowAny".into(),
+            Egress::Denied => "denied: destination not in the registry (outboundTrafficPolicy registryOnly)".into(),
+        }
+    }
+}
+
+/// Decides whether a sidecar may send traffic to a destination that is not a mesh Service
+/// (the caller has already looked the name up among Services): THE egress decision, run by
+/// every outbound path of the proxy (HTTP by absolute-form or `Host`, `CONNECT`, opaque TCP,
+/// transparent by original destination or SNI) and by `plexus explain`. A name is matched
+/// first (an ExternalService host, [`crate::external`]), then the address: an ExternalService
+/// IP entry, or a mesh endpoint. Anything else follows MeshConfig `outboundTrafficPolicy`.
+pub fn egress<'a>(snapshot: &'a MeshSnapshot, target: EgressTarget<'_>) -> Egress<'a> {
+    let externals = &snapshot.externals;
+    let by_name = target.host.and_then(|h| externals.find(h, target.port));
+    let by_addr = || target.addr.and_then(|ip| externals.find(&ip.to_string(), target.port));
+    if let Some((service, port)) = by_name.or_else(by_addr) {
+        return Egress::External { service, port };
+    }
+    if target.addr.is_some_and(|ip| snapshot.is_mesh_ip(ip)) {
+        return Egress::MeshAddress;
+    }
+    match snapshot.mesh.outbound_traffic_policy {
+        OutboundTrafficPolicy::AllowAny => Egress::AllowAny,
+        OutboundTrafficPolicy::RegistryOnly => Egress::Denied,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::load::parse_documents;
+
+    const EGRESS: &str = r#"
+apiVersion: plexus.dev/v1alpha1
+kind: ExternalService
+metadata: {name: api}
+spec: {hosts: [api.example.com], ports: [{port: 443, protocol: https}], tls: {originate: true}}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: ExternalService
+metadata: {name: db, namespace: data}
+spec: {hosts: [10.1.2.3], ports: [5432]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{port: 9080}]}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-1, labels: {app: reviews}}
+spec: {address: 10.0.0.7, ports: [{port: 9080}]}
+"#;
+
+    fn egress_of(policy: &str, host: Option<&str>, addr: Option<&str>, port: u16) -> String {
+        let yaml = format!(
+            "{EGRESS}---\napiVersion: plexus.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default}}\nspec: {{outboundTrafficPolicy: {policy}}}\n"
+        );
+        let snapshot = MeshSnapshot::compile(&parse_documents("t", &yaml).expect("valid"), "t");
+        let addr = addr.map(|a| a.parse().expect("ip"));
+        match egress(&snapshot, EgressTarget { host, addr, port }) {
+            Egress::External { service, .. } => format!("external {}", service.name),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn registry_only_allows_external_services_and_mesh_addresses_only() {
+        let only = |host, addr, port| egress_of("registryOnly", host, addr, port);
+        assert_eq!(only(Some("api.example.com"), None, 443), "external api.default");
+        assert_eq!(only(Some("API.example.com."), None, 443), "external api.default");
+        assert_eq!(only(Some("api.example.com"), None, 80), "Denied", "an unlisted port");
+        assert_eq!(only(Some("other.example.com"), None, 443), "Denied");
+        assert_eq!(only(Some("other.example.com"), Some("10.1.2.3"), 5432), "external db.data", "by address");
+        assert_eq!(only(Some("10.1.2.3"), None, 5432), "external db.data", "an IP literal as the host");
+        assert_eq!(only(None, Some("10.1.2.3"), 5433), "Denied", "an unlisted port of a listed address");
+        assert_eq!(only(None, Some("10.0.0.7"), 9080), "MeshAddress");
+        assert_eq!(only(None, Some("10.0.0.7"), 22), "MeshAddress", "a workload's address on any port");
+        assert_eq!(only(None, Some("10.0.0.8"), 9080), "Denied", "an IP that belongs to nothing");
+        assert_eq!(only(None, Some("::ffff:10.0.0.8"), 9080), "Denied");
+        assert_eq!(only(None, None, 80), "Denied", "nothing known");
+    }
+
+    #[test]
+    fn allow_any_lets_everything_out_and_still_names_external_services() {
+        let any = |host, addr, port| egress_of("allowAny", host, addr, port);
+        assert_eq!(any(Some("api.example.com"), None, 443), "external api.default");
+        assert_eq!(any(Some("other.example.com"), None, 443), "AllowAny");
+        assert_eq!(any(None, Some("192.0.2.1"), 80), "AllowAny");
+        let yaml = EGRESS.to_string();
+        let snapshot = MeshSnapshot::compile(&parse_documents("t", &yaml).expect("valid"), "t");
+        let none = egress(&snapshot, EgressTarget { host: Some("x.test"), addr: None, port: 1 });
+        assert!(none.allowed(), "no MeshConfig: allowAny");
+        let text = egress(&snapshot, EgressTarget { host: Some("api.example.com"), addr: None, port: 443 }).describe();
+        assert_eq!(text, "allowed: ExternalService default/api port 443 (https), TLS originated by the sidecar");
+    }
 
     const MESH: &str = r#"
 apiVersion: plexus.dev/v1alpha1

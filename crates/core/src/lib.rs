@@ -9,6 +9,7 @@ pub mod check;
 pub mod decide;
 pub mod duration;
 pub mod explain;
+pub mod external;
 pub mod latency;
 pub mod load;
 pub mod model;

@@ -219,6 +219,9 @@ pub struct MeshSnapshot {
     /// Which Service a virtual address belongs to.
     #[serde(skip)]
     pub by_virtual_ip: HashMap<IpAddr, ServiceName>,
+    /// ExternalServices: where a sidecar may go outside the mesh (`registryOnly`).
+    #[serde(skip_serializing_if = "crate::external::ExternalServices::is_empty")]
+    pub externals: crate::external::ExternalServices,
 }
 
 impl MeshSnapshot {
@@ -303,7 +306,8 @@ impl MeshSnapshot {
         // After the endpoints are known: TrafficTargets select ports by their workloads'
         // service account.
         crate::authz::attach_all(resources, &mesh, &mut services);
-        MeshSnapshot { version: version.into(), mesh, services, by_endpoint, by_virtual_ip }
+        let externals = crate::external::ExternalServices::compile(resources);
+        MeshSnapshot { version: version.into(), mesh, services, by_endpoint, by_virtual_ip, externals }
     }
 
     /// Looks a Service up by a host (`reviews`, `reviews.prod`, `reviews.prod.svc.cluster.local`).
@@ -324,6 +328,13 @@ impl MeshSnapshot {
     pub fn service_by_virtual_ip(&self, addr: SocketAddr) -> Option<(&CompiledService, &CompiledPort)> {
         let service = self.services.get(self.by_virtual_ip.get(&addr.ip().to_canonical())?)?;
         Some((service, service.port(Some(addr.port()))?))
+    }
+
+    /// Whether `ip` is the address of an endpoint, or the virtual address, of a Service in
+    /// this snapshot.
+    pub fn is_mesh_ip(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.by_virtual_ip.contains_key(&ip) || self.by_endpoint.keys().any(|a| a.ip().to_canonical() == ip)
     }
 
     /// The Service port served by the endpoint at `addr`, if any.

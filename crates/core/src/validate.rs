@@ -812,4 +812,46 @@ fn external_service(e: &ExternalServiceSpec, p: &mut Problems) {
     {
         p.push(("spec.protocol".into(), format!("{proto:?} is not one of {}", PROTOCOLS.join(", "))));
     }
+    if let Some(tls) = &e.tls {
+        let originates = tls.originate == Some(true);
+        let tls_port = e.ports.iter().any(|port| {
+            let proto = match port {
+                crate::resource::ExternalPort::Detailed(d) => d.protocol.as_deref(),
+                crate::resource::ExternalPort::Number(_) => None,
+            };
+            matches!(proto.or(e.protocol.as_deref()), Some("https" | "tls"))
+        });
+        if originates && !tls_port {
+            p.push((
+                "spec.tls.originate".into(),
+                "TLS is originated on ports with protocol https or tls, and this ExternalService has none".into(),
+            ));
+        }
+        if let Some(ca) = &tls.ca_file {
+            if !originates {
+                p.push(("spec.tls.caFile".into(), "only used with tls.originate: true".into()));
+            }
+            if ca.trim().is_empty() {
+                p.push(("spec.tls.caFile".into(), "must be a path".into()));
+            }
+        }
+        if originates && e.hosts.iter().any(|h| h.starts_with("*.")) {
+            p.push((
+                "spec.tls.originate".into(),
+                "TLS is originated to a named host (its SNI and certificate name): a wildcard host cannot be one"
+                    .into(),
+            ));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, port) in e.ports.iter().enumerate() {
+        if !seen.insert(port.number()) {
+            p.push((format!("spec.ports[{i}]"), format!("port {} is listed twice", port.number())));
+        }
+    }
+    for (i, h) in e.hosts.iter().enumerate() {
+        if h.contains('*') && !(h.starts_with("*.") && !h[2..].contains('*')) {
+            p.push((format!("spec.hosts[{i}]"), "a wildcard is only allowed as the whole first label (*.example.com)".into()));
+        }
+    }
 }

@@ -418,6 +418,23 @@ pub struct ExternalServiceSpec {
     /// `http`, `https`, `tls`, `tcp` or `grpc` (default `tcp`), for ports that do not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// TLS origination: the application speaks plaintext, its sidecar speaks TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ExternalTls>,
+}
+
+/// `spec.tls` of an ExternalService.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExternalTls {
+    /// The sidecar opens TLS to the host (SNI = the host) on the `https` and `tls` ports,
+    /// for applications that send plaintext; verified against the system roots or `caFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originate: Option<bool>,
+    /// PEM file of the CA certificates to verify the host with, instead of the system roots
+    /// (a path on the sidecar's machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// A port of an ExternalService: a number, or `{port, name, protocol}`.
