@@ -10,7 +10,7 @@
 
 use http::{HeaderName, HeaderValue, Method};
 use plexus_core::explain::{
-    Action, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb, describe_limits,
+    Action, EgressExplanation, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb, describe_limits,
     describe_outlier, describe_rate_limit, trim_float,
 };
 use plexus_core::{MeshSnapshot, Resource};
@@ -26,7 +26,8 @@ pub struct ExplainArgs {
     /// Authorization is decided for its identity; without --from, for an unauthenticated client.
     #[arg(long)]
     from: Option<String>,
-    /// The destination: SERVICE[.NAMESPACE][:PORT].
+    /// The destination: SERVICE[.NAMESPACE][:PORT], or a HOST[:PORT] outside the mesh (the
+    /// egress decision: which ExternalService allows it, or outboundTrafficPolicy).
     #[arg(long)]
     to: String,
     /// The request path, optionally with a query (`/api?x=1`).
@@ -104,6 +105,12 @@ pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
     }
     let request = ExplainRequest { method: args.method.to_ascii_uppercase(), path: args.path.clone(), headers };
     let (resources, snapshot, config) = resources(&args).await?;
+    // A destination that is no mesh Service: what a sidecar's egress decision makes of it.
+    let (host, _) = plexus_core::names::split_authority(&args.to);
+    if snapshot.service_by_host(host).is_none() {
+        let x = plexus_core::explain::explain_egress(&snapshot, &args.to).map_err(Failure::usage)?;
+        return print_egress(&args, &x, &config);
+    }
     let client =
         client_identity(&resources, &snapshot.mesh.trust_domain, args.from.as_deref()).map_err(Failure::usage)?;
     let x = plexus_core::explain::explain_as(&snapshot, &client, &args.to, &request).map_err(Failure::runtime)?;
@@ -120,6 +127,36 @@ pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn print_egress(args: &ExplainArgs, x: &EgressExplanation, config: &str) -> Result<(), Failure> {
+    if args.output != "table" {
+        let mut value = serde_json::to_value(x).map_err(|e| Failure::runtime(e.to_string()))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("config".into(), config.into());
+        }
+        return print_structured(&args.output, &value);
+    }
+    let mut lines: Vec<(&str, Vec<String>)> = vec![
+        ("config", vec![config.to_string()]),
+        ("destination", vec![format!("{} (no mesh Service: leaves the mesh)", x.destination)]),
+        ("outbound policy", vec![x.outbound_traffic_policy.to_string()]),
+        ("egress", vec![x.description.clone()]),
+    ];
+    if let Some(e) = &x.external_service {
+        lines.push(("external service", vec![e.clone()]));
+        let tls = match (&x.tls_origination, &x.ca_file) {
+            (false, _) => "as the application sends it".to_string(),
+            (true, Some(ca)) => format!("originated by the sidecar (SNI = host, verified against {ca})"),
+            (true, None) => "originated by the sidecar (SNI = host, verified against the system roots)".to_string(),
+        };
+        lines.push(("tls", vec![tls]));
+    }
+    if let Some(r) = &x.response {
+        lines.push(("response", vec![r.clone()]));
+    }
+    emit(&labelled(lines.iter().map(|(k, v)| (*k, v.as_slice()))));
+    Ok(())
 }
 
 /// One value per forwarded target: one line when every target agrees, else a line per target.

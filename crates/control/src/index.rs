@@ -96,6 +96,9 @@ pub struct Views {
     pub by_service: HashMap<ServiceName, Arc<View>>,
     /// Every namespace that has a Service, sorted.
     pub namespaces: Arc<[String]>,
+    /// What every proxy gets whatever it watches: MeshConfig and the ExternalServices (a
+    /// sidecar enforces `registryOnly` on destinations that are no Service).
+    pub global: Vec<Arc<Encoded>>,
 }
 
 impl Views {
@@ -178,7 +181,6 @@ impl Views {
         for (name, (index, _)) in &services {
             let mut members = vec![*index];
             members.extend(selected(*index));
-            members.extend(&global);
             members.extend(namespace_wide.get(name.namespace.as_str()).map(Vec::as_slice).unwrap_or_default());
             for (ri, l) in attached.get(name).map(Vec::as_slice).unwrap_or_default() {
                 members.push(*ri);
@@ -203,12 +205,14 @@ impl Views {
         }
         let namespaces: BTreeSet<&str> = services.keys().map(|s| s.namespace.as_str()).collect();
         let namespaces = namespaces.into_iter().map(str::to_string).collect();
-        Views { revision, by_service, namespaces }
+        let global = global.iter().map(|i| encoded[*i].clone()).collect();
+        Views { revision, by_service, namespaces, global }
     }
 
-    /// The resources for a set of destinations, each once, in a stable order.
+    /// The resources for a set of destinations, plus the global ones, each once, in a stable
+    /// order.
     pub fn union<'a>(&self, destinations: impl IntoIterator<Item = &'a ServiceName>) -> Vec<Arc<Encoded>> {
-        let mut out: BTreeMap<&ObjectKey, &Arc<Encoded>> = BTreeMap::new();
+        let mut out: BTreeMap<&ObjectKey, &Arc<Encoded>> = self.global.iter().map(|e| (&e.key, e)).collect();
         for d in destinations {
             if let Some(v) = self.by_service.get(d) {
                 for e in &v.resources {
@@ -226,7 +230,7 @@ enum Attachment {
     Services(Vec<ServiceName>, Links),
     /// Concerns every Service of its namespace (SMI TrafficTarget), with what it references.
     Namespace(Vec<(Kind, String)>),
-    /// Part of every view (MeshConfig).
+    /// Sent to every proxy (MeshConfig, ExternalServices).
     Global,
     /// Only reached through references (workloads, groups, faults) or not sent to proxies.
     None,
@@ -287,7 +291,7 @@ fn links(r: &Resource) -> Attachment {
         Spec::TrafficTarget(t) => {
             Attachment::Namespace(t.rules.iter().map(|m| (Kind::HttpRouteGroup, format!("{ns}/{}", m.name))).collect())
         }
-        Spec::MeshConfig(_) => Attachment::Global,
+        Spec::MeshConfig(_) | Spec::ExternalService(_) => Attachment::Global,
         _ => Attachment::None,
     }
 }
@@ -310,5 +314,18 @@ mod tests {
         assert!(names("nope").is_empty());
         let both = views.union([&ServiceName::new("reviews", "default"), &ServiceName::new("reviews-v2", "default")]);
         assert_eq!(both.len(), 4, "shared resources are sent once");
+        // MeshConfig and ExternalServices reach every proxy, whatever it watches.
+        let global = "apiVersion: plexus.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {outboundTrafficPolicy: registryOnly}\n---\napiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: api, namespace: ops}\nspec: {hosts: [api.example.com], ports: [443]}\n";
+        let with_global: Vec<Arc<Resource>> = resources
+            .iter()
+            .cloned()
+            .chain(plexus_core::parse_documents("g", global).expect("valid").into_iter().map(Arc::new))
+            .collect();
+        let views = Views::build(8, &with_global, &mut EncodeCache::default());
+        let kinds = |d: &[ServiceName]| -> Vec<String> {
+            views.union(d).iter().filter(|e| e.key.name == "default" || e.key.name == "api").map(|e| e.key.to_string()).collect()
+        };
+        assert_eq!(kinds(&[]).len(), 2, "a proxy watching nothing gets both");
+        assert_eq!(kinds(&[ServiceName::new("reviews", "default")]).len(), 2, "once each");
     }
 }

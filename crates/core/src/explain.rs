@@ -378,6 +378,68 @@ pub struct RuleFilters {
     pub faults: Vec<FaultSummary>,
 }
 
+/// What a sidecar does with a call to a destination that is no mesh Service (`plexus
+/// explain --to api.example.com:443`): the egress decision ([`decide::egress`]) in words.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressExplanation {
+    /// `host:port` as evaluated.
+    pub destination: String,
+    pub allowed: bool,
+    /// MeshConfig `outboundTrafficPolicy`: `allowAny` or `registryOnly`.
+    pub outbound_traffic_policy: &'static str,
+    /// `namespace/name` of the ExternalService that lists the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::external::ExternalProtocol>,
+    /// The sidecar opens TLS to the host for a plaintext client.
+    pub tls_origination: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// `allowed: ExternalService default/api port 443 (https)…`, `denied: …`.
+    pub description: String,
+    /// What the application gets when refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+}
+
+/// Explains the egress decision for `to` (`HOST[:PORT]`, port 80 when omitted): the same
+/// [`decide::egress`] every outbound path of a sidecar runs.
+pub fn explain_egress(snapshot: &MeshSnapshot, to: &str) -> Result<EgressExplanation, String> {
+    let (host, port) = split_authority(to);
+    if host.is_empty() {
+        return Err(format!("{to:?} names no host (HOST[:PORT])"));
+    }
+    let port = port.unwrap_or(80);
+    let addr = crate::external::normalize_host(host).parse::<std::net::IpAddr>().ok();
+    let decision = decide::egress(snapshot, decide::EgressTarget { host: Some(host), addr, port });
+    let policy = match snapshot.mesh.outbound_traffic_policy {
+        crate::resource::OutboundTrafficPolicy::AllowAny => "allowAny",
+        crate::resource::OutboundTrafficPolicy::RegistryOnly => "registryOnly",
+    };
+    let (external_service, protocol, origination) = match decision {
+        decide::Egress::External { service, port } => (
+            Some(format!("{}/{}", service.name.namespace, service.name.name)),
+            Some(port.protocol),
+            service.originates_on(port),
+        ),
+        _ => (None, None, None),
+    };
+    Ok(EgressExplanation {
+        destination: format!("{host}:{port}"),
+        allowed: decision.allowed(),
+        outbound_traffic_policy: policy,
+        external_service,
+        protocol,
+        tls_origination: origination.is_some(),
+        ca_file: origination.and_then(|o| o.ca_file.clone()),
+        description: decision.describe(),
+        response: (!decision.allowed())
+            .then(|| "502 x-plexus-error: destination not in the registry (a close for opaque TCP)".into()),
+    })
+}
+
 /// Resolves `to` (`NAME[.NAMESPACE][:PORT]`) to a Service port of the snapshot.
 pub fn resolve_destination<'a>(
     snapshot: &'a MeshSnapshot,
@@ -1137,6 +1199,29 @@ impl Retries {
             None => "default: connection failures and resets only".into(),
         };
         format!("{what}; {}", describe_budget(&self.budget))
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use crate::load::parse_documents;
+
+    #[test]
+    fn explains_the_egress_decision_with_the_code_the_proxy_runs() {
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: api, namespace: ops}\nspec: {hosts: [api.example.com], ports: [{port: 443, protocol: https}], tls: {originate: true, caFile: /etc/ca.pem}}\n---\napiVersion: plexus.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {outboundTrafficPolicy: registryOnly}\n";
+        let snapshot = MeshSnapshot::compile(&parse_documents("t", yaml).expect("valid"), "t");
+        let x = explain_egress(&snapshot, "api.example.com:443").expect("explained");
+        assert!(x.allowed && x.tls_origination);
+        assert_eq!(x.external_service.as_deref(), Some("ops/api"));
+        assert_eq!(x.ca_file.as_deref(), Some("/etc/ca.pem"));
+        assert!(x.response.is_none());
+        let x = explain_egress(&snapshot, "api.example.com").expect("explained");
+        assert!(!x.allowed, "port 80 is not listed");
+        assert_eq!(x.destination, "api.example.com:80");
+        assert_eq!(x.outbound_traffic_policy, "registryOnly");
+        assert!(x.response.as_deref().is_some_and(|r| r.contains("destination not in the registry")));
+        assert!(explain_egress(&snapshot, ":443").is_err());
     }
 }
 

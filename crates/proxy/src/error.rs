@@ -46,6 +46,11 @@ pub enum ProxyError {
     /// The proxy does not forward this at all: a gateway asked for what its configuration does
     /// not define (CONNECT, another host), or a request to the proxy's own listeners.
     Forbidden(String),
+    /// `outboundTrafficPolicy: registryOnly` refused a destination that is neither a mesh
+    /// Service nor an ExternalService (the destination as the client named it).
+    EgressDenied(String),
+    /// TLS originated to an ExternalService failed (certificate not verified, handshake).
+    OriginationFailed(String),
 }
 
 impl ProxyError {
@@ -66,6 +71,7 @@ impl ProxyError {
             }
             ProxyError::InvalidRoute(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::EgressDenied(_) | ProxyError::OriginationFailed(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -76,7 +82,7 @@ impl ProxyError {
             ProxyError::BackendNotFound(_) | ProxyError::NoBackends(_) | ProxyError::InvalidRoute(_) => 13, // INTERNAL
             ProxyError::BadRequest(_) => 3,                            // INVALID_ARGUMENT
             ProxyError::RateLimited { .. } => 8,                       // RESOURCE_EXHAUSTED
-            ProxyError::Denied { .. } | ProxyError::Forbidden(_) => 7, // PERMISSION_DENIED
+            ProxyError::Denied { .. } | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
             _ => 14, // UNAVAILABLE
         }
@@ -96,7 +102,8 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "RL",
             ProxyError::Denied { .. } => "RBAC",
             ProxyError::FaultAbort { .. } => "FI",
-            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) => "NR",
+            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) => "NR",
+            ProxyError::OriginationFailed(_) => "UF",
         }
     }
 
@@ -149,6 +156,9 @@ impl fmt::Display for ProxyError {
             ProxyError::FaultAbort { fault, .. } => write!(f, "fault injected by {fault}"),
             ProxyError::InvalidRoute(r) => write!(f, "invalid route: {r}"),
             ProxyError::Forbidden(r) => write!(f, "not forwarded: {r}"),
+            // SPEC §5 names the reason exactly; the destination is in the access log and metric.
+            ProxyError::EgressDenied(_) => write!(f, "destination not in the registry"),
+            ProxyError::OriginationFailed(r) => write!(f, "TLS origination failed: {r}"),
         }
     }
 }
@@ -182,5 +192,19 @@ mod tests {
         assert_eq!(r.headers()["grpc-message"], "denied by default/reviews");
         assert_eq!(denied().flag(), "RBAC");
         assert!(!denied().retryable());
+    }
+
+    #[test]
+    fn egress_refusals_are_502_with_the_reason_spec_names() {
+        let r = ProxyError::EgressDenied("example.com:80".into()).into_response(false);
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()[ERROR_HEADER], "destination not in the registry");
+        let r = ProxyError::OriginationFailed("api.test:443: invalid peer certificate: UnknownIssuer".into())
+            .into_response(false);
+        assert_eq!(r.status(), 502);
+        assert_eq!(
+            r.headers()[ERROR_HEADER],
+            "TLS origination failed: api.test:443: invalid peer certificate: UnknownIssuer"
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod control_plane;
 pub mod cp_tls;
 pub mod discovery;
 pub mod dns;
+pub mod egress;
 pub mod error;
 pub mod http;
 pub mod identity;

@@ -125,6 +125,17 @@ pub struct ServicePolicyLabels {
     pub policy: String,
 }
 
+/// Labels of `plexus_egress_denied_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    /// `host:port` as the client named it (or the address it connected to).
+    pub destination: String,
+}
+
+/// Destinations counted in `plexus_egress_denied_total` before new ones are counted as
+/// [`OVERFLOW`] (a client probing many hosts cannot grow the registry without bound).
+pub const MAX_EGRESS_SERIES: usize = 1024;
+
 /// Labels of `plexus_balancer_endpoints`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointStateLabels {
@@ -208,6 +219,9 @@ pub struct Metrics {
     registry: Registry,
     request_series: LastUse<RequestLabels, RequestSeries>,
     tcp_series: LastUse<TcpLabels, TcpSeries>,
+    egress_series: LastUse<EgressLabels, Counter>,
+    /// Destinations refused by `outboundTrafficPolicy: registryOnly`.
+    pub egress_denied: Family<EgressLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Counter>,
@@ -269,6 +283,8 @@ impl Metrics {
             registry: Registry::default(),
             request_series: LastUse::new(),
             tcp_series: LastUse::new(),
+            egress_series: LastUse::new(),
+            egress_denied: Family::default(),
         };
         registry.register("plexus_requests", "Requests handled, by direction and peers", m.requests.clone());
         registry.register(
@@ -301,6 +317,11 @@ impl Metrics {
             "plexus_authz_denied",
             "Requests denied by authorization at the destination, by the policy that denied them",
             m.authz_denied.clone(),
+        );
+        registry.register(
+            "plexus_egress_denied",
+            "Connections and requests refused by outboundTrafficPolicy registryOnly, by destination",
+            m.egress_denied.clone(),
         );
         registry.register(
             "plexus_balancer_endpoints",
@@ -352,6 +373,15 @@ impl Metrics {
         })
     }
 
+    /// Counts a destination refused by `registryOnly` (see [`MAX_EGRESS_SERIES`]).
+    pub fn egress_denied(&self, destination: &str) {
+        let labels = EgressLabels { destination: destination.to_string() };
+        let overflow = |_: &EgressLabels| EgressLabels { destination: OVERFLOW.into() };
+        self.egress_series
+            .get(&labels, MAX_EGRESS_SERIES, overflow, |l| self.egress_denied.get_or_create_owned(l))
+            .inc();
+    }
+
     /// Brings the span exporter's counters up to date (`crate::trace::export::stats`).
     pub fn update_trace_spans(&self, stats: crate::trace::export::ExportStats) {
         for (outcome, total) in [("exported", stats.exported), ("dropped", stats.dropped), ("failed", stats.failed)] {
@@ -381,7 +411,11 @@ impl Metrics {
             self.tcp_sent.remove(l);
             self.tcp_received.remove(l);
         }
-        requests.len() + streams.len()
+        let refused = self.egress_series.expire(max_idle);
+        for l in &refused {
+            self.egress_denied.remove(l);
+        }
+        requests.len() + streams.len() + refused.len()
     }
 
     /// The OpenMetrics text exposition.

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::balance::{Balancer, Choice, TryOutcome};
+use plexus_core::decide::{Egress, EgressTarget};
 use crate::discovery::Discovery;
 use crate::error::ProxyError;
 use crate::http::client::{self, Pool};
@@ -47,6 +48,8 @@ pub struct State {
     /// Retry budgets per destination Service.
     pub budgets: crate::http::retry::Budgets,
     pub pool: Arc<Pool>,
+    /// TLS origination to ExternalServices (their CA roots).
+    pub originator: crate::egress::Originator,
     pub metrics: Metrics,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Live request stream for admin `/tap`.
@@ -154,6 +157,13 @@ impl State {
     /// another local address on the same port costs nothing legitimate.
     pub fn is_self(&self, addr: SocketAddr) -> bool {
         self.own_listeners.iter().any(|l| l.port() == addr.port()) && is_local_ip(addr.ip())
+    }
+
+    /// Refuses a destination under `outboundTrafficPolicy: registryOnly`: logged and counted
+    /// in `plexus_egress_denied_total{destination}` (`host:port` or the address).
+    pub fn refuse_egress(&self, destination: &str) {
+        tracing::debug!(%destination, "destination not in the registry (outboundTrafficPolicy registryOnly)");
+        self.metrics.egress_denied(destination);
     }
 
     /// Counts a TCP stream as opened.
@@ -306,6 +316,7 @@ impl Proxy {
                 settings.identity.as_ref().map(|i| i.credentials.clone()),
                 OwnLabels::of(&settings).source,
             ),
+            originator: Default::default(),
             metrics: Metrics::new(),
             telemetry: Arc::default(),
             tap: crate::tap::Tap::default(),
@@ -454,6 +465,8 @@ enum TcpDest {
     Service(ServiceName, u16),
     /// A fixed address (original destination, or the local app).
     Addr(SocketAddr),
+    /// A host outside the mesh by name (an ExternalService named by SNI), resolved when dialled.
+    Host(String, u16),
 }
 
 /// An upstream TCP connection with the labels describing its peer.
@@ -477,6 +490,21 @@ impl AsRef<TcpStream> for Dialed {
 async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
     let timeout = state.settings.limits.connect_timeout;
     match dest {
+        TcpDest::Host(host, port) => {
+            let addr = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ProxyError::UnknownDestination(format!("{host}:{port}")))?;
+            if state.is_self(addr) {
+                return Err(ProxyError::Forbidden(format!("{host}:{port} is this proxy itself")));
+            }
+            Ok(Dialed {
+                stream: Upstream::Plain(client::connect(addr, timeout, state.settings.outbound_mark).await?),
+                peers,
+                security: "none",
+            })
+        }
         TcpDest::Addr(addr) => Ok(Dialed {
             stream: Upstream::Plain(client::connect(*addr, timeout, state.settings.outbound_mark).await?),
             peers,
@@ -598,15 +626,33 @@ async fn outbound_conn(
                 (Some(TcpDest::Service(name, port)), opaque)
             }
             None if state.is_self(orig) => (None, false),
-            None => (Some(TcpDest::Addr(orig)), false),
+            // Outside the mesh's Services: the egress decision, by address for now (the name
+            // an HTTP request or a TLS ClientHello carries is looked at once read).
+            None => {
+                let target = EgressTarget { host: None, addr: Some(orig.ip()), port: orig.port() };
+                match plexus_core::decide::egress(&snapshot, target) {
+                    Egress::Denied => (None, false),
+                    Egress::External { service, .. } => {
+                        peers.destination_service = service.label.clone();
+                        (Some(TcpDest::Addr(orig)), false)
+                    }
+                    Egress::MeshAddress | Egress::AllowAny => (Some(TcpDest::Addr(orig)), false),
+                }
+            }
         },
         (None, None) => (None, false),
     };
+    // A transparent connection to an address no registry knows, under registryOnly: only a
+    // name read from it (HTTP `Host`, TLS SNI) may still make it an ExternalService's.
+    let unregistered = orig_dst.filter(|_| tcp_dest.is_none() && bound.is_none() && !gateway)
+        .filter(|o| !state.is_self(*o));
     let opaque = declared_opaque || orig_dst.is_some_and(|o| state.settings.opaque_ports.contains(&o.port()));
     if opaque {
         if let Some(dest) = &tcp_dest {
             let up = dial(&state, dest, peers).await;
             forward_opaque(&state, "outbound", stream, &[], up).await;
+        } else if let Some(orig) = unregistered {
+            state.refuse_egress(&orig.to_string());
         }
         drop(permit);
         return;
@@ -635,6 +681,30 @@ async fn outbound_conn(
                 }
                 _ => None,
             });
+            // Under registryOnly, an unregistered address is reached only as the ExternalService
+            // its SNI names — dialled by that name, never at an address the client chose.
+            let dest = match (dest, unregistered) {
+                (None, Some(orig)) => {
+                    let sni = match &protocol {
+                        Protocol::Tls { sni: Some(host), .. } => Some(host.as_str()),
+                        _ => None,
+                    };
+                    let target = EgressTarget { host: sni, addr: Some(orig.ip()), port: orig.port() };
+                    match (plexus_core::decide::egress(&snapshot, target), sni) {
+                        (Egress::External { service, .. }, Some(host)) => {
+                            peers.destination_service = service.label.clone();
+                            Some(TcpDest::Host(host.to_string(), orig.port()))
+                        }
+                        _ => {
+                            let named = sni.map_or_else(|| orig.to_string(), |h| format!("{h}:{}", orig.port()));
+                            state.refuse_egress(&named);
+                            drop(permit);
+                            return;
+                        }
+                    }
+                }
+                (dest, _) => dest,
+            };
             match (dest, early) {
                 (_, Some(up)) => forward_opaque(&state, "outbound", stream, &buf, Ok(up)).await,
                 (Some(dest), None) => {
@@ -648,6 +718,10 @@ async fn outbound_conn(
             }
         }
         Ok(Sniffed::ServerFirst(up)) => forward_opaque(&state, "outbound", stream, &[], Ok(up)).await,
+        // A client waiting for a server to speak first, at an address no registry knows.
+        Ok(Sniffed::TimedOut) if unregistered.is_some() => {
+            state.refuse_egress(&unregistered.map(|o| o.to_string()).unwrap_or_default())
+        }
         Ok(Sniffed::Closed | Sniffed::TimedOut) => {}
         Err(e) => tracing::debug!(%peer, error = %e, "outbound connection failed during detection"),
     }

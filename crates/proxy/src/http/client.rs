@@ -28,11 +28,13 @@ pub enum Proto {
     Http2,
 }
 
-/// A stream to an upstream: plain TCP, or mesh mutual TLS to a peer sidecar
-/// ([`Pool::connect_peer`]).
+/// A stream to an upstream: plain TCP, mesh mutual TLS to a peer sidecar
+/// ([`Pool::connect_peer`]), or TLS originated to a host outside the mesh
+/// ([`Pool::connect_origin`]).
 pub enum PeerStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    External(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl PeerStream {
@@ -45,7 +47,7 @@ impl PeerStream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             PeerStream::Plain(s) => s,
-            PeerStream::Tls(s) => s.get_ref().0,
+            PeerStream::Tls(s) | PeerStream::External(s) => s.get_ref().0,
         }
     }
 }
@@ -58,7 +60,7 @@ impl tokio::io::AsyncRead for PeerStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             PeerStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            PeerStream::Tls(s) | PeerStream::External(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -71,7 +73,7 @@ impl tokio::io::AsyncWrite for PeerStream {
     ) -> std::task::Poll<std::io::Result<usize>> {
         match self.get_mut() {
             PeerStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            PeerStream::Tls(s) | PeerStream::External(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -81,7 +83,7 @@ impl tokio::io::AsyncWrite for PeerStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             PeerStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            PeerStream::Tls(s) | PeerStream::External(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -91,7 +93,7 @@ impl tokio::io::AsyncWrite for PeerStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             PeerStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            PeerStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            PeerStream::Tls(s) | PeerStream::External(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -130,17 +132,24 @@ pub struct SendOptions {
     /// An idle HTTP/1 connection older than this is not reused (ResiliencePolicy
     /// `timeouts.idle`); `None`: the pool's default.
     pub idle_timeout: Option<Duration>,
+    /// TLS originated by this proxy to a host outside the mesh (an ExternalService with
+    /// `tls.originate`); such connections are pooled apart.
+    pub origin: Option<Arc<crate::egress::Origin>>,
 }
 
 type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
-/// An HTTP/2 connection's identity: the endpoint and, over mTLS, who must answer there.
-type H2Key = (SocketAddr, Option<Arc<str>>);
+/// An HTTP/2 connection's identity: the endpoint and, over mTLS, who must answer there; or,
+/// for TLS originated to an external host, that origination's key ([`crate::egress::Origin`]).
+type H2Key = (SocketAddr, Option<Arc<str>>, Option<Arc<str>>);
+
+/// An HTTP/1 connection's identity: the endpoint and the origination's key, if any.
+type H1Key = (SocketAddr, Option<Arc<str>>);
 
 /// Connections to upstream endpoints.
 pub struct Pool {
     dialer: Dialer,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    h1_idle: Mutex<HashMap<H1Key, Vec<IdleH1>>>,
     h2: Mutex<HashMap<H2Key, H2Slot>>,
     /// This proxy's certificate and trust bundle, when it has a mesh identity.
     credentials: Option<Arc<crate::tls::MeshCredentials>>,
@@ -291,6 +300,26 @@ impl Pool {
         }
     }
 
+    /// Connects to a host outside the mesh with TLS opened by this proxy (SNI and the verified
+    /// name: the origin's host). A certificate that does not verify fails the connection.
+    pub async fn connect_origin(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+        origin: &crate::egress::Origin,
+    ) -> Result<PeerStream, ProxyError> {
+        let stream = self.dialer.connect_within(addr, timeout).await?;
+        let handshake =
+            tokio_rustls::TlsConnector::from(origin.config.clone()).connect(origin.server_name.clone(), stream);
+        let limit = timeout.unwrap_or(self.dialer.timeout);
+        let host = origin.server_name.to_str();
+        match tokio::time::timeout(limit, handshake).await {
+            Ok(Ok(tls)) => Ok(PeerStream::External(Box::new(tls))),
+            Ok(Err(e)) => Err(ProxyError::OriginationFailed(format!("{host} at {addr}: {e}"))),
+            Err(_) => Err(ProxyError::OriginationFailed(format!("{host} at {addr}: no TLS handshake within {limit:?}"))),
+        }
+    }
+
     /// Sends a request to `addr` and returns the response head with its streaming body.
     pub async fn send(
         self: &Arc<Self>,
@@ -324,9 +353,10 @@ impl Pool {
         // The pool key says whether the connection is mTLS: a plaintext connection opened
         // before this proxy had its certificate is never reused (or labelled) as mTLS after.
         let tls_peer = options.peer_identity.clone().filter(|_| self.mtls_to(options.peer_identity.as_ref()));
+        let origin_key = options.origin.as_ref().map(|o| o.key.clone());
         let slot = {
             let mut map = self.h2.lock().map_err(|_| ProxyError::UpstreamReset("pool poisoned".into()))?;
-            map.entry((addr, tls_peer.clone())).or_default().clone()
+            map.entry((addr, tls_peer.clone(), origin_key)).or_default().clone()
         };
         let mut sender = {
             // Holding the slot while connecting makes concurrent first requests share one
@@ -336,7 +366,9 @@ impl Pool {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
                     // Boxed, as in `send_h1`: connecting is rare, requests are not.
-                    let s = Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref())).await?;
+                    let origin = options.origin.as_deref();
+                    let s =
+                        Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref(), origin)).await?;
                     *guard = Some(s.clone());
                     s
                 }
@@ -351,8 +383,12 @@ impl Pool {
         addr: SocketAddr,
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
+        origin: Option<&crate::egress::Origin>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = self.connect_peer(addr, timeout, peer, crate::tls::ALPN_H2).await?;
+        let stream = match origin {
+            Some(o) => self.connect_origin(addr, timeout, o).await?,
+            None => self.connect_peer(addr, timeout, peer, crate::tls::ALPN_H2).await?,
+        };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1024 * 1024)
@@ -372,9 +408,9 @@ impl Pool {
     }
 
     /// An idle connection that may carry one more request, with the requests it carried.
-    fn take_idle(&self, addr: SocketAddr, options: &SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
+    fn take_idle(&self, key: &H1Key, options: &SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
         let mut map = self.h1_idle.lock().ok()?;
-        let pooled = map.get_mut(&addr)?;
+        let pooled = map.get_mut(key)?;
         let max = options.max_requests_per_connection;
         let ttl = options.idle_timeout.unwrap_or(IDLE_TTL).min(IDLE_TTL);
         // Most recently returned first. Indices above `i` are done with, so what
@@ -399,9 +435,9 @@ impl Pool {
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, served: u32) {
+    fn put_idle(&self, key: H1Key, sender: http1::SendRequest<Body>, served: u32) {
         if let Ok(mut map) = self.h1_idle.lock() {
-            let idle = map.entry(addr).or_default();
+            let idle = map.entry(key).or_default();
             idle.retain_mut(|c| {
                 if !c.sender.is_closed() && !c.sender.is_ready() {
                     c.since = Instant::now();
@@ -421,13 +457,14 @@ impl Pool {
         options: SendOptions,
     ) -> Result<Response<Incoming>, ProxyError> {
         let max = options.max_requests_per_connection;
+        let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
         let mut req = req;
         // A reused connection may have been closed by the server a moment ago; hyper hands the
         // request back when it was never written, and it is sent on a new connection.
-        while let Some((mut sender, served)) = self.take_idle(addr, &options) {
+        while let Some((mut sender, served)) = self.take_idle(&key, &options) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.recycle(addr, sender, served + 1, max);
+                    self.recycle(key, sender, served + 1, max);
                     return not_switching(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -438,18 +475,24 @@ impl Pool {
         }
         // Boxed: a new connection is the rare case, and its future would otherwise be part of
         // (and copied with) every request's future.
-        let mut sender =
-            Box::pin(self.connect_h1(addr, false, options.connect_timeout, options.peer_identity.as_ref())).await?;
+        let mut sender = Box::pin(self.connect_h1(
+            addr,
+            false,
+            options.connect_timeout,
+            options.peer_identity.as_ref(),
+            options.origin.as_deref(),
+        ))
+        .await?;
         let resp = sender.send_request(req).await.map_err(upstream_error)?;
-        self.recycle(addr, sender, 1, max);
+        self.recycle(key, sender, 1, max);
         not_switching(resp)
     }
 
     /// Returns the connection to the pool (see [`IdleH1`]), or lets it close after this
     /// response when it has carried `max` requests (dropping the last sender does that).
-    fn recycle(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, served: u32, max: Option<u32>) {
+    fn recycle(&self, key: H1Key, sender: http1::SendRequest<Body>, served: u32, max: Option<u32>) {
         if max.is_none_or(|m| served < m) {
-            self.put_idle(addr, sender, served);
+            self.put_idle(key, sender, served);
         }
     }
 
@@ -459,8 +502,12 @@ impl Pool {
         upgrades: bool,
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
+        origin: Option<&crate::egress::Origin>,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = self.connect_peer(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?;
+        let stream = match origin {
+            Some(o) => self.connect_origin(addr, timeout, o).await?,
+            None => self.connect_peer(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?,
+        };
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
             let result = if upgrades { conn.with_upgrades().await } else { conn.await };
@@ -479,17 +526,17 @@ impl Pool {
         req: Request<Body>,
         peer: Option<&Arc<str>>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(addr, true, None, peer).await?;
+        let mut sender = self.connect_h1(addr, true, None, peer, None).await?;
         sender.send_request(req).await.map_err(upstream_error)
     }
 
     /// Drops pooled connections to endpoints that are gone.
     pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
         if let Ok(mut m) = self.h1_idle.lock() {
-            m.retain(|a, _| live(a));
+            m.retain(|(a, _), _| live(a));
         }
         if let Ok(mut m) = self.h2.lock() {
-            m.retain(|(a, _), _| live(a));
+            m.retain(|(a, _, _), _| live(a));
         }
     }
 }
@@ -539,7 +586,7 @@ mod tests {
     }
 
     fn idle(pool: &Pool, addr: SocketAddr) -> usize {
-        pool.h1_idle.lock().expect("idle").get(&addr).map_or(0, Vec::len)
+        pool.h1_idle.lock().expect("idle").get(&(addr, None)).map_or(0, Vec::len)
     }
 
     async fn get(pool: &Arc<Pool>, addr: SocketAddr, options: SendOptions) {
@@ -648,7 +695,7 @@ mod tests {
         // Streaming for three TTLs, while other requests look through the pool.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            assert!(pool.take_idle(addr, &ttl).is_none(), "busy: not handed out");
+            assert!(pool.take_idle(&(addr, None), &ttl).is_none(), "busy: not handed out");
         }
         release.notify_one();
         let text = held.into_body().collect().await.expect("body").to_bytes();

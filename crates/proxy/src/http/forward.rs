@@ -262,6 +262,7 @@ pub async fn to_service(
                 max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
                 connect_timeout: policy.connect_timeout,
                 idle_timeout: policy.idle_timeout,
+                origin: None,
             },
         };
         tries.run(&head, authority, body).await.map(|(ep, resp)| (ep, resp, permit))

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use plexus_core::decide::{Egress, EgressTarget};
 use plexus_core::model::{CompiledPort, CompiledService};
 use plexus_core::names::split_authority;
 use plexus_core::{MeshSnapshot, ServiceName};
 
 use super::admit::admit;
 use super::body::{self, Body};
-use super::client;
+use super::client::{self, SendOptions};
 use super::forward::{self, app_protocol, describe_endpoint};
 use super::observe::Observation;
 use super::{Head, Target, downstream_response, forward_upgrade, headers};
@@ -83,7 +84,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
             {
                 return Box::pin(to_virtual_ip(state, &conn, req, head, obs, vip)).await;
             }
-            return Box::pin(direct(state, req, head, obs, authority, addr)).await;
+            return Box::pin(direct(state, &snapshot, req, head, obs, authority, addr)).await;
         }
     };
     let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer, waited_for_endpoints: false };
@@ -159,28 +160,84 @@ async fn to_virtual_ip(
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
-/// Resolves `host[:port]` (port 80 by default) to one address.
-async fn lookup(authority: &str, default_port: u16) -> Result<SocketAddr, ProxyError> {
-    let (host, port) = split_authority(authority);
-    let port = port.unwrap_or(default_port);
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|_| ProxyError::UnknownDestination(authority.to_string()))?;
-    addrs.next().ok_or_else(|| ProxyError::UnknownDestination(authority.to_string()))
+/// Resolves `host:port` to one address.
+async fn lookup(host: &str, port: u16) -> Result<SocketAddr, ProxyError> {
+    let unknown = || ProxyError::UnknownDestination(format!("{host}:{port}"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut addrs = tokio::net::lookup_host((host, port)).await.map_err(|_| unknown())?;
+    addrs.next().ok_or_else(unknown)
 }
 
-/// Forwards a request to a destination outside the mesh.
+/// The egress decision for `host:port` (and the original destination `addr`), counted and
+/// noted for tap; a refusal is the error to answer with.
+fn decide_egress<'s>(
+    state: &State,
+    snapshot: &'s MeshSnapshot,
+    obs: &mut Observation,
+    host: &str,
+    addr: Option<SocketAddr>,
+    port: u16,
+) -> Result<Egress<'s>, ProxyError> {
+    let decision = plexus_core::decide::egress(snapshot, EgressTarget { host: Some(host), addr: addr.map(|a| a.ip()), port });
+    obs.notes.add(|| format!("egress to {host}:{port}: {}", decision.describe()));
+    match decision {
+        Egress::Denied => {
+            let destination = format!("{host}:{port}");
+            state.refuse_egress(&destination);
+            Err(ProxyError::EgressDenied(destination))
+        }
+        Egress::External { service, .. } => {
+            obs.peers.destination_service = service.label.clone();
+            Ok(decision)
+        }
+        Egress::MeshAddress | Egress::AllowAny => {
+            obs.peers.destination_service = host.into();
+            Ok(decision)
+        }
+    }
+}
+
+/// Forwards a request to a destination outside the mesh's Services, as the egress decision
+/// allows: an ExternalService named by the request is dialled by that name (so a `Host` header
+/// cannot lend its permission to another address), with TLS when it originates it.
 async fn direct(
     state: Arc<State>,
+    snapshot: &MeshSnapshot,
     req: Request<Incoming>,
     head: Head,
     mut obs: Observation,
     authority: String,
     addr: Option<SocketAddr>,
 ) -> Response<Body> {
-    let addr = match addr {
+    let (host, named_port) = split_authority(&authority);
+    // A redirected connection's port is where it was going, whatever `Host` says.
+    let port = addr.map(|a| a.port()).or(named_port).unwrap_or(80);
+    let decision = match decide_egress(&state, snapshot, &mut obs, host, addr, port) {
+        Ok(d) => d,
+        Err(e) => return obs.fail(e),
+    };
+    let proto = app_protocol(None, head.version);
+    let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
+    let mut origin = None;
+    let mut dial = addr;
+    if let Egress::External { service, port: ext_port } = decision {
+        if snapshot.externals.find(host, port).is_some() {
+            dial = None;
+        }
+        if let Some(o) = service.originates_on(ext_port) {
+            if upgrade {
+                let why = format!("{host}:{port}: upgrades are not originated (connect with TLS yourself)");
+                return obs.fail(ProxyError::OriginationFailed(why));
+            }
+            match state.originator.origin(host, o, proto) {
+                Ok(o) => origin = Some(o),
+                Err(e) => return obs.fail(e),
+            }
+        }
+    }
+    let addr = match dial {
         Some(a) => a,
-        None => match lookup(&authority, 80).await {
+        None => match lookup(host, port).await {
             Ok(a) => a,
             Err(e) => return obs.fail(e),
         },
@@ -189,20 +246,16 @@ async fn direct(
         return obs.fail(ProxyError::Forbidden(format!("{authority} is this proxy itself")));
     }
     obs.upstream = Some(addr);
-    obs.peers.destination_service = split_authority(&authority).0.into();
-    let target = Target {
-        addr,
-        proto: app_protocol(None, head.version),
-        authority,
-        app_http1_behind_peer: false,
-        peer_identity: None,
-    };
-    let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
+    let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
+    let result = if upgrade {
         forward_upgrade(&state, req, &head, &target).await
     } else {
         let b = obs.request_body(req.into_body());
         match head.upstream_request(&target, b, false) {
-            Ok(up) => state.pool.send(addr, target.proto, up).await,
+            Ok(up) => {
+                let options = SendOptions { origin, ..SendOptions::default() };
+                state.pool.send_with(addr, target.proto, up, options).await
+            }
             Err(e) => Err(e),
         }
     };
@@ -233,13 +286,22 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
             }
         }
     } else {
-        match lookup(&authority, 443).await {
-            Ok(addr) if state.is_self(addr) => Err(ProxyError::Forbidden(format!("{authority} is this proxy itself"))),
-            Ok(addr) => {
-                obs.upstream = Some(addr);
-                client::connect(addr, timeout, state.settings.outbound_mark).await.map(client::PeerStream::Plain)
-            }
+        // Outside the mesh's Services: the egress decision (the client does its own TLS in
+        // a tunnel, so nothing is originated).
+        let (host, port) = split_authority(&authority);
+        let port = port.unwrap_or(443);
+        match decide_egress(&state, &snapshot, &mut obs, host, None, port) {
             Err(e) => Err(e),
+            Ok(_) => match lookup(host, port).await {
+                Ok(addr) if state.is_self(addr) => {
+                    Err(ProxyError::Forbidden(format!("{authority} is this proxy itself")))
+                }
+                Ok(addr) => {
+                    obs.upstream = Some(addr);
+                    client::connect(addr, timeout, state.settings.outbound_mark).await.map(client::PeerStream::Plain)
+                }
+                Err(e) => Err(e),
+            },
         }
     };
     let upstream = match upstream {
