@@ -10,8 +10,8 @@
 
 use http::{HeaderName, HeaderValue, Method};
 use plexus_core::explain::{
-    Action, EgressExplanation, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb, describe_limits,
-    describe_outlier, describe_rate_limit, trim_float,
+    Action, EgressExplanation, ExplainRequest, Explanation, Target, apply_on_top, client_identity, describe_lb,
+    describe_limits, describe_outlier, describe_rate_limit, trim_float,
 };
 use plexus_core::{MeshSnapshot, Resource};
 
@@ -105,9 +105,16 @@ pub async fn run(args: ExplainArgs) -> Result<(), Failure> {
     }
     let request = ExplainRequest { method: args.method.to_ascii_uppercase(), path: args.path.clone(), headers };
     let (resources, snapshot, config) = resources(&args).await?;
-    // A destination that is no mesh Service: what a sidecar's egress decision makes of it.
-    let (host, _) = plexus_core::names::split_authority(&args.to);
-    if snapshot.service_by_host(host).is_none() {
+    // A destination that is no mesh Service: what a sidecar's egress decision makes of it —
+    // when it is a host outside the mesh (a DNS name in no namespace of the mesh, an address,
+    // an ExternalService's host); a Service name that does not exist stays an error.
+    let (host, port) = plexus_core::names::split_authority(&args.to);
+    let namespaces: std::collections::BTreeSet<&str> =
+        snapshot.services.keys().map(|n| n.namespace.as_str()).chain(["default"]).collect();
+    let service_name = !plexus_core::ServiceName::candidates_in(host, |ns| namespaces.contains(ns)).is_empty();
+    let external = snapshot.externals.iter().any(|e| e.hosts.iter().any(|h| h.to_string() == host))
+        || snapshot.externals.find(host, port.unwrap_or(80)).is_some();
+    if snapshot.service_by_host(host).is_none() && (!service_name || external) {
         let x = plexus_core::explain::explain_egress(&snapshot, &args.to).map_err(Failure::usage)?;
         return print_egress(&args, &x, &config);
     }

@@ -323,7 +323,12 @@ mod tests {
             .collect();
         let views = Views::build(8, &with_global, &mut EncodeCache::default());
         let kinds = |d: &[ServiceName]| -> Vec<String> {
-            views.union(d).iter().filter(|e| e.key.name == "default" || e.key.name == "api").map(|e| e.key.to_string()).collect()
+            views
+                .union(d)
+                .iter()
+                .filter(|e| e.key.name == "default" || e.key.name == "api")
+                .map(|e| e.key.to_string())
+                .collect()
         };
         assert_eq!(kinds(&[]).len(), 2, "a proxy watching nothing gets both");
         assert_eq!(kinds(&[ServiceName::new("reviews", "default")]).len(), 2, "once each");

@@ -4,8 +4,8 @@
 
 use crate::external::{CompiledExternal, ExternalPortInfo};
 use crate::model::{CompiledPort, CompiledService, MeshSnapshot};
-use crate::resource::OutboundTrafficPolicy;
 use crate::names::ServiceName;
+use crate::resource::OutboundTrafficPolicy;
 use std::time::Duration;
 
 use crate::policy::{ClientPolicy, DEFAULT_RETRY, RetryPolicy};

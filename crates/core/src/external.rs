@@ -162,9 +162,11 @@ impl ExternalServices {
             .iter()
             .filter_map(|r| {
                 let Spec::ExternalService(e) = &r.spec else { return None };
-                let originate = e.tls.as_ref().filter(|t| t.originate == Some(true)).map(|t| Origination {
-                    ca_file: t.ca_file.clone(),
-                });
+                let originate = e
+                    .tls
+                    .as_ref()
+                    .filter(|t| t.originate == Some(true))
+                    .map(|t| Origination { ca_file: t.ca_file.clone() });
                 let ports = e
                     .ports
                     .iter()
@@ -297,13 +299,18 @@ spec: {hosts: [10.1.2.3, "::ffff:10.9.9.9"], ports: [5432]}
     #[test]
     fn invalid_external_services_are_refused_with_the_field() {
         let bad = |spec: &str, field: &str| {
-            let yaml = format!("apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: x}}\nspec: {spec}\n");
+            let yaml = format!(
+                "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: x}}\nspec: {spec}\n"
+            );
             let err = parse_documents("f.yaml", &yaml).expect_err("invalid").to_string();
             assert!(err.contains(field), "{spec}: {err}");
         };
         bad("{hosts: [a.com], ports: [{port: 443, protocol: http}], tls: {originate: true}}", "spec.tls.originate");
         bad("{hosts: [a.com], ports: [{port: 443, protocol: https}], tls: {caFile: /ca.pem}}", "spec.tls.caFile");
-        bad("{hosts: ['*.a.com'], ports: [{port: 443, protocol: https}], tls: {originate: true}}", "spec.tls.originate");
+        bad(
+            "{hosts: ['*.a.com'], ports: [{port: 443, protocol: https}], tls: {originate: true}}",
+            "spec.tls.originate",
+        );
         bad("{hosts: ['*.*.a.com'], ports: [443]}", "spec.hosts[0]");
         bad("{hosts: ['a.*.com'], ports: [443]}", "spec.hosts[0]");
         bad("{hosts: [a.com], ports: [443, 443]}", "spec.ports[1]");

@@ -850,8 +850,15 @@ fn external_service(e: &ExternalServiceSpec, p: &mut Problems) {
         }
     }
     for (i, h) in e.hosts.iter().enumerate() {
-        if h.contains('*') && !(h.starts_with("*.") && !h[2..].contains('*')) {
-            p.push((format!("spec.hosts[{i}]"), "a wildcard is only allowed as the whole first label (*.example.com)".into()));
+        let misplaced = match h.strip_prefix("*.") {
+            Some(rest) => rest.contains('*'),
+            None => h.contains('*'),
+        };
+        if misplaced {
+            p.push((
+                format!("spec.hosts[{i}]"),
+                "a wildcard is only allowed as the whole first label (*.example.com)".into(),
+            ));
         }
     }
 }

@@ -43,10 +43,14 @@ impl PartialEq for Origin {
 
 impl Eq for Origin {}
 
-/// CA roots by `caFile` (`None`: the system's), each reloaded when its file changes.
+/// CA roots read from a file, with the file's modification time when read.
+type FileRoots = (Option<SystemTime>, Arc<RootCertStore>);
+
+/// CA roots by `caFile` (the configuration's, so bounded by it), each reloaded when its file
+/// changes; the system's are loaded once.
 #[derive(Default)]
 pub struct Originator {
-    roots: Mutex<HashMap<Option<String>, (Option<SystemTime>, Arc<RootCertStore>)>>,
+    roots: Mutex<HashMap<String, FileRoots>>,
 }
 
 /// The system's roots, loaded once.
@@ -62,7 +66,9 @@ fn system_roots() -> Result<Arc<RootCertStore>, ProxyError> {
     let mut store = RootCertStore::empty();
     let (added, _) = store.add_parsable_certificates(loaded.certs);
     if added == 0 {
-        return Err(ProxyError::OriginationFailed("no system CA certificates found (set SSL_CERT_FILE or tls.caFile)".into()));
+        return Err(ProxyError::OriginationFailed(
+            "no system CA certificates found (set SSL_CERT_FILE or tls.caFile)".into(),
+        ));
     }
     Ok(ROOTS.get_or_init(|| Arc::new(store)).clone())
 }
@@ -85,7 +91,7 @@ impl Originator {
     fn roots(&self, ca_file: Option<&str>) -> Result<Arc<RootCertStore>, ProxyError> {
         let Some(path) = ca_file else { return system_roots() };
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let key = Some(path.to_string());
+        let key = path.to_string();
         if let Ok(cache) = self.roots.lock()
             && let Some((at, roots)) = cache.get(&key)
             && *at == modified

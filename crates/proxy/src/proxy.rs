@@ -16,7 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::balance::{Balancer, Choice, TryOutcome};
-use plexus_core::decide::{Egress, EgressTarget};
 use crate::discovery::Discovery;
 use crate::error::ProxyError;
 use crate::http::client::{self, Pool};
@@ -28,6 +27,7 @@ use crate::settings::Settings;
 use crate::transport::detect::{Protocol, Sniffed, sniff};
 use crate::transport::io::PrefixedIo;
 use crate::transport::{listen, original_dst, tcp};
+use plexus_core::decide::{Egress, EgressTarget};
 
 /// How long a request waits for the control plane to describe a destination seen for the
 /// first time.
@@ -644,8 +644,8 @@ async fn outbound_conn(
     };
     // A transparent connection to an address no registry knows, under registryOnly: only a
     // name read from it (HTTP `Host`, TLS SNI) may still make it an ExternalService's.
-    let unregistered = orig_dst.filter(|_| tcp_dest.is_none() && bound.is_none() && !gateway)
-        .filter(|o| !state.is_self(*o));
+    let unregistered =
+        orig_dst.filter(|_| tcp_dest.is_none() && bound.is_none() && !gateway).filter(|o| !state.is_self(*o));
     let opaque = declared_opaque || orig_dst.is_some_and(|o| state.settings.opaque_ports.contains(&o.port()));
     if opaque {
         if let Some(dest) = &tcp_dest {

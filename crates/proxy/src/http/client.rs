@@ -316,7 +316,9 @@ impl Pool {
         match tokio::time::timeout(limit, handshake).await {
             Ok(Ok(tls)) => Ok(PeerStream::External(Box::new(tls))),
             Ok(Err(e)) => Err(ProxyError::OriginationFailed(format!("{host} at {addr}: {e}"))),
-            Err(_) => Err(ProxyError::OriginationFailed(format!("{host} at {addr}: no TLS handshake within {limit:?}"))),
+            Err(_) => {
+                Err(ProxyError::OriginationFailed(format!("{host} at {addr}: no TLS handshake within {limit:?}")))
+            }
         }
     }
 
@@ -367,8 +369,7 @@ impl Pool {
                 _ => {
                     // Boxed, as in `send_h1`: connecting is rare, requests are not.
                     let origin = options.origin.as_deref();
-                    let s =
-                        Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref(), origin)).await?;
+                    let s = Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref(), origin)).await?;
                     *guard = Some(s.clone());
                     s
                 }

@@ -13,13 +13,14 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use plexus_core::decide::{Egress, EgressTarget};
+use plexus_core::external::ExternalProtocol;
 use plexus_core::model::{CompiledPort, CompiledService};
 use plexus_core::names::split_authority;
 use plexus_core::{MeshSnapshot, ServiceName};
 
 use super::admit::admit;
 use super::body::{self, Body};
-use super::client::{self, SendOptions};
+use super::client::{self, Proto, SendOptions};
 use super::forward::{self, app_protocol, describe_endpoint};
 use super::observe::Observation;
 use super::{Head, Target, downstream_response, forward_upgrade, headers};
@@ -178,7 +179,8 @@ fn decide_egress<'s>(
     addr: Option<SocketAddr>,
     port: u16,
 ) -> Result<Egress<'s>, ProxyError> {
-    let decision = plexus_core::decide::egress(snapshot, EgressTarget { host: Some(host), addr: addr.map(|a| a.ip()), port });
+    let decision =
+        plexus_core::decide::egress(snapshot, EgressTarget { host: Some(host), addr: addr.map(|a| a.ip()), port });
     obs.notes.add(|| format!("egress to {host}:{port}: {}", decision.describe()));
     match decision {
         Egress::Denied => {
@@ -194,6 +196,15 @@ fn decide_egress<'s>(
             obs.peers.destination_service = host.into();
             Ok(decision)
         }
+    }
+}
+
+/// The name to look up for an allowed destination: an ExternalService's as listed (lower-case,
+/// no trailing dot), else as the client spelled it.
+fn dial_name<'h>(decision: &Egress<'_>, host: &'h str) -> std::borrow::Cow<'h, str> {
+    match decision {
+        Egress::External { .. } => plexus_core::external::normalize_host(host).into(),
+        _ => host.into(),
     }
 }
 
@@ -216,15 +227,19 @@ async fn direct(
         Ok(d) => d,
         Err(e) => return obs.fail(e),
     };
-    let proto = app_protocol(None, head.version);
+    let mut proto = app_protocol(None, head.version);
     let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
     let mut origin = None;
     let mut dial = addr;
+    let name = dial_name(&decision, host);
     if let Egress::External { service, port: ext_port } = decision {
+        // Matched by name: that name is dialled, never an address the client connected to.
         if snapshot.externals.find(host, port).is_some() {
             dial = None;
         }
         if let Some(o) = service.originates_on(ext_port) {
+            // Over originated TLS: HTTP/1.1, or HTTP/2 for a gRPC port (ALPN says which).
+            proto = if ext_port.protocol == ExternalProtocol::Grpc { Proto::Http2 } else { Proto::Http1 };
             if upgrade {
                 let why = format!("{host}:{port}: upgrades are not originated (connect with TLS yourself)");
                 return obs.fail(ProxyError::OriginationFailed(why));
@@ -237,7 +252,7 @@ async fn direct(
     }
     let addr = match dial {
         Some(a) => a,
-        None => match lookup(host, port).await {
+        None => match lookup(&name, port).await {
             Ok(a) => a,
             Err(e) => return obs.fail(e),
         },
@@ -292,7 +307,7 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
         let port = port.unwrap_or(443);
         match decide_egress(&state, &snapshot, &mut obs, host, None, port) {
             Err(e) => Err(e),
-            Ok(_) => match lookup(host, port).await {
+            Ok(decision) => match lookup(&dial_name(&decision, host), port).await {
                 Ok(addr) if state.is_self(addr) => {
                     Err(ProxyError::Forbidden(format!("{authority} is this proxy itself")))
                 }
