@@ -424,6 +424,7 @@ pub struct ExternalServiceSpec {
 }
 
 /// `spec.tls` of an ExternalService.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalTls {
