@@ -4,6 +4,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 
 use http::{Method, StatusCode};
+use plexus_control::store::ObjectKey;
 use plexus_core::{Kind, Resource, Spec, parse_documents};
 use serde_json::{Value, json};
 
@@ -106,6 +107,17 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
     let resources = load(&args.files)?;
     if resources.is_empty() {
         return Err(Failure::usage("no resources found in the given files"));
+    }
+    if let Some(kubeconfig) = args.server.kubeconfig_path() {
+        // Kubernetes (SPEC §11): the custom resources, written with the user's own credentials.
+        let client = plexus_k8s::access::client_from(&kubeconfig).await.map_err(Failure::runtime)?;
+        let results =
+            plexus_k8s::store::apply_objects(&client, &resources).await.map_err(|e| Failure::runtime(e.to_string()))?;
+        for (r, outcome) in results {
+            let outcome = serde_json::to_value(outcome).unwrap_or_default();
+            println!("{} {}", object_ref(r.kind.as_str(), &r.metadata.name), outcome.as_str().unwrap_or("?"));
+        }
+        return Ok(());
     }
     let source = args.files.join(",");
     let body = json!({ "source": source, "items": resources });
@@ -341,7 +353,35 @@ fn print_table(kind: Kind, items: &[Value]) {
     }
 }
 
+/// Kubernetes: deletes the custom resources with the user's own credentials (SPEC §11).
+async fn delete_in_cluster(kubeconfig: &std::path::Path, keys: Vec<ObjectKey>) -> Result<(), Failure> {
+    let client = plexus_k8s::access::client_from(kubeconfig).await.map_err(Failure::runtime)?;
+    let deleted =
+        plexus_k8s::store::delete_objects(&client, &keys).await.map_err(|e| Failure::runtime(e.to_string()))?;
+    if let ([key], [false]) = (keys.as_slice(), deleted.as_slice()) {
+        let lower = key.kind.as_str().to_ascii_lowercase();
+        return Err(Failure::runtime(format!("{lower} {}/{} not found", key.namespace, key.name)));
+    }
+    for (k, d) in keys.iter().zip(deleted) {
+        println!("{} {}", object_ref(k.kind.as_str(), &k.name), if d { "deleted" } else { "not found" });
+    }
+    Ok(())
+}
+
 pub async fn delete(args: DeleteArgs) -> Result<(), Failure> {
+    if let Some(kubeconfig) = args.server.kubeconfig_path() {
+        let keys: Vec<ObjectKey> = if !args.files.is_empty() {
+            load(&args.files)?.iter().map(ObjectKey::of).collect()
+        } else {
+            let (Some(kind), Some(name)) = (&args.kind, &args.name) else {
+                return Err(Failure::usage("usage: plexus delete KIND NAME [-n NAMESPACE] | plexus delete -f FILE"));
+            };
+            let kind = kind_arg(kind)?;
+            let namespace = if kind.namespaced() { args.namespace.clone() } else { "default".into() };
+            vec![ObjectKey { kind, namespace, name: name.clone() }]
+        };
+        return delete_in_cluster(&kubeconfig, keys).await;
+    }
     if !args.files.is_empty() {
         let resources = load(&args.files)?;
         let items: Vec<Value> = resources

@@ -364,21 +364,6 @@ impl KubeStore {
             .unwrap_or_default()
     }
 
-    fn api_for(&self, kind: Kind, namespace: &str) -> Result<Api<DynamicObject>, StoreError> {
-        if matches!(kind, Kind::Service | Kind::Workload) {
-            return Err(StoreError::new(format!(
-                "in Kubernetes mode a {kind} is a core v1 {}: manage it with kubectl, not plexus apply/delete",
-                if kind == Kind::Service { "Service" } else { "Pod (a Workload is a pod a Service selects)" }
-            )));
-        }
-        let ar = crate::crd::api_resource(kind);
-        Ok(if kind.namespaced() {
-            Api::namespaced_with(self.client.clone(), namespace, &ar)
-        } else {
-            Api::all_with(self.client.clone(), &ar)
-        })
-    }
-
     /// Waits until the mirror holds `id` at `resource_version` (`None`: until it is gone).
     async fn wait_visible(&self, wanted: &[(String, Option<String>)]) {
         let mut changes = self.shared.changes.subscribe();
@@ -406,60 +391,93 @@ impl KubeStore {
     }
 
     async fn apply_async(&self, resources: &[Resource]) -> Result<Vec<(Resource, Outcome)>, StoreError> {
-        let mut out = Vec::new();
-        let mut wanted = Vec::new();
-        for r in resources {
-            let api = self.api_for(r.kind, r.metadata.namespace())?;
-            let name = &r.metadata.name;
-            let before =
-                api.get_opt(name).await.map_err(|e| StoreError::new(format!("reading {} {}: {e}", r.kind, r.key())))?;
-            let mut object = serde_json::to_value(r).map_err(|e| StoreError::new(e.to_string()))?;
-            if let Some(serde_json::Value::Object(m)) = object.get_mut("metadata") {
-                m.remove("resourceVersion");
-                m.remove("uid");
-                m.remove("creationTimestamp");
-                if !r.kind.namespaced() {
-                    m.remove("namespace");
-                }
-            }
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            let after = api
-                .patch(name, &params, &Patch::Apply(&object))
-                .await
-                .map_err(|e| StoreError::new(format!("writing {} {}: {}", r.kind, r.key(), api_message(&e))))?;
-            let rv = after.metadata.resource_version.clone();
-            let outcome = match &before {
-                None => Outcome::Created,
-                Some(b) if b.metadata.resource_version == rv => Outcome::Unchanged,
-                Some(_) => Outcome::Configured,
-            };
-            let mut stored = r.clone();
-            stored.metadata.resource_version = rv.clone();
-            stored.metadata.uid = after.metadata.uid.clone();
-            wanted.push((r.id(), rv));
-            out.push((stored, outcome));
-        }
+        let out = apply_objects(&self.client, resources).await?;
+        let wanted: Vec<_> = out.iter().map(|(r, _)| (r.id(), r.metadata.resource_version.clone())).collect();
         self.wait_visible(&wanted).await;
         Ok(out)
     }
 
     async fn delete_async(&self, keys: &[ObjectKey]) -> Result<Vec<bool>, StoreError> {
-        let mut out = Vec::new();
-        let mut wanted = Vec::new();
-        for k in keys {
-            let api = self.api_for(k.kind, &k.namespace)?;
-            match api.delete(&k.name, &DeleteParams::default()).await {
-                Ok(_) => {
-                    out.push(true);
-                    wanted.push((k.storage_key(), None));
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => out.push(false),
-                Err(e) => return Err(StoreError::new(format!("deleting {k}: {}", api_message(&e)))),
-            }
-        }
+        let out = delete_objects(&self.client, keys).await?;
+        let wanted: Vec<_> =
+            keys.iter().zip(&out).filter(|(_, deleted)| **deleted).map(|(k, _)| (k.storage_key(), None)).collect();
         self.wait_visible(&wanted).await;
         Ok(out)
     }
+}
+
+/// The API of a kind's objects in `namespace` (Services and Workloads are refused: they are
+/// core Services and Pods in Kubernetes).
+fn api_for(client: &kube::Client, kind: Kind, namespace: &str) -> Result<Api<DynamicObject>, StoreError> {
+    if matches!(kind, Kind::Service | Kind::Workload) {
+        return Err(StoreError::new(format!(
+            "in Kubernetes mode a {kind} is a core v1 {}: manage it with kubectl, not plexus apply/delete",
+            if kind == Kind::Service { "Service" } else { "Pod (a Workload is a pod a Service selects)" }
+        )));
+    }
+    let ar = crate::crd::api_resource(kind);
+    Ok(if kind.namespaced() {
+        Api::namespaced_with(client.clone(), namespace, &ar)
+    } else {
+        Api::all_with(client.clone(), &ar)
+    })
+}
+
+/// Writes resources as custom resources with server-side apply (field manager
+/// [`FIELD_MANAGER`]), in order, with `client`'s credentials; each with its outcome and the
+/// `resourceVersion` the API server gave it.
+pub async fn apply_objects(
+    client: &kube::Client,
+    resources: &[Resource],
+) -> Result<Vec<(Resource, Outcome)>, StoreError> {
+    let mut out = Vec::new();
+    for r in resources {
+        let api = api_for(client, r.kind, r.metadata.namespace())?;
+        let name = &r.metadata.name;
+        let before = api
+            .get_opt(name)
+            .await
+            .map_err(|e| StoreError::new(format!("reading {} {}: {}", r.kind, r.key(), api_message(&e))))?;
+        let mut object = serde_json::to_value(r).map_err(|e| StoreError::new(e.to_string()))?;
+        if let Some(serde_json::Value::Object(m)) = object.get_mut("metadata") {
+            m.remove("resourceVersion");
+            m.remove("uid");
+            m.remove("creationTimestamp");
+            if !r.kind.namespaced() {
+                m.remove("namespace");
+            }
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let after = api
+            .patch(name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(|e| StoreError::new(format!("writing {} {}: {}", r.kind, r.key(), api_message(&e))))?;
+        let rv = after.metadata.resource_version.clone();
+        let outcome = match &before {
+            None => Outcome::Created,
+            Some(b) if b.metadata.resource_version == rv => Outcome::Unchanged,
+            Some(_) => Outcome::Configured,
+        };
+        let mut stored = r.clone();
+        stored.metadata.resource_version = rv;
+        stored.metadata.uid = after.metadata.uid.clone();
+        out.push((stored, outcome));
+    }
+    Ok(out)
+}
+
+/// Deletes custom resources with `client`'s credentials; whether each existed.
+pub async fn delete_objects(client: &kube::Client, keys: &[ObjectKey]) -> Result<Vec<bool>, StoreError> {
+    let mut out = Vec::new();
+    for k in keys {
+        let api = api_for(client, k.kind, &k.namespace)?;
+        match api.delete(&k.name, &DeleteParams::default()).await {
+            Ok(_) => out.push(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => out.push(false),
+            Err(e) => return Err(StoreError::new(format!("deleting {k}: {}", api_message(&e)))),
+        }
+    }
+    Ok(out)
 }
 
 /// The API server's own message for a refused request (what a user needs to read).
