@@ -104,7 +104,19 @@ impl ServerArgs {
         body: Option<&Value>,
         write: bool,
     ) -> Result<(StatusCode, Value), Failure> {
-        let resp = self.send(method, path, body, write).await?;
+        self.call_with_headers(method, path, body, write, &[]).await
+    }
+
+    /// [`ServerArgs::call`] with extra request headers.
+    pub async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        write: bool,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, Value), Failure> {
+        let resp = self.send(method, path, body, write, headers).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| self.unreachable(&e))?.to_bytes();
         let value = if bytes.is_empty() {
@@ -118,7 +130,7 @@ impl ServerArgs {
     /// `GET path` whose answer streams (tap): the response, its body still unread, when it
     /// succeeded; the API's error otherwise.
     pub async fn stream(&self, path: &str) -> Result<Response<Incoming>, Failure> {
-        let resp = self.send(Method::GET, path, None, false).await?;
+        let resp = self.send(Method::GET, path, None, false, &[]).await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -140,6 +152,7 @@ impl ServerArgs {
         path: &str,
         body: Option<&Value>,
         write: bool,
+        headers: &[(&str, &str)],
     ) -> Result<Response<Incoming>, Failure> {
         let (mut sender, authority, token) = match self.cluster().await? {
             Some(access) => {
@@ -178,6 +191,9 @@ impl ServerArgs {
                 None => self.admin_token()?,
             };
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
         }
         let payload = match body {
             Some(v) => {

@@ -226,6 +226,7 @@ impl ControlPlane {
             bench: Arc::new(plexus_control::bench_results::BenchResults::open(&data.path)),
             tokens: tokens.clone(),
             serving: serving.clone(),
+            applies: Default::default(),
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));

@@ -104,6 +104,7 @@ fn object_ref(kind: &str, name: &str) -> String {
 }
 
 pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
+    use plexus_control::apply_log::{APPLY_ID_HEADER, ApplyOutcome, ApplyResponse};
     let resources = load(&args.files)?;
     if resources.is_empty() {
         return Err(Failure::usage("no resources found in the given files"));
@@ -121,7 +122,47 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
     }
     let source = args.files.join(",");
     let body = json!({ "source": source, "items": resources });
-    let (status, answer) = args.server.call(Method::POST, "/api/v1/apply", Some(&body), true).await?;
+    // Each apply carries an id, so that its outcome can be asked for when the answer is lost.
+    let id = apply_id()?;
+    let sent = args
+        .server
+        .call_with_headers(Method::POST, "/api/v1/apply", Some(&body), true, &[(APPLY_ID_HEADER, &id)])
+        .await;
+    let (status, answer) = match sent {
+        Ok(answer) => answer,
+        Err(lost) => {
+            let done = match ask_outcome(&args.server, &id).await {
+                Ok(Some(ApplyOutcome::Committed(done))) => done,
+                Ok(Some(ApplyOutcome::Failed { error })) => {
+                    return Err(Failure::runtime(format!(
+                        "{}\n  the control plane says apply {id} failed: {error}; nothing was applied",
+                        lost.message
+                    )));
+                }
+                Ok(Some(ApplyOutcome::Pending)) => {
+                    return Err(Failure::runtime(format!(
+                        "{}\n  apply {id} is still in progress on the control plane: check its outcome with `plexus get` before applying again",
+                        lost.message
+                    )));
+                }
+                Ok(None) => {
+                    return Err(Failure::runtime(format!(
+                        "{}\n  the control plane has no record of apply {id}: nothing was applied (unless it restarted since); apply again",
+                        lost.message
+                    )));
+                }
+                Err(e) => {
+                    return Err(Failure::runtime(format!(
+                        "{}\n  whether apply {id} was committed is unknown: {e}",
+                        lost.message
+                    )));
+                }
+            };
+            eprintln!("the connection was lost after sending; the control plane confirms apply {id} was committed");
+            print_results(&done);
+            return Ok(());
+        }
+    };
     if status == StatusCode::UNPROCESSABLE_ENTITY {
         let lines: Vec<String> = answer
             .get("errors")
@@ -147,14 +188,44 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
     if !status.is_success() {
         return Err(api_error(status, &answer));
     }
-    for r in answer.get("results").and_then(Value::as_array).cloned().unwrap_or_default() {
-        println!(
-            "{} {}",
-            object_ref(r["kind"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?")),
-            r["outcome"].as_str().unwrap_or("?")
-        );
-    }
+    let done: ApplyResponse = serde_json::from_value(answer)
+        .map_err(|e| Failure::runtime(format!("cannot read the control plane's answer: {e}")))?;
+    print_results(&done);
     Ok(())
+}
+
+fn print_results(done: &plexus_control::apply_log::ApplyResponse) {
+    for r in &done.results {
+        let outcome = serde_json::to_value(r.outcome).ok().and_then(|v| v.as_str().map(str::to_string));
+        println!("{} {}", object_ref(r.kind.as_str(), &r.name), outcome.unwrap_or_default());
+    }
+}
+
+/// A fresh apply id.
+fn apply_id() -> Result<String, Failure> {
+    plexus_control::apply_log::new_id().ok_or_else(|| Failure::runtime("the system random source failed"))
+}
+
+/// What the control plane knows of apply `id`, asked for a few seconds while it cannot be
+/// reached or the apply is still pending: `Ok(None)` when it has no record of it.
+async fn ask_outcome(server: &ServerArgs, id: &str) -> Result<Option<plexus_control::apply_log::ApplyOutcome>, String> {
+    use plexus_control::apply_log::ApplyOutcome;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match server.call(Method::GET, &format!("/api/v1/apply/{id}"), None, false).await {
+            Ok((StatusCode::NOT_FOUND, _)) => return Ok(None),
+            Ok((StatusCode::OK, v)) => match serde_json::from_value::<ApplyOutcome>(v) {
+                Ok(ApplyOutcome::Pending) => last = "still pending".into(),
+                Ok(known) => return Ok(Some(known)),
+                Err(e) => return Err(format!("unreadable answer: {e}")),
+            },
+            Ok((status, _)) => last = format!("the control plane answered {status}"),
+            Err(e) => last = e.message.lines().next().unwrap_or_default().to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    if last == "still pending" { Ok(Some(ApplyOutcome::Pending)) } else { Err(last) }
 }
 
 /// GET or DELETE one object; a missing one is `error: <kind> <namespace>/<name> not found`.

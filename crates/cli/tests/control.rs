@@ -403,3 +403,107 @@ async fn bench_results_are_stored_listed_and_compared_by_id() -> Result<()> {
     assert!(text(&missing).1.contains("no run with that id"), "{:?}", text(&missing));
     Ok(())
 }
+
+/// What the relay in front of the API does with the first connection it accepts (the apply);
+/// later connections are relayed as they are.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Relay everything.
+    None,
+    /// Forward the request, then close the client's connection as the answer starts: the
+    /// apply is committed, the client never hears so.
+    CutAfterCommit,
+    /// Close the client's connection once the request starts, forwarding nothing.
+    CutBeforeSending,
+}
+
+/// A TCP relay on a free port in front of `upstream`, applying `fault` to its first connection.
+fn relay(upstream: &str, fault: Fault) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for (i, client) in listener.incoming().enumerate() {
+            let Ok(mut client) = client else { continue };
+            let fault = if i == 0 { fault } else { Fault::None };
+            if let Fault::CutBeforeSending = fault {
+                let mut first = [0u8; 1];
+                let _ = client.read(&mut first);
+                let _ = client.shutdown(Shutdown::Both);
+                continue;
+            }
+            let Ok(mut server) = TcpStream::connect(&upstream) else { continue };
+            let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else { continue };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || match fault {
+                Fault::CutAfterCommit => {
+                    let mut answer = [0u8; 1];
+                    let _ = server.read(&mut answer);
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                }
+                _ => {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 || client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Write);
+                }
+            });
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// Issue 18 item 8: an apply whose connection is cut reports the truth. Each apply carries an
+/// id; on a lost connection the CLI asks the control plane whether it was committed: cut
+/// after the commit → success with the results (the resources are there); cut before the
+/// request was sent → "no record", exit 1 (nothing there). Control: through the same relay
+/// without a fault, a plain success.
+#[test]
+fn an_interrupted_apply_reports_whether_it_was_committed() -> Result<()> {
+    let dir = TempDir::new("cp-apply-id")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let via = |server: &str, args: &[&str]| -> Result<Output> {
+        let mut cmd = Command::new(PLEXUS);
+        cmd.args(args).env("PLEXUS_SERVER", server).env("PLEXUS_DATA_DIR", &cp.data_dir);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            use std::io::Write as _;
+            input.write_all(MESH.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    };
+    let exists = |name: &str| -> Result<bool> {
+        Ok(cp.plexus(&["get", "httproute", name, "-o", "json"], None)?.status.success())
+    };
+
+    // Cut before sending: nothing was applied, and the CLI says so.
+    let o = via(&relay(&cp.server, Fault::CutBeforeSending)?, &["apply", "-f", "-"])?;
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("the control plane has no record of apply") && err.contains("nothing was applied"), "{err}");
+    assert!(!exists("reviews")?, "nothing was applied");
+
+    // Cut after the commit: the CLI learns it was committed and reports the results.
+    let o = via(&relay(&cp.server, Fault::CutAfterCommit)?, &["apply", "-f", "-"])?;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(err.contains("the control plane confirms apply") && err.contains("was committed"), "{err}");
+    assert!(out.contains("httproute/reviews created") && out.contains("service/reviews created"), "{out}");
+    assert!(exists("reviews")?);
+
+    // Control: the same relay without a fault.
+    let o = via(&relay(&cp.server, Fault::None)?, &["apply", "-f", "-"])?;
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("httproute/reviews unchanged") && !err.contains("lost"), "{out}{err}");
+    Ok(())
+}

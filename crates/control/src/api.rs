@@ -31,6 +31,8 @@ pub struct ApiState {
     pub tokens: Arc<crate::tokens::Tokens>,
     /// The control plane's own certificate (it calls proxies' `/tap` over mTLS with it).
     pub serving: Arc<crate::grpc_tls::ServingIdentity>,
+    /// Outcomes of recent applies that carried an id.
+    pub applies: Arc<crate::apply_log::ApplyLog>,
 }
 
 type Shared = Arc<ApiState>;
@@ -41,6 +43,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/v1/version", get(version))
         .route("/api/v1/apply", post(apply))
+        .route("/api/v1/apply/{id}", get(apply_outcome))
         .route("/api/v1/delete", post(delete_many))
         .route("/api/v1/resources/{kind}", get(list))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
@@ -141,24 +144,79 @@ fn validation_errors(e: &LoadError) -> Response {
 /// `POST /api/v1/apply` with `{"source": "file name", "items": [resources...]}`: validates
 /// everything, then stores all or nothing.
 async fn apply(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    use crate::apply_log::{APPLY_ID_HEADER, ApplyOutcome, valid_id};
     if let Err(e) = authorized(&s, &headers) {
         return e.into_response();
     }
+    let id = match headers.get(APPLY_ID_HEADER).map(|v| v.to_str().map(str::to_string)) {
+        None => None,
+        Some(Ok(id)) if valid_id(&id) => Some(id),
+        Some(_) => {
+            return error(StatusCode::BAD_REQUEST, format!("{APPLY_ID_HEADER}: 1-64 of A-Z a-z 0-9 - _"))
+                .into_response();
+        }
+    };
+    // The same id again: what it did, never a second apply.
+    if let Some(id) = &id
+        && let Err(known) = s.applies.begin(id)
+    {
+        return match known {
+            ApplyOutcome::Committed(done) => Json(done).into_response(),
+            ApplyOutcome::Pending => error(StatusCode::CONFLICT, format!("apply {id} is in progress")).into_response(),
+            ApplyOutcome::Failed { error: e } => {
+                error(StatusCode::CONFLICT, format!("apply {id} failed: {e}")).into_response()
+            }
+        };
+    }
+    let (response, outcome) = apply_now(&s, &body).await;
+    if let Some(id) = &id {
+        s.applies.finish(id, outcome);
+    }
+    response
+}
+
+/// Validates and commits one apply: the answer, and the outcome to remember.
+async fn apply_now(s: &ApiState, body: &Value) -> (Response, crate::apply_log::ApplyOutcome) {
+    use crate::apply_log::{ApplyOutcome, ApplyResponse, ApplyResult};
     let source = body.get("source").and_then(Value::as_str).unwrap_or("request").to_string();
     let items = body.get("items").cloned().unwrap_or(Value::Array(Vec::new()));
     let resources = match parse_documents(&source, &items.to_string()) {
         Ok(r) => r,
-        Err(e) => return validation_errors(&e),
+        Err(e) => {
+            let failed = ApplyOutcome::Failed { error: format!("validation failed ({} errors)", e.errors.len()) };
+            return (validation_errors(&e), failed);
+        }
     };
     match crate::store::write(&s.store, move |store| store.apply(&resources)).await {
         Ok(results) => {
-            let results: Vec<Value> = results
-                .iter()
-                .map(|(r, outcome)| json!({"kind": r.kind, "namespace": r.metadata.namespace(), "name": r.metadata.name, "outcome": outcome, "resourceVersion": r.metadata.resource_version}))
+            let results = results
+                .into_iter()
+                .map(|(r, outcome)| ApplyResult {
+                    kind: r.kind,
+                    namespace: r.metadata.namespace().to_string(),
+                    name: r.metadata.name.clone(),
+                    outcome,
+                    resource_version: r.metadata.resource_version.clone(),
+                })
                 .collect();
-            Json(json!({ "results": results })).into_response()
+            let done = ApplyResponse { results };
+            (Json(done.clone()).into_response(), ApplyOutcome::Committed(done))
         }
-        Err(e) => store_failure(e).into_response(),
+        Err(e) => {
+            let failed = ApplyOutcome::Failed { error: e.to_string() };
+            (store_failure(e).into_response(), failed)
+        }
+    }
+}
+
+/// `GET /api/v1/apply/{id}`: what became of the apply that carried that id —
+/// `{"state": "committed", "results": [...]}`, `{"state": "pending"}` or
+/// `{"state": "failed", "error"}`; 404 when the control plane has no record of it (never
+/// received, or forgotten: the most recent 1,024 are kept, in memory).
+async fn apply_outcome(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    match s.applies.get(&id) {
+        Some(outcome) => Json(outcome).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no record of apply {id}")).into_response(),
     }
 }
 

@@ -44,7 +44,7 @@ impl std::fmt::Display for ObjectKey {
 }
 
 /// What an apply did to one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Created,
