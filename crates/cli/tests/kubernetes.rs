@@ -140,6 +140,22 @@ impl Node {
     /// Installs Plexus (keeping its identity across runs: `--identity-dir`) and Bookinfo, and
     /// waits until both are ready. Idempotent.
     fn ensure_bookinfo(&self) -> Result<()> {
+        self.ensure_installed()?;
+        for d in BOOKINFO_DEPLOYMENTS {
+            self.kubectl(&["-n", NS, "rollout", "status", &format!("deployment/{d}"), "--timeout=240s"])?;
+        }
+        self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/ingress-gateway", "--timeout=120s"])?;
+        // The page answers once every hop is in the mesh's configuration.
+        poll(Duration::from_secs(60), || {
+            let page = self.get(&format!("{INGRESS}/productpage"), &[])?;
+            ensure!(page.contains("Reviews served by: reviews-v"), "productpage not served yet: {page:.200}");
+            ensure!(!page.contains("Error fetching product details"), "details not reached yet");
+            Ok(())
+        })
+    }
+
+    /// Installs Plexus and applies Bookinfo's manifests, waiting for the control plane only.
+    fn ensure_installed(&self) -> Result<()> {
         let identity = self.state.join("plexus-identity");
         let mut install = Command::new(PLEXUS);
         install.args(["install", "kubernetes", "--identity-dir"]).arg(&identity);
@@ -153,17 +169,7 @@ impl Node {
         self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/plexus-control", "--timeout=180s"])?;
         let bookinfo = repo_root().join("examples/kubernetes/bookinfo.yaml");
         self.kubectl(&["apply", "-f", &bookinfo.to_string_lossy()])?;
-        for d in BOOKINFO_DEPLOYMENTS {
-            self.kubectl(&["-n", NS, "rollout", "status", &format!("deployment/{d}"), "--timeout=240s"])?;
-        }
-        self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/ingress-gateway", "--timeout=120s"])?;
-        // The page answers once every hop is in the mesh's configuration.
-        poll(Duration::from_secs(60), || {
-            let page = self.get(&format!("{INGRESS}/productpage"), &[])?;
-            ensure!(page.contains("Reviews served by: reviews-v"), "productpage not served yet: {page:.200}");
-            ensure!(!page.contains("Error fetching product details"), "details not reached yet");
-            Ok(())
-        })
+        Ok(())
     }
 
     /// One GET from inside the node (curl); the body, or an error with the status.
@@ -264,21 +270,33 @@ fn install_and_injected_bookinfo_serve_the_product_page_through_the_ingress() ->
     ensure!(items.len() >= BOOKINFO_DEPLOYMENTS.len(), "{} pods", items.len());
     for pod in items {
         let name = pod["metadata"]["name"].as_str().unwrap_or("?");
-        let args0 = |list: &serde_json::Value| -> Vec<String> {
-            list.as_array()
+        // (name, image, first argument) of each container of a list.
+        let list = |key: &str| -> Vec<(String, String, String)> {
+            pod["spec"][key]
+                .as_array()
                 .into_iter()
                 .flatten()
                 .map(|c| {
-                    let args = c["args"].as_array().cloned().unwrap_or_default();
-                    args.first().and_then(|a| a.as_str()).unwrap_or_default().to_string()
+                    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                    (s(&c["name"]), s(&c["image"]), s(&c["args"][0]))
                 })
                 .collect()
         };
-        let init = args0(&pod["spec"]["initContainers"]);
-        let containers = args0(&pod["spec"]["containers"]);
-        ensure!(init.iter().any(|a| a == "init"), "{name}: no `plexus init` init container: {init:?}");
-        ensure!(containers.iter().any(|a| a == "proxy"), "{name}: no proxy container: {containers:?}");
-        ensure!(containers.iter().any(|a| a == "sample"), "{name}: the app container is gone: {containers:?}");
+        let init = list("initContainers");
+        let containers = list("containers");
+        ensure!(
+            init.iter().any(|(n, image, arg)| n == "plexus-init" && image.contains("plexus:") && arg == "init"),
+            "{name}: no `plexus init` init container: {init:?}"
+        );
+        ensure!(
+            containers.iter().any(|(n, image, _)| n == "plexus-proxy" && image.contains("plexus:")),
+            "{name}: no proxy container: {containers:?}"
+        );
+        ensure!(
+            containers.iter().any(|(_, _, arg)| arg == "sample"),
+            "{name}: the app container is gone: {containers:?}"
+        );
+        ensure!(pod["metadata"]["annotations"]["plexus.dev/injected"].is_string(), "{name}: not marked injected");
     }
     // The binaries run inside a pod.
     let pod = node.pod_of("details", "v1")?;
@@ -467,7 +485,7 @@ spec:
 #[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
 fn invalid_crd_objects_are_rejected_by_the_api_servers_schema() -> Result<()> {
     let Some(node) = node() else { return Ok(()) };
-    node.ensure_bookinfo()?;
+    node.ensure_installed()?;
     // Positive control: the valid route passes the server's validation.
     node.kubectl_in(
         &["-n", NS, "apply", "--dry-run=server", "-f", "-"],
@@ -504,7 +522,7 @@ fn invalid_crd_objects_are_rejected_by_the_api_servers_schema() -> Result<()> {
 #[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
 fn httproute_status_conditions_are_written_back() -> Result<()> {
     let Some(node) = node() else { return Ok(()) };
-    node.ensure_bookinfo()?;
+    node.ensure_installed()?;
     let _good = Applied::new(&node, NS, &example("examples/bookinfo/route-all-v1.yaml"))?;
     let missing = example("examples/bookinfo/route-all-v1.yaml")
         .replace("name: reviews}", "name: reviews-missing}")
