@@ -353,9 +353,12 @@ fn httproute_shifts_reviews_80_20_and_sends_jason_to_v3() -> Result<()> {
 }
 
 /// `printf 'GET PATH HTTP/1.0...' | nc -w 3 HOST 9080` in a pod: the status line (empty when
-/// the connection was closed without an answer).
+/// the connection was closed without an answer). The request's stdin stays open for 2 s: busybox
+/// nc half-closes the connection at stdin's end, which the proxy takes for the client leaving.
 fn http_from_pod(node: &Node, ns: &str, pod: &str, container: &str, host: &str, path: &str) -> Result<String> {
-    let script = format!("printf 'GET {path} HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 3 {host} 9080 | head -1");
+    let script = format!(
+        "(printf 'GET {path} HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n'; sleep 2) | nc -w 3 {host} 9080 | head -1"
+    );
     let (_, out) = node.exec(ns, pod, container, &script)?;
     Ok(out.trim().to_string())
 }
@@ -463,7 +466,7 @@ spec:
       - name: fetch
         image: {image}
         imagePullPolicy: IfNotPresent
-        command: [sh, -c, "printf 'GET /details/0 HTTP/1.0\r\nHost: details\r\n\r\n' | nc -w 5 details 9080 | head -1 | grep -q ' 200 '"]
+        command: [sh, -c, "(printf 'GET /details/0 HTTP/1.0\r\nHost: details\r\n\r\n'; sleep 2) | nc -w 5 details 9080 | head -1 | grep -q ' 200 '"]
 "#,
         image = image()
     );
