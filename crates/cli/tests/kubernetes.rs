@@ -599,7 +599,7 @@ fn plexus_check_passes_and_names_a_missing_webhook_certificate() -> Result<()> {
     Ok(())
 }
 
-/// The IPs of the Running pods in the Bookinfo namespace, by pod name.
+/// The IPs of the running Bookinfo app pods (not being deleted), by pod name.
 fn bookinfo_pod_ips(node: &Node) -> Result<Vec<(String, String)>> {
     let out = node.kubectl(&[
         "-n",
@@ -607,14 +607,17 @@ fn bookinfo_pod_ips(node: &Node) -> Result<Vec<(String, String)>> {
         "get",
         "pods",
         "--field-selector=status.phase=Running",
+        "-l",
+        "app in (productpage,details,ratings,reviews)",
         "-o",
-        r#"jsonpath={range .items[*]}{.metadata.name}{" "}{.status.podIP}{"\n"}{end}"#,
+        r#"jsonpath={range .items[*]}{.metadata.name}{" "}{.status.podIP}{" "}{.metadata.deletionTimestamp}{"\n"}{end}"#,
     ])?;
+    // (Pods being deleted still say Running: left out.)
     Ok(out
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(n, ip)| (n.to_string(), ip.to_string()))
-        .filter(|(_, ip)| !ip.is_empty())
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() == 3 && !f[1].is_empty() && f[2].is_empty())
+        .map(|f| (f[0].to_string(), f[1].to_string()))
         .collect())
 }
 
@@ -667,7 +670,7 @@ spec:
     let applied = Applied::new(&node, NS, &extra)?;
     node.kubectl(&["-n", NS, "wait", "pod/reviews-extra", "--for=condition=Ready", "--timeout=120s"])?;
     // Every proxy that knows reviews (productpage's, at least: load the page) sees 4 endpoints.
-    let pods: Vec<_> = bookinfo_pod_ips(&node)?;
+    let pods: Vec<_> = bookinfo_pod_ips(&node)?.into_iter().filter(|(n, _)| n != "reviews-extra").collect();
     let knowing = poll(Duration::from_secs(30), || {
         node.get(&format!("{INGRESS}/productpage"), &[])?;
         let mut knowing = Vec::new();
@@ -766,31 +769,44 @@ fn httproute_changes_reach_the_bookinfo_proxies_within_a_second() -> Result<()> 
     let _ = node.kubectl(&["-n", NS, "delete", "httproute", "reviews", "--ignore-not-found"]);
     let out = out?;
     ensure!(out.status.success(), "{}", output_text(&out));
-    let mut slowest = Vec::new();
+    // Per change, the last proxy to take it: from the start of `kubectl apply` (kubectl's own
+    // start-up and round trips included) and from its return (the object stored).
+    let (mut from_start, mut from_stored) = (Vec::new(), Vec::new());
     let mut reached = std::collections::BTreeMap::<String, usize>::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let change: serde_json::Value = serde_json::from_str(line)?;
         let proxies = change["proxies"].as_object().context("proxies")?;
-        ensure!(!proxies.is_empty(), "a change reached no proxy within 5 s: {line}");
+        ensure!(proxies.len() == pods.len(), "a change did not reach every proxy within 5 s: {line}");
         for ip in proxies.keys() {
             let name = pods.iter().find(|(_, p)| p == ip).map(|(n, _)| n.clone()).unwrap_or_default();
             *reached.entry(name).or_default() += 1;
         }
-        slowest.push(proxies.values().filter_map(|v| v.as_f64()).fold(0.0, f64::max));
+        let last = proxies.values().filter_map(|v| v.as_f64()).fold(0.0, f64::max);
+        from_start.push(last);
+        from_stored.push((last - change["apply_ms"].as_f64().context("apply_ms")?).max(0.0));
     }
-    ensure!(slowest.len() == 20, "{} changes measured", slowest.len());
-    slowest.sort_by(f64::total_cmp);
-    let p50 = slowest[9];
-    let p99 = slowest[19];
+    ensure!(from_start.len() == 20, "{} changes measured", from_start.len());
+    from_start.sort_by(f64::total_cmp);
+    from_stored.sort_by(f64::total_cmp);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "HTTPRoute change -> the last proxy that took it: p50 {p50} ms, p99 (max of 20) {p99} ms; proxies reached: {reached:?}; load {}",
+        "HTTPRoute change -> every Bookinfo proxy ({} of them): from the stored object p50 {:.0} ms, p99 (max of 20) {:.0} ms; \
+         from the start of kubectl apply p50 {:.0} ms, p99 {:.0} ms; proxies reached: {reached:?}; load {}",
+        pods.len(),
+        from_stored[9],
+        from_stored[19],
+        from_start[9],
+        from_start[19],
         load.split_whitespace().next().unwrap_or("?")
     );
-    ensure!(
-        reached.keys().any(|n| n.starts_with("productpage")),
-        "productpage's proxy never took a change: {reached:?}"
-    );
-    ensure!(p99 <= 1000.0, "p99 {p99} ms over 20 changes, not within 1 s (all: {slowest:?})");
+    // The control plane's memory with Bookinfo (its process in the pod, seen from the host).
+    let pgrep = Command::new("pgrep").args(["-f", "^/usr/local/bin/plexus control --store kubernetes"]).output()?;
+    for pid in String::from_utf8_lossy(&pgrep.stdout).split_whitespace() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?");
+        println!("control plane (pid {pid}) with Bookinfo: {rss}");
+    }
+    let p99 = from_stored[19];
+    ensure!(p99 <= 1000.0, "p99 {p99} ms over 20 changes, not within 1 s (all: {from_stored:?})");
     Ok(())
 }
