@@ -543,3 +543,60 @@ impl Store for KubeStore {
         Err(problem)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> Raw {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "reviews", "namespace": "bookinfo", "resourceVersion": "1"},
+            "spec": {"selector": {"app": "reviews"}, "ports": [{"port": 9080}], "clusterIP": "10.96.0.9"}
+        }))
+        .expect("service");
+        let pod = |name: &str, app: &str, rv: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "bookinfo", "resourceVersion": rv, "labels": {"app": app}},
+                "spec": {"containers": [{"name": "app"}, {"name": "plexus-proxy"}]},
+                "status": {"phase": "Running", "podIP": "10.244.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+            }))
+            .expect("pod")
+        };
+        let mut raw = Raw::default();
+        raw.services.insert(("bookinfo".into(), "reviews".into()), svc);
+        raw.pods.insert(("bookinfo".into(), "reviews-1".into()), pod("reviews-1", "reviews", "10"));
+        raw.pods.insert(("bookinfo".into(), "loner".into()), pod("loner", "loner", "11"));
+        raw.custom.insert(
+            (Kind::FaultInjection, "bookinfo".into(), "bad".into()),
+            serde_json::json!({"metadata": {"name": "bad", "namespace": "bookinfo"}, "spec": {"abort": {"httpStatus": 503, "percent": 150}}}),
+        );
+        raw
+    }
+
+    #[test]
+    fn only_selected_pods_become_workloads_and_invalid_objects_are_kept_aside() {
+        let (mirror, invalid) = translate_all(&raw());
+        let ids: Vec<&str> = mirror.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["Service/bookinfo/reviews", "Workload/bookinfo/reviews-1"], "no Service selects `loner`");
+        assert!(invalid.get("FaultInjection/bookinfo/bad").is_some_and(|r| r.contains("percent")), "{invalid:?}");
+    }
+
+    #[test]
+    fn a_new_resource_version_alone_is_not_a_change() {
+        let (before, _) = translate_all(&raw());
+        let mut changed = raw();
+        if let Some(p) = changed.pods.get_mut(&("bookinfo".into(), "reviews-1".into())) {
+            p.metadata.resource_version = Some("12".into());
+        }
+        let (after, _) = translate_all(&changed);
+        let (a, b) = (&before["Workload/bookinfo/reviews-1"], &after["Workload/bookinfo/reviews-1"]);
+        assert!(same_but_version(a, b), "a status update (probe, condition) changes nothing");
+        assert!(!same_but_version(a, a), "the same version is not a version change");
+        if let Some(p) = changed.pods.get_mut(&("bookinfo".into(), "reviews-1".into())) {
+            p.metadata.labels =
+                Some([("app".to_string(), "reviews".to_string()), ("version".into(), "v2".into())].into());
+        }
+        let (relabelled, _) = translate_all(&changed);
+        assert!(!same_but_version(a, &relabelled["Workload/bookinfo/reviews-1"]), "a new label is a change");
+    }
+}
