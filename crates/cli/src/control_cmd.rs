@@ -53,6 +53,21 @@ pub struct ControlArgs {
     /// message at least every `--heartbeat-interval` (5s): keep this a few times longer.
     #[arg(long, env = "PLEXUS_REGISTRATION_TTL", default_value = "15s", value_parser = crate::proxy_cmd::positive_duration)]
     registration_ttl: Duration,
+    /// Serve the sidecar-injection webhook (HTTPS, AdmissionReview v1 on `/inject`) here, in
+    /// any store mode; needs `--webhook-tls-dir`.
+    #[arg(long, env = "PLEXUS_WEBHOOK_ADDR", requires = "webhook_tls_dir")]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate and key: `tls.crt` and `tls.key` (the
+    /// `plexus-webhook-tls` Secret, mounted).
+    #[arg(long, env = "PLEXUS_WEBHOOK_TLS_DIR")]
+    webhook_tls_dir: Option<PathBuf>,
+    /// The image of the containers the webhook injects.
+    #[arg(long, env = "PLEXUS_PROXY_IMAGE", default_value_t = plexus_k8s::install::default_image())]
+    proxy_image: String,
+    /// The control-plane address injected proxies use (default: `https://<ClusterIP of
+    /// plexus-control>:7700`, looked up per injection).
+    #[arg(long, env = "PLEXUS_PROXY_CONTROL_PLANE")]
+    proxy_control_plane: Option<String>,
 }
 
 pub async fn run(args: ControlArgs) -> Result<(), Failure> {
@@ -81,6 +96,20 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
             Arc::new(plexus_k8s::identity::TokenReviewAuthenticator::new(k.client()));
         (store, authenticator)
     });
+    let webhook = match &args.webhook_addr {
+        Some(addr) => {
+            let options = plexus_k8s::webhook::WebhookOptions {
+                addr: *addr,
+                tls_dir: args.webhook_tls_dir.clone().unwrap_or_default(),
+                data_dir: args.data_dir.clone(),
+                image: args.proxy_image.clone(),
+                control_plane: args.proxy_control_plane.clone(),
+            };
+            let client = kubernetes.as_ref().map(|k| k.client());
+            Some(plexus_k8s::webhook::Webhook::bind(options, client).await.map_err(Failure::usage)?)
+        }
+        None => None,
+    };
     let cp = ControlPlane::start_with(&args.data_dir, args.http_addr, args.grpc_addr, backend)
         .await?
         .with_registration_ttl(args.registration_ttl);
@@ -100,11 +129,18 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
             tokio::spawn(plexus_k8s::status::maintain(store, leading)),
         ]
     });
-    println!(
-        "{}",
-        serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() })
-    );
+    let mut ready = serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() });
+    let webhook = webhook.map(|w| {
+        if let Ok(addr) = w.local_addr() {
+            ready["webhook"] = serde_json::Value::String(addr.to_string());
+        }
+        tokio::spawn(w.serve())
+    });
+    println!("{ready}");
     let served = cp.serve(crate::proxy_cmd::shutdown_signal()).await;
+    if let Some(w) = webhook {
+        w.abort();
+    }
     for task in singletons.into_iter().flatten() {
         task.abort();
     }

@@ -395,3 +395,89 @@ async fn rewritten_kubelet_probes_are_forwarded_to_the_app() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/app-health/"));
 }
+
+/// `plexus control --webhook-addr` serves the injection webhook over HTTPS: a real `curl`
+/// posts AdmissionReviews (as the API server does) and gets the JSONPatch for a pod that opts
+/// in, none for one that does not; anything else is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_answers_admission_reviews_over_https() {
+    if !(require_tool("openssl") && require_tool("curl")) {
+        return;
+    }
+    let dir = TempDir::new("pod-webhook").expect("dir");
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).expect("dir");
+    let mut cmd = command("openssl");
+    cmd.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=plexus-control.plexus-system.svc", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(tls.join("tls.key"))
+        .arg("-out")
+        .arg(tls.join("tls.crt"));
+    plexus_testkit::run_ok(&mut cmd, Duration::from_secs(30)).await.expect("certificate");
+    let data = dir.join("data");
+    let (http, grpc, webhook) = (free_port(), free_port(), free_port());
+    let mut control = command(PLEXUS);
+    control
+        .args(["control", "--http-addr", &format!("127.0.0.1:{http}"), "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--webhook-addr", &format!("127.0.0.1:{webhook}"), "--webhook-tls-dir"])
+        .arg(&tls)
+        .args(["--proxy-control-plane", "https://10.96.0.50:7700", "--data-dir"])
+        .arg(&data);
+    let control = Background::start("control", control, "{", Duration::from_secs(30)).await.expect("control plane");
+    assert!(control.ready_line().contains(&format!("127.0.0.1:{webhook}")), "{}", control.ready_line());
+
+    let post = |body: String| {
+        let (tls, dir) = (tls.clone(), dir.path().to_path_buf());
+        async move {
+            let file = dir.join(format!("review-{}.json", fastrand_octet()));
+            std::fs::write(&file, body).expect("review");
+            let mut cmd = command("curl");
+            cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+                .arg(tls.join("tls.crt"))
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(format!("@{}", file.display()))
+                .arg(format!("https://127.0.0.1:{webhook}/inject"));
+            let out = plexus_testkit::run_ok(&mut cmd, Duration::from_secs(20)).await.expect("curl");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').expect("status line");
+            (code.to_string(), body.to_string())
+        }
+    };
+    let review = |annotations: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "namespace": "default", "operation": "CREATE",
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "web", "labels": {"app": "web"}, "annotations": annotations},
+                    "spec": {"containers": [{"name": "web", "image": "web:1"}]}}}
+        })
+        .to_string()
+    };
+    // Opted in by annotation (the file store knows no namespace labels): patched.
+    let (code, body) = post(review(serde_json::json!({"plexus.dev/inject": "enabled"}))).await;
+    assert_eq!(code, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["response"]["uid"], "u-1");
+    assert_eq!(answer["response"]["allowed"], true);
+    let encoded = dir.join("patch.b64");
+    std::fs::write(&encoded, answer["response"]["patch"].as_str().expect("patch")).expect("write");
+    let mut decode = command("base64");
+    decode.arg("-d").arg(&encoded);
+    let patch = plexus_testkit::run_ok(&mut decode, Duration::from_secs(10)).await.expect("base64 patch");
+    let patch = String::from_utf8_lossy(&patch.stdout).into_owned();
+    assert!(patch.contains("plexus-proxy") && patch.contains("plexus-init"), "{patch}");
+    assert!(patch.contains("https://10.96.0.50:7700"), "{patch}");
+    assert!(patch.contains("BEGIN CERTIFICATE"), "the mesh's trust anchor is passed: {patch}");
+    // Not opted in: admitted without a patch.
+    let (code, body) = post(review(serde_json::json!({}))).await;
+    assert_eq!(code, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{body}");
+    // Not an AdmissionReview.
+    let (code, _) = post("{\"hello\": 1}".into()).await;
+    assert_eq!(code, "400");
+    let (code, _) = post("not json".into()).await;
+    assert_eq!(code, "400");
+}
