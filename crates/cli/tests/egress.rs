@@ -183,6 +183,28 @@ async fn registry_only_refuses_unlisted_destinations_on_every_explicit_path() {
     let refused_502 = metric_sum(&text, "plexus_requests_total", "response_code=\"502\"");
     assert!(refused_502 >= 8.0, "refusals are requests answered 502:\n{text}");
 
+    // Tap shows the decision: while a tap stream is open, refused and allowed requests.
+    let tap_url = format!("http://{}/tap", client.addrs().admin);
+    let mut tap_cmd = command("curl");
+    tap_cmd.args(["-sN", "--max-time", "4", &tap_url]);
+    let tap = tokio::spawn(async move { run(&mut tap_cmd, Duration::from_secs(10)).await });
+    while !tap.is_finished() {
+        let _ = curl(&["-x", &px, &format!("http://localhost:{u}/tapped")]).await;
+        let _ = curl(&["-x", &px, &format!("http://localhost:{l}/tapped")]).await;
+    }
+    let tapped = tap.await.expect("tap task").expect("tap");
+    let events = String::from_utf8_lossy(&tapped.stdout);
+    assert!(
+        events.contains(&format!(
+            "egress to localhost:{u}: denied: destination not in the registry (outboundTrafficPolicy registryOnly)"
+        )),
+        "tap shows the refusal:\n{events}"
+    );
+    assert!(
+        events.contains(&format!("egress to localhost:{l}: allowed: ExternalService default/listed port {l} (http)")),
+        "tap shows the ExternalService:\n{events}"
+    );
+
     // allowAny (no MeshConfig): the same destinations go out again; the listed one keeps its name.
     std::fs::write(&res, &external).expect("write");
     let url = format!("http://localhost:{u}/e");
@@ -392,4 +414,99 @@ async fn explain_shows_the_egress_decision() {
     assert_eq!(json["allowed"], false);
     assert_eq!(json["destination"], "other.example.org:80");
     assert_eq!(json["outboundTrafficPolicy"], "registryOnly");
+}
+
+/// A `plexus control` on free ports with its own data dir: `(process, http URL, grpc URL)`.
+async fn control_plane(dir: &TempDir) -> (plexus_testkit::Background, String, String) {
+    let data = dir.join("data");
+    let http = format!("127.0.0.1:{}", plexus_testkit::free_port());
+    let mut cmd = command(PLEXUS);
+    cmd.args(["control", "--http-addr", &http, "--grpc-addr", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    let proc = plexus_testkit::Background::start("control", cmd, "{", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ready: serde_json::Value = serde_json::from_str(proc.ready_line()).expect("ready line");
+    let grpc = format!("http://{}", ready["grpc"].as_str().expect("grpc address"));
+    (proc, format!("http://{http}"), grpc)
+}
+
+/// ExternalServices and MeshConfig reach every sidecar through the control plane, also one
+/// that watches no Service: registryOnly is enforced there, and an ExternalService applied
+/// or deleted changes what leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_services_reach_sidecars_through_the_control_plane() {
+    if !require_tool("curl") {
+        return;
+    }
+    let listed = HttpEcho::start("listed-app").await.expect("echo");
+    let unlisted = HttpEcho::start("unlisted-app").await.expect("echo");
+    let dir = TempDir::new("egress-cp").expect("dir");
+    let (_cp, server, grpc) = control_plane(&dir).await;
+    let data = dir.join("data");
+    let plexus = |args: &[&str]| {
+        let mut cmd = command(PLEXUS);
+        cmd.args(args).env("PLEXUS_SERVER", &server).env("PLEXUS_DATA_DIR", &data);
+        cmd
+    };
+    let external = format!(
+        "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: listed, namespace: ops}}\nspec: {{hosts: [localhost], ports: [{}]}}\n",
+        listed.port()
+    );
+    let file = dir.join("egress.yaml");
+    std::fs::write(&file, format!("{REGISTRY_ONLY}---\n{external}")).expect("write");
+    let out =
+        run(&mut plexus(&["apply", "-f", &file.display().to_string()]), Duration::from_secs(30)).await.expect("apply");
+    assert!(out.status.success(), "apply\n{}", show(&out));
+    let token = plexus_testkit::workload_token(PLEXUS, &server, &data, "default", "client").await.expect("token");
+    let args = [
+        "proxy",
+        "--control-plane",
+        &grpc,
+        "--token",
+        &token,
+        "--service-account",
+        "client",
+        "--outbound-port",
+        "0",
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        "0",
+    ]
+    .map(String::from);
+    let client = Proxy::start_named("client", PLEXUS, args).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let px = format!("http://{}", client.addrs().outbound);
+    let (l, u) = (listed.port(), unlisted.port());
+    let status = |port: u16| {
+        let px = px.clone();
+        async move {
+            let (status, error, out) = curl(&["-x", &px, &format!("http://localhost:{port}/")]).await;
+            (status, error, show(&out))
+        }
+    };
+    eventually(Duration::from_secs(20), || async {
+        let (s, e, out) = status(l).await;
+        anyhow::ensure!(s == 200, "listed: {s} {e:?}\n{out}");
+        let (s, e, out) = status(u).await;
+        anyhow::ensure!(
+            s == 502 && e.as_deref() == Some("destination not in the registry"),
+            "unlisted: {s} {e:?}\n{out}"
+        );
+        Ok(())
+    })
+    .await
+    .expect("registryOnly and the ExternalService (another namespace's) reached the sidecar");
+    // Deleting the ExternalService closes the way out.
+    let out = run(&mut plexus(&["delete", "externalservice", "listed", "-n", "ops"]), Duration::from_secs(30))
+        .await
+        .expect("delete");
+    assert!(out.status.success(), "delete\n{}", show(&out));
+    eventually(Duration::from_secs(20), || async {
+        let (s, e, out) = status(l).await;
+        anyhow::ensure!(s == 502 && e.is_some(), "still allowed: {s}\n{out}");
+        Ok(())
+    })
+    .await
+    .expect("the deletion reached the sidecar");
+    assert_eq!(unlisted.requests(), 0, "nothing reached the unlisted app");
 }
