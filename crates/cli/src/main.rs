@@ -11,6 +11,7 @@ mod demo_cmd;
 mod explain_cmd;
 mod identity_cmd;
 mod init_cmd;
+mod inject_cmd;
 mod install_cmd;
 mod netns;
 mod proxy_config_cmd;
@@ -80,6 +81,8 @@ enum Command {
     /// Wait until a sidecar has reached the control plane and holds its certificate (the
     /// injected proxy's postStart hook).
     WaitReady(wait_ready_cmd::WaitReadyArgs),
+    /// Add the Plexus proxy to the pods of a YAML stream (for `kubectl apply -f -`).
+    Inject(inject_cmd::InjectArgs),
     /// Install a pod's traffic redirect (iptables; the injected init container).
     Init(init_cmd::InitArgs),
     /// Create, show or rotate the mesh's trust anchor and issuer.
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
             Command::Dashboard(args) => dashboard_cmd::run(args).await,
             Command::Run(args) => run_cmd::run(*args).await,
             Command::Init(args) => init_cmd::run(args).await,
+            Command::Inject(args) => inject_cmd::run(args).await,
             Command::WaitReady(args) => wait_ready_cmd::run(args).await,
             Command::Identity(args) => identity_cmd::run(args).await,
             Command::Token(args) => token_cmd::run(args).await,

@@ -481,3 +481,107 @@ async fn the_webhook_answers_admission_reviews_over_https() {
     let (code, _) = post("not json".into()).await;
     assert_eq!(code, "400");
 }
+
+/// `plexus inject -f -` injects every pod template of a multi-document stream (Deployment,
+/// Job, CronJob, bare Pod), leaves other documents and opted-out pods as they are, and picks
+/// native sidecars from `--kubernetes-version`.
+#[tokio::test]
+async fn plexus_inject_mutates_every_pod_template_of_a_stream() {
+    let dir = TempDir::new("pod-inject").expect("dir");
+    let anchor = dir.join("anchor.pem");
+    std::fs::write(&anchor, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").expect("anchor");
+    let stream = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: web:1
+        readinessProbe: {httpGet: {path: /ready, port: 8080}}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: once}
+spec: {template: {spec: {restartPolicy: Never, containers: [{name: job, image: job:1}]}}}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec: {schedule: "0 0 * * *", jobTemplate: {spec: {template: {spec: {restartPolicy: Never, containers: [{name: c, image: c:1}]}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, annotations: {plexus.dev/inject: disabled}}
+spec: {containers: [{name: sh, image: busybox}]}
+"#;
+    let input = dir.join("in.yaml");
+    std::fs::write(&input, stream).expect("input");
+    let inject = |version: &'static str| {
+        let (input, anchor) = (input.clone(), anchor.clone());
+        async move {
+            let mut cmd = command("sh");
+            cmd.arg("-c")
+                .arg(format!(
+                    "{PLEXUS} inject -f - --trust-anchor {} --control-plane https://10.96.0.50:7700 --kubernetes-version {version} < {}",
+                    anchor.display(),
+                    input.display()
+                ));
+            let out = plexus_testkit::run_ok(&mut cmd, Duration::from_secs(30)).await.expect("plexus inject");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text, String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let (text, stderr) = inject("1.20").await;
+    let docs: Vec<serde_json::Value> = text
+        .split("\n---\n")
+        .map(|d| d.trim_start_matches("---\n"))
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_json::to_value(yaml_value(d)).expect("YAML document"))
+        .collect();
+    assert_eq!(docs.len(), 5, "{text}");
+    let containers = |doc: &serde_json::Value, at: &str| -> Vec<String> {
+        doc.pointer(at)
+            .and_then(|c| c.as_array())
+            .map(|a| a.iter().filter_map(|c| c["name"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(docs[0]["kind"], "Service");
+    assert!(docs[0].pointer("/spec/template").is_none());
+    assert_eq!(containers(&docs[1], "/spec/template/spec/containers"), ["plexus-proxy", "web"]);
+    assert_eq!(containers(&docs[1], "/spec/template/spec/initContainers"), ["plexus-init"]);
+    assert_eq!(
+        docs[1].pointer("/spec/template/spec/containers/1/readinessProbe/httpGet/path"),
+        Some(&serde_json::json!("/app-health/web/readiness"))
+    );
+    assert_eq!(containers(&docs[2], "/spec/template/spec/containers"), ["plexus-proxy", "job"]);
+    assert_eq!(containers(&docs[3], "/spec/jobTemplate/spec/template/spec/containers"), ["plexus-proxy", "c"]);
+    assert_eq!(containers(&docs[4], "/spec/containers"), ["sh"], "opted out");
+    assert!(stderr.contains("document 5 (Pod) not injected"), "{stderr}");
+    // Native sidecars from 1.29: the proxy is an init container.
+    let (text, _) = inject("1.29").await;
+    assert!(text.contains("restartPolicy: Always"), "{text}");
+    // Errors name the input and the problem.
+    let mut cmd = command(PLEXUS);
+    cmd.args(["inject", "-f"]).arg(&input).args(["--trust-anchor"]).arg(&input);
+    let out = run(&mut cmd, Duration::from_secs(20)).await.expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--trust-anchor"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn yaml_value(text: &str) -> serde_json::Value {
+    serde_saphyr::from_str(text).expect("YAML")
+}
