@@ -358,6 +358,7 @@ impl Proxy {
         }
         tasks.push(tokio::spawn(prune_on_change(state.clone())));
         tasks.push(tokio::spawn(expire_idle_series(state.clone())));
+        tasks.push(tokio::spawn(return_memory_after_bursts(state.clone())));
         let mut drain = state.drain.subscribe();
         tokio::select! {
             _ = shutdown => state.start_drain(),
@@ -824,6 +825,37 @@ async fn inbound_conn(
     }
     drop(permit);
 }
+
+/// Returns memory to the system once a burst of connections has closed. glibc's allocator
+/// keeps freed memory in its arenas (5,000 idle connections took a sidecar from 30 to 194 MiB,
+/// and it stayed there after they closed); every 5 s, when at least 64 connections fewer are
+/// open than at the last look, `malloc_trim` hands the free pages back (scripts/connections
+/// measures it). A few milliseconds, only after connections closed, never per request.
+async fn return_memory_after_bursts(state: Arc<State>) {
+    let all = state.settings.limits.max_connections;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last_open = 0usize;
+    loop {
+        tick.tick().await;
+        let open = all.saturating_sub(state.conn_limit.available_permits());
+        if open + 64 <= last_open {
+            trim_heap();
+        }
+        last_open = open;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory of the allocator's arenas; it takes no
+    // pointer and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// Completes once MeshConfig's mTLS mode is strict (at once if it already is).
 async fn strict_enabled(state: &State) {
