@@ -61,11 +61,25 @@ pub fn analyze(resources: &[Resource]) -> Vec<Finding> {
                 let rules: Vec<RuleView<'_>> =
                     h.rules.iter().map(|x| RuleView { backends: &x.backend_refs, filters: &x.filters }).collect();
                 route(&index, &object, ns, &h.parent_refs, &rules, &mut out);
+                gateway_parents(&index, r, &object, &h.parent_refs, &h.hostnames, &mut out);
             }
             Spec::GrpcRoute(g) => {
                 let rules: Vec<RuleView<'_>> =
                     g.rules.iter().map(|x| RuleView { backends: &x.backend_refs, filters: &x.filters }).collect();
                 route(&index, &object, ns, &g.parent_refs, &rules, &mut out);
+                gateway_parents(&index, r, &object, &g.parent_refs, &g.hostnames, &mut out);
+            }
+            Spec::Gateway(g) => {
+                for (l, conflict) in g.listeners.iter().zip(crate::gateway::listener_conflicts(g)) {
+                    if let Some(why) = conflict {
+                        out.push(Finding::error(
+                            &object,
+                            format!("listener {:?} conflicts and is not served: {why}", l.name),
+                            "give it another port or hostname (an HTTP and an HTTPS listener cannot share a port)"
+                                .into(),
+                        ));
+                    }
+                }
             }
             Spec::TrafficSplit(t) => traffic_split(&index, &object, ns, t, &mut out),
             Spec::TrafficTarget(t) => traffic_target(&index, &object, ns, t, &mut out),
@@ -90,6 +104,8 @@ struct Index<'a> {
     groups: BTreeMap<String, &'a HttpRouteGroupSpec>,
     /// HTTPRoutes and GRPCRoutes by `namespace/name`, with the Services they attach to.
     routes: BTreeMap<String, Vec<ServiceName>>,
+    /// Gateways by name.
+    gateways: BTreeMap<ServiceName, (&'a Resource, &'a crate::resource::GatewaySpec)>,
 }
 
 impl<'a> Index<'a> {
@@ -99,11 +115,15 @@ impl<'a> Index<'a> {
             faults: BTreeSet::new(),
             groups: BTreeMap::new(),
             routes: BTreeMap::new(),
+            gateways: BTreeMap::new(),
         };
         for r in resources {
             let ns = r.metadata.namespace();
             let parents = |refs: &[ParentRef]| -> Vec<ServiceName> {
-                refs.iter().map(|p| ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns))).collect()
+                refs.iter()
+                    .filter(|p| !crate::route::parent_is_gateway(p))
+                    .map(|p| ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns)))
+                    .collect()
             };
             match &r.spec {
                 Spec::Service(s) => {
@@ -111,6 +131,9 @@ impl<'a> Index<'a> {
                 }
                 Spec::FaultInjection(_) => {
                     index.faults.insert(r.key());
+                }
+                Spec::Gateway(g) => {
+                    index.gateways.insert(service_name(r), (r, g));
                 }
                 Spec::HttpRouteGroup(g) => {
                     index.groups.insert(r.key(), g);
@@ -151,7 +174,7 @@ fn route(
     rules: &[RuleView<'_>],
     out: &mut Vec<Finding>,
 ) {
-    for p in parents {
+    for p in parents.iter().filter(|p| !crate::route::parent_is_gateway(p)) {
         let parent = ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns));
         match index.services.get(&parent) {
             None => out.push(Finding::error(
@@ -226,6 +249,39 @@ fn route(
                     ));
                 }
             }
+        }
+    }
+}
+
+/// Gateway parents that do not exist, or whose listeners the route attaches to none of
+/// (sectionName, port, allowedRoutes, hostname intersection).
+fn gateway_parents(
+    index: &Index<'_>,
+    route: &Resource,
+    object: &str,
+    parents: &[ParentRef],
+    hostnames: &[String],
+    out: &mut Vec<Finding>,
+) {
+    let ns = route.metadata.namespace();
+    for p in parents.iter().filter(|p| crate::route::parent_is_gateway(p)) {
+        let parent = ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns));
+        let Some((g, spec)) = index.gateways.get(&parent) else {
+            out.push(Finding::error(
+                object,
+                format!("attached to Gateway {parent}, which does not exist"),
+                format!("create Gateway {parent} or fix parentRefs"),
+            ));
+            continue;
+        };
+        if crate::gateway::attachments(g, spec, route, p.section_name.as_deref(), p.port, hostnames).is_empty() {
+            out.push(Finding::error(
+                object,
+                format!(
+                    "attaches to no listener of Gateway {parent} (sectionName, port, allowedRoutes or hostnames match none), so the route applies nowhere"
+                ),
+                "fix parentRefs.sectionName/port or the route's hostnames to match a listener".into(),
+            ));
         }
     }
 }

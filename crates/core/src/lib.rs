@@ -10,6 +10,7 @@ pub mod decide;
 pub mod duration;
 pub mod explain;
 pub mod external;
+pub mod gateway;
 pub mod latency;
 pub mod load;
 pub mod model;

@@ -222,6 +222,9 @@ pub struct MeshSnapshot {
     /// ExternalServices: where a sidecar may go outside the mesh (`registryOnly`).
     #[serde(skip_serializing_if = "crate::external::ExternalServices::is_empty")]
     pub externals: crate::external::ExternalServices,
+    /// Gateways with their listeners and attached routes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub gateways: BTreeMap<ServiceName, crate::gateway::CompiledGateway>,
 }
 
 impl MeshSnapshot {
@@ -307,7 +310,8 @@ impl MeshSnapshot {
         // service account.
         crate::authz::attach_all(resources, &mesh, &mut services);
         let externals = crate::external::ExternalServices::compile(resources);
-        MeshSnapshot { version: version.into(), mesh, services, by_endpoint, by_virtual_ip, externals }
+        let gateways = crate::gateway::compile_all(resources);
+        MeshSnapshot { version: version.into(), mesh, services, by_endpoint, by_virtual_ip, externals, gateways }
     }
 
     /// Looks a Service up by a host (`reviews`, `reviews.prod`, `reviews.prod.svc.cluster.local`).

@@ -362,39 +362,75 @@ impl RouteTable {
 
     /// Attaches every HTTPRoute, GRPCRoute and TrafficSplit to the Service ports they name,
     /// ordered by precedence (ties: older route, then `namespace/name`, then rule and match
-    /// order).
+    /// order). Routes attached to Gateways are left to [`crate::gateway`].
     pub(crate) fn attach_all(resources: &[Resource], services: &mut BTreeMap<ServiceName, CompiledService>) {
-        let lookup = Lookup::new(resources);
-        let mut staged: BTreeMap<(ServiceName, u16), Vec<Staged>> = BTreeMap::new();
-        for r in resources {
-            let Some(route) = RouteSource::of(r, &lookup) else { continue };
-            let created = r.metadata.creation_timestamp.clone().unwrap_or_default();
-            for (ri, rule) in route.rules.into_iter().enumerate() {
-                for (mi, (matcher, rank)) in rule.matchers.iter().enumerate() {
-                    let entry = RouteEntry { matcher: matcher.clone(), rule: ri, ..rule.template.clone() };
-                    for (parent_name, parent_port) in &route.parents {
-                        let Some(service) = services.get(parent_name) else { continue };
-                        for port in service.ports.iter().filter(|p| parent_port.is_none_or(|pp| pp == p.port)) {
-                            staged.entry((parent_name.clone(), port.port)).or_default().push((
-                                entry.clone(),
-                                rank.clone(),
-                                created.clone(),
-                                mi,
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        for ((name, port), mut entries) in staged {
-            entries.sort_by(|(a, pa, ca, ma), (b, pb, cb, mb)| {
-                pa.cmp(pb).then(ca.cmp(cb)).then(a.route.cmp(&b.route)).then(a.rule.cmp(&b.rule)).then(ma.cmp(mb))
-            });
+        let tables = build_tables(resources, |_, parent, _| {
+            let Parent::Service { name, port: parent_port } = parent else { return Vec::new() };
+            let Some(service) = services.get(name) else { return Vec::new() };
+            service
+                .ports
+                .iter()
+                .filter(|p| parent_port.is_none_or(|pp| pp == p.port))
+                .map(|p| (name.clone(), p.port))
+                .collect()
+        });
+        for ((name, port), table) in tables {
             if let Some(p) = services.get_mut(&name).and_then(|s| s.ports.iter_mut().find(|p| p.port == port)) {
-                p.routes.entries = entries.into_iter().map(|(e, _, _, _)| e).collect();
+                p.routes = table;
             }
         }
     }
+}
+
+/// What a route attaches to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Parent {
+    /// A mesh Service (GAMMA), all its ports or one.
+    Service { name: ServiceName, port: Option<u16> },
+    /// A Gateway's listeners: all of them, or those with this name and/or port.
+    Gateway { name: ServiceName, section: Option<String>, port: Option<u16> },
+}
+
+/// Whether a `parentRefs` entry names a Gateway (`kind: Gateway`); absent kind means Service.
+pub fn parent_is_gateway(p: &crate::resource::ParentRef) -> bool {
+    p.kind.as_deref() == Some("Gateway")
+}
+
+/// Compiles every route once and files each of its entries in the tables `place` names for
+/// each of its parents (given the route, the parent and the route's hostnames); returns the
+/// tables, each ordered by precedence (ties: older route, then `namespace/name`, then rule
+/// and match order). The one route compiler: mesh Service ports and Gateway listeners alike.
+pub(crate) fn build_tables<K: Ord + Clone>(
+    resources: &[Resource],
+    mut place: impl FnMut(&Resource, &Parent, &[String]) -> Vec<K>,
+) -> BTreeMap<K, RouteTable> {
+    let lookup = Lookup::new(resources);
+    let mut staged: BTreeMap<K, Vec<Staged>> = BTreeMap::new();
+    for r in resources {
+        let Some(route) = RouteSource::of(r, &lookup) else { continue };
+        let keys: Vec<K> = route.parents.iter().flat_map(|p| place(r, p, &route.hostnames)).collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let created = r.metadata.creation_timestamp.clone().unwrap_or_default();
+        for (ri, rule) in route.rules.into_iter().enumerate() {
+            for (mi, (matcher, rank)) in rule.matchers.iter().enumerate() {
+                let entry = RouteEntry { matcher: matcher.clone(), rule: ri, ..rule.template.clone() };
+                for key in &keys {
+                    staged.entry(key.clone()).or_default().push((entry.clone(), rank.clone(), created.clone(), mi));
+                }
+            }
+        }
+    }
+    staged
+        .into_iter()
+        .map(|(key, mut entries)| {
+            entries.sort_by(|(a, pa, ca, ma), (b, pb, cb, mb)| {
+                pa.cmp(pb).then(ca.cmp(cb)).then(a.route.cmp(&b.route)).then(a.rule.cmp(&b.rule)).then(ma.cmp(mb))
+            });
+            (key, RouteTable { entries: entries.into_iter().map(|(e, _, _, _)| e).collect() })
+        })
+        .collect()
 }
 
 /// A route entry waiting to be ordered: with its match's rank, its route's creation time and
@@ -428,7 +464,9 @@ impl<'a> Lookup<'a> {
 
 /// Any route kind, reduced to parents and rules of (matchers, what to do).
 struct RouteSource {
-    parents: Vec<(ServiceName, Option<u16>)>,
+    parents: Vec<Parent>,
+    /// The route's `hostnames` (Gateway listeners intersect them with their own).
+    hostnames: Vec<String>,
     rules: Vec<CompiledRule>,
 }
 
@@ -443,12 +481,20 @@ impl RouteSource {
         let route = r.key();
         let parents_of = |refs: &[crate::resource::ParentRef]| {
             refs.iter()
-                .map(|p| (ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns)), p.port))
+                .map(|p| {
+                    let name = ServiceName::new(&p.name, p.namespace.as_deref().unwrap_or(ns));
+                    if parent_is_gateway(p) {
+                        Parent::Gateway { name, section: p.section_name.clone(), port: p.port }
+                    } else {
+                        Parent::Service { name, port: p.port }
+                    }
+                })
                 .collect::<Vec<_>>()
         };
         match &r.spec {
             Spec::HttpRoute(spec) => Some(RouteSource {
                 parents: parents_of(&spec.parent_refs),
+                hostnames: spec.hostnames.clone(),
                 rules: spec
                     .rules
                     .iter()
@@ -469,6 +515,7 @@ impl RouteSource {
             }),
             Spec::GrpcRoute(spec) => Some(RouteSource {
                 parents: parents_of(&spec.parent_refs),
+                hostnames: spec.hostnames.clone(),
                 rules: spec
                     .rules
                     .iter()
@@ -509,7 +556,8 @@ impl RouteSource {
                     out
                 };
                 Some(RouteSource {
-                    parents: vec![(ServiceName::new(&spec.service, ns), None)],
+                    parents: vec![Parent::Service { name: ServiceName::new(&spec.service, ns), port: None }],
+                    hostnames: Vec::new(),
                     rules: vec![CompiledRule { matchers, template }],
                 })
             }

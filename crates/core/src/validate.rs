@@ -160,8 +160,20 @@ fn service_ref_group_kind(group: Option<&str>, kind: Option<&str>) -> Result<(),
 }
 
 fn parent_ref(r: &ParentRef, at: &str, p: &mut Problems) {
-    if let Err(reason) = service_ref_group_kind(r.group.as_deref(), Some(r.kind.as_deref().unwrap_or("Service"))) {
-        p.push((at.into(), reason));
+    if crate::route::parent_is_gateway(r) {
+        // A Gateway (north-south): `group` gateway.networking.k8s.io or absent.
+        match r.group.as_deref() {
+            None | Some(crate::resource::GATEWAY_GROUP) => {}
+            Some(other) => p.push((
+                format!("{at}.group"),
+                format!("group {other:?} is not supported for kind Gateway (use {})", crate::resource::GATEWAY_GROUP),
+            )),
+        }
+    } else if let Err(reason) = service_ref_group_kind(r.group.as_deref(), Some(r.kind.as_deref().unwrap_or("Service")))
+    {
+        p.push((at.into(), format!("{} (a mesh route attaches to a Service, a gateway route to kind Gateway)", reason.replace(" (use Service)", ""))));
+    } else if r.section_name.is_some() {
+        p.push((format!("{at}.sectionName"), "sectionName selects a Gateway listener: use port for a Service".into()));
     }
     if r.port == Some(0) {
         p.push((format!("{at}.port"), "must be between 1 and 65535".into()));
@@ -212,7 +224,10 @@ fn http_route(h: &HttpRouteSpec, p: &mut Problems) {
 
 fn route_parents(parents: &[ParentRef], p: &mut Problems) {
     if parents.is_empty() {
-        p.push(("spec.parentRefs".into(), "a mesh route needs at least one parentRef (kind: Service)".into()));
+        p.push((
+            "spec.parentRefs".into(),
+            "a route needs at least one parentRef (kind: Service for the mesh, kind: Gateway for a gateway)".into(),
+        ));
     }
     for (i, r) in parents.iter().enumerate() {
         parent_ref(r, &format!("spec.parentRefs[{i}]"), p);
@@ -436,11 +451,24 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
     if g.listeners.is_empty() {
         p.push(("spec.listeners".into(), "a Gateway needs at least one listener".into()));
     }
+    if let Some(class) = &g.gateway_class_name
+        && class != "plexus"
+    {
+        p.push(("spec.gatewayClassName".into(), format!("{class:?} is not a Plexus gateway class (use plexus)")));
+    }
+    for (i, a) in g.addresses.iter().enumerate() {
+        if a.address_type.as_deref().is_some_and(|t| t != "IPAddress") || a.value.parse::<IpAddr>().is_err() {
+            p.push((format!("spec.addresses[{i}]"), format!("{:?} is not an IPAddress", a.value)));
+        }
+    }
     let mut names = HashSet::new();
     for (i, l) in g.listeners.iter().enumerate() {
         let at = format!("spec.listeners[{i}]");
         if !names.insert(&l.name) {
             p.push((format!("{at}.name"), format!("listener name {:?} is listed twice", l.name)));
+        }
+        if let Err(reason) = dns_name(&l.name, 253) {
+            p.push((format!("{at}.name"), reason));
         }
         if l.port == 0 {
             p.push((format!("{at}.port"), "must be between 1 and 65535".into()));
@@ -448,16 +476,56 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
         match (l.protocol.as_str(), &l.tls) {
             ("HTTP", None) => {}
             ("HTTP", Some(_)) => p.push((format!("{at}.tls"), "only HTTPS listeners take tls".into())),
-            ("HTTPS", Some(tls)) if !tls.certificate_refs.is_empty() => {}
+            ("HTTPS", Some(tls)) if !tls.certificate_refs.is_empty() => {
+                if tls.mode.as_deref().is_some_and(|m| m != "Terminate") {
+                    p.push((format!("{at}.tls.mode"), "an HTTPS listener terminates TLS: use Terminate".into()));
+                }
+                if !tls.options.is_empty() {
+                    p.push((format!("{at}.tls.options"), "no TLS options are supported".into()));
+                }
+                for (ci, c) in tls.certificate_refs.iter().enumerate() {
+                    let cat = format!("{at}.tls.certificateRefs[{ci}]");
+                    if c.kind.as_deref().is_some_and(|k| k != "Secret") || c.group.as_deref().is_some_and(|g| !g.is_empty())
+                    {
+                        p.push((cat.clone(), "a certificate is a Secret (group \"\", kind Secret)".into()));
+                    }
+                    if let Err(reason) = dns_name(&c.name, 253) {
+                        p.push((format!("{cat}.name"), reason));
+                    }
+                    if let Some(ns) = &c.namespace
+                        && let Err(reason) = dns_name(ns, 63)
+                    {
+                        p.push((format!("{cat}.namespace"), reason));
+                    }
+                }
+            }
             ("HTTPS", _) => {
                 p.push((format!("{at}.tls.certificateRefs"), "an HTTPS listener needs a certificate".into()))
             }
             (other, _) => p.push((format!("{at}.protocol"), format!("{other:?} is not HTTP or HTTPS"))),
         }
-        if let Some(h) = &l.hostname
-            && let Err(reason) = dns_name(h.trim_start_matches("*."), 253)
-        {
-            p.push((format!("{at}.hostname"), reason));
+        if let Some(h) = &l.hostname {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if h.parse::<IpAddr>().is_ok() {
+                p.push((format!("{at}.hostname"), format!("{h:?} is an IP address: a hostname is a DNS name")));
+            } else if bare.contains('*') {
+                p.push((format!("{at}.hostname"), "a wildcard is only allowed as the first label (*.example.com)".into()));
+            } else if let Err(reason) = dns_name(&bare.to_ascii_lowercase(), 253) {
+                p.push((format!("{at}.hostname"), reason));
+            }
+        }
+        if let Some(allowed) = &l.allowed_routes {
+            if let Some(from) = allowed.namespaces.as_ref().and_then(|n| n.from.as_deref())
+                && from != "Same"
+                && from != "All"
+            {
+                p.push((format!("{at}.allowedRoutes.namespaces.from"), format!("{from:?} is not Same or All")));
+            }
+            for (ki, k) in allowed.kinds.iter().enumerate() {
+                if k.kind != "HTTPRoute" && k.kind != "GRPCRoute" {
+                    p.push((format!("{at}.allowedRoutes.kinds[{ki}]"), format!("{:?} is not HTTPRoute or GRPCRoute", k.kind)));
+                }
+            }
         }
     }
 }

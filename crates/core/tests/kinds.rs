@@ -332,6 +332,24 @@ fn gateway() {
         "needs a certificate",
     );
     invalid(&mutate(GATEWAY, "name: https", "name: http"), "spec.listeners[1].name", "listed twice");
+    invalid(
+        &mutate(GATEWAY, "\"*.bookinfo.example.com\"", "\"10.0.0.1\""),
+        "spec.listeners[1].hostname",
+        "is an IP address",
+    );
+    invalid(
+        &mutate(GATEWAY, "\"*.bookinfo.example.com\"", "\"a.*.example.com\""),
+        "spec.listeners[1].hostname",
+        "only allowed as the first label",
+    );
+    invalid(&mutate(GATEWAY, "mode: Terminate", "mode: Passthrough"), "spec.listeners[1].tls.mode", "use Terminate");
+    invalid(
+        &mutate(GATEWAY, "{kind: Secret, name: bookinfo-cert}", "{kind: ConfigMap, name: bookinfo-cert}"),
+        "spec.listeners[1].tls.certificateRefs[0]",
+        "a certificate is a Secret",
+    );
+    invalid(&mutate(GATEWAY, "gatewayClassName: plexus", "gatewayClassName: istio"), "spec.gatewayClassName", "not a Plexus gateway class");
+    invalid(&mutate(GATEWAY, "from: All", "from: Selector"), "spec.listeners[0].allowedRoutes.namespaces.from", "not Same or All");
     invalid(&mutate(GATEWAY, "port: 8080", "port: http"), "spec.listeners[0].port", "invalid type");
     invalid(&mutate(GATEWAY, "gatewayClassName: plexus", "className: plexus"), "spec.className", "unknown field");
 }
@@ -421,9 +439,26 @@ fn http_route() {
     );
     invalid(&mutate(HTTP_ROUTE, "weight: 80", "weight: eighty"), "spec.rules[3].backendRefs[0].weight", "invalid type");
     invalid(
-        &mutate(HTTP_ROUTE, "kind: Service", "kind: Gateway"),
+        &mutate(HTTP_ROUTE, "kind: Service", "kind: Ingress"),
         "spec.parentRefs[0]",
-        "kind \"Gateway\" is not supported",
+        "kind \"Ingress\" is not supported",
+    );
+    // A gateway route: kind Gateway (group gateway.networking.k8s.io or absent), sectionName.
+    let gateway_parent = mutate(
+        HTTP_ROUTE,
+        "  - group: \"\"\n    kind: Service\n    name: reviews\n    port: 9080\n",
+        "  - kind: Gateway\n    name: ingress\n    sectionName: https\n",
+    );
+    valid(Kind::HttpRoute, &gateway_parent);
+    invalid(
+        &mutate(&gateway_parent, "kind: Gateway", "group: example.com\n    kind: Gateway"),
+        "spec.parentRefs[0].group",
+        "not supported for kind Gateway",
+    );
+    invalid(
+        &mutate(HTTP_ROUTE, "    port: 9080\n", "    sectionName: http\n"),
+        "spec.parentRefs[0].sectionName",
+        "selects a Gateway listener",
     );
     invalid(
         &mutate(HTTP_ROUTE, "method: POST", "method: FETCH"),

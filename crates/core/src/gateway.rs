@@ -1,0 +1,436 @@
+//! Gateways compiled: each listener of a `Gateway` with the routes attached to it, grouped by
+//! the hostnames a request may carry (Gateway API hostname intersection), and the listener
+//! conflicts and route attachments that status and `plexus check` report.
+//!
+//! A listener's routes are compiled by the one route compiler ([`crate::route`]) into a
+//! virtual Service port per hostname group, so a request through a gateway is matched,
+//! filtered, redirected, timed, retried and balanced by the same code as one between sidecars.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::model::{CompiledPort, CompiledService, EndpointSet};
+use crate::names::ServiceName;
+use crate::policy::ClientPolicy;
+use crate::resource::{GatewayListener, GatewaySpec, Resource, Spec};
+use crate::route::{Parent, RouteTable, build_tables};
+
+/// The protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ListenerProtocol {
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "HTTPS")]
+    Https,
+}
+
+/// A certificate a listener presents: `tls.certificateRefs[]` (a Secret in Kubernetes, the
+/// files `tls.crt`/`tls.key` in `<tls-dir>/<namespace>/<name>/` in universal mode).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct CertificateName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for CertificateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A group of a listener's routes that serve one hostname pattern (the intersection of the
+/// listener's hostname and the routes'): a virtual Service port holding their route table.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualHost {
+    /// `foo.example.com`, `*.example.com`, or `None` for any host.
+    pub hostname: Option<String>,
+    /// Named after the Gateway; one port (the listener's) whose routes are this group's.
+    #[serde(skip)]
+    pub service: CompiledService,
+    pub routes: RouteTable,
+}
+
+impl VirtualHost {
+    /// The virtual port the requests of this group are decided on.
+    pub fn port(&self) -> Option<&CompiledPort> {
+        self.service.ports.first()
+    }
+}
+
+/// One listener of a Gateway.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledListener {
+    pub name: String,
+    pub port: u16,
+    pub protocol: ListenerProtocol,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateName>,
+    /// Why the listener is not served (it conflicts with an earlier one), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
+    /// Most specific hostname first.
+    pub hosts: Vec<VirtualHost>,
+    /// Routes attached to this listener.
+    pub attached_routes: usize,
+}
+
+impl CompiledListener {
+    /// The hostname group a request for `host` (lowercase, without port) is routed in: the
+    /// most specific pattern that matches; `None` when none does.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.hosts.iter().find(|v| v.hostname.as_deref().is_none_or(|p| host_matches(p, host)))
+    }
+
+    /// Whether this listener accepts requests (or a TLS server name) for `host`.
+    pub fn accepts(&self, host: &str) -> bool {
+        self.hostname.as_deref().is_none_or(|p| host_matches(p, host))
+    }
+}
+
+/// A Gateway with its listeners.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledGateway {
+    pub name: ServiceName,
+    pub listeners: Vec<CompiledListener>,
+}
+
+impl CompiledGateway {
+    /// The ports to listen on, each with whether it terminates TLS (the protocol of its first
+    /// listener; a later listener of the other protocol is conflicted).
+    pub fn ports(&self) -> BTreeMap<u16, ListenerProtocol> {
+        let mut out = BTreeMap::new();
+        for l in self.listeners.iter().filter(|l| l.conflict.is_none()) {
+            out.entry(l.port).or_insert(l.protocol);
+        }
+        out
+    }
+
+    /// The listener on `port` that serves `host` (a `Host` header or a TLS server name):
+    /// the one with the most specific matching hostname (exact, then the longest wildcard,
+    /// then none). Conflicted listeners serve nothing.
+    pub fn listener(&self, port: u16, host: &str) -> Option<&CompiledListener> {
+        self.listeners
+            .iter()
+            .filter(|l| l.port == port && l.conflict.is_none() && l.accepts(host))
+            .min_by_key(|l| specificity(l.hostname.as_deref()))
+    }
+}
+
+/// Sort key of a hostname pattern: exact names first, then wildcards (longest first), then
+/// none (any host).
+fn specificity(pattern: Option<&str>) -> (u8, std::cmp::Reverse<usize>) {
+    match pattern {
+        Some(p) if p.starts_with("*.") => (1, std::cmp::Reverse(p.len())),
+        Some(p) => (0, std::cmp::Reverse(p.len())),
+        None => (2, std::cmp::Reverse(0)),
+    }
+}
+
+/// Whether `host` matches `pattern` (Gateway API): equal ignoring case, or `*.suffix`
+/// matching one or more labels before `.suffix` (never `suffix` itself).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => {
+            host.len() > suffix.len()
+                && host.get(host.len() - suffix.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// The hostname patterns a route with `route_hostnames` serves on a listener with
+/// `listener_hostname` (Gateway API hostname intersection); `None` when they do not
+/// intersect (the route does not attach to that listener). A `None` pattern is any host.
+pub fn intersect_hostnames(listener: Option<&str>, route_hostnames: &[String]) -> Option<Vec<Option<String>>> {
+    let lower = |h: &str| h.to_ascii_lowercase();
+    match (listener, route_hostnames) {
+        (None, []) => Some(vec![None]),
+        (None, hosts) => Some(hosts.iter().map(|h| Some(lower(h))).collect()),
+        (Some(l), []) => Some(vec![Some(lower(l))]),
+        (Some(l), hosts) => {
+            let l = lower(l);
+            let mut out = Vec::new();
+            for h in hosts.iter().map(|h| lower(h)) {
+                let both_wild = h.starts_with("*.") && l.starts_with("*.");
+                let found = if h == l {
+                    Some(h)
+                } else if l.starts_with("*.") && host_matches(&l, &h) {
+                    // The route's name (or narrower wildcard) lies within the listener's wildcard.
+                    Some(h)
+                } else if h.starts_with("*.") && !both_wild && host_matches(&h, &l) {
+                    Some(l.clone())
+                } else if both_wild && host_matches(&h, &l) {
+                    Some(l.clone())
+                } else {
+                    None
+                };
+                if let Some(f) = found
+                    && !out.contains(&Some(f.clone()))
+                {
+                    out.push(Some(f));
+                }
+            }
+            if out.is_empty() { None } else { Some(out) }
+        }
+    }
+}
+
+/// Whether a listener takes routes of `kind` (`allowedRoutes.kinds`; default: HTTPRoute and
+/// GRPCRoute) from `route_namespace` (`allowedRoutes.namespaces.from`: `Same` by default, or
+/// `All`).
+fn allows(listener: &GatewayListener, gateway_ns: &str, route: &Resource) -> bool {
+    let kind = route.kind.as_str();
+    let allowed = listener.allowed_routes.as_ref();
+    let kind_ok = allowed.is_none_or(|a| a.kinds.is_empty() || a.kinds.iter().any(|k| k.kind == kind));
+    let from = allowed.and_then(|a| a.namespaces.as_ref()).and_then(|n| n.from.as_deref()).unwrap_or("Same");
+    let ns_ok = from == "All" || route.metadata.namespace() == gateway_ns;
+    kind_ok && ns_ok
+}
+
+/// Why a listener conflicts with an earlier one of the same Gateway, if it does: the same
+/// port with another protocol, or the same port and hostname.
+pub fn listener_conflicts(spec: &GatewaySpec) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let earlier = &spec.listeners[..i];
+        let conflict = if let Some(e) = earlier.iter().find(|e| e.port == l.port && e.protocol != l.protocol) {
+            Some(format!(
+                "port {} is already {} (listener {:?}): one port serves one protocol",
+                l.port, e.protocol, e.name
+            ))
+        } else {
+            earlier.iter().find(|e| e.port == l.port && same_host(e.hostname.as_deref(), l.hostname.as_deref())).map(
+                |e| {
+                    format!(
+                        "listener {:?} already serves port {} for {}",
+                        e.name,
+                        l.port,
+                        l.hostname.as_deref().unwrap_or("any hostname")
+                    )
+                },
+            )
+        };
+        out.push(conflict);
+    }
+    out
+}
+
+fn same_host(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Where a route's parentRef may attach on `gateway`: the indexes of the listeners it
+/// selects (by `sectionName` and `port`), with the hostname patterns it serves on each.
+/// Listeners that do not allow the route, or whose hostname does not intersect the route's,
+/// are left out.
+pub fn attachments(
+    gateway: &Resource,
+    spec: &GatewaySpec,
+    route: &Resource,
+    section: Option<&str>,
+    port: Option<u16>,
+    route_hostnames: &[String],
+) -> Vec<(usize, Vec<Option<String>>)> {
+    spec.listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| section.is_none_or(|s| s == l.name) && port.is_none_or(|p| p == l.port))
+        .filter(|(_, l)| allows(l, gateway.metadata.namespace(), route))
+        .filter_map(|(i, l)| Some((i, intersect_hostnames(l.hostname.as_deref(), route_hostnames)?)))
+        .collect()
+}
+
+/// Compiles every Gateway with the routes attached to it.
+pub(crate) fn compile_all(resources: &[Resource]) -> BTreeMap<ServiceName, CompiledGateway> {
+    let gateways: BTreeMap<ServiceName, (&Resource, &GatewaySpec)> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Gateway(g) => Some((ServiceName::new(&r.metadata.name, r.metadata.namespace()), (r, g))),
+            _ => None,
+        })
+        .collect();
+    if gateways.is_empty() {
+        return BTreeMap::new();
+    }
+    // Tables keyed (gateway, listener index, hostname pattern); attached routes counted per
+    // listener.
+    let mut attached: BTreeMap<(ServiceName, usize), std::collections::BTreeSet<String>> = BTreeMap::new();
+    let tables = build_tables(resources, |route, parent, hostnames| {
+        let Parent::Gateway { name, section, port } = parent else { return Vec::new() };
+        let Some((g, spec)) = gateways.get(name) else { return Vec::new() };
+        let mut keys = Vec::new();
+        for (li, hosts) in attachments(g, spec, route, section.as_deref(), *port, hostnames) {
+            attached.entry((name.clone(), li)).or_default().insert(route.key());
+            keys.extend(hosts.into_iter().map(|h| (name.clone(), li, h)));
+        }
+        keys
+    });
+    let mut by_listener: BTreeMap<(ServiceName, usize), Vec<(Option<String>, RouteTable)>> = BTreeMap::new();
+    for ((name, li, host), table) in tables {
+        by_listener.entry((name, li)).or_default().push((host, table));
+    }
+    gateways
+        .into_iter()
+        .map(|(name, (_, spec))| {
+            let conflicts = listener_conflicts(spec);
+            let listeners = spec
+                .listeners
+                .iter()
+                .zip(conflicts)
+                .enumerate()
+                .map(|(li, (l, conflict))| {
+                    let mut hosts: Vec<VirtualHost> = by_listener
+                        .remove(&(name.clone(), li))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(hostname, routes)| virtual_host(&name, l.port, hostname, routes))
+                        .collect();
+                    hosts.sort_by_key(|v| specificity(v.hostname.as_deref()));
+                    CompiledListener {
+                        name: l.name.clone(),
+                        port: l.port,
+                        protocol: if l.protocol == "HTTPS" { ListenerProtocol::Https } else { ListenerProtocol::Http },
+                        hostname: l.hostname.as_ref().map(|h| h.to_ascii_lowercase()),
+                        certificates: l
+                            .tls
+                            .iter()
+                            .flat_map(|t| &t.certificate_refs)
+                            .map(|c| CertificateName {
+                                namespace: c.namespace.clone().unwrap_or_else(|| name.namespace.clone()),
+                                name: c.name.clone(),
+                            })
+                            .collect(),
+                        conflict,
+                        hosts,
+                        attached_routes: attached.get(&(name.clone(), li)).map_or(0, |s| s.len()),
+                    }
+                })
+                .collect();
+            (name.clone(), CompiledGateway { name, listeners })
+        })
+        .collect()
+}
+
+fn virtual_host(gateway: &ServiceName, port: u16, hostname: Option<String>, routes: RouteTable) -> VirtualHost {
+    let service = CompiledService {
+        name: gateway.clone(),
+        label: gateway.name.as_str().into(),
+        ports: vec![CompiledPort {
+            port,
+            name: None,
+            protocol: None,
+            endpoints: Arc::new(EndpointSet::default()),
+            routes: routes.clone(),
+            policy: Arc::new(ClientPolicy::default()),
+            rate_limit: None,
+            authorization: Arc::default(),
+        }],
+    };
+    VirtualHost { hostname, service, routes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::parse_documents;
+    use crate::model::MeshSnapshot;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    /// Gateway API "Hostname intersection" table (HTTPRoute hostnames vs listener hostname).
+    #[test]
+    fn hostname_intersection_follows_the_gateway_api() {
+        let some = |v: &[&str]| Some(v.iter().map(|x| Some(x.to_string())).collect::<Vec<_>>());
+        assert_eq!(intersect_hostnames(None, &[]), Some(vec![None]));
+        assert_eq!(intersect_hostnames(Some("foo.com"), &[]), some(&["foo.com"]));
+        assert_eq!(intersect_hostnames(None, &s(&["a.com"])), some(&["a.com"]));
+        assert_eq!(intersect_hostnames(Some("*.example.com"), &s(&["foo.example.com"])), some(&["foo.example.com"]));
+        assert_eq!(intersect_hostnames(Some("foo.example.com"), &s(&["*.example.com"])), some(&["foo.example.com"]));
+        assert_eq!(intersect_hostnames(Some("*.example.com"), &s(&["*.example.com"])), some(&["*.example.com"]));
+        assert_eq!(
+            intersect_hostnames(Some("*.example.com"), &s(&["*.foo.example.com"])),
+            some(&["*.foo.example.com"])
+        );
+        assert_eq!(
+            intersect_hostnames(Some("*.foo.example.com"), &s(&["*.example.com"])),
+            some(&["*.foo.example.com"])
+        );
+        assert_eq!(intersect_hostnames(Some("*.example.com"), &s(&["example.com"])), None, "needs a label");
+        assert_eq!(intersect_hostnames(Some("foo.com"), &s(&["bar.com"])), None);
+        assert_eq!(
+            intersect_hostnames(Some("*.example.com"), &s(&["bar.com", "a.example.com", "b.a.example.com"])),
+            some(&["a.example.com", "b.a.example.com"])
+        );
+        assert!(host_matches("*.example.com", "A.b.EXAMPLE.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "xexample.com"));
+    }
+
+    const GATEWAY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  gatewayClassName: plexus
+  listeners:
+  - {name: any, port: 8080, protocol: HTTP}
+  - {name: wild, port: 8080, protocol: HTTP, hostname: "*.example.com"}
+  - {name: exact, port: 8080, protocol: HTTP, hostname: "foo.example.com"}
+  - {name: again, port: 8080, protocol: HTTP, hostname: "foo.example.com"}
+  - name: tls
+    port: 8080
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: foo}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: all}
+spec:
+  parentRefs: [{kind: Gateway, name: edge}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bar}
+spec:
+  parentRefs: [{kind: Gateway, name: edge, sectionName: wild}]
+  hostnames: [bar.example.com, other.org]
+  rules: [{matches: [{path: {type: PathPrefix, value: /bar}}], backendRefs: [{name: web, port: 80}]}]
+"#;
+
+    #[test]
+    fn listeners_are_isolated_most_specific_first_and_conflicts_not_served() {
+        let snap = MeshSnapshot::compile(&parse_documents("g", GATEWAY).expect("valid"), "1");
+        let g = snap.gateways.get(&ServiceName::new("edge", "default")).expect("compiled");
+        let names = |host: &str| g.listener(8080, host).map(|l| l.name.clone());
+        assert_eq!(names("foo.example.com").as_deref(), Some("exact"));
+        assert_eq!(names("bar.example.com").as_deref(), Some("wild"));
+        assert_eq!(names("example.org").as_deref(), Some("any"));
+        assert!(g.listeners[3].conflict.as_deref().is_some_and(|c| c.contains("exact")), "{:?}", g.listeners[3]);
+        assert!(g.listeners[4].conflict.as_deref().is_some_and(|c| c.contains("one protocol")));
+        assert_eq!(g.ports().into_iter().collect::<Vec<_>>(), [(8080, ListenerProtocol::Http)]);
+        // Route `bar` attaches to `wild` only, for bar.example.com only (other.org does not
+        // intersect); route `all` to every listener.
+        let wild = &g.listeners[1];
+        assert_eq!(wild.attached_routes, 2);
+        assert_eq!(g.listeners[0].attached_routes, 1);
+        let vh = wild.virtual_host("bar.example.com").expect("bar group");
+        assert_eq!(vh.hostname.as_deref(), Some("bar.example.com"));
+        assert_eq!(vh.routes.entries.len(), 1, "only route bar's rule: isolation by hostname group");
+        let other = wild.virtual_host("baz.example.com").expect("the listener's own group");
+        assert_eq!(&*other.routes.entries[0].route, "default/all");
+    }
+}
