@@ -230,6 +230,24 @@ pub struct ProxyArgs {
     /// "path": "/healthz"}}` (set by the injection webhook): forwarded to the app.
     #[arg(long, env = "PLEXUS_APP_PROBES", value_parser = parse_app_probes, hide_env_values = true)]
     app_probes: Option<AppProbes>,
+    /// Ingress mode: serve the listeners of this Gateway (`NAME[.NAMESPACE]`, namespace
+    /// default `--namespace`) and the routes attached to it.
+    #[arg(long, env = "PLEXUS_GATEWAY")]
+    pub gateway: Option<String>,
+    /// Where the Gateway's certificates are: `<DIR>/<namespace>/<name>/tls.crt` and `tls.key`
+    /// (default `<data dir>/tls`).
+    #[arg(long, env = "PLEXUS_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The address the Gateway's listeners bind.
+    #[arg(long, env = "PLEXUS_GATEWAY_IP", default_value = "127.0.0.1")]
+    gateway_ip: IpAddr,
+    /// How often certificate files are checked for changes.
+    #[arg(long, env = "PLEXUS_CERTIFICATE_POLL", default_value = "2s", value_parser = duration)]
+    certificate_poll: Duration,
+    /// The data dir (default `./.plexus`): certificates are under `<data dir>/tls` unless
+    /// `--tls-dir` says otherwise.
+    #[arg(long, env = "PLEXUS_DATA_DIR", default_value = ".plexus")]
+    data_dir: PathBuf,
     /// How long a drain (SIGTERM, POST /shutdown) waits for in-flight work.
     #[arg(long, env = "PLEXUS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
@@ -242,7 +260,17 @@ impl ProxyArgs {
     }
 
     pub fn settings(self) -> Settings {
+        let gateway = self.gateway.as_deref().map(|g| plexus_proxy::settings::GatewaySettings {
+            name: match g.split_once('.') {
+                Some((name, ns)) => plexus_core::ServiceName::new(name, ns),
+                None => plexus_core::ServiceName::new(g, self.namespace.as_str()),
+            },
+            ip: self.gateway_ip,
+            tls_dir: self.tls_dir.clone().unwrap_or_else(|| self.data_dir.join("tls")),
+            certificate_poll: self.certificate_poll,
+        });
         Settings {
+            gateway,
             identity: None,
             mode: self.mode.parse().unwrap_or_default(),
             outbound: SocketAddr::new(self.outbound_ip, self.outbound_port),
@@ -303,6 +331,9 @@ async fn start_dns(
 pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
     let dns = dns_settings(&args)?;
     let namespace = args.namespace.clone();
+    if args.gateway.is_some() && args.mode != "ingress" {
+        return Err(Failure::usage("--gateway serves a Gateway's listeners: it needs --mode ingress".to_string()));
+    }
     if let Some(address) = args.control_plane.take() {
         let mut anchors_pem = match &args.anchor {
             Some(path) => Some(

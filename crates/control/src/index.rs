@@ -157,11 +157,15 @@ impl Views {
             .map(|(i, r)| ((r.kind, r.key()), i))
             .collect();
         let mut attached: HashMap<ServiceName, Vec<(usize, Links)>> = HashMap::new();
+        let mut attached_to_gateway: HashMap<ServiceName, Vec<(usize, Links)>> = HashMap::new();
         let mut namespace_wide: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut global: Vec<usize> = Vec::new();
         for (i, r) in resources.iter().enumerate() {
             match links(r) {
                 Attachment::Services(targets, l) => {
+                    for g in &l.gateways {
+                        attached_to_gateway.entry(g.clone()).or_default().push((i, l.clone()));
+                    }
                     for t in targets {
                         attached.entry(t).or_default().push((i, l.clone()));
                     }
@@ -177,12 +181,30 @@ impl Views {
                 Attachment::None => {}
             }
         }
+        // A Gateway's view: the Gateway, the routes attached to it and what they send to, under
+        // the Gateway's name (a gateway proxy asks for it like a destination; a Service of the
+        // same name shares the view).
+        let gateways: Vec<(ServiceName, usize)> = resources
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(r.spec, Spec::Gateway(_)))
+            .map(|(i, r)| (ServiceName::new(&r.metadata.name, r.metadata.namespace()), i))
+            .collect();
         let mut by_service = HashMap::new();
-        for (name, (index, _)) in &services {
-            let mut members = vec![*index];
-            members.extend(selected(*index));
-            members.extend(namespace_wide.get(name.namespace.as_str()).map(Vec::as_slice).unwrap_or_default());
-            for (ri, l) in attached.get(name).map(Vec::as_slice).unwrap_or_default() {
+        let viewed = services
+            .iter()
+            .map(|(name, (index, _))| (name, *index, false))
+            .chain(gateways.iter().map(|(name, index)| (name, *index, true)));
+        for (name, index, gateway) in viewed {
+            let mut members = vec![index];
+            let routes = if gateway {
+                attached_to_gateway.get(name)
+            } else {
+                members.extend(selected(index));
+                members.extend(namespace_wide.get(name.namespace.as_str()).map(Vec::as_slice).unwrap_or_default());
+                attached.get(name)
+            };
+            for (ri, l) in routes.map(Vec::as_slice).unwrap_or_default() {
                 members.push(*ri);
                 members.extend(l.refs.iter().filter_map(|k| by_key.get(k).copied()));
                 for backend in &l.backends {
@@ -197,6 +219,12 @@ impl Views {
                         }
                     }
                 }
+            }
+            if let Some(previous) = by_service.get(name) {
+                let previous: &Arc<View> = previous;
+                let positions: HashMap<&ObjectKey, usize> =
+                    resources.iter().enumerate().map(|(i, _)| (&encoded[i].key, i)).collect();
+                members.extend(previous.resources.iter().filter_map(|e| positions.get(&e.key).copied()));
             }
             members.sort_unstable();
             members.dedup();
@@ -245,6 +273,8 @@ struct Links {
     refs: Vec<(Kind, String)>,
     /// A policy (also sent to clients that reach the Service as a route backend).
     policy: bool,
+    /// Gateways a route attaches to (`parentRefs` of kind Gateway).
+    gateways: Vec<ServiceName>,
 }
 
 fn links(r: &Resource) -> Attachment {
@@ -268,13 +298,20 @@ fn links(r: &Resource) -> Attachment {
     let policy = |t: &plexus_core::resource::PolicyTargetRef| {
         Attachment::Services(vec![svc(&t.name, t.namespace.as_ref())], Links { policy: true, ..Links::default() })
     };
+    // Parents: mesh Services, and Gateways (their views are built apart).
+    let parents = |refs: &[plexus_core::resource::ParentRef], mut l: Links| {
+        let (gateways, services): (Vec<_>, Vec<_>) =
+            refs.iter().partition(|p| plexus_core::route::parent_is_gateway(p));
+        l.gateways = gateways.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect();
+        Attachment::Services(services.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect(), l)
+    };
     match &r.spec {
-        Spec::HttpRoute(h) => Attachment::Services(
-            h.parent_refs.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect(),
+        Spec::HttpRoute(h) => parents(
+            &h.parent_refs,
             route_links(h.rules.iter().map(|r| (r.backend_refs.as_slice(), r.filters.as_slice())).collect()),
         ),
-        Spec::GrpcRoute(g) => Attachment::Services(
-            g.parent_refs.iter().map(|p| svc(&p.name, p.namespace.as_ref())).collect(),
+        Spec::GrpcRoute(g) => parents(
+            &g.parent_refs,
             route_links(g.rules.iter().map(|r| (r.backend_refs.as_slice(), r.filters.as_slice())).collect()),
         ),
         Spec::TrafficSplit(t) => Attachment::Services(
@@ -283,6 +320,7 @@ fn links(r: &Resource) -> Attachment {
                 backends: t.backends.iter().map(|b| svc(&b.service, None)).collect(),
                 refs: t.matches.iter().map(|m| (Kind::HttpRouteGroup, format!("{ns}/{}", m.name))).collect(),
                 policy: false,
+                gateways: Vec::new(),
             },
         ),
         Spec::ResiliencePolicy(p) => policy(&p.target_ref),
@@ -332,5 +370,18 @@ mod tests {
         };
         assert_eq!(kinds(&[]).len(), 2, "a proxy watching nothing gets both");
         assert_eq!(kinds(&[ServiceName::new("reviews", "default")]).len(), 2, "once each");
+    }
+
+    #[test]
+    fn a_gateway_view_holds_its_routes_backends_and_their_workloads() {
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: web}, ports: [{port: 9080}]}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Workload\nmetadata: {name: w1, labels: {app: web}}\nspec: {address: 127.0.0.1, ports: [{port: 1}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge}\nspec: {listeners: [{name: http, port: 8080, protocol: HTTP}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-web}\nspec: {parentRefs: [{kind: Gateway, name: edge}], rules: [{backendRefs: [{name: web, port: 9080}]}]}\n";
+        let resources: Vec<Arc<Resource>> =
+            plexus_core::parse_documents("t", yaml).expect("valid").into_iter().map(Arc::new).collect();
+        let views = Views::build(1, &resources, &mut EncodeCache::default());
+        let names = |d: &str| -> Vec<String> {
+            views.union([&ServiceName::new(d, "default")]).iter().map(|e| e.key.name.clone()).collect()
+        };
+        assert_eq!(names("edge"), ["web", "w1", "edge", "to-web"]);
+        assert_eq!(names("web"), ["web", "w1"], "a gateway route is not a mesh route of its backend");
     }
 }

@@ -220,6 +220,8 @@ fn route(state: &Arc<State>, caller: Caller, req: Request<Incoming>) -> Response
                 "settings": state.settings,
                 "services": snapshot.services.values().collect::<Vec<_>>(),
                 "certificate": state.settings.identity.as_ref().and_then(|i| i.info()),
+                "gateways": snapshot.gateways.values().collect::<Vec<_>>(),
+                "gateway": state.gateway.as_ref().map(|g| g.report()),
             });
             text(StatusCode::OK, "application/json", format!("{config:#}\n"))
         }

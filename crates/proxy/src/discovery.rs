@@ -110,7 +110,7 @@ impl Discovery {
             .wanted
             .borrow()
             .iter()
-            .filter(|n| !snapshot.services.contains_key(*n))
+            .filter(|n| !snapshot.services.contains_key(*n) && !snapshot.gateways.contains_key(*n))
             .map(|n| (asked.get(n).copied().unwrap_or(now), n.clone()))
             .collect();
         absent.sort_unstable();

@@ -51,6 +51,11 @@ pub enum ProxyError {
     EgressDenied(String),
     /// TLS originated to an ExternalService failed (certificate not verified, handshake).
     OriginationFailed(String),
+    /// A gateway has no listener or route for the request (Gateway API: 404).
+    NoRoute(String),
+    /// An HTTPS request whose `Host` belongs to another listener than the TLS server name
+    /// the connection was opened for (RFC 9110 §15.5.20: 421, the client opens a new one).
+    Misdirected(String),
 }
 
 impl ProxyError {
@@ -72,6 +77,8 @@ impl ProxyError {
             ProxyError::InvalidRoute(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::EgressDenied(_) | ProxyError::OriginationFailed(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -84,6 +91,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => 8,                       // RESOURCE_EXHAUSTED
             ProxyError::Denied { .. } | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
+            ProxyError::NoRoute(_) => 12, // UNIMPLEMENTED
             _ => 14, // UNAVAILABLE
         }
     }
@@ -102,8 +110,9 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "RL",
             ProxyError::Denied { .. } => "RBAC",
             ProxyError::FaultAbort { .. } => "FI",
-            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) => "NR",
+            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) | ProxyError::NoRoute(_) => "NR",
             ProxyError::OriginationFailed(_) => "UF",
+            ProxyError::Misdirected(_) => "DPE",
         }
     }
 
@@ -159,6 +168,8 @@ impl fmt::Display for ProxyError {
             // SPEC §5 names the reason exactly; the destination is in the access log and metric.
             ProxyError::EgressDenied(_) => write!(f, "destination not in the registry"),
             ProxyError::OriginationFailed(r) => write!(f, "TLS origination failed: {r}"),
+            ProxyError::NoRoute(r) => write!(f, "no route: {r}"),
+            ProxyError::Misdirected(r) => write!(f, "misdirected request: {r}"),
         }
     }
 }

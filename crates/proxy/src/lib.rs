@@ -22,6 +22,7 @@ pub mod discovery;
 pub mod dns;
 pub mod egress;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod metrics;

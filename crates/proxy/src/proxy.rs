@@ -61,6 +61,8 @@ pub struct State {
     draining: AtomicBool,
     drain: watch::Sender<bool>,
     own_listeners: Vec<SocketAddr>,
+    /// Ingress mode with `--gateway`: the Gateway served, its certificates and ports.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// This proxy's own workload, service and version labels (when configured).
@@ -217,6 +219,16 @@ impl State {
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// Turns true when a drain starts.
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain.subscribe()
+    }
+
+    /// The permits of accepted connections (one each, held until it closes).
+    pub fn conn_limit(&self) -> &Arc<Semaphore> {
+        &self.conn_limit
+    }
 }
 
 /// Whether `ip` is an address of this host (in this network namespace): loopback, unspecified
@@ -296,6 +308,10 @@ impl Proxy {
         own_listeners.extend(addresses.upstreams.values());
         let (drain, _) = watch::channel(false);
         let mut wanted: Vec<ServiceName> = settings.upstreams.iter().map(|u| u.service.clone()).collect();
+        // A gateway asks for its Gateway: its view holds the attached routes and their backends.
+        if let Some(g) = &settings.gateway {
+            wanted.push(g.name.clone());
+        }
         // Its own Service too: the view of it carries the policies enforced here as the
         // destination (RateLimitPolicy) — with a control plane, nothing arrives unasked.
         if let Some(own) = &settings.service {
@@ -326,6 +342,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             drain,
             own_listeners,
+            gateway: settings.gateway.clone().map(crate::gateway::Gateway::new),
             discovery,
             settings,
         });
@@ -355,6 +372,9 @@ impl Proxy {
         tasks.push(tokio::spawn(accept_loop(state.clone(), inbound, Role::Inbound)));
         for (bind, l) in upstreams {
             tasks.push(tokio::spawn(accept_loop(state.clone(), l, Role::Outbound(Some((bind.service, bind.port))))));
+        }
+        if let Some(gateway) = state.gateway.clone() {
+            tasks.push(tokio::spawn(crate::gateway::run(state.clone(), gateway)));
         }
         tasks.push(tokio::spawn(prune_on_change(state.clone())));
         tasks.push(tokio::spawn(expire_idle_series(state.clone())));

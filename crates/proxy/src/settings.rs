@@ -140,6 +140,24 @@ pub struct Settings {
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     pub limits: Limits,
+    /// Ingress mode: the Gateway whose listeners this proxy serves (`--gateway`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySettings>,
+}
+
+/// What an ingress gateway serving a `Gateway` needs besides the configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySettings {
+    /// The Gateway (`NAME[.NAMESPACE]`).
+    pub name: plexus_core::ServiceName,
+    /// The address its listeners bind (a listener's port on it).
+    pub ip: std::net::IpAddr,
+    /// Where certificates are read: `<tls_dir>/<namespace>/<name>/tls.crt` and `tls.key`.
+    pub tls_dir: std::path::PathBuf,
+    /// How often certificate files are checked for changes.
+    #[serde(with = "secs")]
+    pub certificate_poll: Duration,
 }
 
 /// Where a rewritten kubelet probe goes: the app's port and path on 127.0.0.1.
@@ -224,6 +242,7 @@ impl Default for Settings {
             vip_hosts: None,
             app_probes: Default::default(),
             limits: Limits::default(),
+            gateway: None,
         }
     }
 }

@@ -63,13 +63,14 @@ async fn wait_then_retry(
     let Some(snapshot) = fresh else {
         return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
     };
-    let Some(service) = snapshot.services.get(&to.service.name) else {
+    let located = match to.edge {
+        Some(edge) => edge.locate(&snapshot),
+        None => snapshot.services.get(&to.service.name).and_then(|s| Some((s, s.port(Some(to.port.port))?))),
+    };
+    let Some((service, port)) = located else {
         return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
     };
-    let Some(port) = service.port(Some(to.port.port)) else {
-        return obs.fail(ProxyError::NoEndpoints(format!("{}:{}", to.service.name, to.port.port)));
-    };
-    let again = MeshRequest { snapshot: &snapshot, service, port, peer: to.peer, waited_for_endpoints: true };
+    let again = MeshRequest { snapshot: &snapshot, service, port, peer: to.peer, waited_for_endpoints: true, edge: to.edge };
     to_service(state, again, req, head, obs).await
 }
 
@@ -85,6 +86,30 @@ pub struct MeshRequest<'a> {
     pub peer: SocketAddr,
     /// Whether this request already waited for an endpoint (it waits once).
     pub waited_for_endpoints: bool,
+    /// Set when the request arrived at a gateway listener (`service`/`port` are then the
+    /// virtual port of its hostname group).
+    pub edge: Option<&'a Edge>,
+}
+
+/// Where a request entered the mesh at a gateway: the scheme and port redirects start from,
+/// and the hostname group its routes came from (found again in a newer config).
+#[derive(Debug, Clone)]
+pub struct Edge {
+    pub scheme: &'static str,
+    pub listener_port: u16,
+    pub gateway: ServiceName,
+    pub listener: String,
+    pub hostname: Option<String>,
+}
+
+impl Edge {
+    /// The hostname group's virtual Service and port in `snapshot`.
+    fn locate<'s>(&self, snapshot: &'s MeshSnapshot) -> Option<(&'s CompiledService, &'s CompiledPort)> {
+        let g = snapshot.gateways.get(&self.gateway)?;
+        let l = g.listeners.iter().find(|l| l.name == self.listener)?;
+        let v = l.hosts.iter().find(|v| v.hostname == self.hostname)?;
+        Some((&v.service, v.port()?))
+    }
 }
 
 /// Requests waiting for an endpoint in this process, at most [`MAX_ENDPOINT_WAITERS`]; beyond
@@ -148,7 +173,11 @@ pub async fn to_service(
         query: head.uri.query(),
         headers: &head.headers,
     };
-    let addressed = Addressed { scheme: "http", host, port: host_port, path_and_query: head.path_and_query() };
+    // At a gateway, a redirect keeps the listener's scheme and port (Gateway API).
+    let addressed = match to.edge {
+        Some(e) => Addressed { scheme: e.scheme, host, port: Some(e.listener_port), path_and_query: head.path_and_query() },
+        None => Addressed { scheme: "http", host, port: host_port, path_and_query: head.path_and_query() },
+    };
     let decision = decide(to.snapshot, to.service, to.port, &info, &addressed, fastrand::u64(..));
     let entry = decision.entry;
     if let Some(e) = entry {

@@ -88,7 +88,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
             return Box::pin(direct(state, &snapshot, req, head, obs, authority, addr)).await;
         }
     };
-    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer, waited_for_endpoints: false };
+    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer, waited_for_endpoints: false, edge: None };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
@@ -157,7 +157,7 @@ async fn to_virtual_ip(
         return obs.fail(ProxyError::NoEndpoints(format!("{name}:{port}")));
     };
     let to =
-        forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer, waited_for_endpoints: false };
+        forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer, waited_for_endpoints: false, edge: None };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
