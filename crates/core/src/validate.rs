@@ -171,7 +171,13 @@ fn parent_ref(r: &ParentRef, at: &str, p: &mut Problems) {
         }
     } else if let Err(reason) = service_ref_group_kind(r.group.as_deref(), Some(r.kind.as_deref().unwrap_or("Service")))
     {
-        p.push((at.into(), format!("{} (a mesh route attaches to a Service, a gateway route to kind Gateway)", reason.replace(" (use Service)", ""))));
+        p.push((
+            at.into(),
+            format!(
+                "{} (a mesh route attaches to a Service, a gateway route to kind Gateway)",
+                reason.replace(" (use Service)", "")
+            ),
+        ));
     } else if r.section_name.is_some() {
         p.push((format!("{at}.sectionName"), "sectionName selects a Gateway listener: use port for a Service".into()));
     }
@@ -485,7 +491,8 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
                 }
                 for (ci, c) in tls.certificate_refs.iter().enumerate() {
                     let cat = format!("{at}.tls.certificateRefs[{ci}]");
-                    if c.kind.as_deref().is_some_and(|k| k != "Secret") || c.group.as_deref().is_some_and(|g| !g.is_empty())
+                    if c.kind.as_deref().is_some_and(|k| k != "Secret")
+                        || c.group.as_deref().is_some_and(|g| !g.is_empty())
                     {
                         p.push((cat.clone(), "a certificate is a Secret (group \"\", kind Secret)".into()));
                     }
@@ -509,7 +516,10 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
             if h.parse::<IpAddr>().is_ok() {
                 p.push((format!("{at}.hostname"), format!("{h:?} is an IP address: a hostname is a DNS name")));
             } else if bare.contains('*') {
-                p.push((format!("{at}.hostname"), "a wildcard is only allowed as the first label (*.example.com)".into()));
+                p.push((
+                    format!("{at}.hostname"),
+                    "a wildcard is only allowed as the first label (*.example.com)".into(),
+                ));
             } else if let Err(reason) = dns_name(&bare.to_ascii_lowercase(), 253) {
                 p.push((format!("{at}.hostname"), reason));
             }
@@ -523,7 +533,10 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
             }
             for (ki, k) in allowed.kinds.iter().enumerate() {
                 if k.kind != "HTTPRoute" && k.kind != "GRPCRoute" {
-                    p.push((format!("{at}.allowedRoutes.kinds[{ki}]"), format!("{:?} is not HTTPRoute or GRPCRoute", k.kind)));
+                    p.push((
+                        format!("{at}.allowedRoutes.kinds[{ki}]"),
+                        format!("{:?} is not HTTPRoute or GRPCRoute", k.kind),
+                    ));
                 }
             }
         }

@@ -348,8 +348,16 @@ fn gateway() {
         "spec.listeners[1].tls.certificateRefs[0]",
         "a certificate is a Secret",
     );
-    invalid(&mutate(GATEWAY, "gatewayClassName: plexus", "gatewayClassName: istio"), "spec.gatewayClassName", "not a Plexus gateway class");
-    invalid(&mutate(GATEWAY, "from: All", "from: Selector"), "spec.listeners[0].allowedRoutes.namespaces.from", "not Same or All");
+    invalid(
+        &mutate(GATEWAY, "gatewayClassName: plexus", "gatewayClassName: istio"),
+        "spec.gatewayClassName",
+        "not a Plexus gateway class",
+    );
+    invalid(
+        &mutate(GATEWAY, "from: All", "from: Selector"),
+        "spec.listeners[0].allowedRoutes.namespaces.from",
+        "not Same or All",
+    );
     invalid(&mutate(GATEWAY, "port: 8080", "port: http"), "spec.listeners[0].port", "invalid type");
     invalid(&mutate(GATEWAY, "gatewayClassName: plexus", "className: plexus"), "spec.className", "unknown field");
 }

@@ -92,7 +92,7 @@ impl ProxyError {
             ProxyError::Denied { .. } | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) => 7, // PERMISSION_DENIED
             ProxyError::FaultAbort { grpc_status, .. } => *grpc_status,
             ProxyError::NoRoute(_) => 12, // UNIMPLEMENTED
-            _ => 14, // UNAVAILABLE
+            _ => 14,                      // UNAVAILABLE
         }
     }
 

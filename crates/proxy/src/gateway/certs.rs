@@ -179,10 +179,11 @@ impl CertificateStore {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("tls.crt is not PEM: {e}"))?;
         let Some(leaf) = chain.first() else { return Err("tls.crt holds no certificate".into()) };
-        let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| format!("tls.key is not a PEM private key: {e}"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| format!("tls.key is not a PEM private key: {e}"))?;
         let signing = self.provider.key_provider.load_private_key(key).map_err(|e| format!("tls.key: {e}"))?;
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("tls.crt is not an X.509 certificate: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("tls.crt is not an X.509 certificate: {e}"))?;
         let certified = CertifiedKey::new(chain.clone(), signing);
         certified.keys_match().map_err(|_| "tls.key does not match the certificate in tls.crt".to_string())?;
         let dns_names = cert
@@ -268,7 +269,11 @@ mod tests {
         set(PemPair { chain: b"garbage".to_vec(), key: b"garbage".to_vec() });
         store.refresh(&wanted, now);
         assert!(Arc::ptr_eq(&first, &store.key(&name).expect("kept")));
-        assert!(store.statuses()[0].problem.as_deref().is_some_and(|p| p.contains("tls.crt")), "{:?}", store.statuses());
+        assert!(
+            store.statuses()[0].problem.as_deref().is_some_and(|p| p.contains("tls.crt")),
+            "{:?}",
+            store.statuses()
+        );
         let (b, c) = (pair("b.example.com"), pair("c.example.com"));
         set(PemPair { chain: b.chain, key: c.key });
         store.refresh(&wanted, now);

@@ -220,7 +220,10 @@ struct ListenerCertificates {
 
 impl std::fmt::Debug for ListenerCertificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ListenerCertificates").field("gateway", &self.gateway.settings.name).field("port", &self.port).finish()
+        f.debug_struct("ListenerCertificates")
+            .field("gateway", &self.gateway.settings.name)
+            .field("port", &self.port)
+            .finish()
     }
 }
 
@@ -258,7 +261,8 @@ impl Conn {
         let watcher = state.drain_signal();
         match tls {
             None => {
-                let info = Arc::new(ConnInfo { gateway: self.gateway, port: self.port, peer: self.peer, server_name: None });
+                let info =
+                    Arc::new(ConnInfo { gateway: self.gateway, port: self.port, peer: self.peer, server_name: None });
                 let handler_state = state.clone();
                 state.http.serve(stream, watcher, move |req| handle(handler_state.clone(), info.clone(), req)).await;
             }
@@ -322,8 +326,12 @@ async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, mut req: Request<Incomin
     let Some(vhost) = listener.virtual_host(&host) else {
         return obs.fail(ProxyError::NoRoute(format!("no route of listener {:?} serves host {host:?}", listener.name)));
     };
-    let info =
-        RequestInfo { method: head.method.as_str(), path: head.uri.path(), query: head.uri.query(), headers: &head.headers };
+    let info = RequestInfo {
+        method: head.method.as_str(),
+        path: head.uri.path(),
+        query: head.uri.query(),
+        headers: &head.headers,
+    };
     let (Some(port), Some(_)) = (vhost.port(), vhost.routes.find(&info)) else {
         return obs.fail(ProxyError::NoRoute(format!("no rule of listener {:?} matches", listener.name)));
     };

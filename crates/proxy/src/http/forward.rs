@@ -70,7 +70,8 @@ async fn wait_then_retry(
     let Some((service, port)) = located else {
         return obs.fail(ProxyError::NoEndpoints(format!("{}:{backend_port}", backend.name)));
     };
-    let again = MeshRequest { snapshot: &snapshot, service, port, peer: to.peer, waited_for_endpoints: true, edge: to.edge };
+    let again =
+        MeshRequest { snapshot: &snapshot, service, port, peer: to.peer, waited_for_endpoints: true, edge: to.edge };
     to_service(state, again, req, head, obs).await
 }
 
@@ -175,7 +176,9 @@ pub async fn to_service(
     };
     // At a gateway, a redirect keeps the listener's scheme and port (Gateway API).
     let addressed = match to.edge {
-        Some(e) => Addressed { scheme: e.scheme, host, port: Some(e.listener_port), path_and_query: head.path_and_query() },
+        Some(e) => {
+            Addressed { scheme: e.scheme, host, port: Some(e.listener_port), path_and_query: head.path_and_query() }
+        }
         None => Addressed { scheme: "http", host, port: host_port, path_and_query: head.path_and_query() },
     };
     let decision = decide(to.snapshot, to.service, to.port, &info, &addressed, fastrand::u64(..));

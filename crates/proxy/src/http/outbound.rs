@@ -88,7 +88,14 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
             return Box::pin(direct(state, &snapshot, req, head, obs, authority, addr)).await;
         }
     };
-    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer: conn.peer, waited_for_endpoints: false, edge: None };
+    let to = forward::MeshRequest {
+        snapshot: &snapshot,
+        service,
+        port,
+        peer: conn.peer,
+        waited_for_endpoints: false,
+        edge: None,
+    };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
@@ -156,8 +163,14 @@ async fn to_virtual_ip(
     let Some((service, cp)) = snapshot.services.get(&name).and_then(|s| Some((s, s.port(Some(port))?))) else {
         return obs.fail(ProxyError::NoEndpoints(format!("{name}:{port}")));
     };
-    let to =
-        forward::MeshRequest { snapshot: &snapshot, service, port: cp, peer: conn.peer, waited_for_endpoints: false, edge: None };
+    let to = forward::MeshRequest {
+        snapshot: &snapshot,
+        service,
+        port: cp,
+        peer: conn.peer,
+        waited_for_endpoints: false,
+        edge: None,
+    };
     forward::to_service(state.clone(), to, req, head, obs).await
 }
 
