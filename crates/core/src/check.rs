@@ -554,6 +554,19 @@ mod tests {
     }
 
     #[test]
+    fn gateway_listener_conflicts_and_routes_attached_to_nothing() {
+        let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge}\nspec:\n  listeners:\n  - {name: web, port: 8080, protocol: HTTP, hostname: a.example.com}\n  - {name: web-again, port: 8080, protocol: HTTP, hostname: a.example.com}\n  - {name: tls, port: 8080, protocol: HTTPS, tls: {certificateRefs: [{name: c}]}}\n  - {name: other, port: 9090, protocol: HTTP, hostname: b.example.com}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ok}\nspec:\n  parentRefs: [{kind: Gateway, name: edge, sectionName: web}]\n  rules: [{backendRefs: [{name: reviews-v1, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: no-section}\nspec:\n  parentRefs: [{kind: Gateway, name: edge, sectionName: nope}]\n  rules: [{backendRefs: [{name: reviews-v1, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: no-host}\nspec:\n  parentRefs: [{kind: Gateway, name: edge, port: 9090}]\n  hostnames: [c.example.com]\n  rules: [{backendRefs: [{name: reviews-v1, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: no-gateway}\nspec:\n  parentRefs: [{kind: Gateway, name: ghost}]\n  rules: [{backendRefs: [{name: reviews-v1, port: 9080}]}]\n";
+        let found = findings(yaml);
+        assert_one(&found, "Error Gateway default/edge", "listener \"web-again\" conflicts");
+        assert_one(&found, "Error Gateway default/edge", "listener \"tls\" conflicts");
+        assert_one(&found, "Error HTTPRoute default/no-section", "attaches to no listener of Gateway edge.default");
+        assert_one(&found, "Error HTTPRoute default/no-host", "attaches to no listener");
+        assert_one(&found, "Error HTTPRoute default/no-gateway", "Gateway ghost.default, which does not exist");
+        assert!(!found.iter().any(|f| f.contains("HTTPRoute default/ok")), "{found:#?}");
+        assert_eq!(found.iter().filter(|f| f.contains("Gateway default/edge")).count(), 2, "{found:#?}");
+    }
+
+    #[test]
     fn finds_missing_services_zero_weights_and_shadowed_rules() {
         let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {ports: [{port: 9080}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: a}\nspec:\n  parentRefs: [{name: reviews}, {name: ghost}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /x}}]\n    backendRefs: [{name: reviews}]\n  - backendRefs: [{name: missing}]\n  - matches: [{path: {type: PathPrefix, value: /z}}]\n    backendRefs: [{name: reviews, weight: 0}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: b}\nspec:\n  parentRefs: [{name: reviews}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /x}}]\n    backendRefs: [{name: reviews}]\n";
         let resources = crate::parse_documents("t", yaml).expect("valid");

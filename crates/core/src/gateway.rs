@@ -158,15 +158,12 @@ pub fn intersect_hostnames(listener: Option<&str>, route_hostnames: &[String]) -
             let l = lower(l);
             let mut out = Vec::new();
             for h in hosts.iter().map(|h| lower(h)) {
-                let both_wild = h.starts_with("*.") && l.starts_with("*.");
-                let found = if h == l {
+                let found = if h == l || (l.starts_with("*.") && host_matches(&l, &h)) {
+                    // The same, or the route's name (or narrower wildcard) lies within the
+                    // listener's wildcard.
                     Some(h)
-                } else if l.starts_with("*.") && host_matches(&l, &h) {
-                    // The route's name (or narrower wildcard) lies within the listener's wildcard.
-                    Some(h)
-                } else if h.starts_with("*.") && !both_wild && host_matches(&h, &l) {
-                    Some(l.clone())
-                } else if both_wild && host_matches(&h, &l) {
+                } else if h.starts_with("*.") && host_matches(&h, &l) {
+                    // The listener's name (or narrower wildcard) lies within the route's.
                     Some(l.clone())
                 } else {
                     None
@@ -276,7 +273,8 @@ pub(crate) fn compile_all(resources: &[Resource]) -> BTreeMap<ServiceName, Compi
         }
         keys
     });
-    let mut by_listener: BTreeMap<(ServiceName, usize), Vec<(Option<String>, RouteTable)>> = BTreeMap::new();
+    type Groups = Vec<(Option<String>, RouteTable)>;
+    let mut by_listener: BTreeMap<(ServiceName, usize), Groups> = BTreeMap::new();
     for ((name, li, host), table) in tables {
         by_listener.entry((name, li)).or_default().push((host, table));
     }
