@@ -203,6 +203,7 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
         Ok((status, _)) => r.fail(format!("cannot list proxies: {status}"), "upgrade the control plane"),
         Err(e) => r.fail("cannot list proxies", e.message),
     }
+    gateways(args, r).await;
 
     r.section("configuration");
     let mut resources = Vec::new();
@@ -365,6 +366,85 @@ enum Line {
 }
 
 /// A CA certificate is ✗ once expired and ‼ within 60 days of it.
+/// Gateway proxies: their listeners' ports and certificates, as each reports them in its
+/// admin `/config`, read through the control plane (certificate files are on the gateway's
+/// machine; keys never pass through the control plane).
+async fn gateways(args: &CheckArgs, r: &mut Report) {
+    let Ok((StatusCode::OK, v)) = args.server.call(Method::GET, "/api/v1/proxies", None, false).await else {
+        return;
+    };
+    let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+    let ingresses: Vec<&Value> = proxies.iter().filter(|p| p["mode"] == "ingress").collect();
+    if ingresses.is_empty() {
+        return;
+    }
+    r.section("gateways");
+    for p in ingresses {
+        let workload = p["workload"].as_str().unwrap_or("?");
+        let namespace = p["namespace"].as_str().unwrap_or("default");
+        let name: String = form_urlencoded::byte_serialize(workload.as_bytes()).collect();
+        let path = format!("/api/v1/proxies/{name}/config?namespace={namespace}");
+        let config = match args.server.call(Method::GET, &path, None, false).await {
+            Ok((StatusCode::OK, v)) => v,
+            Ok((status, v)) => {
+                r.warn(format!("gateway {workload}: cannot read its /config ({status})"), v["error"].to_string());
+                continue;
+            }
+            Err(e) => {
+                r.warn(format!("gateway {workload}: cannot read its /config"), e.message);
+                continue;
+            }
+        };
+        for line in gateway_lines(workload, &config["gateway"]) {
+            match line {
+                Line::Ok(what) => r.ok(what),
+                Line::Warn(what, hint) => r.warn(what, hint),
+                Line::Fail(what, hint) => r.fail(what, hint),
+                Line::Skip(what) => r.skip(what),
+            }
+        }
+    }
+}
+
+/// What one gateway's `/config` `gateway` section says: ports not bound, certificates missing,
+/// invalid or expiring.
+fn gateway_lines(workload: &str, g: &Value) -> Vec<Line> {
+    let mut out = Vec::new();
+    if g.is_null() {
+        return out;
+    }
+    let name = g["name"].as_str().unwrap_or("?");
+    let mut problems = 0;
+    for (port, status) in g["ports"].as_object().into_iter().flatten() {
+        if let Some(e) = status["error"].as_str() {
+            problems += 1;
+            out.push(Line::Fail(
+                format!("gateway {workload} (Gateway {name}): port {port} is not served: {e}"),
+                "free the port or change the listener's port".into(),
+            ));
+        }
+    }
+    for c in g["certificates"].as_array().into_iter().flatten() {
+        let cert = c["name"].as_str().unwrap_or("?");
+        let Some(problem) = c["problem"].as_str() else { continue };
+        problems += 1;
+        let what =
+            format!("gateway {workload}: certificate {cert} ({}): {problem}", c["location"].as_str().unwrap_or("?"));
+        let hint = "put a valid tls.crt and tls.key (PEM, matching) there; the gateway picks them up without a restart";
+        if c["loaded"] == true && problem.starts_with("the certificate expires in") {
+            out.push(Line::Warn(what, "renew it".into()));
+        } else if c["loaded"] == true && !problem.contains("expired") {
+            out.push(Line::Fail(format!("{what} (still serving the previous one)"), hint.into()));
+        } else {
+            out.push(Line::Fail(what, hint.into()));
+        }
+    }
+    if problems == 0 {
+        out.push(Line::Ok(format!("gateway {workload} (Gateway {name}): listeners bound, certificates valid")));
+    }
+    out
+}
+
 fn expiry_line(what: &str, cert: &Value, hint: &str) -> Line {
     const SIXTY_DAYS: i64 = 60 * 86_400;
     let left = cert["expiresInSeconds"].as_i64().unwrap_or(0);

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use plexus_core::{Kind, parse_documents};
+use plexus_proxy::Settings;
 use plexus_proxy::control_plane::ControlPlaneConfig;
-use plexus_proxy::{Settings, UpstreamBind};
+use plexus_proxy::settings::GatewaySettings;
 
 use crate::Failure;
 use crate::control_cmd::ControlPlane;
@@ -30,6 +31,8 @@ const WORKLOAD_STOP: Duration = Duration::from_secs(5);
 
 /// The Bookinfo Services (SPEC §9).
 const BOOKINFO: &str = include_str!("../../../examples/bookinfo/bookinfo.yaml");
+/// The ingress: Gateway `ingress` and the HTTPRoute sending Bookinfo's pages to productpage.
+const GATEWAY: &str = include_str!("../../../examples/bookinfo/gateway.yaml");
 /// The Bookinfo workloads: service and version.
 const WORKLOADS: [(&str, &str); 6] = [
     ("details", "v1"),
@@ -145,8 +148,19 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         .filter(|w| w.metadata.annotations.contains_key(plexus_control::discovery::REGISTERED_ANNOTATION))
         .map(plexus_control::store::ObjectKey::of)
         .collect();
-    let services =
+    let mut services =
         parse_documents("examples/bookinfo/bookinfo.yaml", BOOKINFO).map_err(|e| Failure::runtime(e.to_string()))?;
+    let mut gateway =
+        parse_documents("examples/bookinfo/gateway.yaml", GATEWAY).map_err(|e| Failure::runtime(e.to_string()))?;
+    // The Gateway listens where `--ingress-addr` says.
+    for r in &mut gateway {
+        if let plexus_core::Spec::Gateway(g) = &mut r.spec {
+            for l in &mut g.listeners {
+                l.port = args.ingress_addr.port();
+            }
+        }
+    }
+    services.extend(gateway);
     plexus_control::store::write(&store, move |store| {
         store.delete(&stale)?;
         store.apply(&services)
@@ -222,16 +236,23 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The Gateway's port is bound once its config arrives: a taken port is said now.
+    drop(
+        std::net::TcpListener::bind(args.ingress_addr).map_err(|e| {
+            Failure::runtime(format!("cannot listen on {} (the ingress gateway): {e}", args.ingress_addr))
+        })?,
+    );
     // The ingress gateway has its own identity (`ingress-gateway`) and originates mTLS.
     let ingress_settings = Settings {
         outbound: ([127, 0, 0, 1], 0).into(),
         inbound: ([127, 0, 0, 1], 0).into(),
         admin: ([127, 0, 0, 1], 0).into(),
-        upstreams: vec![UpstreamBind {
-            service: plexus_core::ServiceName::new("productpage", "default"),
-            port: Some(9080),
-            listen: args.ingress_addr,
-        }],
+        gateway: Some(GatewaySettings {
+            name: plexus_core::ServiceName::new("ingress", "default"),
+            ip: args.ingress_addr.ip(),
+            tls_dir: args.data_dir.join("tls"),
+            certificate_poll: plexus_proxy::gateway::DEFAULT_CERTIFICATE_POLL,
+        }),
         workload: Some("ingress-gateway".into()),
         service: Some("ingress-gateway".into()),
         limits: plexus_proxy::settings::Limits {

@@ -232,9 +232,23 @@ async fn list(State(s): State<Shared>, Path(kind): Path<String>, Query(q): Query
     };
     let ns = q.namespace.filter(|n| n != "all" && !n.is_empty());
     match s.store.list(Some(kind), ns.as_deref()) {
+        Ok(items) if kind == Kind::Gateway => {
+            let items: Vec<serde_json::Value> = items.iter().map(|r| with_status(&s, r)).collect();
+            Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response()
+        }
         Ok(items) => Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response(),
         Err(e) => store_failure(e).into_response(),
     }
+}
+
+/// A Gateway with the `status` the control plane computes for it (Gateway API conditions).
+fn with_status(s: &Shared, r: &plexus_core::Resource) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    let all = s.store.list(None, None).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("status".into(), plexus_core::gateway::status(&all, r));
+    }
+    v
 }
 
 async fn get_one(State(s): State<Shared>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Response {
@@ -244,6 +258,7 @@ async fn get_one(State(s): State<Shared>, Path((kind, namespace, name)): Path<(S
     };
     let key = ObjectKey { kind, namespace, name };
     match s.store.get(&key) {
+        Ok(Some(r)) if key.kind == Kind::Gateway => Json(with_status(&s, &r)).into_response(),
         Ok(Some(r)) => Json(r).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,

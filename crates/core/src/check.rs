@@ -71,7 +71,7 @@ pub fn analyze(resources: &[Resource]) -> Vec<Finding> {
             }
             Spec::Gateway(g) => {
                 for (l, conflict) in g.listeners.iter().zip(crate::gateway::listener_conflicts(g)) {
-                    if let Some(why) = conflict {
+                    if let Some((_, why)) = conflict {
                         out.push(Finding::error(
                             &object,
                             format!("listener {:?} conflicts and is not served: {why}", l.name),

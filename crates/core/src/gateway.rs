@@ -192,24 +192,31 @@ fn allows(listener: &GatewayListener, gateway_ns: &str, route: &Resource) -> boo
 }
 
 /// Why a listener conflicts with an earlier one of the same Gateway, if it does: the same
-/// port with another protocol, or the same port and hostname.
-pub fn listener_conflicts(spec: &GatewaySpec) -> Vec<Option<String>> {
+/// port with another protocol (`ProtocolConflict`), or the same port and hostname
+/// (`HostnameConflict`); with a message. The earlier listener is served, the later is not.
+pub fn listener_conflicts(spec: &GatewaySpec) -> Vec<Option<(&'static str, String)>> {
     let mut out = Vec::new();
     for (i, l) in spec.listeners.iter().enumerate() {
         let earlier = &spec.listeners[..i];
         let conflict = if let Some(e) = earlier.iter().find(|e| e.port == l.port && e.protocol != l.protocol) {
-            Some(format!(
-                "port {} is already {} (listener {:?}): one port serves one protocol",
-                l.port, e.protocol, e.name
+            Some((
+                "ProtocolConflict",
+                format!(
+                    "port {} is already {} (listener {:?}): one port serves one protocol",
+                    l.port, e.protocol, e.name
+                ),
             ))
         } else {
             earlier.iter().find(|e| e.port == l.port && same_host(e.hostname.as_deref(), l.hostname.as_deref())).map(
                 |e| {
-                    format!(
-                        "listener {:?} already serves port {} for {}",
-                        e.name,
-                        l.port,
-                        l.hostname.as_deref().unwrap_or("any hostname")
+                    (
+                        "HostnameConflict",
+                        format!(
+                            "listener {:?} already serves port {} for {}",
+                            e.name,
+                            l.port,
+                            l.hostname.as_deref().unwrap_or("any hostname")
+                        ),
                     )
                 },
             )
@@ -217,6 +224,73 @@ pub fn listener_conflicts(spec: &GatewaySpec) -> Vec<Option<String>> {
         out.push(conflict);
     }
     out
+}
+
+/// The `status` of a Gateway as the Gateway API shapes it (conditions `Accepted`,
+/// `Programmed`, and per listener `Accepted`, `Conflicted`, `ResolvedRefs`, `Programmed`, with
+/// `attachedRoutes`), computed from the resources. Certificate files are checked by the
+/// gateway proxy that reads them (its `/config`, `plexus check`), not here.
+pub fn status(resources: &[Resource], gateway: &Resource) -> serde_json::Value {
+    use serde_json::json;
+    let Spec::Gateway(spec) = &gateway.spec else { return serde_json::Value::Null };
+    let condition = |kind: &str, ok: bool, reason: &str, message: &str| json!({"type": kind, "status": if ok { "True" } else { "False" }, "reason": reason, "message": message});
+    let name = ServiceName::new(&gateway.metadata.name, gateway.metadata.namespace());
+    let compiled = compile_all(resources);
+    let listeners = compiled.get(&name).map(|g| g.listeners.as_slice()).unwrap_or_default();
+    let conflicts = listener_conflicts(spec);
+    let class_ok = spec.gateway_class_name.as_deref().is_none_or(|c| c == "plexus");
+    let mut served = 0;
+    let listener_status: Vec<serde_json::Value> = spec
+        .listeners
+        .iter()
+        .zip(&conflicts)
+        .enumerate()
+        .map(|(i, (l, conflict))| {
+            let attached = listeners.get(i).map_or(0, |c| c.attached_routes);
+            let (accepted, conflicted) = match conflict {
+                Some((reason, message)) => (
+                    condition("Accepted", false, reason, message),
+                    condition("Conflicted", true, reason, message),
+                ),
+                None => {
+                    served += 1;
+                    (
+                        condition("Accepted", true, "Accepted", "listener accepted"),
+                        condition("Conflicted", false, "NoConflicts", "no conflicts"),
+                    )
+                }
+            };
+            let refs_ok = l.tls.iter().flat_map(|t| &t.certificate_refs).all(|c| {
+                c.kind.as_deref().is_none_or(|k| k == "Secret") && c.group.as_deref().is_none_or(str::is_empty)
+            });
+            json!({
+                "name": l.name,
+                "attachedRoutes": attached,
+                "supportedKinds": [{"group": crate::resource::GATEWAY_GROUP, "kind": "HTTPRoute"}, {"group": crate::resource::GATEWAY_GROUP, "kind": "GRPCRoute"}],
+                "conditions": [
+                    accepted,
+                    conflicted,
+                    if refs_ok {
+                        condition("ResolvedRefs", true, "ResolvedRefs", "certificate files are checked by the gateway proxy (plexus check)")
+                    } else {
+                        condition("ResolvedRefs", false, "InvalidCertificateRef", "certificateRefs name Secrets")
+                    },
+                    condition("Programmed", conflict.is_none(), if conflict.is_none() { "Programmed" } else { "Invalid" }, if conflict.is_none() { "sent to the gateway proxies serving this Gateway" } else { "not served" }),
+                ],
+            })
+        })
+        .collect();
+    json!({
+        "conditions": [
+            if class_ok {
+                condition("Accepted", true, "Accepted", "gateway class plexus")
+            } else {
+                condition("Accepted", false, "InvalidParameters", "gatewayClassName is not plexus")
+            },
+            condition("Programmed", class_ok && served > 0, if served > 0 { "Programmed" } else { "Invalid" }, &format!("{served} of {} listeners served", spec.listeners.len())),
+        ],
+        "listeners": listener_status,
+    })
 }
 
 fn same_host(a: Option<&str>, b: Option<&str>) -> bool {
@@ -281,7 +355,7 @@ pub(crate) fn compile_all(resources: &[Resource]) -> BTreeMap<ServiceName, Compi
     gateways
         .into_iter()
         .map(|(name, (_, spec))| {
-            let conflicts = listener_conflicts(spec);
+            let conflicts = listener_conflicts(spec).into_iter().map(|c| c.map(|(_, message)| message));
             let listeners = spec
                 .listeners
                 .iter()
@@ -430,5 +504,27 @@ spec:
         assert_eq!(vh.routes.entries.len(), 1, "only route bar's rule: isolation by hostname group");
         let other = wild.virtual_host("baz.example.com").expect("the listener's own group");
         assert_eq!(&*other.routes.entries[0].route, "default/all");
+    }
+
+    #[test]
+    fn status_has_gateway_api_conditions_per_listener() {
+        let resources = parse_documents("g", GATEWAY).expect("valid");
+        let g = resources.iter().find(|r| r.kind == crate::Kind::Gateway).expect("gateway");
+        let st = status(&resources, g);
+        let cond = |l: usize, t: &str| {
+            st["listeners"][l]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
+                .unwrap_or_default()
+        };
+        assert_eq!(st["listeners"][1]["attachedRoutes"], 2);
+        assert_eq!(cond(0, "Accepted")["status"], "True");
+        assert_eq!(cond(0, "Programmed")["status"], "True");
+        assert_eq!(cond(3, "Conflicted")["reason"], "HostnameConflict");
+        assert_eq!(cond(3, "Accepted")["status"], "False");
+        assert_eq!(cond(4, "Conflicted")["reason"], "ProtocolConflict");
+        assert_eq!(cond(4, "Programmed")["status"], "False");
+        assert_eq!(st["conditions"][0]["type"], "Accepted");
+        assert_eq!(st["conditions"][1]["message"], "3 of 5 listeners served");
     }
 }
