@@ -195,6 +195,17 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     let report = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "check failed on a healthy demo:\n{report}");
     assert!(report.contains("✓ 7 proxies connected") && report.contains("✓ every proxy is in sync"), "{report}");
+    // The ingress is Gateway `ingress` with HTTPRoute `bookinfo` (SPEC §9): its status as the
+    // Gateway API shapes it, its gateway proxy's listener in `check`, and only Bookinfo's
+    // paths forwarded.
+    assert!(report.contains("✓ gateway ingress-gateway (Gateway ingress.default): listeners bound"), "{report}");
+    let o = cli(&data, http, &["get", "gateway", "ingress", "-o", "json"])?;
+    let gateway: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(gateway["status"]["listeners"][0]["attachedRoutes"], 1, "{gateway:#}");
+    assert_eq!(gateway["status"]["conditions"][1]["type"], "Programmed", "{gateway:#}");
+    assert_eq!(gateway["status"]["conditions"][1]["status"], "True", "{gateway:#}");
+    let (status, _) = get_text(&ingress_addr, "/details/0", &[])?;
+    assert_eq!(status, 404, "a path no route of the Gateway names");
 
     // A route shifts traffic within a second, without restarting anything.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
