@@ -398,6 +398,7 @@ fn virtual_host(gateway: &ServiceName, port: u16, hostname: Option<String>, rout
     let service = CompiledService {
         name: gateway.clone(),
         label: gateway.name.as_str().into(),
+        virtual_ips: Vec::new(),
         ports: vec![CompiledPort {
             port,
             name: None,
