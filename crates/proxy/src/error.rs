@@ -110,7 +110,10 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "RL",
             ProxyError::Denied { .. } => "RBAC",
             ProxyError::FaultAbort { .. } => "FI",
-            ProxyError::InvalidRoute(_) | ProxyError::Forbidden(_) | ProxyError::EgressDenied(_) | ProxyError::NoRoute(_) => "NR",
+            ProxyError::InvalidRoute(_)
+            | ProxyError::Forbidden(_)
+            | ProxyError::EgressDenied(_)
+            | ProxyError::NoRoute(_) => "NR",
             ProxyError::OriginationFailed(_) => "UF",
             ProxyError::Misdirected(_) => "DPE",
         }

@@ -1,0 +1,192 @@
+//! Gateway API conformance behaviours at a Gateway, each test named after the upstream
+//! conformance test it follows (gateway-api `conformance/tests/httproute-*.go`), with our own
+//! setup: a gateway proxy from a resources file, HTTP echo backends, real HTTP requests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use plexus_testkit::client::{self, Collected};
+use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, free_port};
+
+mod common;
+
+use common::PLEXUS;
+
+/// A gateway proxy serving Gateway `gw` (listeners in `listeners`, YAML list items) with
+/// `routes` (YAML documents), backends `names` (Services on port 8080, one echo each).
+struct Setup {
+    _proxy: Proxy,
+    _backends: Vec<HttpEcho>,
+    _dir: TempDir,
+}
+
+async fn setup(names: &[&str], listeners: &str, routes: &str, ports: &[u16]) -> Result<Setup> {
+    let dir = TempDir::new("gateway-routes")?;
+    let mut res = Resources::new();
+    let mut backends = Vec::new();
+    for name in names {
+        let echo = HttpEcho::start(name).await?;
+        res = res.service(name, &[ServicePort::new("http", 8080, Some("http"))]).workload(&WorkloadSpec::plain(
+            &format!("{name}-1"),
+            name,
+            "http",
+            echo.port(),
+        ));
+        backends.push(echo);
+    }
+    let yaml = format!(
+        "{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  listeners:\n{listeners}{routes}",
+        res.to_yaml()
+    );
+    let file = dir.join("resources.yaml");
+    std::fs::write(&file, yaml)?;
+    let args = [
+        "proxy",
+        "--mode",
+        "ingress",
+        "--gateway",
+        "gw",
+        "--resources",
+        file.to_str().context("utf-8")?,
+        "--outbound-port",
+        "0",
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        "0",
+    ];
+    let proxy = Proxy::start_named("gw", PLEXUS, args).await?;
+    for port in ports {
+        plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], *port)), Duration::from_secs(10)).await?;
+    }
+    Ok(Setup { _proxy: proxy, _backends: backends, _dir: dir })
+}
+
+fn route(name: &str, parent: &str, hostnames: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{parent}]\n  hostnames: [{hostnames}]\n  rules:\n{rules}"
+    )
+}
+
+async fn get(port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> Result<Collected> {
+    client::get(SocketAddr::from(([127, 0, 0, 1], port)), host, path, headers, Duration::from_secs(10)).await
+}
+
+fn served_by(r: &Collected) -> &str {
+    r.header("x-served-by").unwrap_or("")
+}
+
+/// Upstream `HTTPRouteListenerHostnameMatching`: listeners with hostnames bar.com,
+/// foo.bar.com, *.bar.com and *.foo.com on one port, one route per listener (sectionName);
+/// each request goes to the route of the most specific listener matching its Host, and a Host
+/// no listener serves gets 404.
+#[tokio::test]
+async fn httproute_listener_hostname_matching() -> Result<()> {
+    let port = free_port();
+    let listeners = format!(
+        "  - {{name: listener-1, port: {port}, protocol: HTTP, hostname: bar.com}}\n  - {{name: listener-2, port: {port}, protocol: HTTP, hostname: foo.bar.com}}\n  - {{name: listener-3, port: {port}, protocol: HTTP, hostname: \"*.bar.com\"}}\n  - {{name: listener-4, port: {port}, protocol: HTTP, hostname: \"*.foo.com\"}}\n"
+    );
+    let rules = |backend: &str| format!("  - backendRefs: [{{name: {backend}, port: 8080}}]\n");
+    let routes = [
+        route("backend-v1", "{kind: Gateway, name: gw, sectionName: listener-1}", "", &rules("infra-backend-v1")),
+        route("backend-v2", "{kind: Gateway, name: gw, sectionName: listener-2}", "", &rules("infra-backend-v2")),
+        route("backend-v3", "{kind: Gateway, name: gw, sectionName: listener-3}", "", &rules("infra-backend-v3")),
+        route("backend-v3b", "{kind: Gateway, name: gw, sectionName: listener-4}", "", &rules("infra-backend-v3")),
+    ]
+    .concat();
+    let _s = setup(&["infra-backend-v1", "infra-backend-v2", "infra-backend-v3"], &listeners, &routes, &[port]).await?;
+    for (host, want) in [
+        ("bar.com", "infra-backend-v1"),
+        ("foo.bar.com", "infra-backend-v2"),
+        ("baz.bar.com", "infra-backend-v3"),
+        ("boo.bar.com", "infra-backend-v3"),
+        ("multiple.prefixes.bar.com", "infra-backend-v3"),
+        ("multiple.prefixes.foo.com", "infra-backend-v3"),
+        ("foo.com", ""),
+        ("no.matching.host", ""),
+    ] {
+        let r = get(port, host, "/", &[]).await?;
+        if want.is_empty() {
+            ensure!(r.status == 404, "{host}: {} {}", r.status, r.text());
+        } else {
+            ensure!(r.status == 200 && served_by(&r) == want, "{host}: {} from {:?}", r.status, served_by(&r));
+        }
+    }
+    Ok(())
+}
+
+/// Upstream `HTTPRouteHostnameIntersection`: a route's hostnames intersected with its
+/// listener's; names outside the intersection are not served by that route.
+#[tokio::test]
+async fn httproute_hostname_intersection() -> Result<()> {
+    let port = free_port();
+    let listeners = format!(
+        "  - {{name: wildcard, port: {port}, protocol: HTTP, hostname: \"*.wildcard.io\"}}\n  - {{name: exact, port: {port}, protocol: HTTP, hostname: very.specific.com}}\n"
+    );
+    let rules = |backend: &str| format!("  - backendRefs: [{{name: {backend}, port: 8080}}]\n");
+    let routes = [
+        // Route names within the listener's wildcard, and one outside it.
+        route(
+            "specific-host-matches-listener-wildcard",
+            "{kind: Gateway, name: gw, sectionName: wildcard}",
+            "non.matching.com, foo.wildcard.io, bar.wildcard.io, \"*.anotherwildcard.io\"",
+            &rules("infra-backend-v1"),
+        ),
+        // A route wildcard narrowing to the listener's exact name.
+        route(
+            "wildcard-host-matches-listener-specific-host",
+            "{kind: Gateway, name: gw, sectionName: exact}",
+            "\"*.specific.com\", non.matching.com",
+            &rules("infra-backend-v2"),
+        ),
+    ]
+    .concat();
+    let _s = setup(&["infra-backend-v1", "infra-backend-v2"], &listeners, &routes, &[port]).await?;
+    for (host, want) in [
+        ("foo.wildcard.io", "infra-backend-v1"),
+        ("bar.wildcard.io", "infra-backend-v1"),
+        ("very.specific.com", "infra-backend-v2"),
+        ("baz.wildcard.io", ""),
+        ("non.matching.com", ""),
+        ("foo.anotherwildcard.io", ""),
+        ("other.specific.com", ""),
+    ] {
+        let r = get(port, host, "/", &[]).await?;
+        if want.is_empty() {
+            ensure!(r.status == 404, "{host}: {} {}", r.status, r.text());
+        } else {
+            ensure!(r.status == 200 && served_by(&r) == want, "{host}: {} from {:?}", r.status, served_by(&r));
+        }
+    }
+    Ok(())
+}
+
+/// Upstream `HTTPRouteHeaderMatching` and `HTTPRouteRequestHeaderModifier` at a Gateway:
+/// header matches pick the rule; the rule's header modifier reaches the backend.
+#[tokio::test]
+async fn httproute_header_matching_and_request_header_modifier() -> Result<()> {
+    let port = free_port();
+    let listeners = format!("  - {{name: http, port: {port}, protocol: HTTP}}\n");
+    let rules = "  - matches: [{headers: [{name: version, value: one}]}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{headers: [{name: version, value: two}, {name: color, value: orange}]}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: set-value}], add: [{name: x-add, value: added}], remove: [x-remove]}}]\n    backendRefs: [{name: infra-backend-v2, port: 8080}]\n";
+    let routes = route("headers", "{kind: Gateway, name: gw}", "", rules);
+    let _s = setup(&["infra-backend-v1", "infra-backend-v2"], &listeners, &routes, &[port]).await?;
+    let r = get(port, "example.com", "/", &[("version", "one")]).await?;
+    ensure!(served_by(&r) == "infra-backend-v1", "{}", r.text());
+    let r = get(
+        port,
+        "example.com",
+        "/",
+        &[("version", "two"), ("color", "orange"), ("x-remove", "gone"), ("x-add", "mine")],
+    )
+    .await?;
+    ensure!(served_by(&r) == "infra-backend-v2", "{}", r.text());
+    let seen = r.json()?;
+    ensure!(seen["headers"]["x-set"] == "set-value", "{seen}");
+    ensure!(seen["headers"]["x-add"] == "mine, added", "{seen}");
+    ensure!(seen["headers"].get("x-remove").is_none(), "{seen}");
+    // Only one of the two headers: no rule matches, 404 from the gateway.
+    let r = get(port, "example.com", "/", &[("version", "two")]).await?;
+    ensure!(r.status == 404, "{} {}", r.status, r.text());
+    Ok(())
+}
