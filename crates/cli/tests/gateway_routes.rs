@@ -17,7 +17,7 @@ use common::PLEXUS;
 /// `routes` (YAML documents), backends `names` (Services on port 8080, one echo each).
 struct Setup {
     _proxy: Proxy,
-    _backends: Vec<HttpEcho>,
+    backends: Vec<HttpEcho>,
     _dir: TempDir,
 }
 
@@ -60,7 +60,7 @@ async fn setup(names: &[&str], listeners: &str, routes: &str, ports: &[u16]) -> 
     for port in ports {
         plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], *port)), Duration::from_secs(10)).await?;
     }
-    Ok(Setup { _proxy: proxy, _backends: backends, _dir: dir })
+    Ok(Setup { _proxy: proxy, backends: backends, _dir: dir })
 }
 
 fn route(name: &str, parent: &str, hostnames: &str, rules: &str) -> String {
@@ -188,5 +188,55 @@ async fn httproute_header_matching_and_request_header_modifier() -> Result<()> {
     // Only one of the two headers: no rule matches, 404 from the gateway.
     let r = get(port, "example.com", "/", &[("version", "two")]).await?;
     ensure!(r.status == 404, "{} {}", r.status, r.text());
+    Ok(())
+}
+
+/// Upstream `HTTPRouteRewritePath` and `HTTPRouteRequestRedirect` (hostname, path) at a
+/// Gateway: the backend sees the rewritten path; a redirect answers with its Location.
+#[tokio::test]
+async fn httproute_rewrite_path_and_request_redirect() -> Result<()> {
+    let port = free_port();
+    let listeners = format!("  - {{name: http, port: {port}, protocol: HTTP}}\n");
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /full}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: rewritten.example.com, path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /moved}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]\n";
+    let routes = route("rewrites", "{kind: Gateway, name: gw}", "", rules);
+    let _s = setup(&["infra-backend-v1"], &listeners, &routes, &[port]).await?;
+    let r = get(port, "example.com", "/prefix/one/two?q=1", &[]).await?;
+    ensure!(r.json()?["path"] == "/one/two?q=1", "{}", r.text());
+    let r = get(port, "example.com", "/full/anything", &[]).await?;
+    let seen = r.json()?;
+    ensure!(seen["path"] == "/replaced" && seen["headers"]["host"] == "rewritten.example.com", "{seen}");
+    let r = get(port, "example.com", "/moved/page?x=y", &[]).await?;
+    ensure!(r.status == 302, "{}", r.status);
+    // No scheme change: the listener's port stays in the Location.
+    let want = format!("http://example.org:{port}/new/page?x=y");
+    ensure!(r.header("location") == Some(want.as_str()), "{:?}", r.header("location"));
+    Ok(())
+}
+
+/// Upstream `HTTPRouteWeight`: 80/20 weights over two backends, and `HTTPRouteTimeoutRequest`:
+/// a backend slower than `timeouts.request` gets 504.
+#[tokio::test]
+async fn httproute_weight_and_timeout_request() -> Result<()> {
+    let port = free_port();
+    let listeners = format!("  - {{name: http, port: {port}, protocol: HTTP}}\n");
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /slow}}]\n    timeouts: {request: 200ms}\n    backendRefs: [{name: slow, port: 8080}]\n  - backendRefs: [{name: infra-backend-v1, port: 8080, weight: 80}, {name: infra-backend-v2, port: 8080, weight: 20}]\n";
+    let routes = route("weights", "{kind: Gateway, name: gw}", "", rules);
+    let s = setup(&["infra-backend-v1", "infra-backend-v2", "slow"], &listeners, &routes, &[port]).await?;
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..200 {
+        let r = get(port, "example.com", "/", &[]).await?;
+        match served_by(&r) {
+            "infra-backend-v1" => v1 += 1,
+            "infra-backend-v2" => v2 += 1,
+            other => anyhow::bail!("served by {other:?}: {}", r.status),
+        }
+    }
+    // 80/20 of 200: well within 120..=190 for v1 (binomial, sd ≈ 5.7).
+    ensure!((120..=190).contains(&v1) && v2 > 10, "v1 {v1}, v2 {v2}");
+    s.backends[2].set_delay(Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    let r = get(port, "example.com", "/slow", &[]).await?;
+    ensure!(r.status == 504, "{} {}", r.status, r.text());
+    ensure!(started.elapsed() < Duration::from_secs(4), "not cut short: {:?}", started.elapsed());
     Ok(())
 }
