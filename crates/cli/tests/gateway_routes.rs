@@ -60,7 +60,7 @@ async fn setup(names: &[&str], listeners: &str, routes: &str, ports: &[u16]) -> 
     for port in ports {
         plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], *port)), Duration::from_secs(10)).await?;
     }
-    Ok(Setup { _proxy: proxy, backends: backends, _dir: dir })
+    Ok(Setup { _proxy: proxy, backends, _dir: dir })
 }
 
 fn route(name: &str, parent: &str, hostnames: &str, rules: &str) -> String {
