@@ -152,3 +152,30 @@ async fn a_request_head_must_complete_within_the_header_read_timeout_of_its_firs
     assert!(closed - started < HEADER_READ_TIMEOUT * 3, "{:?}", closed - started);
     Ok(())
 }
+
+/// A client that shuts down its sending side right after its request (as `nc` does when its
+/// input ends) still gets the response, with and without a body; a positive control on the same
+/// proxy first.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_response() -> Result<()> {
+    let dir = TempDir::new("halfclose")?;
+    let (_app, proxy) = proxy_with_short_timeouts(&dir).await?;
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: app:8080\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: app:8080\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: app:8080\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    for (i, request) in requests.iter().enumerate() {
+        let mut stream = TcpStream::connect(proxy.outbound()).await?;
+        stream.write_all(request).await?;
+        if i > 0 {
+            // The first request is the positive control: the client keeps its side open.
+            stream.shutdown().await?;
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.context("no answer")??;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer:?}");
+    }
+    Ok(())
+}

@@ -41,6 +41,9 @@ impl HttpServer {
             // below starts at a request's first byte instead.
             .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
+            // A client may shut down its sending side once its request is sent (`nc`, some
+            // HTTP/1.0 clients): it still gets its response.
+            .half_close(true)
             .keep_alive(true);
         builder
             .http2()
