@@ -206,6 +206,41 @@ async fn demo_serves_bookinfo_follows_routes_and_stops_cleanly() -> Result<()> {
     assert_eq!(gateway["status"]["conditions"][1]["status"], "True", "{gateway:#}");
     let (status, _) = get_text(&ingress_addr, "/details/0", &[])?;
     assert_eq!(status, 404, "a path no route of the Gateway names");
+    // A listener conflicting with the first, and an HTTPS listener whose certificate files do
+    // not exist: `check` reports both (the certificate as the gateway proxy sees it); the
+    // first listener keeps serving.
+    let ingress_port = demo.ingress.port();
+    let gateway_yaml = |extra: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: ingress}}\nspec:\n  gatewayClassName: plexus\n  listeners:\n  - {{name: http, port: {ingress_port}, protocol: HTTP}}\n{extra}"
+        )
+    };
+    let broken_gateway = dir.join("gateway-broken.yaml");
+    std::fs::write(
+        &broken_gateway,
+        gateway_yaml(&format!(
+            "  - {{name: again, port: {ingress_port}, protocol: HTTP}}\n  - {{name: https, port: {}, protocol: HTTPS, tls: {{certificateRefs: [{{name: missing-cert}}]}}}}\n",
+            free_port()
+        )),
+    )?;
+    let o = cli(&data, http, &["apply", "-f", broken_gateway.to_str().context("utf-8")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = plexus_testkit::eventually(Duration::from_secs(15), || async {
+        let o = cli(&data, http, &["check"])?;
+        let report = String::from_utf8_lossy(&o.stdout).to_string();
+        anyhow::ensure!(report.contains("certificate default/missing-cert"), "{report}");
+        anyhow::ensure!(!o.status.success(), "{report}");
+        Ok(report)
+    })
+    .await?;
+    assert!(report.contains("listener \"again\" conflicts and is not served"), "{report}");
+    assert!(report.contains("tls.crt"), "{report}");
+    let (status, _) = get_text(&ingress_addr, "/productpage", &[])?;
+    assert_eq!(status, 200);
+    let healthy_gateway = dir.join("gateway.yaml");
+    std::fs::write(&healthy_gateway, gateway_yaml(""))?;
+    let o = cli(&data, http, &["apply", "-f", healthy_gateway.to_str().context("utf-8")?])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // A route shifts traffic within a second, without restarting anything.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bookinfo");
