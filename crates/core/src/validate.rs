@@ -462,9 +462,18 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
     {
         p.push(("spec.gatewayClassName".into(), format!("{class:?} is not a Plexus gateway class (use plexus)")));
     }
+    // A gateway proxy binds the address it is started with (`plexus proxy --gateway-ip`): an
+    // address requested here would be accepted and not served, so it is refused.
     for (i, a) in g.addresses.iter().enumerate() {
         if a.address_type.as_deref().is_some_and(|t| t != "IPAddress") || a.value.parse::<IpAddr>().is_err() {
             p.push((format!("spec.addresses[{i}]"), format!("{:?} is not an IPAddress", a.value)));
+        } else {
+            p.push((
+                format!("spec.addresses[{i}]"),
+                "not supported: a Plexus gateway listens on the address its proxy is started with \
+                 (`plexus proxy --gateway-ip`); remove spec.addresses"
+                    .into(),
+            ));
         }
     }
     let mut names = HashSet::new();

@@ -317,6 +317,26 @@ spec:
 #[test]
 fn gateway() {
     valid(Kind::Gateway, GATEWAY);
+    // The gateway binds the address its proxy is started with: a requested address is refused,
+    // not accepted and ignored.
+    invalid(
+        &mutate(
+            GATEWAY,
+            "  gatewayClassName: plexus\n",
+            "  gatewayClassName: plexus\n  addresses: [{value: 127.0.0.9}]\n",
+        ),
+        "spec.addresses[0]",
+        "not supported",
+    );
+    invalid(
+        &mutate(
+            GATEWAY,
+            "  gatewayClassName: plexus\n",
+            "  gatewayClassName: plexus\n  addresses: [{value: lb.example}]\n",
+        ),
+        "spec.addresses[0]",
+        "is not an IPAddress",
+    );
     invalid(
         &mutate(GATEWAY, "protocol: HTTP\n", "protocol: UDP\n"),
         "spec.listeners[0].protocol",
