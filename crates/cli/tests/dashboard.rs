@@ -194,7 +194,9 @@ async fn dashboard_pages_assets_and_views_api() -> Result<()> {
 
     // Overview: counts of every kind, proxies and their sync state, findings.
     let o = get_json(api, "/api/v1/overview").await?;
-    assert_eq!(o["counts"]["HTTPRoute"], 1, "{o}");
+    // The demo's `bookinfo` route (on Gateway `ingress`) and `to-nowhere`.
+    assert_eq!(o["counts"]["HTTPRoute"], 2, "{o}");
+    assert_eq!(o["counts"]["Gateway"], 1, "{o}");
     assert!(o["counts"]["Service"].as_u64().is_some_and(|n| n >= 4), "{o}");
     assert_eq!(o["counts"]["AuthorizationPolicy"], 0, "{o}");
     assert!(o["proxies"]["connected"].as_u64().is_some_and(|n| n >= 7), "six Bookinfo sidecars and the ingress: {o}");

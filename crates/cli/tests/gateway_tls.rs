@@ -235,10 +235,13 @@ async fn a_replaced_certificate_is_served_to_new_connections_without_failed_requ
         roots.add(cert?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every connection a full handshake: a resumed session reports the certificate of the
+    // session it resumes, not the one the gateway serves now.
+    config.resumption = rustls::client::Resumption::disabled();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let addr = SocketAddr::from(([127, 0, 0, 1], edge.https));
     // ~200 requests/s, each on a new TLS connection, for 3 s; the certificate changes after 1 s.

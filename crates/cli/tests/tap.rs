@@ -62,18 +62,20 @@ async fn tap_and_top_on_bookinfo() -> Result<()> {
     let demo = Demo::start(PLEXUS, &dir, &["--no-load"]).await?;
 
     // 1. A request shows up within a second, as the ingress and productpage saw it.
-    let tap = Tap::start(&demo, &["workload/ingress-gateway", "--path", "/tap-probe-"])?;
+    // Under /static: a path the demo's HTTPRoute sends to productpage (other paths get 404 at
+    // the gateway).
+    let tap = Tap::start(&demo, &["workload/ingress-gateway", "--path", "/static/tap-probe-"])?;
     let mut sent = Vec::new();
     let (arrived, event) = loop {
         ensure!(sent.len() < 30, "no tap event after {} probes", sent.len());
-        let path = format!("/tap-probe-{}", sent.len());
+        let path = format!("/static/tap-probe-{}", sent.len());
         sent.push(Instant::now());
         demo.get(&path).await?;
         if let Ok(got) = tap.next(Duration::from_millis(300)) {
             break got;
         }
     };
-    let probe: usize = event.path.trim_start_matches("/tap-probe-").parse().context("probe number")?;
+    let probe: usize = event.path.trim_start_matches("/static/tap-probe-").parse().context("probe number")?;
     let delay = arrived.duration_since(sent[probe]);
     ensure!(delay < Duration::from_secs(1), "tap showed {} after {delay:?}", event.path);
     ensure!(event.direction == "outbound" && event.destination.service == "productpage", "{event:?}");
@@ -112,7 +114,7 @@ async fn tap_and_top_on_bookinfo() -> Result<()> {
         .spawn()?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..9 {
-        for (path, every) in [("/top-a", 1), ("/top-b", 3), ("/top-c", 9)] {
+        for (path, every) in [("/static/top-a", 1), ("/static/top-b", 3), ("/static/top-c", 9)] {
             // a: 9 requests, b: 3, c: 1 (interleaved, so ranking is by count, not order).
             if i % every == 0 {
                 demo.get(path).await?;
@@ -129,9 +131,9 @@ async fn tap_and_top_on_bookinfo() -> Result<()> {
             let cols: Vec<&str> = l.split_whitespace().collect();
             Some((cols.get(3)?.to_string(), cols.get(4)?.parse().ok()?))
         })
-        .filter(|(path, _)| path.starts_with("/top-"))
+        .filter(|(path, _)| path.starts_with("/static/top-"))
         .collect();
-    let want = [("/top-a".to_string(), 9), ("/top-b".to_string(), 3), ("/top-c".to_string(), 1)];
+    let want = [("/static/top-a".to_string(), 9), ("/static/top-b".to_string(), 3), ("/static/top-c".to_string(), 1)];
     ensure!(rows == want, "top ranked {rows:?}, want {want:?}:\n{table}");
 
     demo.stop().await

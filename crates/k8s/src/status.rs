@@ -81,7 +81,9 @@ fn parent_accepted(parent: &Value, route_ns: &str, known: &Known, generation: Op
     let s = |k: &str| parent.get(k).and_then(Value::as_str);
     let name = s("name").unwrap_or_default();
     let ns = s("namespace").unwrap_or(route_ns);
-    if is_service(s("group"), s("kind"), "Gateway") {
+    // No kind means a Service (GAMMA), as the core route compiler reads it
+    // (`plexus_core::route::parent_is_gateway`); a Gateway is named with `kind: Gateway`.
+    if is_service(s("group"), s("kind"), "Service") {
         return if known.service(ns, name) {
             condition("Accepted", true, "Accepted", format!("attached to Service {ns}/{name}"), generation)
         } else {
@@ -397,9 +399,9 @@ spec:
         assert_eq!(s["parents"][0]["conditions"][0]["observedGeneration"], 4);
 
         let missing = route(
-            json!([{"kind": "Service", "name": "nothing"}, {"name": "ingress", "namespace": "plexus-system", "sectionName": "http"},
-                   {"name": "ingress", "namespace": "plexus-system", "sectionName": "shared"},
-                   {"name": "ingress", "namespace": "plexus-system", "sectionName": "nope"}]),
+            json!([{"kind": "Service", "name": "nothing"}, {"kind": "Gateway", "name": "ingress", "namespace": "plexus-system", "sectionName": "http"},
+                   {"kind": "Gateway", "name": "ingress", "namespace": "plexus-system", "sectionName": "shared"},
+                   {"kind": "Gateway", "name": "ingress", "namespace": "plexus-system", "sectionName": "nope"}]),
             json!([{"name": "reviews", "port": 9080}, {"name": "reviews-v9", "port": 9080}]),
         );
         let s = status_of(&missing, "2026-12-06T20:00:00Z");
