@@ -346,7 +346,10 @@ fn deployment(image: &str) -> Value {
                             {"name": "http", "containerPort": 7701, "protocol": "TCP"},
                             {"name": "webhook", "containerPort": 7743, "protocol": "TCP"}
                         ],
-                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 7701}, "periodSeconds": 5},
+                        // Ready once the injection webhook accepts connections (it starts last):
+                        // `/healthz` answers earlier, and pods created in between would be admitted
+                        // without their sidecar (failurePolicy Ignore).
+                        "readinessProbe": {"tcpSocket": {"port": 7743}, "periodSeconds": 2},
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": 7701}, "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 6},
                         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
