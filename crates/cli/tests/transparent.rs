@@ -9,72 +9,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use plexus_testkit::{Proxy, Shared, TempDir, exclusive, require_root, require_tool};
+use plexus_testkit::netns::{NetnsPair, sh};
+use plexus_testkit::{Proc, Proxy, Shared, TempDir, exclusive, require_root, require_tool};
 
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
-
-/// Two namespaces joined by a veth pair, deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-    subnet: u8,
-}
-
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    anyhow::ensure!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
-
-impl Netns {
-    fn create() -> anyhow::Result<Netns> {
-        let id = std::process::id();
-        let subnet = (id % 200) as u8 + 20;
-        let (a, b) = (format!("ptest-a-{id}"), format!("ptest-b-{id}"));
-        let n = Netns { a, b, subnet };
-        let (va, vb) = (format!("pta{id}"), format!("ptb{id}"));
-        let ip_a = format!("10.231.{subnet}.1/24");
-        let ip_b = format!("10.231.{subnet}.2/24");
-        sh(&["ip", "netns", "add", &n.a])?;
-        sh(&["ip", "netns", "add", &n.b])?;
-        sh(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        sh(&["ip", "link", "set", &va, "netns", &n.a])?;
-        sh(&["ip", "link", "set", &vb, "netns", &n.b])?;
-        for (ns, dev, ip) in [(&n.a, &va, &ip_a), (&n.b, &vb, &ip_b)] {
-            sh(&["ip", "-n", ns, "addr", "add", ip, "dev", dev])?;
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(n)
-    }
-
-    fn server_ip(&self) -> String {
-        format!("10.231.{}.2", self.subnet)
-    }
-
-    fn exec<'a>(&'a self, ns: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["netns", "exec", ns];
-        v.extend_from_slice(cmd);
-        v
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
-    }
-}
-
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn prerequisites() -> bool {
     require_root()
@@ -93,13 +31,13 @@ async fn transparent_interception_between_two_namespaces() -> anyhow::Result<()>
     }
     // Network namespaces, veth pairs and iptables: not beside the `--netns` demo.
     let _host_network = exclusive(Shared::HostNetwork).await;
-    let net = Netns::create()?;
+    let net = NetnsPair::create("pt", 231)?;
     let server_ip = net.server_ip();
     let dir = TempDir::new("transparent")?;
     std::fs::write(dir.join("hello.txt"), "hello through the mesh\n")?;
 
     // Server namespace: an HTTP app on 8080 and a TCP echo on 9000, inbound redirected to 7711.
-    let http_app = Child(
+    let http_app = Proc(
         Command::new("ip")
             .args(net.exec(&net.b, &["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"]))
             .current_dir(dir.path())
@@ -108,7 +46,7 @@ async fn transparent_interception_between_two_namespaces() -> anyhow::Result<()>
             .spawn()?,
     );
     let echo_src = "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(16)\nwhile True:\n    c,_=s.accept()\n    d=c.recv(100)\n    c.sendall(b'echo:'+d); c.close()\n";
-    let tcp_app = Child(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src])).spawn()?);
+    let tcp_app = Proc(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src])).spawn()?);
     sh(&[
         "ip",
         "netns",

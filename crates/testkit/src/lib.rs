@@ -14,6 +14,7 @@
 //! * [`Demo`] runs a whole `plexus demo` on free ports.
 //! * [`Background`] runs helper processes (the Python peers) that print a ready line.
 //! * [`client`] has small HTTP client helpers built on hyper (no proxy env vars, no pooling).
+//! * [`netns`] joins two network namespaces with a veth pair (root-only tests).
 //!
 //! Tests using this crate should run on a multi-thread runtime
 //! (`#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`): upstream servers are
@@ -33,6 +34,7 @@ use anyhow::{Context as _, Result, bail};
 mod background;
 pub mod client;
 mod demo;
+pub mod netns;
 mod proxy;
 mod resources;
 mod upstream;
