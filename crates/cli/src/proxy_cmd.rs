@@ -527,12 +527,17 @@ impl Sidecar {
         self.leave.clone()
     }
 
-    /// Serves until `shutdown`, then deregisters and drains.
+    /// Serves until `shutdown`, or until the control plane says the workload has finished
+    /// (a completed Job's pod), then deregisters and drains.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Sidecar { proxy, leave, control, .. } = self;
+        let Sidecar { proxy, leave, control, discovery, .. } = self;
+        let mut finished = discovery.workload_finished();
         proxy
             .run(async {
-                shutdown.await;
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = finished.wait_for(|f| *f) => {}
+                }
                 leave.send_replace(true);
             })
             .await;

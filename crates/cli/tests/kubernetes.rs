@@ -452,11 +452,15 @@ fn authorization_policy_by_service_account_denies_another_pod() -> Result<()> {
 fn a_job_with_an_injected_sidecar_completes() -> Result<()> {
     let Some(node) = node() else { return Ok(()) };
     node.ensure_bookinfo()?;
-    let job = format!(
-        r#"
+    // Two Jobs: one whose app succeeds (through the mesh), one whose app fails. Each proxy must
+    // exit once its app container has, and the Job must report the app's outcome (the
+    // proxy's exit 0 must not turn a failure into a success).
+    let job = |name: &str, script: &str| {
+        format!(
+            r#"
 apiVersion: batch/v1
 kind: Job
-metadata: {{name: fetch-details}}
+metadata: {{name: {name}}}
 spec:
   backoffLimit: 0
   template:
@@ -466,20 +470,41 @@ spec:
       - name: fetch
         image: {image}
         imagePullPolicy: IfNotPresent
-        command: [sh, -c, "(printf 'GET /details/0 HTTP/1.0\r\nHost: details\r\n\r\n'; sleep 2) | nc -w 5 details 9080 | head -1 | grep -q ' 200 '"]
+        command: [sh, -c, "{script}"]
 "#,
-        image = image()
-    );
-    let _ = node.kubectl(&["-n", NS, "delete", "job", "fetch-details", "--ignore-not-found"]);
-    let applied = Applied::new(&node, NS, &job)?;
+            image = image()
+        )
+    };
+    let jobs = [
+        job(
+            "fetch-details",
+            r"(printf 'GET /details/0 HTTP/1.0\r\nHost: details\r\n\r\n'; sleep 2) | nc -w 5 details 9080 | head -1 | grep -q ' 200 '",
+        ),
+        job("fail-details", "exit 3"),
+    ]
+    .join("---");
+    let _ = node.kubectl(&["-n", NS, "delete", "job", "fetch-details", "fail-details", "--ignore-not-found"]);
+    let applied = Applied::new(&node, NS, &jobs)?;
     node.kubectl(&["-n", NS, "wait", "job/fetch-details", "--for=condition=complete", "--timeout=120s"])
         .context("the Job did not complete: its proxy must exit once the app container has")?;
-    let pod = node.kubectl(&["-n", NS, "get", "pods", "-l", "job-name=fetch-details", "-o", "json"])?;
-    let pod: serde_json::Value = serde_json::from_str(&pod)?;
-    let pod = &pod["items"][0];
-    let containers = pod["spec"]["containers"].as_array().context("containers")?;
-    ensure!(containers.len() >= 2, "the Job's pod was not injected: {containers:?}");
-    ensure!(pod["status"]["phase"] == "Succeeded", "phase {}", pod["status"]["phase"]);
+    node.kubectl(&["-n", NS, "wait", "job/fail-details", "--for=condition=failed", "--timeout=60s"])
+        .context("the failing Job was not reported failed: its proxy must exit once the app container has")?;
+    for (name, phase, app_exit) in [("fetch-details", "Succeeded", 0), ("fail-details", "Failed", 3)] {
+        let pod = node.kubectl(&["-n", NS, "get", "pods", "-l", &format!("job-name={name}"), "-o", "json"])?;
+        let pod: serde_json::Value = serde_json::from_str(&pod)?;
+        let pod = &pod["items"][0];
+        let containers = pod["spec"]["containers"].as_array().context("containers")?;
+        ensure!(containers.len() >= 2, "{name}: the Job's pod was not injected: {containers:?}");
+        ensure!(pod["status"]["phase"] == phase, "{name}: phase {}", pod["status"]["phase"]);
+        let exit = |container: &str| {
+            pod["status"]["containerStatuses"]
+                .as_array()
+                .and_then(|s| s.iter().find(|c| c["name"] == container))
+                .map(|c| c["state"]["terminated"]["exitCode"].clone())
+        };
+        ensure!(exit("fetch") == Some(app_exit.into()), "{name}: app exit {:?}", exit("fetch"));
+        ensure!(exit("plexus-proxy") == Some(0.into()), "{name}: the proxy exited {:?}", exit("plexus-proxy"));
+    }
     drop(applied);
     Ok(())
 }

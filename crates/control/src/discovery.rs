@@ -305,6 +305,9 @@ impl Discovery for DiscoveryService {
         let mut bundle = self.ca.subscribe_bundle();
         let proxies = self.proxies.clone();
         let store = self.store.clone();
+        // Kubernetes: told once when this proxy's pod has finished (its app containers exited).
+        let mut finished = store.finished_workloads();
+        let mut check_finished = finished.is_some();
         tokio::spawn(async move {
             // Shared with what was last sent; `wanted_as_sent` is the proxy's own list, so an
             // acknowledgement repeating it (nearly all of them) is recognised without parsing.
@@ -340,6 +343,24 @@ impl Discovery for DiscoveryService {
                         last_sent = Some(next);
                     }
                 }
+                if check_finished {
+                    check_finished = false;
+                    let done = finished.as_mut().is_some_and(|f| has_finished(&f.borrow_and_update(), &caller, &info));
+                    if done {
+                        tracing::info!(id, workload = %info.workload, namespace = %info.namespace, "workload finished: telling its proxy to exit");
+                        let revision = last_sent.as_ref().map_or(0, |s| s.revision);
+                        let told = WatchResponse {
+                            revision,
+                            incremental: true,
+                            workload_finished: true,
+                            ..WatchResponse::default()
+                        };
+                        if tx.send(Box::new(told)).await.is_err() {
+                            break 'stream;
+                        }
+                        finished = None;
+                    }
+                }
                 tokio::select! {
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) if m.leaving => {
@@ -371,6 +392,9 @@ impl Discovery for DiscoveryService {
                     },
                     changed = views.changed() => if changed.is_err() { break } else { dirty = true },
                     changed = bundle.changed() => if changed.is_err() { break } else { dirty = true },
+                    Some(changed) = async { match finished.as_mut() { Some(f) => Some(f.changed().await), None => None } } => {
+                        if changed.is_err() { finished = None } else { check_finished = true }
+                    }
                     _ = silence.tick() => {
                         if last_heard.elapsed() >= proxies.ttl() {
                             tracing::warn!(id, silent = ?proxies.ttl(), "proxy silent for the registration TTL; closing its stream");
@@ -384,6 +408,14 @@ impl Discovery for DiscoveryService {
         });
         Ok(Response::new(ReceiverStream::new(rx).map(|r| Ok(*r))))
     }
+}
+
+/// Whether `finished` holds the workload a proxy connected as: its name in its namespace, run
+/// as the service account the proxy authenticated with (a proxy is told only of its own pod).
+fn has_finished(finished: &crate::store::FinishedWorkloads, caller: &Caller, info: &ProxyInfo) -> bool {
+    !info.workload.is_empty()
+        && info.namespace == caller.namespace
+        && finished.get(&(info.namespace.clone(), info.workload.clone())) == Some(&caller.service_account)
 }
 
 /// The responses of a Watch stream.
@@ -433,6 +465,7 @@ fn pieces(mut response: WatchResponse) -> Vec<WatchResponse> {
                     removed: Vec::new(),
                     more: i < last,
                     namespaces: response.namespaces.clone(),
+                    workload_finished: false,
                 }
             }
         })
@@ -464,6 +497,7 @@ impl Sent {
             removed: Vec::new(),
             more: false,
             namespaces: self.namespaces.to_vec(),
+            workload_finished: false,
         };
         let Some(previous) = previous else { return Some(full()) };
         let (changed, removed) = difference(&previous.resources, &self.resources);
@@ -487,6 +521,7 @@ impl Sent {
             removed: removed.iter().map(|e| e.key.storage_key()).collect(),
             more: false,
             namespaces: self.namespaces.to_vec(),
+            workload_finished: false,
         })
     }
 }
@@ -600,6 +635,31 @@ mod tests {
             trust_bundle: bundle.clone(),
             namespaces: Arc::from(["default".to_string()]),
         }
+    }
+
+    /// A proxy is told that its workload finished only for the pod it connected as, run as
+    /// the service account it authenticated with.
+    #[test]
+    fn a_proxy_is_told_only_of_its_own_finished_workload() {
+        let finished: crate::store::FinishedWorkloads =
+            [(("jobs".to_string(), "fetch-x1".to_string()), "fetcher".to_string())].into();
+        let caller = |ns: &str, sa: &str| Caller {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            spiffe_id: format!("spiffe://plexus.local/ns/{ns}/sa/{sa}"),
+        };
+        let info = |ns: &str, workload: &str| ProxyInfo {
+            workload: workload.into(),
+            namespace: ns.into(),
+            ..ProxyInfo::default()
+        };
+        assert!(has_finished(&finished, &caller("jobs", "fetcher"), &info("jobs", "fetch-x1")));
+        // Variants: another pod, another service account, another namespace, no workload name.
+        assert!(!has_finished(&finished, &caller("jobs", "fetcher"), &info("jobs", "fetch-x2")));
+        assert!(!has_finished(&finished, &caller("jobs", "default"), &info("jobs", "fetch-x1")));
+        assert!(!has_finished(&finished, &caller("other", "fetcher"), &info("jobs", "fetch-x1")));
+        assert!(!has_finished(&finished, &caller("other", "fetcher"), &info("other", "fetch-x1")));
+        assert!(!has_finished(&finished, &caller("jobs", "fetcher"), &info("jobs", "")));
     }
 
     /// Every response names the mesh's namespaces (proxies read `name.ns` hosts only in

@@ -77,6 +77,10 @@ fn decode_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::new(e.to_string())
 }
 
+/// Workloads that have finished for good, by `(namespace, name)`, each with the service
+/// account it ran as ([`Store::finished_workloads`]).
+pub type FinishedWorkloads = std::collections::BTreeMap<(String, String), String>;
+
 /// A backend holding resources.
 ///
 /// Writes (`apply`, `delete`) block on disk I/O: async code calls them through [`write`],
@@ -100,6 +104,13 @@ pub trait Store: Send + Sync {
     /// Whether writes currently succeed: the last write's failure, until a write succeeds again.
     fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+    /// The workloads that have finished for good, kept current: in Kubernetes, pods whose
+    /// containers other than the proxy have all terminated and will not be restarted (a
+    /// completed Job's pod), so their proxies are told to exit. `None` (the default) where a
+    /// workload has no such end of its own (universal mode: it leaves with its sidecar).
+    fn finished_workloads(&self) -> Option<watch::Receiver<Arc<FinishedWorkloads>>> {
+        None
     }
 }
 

@@ -8,6 +8,9 @@
 //!   the custom resources that plexus-core accepts) and, when it differs, the revision is
 //!   bumped and subscribers (the index) notified. A custom resource plexus-core rejects is not
 //!   in the mesh; its reason is kept for its status ([`KubeStore::invalid`]).
+//! - **Finished workloads**: from the same Pods, the injected pods whose app containers have
+//!   all terminated for good ([`translate::workload_finished`]), for the discovery streams of
+//!   their proxies, which then exit so the pod (a Job's) completes.
 //! - **Writes** (`plexus apply` / `delete` through the control plane's API): custom resources
 //!   are written to the API server with server-side apply (field manager `plexus`), one object
 //!   at a time (the Kubernetes API has no multi-object transaction: the control plane validates
@@ -28,7 +31,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
-use plexus_control::store::{ObjectKey, Outcome, Store, StoreError};
+use plexus_control::store::{FinishedWorkloads, ObjectKey, Outcome, Store, StoreError};
 use plexus_core::{Kind, Resource};
 use tokio::sync::{Notify, watch};
 
@@ -66,6 +69,8 @@ struct Shared {
     invalid: RwLock<BTreeMap<String, String>>,
     revision: AtomicU64,
     changes: watch::Sender<u64>,
+    /// Pods whose workload has finished ([`translate::workload_finished`]): their proxies exit.
+    finished: watch::Sender<Arc<FinishedWorkloads>>,
     dirty: Notify,
     watches: Mutex<BTreeMap<String, WatchState>>,
 }
@@ -151,7 +156,17 @@ impl Shared {
             self.dirty.notified().await;
             tokio::time::sleep(COALESCE).await;
             let (mut mirror, invalid) = match self.raw.lock() {
-                Ok(raw) => translate_all(&raw),
+                Ok(raw) => {
+                    let finished = translate::finished_workloads(raw.pods.values());
+                    self.finished.send_if_modified(|f| {
+                        let changed = **f != finished;
+                        if changed {
+                            *f = Arc::new(finished);
+                        }
+                        changed
+                    });
+                    translate_all(&raw)
+                }
                 Err(_) => return,
             };
             // A change of status alone (a pod's probe, the leader's conditions) gives an object
@@ -268,6 +283,7 @@ impl KubeStore {
             invalid: RwLock::new(BTreeMap::new()),
             revision: AtomicU64::new(0),
             changes,
+            finished: watch::channel(Arc::default()).0,
             dirty: Notify::new(),
             watches: Mutex::new(BTreeMap::new()),
         });
@@ -523,6 +539,10 @@ impl Store for KubeStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
+    }
+
+    fn finished_workloads(&self) -> Option<watch::Receiver<Arc<FinishedWorkloads>>> {
+        Some(self.shared.finished.subscribe())
     }
 
     fn health(&self) -> Result<(), String> {

@@ -130,6 +130,55 @@ pub fn is_serving(pod: &Pod) -> bool {
         && status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
+/// Whether an injected pod's workload has finished for good, so its proxy (a regular
+/// container, servers < 1.29) must exit for the pod to complete: the pod is Running, and every
+/// container but [`PROXY_CONTAINER`] has terminated and will not be restarted — under
+/// `restartPolicy: Never` whatever its exit code (the pod's phase, which the Job controller
+/// reads, then says Failed for a non-zero one: the proxy's own exit 0 does not mask it), under
+/// `OnFailure` only with exit code 0 (kubelet restarts a failed one), under `Always` (the
+/// default: Deployments) never. A native-sidecar proxy (an init container) is stopped by
+/// kubelet itself: never finished here.
+pub fn workload_finished(pod: &Pod) -> bool {
+    let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else { return false };
+    if status.phase.as_deref() != Some("Running") || !spec.containers.iter().any(|c| c.name == PROXY_CONTAINER) {
+        return false;
+    }
+    let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+    let mut apps = spec.containers.iter().filter(|c| c.name != PROXY_CONTAINER).peekable();
+    apps.peek().is_some()
+        && apps.all(|c| {
+            let terminated = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .find(|s| s.name == c.name)
+                .and_then(|s| s.state.as_ref()?.terminated.as_ref());
+            match (terminated, policy) {
+                (Some(_), "Never") => true,
+                (Some(t), "OnFailure") => t.exit_code == 0,
+                _ => false,
+            }
+        })
+}
+
+/// The workloads of `pods` that have finished ([`workload_finished`]), by `(namespace, name)`,
+/// with the service account each runs as.
+pub fn finished_workloads<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<(String, String), String> {
+    pods.into_iter()
+        .filter(|p| workload_finished(p))
+        .map(|p| {
+            let sa = p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+            (
+                (
+                    p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                    p.metadata.name.clone().unwrap_or_default(),
+                ),
+                sa,
+            )
+        })
+        .collect()
+}
+
 /// The numeric target ports of the Services (already translated) that select `pod`.
 pub fn selected_target_ports<'a>(pod: &Pod, services: impl IntoIterator<Item = &'a Resource>) -> Vec<u16> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");

@@ -114,3 +114,91 @@ fn custom_resources_are_validated_like_plexus_apply() {
     let m = translate::custom_resource(Kind::MeshConfig, &mesh).expect("valid");
     assert_eq!(m.metadata.namespace, None);
 }
+
+/// A pod as 1.20 reports it, with `restartPolicy` and the app container's state given; the
+/// proxy container `plexus-proxy` is running.
+fn pod_with(restart_policy: Option<&str>, app_states: &[Value]) -> k8s_openapi::api::core::v1::Pod {
+    let mut containers: Vec<Value> = (0..app_states.len())
+        .map(|i| serde_json::json!({"name": format!("app{i}"), "image": "plexus:0.1.0"}))
+        .collect();
+    containers.insert(0, serde_json::json!({"name": "plexus-proxy", "image": "plexus:0.1.0"}));
+    let mut statuses: Vec<Value> = app_states
+        .iter()
+        .enumerate()
+        .map(|(i, state)| {
+            serde_json::json!({"name": format!("app{i}"), "ready": false, "restartCount": 0,
+                "image": "docker.io/library/plexus:0.1.0", "imageID": "sha256:1", "state": state})
+        })
+        .collect();
+    statuses.push(serde_json::json!({"name": "plexus-proxy", "ready": true, "restartCount": 0,
+        "image": "docker.io/library/plexus:0.1.0", "imageID": "sha256:1",
+        "state": {"running": {"startedAt": "2026-12-07T00:40:00Z"}}}));
+    let mut spec = serde_json::json!({"containers": containers, "serviceAccountName": "fetcher"});
+    if let Some(p) = restart_policy {
+        spec["restartPolicy"] = p.into();
+    }
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "fetch-details-x7k2p", "namespace": "bookinfo", "labels": {"job-name": "fetch-details"}},
+        "spec": spec,
+        "status": {"phase": "Running", "podIP": "10.244.0.31", "containerStatuses": statuses}
+    }))
+    .expect("a pod")
+}
+
+fn terminated(exit_code: i32) -> Value {
+    serde_json::json!({"terminated": {"exitCode": exit_code, "reason": if exit_code == 0 { "Completed" } else { "Error" },
+        "startedAt": "2026-12-07T00:40:01Z", "finishedAt": "2026-12-07T00:40:03Z", "containerID": "containerd://ab"}})
+}
+
+fn running() -> Value {
+    serde_json::json!({"running": {"startedAt": "2026-12-07T00:40:01Z"}})
+}
+
+/// A Job's app container that exited (either way) under `restartPolicy: Never` has finished:
+/// its proxy must exit so the pod completes; its phase then reports the app's outcome.
+#[test]
+fn a_jobs_pod_whose_app_containers_exited_has_finished() {
+    let ok = pod_with(Some("Never"), &[terminated(0)]);
+    assert!(translate::workload_finished(&ok));
+    assert!(translate::workload_finished(&pod_with(Some("Never"), &[terminated(1)])), "a failure is final too");
+    assert!(translate::workload_finished(&pod_with(Some("OnFailure"), &[terminated(0)])));
+    assert!(translate::workload_finished(&pod_with(Some("Never"), &[terminated(0), terminated(3)])));
+    let finished = translate::finished_workloads([&ok]);
+    assert_eq!(
+        finished.into_iter().collect::<Vec<_>>(),
+        [(("bookinfo".to_string(), "fetch-details-x7k2p".to_string()), "fetcher".to_string())],
+        "keyed by pod, with the service account its proxy authenticates as"
+    );
+}
+
+/// Never for a long-running Deployment's pod (restartPolicy Always: kubelet restarts the app,
+/// whose state is `terminated` for a moment), nor while any app container may still run.
+#[test]
+fn a_pod_whose_app_may_still_run_or_restart_has_not_finished() {
+    assert!(!translate::workload_finished(&pod_with(None, &[terminated(0)])), "default Always (Deployment)");
+    assert!(!translate::workload_finished(&pod_with(Some("Always"), &[terminated(0)])));
+    assert!(!translate::workload_finished(&pod_with(Some("Always"), &[terminated(137)])));
+    let waiting = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
+    assert!(!translate::workload_finished(&pod_with(Some("Always"), &[waiting])), "restarting");
+    assert!(!translate::workload_finished(&pod_with(Some("OnFailure"), &[terminated(1)])), "kubelet restarts it");
+    assert!(!translate::workload_finished(&pod_with(Some("Never"), &[running()])));
+    assert!(!translate::workload_finished(&pod_with(Some("Never"), &[terminated(0), running()])), "one still runs");
+    // No status for the app container yet, no app container, not injected, already complete.
+    let mut unknown = pod_with(Some("Never"), &[terminated(0)]);
+    if let Some(statuses) = unknown.status.as_mut().and_then(|s| s.container_statuses.as_mut()) {
+        statuses.retain(|c| c.name == "plexus-proxy");
+    }
+    assert!(!translate::workload_finished(&unknown));
+    assert!(!translate::workload_finished(&pod_with(Some("Never"), &[])), "only the proxy");
+    let mut plain = pod_with(Some("Never"), &[terminated(0)]);
+    if let Some(s) = plain.spec.as_mut() {
+        s.containers.retain(|c| c.name != "plexus-proxy");
+    }
+    assert!(!translate::workload_finished(&plain), "not injected: no proxy to tell");
+    let mut done = pod_with(Some("Never"), &[terminated(0)]);
+    if let Some(s) = done.status.as_mut() {
+        s.phase = Some("Succeeded".into());
+    }
+    assert!(!translate::workload_finished(&done), "complete: its proxy has exited already");
+    assert!(translate::finished_workloads([&pod_with(None, &[terminated(0)])]).is_empty());
+}

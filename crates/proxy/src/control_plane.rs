@@ -282,6 +282,12 @@ async fn session(
         tokio::select! {
             msg = stream.message() => {
                 let Some(resp) = msg? else { return Ok(Ended::Closed) };
+                if resp.workload_finished {
+                    // Not a view: the pod's app containers have exited for good.
+                    tracing::info!("the control plane says this workload has finished: draining and exiting");
+                    discovery.set_workload_finished();
+                    continue;
+                }
                 view.apply(&resp)?;
                 if resp.more {
                     // A piece of a larger change: act on the whole change at its last piece.

@@ -32,6 +32,9 @@ pub struct Discovery {
     asked: Mutex<HashMap<ServiceName, Instant>>,
     /// The mesh's namespaces, as the control plane last sent them (`None`: not known).
     namespaces: arc_swap::ArcSwapOption<BTreeSet<String>>,
+    /// The control plane said the workload this proxy serves has finished for good (a
+    /// completed Job's pod): the proxy drains and exits.
+    finished: watch::Sender<bool>,
 }
 
 /// At most this many destinations that do not exist stay wanted (sent in every watch
@@ -54,6 +57,7 @@ impl Discovery {
             covered: Mutex::new(BTreeSet::new()),
             asked: Mutex::new(HashMap::new()),
             namespaces: arc_swap::ArcSwapOption::empty(),
+            finished: watch::channel(false).0,
         })
     }
 
@@ -219,6 +223,18 @@ impl Discovery {
     /// Whether a control plane currently feeds this proxy.
     pub fn control_plane_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records that the workload this proxy serves has finished (see [`Discovery::workload_finished`]).
+    pub fn set_workload_finished(&self) {
+        self.finished.send_replace(true);
+    }
+
+    /// Turns true once the control plane says the workload this proxy serves has finished for
+    /// good (Kubernetes: its pod's app containers exited and will not restart): the proxy then
+    /// drains and exits 0, so the pod completes with the app's own outcome.
+    pub fn workload_finished(&self) -> watch::Receiver<bool> {
+        self.finished.subscribe()
     }
 
     pub fn set_control_plane_connected(&self, connected: bool) {
