@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use common::egress::{Pki, TLS_ECHO};
 use common::{PLEXUS, metric_sum, run_peer, show};
 use plexus_testkit::{HttpEcho, Proxy, TcpEcho, TempDir, command, eventually, require_tool, run};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -82,6 +83,12 @@ async fn expect_refused(args: &[&str], what: &str) {
 
 /// A raw `CONNECT` to `target`, then `ping` through the tunnel: the echo, or the proxy's answer.
 async fn connect_echo(proxy: SocketAddr, target: &str) -> String {
+    connect_exchange(proxy, target, 4).await
+}
+
+/// A raw `CONNECT` to `target`, then `ping` through the tunnel: the first `answer_len` bytes
+/// answered, or the proxy's answer when the tunnel was refused.
+async fn connect_exchange(proxy: SocketAddr, target: &str, answer_len: usize) -> String {
     let mut s = tokio::net::TcpStream::connect(proxy).await.expect("connect");
     let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
@@ -98,7 +105,7 @@ async fn connect_echo(proxy: SocketAddr, target: &str) -> String {
         return head;
     }
     s.write_all(b"ping").await.expect("write");
-    let mut buf = [0u8; 4];
+    let mut buf = vec![0u8; answer_len];
     match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await {
         Ok(Ok(_)) => String::from_utf8_lossy(&buf).into_owned(),
         other => format!("no echo: {other:?}"),
@@ -219,49 +226,6 @@ async fn registry_only_refuses_unlisted_destinations_on_every_explicit_path() {
     expect_ok(&["-x", &px, &format!("http://localhost:{l}/g")], "listed-app", "the listed one under allowAny").await;
 }
 
-/// A CA and certificates signed by it, as PEM files in `dir`.
-struct Pki {
-    ca: std::path::PathBuf,
-    /// (cert, key) for localhost + 127.0.0.1, signed by `ca`.
-    good: (std::path::PathBuf, std::path::PathBuf),
-    /// Signed by `other_ca`.
-    foreign: (std::path::PathBuf, std::path::PathBuf),
-    /// Signed by `ca`, for another name.
-    misnamed: (std::path::PathBuf, std::path::PathBuf),
-}
-
-fn pki(dir: &TempDir) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
-    // A CA: its PEM file, and the issuer that signs with it.
-    let make_ca = |name: &str, file: &str| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().expect("key");
-        let cert = p.self_signed(&key).expect("ca");
-        (write(file, cert.pem()), Issuer::new(p, key))
-    };
-    let (ca_pem, ca) = make_ca("egress test CA", "ca.pem");
-    let (_, other) = make_ca("another CA", "other-ca.pem");
-    let leaf = |names: &[&str], issuer: &Issuer<'_, KeyPair>, file: &str| {
-        let p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
-        let key = KeyPair::generate().expect("key");
-        let cert = p.signed_by(&key, issuer).expect("leaf");
-        (write(&format!("{file}.crt"), cert.pem()), write(&format!("{file}.key"), key.serialize_pem()))
-    };
-    Pki {
-        ca: ca_pem,
-        good: leaf(&["localhost", "127.0.0.1"], &ca, "good"),
-        foreign: leaf(&["localhost", "127.0.0.1"], &other, "foreign"),
-        misnamed: leaf(&["other.test"], &ca, "misnamed"),
-    }
-}
-
 /// A Python HTTPS server (the standard library's) with `cert`: answers `tls:<path> host=<Host>`.
 async fn https_server(name: &str, cert: &Path, key: &Path) -> (plexus_testkit::Background, u16) {
     const SRC: &str = r#"
@@ -298,7 +262,7 @@ async fn tls_origination_verifies_the_external_host() {
         return;
     }
     let dir = TempDir::new("egress-tls").expect("dir");
-    let pki = pki(&dir);
+    let pki = Pki::new(&dir, &["localhost", "127.0.0.1"]);
     let (_good, good) = https_server("https-good", &pki.good.0, &pki.good.1).await;
     let (_foreign, foreign) = https_server("https-foreign", &pki.foreign.0, &pki.foreign.1).await;
     let (_misnamed, misnamed) = https_server("https-misnamed", &pki.misnamed.0, &pki.misnamed.1).await;
@@ -378,6 +342,92 @@ spec:
     assert!(api >= 5.0, "originated calls labelled with the ExternalService:\n{text}");
     let failed = metric_sum(&text, "plexus_requests_total", "response_flags=\"UF\"");
     assert!(failed >= 3.0, "verification failures flagged UF:\n{text}");
+}
+
+/// A Python TLS server with `cert` answering each connection's first bytes with
+/// `tls-echo:<bytes>` (proof they arrived over TLS), then closing.
+async fn tls_echo_server(name: &str, cert: &Path, key: &Path) -> (plexus_testkit::Background, u16) {
+    let mut cmd = command("python3");
+    cmd.arg("-u").arg("-c").arg(TLS_ECHO).arg(cert).arg(key).arg("127.0.0.1");
+    let bg = plexus_testkit::Background::start(name, cmd, "ready", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let port = bg.ready_port().expect("port");
+    (bg, port)
+}
+
+/// TLS origination on the stream path (explicit `CONNECT`): an app sending plaintext TCP to an
+/// ExternalService `tls` port with `tls.originate` gets TLS from its sidecar (SNI and the
+/// verified name = the host); a certificate that does not verify refuses the tunnel with 502
+/// and the reason, counted in `plexus_egress_origination_failed_total{destination}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_on_tcp_streams_through_connect() {
+    if !require_tool("python3") {
+        return;
+    }
+    let dir = TempDir::new("egress-tls-tcp").expect("dir");
+    let pki = Pki::new(&dir, &["localhost", "127.0.0.1"]);
+    let (_good, good) = tls_echo_server("tls-good", &pki.good.0, &pki.good.1).await;
+    let (_foreign, foreign) = tls_echo_server("tls-foreign", &pki.foreign.0, &pki.foreign.1).await;
+    let (_misnamed, misnamed) = tls_echo_server("tls-misnamed", &pki.misnamed.0, &pki.misnamed.1).await;
+    let plain = TcpEcho::start().await.expect("tcp echo");
+    let yaml = format!(
+        r#"{REGISTRY_ONLY}---
+apiVersion: plexus.dev/v1alpha1
+kind: ExternalService
+metadata: {{name: secure}}
+spec:
+  hosts: [localhost]
+  ports: [{{port: {good}, protocol: tls}}, {{port: {foreign}, protocol: tls}}, {{port: {misnamed}, protocol: tls}}, {{port: {plain}, protocol: tcp}}]
+  tls: {{originate: true, caFile: {ca}}}
+---
+apiVersion: plexus.dev/v1alpha1
+kind: ExternalService
+metadata: {{name: by-address}}
+spec:
+  hosts: [127.0.0.1]
+  ports: [{{port: {good}, protocol: tls}}]
+  tls: {{originate: true, caFile: {ca}}}
+"#,
+        plain = plain.port(),
+        ca = pki.ca.display(),
+    );
+    let res = dir.join("mesh.yaml");
+    std::fs::write(&res, yaml).expect("write");
+    let client = proxy("client", &res).await;
+    let px = client.addrs().outbound;
+
+    // Positive controls: plaintext in, verified TLS out, by name and by an address the
+    // certificate names; the same ExternalService's `tcp` port stays plaintext.
+    for target in [format!("localhost:{good}"), format!("127.0.0.1:{good}"), format!("LOCALHOST.:{good}")] {
+        assert_eq!(connect_exchange(px, &target, 13).await, "tls-echo:ping", "CONNECT {target}");
+    }
+    assert_eq!(connect_echo(px, &format!("localhost:{}", plain.port())).await, "ping", "a tcp port: plaintext");
+
+    // Certificates that do not verify: the tunnel is refused with the reason.
+    for (port, reason, what) in [
+        (foreign, "UnknownIssuer", "a certificate from another CA"),
+        (misnamed, "not valid for name", "a certificate for another name"),
+    ] {
+        let answer = connect_exchange(px, &format!("localhost:{port}"), 13).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{what}: {answer}");
+        let error = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("x-plexus-error: "))
+            .unwrap_or_else(|| panic!("{what}: no x-plexus-error in {answer}"));
+        assert!(error.starts_with("TLS origination failed") && error.contains(reason), "{what}: {error}");
+    }
+    // Still under registryOnly: an unlisted port of the host is not a way out.
+    let refused = connect_exchange(px, &format!("localhost:{}", plexus_testkit::free_port()), 13).await;
+    assert!(refused.contains("destination not in the registry"), "{refused}");
+
+    let text = metrics(&client).await;
+    let failed = |d: &str| metric_sum(&text, "plexus_egress_origination_failed_total", &format!("destination=\"{d}\""));
+    assert_eq!(failed(&format!("localhost:{foreign}")), 1.0, "counted per destination:\n{text}");
+    assert_eq!(failed(&format!("localhost:{misnamed}")), 1.0, "counted per destination:\n{text}");
+    assert_eq!(failed(&format!("localhost:{good}")), 0.0, "the verified ones are not:\n{text}");
+    let opened = metric_sum(&text, "plexus_tcp_connections_opened_total", "destination_service=\"secure\"");
+    assert!(opened >= 3.0, "streams labelled with the ExternalService:\n{text}");
 }
 
 /// `plexus explain --to HOST:PORT` with a proposed config and no control plane: the egress

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use plexus_testkit::{Proxy, Shared, TempDir, exclusive, require_root, require_tool};
 
-const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
+mod common;
+
+use common::PLEXUS;
+use common::egress::{Pki, TLS_ECHO};
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
@@ -122,6 +125,14 @@ async fn registry_only_on_the_transparent_path() -> anyhow::Result<()> {
     for port in ["9000", "9001"] {
         servers.push(Child(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src, port])).spawn()?));
     }
+    // TLS echo servers: 9443 with a certificate for the address from the test CA, 9444 from another.
+    let pki = Pki::new(&dir, &[&server_ip]);
+    for (port, (cert, key)) in [("9443", &pki.good), ("9444", &pki.foreign)] {
+        let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+        let args = ["python3", "-c", TLS_ECHO, &cert, &key, "0.0.0.0", port];
+        servers
+            .push(Child(Command::new("ip").args(net.exec(&net.b, &args)).stdout(std::process::Stdio::null()).spawn()?));
+    }
     let resources = format!(
         r#"apiVersion: plexus.dev/v1alpha1
 kind: MeshConfig
@@ -134,7 +145,16 @@ metadata: {{name: partner}}
 spec:
   hosts: [{server_ip}]
   ports: [{{port: 8080, protocol: http}}, {{port: 9000, protocol: tcp}}]
-"#
+---
+apiVersion: plexus.dev/v1alpha1
+kind: ExternalService
+metadata: {{name: secure}}
+spec:
+  hosts: [{server_ip}]
+  ports: [{{port: 9443, protocol: tls}}, {{port: 9444, protocol: tls}}]
+  tls: {{originate: true, caFile: {ca}}}
+"#,
+        ca = pki.ca.display()
     );
     let res = dir.join("mesh.yaml");
     std::fs::write(&res, resources)?;
@@ -166,7 +186,7 @@ spec:
     plexus_testkit::eventually(Duration::from_secs(20), || async {
         let out = Command::new("ip").args(net.exec(&net.b, &["ss", "-Hltn"])).output()?;
         let listening = String::from_utf8_lossy(&out.stdout).into_owned();
-        for port in [":8080 ", ":8081 ", ":9000 ", ":9001 "] {
+        for port in [":8080 ", ":8081 ", ":9000 ", ":9001 ", ":9443 ", ":9444 "] {
             anyhow::ensure!(listening.contains(port), "nothing listens on {port} yet:\n{listening}");
         }
         Ok(())
@@ -216,6 +236,29 @@ spec:
     let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(answer == "got:" || answer.starts_with("error:"), "unlisted TCP was answered: {answer}");
 
+    // TLS origination on the transparent path: plaintext from the app leaves over TLS verified
+    // against the ExternalService's CA (the address is the name checked); the app's own TLS
+    // passes through as sent; a certificate from another CA closes the stream, counted.
+    let out = as_app(&["/usr/bin/python3", "-c", tcp, &server_ip, "9443"])?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "got:tls-echo:ping",
+        "plaintext originated: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = std::fs::read_to_string(&pki.ca)?;
+    let own_tls = "import socket,ssl,sys\nctx=ssl.create_default_context(cadata=sys.argv[3])\ns=ctx.wrap_socket(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10), server_hostname=sys.argv[1]); s.sendall(b'ping')\nprint('got:' + s.recv(100).decode())\n";
+    let out = as_app(&["/usr/bin/python3", "-c", own_tls, &server_ip, "9443", &ca])?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "got:tls-echo:ping",
+        "the app's own TLS passes through: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_app(&["/usr/bin/python3", "-c", tcp, &server_ip, "9444"])?;
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(answer == "got:" || answer.starts_with("error:"), "an unverified host was reached: {answer}");
+
     // Counted per destination; the listed calls carry the ExternalService's name.
     let metrics =
         Command::new("ip").args(net.exec(&net.a, &["curl", "-s", "http://127.0.0.1:7712/metrics"])).output()?;
@@ -229,6 +272,12 @@ spec:
     };
     assert!(count(&format!("destination=\"{server_ip}:8081\"")) >= 2.0, "HTTP refusals counted:\n{metrics}");
     assert!(count(&format!("destination=\"{server_ip}:9001\"")) >= 1.0, "TCP refusal counted:\n{metrics}");
+    let origination_failed = |port: u16| -> f64 {
+        let series = format!("plexus_egress_origination_failed_total{{destination=\"{server_ip}:{port}\"}} ");
+        metrics.lines().filter_map(|l| l.strip_prefix(series.as_str())?.parse::<f64>().ok()).sum()
+    };
+    assert_eq!(origination_failed(9444), 1.0, "the unverified host counted:\n{metrics}");
+    assert_eq!(origination_failed(9443), 0.0, "the verified one not:\n{metrics}");
     assert!(
         metrics.lines().any(|l| l.starts_with("plexus_requests_total{direction=\"outbound\"")
             && l.contains("destination_service=\"partner\"")

@@ -143,6 +143,13 @@ impl CompiledExternal {
     pub fn originates_on(&self, port: &ExternalPortInfo) -> Option<&Origination> {
         self.originate.as_ref().filter(|_| port.protocol.is_tls())
     }
+
+    /// Whether a `CONNECT` tunnel to `port` is originated (the tunnel opens before any of the
+    /// app's bytes are seen): on `tls` ports only — an `https` port's tunnels carry the app's
+    /// own TLS (`curl https://…` through a proxy), its plaintext HTTP requests are originated.
+    pub fn originates_tunnels_on(&self, port: &ExternalPortInfo) -> Option<&Origination> {
+        self.originates_on(port).filter(|_| port.protocol == ExternalProtocol::Tls)
+    }
 }
 
 /// Every ExternalService of a snapshot, in `namespace/name` order.
@@ -294,6 +301,13 @@ spec: {hosts: [10.1.2.3, "::ffff:10.9.9.9"], ports: [5432]}
         assert!(api.originates_on(http).is_none(), "plaintext port: no TLS");
         let (other, tls) = x.find("www.example.com", 443).expect("found");
         assert!(other.originates_on(tls).is_none(), "not asked for");
+        assert!(api.originates_tunnels_on(https).is_none(), "an https port's tunnels carry the app's own TLS");
+        let yaml = "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: redis}\nspec: {hosts: [redis.example.com], ports: [{port: 6380, protocol: tls}, {port: 6379, protocol: tcp}], tls: {originate: true}}\n";
+        let x = ExternalServices::compile(&parse_documents("t", yaml).expect("valid"));
+        let (redis, tls) = x.find("redis.example.com", 6380).expect("found");
+        assert!(redis.originates_tunnels_on(tls).is_some(), "a tls port: tunnels originated");
+        let (_, tcp) = x.find("redis.example.com", 6379).expect("found");
+        assert!(redis.originates_on(tcp).is_none(), "a tcp port stays plaintext");
     }
 
     #[test]

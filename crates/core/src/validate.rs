@@ -914,7 +914,7 @@ fn external_service(e: &ExternalServiceSpec, p: &mut Problems) {
         if originates && !tls_port {
             p.push((
                 "spec.tls.originate".into(),
-                "TLS is originated on ports with protocol https or tls, and this ExternalService has none".into(),
+                "TLS is originated on ports with protocol https (HTTP requests) or tls (TCP streams), and this ExternalService has none: its tcp, http and grpc ports reach the host in plaintext".into(),
             ));
         }
         if let Some(ca) = &tls.ca_file {

@@ -106,8 +106,14 @@ impl Originator {
         Ok(roots)
     }
 
-    /// How to open TLS to `host` for an ExternalService that originates it, speaking `proto`.
-    pub fn origin(&self, host: &str, origination: &Origination, proto: Proto) -> Result<Arc<Origin>, ProxyError> {
+    /// How to open TLS to `host` for an ExternalService that originates it, speaking `proto`
+    /// over it (offered by ALPN), or, with `None`, an opaque stream (no ALPN).
+    pub fn origin(
+        &self,
+        host: &str,
+        origination: &Origination,
+        proto: Option<Proto>,
+    ) -> Result<Arc<Origin>, ProxyError> {
         let host = plexus_core::external::normalize_host(host);
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| ProxyError::OriginationFailed(format!("{host:?} is not a name TLS can verify")))?;
@@ -117,10 +123,11 @@ impl Originator {
             .map_err(|e| ProxyError::OriginationFailed(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![match proto {
-            Proto::Http1 => b"http/1.1".to_vec(),
-            Proto::Http2 => b"h2".to_vec(),
-        }];
+        config.alpn_protocols = match proto {
+            Some(Proto::Http1) => vec![b"http/1.1".to_vec()],
+            Some(Proto::Http2) => vec![b"h2".to_vec()],
+            None => Vec::new(),
+        };
         let key = format!("{host}|{}", origination.ca_file.as_deref().unwrap_or("system roots"));
         Ok(Arc::new(Origin { server_name, config: Arc::new(config), key: key.into() }))
     }
@@ -134,22 +141,28 @@ mod tests {
     fn a_ca_file_that_is_missing_or_empty_is_a_clear_error() {
         let o = Originator::default();
         let with = |ca: &str| Origination { ca_file: Some(ca.into()) };
-        let err = o.origin("api.example.com", &with("/nonexistent/ca.pem"), Proto::Http1).expect_err("missing");
+        let err = o.origin("api.example.com", &with("/nonexistent/ca.pem"), Some(Proto::Http1)).expect_err("missing");
         assert!(err.to_string().contains("tls.caFile /nonexistent/ca.pem"), "{err}");
         let dir = std::env::temp_dir().join(format!("plexus-egress-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write");
-        let err = o.origin("api.example.com", &with(&empty.display().to_string()), Proto::Http1).expect_err("empty");
+        let err =
+            o.origin("api.example.com", &with(&empty.display().to_string()), Some(Proto::Http1)).expect_err("empty");
         assert!(err.to_string().contains("no CA certificate"), "{err}");
         let ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = ca.self_signed(&key).expect("self-signed");
         let good = dir.join("ca.pem");
         std::fs::write(&good, cert.pem()).expect("write");
-        let origin = o.origin("API.example.com", &with(&good.display().to_string()), Proto::Http1).expect("valid");
+        let good = with(&good.display().to_string());
+        let origin = o.origin("API.example.com", &good, Some(Proto::Http1)).expect("valid");
         assert_eq!(origin.server_name.to_str(), "api.example.com");
         assert_eq!(origin.config.alpn_protocols, [b"http/1.1".to_vec()]);
+        let stream = o.origin("api.example.com", &good, None).expect("valid");
+        assert!(stream.config.alpn_protocols.is_empty(), "an opaque stream offers no ALPN");
+        let ip = o.origin("10.1.2.3", &good, None).expect("an address is verified against the certificate's IP names");
+        assert_eq!(ip.server_name.to_str(), "10.1.2.3");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -214,6 +214,18 @@ impl<L: Clone + Eq + Hash, H: Clone> LastUse<L, H> {
     }
 }
 
+/// Counts one more for `destination` in a per-destination family, past [`MAX_EGRESS_SERIES`]
+/// destinations as [`OVERFLOW`].
+fn count_destination(
+    series: &LastUse<EgressLabels, Counter>,
+    family: &Family<EgressLabels, Counter>,
+    destination: &str,
+) {
+    let labels = EgressLabels { destination: destination.to_string() };
+    let overflow = |_: &EgressLabels| EgressLabels { destination: OVERFLOW.into() };
+    series.get(&labels, MAX_EGRESS_SERIES, overflow, |l| family.get_or_create_owned(l)).inc();
+}
+
 /// Every metric a proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -222,6 +234,10 @@ pub struct Metrics {
     egress_series: LastUse<EgressLabels, Counter>,
     /// Destinations refused by `outboundTrafficPolicy: registryOnly`.
     pub egress_denied: Family<EgressLabels, Counter>,
+    origination_series: LastUse<EgressLabels, Counter>,
+    /// Connections to ExternalServices refused because the TLS this proxy originated to them
+    /// failed (certificate not verified, handshake), on every path (HTTP and streams).
+    pub origination_failed: Family<EgressLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Counter>,
@@ -285,6 +301,8 @@ impl Metrics {
             tcp_series: LastUse::new(),
             egress_series: LastUse::new(),
             egress_denied: Family::default(),
+            origination_series: LastUse::new(),
+            origination_failed: Family::default(),
         };
         registry.register("plexus_requests", "Requests handled, by direction and peers", m.requests.clone());
         registry.register(
@@ -322,6 +340,11 @@ impl Metrics {
             "plexus_egress_denied",
             "Connections and requests refused by outboundTrafficPolicy registryOnly, by destination",
             m.egress_denied.clone(),
+        );
+        registry.register(
+            "plexus_egress_origination_failed",
+            "Connections to ExternalServices whose originated TLS failed (certificate not verified, handshake), by destination",
+            m.origination_failed.clone(),
         );
         registry.register(
             "plexus_balancer_endpoints",
@@ -375,11 +398,12 @@ impl Metrics {
 
     /// Counts a destination refused by `registryOnly` (see [`MAX_EGRESS_SERIES`]).
     pub fn egress_denied(&self, destination: &str) {
-        let labels = EgressLabels { destination: destination.to_string() };
-        let overflow = |_: &EgressLabels| EgressLabels { destination: OVERFLOW.into() };
-        self.egress_series
-            .get(&labels, MAX_EGRESS_SERIES, overflow, |l| self.egress_denied.get_or_create_owned(l))
-            .inc();
+        count_destination(&self.egress_series, &self.egress_denied, destination);
+    }
+
+    /// Counts a connection whose originated TLS failed (bounded like [`Metrics::egress_denied`]).
+    pub fn origination_failed(&self, destination: &str) {
+        count_destination(&self.origination_series, &self.origination_failed, destination);
     }
 
     /// Brings the span exporter's counters up to date (`crate::trace::export::stats`).
@@ -415,7 +439,11 @@ impl Metrics {
         for l in &refused {
             self.egress_denied.remove(l);
         }
-        requests.len() + streams.len() + refused.len()
+        let failed = self.origination_series.expire(max_idle);
+        for l in &failed {
+            self.origination_failed.remove(l);
+        }
+        requests.len() + streams.len() + refused.len() + failed.len()
     }
 
     /// The OpenMetrics text exposition.

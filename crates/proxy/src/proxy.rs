@@ -168,6 +168,34 @@ impl State {
         self.metrics.egress_denied(destination);
     }
 
+    /// Passes on the outcome of TLS this proxy originated to `destination` (`host:port` of
+    /// an ExternalService): a failure (certificate not verified, handshake) is logged and
+    /// counted in `plexus_egress_origination_failed_total{destination}`, on every path.
+    pub fn originated<T>(&self, destination: &str, r: Result<T, ProxyError>) -> Result<T, ProxyError> {
+        if let Err(e @ ProxyError::OriginationFailed(_)) = &r {
+            tracing::warn!(%destination, error = %e, "refused: the ExternalService's TLS did not verify");
+            self.metrics.origination_failed(destination);
+        }
+        r
+    }
+
+    /// An opaque stream to `addr` over TLS this proxy originates (SNI and the verified name:
+    /// `host`, an ExternalService's name or address), for the stream paths (`CONNECT`, opaque
+    /// and transparent TCP); through [`Pool::connect_origin`], as HTTP requests are.
+    pub async fn originate_stream(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+        origination: &plexus_core::external::Origination,
+    ) -> Result<client::PeerStream, ProxyError> {
+        let timeout = Some(self.settings.limits.connect_timeout);
+        let r = match self.originator.origin(host, origination, None) {
+            Ok(origin) => self.pool.connect_origin(addr, timeout, &origin).await,
+            Err(e) => Err(e),
+        };
+        self.originated(&format!("{host}:{}", addr.port()), r)
+    }
+
     /// Counts a TCP stream as opened.
     pub fn tcp_opened(
         self: &Arc<Self>,
@@ -488,6 +516,39 @@ enum TcpDest {
     Addr(SocketAddr),
     /// A host outside the mesh by name (an ExternalService named by SNI), resolved when dialled.
     Host(String, u16),
+    /// A host outside the mesh (`Host` or `Addr`) over TLS this proxy opens, verified as
+    /// `name`: an ExternalService port with `tls.originate`, for an app sending plaintext.
+    Originated { name: String, to: Box<TcpDest>, origination: plexus_core::external::Origination },
+}
+
+impl TcpDest {
+    /// Where the app's own TLS goes: as addressed, nothing originated over it.
+    fn passthrough(self) -> TcpDest {
+        match self {
+            TcpDest::Originated { to, .. } => *to,
+            other => other,
+        }
+    }
+}
+
+/// The address of a destination outside the mesh (`Host` resolved; never this proxy itself).
+async fn external_addr(state: &State, dest: &TcpDest) -> Result<SocketAddr, ProxyError> {
+    match dest {
+        TcpDest::Host(host, port) => {
+            let addr = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ProxyError::UnknownDestination(format!("{host}:{port}")))?;
+            if state.is_self(addr) {
+                return Err(ProxyError::Forbidden(format!("{host}:{port} is this proxy itself")));
+            }
+            Ok(addr)
+        }
+        TcpDest::Addr(addr) => Ok(*addr),
+        TcpDest::Originated { to, .. } => Box::pin(external_addr(state, to)).await,
+        TcpDest::Service(name, port) => Err(ProxyError::UnknownDestination(format!("{name}:{port}"))),
+    }
 }
 
 /// An upstream TCP connection with the labels describing its peer.
@@ -511,26 +572,19 @@ impl AsRef<TcpStream> for Dialed {
 async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
     let timeout = state.settings.limits.connect_timeout;
     match dest {
-        TcpDest::Host(host, port) => {
-            let addr = tokio::net::lookup_host((host.as_str(), *port))
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| ProxyError::UnknownDestination(format!("{host}:{port}")))?;
-            if state.is_self(addr) {
-                return Err(ProxyError::Forbidden(format!("{host}:{port} is this proxy itself")));
-            }
+        TcpDest::Host(..) | TcpDest::Addr(_) => {
+            let addr = external_addr(state, dest).await?;
             Ok(Dialed {
                 stream: Upstream::Plain(client::connect(addr, timeout, state.settings.outbound_mark).await?),
                 peers,
                 security: "none",
             })
         }
-        TcpDest::Addr(addr) => Ok(Dialed {
-            stream: Upstream::Plain(client::connect(*addr, timeout, state.settings.outbound_mark).await?),
-            peers,
-            security: "none",
-        }),
+        TcpDest::Originated { name, to, origination } => {
+            let addr = external_addr(state, to).await?;
+            let stream = state.originate_stream(name, addr, origination).await?;
+            Ok(Dialed { stream, peers, security: "none" })
+        }
         TcpDest::Service(name, port) => {
             let snapshot = state.discovery.current();
             let compiled = snapshot.services.get(name).and_then(|s| s.port(Some(*port)));
@@ -653,9 +707,19 @@ async fn outbound_conn(
                 let target = EgressTarget { host: None, addr: Some(orig.ip()), port: orig.port() };
                 match plexus_core::decide::egress(&snapshot, target) {
                     Egress::Denied => (None, false),
-                    Egress::External { service, .. } => {
+                    Egress::External { service, port } => {
                         peers.destination_service = service.label.clone();
-                        (Some(TcpDest::Addr(orig)), false)
+                        // Plaintext from the app gets TLS to the listed address (a ClientHello,
+                        // once read, passes through instead).
+                        let dest = match service.originates_on(port) {
+                            Some(o) => TcpDest::Originated {
+                                name: orig.ip().to_string(),
+                                to: Box::new(TcpDest::Addr(orig)),
+                                origination: o.clone(),
+                            },
+                            None => TcpDest::Addr(orig),
+                        };
+                        (Some(dest), false)
                     }
                     Egress::MeshAddress | Egress::AllowAny => (Some(TcpDest::Addr(orig)), false),
                 }
@@ -695,6 +759,11 @@ async fn outbound_conn(
             state.http.serve(io, watcher, move |req| outbound::handle(handler_state.clone(), conn.clone(), req)).await;
         }
         Ok(Sniffed::Client(protocol, early)) => {
+            // The app's own TLS passes through as sent: nothing is originated over it (an
+            // upstream dialled early with originated TLS is dropped).
+            let own_tls = matches!(protocol, Protocol::Tls { .. });
+            let tcp_dest = if own_tls { tcp_dest.map(TcpDest::passthrough) } else { tcp_dest };
+            let early = early.filter(|up| !(own_tls && matches!(up.stream, Upstream::External(_))));
             // TLS passes through by SNI when the destination is not otherwise known.
             let dest = tcp_dest.or_else(|| match &protocol {
                 Protocol::Tls { sni: Some(host), .. } if !gateway => {

@@ -2,6 +2,8 @@
 //! the real peers (curl, h2load, Python) with timeouts.
 #![allow(dead_code)]
 
+pub mod egress;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;

@@ -257,7 +257,7 @@ async fn direct(
                 let why = format!("{host}:{port}: upgrades are not originated (connect with TLS yourself)");
                 return obs.fail(ProxyError::OriginationFailed(why));
             }
-            match state.originator.origin(host, o, proto) {
+            match state.originator.origin(host, o, Some(proto)) {
                 Ok(o) => origin = Some(o),
                 Err(e) => return obs.fail(e),
             }
@@ -274,6 +274,8 @@ async fn direct(
         return obs.fail(ProxyError::Forbidden(format!("{authority} is this proxy itself")));
     }
     obs.upstream = Some(addr);
+    // Where originated TLS goes, for its failure counter.
+    let destination = origin.as_ref().map(|_| format!("{name}:{port}"));
     let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if upgrade {
         forward_upgrade(&state, req, &head, &target).await
@@ -282,7 +284,11 @@ async fn direct(
         match head.upstream_request(&target, b, false) {
             Ok(up) => {
                 let options = SendOptions { origin, ..SendOptions::default() };
-                state.pool.send_with(addr, target.proto, up, options).await
+                let r = state.pool.send_with(addr, target.proto, up, options).await;
+                match &destination {
+                    Some(d) => state.originated(d, r),
+                    None => r,
+                }
             }
             Err(e) => Err(e),
         }
@@ -314,22 +320,33 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
             }
         }
     } else {
-        // Outside the mesh's Services: the egress decision (the client does its own TLS in
-        // a tunnel, so nothing is originated).
+        // Outside the mesh's Services: the egress decision. A tunnel to an ExternalService's
+        // `tls` port with `tls.originate` gets TLS from this proxy (before the 200, so a
+        // certificate that does not verify is a 502); any other carries the client's bytes.
         let (host, port) = split_authority(&authority);
         let port = port.unwrap_or(443);
         match decide_egress(&state, &snapshot, &mut obs, host, None, port) {
             Err(e) => Err(e),
-            Ok(decision) => match lookup(&dial_name(&decision, host), port).await {
-                Ok(addr) if state.is_self(addr) => {
-                    Err(ProxyError::Forbidden(format!("{authority} is this proxy itself")))
+            Ok(decision) => {
+                let name = dial_name(&decision, host);
+                match lookup(&name, port).await {
+                    Ok(addr) if state.is_self(addr) => {
+                        Err(ProxyError::Forbidden(format!("{authority} is this proxy itself")))
+                    }
+                    Ok(addr) => {
+                        obs.upstream = Some(addr);
+                        match decision {
+                            Egress::External { service, port } if let Some(o) = service.originates_tunnels_on(port) => {
+                                state.originate_stream(&name, addr, o).await
+                            }
+                            _ => client::connect(addr, timeout, state.settings.outbound_mark)
+                                .await
+                                .map(client::PeerStream::Plain),
+                        }
+                    }
+                    Err(e) => Err(e),
                 }
-                Ok(addr) => {
-                    obs.upstream = Some(addr);
-                    client::connect(addr, timeout, state.settings.outbound_mark).await.map(client::PeerStream::Plain)
-                }
-                Err(e) => Err(e),
-            },
+            }
         }
     };
     let upstream = match upstream {
