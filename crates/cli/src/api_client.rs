@@ -8,6 +8,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use plexus_control::api_types::{ErrorBody, ResourceList};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::Failure;
@@ -105,6 +107,33 @@ impl ServerArgs {
         write: bool,
     ) -> Result<(StatusCode, Value), Failure> {
         self.call_with_headers(method, path, body, write, &[]).await
+    }
+
+    /// [`ServerArgs::call`] for an answer read as the typed row `T`: a status other than 2xx is
+    /// the API's error ([`api_error`]).
+    pub async fn fetch<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        write: bool,
+    ) -> Result<T, Failure> {
+        let (status, answer) = self.call(method, path, body, write).await?;
+        if !status.is_success() {
+            return Err(api_error(status, &answer));
+        }
+        parse_answer(path, answer)
+    }
+
+    /// The resources of `kind` in every namespace, and how many of them this CLI cannot read
+    /// (written by a newer version).
+    pub async fn list_all(&self, kind: plexus_core::Kind) -> Result<(Vec<plexus_core::Resource>, usize), Failure> {
+        let path = format!("/api/v1/resources/{}s?namespace=all", kind.as_str().to_ascii_lowercase());
+        let list: ResourceList = self.fetch(Method::GET, &path, None, false).await?;
+        let total = list.items.len();
+        let read: Vec<_> = list.items.into_iter().filter_map(|i| plexus_core::resource_from_value(i).ok()).collect();
+        let unreadable = total - read.len();
+        Ok((read, unreadable))
     }
 
     /// [`ServerArgs::call`] with extra request headers.
@@ -210,13 +239,16 @@ impl ServerArgs {
     }
 }
 
+/// The `error` field of an API error answer, or the status when it has none.
+pub fn error_text(status: StatusCode, body: &Value) -> String {
+    serde_json::from_value::<ErrorBody>(body.clone())
+        .map(|b| b.error)
+        .unwrap_or_else(|_| format!("the control plane answered {status}"))
+}
+
 /// The `error` field of an API error answer.
 pub fn api_error(status: StatusCode, body: &Value) -> Failure {
-    let message = body
-        .get("error")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("the control plane answered {status}"));
+    let message = error_text(status, body);
     match status {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             Failure::runtime(format!("{message}\n  hint: check --data-dir (the admin token is read from it)"))
@@ -224,4 +256,13 @@ pub fn api_error(status: StatusCode, body: &Value) -> Failure {
         StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => Failure::usage(message),
         _ => Failure::runtime(message),
     }
+}
+
+/// An answer of the API as its typed row ([`plexus_control::api_types`]).
+pub fn parse_answer<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Failure> {
+    serde_json::from_value(body).map_err(|e| {
+        Failure::runtime(format!(
+            "cannot read the control plane's answer to {path}: {e}\n  hint: use a plexus CLI of the control plane's version"
+        ))
+    })
 }

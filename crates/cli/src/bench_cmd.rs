@@ -14,9 +14,9 @@ use plexus_bench::smp::{self, PerformanceTestConfig};
 use plexus_bench::{BenchConfig, Load, Progress, Protocol, RunResult, compare, overhead, profile, summary};
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::{ServerArgs, api_error, parse_answer};
 use http::{Method, StatusCode};
-use serde_json::Value;
+use plexus_control::api_types::{RunList, StoredRun};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -382,10 +382,7 @@ async fn store(server: &ServerArgs, result: &smp::PerformanceTestResult, details
 
 /// `plexus bench list`.
 async fn list(server: &ServerArgs, output: &str) -> Result<(), Failure> {
-    let (status, answer) = server.call(Method::GET, "/api/v1/bench/results", None, false).await?;
-    if status != StatusCode::OK {
-        return Err(api_error(status, &answer));
-    }
+    let answer: RunList = server.fetch(Method::GET, "/api/v1/bench/results", None, false).await?;
     if output == "json" {
         println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
         return Ok(());
@@ -394,20 +391,19 @@ async fn list(server: &ServerArgs, output: &str) -> Result<(), Failure> {
         "{:<36}  {:<20}  {:<14}  {:>9}  {:>9}  {:>9}  {:>9}  {:>7}  NAME",
         "ID", "START", "MODE", "QPS", "P50", "P99", "MAX", "ERRORS"
     );
-    let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
-    for r in answer["items"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let l = &r["latenciesMs"];
+    for r in &answer.items {
+        let l = &r.latencies_ms;
         println!(
             "{:<36}  {:<20}  {:<14}  {:>9.1}  {:>7.2}ms  {:>7.2}ms  {:>7.2}ms  {:>7}  {}",
-            r["id"].as_str().unwrap_or("?"),
-            r["startTime"].as_str().unwrap_or("?").chars().take(19).collect::<String>(),
-            r["mode"].as_str().unwrap_or("?"),
-            number(&r["actualQPS"]),
-            number(&l["p50"]),
-            number(&l["p99"]),
-            number(&l["max"]),
-            r["errors"].as_u64().unwrap_or(0),
-            r["name"].as_str().unwrap_or(""),
+            r.id,
+            r.start_time.chars().take(19).collect::<String>(),
+            if r.mode.is_empty() { "?" } else { r.mode.as_str() },
+            r.actual_qps,
+            l.p50,
+            l.p99,
+            l.max,
+            r.errors,
+            r.name,
         );
     }
     Ok(())
@@ -429,10 +425,8 @@ async fn load_run(server: &ServerArgs, what: &Path) -> Result<smp::Loaded, Failu
     if status != StatusCode::OK {
         return Err(api_error(status, &answer));
     }
-    let invalid = |e: serde_json::Error| Failure::runtime(format!("run {id}: {e}"));
-    let result = serde_json::from_value(answer["result"].clone()).map_err(invalid)?;
-    let details = serde_json::from_value(answer["details"].clone()).map_err(invalid)?;
-    Ok(smp::Loaded { result, details })
+    let run: StoredRun = parse_answer(&format!("run {id}"), answer)?;
+    Ok(smp::Loaded { result: run.result, details: run.details })
 }
 
 async fn compare_runs(server: &ServerArgs, a: &Path, b: &Path) -> Result<(), Failure> {

@@ -1,15 +1,15 @@
 //! `plexus check`: health checks with ✓/✗ lines (‼ for warnings) and a hint per failure.
 
 use http::{Method, StatusCode};
-use plexus_control::grpc_tls::ServingCertificate;
-use plexus_control::proxies::{Health, ProxiesResponse, ProxyStatus};
-use plexus_control::tokens::{TokenInfo, TokenList};
-use plexus_core::Kind;
+use plexus_control::api_types::{
+    CertOrigin, CertSummary, Health, IdentityStatus, ProxiesResponse, ProxyStatus, TokenInfo, TokenList,
+};
 use plexus_core::check::{Severity, analyze};
-use serde_json::Value;
+use plexus_core::{Kind, Resource};
+use plexus_proxy::gateway::GatewayReport;
 
 use crate::Failure;
-use crate::api_client::ServerArgs;
+use crate::api_client::{ServerArgs, error_text, parse_answer};
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
@@ -133,30 +133,20 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     }
 
     r.section("proxies");
-    let registered: Vec<String> =
-        match args.server.call(Method::GET, "/api/v1/resources/workloads?namespace=all", None, false).await {
-            Ok((StatusCode::OK, v)) => v["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .filter(|w| {
-                    w["metadata"]["annotations"].get(plexus_control::discovery::REGISTERED_ANNOTATION).is_some()
-                })
-                .filter_map(|w| w["metadata"]["name"].as_str().map(str::to_string))
-                .collect(),
-            _ => Vec::new(),
-        };
-    let list = |v: Value| serde_json::from_value::<ProxiesResponse>(v).map(|r| r.proxies);
+    let registered: Vec<String> = list_resources(&args.server, Kind::Workload)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|w| w.metadata.annotations.contains_key(plexus_control::discovery::REGISTERED_ANNOTATION))
+        .map(|w| w.metadata.name)
+        .collect();
+    let list = |v| parse_answer::<ProxiesResponse>("/api/v1/proxies", v).map(|r| r.proxies);
     match args.server.call(Method::GET, "/api/v1/proxies", None, false).await {
         Ok((StatusCode::OK, v)) => {
             let proxies = match list(v) {
                 Ok(p) => p,
                 Err(e) => {
-                    r.fail(
-                        format!("cannot read the proxy list: {e}"),
-                        "use a plexus CLI of the control plane's version",
-                    );
+                    r.fail("cannot read the proxy list", e.message);
                     Vec::new()
                 }
             };
@@ -208,17 +198,10 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     r.section("configuration");
     let mut resources = Vec::new();
     for kind in Kind::ALL {
-        let path = format!("/api/v1/resources/{}s?namespace=all", kind.as_str().to_ascii_lowercase());
-        match args.server.call(Method::GET, &path, None, false).await {
-            Ok((StatusCode::OK, v)) => {
-                for item in v["items"].as_array().cloned().unwrap_or_default() {
-                    if let Ok(res) = plexus_core::resource_from_value(item) {
-                        resources.push(res);
-                    }
-                }
-            }
-            _ => {
-                r.fail(format!("cannot list {kind} resources"), "check the control plane's logs");
+        match list_resources(&args.server, kind).await {
+            Ok(items) => resources.extend(items),
+            Err(e) => {
+                r.fail(format!("cannot list {kind} resources: {e}"), "check the control plane's logs");
                 return;
             }
         }
@@ -235,34 +218,48 @@ async fn installed(args: &CheckArgs, r: &mut Report) {
     }
 
     r.section("identity");
-    match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
-        Ok((StatusCode::OK, v)) => {
-            for line in identity_lines(&v, args.certificate_grace) {
-                match line {
-                    Line::Ok(what) => r.ok(what),
-                    Line::Warn(what, hint) => r.warn(what, hint),
-                    Line::Fail(what, hint) => r.fail(what, hint),
-                    Line::Skip(what) => r.skip(what),
+    const IDENTITY: &str = "/api/v1/identity";
+    let identity = match args.server.call(Method::GET, IDENTITY, None, false).await {
+        Ok((StatusCode::OK, v)) => match parse_answer::<IdentityStatus>(IDENTITY, v) {
+            Ok(status) => {
+                for line in identity_lines(&status, args.certificate_grace) {
+                    match line {
+                        Line::Ok(what) => r.ok(what),
+                        Line::Warn(what, hint) => r.warn(what, hint),
+                        Line::Fail(what, hint) => r.fail(what, hint),
+                        Line::Skip(what) => r.skip(what),
+                    }
                 }
+                Some(status)
             }
+            Err(e) => {
+                r.fail("cannot read the certificate authority", e.message);
+                None
+            }
+        },
+        Ok((status, v)) => {
+            r.fail(
+                format!("cannot read the certificate authority: {}", error_text(status, &v)),
+                "check the data dir's trust-anchor.pem and issuer.pem",
+            );
+            None
         }
-        Ok((status, v)) => r.fail(
-            format!("cannot read the certificate authority: {}", v["error"].as_str().unwrap_or(status.as_str())),
-            "check the data dir's trust-anchor.pem and issuer.pem",
-        ),
-        Err(e) => r.fail("cannot read the certificate authority", e.message),
-    }
+        Err(e) => {
+            r.fail("cannot read the certificate authority", e.message);
+            None
+        }
+    };
 
     r.section("workload tokens");
     let tokens = match args.server.call(Method::GET, "/api/v1/tokens", None, true).await {
-        Ok((StatusCode::OK, v)) => serde_json::from_value::<TokenList>(v).map(|l| l.items).map_err(|e| e.to_string()),
-        Ok((status, v)) => Err(v["error"].as_str().unwrap_or(status.as_str()).to_string()),
+        Ok((StatusCode::OK, v)) => {
+            parse_answer::<TokenList>("/api/v1/tokens", v).map(|l| l.items).map_err(|e| e.message)
+        }
+        Ok((status, v)) => Err(error_text(status, &v)),
         Err(e) => Err(e.message.lines().next().unwrap_or_default().to_string()),
     };
-    let anchors = match args.server.call(Method::GET, "/api/v1/identity", None, false).await {
-        Ok((StatusCode::OK, v)) => trust_bundle(&v),
-        _ => Vec::new(),
-    };
+    // The SHA-256 of each trust anchor of the bundle, current first.
+    let anchors: Vec<String> = identity.iter().flat_map(|i| &i.chain.trust_bundle).map(|a| a.sha256.clone()).collect();
     match tokens {
         Ok(tokens) => {
             for line in token_lines(&tokens, &anchors, unix_now()) {
@@ -283,10 +280,10 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// The SHA-256 of each trust anchor of the bundle, current first.
-fn trust_bundle(identity: &Value) -> Vec<String> {
-    let bundle = identity["trustBundle"].as_array().cloned().unwrap_or_else(|| vec![identity["trustAnchor"].clone()]);
-    bundle.iter().filter_map(|a| a["sha256"].as_str().map(str::to_string)).collect()
+/// The resources of one kind, in every namespace, as the control plane holds them (those this
+/// version cannot read are left out: the analysis covers what it understands).
+async fn list_resources(server: &ServerArgs, kind: Kind) -> Result<Vec<Resource>, String> {
+    server.list_all(kind).await.map(|(read, _)| read).map_err(|e| e.message)
 }
 
 /// How close to its expiry a valid token is flagged: within a day, or within the last quarter
@@ -370,32 +367,27 @@ enum Line {
 /// admin `/config`, read through the control plane (certificate files are on the gateway's
 /// machine; keys never pass through the control plane).
 async fn gateways(args: &CheckArgs, r: &mut Report) {
-    let Ok((StatusCode::OK, v)) = args.server.call(Method::GET, "/api/v1/proxies", None, false).await else {
+    let Ok(list) = args.server.fetch::<ProxiesResponse>(Method::GET, "/api/v1/proxies", None, false).await else {
         return;
     };
-    let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
-    let ingresses: Vec<&Value> = proxies.iter().filter(|p| p["mode"] == "ingress").collect();
+    let ingresses: Vec<&ProxyStatus> = list.proxies.iter().filter(|p| p.record.mode == "ingress").collect();
     if ingresses.is_empty() {
         return;
     }
     r.section("gateways");
     for p in ingresses {
-        let workload = p["workload"].as_str().unwrap_or("?");
-        let namespace = p["namespace"].as_str().unwrap_or("default");
+        let workload = p.record.workload.as_str();
         let name: String = form_urlencoded::byte_serialize(workload.as_bytes()).collect();
-        let path = format!("/api/v1/proxies/{name}/config?namespace={namespace}");
-        let config = match args.server.call(Method::GET, &path, None, false).await {
-            Ok((StatusCode::OK, v)) => v,
-            Ok((status, v)) => {
-                r.warn(format!("gateway {workload}: cannot read its /config ({status})"), v["error"].to_string());
-                continue;
-            }
+        let path = format!("/api/v1/proxies/{name}/config?namespace={}", p.record.namespace);
+        let config = match args.server.fetch::<GatewayConfig>(Method::GET, &path, None, false).await {
+            Ok(c) => c,
             Err(e) => {
                 r.warn(format!("gateway {workload}: cannot read its /config"), e.message);
                 continue;
             }
         };
-        for line in gateway_lines(workload, &config["gateway"]) {
+        let Some(report) = config.gateway else { continue };
+        for line in gateway_lines(workload, &report) {
             match line {
                 Line::Ok(what) => r.ok(what),
                 Line::Warn(what, hint) => r.warn(what, hint),
@@ -406,17 +398,21 @@ async fn gateways(args: &CheckArgs, r: &mut Report) {
     }
 }
 
+/// The part of a proxy's admin `/config` that `check` reads: a gateway's report.
+#[derive(serde::Deserialize)]
+struct GatewayConfig {
+    #[serde(default)]
+    gateway: Option<GatewayReport>,
+}
+
 /// What one gateway's `/config` `gateway` section says: ports not bound, certificates missing,
 /// invalid or expiring.
-fn gateway_lines(workload: &str, g: &Value) -> Vec<Line> {
+fn gateway_lines(workload: &str, g: &GatewayReport) -> Vec<Line> {
     let mut out = Vec::new();
-    if g.is_null() {
-        return out;
-    }
-    let name = g["name"].as_str().unwrap_or("?");
+    let name = &g.name;
     let mut problems = 0;
-    for (port, status) in g["ports"].as_object().into_iter().flatten() {
-        if let Some(e) = status["error"].as_str() {
+    for (port, status) in &g.ports {
+        if let Some(e) = &status.error {
             problems += 1;
             out.push(Line::Fail(
                 format!("gateway {workload} (Gateway {name}): port {port} is not served: {e}"),
@@ -424,16 +420,14 @@ fn gateway_lines(workload: &str, g: &Value) -> Vec<Line> {
             ));
         }
     }
-    for c in g["certificates"].as_array().into_iter().flatten() {
-        let cert = c["name"].as_str().unwrap_or("?");
-        let Some(problem) = c["problem"].as_str() else { continue };
+    for c in &g.certificates {
+        let Some(problem) = &c.problem else { continue };
         problems += 1;
-        let what =
-            format!("gateway {workload}: certificate {cert} ({}): {problem}", c["location"].as_str().unwrap_or("?"));
+        let what = format!("gateway {workload}: certificate {} ({}): {problem}", c.name, c.location);
         let hint = "put a valid tls.crt and tls.key (PEM, matching) there; the gateway picks them up without a restart";
-        if c["loaded"] == true && problem.starts_with("the certificate expires in") {
+        if c.loaded && problem.starts_with("the certificate expires in") {
             out.push(Line::Warn(what, "renew it".into()));
-        } else if c["loaded"] == true && !problem.contains("expired") {
+        } else if c.loaded && !problem.contains("expired") {
             out.push(Line::Fail(format!("{what} (still serving the previous one)"), hint.into()));
         } else {
             out.push(Line::Fail(what, hint.into()));
@@ -445,10 +439,10 @@ fn gateway_lines(workload: &str, g: &Value) -> Vec<Line> {
     out
 }
 
-fn expiry_line(what: &str, cert: &Value, hint: &str) -> Line {
+fn expiry_line(what: &str, cert: &CertSummary, hint: &str) -> Line {
     const SIXTY_DAYS: i64 = 60 * 86_400;
-    let left = cert["expiresInSeconds"].as_i64().unwrap_or(0);
-    let not_after = cert["notAfter"].as_str().unwrap_or("?");
+    let left = cert.expires_in_seconds;
+    let not_after = &cert.not_after;
     if left <= 0 {
         Line::Fail(format!("{what} expired on {not_after}"), format!("rotate it now: {hint}"))
     } else if left < SIXTY_DAYS {
@@ -463,15 +457,14 @@ fn expiry_line(what: &str, cert: &Value, hint: &str) -> Line {
 
 /// The identity checks over `/api/v1/identity` (pure, so each case is tested directly):
 /// the trust bundle and issuer, and each connected proxy's certificate.
-fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
+fn identity_lines(v: &IdentityStatus, grace: std::time::Duration) -> Vec<Line> {
     let mut lines = Vec::new();
-    let bundle = v["trustBundle"].as_array().cloned().unwrap_or_else(|| vec![v["trustAnchor"].clone()]);
-    for (i, anchor) in bundle.iter().enumerate() {
+    for (i, anchor) in v.chain.trust_bundle.iter().enumerate() {
         let what = if i == 0 { "trust anchor" } else { "previous trust anchor" };
         lines.push(expiry_line(what, anchor, "plexus identity rotate --anchor"));
     }
-    lines.push(expiry_line("issuer", &v["issuer"], "plexus identity rotate"));
-    if v["issuerSignedByAnchor"] == true {
+    lines.push(expiry_line("issuer", &v.chain.issuer, "plexus identity rotate"));
+    if v.chain.issuer_signed_by_anchor {
         lines.push(Line::Ok("issuer signed by the trust anchor".into()));
     } else {
         lines.push(Line::Fail(
@@ -479,9 +472,7 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
             "restore the matching pair in the data dir, or replace both with `plexus identity init --force`".into(),
         ));
     }
-    if let (Some(in_use), Some(on_disk)) = (v["issuerInUseSha256"].as_str(), v["issuer"]["sha256"].as_str())
-        && in_use != on_disk
-    {
+    if v.issuer_in_use_sha256 != v.chain.issuer.sha256 {
         lines.push(Line::Warn(
             "the issuer in the data dir is not the one the control plane signs with".into(),
             "the files were changed under the running control plane: restart it to use them".into(),
@@ -490,14 +481,13 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
 
     lines.extend(control_plane_lines(v));
 
-    if v["rotation"].is_object() {
-        let n = v["rotation"]["proxiesOnOldIssuer"].as_u64().unwrap_or(0) as usize;
+    if let Some(rotation) = &v.rotation {
         lines.push(Line::Warn(
-            format!("rotation in progress: {} still on the old issuer", proxies_text(n)),
+            format!("rotation in progress: {} still on the old issuer", proxies_text(rotation.proxies_on_old_issuer)),
             "the previous trust anchor leaves the bundle once every connected proxy has a certificate from the new issuer (plexus identity show); restart a proxy that does not re-certify".into(),
         ));
     }
-    let Some(proxies) = v["proxies"].as_array() else { return lines };
+    let proxies = &v.proxies;
     if proxies.is_empty() {
         lines.push(Line::Skip("proxy certificates: no proxy connected".into()));
         return lines;
@@ -505,15 +495,10 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
     let grace = grace.as_secs();
     let (mut current, mut previous_issuer, mut failed) = (0, 0, 0);
     for p in proxies {
-        let name = format!(
-            "proxy {} ({}, namespace {})",
-            p["workload"].as_str().filter(|w| !w.is_empty()).unwrap_or("?"),
-            p["mode"].as_str().unwrap_or("sidecar"),
-            p["namespace"].as_str().unwrap_or("default")
-        );
-        let issued_by = p["issuedBy"].as_str().unwrap_or("none");
-        if issued_by == "none" {
-            let connected = p["connectedSeconds"].as_u64().unwrap_or(0);
+        let workload = if p.workload.is_empty() { "?" } else { p.workload.as_str() };
+        let name = format!("proxy {workload} ({}, namespace {})", p.mode, p.namespace);
+        if p.issued_by == CertOrigin::None {
+            let connected = p.connected_seconds;
             if connected < grace {
                 lines.push(Line::Skip(format!("{name} is getting its certificate (connected {connected}s ago)")));
             } else {
@@ -526,26 +511,23 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
             }
             continue;
         }
-        if p["expiresInSeconds"].as_i64().unwrap_or(0) <= 0 {
+        if p.expires_in_seconds.unwrap_or(0) <= 0 {
             failed += 1;
             lines.push(Line::Fail(
-                format!("{name} holds an expired certificate (notAfter {})", p["notAfter"].as_str().unwrap_or("?")),
+                format!("{name} holds an expired certificate (notAfter {})", p.not_after.as_deref().unwrap_or("?")),
                 "its renewal failed: look at the proxy's logs; restarting it gets a fresh certificate".into(),
             ));
             continue;
         }
-        match issued_by {
-            "current" => current += 1,
-            "previousIssuer" => previous_issuer += 1,
+        match p.issued_by {
+            CertOrigin::Current => current += 1,
+            CertOrigin::PreviousIssuer => previous_issuer += 1,
             // Counted by the rotation line below.
-            "previousAnchor" => {}
-            _ => {
+            CertOrigin::PreviousAnchor => {}
+            CertOrigin::Unknown | CertOrigin::None => {
                 failed += 1;
                 lines.push(Line::Fail(
-                    format!(
-                        "{name} holds a certificate from an unknown issuer (sha256 {})",
-                        p["issuerSha256"].as_str().unwrap_or("?")
-                    ),
+                    format!("{name} holds a certificate from an unknown issuer (sha256 {})", p.issuer_sha256),
                     "it does not chain to this control plane's certificate authority: check the proxy talks to this control plane, then restart it".into(),
                 ));
             }
@@ -571,15 +553,9 @@ fn identity_lines(v: &Value, grace: std::time::Duration) -> Vec<Line> {
 
 /// The control plane's own serving certificate (`controlPlane`): valid now, and its chain ends
 /// in the current trust anchor — the one proxies verify it against (a token pins it).
-fn control_plane_lines(v: &Value) -> Vec<Line> {
-    let Some(cp) = v.get("controlPlane").filter(|c| c.is_object()) else {
+fn control_plane_lines(v: &IdentityStatus) -> Vec<Line> {
+    let Some(cp) = &v.control_plane else {
         return vec![Line::Skip("control plane certificate: not reported by this control plane".into())];
-    };
-    let Ok(cp) = serde_json::from_value::<ServingCertificate>(cp.clone()) else {
-        return vec![Line::Fail(
-            "control plane certificate: unreadable report".into(),
-            "use a plexus CLI of the control plane's version".into(),
-        )];
     };
     let c = &cp.certificate;
     let now = unix_now();
@@ -597,8 +573,8 @@ fn control_plane_lines(v: &Value) -> Vec<Line> {
     } else {
         lines.push(Line::Ok(format!("control plane certificate {} valid until {}", cp.spiffe_id, c.not_after)));
     }
-    let current = v["trustAnchor"]["sha256"].as_str().unwrap_or_default();
-    if cp.chain_anchor_sha256 == current {
+    let current = &v.chain.trust_anchor.sha256;
+    if &cp.chain_anchor_sha256 == current {
         lines.push(Line::Ok("the control plane presents the current trust anchor (the one tokens pin)".into()));
     } else {
         lines.push(Line::Fail(
@@ -626,25 +602,70 @@ fn proxies_text(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plexus_control::api_types::{ChainStatus, ProxyCertStatus, RotationStatus, ServingCertificate};
     use plexus_control::certify::CERTIFICATE_GRACE;
-    use serde_json::json;
 
-    fn cert(days: i64) -> Value {
-        json!({"expiresInSeconds": days * 86_400 + 60, "notAfter": "2030-01-01T00:00:00.000Z", "sha256": "aa"})
+    fn cert(days: i64) -> CertSummary {
+        CertSummary {
+            subject: String::new(),
+            issuer: String::new(),
+            serial: "01".into(),
+            not_before: "b".into(),
+            not_after: "2030-01-01T00:00:00.000Z".into(),
+            not_before_unix: 0,
+            not_after_unix: 0,
+            expires_in_seconds: days * 86_400 + 60,
+            days_left: days,
+            sha256: "aa".into(),
+            is_ca: true,
+        }
     }
 
-    fn healthy() -> Value {
-        json!({
-            "trustAnchor": cert(3650), "trustBundle": [cert(3650)], "issuer": cert(365),
-            "issuerSignedByAnchor": true, "issuerInUseSha256": "aa", "rotation": null,
-            "proxies": [proxy("current", 30, 3600)],
+    fn healthy() -> IdentityStatus {
+        IdentityStatus {
+            chain: ChainStatus {
+                trust_anchor: cert(3650),
+                issuer: cert(365),
+                issuer_signed_by_anchor: true,
+                trust_bundle: vec![cert(3650)],
+                previous_trust_anchor: None,
+                anchor_key_in_data_dir: true,
+            },
+            issuer_in_use_sha256: "aa".into(),
+            trust_domain: "plexus.local".into(),
+            leaf_lifetime: "24h".into(),
+            rotation: None,
+            proxies: vec![proxy(CertOrigin::Current, 30, 3600)],
+            control_plane: None,
+        }
+    }
+
+    fn proxy(issued_by: CertOrigin, connected: u64, expires_in: i64) -> ProxyCertStatus {
+        ProxyCertStatus {
+            id: 1,
+            workload: "reviews-v1".into(),
+            namespace: "default".into(),
+            service: "reviews".into(),
+            mode: "sidecar".into(),
+            connected_seconds: connected,
+            spiffe_id: String::new(),
+            serial: String::new(),
+            not_after: Some("2026-01-01T00:00:00.000Z".into()),
+            not_after_unix: 0,
+            expires_in_seconds: Some(expires_in),
+            issuer_sha256: "bb".into(),
+            issued_by,
+        }
+    }
+
+    fn rotation(old: usize, new: usize) -> Option<RotationStatus> {
+        Some(RotationStatus {
+            kind: "anchor".into(),
+            since: "2030-01-01T00:00:00.000Z".into(),
+            previous_trust_anchor: cert(3000),
+            proxies_on_new_issuer: new,
+            proxies_on_old_issuer: old,
         })
-    }
-
-    fn proxy(issued_by: &str, connected: u64, expires_in: i64) -> Value {
-        json!({"workload": "reviews-v1", "namespace": "default", "mode": "sidecar", "issuedBy": issued_by,
-               "connectedSeconds": connected, "expiresInSeconds": expires_in, "notAfter": "2026-01-01T00:00:00.000Z",
-               "issuerSha256": "bb"})
     }
 
     fn fails(lines: &[Line]) -> Vec<String> {
@@ -665,48 +686,48 @@ mod tests {
     #[test]
     fn ca_certificates_warn_within_60_days_and_fail_when_expired() {
         let mut v = healthy();
-        v["issuer"] = cert(59);
-        v["trustBundle"] = json!([cert(-1)]);
+        v.chain.issuer = cert(59);
+        v.chain.trust_bundle = vec![cert(-1)];
         let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert_eq!(warns(&lines), vec!["issuer expires within 60 days (2030-01-01T00:00:00.000Z, 59 days left)"]);
         assert_eq!(fails(&lines), vec!["trust anchor expired on 2030-01-01T00:00:00.000Z"]);
-        v["issuer"] = json!({"expiresInSeconds": -5, "notAfter": "x", "sha256": "aa"});
+        v.chain.issuer = CertSummary { expires_in_seconds: -5, not_after: "x".into(), ..cert(0) };
         assert!(fails(&identity_lines(&v, CERTIFICATE_GRACE)).contains(&"issuer expired on x".to_string()));
     }
 
     #[test]
     fn an_issuer_not_signed_by_the_anchor_fails() {
         let mut v = healthy();
-        v["issuerSignedByAnchor"] = json!(false);
+        v.chain.issuer_signed_by_anchor = false;
         assert_eq!(fails(&identity_lines(&v, CERTIFICATE_GRACE)), vec!["the issuer is not signed by the trust anchor"]);
     }
 
     #[test]
     fn proxy_certificates_are_checked() {
         let mut v = healthy();
-        v["proxies"] = json!([proxy("none", 3, 0)]);
+        v.proxies = vec![proxy(CertOrigin::None, 3, 0)];
         let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty(), "within the grace period: {lines:?}");
-        v["proxies"] = json!([proxy("none", 11, 0)]);
+        v.proxies = vec![proxy(CertOrigin::None, 11, 0)];
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["proxy reviews-v1 (sidecar, namespace default) has no workload certificate after 11s"]
         );
-        v["proxies"] = json!([proxy("current", 30, -1)]);
+        v.proxies = vec![proxy(CertOrigin::Current, 30, -1)];
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec![
                 "proxy reviews-v1 (sidecar, namespace default) holds an expired certificate (notAfter 2026-01-01T00:00:00.000Z)"
             ]
         );
-        v["proxies"] = json!([proxy("unknown", 30, 3600)]);
+        v.proxies = vec![proxy(CertOrigin::Unknown, 30, 3600)];
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec![
                 "proxy reviews-v1 (sidecar, namespace default) holds a certificate from an unknown issuer (sha256 bb)"
             ]
         );
-        v["proxies"] = json!([proxy("previousIssuer", 30, 3600)]);
+        v.proxies = vec![proxy(CertOrigin::PreviousIssuer, 30, 3600)];
         let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty());
         assert_eq!(warns(&lines), vec!["1 proxy holds a certificate from the previous issuer"]);
@@ -715,9 +736,9 @@ mod tests {
     #[test]
     fn an_anchor_rotation_in_progress_is_a_warning() {
         let mut v = healthy();
-        v["trustBundle"] = json!([cert(3650), cert(3000)]);
-        v["rotation"] = json!({"proxiesOnOldIssuer": 1, "proxiesOnNewIssuer": 1});
-        v["proxies"] = json!([proxy("current", 30, 3600), proxy("previousAnchor", 30, 3600)]);
+        v.chain.trust_bundle = vec![cert(3650), cert(3000)];
+        v.rotation = rotation(1, 1);
+        v.proxies = vec![proxy(CertOrigin::Current, 30, 3600), proxy(CertOrigin::PreviousAnchor, 30, 3600)];
         let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty(), "{lines:?}");
         assert_eq!(warns(&lines), vec!["rotation in progress: 1 proxy still on the old issuer"]);
@@ -727,8 +748,8 @@ mod tests {
     #[test]
     fn an_anchor_rotation_shows_even_with_no_proxy_connected() {
         let mut v = healthy();
-        v["rotation"] = json!({"proxiesOnOldIssuer": 0, "proxiesOnNewIssuer": 0});
-        v["proxies"] = json!([]);
+        v.rotation = rotation(0, 0);
+        v.proxies = vec![];
         assert_eq!(
             warns(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["rotation in progress: 0 proxies still on the old issuer"]
@@ -789,35 +810,43 @@ mod tests {
         assert_eq!(token_lines(&[], &anchors, now), vec![Line::Skip("no workload token".into())]);
     }
 
-    fn serving(not_before: i64, not_after: i64, anchor: &str) -> Value {
-        json!({"subject": "", "issuer": "", "serial": "01", "notBefore": "b", "notAfter": "a",
-               "notBeforeUnix": not_before, "notAfterUnix": not_after, "expiresInSeconds": 0, "daysLeft": 0,
-               "sha256": "dd", "isCa": false, "spiffeId": "spiffe://plexus.local/ns/plexus-system/sa/plexus-control",
-               "chainAnchorSha256": anchor})
+    fn serving(not_before: i64, not_after: i64, anchor: &str) -> Option<ServingCertificate> {
+        Some(ServingCertificate {
+            certificate: CertSummary {
+                not_before_unix: not_before,
+                not_after_unix: not_after,
+                not_after: "a".into(),
+                sha256: "dd".into(),
+                is_ca: false,
+                ..cert(0)
+            },
+            spiffe_id: "spiffe://plexus.local/ns/plexus-system/sa/plexus-control".into(),
+            chain_anchor_sha256: anchor.into(),
+        })
     }
 
     #[test]
     fn the_control_plane_certificate_must_be_valid_and_present_the_current_anchor() {
         let now = unix_now();
         let mut v = healthy();
-        v["trustAnchor"]["sha256"] = json!("aa");
-        v["controlPlane"] = serving(now - 60, now + 3600, "aa");
+        v.chain.trust_anchor.sha256 = "aa".into();
+        v.control_plane = serving(now - 60, now + 3600, "aa");
         let lines = identity_lines(&v, CERTIFICATE_GRACE);
         assert!(fails(&lines).is_empty() && warns(&lines).is_empty(), "{lines:?}");
         assert!(lines.contains(&Line::Ok(
             "control plane certificate spiffe://plexus.local/ns/plexus-system/sa/plexus-control valid until a".into()
         )));
-        v["controlPlane"] = serving(now - 3600, now - 1, "aa");
+        v.control_plane = serving(now - 3600, now - 1, "aa");
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["the control plane's serving certificate expired on a"]
         );
-        v["controlPlane"] = serving(now + 3600, now + 7200, "aa");
+        v.control_plane = serving(now + 3600, now + 7200, "aa");
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["the control plane's serving certificate is not valid before b"]
         );
-        v["controlPlane"] = serving(now - 60, now + 3600, "bb");
+        v.control_plane = serving(now - 60, now + 3600, "bb");
         assert_eq!(
             fails(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["the control plane presents trust anchor bb…, not the current one (aa…)"]
@@ -827,7 +856,7 @@ mod tests {
     #[test]
     fn a_data_dir_changed_under_the_control_plane_is_a_warning() {
         let mut v = healthy();
-        v["issuerInUseSha256"] = json!("cc");
+        v.issuer_in_use_sha256 = "cc".into();
         assert_eq!(
             warns(&identity_lines(&v, CERTIFICATE_GRACE)),
             vec!["the issuer in the data dir is not the one the control plane signs with"]

@@ -85,7 +85,7 @@ async fn resources(args: &ExplainArgs) -> Result<(Vec<Resource>, MeshSnapshot, S
         Err(f) => Err(f),
         Ok((status, v)) if !status.is_success() => Err(api_error(status, &v)),
         Ok((_, v)) => {
-            let rev = v["revision"].as_u64().unwrap_or(0);
+            let rev = crate::api_client::parse_answer::<plexus_control::api_types::Health>("/healthz", v)?.revision;
             let current = fetch_all(&args.server).await?;
             let now = plexus_core::time::rfc3339(std::time::SystemTime::now());
             let merged = apply_on_top(current, proposed, &now);

@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use http::{Method, StatusCode};
+use plexus_control::api_types::{CertOrigin, CertSummary, IdentityStatus, Rotated};
 use plexus_control::identity;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::{ServerArgs, error_text, parse_answer};
 
 #[derive(clap::Args)]
 pub struct IdentityArgs {
@@ -174,37 +175,50 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn days_left(cert: &Value) -> String {
-    match cert["expiresInSeconds"].as_i64() {
-        Some(s) if s <= 0 => "expired".into(),
-        Some(s) => (s / 86_400).to_string(),
-        None => "-".into(),
+fn days_left(cert: &CertSummary) -> String {
+    match cert.expires_in_seconds {
+        s if s <= 0 => "expired".into(),
+        s => (s / 86_400).to_string(),
     }
 }
 
-fn cert_row(role: &str, c: &Value) -> Vec<String> {
-    let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
-    vec![role.into(), s("subject"), s("serial"), s("notBefore"), s("notAfter"), days_left(c), s("sha256")]
+fn cert_row(role: &str, c: &CertSummary) -> Vec<String> {
+    vec![
+        role.into(),
+        c.subject.clone(),
+        c.serial.clone(),
+        c.not_before.clone(),
+        c.not_after.clone(),
+        days_left(c),
+        c.sha256.clone(),
+    ]
 }
 
-fn issued_by_text(origin: &str) -> &'static str {
+fn issued_by_text(origin: CertOrigin) -> &'static str {
     match origin {
-        "current" => "current issuer",
-        "previousIssuer" => "previous issuer",
-        "previousAnchor" => "old anchor (rotating)",
-        "unknown" => "unknown issuer",
-        _ => "none",
+        CertOrigin::Current => "current issuer",
+        CertOrigin::PreviousIssuer => "previous issuer",
+        CertOrigin::PreviousAnchor => "old anchor (rotating)",
+        CertOrigin::Unknown => "unknown issuer",
+        CertOrigin::None => "none",
     }
+}
+
+/// `-` for an empty cell.
+fn cell(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.to_string() }
 }
 
 async fn show(server: &ServerArgs, args: &ShowArgs) -> Result<(), Failure> {
-    let from_cp = match server.call(Method::GET, "/api/v1/identity", None, false).await {
-        Ok((StatusCode::OK, v)) => Ok(v),
-        Ok((status, v)) => Err(format!("answered {status}: {}", v["error"].as_str().unwrap_or(""))),
+    const PATH: &str = "/api/v1/identity";
+    let from_cp = match server.call(Method::GET, PATH, None, false).await {
+        Ok((StatusCode::OK, v)) => parse_answer::<IdentityStatus>(PATH, v).map_err(|f| f.message),
+        Ok((status, v)) => Err(format!("answered {status}: {}", error_text(status, &v))),
         Err(e) => Err(e.message.lines().next().unwrap_or_default().to_string()),
     };
-    let (mut status, source) = match from_cp {
-        Ok(v) => (v, format!("control plane at {}", server.server)),
+    // What the control plane says, or the chain in the data dir and why the former is missing.
+    let (chain, status, unreachable) = match from_cp {
+        Ok(status) => (status.chain.clone(), Some(status), None),
         Err(why) => {
             let chain = identity::chain_status(&server.data_dir).map_err(|e| {
                 Failure::runtime(format!(
@@ -212,78 +226,81 @@ async fn show(server: &ServerArgs, args: &ShowArgs) -> Result<(), Failure> {
                     server.data_dir.display()
                 ))
             })?;
-            let mut v = serde_json::to_value(&chain).map_err(|e| Failure::runtime(e.to_string()))?;
-            v["controlPlaneError"] = Value::String(why);
-            (v, format!("data dir {} (control plane unreachable)", server.data_dir.display()))
+            (chain, None, Some(why))
         }
     };
-    let reachable = status.get("controlPlaneError").is_none();
     if args.output == "json" {
-        let error = status.as_object_mut().and_then(|o| o.remove("controlPlaneError"));
-        status["controlPlane"] = json!({ "server": server.server, "reachable": reachable, "error": error });
-        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+        let mut v = match &status {
+            Some(s) => serde_json::to_value(s),
+            None => serde_json::to_value(&chain),
+        }
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+        let reach = json!({ "server": server.server, "reachable": status.is_some(), "error": unreachable });
+        if let Some(o) = v.as_object_mut() {
+            o.insert("controlPlane".into(), reach);
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    println!("certificate authority from the {source}");
+    match &status {
+        Some(_) => println!("certificate authority from the control plane at {}", server.server),
+        None => println!(
+            "certificate authority from the data dir {} (control plane unreachable)",
+            server.data_dir.display()
+        ),
+    }
     let mut rows = Vec::new();
-    for (i, anchor) in status["trustBundle"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+    for (i, anchor) in chain.trust_bundle.iter().enumerate() {
         rows.push(cert_row(if i == 0 { "trust anchor" } else { "previous anchor" }, anchor));
     }
-    rows.push(cert_row("issuer", &status["issuer"]));
+    rows.push(cert_row("issuer", &chain.issuer));
     println!("{}", table(&["ROLE", "SUBJECT", "SERIAL", "NOT BEFORE", "NOT AFTER", "DAYS LEFT", "SHA-256"], &rows));
     println!();
-    println!(
-        "issuer signed by the trust anchor: {}",
-        if status["issuerSignedByAnchor"] == true { "yes" } else { "NO" }
-    );
-    if status["anchorKeyInDataDir"] == false {
+    println!("issuer signed by the trust anchor: {}", if chain.issuer_signed_by_anchor { "yes" } else { "NO" });
+    if !chain.anchor_key_in_data_dir {
         println!("trust anchor key: not in the data dir (imported CA)");
     }
-    if let Some(td) = status["trustDomain"].as_str() {
-        println!(
-            "trust domain: {td}, workload certificate lifetime: {}",
-            status["leafLifetime"].as_str().unwrap_or("?")
-        );
-    }
-    let rotation = &status["rotation"];
-    if rotation.is_object() {
-        println!(
-            "rotation: trust anchor rotation in progress since {}: {} of {} connected proxies still on the old issuer; the previous anchor leaves the bundle once every connected proxy has a certificate from the new issuer",
-            rotation["since"].as_str().unwrap_or("?"),
-            rotation["proxiesOnOldIssuer"],
-            rotation["proxiesOnOldIssuer"].as_u64().unwrap_or(0) + rotation["proxiesOnNewIssuer"].as_u64().unwrap_or(0),
-        );
-    } else if !reachable && status["previousTrustAnchor"].is_object() {
-        println!("rotation: trust anchor rotation in progress (the control plane finishes it)");
-    } else {
-        println!("rotation: none in progress");
-    }
-    println!();
-    if !reachable {
+    let Some(status) = status else {
+        if chain.previous_trust_anchor.is_some() {
+            println!("rotation: trust anchor rotation in progress (the control plane finishes it)");
+        } else {
+            println!("rotation: none in progress");
+        }
+        println!();
         println!(
             "proxy certificates: control plane unreachable at {} ({})",
             server.server,
-            status["controlPlaneError"].as_str().unwrap_or("")
+            unreachable.unwrap_or_default()
         );
         return Ok(());
+    };
+    println!("trust domain: {}, workload certificate lifetime: {}", status.trust_domain, status.leaf_lifetime);
+    match &status.rotation {
+        Some(rotation) => println!(
+            "rotation: trust anchor rotation in progress since {}: {} of {} connected proxies still on the old issuer; the previous anchor leaves the bundle once every connected proxy has a certificate from the new issuer",
+            rotation.since,
+            rotation.proxies_on_old_issuer,
+            rotation.proxies_on_old_issuer + rotation.proxies_on_new_issuer,
+        ),
+        None => println!("rotation: none in progress"),
     }
-    let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
-    if proxies.is_empty() {
+    println!();
+    if status.proxies.is_empty() {
         println!("proxy certificates: no proxy connected");
         return Ok(());
     }
     println!("proxy certificates");
-    let rows: Vec<Vec<String>> = proxies
+    let rows: Vec<Vec<String>> = status
+        .proxies
         .iter()
         .map(|p| {
-            let s = |k: &str| p[k].as_str().filter(|v| !v.is_empty()).unwrap_or("-").to_string();
             vec![
-                s("workload"),
-                s("namespace"),
-                s("spiffeId"),
-                s("serial"),
-                s("notAfter"),
-                issued_by_text(p["issuedBy"].as_str().unwrap_or("none")).to_string(),
+                cell(&p.workload),
+                cell(&p.namespace),
+                cell(&p.spiffe_id),
+                cell(&p.serial),
+                cell(p.not_after.as_deref().unwrap_or_default()),
+                issued_by_text(p.issued_by).to_string(),
             ]
         })
         .collect();
@@ -292,26 +309,18 @@ async fn show(server: &ServerArgs, args: &ShowArgs) -> Result<(), Failure> {
 }
 
 async fn rotate(server: &ServerArgs, args: &RotateArgs) -> Result<(), Failure> {
-    let (status, answer) =
-        server.call(Method::POST, "/api/v1/identity/rotate", Some(&json!({ "anchor": args.anchor })), true).await?;
-    if status != StatusCode::OK {
-        return Err(api_error(status, &answer));
-    }
-    println!("{}", answer["message"].as_str().unwrap_or("rotated"));
-    let issuer = &answer["issuer"];
-    println!(
-        "  issuer        {}  serial {}  valid until {}",
-        issuer["subject"].as_str().unwrap_or("?"),
-        issuer["serial"].as_str().unwrap_or("?"),
-        issuer["notAfter"].as_str().unwrap_or("?")
-    );
-    for (i, a) in answer["trustBundle"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+    let body = json!({ "anchor": args.anchor });
+    let answer: Rotated = server.fetch(Method::POST, "/api/v1/identity/rotate", Some(&body), true).await?;
+    println!("{}", answer.message);
+    let issuer = &answer.issuer;
+    println!("  issuer        {}  serial {}  valid until {}", issuer.subject, issuer.serial, issuer.not_after);
+    for (i, a) in answer.trust_bundle.iter().enumerate() {
         println!(
             "  {:<13} {}  serial {}  valid until {}",
             if i == 0 { "trust anchor" } else { "old anchor" },
-            a["subject"].as_str().unwrap_or("?"),
-            a["serial"].as_str().unwrap_or("?"),
-            a["notAfter"].as_str().unwrap_or("?")
+            a.subject,
+            a.serial,
+            a.not_after
         );
     }
     Ok(())

@@ -9,7 +9,8 @@ use plexus_core::{Kind, Resource, Spec, parse_documents};
 use serde_json::{Value, json};
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::{ServerArgs, api_error, parse_answer};
+use plexus_control::api_types::{DeleteResults, ErrorBody, ResourceList};
 
 #[derive(clap::Args)]
 pub struct ApplyArgs {
@@ -164,22 +165,12 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
         }
     };
     if status == StatusCode::UNPROCESSABLE_ENTITY {
-        let lines: Vec<String> = answer
-            .get("errors")
-            .and_then(Value::as_array)
-            .map(|errs| {
-                errs.iter()
-                    .map(|e| {
-                        format!(
-                            "  {}: {}: {}",
-                            e["object"].as_str().unwrap_or("?"),
-                            e["field"].as_str().unwrap_or(""),
-                            e["reason"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let refused: ErrorBody = parse_answer("/api/v1/apply", answer)?;
+        let lines: Vec<String> = refused
+            .errors
+            .iter()
+            .map(|e| format!("  {}: {}: {}", e.object.as_deref().unwrap_or("?"), e.field, e.reason))
+            .collect();
         return Err(Failure::usage(format!(
             "the control plane rejected the resources; nothing was applied\n{}",
             lines.join("\n")
@@ -188,8 +179,7 @@ pub async fn apply(args: ApplyArgs) -> Result<(), Failure> {
     if !status.is_success() {
         return Err(api_error(status, &answer));
     }
-    let done: ApplyResponse = serde_json::from_value(answer)
-        .map_err(|e| Failure::runtime(format!("cannot read the control plane's answer: {e}")))?;
+    let done: ApplyResponse = parse_answer("/api/v1/apply", answer)?;
     print_results(&done);
     Ok(())
 }
@@ -259,30 +249,23 @@ fn kind_arg(kind: &str) -> Result<Kind, Failure> {
 pub async fn get(args: GetArgs) -> Result<(), Failure> {
     let kind = kind_arg(&args.kind)?;
     let plural = format!("{}s", kind.as_str().to_ascii_lowercase());
-    let value = match &args.name {
-        Some(name) => object_call(&args.server, Method::GET, kind, &args.namespace, name).await?,
+    // One object as it is, or the list.
+    let (value, items) = match &args.name {
+        Some(name) => {
+            let one = object_call(&args.server, Method::GET, kind, &args.namespace, name).await?;
+            (one.clone(), vec![one])
+        }
         None => {
             let ns = if args.all_namespaces { "all".to_string() } else { args.namespace.clone() };
-            let (status, v) = args
-                .server
-                .call(Method::GET, &format!("/api/v1/resources/{plural}?namespace={ns}"), None, false)
-                .await?;
-            if !status.is_success() {
-                return Err(api_error(status, &v));
-            }
-            v
+            let path = format!("/api/v1/resources/{plural}?namespace={ns}");
+            let list: ResourceList = args.server.fetch(Method::GET, &path, None, false).await?;
+            (serde_json::to_value(&list).map_err(|e| Failure::runtime(e.to_string()))?, list.items)
         }
     };
     match args.output.as_str() {
         "json" => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
         "yaml" => print!("{}", serde_saphyr::to_string(&value).map_err(|e| Failure::runtime(e.to_string()))?),
-        _ => {
-            let items = match &args.name {
-                Some(_) => vec![value],
-                None => value.get("items").and_then(Value::as_array).cloned().unwrap_or_default(),
-            };
-            print_table(kind, &items);
-        }
+        _ => print_table(kind, &items),
     }
     Ok(())
 }
@@ -459,14 +442,11 @@ pub async fn delete(args: DeleteArgs) -> Result<(), Failure> {
             .iter()
             .map(|r| json!({"kind": r.kind.as_str(), "namespace": r.metadata.namespace(), "name": r.metadata.name}))
             .collect();
-        let (status, answer) =
-            args.server.call(Method::POST, "/api/v1/delete", Some(&json!({ "items": items })), true).await?;
-        if !status.is_success() {
-            return Err(api_error(status, &answer));
-        }
-        for r in answer.get("results").and_then(Value::as_array).cloned().unwrap_or_default() {
-            let what = object_ref(r["kind"].as_str().unwrap_or("?"), r["name"].as_str().unwrap_or("?"));
-            println!("{what} {}", if r["deleted"].as_bool() == Some(true) { "deleted" } else { "not found" });
+        let answer: DeleteResults =
+            args.server.fetch(Method::POST, "/api/v1/delete", Some(&json!({ "items": items })), true).await?;
+        for r in answer.results {
+            let what = object_ref(r.kind.as_str(), &r.name);
+            println!("{what} {}", if r.deleted { "deleted" } else { "not found" });
         }
         return Ok(());
     }

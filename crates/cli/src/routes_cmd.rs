@@ -4,7 +4,7 @@
 //! The table is compiled with `MeshSnapshot::compile`, exactly as a proxy compiles what it
 //! receives, from the control plane's resources (every kind) or from `-f` files.
 
-use http::{Method, StatusCode};
+use http::Method;
 use plexus_core::explain::{
     PortTable, describe_budget, describe_lb, describe_limits, describe_outlier, describe_rate_limit, describe_retry,
     trim_float,
@@ -13,7 +13,7 @@ use plexus_core::{Kind, MeshSnapshot, Resource, ServiceName};
 use serde_json::Value;
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::ServerArgs;
 
 #[derive(clap::Args)]
 pub struct RoutesArgs {
@@ -40,13 +40,8 @@ pub(crate) fn load_files(files: &[String]) -> Result<Vec<Resource>, Failure> {
 
 /// The control plane's store revision (`/healthz`); an error when it cannot be reached.
 pub(crate) async fn revision(server: &ServerArgs) -> Result<u64, Failure> {
-    let (status, v) = server.call(Method::GET, "/healthz", None, false).await?;
-    if status != StatusCode::OK {
-        return Err(api_error(status, &v));
-    }
-    serde_json::from_value::<plexus_control::proxies::Health>(v)
-        .map(|h| h.revision)
-        .map_err(|e| Failure::runtime(format!("cannot read the control plane's /healthz: {e}")))
+    let health: plexus_control::api_types::Health = server.fetch(Method::GET, "/healthz", None, false).await?;
+    Ok(health.revision)
 }
 
 /// Every resource of every kind and namespace in the control plane. Objects this CLI cannot
@@ -55,17 +50,9 @@ pub(crate) async fn fetch_all(server: &ServerArgs) -> Result<Vec<Resource>, Fail
     let mut resources = Vec::new();
     let mut unreadable = 0usize;
     for kind in Kind::ALL {
-        let path = format!("/api/v1/resources/{}s?namespace=all", kind.as_str().to_ascii_lowercase());
-        let (status, v) = server.call(Method::GET, &path, None, false).await?;
-        if status != StatusCode::OK {
-            return Err(api_error(status, &v));
-        }
-        for item in v["items"].as_array().cloned().unwrap_or_default() {
-            match plexus_core::resource_from_value(item) {
-                Ok(r) => resources.push(r),
-                Err(_) => unreadable += 1,
-            }
-        }
+        let (read, skipped) = server.list_all(kind).await?;
+        resources.extend(read);
+        unreadable += skipped;
     }
     if unreadable > 0 {
         eprintln!(

@@ -384,26 +384,11 @@ fn signal(child: &tokio::process::Child, sig: libc::c_int) {
 
 /// Rewrites the pod's hosts file from the control plane's Services.
 async fn refresh_hosts(pod: &crate::netns::Pod, servers: &crate::api_client::ServerArgs) {
-    let Ok((status, body)) =
-        servers.call(http::Method::GET, "/api/v1/resources/services?namespace=all", None, false).await
-    else {
+    let Ok((services, _)) = servers.list_all(plexus_core::Kind::Service).await else {
         return;
     };
-    if !status.is_success() {
-        return;
-    }
-    let services: Vec<(String, String)> = body["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|s| {
-            Some((
-                s["metadata"]["name"].as_str()?.to_string(),
-                s["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
-            ))
-        })
-        .collect();
+    let services: Vec<(String, String)> =
+        services.iter().map(|s| (s.metadata.name.clone(), s.metadata.namespace().to_string())).collect();
     if let Err(e) = pod.write_hosts(&services) {
         tracing::warn!(error = %e.message, "cannot update the hosts file");
     }

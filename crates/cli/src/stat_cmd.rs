@@ -1,11 +1,11 @@
 //! `plexus stat`: golden metrics per service, workload or route from the control plane's
 //! rolling window of proxy reports.
 
-use http::{Method, StatusCode};
-use serde_json::Value;
+use http::Method;
+use plexus_control::api_types::StatAnswer;
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::ServerArgs;
 
 #[derive(clap::Args)]
 pub struct StatArgs {
@@ -23,44 +23,34 @@ pub struct StatArgs {
     server: ServerArgs,
 }
 
-fn ms(v: &Value) -> String {
-    v.as_f64().map(|x| if x < 10.0 { format!("{x:.2}ms") } else { format!("{x:.0}ms") }).unwrap_or_else(|| "-".into())
+fn ms(v: Option<f64>) -> String {
+    v.map(|x| if x < 10.0 { format!("{x:.2}ms") } else { format!("{x:.0}ms") }).unwrap_or_else(|| "-".into())
 }
 
 pub async fn run(args: StatArgs) -> Result<(), Failure> {
     let path = format!("/api/v1/stat?kind={}&window={}", args.kind, args.window);
-    let (status, mut answer) = args.server.call(Method::GET, &path, None, false).await?;
-    if status != StatusCode::OK {
-        return Err(api_error(status, &answer));
-    }
+    let mut answer: StatAnswer = args.server.fetch(Method::GET, &path, None, false).await?;
     if let Some(name) = &args.name {
-        let rows: Vec<Value> = answer["rows"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| r["name"] == name.as_str())
-            .collect();
-        if rows.is_empty() {
+        answer.rows.retain(|r| &r.name == name);
+        if answer.rows.is_empty() {
             return Err(Failure::runtime(format!("no traffic for {} {name} in the last {}", args.kind, args.window)));
         }
-        answer["rows"] = Value::Array(rows);
     }
     if args.output == "json" {
         println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
         return Ok(());
     }
     println!("{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>6}", "NAME", "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS");
-    for r in answer["rows"].as_array().cloned().unwrap_or_default() {
+    for r in &answer.rows {
         println!(
             "{:<28} {:>10.2} {:>8.2}% {:>9} {:>9} {:>9} {:>5.0}%",
-            r["name"].as_str().unwrap_or("?"),
-            r["requestsPerSecond"].as_f64().unwrap_or(0.0),
-            r["successRate"].as_f64().unwrap_or(0.0) * 100.0,
-            ms(&r["p50Ms"]),
-            ms(&r["p95Ms"]),
-            ms(&r["p99Ms"]),
-            r["mtlsShare"].as_f64().unwrap_or(0.0) * 100.0,
+            r.name,
+            r.requests_per_second,
+            r.success_rate * 100.0,
+            ms(r.p50_ms),
+            ms(r.p95_ms),
+            ms(r.p99_ms),
+            r.mtls_share * 100.0,
         );
     }
     Ok(())

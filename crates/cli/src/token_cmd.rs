@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use http::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::Failure;
-use crate::api_client::{ServerArgs, api_error};
+use crate::api_client::{ServerArgs, api_error, parse_answer};
+use plexus_control::api_types::{TokenCreated, TokenList, TokenRevoked};
 
 #[derive(clap::Args)]
 pub struct TokenArgs {
@@ -60,23 +61,15 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
         TokenCommand::Create(c) => {
             plexus_core::duration::parse(&c.ttl).map_err(|e| Failure::usage(format!("--ttl: {e}")))?;
             let body = json!({"serviceAccount": c.service_account, "namespace": c.namespace, "ttl": c.ttl});
-            let (status, v) = server.call(Method::POST, "/api/v1/tokens", Some(&body), true).await?;
-            if !status.is_success() {
-                return Err(api_error(status, &v));
-            }
-            let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            let created: TokenCreated = server.fetch(Method::POST, "/api/v1/tokens", Some(&body), true).await?;
             if let Some(path) = &c.anchor_out {
-                write_private(path, field("anchorPem").as_bytes())
+                write_private(path, created.anchor_pem.as_bytes())
                     .map_err(|e| Failure::runtime(format!("--anchor-out {}: {e}", path.display())))?;
             }
-            eprintln!(
-                "token {} for {} (expires {})",
-                field("id"),
-                field("identity"),
-                rfc3339(v["expiresUnix"].as_i64())
-            );
-            println!("trust anchor sha256: {}", field("anchorSha256"));
-            println!("{}", field("token"));
+            let t = &created.token;
+            eprintln!("token {} for {} (expires {})", t.id, t.identity, rfc3339(Some(t.expires_unix)));
+            println!("trust anchor sha256: {}", t.anchor_sha256);
+            println!("{}", t.token);
             Ok(())
         }
         TokenCommand::List(l) => {
@@ -87,8 +80,7 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
             if l.output != "table" {
                 return crate::routes_cmd::print_structured(&l.output, &v);
             }
-            let list: plexus_control::tokens::TokenList =
-                serde_json::from_value(v).map_err(|e| Failure::runtime(format!("cannot read the token list: {e}")))?;
+            let list: TokenList = parse_answer("/api/v1/tokens", v)?;
             println!("{:<18} {:<9} {:<22} IDENTITY", "ID", "STATE", "EXPIRES");
             for t in list.items {
                 println!("{:<18} {:<9} {:<22} {}", t.id, t.state, rfc3339(Some(t.expires_unix)), t.identity);
@@ -97,11 +89,8 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
         }
         TokenCommand::Revoke(r) => {
             let path = format!("/api/v1/tokens/{}", r.id);
-            let (status, v) = server.call(Method::DELETE, &path, None, true).await?;
-            if !status.is_success() {
-                return Err(api_error(status, &v));
-            }
-            println!("token {} revoked", r.id);
+            let revoked: TokenRevoked = server.fetch(Method::DELETE, &path, None, true).await?;
+            println!("token {} revoked", revoked.revoked);
             Ok(())
         }
     }
@@ -112,11 +101,8 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
 /// within a week can bootstrap again.
 pub async fn create_for(server: &ServerArgs, namespace: &str, service_account: &str) -> Result<String, Failure> {
     let body = json!({"serviceAccount": service_account, "namespace": namespace, "ttl": "168h"});
-    let (status, v) = server.call(Method::POST, "/api/v1/tokens", Some(&body), true).await?;
-    if !status.is_success() {
-        return Err(api_error(status, &v));
-    }
-    v.get("token").and_then(Value::as_str).map(str::to_string).ok_or_else(|| Failure::runtime("no token in the answer"))
+    let created: TokenCreated = server.fetch(Method::POST, "/api/v1/tokens", Some(&body), true).await?;
+    Ok(created.token.token)
 }
 
 fn rfc3339(unix: Option<i64>) -> String {

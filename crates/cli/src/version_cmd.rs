@@ -37,8 +37,8 @@ async fn control_plane_version(server: &str) -> Option<String> {
         if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
             return None;
         }
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        v.get("version")?.as_str().map(str::to_string)
+        let v: plexus_control::api_types::VersionInfo = serde_json::from_str(body).ok()?;
+        Some(v.version)
     };
     tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
 }

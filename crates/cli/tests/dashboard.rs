@@ -270,3 +270,133 @@ async fn topology_layout_has_no_overlapping_labels() -> Result<()> {
     ensure!(stdout.contains("# fail 0") && !stdout.contains("# pass 0"), "{stdout}");
     Ok(())
 }
+
+/// A request to the control plane's API with the admin token, fully read.
+async fn api_call(demo: &Demo, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+    use plexus_testkit::http_body_util::Full;
+    let token = std::fs::read_to_string(demo.data.join(plexus_control::datadir::ADMIN_TOKEN))?;
+    let req = plexus_testkit::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", demo.api().to_string())
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .header("content-type", "application/json")
+        .body(Full::new(plexus_testkit::bytes::Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))?;
+    let r = plexus_testkit::client::send_collect(
+        demo.api(),
+        plexus_testkit::client::Version::Http1,
+        req,
+        Duration::from_secs(15),
+    )
+    .await?;
+    let json = if r.body.is_empty() { Value::Null } else { r.json().with_context(|| format!("{method} {path}"))? };
+    Ok((r.status.as_u16(), json))
+}
+
+/// `answer` read as the CLI reads it (`T`) and written back as the server writes it: nothing
+/// lost, renamed or retyped on the way.
+fn round_trips<T: serde::de::DeserializeOwned + serde::Serialize>(what: &str, answer: &Value) -> Result<T> {
+    let typed: T = serde_json::from_value(answer.clone()).with_context(|| format!("{what}: {answer:#}"))?;
+    let again = serde_json::to_value(&typed)?;
+    ensure!(&again == answer, "{what} changed through the shared type:\nserver: {answer:#}\ntyped:  {again:#}");
+    Ok(typed)
+}
+
+/// Every answer of the API the CLI reads, from a live control plane with Bookinfo running
+/// (proxies with certificates, traffic, a gateway, tokens, a bench run), round-trips through
+/// the typed rows of `plexus_control::api_types` unchanged: the server and the CLI cannot
+/// drift apart, and the wire format the dashboard reads is what these types write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_answers_round_trip_through_the_shared_types() -> Result<()> {
+    use plexus_control::api_types::*;
+    let dir = TempDir::new("api-types")?;
+    let demo = Demo::start(PLEXUS, &dir, &[]).await?;
+    demo.every_version_answers().await?;
+    let api = demo.api();
+
+    round_trips::<Health>("/healthz", &get_json(api, "/healthz").await?)?;
+    round_trips::<VersionInfo>("version", &get_json(api, "/api/v1/version").await?)?;
+
+    // Every proxy has its certificate and every reviews version has had traffic.
+    let proxies: ProxiesResponse = eventually(Duration::from_secs(30), || async {
+        let p: ProxiesResponse = round_trips("proxies", &get_json(api, "/api/v1/proxies").await?)?;
+        ensure!(p.proxies.len() >= 7 && p.proxies.iter().all(|p| p.certificate.is_some()), "{p:?}");
+        Ok(p)
+    })
+    .await?;
+    let identity: IdentityStatus = round_trips("identity", &get_json(api, "/api/v1/identity").await?)?;
+    ensure!(identity.proxies.len() >= 7 && identity.control_plane.is_some(), "{identity:?}");
+    ensure!(identity.proxies.iter().all(|p| p.issued_by == CertOrigin::Current), "{identity:?}");
+    for kind in ["service", "workload"] {
+        let path = format!("/api/v1/stat?kind={kind}&window=1m");
+        let stat: StatAnswer = eventually(Duration::from_secs(30), || async {
+            let stat: StatAnswer = round_trips(&path, &get_json(api, &path).await?)?;
+            ensure!(!stat.rows.is_empty(), "no {kind} rows yet");
+            Ok(stat)
+        })
+        .await?;
+        ensure!(stat.window == "1m" && stat.rows.iter().all(|r| r.requests > 0), "{stat:?}");
+    }
+    for kind in ["services", "workloads", "gateways", "httproutes"] {
+        let path = format!("/api/v1/resources/{kind}?namespace=all");
+        let list: ResourceList = round_trips(&path, &get_json(api, &path).await?)?;
+        ensure!(!list.items.is_empty(), "no {kind}");
+        for item in list.items {
+            plexus_core::resource_from_value(item).map_err(|e| anyhow::anyhow!("{kind}: {e}"))?;
+        }
+    }
+
+    // The gateway's own report, read through the control plane (what `plexus check` reads).
+    let ingress = proxies.proxies.iter().find(|p| p.record.mode == "ingress").context("no ingress proxy")?;
+    let path = format!("/api/v1/proxies/{}/config?namespace={}", ingress.record.workload, ingress.record.namespace);
+    let config = get_json(api, &path).await?;
+    let report: plexus_proxy::gateway::GatewayReport = round_trips("gateway report", &config["gateway"])?;
+    ensure!(!report.ports.is_empty() && report.ports.values().all(|p| p.error.is_none()), "{report:?}");
+
+    // Tokens: created, listed, revoked.
+    let (status, created) =
+        api_call(&demo, "POST", "/api/v1/tokens", Some(serde_json::json!({"serviceAccount": "roundtrip"}))).await?;
+    ensure!(status == 200, "{created}");
+    let created: TokenCreated = round_trips("token created", &created)?;
+    ensure!(created.anchor_pem.contains("BEGIN CERTIFICATE") && !created.token.token.is_empty());
+    let (_, list) = api_call(&demo, "GET", "/api/v1/tokens", None).await?;
+    let list: TokenList = round_trips("tokens", &list)?;
+    ensure!(list.items.iter().any(|t| t.id == created.token.id && t.state == "valid"), "{list:?}");
+    let (_, revoked) = api_call(&demo, "DELETE", &format!("/api/v1/tokens/{}", created.token.id), None).await?;
+    ensure!(round_trips::<TokenRevoked>("token revoked", &revoked)?.revoked == created.token.id);
+
+    // Apply refused (422 with one row per problem), applied, deleted.
+    let bad = serde_json::json!({"source": "t.yaml", "items": [{"apiVersion": "plexus.dev/v1alpha1", "kind": "Service",
+        "metadata": {"name": "Bad_Name"}, "spec": {"ports": [{"name": "http", "port": 0}]}}]});
+    let (status, refused) = api_call(&demo, "POST", "/api/v1/apply", Some(bad)).await?;
+    ensure!(status == 422, "{refused}");
+    let refused: ErrorBody = round_trips("apply refused", &refused)?;
+    ensure!(!refused.errors.is_empty() && refused.errors.iter().all(|e| e.file == "t.yaml"), "{refused:?}");
+    let good = serde_json::json!({"source": "t.yaml", "items": [{"apiVersion": "plexus.dev/v1alpha1", "kind": "Service",
+        "metadata": {"name": "roundtrip"}, "spec": {"ports": [{"name": "http", "port": 9999}]}}]});
+    let (status, applied) = api_call(&demo, "POST", "/api/v1/apply", Some(good)).await?;
+    ensure!(status == 200, "{applied}");
+    round_trips::<ApplyResponse>("applied", &applied)?;
+    let items =
+        serde_json::json!({"items": [{"kind": "Service", "name": "roundtrip"}, {"kind": "Service", "name": "none"}]});
+    let (_, deleted) = api_call(&demo, "POST", "/api/v1/delete", Some(items)).await?;
+    let deleted: DeleteResults = round_trips("deleted", &deleted)?;
+    ensure!(deleted.results.iter().map(|r| r.deleted).collect::<Vec<_>>() == [true, false], "{deleted:?}");
+    let (status, missing) = api_call(&demo, "GET", "/api/v1/resources/services/default/none", None).await?;
+    ensure!(status == 404 && !round_trips::<ErrorBody>("not found", &missing)?.error.is_empty());
+
+    // A bench run stored by `plexus bench`, listed and read back.
+    let url = format!("http://{}/productpage", demo.ingress);
+    let out = demo.cli(&["bench", &url, "-r", "20", "-d", "1s", "--warmup", "0s"])?;
+    ensure!(out.status.success(), "bench: {}", String::from_utf8_lossy(&out.stderr));
+    let runs: RunList = round_trips("bench runs", &get_json(api, "/api/v1/bench/results").await?)?;
+    let run = runs.items.first().context("no stored run")?;
+    let stored = get_json(api, &format!("/api/v1/bench/results/{}", run.id)).await?;
+    round_trips::<StoredRun>("bench run", &stored)?;
+
+    // Last, as it changes the issuer: a rotation's answer.
+    let (status, rotated) = api_call(&demo, "POST", "/api/v1/identity/rotate", Some(serde_json::json!({}))).await?;
+    ensure!(status == 200, "{rotated}");
+    ensure!(round_trips::<Rotated>("rotated", &rotated)?.rotated == "issuer");
+    demo.stop().await
+}

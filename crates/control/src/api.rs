@@ -13,6 +13,9 @@ use axum::routing::{get, post};
 use plexus_core::{Kind, LoadError, parse_documents};
 use serde_json::{Value, json};
 
+use crate::api_types::{
+    DeleteResult, DeleteResults, Deleted, ErrorBody, ResourceList, StatAnswer, TokenCreated, TokenRevoked, VersionInfo,
+};
 use crate::store::{ObjectKey, Store};
 
 /// What the handlers share.
@@ -74,7 +77,7 @@ pub struct ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        (self.status, Json(ErrorBody::new(self.message))).into_response()
     }
 }
 
@@ -128,17 +131,13 @@ async fn healthz(State(s): State<Shared>) -> Response {
     }
 }
 
-async fn version() -> Json<Value> {
-    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo { version: env!("CARGO_PKG_VERSION").into() })
 }
 
 fn validation_errors(e: &LoadError) -> Response {
-    let errors: Vec<Value> = e
-        .errors
-        .iter()
-        .map(|e| json!({"file": e.file, "document": e.document, "object": e.object, "field": e.field, "reason": e.reason}))
-        .collect();
-    (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": "validation failed", "errors": errors }))).into_response()
+    let body = ErrorBody { error: "validation failed".into(), errors: e.errors.clone() };
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
 }
 
 /// `POST /api/v1/apply` with `{"source": "file name", "items": [resources...]}`: validates
@@ -234,9 +233,9 @@ async fn list(State(s): State<Shared>, Path(kind): Path<String>, Query(q): Query
     match s.store.list(Some(kind), ns.as_deref()) {
         Ok(items) if kind == Kind::Gateway => {
             let items: Vec<serde_json::Value> = items.iter().map(|r| with_status(&s, r)).collect();
-            Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response()
+            Json(ResourceList::new(items)).into_response()
         }
-        Ok(items) => Json(json!({ "apiVersion": "v1", "kind": "List", "items": items })).into_response(),
+        Ok(items) => Json(ResourceList::new(items)).into_response(),
         Err(e) => store_failure(e).into_response(),
     }
 }
@@ -284,7 +283,7 @@ async fn delete_one(
     let key = ObjectKey { kind, namespace, name };
     let k = key.clone();
     match crate::store::write(&s.store, move |store| store.delete(&[k])).await {
-        Ok(existed) if existed.first() == Some(&true) => Json(json!({ "deleted": true })).into_response(),
+        Ok(existed) if existed.first() == Some(&true) => Json(Deleted { deleted: true }).into_response(),
         Ok(_) => error(
             StatusCode::NOT_FOUND,
             format!("{} {}/{} not found", key.kind.as_str().to_ascii_lowercase(), key.namespace, key.name),
@@ -310,12 +309,12 @@ async fn delete_many(State(s): State<Shared>, headers: HeaderMap, Json(body): Js
     let k = keys.clone();
     match crate::store::write(&s.store, move |store| store.delete(&k)).await {
         Ok(existed) => {
-            let results: Vec<Value> = keys
-                .iter()
+            let results = keys
+                .into_iter()
                 .zip(existed)
-                .map(|(k, e)| json!({"kind": k.kind, "namespace": k.namespace, "name": k.name, "deleted": e}))
+                .map(|(k, deleted)| DeleteResult { kind: k.kind, namespace: k.namespace, name: k.name, deleted })
                 .collect();
-            Json(json!({ "results": results })).into_response()
+            Json(DeleteResults { results }).into_response()
         }
         Err(e) => store_failure(e).into_response(),
     }
@@ -364,7 +363,7 @@ async fn stat(State(s): State<Shared>, Query(q): Query<StatQuery>) -> Response {
     if window > crate::traffic::RETENTION {
         return error(StatusCode::BAD_REQUEST, "window: at most 10m of history is kept").into_response();
     }
-    Json(json!({ "window": plexus_core::duration::format(window), "rows": s.traffic.stat(kind, window) }))
+    Json(StatAnswer { window: plexus_core::duration::format(window), rows: s.traffic.stat(kind, window) })
         .into_response()
 }
 
@@ -499,9 +498,7 @@ async fn create_token(State(s): State<Shared>, headers: HeaderMap, body: bytes::
     match created {
         Ok(Ok(t)) => {
             tracing::info!(id = %t.id, identity = %t.identity, "workload token created");
-            let mut v = serde_json::to_value(&t).unwrap_or_default();
-            v["anchorPem"] = Value::String(anchor.pem());
-            Json(v).into_response()
+            Json(TokenCreated { token: t, anchor_pem: anchor.pem() }).into_response()
         }
         Ok(Err(e @ crate::tokens::TokenError::Invalid(_))) => {
             error(StatusCode::BAD_REQUEST, e.to_string()).into_response()
@@ -529,7 +526,7 @@ async fn revoke_token(State(s): State<Shared>, headers: HeaderMap, Path(id): Pat
     match s.tokens.revoke(&id) {
         Ok(true) => {
             tracing::info!(%id, "workload token revoked");
-            Json(json!({ "revoked": id })).into_response()
+            Json(TokenRevoked { revoked: id }).into_response()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("token {id} not found")).into_response(),
         Err(e) => store_failure(e).into_response(),

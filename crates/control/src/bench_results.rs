@@ -18,7 +18,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use plexus_bench::smp::{Details, LatenciesMs, PerformanceTestResult};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::api::ApiState;
 
@@ -36,7 +35,7 @@ pub struct StoredRun {
 }
 
 /// A run as listed.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RunSummary {
     pub id: String,
@@ -191,12 +190,12 @@ fn sort(s: &mut [RunSummary]) {
 }
 
 fn failure(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    (status, Json(crate::api_types::ErrorBody::new(message))).into_response()
 }
 
 /// `GET /api/v1/bench/results`: `{"items": [RunSummary...]}`, newest first.
 pub async fn list(State(s): State<Arc<ApiState>>) -> Response {
-    Json(json!({ "items": s.bench.list() })).into_response()
+    Json(crate::api_types::RunList { items: s.bench.list() }).into_response()
 }
 
 /// `GET /api/v1/bench/results/{id}`: `{"result": ..., "details": ...}`.
@@ -240,7 +239,7 @@ pub async fn delete(State(s): State<Arc<ApiState>>, headers: HeaderMap, UrlPath(
         return e.into_response();
     }
     match s.bench.delete(&id) {
-        Ok(true) => Json(json!({ "deleted": true })).into_response(),
+        Ok(true) => Json(crate::api_types::Deleted { deleted: true }).into_response(),
         Ok(false) => failure(StatusCode::NOT_FOUND, format!("bench result {id} not found")),
         Err(e) => failure(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
@@ -249,6 +248,7 @@ pub async fn delete(State(s): State<Arc<ApiState>>, headers: HeaderMap, UrlPath(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn run(id: &str, start: &str) -> StoredRun {
         let result: PerformanceTestResult = serde_json::from_value(json!({

@@ -446,7 +446,7 @@ impl ImportedCa {
 }
 
 /// The chain as the data dir holds it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChainStatus {
     /// The current trust anchor (the one the issuer is signed by).
@@ -457,7 +457,7 @@ pub struct ChainStatus {
     /// rotation.
     pub trust_bundle: Vec<CertSummary>,
     /// The anchor being replaced (anchor rotation in progress).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_trust_anchor: Option<CertSummary>,
     /// Whether the anchor's key is in the data dir (not for an imported CA).
     pub anchor_key_in_data_dir: bool,
@@ -531,7 +531,7 @@ impl IdentitySettings {
 // ----- the running certificate authority ----------------------------------------------------
 
 /// Where a proxy's certificate comes from, judged by its issuer's SHA-256.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum CertOrigin {
     /// The issuer signing now.
@@ -599,12 +599,12 @@ pub enum RotateError {
     Failed(String),
 }
 
-/// What a rotation did.
-#[derive(Debug, Clone, Serialize)]
+/// What a rotation did (`POST /api/v1/identity/rotate`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rotated {
     /// `issuer` or `anchor`.
-    pub rotated: &'static str,
+    pub rotated: String,
     pub message: String,
     pub issuer: CertSummary,
     pub trust_bundle: Vec<CertSummary>,
@@ -827,7 +827,7 @@ impl Ca {
             )
         };
         Ok(Rotated {
-            rotated: if anchor { "anchor" } else { "issuer" },
+            rotated: if anchor { "anchor" } else { "issuer" }.into(),
             message,
             issuer: issuer.summary_now(),
             trust_bundle: bundle,
@@ -910,7 +910,7 @@ impl Ca {
         let rotation = state.previous_anchor.as_ref().map(|previous| {
             let count = |f: &dyn Fn(CertOrigin) -> bool| proxies.iter().filter(|p| f(p.issued_by)).count();
             RotationStatus {
-                kind: "anchor",
+                kind: "anchor".into(),
                 since: rfc3339_unix(state.anchor.summary.not_before_unix + BACKDATE.as_secs() as i64),
                 previous_trust_anchor: previous.summary_now(),
                 proxies_on_new_issuer: count(&|o| matches!(o, CertOrigin::Current | CertOrigin::PreviousIssuer)),
@@ -976,7 +976,7 @@ pub enum SignError {
 }
 
 /// `/api/v1/identity`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IdentityStatus {
     /// The chain as the data dir holds it.
@@ -994,10 +994,10 @@ pub struct IdentityStatus {
     pub control_plane: Option<crate::grpc_tls::ServingCertificate>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationStatus {
-    pub kind: &'static str,
+    pub kind: String,
     /// When the new anchor was made (RFC 3339).
     pub since: String,
     pub previous_trust_anchor: CertSummary,
@@ -1007,7 +1007,7 @@ pub struct RotationStatus {
 }
 
 /// One connected proxy's certificate as it reported it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyCertStatus {
     pub id: u64,

@@ -5,6 +5,7 @@
 //! It never touches application traffic.
 
 pub mod api;
+pub mod api_types;
 pub mod apply_log;
 pub mod bench_results;
 pub mod certify;

@@ -73,7 +73,7 @@ pub struct TokenList {
 }
 
 /// A token just created: the only time its secret is seen.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedToken {
     pub id: String,

@@ -53,7 +53,7 @@ pub(crate) fn inbound_names(recent: &[&TrafficSummary], kind: StatKind) -> std::
 }
 
 /// Golden metrics of one row.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StatRow {
     pub name: String,

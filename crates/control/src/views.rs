@@ -32,12 +32,12 @@ use crate::traffic::{RETENTION, StatKind, Totals, TrafficWindow};
 pub const MAX_POINTS: u64 = 600;
 
 fn bad_request(message: impl Into<String>) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({ "error": message.into() }))).into_response()
+    (StatusCode::BAD_REQUEST, Json(crate::api_types::ErrorBody::new(message))).into_response()
 }
 
 fn store_failure(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "store failure");
-    (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response()
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(crate::api_types::ErrorBody::new(e.to_string()))).into_response()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ use crate::resource::{GatewayListener, GatewaySpec, Resource, Spec};
 use crate::route::{Parent, RouteTable, build_tables};
 
 /// The protocol of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum ListenerProtocol {
     #[serde(rename = "HTTP")]
     Http,

@@ -11,8 +11,8 @@ use serde_json::Value;
 use crate::resource::{Kind, ObjectMeta, Resource, Spec};
 use crate::validate;
 
-/// One problem in one document.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One problem in one document (also the API's `errors` rows of a refused apply).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ValidationError {
     /// The file (or `-` for stdin) the document came from.
     pub file: String,

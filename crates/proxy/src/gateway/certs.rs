@@ -63,7 +63,7 @@ impl CertificateSource for FileCertificates {
 }
 
 /// What is known about one certificate (admin `/config`, status).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateStatus {
     pub name: String,
@@ -72,7 +72,7 @@ pub struct CertificateStatus {
     pub loaded: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
     /// Unix seconds.
     #[serde(skip_serializing_if = "Option::is_none")]

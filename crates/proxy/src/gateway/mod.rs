@@ -48,7 +48,7 @@ pub struct Gateway {
 }
 
 /// A port as the gateway holds it (admin `/config`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortStatus {
     pub protocol: ListenerProtocol,
@@ -59,8 +59,8 @@ pub struct PortStatus {
     pub error: Option<String>,
 }
 
-/// What `/config` shows about the gateway.
-#[derive(Debug, Clone, Serialize)]
+/// What `/config` shows about the gateway (`plexus check` reads it with this type).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayReport {
     pub name: String,
