@@ -104,6 +104,7 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
                 data_dir: args.data_dir.clone(),
                 image: args.proxy_image.clone(),
                 control_plane: args.proxy_control_plane.clone(),
+                certificate_poll: plexus_k8s::webhook::CERTIFICATE_POLL,
             };
             let client = kubernetes.as_ref().map(|k| k.client());
             Some(plexus_k8s::webhook::Webhook::bind(options, client).await.map_err(Failure::usage)?)

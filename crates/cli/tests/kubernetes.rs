@@ -509,6 +509,62 @@ spec:
     Ok(())
 }
 
+/// Scales the control plane back to one replica (and waits for it) when dropped.
+struct ControlPlaneDown<'a>(&'a Node);
+
+impl Drop for ControlPlaneDown<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kubectl(&["-n", "plexus-system", "scale", "deployment/plexus-control", "--replicas=1"]);
+        let _ = self.0.kubectl(&[
+            "-n",
+            "plexus-system",
+            "rollout",
+            "status",
+            "deployment/plexus-control",
+            "--timeout=180s",
+        ]);
+    }
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn a_pod_of_a_labelled_namespace_is_not_admitted_unmeshed_while_the_webhook_is_down() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_installed()?;
+    // Server-side dry runs go through the admission webhooks and create nothing.
+    let pod = |ns: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: webhook-probe, namespace: {ns}, annotations: {{plexus.dev/inject: enabled}}}}\nspec:\n  containers:\n  - {{name: app, image: {image}, command: [sleep, '60']}}\n",
+            image = image()
+        )
+    };
+    let dry_run = ["apply", "--dry-run=server", "-o", "json", "-f", "-"];
+    let containers = |json: &str| -> Result<Vec<String>> {
+        let pod: serde_json::Value = serde_json::from_str(json)?;
+        let names = pod["spec"]["containers"].as_array().context("containers")?;
+        Ok(names.iter().filter_map(|c| c["name"].as_str().map(str::to_string)).collect())
+    };
+    // Positive control: with the webhook up, the labelled namespace's pod gets its proxy.
+    let admitted = node.kubectl_in(&dry_run, Some(&pod(NS)))?;
+    ensure!(containers(&admitted)?.contains(&"plexus-proxy".to_string()), "not injected: {admitted:.300}");
+
+    node.kubectl(&["-n", "plexus-system", "scale", "deployment/plexus-control", "--replicas=0"])?;
+    let down = ControlPlaneDown(&node);
+    // The labelled namespace (failurePolicy Fail): refused, naming the webhook.
+    let refused = poll(Duration::from_secs(60), || node.kubectl_fails(&dry_run, Some(&pod(NS))))?;
+    ensure!(refused.contains("namespace.inject.plexus.dev"), "refused for another reason: {refused}");
+    // An unlabelled namespace, opted in by annotation only (failurePolicy Ignore): admitted,
+    // without a proxy, so an outage never blocks pods that did not opt in by namespace.
+    let annotated = node.kubectl_in(&dry_run, Some(&pod("default")))?;
+    ensure!(containers(&annotated)? == ["app"], "{annotated:.300}");
+    drop(down);
+
+    // Back up: admitted with the proxy again.
+    let admitted = poll(Duration::from_secs(60), || node.kubectl_in(&dry_run, Some(&pod(NS))))?;
+    ensure!(containers(&admitted)?.contains(&"plexus-proxy".to_string()), "not injected: {admitted:.300}");
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
 fn invalid_crd_objects_are_rejected_by_the_api_servers_schema() -> Result<()> {

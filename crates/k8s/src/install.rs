@@ -347,8 +347,9 @@ fn deployment(image: &str) -> Value {
                             {"name": "webhook", "containerPort": 7743, "protocol": "TCP"}
                         ],
                         // Ready once the injection webhook accepts connections (it starts last):
-                        // `/healthz` answers earlier, and pods created in between would be admitted
-                        // without their sidecar (failurePolicy Ignore).
+                        // `/healthz` answers earlier, and pods created in between would be refused
+                        // (labelled namespaces: failurePolicy Fail) or admitted without their
+                        // sidecar (annotation opt-in: Ignore).
                         "readinessProbe": {"tcpSocket": {"port": 7743}, "periodSeconds": 2},
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": 7701}, "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 6},
                         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
@@ -376,34 +377,59 @@ fn deployment(image: &str) -> Value {
     })
 }
 
-/// The MutatingWebhookConfiguration: every pod creation outside the system namespaces and
-/// the namespaces labelled `plexus.dev/inject=disabled` is sent to the webhook on the
-/// `plexus-control` Service, which injects when the namespace is labelled
-/// `plexus.dev/inject=enabled` or the pod annotated `plexus.dev/inject: enabled` (SPEC §11;
-/// an annotation cannot be selected on, so the webhook decides). `failurePolicy: Ignore`: a
-/// control plane that is down never blocks pod creation. The webhook serves `/inject`
-/// (`crate::webhook`).
+/// The MutatingWebhookConfiguration: two webhooks on the `plexus-control` Service
+/// (`crate::webhook`), as Linkerd and Istio split them, so that a pod meant for the mesh
+/// never runs outside it:
+/// - `namespace.inject.plexus.dev` (path [`crate::webhook::NAMESPACE_PATH`]) for namespaces
+///   labelled `plexus.dev/inject=enabled`, `failurePolicy: Fail`: while the webhook is
+///   unavailable such pods are not created (their controllers retry), and the webhook itself
+///   refuses a pod it cannot inject;
+/// - `inject.plexus.dev` (path [`crate::webhook::ANNOTATION_PATH`]) for every other namespace
+///   not labelled `disabled`, `failurePolicy: Ignore`: only pods annotated
+///   `plexus.dev/inject: enabled` are injected (an annotation cannot be selected on, so the
+///   webhook decides), and an outage never blocks pod creation in namespaces that did not
+///   opt in.
+///
+/// `plexus-system` (labelled `disabled` by the install, so the control plane never waits on
+/// its own webhook) and `kube-system` are excluded by name where the server sets
+/// `kubernetes.io/metadata.name` (1.21+).
 pub fn webhook_configuration(ca_bundle_b64: &str) -> Value {
-    json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "plexus-injector", "labels": labels()},
-        "webhooks": [{
-            "name": "inject.plexus.dev",
+    let webhook = |name: &str, path: &str, failure_policy: &str, inject_label: Value| {
+        json!({
+            "name": name,
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
-            "failurePolicy": "Ignore",
+            "failurePolicy": failure_policy,
             "reinvocationPolicy": "Never",
             "timeoutSeconds": 10,
             "clientConfig": {
-                "service": {"name": CONTROL, "namespace": NAMESPACE, "path": "/inject", "port": 7743},
+                "service": {"name": CONTROL, "namespace": NAMESPACE, "path": path, "port": 7743},
                 "caBundle": ca_bundle_b64
             },
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
             "namespaceSelector": {"matchExpressions": [
-                {"key": "plexus.dev/inject", "operator": "NotIn", "values": ["disabled"]},
+                inject_label,
                 {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NAMESPACE]}
             ]}
-        }]
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "plexus-injector", "labels": labels()},
+        "webhooks": [
+            webhook(
+                "namespace.inject.plexus.dev",
+                crate::webhook::NAMESPACE_PATH,
+                "Fail",
+                json!({"key": crate::inject::INJECT_KEY, "operator": "In", "values": ["enabled"]}),
+            ),
+            webhook(
+                "inject.plexus.dev",
+                crate::webhook::ANNOTATION_PATH,
+                "Ignore",
+                json!({"key": crate::inject::INJECT_KEY, "operator": "NotIn", "values": ["enabled", "disabled"]}),
+            ),
+        ]
     })
 }
 

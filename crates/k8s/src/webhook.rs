@@ -3,8 +3,17 @@
 //! AdmissionReview v1 on `POST /inject`, answered with a JSONPatch built by
 //! [`crate::inject`]. Served by `plexus control --webhook-addr` whatever the store; the
 //! `MutatingWebhookConfiguration` is rendered by [`crate::install::webhook_configuration`]
-//! (`failurePolicy: Ignore`: a control plane that is down never blocks pod creation; such
-//! pods start without a proxy, and `plexus check` reports pods not injected).
+//! with two webhooks: pods of namespaces labelled `plexus.dev/inject=enabled` come to
+//! [`NAMESPACE_PATH`] (`failurePolicy: Fail`: never admitted without their proxy, not even when
+//! the webhook cannot build one — it refuses them and their controllers retry); pods of other
+//! namespaces come to [`ANNOTATION_PATH`] (`failurePolicy: Ignore`: an outage never blocks pods
+//! that did not opt in by namespace; an annotated pod admitted meanwhile starts without a
+//! proxy, and `plexus check` reports it).
+//!
+//! The serving certificate is re-read from `--webhook-tls-dir` every [`CERTIFICATE_POLL`] (a
+//! Secret volume is updated in place when the Secret changes), with the gateway's mechanism
+//! (`plexus_proxy::gateway::certs::CertificateStore`): a changed pair is served to new
+//! connections, a bad one keeps the last good one and is logged.
 //!
 //! Per request it reads the pod's namespace labels (opt-in), the mesh's trust anchor (the
 //! data dir's `trust-anchor.pem`: it may rotate) and the `plexus-control` Service's ClusterIP
@@ -26,10 +35,31 @@ use k8s_openapi::api::core::v1::{Namespace, PodSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
+use plexus_core::gateway::CertificateName;
+use plexus_proxy::gateway::certs::{CertificateSource, CertificateStore, PemPair};
+
 use crate::inject::{Decision, InjectConfig, decide, inject};
 
 /// Largest AdmissionReview accepted (a pod with its managed fields is a few KiB).
 const MAX_BODY: usize = 4 << 20;
+/// How often the serving certificate's files are re-read (kubelet updates a Secret volume
+/// within about a minute of the Secret's change).
+pub const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Where the API server sends pods of namespaces labelled `plexus.dev/inject=enabled`.
+pub const NAMESPACE_PATH: &str = "/inject/namespace";
+/// Where the API server sends pods of other namespaces (opt-in by annotation).
+pub const ANNOTATION_PATH: &str = "/inject";
+
+/// How the reviewed pod reached the webhook (which of the two webhook entries sent it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptIn {
+    /// Its namespace is labelled `plexus.dev/inject=enabled` (the API server selected it):
+    /// a pod to inject that cannot be injected is refused.
+    Namespace,
+    /// Any other namespace: injected when annotated, else admitted unchanged; a pod that cannot
+    /// be injected is admitted unchanged (as `failurePolicy: Ignore` would).
+    Annotation,
+}
 
 /// How the webhook runs.
 #[derive(Debug, Clone)]
@@ -43,13 +73,21 @@ pub struct WebhookOptions {
     pub image: String,
     /// The proxies' control-plane address; default: `https://<plexus-control ClusterIP>:7700`.
     pub control_plane: Option<String>,
+    /// How often `tls_dir` is re-read ([`CERTIFICATE_POLL`]).
+    pub certificate_poll: std::time::Duration,
 }
 
 /// The answer to one AdmissionReview (pure): `allowed` with a JSONPatch when the pod is
 /// injected, `allowed` without a patch when it is not, refused with the reason when its
-/// annotations are invalid. `config` is `None` when the injection settings are unavailable
-/// (the pod is admitted unchanged).
-pub fn review(request: &Value, namespace_labels: &BTreeMap<String, String>, config: Option<&InjectConfig>) -> Value {
+/// annotations are invalid. `config` is `None` when the injection settings are unavailable:
+/// a pod to inject is then admitted unchanged on the annotation path, refused on the
+/// namespace path ([`OptIn`]).
+pub fn review(
+    request: &Value,
+    namespace_labels: &BTreeMap<String, String>,
+    config: Option<&InjectConfig>,
+    opt_in: OptIn,
+) -> Value {
     let uid = request.pointer("/request/uid").cloned().unwrap_or(Value::String(String::new()));
     let respond = |response: Value| {
         let mut r = json!({"uid": uid});
@@ -58,10 +96,35 @@ pub fn review(request: &Value, namespace_labels: &BTreeMap<String, String>, conf
         }
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": r})
     };
-    match patch_for(request, namespace_labels, config) {
+    match patch_for(request, namespace_labels, config, opt_in) {
         Ok(None) => respond(json!({"allowed": true})),
         Ok(Some(patch)) => respond(json!({"allowed": true, "patchType": "JSONPatch", "patch": base64(&patch)})),
-        Err(message) => respond(json!({"allowed": false, "status": {"code": 400, "message": message}})),
+        Err(Refusal::Invalid(message)) => {
+            respond(json!({"allowed": false, "status": {"code": 400, "message": message}}))
+        }
+        Err(Refusal::Unavailable(message)) => {
+            respond(json!({"allowed": false, "status": {"code": 503, "message": message}}))
+        }
+    }
+}
+
+/// Why a pod is not admitted.
+enum Refusal {
+    /// The pod's own settings are wrong (its annotations).
+    Invalid(String),
+    /// The pod must be injected and cannot be now.
+    Unavailable(String),
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal::Invalid(message)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Refusal {
+        Refusal::Invalid(message.to_string())
     }
 }
 
@@ -70,7 +133,8 @@ fn patch_for(
     request: &Value,
     namespace_labels: &BTreeMap<String, String>,
     config: Option<&InjectConfig>,
-) -> Result<Option<Vec<u8>>, String> {
+    opt_in: OptIn,
+) -> Result<Option<Vec<u8>>, Refusal> {
     let object = request.pointer("/request/object").ok_or("AdmissionReview without request.object")?;
     if object.get("kind").and_then(Value::as_str).is_some_and(|k| k != "Pod") {
         return Ok(None);
@@ -87,7 +151,16 @@ fn patch_for(
         return Ok(None);
     }
     let Some(config) = config else {
-        tracing::warn!(pod = ?meta.generate_name.as_ref().or(meta.name.as_ref()), "injection settings unavailable: pod admitted without a proxy");
+        let pod = meta.generate_name.as_ref().or(meta.name.as_ref());
+        if opt_in == OptIn::Namespace {
+            tracing::warn!(?pod, "injection settings unavailable: pod refused (its namespace is in the mesh)");
+            return Err(Refusal::Unavailable(format!(
+                "plexus: cannot inject the proxy now (the trust anchor or the plexus-control Service is unavailable); namespace {} is labelled {}=enabled, so its pods are not admitted without one (the pod's controller retries)",
+                meta.namespace.as_deref().unwrap_or("default"),
+                crate::inject::INJECT_KEY
+            )));
+        }
+        tracing::warn!(?pod, "injection settings unavailable: pod admitted without a proxy");
         return Ok(None);
     };
     // The patch is the difference of the typed pod before and after, so that fields the
@@ -96,7 +169,7 @@ fn patch_for(
     inject(&mut meta, &mut spec, config)?;
     let after = json!({"metadata": meta, "spec": spec});
     let patch = json_patch::diff(&before, &after);
-    serde_json::to_vec(&patch).map(Some).map_err(|e| e.to_string())
+    serde_json::to_vec(&patch).map(Some).map_err(|e| Refusal::Invalid(e.to_string()))
 }
 
 /// Standard base64, as the API serializes bytes.
@@ -115,13 +188,19 @@ struct Injector {
 }
 
 impl Injector {
-    async fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let Some(client) = &self.client else { return BTreeMap::new() };
+    /// The namespace's labels; when they cannot be read, what the webhook entry that sent the
+    /// pod selected on (on the namespace path: labelled `plexus.dev/inject=enabled`).
+    async fn namespace_labels(&self, namespace: &str, opt_in: OptIn) -> BTreeMap<String, String> {
+        let selected = || match opt_in {
+            OptIn::Namespace => [(crate::inject::INJECT_KEY.to_string(), "enabled".to_string())].into(),
+            OptIn::Annotation => BTreeMap::new(),
+        };
+        let Some(client) = &self.client else { return selected() };
         match kube::Api::<Namespace>::all(client.clone()).get(namespace).await {
             Ok(ns) => ns.metadata.labels.unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(namespace, error = %e, "cannot read the namespace's labels: only pod annotations opt in");
-                BTreeMap::new()
+                tracing::warn!(namespace, error = %e, ?opt_in, "cannot read the namespace's labels: going by the webhook entry that sent the pod");
+                selected()
             }
         }
     }
@@ -163,9 +242,16 @@ impl Injector {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.uri().path() != "/inject" {
-            return reply(StatusCode::NOT_FOUND, "not found: POST /inject\n".into());
-        }
+        let opt_in = match req.uri().path() {
+            NAMESPACE_PATH => OptIn::Namespace,
+            ANNOTATION_PATH => OptIn::Annotation,
+            _ => {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    format!("not found: POST {ANNOTATION_PATH} or {NAMESPACE_PATH}\n"),
+                );
+            }
+        };
         if req.method() != Method::POST {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "POST /inject\n".into());
         }
@@ -181,9 +267,9 @@ impl Injector {
             return reply(StatusCode::BAD_REQUEST, "not an AdmissionReview: no request.uid\n".into());
         }
         let namespace = request.pointer("/request/namespace").and_then(Value::as_str).unwrap_or("default");
-        let labels = self.namespace_labels(namespace).await;
+        let labels = self.namespace_labels(namespace, opt_in).await;
         let config = self.config().await;
-        let answer = review(&request, &labels, config.as_ref());
+        let answer = review(&request, &labels, config.as_ref(), opt_in);
         let injected = answer.pointer("/response/patch").is_some();
         tracing::info!(namespace, injected, "admission review");
         let mut resp = reply(StatusCode::OK, answer.to_string());
@@ -199,37 +285,83 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// The TLS settings from `dir`'s `tls.crt` and `tls.key`.
-fn tls_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls_pki_types::pem::PemObject as _;
-    let cert_path = dir.join("tls.crt");
-    let key_path = dir.join("tls.key");
-    let certs = rustls_pki_types::CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("--webhook-tls-dir: {}: {e}", cert_path.display()))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| format!("--webhook-tls-dir: {}: {e}", key_path.display()))?;
+/// The webhook's one certificate: `tls.crt` and `tls.key` in `--webhook-tls-dir` (the
+/// mounted `plexus-webhook-tls` Secret), whatever the name asked for.
+struct TlsDir(PathBuf);
+
+impl CertificateSource for TlsDir {
+    fn read(&self, _: &CertificateName) -> Result<PemPair, String> {
+        let read = |file: &str| {
+            let path = self.0.join(file);
+            std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        Ok(PemPair { chain: read("tls.crt")?, key: read("tls.key")? })
+    }
+
+    fn location(&self, _: &CertificateName) -> String {
+        self.0.display().to_string()
+    }
+}
+
+/// The serving certificate, re-read by [`Webhook::serve`]; every handshake takes the current one.
+struct ServingCertificate {
+    store: CertificateStore,
+    name: CertificateName,
+}
+
+impl std::fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCertificate").field("name", &self.name.to_string()).finish()
+    }
+}
+
+impl ServingCertificate {
+    /// Reads the files again; a changed good pair replaces the served one.
+    fn refresh(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.store.refresh(&std::collections::BTreeSet::from([self.name.clone()]), now);
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCertificate {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.store.key(&self.name)
+    }
+}
+
+/// The TLS settings serving `dir`'s `tls.crt` and `tls.key` (an error naming the problem when
+/// they cannot be loaded at start), and the certificate to refresh.
+fn tls_config(dir: &Path) -> Result<(Arc<rustls::ServerConfig>, Arc<ServingCertificate>), String> {
+    let name =
+        CertificateName { namespace: crate::install::NAMESPACE.into(), name: crate::install::WEBHOOK_SECRET.into() };
+    let serving =
+        Arc::new(ServingCertificate { store: CertificateStore::new(Box::new(TlsDir(dir.to_path_buf()))), name });
+    serving.refresh();
+    if serving.store.key(&serving.name).is_none() {
+        let problem = serving.store.statuses().into_iter().find_map(|s| s.problem).unwrap_or_default();
+        return Err(format!("--webhook-tls-dir {}: {problem}", dir.display()));
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("--webhook-tls-dir {}: {e}", dir.display()))?;
+        .with_cert_resolver(serving.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), serving))
 }
 
 /// A bound webhook server.
 pub struct Webhook {
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    serving: Arc<ServingCertificate>,
     injector: Arc<Injector>,
 }
 
 impl Webhook {
     /// Loads the TLS material, binds, and (with a client) reads the server's version.
     pub async fn bind(options: WebhookOptions, client: Option<kube::Client>) -> Result<Webhook, String> {
-        let tls = tls_config(&options.tls_dir)?;
+        let (tls, serving) = tls_config(&options.tls_dir)?;
         let listener = tokio::net::TcpListener::bind(options.addr)
             .await
             .map_err(|e| format!("cannot listen on {} (--webhook-addr): {e}", options.addr))?;
@@ -246,6 +378,7 @@ impl Webhook {
         Ok(Webhook {
             listener,
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
+            serving,
             injector: Arc::new(Injector { client, options, native_sidecars }),
         })
     }
@@ -254,11 +387,20 @@ impl Webhook {
         self.listener.local_addr()
     }
 
-    /// Serves until the task is aborted.
+    /// Serves until the task is aborted, re-reading the certificate every `certificate_poll`.
     pub async fn serve(self) {
         tracing::info!(addr = ?self.listener.local_addr().ok(), native_sidecars = self.injector.native_sidecars, "injection webhook ready");
+        let mut poll = tokio::time::interval(self.injector.options.certificate_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let Ok((stream, peer)) = self.listener.accept().await else { continue };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = poll.tick() => {
+                    self.serving.refresh();
+                    continue;
+                }
+            };
+            let Ok((stream, peer)) = accepted else { continue };
             let (acceptor, injector) = (self.acceptor.clone(), self.injector.clone());
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await;

@@ -97,3 +97,67 @@ fn rbac_is_least_privilege() {
     assert_eq!(ns_role["metadata"]["namespace"], "plexus-system");
     assert!(ns_role["rules"].to_string().contains("leases"));
 }
+
+/// Whether a `namespaceSelector` of `matchExpressions` (In / NotIn, as rendered) selects a
+/// namespace with `labels`, as the API server evaluates it (NotIn matches an absent label).
+fn selects(selector: &Value, labels: &[(&str, &str)]) -> bool {
+    selector["matchExpressions"].as_array().expect("matchExpressions").iter().all(|e| {
+        let value = labels.iter().find(|(k, _)| Some(*k) == e["key"].as_str()).map(|(_, v)| *v);
+        let listed = value.is_some_and(|v| e["values"].as_array().expect("values").iter().any(|x| x == v));
+        match e["operator"].as_str() {
+            Some("In") => listed,
+            Some("NotIn") => !listed,
+            other => panic!("operator {other:?}"),
+        }
+    })
+}
+
+/// Pods of namespaces labelled `plexus.dev/inject=enabled` go to a `failurePolicy: Fail`
+/// webhook (never admitted unmeshed while it is down), every other namespace's to an
+/// `Ignore` one (annotation opt-in); `plexus-system` and `kube-system` to neither.
+#[test]
+fn labelled_namespaces_fail_closed_and_the_annotation_path_fails_open() {
+    let docs = documents(&render(&InstallOptions::default()).expect("renders"));
+    let config = docs.iter().find(|d| d["kind"] == "MutatingWebhookConfiguration").expect("webhook configuration");
+    let hooks = config["webhooks"].as_array().expect("webhooks");
+    assert_eq!(hooks.len(), 2);
+    let chosen = |labels: &[(&str, &str)]| -> Vec<(String, String, String)> {
+        hooks
+            .iter()
+            .filter(|h| selects(&h["namespaceSelector"], labels))
+            .map(|h| {
+                let s = |v: &Value| v.as_str().expect("string").to_string();
+                (s(&h["name"]), s(&h["failurePolicy"]), s(&h["clientConfig"]["service"]["path"]))
+            })
+            .collect()
+    };
+    let fail = ("namespace.inject.plexus.dev".to_string(), "Fail".to_string(), "/inject/namespace".to_string());
+    let ignore = ("inject.plexus.dev".to_string(), "Ignore".to_string(), "/inject".to_string());
+    let name = "kubernetes.io/metadata.name";
+    assert_eq!(chosen(&[("plexus.dev/inject", "enabled")]), std::slice::from_ref(&fail), "1.20: no name label");
+    assert_eq!(chosen(&[("plexus.dev/inject", "enabled"), (name, "bookinfo")]), [fail]);
+    assert_eq!(chosen(&[]), std::slice::from_ref(&ignore));
+    assert_eq!(chosen(&[(name, "default"), ("team", "a")]), [ignore]);
+    assert!(chosen(&[("plexus.dev/inject", "disabled")]).is_empty());
+    // The control plane's own namespace, as rendered: never sent to its own webhook, by its
+    // label on 1.20 and by its name as well on 1.21+ (even if someone relabels it).
+    let ns = docs.iter().find(|d| d["kind"] == "Namespace").expect("namespace");
+    let ns_labels: Vec<(&str, &str)> = ns["metadata"]["labels"]
+        .as_object()
+        .expect("labels")
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().expect("label value")))
+        .collect();
+    assert!(chosen(&ns_labels).is_empty(), "{ns_labels:?}");
+    assert!(chosen(&[(name, "plexus-system"), ("plexus.dev/inject", "enabled")]).is_empty());
+    assert!(chosen(&[(name, "kube-system"), ("plexus.dev/inject", "enabled")]).is_empty());
+    assert!(chosen(&[(name, "kube-system")]).is_empty());
+    // Same service, port and CA bundle; only pods are reviewed, on creation.
+    for h in hooks {
+        assert_eq!(h["clientConfig"]["caBundle"], hooks[0]["clientConfig"]["caBundle"]);
+        assert_eq!(h["clientConfig"]["service"]["name"], "plexus-control");
+        assert_eq!(h["clientConfig"]["service"]["port"], 7743);
+        assert_eq!(h["rules"][0]["resources"], serde_json::json!(["pods"]));
+        assert_eq!(h["rules"][0]["operations"], serde_json::json!(["CREATE"]));
+    }
+}
