@@ -130,14 +130,9 @@ pub fn skip_ports(meta: &ObjectMeta) -> Result<Vec<u16>, String> {
         .collect()
 }
 
-/// One rewritten kubelet probe: the admin path it now uses and where the proxy sends it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AppProbe {
-    pub port: u16,
-    pub path: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<(String, String)>,
-}
+/// One rewritten kubelet probe: where the proxy sends it (the proxy's own type: the table in
+/// `PLEXUS_APP_PROBES` is what `plexus-proxy --app-probes` reads).
+pub use plexus_proxy::settings::AppProbe;
 
 /// Injects the proxy into a pod (its metadata and spec). Fails only on a bad annotation or a
 /// probe whose named port the container does not declare.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
-use plexus_core::resource::{AuthorizationPolicySpec, PolicyTargetRef};
+use plexus_core::resource::{AuthorizationPolicySpec, ParentRef, PolicyTargetRef};
 use plexus_core::{Kind, Resource, Spec};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -77,39 +77,32 @@ fn is_service(group: Option<&str>, kind: Option<&str>, default_kind: &str) -> bo
     matches!(group.unwrap_or(""), "" | "plexus.dev") && kind.unwrap_or(default_kind) == "Service"
 }
 
+/// The `Accepted` condition of one parentRef of a route plexus-core accepted (so its group
+/// and kind are a Service's or a Gateway's, read as the core route compiler reads them).
 fn parent_accepted(parent: &Value, route_ns: &str, known: &Known, generation: Option<i64>) -> Value {
-    let s = |k: &str| parent.get(k).and_then(Value::as_str);
-    let name = s("name").unwrap_or_default();
-    let ns = s("namespace").unwrap_or(route_ns);
-    // No kind means a Service (GAMMA), as the core route compiler reads it
-    // (`plexus_core::route::parent_is_gateway`); a Gateway is named with `kind: Gateway`.
-    if is_service(s("group"), s("kind"), "Service") {
+    let Ok(parent) = serde_json::from_value::<ParentRef>(parent.clone()) else {
+        return condition("Accepted", false, "NoMatchingParent", "a parentRef needs a name".into(), generation);
+    };
+    let name = parent.name.as_str();
+    let ns = parent.namespace.as_deref().unwrap_or(route_ns);
+    if !plexus_core::route::parent_is_gateway(&parent) {
         return if known.service(ns, name) {
             condition("Accepted", true, "Accepted", format!("attached to Service {ns}/{name}"), generation)
         } else {
             condition("Accepted", false, "NoMatchingParent", format!("Service {ns}/{name} not found"), generation)
         };
     }
-    if s("kind").unwrap_or("Gateway") != "Gateway" || !matches!(s("group"), None | Some("gateway.networking.k8s.io")) {
-        return condition(
-            "Accepted",
-            false,
-            "NoMatchingParent",
-            "a parent is a Service or a Gateway".into(),
-            generation,
-        );
-    }
     let Some((_, _, gateway)) = known.gateways.iter().find(|(gns, gname, _)| gns == ns && gname == name) else {
         return condition("Accepted", false, "NoMatchingParent", format!("Gateway {ns}/{name} not found"), generation);
     };
-    let listeners: Vec<_> =
-        gateway.listeners.iter().filter(|l| s("sectionName").is_none_or(|section| l.name == section)).collect();
+    let section = parent.section_name.as_deref();
+    let listeners: Vec<_> = gateway.listeners.iter().filter(|l| section.is_none_or(|s| l.name == s)).collect();
     if listeners.is_empty() {
         return condition(
             "Accepted",
             false,
             "NoMatchingParent",
-            format!("Gateway {ns}/{name} has no listener {:?}", s("sectionName").unwrap_or_default()),
+            format!("Gateway {ns}/{name} has no listener {:?}", section.unwrap_or_default()),
             generation,
         );
     }
