@@ -28,6 +28,10 @@ pub struct ServerArgs {
     /// KUBECONFIG is used when no --server is given.
     #[arg(long, global = true)]
     pub kubeconfig: Option<PathBuf>,
+    /// Set by [`ServerArgs::new`]: a universal-mode control plane named by the caller
+    /// (`plexus run`, the demo's workloads), never redirected by `KUBECONFIG`.
+    #[arg(skip)]
+    universal: bool,
     /// The cluster's control plane, once found.
     #[arg(skip)]
     cluster: std::sync::Arc<tokio::sync::OnceCell<Result<std::sync::Arc<plexus_k8s::access::ClusterAccess>, String>>>,
@@ -37,22 +41,27 @@ pub struct ServerArgs {
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7701";
 
 impl ServerArgs {
-    /// A control plane at `server` whose admin token is in `data_dir`.
+    /// A control plane at `server` whose admin token is in `data_dir` (universal mode: an
+    /// exported `KUBECONFIG` does not redirect it to a cluster).
     pub fn new(server: String, data_dir: PathBuf) -> ServerArgs {
-        ServerArgs { server, data_dir, kubeconfig: None, cluster: Default::default() }
+        ServerArgs { server, data_dir, kubeconfig: None, universal: true, cluster: Default::default() }
     }
 
     /// The kubeconfig to reach a cluster with: `--kubeconfig`, else `KUBECONFIG` (its first
-    /// file) when no `--server` (nor `PLEXUS_SERVER`) is given.
+    /// file) when no `--server` (nor `PLEXUS_SERVER`) is given on the command line.
     pub fn kubeconfig_path(&self) -> Option<PathBuf> {
+        self.kubeconfig_with(std::env::var_os("PLEXUS_SERVER").is_some(), std::env::var_os("KUBECONFIG"))
+    }
+
+    /// [`ServerArgs::kubeconfig_path`] given the environment.
+    fn kubeconfig_with(&self, plexus_server_env: bool, kubeconfig_env: Option<std::ffi::OsString>) -> Option<PathBuf> {
         if let Some(k) = &self.kubeconfig {
             return Some(k.clone());
         }
-        if self.server != DEFAULT_SERVER || std::env::var_os("PLEXUS_SERVER").is_some() {
+        if self.universal || self.server != DEFAULT_SERVER || plexus_server_env {
             return None;
         }
-        let list = std::env::var_os("KUBECONFIG")?;
-        std::env::split_paths(&list).find(|p| !p.as_os_str().is_empty())
+        std::env::split_paths(&kubeconfig_env?).find(|p| !p.as_os_str().is_empty())
     }
 
     /// Where the control plane is, for messages: `--server`, or the cluster's pod.
@@ -265,4 +274,36 @@ pub fn parse_answer<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, F
             "cannot read the control plane's answer to {path}: {e}\n  hint: use a plexus CLI of the control plane's version"
         ))
     })
+}
+
+#[cfg(test)]
+mod kubeconfig_tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    /// An exported KUBECONFIG points a management command without `--server` at the cluster,
+    /// but never a universal-mode control plane a command was given (`plexus run`, whose
+    /// `--server` the demo passes with the default address), nor an explicit `--server`.
+    #[test]
+    fn kubeconfig_from_the_environment_redirects_only_commands_without_a_server() {
+        let env = Some(std::ffi::OsString::from("/home/u/.kube/config:/other"));
+        let cli = |args: &[&str]| Cli::try_parse_from([&["plexus"], args].concat()).expect("parses").server;
+        assert_eq!(cli(&[]).kubeconfig_with(false, env.clone()), Some(PathBuf::from("/home/u/.kube/config")));
+        assert_eq!(cli(&[]).kubeconfig_with(false, None), None);
+        assert_eq!(cli(&[]).kubeconfig_with(true, env.clone()), None, "PLEXUS_SERVER set");
+        assert_eq!(cli(&["--server", "http://10.0.0.1:7701"]).kubeconfig_with(false, env.clone()), None);
+        assert_eq!(
+            cli(&["--kubeconfig", "/k"]).kubeconfig_with(false, None),
+            Some(PathBuf::from("/k")),
+            "--kubeconfig always"
+        );
+        let universal = ServerArgs::new(DEFAULT_SERVER.to_string(), PathBuf::from(".plexus"));
+        assert_eq!(universal.kubeconfig_with(false, env), None, "plexus run / the demo's workloads");
+    }
 }
