@@ -19,13 +19,14 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use plexus_spiffe::{ClientVerifier, CurrentKey, ServerVerifier};
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -68,11 +69,7 @@ impl Peer {
 /// Reads the identity of a (verified) certificate: its SPIFFE ID and the token OU.
 pub fn identity_of(cert: &[u8]) -> Option<PeerIdentity> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    let spiffe_id = san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
-        _ => None,
-    })?;
+    let spiffe_id = plexus_spiffe::spiffe_id_in(&parsed)?;
     let rest = spiffe_id.strip_prefix("spiffe://")?;
     let (trust_domain, path) = rest.split_once('/')?;
     let mut parts = path.split('/');
@@ -254,8 +251,8 @@ impl ServingIdentity {
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(OptionalClientCert { identity: self.clone() }))
-            .with_cert_resolver(Arc::new(Resolver { identity: self.clone() }));
+            .with_client_cert_verifier(Arc::new(self.optional_client_cert()))
+            .with_cert_resolver(Arc::new(self.current_key()));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -270,168 +267,41 @@ impl ServingIdentity {
         let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ProxyVerifier {
-                identity: self.clone(),
-                expected: expected.to_string(),
-            }))
-            .with_client_cert_resolver(Arc::new(Resolver { identity: self.clone() }));
+            .with_custom_certificate_verifier(Arc::new(self.proxy_verifier(expected)))
+            .with_client_cert_resolver(Arc::new(self.current_key()));
         Ok(Arc::new(config))
     }
-}
 
-/// Verifies a proxy's admin server: chain to the bundle, and the expected SPIFFE ID.
-#[derive(Debug)]
-struct ProxyVerifier {
-    identity: Arc<ServingIdentity>,
-    expected: String,
-}
-
-impl rustls::client::danger::ServerCertVerifier for ProxyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let mut roots = RootCertStore::empty();
-        for anchor in CertificateDer::pem_slice_iter(self.identity.ca.bundle_pem().as_bytes()) {
-            roots.add(anchor.map_err(|e| rustls::Error::General(format!("trust bundle: {e}")))?)?;
-        }
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &roots,
-            intermediates,
-            now,
-            self.identity.provider.signature_verification_algorithms.all,
-        )?;
-        match identity_of(end_entity) {
-            Some(id) if id.spiffe_id == self.expected => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            Some(id) => {
-                Err(rustls::Error::General(format!("the admin server is {}, expected {}", id.spiffe_id, self.expected)))
+    /// A proxy's admin server: chain to the current bundle, and the expected SPIFFE ID.
+    fn proxy_verifier(self: &Arc<Self>, expected: &str) -> ServerVerifier {
+        let identity = self.clone();
+        let roots = Box::new(move |_: &[CertificateDer<'_>]| {
+            let mut roots = RootCertStore::empty();
+            for anchor in CertificateDer::pem_slice_iter(identity.ca.bundle_pem().as_bytes()) {
+                roots.add(anchor.map_err(|e| rustls::Error::General(format!("trust bundle: {e}")))?)?;
             }
-            None => Err(rustls::Error::General("the admin server's certificate has no SPIFFE ID".into())),
-        }
+            Ok(Arc::new(roots))
+        });
+        let check = plexus_spiffe::expect_spiffe_id("the admin server", expected.to_string());
+        ServerVerifier::new(roots, check, self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
+    /// Client certificates verified against the current bundle, when there is one; a presented
+    /// certificate must name a workload.
+    fn optional_client_cert(self: &Arc<Self>) -> ClientVerifier {
+        let identity = self.clone();
+        let current = Box::new(move || identity.client_verifier());
+        let check = Box::new(|der: &[u8]| match identity_of(der) {
+            Some(_) => Ok(()),
+            None => Err("client certificate has no workload SPIFFE ID".to_string()),
+        });
+        ClientVerifier::new(current, check, false, self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.identity.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-impl rustls::client::ResolvesClientCert for Resolver {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.identity.certified_key()
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-#[derive(Debug)]
-struct Resolver {
-    identity: Arc<ServingIdentity>,
-}
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.identity.certified_key()
-    }
-}
-
-/// Verifies client certificates against the current bundle, when there is one.
-#[derive(Debug)]
-struct OptionalClientCert {
-    identity: Arc<ServingIdentity>,
-}
-
-impl ClientCertVerifier for OptionalClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.identity.client_verifier()?.verify_client_cert(end_entity, intermediates, now)?;
-        if identity_of(end_entity).is_none() {
-            return Err(rustls::Error::General("client certificate has no workload SPIFFE ID".into()));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.identity.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.identity.provider.signature_verification_algorithms.supported_schemes()
+    /// The control plane's current certificate, on both sides.
+    fn current_key(self: &Arc<Self>) -> CurrentKey {
+        let identity = self.clone();
+        CurrentKey::new(move || identity.certified_key())
     }
 }
 

@@ -18,17 +18,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::ResolvesClientCert;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use plexus_spiffe::{CurrentKey, ServerVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{Error, RootCertStore};
 use tokio::net::TcpStream;
 
-use crate::tls::{MeshCredentials, spiffe_id_of};
+use crate::tls::MeshCredentials;
 
 /// The path every control plane's SPIFFE ID ends with (`plexus_core::names`).
 fn is_control_plane(spiffe_id: &str) -> bool {
@@ -96,8 +93,8 @@ impl ControlPlaneTls {
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { tls: self.clone() }))
-            .with_client_cert_resolver(Arc::new(ClientCert { tls: self.clone() }));
+            .with_custom_certificate_verifier(Arc::new(self.verifier()))
+            .with_client_cert_resolver(Arc::new(self.current_key()));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -113,6 +110,33 @@ impl ControlPlaneTls {
         let endpoint = configure(tonic::transport::Endpoint::from_shared(plain)?);
         let connector = Connector { config: self.client_config()? };
         Ok(endpoint.connect_with_connector(connector).await?)
+    }
+
+    /// Verifies the control plane: chain to a trusted anchor, and its SPIFFE ID.
+    fn verifier(self: &Arc<Self>) -> ServerVerifier {
+        let tls = self.clone();
+        let roots = Box::new(move |presented: &[CertificateDer<'_>]| {
+            let roots = tls.roots(presented);
+            if roots.is_empty() {
+                return Err(Error::General(format!(
+                    "the control plane's certificate does not lead to the pinned trust anchor {}",
+                    tls.pin.as_deref().unwrap_or("(none)")
+                )));
+            }
+            Ok(Arc::new(roots))
+        });
+        let identity = Box::new(|der: &[u8]| match plexus_spiffe::spiffe_id_of(der) {
+            Some(id) if is_control_plane(&id) => Ok(()),
+            Some(id) => Err(format!("the server is {id}, not the control plane")),
+            None => Err("the server's certificate has no SPIFFE ID".to_string()),
+        });
+        ServerVerifier::new(roots, identity, self.provider.signature_verification_algorithms)
+    }
+
+    /// Presents the workload certificate, once there is one.
+    fn current_key(self: &Arc<Self>) -> CurrentKey {
+        let tls = self.clone();
+        CurrentKey::new(move || tls.credentials.as_ref().and_then(|c| c.certified_key()))
     }
 
     fn roots(&self, presented: &[CertificateDer<'_>]) -> RootCertStore {
@@ -160,82 +184,6 @@ pub async fn enroll(
         CertificateDer::pem_slice_iter(response.trust_bundle_pem.as_bytes()).collect::<Result<_, _>>()?;
     credentials.set_trust_bundle(anchors)?;
     Ok((credentials, tls, response))
-}
-
-/// Verifies the control plane: chain to a trusted anchor, and its SPIFFE ID.
-#[derive(Debug)]
-struct Verifier {
-    tls: Arc<ControlPlaneTls>,
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        let roots = self.tls.roots(intermediates);
-        if roots.is_empty() {
-            return Err(Error::General(format!(
-                "the control plane's certificate does not lead to the pinned trust anchor {}",
-                self.tls.pin.as_deref().unwrap_or("(none)")
-            )));
-        }
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &roots,
-            intermediates,
-            now,
-            self.tls.provider.signature_verification_algorithms.all,
-        )?;
-        match spiffe_id_of(end_entity) {
-            Some(id) if is_control_plane(&id) => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(Error::General(format!("the server is {id}, not the control plane"))),
-            None => Err(Error::General("the server's certificate has no SPIFFE ID".into())),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.tls.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.tls.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.tls.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Presents the workload certificate, once there is one.
-#[derive(Debug)]
-struct ClientCert {
-    tls: Arc<ControlPlaneTls>,
-}
-
-impl ResolvesClientCert for ClientCert {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.tls.credentials.as_ref().and_then(|c| c.certified_key())
-    }
-
-    fn has_certs(&self) -> bool {
-        self.tls.has_certificate()
-    }
 }
 
 /// Dials the control plane (or a node agent) and runs the TLS handshake.

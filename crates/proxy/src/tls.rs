@@ -18,14 +18,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use plexus_spiffe::{ClientVerifier, CurrentKey, ServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+use rustls::{Error, RootCertStore};
 
 /// ALPN of HTTP (HTTP/2) between sidecars.
 pub const ALPN_H2: &[u8] = b"plexus.h2";
@@ -111,8 +110,8 @@ impl MeshCredentials {
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, Error> {
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(MeshClientVerifier { credentials: self.clone() }))
-            .with_cert_resolver(Arc::new(Resolver { credentials: self.clone() }));
+            .with_client_cert_verifier(Arc::new(self.client_verifier()))
+            .with_cert_resolver(Arc::new(self.current_key()));
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
         // No session tickets: after the handshake only application bytes arrive, so a client
         // sidecar can tell a server-first protocol's greeting from TLS housekeeping.
@@ -126,11 +125,8 @@ impl MeshCredentials {
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(MeshServerVerifier {
-                credentials: self.clone(),
-                expected: expected.to_string(),
-            }))
-            .with_client_cert_resolver(Arc::new(Resolver { credentials: self.clone() }));
+            .with_custom_certificate_verifier(Arc::new(self.server_verifier(expected)))
+            .with_client_cert_resolver(Arc::new(self.current_key()));
         config.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(config))
     }
@@ -141,156 +137,39 @@ impl MeshCredentials {
             .unwrap_or(ServerName::IpAddress(std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST).into()))
     }
 
-    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
-        &self.provider.signature_verification_algorithms
+    /// The current certificate, presented on both sides.
+    fn current_key(self: &Arc<Self>) -> CurrentKey {
+        let credentials = self.clone();
+        CurrentKey::new(move || credentials.key.load_full())
+    }
+
+    /// A peer sidecar's server certificate: chain to the bundle, and the expected SPIFFE ID.
+    fn server_verifier(self: &Arc<Self>, expected: &str) -> ServerVerifier {
+        let credentials = self.clone();
+        let roots = Box::new(move |_: &[CertificateDer<'_>]| {
+            credentials.roots.load_full().ok_or(Error::General("no trust bundle yet".into()))
+        });
+        let algorithms = self.provider.signature_verification_algorithms;
+        ServerVerifier::new(roots, plexus_spiffe::expect_spiffe_id("peer", expected.to_string()), algorithms)
+    }
+
+    /// Client certificates are required and verified against the current bundle (a webpki
+    /// verifier rebuilt whenever the bundle changes), and must carry a SPIFFE ID.
+    fn client_verifier(self: &Arc<Self>) -> ClientVerifier {
+        let credentials = self.clone();
+        let current = Box::new(move || {
+            credentials
+                .client_verifier
+                .load_full()
+                .map(|v| Arc::clone(&*v))
+                .ok_or(Error::General("no trust bundle yet".into()))
+        });
+        let algorithms = self.provider.signature_verification_algorithms;
+        ClientVerifier::new(current, plexus_spiffe::any_spiffe_id("client"), true, algorithms)
     }
 }
 
 /// The SPIFFE ID (URI SAN) of a certificate.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
-        _ => None,
-    })
-}
-
-/// Serves this proxy's current certificate to both sides of a handshake.
-#[derive(Debug)]
-struct Resolver {
-    credentials: Arc<MeshCredentials>,
-}
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.credentials.key.load_full()
-    }
-}
-
-impl ResolvesClientCert for Resolver {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.credentials.key.load_full()
-    }
-
-    fn has_certs(&self) -> bool {
-        self.credentials.key.load().is_some()
-    }
-}
-
-/// Verifies a peer sidecar's server certificate: chain to the bundle, and the expected SPIFFE ID.
-#[derive(Debug)]
-struct MeshServerVerifier {
-    credentials: Arc<MeshCredentials>,
-    expected: String,
-}
-
-impl ServerCertVerifier for MeshServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        let roots = self.credentials.roots.load_full().ok_or(Error::General("no trust bundle yet".into()))?;
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &roots,
-            intermediates,
-            now,
-            self.credentials.algorithms().all,
-        )?;
-        match spiffe_id_of(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(Error::General(format!("peer is {id}, expected {}", self.expected))),
-            None => Err(Error::General("peer certificate has no SPIFFE ID".into())),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.algorithms().supported_schemes()
-    }
-}
-
-/// Requires and verifies client certificates against the current bundle (delegating to a
-/// webpki verifier rebuilt whenever the bundle changes).
-#[derive(Debug)]
-struct MeshClientVerifier {
-    credentials: Arc<MeshCredentials>,
-}
-
-impl MeshClientVerifier {
-    fn inner(&self) -> Result<Arc<Arc<dyn ClientCertVerifier>>, Error> {
-        self.credentials.client_verifier.load_full().ok_or(Error::General("no trust bundle yet".into()))
-    }
-}
-
-impl ClientCertVerifier for MeshClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.inner()?.verify_client_cert(end_entity, intermediates, now)?;
-        if spiffe_id_of(end_entity).is_none() {
-            return Err(Error::General("client certificate has no SPIFFE ID".into()));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.algorithms().supported_schemes()
-    }
+    plexus_spiffe::spiffe_id_of(cert.as_ref())
 }
