@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::egress::{Pki, TLS_ECHO};
+use common::egress::{Pki, TLS_ECHO, control_plane};
 use common::{PLEXUS, metric_sum, run_peer, show};
 use plexus_testkit::{HttpEcho, Proxy, TcpEcho, TempDir, command, eventually, require_tool, run};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -464,20 +464,6 @@ async fn explain_shows_the_egress_decision() {
     assert_eq!(json["allowed"], false);
     assert_eq!(json["destination"], "other.example.org:80");
     assert_eq!(json["outboundTrafficPolicy"], "registryOnly");
-}
-
-/// A `plexus control` on free ports with its own data dir: `(process, http URL, grpc URL)`.
-async fn control_plane(dir: &TempDir) -> (plexus_testkit::Background, String, String) {
-    let data = dir.join("data");
-    let http = format!("127.0.0.1:{}", plexus_testkit::free_port());
-    let mut cmd = command(PLEXUS);
-    cmd.args(["control", "--http-addr", &http, "--grpc-addr", "127.0.0.1:0", "--data-dir"]).arg(&data);
-    let proc = plexus_testkit::Background::start("control", cmd, "{", Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let ready: serde_json::Value = serde_json::from_str(proc.ready_line()).expect("ready line");
-    let grpc = format!("http://{}", ready["grpc"].as_str().expect("grpc address"));
-    (proc, format!("http://{http}"), grpc)
 }
 
 /// ExternalServices and MeshConfig reach every sidecar through the control plane, also one

@@ -193,9 +193,18 @@ impl Egress<'_> {
     pub fn describe(&self) -> String {
         match self {
             Egress::External { service, port } => {
-                let tls = if service.originates_on(port).is_some() { ", TLS originated by the sidecar" } else { "" };
+                let by = if service.egress_gateway.is_some() { "the egress gateway" } else { "the sidecar" };
+                let tls = if service.originates_on(port).is_some() {
+                    format!(", TLS originated by {by}")
+                } else {
+                    String::new()
+                };
+                let via = match &service.egress_gateway {
+                    Some(g) => format!(", through egress gateway {}/{} (HTTP only)", g.namespace, g.name),
+                    None => String::new(),
+                };
                 format!(
-                    "allowed: ExternalService {}/{} port {} ({}){tls}",
+                    "allowed: ExternalService {}/{} port {} ({}){tls}{via}",
                     service.name.namespace,
                     service.name.name,
                     port.port,

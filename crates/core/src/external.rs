@@ -132,6 +132,10 @@ pub struct CompiledExternal {
     pub ports: Vec<ExternalPortInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub originate: Option<Origination>,
+    /// The egress gateway's Service (`spec.egressGateway`): sidecars send calls to these
+    /// hosts there over mTLS, and only that gateway dials them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_gateway: Option<ServiceName>,
 }
 
 impl CompiledExternal {
@@ -190,12 +194,17 @@ impl ExternalServices {
                         },
                     })
                     .collect();
+                let egress_gateway = e.egress_gateway.as_deref().map(|g| match g.split_once('.') {
+                    Some((name, namespace)) => ServiceName::new(name, namespace),
+                    None => ServiceName::new(g, r.metadata.namespace()),
+                });
                 Some(Arc::new(CompiledExternal {
                     name: ServiceName::new(&r.metadata.name, r.metadata.namespace()),
                     label: r.metadata.name.as_str().into(),
                     hosts: e.hosts.iter().map(|h| HostPattern::parse(h)).collect(),
                     ports,
                     originate,
+                    egress_gateway,
                 }))
             })
             .collect();
@@ -329,6 +338,16 @@ spec: {hosts: [10.1.2.3, "::ffff:10.9.9.9"], ports: [5432]}
         bad("{hosts: ['a.*.com'], ports: [443]}", "spec.hosts[0]");
         bad("{hosts: [a.com], ports: [443, 443]}", "spec.ports[1]");
         bad("{hosts: [a.com], ports: [443], tls: {originate: true, extra: 1}}", "extra");
+        bad("{hosts: [a.com], ports: [{port: 80, protocol: http}], egressGateway: Egress}", "spec.egressGateway");
+        bad("{hosts: [a.com], ports: [{port: 80, protocol: http}], egressGateway: a.b.c}", "spec.egressGateway");
+        bad("{hosts: [a.com], ports: [{port: 5432, protocol: tcp}], egressGateway: egress}", "spec.egressGateway");
+        bad("{hosts: [a.com], ports: [{port: 443, protocol: https}], egressGateway: egress}", "spec.egressGateway");
+        let bound = "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: x, namespace: apps}\nspec: {hosts: [a.com], ports: [{port: 443, protocol: https}], tls: {originate: true}, egressGateway: egress}\n---\napiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: y, namespace: apps}\nspec: {hosts: [b.com], ports: [80], protocol: http, egressGateway: gw.edge}\n";
+        let x = ExternalServices::compile(&parse_documents("f.yaml", bound).expect("valid"));
+        let gateway =
+            |host| x.find(host, x.find(host, 443).map_or(80, |_| 443)).and_then(|(e, _)| e.egress_gateway.clone());
+        assert_eq!(gateway("a.com"), Some(ServiceName::new("egress", "apps")), "the ExternalService's namespace");
+        assert_eq!(gateway("b.com"), Some(ServiceName::new("gw", "edge")));
         let ok = "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {name: x}\nspec: {hosts: [a.com], protocol: https, ports: [443], tls: {originate: true, caFile: /ca.pem}}\n";
         let x = ExternalServices::compile(&parse_documents("f.yaml", ok).expect("valid"));
         let (e, p) = x.find("a.com", 443).expect("found");

@@ -902,6 +902,35 @@ fn external_service(e: &ExternalServiceSpec, p: &mut Problems) {
     {
         p.push(("spec.protocol".into(), format!("{proto:?} is not one of {}", PROTOCOLS.join(", "))));
     }
+    if let Some(gateway) = &e.egress_gateway {
+        let (name, namespace) = gateway.split_once('.').unwrap_or((gateway, "default"));
+        let one_label = |n: &str| if n.contains('.') { Err(format!("{n:?} has a dot")) } else { dns_name(n, 63) };
+        if let Err(reason) = one_label(name).and_then(|_| one_label(namespace)) {
+            p.push((
+                "spec.egressGateway".into(),
+                format!("{gateway:?} is not NAME or NAME.NAMESPACE of a Service: {reason}"),
+            ));
+        }
+        // The gateway carries HTTP requests: plaintext HTTP/gRPC ports, or TLS ports it originates.
+        let originates = e.tls.as_ref().is_some_and(|t| t.originate == Some(true));
+        let carried = e.ports.iter().any(|port| {
+            let proto = match port {
+                crate::resource::ExternalPort::Detailed(d) => d.protocol.as_deref(),
+                crate::resource::ExternalPort::Number(_) => None,
+            };
+            match proto.or(e.protocol.as_deref()) {
+                Some("http" | "grpc") => true,
+                Some("https" | "tls") => originates,
+                _ => false,
+            }
+        });
+        if !carried {
+            p.push((
+                "spec.egressGateway".into(),
+                "an egress gateway carries HTTP requests (ports http or grpc, or https/tls with tls.originate), and this ExternalService has no such port".into(),
+            ));
+        }
+    }
     if let Some(tls) = &e.tls {
         let originates = tls.originate == Some(true);
         let tls_port = e.ports.iter().any(|port| {

@@ -210,6 +210,12 @@ impl State {
 
     /// The snapshot to resolve `host` with: with a control plane, a Service seen for the first
     /// time is asked for and awaited (lazy discovery).
+    /// The snapshot once `name` (a Service this proxy sends to by configuration, such as an
+    /// egress gateway) is known, or after a short wait.
+    pub async fn snapshot_with(&self, name: &ServiceName) -> Arc<MeshSnapshot> {
+        self.discovery.ensure(std::slice::from_ref(name), DISCOVERY_WAIT).await
+    }
+
     pub async fn snapshot_for_host(&self, host: &str) -> Arc<MeshSnapshot> {
         let snapshot = self.discovery.current();
         if snapshot.service_by_host(host).is_some() {
@@ -681,8 +687,9 @@ async fn outbound_conn(
         None => state.discovery.current(),
     };
     // A gateway's outbound port forwards nothing (SPEC §5): no original destination, no
-    // passthrough by SNI — only HTTP, answered 403.
-    let gateway = state.settings.mode == crate::settings::Mode::Ingress;
+    // passthrough by SNI — only HTTP, answered 403 (an egress gateway's callers come in over
+    // mTLS on its inbound port).
+    let gateway = state.settings.mode != crate::settings::Mode::Sidecar;
     let orig_dst = if bound.is_none() && !gateway { original_dst(&stream) } else { None };
     let mut peers = PeerLabels::default();
     state.fill_source(&mut peers);
@@ -707,6 +714,9 @@ async fn outbound_conn(
                 let target = EgressTarget { host: None, addr: Some(orig.ip()), port: orig.port() };
                 match plexus_core::decide::egress(&snapshot, target) {
                     Egress::Denied => (None, false),
+                    // An ExternalService bound to an egress gateway leaves through it only,
+                    // and it carries HTTP: a stream is decided again once HTTP is read.
+                    Egress::External { service, .. } if service.egress_gateway.is_some() => (None, false),
                     Egress::External { service, port } => {
                         peers.destination_service = service.label.clone();
                         // Plaintext from the app gets TLS to the listed address (a ClientHello,
@@ -781,7 +791,7 @@ async fn outbound_conn(
                     };
                     let target = EgressTarget { host: sni, addr: Some(orig.ip()), port: orig.port() };
                     match (plexus_core::decide::egress(&snapshot, target), sni) {
-                        (Egress::External { service, .. }, Some(host)) => {
+                        (Egress::External { service, .. }, Some(host)) if service.egress_gateway.is_none() => {
                             peers.destination_service = service.label.clone();
                             Some(TcpDest::Host(host.to_string(), orig.port()))
                         }
@@ -826,7 +836,13 @@ async fn inbound_conn(
     permit: OwnedSemaphorePermit,
 ) {
     let orig_dst = original_dst(&stream);
-    let app_port = state.settings.app_port.or(orig_dst.map(|o| o.port()));
+    // An egress gateway has no app: its Workload's port is its inbound port.
+    let egress_gateway = state.settings.mode == crate::settings::Mode::Egress;
+    let app_port = state
+        .settings
+        .app_port
+        .or(orig_dst.map(|o| o.port()))
+        .or_else(|| egress_gateway.then(|| state.settings.inbound.port()));
     let mut peers = PeerLabels::default();
     state.fill_destination(&mut peers);
     let app = app_port.map(|p| TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));
@@ -848,7 +864,8 @@ async fn inbound_conn(
     let limits = &state.settings.limits;
     let mut buf = BytesMut::with_capacity(4096);
     // Strict mTLS: nothing but mesh TLS reaches the app, so the app is never dialled early.
-    let strict = state.discovery.current().mesh.mtls_mode == plexus_core::resource::MtlsMode::Strict;
+    // An egress gateway serves callers whose identity mTLS proves, whatever the mesh mode.
+    let strict = egress_gateway || state.discovery.current().mesh.mtls_mode == plexus_core::resource::MtlsMode::Strict;
     // Nor when only HTTP may reach it: nothing reaches the app before it is authorized.
     let http_only = app_port.is_some_and(|p| inbound::http_only(&state, p));
     let connect = app.clone().filter(|_| !strict && !http_only).map(|d| {
@@ -987,6 +1004,10 @@ async fn serve_mesh_tls(
     let (_, session) = tls.get_ref();
     let peer_identity = session.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::spiffe_id_of);
     if session.alpn_protocol() == Some(crate::tls::ALPN_TCP) {
+        if state.settings.mode == crate::settings::Mode::Egress {
+            tracing::debug!(%peer, "an egress gateway carries HTTP requests only; closing an opaque stream");
+            return;
+        }
         let mut peers = PeerLabels::default();
         state.fill_destination(&mut peers);
         if let Some(id) = &peer_identity {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use plexus_testkit::TempDir;
+use plexus_testkit::{TempDir, command};
 
 /// A CA and certificates signed by it, as PEM files in a directory.
 pub struct Pki {
@@ -72,3 +72,17 @@ while True:
     except Exception:
         c.close()
 "#;
+
+/// A `plexus control` on free ports with its own data dir: `(process, http URL, grpc URL)`.
+pub async fn control_plane(dir: &TempDir) -> (plexus_testkit::Background, String, String) {
+    let data = dir.join("data");
+    let http = format!("127.0.0.1:{}", plexus_testkit::free_port());
+    let mut cmd = command(super::PLEXUS);
+    cmd.args(["control", "--http-addr", &http, "--grpc-addr", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    let proc = plexus_testkit::Background::start("control", cmd, "{", std::time::Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ready: serde_json::Value = serde_json::from_str(proc.ready_line()).expect("ready line");
+    let grpc = format!("http://{}", ready["grpc"].as_str().expect("grpc address"));
+    (proc, format!("http://{http}"), grpc)
+}

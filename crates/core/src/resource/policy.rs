@@ -421,6 +421,10 @@ pub struct ExternalServiceSpec {
     /// TLS origination: the application speaks plaintext, its sidecar speaks TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ExternalTls>,
+    /// `NAME` or `NAME.NAMESPACE` (default: this one's namespace) of the mesh Service whose
+    /// workloads run `plexus proxy --mode egress`: calls to these hosts leave through it only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_gateway: Option<String>,
 }
 
 /// `spec.tls` of an ExternalService.

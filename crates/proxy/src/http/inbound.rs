@@ -69,6 +69,9 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         obs.notes.add(|| e.to_string());
         return obs.fail(e);
     }
+    if state.settings.mode == crate::settings::Mode::Egress {
+        return Box::pin(super::outbound::from_egress_gateway(state, req, head, obs, conn.peer)).await;
+    }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, app_port));
     obs.upstream = Some(addr);
     // The peer sidecar says when the app speaks HTTP/1 although the hop was HTTP/2.

@@ -49,6 +49,10 @@ enum Dest<'a> {
 pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
     let (mut head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
+    if state.settings.mode == Mode::Egress {
+        let why = "an egress gateway's outbound port forwards nothing: sidecars reach it over mTLS";
+        return obs.fail(ProxyError::Forbidden(why.into()));
+    }
     if state.settings.mode == Mode::Ingress
         && let Err(e) = gateway_allows(&state, &conn, &head)
     {
@@ -85,7 +89,8 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
             {
                 return Box::pin(to_virtual_ip(state, &conn, req, head, obs, vip)).await;
             }
-            return Box::pin(direct(state, &snapshot, req, head, obs, authority, addr)).await;
+            let proto = app_protocol(None, head.version);
+            return Box::pin(direct(state, &snapshot, req, head, obs, (authority, addr, proto), conn.peer)).await;
         }
     };
     let to = forward::MeshRequest {
@@ -223,15 +228,17 @@ fn dial_name<'h>(decision: &Egress<'_>, host: &'h str) -> std::borrow::Cow<'h, s
 
 /// Forwards a request to a destination outside the mesh's Services, as the egress decision
 /// allows: an ExternalService named by the request is dialled by that name (so a `Host` header
-/// cannot lend its permission to another address), with TLS when it originates it.
+/// cannot lend its permission to another address), with TLS when it originates it; one bound
+/// to an egress gateway is sent there instead (from a sidecar), over mTLS like any Service.
+/// `to`: the authority, a redirected connection's original destination, the app's protocol.
 async fn direct(
     state: Arc<State>,
     snapshot: &MeshSnapshot,
     req: Request<Incoming>,
     head: Head,
     mut obs: Observation,
-    authority: String,
-    addr: Option<SocketAddr>,
+    (authority, addr, mut proto): (String, Option<SocketAddr>, Proto),
+    peer: SocketAddr,
 ) -> Response<Body> {
     let (host, named_port) = split_authority(&authority);
     // A redirected connection's port is where it was going, whatever `Host` says.
@@ -240,7 +247,12 @@ async fn direct(
         Ok(d) => d,
         Err(e) => return obs.fail(e),
     };
-    let mut proto = app_protocol(None, head.version);
+    if let Egress::External { service, .. } = decision
+        && let Some(gateway) = &service.egress_gateway
+        && state.settings.mode != Mode::Egress
+    {
+        return Box::pin(via_egress_gateway(state, gateway.clone(), req, head, obs, peer)).await;
+    }
     let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
     let mut origin = None;
     let mut dial = addr;
@@ -299,6 +311,68 @@ async fn direct(
     }
 }
 
+/// Sends a request for an ExternalService bound to an egress gateway to that gateway's Service:
+/// its endpoints over mTLS (the gateway authorizes this sidecar's identity), the request's
+/// authority kept for the gateway to decide on and dial.
+async fn via_egress_gateway(
+    state: Arc<State>,
+    gateway: ServiceName,
+    req: Request<Incoming>,
+    head: Head,
+    obs: Observation,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let snapshot = state.snapshot_with(&gateway).await;
+    let Some((service, port)) = snapshot.services.get(&gateway).and_then(|s| Some((s, s.port(None)?))) else {
+        return obs
+            .fail(ProxyError::NoEndpoints(format!("egress gateway {gateway} (no such Service, or not one port)")));
+    };
+    obs.notes.add(|| format!("through egress gateway {}/{}", gateway.namespace, gateway.name));
+    let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer, waited_for_endpoints: false, edge: None };
+    forward::to_service(state.clone(), to, req, head, obs).await
+}
+
+/// An egress gateway (`--mode egress`) forwarding a request a sidecar sent it over mTLS, once
+/// authorized for that sidecar's identity: out to the host its authority names, only if that
+/// host's ExternalService names this gateway's Service in `egressGateway`; dialled and (TLS)
+/// originated here, as a sidecar would.
+pub async fn from_egress_gateway(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    head: Head,
+    obs: Observation,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let Some(authority) = head.authority().map(str::to_string) else {
+        return obs.fail(ProxyError::BadRequest("no Host header or absolute URI to route by".into()));
+    };
+    let snapshot = state.discovery.current();
+    let own = crate::resilience::ratelimit::own_port(&snapshot, &state.settings, None).map(|(s, _)| &s.name);
+    let (host, port) = split_authority(&authority);
+    let port = port.unwrap_or(80);
+    let bound =
+        snapshot.externals.find(host, port).is_some_and(|(e, _)| own.is_some() && e.egress_gateway.as_ref() == own);
+    if !bound || head.method == Method::CONNECT {
+        let gateway = own.map_or_else(
+            || "this egress gateway".to_string(),
+            |g| format!("egress gateway {}/{}", g.namespace, g.name),
+        );
+        let why = format!("{gateway} does not serve {host}:{port} (no ExternalService names it in egressGateway)");
+        return obs.fail(ProxyError::Forbidden(if bound {
+            format!("{gateway} carries HTTP requests, not CONNECT")
+        } else {
+            why
+        }));
+    }
+    // The caller's sidecar says when its app spoke HTTP/1 although the hop was HTTP/2.
+    let proto = if head.headers.contains_key(headers::ORIG_PROTO) || head.version != Version::HTTP_2 {
+        Proto::Http1
+    } else {
+        Proto::Http2
+    };
+    Box::pin(direct(state, &snapshot, req, head, obs, (authority, None, proto), peer)).await
+}
+
 /// `CONNECT host:port`: opens a TCP stream to the Service (balanced) or host and splices it to
 /// the client once the `200` is sent.
 async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Observation) -> Response<Body> {
@@ -327,6 +401,12 @@ async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Obse
         let port = port.unwrap_or(443);
         match decide_egress(&state, &snapshot, &mut obs, host, None, port) {
             Err(e) => Err(e),
+            Ok(Egress::External { service, .. }) if let Some(gateway) = &service.egress_gateway => {
+                Err(ProxyError::Forbidden(format!(
+                    "{host}:{port} leaves through egress gateway {}/{}, which carries HTTP requests only",
+                    gateway.namespace, gateway.name
+                )))
+            }
             Ok(decision) => {
                 let name = dial_name(&decision, host);
                 match lookup(&name, port).await {
