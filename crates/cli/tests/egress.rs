@@ -12,11 +12,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
-use common::egress::{Pki, TLS_ECHO, control_plane};
-use common::{PLEXUS, metric_sum, run_peer, show};
+use common::egress::{Pki, TLS_ECHO, control_plane, curl};
+use common::{PLEXUS, metric_sum, show};
 use plexus_testkit::{HttpEcho, Proxy, TcpEcho, TempDir, command, eventually, require_tool, run};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -37,31 +36,6 @@ async fn proxy(name: &str, resources: &Path) -> Proxy {
     ]
     .map(String::from);
     Proxy::start_named(name, PLEXUS, args).await.unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// `curl -sS -v --max-time 10 ARGS`: the last response status curl saw (a CONNECT's own when
-/// the tunnel was refused), its `x-plexus-error`, and the output.
-async fn curl(args: &[&str]) -> (u16, Option<String>, Output) {
-    let mut all = vec!["-sS", "-v", "--max-time", "10"];
-    all.extend_from_slice(args);
-    let out = run_peer("curl", &all).await;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let status = stderr
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("< HTTP/"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .next()
-        .unwrap_or(0);
-    let error = stderr
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("< "))
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.eq_ignore_ascii_case("x-plexus-error"))
-        .map(|(_, v)| v.trim().to_string())
-        .next();
-    (status, error, out)
 }
 
 async fn expect_ok(args: &[&str], served_by: &str, what: &str) {

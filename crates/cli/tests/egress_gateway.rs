@@ -9,33 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::egress::control_plane;
-use common::{PLEXUS, metric_sum, run_peer, show};
+use common::egress::{control_plane, curl};
+use common::{PLEXUS, metric_sum, show};
 use plexus_testkit::{HttpEcho, Proxy, TempDir, command, eventually, require_tool, run};
-
-/// `curl -sS -v --max-time 10 ARGS`: the last status curl saw, its `x-plexus-error`, the output.
-async fn curl(args: &[&str]) -> (u16, Option<String>, std::process::Output) {
-    let mut all = vec!["-sS", "-v", "--max-time", "10"];
-    all.extend_from_slice(args);
-    let out = run_peer("curl", &all).await;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let status = stderr
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("< HTTP/"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .next()
-        .unwrap_or(0);
-    let error = stderr
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("< "))
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(k, _)| k.eq_ignore_ascii_case("x-plexus-error"))
-        .map(|(_, v)| v.trim().to_string())
-        .next();
-    (status, error, out)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_services_bound_to_an_egress_gateway_leave_through_it_only() {

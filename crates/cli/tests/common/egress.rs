@@ -86,3 +86,28 @@ pub async fn control_plane(dir: &TempDir) -> (plexus_testkit::Background, String
     let grpc = format!("http://{}", ready["grpc"].as_str().expect("grpc address"));
     (proc, format!("http://{http}"), grpc)
 }
+
+/// `curl -sS -v --max-time 10 ARGS`: the last response status curl saw (a CONNECT's own when
+/// the tunnel was refused), its `x-plexus-error`, and the output.
+pub async fn curl(args: &[&str]) -> (u16, Option<String>, std::process::Output) {
+    let mut all = vec!["-sS", "-v", "--max-time", "10"];
+    all.extend_from_slice(args);
+    let out = super::run_peer("curl", &all).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let status = stderr
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("< HTTP/"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .next()
+        .unwrap_or(0);
+    let error = stderr
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("< "))
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-plexus-error"))
+        .map(|(_, v)| v.trim().to_string())
+        .next();
+    (status, error, out)
+}
