@@ -538,7 +538,14 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
                 && from != "Same"
                 && from != "All"
             {
-                p.push((format!("{at}.allowedRoutes.namespaces.from"), format!("{from:?} is not Same or All")));
+                let why = if from == "Selector" {
+                    "Selector is not supported: Plexus's model has no namespace labels (universal mode has no \
+                     Namespace resource), so a selector could match nothing; use Same or All"
+                        .to_string()
+                } else {
+                    format!("{from:?} is not Same or All")
+                };
+                p.push((format!("{at}.allowedRoutes.namespaces.from"), why));
             }
             for (ki, k) in allowed.kinds.iter().enumerate() {
                 if k.kind != "HTTPRoute" && k.kind != "GRPCRoute" {

@@ -376,6 +376,11 @@ fn gateway() {
     invalid(
         &mutate(GATEWAY, "from: All", "from: Selector"),
         "spec.listeners[0].allowedRoutes.namespaces.from",
+        "no namespace labels",
+    );
+    invalid(
+        &mutate(GATEWAY, "from: All", "from: Elsewhere"),
+        "spec.listeners[0].allowedRoutes.namespaces.from",
         "not Same or All",
     );
     invalid(&mutate(GATEWAY, "port: 8080", "port: http"), "spec.listeners[0].port", "invalid type");
