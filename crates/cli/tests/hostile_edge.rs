@@ -493,3 +493,99 @@ async fn admin_mtls() -> Result<()> {
     ];
     hostile("admin.py", &env).await.with_context(|| target.stderr_tail(4000))
 }
+
+/// SPEC §5 "Not a way around the mesh": a gateway never forwards to its own listeners. Backends
+/// whose Workload is registered at the gateway's own port, its admin port or its outbound
+/// port — spelled 127.0.0.1, 127.0.0.2, 0.0.0.0, ::1 and the host's own address — are refused
+/// with a 403 at once (no request loop), and a `POST /shutdown` routed to its admin server
+/// does not stop it; the positive control, a real backend on the same listener, answers before
+/// and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_never_forwards_to_its_own_listeners() -> Result<()> {
+    let dir = TempDir::new("gateway-self")?;
+    let echo = HttpEcho::start("good").await?;
+    let (gw_port, admin, outbound) = (free_port(), free_port(), free_port());
+    let port = ServicePort::new("http", 8080, Some("http"));
+    let mut res = Resources::new().service("good", std::slice::from_ref(&port)).workload(&WorkloadSpec::plain(
+        "good-1",
+        "good",
+        "http",
+        echo.port(),
+    ));
+    let mut spellings: Vec<std::net::IpAddr> =
+        ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1"].iter().filter_map(|a| a.parse().ok()).collect();
+    spellings.extend(host_ip());
+    let mut targets = Vec::new();
+    for (what, p) in [("gateway", gw_port), ("admin", admin), ("outbound", outbound)] {
+        for (i, ip) in spellings.iter().enumerate() {
+            let name = format!("self-{what}-{i}");
+            let workload = WorkloadSpec { address: *ip, ..WorkloadSpec::plain(&format!("{name}-1"), &name, "http", p) };
+            res = res.service(&name, std::slice::from_ref(&port)).workload(&workload);
+            targets.push((name, SocketAddr::new(*ip, p)));
+        }
+    }
+    let rules: String = targets
+        .iter()
+        .map(|(name, _)| {
+            format!("  - matches: [{{headers: [{{name: x-target, value: {name}}}]}}]\n    backendRefs: [{{name: {name}, port: 8080}}]\n")
+        })
+        .collect();
+    let yaml = format!(
+        "{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  listeners:\n  - {{name: http, port: {gw_port}, protocol: HTTP}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: all}}\nspec:\n  parentRefs: [{{kind: Gateway, name: gw}}]\n  rules:\n{rules}  - backendRefs: [{{name: good, port: 8080}}]\n",
+        res.to_yaml()
+    );
+    let file = dir.join("resources.yaml");
+    std::fs::write(&file, yaml)?;
+    let (admin_s, outbound_s) = (admin.to_string(), outbound.to_string());
+    let args = [
+        "proxy",
+        "--mode",
+        "ingress",
+        "--gateway",
+        "gw",
+        "--gateway-ip",
+        "0.0.0.0",
+        "--resources",
+        file.to_str().context("utf-8")?,
+        "--outbound-port",
+        &outbound_s,
+        "--inbound-port",
+        "0",
+        "--admin-port",
+        &admin_s,
+    ];
+    let gateway = Proxy::start_named("gw", PLEXUS, args).await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], gw_port));
+    plexus_testkit::wait_for_port(addr, Duration::from_secs(10)).await?;
+    let send = |method: &'static str, path: &'static str, target: Option<String>| async move {
+        let mut b = plexus_testkit::http::Request::builder().method(method).uri(path).header("host", "example.com");
+        if let Some(t) = target {
+            b = b.header("x-target", t);
+        }
+        let req = b.body(plexus_testkit::http_body_util::Empty::<plexus_testkit::bytes::Bytes>::new())?;
+        client::send_collect(addr, client::Version::Http1, req, Duration::from_secs(10)).await
+    };
+    // Positive control.
+    let r = send("GET", "/", None).await?;
+    ensure!(r.status == 200 && r.header("x-served-by") == Some("good"), "control: {} {}", r.status, r.text());
+
+    for (name, at) in &targets {
+        for (method, path) in [("GET", "/"), ("POST", "/shutdown")] {
+            let started = Instant::now();
+            let r = send(method, path, Some(name.clone())).await?;
+            let error = r.header("x-plexus-error").unwrap_or_default().to_string();
+            ensure!(
+                r.status == 403 && error.contains("own listener"),
+                "{method} {path} to {name} ({at}): {} {error:?} {}",
+                r.status,
+                r.text()
+            );
+            ensure!(started.elapsed() < Duration::from_secs(2), "{name}: refused only after {:?}", started.elapsed());
+        }
+    }
+    // Still serving: nothing reached its admin server's /shutdown, nothing looped.
+    let r = send("GET", "/", None).await?;
+    ensure!(r.status == 200 && r.header("x-served-by") == Some("good"), "control after: {} {}", r.status, r.text());
+    ensure!(gateway.exit_status().is_none(), "the gateway stopped\n{}", gateway.stderr());
+    Ok(())
+}

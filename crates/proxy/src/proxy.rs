@@ -60,7 +60,7 @@ pub struct State {
     conn_limit: Arc<Semaphore>,
     draining: AtomicBool,
     drain: watch::Sender<bool>,
-    own_listeners: Vec<SocketAddr>,
+    own_listeners: Arc<OwnListeners>,
     /// Ingress mode with `--gateway`: the Gateway served, its certificates and ports.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
@@ -151,14 +151,15 @@ impl State {
     }
 
     /// Whether connecting to `addr` would reach one of this proxy's own listeners (outbound,
-    /// inbound, admin, `--upstream` binds): the one check every forwarding to an address a
-    /// client named goes through (CONNECT, absolute-form, `Host`, original destination).
+    /// inbound, admin, `--upstream` binds, a gateway's bound ports): the one check every
+    /// forwarding to an address a client named goes through (CONNECT, absolute-form, `Host`,
+    /// original destination); endpoints are checked by the pool ([`OwnListeners::loops_back`]).
     /// It compares the resolved socket address, never a spelling: any address of this host
     /// (loopback, unspecified, IPv4-mapped, or assigned to an interface) on a listener's port
     /// counts, since an unspecified listener accepts on every local address — and refusing
     /// another local address on the same port costs nothing legitimate.
     pub fn is_self(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|l| l.port() == addr.port()) && is_local_ip(addr.ip())
+        self.own_listeners.is_self(addr)
     }
 
     /// Refuses a destination under `outboundTrafficPolicy: registryOnly`: logged and counted
@@ -272,6 +273,30 @@ pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
+/// This proxy's listeners: outbound, inbound, admin, `--upstream` binds, and a gateway's ports
+/// as they are bound and closed with its configuration.
+pub struct OwnListeners {
+    fixed: Vec<SocketAddr>,
+    inbound: SocketAddr,
+    gateway: Option<Arc<crate::gateway::Gateway>>,
+}
+
+impl OwnListeners {
+    /// See [`State::is_self`].
+    pub fn is_self(&self, addr: SocketAddr) -> bool {
+        let port = addr.port();
+        let ours = self.fixed.iter().any(|l| l.port() == port) || self.gateway.as_ref().is_some_and(|g| g.serves(port));
+        ours && is_local_ip(addr.ip())
+    }
+
+    /// Whether an endpoint at `addr` would bring a request back into this proxy other than as
+    /// a mesh peer: any of its listeners but the inbound one (a workload calling its own
+    /// Service reaches its own sidecar's inbound port, as any peer does).
+    pub fn loops_back(&self, addr: SocketAddr) -> bool {
+        addr.port() != self.inbound.port() && self.is_self(addr)
+    }
+}
+
 /// The addresses a running proxy listens on.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Addresses {
@@ -338,8 +363,10 @@ impl Proxy {
             admin: settings.admin,
             upstreams: upstream_addrs,
         };
-        let mut own_listeners = vec![settings.outbound, settings.inbound, settings.admin];
-        own_listeners.extend(addresses.upstreams.values());
+        let mut fixed = vec![settings.outbound, settings.inbound, settings.admin];
+        fixed.extend(addresses.upstreams.values());
+        let gateway = settings.gateway.clone().map(crate::gateway::Gateway::new);
+        let own_listeners = Arc::new(OwnListeners { fixed, inbound: settings.inbound, gateway: gateway.clone() });
         let (drain, _) = watch::channel(false);
         let mut wanted: Vec<ServiceName> = settings.upstreams.iter().map(|u| u.service.clone()).collect();
         // A gateway asks for its Gateway: its view holds the attached routes and their backends.
@@ -365,6 +392,7 @@ impl Proxy {
                 client::Dialer { timeout: settings.limits.connect_timeout, mark: settings.outbound_mark },
                 settings.identity.as_ref().map(|i| i.credentials.clone()),
                 OwnLabels::of(&settings).source,
+                Some(own_listeners.clone()),
             ),
             originator: Default::default(),
             metrics: Metrics::new(),
@@ -376,7 +404,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             drain,
             own_listeners,
-            gateway: settings.gateway.clone().map(crate::gateway::Gateway::new),
+            gateway,
             discovery,
             settings,
         });

@@ -88,6 +88,11 @@ impl Gateway {
         }
     }
 
+    /// Whether `port` is one of the gateway's bound ports now.
+    pub fn serves(&self, port: u16) -> bool {
+        self.bound.lock().is_ok_and(|b| b.get(&port).is_some_and(|p| p.address.is_some()))
+    }
+
     /// The addresses bound now.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.bound.lock().map(|b| b.values().filter_map(|p| p.address).collect()).unwrap_or_default()

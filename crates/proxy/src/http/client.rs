@@ -156,6 +156,8 @@ pub struct Pool {
     /// `WORKLOAD/SERVICE` of this proxy, sent at the start of mesh opaque streams
     /// ([`crate::transport::source`]).
     source: Option<http::HeaderValue>,
+    /// This proxy's listeners: an endpoint at one of them (but the inbound) is refused.
+    own: Option<Arc<crate::proxy::OwnListeners>>,
 }
 
 /// How the proxy dials upstreams.
@@ -225,15 +227,17 @@ pub fn upstream_error(e: hyper::Error) -> ProxyError {
 
 impl Pool {
     pub fn new(dialer: Dialer) -> Arc<Self> {
-        Pool::with_credentials(dialer, None, None)
+        Pool::with_credentials(dialer, None, None, None)
     }
 
     /// A pool that speaks mutual TLS to sidecars once `credentials` hold a certificate, and
-    /// names `source` (`WORKLOAD/SERVICE`) at the start of the opaque streams it opens.
+    /// names `source` (`WORKLOAD/SERVICE`) at the start of the opaque streams it opens;
+    /// it never dials back into `own` listeners ([`crate::proxy::OwnListeners::loops_back`]).
     pub fn with_credentials(
         dialer: Dialer,
         credentials: Option<Arc<crate::tls::MeshCredentials>>,
         source: Option<http::HeaderValue>,
+        own: Option<Arc<crate::proxy::OwnListeners>>,
     ) -> Arc<Self> {
         Arc::new(Pool {
             dialer,
@@ -241,7 +245,18 @@ impl Pool {
             h2: Mutex::new(HashMap::default()),
             credentials,
             source,
+            own,
         })
+    }
+
+    /// Every upstream connection of the pool starts here: an endpoint that is one of this
+    /// proxy's own listeners (a Workload registered at a gateway's port, its admin or outbound
+    /// port) is refused, so a request can never loop through the proxy or reach its admin server.
+    async fn dial(&self, addr: SocketAddr, timeout: Option<Duration>) -> Result<TcpStream, ProxyError> {
+        if self.own.as_ref().is_some_and(|own| own.loops_back(addr)) {
+            return Err(ProxyError::Forbidden(format!("{addr} is this proxy's own listener")));
+        }
+        self.dialer.connect_within(addr, timeout).await
     }
 
     /// Whether requests to a sidecar running as `peer` go over mutual TLS.
@@ -262,7 +277,7 @@ impl Pool {
         peer: Option<&Arc<str>>,
         alpn: &[u8],
     ) -> Result<PeerStream, ProxyError> {
-        let stream = self.dialer.connect_within(addr, timeout).await?;
+        let stream = self.dial(addr, timeout).await?;
         match (peer, &self.credentials) {
             (Some(id), Some(creds)) if creds.ready() => {
                 let config = creds
@@ -308,7 +323,7 @@ impl Pool {
         timeout: Option<Duration>,
         origin: &crate::egress::Origin,
     ) -> Result<PeerStream, ProxyError> {
-        let stream = self.dialer.connect_within(addr, timeout).await?;
+        let stream = self.dial(addr, timeout).await?;
         let handshake =
             tokio_rustls::TlsConnector::from(origin.config.clone()).connect(origin.server_name.clone(), stream);
         let limit = timeout.unwrap_or(self.dialer.timeout);
