@@ -86,6 +86,20 @@ pub fn analyze(resources: &[Resource]) -> Vec<Finding> {
             Spec::ResiliencePolicy(p) => policy_target(&index, &object, ns, &p.target_ref, &mut out),
             Spec::RateLimitPolicy(p) => policy_target(&index, &object, ns, &p.target_ref, &mut out),
             Spec::AuthorizationPolicy(p) => policy_target(&index, &object, ns, &p.target_ref, &mut out),
+            Spec::ExternalService(e) => {
+                let gateway = e.egress_gateway.as_deref().map(|g| crate::external::egress_gateway_name(g, ns));
+                if let Some(g) = gateway
+                    && index.services.get(&g).is_none_or(|ports| ports.len() != 1)
+                {
+                    out.push(Finding::error(
+                        &object,
+                        format!(
+                            "egressGateway names Service {g}, which does not exist or has not exactly one port: calls to its hosts are answered 503"
+                        ),
+                        "apply the Service of the `plexus proxy --mode egress` workloads (one port), or remove egressGateway".into(),
+                    ));
+                }
+            }
             _ => {}
         }
     }
@@ -662,6 +676,23 @@ mod tests {
             1,
             "the FaultInjection must be in the route's namespace"
         );
+    }
+
+    #[test]
+    fn an_egress_gateway_that_is_no_service() {
+        let external = |gateway: &str| {
+            format!(
+                "apiVersion: plexus.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: api, namespace: apps}}\nspec: {{hosts: [api.example.com], ports: [{{port: 80, protocol: http}}], egressGateway: {gateway}}}\n---\napiVersion: plexus.dev/v1alpha1\nkind: Service\nmetadata: {{name: egress, namespace: edge}}\nspec: {{ports: [{{port: 7443}}]}}\n"
+            )
+        };
+        let found = findings(&external("egress"));
+        assert_one(
+            &found,
+            "Error ExternalService apps/api",
+            "egressGateway names Service egress.apps, which does not exist",
+        );
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(findings(&external("egress.edge")).is_empty(), "the gateway's Service in its own namespace");
     }
 
     #[test]

@@ -156,6 +156,15 @@ impl CompiledExternal {
     }
 }
 
+/// The Service `spec.egressGateway` (`NAME` or `NAME.NAMESPACE`) of an ExternalService in
+/// `namespace` names.
+pub fn egress_gateway_name(gateway: &str, namespace: &str) -> ServiceName {
+    match gateway.split_once('.') {
+        Some((name, ns)) => ServiceName::new(name, ns),
+        None => ServiceName::new(gateway, namespace),
+    }
+}
+
 /// Every ExternalService of a snapshot, in `namespace/name` order.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ExternalServices {
@@ -194,10 +203,8 @@ impl ExternalServices {
                         },
                     })
                     .collect();
-                let egress_gateway = e.egress_gateway.as_deref().map(|g| match g.split_once('.') {
-                    Some((name, namespace)) => ServiceName::new(name, namespace),
-                    None => ServiceName::new(g, r.metadata.namespace()),
-                });
+                let egress_gateway =
+                    e.egress_gateway.as_deref().map(|g| egress_gateway_name(g, r.metadata.namespace()));
                 Some(Arc::new(CompiledExternal {
                     name: ServiceName::new(&r.metadata.name, r.metadata.namespace()),
                     label: r.metadata.name.as_str().into(),
