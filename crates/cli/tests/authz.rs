@@ -68,8 +68,7 @@ struct Mesh {
 
 /// A sidecar's config generation (increases on every reload).
 async fn generation(proxy: &Proxy) -> Result<u64> {
-    let config = proxy.admin_get("/config").await?.json()?;
-    config["generation"].as_u64().context("no generation in /config")
+    common::config_generation(proxy).await
 }
 
 impl Mesh {

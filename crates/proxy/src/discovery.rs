@@ -291,7 +291,17 @@ impl FileSource {
             if bytes == last {
                 continue;
             }
-            match compile(&self.path, &bytes) {
+            // Off the runtime's thread: a sidecar runs on one, and parsing and compiling a
+            // large file there would stall every connection in flight for as long.
+            let (path, text) = (self.path.clone(), bytes.clone());
+            let compiled = match tokio::task::spawn_blocking(move || compile(&path, &text)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "compiling the resources file failed");
+                    continue;
+                }
+            };
+            match compiled {
                 Ok(snapshot) => {
                     tracing::info!(path = %self.path.display(), version = %snapshot.version, "resources file reloaded");
                     discovery.publish(snapshot);

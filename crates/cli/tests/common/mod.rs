@@ -20,6 +20,12 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default timeout for one peer command.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The configuration generation a proxy runs (admin `/config`), which each reload increases.
+pub async fn config_generation(proxy: &Proxy) -> anyhow::Result<u64> {
+    let config = proxy.admin_get("/config").await?.json()?;
+    config["generation"].as_u64().ok_or_else(|| anyhow::anyhow!("no generation in /config"))
+}
+
 /// The mesh topology between the client and the application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hops {
@@ -83,6 +89,7 @@ impl Mesh {
                 args.extend_from_slice(extra_args);
                 let server =
                     Proxy::start_named("server-sidecar", PLEXUS, &args).await.expect("start the server sidecar");
+                let before = config_generation(&server).await.expect("the server sidecar's /config");
                 service_only
                     .workload(&WorkloadSpec::meshed(
                         &format!("{name}-1"),
@@ -93,6 +100,15 @@ impl Mesh {
                     ))
                     .write(&resources)
                     .expect("write resources");
+                // The server sidecar polls the file: a test must not start while its reload is
+                // still to come (it would land in the middle of whatever the test measures).
+                plexus_testkit::eventually(Duration::from_secs(10), || async {
+                    let now = config_generation(&server).await?;
+                    anyhow::ensure!(now > before, "the server sidecar still runs config generation {now}");
+                    Ok(())
+                })
+                .await
+                .expect("the server sidecar loads the registered workload");
                 Some(server)
             }
         };
