@@ -12,6 +12,7 @@ use plexus_api::discovery::discovery_client::DiscoveryClient;
 use plexus_api::discovery::{ProxyInfo, TelemetryReport, TrafficSummary, WatchRequest};
 use plexus_api::identity::CertifyRequest;
 use plexus_api::identity::identity_client::IdentityClient;
+use plexus_control::api_types::{ProxiesResponse, StatAnswer};
 use plexus_proxy::cp_tls::ControlPlaneTls;
 use plexus_testkit::{Background, TempDir, command, free_port};
 use serde_json::{Value, json};
@@ -429,11 +430,12 @@ fn info(workload: &str, service: &str, admin: &str) -> ProxyInfo {
     }
 }
 
-async fn http_get(server: &str, path: &str) -> Result<Value> {
+/// `GET path` on the control plane's API, read as the typed row the CLI reads it as.
+async fn http_get<T: serde::de::DeserializeOwned>(server: &str, path: &str) -> Result<T> {
     let addr: std::net::SocketAddr = server.trim_start_matches("http://").parse()?;
     let r = plexus_testkit::client::get(addr, &addr.to_string(), path, &[], Duration::from_secs(10)).await?;
     ensure!(r.status == 200, "GET {path}: {}", r.status);
-    r.json()
+    Ok(serde_json::from_value(r.json()?)?)
 }
 
 fn summary(direction: &str, destination_service: &str, requests: u64) -> TrafficSummary {
@@ -477,7 +479,7 @@ async fn an_unauthenticated_client_gets_nothing_from_the_grpc_port() -> Result<(
     let a = cp.enroll(&token).await?;
     // Positive control: with its certificate, a proxy is served, listed, and a scrape target.
     let _a = cp.watch(&a, info("a-1", "a", "127.0.0.1:9")).await?;
-    let targets = http_get(&cp.server, "/api/v1/prometheus/targets").await?;
+    let targets: Value = http_get(&cp.server, "/api/v1/prometheus/targets").await?;
     ensure!(targets.to_string().contains("127.0.0.1:9"), "{targets}");
 
     // TLS without a client certificate: discovery and telemetry refuse, with the reason.
@@ -519,12 +521,12 @@ async fn an_unauthenticated_client_gets_nothing_from_the_grpc_port() -> Result<(
         ensure!(String::from_utf8_lossy(&o.stdout).contains("REFUSED"), "grpcio: {o:?}");
     }
     // Nothing changed: one proxy listed, one scrape target, no injected telemetry.
-    let proxies = http_get(&cp.server, "/api/v1/proxies").await?;
-    ensure!(proxies["proxies"].as_array().map(Vec::len) == Some(1), "{proxies}");
-    let targets = http_get(&cp.server, "/api/v1/prometheus/targets").await?.to_string();
+    let proxies: ProxiesResponse = http_get(&cp.server, "/api/v1/proxies").await?;
+    ensure!(proxies.proxies.len() == 1, "{proxies:?}");
+    let targets = http_get::<Value>(&cp.server, "/api/v1/prometheus/targets").await?.to_string();
     ensure!(!targets.contains("127.0.0.1:10") && !targets.contains("127.0.0.1:11"), "{targets}");
-    let stat = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
-    ensure!(stat["rows"].as_array().is_none_or(Vec::is_empty), "telemetry was injected: {stat}");
+    let stat: StatAnswer = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
+    ensure!(stat.rows.is_empty(), "telemetry was injected: {stat:?}");
     Ok(())
 }
 
@@ -538,12 +540,9 @@ async fn a_proxy_is_listed_reports_and_acts_only_as_itself() -> Result<()> {
     // Positive controls: A as itself, and as a Service that lists it.
     let _a1 = cp.watch(&a, info("a-1", "a", "127.0.0.1:9")).await?;
     let _shared = cp.watch(&a, info("a-2", "shared", "127.0.0.1:19")).await?;
-    let listed = http_get(&cp.server, "/api/v1/proxies").await?;
-    let identities: Vec<&str> = listed["proxies"]
-        .as_array()
-        .map(|p| p.iter().filter_map(|p| p["identity"].as_str()).collect())
-        .unwrap_or_default();
-    ensure!(identities == ["spiffe://plexus.local/ns/default/sa/a"; 2], "{listed}");
+    let listed: ProxiesResponse = http_get(&cp.server, "/api/v1/proxies").await?;
+    let identities: Vec<&str> = listed.proxies.iter().map(|p| p.record.identity.as_str()).collect();
+    ensure!(identities == ["spiffe://plexus.local/ns/default/sa/a"; 2], "{listed:?}");
 
     // Not as service B, not in another namespace, not under B's workload name, not with an
     // admin address on another host (where tap requests and scrapes would go).
@@ -583,15 +582,15 @@ async fn a_proxy_is_listed_reports_and_acts_only_as_itself() -> Result<()> {
         tonic::Code::PermissionDenied,
         "reports only for itself",
     )?;
-    let stat = plexus_testkit::eventually(Duration::from_secs(10), || async {
-        let stat = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
-        ensure!(stat["rows"].as_array().is_some_and(|r| !r.is_empty()), "{stat}");
+    let stat: StatAnswer = plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let stat: StatAnswer = http_get(&cp.server, "/api/v1/stat?kind=service").await?;
+        ensure!(!stat.rows.is_empty(), "{stat:?}");
         Ok(stat)
     })
     .await?;
-    let rows = stat["rows"].as_array().cloned().unwrap_or_default();
-    ensure!(rows.iter().any(|r| r["name"] == "a" && r["requests"] == 1669), "A's inbound is counted as A: {stat}");
-    ensure!(!rows.iter().any(|r| r["name"] == "b"), "B's traffic was injected: {stat}");
+    let rows = &stat.rows;
+    ensure!(rows.iter().any(|r| r.name == "a" && r.requests == 1669), "A's inbound is counted as A: {stat:?}");
+    ensure!(!rows.iter().any(|r| r.name == "b"), "B's traffic was injected: {stat:?}");
     Ok(())
 }
 
@@ -669,8 +668,9 @@ async fn a_proxy_behind_a_node_agent_is_only_itself() -> Result<()> {
         "needs mutual TLS",
     )?;
     // The control plane sees the proxy's own identity, not the agent's (it has none).
-    let proxies = http_get(&cp.server, "/api/v1/proxies").await?;
-    ensure!(proxies["proxies"][0]["identity"] == "spiffe://plexus.local/ns/default/sa/a", "{proxies}");
+    let proxies: ProxiesResponse = http_get(&cp.server, "/api/v1/proxies").await?;
+    let first = proxies.proxies.first().map(|p| p.record.identity.as_str());
+    ensure!(first == Some("spiffe://plexus.local/ns/default/sa/a"), "{proxies:?}");
     drop(agent);
     Ok(())
 }
