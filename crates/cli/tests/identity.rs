@@ -14,6 +14,7 @@ use plexus_api::discovery::discovery_client::DiscoveryClient;
 use plexus_api::discovery::{ProxyInfo, WatchRequest, WatchResponse};
 use plexus_api::identity::identity_client::IdentityClient;
 use plexus_api::identity::{CertifyRequest, CertifyResponse};
+use plexus_control::api_types::{IdentityStatus, ProxiesResponse, TokenList};
 use plexus_testkit::{TempDir, free_port, require_tool, serial};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -178,6 +179,11 @@ impl ControlPlane {
     }
 
     /// `GET path` on the HTTP API, as JSON.
+    /// [`Self::get`] read as the typed row the CLI reads it as.
+    async fn get_as<T: serde::de::DeserializeOwned>(&self, api_path: &str) -> Result<T> {
+        Ok(serde_json::from_value(self.get(api_path).await?)?)
+    }
+
     async fn get(&self, api_path: &str) -> Result<Value> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let authority = self.server.trim_start_matches("http://");
@@ -788,16 +794,14 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     let first = issue(&cp, dir.path(), "first", "sim").await?;
     proxy.report_issued(&first).await?;
     let proxies = plexus_testkit::eventually(Duration::from_secs(10), || async {
-        let v = cp.get("/api/v1/proxies").await?;
-        let cert = v["proxies"][0]["certificate"].clone();
-        ensure!(cert.is_object(), "no certificate yet: {v}");
-        Ok(cert)
+        let v: ProxiesResponse = cp.get_as("/api/v1/proxies").await?;
+        v.proxies.first().and_then(|p| p.certificate.clone()).with_context(|| format!("no certificate yet: {v:?}"))
     })
     .await?;
-    assert_eq!(proxies["issuerSha256"], fingerprint(&first.issuer).await?.as_str());
-    assert_eq!(proxies["serial"], serial_of(&first.leaf).await?.as_str());
-    assert_eq!(proxies["notAfterUnix"], first.response.not_after_unix);
-    assert_eq!(proxies["spiffeId"], "spiffe://plexus.local/ns/default/sa/sim");
+    assert_eq!(proxies.issuer_sha256, fingerprint(&first.issuer).await?);
+    assert_eq!(proxies.serial, serial_of(&first.leaf).await?);
+    assert_eq!(proxies.not_after_unix, first.response.not_after_unix);
+    assert_eq!(proxies.spiffe_id, "spiffe://plexus.local/ns/default/sa/sim");
     let report = cp.plexus_ok(&["check"]).await?;
     assert!(report.contains("✓ 1 proxy holds a valid certificate from the current issuer"), "{report}");
 
@@ -855,9 +859,9 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert_eq!(blocks[0], std::fs::read_to_string(data.join("trust-anchor.pem"))?, "the new anchor first");
     assert_eq!(blocks[1], std::fs::read_to_string(&original_anchor)?, "then the old one");
     assert_eq!(std::fs::read_to_string(data.join("previous-trust-anchor.pem"))?, blocks[1]);
-    let v = cp.get("/api/v1/identity").await?;
-    assert!(v["rotation"].is_object(), "{v}");
-    assert_eq!(v["trustBundle"].as_array().map(Vec::len), Some(2));
+    let v: IdentityStatus = cp.get_as("/api/v1/identity").await?;
+    assert!(v.rotation.is_some(), "{v:?}");
+    assert_eq!(v.chain.trust_bundle.len(), 2);
     // A token pinning the old anchor cannot bootstrap a proxy any more (the control plane
     // presents the new one): ✗ until revoked.
     let o = cp.plexus(&["check"]).await?;
@@ -870,9 +874,9 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
         "{report}"
     );
     // Revoking every token made before the rotation (this test's own too) passes the check.
-    let tokens: Value = serde_json::from_str(&cp.plexus_ok(&["token", "list", "-o", "json"]).await?)?;
-    for t in tokens["items"].as_array().context("tokens")?.iter().filter(|t| t["state"] == "valid") {
-        cp.plexus_ok(&["token", "revoke", t["id"].as_str().context("id")?]).await?;
+    let tokens: TokenList = serde_json::from_str(&cp.plexus_ok(&["token", "list", "-o", "json"]).await?)?;
+    for t in tokens.items.iter().filter(|t| t.state == "valid") {
+        cp.plexus_ok(&["token", "revoke", &t.id]).await?;
     }
     let report = plexus_testkit::eventually(Duration::from_secs(15), || async {
         let report = cp.plexus_ok(&["check"]).await?;
@@ -907,7 +911,7 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     // (the registration TTL, for proxies to reconnect).
     tokio::time::sleep((TTL + Duration::from_secs(3)).saturating_sub(restarted.elapsed())).await;
     assert!(data.join("previous-trust-anchor.pem").exists(), "the old anchor stays while a proxy needs it");
-    assert!(cp.get("/api/v1/identity").await?["rotation"].is_object());
+    assert!(cp.get_as::<IdentityStatus>("/api/v1/identity").await?.rotation.is_some());
 
     // Once the proxy reports a certificate from the new issuer, the old anchor leaves.
     proxy.report_issued(&third).await?;
@@ -916,8 +920,8 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     assert!(reported.elapsed() < Duration::from_secs(5), "finished within seconds of the report");
     assert_eq!(last, std::fs::read_to_string(data.join("trust-anchor.pem"))?, "the new anchor alone");
     assert!(!data.join("previous-trust-anchor.pem").exists());
-    let v = cp.get("/api/v1/identity").await?;
-    assert!(v["rotation"].is_null(), "{v}");
+    let v: IdentityStatus = cp.get_as("/api/v1/identity").await?;
+    assert!(v.rotation.is_none(), "{v:?}");
     let report = plexus_testkit::eventually(Duration::from_secs(15), || async {
         let report = cp.plexus_ok(&["check"]).await?;
         ensure!(report.contains("✓ the control plane presents the current trust anchor"), "{report}");
