@@ -456,20 +456,21 @@ async fn stat_reports_exact_success_rates_from_proxy_telemetry() -> Result<()> {
     // window covers the warm-up request and the 1,000).
     let (stat, table) = plexus_testkit::eventually(Duration::from_secs(15), || async {
         let o = cli(&data, http, &["stat", "service", "echo", "--window", "1m", "-o", "json"])?;
-        let stat: serde_json::Value =
+        let stat: plexus_control::api_types::StatAnswer =
             serde_json::from_slice(&o.stdout).with_context(|| String::from_utf8_lossy(&o.stderr).to_string())?;
         let o = cli(&data, http, &["stat", "workload", "--window", "1m"])?;
         let table = String::from_utf8_lossy(&o.stdout).into_owned();
         let workload_reported = table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%"));
-        anyhow::ensure!(stat["rows"][0]["requests"].as_u64() >= Some(1001) && workload_reported, "{stat}\n{table}");
+        let counted = stat.rows.first().is_some_and(|r| r.requests >= 1001);
+        anyhow::ensure!(counted && workload_reported, "{stat:?}\n{table}");
         Ok((stat, table))
     })
     .await?;
-    let row = &stat["rows"][0];
-    assert_eq!(row["requests"], 1001, "the warm-up and exactly 1,000 more: {stat}");
-    let success = row["successRate"].as_f64().context("successRate")?;
+    let row = stat.rows.first().context("no row")?;
+    assert_eq!(row.requests, 1001, "the warm-up and exactly 1,000 more: {stat:?}");
+    let success = row.success_rate;
     assert!((0.89..=0.91).contains(&success), "success rate {success}");
-    assert!(row["p99Ms"].as_f64().is_some_and(|p| p > 0.0), "{stat}");
+    assert!(row.p99_ms.is_some_and(|p| p > 0.0), "{stat:?}");
     // The table view and the per-workload view agree.
     assert!(table.lines().any(|l| l.starts_with("echo-v1-") && l.contains("90.01%")), "{table}");
     Ok(())
