@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use plexus_core::names::{DEFAULT_TRUST_DOMAIN, spiffe_id};
@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::http::client::{self, Pool};
 use crate::http::inbound::{self, InboundConn};
 use crate::http::outbound::{self, OutboundConn};
-use crate::http::server::HttpServer;
+use crate::http::server::{HttpServer, Known};
 use crate::metrics::{Label, Metrics, PeerLabels, ServiceRouteLabels, TcpLabels};
 use crate::settings::Settings;
 use crate::transport::detect::{Protocol, Sniffed, sniff};
@@ -528,13 +528,12 @@ async fn accept_loop(state: Arc<State>, listener: TcpListener, role: Role) {
             (stream, peer, permit) = listen::accept(&listener, &state.conn_limit) => {
                 let state = state.clone();
                 let watcher = state.drain.subscribe();
-                let role = role.clone();
-                tokio::spawn(async move {
-                    match role {
-                        Role::Outbound(bound) => outbound_conn(state, stream, peer, bound, watcher, permit).await,
-                        Role::Inbound => inbound_conn(state, stream, peer, watcher, permit).await,
-                    }
-                });
+                // One task per role, each the size of its own future (a task holding either
+                // would be the larger one's size for every connection).
+                match role.clone() {
+                    Role::Outbound(bound) => tokio::spawn(outbound_conn(state, stream, peer, bound, watcher, permit)),
+                    Role::Inbound => tokio::spawn(inbound_conn(state, stream, peer, watcher, permit)),
+                };
             }
             _ = drained(&mut drain) => return,
         }
@@ -603,7 +602,13 @@ impl AsRef<TcpStream> for Dialed {
     }
 }
 
-async fn dial(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
+async fn dial(state: &Arc<State>, dest: &TcpDest, peers: PeerLabels) -> Result<Dialed, ProxyError> {
+    // Boxed: a connection's task waits on a dial (resolution, TLS handshake) only briefly, and
+    // would otherwise be that much larger for its whole life.
+    Box::pin(dial_boxed(state, dest, peers)).await
+}
+
+async fn dial_boxed(state: &Arc<State>, dest: &TcpDest, mut peers: PeerLabels) -> Result<Dialed, ProxyError> {
     let timeout = state.settings.limits.connect_timeout;
     match dest {
         TcpDest::Host(..) | TcpDest::Addr(_) => {
@@ -671,6 +676,19 @@ async fn forward_opaque(
 
 /// [`forward_opaque`] for any client stream (plain or TLS-terminated).
 async fn forward_opaque_io<C: crate::transport::io::Io>(
+    state: &Arc<State>,
+    direction: &'static str,
+    client: C,
+    prefix: &[u8],
+    upstream: Result<Dialed, ProxyError>,
+    security: &'static str,
+) {
+    // In an allocation of its own, like HTTP's (`HttpServer::serve`): a connection's task is
+    // not sized for the branch it does not take.
+    Box::pin(forward_opaque_boxed(state, direction, client, prefix, upstream, security)).await
+}
+
+async fn forward_opaque_boxed<C: crate::transport::io::Io>(
     state: &Arc<State>,
     direction: &'static str,
     client: C,
@@ -789,12 +807,13 @@ async fn outbound_conn(
     });
     let sniffed = sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, connect).await;
     match sniffed {
-        Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
+        Ok(Sniffed::Client(protocol @ (Protocol::Http1 | Protocol::Http2), early)) => {
             drop(early);
             let conn = Arc::new(OutboundConn { peer, orig_dst, bound });
             let handler_state = state.clone();
             let io = PrefixedIo::new(buf.freeze(), stream);
-            state.http.serve(io, watcher, move |req| outbound::handle(handler_state.clone(), conn.clone(), req)).await;
+            let handle = move |req| outbound::handle(handler_state.clone(), conn.clone(), req);
+            state.http.serve_known(known_http(&protocol), io, watcher, handle).await;
         }
         Ok(Sniffed::Client(protocol, early)) => {
             // The app's own TLS passes through as sent: nothing is originated over it (an
@@ -905,7 +924,8 @@ async fn inbound_conn(
     let mesh_tls =
         matches!(&sniffed, Ok(Sniffed::Client(Protocol::Tls { alpn, .. }, _)) if crate::tls::is_mesh_alpn(alpn));
     if mesh_tls {
-        serve_mesh_tls(state, stream, buf, peer, app_port, watcher).await;
+        // Boxed: the TLS session's state is only this branch's.
+        Box::pin(serve_mesh_tls(state, stream, buf, peer, app_port, watcher)).await;
         drop(permit);
         return;
     }
@@ -929,15 +949,13 @@ async fn inbound_conn(
     // strict closes it (SPEC §5), however long it has been kept alive.
     let serve = async {
         match sniffed {
-            Ok(Sniffed::Client(Protocol::Http1 | Protocol::Http2, early)) => {
+            Ok(Sniffed::Client(protocol @ (Protocol::Http1 | Protocol::Http2), early)) => {
                 drop(early);
                 let conn = Arc::new(InboundConn { peer, app_port, peer_identity: None });
                 let handler_state = state.clone();
                 let io = PrefixedIo::new(buf.freeze(), stream);
-                state
-                    .http
-                    .serve(io, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req))
-                    .await;
+                let handle = move |req| inbound::handle(handler_state.clone(), conn.clone(), req);
+                state.http.serve_known(known_http(&protocol), io, watcher, handle).await;
             }
             Ok(Sniffed::Client(_, Some(up))) | Ok(Sniffed::ServerFirst(up)) => {
                 forward_opaque(&state, "inbound", stream, &buf, Ok(up)).await
@@ -962,20 +980,28 @@ async fn inbound_conn(
 
 /// Returns memory to the system once a burst of connections has closed. glibc's allocator
 /// keeps freed memory in its arenas (5,000 idle connections took a sidecar from 30 to 194 MiB,
-/// and it stayed there after they closed); every 5 s, when at least 64 connections fewer are
-/// open than at the last look, `malloc_trim` hands the free pages back (scripts/connections
-/// measures it). A few milliseconds, only after connections closed, never per request.
+/// and it stayed there after they closed). The number of open connections is sampled every
+/// 250 ms; once it has fallen by at least 64 from its peak since the last trim, `malloc_trim`
+/// hands the free pages back — at most every 5 s (scripts/connections measures it). A burst
+/// that opens and closes between two 5 s looks counts too: the peak is kept between them.
+/// A few milliseconds, only after connections closed, never per request.
 async fn return_memory_after_bursts(state: Arc<State>) {
+    const SAMPLE: Duration = Duration::from_millis(250);
+    const MIN_INTERVAL: Duration = Duration::from_secs(5);
     let all = state.settings.limits.max_connections;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut last_open = 0usize;
+    let mut tick = tokio::time::interval(SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut peak = 0usize;
+    let mut last_trim = Instant::now();
     loop {
         tick.tick().await;
         let open = all.saturating_sub(state.conn_limit.available_permits());
-        if open + 64 <= last_open {
+        peak = peak.max(open);
+        if open + 64 <= peak && last_trim.elapsed() >= MIN_INTERVAL {
             trim_heap();
+            peak = open;
+            last_trim = Instant::now();
         }
-        last_open = open;
     }
 }
 
@@ -1070,7 +1096,20 @@ async fn serve_mesh_tls(
         forward_opaque_io(&state, "inbound", tls, &[], up, "mutual_tls").await;
         return;
     }
+    // `plexus.http1` is HTTP/1 (upgrades); under `plexus.h2` sidecars speak HTTP/2, but a client
+    // that is not a sidecar may speak HTTP/1.1 there: detected.
+    let http1 = session.alpn_protocol() == Some(crate::tls::ALPN_HTTP1);
     let conn = Arc::new(InboundConn { peer, app_port, peer_identity });
     let handler_state = state.clone();
-    state.http.serve(tls, watcher, move |req| inbound::handle(handler_state.clone(), conn.clone(), req)).await;
+    let handle = move |req| inbound::handle(handler_state.clone(), conn.clone(), req);
+    if http1 {
+        state.http.serve_known(Known::Http1, tls, watcher, handle).await;
+    } else {
+        state.http.serve(tls, watcher, handle).await;
+    }
+}
+
+/// The protocol detection found, as the HTTP server takes it.
+fn known_http(protocol: &Protocol) -> Known {
+    if matches!(protocol, Protocol::Http2) { Known::Http2 } else { Known::Http1 }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,38 +24,75 @@ use crate::settings::Limits;
 /// A configured HTTP server (HTTP/1.1 with keep-alive and upgrades, HTTP/2 prior knowledge).
 #[derive(Clone)]
 pub struct HttpServer {
-    builder: auto::Builder<TokioExecutor>,
+    /// For connections whose protocol the caller does not know: reads the first bytes to tell.
+    auto: auto::Builder<TokioExecutor>,
+    /// For connections the caller has detected already (the sidecar's own detection, mesh ALPN):
+    /// hyper directly, without `auto`'s version read. That read hands HTTP/1 the first 24 bytes
+    /// of the head on their own, and hyper's read buffer then doubles to 16 KiB for the rest —
+    /// for every connection, kept while it idles.
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
     idle_timeout: Duration,
     /// An HTTP/1 request head must be complete this long after its first byte (slowloris).
     header_read_timeout: Duration,
 }
 
-impl HttpServer {
-    pub fn new(limits: &Limits) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+/// The protocol of a connection, when its caller knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Known {
+    Http1,
+    Http2,
+}
+
+/// The settings of HTTP/1 connections: one list for `auto`'s builder and hyper's (the same
+/// methods on two types).
+macro_rules! http1_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
             .timer(TokioTimer::new())
             // hyper's own header timer also runs while a keep-alive connection waits for its
             // next request, which would make it the keep-alive idle timeout: the head clock
             // below starts at a request's first byte instead.
             .header_read_timeout(None)
-            .max_buf_size(limits.max_header_bytes.max(8192))
+            .max_buf_size($limits.max_header_bytes.max(8192))
             // A client may shut down its sending side once its request is sent (`nc`, some
             // HTTP/1.0 clients): it still gets its response.
             .half_close(true)
-            .keep_alive(true);
-        builder
-            .http2()
+            .keep_alive(true)
+    };
+}
+
+/// The settings of HTTP/2 connections, for both builders.
+macro_rules! http2_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
-            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_header_list_size($limits.max_header_bytes as u32)
             .initial_stream_window_size(1024 * 1024)
             .initial_connection_window_size(4 * 1024 * 1024)
             .max_send_buf_size(256 * 1024)
-            .keep_alive_interval(std::time::Duration::from_secs(30));
-        HttpServer { builder, idle_timeout: limits.idle_timeout, header_read_timeout: limits.header_read_timeout }
+            .keep_alive_interval(Duration::from_secs(30))
+    };
+}
+
+impl HttpServer {
+    pub fn new(limits: &Limits) -> Self {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        http1_settings!(auto.http1(), limits);
+        http2_settings!(auto.http2(), limits);
+        let mut http1 = http1::Builder::new();
+        http1_settings!(http1, limits);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2_settings!(http2, limits);
+        HttpServer {
+            auto,
+            http1,
+            http2,
+            idle_timeout: limits.idle_timeout,
+            header_read_timeout: limits.header_read_timeout,
+        }
     }
 
     /// Serves requests on `io` with `handler` until the connection ends, or finishes in-flight
@@ -63,7 +101,30 @@ impl HttpServer {
     /// and a stream still sending its response body finishes first). An HTTP/1 request head
     /// must be complete within the header read timeout of its first byte, else the connection
     /// is closed without an answer (slowloris); an idle keep-alive connection is not timed by it.
-    pub async fn serve<I, F, Fut>(&self, io: I, mut drain: watch::Receiver<bool>, handler: F)
+    ///
+    /// The connection's state (hyper's, ours) lives in an allocation of its own, sized for
+    /// HTTP: the task calling this (detection, TLS, opaque forwarding in other branches) keeps
+    /// only a pointer to it across the connection's life.
+    pub async fn serve<I, F, Fut>(&self, io: I, drain: watch::Receiver<bool>, handler: F)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        Box::pin(self.serve_connection(None, io, drain, handler)).await
+    }
+
+    /// [`serve`](Self::serve) for a connection whose protocol the caller has detected.
+    pub async fn serve_known<I, F, Fut>(&self, known: Known, io: I, drain: watch::Receiver<bool>, handler: F)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        Box::pin(self.serve_connection(Some(known), io, drain, handler)).await
+    }
+
+    async fn serve_connection<I, F, Fut>(&self, known: Option<Known>, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -73,7 +134,11 @@ impl HttpServer {
         let started = Instant::now();
         let counted = activity.clone();
         let service = service_fn(move |req| {
-            let fut = handler(req);
+            // Boxed where it is made: hyper keeps a slot the size of the service's future for
+            // an HTTP/1 connection's whole life, idle or not; this way the slot holds a pointer
+            // and the request's state (several KiB) exists only while the request does — and
+            // is copied once, into its box, not again into the wrapper and hyper's slot.
+            let fut = Box::pin(handler(req));
             let activity = counted.clone();
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             // The head is complete: its clock stops.
@@ -85,8 +150,36 @@ impl HttpServer {
                 Ok::<_, Infallible>(resp)
             }
         });
-        let io = HeadClock { inner: io, activity: activity.clone(), started, http2: None };
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let io = TokioIo::new(HeadClock { inner: io, activity: activity.clone(), started, http2: None });
+        match known {
+            None => {
+                let conn = self.auto.serve_connection_with_upgrades(io, service);
+                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
+            }
+            Some(Known::Http1) => {
+                let conn = self.http1.serve_connection(io, service).with_upgrades();
+                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
+            }
+            Some(Known::Http2) => {
+                let conn = self.http2.serve_connection(io, service);
+                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
+            }
+        }
+    }
+
+    /// Runs a connection (`auto`'s or hyper's, with `graceful_shutdown` theirs) to its end:
+    /// drain, idle timeout, the head clock.
+    async fn drive<C, E>(
+        &self,
+        conn: C,
+        graceful_shutdown: impl Fn(Pin<&mut C>),
+        activity: &Activity,
+        started: Instant,
+        mut drain: watch::Receiver<bool>,
+    ) where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
         tokio::pin!(conn);
         let idle = self.idle_timeout;
         let head_timeout = self.header_read_timeout;
@@ -119,14 +212,14 @@ impl HttpServer {
                 }
                 _ = crate::proxy::drained(&mut drain) => {
                     // HTTP/1: finish the current request, then close; HTTP/2: GOAWAY.
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                     break conn.await;
                 }
                 _ = tokio::time::sleep_until(check.into()), if !idle.is_zero() => {
                     let last = started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
                     if activity.in_flight.load(Ordering::Relaxed) == 0 && last + idle <= Instant::now() {
                         tracing::debug!("closing an idle HTTP connection");
-                        conn.as_mut().graceful_shutdown();
+                        graceful_shutdown(conn.as_mut());
                         break conn.await;
                     }
                     check = last.max(Instant::now()) + idle;
