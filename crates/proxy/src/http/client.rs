@@ -454,14 +454,16 @@ impl Pool {
     fn put_idle(&self, key: H1Key, sender: http1::SendRequest<Body>, served: u32) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(key).or_default();
+            // One clock read for the whole list (every request passes here).
+            let now = Instant::now();
             idle.retain_mut(|c| {
                 if !c.sender.is_closed() && !c.sender.is_ready() {
-                    c.since = Instant::now();
+                    c.since = now;
                 }
-                c.since.elapsed() < IDLE_TTL && !c.sender.is_closed()
+                now.saturating_duration_since(c.since) < IDLE_TTL && !c.sender.is_closed()
             });
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                idle.push(IdleH1 { since: Instant::now(), sender, served });
+                idle.push(IdleH1 { since: now, sender, served });
             }
         }
     }

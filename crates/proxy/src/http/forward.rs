@@ -243,19 +243,19 @@ pub async fn to_service(
     if let Some(d) = deadline {
         obs.notes.add(|| format!("deadline in {} ms", d.saturating_duration_since(received).as_millis()));
     }
-    let incoming = obs.request_body(req.into_body());
+    // A request without a body (most GETs) needs neither the metering wrapper nor a buffer.
+    let incoming = req.into_body();
+    let incoming = (!http_body::Body::is_end_stream(&incoming)).then(|| obs.request_body(incoming));
     let notes = &obs.notes;
     let work = async {
         if let Some(e) = entry {
             inject_faults(e, obs.grpc, notes).await?;
         }
         // Read small bodies ahead only when a retry after sending, or a mirror, needs a copy.
-        let body = if retries_after_send(retry) || !mirrors.is_empty() {
-            RequestBody::read(incoming).await
-        } else if http_body::Body::is_end_stream(&incoming) {
-            RequestBody::Replayable(bytes::Bytes::new())
-        } else {
-            RequestBody::Streaming(Some(incoming))
+        let body = match incoming {
+            None => RequestBody::Replayable(bytes::Bytes::new()),
+            Some(b) if retries_after_send(retry) || !mirrors.is_empty() => RequestBody::read(b).await,
+            Some(b) => RequestBody::Streaming(Some(b)),
         };
         for m in mirrors {
             if happens(m.percent, fastrand::f64())
@@ -309,7 +309,11 @@ pub async fn to_service(
             if state.pool.mtls_to(ep.principal.as_ref()) {
                 obs.security = "mutual_tls";
             }
-            let mut resp = downstream_response(resp, head.version).map(|b| body::holding(b, permit));
+            let mut resp = downstream_response(resp, head.version);
+            // Most destinations have no connection limit: no slot to hold, no wrapper.
+            if permit.limits() {
+                resp = resp.map(|b| body::holding(b, permit));
+            }
             if let Some(m) = entry.and_then(|e| e.response_headers.as_ref()) {
                 headers::apply_modifier(resp.headers_mut(), m);
             }

@@ -19,7 +19,7 @@ use plexus_core::resource::DefaultAuthorization;
 use plexus_core::route::RequestInfo;
 
 use super::admit::admit;
-use super::body::Body;
+use super::body::{self, Body};
 use super::client::Proto;
 use super::observe::Observation;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
@@ -89,8 +89,11 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         // gRPC deadlines shrink here too: the app sees what is left, and an expired request
         // is answered DEADLINE_EXCEEDED without reaching it.
         let deadline = if obs.grpc { deadline::deadline(&head.headers, received, None) } else { None };
-        let b = obs.request_body(req.into_body());
-        match head.upstream_request(&target, b, false) {
+        // Sent once (no retries inbound): the headers move into the upstream request. A
+        // request without a body needs no metering wrapper.
+        let incoming = req.into_body();
+        let b = if http_body::Body::is_end_stream(&incoming) { body::empty() } else { obs.request_body(incoming) };
+        match head.take_upstream_request(&target, b, false) {
             Ok(mut up) => match deadline {
                 Some(d) if d <= tokio::time::Instant::now() => Err(ProxyError::Timeout),
                 Some(d) => {

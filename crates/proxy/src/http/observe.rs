@@ -27,8 +27,10 @@ pub struct Observation {
     pub route: crate::metrics::Label,
     pub grpc: bool,
     pub method: http::Method,
-    pub authority: String,
-    pub path: String,
+    /// The URI and `Host` as received (before normalization), for tap, access logs and spans:
+    /// shared copies, read only when one of those wants them.
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
     /// The `x-request-id` value (a shared copy of the header's).
     pub request_id: http::HeaderValue,
     pub upstream: Option<SocketAddr>,
@@ -66,8 +68,8 @@ impl Observation {
             route: crate::metrics::default_route(),
             grpc: headers::is_grpc(&head.headers),
             method: head.method.clone(),
-            authority: head.authority().unwrap_or_default().to_string(),
-            path: head.uri.path().to_string(),
+            uri: head.uri.clone(),
+            host: head.headers.get(http::header::HOST).cloned(),
             request_id,
             upstream: None,
             security: "none",
@@ -82,6 +84,16 @@ impl Observation {
         (head, obs)
     }
 
+    /// The authority the client addressed (absolute-form URI or `:authority`, else `Host`).
+    pub fn authority(&self) -> &str {
+        self.uri.authority().map(|a| a.as_str()).or_else(|| self.host.as_ref()?.to_str().ok()).unwrap_or_default()
+    }
+
+    /// The path as received.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
     /// The client's request body as forwarded: its size counted, its failures (malformed,
     /// stalled longer than `--request-body-timeout`) answered as the client's (400, 408).
     pub fn request_body(&self, b: hyper::body::Incoming) -> Body {
@@ -94,7 +106,7 @@ impl Observation {
         // A request whose body the client broke fails because of it, whatever the upstream
         // made of it: the client gets the proxy's own answer, no upstream error text.
         let err = self.request_body.failure().unwrap_or(err);
-        tracing::debug!(error = %err, authority = %self.authority, path = %self.path, "request failed");
+        tracing::debug!(error = %err, authority = %self.authority(), path = %self.path(), "request failed");
         let flag = err.flag();
         let resp = err.into_response(self.grpc);
         self.respond(resp, flag)
@@ -201,8 +213,8 @@ impl Observation {
             route: &self.route,
             protocol: self.protocol(),
             method: self.method.as_str(),
-            authority: &self.authority,
-            path: &self.path,
+            authority: self.authority(),
+            path: self.path(),
             status: d.status,
             grpc_status: &d.grpc_status,
             response_flags: d.flags,
@@ -223,8 +235,8 @@ impl Observation {
             proxy: self.state.settings.workload.clone().unwrap_or_else(|| UNKNOWN.into()),
             direction: self.direction.into(),
             method: self.method.to_string(),
-            authority: self.authority.clone(),
-            path: self.path.clone(),
+            authority: self.authority().to_string(),
+            path: self.path().to_string(),
             status: d.status,
             grpc_status: d.grpc_status.parse().ok(),
             latency_ms: d.elapsed.as_secs_f64() * 1000.0,
@@ -270,8 +282,8 @@ impl Observation {
             ("plexus.route", str(&self.route)),
             ("http.request.method", str(self.method.as_str())),
             ("http.response.status_code", Value::Int(i64::from(d.status))),
-            ("url.path", str(&self.path)),
-            ("server.address", str(&self.authority)),
+            ("url.path", str(self.path())),
+            ("server.address", str(self.authority())),
             ("network.protocol.version", str(self.protocol().trim_start_matches("HTTP/"))),
             ("plexus.request_id", str(self.request_id.to_str().unwrap_or_default())),
             ("plexus.response_flags", str(d.flags)),

@@ -235,7 +235,7 @@ async fn direct(
     state: Arc<State>,
     snapshot: &MeshSnapshot,
     req: Request<Incoming>,
-    head: Head,
+    mut head: Head,
     mut obs: Observation,
     (authority, addr, mut proto): (String, Option<SocketAddr>, Proto),
     peer: SocketAddr,
@@ -293,7 +293,8 @@ async fn direct(
         forward_upgrade(&state, req, &head, &target).await
     } else {
         let b = obs.request_body(req.into_body());
-        match head.upstream_request(&target, b, false) {
+        // Sent once (outside the mesh: no retries): the headers move into it.
+        match head.take_upstream_request(&target, b, false) {
             Ok(up) => {
                 let options = SendOptions { origin, ..SendOptions::default() };
                 let r = state.pool.send_with(addr, target.proto, up, options).await;

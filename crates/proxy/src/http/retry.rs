@@ -173,6 +173,8 @@ impl RequestBody {
     /// A body to send: a copy of a replayable body; a streaming body once (then `None`).
     pub fn take(&mut self) -> Option<Body> {
         match self {
+            // Boxing the empty body allocates nothing.
+            RequestBody::Replayable(bytes) if bytes.is_empty() => Some(body::empty()),
             RequestBody::Replayable(bytes) => Some(body::full(bytes.clone())),
             RequestBody::Streaming(b) => b.take(),
         }

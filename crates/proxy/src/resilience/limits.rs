@@ -52,6 +52,11 @@ impl LimitPermit {
     pub fn unlimited() -> LimitPermit {
         LimitPermit { limiter: None }
     }
+
+    /// Whether this permit holds a slot (so it must live as long as the response body).
+    pub fn limits(&self) -> bool {
+        self.limiter.is_some()
+    }
 }
 
 impl Drop for LimitPermit {
