@@ -833,9 +833,16 @@ for i in range(changes):
 fn httproute_changes_reach_the_bookinfo_proxies_within_a_second() -> Result<()> {
     let Some(node) = node() else { return Ok(()) };
     node.ensure_bookinfo()?;
-    // Every proxy fetches reviews' configuration once productpage has called it.
+    // A proxy holds reviews' configuration once its workload has called reviews (discovery on
+    // demand): make every Bookinfo pod call it, so this test does not depend on what earlier
+    // tests happened to call (run alone, details' and ratings' proxies never asked for it).
     node.get(&format!("{INGRESS}/productpage"), &[])?;
     let pods = bookinfo_pod_ips(&node)?;
+    for (pod, _) in &pods {
+        let container = pod.split("-v").next().unwrap_or(pod);
+        let status = http_from_pod(&node, NS, pod, container, "reviews", "/reviews/0")?;
+        ensure!(status.contains("200"), "{pod} -> reviews: {status:?}");
+    }
     let ips: Vec<&str> = pods.iter().map(|(_, ip)| ip.as_str()).collect();
     let kubeconfig = node.state.join("admin.kubeconfig");
     let mut args = vec![
