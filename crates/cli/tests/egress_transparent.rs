@@ -10,72 +10,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-use plexus_testkit::{Proxy, Shared, TempDir, exclusive, require_root, require_tool};
+use plexus_testkit::netns::{NetnsPair, sh};
+use plexus_testkit::{Proc, Proxy, Shared, TempDir, exclusive, require_root, require_tool};
 
 mod common;
 
 use common::PLEXUS;
 use common::egress::{Pki, TLS_ECHO};
-
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    anyhow::ensure!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
-
-/// Two namespaces joined by a veth pair, deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-    subnet: u8,
-}
-
-impl Netns {
-    fn create() -> anyhow::Result<Netns> {
-        let id = std::process::id();
-        let subnet = (id % 200) as u8 + 20;
-        let n = Netns { a: format!("pegr-a-{id}"), b: format!("pegr-b-{id}"), subnet };
-        let (va, vb) = (format!("pea{id}"), format!("peb{id}"));
-        sh(&["ip", "netns", "add", &n.a])?;
-        sh(&["ip", "netns", "add", &n.b])?;
-        sh(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        sh(&["ip", "link", "set", &va, "netns", &n.a])?;
-        sh(&["ip", "link", "set", &vb, "netns", &n.b])?;
-        for (ns, dev, host) in [(&n.a, &va, 1), (&n.b, &vb, 2)] {
-            sh(&["ip", "-n", ns, "addr", "add", &format!("10.232.{subnet}.{host}/24"), "dev", dev])?;
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(n)
-    }
-
-    fn server_ip(&self) -> String {
-        format!("10.232.{}.2", self.subnet)
-    }
-
-    fn exec<'a>(&'a self, ns: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["netns", "exec", ns];
-        v.extend_from_slice(cmd);
-        v
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
-    }
-}
-
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn prerequisites() -> bool {
     require_root()
@@ -104,7 +45,7 @@ async fn registry_only_on_the_transparent_path() -> anyhow::Result<()> {
     }
     // Network namespaces, veth pairs and iptables: not beside the `--netns` demo.
     let _host_network = exclusive(Shared::HostNetwork).await;
-    let net = Netns::create()?;
+    let net = NetnsPair::create("pegr", 232)?;
     let server_ip = net.server_ip();
     let dir = TempDir::new("egress-transparent")?;
     std::fs::write(dir.join("hello.txt"), "hello from outside\n")?;
@@ -112,7 +53,7 @@ async fn registry_only_on_the_transparent_path() -> anyhow::Result<()> {
     // Outside the mesh: HTTP on 8080 (listed) and 8081 (not), TCP echo on 9000 (listed) and 9001.
     let mut servers = Vec::new();
     for port in ["8080", "8081"] {
-        servers.push(Child(
+        servers.push(Proc(
             Command::new("ip")
                 .args(net.exec(&net.b, &["python3", "-m", "http.server", port, "--bind", "0.0.0.0"]))
                 .current_dir(dir.path())
@@ -123,7 +64,7 @@ async fn registry_only_on_the_transparent_path() -> anyhow::Result<()> {
     }
     let echo_src = "import socket,sys\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(16)\nwhile True:\n    c,_=s.accept()\n    d=c.recv(100)\n    c.sendall(b'echo:'+d); c.close()\n";
     for port in ["9000", "9001"] {
-        servers.push(Child(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src, port])).spawn()?));
+        servers.push(Proc(Command::new("ip").args(net.exec(&net.b, &["python3", "-c", echo_src, port])).spawn()?));
     }
     // TLS echo servers: 9443 with a certificate for the address from the test CA, 9444 from another.
     let pki = Pki::new(&dir, &[&server_ip]);
@@ -131,7 +72,7 @@ async fn registry_only_on_the_transparent_path() -> anyhow::Result<()> {
         let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
         let args = ["python3", "-c", TLS_ECHO, &cert, &key, "0.0.0.0", port];
         servers
-            .push(Child(Command::new("ip").args(net.exec(&net.b, &args)).stdout(std::process::Stdio::null()).spawn()?));
+            .push(Proc(Command::new("ip").args(net.exec(&net.b, &args)).stdout(std::process::Stdio::null()).spawn()?));
     }
     let resources = format!(
         r#"apiVersion: plexus.dev/v1alpha1
