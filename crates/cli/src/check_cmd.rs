@@ -424,7 +424,11 @@ fn gateway_lines(workload: &str, g: &GatewayReport) -> Vec<Line> {
         let Some(problem) = &c.problem else { continue };
         problems += 1;
         let what = format!("gateway {workload}: certificate {} ({}): {problem}", c.name, c.location);
-        let hint = "put a valid tls.crt and tls.key (PEM, matching) there; the gateway picks them up without a restart";
+        let hint = if c.location.starts_with("Secret ") {
+            "create or replace it: kubectl create secret tls NAME --cert FILE --key FILE (type kubernetes.io/tls, readable by the gateway's ServiceAccount); the gateway picks it up without a restart"
+        } else {
+            "put a valid tls.crt and tls.key (PEM, matching) there; the gateway picks them up without a restart"
+        };
         if c.loaded && problem.starts_with("the certificate expires in") {
             out.push(Line::Warn(what, "renew it".into()));
         } else if c.loaded && !problem.contains("expired") {

@@ -252,6 +252,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             ip: args.ingress_addr.ip(),
             tls_dir: args.data_dir.join("tls"),
             certificate_poll: plexus_proxy::gateway::DEFAULT_CERTIFICATE_POLL,
+            certificate_source: None,
         }),
         workload: Some("ingress-gateway".into()),
         service: Some("ingress-gateway".into()),

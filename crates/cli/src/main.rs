@@ -144,7 +144,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Proxy(args) => proxy_cmd::run(*args).await,
+            Command::Proxy(args) => {
+                let certificates: Option<std::sync::Arc<dyn plexus_proxy::gateway::certs::CertificateSource>> =
+                    match args.certificate_source {
+                        proxy_cmd::CertificateSourceKind::Kubernetes => Some(std::sync::Arc::new(
+                            plexus_k8s::secrets::SecretCertificates::connect().await.map_err(Failure::runtime)?,
+                        )),
+                        proxy_cmd::CertificateSourceKind::Files => None,
+                    };
+                proxy_cmd::run_with(*args, certificates).await
+            }
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Control(args) => control_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::run(args).await,

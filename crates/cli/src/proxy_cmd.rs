@@ -9,6 +9,7 @@ use plexus_core::MeshSnapshot;
 use plexus_proxy::control_plane::{AppReadiness, ControlPlaneConfig};
 use plexus_proxy::discovery::{Discovery, FileError, FileSource};
 use plexus_proxy::dns::{DiscoveryNames, DnsServer, DnsSettings};
+use plexus_proxy::gateway::certs::CertificateSource;
 use plexus_proxy::settings::Limits;
 use plexus_proxy::{LoadBalancer, Proxy, Settings, UpstreamBind};
 
@@ -238,6 +239,11 @@ pub struct ProxyArgs {
     /// (default `<data dir>/tls`).
     #[arg(long, env = "PLEXUS_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Where the Gateway's certificates come from: `files` (under `--tls-dir`) or `kubernetes`
+    /// (the `kubernetes.io/tls` Secrets its listeners name, read with the pod's
+    /// ServiceAccount; `plexus proxy` only, not `plexus-proxy`).
+    #[arg(long, env = "PLEXUS_CERTIFICATE_SOURCE", value_enum, default_value = "files")]
+    pub certificate_source: CertificateSourceKind,
     /// The address the Gateway's listeners bind.
     #[arg(long, env = "PLEXUS_GATEWAY_IP", default_value = "127.0.0.1")]
     gateway_ip: IpAddr,
@@ -253,6 +259,13 @@ pub struct ProxyArgs {
     drain_timeout: Duration,
 }
 
+/// `--certificate-source`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateSourceKind {
+    Files,
+    Kubernetes,
+}
+
 impl ProxyArgs {
     /// Runtime threads to start (see `--workers`); 0 = one per CPU.
     pub fn worker_threads(&self) -> usize {
@@ -260,6 +273,11 @@ impl ProxyArgs {
     }
 
     pub fn settings(self) -> Settings {
+        self.settings_with(None)
+    }
+
+    /// The settings, the gateway's certificates coming from `certificates` when given.
+    fn settings_with(self, certificates: Option<Arc<dyn CertificateSource>>) -> Settings {
         let gateway = self.gateway.as_deref().map(|g| plexus_proxy::settings::GatewaySettings {
             name: match g.split_once('.') {
                 Some((name, ns)) => plexus_core::ServiceName::new(name, ns),
@@ -268,6 +286,7 @@ impl ProxyArgs {
             ip: self.gateway_ip,
             tls_dir: self.tls_dir.clone().unwrap_or_else(|| self.data_dir.join("tls")),
             certificate_poll: self.certificate_poll,
+            certificate_source: certificates,
         });
         Settings {
             gateway,
@@ -328,7 +347,19 @@ async fn start_dns(
     Ok(Some(tokio::spawn(server.run())))
 }
 
-pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
+pub async fn run(args: ProxyArgs) -> Result<(), Failure> {
+    run_with(args, None).await
+}
+
+/// Runs the proxy; a gateway's certificates come from `certificates` when given (the `plexus`
+/// binary passes the Kubernetes Secrets source for `--certificate-source kubernetes`; this
+/// library does not link the Kubernetes client, so `plexus-proxy` stays small).
+pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn CertificateSource>>) -> Result<(), Failure> {
+    if args.certificate_source == CertificateSourceKind::Kubernetes && certificates.is_none() {
+        return Err(Failure::usage(
+            "--certificate-source kubernetes: this binary does not read Kubernetes Secrets; run `plexus proxy`".to_string(),
+        ));
+    }
     let dns = dns_settings(&args)?;
     let namespace = args.namespace.clone();
     if args.gateway.is_some() && args.mode != "ingress" {
@@ -378,7 +409,7 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             plaintext_peers: args.plaintext_peers,
         };
         let register = args.register_json.take().map(String::into_bytes);
-        let sidecar = Sidecar::start_registering(args.settings(), config, |_| register)?;
+        let sidecar = Sidecar::start_registering(args.settings_with(certificates), config, |_| register)?;
         let dns = start_dns(dns, sidecar.discovery.clone(), namespace).await?;
         println!("{}", sidecar.ready_line());
         sidecar.run(shutdown_signal()).await;
@@ -402,7 +433,8 @@ pub async fn run(mut args: ProxyArgs) -> Result<(), Failure> {
             (Discovery::new(MeshSnapshot::default()), None)
         }
     };
-    let proxy = Proxy::bind(args.settings(), discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+    let proxy =
+        Proxy::bind(args.settings_with(certificates), discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
     let dns = start_dns(dns, discovery.clone(), namespace).await?;
     let addresses = serde_json::to_string(proxy.addresses()).map_err(|e| Failure::runtime(e.to_string()))?;
     tracing::info!(listening = %addresses, "proxy ready");

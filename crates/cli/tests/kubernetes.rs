@@ -22,6 +22,13 @@ const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 const NS: &str = "bookinfo";
 /// The ingress gateway's NodePort (examples/kubernetes/bookinfo.yaml) on the node's IP.
 const INGRESS: &str = "http://10.10.0.2:30080";
+/// The gateway's HTTPS NodePort and the hostname of its HTTPS listener.
+const INGRESS_HTTPS_PORT: u16 = 30443;
+const INGRESS_HOST: &str = "bookinfo.example";
+/// The kubernetes.io/tls Secret the HTTPS listener names, and where it lives (the Gateway's
+/// namespace).
+const CERT_SECRET: &str = "bookinfo-tls";
+const GATEWAY_NS: &str = "plexus-system";
 const BOOKINFO_DEPLOYMENTS: [&str; 6] =
     ["productpage-v1", "details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3"];
 
@@ -154,6 +161,38 @@ impl Node {
         })
     }
 
+    /// Creates or replaces the kubernetes.io/tls Secret `name` in the gateway's namespace with
+    /// a certificate `pki` issues for `hosts` (common name `cn`).
+    fn put_certificate(&self, pki: &Pki, name: &str, cn: &str, hosts: &[&str]) -> Result<()> {
+        let yaml = self.certificate_secret(pki, name, cn, hosts)?;
+        self.kubectl_in(&["apply", "-f", "-"], Some(&yaml))?;
+        Ok(())
+    }
+
+    /// The YAML of that Secret (`kubectl create secret tls --dry-run=client`).
+    fn certificate_secret(&self, pki: &Pki, name: &str, cn: &str, hosts: &[&str]) -> Result<String> {
+        let dir = plexus_testkit::TempDir::new("k8s-cert")?;
+        let (crt, key) = pki.issue(cn, hosts)?;
+        std::fs::write(dir.join("tls.crt"), crt)?;
+        std::fs::write(dir.join("tls.key"), key)?;
+        let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        self.kubectl(&[
+            "-n",
+            GATEWAY_NS,
+            "create",
+            "secret",
+            "tls",
+            name,
+            "--cert",
+            crt.to_str().context("path")?,
+            "--key",
+            key.to_str().context("path")?,
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])
+    }
+
     /// Installs Plexus and applies Bookinfo's manifests, waiting for the control plane only.
     fn ensure_installed(&self) -> Result<()> {
         let identity = self.state.join("plexus-identity");
@@ -169,6 +208,11 @@ impl Node {
         self.kubectl(&["-n", "plexus-system", "rollout", "status", "deployment/plexus-control", "--timeout=180s"])?;
         let bookinfo = repo_root().join("examples/kubernetes/bookinfo.yaml");
         self.kubectl(&["apply", "-f", &bookinfo.to_string_lossy()])?;
+        // The HTTPS listener's certificate, as a user creates it (any CA: the HTTPS test puts
+        // its own), so that `plexus check` finds every certificate valid.
+        if self.kubectl(&["-n", GATEWAY_NS, "get", "secret", CERT_SECRET]).is_err() {
+            self.put_certificate(&Pki::new()?, CERT_SECRET, "bookinfo", &[INGRESS_HOST])?;
+        }
         Ok(())
     }
 
@@ -197,6 +241,33 @@ impl Node {
         let out = self.in_node("python3", &["-c", COUNT_VERSIONS, "10.10.0.2", "30080", &n.to_string(), &headers])?;
         ensure!(out.status.success(), "page loads failed: {}", output_text(&out));
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// A certificate authority for the gateway's certificates.
+struct Pki {
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Result<Pki> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "kubernetes gateway test CA");
+        let cert = params.self_signed(&key)?;
+        let ca_pem = cert.pem();
+        Ok(Pki { ca: rcgen::Issuer::new(params, key), ca_pem })
+    }
+
+    /// A certificate for `hosts` whose common name is `cn`: (chain PEM, key PEM).
+    fn issue(&self, cn: &str, hosts: &[&str]) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 
@@ -896,5 +967,243 @@ fn httproute_changes_reach_the_bookinfo_proxies_within_a_second() -> Result<()> 
     }
     let p99 = from_stored[19];
     ensure!(p99 <= 1000.0, "p99 {p99} ms over 20 changes, not within 1 s (all: {from_stored:?})");
+    Ok(())
+}
+
+impl Node {
+    /// `curl https://HOST:30443PATH` from inside the node, the name resolved to the node's IP
+    /// and the certificate checked against `ca`: (exit status, HTTP status, body).
+    fn https(&self, ca: &Path, host: &str, path: &str) -> Result<(bool, String, String)> {
+        let resolve = format!("{host}:{INGRESS_HTTPS_PORT}:10.10.0.2");
+        let url = format!("https://{host}:{INGRESS_HTTPS_PORT}{path}");
+        let ca = ca.to_str().context("CA path")?;
+        let out = self.in_node(
+            "curl",
+            &["-sS", "--max-time", "10", "--resolve", &resolve, "--cacert", ca, "-w", "\n%{http_code}", &url],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let body = if out.status.success() { body.to_string() } else { output_text(&out) };
+        Ok((out.status.success(), code.to_string(), body))
+    }
+
+    /// The subject of the certificate a new TLS connection to the gateway's HTTPS port gets
+    /// for `server_name` (`openssl s_client`); empty when it gets none.
+    fn served_subject(&self, server_name: &str) -> Result<String> {
+        let script = format!(
+            "openssl s_client -connect 10.10.0.2:{INGRESS_HTTPS_PORT} -servername {server_name} </dev/null 2>/dev/null | openssl x509 -noout -subject 2>/dev/null"
+        );
+        let out = self.in_node("sh", &["-c", &script])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+/// Holds one HTTPS connection to the gateway while the certificate Secret is replaced:
+/// `python3 -c REPLACE_UNDER_CONNECTION CA KUBECTL KUBECONFIG NEW_SECRET_YAML`. It makes a
+/// request on the connection, applies the new Secret, then until new connections get the new
+/// certificate (at most 30 s) keeps making requests on the held connection and opening new
+/// ones; prints `{"held": subject, "new": subject, "requests": n, "failures": [...], "ms": t}`.
+const REPLACE_UNDER_CONNECTION: &str = r#"
+import http.client, json, socket, ssl, subprocess, sys, time
+ca, kubectl, kubeconfig, new_secret = sys.argv[1:5]
+HOST, ADDR = "bookinfo.example", ("10.10.0.2", 30443)
+ctx = ssl.create_default_context(cafile=ca)
+def connect():
+    s = ctx.wrap_socket(socket.create_connection(ADDR, timeout=10), server_hostname=HOST)
+    c = http.client.HTTPSConnection(HOST, ADDR[1], context=ctx, timeout=10)
+    c.sock = s
+    return c
+def subject(c):
+    return dict(x[0] for x in c.sock.getpeercert()["subject"]).get("commonName", "")
+def get(c):
+    c.request("GET", "/productpage")
+    r = c.getresponse(); body = r.read().decode()
+    return r.status, "Reviews served by" in body
+held = connect()
+held_subject = subject(held)
+failures, requests = [], 0
+status, ok = get(held); requests += 1
+if status != 200 or not ok: failures.append(f"before: {status}")
+subprocess.run([kubectl, "--kubeconfig", kubeconfig, "apply", "-f", new_secret], check=True, capture_output=True)
+start, new_subject = time.monotonic(), ""
+while time.monotonic() - start < 30:
+    try:
+        status, ok = get(held); requests += 1
+        if status != 200 or not ok: failures.append(f"held connection: {status}")
+    except Exception as e:
+        failures.append(f"held connection: {e!r}"); break
+    try:
+        fresh = connect(); new_subject = subject(fresh); fresh.close()
+    except Exception as e:
+        failures.append(f"new connection: {e!r}")
+    if new_subject != held_subject: break
+    time.sleep(0.1)
+still = subject(held)
+try:
+    status, ok = get(held); requests += 1
+    if status != 200 or not ok: failures.append(f"after: {status}")
+except Exception as e:
+    failures.append(f"after: {e!r}")
+print(json.dumps({"held": held_subject, "held_after": still, "new": new_subject, "requests": requests,
+                  "failures": failures, "ms": round((time.monotonic() - start) * 1000)}))
+"#;
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn productpage_over_https_with_the_certificate_from_a_secret_replaced_without_dropping_connections() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let dir = plexus_testkit::TempDir::new("k8s-https")?;
+    let pki = Pki::new()?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    node.put_certificate(&pki, CERT_SECRET, "bookinfo v1", &[INGRESS_HOST])?;
+    // productpage over HTTPS, the certificate checked against the CA that issued the Secret's.
+    poll(Duration::from_secs(30), || {
+        let (ok, code, body) = node.https(&ca, INGRESS_HOST, "/productpage")?;
+        ensure!(ok && code == "200", "HTTPS productpage: {code} {body:.300}");
+        ensure!(body.contains("Reviews served by: reviews-v"), "{body:.300}");
+        Ok(())
+    })?;
+    ensure!(node.served_subject(INGRESS_HOST)?.contains("bookinfo v1"), "s_client: {}", node.served_subject(INGRESS_HOST)?);
+    // The HTTP listener beside it keeps serving the same page.
+    let page = node.get(&format!("{INGRESS}/productpage"), &[])?;
+    ensure!(page.contains("Reviews served by: reviews-v"), "{page:.300}");
+    // A client trusting another CA refuses the certificate (curl: 60, not verified).
+    let other_ca = dir.join("other-ca.pem");
+    std::fs::write(&other_ca, &Pki::new()?.ca_pem)?;
+    let (ok, _, out) = node.https(&other_ca, INGRESS_HOST, "/productpage")?;
+    ensure!(!ok && out.to_lowercase().contains("certificate"), "verified against the wrong CA: {out:.300}");
+    // A name no listener serves gets no certificate at all, never bookinfo's.
+    let unknown = node.served_subject("unknown.example")?;
+    ensure!(unknown.is_empty(), "unknown.example was served {unknown:?}");
+
+    // The Secret replaced while a connection is open: new connections get the new certificate,
+    // the open one keeps its own and keeps being served.
+    let v2 = dir.join("v2.yaml");
+    std::fs::write(&v2, node.certificate_secret(&pki, CERT_SECRET, "bookinfo v2", &[INGRESS_HOST])?)?;
+    let kubeconfig = node.state.join("admin.kubeconfig");
+    let out = node.in_node(
+        "python3",
+        &[
+            "-c",
+            REPLACE_UNDER_CONNECTION,
+            ca.to_str().context("path")?,
+            node.kubectl.to_str().context("path")?,
+            kubeconfig.to_str().context("path")?,
+            v2.to_str().context("path")?,
+        ],
+    )?;
+    ensure!(out.status.success(), "{}", output_text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    println!("Secret replaced under an open connection: {r}");
+    ensure!(r["held"] == "bookinfo v1" && r["held_after"] == "bookinfo v1", "{r}");
+    ensure!(r["new"] == "bookinfo v2", "new connections did not get the new certificate within 30 s: {r}");
+    ensure!(r["failures"].as_array().is_some_and(Vec::is_empty) && r["requests"].as_u64() >= Some(2), "{r}");
+    ensure!(node.served_subject(INGRESS_HOST)?.contains("bookinfo v2"), "s_client after the replacement");
+    let (ok, code, body) = node.https(&ca, INGRESS_HOST, "/productpage")?;
+    ensure!(ok && code == "200", "after the replacement: {code} {body:.300}");
+    Ok(())
+}
+
+/// Re-applies the example's objects (the Gateway, its Role) when dropped, and deletes `secrets`.
+struct RestoreExample<'a> {
+    node: &'a Node,
+    secrets: &'a [&'a str],
+}
+
+impl Drop for RestoreExample<'_> {
+    fn drop(&mut self) {
+        let bookinfo = repo_root().join("examples/kubernetes/bookinfo.yaml");
+        let _ = self.node.kubectl(&["apply", "-f", &bookinfo.to_string_lossy()]);
+        for s in self.secrets {
+            let _ = self.node.kubectl(&["-n", GATEWAY_NS, "delete", "secret", s, "--ignore-not-found"]);
+        }
+    }
+}
+
+/// The example's Gateway `ingress` with `extra` listeners appended.
+fn gateway_with(extra: &str) -> Result<String> {
+    let example = example("examples/kubernetes/bookinfo.yaml");
+    let doc = example.split("\n---\n").find(|d| d.contains("\nkind: Gateway\n")).context("no Gateway in the example")?;
+    Ok(format!("{}\n{extra}", doc.trim_end()))
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn a_listener_naming_a_missing_or_unreadable_secret_serves_no_certificate_and_check_says_why() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let dir = plexus_testkit::TempDir::new("k8s-missing-secret")?;
+    let pki = Pki::new()?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    node.put_certificate(&pki, CERT_SECRET, "bookinfo", &[INGRESS_HOST])?;
+    // `other-tls` exists but the gateway's Role does not name it: the gateway cannot read it.
+    let _restore = RestoreExample { node: &node, secrets: &["other-tls"] };
+    node.put_certificate(&pki, "other-tls", "other", &["other.example"])?;
+    let gateway = gateway_with(
+        "  - {name: missing, port: 8443, protocol: HTTPS, hostname: missing.example, tls: {certificateRefs: [{name: missing-tls}]}}\n\
+         \x20 - {name: forbidden, port: 8443, protocol: HTTPS, hostname: other.example, tls: {certificateRefs: [{name: other-tls}]}}\n\
+         \x20 - {name: elsewhere, port: 8443, protocol: HTTPS, hostname: elsewhere.example, tls: {certificateRefs: [{name: bookinfo-tls, namespace: bookinfo}]}}\n",
+    )?;
+    node.kubectl_in(&["apply", "-f", "-"], Some(&gateway))?;
+    let text = poll(Duration::from_secs(60), || {
+        let out = node.plexus(&["check"])?;
+        let text = output_text(&out);
+        ensure!(!out.status.success(), "plexus check passed: {text}");
+        ensure!(text.contains("plexus-system/missing-tls") && text.contains("not found"), "{text}");
+        ensure!(text.contains("plexus-system/other-tls") && text.contains("forbidden"), "{text}");
+        ensure!(text.contains("ReferenceGrant"), "{text}");
+        Ok(text)
+    })?;
+    ensure!(text.contains("kubectl create secret tls"), "no hint: {text}");
+    // No certificate for those names; bookinfo.example is still served (positive control).
+    for name in ["missing.example", "other.example", "elsewhere.example"] {
+        let subject = node.served_subject(name)?;
+        ensure!(subject.is_empty(), "{name} was served {subject:?}");
+    }
+    let (ok, code, body) = node.https(&ca, INGRESS_HOST, "/productpage")?;
+    ensure!(ok && code == "200", "bookinfo.example beside them: {code} {body:.300}");
+    // The Gateway's status names the refused cross-namespace reference.
+    let status = node.kubectl(&["-n", GATEWAY_NS, "get", "gateway", "ingress", "-o", "json"])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    let listener = status["status"]["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "elsewhere"))
+        .with_context(|| format!("no listener status: {}", status["status"]))?;
+    let resolved = listener["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs"));
+    ensure!(resolved.is_some_and(|c| c["status"] == "False" && c["reason"] == "RefNotPermitted"), "{listener}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the lab Kubernetes node: scripts/test-kubernetes"]
+fn an_httproute_attached_to_the_gateway_reaches_it_and_leaves_it() -> Result<()> {
+    let Some(node) = node() else { return Ok(()) };
+    node.ensure_bookinfo()?;
+    let status_of = |path: &str| -> Result<String> {
+        let out = node.in_node("curl", &["-s", "-o", "/dev/null", "--max-time", "10", "-w", "%{http_code}", &format!("{INGRESS}{path}")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(status_of("/reviews/0")? == "404", "/reviews/0 is routed before any route sends it");
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: gateway-reviews, namespace: bookinfo}\n\
+                 spec:\n  parentRefs: [{kind: Gateway, name: ingress, namespace: plexus-system, sectionName: http}]\n  \
+                 rules:\n  - matches: [{path: {type: PathPrefix, value: /reviews}}]\n    backendRefs: [{name: reviews, port: 9080}]\n";
+    {
+        let _route = Applied::new(&node, NS, route)?;
+        poll(Duration::from_secs(20), || {
+            let body = node.get(&format!("{INGRESS}/reviews/0"), &[])?;
+            ensure!(body.contains("reviews"), "{body:.200}");
+            Ok(())
+        })?;
+        ensure!(node.get(&format!("{INGRESS}/productpage"), &[])?.contains("Reviews served by"), "productpage beside it");
+    }
+    poll(Duration::from_secs(20), || {
+        let code = status_of("/reviews/0")?;
+        ensure!(code == "404", "/reviews/0 still routed after the HTTPRoute was deleted: {code}");
+        Ok(())
+    })?;
+    ensure!(node.get(&format!("{INGRESS}/productpage"), &[])?.contains("Reviews served by"), "productpage after");
     Ok(())
 }

@@ -40,6 +40,18 @@ impl std::fmt::Display for CertificateName {
     }
 }
 
+/// Why a listener's `certificateRef` cannot be served, if so: a Secret in another namespace
+/// than the Gateway's needs a ReferenceGrant there (Gateway API), which Plexus does not read,
+/// so such a reference is refused (status `ResolvedRefs: False, RefNotPermitted`, `plexus
+/// check`) and not served.
+pub fn certificate_ref_refused(gateway_namespace: &str, c: &crate::resource::CertificateRef) -> Option<String> {
+    let ns = c.namespace.as_deref().filter(|ns| *ns != gateway_namespace)?;
+    Some(format!(
+        "certificateRef {ns}/{} is in another namespace than the Gateway ({gateway_namespace}): that needs a ReferenceGrant, which Plexus does not support",
+        c.name
+    ))
+}
+
 /// A group of a listener's routes that serve one hostname pattern (the intersection of the
 /// listener's hostname and the routes'): a virtual Service port holding their route table.
 #[derive(Debug, Clone, Serialize)]
@@ -260,9 +272,11 @@ pub fn status(resources: &[Resource], gateway: &Resource) -> serde_json::Value {
                     )
                 }
             };
-            let refs_ok = l.tls.iter().flat_map(|t| &t.certificate_refs).all(|c| {
+            let refs = || l.tls.iter().flat_map(|t| &t.certificate_refs);
+            let refs_ok = refs().all(|c| {
                 c.kind.as_deref().is_none_or(|k| k == "Secret") && c.group.as_deref().is_none_or(str::is_empty)
             });
+            let refused = refs().find_map(|c| certificate_ref_refused(gateway.metadata.namespace(), c));
             json!({
                 "name": l.name,
                 "attachedRoutes": attached,
@@ -270,10 +284,10 @@ pub fn status(resources: &[Resource], gateway: &Resource) -> serde_json::Value {
                 "conditions": [
                     accepted,
                     conflicted,
-                    if refs_ok {
-                        condition("ResolvedRefs", true, "ResolvedRefs", "certificate files are checked by the gateway proxy (plexus check)")
-                    } else {
-                        condition("ResolvedRefs", false, "InvalidCertificateRef", "certificateRefs name Secrets")
+                    match (refs_ok, &refused) {
+                        (false, _) => condition("ResolvedRefs", false, "InvalidCertificateRef", "certificateRefs name Secrets"),
+                        (true, Some(why)) => condition("ResolvedRefs", false, "RefNotPermitted", why),
+                        (true, None) => condition("ResolvedRefs", true, "ResolvedRefs", "certificates are read and checked by the gateway proxy (plexus check)"),
                     },
                     condition("Programmed", conflict.is_none(), if conflict.is_none() { "Programmed" } else { "Invalid" }, if conflict.is_none() { "sent to the gateway proxies serving this Gateway" } else { "not served" }),
                 ],
@@ -378,6 +392,7 @@ pub(crate) fn compile_all(resources: &[Resource]) -> BTreeMap<ServiceName, Compi
                             .tls
                             .iter()
                             .flat_map(|t| &t.certificate_refs)
+                            .filter(|c| certificate_ref_refused(&name.namespace, c).is_none())
                             .map(|c| CertificateName {
                                 namespace: c.namespace.clone().unwrap_or_else(|| name.namespace.clone()),
                                 name: c.name.clone(),
@@ -527,5 +542,41 @@ spec:
         assert_eq!(cond(4, "Programmed")["status"], "False");
         assert_eq!(st["conditions"][0]["type"], "Accepted");
         assert_eq!(st["conditions"][1]["message"], "3 of 5 listeners served");
+    }
+
+    #[test]
+    fn certificates_in_another_namespace_are_refused_without_a_reference_grant() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: web}
+spec:
+  listeners:
+  - {name: own, port: 8443, protocol: HTTPS, hostname: a.example.com, tls: {certificateRefs: [{name: a}]}}
+  - {name: named, port: 8443, protocol: HTTPS, hostname: b.example.com, tls: {certificateRefs: [{name: b, namespace: web}]}}
+  - {name: other, port: 8443, protocol: HTTPS, hostname: c.example.com, tls: {certificateRefs: [{name: c, namespace: plexus-system}]}}
+"#;
+        let resources = parse_documents("g", yaml).expect("valid");
+        let snap = MeshSnapshot::compile(&resources, "1");
+        let g = snap.gateways.get(&ServiceName::new("edge", "web")).expect("compiled");
+        let names = |i: usize| g.listeners[i].certificates.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(names(0), ["web/a"]);
+        assert_eq!(names(1), ["web/b"], "the Gateway's own namespace, spelled out");
+        assert!(names(2).is_empty(), "another namespace's Secret is never read: {:?}", names(2));
+        let st = status(&resources, resources.iter().find(|r| r.kind == crate::Kind::Gateway).expect("gateway"));
+        let resolved = |l: usize| {
+            st["listeners"][l]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs").cloned())
+                .unwrap_or_default()
+        };
+        assert_eq!(resolved(0)["status"], "True");
+        assert_eq!(resolved(1)["status"], "True");
+        assert_eq!(resolved(2)["status"], "False");
+        assert_eq!(resolved(2)["reason"], "RefNotPermitted");
+        assert!(resolved(2)["message"].as_str().is_some_and(|m| m.contains("plexus-system/c") && m.contains("ReferenceGrant")));
+        let found: Vec<String> = crate::check::analyze(&resources).into_iter().map(|f| f.message).collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("\"other\"") && found[0].contains("ReferenceGrant"), "{found:?}");
     }
 }

@@ -266,6 +266,33 @@ pub fn status_schema(kind: Kind) -> Value {
                 }
             }
         }),
+        // Gateway API Gateway status: its conditions and each listener's.
+        Kind::Gateway => json!({
+            "type": "object",
+            "properties": {
+                "observedGeneration": {"type": "integer", "format": "int64"},
+                "conditions": conditions,
+                "listeners": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "attachedRoutes": {"type": "integer", "format": "int32"},
+                            "supportedKinds": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {"group": {"type": "string"}, "kind": {"type": "string"}}
+                                }
+                            },
+                            "conditions": conditions
+                        }
+                    }
+                }
+            }
+        }),
         _ => json!({
             "type": "object",
             "properties": {

@@ -216,7 +216,7 @@ fn labels() -> Value {
 
 /// What the control plane reads cluster-wide (the watches of [`crate::store`]), writes (the
 /// custom resources and their status, from `plexus apply` and [`crate::status`]), and the
-/// TokenReviews of [`crate::identity`]; namespaces are read by the injection webhook (opt-in
+/// TokenReviews of [`crate::identity`] (EndpointSlices where served); namespaces are read by the injection webhook (opt-in
 /// label). No Secrets: the control plane's own arrive as mounted volumes.
 fn cluster_rules(skip_gateway_api: bool) -> Vec<Value> {
     let _ = skip_gateway_api; // the rules name the kinds whether or not Plexus installs their CRDs
@@ -226,6 +226,8 @@ fn cluster_rules(skip_gateway_api: bool) -> Vec<Value> {
     }
     let mut rules = vec![
         json!({"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]}),
+        // Servers with discovery.k8s.io/v1 (≥ 1.21): endpoints from EndpointSlices.
+        json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}),
         json!({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}),
     ];
     for (group, plurals) in by_group {

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod inject;
 pub mod install;
 pub mod leader;
+pub mod secrets;
 pub mod status;
 pub mod store;
 pub mod translate;

@@ -33,6 +33,8 @@ pub const CONTROLLER_NAME: &str = "plexus.dev/control-plane";
 pub struct Known {
     services: BTreeSet<(String, String)>,
     gateways: Vec<(String, String, plexus_core::resource::GatewaySpec)>,
+    /// Every resource, for a Gateway's listener status ([`plexus_core::gateway::status`]).
+    resources: Vec<Resource>,
 }
 
 impl Known {
@@ -49,7 +51,7 @@ impl Known {
                 _ => {}
             }
         }
-        Known { services, gateways }
+        Known { services, gateways, resources: resources.iter().map(|r| Resource::clone(r)).collect() }
     }
 
     fn service(&self, namespace: &str, name: &str) -> bool {
@@ -198,6 +200,16 @@ pub fn desired(kind: Kind, object: &Value, valid: Result<&Resource, &str>, known
                 .collect();
             json!({ "parents": parents })
         }
+        // A Gateway: the Gateway API's status (listeners with `Accepted`, `Conflicted`,
+        // `ResolvedRefs`, `Programmed`, `attachedRoutes`), as `plexus get gateway` shows it.
+        Kind::Gateway if let Ok(r) = valid => {
+            let mut s = plexus_core::gateway::status(&known.resources, r);
+            if let Some(g) = generation {
+                for_each_condition(&mut s, |c| c["observedGeneration"] = g.into());
+                s["observedGeneration"] = g.into();
+            }
+            s
+        }
         _ => {
             let mut conditions = vec![match valid {
                 Ok(_) => condition("Accepted", true, "Accepted", String::new(), generation),
@@ -230,26 +242,32 @@ pub fn desired(kind: Kind, object: &Value, valid: Result<&Resource, &str>, known
     status
 }
 
+/// Where a status holds condition lists: `conditions`, and those of each of `parents[]`
+/// (routes) and `listeners[]` (Gateways), as JSON pointers.
+fn condition_paths(status: &Value) -> Vec<String> {
+    let mut paths = vec!["/conditions".to_string()];
+    for list in ["parents", "listeners"] {
+        let n = status.get(list).and_then(Value::as_array).map_or(0, Vec::len);
+        paths.extend((0..n).map(|i| format!("/{list}/{i}/conditions")));
+    }
+    paths
+}
+
+/// Calls `f` on every condition of a status.
+fn for_each_condition(status: &mut Value, mut f: impl FnMut(&mut Value)) {
+    for path in condition_paths(status) {
+        if let Some(Value::Array(list)) = status.pointer_mut(&path) {
+            list.iter_mut().for_each(&mut f);
+        }
+    }
+}
+
 /// Sets each condition's `lastTransitionTime`: the current one's while its status is the
 /// same, else `now`.
 fn carry_transition_times(status: &mut Value, current: Option<&Value>, now: &str) {
-    fn conditions_at(status: &Value, parent: Option<usize>) -> Option<&Vec<Value>> {
-        match parent {
-            Some(i) => status.pointer(&format!("/parents/{i}/conditions"))?.as_array(),
-            None => status.get("conditions")?.as_array(),
-        }
-    }
-    let parents = status.get("parents").and_then(Value::as_array).map(Vec::len);
-    let slots: Vec<Option<usize>> = match parents {
-        Some(n) => (0..n).map(Some).collect(),
-        None => vec![None],
-    };
-    for slot in slots {
-        let previous: Vec<Value> = current.and_then(|c| conditions_at(c, slot)).cloned().unwrap_or_default();
-        let path = match slot {
-            Some(i) => format!("/parents/{i}/conditions"),
-            None => "/conditions".to_string(),
-        };
+    for path in condition_paths(status) {
+        let previous: Vec<Value> =
+            current.and_then(|c| c.pointer(&path)).and_then(Value::as_array).cloned().unwrap_or_default();
         let Some(Value::Array(conditions)) = status.pointer_mut(&path) else { continue };
         for c in conditions {
             let same = previous.iter().find(|p| p.get("type") == c.get("type") && p.get("status") == c.get("status"));
@@ -434,6 +452,39 @@ spec:
             .filter_map(|c| c["lastTransitionTime"].as_str())
             .collect();
         assert_eq!(times, ["2026-12-06T20:00:00Z", "2026-12-06T22:00:00Z"], "Accepted kept, ResolvedRefs moved");
+    }
+
+    #[test]
+    fn a_gateway_gets_listener_conditions_and_keeps_their_transition_times() {
+        let object = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "plexus-system", "generation": 2},
+            "spec": {"gatewayClassName": "plexus", "listeners": [
+                {"name": "https", "port": 8443, "protocol": "HTTPS", "hostname": "a.example",
+                 "tls": {"certificateRefs": [{"name": "a-tls"}]}},
+                {"name": "elsewhere", "port": 8443, "protocol": "HTTPS", "hostname": "b.example",
+                 "tls": {"certificateRefs": [{"name": "b-tls", "namespace": "bookinfo"}]}}
+            ]}
+        });
+        let resource = crate::translate::custom_resource(Kind::Gateway, &object).expect("valid");
+        let mut resources: Vec<Arc<Resource>> =
+            plexus_core::parse_documents("mesh", MESH).expect("valid").into_iter().map(Arc::new).collect();
+        resources.push(Arc::new(resource.clone()));
+        let known = Known::of(&resources);
+        let first = desired(Kind::Gateway, &object, Ok(&resource), &known, "2026-12-06T20:00:00Z");
+        let listener = |s: &Value, i: usize, t: &str| {
+            s["listeners"][i]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
+        };
+        let resolved = listener(&first, 1, "ResolvedRefs").expect("ResolvedRefs");
+        assert_eq!((resolved["status"].as_str(), resolved["reason"].as_str()), (Some("False"), Some("RefNotPermitted")));
+        assert_eq!(resolved["observedGeneration"], 2);
+        assert_eq!(resolved["lastTransitionTime"], "2026-12-06T20:00:00Z");
+        assert_eq!(listener(&first, 0, "ResolvedRefs").expect("ResolvedRefs")["status"], "True");
+        assert_eq!(first["conditions"][0]["type"], "Accepted");
+        let mut object = object;
+        object["status"] = first.clone();
+        let again = desired(Kind::Gateway, &object, Ok(&resource), &known, "2026-12-06T21:00:00Z");
+        assert_eq!(again, first, "nothing changed: nothing to write");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //!
 //! - **Reads**: kube-runtime watchers on core `v1` Services, Pods and every Plexus CRD keep the
 //!   objects as the API server has them; after each batch of events the whole list is
-//!   translated again ([`crate::translate`]: Services, the serving Pods some Service selects,
-//!   the custom resources that plexus-core accepts) and, when it differs, the revision is
+//!   translated again ([`crate::translate`]: Services; the Workloads behind them — from
+//!   `discovery.k8s.io/v1` EndpointSlices (with the Pods they name) where the server serves
+//!   that, else the serving Pods some Service selects: [`translate::EndpointSource`], chosen by
+//!   API discovery at start —; the custom resources that plexus-core accepts) and, when it differs, the revision is
 //!   bumped and subscribers (the index) notified. A custom resource plexus-core rejects is not
 //!   in the mesh; its reason is kept for its status ([`KubeStore::invalid`]).
 //! - **Finished workloads**: from the same Pods, the injected pods whose app containers have
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
@@ -35,7 +38,7 @@ use plexus_control::store::{FinishedWorkloads, ObjectKey, Outcome, Store, StoreE
 use plexus_core::{Kind, Resource};
 use tokio::sync::{Notify, watch};
 
-use crate::translate;
+use crate::translate::{self, EndpointSource};
 
 /// The field manager of Plexus's server-side applies.
 pub const FIELD_MANAGER: &str = "plexus";
@@ -49,8 +52,12 @@ type Mirror = BTreeMap<String, Arc<Resource>>;
 /// What the watches hold: the objects as the API server has them.
 #[derive(Default)]
 struct Raw {
+    /// Where Workloads come from (API discovery at start).
+    source: EndpointSource,
     services: BTreeMap<(String, String), Service>,
     pods: BTreeMap<(String, String), Pod>,
+    /// EndpointSlices (`discovery.k8s.io/v1`), watched only when they are the source.
+    slices: BTreeMap<(String, String), EndpointSlice>,
     custom: BTreeMap<(Kind, String, String), serde_json::Value>,
 }
 
@@ -100,7 +107,12 @@ fn key_of(meta: &kube::core::ObjectMeta) -> (String, String) {
 fn translate_all(raw: &Raw) -> (Mirror, BTreeMap<String, String>) {
     let mut mirror = Mirror::new();
     let services: Vec<Resource> = raw.services.values().filter_map(translate::service).collect();
-    for pod in raw.pods.values() {
+    if raw.source == EndpointSource::EndpointSlices {
+        for w in translate::slice_workloads(raw.slices.values(), &services, &raw.pods) {
+            mirror.insert(w.id(), Arc::new(w));
+        }
+    }
+    for pod in raw.pods.values().filter(|_| raw.source == EndpointSource::Pods) {
         let ports = translate::selected_target_ports(pod, &services);
         let selected = services.iter().any(|s| match &s.spec {
             plexus_core::Spec::Service(spec) => {
@@ -271,14 +283,20 @@ impl KubeStore {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| format!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}"))?;
-        Ok(KubeStore::start(client))
+        let groups = client.list_api_groups().await.map_err(|e| format!("API discovery (GET /apis): {e}"))?;
+        let source = translate::endpoint_source(&groups);
+        tracing::info!(?source, "endpoints from {}", match source {
+            EndpointSource::EndpointSlices => "EndpointSlices (discovery.k8s.io/v1 is served)",
+            EndpointSource::Pods => "Pods (discovery.k8s.io/v1 is not served)",
+        });
+        Ok(KubeStore::start(client, source))
     }
 
-    /// Starts the watches with `client`.
-    pub fn start(client: kube::Client) -> KubeStore {
+    /// Starts the watches with `client`, taking Workloads from `source`.
+    pub fn start(client: kube::Client, source: EndpointSource) -> KubeStore {
         let (changes, _) = watch::channel(0);
         let shared = Arc::new(Shared {
-            raw: Mutex::new(Raw::default()),
+            raw: Mutex::new(Raw { source, ..Raw::default() }),
             mirror: RwLock::new(Mirror::new()),
             invalid: RwLock::new(BTreeMap::new()),
             revision: AtomicU64::new(0),
@@ -314,6 +332,21 @@ impl KubeStore {
             },
             |raw| raw.pods.clear(),
         )));
+        if source == EndpointSource::EndpointSlices {
+            shared.watch_state("EndpointSlice", |_| {});
+            tasks.push(tokio::spawn(run_watch(
+                shared.clone(),
+                "EndpointSlice".into(),
+                Api::<EndpointSlice>::all(client.clone()),
+                |raw, e: EndpointSlice| {
+                    raw.slices.insert(key_of(&e.metadata), e);
+                },
+                |raw, e| {
+                    raw.slices.remove(&key_of(&e.metadata));
+                },
+                |raw| raw.slices.clear(),
+            )));
+        }
         for kind in crate::crd::crd_kinds(false) {
             let ar = crate::crd::api_resource(kind);
             let name = kind.as_str().to_string();

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta as KubeMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use plexus_core::resource::{PortRef, ServicePort, ServiceSpec, WorkloadPort, WorkloadSpec};
@@ -214,8 +215,15 @@ pub fn pod(pod: &Pod, service_ports: &[u16]) -> Option<Resource> {
     if !is_serving(pod) {
         return None;
     }
-    let spec = pod.spec.as_ref()?;
     let address = pod.status.as_ref()?.pod_ip.clone()?;
+    let service_ports: Vec<(Option<String>, u16)> = service_ports.iter().map(|&n| (None, n)).collect();
+    workload(pod, address, &service_ports)
+}
+
+/// `pod` as a Workload at `address`, with its containers' TCP ports and `service_ports`
+/// (named when a Service's `targetPort` names them).
+fn workload(pod: &Pod, address: String, service_ports: &[(Option<String>, u16)]) -> Option<Resource> {
+    let spec = pod.spec.as_ref()?;
     let mut ports: Vec<WorkloadPort> = Vec::new();
     for c in spec.containers.iter().filter(|c| c.name != PROXY_CONTAINER) {
         for p in c.ports.iter().flatten() {
@@ -229,9 +237,14 @@ pub fn pod(pod: &Pod, service_ports: &[u16]) -> Option<Resource> {
             ports.push(WorkloadPort { name: p.name.clone(), port: n, target_port: Some(n) });
         }
     }
-    for &n in service_ports {
-        if !ports.iter().any(|w| w.port == n) {
-            ports.push(WorkloadPort { name: None, port: n, target_port: Some(n) });
+    for (name, n) in service_ports {
+        match ports.iter_mut().find(|w| w.port == *n) {
+            Some(w) => {
+                if w.name.is_none() {
+                    w.name = name.clone();
+                }
+            }
+            None => ports.push(WorkloadPort { name: name.clone(), port: *n, target_port: Some(*n) }),
         }
     }
     ports.sort_by_key(|p| p.port);
@@ -248,6 +261,118 @@ pub fn pod(pod: &Pod, service_ports: &[u16]) -> Option<Resource> {
             meshed: is_meshed(pod),
         }),
     })
+}
+
+/// Where the store takes a Service's endpoints from (chosen once at start by API discovery,
+/// [`endpoint_source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointSource {
+    /// `discovery.k8s.io/v1` EndpointSlices (servers ≥ 1.21), with the Pods they name for
+    /// labels, service account and `meshed` ([`slice_workloads`]).
+    EndpointSlices,
+    /// The Pods a Service selects, serving by the pod's own status ([`pod`]): servers without
+    /// `discovery.k8s.io/v1` (1.20 serves only `v1beta1`, whose shape changed).
+    #[default]
+    Pods,
+}
+
+/// The group/version EndpointSlices are read at.
+pub const ENDPOINT_SLICE_GROUP_VERSION: &str = "discovery.k8s.io/v1";
+
+/// EndpointSlices when the server's API groups (`GET /apis`) include
+/// [`ENDPOINT_SLICE_GROUP_VERSION`], else Pods.
+pub fn endpoint_source(groups: &k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroupList) -> EndpointSource {
+    let served = groups
+        .groups
+        .iter()
+        .flat_map(|g| &g.versions)
+        .any(|v| v.group_version == ENDPOINT_SLICE_GROUP_VERSION);
+    if served { EndpointSource::EndpointSlices } else { EndpointSource::Pods }
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Workloads the EndpointSlices of the (translated) `services` make, in the model the Pods
+/// path gives ([`pod`]): one per Pod an endpoint names (by `targetRef`), named after it, with
+/// its labels, service account and `meshed` from the Pod (an endpoint whose Pod the watch has
+/// not seen yet waits for it: identity is never guessed), the endpoint's address, and its
+/// containers' ports plus the slices' ports (target ports already resolved, named ones
+/// included). A Service's endpoints are those `ready` (unset counts as ready) and not
+/// `terminating`, from all its slices; when none is, those still `serving` while terminating
+/// (as kube-proxy does), so a rollout's last pods keep their traffic until they stop.
+pub fn slice_workloads<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: &[Resource],
+    pods: &BTreeMap<(String, String), Pod>,
+) -> Vec<Resource> {
+    // (namespace, service) → (ready, serving while terminating): (pod name, address, ports).
+    type Chosen = Vec<(String, String, Vec<(Option<String>, u16)>)>;
+    let mut by_service: BTreeMap<(String, String), (Chosen, Chosen)> = BTreeMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+        let spec = services.iter().find_map(|s| match &s.spec {
+            Spec::Service(spec) if s.metadata.namespace() == ns && s.metadata.name == *service => Some(spec),
+            _ => None,
+        });
+        let Some(spec) = spec else { continue };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        // A slice port carries the Service port's name and the resolved target port; a
+        // target port the Service names keeps that name on the Workload's port.
+        let ports: Vec<(Option<String>, u16)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let n = u16::try_from(p.port?).ok()?;
+                let target_name = spec.ports.iter().find(|sp| sp.name == p.name).and_then(|sp| match &sp.target_port {
+                    Some(PortRef::Name(name)) => Some(name.clone()),
+                    _ => None,
+                });
+                Some((target_name, n))
+            })
+            .collect();
+        let entry = by_service.entry((ns, service.clone())).or_default();
+        for e in &slice.endpoints {
+            let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone())
+            else {
+                continue;
+            };
+            let Some(address) = e.addresses.first().filter(|a| a.parse::<std::net::IpAddr>().is_ok()) else { continue };
+            let c = e.conditions.as_ref();
+            let terminating = c.and_then(|c| c.terminating) == Some(true);
+            let ready = c.and_then(|c| c.ready) != Some(false) && !terminating;
+            let serving = c.and_then(|c| c.serving.or(c.ready)) != Some(false);
+            let item = (pod, address.clone(), ports.clone());
+            if ready {
+                entry.0.push(item);
+            } else if terminating && serving {
+                entry.1.push(item);
+            }
+        }
+    }
+    // Pod → (address, ports) over every Service that has it.
+    let mut endpoints: BTreeMap<(String, String), (String, Vec<(Option<String>, u16)>)> = BTreeMap::new();
+    for ((ns, _), (ready, terminating)) in by_service {
+        let chosen = if ready.is_empty() { terminating } else { ready };
+        for (pod, address, ports) in chosen {
+            let e = endpoints.entry((ns.clone(), pod)).or_insert_with(|| (address, Vec::new()));
+            e.1.extend(ports);
+        }
+    }
+    endpoints
+        .into_iter()
+        .filter_map(|(key, (address, mut ports))| {
+            let pod = pods.get(&key)?;
+            ports.sort_unstable_by_key(|(name, n)| (*n, name.is_none()));
+            ports.dedup_by_key(|(_, n)| *n);
+            workload(pod, address, &ports)
+        })
+        .collect()
 }
 
 /// A custom resource (as the API server returns it) as a validated Plexus resource, or the

@@ -287,6 +287,7 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// The webhook's one certificate: `tls.crt` and `tls.key` in `--webhook-tls-dir` (the
 /// mounted `plexus-webhook-tls` Secret), whatever the name asked for.
+#[derive(Debug)]
 struct TlsDir(PathBuf);
 
 impl CertificateSource for TlsDir {
@@ -335,7 +336,7 @@ fn tls_config(dir: &Path) -> Result<(Arc<rustls::ServerConfig>, Arc<ServingCerti
     let name =
         CertificateName { namespace: crate::install::NAMESPACE.into(), name: crate::install::WEBHOOK_SECRET.into() };
     let serving =
-        Arc::new(ServingCertificate { store: CertificateStore::new(Box::new(TlsDir(dir.to_path_buf()))), name });
+        Arc::new(ServingCertificate { store: CertificateStore::new(Arc::new(TlsDir(dir.to_path_buf()))), name });
     serving.refresh();
     if serving.store.key(&serving.name).is_none() {
         let problem = serving.store.statuses().into_iter().find_map(|s| s.problem).unwrap_or_default();

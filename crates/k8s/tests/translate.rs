@@ -1,7 +1,10 @@
 //! Kubernetes → Plexus translation from API objects as the API server returns them
-//! (fixtures/: a ServiceList, a PodList and an HTTPRoute in the shapes of Kubernetes 1.20).
+//! (fixtures/: a ServiceList, a PodList and an HTTPRoute in the shapes of Kubernetes 1.20, and
+//! an EndpointSliceList as `discovery.k8s.io/v1` serves it).
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroupList;
 use plexus_core::resource::PortRef;
 use plexus_core::{Kind, MeshSnapshot, ServiceName, Spec};
 use plexus_k8s::translate;
@@ -201,4 +204,107 @@ fn a_pod_whose_app_may_still_run_or_restart_has_not_finished() {
     }
     assert!(!translate::workload_finished(&done), "complete: its proxy has exited already");
     assert!(translate::finished_workloads([&pod_with(None, &[terminated(0)])]).is_empty());
+}
+
+/// The fixture's Pods (and two more for grpc-echo, which declare no container ports), by
+/// `(namespace, name)`.
+fn pods_by_key() -> std::collections::BTreeMap<(String, String), Pod> {
+    let mut pods: Vec<Pod> = items(include_str!("fixtures/pods.json"));
+    for name in ["grpc-echo-old", "grpc-echo-stopping"] {
+        pods.push(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": "grpc-echo"},
+                             "deletionTimestamp": "2026-12-06T20:10:00Z"},
+                "spec": {"serviceAccountName": "grpc-echo", "containers": [{"name": "echo", "image": "plexus:0.1.0"},
+                         {"name": "plexus-proxy", "image": "plexus:0.1.0"}]},
+                "status": {"phase": "Running", "podIP": "10.244.0.20"}
+            }))
+            .expect("a Pod"),
+        );
+    }
+    pods.into_iter()
+        .map(|p| ((p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()), p))
+        .collect()
+}
+
+#[test]
+fn endpoint_slices_give_the_workloads_the_pods_path_gives() {
+    let services: Vec<Service> = items(include_str!("fixtures/services.json"));
+    let services: Vec<_> = services.iter().filter_map(translate::service).collect();
+    let slices: Vec<EndpointSlice> = items(include_str!("fixtures/endpointslices.json"));
+    let pods = pods_by_key();
+    let from_slices: Vec<_> = translate::slice_workloads(&slices, &services, &pods)
+        .into_iter()
+        .filter(|w| w.metadata.namespace() == "bookinfo")
+        .collect();
+    let mut from_pods: Vec<_> = pods
+        .values()
+        .filter_map(|p| translate::pod(p, &translate::selected_target_ports(p, &services)))
+        .filter(|w| w.metadata.namespace() == "bookinfo")
+        .collect();
+    from_pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    // Two slices of one Service: the ready endpoints of both; not ready (starting), terminating
+    // while others are ready, and a pod the watch has not seen yet: out.
+    assert_eq!(
+        from_slices.iter().map(|w| w.metadata.name.as_str()).collect::<Vec<_>>(),
+        ["reviews-v1-5c6b7d8e9-abcde", "reviews-v2-7d8c9f6b5-x2kqp"]
+    );
+    assert_eq!(from_slices, from_pods, "the same Workloads (labels, address, ports, service account, meshed)");
+    // A slice of a Service that is not in the mesh adds nothing (no port 1234 on reviews-v2).
+    let Spec::Workload(v2) = &from_slices[1].spec else { panic!("a Workload") };
+    assert_eq!(v2.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [9080]);
+}
+
+#[test]
+fn a_service_whose_endpoints_all_terminate_keeps_those_still_serving_with_ports_by_name() {
+    let services: Vec<Service> = items(include_str!("fixtures/services.json"));
+    let services: Vec<_> = services.iter().filter_map(translate::service).collect();
+    let slices: Vec<EndpointSlice> = items(include_str!("fixtures/endpointslices.json"));
+    let workloads: Vec<_> = translate::slice_workloads(&slices, &services, &pods_by_key())
+        .into_iter()
+        .filter(|w| w.metadata.namespace() == "default")
+        .collect();
+    assert_eq!(
+        workloads.iter().map(|w| w.metadata.name.as_str()).collect::<Vec<_>>(),
+        ["grpc-echo-old"],
+        "serving while terminating, as no endpoint is ready; one no longer serving is out"
+    );
+    let Spec::Workload(w) = &workloads[0].spec else { panic!("a Workload") };
+    assert!(w.meshed);
+    assert_eq!(w.service_account.as_deref(), Some("grpc-echo"));
+    // The slice resolved the named targetPort `grpc` to 50051: the Workload's port keeps the
+    // name, so the Service's `targetPort: grpc` finds it; UDP is not meshed.
+    let ports: Vec<(Option<&str>, u16)> = w.ports.iter().map(|p| (p.name.as_deref(), p.port)).collect();
+    assert_eq!(ports, [(None, 9091), (Some("grpc"), 50051)]);
+    let all: Vec<_> = services.iter().chain(&workloads).cloned().collect();
+    let snapshot = MeshSnapshot::compile(&all, "1");
+    for (authority, endpoint) in [("grpc-echo.default:8080", "10.244.0.20:50051"), ("grpc-echo.default:9090", "10.244.0.20:9091")] {
+        let (_, port) = snapshot.resolve_authority(authority).expect("resolves");
+        let endpoints: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(endpoints, [endpoint], "{authority}");
+    }
+}
+
+#[test]
+fn endpoint_slices_are_read_where_discovery_v1_is_served() {
+    // `GET /apis` (the discovery.k8s.io entry of each server, trimmed to the groups that matter).
+    let groups = |versions: &[&str]| -> APIGroupList {
+        serde_json::from_value(serde_json::json!({
+            "kind": "APIGroupList", "apiVersion": "v1",
+            "groups": [
+                {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}},
+                {"name": "discovery.k8s.io",
+                 "versions": versions.iter().map(|v| serde_json::json!({"groupVersion": format!("discovery.k8s.io/{v}"), "version": v})).collect::<Vec<_>>(),
+                 "preferredVersion": {"groupVersion": format!("discovery.k8s.io/{}", versions[0]), "version": versions[0]}}
+            ]
+        }))
+        .expect("an APIGroupList")
+    };
+    use translate::EndpointSource::{EndpointSlices, Pods};
+    assert_eq!(translate::endpoint_source(&groups(&["v1beta1"])), Pods, "1.20 (the lab node)");
+    assert_eq!(translate::endpoint_source(&groups(&["v1", "v1beta1"])), EndpointSlices, "1.21 to 1.24");
+    assert_eq!(translate::endpoint_source(&groups(&["v1"])), EndpointSlices, "1.25 and later");
+    let none: APIGroupList = serde_json::from_value(serde_json::json!({"groups": []})).expect("empty");
+    assert_eq!(translate::endpoint_source(&none), Pods);
 }

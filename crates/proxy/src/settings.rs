@@ -153,8 +153,12 @@ pub struct GatewaySettings {
     pub name: plexus_core::ServiceName,
     /// The address its listeners bind (a listener's port on it).
     pub ip: std::net::IpAddr,
-    /// Where certificates are read: `<tls_dir>/<namespace>/<name>/tls.crt` and `tls.key`.
+    /// Where certificates are read: `<tls_dir>/<namespace>/<name>/tls.crt` and `tls.key`,
+    /// unless `certificate_source` is given.
     pub tls_dir: std::path::PathBuf,
+    /// Where certificates come from instead of `tls_dir` (Kubernetes Secrets).
+    #[serde(skip)]
+    pub certificate_source: Option<std::sync::Arc<dyn crate::gateway::certs::CertificateSource>>,
     /// How often certificate files are checked for changes.
     #[serde(with = "secs")]
     pub certificate_poll: Duration,

@@ -1,5 +1,6 @@
 //! The certificates a gateway's HTTPS listeners present: read from a [`CertificateSource`]
-//! (universal mode: PEM files under `--tls-dir`; Kubernetes Secrets are another source),
+//! (universal mode: PEM files under `--tls-dir`; Kubernetes: `kubernetes.io/tls` Secrets,
+//! `plexus_k8s::secrets`),
 //! re-read when they change, chosen per connection by TLS server name.
 //!
 //! A certificate that changes is swapped in for new handshakes only (open connections keep
@@ -29,7 +30,10 @@ pub struct PemPair {
 }
 
 /// Where certificates come from.
-pub trait CertificateSource: Send + Sync {
+pub trait CertificateSource: Send + Sync + std::fmt::Debug {
+    /// The certificates in use now (called before each refresh reads them): a source that
+    /// watches its certificates starts and stops watches here.
+    fn want(&self, _names: &BTreeSet<CertificateName>) {}
     /// Reads `name`'s chain and key.
     fn read(&self, name: &CertificateName) -> Result<PemPair, String>;
     /// Where `name` is read from, for messages.
@@ -37,6 +41,7 @@ pub trait CertificateSource: Send + Sync {
 }
 
 /// Universal mode: `<dir>/<namespace>/<name>/tls.crt` and `tls.key`.
+#[derive(Debug)]
 pub struct FileCertificates {
     pub dir: PathBuf,
 }
@@ -91,13 +96,13 @@ struct Entry {
 
 /// The loaded certificates, swapped as a whole.
 pub struct CertificateStore {
-    source: Box<dyn CertificateSource>,
+    source: Arc<dyn CertificateSource>,
     provider: Arc<CryptoProvider>,
     entries: ArcSwap<BTreeMap<CertificateName, Arc<Entry>>>,
 }
 
 impl CertificateStore {
-    pub fn new(source: Box<dyn CertificateSource>) -> CertificateStore {
+    pub fn new(source: Arc<dyn CertificateSource>) -> CertificateStore {
         CertificateStore { source, provider: crate::tls::provider(), entries: ArcSwap::from_pointee(BTreeMap::new()) }
     }
 
@@ -114,6 +119,7 @@ impl CertificateStore {
     /// Reads `wanted` (dropping the others); an unchanged file is not parsed again, a bad new
     /// one keeps the previous key.
     pub fn refresh(&self, wanted: &BTreeSet<CertificateName>, now_unix: i64) {
+        self.source.want(wanted);
         let old = self.entries.load_full();
         let mut next = BTreeMap::new();
         let mut changed = old.len() != wanted.len();
@@ -231,6 +237,7 @@ mod tests {
 
     type Files = Arc<Mutex<BTreeMap<String, PemPair>>>;
 
+    #[derive(Debug)]
     struct Fake(Files);
 
     impl CertificateSource for Fake {
@@ -254,7 +261,7 @@ mod tests {
     fn a_bad_replacement_keeps_the_last_good_certificate() {
         let name = CertificateName { namespace: "default".into(), name: "a".into() };
         let files: Files = Arc::new(Mutex::new(BTreeMap::from([("a".to_string(), pair("a.example.com"))])));
-        let store = CertificateStore::new(Box::new(Fake(files.clone())));
+        let store = CertificateStore::new(Arc::new(Fake(files.clone())));
         let wanted = BTreeSet::from([name.clone()]);
         let now = 1_577_836_800; // 2020-01-01
         store.refresh(&wanted, now);

@@ -71,10 +71,13 @@ pub struct GatewayReport {
 
 impl Gateway {
     pub fn new(settings: GatewaySettings) -> Arc<Gateway> {
-        let source = certs::FileCertificates { dir: settings.tls_dir.clone() };
+        let source = match &settings.certificate_source {
+            Some(source) => source.clone(),
+            None => Arc::new(certs::FileCertificates { dir: settings.tls_dir.clone() }),
+        };
         Arc::new(Gateway {
             settings,
-            certificates: CertificateStore::new(Box::new(source)),
+            certificates: CertificateStore::new(source),
             bound: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
@@ -82,7 +85,10 @@ impl Gateway {
     pub fn report(&self) -> GatewayReport {
         GatewayReport {
             name: self.settings.name.to_string(),
-            tls_dir: self.settings.tls_dir.display().to_string(),
+            tls_dir: match &self.settings.certificate_source {
+                Some(_) => "kubernetes.io/tls Secrets".into(),
+                None => self.settings.tls_dir.display().to_string(),
+            },
             ports: self.bound.lock().map(|b| b.clone()).unwrap_or_default(),
             certificates: self.certificates.statuses(),
         }
