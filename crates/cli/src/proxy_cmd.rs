@@ -357,7 +357,8 @@ pub async fn run(args: ProxyArgs) -> Result<(), Failure> {
 pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn CertificateSource>>) -> Result<(), Failure> {
     if args.certificate_source == CertificateSourceKind::Kubernetes && certificates.is_none() {
         return Err(Failure::usage(
-            "--certificate-source kubernetes: this binary does not read Kubernetes Secrets; run `plexus proxy`".to_string(),
+            "--certificate-source kubernetes: this binary does not read Kubernetes Secrets; run `plexus proxy`"
+                .to_string(),
         ));
     }
     let dns = dns_settings(&args)?;
@@ -433,8 +434,8 @@ pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn Certific
             (Discovery::new(MeshSnapshot::default()), None)
         }
     };
-    let proxy =
-        Proxy::bind(args.settings_with(certificates), discovery.clone()).map_err(|e| Failure::runtime(e.to_string()))?;
+    let proxy = Proxy::bind(args.settings_with(certificates), discovery.clone())
+        .map_err(|e| Failure::runtime(e.to_string()))?;
     let dns = start_dns(dns, discovery.clone(), namespace).await?;
     let addresses = serde_json::to_string(proxy.addresses()).map_err(|e| Failure::runtime(e.to_string()))?;
     tracing::info!(listening = %addresses, "proxy ready");

@@ -79,7 +79,12 @@ pub fn analyze(resources: &[Resource]) -> Vec<Finding> {
                                 .into(),
                         ));
                     }
-                    for why in l.tls.iter().flat_map(|t| &t.certificate_refs).filter_map(|c| crate::gateway::certificate_ref_refused(ns, c)) {
+                    for why in l
+                        .tls
+                        .iter()
+                        .flat_map(|t| &t.certificate_refs)
+                        .filter_map(|c| crate::gateway::certificate_ref_refused(ns, c))
+                    {
                         out.push(Finding::error(
                             &object,
                             format!("listener {:?}: {why}; it is not served", l.name),

@@ -574,7 +574,11 @@ spec:
         assert_eq!(resolved(1)["status"], "True");
         assert_eq!(resolved(2)["status"], "False");
         assert_eq!(resolved(2)["reason"], "RefNotPermitted");
-        assert!(resolved(2)["message"].as_str().is_some_and(|m| m.contains("plexus-system/c") && m.contains("ReferenceGrant")));
+        assert!(
+            resolved(2)["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("plexus-system/c") && m.contains("ReferenceGrant"))
+        );
         let found: Vec<String> = crate::check::analyze(&resources).into_iter().map(|f| f.message).collect();
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains("\"other\"") && found[0].contains("ReferenceGrant"), "{found:?}");

@@ -186,10 +186,13 @@ async fn watch_secret(api: Api<Secret>, name: CertificateName, table: Table) {
                     }
                     _ => e.to_string(),
                 };
-                tracing::warn!(secret = %name, %error, "certificate Secret watch failed; retrying");
                 let Ok(mut t) = table.lock() else { return };
                 if let Some(w) = t.get_mut(&name) {
-                    w.known = Known::Failing(error);
+                    let next = Known::Failing(error);
+                    if w.known != next {
+                        tracing::warn!(secret = %name, error = %e, "certificate Secret watch failed; retrying");
+                    }
+                    w.known = next;
                 }
                 continue;
             }
@@ -247,7 +250,9 @@ mod tests {
         assert_eq!(pem_pair(&opaque), Err("the Secret is of type \"Opaque\", not \"kubernetes.io/tls\"".into()));
         let untyped = secret(serde_json::json!({"metadata": {"name": "x"}, "data": {"tls.crt": CRT, "tls.key": KEY}}));
         assert!(pem_pair(&untyped).is_err_and(|e| e.contains("\"Opaque\"")));
-        let no_key = secret(serde_json::json!({"metadata": {"name": "x"}, "type": "kubernetes.io/tls", "data": {"tls.crt": CRT}}));
+        let no_key = secret(
+            serde_json::json!({"metadata": {"name": "x"}, "type": "kubernetes.io/tls", "data": {"tls.crt": CRT}}),
+        );
         assert_eq!(pem_pair(&no_key), Err("the Secret has no tls.key".into()));
         let empty = secret(serde_json::json!({
             "metadata": {"name": "x"}, "type": "kubernetes.io/tls", "data": {"tls.crt": "", "tls.key": KEY}
@@ -268,6 +273,9 @@ mod tests {
             Err("the Secret has no tls.key".into())
         );
         assert_eq!(answer(&name, &Known::Present(Ok(pair.clone()))), Ok(pair));
-        assert_eq!(answer(&name, &Known::Failing("forbidden: ...".into())), Err("cannot read Secret plexus-system/ingress-tls: forbidden: ...".into()));
+        assert_eq!(
+            answer(&name, &Known::Failing("forbidden: ...".into())),
+            Err("cannot read Secret plexus-system/ingress-tls: forbidden: ...".into())
+        );
     }
 }

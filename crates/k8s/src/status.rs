@@ -476,7 +476,10 @@ spec:
             s["listeners"][i]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == t).cloned())
         };
         let resolved = listener(&first, 1, "ResolvedRefs").expect("ResolvedRefs");
-        assert_eq!((resolved["status"].as_str(), resolved["reason"].as_str()), (Some("False"), Some("RefNotPermitted")));
+        assert_eq!(
+            (resolved["status"].as_str(), resolved["reason"].as_str()),
+            (Some("False"), Some("RefNotPermitted"))
+        );
         assert_eq!(resolved["observedGeneration"], 2);
         assert_eq!(resolved["lastTransitionTime"], "2026-12-06T20:00:00Z");
         assert_eq!(listener(&first, 0, "ResolvedRefs").expect("ResolvedRefs")["status"], "True");

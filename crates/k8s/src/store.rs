@@ -285,10 +285,14 @@ impl KubeStore {
             .map_err(|e| format!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}"))?;
         let groups = client.list_api_groups().await.map_err(|e| format!("API discovery (GET /apis): {e}"))?;
         let source = translate::endpoint_source(&groups);
-        tracing::info!(?source, "endpoints from {}", match source {
-            EndpointSource::EndpointSlices => "EndpointSlices (discovery.k8s.io/v1 is served)",
-            EndpointSource::Pods => "Pods (discovery.k8s.io/v1 is not served)",
-        });
+        tracing::info!(
+            ?source,
+            "endpoints from {}",
+            match source {
+                EndpointSource::EndpointSlices => "EndpointSlices (discovery.k8s.io/v1 is served)",
+                EndpointSource::Pods => "Pods (discovery.k8s.io/v1 is not served)",
+            }
+        );
         Ok(KubeStore::start(client, source))
     }
 

@@ -282,11 +282,8 @@ pub const ENDPOINT_SLICE_GROUP_VERSION: &str = "discovery.k8s.io/v1";
 /// EndpointSlices when the server's API groups (`GET /apis`) include
 /// [`ENDPOINT_SLICE_GROUP_VERSION`], else Pods.
 pub fn endpoint_source(groups: &k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroupList) -> EndpointSource {
-    let served = groups
-        .groups
-        .iter()
-        .flat_map(|g| &g.versions)
-        .any(|v| v.group_version == ENDPOINT_SLICE_GROUP_VERSION);
+    let served =
+        groups.groups.iter().flat_map(|g| &g.versions).any(|v| v.group_version == ENDPOINT_SLICE_GROUP_VERSION);
     if served { EndpointSource::EndpointSlices } else { EndpointSource::Pods }
 }
 
@@ -338,7 +335,8 @@ pub fn slice_workloads<'a>(
             .collect();
         let entry = by_service.entry((ns, service.clone())).or_default();
         for e in &slice.endpoints {
-            let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone())
+            let Some(pod) =
+                e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone())
             else {
                 continue;
             };

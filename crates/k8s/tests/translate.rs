@@ -278,7 +278,9 @@ fn a_service_whose_endpoints_all_terminate_keeps_those_still_serving_with_ports_
     assert_eq!(ports, [(None, 9091), (Some("grpc"), 50051)]);
     let all: Vec<_> = services.iter().chain(&workloads).cloned().collect();
     let snapshot = MeshSnapshot::compile(&all, "1");
-    for (authority, endpoint) in [("grpc-echo.default:8080", "10.244.0.20:50051"), ("grpc-echo.default:9090", "10.244.0.20:9091")] {
+    for (authority, endpoint) in
+        [("grpc-echo.default:8080", "10.244.0.20:50051"), ("grpc-echo.default:9090", "10.244.0.20:9091")]
+    {
         let (_, port) = snapshot.resolve_authority(authority).expect("resolves");
         let endpoints: Vec<String> = port.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(endpoints, [endpoint], "{authority}");
