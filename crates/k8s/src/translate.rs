@@ -303,8 +303,10 @@ pub fn slice_workloads<'a>(
     services: &[Resource],
     pods: &BTreeMap<(String, String), Pod>,
 ) -> Vec<Resource> {
+    // A port: the name a Service's targetPort gives it, if any, and its number.
+    type Ports = Vec<(Option<String>, u16)>;
     // (namespace, service) → (ready, serving while terminating): (pod name, address, ports).
-    type Chosen = Vec<(String, String, Vec<(Option<String>, u16)>)>;
+    type Chosen = Vec<(String, String, Ports)>;
     let mut by_service: BTreeMap<(String, String), (Chosen, Chosen)> = BTreeMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -319,7 +321,7 @@ pub fn slice_workloads<'a>(
         }
         // A slice port carries the Service port's name and the resolved target port; a
         // target port the Service names keeps that name on the Workload's port.
-        let ports: Vec<(Option<String>, u16)> = slice
+        let ports: Ports = slice
             .ports
             .iter()
             .flatten()
@@ -354,7 +356,7 @@ pub fn slice_workloads<'a>(
         }
     }
     // Pod → (address, ports) over every Service that has it.
-    let mut endpoints: BTreeMap<(String, String), (String, Vec<(Option<String>, u16)>)> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, String), (String, Ports)> = BTreeMap::new();
     for ((ns, _), (ready, terminating)) in by_service {
         let chosen = if ready.is_empty() { terminating } else { ready };
         for (pod, address, ports) in chosen {
