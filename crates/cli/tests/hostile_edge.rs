@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use common::PLEXUS;
+use plexus_testkit::certs::Certs;
 use plexus_testkit::client;
 use plexus_testkit::{
     Background, HttpEcho, Proxy, Resources, ServicePort, TcpEcho, TempDir, WorkloadSpec, command, eventually,
@@ -280,7 +281,8 @@ impl Meshed {
                 .cloned()
                 .with_context(|| format!("no proxy for {service} yet: {proxies}"))?;
             let admin: SocketAddr = p["adminAddress"].as_str().context("no admin address")?.parse()?;
-            let config = client::get(admin, "admin", "/config", &[], Duration::from_secs(5)).await?.json()?;
+            let config =
+                client::get(admin, &admin.to_string(), "/config", &[], Duration::from_secs(5)).await?.json()?;
             let inbound: SocketAddr =
                 config["settings"]["inbound"].as_str().context("no inbound in /config")?.parse()?;
             Ok((inbound, admin))
@@ -306,56 +308,6 @@ fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
             (name == metric && labels.iter().all(|want| set.contains(want))).then(|| value.parse::<f64>().ok())?
         })
         .sum()
-}
-
-/// Certificates made with `openssl` for the hostile scripts.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    async fn openssl(&self, args: &[&str]) -> Result<()> {
-        let mut cmd = command("openssl");
-        cmd.args(args).current_dir(&self.dir);
-        run_ok(&mut cmd, Duration::from_secs(30)).await?;
-        Ok(())
-    }
-
-    /// A leaf for `spiffe_id` signed by `ca`/`ca_key`; the returned certificate file holds the
-    /// leaf then the signer (the chain a client sends). `ca` `None`: a self-signed CA of its own.
-    async fn leaf(&self, name: &str, spiffe_id: &str, ca: Option<(&Path, &Path)>) -> Result<(PathBuf, PathBuf)> {
-        let p = |f: &str| self.dir.join(format!("{name}{f}")).display().to_string();
-        let (key, csr, leaf, ext, chain) = (p("-key.pem"), p(".csr"), p("-leaf.pem"), p(".ext"), p(".pem"));
-        std::fs::write(
-            &ext,
-            format!(
-                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{spiffe_id}\n"
-            ),
-        )?;
-        self.openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]).await?;
-        self.openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={name}"), "-out", &csr]).await?;
-        let (ca_cert, ca_key) = match ca {
-            Some((c, k)) => (c.display().to_string(), k.display().to_string()),
-            None => {
-                let (c, k) = (p("-ca.pem"), p("-ca-key.pem"));
-                #[rustfmt::skip]
-                self.openssl(&[
-                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", &k, "-out", &c, "-subj", "/O=Elsewhere/CN=foreign", "-days", "2",
-                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                ]).await?;
-                (c, k)
-            }
-        };
-        #[rustfmt::skip]
-        self.openssl(&[
-            "x509", "-req", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-CAcreateserial",
-            "-days", "1", "-extfile", &ext, "-out", &leaf,
-        ]).await?;
-        let both = format!("{}{}", std::fs::read_to_string(&leaf)?, std::fs::read_to_string(&ca_cert)?);
-        std::fs::write(&chain, both)?;
-        Ok((chain.into(), key.into()))
-    }
 }
 
 /// Item 7: every path from a client sidecar to meshed endpoints works under strict mTLS and
@@ -407,8 +359,7 @@ async fn mtls_every_path() -> Result<()> {
     ensure!(took <= Duration::from_secs(5), "the plaintext connection closed {took:?} after the switch to strict");
     println!("plaintext keep-alive closed {took:?} after `plexus apply` of the strict MeshConfig began");
 
-    let certs = Certs { dir: dir.join("certs") };
-    std::fs::create_dir_all(&certs.dir)?;
+    let certs = Certs::new(dir.join("certs"))?;
     let cp_id = plexus_core::names::control_plane_spiffe_id(TRUST_DOMAIN);
     let (foreign_cert, foreign_key) = certs.leaf("foreign", &cp_id, None).await?;
     let env = vec![
@@ -470,8 +421,7 @@ async fn admin_mtls() -> Result<()> {
     let cp = ControlPlane::start(&dir).await?;
     let target = cp.sidecar("target", &[], &["--admin-ip", "0.0.0.0"]).await?;
     cp.wait_certificate("target").await?;
-    let certs = Certs { dir: dir.join("certs") };
-    std::fs::create_dir_all(&certs.dir)?;
+    let certs = Certs::new(dir.join("certs"))?;
     let issuer = (cp.data.join("issuer.pem"), cp.data.join("issuer-key.pem"));
     let issuer = Some((issuer.0.as_path(), issuer.1.as_path()));
     let cp_id = plexus_core::names::control_plane_spiffe_id(TRUST_DOMAIN);

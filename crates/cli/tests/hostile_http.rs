@@ -237,7 +237,7 @@ async fn authz_opaque_strict_mtls() -> Result<()> {
             .context("no web proxy yet")?;
         ensure!(p["certificate"]["serial"].as_str().is_some_and(|s| !s.is_empty()), "no certificate yet");
         let admin: SocketAddr = p["adminAddress"].as_str().context("no admin address")?.parse()?;
-        let config = client::get(admin, "admin", "/config", &[], Duration::from_secs(5)).await?.json()?;
+        let config = client::get(admin, &admin.to_string(), "/config", &[], Duration::from_secs(5)).await?.json()?;
         Ok(config["settings"]["inbound"].as_str().context("no inbound")?.parse::<SocketAddr>()?)
     })
     .await

@@ -890,6 +890,17 @@ async fn inbound_conn(
         .app_port
         .or(orig_dst.map(|o| o.port()))
         .or_else(|| egress_gateway.then(|| state.settings.inbound.port()));
+    // The original destination's port is the caller's choice: never one of this proxy's own
+    // listeners on 127.0.0.1, where it would be taken for the local app (the outbound port acts
+    // for this workload, the admin port trusts loopback) or loop back into the inbound port.
+    if !egress_gateway
+        && let Some(port) = app_port
+        && state.is_self(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    {
+        tracing::debug!(%peer, port, "inbound connection for one of this proxy's own listeners refused");
+        drop(permit);
+        return;
+    }
     let mut peers = PeerLabels::default();
     state.fill_destination(&mut peers);
     let app = app_port.map(|p| TcpDest::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 mod background;
+pub mod certs;
 pub mod client;
 mod demo;
 pub mod netns;
