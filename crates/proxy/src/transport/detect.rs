@@ -183,7 +183,7 @@ where
         let wake = if buf.is_empty() && early.is_none() && connect.is_some() { first_wait } else { deadline };
         let server_spoke = async {
             match &early {
-                Some(up) => up.as_ref().readable().await,
+                Some(up) => spoke(up.as_ref()).await,
                 None => std::future::pending().await,
             }
         };
@@ -212,6 +212,23 @@ where
     }
 }
 
+/// Returns once the server has sent something (bytes, or a close). Readiness alone is no
+/// proof: tokio keeps a socket readable until a read sees `WouldBlock`, and the reads of a TLS
+/// handshake on the same socket stop as soon as it is complete, so a mesh TLS connection is
+/// often still "readable" with nothing to read. A peek that does not wait confirms it, and a
+/// stale readiness is cleared when nothing is there.
+async fn spoke(up: &TcpStream) -> std::io::Result<()> {
+    loop {
+        up.readable().await?;
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match up.try_io(tokio::io::Interest::READABLE, || socket2::SockRef::from(up).peek(&mut byte)) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +252,52 @@ mod tests {
             sniff(&mut server, &mut buf, Duration::from_millis(10), Duration::from_secs(5), Some(refused)).await;
         assert!(matches!(sniffed, Ok(Sniffed::Client(Protocol::Http1, None))), "{:?}", sniffed.map(|_| ()));
         drop(client.await);
+    }
+
+    /// An early connection left readable by earlier reads (a mesh TLS handshake's) is not a
+    /// server speaking first: a client slower than `client_first_wait` is still classified by
+    /// its own bytes (before: a slow HTTP client over mesh TLS was taken for server-first and
+    /// forwarded opaque, unrouted).
+    #[tokio::test]
+    async fn stale_readiness_of_the_early_connection_is_not_a_greeting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let up_addr = upstream.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.expect("accept");
+            // One byte, as the end of a handshake would be, then silence.
+            tokio::io::AsyncWriteExt::write_all(&mut s, b"x").await.expect("write");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.expect("write");
+            c
+        });
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        let open = || async move {
+            let up = TcpStream::connect(up_addr).await?;
+            // Read the byte without seeing `WouldBlock`: the socket stays marked readable.
+            let mut byte = [0u8; 1];
+            loop {
+                up.readable().await?;
+                match up.try_read(&mut byte) {
+                    Ok(1) => break,
+                    Ok(_) => return Err(std::io::Error::other("closed")),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(up)
+        };
+        let mut buf = BytesMut::new();
+        let sniffed =
+            sniff(&mut accepted, &mut buf, Duration::from_millis(10), Duration::from_secs(5), Some(open)).await;
+        assert!(matches!(sniffed, Ok(Sniffed::Client(Protocol::Http1, Some(_)))), "{:?}", sniffed.map(|_| ()));
+        drop(client.await);
+        server.abort();
     }
 
     /// The class as [`sniff`] reaches it when the bytes arrive in `chunks`: the first decision
