@@ -1,7 +1,7 @@
 """The admin port (SPEC §5 "Admin"; issue 16 item 9).
 
 `/metrics`, `/ready`, `/live` answer anyone (scrapers). `/config` and `/tap` answer on loopback
-and, off loopback, only to the control plane over mutual TLS (a client certificate chained to
+(with a `Host` that is an address or `localhost`: DNS rebinding sends a name) and, off loopback, only to the control plane over mutual TLS (a client certificate chained to
 the trust anchor with the control plane's SPIFFE ID). `POST /shutdown` answers only on
 loopback, and refuses an `Origin` header or a `Host` other than the admin address.
 
@@ -96,6 +96,24 @@ def rebinding():
                       headers=[("Host", "evil.example")]), "two Host headers")
     refused(h.request(LOOPBACK, "POST", f"http://evil.example:{PORT}/shutdown", host=h.hostport(LOOPBACK)),
             "absolute-form naming another host")
+
+
+@h.case("/config and /tap on loopback answer only a Host that is an address or localhost (DNS rebinding)")
+def rebinding_reads():
+    # A page of a name its author controls, rebound to 127.0.0.1, sends its own name: it must
+    # not read the configuration or tap the traffic with the page's origin.
+    for path in ("/config", "/tap"):
+        for host in ("evil.example", f"evil.example:{PORT}", f"127.0.0.1.nip.io:{PORT}", f"localhost.evil:{PORT}",
+                     f"EVIL.example.:{PORT}", f"user@127.0.0.1:{PORT}"):
+            refused(h.get(LOOPBACK, path, host=host), f"GET {path} Host {host!r}")
+        refused(h.request(LOOPBACK, "GET", path, host=h.hostport(LOOPBACK), headers=[("Host", "evil.example")]),
+                f"GET {path} with a second Host naming another machine")
+        refused(h.request(LOOPBACK, "GET", f"http://evil.example:{PORT}{path}", host=h.hostport(LOOPBACK)),
+                f"GET {path} absolute-form naming another host")
+    # Positive controls: addresses and localhost, any port (a port-forward changes it).
+    for host in (h.hostport(LOOPBACK), f"localhost:{PORT}", "LOCALHOST", f"[::1]:{PORT}", f"127.0.0.1:{PORT + 1}"):
+        r = h.get(LOOPBACK, "/config", host=host)
+        h.expect_status(r, 200, f"GET /config on loopback, Host {host!r}")
 
 
 # --- mTLS -------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ impl ServerArgs {
                 tokio::spawn(conn);
                 (
                     sender,
-                    format!("{}:{}", access.pod(), plexus_k8s::access::HTTP_PORT),
+                    // `localhost`: the API refuses names (DNS rebinding), and the stream is the pod's.
+                    format!("localhost:{}", plexus_k8s::access::HTTP_PORT),
                     Some(access.admin_token().to_string()),
                 )
             }

@@ -226,6 +226,73 @@ fn writes_need_the_admin_token() -> Result<()> {
     Ok(())
 }
 
+/// DNS rebinding (SPEC §6: the HTTP API serves local users and the CLI): a web page of a name
+/// its author controls, rebound to 127.0.0.1, sends requests that arrive on loopback carrying
+/// that name. The API, the dashboard and the tap answer only a `Host` that is an IP address or
+/// `localhost` (any port: port-forwards change it); a name is refused 403 — even with the admin
+/// token, a second `Host`, or an absolute-form target naming it. Positive controls: the same
+/// requests by address and by `localhost`, and the CLI (which sends its server's address).
+#[test]
+fn the_api_answers_only_hosts_a_rebinding_page_cannot_send() -> Result<()> {
+    let dir = TempDir::new("cp-rebinding")?;
+    let cp = ControlPlane::start(&dir.join("data"))?;
+    let token = std::fs::read_to_string(dir.join("data").join("admin-token"))?;
+    let addr = cp.server.trim_start_matches("http://").to_string();
+    let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or_default().to_string();
+    let status = |path: &str, extra: &[&str]| -> Result<String> {
+        let o = Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(format!("{}{path}", cp.server))
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let reads =
+        ["/api/v1/resources/services", "/api/v1/proxies", "/api/v1/identity", "/api/v1/version", "/", "/healthz"];
+    for path in reads {
+        for host in [
+            format!("evil.example:{port}"),
+            "evil.example".into(),
+            format!("127.0.0.1.nip.io:{port}"),
+            format!("localhost.evil.example:{port}"),
+            format!("Evil.Example.:{port}"),
+        ] {
+            assert_eq!(status(path, &["-H", &format!("Host: {host}")])?, "403", "GET {path} with Host {host}");
+        }
+        assert_eq!(
+            status(path, &["-H", &format!("Host: {addr}"), "-H", "Host: evil.example"])?,
+            "403",
+            "GET {path} with a second Host"
+        );
+        for host in [addr.clone(), format!("localhost:{port}"), "127.0.0.1:1".into(), format!("[::1]:{port}")] {
+            assert_eq!(status(path, &["-H", &format!("Host: {host}")])?, "200", "GET {path} with Host {host}");
+        }
+    }
+    // The absolute form names the host too.
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--request-target"])
+        .arg(format!("http://evil.example:{port}/api/v1/proxies"))
+        .arg(format!("{}/", cp.server))
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "403", "absolute-form naming another host");
+    // A write with the admin token from a rebound name is refused as well.
+    let body = r#"{"items": [{"apiVersion":"plexus.dev/v1alpha1","kind":"Service","metadata":{"name":"x"},"spec":{"ports":[{"port":80}]}}]}"#;
+    let bearer = format!("authorization: Bearer {}", token.trim());
+    let write = |host: &str| {
+        status(
+            "/api/v1/apply",
+            &["-X", "POST", "-H", "content-type: application/json", "-H", &bearer, "--data", body, "-H", host],
+        )
+    };
+    assert_eq!(write(&format!("Host: evil.example:{port}"))?, "403", "apply from a rebound name");
+    assert_eq!(write(&format!("Host: localhost:{port}"))?, "200", "apply by localhost");
+    // The CLI reaches it by address.
+    let o = cp.plexus(&["get", "services"], None)?;
+    assert!(o.status.success(), "plexus get services: {:?}", text(&o));
+    assert!(text(&o).0.contains('x'), "{:?}", text(&o));
+    Ok(())
+}
+
 #[test]
 fn the_store_survives_kill_9_during_applies_with_a_prefix_of_them() -> Result<()> {
     let dir = TempDir::new("cp-crash")?;

@@ -1,6 +1,7 @@
 //! The control plane's HTTP API (`/api/v1/...`), used by the CLI; JSON in and out.
 //!
-//! Reads need no token; writes need `Authorization: Bearer <admin token>`.
+//! Reads need no token; writes need `Authorization: Bearer <admin token>`. Every request must
+//! name this machine by address or as `localhost` in its `Host` ([`local_host_only`]).
 
 use std::sync::Arc;
 
@@ -66,7 +67,24 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/bench/results", get(crate::bench_results::list).post(crate::bench_results::create))
         .route("/api/v1/bench/results/{id}", get(crate::bench_results::get).delete(crate::bench_results::delete))
         .merge(crate::dashboard::router())
+        .layer(axum::middleware::from_fn(local_host_only))
         .with_state(state)
+}
+
+/// Refuses (403) a request whose `Host` is a name rather than an address or `localhost`: a web
+/// page of a name its author controls, rebound by DNS to this address, would otherwise read
+/// the configuration, the traffic and the tap with the page's own origin (DNS rebinding).
+/// Reach the API by IP address (the CLI's default `http://127.0.0.1:7701`) or `localhost`.
+async fn local_host_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let hosts = req.headers().get_all(header::HOST).into_iter().map(|h| h.as_bytes());
+    if !plexus_core::names::names_this_machine(hosts, req.uri().authority().map(|a| a.as_str())) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Host must be this machine's IP address or localhost (a name could be DNS rebinding)",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// An API failure: a status and a message, answered as `{"error": message}`.

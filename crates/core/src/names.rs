@@ -70,6 +70,29 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// Whether a request's `Host` (or absolute-form authority) names this machine in a way a
+/// DNS-rebinding page cannot send: an IP address, or `localhost` and `*.localhost` (resolved to
+/// loopback without DNS, RFC 6761), with any port. A web page of a name its author controls,
+/// whose address is then switched to 127.0.0.1 (or a pod's), sends requests that arrive from
+/// loopback but carry that name: such a request must not read a proxy's configuration, tap
+/// traffic or read the control plane's API with the page's origin. Userinfo is refused.
+pub fn is_local_authority(authority: &str) -> bool {
+    if authority.contains('@') {
+        return false;
+    }
+    let (host, _) = split_authority(authority);
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    host.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || host.ends_with(".localhost")
+}
+
+/// Whether a request's `Host` headers (`hosts`) and absolute-form target authority all pass
+/// [`is_local_authority`]. Without a `Host` (HTTP/1.0 tools) there is no name to doubt:
+/// browsers always send one.
+pub fn names_this_machine<'a>(hosts: impl IntoIterator<Item = &'a [u8]>, target: Option<&str>) -> bool {
+    hosts.into_iter().all(|h| std::str::from_utf8(h).is_ok_and(is_local_authority))
+        && target.is_none_or(is_local_authority)
+}
+
 /// The namespace and service account of the control plane's own identity: the certificate it
 /// serves the authenticated discovery port (7700) with and presents when it calls a proxy's
 /// admin `/tap` and `/config` over mTLS (SPEC §5, §6).
@@ -113,6 +136,36 @@ mod tests {
         );
         assert_eq!(ServiceName::candidates("reviews.prod.svc"), vec![ServiceName::new("reviews", "prod")]);
         assert!(ServiceName::candidates("www.example.com").is_empty());
+    }
+
+    #[test]
+    fn local_authorities_are_addresses_and_localhost_only() {
+        for local in [
+            "127.0.0.1:7712",
+            "127.0.0.1",
+            "[::1]:7701",
+            "10.251.0.2:7712",
+            "[::ffff:127.0.0.1]:1",
+            "localhost:7701",
+            "LOCALHOST",
+            "localhost.:80",
+            "app.localhost:8080",
+        ] {
+            assert!(is_local_authority(local), "{local}");
+        }
+        for rebound in [
+            "evil.example:7712",
+            "evil.example",
+            "127.0.0.1.nip.io:7712",
+            "localhost.evil.example:7701",
+            "user@127.0.0.1:7712",
+            "127.0.0.1@evil.example",
+            "reviews:9080",
+            "",
+            "127.1:7712",
+        ] {
+            assert!(!is_local_authority(rebound), "{rebound}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - `/config`, `/tap`: a caller on loopback, or, from anywhere else (a pod address),
 //!   only the control plane over mutual TLS: the port also accepts TLS (told apart by its first
 //!   byte), requires a client certificate chained to the mesh trust anchor, and these two
-//!   endpoints then answer only the identity `control_plane_spiffe_id(trust domain)`.
+//!   endpoints then answer only the identity `control_plane_spiffe_id(trust domain)`. In
+//!   plaintext, the `Host` must be an address or `localhost` (DNS rebinding sends a name).
 //! - `POST /shutdown`: a plaintext caller on loopback only, with no `Origin` header (a
 //!   browser's cross-site form post carries one) and a `Host` naming the admin address itself
 //!   (DNS rebinding sends the attacker's name).
@@ -167,6 +168,13 @@ fn may_shut_down(state: &State, caller: Caller, req: &Request<Incoming>) -> Resu
     Ok(())
 }
 
+/// Whether the request names this machine by address or as `localhost` (never a name a
+/// DNS-rebinding page sends from loopback).
+fn names_this_machine(req: &Request<Incoming>) -> bool {
+    let hosts = req.headers().get_all(header::HOST).into_iter().map(|h| h.as_bytes());
+    plexus_core::names::names_this_machine(hosts, req.uri().authority().map(|a| a.as_str()))
+}
+
 fn forbidden(reason: &'static str) -> Response<Body> {
     let mut r = text(StatusCode::FORBIDDEN, "text/plain", format!("{reason}\n"));
     r.headers_mut().insert(ERROR_HEADER, header::HeaderValue::from_static(reason));
@@ -184,6 +192,9 @@ fn route(state: &Arc<State>, caller: Caller, req: Request<Incoming>) -> Response
     let path = req.uri().path();
     if matches!(path, "/config" | "/tap") && !caller.local && !caller.control_plane {
         return forbidden("/config and /tap answer only on loopback or to the control plane over mTLS");
+    }
+    if matches!(path, "/config" | "/tap") && !caller.control_plane && !names_this_machine(&req) {
+        return forbidden("/config and /tap: Host is not an address of this machine or localhost");
     }
     if req.method() == Method::POST
         && path == "/shutdown"
