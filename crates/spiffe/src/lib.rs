@@ -46,13 +46,40 @@ macro_rules! handshake_signatures {
     };
 }
 
-/// The first `spiffe://` URI among a parsed certificate's subject alternative names.
+/// The SPIFFE ID of a parsed certificate: its URI SAN when it has exactly one and that is a
+/// well-formed SPIFFE ID ([`is_spiffe_id`]), as an X.509-SVID must. A certificate naming two
+/// URIs, or an identity spelled so that it would compare unequal to the same identity in a
+/// policy (upper case, percent-encoding, dot segments), proves no identity.
 pub fn spiffe_id_in(cert: &X509Certificate<'_>) -> Option<String> {
     let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
         _ => None,
-    })
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) if is_spiffe_id(uri) => Some(uri.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether `uri` is a SPIFFE ID in its one canonical spelling (SPIFFE ID spec §2): `spiffe://`,
+/// a trust domain of lower-case letters, digits, `.`, `-`, `_`, then path segments of letters,
+/// digits, `.`, `-`, `_` — none empty, `.` or `..`; no port, userinfo, percent-encoding,
+/// query or fragment.
+pub fn is_spiffe_id(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("spiffe://") else { return false };
+    let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let domain_ok = !trust_domain.is_empty()
+        && trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    domain_ok && (!rest.contains('/') || path.split('/').all(segment_ok))
 }
 
 /// The SPIFFE ID of a DER certificate (`None`: unparsable, or no `spiffe://` URI SAN).
@@ -213,5 +240,50 @@ impl ResolvesClientCert for CurrentKey {
 
     fn has_certs(&self) -> bool {
         (self.0)().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(uris: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*u).expect("ia5")))
+            .chain([rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from("web.default").expect("ia5"))])
+            .collect();
+        params.self_signed(&key).expect("sign").der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_proves_one_canonical_spiffe_id_or_none() {
+        let web = "spiffe://plexus.local/ns/default/sa/web";
+        assert_eq!(spiffe_id_of(&cert_with(&[web])).as_deref(), Some(web), "positive control");
+        let sa = "spiffe://plexus.local/ns/plexus-system/sa/plexus-control";
+        assert_eq!(spiffe_id_of(&cert_with(&[sa])).as_deref(), Some(sa));
+        for uris in [
+            vec![web, "spiffe://plexus.local/ns/default/sa/admin"],
+            vec!["spiffe://plexus.local/ns/default/sa/admin", web],
+            vec![web, "https://example.com/"],
+            vec!["https://example.com/"],
+            vec![],
+            vec!["spiffe://PLEXUS.local/ns/default/sa/web"],
+            vec!["SPIFFE://plexus.local/ns/default/sa/web"],
+            vec!["spiffe://plexus.local/ns/default/sa/w%65b"],
+            vec!["spiffe://plexus.local/ns/default/sa/web/../admin"],
+            vec!["spiffe://plexus.local/ns/default/sa/./web"],
+            vec!["spiffe://plexus.local/ns//default/sa/web"],
+            vec!["spiffe://plexus.local/ns/default/sa/web/"],
+            vec!["spiffe://plexus.local:443/ns/default/sa/web"],
+            vec!["spiffe://user@plexus.local/ns/default/sa/web"],
+            vec!["spiffe://plexus.local/ns/default/sa/web?x=1"],
+            vec!["spiffe://plexus.local/ns/default/sa/web#x"],
+            vec!["spiffe:///ns/default/sa/web"],
+        ] {
+            assert_eq!(spiffe_id_of(&cert_with(&uris)), None, "{uris:?}");
+        }
     }
 }
