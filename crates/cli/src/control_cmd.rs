@@ -125,9 +125,15 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
         let settings =
             plexus_k8s::leader::LeaderSettings::new(identity, args.lease_duration, args.lease_renew_interval);
         let (leading_tx, leading) = tokio::sync::watch::channel(false);
+        let (reports_tx, reports) = tokio::sync::watch::channel(Default::default());
         [
             tokio::spawn(plexus_k8s::leader::run(store.client(), settings, leading_tx)),
-            tokio::spawn(plexus_k8s::status::maintain(store, leading)),
+            tokio::spawn(plexus_k8s::status::watch_certificate_reports(
+                cp.proxies.clone(),
+                cp.serving.clone(),
+                reports_tx,
+            )),
+            tokio::spawn(plexus_k8s::status::maintain(store, leading, reports)),
         ]
     });
     let mut ready = serde_json::json!({ "http": cp.http.to_string(), "grpc": cp.grpc.to_string(), "dataDir": args.data_dir.display().to_string() });

@@ -1180,15 +1180,36 @@ fn a_listener_naming_a_missing_or_unreadable_secret_serves_no_certificate_and_ch
     }
     let (ok, code, body) = node.https(&ca, INGRESS_HOST, "/productpage")?;
     ensure!(ok && code == "200", "bookinfo.example beside them: {code} {body:.300}");
-    // The Gateway's status names the refused cross-namespace reference.
-    let status = node.kubectl(&["-n", GATEWAY_NS, "get", "gateway", "ingress", "-o", "json"])?;
-    let status: serde_json::Value = serde_json::from_str(&status)?;
-    let listener = status["status"]["listeners"]
-        .as_array()
-        .and_then(|l| l.iter().find(|l| l["name"] == "elsewhere"))
-        .with_context(|| format!("no listener status: {}", status["status"]))?;
-    let resolved = listener["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs"));
-    ensure!(resolved.is_some_and(|c| c["status"] == "False" && c["reason"] == "RefNotPermitted"), "{listener}");
+    // The Gateway's status: the refused cross-namespace reference, and the Secrets the gateway
+    // reports it cannot load; the listener with a readable Secret resolved.
+    poll(Duration::from_secs(60), || {
+        let gateway = node.kubectl(&["-n", GATEWAY_NS, "get", "gateway", "ingress", "-o", "json"])?;
+        let gateway: serde_json::Value = serde_json::from_str(&gateway)?;
+        let resolved = |name: &str| -> Result<(String, String, String)> {
+            let listener = gateway["status"]["listeners"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["name"] == name))
+                .with_context(|| format!("no status for listener {name}: {}", gateway["status"]))?;
+            let c = listener["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs"))
+                .with_context(|| format!("{listener}"))?;
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            Ok((s("status"), s("reason"), s("message")))
+        };
+        let (status, reason, _) = resolved("elsewhere")?;
+        ensure!(status == "False" && reason == "RefNotPermitted", "elsewhere: {status} {reason}");
+        let (status, reason, message) = resolved("missing")?;
+        ensure!(
+            status == "False" && reason == "InvalidCertificateRef" && message.contains("not found"),
+            "missing: {status} {reason} {message}"
+        );
+        let (status, reason, message) = resolved("forbidden")?;
+        ensure!(status == "False" && message.contains("forbidden"), "forbidden: {status} {reason} {message}");
+        let (status, _, message) = resolved("https")?;
+        ensure!(status == "True", "https: {status} {message}");
+        Ok(())
+    })?;
     Ok(())
 }
 

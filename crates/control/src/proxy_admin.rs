@@ -35,11 +35,20 @@ pub struct AdminResponse {
 
 /// `GET path_and_query` on `proxy`'s admin server over mTLS (see the module documentation).
 pub async fn get(state: &ApiState, proxy: &ProxyRecord, path_and_query: &str) -> Result<AdminResponse, String> {
+    get_with(&state.serving, proxy, path_and_query).await
+}
+
+/// [`get`] with the control plane's own certificate given directly.
+pub async fn get_with(
+    serving: &Arc<crate::grpc_tls::ServingIdentity>,
+    proxy: &ProxyRecord,
+    path_and_query: &str,
+) -> Result<AdminResponse, String> {
     let admin = proxy.admin_address.as_str();
     if admin.is_empty() {
         return Err(format!("proxy {} reported no admin address", proxy.workload));
     }
-    let tls = state.serving.admin_client_config(&proxy.identity).map_err(|e| format!("TLS client config: {e}"))?;
+    let tls = serving.admin_client_config(&proxy.identity).map_err(|e| format!("TLS client config: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("admin.plexus.internal").map_err(|e| e.to_string())?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let tcp = tokio::net::TcpStream::connect(admin).await.map_err(|e| format!("connect to {admin}: {e}"))?;
@@ -68,6 +77,25 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// `proxy`'s admin `/config` (at most [`MAX_CONFIG`] bytes, within 10 s).
+pub async fn config_of(serving: &Arc<crate::grpc_tls::ServingIdentity>, proxy: &ProxyRecord) -> Result<Bytes, String> {
+    let fetched = async {
+        let answer = get_with(serving, proxy, "/config").await?;
+        let status = answer.response.status();
+        if !status.is_success() {
+            return Err(format!("the admin server of {} answered {status}", proxy.workload));
+        }
+        let body = http_body_util::Limited::new(answer.response.into_body(), MAX_CONFIG)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetched)
+        .await
+        .map_err(|_| format!("the admin server of {} did not answer within 10s", proxy.workload))?
 }
 
 #[derive(serde::Deserialize)]

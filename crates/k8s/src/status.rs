@@ -14,7 +14,7 @@
 //! `observedGeneration` is the object's `metadata.generation`; a condition keeps its
 //! `lastTransitionTime` while its status does not change, so an unchanged mesh writes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::store::KubeStore;
+use plexus_proxy::gateway::certs::CertificateStatus;
 
 /// The `controllerName` of Plexus's route status entries.
 pub const CONTROLLER_NAME: &str = "plexus.dev/control-plane";
@@ -35,6 +36,98 @@ pub struct Known {
     gateways: Vec<(String, String, plexus_core::resource::GatewaySpec)>,
     /// Every resource, for a Gateway's listener status ([`plexus_core::gateway::status`]).
     resources: Vec<Resource>,
+    /// What the gateway proxies say of the certificates they serve.
+    certificates: Arc<CertificateReports>,
+}
+
+/// What the gateway proxies report of their certificates (admin `/config`,
+/// `gateway.certificates[]`), by Gateway (`NAME.NAMESPACE`) and certificate (`namespace/name`):
+/// the control plane never reads Secrets, so whether one is missing or invalid is known from
+/// the gateways that read it. Several replicas: a certificate loaded by any counts as loaded.
+pub type CertificateReports = BTreeMap<(String, String), CertificateStatus>;
+
+/// How often the gateway proxies' certificate reports are read.
+const CERTIFICATE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reads every connected ingress proxy's certificate report every
+/// [`CERTIFICATE_REPORT_INTERVAL`], publishing it when it changes. Runs until the task is
+/// dropped.
+pub async fn watch_certificate_reports(
+    proxies: Arc<plexus_control::proxies::Proxies>,
+    serving: Arc<plexus_control::grpc_tls::ServingIdentity>,
+    reports: watch::Sender<Arc<CertificateReports>>,
+) {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default)]
+        gateway: Option<plexus_proxy::gateway::GatewayReport>,
+    }
+    loop {
+        let mut next = CertificateReports::new();
+        for p in proxies.list().iter().filter(|p| p.mode == "ingress") {
+            let config = match plexus_control::proxy_admin::config_of(&serving, p).await {
+                Ok(body) => serde_json::from_slice::<Config>(&body).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let report = match config {
+                Ok(Config { gateway: Some(g) }) => g,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(proxy = %p.workload, error = %e, "cannot read a gateway's certificate report");
+                    continue;
+                }
+            };
+            for c in report.certificates {
+                match next.entry((report.name.clone(), c.name.clone())) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(c);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if c.loaded && !o.get().loaded {
+                            o.insert(c);
+                        }
+                    }
+                }
+            }
+        }
+        reports.send_if_modified(|current| {
+            let changed = current.as_ref() != &next;
+            if changed {
+                *current = Arc::new(next);
+            }
+            changed
+        });
+        tokio::time::sleep(CERTIFICATE_REPORT_INTERVAL).await;
+    }
+}
+
+/// The listener conditions of a Gateway's status with what its proxies report: a listener whose
+/// certificate no gateway could load (missing, unreadable, invalid Secret) does not have its
+/// references resolved (`ResolvedRefs: False`, `InvalidCertificateRef`, the reason).
+fn certificate_conditions(status: &mut Value, gateway: &Resource, reports: &CertificateReports) {
+    let Spec::Gateway(spec) = &gateway.spec else { return };
+    let ns = gateway.metadata.namespace();
+    let gateway_name = plexus_core::ServiceName::new(&gateway.metadata.name, ns).to_string();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let problem = l.tls.iter().flat_map(|t| &t.certificate_refs).find_map(|c| {
+            if plexus_core::gateway::certificate_ref_refused(ns, c).is_some() {
+                return None;
+            }
+            let name = format!("{}/{}", c.namespace.as_deref().unwrap_or(ns), c.name);
+            let report = reports.get(&(gateway_name.clone(), name))?;
+            let problem = report.problem.as_deref().filter(|_| !report.loaded)?;
+            Some(format!("{}: {problem}", report.location))
+        });
+        let Some(problem) = problem else { continue };
+        let Some(Value::Array(conditions)) = status.pointer_mut(&format!("/listeners/{i}/conditions")) else {
+            continue;
+        };
+        for c in conditions.iter_mut().filter(|c| c["type"] == "ResolvedRefs" && c["status"] == "True") {
+            c["status"] = "False".into();
+            c["reason"] = "InvalidCertificateRef".into();
+            c["message"] = problem.clone().into();
+        }
+    }
 }
 
 impl Known {
@@ -51,7 +144,18 @@ impl Known {
                 _ => {}
             }
         }
-        Known { services, gateways, resources: resources.iter().map(|r| Resource::clone(r)).collect() }
+        Known {
+            services,
+            gateways,
+            resources: resources.iter().map(|r| Resource::clone(r)).collect(),
+            certificates: Arc::default(),
+        }
+    }
+
+    /// With the gateway proxies' certificate reports.
+    pub fn with_certificates(mut self, reports: Arc<CertificateReports>) -> Known {
+        self.certificates = reports;
+        self
     }
 
     fn service(&self, namespace: &str, name: &str) -> bool {
@@ -204,6 +308,7 @@ pub fn desired(kind: Kind, object: &Value, valid: Result<&Resource, &str>, known
         // `ResolvedRefs`, `Programmed`, `attachedRoutes`), as `plexus get gateway` shows it.
         Kind::Gateway if let Ok(r) = valid => {
             let mut s = plexus_core::gateway::status(&known.resources, r);
+            certificate_conditions(&mut s, r, &known.certificates);
             if let Some(g) = generation {
                 for_each_condition(&mut s, |c| c["observedGeneration"] = g.into());
                 s["observedGeneration"] = g.into();
@@ -278,9 +383,9 @@ fn carry_transition_times(status: &mut Value, current: Option<&Value>, now: &str
 }
 
 /// Writes every custom resource's status that differs from [`desired`] (the leader's duty).
-pub async fn reconcile(store: &KubeStore) -> Result<usize, String> {
+pub async fn reconcile(store: &KubeStore, certificates: Arc<CertificateReports>) -> Result<usize, String> {
     let resources = plexus_control::store::Store::list_shared(store).map_err(|e| e.to_string())?;
-    let known = Known::of(&resources);
+    let known = Known::of(&resources).with_certificates(certificates);
     let by_id: std::collections::HashMap<String, &Arc<Resource>> = resources.iter().map(|r| (r.id(), r)).collect();
     let invalid = store.invalid();
     let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
@@ -321,11 +426,16 @@ pub async fn reconcile(store: &KubeStore) -> Result<usize, String> {
 
 /// Keeps the statuses current while this replica leads: after every store change, and when
 /// it becomes the leader. Runs until the task is dropped.
-pub async fn maintain(store: Arc<KubeStore>, mut leading: watch::Receiver<bool>) {
+pub async fn maintain(
+    store: Arc<KubeStore>,
+    mut leading: watch::Receiver<bool>,
+    mut certificates: watch::Receiver<Arc<CertificateReports>>,
+) {
     let mut changes = plexus_control::store::Store::subscribe(store.as_ref());
     loop {
         if *leading.borrow_and_update() {
-            match reconcile(&store).await {
+            let reports = certificates.borrow_and_update().clone();
+            match reconcile(&store, reports).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(written = n, "status conditions written"),
                 Err(e) => tracing::warn!(error = %e, "cannot write status conditions; retrying"),
@@ -334,6 +444,7 @@ pub async fn maintain(store: Arc<KubeStore>, mut leading: watch::Receiver<bool>)
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             r = leading.changed() => if r.is_err() { return },
+            r = certificates.changed() => if r.is_err() { return },
             // Objects the watch saw before their Services, and failed writes, are retried.
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
@@ -488,6 +599,32 @@ spec:
         object["status"] = first.clone();
         let again = desired(Kind::Gateway, &object, Ok(&resource), &known, "2026-12-06T21:00:00Z");
         assert_eq!(again, first, "nothing changed: nothing to write");
+        // The gateway proxy reports the Secret missing: that listener's refs are not resolved.
+        let report = |loaded: bool, problem: &str| CertificateStatus {
+            name: "plexus-system/a-tls".into(),
+            location: "Secret plexus-system/a-tls".into(),
+            loaded,
+            problem: Some(problem.into()),
+            ..CertificateStatus::default()
+        };
+        let key = ("edge.plexus-system".to_string(), "plexus-system/a-tls".to_string());
+        let missing = Known::of(&resources).with_certificates(Arc::new(BTreeMap::from([(
+            key.clone(),
+            report(false, "Secret plexus-system/a-tls not found"),
+        )])));
+        let s = desired(Kind::Gateway, &object, Ok(&resource), &missing, "2026-12-06T22:00:00Z");
+        let resolved = listener(&s, 0, "ResolvedRefs").expect("ResolvedRefs");
+        assert_eq!(
+            (resolved["status"].as_str(), resolved["reason"].as_str()),
+            (Some("False"), Some("InvalidCertificateRef"))
+        );
+        assert!(resolved["message"].as_str().is_some_and(|m| m.contains("not found")), "{resolved}");
+        assert_eq!(resolved["lastTransitionTime"], "2026-12-06T22:00:00Z");
+        // Still serving the last good one (a bad replacement): resolved.
+        let kept = Known::of(&resources)
+            .with_certificates(Arc::new(BTreeMap::from([(key, report(true, "tls.key does not match"))])));
+        let s = desired(Kind::Gateway, &object, Ok(&resource), &kept, "2026-12-06T22:00:00Z");
+        assert_eq!(listener(&s, 0, "ResolvedRefs").expect("ResolvedRefs")["status"], "True");
     }
 
     #[test]

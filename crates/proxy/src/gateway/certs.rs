@@ -68,7 +68,7 @@ impl CertificateSource for FileCertificates {
 }
 
 /// What is known about one certificate (admin `/config`, status).
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateStatus {
     pub name: String,
