@@ -2,6 +2,9 @@
 
 - Two `Host` headers, or none on HTTP/1.1, are answered 400 by the proxy, never forwarded.
 - A malformed chunked body gets the proxy's own 400 with no internal error text (never 502).
+- Request smuggling: ambiguous framing (Transfer-Encoding other than chunked, obs-fold, a
+  signed, listed or repeated Content-Length, chunked on HTTP/1.0, a chunk size overflow) is
+  refused 400; CL+TE is read as chunked; a request hidden in a body is never served.
 - A stalled upload is timed out (the driver runs the proxies with `--request-body-timeout 1s`).
 - An idle HTTP/2 client connection is closed after the idle timeout (`--idle-timeout 2s`), as
   an idle HTTP/1 one is; one in use stays open.
@@ -80,6 +83,43 @@ def malformed_chunked():
         # The same upload, well formed: served.
         got = seen(raw_request(a, head, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
         h.check(got["length"] == 5, f"{where}: well-formed chunked upload (control)", got)
+
+
+@h.case("request smuggling: ambiguous framing is refused, CL+TE is read as chunked, nothing smuggled is served")
+def smuggling():
+    # The proxy re-frames every request it forwards, so the app reads exactly what the proxy
+    # read; framing two parsers could read differently is refused before anything is forwarded.
+    smuggled = b"GET /private/x HTTP/1.1\r\nHost: web:8080\r\n\r\n"
+    post = "POST /public/upload HTTP/1.1\nHost: web:8080\nConnection: close\n"
+    refused = [
+        ("Transfer-Encoding: chunked, identity", post + "Transfer-Encoding: chunked, identity\nContent-Length: 5\n\n",
+         b"0\r\n\r\n"),
+        ("Transfer-Encoding: identity", post + "Transfer-Encoding: identity\nContent-Length: 5\n\n", b"0\r\n\r\n"),
+        ("Transfer-Encoding: xchunked", post + "Transfer-Encoding: xchunked\nContent-Length: 5\n\n", b"0\r\n\r\n"),
+        ("space before the colon", post + "Transfer-Encoding : chunked\nContent-Length: 5\n\n", b"0\r\n\r\n"),
+        ("obs-fold", post + "Transfer-Encoding: identity\n chunked\n\n", b"0\r\n\r\n" + smuggled),
+        ("Content-Length with a sign", post + "Content-Length: +5\n\n", b"0\r\n\r\n"),
+        ("two different Content-Lengths", post + "Content-Length: 5\nContent-Length: 50\n\n", b"0\r\n\r\n" + smuggled),
+        ("a Content-Length list", post + "Content-Length: 5, 50\n\n", b"0\r\n\r\n" + smuggled),
+        ("chunked on HTTP/1.0", post.replace("1.1", "1.0") + "Transfer-Encoding: chunked\n\n", b"0\r\n\r\n" + smuggled),
+        ("a chunk size past 64 bits", post + "Transfer-Encoding: chunked\n\n", b"1" + b"0" * 16 + b"5\r\nabc\r\n0\r\n\r\n"),
+    ]
+    for where, a in ENTRIES:
+        for name, head, body in refused:
+            out = h.exchange(a, head.replace("\n", "\r\n").encode() + body)
+            r = h.parse_response(out)
+            h.check(SECRET not in out, f"{where}: {name}: a smuggled request was served", r)
+            h.check(r.status in (0, 400), f"{where}: {name}: expected 400 (or a closed connection)", r)
+        # Content-Length and chunked together: chunked wins (RFC 9112 §6.1), the app sees the
+        # empty chunked body, and the bytes after it are never a request to the app.
+        head = post + "Content-Length: 60\nTransfer-Encoding: chunked\n\n"
+        out = h.exchange(a, head.replace("\n", "\r\n").encode() + b"0\r\n\r\n" + smuggled)
+        h.check(SECRET not in out, f"{where}: CL+TE: the smuggled request was served", out)
+        r = h.parse_response(out)
+        if r.status == 200:
+            h.check(seen(r)["length"] == 0, f"{where}: CL+TE read as chunked", r)
+        else:
+            h.check(r.status in (0, 400), f"{where}: CL+TE: expected the chunked reading or a refusal", r)
 
 
 @h.case("a stalled upload is timed out (408), a slow but steady one is served")
