@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::model::{CompiledPort, CompiledService, EndpointSet};
 use crate::names::ServiceName;
 use crate::policy::ClientPolicy;
-use crate::resource::{GatewayListener, GatewaySpec, Resource, Spec};
+use crate::resource::{GatewayListener, GatewaySpec, GatewayTls, Resource, Spec};
 use crate::route::{Parent, RouteTable, build_tables};
 
 /// The protocol of a listener.
@@ -52,6 +52,27 @@ pub fn certificate_ref_refused(gateway_namespace: &str, c: &crate::resource::Cer
     ))
 }
 
+/// The listener `tls.options` key that turns TLS session resumption off (`"off"`) or on
+/// (`"on"`, the default): session tickets and the session cache.
+pub const SESSION_RESUMPTION_OPTION: &str = "plexus.dev/session-resumption";
+
+/// Whether an HTTPS listener's `tls.options` leave session resumption on; an unknown option
+/// or value is the reason it is refused (validation).
+pub fn session_resumption(tls: &GatewayTls) -> Result<bool, String> {
+    let mut on = true;
+    for (key, value) in &tls.options {
+        match (key.as_str(), value.as_str()) {
+            (SESSION_RESUMPTION_OPTION, "on") => on = true,
+            (SESSION_RESUMPTION_OPTION, "off") => on = false,
+            (SESSION_RESUMPTION_OPTION, other) => {
+                return Err(format!("{SESSION_RESUMPTION_OPTION}: {other:?} is not \"on\" or \"off\""));
+            }
+            (other, _) => return Err(format!("{other:?} is not a TLS option (supported: {SESSION_RESUMPTION_OPTION})")),
+        }
+    }
+    Ok(on)
+}
+
 /// A group of a listener's routes that serve one hostname pattern (the intersection of the
 /// listener's hostname and the routes'): a virtual Service port holding their route table.
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +104,8 @@ pub struct CompiledListener {
     pub hostname: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificateName>,
+    /// HTTPS: whether TLS sessions may be resumed (`tls.options`, [`SESSION_RESUMPTION_OPTION`]).
+    pub session_resumption: bool,
     /// Why the listener is not served (it conflicts with an earlier one), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conflict: Option<String>,
@@ -122,6 +145,15 @@ impl CompiledGateway {
             out.entry(l.port).or_insert(l.protocol);
         }
         out
+    }
+
+    /// Whether TLS sessions may be resumed on HTTPS `port`: one TLS setup serves every
+    /// listener of a port, so a listener that turns resumption off turns it off for the port.
+    pub fn session_resumption(&self, port: u16) -> bool {
+        self.listeners
+            .iter()
+            .filter(|l| l.port == port && l.conflict.is_none() && l.protocol == ListenerProtocol::Https)
+            .all(|l| l.session_resumption)
     }
 
     /// The listener on `port` that serves `host` (a `Host` header or a TLS server name):
@@ -398,6 +430,7 @@ pub(crate) fn compile_all(resources: &[Resource]) -> BTreeMap<ServiceName, Compi
                                 name: c.name.clone(),
                             })
                             .collect(),
+                        session_resumption: l.tls.as_ref().is_none_or(|t| session_resumption(t).unwrap_or(true)),
                         conflict,
                         hosts,
                         attached_routes: attached.get(&(name.clone(), li)).map_or(0, |s| s.len()),
@@ -520,6 +553,35 @@ spec:
         assert_eq!(vh.routes.entries.len(), 1, "only route bar's rule: isolation by hostname group");
         let other = wild.virtual_host("baz.example.com").expect("the listener's own group");
         assert_eq!(&*other.routes.entries[0].route, "default/all");
+    }
+
+    #[test]
+    fn a_listener_turning_session_resumption_off_turns_it_off_for_its_port() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  gatewayClassName: plexus
+  listeners:
+  - {name: a, port: 8443, protocol: HTTPS, hostname: a.example.com, tls: {certificateRefs: [{name: a}]}}
+  - name: b
+    port: 8443
+    protocol: HTTPS
+    hostname: b.example.com
+    tls: {certificateRefs: [{name: b}], options: {plexus.dev/session-resumption: "off"}}
+  - name: c
+    port: 9443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: c}], options: {plexus.dev/session-resumption: "on"}}
+  - {name: d, port: 9443, protocol: HTTPS, hostname: d.example.com, tls: {certificateRefs: [{name: d}]}}
+"#;
+        let snap = MeshSnapshot::compile(&parse_documents("g", yaml).expect("valid"), "1");
+        let g = snap.gateways.get(&ServiceName::new("edge", "default")).expect("compiled");
+        let on: Vec<bool> = g.listeners.iter().map(|l| l.session_resumption).collect();
+        assert_eq!(on, [true, false, true, true]);
+        assert!(!g.session_resumption(8443));
+        assert!(g.session_resumption(9443));
     }
 
     #[test]

@@ -495,8 +495,8 @@ fn gateway(g: &GatewaySpec, p: &mut Problems) {
                 if tls.mode.as_deref().is_some_and(|m| m != "Terminate") {
                     p.push((format!("{at}.tls.mode"), "an HTTPS listener terminates TLS: use Terminate".into()));
                 }
-                if !tls.options.is_empty() {
-                    p.push((format!("{at}.tls.options"), "no TLS options are supported".into()));
+                if let Err(reason) = crate::gateway::session_resumption(tls) {
+                    p.push((format!("{at}.tls.options"), reason));
                 }
                 for (ci, c) in tls.certificate_refs.iter().enumerate() {
                     let cat = format!("{at}.tls.certificateRefs[{ci}]");

@@ -363,6 +363,20 @@ fn gateway() {
         "only allowed as the first label",
     );
     invalid(&mutate(GATEWAY, "mode: Terminate", "mode: Passthrough"), "spec.listeners[1].tls.mode", "use Terminate");
+    // tls.options: session resumption on or off, nothing else.
+    let options = |o: &str| mutate(GATEWAY, "      mode: Terminate\n", &format!("      mode: Terminate\n      options: {o}\n"));
+    valid(Kind::Gateway, &options(r#"{plexus.dev/session-resumption: "off"}"#));
+    valid(Kind::Gateway, &options(r#"{plexus.dev/session-resumption: "on"}"#));
+    invalid(
+        &options(r#"{plexus.dev/session-resumption: "no"}"#),
+        "spec.listeners[1].tls.options",
+        "\"no\" is not \"on\" or \"off\"",
+    );
+    invalid(
+        &options(r#"{example.com/cipher: fast}"#),
+        "spec.listeners[1].tls.options",
+        "\"example.com/cipher\" is not a TLS option (supported: plexus.dev/session-resumption)",
+    );
     invalid(
         &mutate(GATEWAY, "{kind: Secret, name: bookinfo-cert}", "{kind: ConfigMap, name: bookinfo-cert}"),
         "spec.listeners[1].tls.certificateRefs[0]",

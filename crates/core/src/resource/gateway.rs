@@ -515,7 +515,7 @@ pub struct GatewayTls {
     pub mode: Option<String>,
     #[serde(default)]
     pub certificate_refs: Vec<CertificateRef>,
-    /// Universal mode: PEM files instead of Secrets.
+    /// Implementation-specific settings: `plexus.dev/session-resumption: "on" | "off"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
 }

@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use plexus_core::ServiceName;
@@ -36,8 +38,11 @@ use crate::http::admit::admit;
 use crate::http::body::Body;
 use crate::http::forward::{self, Edge};
 use crate::http::observe::Observation;
+use crate::http::server::Known;
 use crate::proxy::State;
 use crate::settings::GatewaySettings;
+use crate::transport::detect::{Protocol, Sniffed, sniff};
+use crate::transport::io::PrefixedIo;
 use crate::transport::listen;
 
 /// A gateway's runtime state beside the configuration: its certificates and bound ports.
@@ -123,17 +128,17 @@ pub async fn run(state: Arc<State>, gateway: Arc<Gateway>) {
     let mut drain = state.drain_signal();
     let mut tick = tokio::time::interval(gateway.settings.certificate_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Port → (protocol, accept task).
-    let mut running: BTreeMap<u16, (ListenerProtocol, tokio::task::JoinHandle<()>)> = BTreeMap::new();
+    let mut running: BTreeMap<u16, Running> = BTreeMap::new();
     loop {
         let snapshot = state.discovery.current();
         let compiled = snapshot.gateways.get(&gateway.settings.name);
         gateway.refresh_certificates(compiled);
         let wanted = compiled.map(CompiledGateway::ports).unwrap_or_default();
-        running.retain(|port, (protocol, task)| {
-            let keep = wanted.get(port) == Some(protocol);
+        let resumption = |port: u16| compiled.is_none_or(|g| g.session_resumption(port));
+        running.retain(|port, r| {
+            let keep = wanted.get(port) == Some(&r.protocol);
             if !keep {
-                task.abort();
+                r.task.abort();
                 if let Ok(mut b) = gateway.bound.lock() {
                     b.remove(port);
                 }
@@ -141,22 +146,47 @@ pub async fn run(state: Arc<State>, gateway: Arc<Gateway>) {
             }
             keep
         });
+        // A changed TLS setting takes effect for new connections, without closing the port.
+        for (&port, r) in &mut running {
+            if let Some(tls) = &mut r.tls
+                && tls.resumption != resumption(port)
+            {
+                match server_config(&state.discovery, &gateway, port, !tls.resumption) {
+                    Ok(config) => {
+                        tls.resumption = !tls.resumption;
+                        tls.config.store(config);
+                        tracing::info!(port, session_resumption = tls.resumption, "gateway TLS settings changed");
+                    }
+                    Err(e) => tracing::error!(port, error = %e, "cannot change a gateway listener's TLS settings"),
+                }
+            }
+        }
         for (&port, &protocol) in &wanted {
             if running.contains_key(&port) {
                 continue;
             }
             let addr = SocketAddr::new(gateway.settings.ip, port);
-            let status = match listen::bind(addr) {
-                Ok(listener) => {
+            let tls = match protocol {
+                ListenerProtocol::Http => Ok(None),
+                ListenerProtocol::Https => {
+                    let resumption = resumption(port);
+                    server_config(&state.discovery, &gateway, port, resumption)
+                        .map(|c| Some(PortTls { resumption, config: Arc::new(ArcSwap::new(c)) }))
+                        .map_err(|e| format!("cannot set up TLS on port {port}: {e}"))
+                }
+            };
+            let status = match tls.and_then(|tls| listen::bind(addr).map(|l| (l, tls)).map_err(|e| format!("cannot listen on {addr}: {e}"))) {
+                Ok((listener, tls)) => {
                     let address = listener.local_addr().ok();
                     tracing::info!(%addr, ?protocol, "gateway listener bound");
-                    let task = tokio::spawn(accept_loop(state.clone(), gateway.clone(), listener, port, protocol));
-                    running.insert(port, (protocol, task));
+                    let acceptor = tls.as_ref().map(|t| t.config.clone());
+                    let task = tokio::spawn(accept_loop(state.clone(), gateway.clone(), listener, port, acceptor));
+                    running.insert(port, Running { protocol, task, tls });
                     PortStatus { protocol, address, error: None }
                 }
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "cannot bind a gateway listener; retrying on the next change");
-                    PortStatus { protocol, address: None, error: Some(format!("cannot listen on {addr}: {e}")) }
+                Err(error) => {
+                    tracing::error!(%addr, %error, "cannot serve a gateway listener; retrying on the next change");
+                    PortStatus { protocol, address: None, error: Some(error) }
                 }
             };
             if let Ok(mut b) = gateway.bound.lock() {
@@ -169,9 +199,24 @@ pub async fn run(state: Arc<State>, gateway: Arc<Gateway>) {
             _ = crate::proxy::drained(&mut drain) => break,
         }
     }
-    for (_, (_, task)) in running {
-        task.abort();
+    for r in running.into_values() {
+        r.task.abort();
     }
+}
+
+/// A bound port and its accept task.
+struct Running {
+    protocol: ListenerProtocol,
+    task: tokio::task::JoinHandle<()>,
+    /// HTTPS.
+    tls: Option<PortTls>,
+}
+
+/// The TLS setup of an HTTPS port: built once per port (and again only when its settings
+/// change), shared by every handshake.
+struct PortTls {
+    resumption: bool,
+    config: Arc<ArcSwap<rustls::ServerConfig>>,
 }
 
 async fn accept_loop(
@@ -179,36 +224,34 @@ async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
     port: u16,
-    protocol: ListenerProtocol,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 ) {
-    let tls = match protocol {
-        ListenerProtocol::Http => None,
-        ListenerProtocol::Https => match server_config(&state.discovery, &gateway, port) {
-            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
-            Err(e) => {
-                tracing::error!(port, error = %e, "cannot set up TLS for a gateway listener");
-                return;
-            }
-        },
-    };
     let mut drain = state.drain_signal();
     loop {
         tokio::select! {
             (stream, peer, permit) = listen::accept(&listener, state.conn_limit()) => {
                 let conn = Conn { state: state.clone(), gateway: gateway.settings.name.clone(), port, peer };
-                tokio::spawn(conn.serve(stream, tls.clone(), permit));
+                let acceptor = tls.as_ref().map(|c| tokio_rustls::TlsAcceptor::from(c.load_full()));
+                tokio::spawn(conn.serve(stream, acceptor, permit));
             }
             _ = crate::proxy::drained(&mut drain) => return,
         }
     }
 }
 
+/// Sessions a port remembers for TLS 1.2 clients that resume by session ID (TLS 1.3 and
+/// ticket-capable TLS 1.2 clients resume with tickets, which the gateway does not store).
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
 /// The TLS settings of an HTTPS port: TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 by ALPN, the
-/// certificate chosen per handshake by [`ListenerCertificates`].
+/// certificate chosen per handshake by [`ListenerCertificates`]. With `resumption`, sessions
+/// are resumed from tickets (keys of this port only, rotated every 6 hours) or the port's
+/// session cache; without, every connection makes a full handshake.
 fn server_config(
     discovery: &Arc<Discovery>,
     gateway: &Arc<Gateway>,
     port: u16,
+    resumption: bool,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let resolver = ListenerCertificates { discovery: discovery.clone(), gateway: gateway.clone(), port };
     let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
@@ -216,6 +259,13 @@ fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if resumption {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+    } else {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
@@ -267,37 +317,55 @@ struct ConnInfo {
 }
 
 impl Conn {
-    async fn serve(self, stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, permit: OwnedSemaphorePermit) {
+    /// Serves one connection with hyper's HTTP/1 or HTTP/2 directly (no version read of its
+    /// own per connection): on HTTPS by the protocol ALPN chose, on plaintext by the first
+    /// bytes (the HTTP/2 preface or not), as a sidecar tells them.
+    async fn serve(self, mut stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, permit: OwnedSemaphorePermit) {
         let state = self.state.clone();
-        let watcher = state.drain_signal();
+        let limits = &state.settings.limits;
         match tls {
             None => {
-                let info =
-                    Arc::new(ConnInfo { gateway: self.gateway, port: self.port, peer: self.peer, server_name: None });
-                let handler_state = state.clone();
-                state.http.serve(stream, watcher, move |req| handle(handler_state.clone(), info.clone(), req)).await;
+                let mut buf = BytesMut::with_capacity(4096);
+                let no_upstream = None::<fn() -> std::future::Ready<std::io::Result<TcpStream>>>;
+                let sniffed =
+                    sniff(&mut stream, &mut buf, limits.client_first_wait, limits.header_read_timeout, no_upstream)
+                        .await;
+                let known = match sniffed {
+                    Ok(Sniffed::Client(Protocol::Http2, _)) => Known::Http2,
+                    // Anything else is HTTP/1's to answer (a malformed head gets its 400).
+                    Ok(Sniffed::Client(..)) => Known::Http1,
+                    Ok(_) | Err(_) => return,
+                };
+                self.serve_http(known, PrefixedIo::new(buf.freeze(), stream), None).await;
             }
             Some(acceptor) => {
                 let accept = acceptor.accept(stream);
-                let tls = match tokio::time::timeout(state.settings.limits.header_read_timeout, accept).await {
+                let tls = match tokio::time::timeout(limits.header_read_timeout, accept).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %self.peer, error = %e, "gateway TLS handshake failed");
-                        drop(permit);
                         return;
                     }
-                    Err(_) => {
-                        drop(permit);
-                        return;
-                    }
+                    Err(_) => return,
                 };
-                let server_name = Some(tls.get_ref().1.server_name().unwrap_or("").to_ascii_lowercase());
-                let info = Arc::new(ConnInfo { gateway: self.gateway, port: self.port, peer: self.peer, server_name });
-                let handler_state = state.clone();
-                state.http.serve(tls, watcher, move |req| handle(handler_state.clone(), info.clone(), req)).await;
+                let session = tls.get_ref().1;
+                let known = if session.alpn_protocol() == Some(b"h2") { Known::Http2 } else { Known::Http1 };
+                let server_name = Some(session.server_name().unwrap_or("").to_ascii_lowercase());
+                self.serve_http(known, tls, server_name).await;
             }
         }
         drop(permit);
+    }
+
+    async fn serve_http<I>(self, known: Known, io: I, server_name: Option<String>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = self.state;
+        let watcher = state.drain_signal();
+        let info = Arc::new(ConnInfo { gateway: self.gateway, port: self.port, peer: self.peer, server_name });
+        let handler_state = state.clone();
+        state.http.serve_known(known, io, watcher, move |req| handle(handler_state.clone(), info.clone(), req)).await;
     }
 }
 
