@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use plexus_testkit::client::{self, Collected};
 use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, free_port};
 
@@ -41,25 +41,7 @@ async fn setup(names: &[&str], listeners: &str, routes: &str, ports: &[u16]) -> 
     );
     let file = dir.join("resources.yaml");
     std::fs::write(&file, yaml)?;
-    let args = [
-        "proxy",
-        "--mode",
-        "ingress",
-        "--gateway",
-        "gw",
-        "--resources",
-        file.to_str().context("utf-8")?,
-        "--outbound-port",
-        "0",
-        "--inbound-port",
-        "0",
-        "--admin-port",
-        "0",
-    ];
-    let proxy = Proxy::start_named("gw", PLEXUS, args).await?;
-    for port in ports {
-        plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], *port)), Duration::from_secs(10)).await?;
-    }
+    let proxy = Proxy::start_gateway(PLEXUS, "gw", &file, &[], ports).await?;
     Ok(Setup { _proxy: proxy, backends, _dir: dir })
 }
 
@@ -351,10 +333,7 @@ async fn grpcroute_through_the_gateway() -> Result<()> {
     );
     let file = dir.join("resources.yaml");
     std::fs::write(&file, yaml)?;
-    let args = ["proxy", "--mode", "ingress", "--gateway", "gw", "--resources", file.to_str().context("utf-8")?];
-    let args = [&args[..], &["--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"]].concat();
-    let _proxy = Proxy::start_named("gw", PLEXUS, args).await?;
-    plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(10)).await?;
+    let _proxy = Proxy::start_gateway(PLEXUS, "gw", &file, &[], &[port]).await?;
     let target = format!("127.0.0.1:{port}");
     common::python_client(
         "grpc_peer.py",

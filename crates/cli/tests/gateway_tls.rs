@@ -69,6 +69,8 @@ struct Edge {
     proxy: Proxy,
     https: u16,
     http: u16,
+    /// The resources file the gateway reads (re-read when it changes).
+    resources: PathBuf,
     tls_dir: PathBuf,
     ca_file: PathBuf,
     pki: Pki,
@@ -116,32 +118,10 @@ async fn edge() -> Result<Edge> {
     );
     let file = dir.join("resources.yaml");
     std::fs::write(&file, yaml)?;
-    let args = [
-        "proxy",
-        "--mode",
-        "ingress",
-        "--gateway",
-        "edge",
-        "--resources",
-        file.to_str().context("utf-8")?,
-        "--tls-dir",
-        tls_dir.to_str().context("utf-8")?,
-        "--certificate-poll",
-        "100ms",
-        "--outbound-port",
-        "0",
-        "--inbound-port",
-        "0",
-        "--admin-port",
-        "0",
-    ];
-    let proxy = Proxy::start_named("edge", PLEXUS, args).await?;
-    for port in [https, http] {
-        plexus_testkit::wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(10))
-            .await
-            .with_context(|| format!("gateway port {port}: {}", proxy.stderr_tail(2000)))?;
-    }
-    Ok(Edge { proxy, https, http, tls_dir, ca_file, pki, _backends: backends, _dir: dir })
+    let tls = tls_dir.to_str().context("utf-8")?;
+    let extra = ["--tls-dir", tls, "--certificate-poll", "100ms"];
+    let proxy = Proxy::start_gateway(PLEXUS, "edge", &file, &extra, &[https, http]).await?;
+    Ok(Edge { proxy, https, http, resources: file, tls_dir, ca_file, pki, _backends: backends, _dir: dir })
 }
 
 /// `curl` to `https://HOST:PORT/PATH` resolved to 127.0.0.1, verifying with the test CA.
@@ -227,22 +207,33 @@ async fn three_hostnames_on_one_https_port_each_get_their_certificate_and_route(
     Ok(())
 }
 
-#[tokio::test]
-async fn a_replaced_certificate_is_served_to_new_connections_without_failed_requests() -> Result<()> {
-    let edge = edge().await?;
+/// A TLS client trusting the test CA, of TLS `versions`, resuming sessions or not.
+fn connector(
+    edge: &Edge,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    resume: bool,
+) -> Result<tokio_rustls::TlsConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(edge.pki.ca_pem.as_bytes()) {
         roots.add(cert?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_to_new_connections_without_failed_requests() -> Result<()> {
+    let edge = edge().await?;
     // Every connection a full handshake: a resumed session reports the certificate of the
     // session it resumes, not the one the gateway serves now.
-    config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = connector(&edge, rustls::DEFAULT_VERSIONS, false)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], edge.https));
     // ~200 requests/s, each on a new TLS connection, for 3 s; the certificate changes after 1 s.
     let failures = Arc::new(AtomicU64::new(0));
@@ -263,7 +254,7 @@ async fn a_replaced_certificate_is_served_to_new_connections_without_failed_requ
         sent += 1;
         tasks.spawn(async move {
             match one_request(&connector, addr).await {
-                Ok(subject) if subject.contains("v1") => old_seen.fetch_add(1, Ordering::Relaxed),
+                Ok(seen) if !seen.v2 => old_seen.fetch_add(1, Ordering::Relaxed),
                 Ok(_) => new_seen.fetch_add(1, Ordering::Relaxed),
                 Err(e) => {
                     eprintln!("request failed: {e:#}");
@@ -300,13 +291,76 @@ async fn a_replaced_certificate_is_served_to_new_connections_without_failed_requ
     Ok(())
 }
 
-/// One GET on a new TLS connection to a.example.com; the subject of the certificate it got.
-async fn one_request(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Result<String> {
+/// Session resumption is on by default and follows the listener's `tls.options`
+/// (`plexus.dev/session-resumption`), with TLS 1.3 and TLS 1.2, changed at run time without
+/// closing the port or its open connections.
+#[tokio::test]
+async fn session_resumption_follows_the_listener_tls_option() -> Result<()> {
+    let edge = edge().await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], edge.https));
+    let versions: [&[&'static rustls::SupportedProtocolVersion]; 2] =
+        [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+    // Each request's answer is 200 (checked in one_request): the positive control.
+    let resumed_twice = |connector: tokio_rustls::TlsConnector| async move {
+        let first = one_request(&connector, addr).await?;
+        ensure!(!first.resumed, "the first connection resumed a session it cannot have");
+        let (second, third) = (one_request(&connector, addr).await?, one_request(&connector, addr).await?);
+        Ok::<_, anyhow::Error>(second.resumed && third.resumed)
+    };
+    for v in versions {
+        ensure!(resumed_twice(connector(&edge, v, true)?).await?, "{v:?}: on by default, sessions are resumed");
+    }
+    // A connection open across the change keeps working.
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = connector(&edge, rustls::DEFAULT_VERSIONS, false)?
+        .connect(rustls_pki_types::ServerName::try_from("a.example.com")?, tcp)
+        .await?;
+    let (mut open, conn) = http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    // Off on one listener of the port: off for the port (one TLS setup serves its listeners).
+    let yaml = std::fs::read_to_string(&edge.resources)?;
+    let off = yaml.replace(
+        "tls: {certificateRefs: [{name: cert-b}]}",
+        "tls: {certificateRefs: [{name: cert-b}], options: {plexus.dev/session-resumption: \"off\"}}",
+    );
+    ensure!(off != yaml, "the listener to change is not in the resources");
+    std::fs::write(&edge.resources, off)?;
+    let tls13 = connector(&edge, versions[0], true)?;
+    eventually(Duration::from_secs(10), || {
+        let tls13 = tls13.clone();
+        async move {
+            let seen = one_request(&tls13, addr).await?;
+            ensure!(!seen.resumed, "still resumed");
+            Ok(())
+        }
+    })
+    .await?;
+    for v in versions {
+        ensure!(!resumed_twice(connector(&edge, v, true)?).await?, "{v:?}: off, yet a session was resumed");
+    }
+    let req = Request::builder().uri("/still-open").header("host", "a.example.com").body(Empty::<Bytes>::new())?;
+    let resp = open.send_request(req).await.context("the connection open across the change")?;
+    ensure!(resp.status() == 200, "{}", resp.status());
+    Ok(())
+}
+
+/// What one request on a new connection saw.
+struct Seen {
+    /// The certificate of `a.example.com v2`, not v1.
+    v2: bool,
+    /// The TLS session was resumed, not a full handshake.
+    resumed: bool,
+}
+
+/// One GET on a new TLS connection to a.example.com.
+async fn one_request(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Result<Seen> {
     tokio::time::timeout(Duration::from_secs(10), async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = rustls_pki_types::ServerName::try_from("a.example.com")?;
         let tls = connector.connect(name, tcp).await?;
-        let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?.clone();
+        let session = tls.get_ref().1;
+        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let leaf = session.peer_certificates().and_then(|c| c.first()).context("no certificate")?.clone();
         let (mut sender, conn) = http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
         let req = Request::builder().uri("/load").header("host", "a.example.com").body(Empty::<Bytes>::new())?;
@@ -316,7 +370,7 @@ async fn one_request(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -
         ensure!(status == 200, "status {status}");
         // The common name is in the DER as is.
         let text = String::from_utf8_lossy(leaf.as_ref()).into_owned();
-        Ok(if text.contains("a.example.com v2") { "v2".to_string() } else { "v1".to_string() })
+        Ok(Seen { v2: text.contains("a.example.com v2"), resumed })
     })
     .await
     .context("no answer within 10 s")?

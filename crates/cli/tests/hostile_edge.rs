@@ -487,26 +487,9 @@ async fn a_gateway_never_forwards_to_its_own_listeners() -> Result<()> {
     let file = dir.join("resources.yaml");
     std::fs::write(&file, yaml)?;
     let (admin_s, outbound_s) = (admin.to_string(), outbound.to_string());
-    let args = [
-        "proxy",
-        "--mode",
-        "ingress",
-        "--gateway",
-        "gw",
-        "--gateway-ip",
-        "0.0.0.0",
-        "--resources",
-        file.to_str().context("utf-8")?,
-        "--outbound-port",
-        &outbound_s,
-        "--inbound-port",
-        "0",
-        "--admin-port",
-        &admin_s,
-    ];
-    let gateway = Proxy::start_named("gw", PLEXUS, args).await?;
+    let extra = ["--gateway-ip", "0.0.0.0", "--outbound-port", &outbound_s, "--admin-port", &admin_s];
+    let gateway = Proxy::start_gateway(PLEXUS, "gw", &file, &extra, &[gw_port]).await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], gw_port));
-    plexus_testkit::wait_for_port(addr, Duration::from_secs(10)).await?;
     let send = |method: &'static str, path: &'static str, target: Option<String>| async move {
         let mut b = plexus_testkit::http::Request::builder().method(method).uri(path).header("host", "example.com");
         if let Some(t) = target {

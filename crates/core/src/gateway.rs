@@ -67,7 +67,9 @@ pub fn session_resumption(tls: &GatewayTls) -> Result<bool, String> {
             (SESSION_RESUMPTION_OPTION, other) => {
                 return Err(format!("{SESSION_RESUMPTION_OPTION}: {other:?} is not \"on\" or \"off\""));
             }
-            (other, _) => return Err(format!("{other:?} is not a TLS option (supported: {SESSION_RESUMPTION_OPTION})")),
+            (other, _) => {
+                return Err(format!("{other:?} is not a TLS option (supported: {SESSION_RESUMPTION_OPTION})"));
+            }
         }
     }
     Ok(on)
@@ -562,7 +564,6 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: edge}
 spec:
-  gatewayClassName: plexus
   listeners:
   - {name: a, port: 8443, protocol: HTTPS, hostname: a.example.com, tls: {certificateRefs: [{name: a}]}}
   - name: b
@@ -575,6 +576,7 @@ spec:
     protocol: HTTPS
     tls: {certificateRefs: [{name: c}], options: {plexus.dev/session-resumption: "on"}}
   - {name: d, port: 9443, protocol: HTTPS, hostname: d.example.com, tls: {certificateRefs: [{name: d}]}}
+  gatewayClassName: plexus
 "#;
         let snap = MeshSnapshot::compile(&parse_documents("g", yaml).expect("valid"), "1");
         let g = snap.gateways.get(&ServiceName::new("edge", "default")).expect("compiled");

@@ -364,7 +364,8 @@ fn gateway() {
     );
     invalid(&mutate(GATEWAY, "mode: Terminate", "mode: Passthrough"), "spec.listeners[1].tls.mode", "use Terminate");
     // tls.options: session resumption on or off, nothing else.
-    let options = |o: &str| mutate(GATEWAY, "      mode: Terminate\n", &format!("      mode: Terminate\n      options: {o}\n"));
+    let options =
+        |o: &str| mutate(GATEWAY, "      mode: Terminate\n", &format!("      mode: Terminate\n      options: {o}\n"));
     valid(Kind::Gateway, &options(r#"{plexus.dev/session-resumption: "off"}"#));
     valid(Kind::Gateway, &options(r#"{plexus.dev/session-resumption: "on"}"#));
     invalid(

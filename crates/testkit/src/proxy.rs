@@ -96,6 +96,34 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// Starts an ingress gateway: `bin proxy --mode ingress --gateway GATEWAY --resources FILE`
+    /// with `extra` (e.g. `--tls-dir`), its outbound, inbound and admin ports chosen by the
+    /// system unless `extra` names them; ready once admin `/ready` answers and every listener
+    /// port in `ports` accepts connections.
+    pub async fn start_gateway(
+        bin: impl AsRef<Path>,
+        gateway: &str,
+        resources: &Path,
+        extra: &[&str],
+        ports: &[u16],
+    ) -> Result<Proxy> {
+        let file = resources.to_str().context("resources path is not UTF-8")?;
+        let mut args = vec!["proxy", "--mode", "ingress", "--gateway", gateway, "--resources", file];
+        for flag in ["--outbound-port", "--inbound-port", "--admin-port"] {
+            if !extra.contains(&flag) {
+                args.extend([flag, "0"]);
+            }
+        }
+        args.extend_from_slice(extra);
+        let proxy = Proxy::start_named(gateway, bin, args).await?;
+        for &port in ports {
+            crate::wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), READY_TIMEOUT)
+                .await
+                .with_context(|| format!("gateway port {port}: {}", proxy.stderr_tail(2000)))?;
+        }
+        Ok(proxy)
+    }
+
     /// Runs `bin args...` and waits (up to 20 s) for the ready line only.
     pub async fn spawn_named<I, S>(name: &str, bin: impl AsRef<Path>, args: I) -> Result<Proxy>
     where

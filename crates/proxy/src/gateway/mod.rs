@@ -175,7 +175,9 @@ pub async fn run(state: Arc<State>, gateway: Arc<Gateway>) {
                         .map_err(|e| format!("cannot set up TLS on port {port}: {e}"))
                 }
             };
-            let status = match tls.and_then(|tls| listen::bind(addr).map(|l| (l, tls)).map_err(|e| format!("cannot listen on {addr}: {e}"))) {
+            let status = match tls.and_then(|tls| {
+                listen::bind(addr).map(|l| (l, tls)).map_err(|e| format!("cannot listen on {addr}: {e}"))
+            }) {
                 Ok((listener, tls)) => {
                     let address = listener.local_addr().ok();
                     tracing::info!(%addr, ?protocol, "gateway listener bound");
