@@ -1,9 +1,12 @@
 //! Opaque TCP forwarding: a bidirectional copy that propagates half-close and closes idle
 //! streams.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::io::{Activity, Tracked};
 
@@ -30,7 +33,7 @@ where
     let mut client = Tracked::new(client, activity.clone());
     let mut upstream = Tracked::new(upstream, activity.clone());
     let end = {
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 16 * 1024, 16 * 1024);
+        let copy = copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         loop {
             let check = idle_timeout.saturating_sub(activity.idle_for()).max(Duration::from_millis(10));
@@ -45,6 +48,100 @@ where
         }
     };
     (Transferred { sent: upstream.written(), received: client.written() }, end)
+}
+
+/// The first buffer of each direction of a stream; doubled each time a read fills it.
+const FIRST_BUFFER: usize = 1024;
+/// The largest buffer (a TLS record's payload).
+const MAX_BUFFER: usize = 16 * 1024;
+
+/// Copies both ways until both directions have ended (each end propagated as a write shutdown
+/// of the other side); the first error ends both. Tokio's copy gives each direction a buffer of
+/// fixed size up front (two 16 KiB for every stream, idle or not, kept for its whole life);
+/// here a direction's buffer starts at [`FIRST_BUFFER`] and grows to [`MAX_BUFFER`] only when
+/// the traffic fills it, so a stream of small messages (a database session, a pooled idle
+/// connection) holds 2 KiB.
+async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_to_b, mut b_to_a) = (Half::default(), Half::default());
+    std::future::poll_fn(|cx| {
+        let a_done = a_to_b.poll_copy(cx, &mut *a, &mut *b)?.is_ready();
+        let b_done = b_to_a.poll_copy(cx, &mut *b, &mut *a)?.is_ready();
+        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// One direction of a copy.
+#[derive(Default)]
+struct Half {
+    /// Empty until the first read.
+    buf: Vec<u8>,
+    /// Bytes `pos..filled` of `buf` are read and not yet written.
+    pos: usize,
+    filled: usize,
+    /// The reader ended (EOF).
+    read_done: bool,
+    /// Bytes were written since the last flush.
+    need_flush: bool,
+    /// EOF propagated as a shutdown of the writer: nothing left to do.
+    done: bool,
+}
+
+impl Half {
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                // Everything read was written: the buffer may be replaced by a larger one.
+                if self.buf.is_empty() {
+                    self.buf = vec![0; FIRST_BUFFER];
+                } else if self.filled == self.buf.len() && self.buf.len() < MAX_BUFFER {
+                    self.buf = vec![0; (self.buf.len() * 2).min(MAX_BUFFER)];
+                }
+                let mut read = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut read) {
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(result) => {
+                        result?;
+                        self.pos = 0;
+                        self.filled = read.filled().len();
+                        self.read_done = self.filled == 0;
+                    }
+                }
+            }
+            while self.pos < self.filled {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::WriteZero, "the writer took no bytes")));
+                }
+                self.pos += n;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -88,6 +185,92 @@ mod tests {
         let (moved, end) = task.await.expect("task");
         assert!(end.is_ok(), "{end:?}");
         assert_eq!((moved.sent, moved.received), (1000, 3000));
+    }
+
+    /// Bulk both ways at once (the buffers grow while bytes are in flight) and a half-close:
+    /// every byte arrives in order, and the other direction goes on after one side's end.
+    #[tokio::test]
+    async fn bulk_both_ways_and_a_half_close_arrive_whole() {
+        let (client, upstream, task) = proxied(Duration::from_secs(30)).await;
+        let up: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..700_001u32).map(|i| (i % 241) as u8).collect();
+        let (mut client_r, mut client_w) = client.into_split();
+        let (mut upstream_r, mut upstream_w) = upstream.into_split();
+        let (up2, down2) = (up.clone(), down.clone());
+        let sending = tokio::spawn(async move {
+            client_w.write_all(&up2).await.expect("client write");
+            // Half-close: the upstream sees EOF, and still answers.
+            client_w.shutdown().await.expect("client shutdown");
+        });
+        let answering = tokio::spawn(async move {
+            let mut got = Vec::new();
+            upstream_r.read_to_end(&mut got).await.expect("upstream read");
+            upstream_w.write_all(&down2).await.expect("upstream write");
+            drop(upstream_w);
+            got
+        });
+        let mut received = Vec::new();
+        client_r.read_to_end(&mut received).await.expect("client read");
+        sending.await.expect("sending");
+        let got = answering.await.expect("answering");
+        assert!(got == up, "client → upstream: {} bytes of {}", got.len(), up.len());
+        assert!(received == down, "upstream → client: {} bytes of {}", received.len(), down.len());
+        let (moved, end) = task.await.expect("task");
+        assert!(end.is_ok(), "{end:?}");
+        assert_eq!((moved.sent, moved.received), (up.len() as u64, down.len() as u64));
+    }
+
+    /// A direction's buffer starts small and grows only when reads fill it.
+    #[tokio::test]
+    async fn a_buffer_grows_only_with_the_traffic() {
+        let (mut client, mut proxy_in) = pair().await;
+        let (mut proxy_out, mut upstream) = pair().await;
+        let mut half = Half::default();
+        let mut step = async |half: &mut Half| {
+            std::future::poll_fn(|cx| {
+                let _ = half.poll_copy(cx, &mut proxy_in, &mut proxy_out);
+                Poll::Ready(())
+            })
+            .await
+        };
+        client.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        let read = upstream.read_exact(&mut got);
+        tokio::pin!(read);
+        loop {
+            step(&mut half).await;
+            if let Some(r) = futures_now(&mut read).await {
+                r.expect("read");
+                break;
+            }
+        }
+        assert_eq!(&got, b"ping");
+        assert_eq!(half.buf.len(), FIRST_BUFFER, "a small message needs only the first buffer");
+        let big = vec![7u8; 64 * 1024];
+        client.write_all(&big).await.expect("write");
+        let mut sink = vec![0u8; big.len()];
+        let read = upstream.read_exact(&mut sink);
+        tokio::pin!(read);
+        loop {
+            step(&mut half).await;
+            if let Some(r) = futures_now(&mut read).await {
+                r.expect("read");
+                break;
+            }
+        }
+        assert!(half.buf.len() > FIRST_BUFFER && half.buf.len() <= MAX_BUFFER, "{}", half.buf.len());
+    }
+
+    /// Polls `f` once after yielding (so the peer's bytes can arrive): its output if ready.
+    async fn futures_now<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     #[tokio::test]
