@@ -962,7 +962,7 @@ async fn inbound_conn(
         match sniffed {
             Ok(Sniffed::Client(protocol @ (Protocol::Http1 | Protocol::Http2), early)) => {
                 drop(early);
-                let conn = Arc::new(InboundConn { peer, app_port, peer_identity: None });
+                let conn = Arc::new(InboundConn::new(peer, app_port, None));
                 let handler_state = state.clone();
                 let io = PrefixedIo::new(buf.freeze(), stream);
                 let handle = move |req| inbound::handle(handler_state.clone(), conn.clone(), req);
@@ -1110,7 +1110,7 @@ async fn serve_mesh_tls(
     // `plexus.http1` is HTTP/1 (upgrades); under `plexus.h2` sidecars speak HTTP/2, but a client
     // that is not a sidecar may speak HTTP/1.1 there: detected.
     let http1 = session.alpn_protocol() == Some(crate::tls::ALPN_HTTP1);
-    let conn = Arc::new(InboundConn { peer, app_port, peer_identity });
+    let conn = Arc::new(InboundConn::new(peer, app_port, peer_identity));
     let handler_state = state.clone();
     let handle = move |req| inbound::handle(handler_state.clone(), conn.clone(), req);
     if http1 {

@@ -164,7 +164,8 @@ pub async fn to_service(
     mut head: Head,
     mut obs: Observation,
 ) -> Response<Body> {
-    let received = Instant::now();
+    // When the request arrived: the observation read the clock then.
+    let received = Instant::from_std(obs.started);
     let authority =
         head.authority().map_or_else(|| format!("{}:{}", to.service.name.name, to.port.port), str::to_string);
     let (host, host_port) = split_authority(&authority);

@@ -10,9 +10,9 @@
 //! `plexus_authz_denied_total`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use http::{Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use plexus_core::authz::{self, Authorization, AuthzRequest};
 use plexus_core::resource::DefaultAuthorization;
@@ -24,19 +24,45 @@ use super::client::Proto;
 use super::observe::Observation;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
 use crate::error::ProxyError;
-use crate::metrics::{ServicePolicyLabels, UNKNOWN};
+use crate::metrics::{Label, ServicePolicyLabels, UNKNOWN};
 use crate::proxy::State;
 use crate::resilience::ratelimit::own_port;
 use crate::tap::Notes;
 
 /// What the inbound listener knows about a connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InboundConn {
     pub peer: SocketAddr,
     /// The application port: `--app-port`, or the original destination port when redirected.
     pub app_port: Option<u16>,
     /// The client's SPIFFE ID, verified by mutual TLS; `None` for plaintext (unauthenticated).
     pub peer_identity: Option<String>,
+    /// The peer's identity as a metric label: made once per connection, shared by its requests.
+    principal: Option<Label>,
+    /// The last `x-plexus-source` seen on this connection with its workload and Service labels:
+    /// a peer sidecar sends the same value on every request, so they are made once.
+    source: Mutex<Option<(HeaderValue, Label, Label)>>,
+}
+
+impl InboundConn {
+    pub fn new(peer: SocketAddr, app_port: Option<u16>, peer_identity: Option<String>) -> Self {
+        let principal = peer_identity.as_deref().map(Label::from);
+        InboundConn { peer, app_port, peer_identity, principal, source: Mutex::new(None) }
+    }
+
+    /// The workload and Service labels of a verified peer's `x-plexus-source` value.
+    fn source_labels(&self, value: &HeaderValue) -> Option<(Label, Label)> {
+        let mut last = self.source.lock().ok()?;
+        if let Some((v, workload, service)) = last.as_ref()
+            && v == value
+        {
+            return Some((workload.clone(), service.clone()));
+        }
+        let (workload, service) = headers::parse_source(value)?;
+        let (workload, service) = (Label::from(workload), Label::from(service));
+        *last = Some((value.clone(), workload.clone(), service.clone()));
+        Some((workload, service))
+    }
 }
 
 /// Handles one inbound request; never fails (errors become responses).
@@ -44,14 +70,14 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     let received = tokio::time::Instant::now();
     let (mut head, mut obs) = Observation::start(state.clone(), "inbound", &mut req);
     state.fill_destination(&mut obs.peers);
-    if let Some(id) = &conn.peer_identity {
+    if let Some(id) = &conn.principal {
         obs.security = "mutual_tls";
-        obs.peers.source_principal = id.as_str().into();
+        obs.peers.source_principal = id.clone();
         // The caller's workload and Service, as its sidecar states them over this verified
         // connection (the principal above is what mTLS proves).
-        if let Some((workload, service)) = head.headers.get(headers::SOURCE).and_then(headers::parse_source) {
-            obs.peers.source_workload = workload.into();
-            obs.peers.source_service = service.into();
+        if let Some((workload, service)) = head.headers.get(headers::SOURCE).and_then(|v| conn.source_labels(v)) {
+            obs.peers.source_workload = workload;
+            obs.peers.source_service = service;
         }
     }
     // The path normalized here is the one authorized and forwarded.

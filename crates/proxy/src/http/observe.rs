@@ -18,8 +18,14 @@ use crate::tap::Notes;
 use crate::trace::span::{FinishedSpan, Kind, ProxyResource, Value};
 use crate::trace::{SpanContext, TracingConfig};
 
-/// What is known about a request while it is proxied.
-pub struct Observation {
+/// What is known about a request while it is proxied. Its fields live in a box of their own
+/// (reached through `Deref`): the observation is moved with the request's futures and into its
+/// response body, and each move copies a pointer instead of the ~500 bytes of labels, URI and
+/// ids.
+pub struct Observation(Box<Observed>);
+
+/// The fields of an [`Observation`].
+pub struct Observed {
     pub state: Arc<State>,
     pub started: Instant,
     pub direction: &'static str,
@@ -39,12 +45,26 @@ pub struct Observation {
     pub span: SpanContext,
     /// Decisions and retries, recorded while someone taps ([`crate::tap`]).
     pub notes: Notes,
-    started_at: SystemTime,
     version: Version,
     /// The collector the span goes to (MeshConfig `tracing.otlpEndpoint`, sampled traces only).
     export_to: Option<String>,
     access_log: Option<Format>,
-    request_body: Arc<ClientBodyState>,
+    /// Made when the request has a body to read ([`Observation::request_body`]).
+    request_body: Option<Arc<ClientBodyState>>,
+}
+
+impl std::ops::Deref for Observation {
+    type Target = Observed;
+
+    fn deref(&self) -> &Observed {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Observation {
+    fn deref_mut(&mut self) -> &mut Observed {
+        &mut self.0
+    }
 }
 
 impl Observation {
@@ -60,9 +80,8 @@ impl Observation {
         let span = SpanContext::continue_from(req.headers(), || tracing.sample_new());
         span.inject(req.headers_mut());
         let head = Head::take(req);
-        let obs = Observation {
+        let obs = Observation(Box::new(Observed {
             started: Instant::now(),
-            started_at: SystemTime::now(),
             direction,
             peers: PeerLabels::default(),
             route: crate::metrics::default_route(),
@@ -78,12 +97,14 @@ impl Observation {
             access_log: access_log::format(mesh, state.settings.access_log),
             span,
             notes: Notes::new(state.tap.active()),
-            request_body: Arc::default(),
+            request_body: None,
             state,
-        };
+        }));
         (head, obs)
     }
+}
 
+impl Observed {
     /// The authority the client addressed (absolute-form URI or `:authority`, else `Host`).
     pub fn authority(&self) -> &str {
         self.uri.authority().map(|a| a.as_str()).or_else(|| self.host.as_ref()?.to_str().ok()).unwrap_or_default()
@@ -96,16 +117,19 @@ impl Observation {
 
     /// The client's request body as forwarded: its size counted, its failures (malformed,
     /// stalled longer than `--request-body-timeout`) answered as the client's (400, 408).
-    pub fn request_body(&self, b: hyper::body::Incoming) -> Body {
+    pub fn request_body(&mut self, b: hyper::body::Incoming) -> Body {
         let timeout = self.state.settings.limits.request_body_timeout;
-        body::boxed(ClientBody::new(b, self.request_body.clone(), timeout))
+        let state = self.request_body.get_or_insert_with(Arc::default).clone();
+        body::boxed(ClientBody::new(b, state, timeout))
     }
+}
 
+impl Observation {
     /// Answers with a proxy-made error response.
     pub fn fail(self, err: ProxyError) -> Response<Body> {
         // A request whose body the client broke fails because of it, whatever the upstream
         // made of it: the client gets the proxy's own answer, no upstream error text.
-        let err = self.request_body.failure().unwrap_or(err);
+        let err = self.request_body.as_ref().and_then(|b| b.failure()).unwrap_or(err);
         tracing::debug!(error = %err, authority = %self.authority(), path = %self.path(), "request failed");
         let flag = err.flag();
         let resp = err.into_response(self.grpc);
@@ -114,7 +138,9 @@ impl Observation {
 
     /// Passes the response on; metrics are recorded when its body ends.
     pub fn respond(self, resp: Response<Body>, flags: &'static str) -> Response<Body> {
-        self.request_body.responded();
+        if let Some(b) = &self.request_body {
+            b.responded();
+        }
         let (parts, b) = resp.into_parts();
         let status = parts.status.as_u16();
         let header_grpc = parts.headers.get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
@@ -138,7 +164,7 @@ impl Observation {
     fn record(self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
         let m = &self.state.metrics;
         let elapsed = self.started.elapsed();
-        let req_bytes = self.request_body.bytes.load(Ordering::Relaxed);
+        let req_bytes = self.request_body.as_ref().map_or(0, |b| b.bytes.load(Ordering::Relaxed));
         let labels = RequestLabels {
             direction: self.direction,
             peers: self.peers.clone(),
@@ -174,7 +200,9 @@ impl Observation {
         {
             peers.source_principal = id;
         }
-        let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, peers, success };
+        // The wall-clock start, read only for these (one clock read per request fewer).
+        let started_at = SystemTime::now().checked_sub(elapsed).unwrap_or(SystemTime::UNIX_EPOCH);
+        let done = Done { status, grpc_status, flags, req_bytes, resp_bytes, elapsed, started_at, peers, success };
         if self.notes.on() {
             self.state.tap.publish(self.tap_event(&done));
         }
@@ -196,7 +224,7 @@ impl Observation {
 
     fn log_entry<'a>(&'a self, d: &'a Done<'a>) -> access_log::Entry<'a> {
         access_log::Entry {
-            time: plexus_core::time::rfc3339(self.started_at),
+            time: plexus_core::time::rfc3339(d.started_at),
             trace_id: self.span.trace_id.to_string(),
             span_id: self.span.span_id.to_string(),
             parent_span_id: self.span.parent_span_id.map(|p| p.to_string()),
@@ -231,7 +259,7 @@ impl Observation {
         let noted = self.notes.take();
         let p = &d.peers;
         TapEvent {
-            time: plexus_core::time::rfc3339(self.started_at),
+            time: plexus_core::time::rfc3339(d.started_at),
             proxy: self.state.settings.workload.clone().unwrap_or_else(|| UNKNOWN.into()),
             direction: self.direction.into(),
             method: self.method.to_string(),
@@ -316,8 +344,8 @@ impl Observation {
             tracestate: self.span.tracestate.clone(),
             name,
             kind,
-            start: self.started_at,
-            end: self.started_at + d.elapsed,
+            start: d.started_at,
+            end: d.started_at + d.elapsed,
             attributes,
             error: !d.success || d.flags != "-",
         }
@@ -332,6 +360,8 @@ struct Done<'a> {
     req_bytes: u64,
     resp_bytes: u64,
     elapsed: std::time::Duration,
+    /// When the request arrived (wall clock).
+    started_at: SystemTime,
     peers: PeerLabels,
     success: bool,
 }

@@ -183,46 +183,75 @@ impl HttpServer {
         tokio::pin!(conn);
         let idle = self.idle_timeout;
         let head_timeout = self.header_read_timeout;
+        // When the connection is next checked for idleness.
         let mut check = started + idle;
+        // One timer for both clocks (the idle check and the head clock), armed at the earlier
+        // of their deadlines and moved only when it fires or a deadline comes before it: a
+        // request head that starts and completes in time touches neither the timer wheel nor
+        // a new future (each request used to arm two timers and re-create the drain and
+        // notification futures).
+        let mut armed = (!idle.is_zero()).then_some(check);
+        let timer = tokio::time::sleep_until(check.into());
+        tokio::pin!(timer);
+        let drained = crate::proxy::drained(&mut drain);
+        tokio::pin!(drained);
+        let notified = activity.head_started.notified();
+        tokio::pin!(notified);
         let result = loop {
             let head_since = activity.head_since.load(Ordering::Relaxed);
             let head_deadline = (head_since != 0 && !head_timeout.is_zero())
                 .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
+            let due = match (head_deadline, idle.is_zero()) {
+                (Some(head), false) => Some(head.min(check)),
+                (Some(head), true) => Some(head),
+                (None, false) => Some(check),
+                (None, true) => None,
+            };
+            if let Some(due) = due
+                && armed.is_none_or(|a| due < a)
+            {
+                timer.as_mut().reset(due.into());
+                armed = Some(due);
+            }
             tokio::select! {
                 r = conn.as_mut() => break r,
-                // A new request's first byte: re-arm the timers below.
-                () = activity.head_started.notified() => {}
-                _ = tokio::time::sleep_until(head_deadline.unwrap_or(check).into()), if head_deadline.is_some() => {
-                    if activity.wrote.swap(false, Ordering::Relaxed) {
-                        // Bytes went out meanwhile: what came in was the body of a request
-                        // whose response is streaming (an echo), not a new head. Look again
-                        // one timeout later.
-                        let _ = activity.head_since.compare_exchange(
-                            head_since,
-                            started.elapsed().as_millis() as u64 + 1,
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
-                    } else if activity.head_since.load(Ordering::Relaxed) == head_since
-                        && activity.in_flight.load(Ordering::Relaxed) == 0
-                    {
-                        tracing::debug!(timeout = ?head_timeout, "request head not complete in time; closing the connection");
-                        break Ok(());
-                    }
-                }
-                _ = crate::proxy::drained(&mut drain) => {
+                // A new request's first byte: re-arm the timer for its head clock.
+                () = notified.as_mut() => notified.set(activity.head_started.notified()),
+                _ = drained.as_mut() => {
                     // HTTP/1: finish the current request, then close; HTTP/2: GOAWAY.
                     graceful_shutdown(conn.as_mut());
                     break conn.await;
                 }
-                _ = tokio::time::sleep_until(check.into()), if !idle.is_zero() => {
-                    let last = started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
-                    if activity.in_flight.load(Ordering::Relaxed) == 0 && last + idle <= Instant::now() {
-                        tracing::debug!("closing an idle HTTP connection");
-                        graceful_shutdown(conn.as_mut());
-                        break conn.await;
+                () = timer.as_mut(), if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    if head_deadline.is_some_and(|d| d <= now) {
+                        if activity.wrote.swap(false, Ordering::Relaxed) {
+                            // Bytes went out meanwhile: what came in was the body of a request
+                            // whose response is streaming (an echo), not a new head. Look
+                            // again one timeout later.
+                            let _ = activity.head_since.compare_exchange(
+                                head_since,
+                                started.elapsed().as_millis() as u64 + 1,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                        } else if activity.head_since.load(Ordering::Relaxed) == head_since
+                            && activity.in_flight.load(Ordering::Relaxed) == 0
+                        {
+                            tracing::debug!(timeout = ?head_timeout, "request head not complete in time; closing the connection");
+                            break Ok(());
+                        }
                     }
-                    check = last.max(Instant::now()) + idle;
+                    if !idle.is_zero() && check <= now {
+                        let last = started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
+                        if activity.in_flight.load(Ordering::Relaxed) == 0 && last + idle <= now {
+                            tracing::debug!("closing an idle HTTP connection");
+                            graceful_shutdown(conn.as_mut());
+                            break conn.await;
+                        }
+                        check = last.max(now) + idle;
+                    }
                 }
             }
         };
