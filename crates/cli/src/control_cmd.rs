@@ -44,6 +44,12 @@ pub struct ControlArgs {
     /// HTTP API and dashboard address.
     #[arg(long, env = "PLEXUS_HTTP_ADDR", default_value = "127.0.0.1:7701")]
     http_addr: SocketAddr,
+    /// A DNS name the HTTP API and dashboard answer to (e.g. the name of an ingress in front of
+    /// the dashboard); repeatable, or comma-separated in the variable. Without it, only requests
+    /// whose `Host` is an IP address or `localhost` are answered: a page of another name,
+    /// rebound by DNS to this address, is refused (403).
+    #[arg(long, env = "PLEXUS_ALLOWED_HOSTS", value_delimiter = ',', value_parser = allowed_host)]
+    allowed_host: Vec<String>,
     /// gRPC address for proxies (discovery, certificate signing).
     #[arg(long, env = "PLEXUS_GRPC_ADDR", default_value = "127.0.0.1:7700")]
     grpc_addr: SocketAddr,
@@ -113,7 +119,8 @@ pub async fn run(args: ControlArgs) -> Result<(), Failure> {
     };
     let cp = ControlPlane::start_with(&args.data_dir, args.http_addr, args.grpc_addr, backend)
         .await?
-        .with_registration_ttl(args.registration_ttl);
+        .with_registration_ttl(args.registration_ttl)
+        .with_allowed_hosts(args.allowed_host.clone());
     // Kubernetes: every replica serves proxies; the Lease's holder alone writes status.
     let singletons = kubernetes.map(|store| {
         if args.lease_renew_interval >= args.lease_duration {
@@ -169,6 +176,8 @@ pub struct ControlPlane {
     pub serving: Arc<plexus_control::grpc_tls::ServingIdentity>,
     /// Credentials other than workload tokens (Kubernetes: ServiceAccount tokens).
     pub authenticator: Option<Arc<dyn plexus_control::certify::Authenticator>>,
+    /// DNS names the HTTP API answers to besides addresses and `localhost` (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
     http_listener: tokio::net::TcpListener,
     grpc_listener: tokio::net::TcpListener,
 }
@@ -230,6 +239,7 @@ impl ControlPlane {
             tokens,
             serving,
             authenticator,
+            allowed_hosts: Vec::new(),
             http_listener,
             grpc_listener,
         })
@@ -239,6 +249,13 @@ impl ControlPlane {
     /// [`plexus_control::proxies::EXPIRY`].
     pub fn with_registration_ttl(mut self, ttl: Duration) -> Self {
         self.proxies = Arc::new(Proxies::new(ttl));
+        self
+    }
+
+    /// Lets the HTTP API and dashboard answer requests whose `Host` is one of `names` (by
+    /// default only addresses and `localhost`: DNS rebinding).
+    pub fn with_allowed_hosts(mut self, names: Vec<String>) -> Self {
+        self.allowed_hosts = names;
         self
     }
 
@@ -255,6 +272,7 @@ impl ControlPlane {
             tokens,
             serving,
             authenticator,
+            allowed_hosts,
             http_listener,
             grpc_listener,
         } = self;
@@ -270,6 +288,7 @@ impl ControlPlane {
             tokens: tokens.clone(),
             serving: serving.clone(),
             applies: Default::default(),
+            allowed_hosts,
         });
         let (views_tx, views_rx) = tokio::sync::watch::channel(Arc::new(Views::default()));
         let index = tokio::spawn(maintain_index(store.clone(), views_tx));
@@ -306,4 +325,15 @@ impl ControlPlane {
         h.map_err(|e| Failure::runtime(e.to_string()))?;
         g.map_err(|e| Failure::runtime(e.to_string()))
     }
+}
+
+/// An `--allowed-host` value: a DNS name (case and a trailing dot ignored). Addresses need no
+/// allowing.
+fn allowed_host(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    if name.parse::<std::net::IpAddr>().is_ok() || name.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("{s:?} is an address: addresses are always answered; give a DNS name"));
+    }
+    plexus_core::dns_name(&name, 253).map_err(|reason| format!("{s:?}: {reason}"))?;
+    Ok(name)
 }

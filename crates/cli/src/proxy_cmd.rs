@@ -306,6 +306,7 @@ impl ProxyArgs {
             access_log: self.access_log,
             outbound_mark: self.outbound_mark,
             vip_hosts: self.vip_hosts,
+            other_listeners: self.dns_addr.into_iter().collect(),
             app_probes: self.app_probes.map(|p| p.0).unwrap_or_default(),
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,

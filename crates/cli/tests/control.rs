@@ -21,10 +21,16 @@ struct ControlPlane {
 
 impl ControlPlane {
     fn start(data_dir: &Path) -> Result<ControlPlane> {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// [`ControlPlane::start`] with more `plexus control` arguments.
+    fn start_with(data_dir: &Path, extra: &[&str]) -> Result<ControlPlane> {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(PLEXUS)
             .args(["control", "--http-addr", &addr, "--grpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -223,6 +229,57 @@ fn writes_need_the_admin_token() -> Result<()> {
         .output()?;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("cannot read the admin token"), "{:?}", text(&o));
+    Ok(())
+}
+
+/// `--allowed-host` lets the API answer a name the operator chose (an ingress in front of the
+/// dashboard), compared without case, port or trailing dot, and no other name: a name that only
+/// ends or starts like it is still refused. Addresses keep working beside it; a value that is not
+/// a DNS name is refused at start with the flag named.
+#[test]
+fn an_allowed_host_is_answered_and_only_it() -> Result<()> {
+    let dir = TempDir::new("cp-allowed-host")?;
+    let cp = ControlPlane::start_with(
+        &dir.join("data"),
+        &["--allowed-host", "dashboard.example", "--allowed-host", "Plexus.Internal."],
+    )?;
+    let port = cp.server.rsplit_once(':').map(|(_, p)| p).unwrap_or_default().to_string();
+    let status = |host: &str| -> Result<String> {
+        let o = Command::new("curl")
+            .args(["-s", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Host: {host}"))
+            .arg(format!("{}/api/v1/proxies", cp.server))
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    for host in [
+        format!("dashboard.example:{port}"),
+        "Dashboard.Example.".into(),
+        "dashboard.example:443".into(),
+        "plexus.internal".into(),
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+    ] {
+        assert_eq!(status(&host)?, "200", "Host {host}");
+    }
+    for host in [
+        format!("evil.example:{port}"),
+        "dashboard.example.evil.example".into(),
+        "x.dashboard.example".into(),
+        "user@dashboard.example".into(),
+        "dashboard-example".into(),
+    ] {
+        assert_eq!(status(&host)?, "403", "Host {host}");
+    }
+    for bad in ["10.0.0.1", "under_score.example", "*.example", "dashboard.example:80"] {
+        let o = Command::new(PLEXUS)
+            .args(["control", "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("bad"))
+            .args(["--allowed-host", bad])
+            .output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--allowed-host"), "--allowed-host {bad}: {err}");
+    }
     Ok(())
 }
 

@@ -157,6 +157,27 @@ async fn sidecar_dns_answers_mesh_names_and_forwards_the_rest() {
         tcp.write_all(&[0x10, 0x00, 0xde, 0xad]).expect("write");
     }
     assert_eq!(short(dns_port, &["reviews"]).await, vec!["10.96.0.12"], "still serving after garbage");
+
+    // The DNS server is one of the proxy's own listeners (SPEC §5): the outbound never forwards
+    // to its port, in any spelling, while an HTTP server beside it is reached (positive control).
+    let web = plexus_testkit::HttpEcho::start("web").await.expect("web");
+    let outbound = format!("http://{}", proxy.outbound());
+    // (curl runs off the runtime's thread: the echo server answers on it.)
+    let through = |url: String| {
+        let mut curl = command("curl");
+        curl.args(["-s", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-x", &outbound, &url]);
+        async move {
+            run(&mut curl, Duration::from_secs(15))
+                .await
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .expect("curl")
+        }
+    };
+    assert_eq!(through(format!("http://127.0.0.1:{}/", web.port())).await, "200", "an app beside the sidecar");
+    for host in ["127.0.0.1", "127.0.0.2", "localhost", "0.0.0.0", "[::ffff:127.0.0.1]"] {
+        assert_eq!(through(format!("http://{host}:{dns_port}/")).await, "403", "the DNS port as {host}");
+    }
+    assert_eq!(through(format!("http://127.0.0.1:{}/", web.port())).await, "200", "still reached afterwards");
     assert!(proxy.exit_status().is_none(), "the proxy is still running\n{}", proxy.stderr());
 }
 

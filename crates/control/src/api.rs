@@ -37,6 +37,9 @@ pub struct ApiState {
     pub serving: Arc<crate::grpc_tls::ServingIdentity>,
     /// Outcomes of recent applies that carried an id.
     pub applies: Arc<crate::apply_log::ApplyLog>,
+    /// DNS names the API and dashboard answer to besides addresses and `localhost`
+    /// (`plexus control --allowed-host`; see [`local_host_only`]).
+    pub allowed_hosts: Vec<String>,
 }
 
 type Shared = Arc<ApiState>;
@@ -67,20 +70,27 @@ pub fn router(state: Shared) -> Router {
         .route("/api/v1/bench/results", get(crate::bench_results::list).post(crate::bench_results::create))
         .route("/api/v1/bench/results/{id}", get(crate::bench_results::get).delete(crate::bench_results::delete))
         .merge(crate::dashboard::router())
-        .layer(axum::middleware::from_fn(local_host_only))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), local_host_only))
         .with_state(state)
 }
 
 /// Refuses (403) a request whose `Host` is a name rather than an address or `localhost`: a web
 /// page of a name its author controls, rebound by DNS to this address, would otherwise read
 /// the configuration, the traffic and the tap with the page's own origin (DNS rebinding).
-/// Reach the API by IP address (the CLI's default `http://127.0.0.1:7701`) or `localhost`.
-async fn local_host_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// Reach the API by IP address (the CLI's default `http://127.0.0.1:7701`), `localhost`, or a
+/// name the operator allowed (`--allowed-host`, e.g. an ingress in front of the dashboard).
+async fn local_host_only(
+    State(s): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let hosts = req.headers().get_all(header::HOST).into_iter().map(|h| h.as_bytes());
-    if !plexus_core::names::names_this_machine(hosts, req.uri().authority().map(|a| a.as_str())) {
+    let target = req.uri().authority().map(|a| a.as_str());
+    if !plexus_core::names::names_this_machine(hosts, target, &s.allowed_hosts) {
         return error(
             StatusCode::FORBIDDEN,
-            "Host must be this machine's IP address or localhost (a name could be DNS rebinding)",
+            "Host must be this machine's IP address, localhost or a name given to `plexus control \
+             --allowed-host` (another name could be DNS rebinding)",
         )
         .into_response();
     }

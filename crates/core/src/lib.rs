@@ -27,3 +27,4 @@ pub use load::{LoadError, ValidationError, parse_documents, resource_from_value}
 pub use model::{AppProtocol, CompiledPort, CompiledService, Endpoint, EndpointSet, MeshSnapshot};
 pub use names::ServiceName;
 pub use resource::{Kind, ObjectMeta, Resource, Spec};
+pub use validate::dns_name;

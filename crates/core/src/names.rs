@@ -85,12 +85,28 @@ pub fn is_local_authority(authority: &str) -> bool {
     host.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || host.ends_with(".localhost")
 }
 
-/// Whether a request's `Host` headers (`hosts`) and absolute-form target authority all pass
-/// [`is_local_authority`]. Without a `Host` (HTTP/1.0 tools) there is no name to doubt:
-/// browsers always send one.
-pub fn names_this_machine<'a>(hosts: impl IntoIterator<Item = &'a [u8]>, target: Option<&str>) -> bool {
-    hosts.into_iter().all(|h| std::str::from_utf8(h).is_ok_and(is_local_authority))
-        && target.is_none_or(is_local_authority)
+/// Whether `authority` names one of `allowed` (DNS names the operator chose to serve under,
+/// e.g. `plexus control --allowed-host`): compared without port, case or a trailing dot.
+/// Userinfo is refused.
+pub fn is_allowed_name(authority: &str, allowed: &[String]) -> bool {
+    if authority.contains('@') || allowed.is_empty() {
+        return false;
+    }
+    let (host, _) = split_authority(authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    allowed.iter().any(|a| a.strip_suffix('.').unwrap_or(a).eq_ignore_ascii_case(host))
+}
+
+/// Whether a request's `Host` headers (`hosts`) and absolute-form target authority each pass
+/// [`is_local_authority`] or name one of `allowed` ([`is_allowed_name`]). Without a `Host`
+/// (HTTP/1.0 tools) there is no name to doubt: browsers always send one.
+pub fn names_this_machine<'a>(
+    hosts: impl IntoIterator<Item = &'a [u8]>,
+    target: Option<&str>,
+    allowed: &[String],
+) -> bool {
+    let ok = |a: &str| is_local_authority(a) || is_allowed_name(a, allowed);
+    hosts.into_iter().all(|h| std::str::from_utf8(h).is_ok_and(ok)) && target.is_none_or(ok)
 }
 
 /// The namespace and service account of the control plane's own identity: the certificate it
@@ -166,6 +182,28 @@ mod tests {
         ] {
             assert!(!is_local_authority(rebound), "{rebound}");
         }
+    }
+
+    #[test]
+    fn allowed_names_match_without_port_case_or_trailing_dot() {
+        let allowed = vec!["dashboard.example".to_string(), "plexus.internal.".to_string()];
+        for ok in ["dashboard.example", "Dashboard.Example.:8443", "dashboard.example:7701", "plexus.internal"] {
+            assert!(is_allowed_name(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "dashboard.example.evil",
+            "x.dashboard.example",
+            "user@dashboard.example",
+            "dashboard.example@evil.example",
+            "",
+        ] {
+            assert!(!is_allowed_name(refused, &allowed), "{refused}");
+        }
+        assert!(!is_allowed_name("dashboard.example", &[]));
+        assert!(names_this_machine([b"dashboard.example:1".as_slice()], None, &allowed));
+        assert!(!names_this_machine([b"dashboard.example".as_slice(), b"evil.example"], None, &allowed));
+        assert!(!names_this_machine([b"127.0.0.1".as_slice()], Some("evil.example"), &allowed));
     }
 
     #[test]

@@ -68,8 +68,8 @@ pub(crate) fn duplicates(resources: &[Resource]) -> Vec<(usize, String, String)>
     out
 }
 
-/// A DNS-1123 name: lowercase letters, digits, `-` and `.`, starting and ending alphanumeric.
-fn dns_name(name: &str, max: usize) -> Result<(), String> {
+/// A DNS-1123 name (at most `max` bytes): lowercase letters, digits, `-` and `.`, starting and ending alphanumeric.
+pub fn dns_name(name: &str, max: usize) -> Result<(), String> {
     let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
     let ok_ends =
         name.starts_with(|c: char| c.is_ascii_alphanumeric()) && name.ends_with(|c: char| c.is_ascii_alphanumeric());

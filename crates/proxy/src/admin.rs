@@ -172,7 +172,7 @@ fn may_shut_down(state: &State, caller: Caller, req: &Request<Incoming>) -> Resu
 /// DNS-rebinding page sends from loopback).
 fn names_this_machine(req: &Request<Incoming>) -> bool {
     let hosts = req.headers().get_all(header::HOST).into_iter().map(|h| h.as_bytes());
-    plexus_core::names::names_this_machine(hosts, req.uri().authority().map(|a| a.as_str()))
+    plexus_core::names::names_this_machine(hosts, req.uri().authority().map(|a| a.as_str()), &[])
 }
 
 fn forbidden(reason: &'static str) -> Response<Body> {

@@ -273,8 +273,8 @@ pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// This proxy's listeners: outbound, inbound, admin, `--upstream` binds, and a gateway's ports
-/// as they are bound and closed with its configuration.
+/// This proxy's listeners: outbound, inbound, admin, `--upstream` binds, other servers of the
+/// process (DNS), and a gateway's ports as they are bound and closed with its configuration.
 pub struct OwnListeners {
     fixed: Vec<SocketAddr>,
     inbound: SocketAddr,
@@ -365,6 +365,7 @@ impl Proxy {
         };
         let mut fixed = vec![settings.outbound, settings.inbound, settings.admin];
         fixed.extend(addresses.upstreams.values());
+        fixed.extend(&settings.other_listeners);
         let gateway = settings.gateway.clone().map(crate::gateway::Gateway::new);
         let own_listeners = Arc::new(OwnListeners { fixed, inbound: settings.inbound, gateway: gateway.clone() });
         let (drain, _) = watch::channel(false);

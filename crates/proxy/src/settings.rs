@@ -140,6 +140,9 @@ pub struct Settings {
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     pub limits: Limits,
+    /// Other servers of this proxy process (the DNS server, `--dns-addr`): like the proxy's own
+    /// listeners, never a destination ([`crate::proxy::OwnListeners`]).
+    pub other_listeners: Vec<SocketAddr>,
     /// Ingress mode: the Gateway whose listeners this proxy serves (`--gateway`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySettings>,
@@ -246,6 +249,7 @@ impl Default for Settings {
             vip_hosts: None,
             app_probes: Default::default(),
             limits: Limits::default(),
+            other_listeners: Vec::new(),
             gateway: None,
         }
     }
