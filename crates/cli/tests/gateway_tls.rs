@@ -22,31 +22,11 @@ use rustls_pki_types::pem::PemObject as _;
 mod common;
 
 use common::PLEXUS;
-
-/// A test certificate authority issuing ECDSA P-256 server certificates.
-struct Pki {
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
+use common::pki::Pki;
 
 impl Pki {
     fn new() -> Result<Pki> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "gateway test CA");
-        let cert = params.self_signed(&key)?;
-        let ca_pem = cert.pem();
-        Ok(Pki { ca: rcgen::Issuer::new(params, key), ca_pem })
-    }
-
-    /// A certificate for `hosts` whose common name is `cn`: (chain PEM, key PEM).
-    fn issue(&self, cn: &str, hosts: &[&str]) -> Result<(String, String)> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.ca)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Pki::named("gateway test CA")
     }
 
     /// Writes a certificate as the gateway reads it: `<dir>/default/<name>/tls.crt`, `tls.key`,

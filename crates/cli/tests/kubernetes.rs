@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 
+#[path = "common/pki.rs"]
+mod pki;
+use pki::Pki;
+
 const PLEXUS: &str = env!("CARGO_BIN_EXE_plexus");
 const NS: &str = "bookinfo";
 /// The ingress gateway's NodePort (examples/kubernetes/bookinfo.yaml) on the node's IP.
@@ -244,34 +248,10 @@ impl Node {
     }
 }
 
-/// A certificate authority for the gateway's certificates.
-struct Pki {
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
+/// The CA of the gateway's certificates.
 impl Pki {
     fn new() -> Result<Pki> {
         Pki::named("kubernetes gateway test CA")
-    }
-
-    fn named(cn: &str) -> Result<Pki> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let cert = params.self_signed(&key)?;
-        let ca_pem = cert.pem();
-        Ok(Pki { ca: rcgen::Issuer::new(params, key), ca_pem })
-    }
-
-    /// A certificate for `hosts` whose common name is `cn`: (chain PEM, key PEM).
-    fn issue(&self, cn: &str, hosts: &[&str]) -> Result<(String, String)> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.ca)?;
-        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 

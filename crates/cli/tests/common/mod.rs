@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod egress;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
