@@ -211,6 +211,10 @@ pub struct ProxyArgs {
     /// connection is closed.
     #[arg(long, env = "PLEXUS_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     idle_timeout: Duration,
+    /// An HTTP/1 keep-alive connection quiet this long gives back its buffers (about 16 KiB)
+    /// until its next request; 0 keeps them.
+    #[arg(long, env = "PLEXUS_RELEASE_IDLE_BUFFERS_AFTER", default_value = "2s", value_parser = duration)]
+    release_idle_buffers_after: Duration,
     #[arg(long, env = "PLEXUS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     connect_timeout: Duration,
     /// Threads serving traffic: 1 runs the whole proxy on one thread (no wake-ups across
@@ -314,6 +318,7 @@ impl ProxyArgs {
                 header_read_timeout: self.header_read_timeout,
                 request_body_timeout: self.request_body_timeout,
                 idle_timeout: self.idle_timeout,
+                release_idle_buffers_after: self.release_idle_buffers_after,
                 connect_timeout: self.connect_timeout,
                 drain_timeout: self.drain_timeout,
                 ..Limits::default()

@@ -1,6 +1,7 @@
 //! Connection timing on the proxy's HTTP listeners (issue 18): an idle keep-alive connection
 //! lives for the idle timeout, not the header read timeout; the header read timeout starts at
-//! a request's first byte and still cuts a head that is too slow (slowloris).
+//! a request's first byte and still cuts a head that is too slow (slowloris); a quiet HTTP/1
+//! connection is parked (its buffers given back) and served again from its next byte.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use plexus_testkit::http::Request;
 use plexus_testkit::http_body_util::{BodyExt as _, Empty};
 use plexus_testkit::hyper::client::conn::http1;
 use plexus_testkit::hyper_util::rt::TokioIo;
-use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TempDir, WorkloadSpec};
+use plexus_testkit::{HttpEcho, Proxy, Resources, ServicePort, TempDir, WorkloadSpec, eventually};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -22,6 +23,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// An echo app behind a proxy (`--resources`, Service `app` on 8080) with a 1 s header read
 /// timeout and a 4 s idle timeout.
 async fn proxy_with_short_timeouts(dir: &TempDir) -> Result<(HttpEcho, Proxy)> {
+    proxy_with(dir, &[]).await
+}
+
+/// [`proxy_with_short_timeouts`], with more arguments.
+async fn proxy_with(dir: &TempDir, more: &[&str]) -> Result<(HttpEcho, Proxy)> {
     let app = HttpEcho::start("app-1").await?;
     let resources = dir.join("resources.yaml");
     Resources::new()
@@ -45,7 +51,9 @@ async fn proxy_with_short_timeouts(dir: &TempDir) -> Result<(HttpEcho, Proxy)> {
             "1s",
             "--idle-timeout",
             "4s",
-        ],
+        ]
+        .into_iter()
+        .chain(more.iter().copied()),
     )
     .await?;
     Ok((app, proxy))
@@ -176,6 +184,181 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_response() -
         tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.context("no answer")??;
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer:?}");
+    }
+    Ok(())
+}
+
+const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// A proxy that parks HTTP/1 connections quiet for 200 ms.
+async fn parking_proxy(dir: &TempDir) -> Result<(HttpEcho, Proxy)> {
+    proxy_with(dir, &["--release-idle-buffers-after", "200ms"]).await
+}
+
+/// `plexus_http_connections_parked` on the proxy's admin port.
+async fn parked(proxy: &Proxy) -> Result<u64> {
+    let metrics = proxy.admin_get("/metrics").await?.text();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("plexus_http_connections_parked "))
+        .context("no plexus_http_connections_parked in /metrics")?;
+    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+}
+
+/// Waits until `n` connections are parked.
+async fn until_parked(proxy: &Proxy, n: u64) -> Result<()> {
+    eventually(Duration::from_secs(5), || async {
+        let now = parked(proxy).await?;
+        anyhow::ensure!(now == n, "{now} parked, waiting for {n}");
+        Ok(())
+    })
+    .await
+}
+
+/// Reads one response with a `content-length` body from `stream`.
+async fn read_response(stream: &mut TcpStream) -> Result<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .context("no content-length")?
+                .parse::<usize>()?;
+            if got.len() >= end + 4 + len {
+                anyhow::ensure!(got.len() == end + 4 + len, "more than one response: {text}");
+                return Ok(text);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.context("no response")??;
+        anyhow::ensure!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A keep-alive connection quiet for the park time gives back its buffers (the parked gauge
+/// counts it) and serves its next request on the same socket, also when the next request's
+/// bytes arrive in pieces, or began before the park (pipelined, partial); a parked connection
+/// still closes at the idle timeout and its head clock still runs from a new head's first byte.
+#[tokio::test]
+async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() -> Result<()> {
+    let dir = TempDir::new("park")?;
+    let (app, proxy) = parking_proxy(&dir).await?;
+    let mut stream = TcpStream::connect(proxy.outbound()).await?;
+    let get = b"GET /first HTTP/1.1\r\nHost: app:8080\r\n\r\n";
+    stream.write_all(get).await?;
+    let first = read_response(&mut stream).await?;
+    assert!(first.starts_with("HTTP/1.1 200") && first.contains("/first"), "positive control: {first}");
+    until_parked(&proxy, 1).await?;
+
+    // The next request, in two pieces, on the same socket.
+    stream.write_all(b"GET /second HTTP/1.1\r\nHo").await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"st: app:8080\r\n\r\n").await?;
+    let second = read_response(&mut stream).await?;
+    assert!(second.starts_with("HTTP/1.1 200") && second.contains("/second"), "{second}");
+    until_parked(&proxy, 1).await?;
+
+    // A request and the start of the next in one write: the rest of the second comes after a
+    // park (hyper's unread bytes go to the next connection).
+    stream.write_all(b"GET /third HTTP/1.1\r\nHost: app:8080\r\n\r\nGET /fourth HT").await?;
+    let third = read_response(&mut stream).await?;
+    assert!(third.contains("/third"), "{third}");
+    tokio::time::sleep(PARK_AFTER * 3).await;
+    stream.write_all(b"TP/1.1\r\nHost: app:8080\r\n\r\n").await?;
+    let fourth = read_response(&mut stream).await?;
+    assert!(fourth.starts_with("HTTP/1.1 200") && fourth.contains("/fourth"), "{fourth}");
+    assert_eq!(app.requests(), 4, "every request reached the app once");
+
+    // Parked, a head that starts and stalls is still cut by the header read timeout.
+    until_parked(&proxy, 1).await?;
+    stream.write_all(b"GET /fifth HTTP/1.1\r\nHo").await?;
+    let started = Instant::now();
+    let (answer, closed) = read_until_closed(&mut stream, Duration::from_secs(5)).await?;
+    assert!(!answer.contains(" 200 "), "{answer}");
+    assert!(closed - started < HEADER_READ_TIMEOUT * 3, "{:?}", closed - started);
+    until_parked(&proxy, 0).await?;
+
+    // Parked and left alone: closed at the idle timeout, not before.
+    let mut idle = TcpStream::connect(proxy.outbound()).await?;
+    idle.write_all(get).await?;
+    read_response(&mut idle).await?;
+    let idle_from = Instant::now();
+    until_parked(&proxy, 1).await?;
+    let (_, closed) = read_until_closed(&mut idle, IDLE_TIMEOUT * 3).await?;
+    let idled = closed - idle_from;
+    assert!(idled >= IDLE_TIMEOUT - Duration::from_millis(200), "closed after {idled:?}, before the idle timeout");
+    until_parked(&proxy, 0).await?;
+    Ok(())
+}
+
+/// Parking never re-serves a connection in the middle of a message: a response that streams
+/// with pauses longer than the park time (an echo of a request body sent in pieces) arrives
+/// whole; a request whose body the proxy did not read (answered without reaching an app) is
+/// not followed by a "request" made of the rest of that body, however long the client waits.
+#[tokio::test]
+async fn parking_never_cuts_a_message_or_reads_a_body_as_a_request() -> Result<()> {
+    let dir = TempDir::new("park-boundary")?;
+    let (app, proxy) = parking_proxy(&dir).await?;
+
+    // An echo streamed in three pieces, each after a pause of three park times.
+    let mut echo = TcpStream::connect(proxy.outbound()).await?;
+    echo.write_all(b"POST /echo HTTP/1.1\r\nHost: app:8080\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    for (piece, expect) in [(&b"6\r\n world\r\n"[..], "hello"), (&b"0\r\n\r\n"[..], "world")] {
+        while !String::from_utf8_lossy(&got).contains(expect) {
+            let n =
+                tokio::time::timeout(Duration::from_secs(5), echo.read(&mut buf)).await.context("echo stalled")??;
+            anyhow::ensure!(n > 0, "echo closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(PARK_AFTER * 3).await;
+        echo.write_all(piece).await?;
+    }
+    while !String::from_utf8_lossy(&got).ends_with("0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), echo.read(&mut buf)).await.context("echo end")??;
+        anyhow::ensure!(n > 0, "echo closed before its end: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("hello") && text.contains(" world"), "{text}");
+    assert_eq!(app.requests(), 1);
+
+    // Positive control: a whole body (read by the app), then a second request on the same
+    // connection.
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: app:8080\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let post = |host: String| format!("POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", smuggled.len());
+    let mut whole = TcpStream::connect(proxy.outbound()).await?;
+    whole.write_all(post("app:8080".into()).as_bytes()).await?;
+    whole.write_all(smuggled).await?;
+    let read = read_response(&mut whole).await?;
+    assert!(read.starts_with("HTTP/1.1 200") && !read.contains("smuggled"), "{read}");
+    tokio::time::sleep(PARK_AFTER * 3).await;
+    whole.write_all(b"GET /after HTTP/1.1\r\nHost: app:8080\r\n\r\n").await?;
+    let after = read_response(&mut whole).await?;
+    assert!(after.starts_with("HTTP/1.1 200") && after.contains("/after"), "positive control: {after}");
+    let served = app.requests();
+    assert_eq!(served, 3);
+
+    // A request the proxy answers itself, without reading its body (to one of its own
+    // listeners), whose body is cut short.
+    let head = post(format!("127.0.0.1:{}", proxy.admin().port()));
+    // The body cut short: its rest, sent after several park times, is never a request.
+    for pause in [Duration::ZERO, PARK_AFTER * 3] {
+        let mut cut = TcpStream::connect(proxy.outbound()).await?;
+        cut.write_all(head.as_bytes()).await?;
+        cut.write_all(&smuggled[..10]).await?;
+        let refused = read_response(&mut cut).await?;
+        assert!(!refused.starts_with("HTTP/1.1 200"), "{refused}");
+        tokio::time::sleep(pause).await;
+        let _ = cut.write_all(&smuggled[10..]).await;
+        let (answer, _) = read_until_closed(&mut cut, Duration::from_secs(5)).await?;
+        assert!(!answer.contains("smuggled"), "the rest of a body was served as a request: {answer}");
+        assert_eq!(app.requests(), served, "the rest of a body reached the app (pause {pause:?})");
     }
     Ok(())
 }

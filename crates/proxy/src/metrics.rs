@@ -256,6 +256,8 @@ pub struct Metrics {
     /// notAfter of the workload certificate (Unix seconds); absent without one.
     pub identity_cert_expiration: Gauge,
     pub control_plane_connected: Gauge,
+    /// HTTP/1 keep-alive connections parked now (idle, their buffers given back).
+    pub http_parked: Gauge,
     /// Trace spans by outcome (`exported`, `dropped`, `failed`), counted by the exporter and
     /// brought here at scrape time.
     pub trace_spans: Family<OutcomeLabels, Counter>,
@@ -295,6 +297,7 @@ impl Metrics {
             config_version: Gauge::default(),
             identity_cert_expiration: Gauge::default(),
             control_plane_connected: Gauge::default(),
+            http_parked: Gauge::default(),
             trace_spans: Family::default(),
             registry: Registry::default(),
             request_series: LastUse::new(),
@@ -365,6 +368,11 @@ impl Metrics {
             "plexus_control_plane_connected",
             "1 while a control plane feeds this proxy",
             m.control_plane_connected.clone(),
+        );
+        registry.register(
+            "plexus_http_connections_parked",
+            "HTTP/1 keep-alive connections idle with their buffers given back, until their next request",
+            m.http_parked.clone(),
         );
         registry.register(
             "plexus_trace_spans",

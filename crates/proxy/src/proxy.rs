@@ -380,6 +380,8 @@ impl Proxy {
             wanted.push(ServiceName::new(own.as_str(), settings.namespace.as_str()));
         }
         discovery.want(&wanted);
+        let metrics = Metrics::new();
+        let http = HttpServer::new(&settings.limits, metrics.http_parked.clone());
         let state = Arc::new(State {
             balancer: Balancer::new(settings.load_balancer),
             limits: crate::resilience::Limits::new(),
@@ -396,10 +398,10 @@ impl Proxy {
                 Some(own_listeners.clone()),
             ),
             originator: Default::default(),
-            metrics: Metrics::new(),
+            metrics,
             telemetry: Arc::default(),
             tap: crate::tap::Tap::default(),
-            http: HttpServer::new(&settings.limits),
+            http,
             own: OwnLabels::of(&settings),
             conn_limit: Arc::new(Semaphore::new(settings.limits.max_connections)),
             draining: AtomicBool::new(false),
@@ -992,11 +994,12 @@ async fn inbound_conn(
 
 /// Returns memory to the system once a burst of connections has closed. glibc's allocator
 /// keeps freed memory in its arenas (5,000 idle connections took a sidecar from 30 to 194 MiB,
-/// and it stayed there after they closed). The number of open connections is sampled every
-/// 250 ms; once it has fallen by at least 64 from its peak since the last trim, `malloc_trim`
-/// hands the free pages back — at most every 5 s (scripts/connections measures it). A burst
-/// that opens and closes between two 5 s looks counts too: the peak is kept between them.
-/// A few milliseconds, only after connections closed, never per request.
+/// and it stayed there after they closed). The number of connections holding buffers (open and
+/// not parked: a parked HTTP/1 connection has given its buffers back) is sampled every 250 ms;
+/// once it has fallen by at least 64 from its peak since the last trim, `malloc_trim` hands the
+/// free pages back — at most every 5 s (scripts/connections measures it). A burst that opens
+/// and closes (or goes quiet) between two 5 s looks counts too: the peak is kept between them.
+/// A few milliseconds, only after connections closed or parked, never per request.
 async fn return_memory_after_bursts(state: Arc<State>) {
     const SAMPLE: Duration = Duration::from_millis(250);
     const MIN_INTERVAL: Duration = Duration::from_secs(5);
@@ -1007,7 +1010,8 @@ async fn return_memory_after_bursts(state: Arc<State>) {
     let mut last_trim = Instant::now();
     loop {
         tick.tick().await;
-        let open = all.saturating_sub(state.conn_limit.available_permits());
+        let parked = usize::try_from(state.metrics.http_parked.get()).unwrap_or(0);
+        let open = all.saturating_sub(state.conn_limit.available_permits()).saturating_sub(parked);
         peak = peak.max(open);
         if open + 64 <= peak && last_trim.elapsed() >= MIN_INTERVAL {
             trim_heap();

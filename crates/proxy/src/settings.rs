@@ -204,6 +204,10 @@ pub struct Limits {
     /// (server-first protocols).
     #[serde(with = "secs")]
     pub client_first_wait: Duration,
+    /// An HTTP/1 keep-alive connection quiet this long gives back its buffers (hyper's, about
+    /// 16 KiB) until its next request (zero: never).
+    #[serde(with = "secs")]
+    pub release_idle_buffers_after: Duration,
 }
 
 mod secs {
@@ -223,6 +227,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             client_first_wait: Duration::from_millis(10),
+            release_idle_buffers_after: Duration::from_secs(2),
         }
     }
 }

@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 
@@ -36,6 +38,11 @@ pub struct HttpServer {
     idle_timeout: Duration,
     /// An HTTP/1 request head must be complete this long after its first byte (slowloris).
     header_read_timeout: Duration,
+    /// An HTTP/1 keep-alive connection quiet this long is parked: hyper's buffers are freed
+    /// until its next byte arrives (zero: never).
+    park_after: Duration,
+    /// Connections parked now (`plexus_http_connections_parked`).
+    parked: Gauge,
 }
 
 /// The protocol of a connection, when its caller knows it.
@@ -78,7 +85,7 @@ macro_rules! http2_settings {
 }
 
 impl HttpServer {
-    pub fn new(limits: &Limits) -> Self {
+    pub fn new(limits: &Limits, parked: Gauge) -> Self {
         let mut auto = auto::Builder::new(TokioExecutor::new());
         http1_settings!(auto.http1(), limits);
         http2_settings!(auto.http2(), limits);
@@ -92,6 +99,8 @@ impl HttpServer {
             http2,
             idle_timeout: limits.idle_timeout,
             header_read_timeout: limits.header_read_timeout,
+            park_after: limits.release_idle_buffers_after,
+            parked,
         }
     }
 
@@ -108,7 +117,7 @@ impl HttpServer {
     pub async fn serve<I, F, Fut>(&self, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         Box::pin(self.serve_connection(None, io, drain, handler)).await
@@ -118,7 +127,7 @@ impl HttpServer {
     pub async fn serve_known<I, F, Fut>(&self, known: Known, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         Box::pin(self.serve_connection(Some(known), io, drain, handler)).await
@@ -127,10 +136,10 @@ impl HttpServer {
     async fn serve_connection<I, F, Fut>(&self, known: Option<Known>, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity { flushed: AtomicBool::new(true), ..Activity::default() });
         let started = Instant::now();
         let counted = activity.clone();
         let service = service_fn(move |req| {
@@ -150,38 +159,130 @@ impl HttpServer {
                 Ok::<_, Infallible>(resp)
             }
         });
-        let io = TokioIo::new(HeadClock { inner: io, activity: activity.clone(), started, http2: None });
+        let io = HeadClock::new(io, activity.clone(), started);
+        let mut drain = drain;
         match known {
             None => {
-                let conn = self.auto.serve_connection_with_upgrades(io, service);
-                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
+                let conn = self.auto.serve_connection_with_upgrades(TokioIo::new(io), service);
+                tokio::pin!(conn);
+                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
             }
-            Some(Known::Http1) => {
-                let conn = self.http1.serve_connection(io, service).with_upgrades();
-                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
-            }
+            Some(Known::Http1) => self.serve_http1(io, service, &activity, started, &mut drain).await,
             Some(Known::Http2) => {
-                let conn = self.http2.serve_connection(io, service);
-                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, drain).await
+                let conn = self.http2.serve_connection(TokioIo::new(io), service);
+                tokio::pin!(conn);
+                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
             }
         }
     }
 
+    /// HTTP/1: hyper's connection, parked while the connection is quiet. A keep-alive
+    /// connection holds hyper's read and write buffers (8 KiB each) for as long as hyper serves
+    /// it; once it has been quiet for `park_after` (no request in flight, no byte in or out,
+    /// nothing left to flush) hyper's connection is ended at the message boundary without
+    /// closing the socket (`graceful_shutdown` on an idle connection, with the shutdown of the
+    /// socket held back), and the socket waits on its own, with a one-byte read, for the next
+    /// request; its first byte (and any bytes hyper had read past the last message) is handed
+    /// to a new hyper connection. A connection that turns out not to be at a message boundary
+    /// when parked (hyper still had I/O to do) is closed instead, never re-served.
+    async fn serve_http1<I, S>(
+        &self,
+        io: HeadClock<I>,
+        service: S,
+        activity: &Activity,
+        started: Instant,
+        drain: &mut watch::Receiver<bool>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (mut io, mut service) = (io, service);
+        loop {
+            let mut conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+            let driven = self
+                .drive(
+                    Pin::new(&mut conn),
+                    |c| c.graceful_shutdown(),
+                    activity,
+                    started,
+                    drain,
+                    !self.park_after.is_zero(),
+                )
+                .await;
+            // Ended: hyper has closed the connection, or it was upgraded (hyper's parts are gone).
+            let (Driven::Parked | Driven::NotAtBoundary) = driven else { return };
+            let Some(parts) = conn.into_parts() else { return };
+            let mut clock = parts.io.into_inner();
+            activity.parking.store(false, Ordering::Relaxed);
+            if driven == Driven::NotAtBoundary {
+                tracing::debug!("HTTP/1 connection busy when parked; closing it");
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
+                return;
+            }
+            clock.prefix = parts.read_buf;
+            service = parts.service;
+            if !self.wait_parked(&mut clock, activity, started, drain).await {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
+                return;
+            }
+            io = clock;
+        }
+    }
+
+    /// A parked HTTP/1 connection: waits for its next byte (true: serve it again), or for the
+    /// client to close, the idle timeout or a drain (false).
+    async fn wait_parked<I: AsyncRead + Unpin>(
+        &self,
+        clock: &mut HeadClock<I>,
+        activity: &Activity,
+        started: Instant,
+        drain: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if !clock.prefix.is_empty() {
+            return true;
+        }
+        tracing::trace!("HTTP/1 connection parked");
+        self.parked.inc();
+        let last = started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
+        let idle = tokio::time::sleep_until((last + self.idle_timeout).into());
+        let mut byte = [0u8; 1];
+        let read = std::future::poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut byte);
+            Pin::new(&mut *clock).poll_read(cx, &mut buf).map(|r| r.map(|()| buf.filled().len()))
+        });
+        let woke = tokio::select! {
+            r = read => matches!(r, Ok(1)),
+            () = crate::proxy::drained(drain) => false,
+            () = idle, if !self.idle_timeout.is_zero() => false,
+        };
+        self.parked.dec();
+        if woke {
+            clock.prefix = Bytes::copy_from_slice(&byte);
+        }
+        woke
+    }
+
     /// Runs a connection (`auto`'s or hyper's, with `graceful_shutdown` theirs) to its end:
-    /// drain, idle timeout, the head clock.
+    /// drain, idle timeout, the head clock; with `park`, also to the moment it is parked.
     async fn drive<C, E>(
         &self,
-        conn: C,
+        mut conn: Pin<&mut C>,
         graceful_shutdown: impl Fn(Pin<&mut C>),
         activity: &Activity,
         started: Instant,
-        mut drain: watch::Receiver<bool>,
-    ) where
+        drain: &mut watch::Receiver<bool>,
+        park: bool,
+    ) -> Driven
+    where
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        tokio::pin!(conn);
         let idle = self.idle_timeout;
+        // When the connection is next checked for quiet (parking), and the I/O count then.
+        let mut park_check = park.then(|| started + self.park_after);
+        let mut io_seen = u64::MAX;
         let head_timeout = self.header_read_timeout;
         // When the connection is next checked for idleness.
         let mut check = started + idle;
@@ -193,7 +294,7 @@ impl HttpServer {
         let mut armed = (!idle.is_zero()).then_some(check);
         let timer = tokio::time::sleep_until(check.into());
         tokio::pin!(timer);
-        let drained = crate::proxy::drained(&mut drain);
+        let drained = crate::proxy::drained(drain);
         tokio::pin!(drained);
         let notified = activity.head_started.notified();
         tokio::pin!(notified);
@@ -201,12 +302,7 @@ impl HttpServer {
             let head_since = activity.head_since.load(Ordering::Relaxed);
             let head_deadline = (head_since != 0 && !head_timeout.is_zero())
                 .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
-            let due = match (head_deadline, idle.is_zero()) {
-                (Some(head), false) => Some(head.min(check)),
-                (Some(head), true) => Some(head),
-                (None, false) => Some(check),
-                (None, true) => None,
-            };
+            let due = [head_deadline, (!idle.is_zero()).then_some(check), park_check].into_iter().flatten().min();
             if let Some(due) = due
                 && armed.is_none_or(|a| due < a)
             {
@@ -243,6 +339,32 @@ impl HttpServer {
                             break Ok(());
                         }
                     }
+                    if let Some(at) = park_check
+                        && at <= now
+                    {
+                        let io = activity.io.load(Ordering::Relaxed);
+                        let quiet = io == io_seen
+                            && activity.flushed.load(Ordering::Relaxed)
+                            && activity.in_flight.load(Ordering::Relaxed) == 0
+                            && activity.head_since.load(Ordering::Relaxed) == 0;
+                        if quiet {
+                            // Idle in hyper's eyes too: `graceful_shutdown` closes an idle
+                            // connection at once, without I/O. If hyper was in the middle of a
+                            // message after all, it only stops keep-alive (the connection closes
+                            // after that message) and the poll below does I/O or waits.
+                            activity.parking.store(true, Ordering::Relaxed);
+                            graceful_shutdown(conn.as_mut());
+                            let polled = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await;
+                            let clean = activity.io.load(Ordering::Relaxed) == io;
+                            match polled {
+                                Poll::Ready(Ok(())) if clean => return Driven::Parked,
+                                Poll::Ready(_) => return Driven::NotAtBoundary,
+                                Poll::Pending => activity.parking.store(false, Ordering::Relaxed),
+                            }
+                        }
+                        io_seen = io;
+                        park_check = Some(now + self.park_after);
+                    }
                     if !idle.is_zero() && check <= now {
                         let last = started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
                         if activity.in_flight.load(Ordering::Relaxed) == 0 && last + idle <= now {
@@ -258,7 +380,19 @@ impl HttpServer {
         if let Err(e) = result {
             tracing::debug!(error = %e, "HTTP connection ended with an error");
         }
+        Driven::Ended
     }
+}
+
+/// How [`HttpServer::drive`] left a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driven {
+    /// Closed (by either side, the idle timeout, a drain) or upgraded.
+    Ended,
+    /// Ended by hyper at a message boundary with the socket open: serve it again later.
+    Parked,
+    /// Ended by hyper while parking, after I/O: not known to be at a message boundary.
+    NotAtBoundary,
 }
 
 /// Requests in flight on a connection, when the last one was answered (milliseconds since
@@ -274,6 +408,12 @@ struct Activity {
     head_started: Notify,
     /// Bytes were written since the head clock started.
     wrote: AtomicBool,
+    /// Reads and writes that moved bytes (written only by the connection's [`HeadClock`]).
+    io: AtomicU64,
+    /// The last write-side call was a flush that completed: nothing is waiting to be sent.
+    flushed: AtomicBool,
+    /// The connection is being parked: hyper's shutdown of the socket is held back.
+    parking: AtomicBool,
 }
 
 /// The connection's I/O, noting the first byte of each HTTP/1 request head: a byte that
@@ -288,14 +428,37 @@ struct HeadClock<I> {
     started: Instant,
     /// Decided on the first bytes.
     http2: Option<bool>,
+    /// Bytes read before the connection was parked that the next hyper connection must see
+    /// first (what hyper had read past its last message, the byte that woke the connection).
+    prefix: Bytes,
+}
+
+impl<I> HeadClock<I> {
+    fn new(inner: I, activity: Arc<Activity>, started: Instant) -> Self {
+        HeadClock { inner, activity, started, http2: None, prefix: Bytes::new() }
+    }
+
+    fn count_io(&self) {
+        // One writer (this connection's I/O): no read-modify-write needed.
+        let io = &self.activity.io;
+        io.store(io.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = if self.prefix.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            Poll::Ready(Ok(()))
+        };
         let read = &buf.filled()[before..];
         if !read.is_empty() {
+            self.count_io();
             let http2 = *self.http2.get_or_insert_with(|| read.starts_with(b"PRI * HTTP/2"));
             let activity = &self.activity;
             if !http2
@@ -313,8 +476,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
 
 impl<I> HeadClock<I> {
     fn note_write(&self, poll: &Poll<std::io::Result<usize>>) {
-        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) && self.activity.head_since.load(Ordering::Relaxed) != 0 {
-            self.activity.wrote.store(true, Ordering::Relaxed);
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) {
+            self.count_io();
+            self.activity.flushed.store(false, Ordering::Relaxed);
+            if self.activity.head_since.load(Ordering::Relaxed) != 0 {
+                self.activity.wrote.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -341,10 +508,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(poll, Poll::Ready(Ok(()))) {
+            self.activity.flushed.store(true, Ordering::Relaxed);
+        }
+        poll
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.activity.parking.load(Ordering::Relaxed) {
+            // Parking: hyper is done with the connection, the socket is not.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
