@@ -173,44 +173,182 @@ pub struct TcpSeries {
     pub received: Counter,
 }
 
+/// Label sets remembered beside the map (the last ones looked up there): a request whose label
+/// set is one of them (a keep-alive connection's requests mostly share one) is compared with them
+/// instead of hashed, and no label set is built for it.
+const RECENT: usize = 4;
+
+/// A label set as a caller holds it: compared with the label sets in use without building one
+/// ([`RequestKey`]), or a label set itself.
+pub trait LabelKey<L> {
+    /// Whether `labels` are these.
+    fn matches(&self, labels: &L) -> bool;
+    /// These as an owned label set (only when the recent ones do not have them).
+    fn to_labels(&self) -> L;
+}
+
+impl<L: Clone + Eq> LabelKey<L> for L {
+    fn matches(&self, labels: &L) -> bool {
+        self == labels
+    }
+
+    fn to_labels(&self) -> L {
+        self.clone()
+    }
+}
+
+/// The same label value: the same shared string (the common case, one comparison), or equal text.
+fn same(a: &Label, b: &Label) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// The same text; `&'static str` labels from one vocabulary are usually the same pointer.
+fn same_str(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
+impl PeerLabels {
+    fn same(&self, o: &PeerLabels) -> bool {
+        same(&self.destination_workload, &o.destination_workload)
+            && same(&self.source_workload, &o.source_workload)
+            && same(&self.destination_service, &o.destination_service)
+            && same(&self.source_service, &o.source_service)
+            && same(&self.source_principal, &o.source_principal)
+            && same(&self.destination_version, &o.destination_version)
+            && same(&self.destination_principal, &o.destination_principal)
+    }
+}
+
+/// A request's label set by reference: what [`Metrics::request`] is given per request (the
+/// observation's labels are not cloned into a [`RequestLabels`] unless the set is new).
+pub struct RequestKey<'a> {
+    pub direction: &'static str,
+    pub peers: &'a PeerLabels,
+    pub route: &'a Label,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub grpc_response_status: &'a str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl LabelKey<RequestLabels> for RequestKey<'_> {
+    fn matches(&self, l: &RequestLabels) -> bool {
+        self.response_code == l.response_code
+            && same_str(self.response_flags, l.response_flags)
+            && same_str(self.direction, l.direction)
+            && same(self.route, &l.route)
+            && self.peers.same(&l.peers)
+            && same_str(self.request_protocol, l.request_protocol)
+            && same_str(self.connection_security_policy, l.connection_security_policy)
+            && self.grpc_response_status == l.grpc_response_status
+    }
+
+    fn to_labels(&self) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction,
+            peers: self.peers.clone(),
+            route: self.route.clone(),
+            request_protocol: self.request_protocol,
+            response_code: self.response_code,
+            grpc_response_status: self.grpc_response_status.to_string(),
+            response_flags: self.response_flags,
+            connection_security_policy: self.connection_security_policy,
+        }
+    }
+}
+
 /// Label sets in use, with when each was last used.
 struct LastUse<L, H> {
-    map: Mutex<HashMap<L, (H, Instant)>>,
+    used: Mutex<Used<L, H>>,
+}
+
+struct Used<L, H> {
+    map: HashMap<L, (H, Instant)>,
+    /// Up to [`RECENT`] entries of `map` (never an overflowed one), with their own last use:
+    /// written back into `map` before a sweep reads it.
+    recent: Vec<(L, H, Instant)>,
+    /// The slot of `recent` a new entry replaces once it is full.
+    next: usize,
 }
 
 impl<L: Clone + Eq + Hash, H: Clone> LastUse<L, H> {
     fn new() -> Self {
-        LastUse { map: Mutex::new(HashMap::default()) }
+        LastUse { used: Mutex::new(Used { map: HashMap::default(), recent: Vec::new(), next: 0 }) }
     }
 
-    /// The handles of `labels`, created with `create` on first use; past `max` label sets a
-    /// new one is replaced by `overflow(labels)` (which is created even past `max`: one more).
-    fn get(&self, labels: &L, max: usize, overflow: impl FnOnce(&L) -> L, create: impl Fn(&L) -> H) -> H {
-        let Ok(mut map) = self.map.lock() else { return create(labels) };
-        let now = Instant::now();
-        if let Some((h, seen)) = map.get_mut(labels) {
+    /// `count` with the handles of `key`'s label set, created with `create` on first use; past
+    /// `max` label sets a new one is replaced by `overflow(labels)` (which is created even past
+    /// `max`: one more). `now` is the time of this use.
+    fn with<R>(
+        &self,
+        key: &impl LabelKey<L>,
+        now: Instant,
+        max: usize,
+        overflow: impl FnOnce(&L) -> L,
+        create: impl Fn(&L) -> H,
+        count: impl FnOnce(&H) -> R,
+    ) -> R {
+        let Ok(mut used) = self.used.lock() else { return count(&create(&key.to_labels())) };
+        let used = &mut *used;
+        if let Some((_, h, seen)) = used.recent.iter_mut().find(|(l, _, _)| key.matches(l)) {
             *seen = now;
-            return h.clone();
+            return count(h);
         }
-        let labels = if map.len() >= max { overflow(labels) } else { labels.clone() };
-        let (h, seen) = map.entry(labels).or_insert_with_key(|l| (create(l), now));
-        *seen = now;
-        h.clone()
+        let labels = key.to_labels();
+        if let Some((h, seen)) = used.map.get_mut(&labels) {
+            *seen = now;
+            let h = h.clone();
+            used.remember(labels, h.clone(), now);
+            return count(&h);
+        }
+        if used.map.len() >= max {
+            let (h, seen) = used.map.entry(overflow(&labels)).or_insert_with_key(|l| (create(l), now));
+            *seen = now;
+            return count(h);
+        }
+        let h = create(&labels);
+        used.map.insert(labels.clone(), (h.clone(), now));
+        used.remember(labels, h.clone(), now);
+        count(&h)
     }
 
     fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.used.lock().map(|u| u.map.len()).unwrap_or(0)
     }
 
     /// Forgets label sets idle for `max_idle` and returns them.
     fn expire(&self, max_idle: Duration) -> Vec<L> {
-        let Ok(mut map) = self.map.lock() else { return Vec::new() };
+        let Ok(mut used) = self.used.lock() else { return Vec::new() };
+        let used = &mut *used;
+        for (l, _, seen) in used.recent.drain(..) {
+            if let Some((_, last)) = used.map.get_mut(&l) {
+                *last = (*last).max(seen);
+            }
+        }
+        used.next = 0;
         let stale: Vec<L> =
-            map.iter().filter(|(_, (_, seen))| seen.elapsed() >= max_idle).map(|(l, _)| l.clone()).collect();
+            used.map.iter().filter(|(_, (_, seen))| seen.elapsed() >= max_idle).map(|(l, _)| l.clone()).collect();
         for l in &stale {
-            map.remove(l);
+            used.map.remove(l);
         }
         stale
+    }
+}
+
+impl<L: Eq + Hash, H> Used<L, H> {
+    /// Puts `labels` among the recent ones, replacing the oldest remembered once full (its
+    /// last use written back into the map).
+    fn remember(&mut self, labels: L, h: H, now: Instant) {
+        if self.recent.len() < RECENT {
+            self.recent.push((labels, h, now));
+            return;
+        }
+        let (old, _, seen) = std::mem::replace(&mut self.recent[self.next], (labels, h, now));
+        self.next = (self.next + 1) % RECENT;
+        if let Some((_, last)) = self.map.get_mut(&old) {
+            *last = (*last).max(seen);
+        }
     }
 }
 
@@ -223,7 +361,8 @@ fn count_destination(
 ) {
     let labels = EgressLabels { destination: destination.to_string() };
     let overflow = |_: &EgressLabels| EgressLabels { destination: OVERFLOW.into() };
-    series.get(&labels, MAX_EGRESS_SERIES, overflow, |l| family.get_or_create_owned(l)).inc();
+    let create = |l: &EgressLabels| family.get_or_create_owned(l);
+    series.with(&labels, Instant::now(), MAX_EGRESS_SERIES, overflow, create, Counter::inc);
 }
 
 /// Every metric a proxy exports.
@@ -382,26 +521,34 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The series of a request label set (created on first use; see [`MAX_REQUEST_SERIES`]).
-    pub fn request(&self, labels: &RequestLabels) -> RequestSeries {
+    /// `count` with the series of a request label set (created on first use; see
+    /// [`MAX_REQUEST_SERIES`]), used at `now` (for their expiry).
+    pub fn request<R>(
+        &self,
+        labels: &impl LabelKey<RequestLabels>,
+        now: Instant,
+        count: impl FnOnce(&RequestSeries) -> R,
+    ) -> R {
         let overflow = |l: &RequestLabels| RequestLabels { peers: l.peers.overflowed(), ..l.clone() };
-        self.request_series.get(labels, MAX_REQUEST_SERIES, overflow, |l| RequestSeries {
+        let create = |l: &RequestLabels| RequestSeries {
             requests: self.requests.get_or_create_owned(l),
             duration: self.request_duration.get_or_create_owned(l),
             request_bytes: self.request_bytes.get_or_create_owned(l),
             response_bytes: self.response_bytes.get_or_create_owned(l),
-        })
+        };
+        self.request_series.with(labels, now, MAX_REQUEST_SERIES, overflow, create, count)
     }
 
     /// The series of a TCP label set (created on first use; see [`MAX_TCP_SERIES`]).
     pub fn tcp(&self, labels: &TcpLabels) -> TcpSeries {
         let overflow = |l: &TcpLabels| TcpLabels { peers: l.peers.overflowed(), ..l.clone() };
-        self.tcp_series.get(labels, MAX_TCP_SERIES, overflow, |l| TcpSeries {
+        let create = |l: &TcpLabels| TcpSeries {
             opened: self.tcp_opened.get_or_create_owned(l),
             closed: self.tcp_closed.get_or_create_owned(l),
             sent: self.tcp_sent.get_or_create_owned(l),
             received: self.tcp_received.get_or_create_owned(l),
-        })
+        };
+        self.tcp_series.with(labels, Instant::now(), MAX_TCP_SERIES, overflow, create, TcpSeries::clone)
     }
 
     /// Counts a destination refused by `registryOnly` (see [`MAX_EGRESS_SERIES`]).
@@ -513,9 +660,10 @@ mod tests {
             response_flags: "-",
             connection_security_policy: "none",
         };
-        let series = m.request(&labels);
-        series.requests.inc();
-        series.duration.observe(0.002);
+        m.request(&labels, Instant::now(), |series| {
+            series.requests.inc();
+            series.duration.observe(0.002);
+        });
         m.tcp(&TcpLabels { direction: "inbound", peers: PeerLabels::default(), connection_security_policy: "none" })
             .opened
             .inc();
@@ -565,9 +713,10 @@ mod cardinality {
         let m = Metrics::new();
         let mut size_at_limit = 0;
         for i in 0..10_000 {
-            let series = m.request(&from(&format!("spiffe://plexus.local/ns/default/sa/client-{i}")));
-            series.requests.inc();
-            series.duration.observe(0.001);
+            m.request(&from(&format!("spiffe://plexus.local/ns/default/sa/client-{i}")), Instant::now(), |series| {
+                series.requests.inc();
+                series.duration.observe(0.001);
+            });
             if i + 1 == MAX_REQUEST_SERIES + 1 {
                 size_at_limit = m.encode().len();
             }
@@ -590,6 +739,67 @@ mod cardinality {
         // Once idle, they all go.
         assert_eq!(m.expire_idle(Duration::ZERO), MAX_REQUEST_SERIES + 1);
         assert!(!m.encode().contains("plexus_requests_total{"));
+    }
+}
+
+#[cfg(test)]
+mod recent {
+    use super::*;
+
+    fn route(i: usize) -> RequestLabels {
+        RequestLabels {
+            direction: "outbound",
+            peers: PeerLabels::default(),
+            route: format!("default/r{i}").into(),
+            request_protocol: "http",
+            response_code: 200,
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "none",
+        }
+    }
+
+    fn key(l: &RequestLabels) -> RequestKey<'_> {
+        RequestKey {
+            direction: l.direction,
+            peers: &l.peers,
+            route: &l.route,
+            request_protocol: l.request_protocol,
+            response_code: l.response_code,
+            grpc_response_status: &l.grpc_response_status,
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
+        }
+    }
+
+    /// A label set found among the recent ones, or found in the map and remembered, counts as
+    /// used for the 10-minute expiry like one found by hashing; a remembered one replaced by
+    /// another keeps its last use.
+    #[test]
+    fn series_used_through_the_recent_ones_keep_their_last_use() {
+        let m = Metrics::new();
+        let now = Instant::now();
+        let old = now.checked_sub(Duration::from_secs(10)).expect("the clock is past 10 s");
+        let sets: Vec<RequestLabels> = (0..6).map(route).collect();
+        for l in &sets {
+            m.request(&key(l), old, |s| s.requests.inc());
+        }
+        // Recent now: 4, 5, 2, 3. Used again: 0 and 2 (from the map, remembered in the slots
+        // of 2 and 3), 4 (recent), each one more request; 1, 3, 5 stay idle.
+        for i in [0, 2, 4] {
+            m.request(&key(&sets[i]), now, |s| s.requests.inc());
+        }
+        // The owned label set finds the same series.
+        m.request(&sets[4], now, |s| assert_eq!(s.requests.get(), 2));
+        assert_eq!(m.series(), 6);
+        assert_eq!(m.expire_idle(Duration::from_secs(5)), 3, "the idle ones go");
+        let text = m.encode();
+        for i in 0..6 {
+            let line = format!("route=\"default/r{i}\"");
+            let count = text.lines().filter(|l| l.starts_with("plexus_requests_total{") && l.contains(&line)).count();
+            assert_eq!(count, usize::from(i % 2 == 0), "route {i}:\n{text}");
+        }
+        assert!(text.contains("route=\"default/r2\",request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"none\"} 2"), "{text}");
     }
 }
 

@@ -72,6 +72,10 @@ struct OwnLabels {
     version: Option<Label>,
     /// `WORKLOAD/SERVICE` for [`crate::http::headers::SOURCE`], when both are known.
     source: Option<http::HeaderValue>,
+    /// The SPIFFE ID `--service` runs as in the default trust domain: the destination
+    /// principal of inbound traffic while this proxy has no certificate (made once, not per
+    /// request).
+    principal: Option<Label>,
 }
 
 impl OwnLabels {
@@ -86,6 +90,10 @@ impl OwnLabels {
                 .as_deref()
                 .zip(settings.service.as_deref())
                 .and_then(|(w, s)| http::HeaderValue::from_str(&format!("{w}/{s}")).ok()),
+            principal: settings
+                .service
+                .as_ref()
+                .map(|svc| spiffe_id(DEFAULT_TRUST_DOMAIN, &settings.namespace, svc).into()),
         }
     }
 }
@@ -134,11 +142,11 @@ impl State {
         if let Some(v) = &self.own.version {
             peers.destination_version = v.clone();
         }
-        if let (Some(svc), Some(label)) = (&s.service, &self.own.service) {
+        if let (Some(label), Some(principal)) = (&self.own.service, &self.own.principal) {
             peers.destination_service = label.clone();
             peers.destination_principal = match s.identity.as_ref().and_then(|i| i.spiffe_id()) {
                 Some(id) => id,
-                None => spiffe_id(DEFAULT_TRUST_DOMAIN, &s.namespace, svc).into(),
+                None => principal.clone(),
             };
         }
     }

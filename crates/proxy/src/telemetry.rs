@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use foldhash::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plexus_api::discovery::discovery_client::DiscoveryClient;
@@ -35,11 +35,50 @@ struct Summary {
     latency: BTreeMap<u32, u64>,
 }
 
+impl Key {
+    fn of(direction: &'static str, peers: &PeerLabels, route: &Label) -> Key {
+        Key {
+            direction,
+            source_workload: peers.source_workload.clone(),
+            source_service: peers.source_service.clone(),
+            destination_service: peers.destination_service.clone(),
+            destination_workload: peers.destination_workload.clone(),
+            destination_version: peers.destination_version.clone(),
+            route: route.clone(),
+        }
+    }
+
+    /// Whether this is the key of a request with these labels (the same shared strings,
+    /// usually: one comparison each).
+    fn is(&self, direction: &'static str, peers: &PeerLabels, route: &Label) -> bool {
+        let same = |a: &Label, b: &Label| Arc::ptr_eq(a, b) || a == b;
+        same(&self.destination_workload, &peers.destination_workload)
+            && same(&self.route, route)
+            && (std::ptr::eq(self.direction, direction) || self.direction == direction)
+            && same(&self.source_workload, &peers.source_workload)
+            && same(&self.destination_service, &peers.destination_service)
+            && same(&self.source_service, &peers.source_service)
+            && same(&self.destination_version, &peers.destination_version)
+    }
+}
+
+/// Keys kept beside the window's map: a request with one of them (a keep-alive connection's
+/// requests mostly share one) is compared with them, not hashed, and builds no key.
+const RECENT: usize = 4;
+
+/// The summaries of one window: the first [`RECENT`] keys in `recent`, later ones in `map`
+/// (each key in one of the two).
+#[derive(Default)]
+struct Window {
+    recent: Vec<(Key, Summary)>,
+    map: HashMap<Key, Summary>,
+}
+
 /// Traffic seen since the last report.
 #[derive(Default)]
 pub struct Telemetry {
     enabled: AtomicBool,
-    current: Mutex<HashMap<Key, Summary>>,
+    current: Mutex<Window>,
 }
 
 impl Telemetry {
@@ -61,17 +100,19 @@ impl Telemetry {
         if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
-        let key = Key {
-            direction,
-            source_workload: peers.source_workload.clone(),
-            source_service: peers.source_service.clone(),
-            destination_service: peers.destination_service.clone(),
-            destination_workload: peers.destination_workload.clone(),
-            destination_version: peers.destination_version.clone(),
-            route: route.clone(),
-        };
         let Ok(mut current) = self.current.lock() else { return };
-        let s = current.entry(key).or_default();
+        let window = &mut *current;
+        let s = match window.recent.iter().position(|(k, _)| k.is(direction, peers, route)) {
+            Some(i) => &mut window.recent[i].1,
+            // Not among the recent ones: since the window filled them, every new key went to
+            // the map, so it can be only there.
+            None if window.recent.len() == RECENT => window.map.entry(Key::of(direction, peers, route)).or_default(),
+            None => {
+                let i = window.recent.len();
+                window.recent.push((Key::of(direction, peers, route), Summary::default()));
+                &mut window.recent[i].1
+            }
+        };
         s.requests += 1;
         s.successes += u64::from(success);
         s.mtls += u64::from(mtls);
@@ -84,7 +125,9 @@ impl Telemetry {
             Err(_) => return Vec::new(),
         };
         taken
+            .recent
             .into_iter()
+            .chain(taken.map)
             .map(|(k, s)| TrafficSummary {
                 direction: k.direction.into(),
                 source_workload: k.source_workload.to_string(),
@@ -143,5 +186,43 @@ pub async fn report_loop(
             tracing::debug!(error = %e, "telemetry report failed");
             client = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(workload: &str) -> PeerLabels {
+        PeerLabels { destination_workload: workload.into(), ..PeerLabels::default() }
+    }
+
+    /// Keys past the recent ones, and label values equal in text but not shared, are summed
+    /// into one summary per key, as by a map alone.
+    #[test]
+    fn each_key_is_summarized_once_whether_recent_or_not() {
+        let t = Telemetry::default();
+        t.enable();
+        let route: Label = "default".into();
+        let ms = Duration::from_millis(1);
+        for round in 0..3 {
+            for w in 0..(RECENT + 3) {
+                // A fresh copy of the same text each time: matched by value, not pointer.
+                t.record("outbound", &peers(&format!("w{w}")), &route, round != 1, false, ms);
+            }
+        }
+        t.record("inbound", &peers("w0"), &route, true, true, ms);
+        let mut got: Vec<(String, String, u64, u64, u64)> = t
+            .take()
+            .into_iter()
+            .map(|s| (s.direction, s.destination_workload, s.requests, s.successes, s.mtls))
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String, u64, u64, u64)> =
+            (0..(RECENT + 3)).map(|w| ("outbound".to_string(), format!("w{w}"), 3, 2, 0)).collect();
+        want.push(("inbound".into(), "w0".into(), 1, 1, 1));
+        want.sort();
+        assert_eq!(got, want);
+        assert!(t.take().is_empty(), "a report takes the window");
     }
 }

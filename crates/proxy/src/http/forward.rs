@@ -447,8 +447,7 @@ impl Tries<'_> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 1;
         loop {
-            let now = Instant::now();
-            if self.deadline.is_some_and(|d| d <= now) {
+            if self.deadline.is_some_and(|d| d <= Instant::now()) {
                 return Err(ProxyError::Timeout);
             }
             // Prefer endpoints not tried yet; when all were, any may be tried again.

@@ -12,7 +12,7 @@ use super::access_log::{self, Format};
 use super::body::{self, Body, BodyEnd, ClientBody, ClientBodyState, Metered};
 use super::{Head, headers};
 use crate::error::ProxyError;
-use crate::metrics::{PeerLabels, RequestLabels, UNKNOWN};
+use crate::metrics::{PeerLabels, RequestKey, UNKNOWN};
 use crate::proxy::State;
 use crate::tap::Notes;
 use crate::trace::span::{FinishedSpan, Kind, ProxyResource, Value};
@@ -163,36 +163,40 @@ impl Observation {
 
     fn record(self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
         let m = &self.state.metrics;
-        let elapsed = self.started.elapsed();
+        // One clock read: the duration and the series' last use.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
         let req_bytes = self.request_body.as_ref().map_or(0, |b| b.bytes.load(Ordering::Relaxed));
-        let labels = RequestLabels {
-            direction: self.direction,
-            peers: self.peers.clone(),
-            route: self.route.clone(),
-            request_protocol: if self.grpc { "grpc" } else { "http" },
-            response_code: status,
-            grpc_response_status: grpc_status,
-            response_flags: flags,
-            connection_security_policy: self.security,
-        };
-        let success = status < 500 && (labels.grpc_response_status.is_empty() || labels.grpc_response_status == "0");
+        let success = status < 500 && (grpc_status.is_empty() || grpc_status == "0");
         self.state.telemetry.record(
             self.direction,
-            &labels.peers,
+            &self.peers,
             &self.route,
             success,
             self.security == "mutual_tls",
             elapsed,
         );
-        let series = m.request(&labels);
-        series.requests.inc();
-        series.duration.observe(elapsed.as_secs_f64());
-        series.request_bytes.inc_by(req_bytes);
-        series.response_bytes.inc_by(resp_bytes);
+        // The observation's labels by reference: a label set is built only for a new series.
+        let labels = RequestKey {
+            direction: self.direction,
+            peers: &self.peers,
+            route: &self.route,
+            request_protocol: if self.grpc { "grpc" } else { "http" },
+            response_code: status,
+            grpc_response_status: &grpc_status,
+            response_flags: flags,
+            connection_security_policy: self.security,
+        };
+        m.request(&labels, now, |series| {
+            series.requests.inc();
+            series.duration.observe(elapsed.as_secs_f64());
+            series.request_bytes.inc_by(req_bytes);
+            series.response_bytes.inc_by(resp_bytes);
+        });
         if self.access_log.is_none() && self.export_to.is_none() && !self.notes.on() {
             return;
         }
-        let RequestLabels { mut peers, grpc_response_status: grpc_status, .. } = labels;
+        let mut peers = self.peers.clone();
         // This sidecar's own identity is the source of what it sends out.
         if self.direction == "outbound"
             && &*peers.source_principal == UNKNOWN

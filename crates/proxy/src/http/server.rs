@@ -4,9 +4,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use super::body::Body;
 use crate::settings::Limits;
@@ -289,36 +289,55 @@ impl HttpServer {
         // One timer for both clocks (the idle check and the head clock), armed at the earlier
         // of their deadlines and moved only when it fires or a deadline comes before it: a
         // request head that starts and completes in time touches neither the timer wheel nor
-        // a new future (each request used to arm two timers and re-create the drain and
-        // notification futures).
+        // a new future.
         let mut armed = (!idle.is_zero()).then_some(check);
         let timer = tokio::time::sleep_until(check.into());
         tokio::pin!(timer);
         let drained = crate::proxy::drained(drain);
         tokio::pin!(drained);
-        let notified = activity.head_started.notified();
-        tokio::pin!(notified);
+        // The timer and the drain are polled only when one of them woke the task (or the timer
+        // moved), not on every wake-up of the connection: their waker notes it.
+        let side = Arc::new(SideWake::default());
+        let side_waker = Waker::from(side.clone());
         let result = loop {
-            let head_since = activity.head_since.load(Ordering::Relaxed);
-            let head_deadline = (head_since != 0 && !head_timeout.is_zero())
-                .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
-            let due = [head_deadline, (!idle.is_zero()).then_some(check), park_check].into_iter().flatten().min();
-            if let Some(due) = due
-                && armed.is_none_or(|a| due < a)
-            {
-                timer.as_mut().reset(due.into());
-                armed = Some(due);
-            }
-            tokio::select! {
-                r = conn.as_mut() => break r,
-                // A new request's first byte: re-arm the timer for its head clock.
-                () = notified.as_mut() => notified.set(activity.head_started.notified()),
-                _ = drained.as_mut() => {
+            let mut head_deadline = None;
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Ended(r));
+                }
+                // A head that started while the connection was polled (its reads happen in
+                // this task): its clock may come before the armed deadline.
+                let head_since = activity.head_since.load(Ordering::Relaxed);
+                head_deadline = (head_since != 0 && !head_timeout.is_zero())
+                    .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
+                let due = [head_deadline, (!idle.is_zero()).then_some(check), park_check].into_iter().flatten().min();
+                if let Some(due) = due
+                    && armed.is_none_or(|a| due < a)
+                {
+                    timer.as_mut().reset(due.into());
+                    armed = Some(due);
+                    side.woken.store(true, Ordering::Relaxed);
+                }
+                if side.take(cx.waker()) {
+                    let mut side_cx = Context::from_waker(&side_waker);
+                    if drained.as_mut().poll(&mut side_cx).is_ready() {
+                        return Poll::Ready(Event::Drain);
+                    }
+                    if armed.is_some() && timer.as_mut().poll(&mut side_cx).is_ready() {
+                        return Poll::Ready(Event::Timer(head_since));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Ended(r) => break r,
+                Event::Drain => {
                     // HTTP/1: finish the current request, then close; HTTP/2: GOAWAY.
                     graceful_shutdown(conn.as_mut());
                     break conn.await;
                 }
-                () = timer.as_mut(), if armed.is_some() => {
+                Event::Timer(head_since) => {
                     armed = None;
                     let now = Instant::now();
                     if head_deadline.is_some_and(|d| d <= now) {
@@ -404,8 +423,6 @@ struct Activity {
     /// 1 + milliseconds since the connection started at the first byte of an HTTP/1 request
     /// head not yet complete; 0 when none is being received.
     head_since: AtomicU64,
-    /// Wakes the connection's timers when a head starts.
-    head_started: Notify,
     /// Bytes were written since the head clock started.
     wrote: AtomicBool,
     /// Reads and writes that moved bytes (written only by the connection's [`HeadClock`]).
@@ -414,6 +431,51 @@ struct Activity {
     flushed: AtomicBool,
     /// The connection is being parked: hyper's shutdown of the socket is held back.
     parking: AtomicBool,
+}
+
+/// What woke a connection's serving loop.
+enum Event<R> {
+    Ended(R),
+    Drain,
+    /// The timer fired; the head clock's start it was armed with.
+    Timer(u64),
+}
+
+/// The waker of a connection's timer and drain: notes that one of them woke the task, then
+/// wakes it.
+#[derive(Default)]
+struct SideWake {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl SideWake {
+    /// Whether the timer or the drain woke the task since the last call (the first call says
+    /// yes: they were never polled); keeps `task` as the waker to wake.
+    fn take(&self, task: &Waker) -> bool {
+        if let Ok(mut t) = self.task.lock()
+            && !t.as_ref().is_some_and(|w| w.will_wake(task))
+        {
+            *t = Some(task.clone());
+            return true;
+        }
+        self.woken.swap(false, Ordering::Acquire)
+    }
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Ok(t) = self.task.lock()
+            && let Some(w) = t.as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
 }
 
 /// The connection's I/O, noting the first byte of each HTTP/1 request head: a byte that
@@ -466,8 +528,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
                 && activity.head_since.load(Ordering::Relaxed) == 0
             {
                 activity.wrote.store(false, Ordering::Relaxed);
+                // The serving loop, in this task, sees it once this poll returns.
                 activity.head_since.store(self.started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
-                activity.head_started.notify_one();
             }
         }
         poll
