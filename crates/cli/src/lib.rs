@@ -4,6 +4,7 @@
 
 pub mod logging;
 pub mod proxy_cmd;
+pub mod resident;
 
 use std::process::ExitCode;
 

@@ -419,6 +419,12 @@ pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn Certific
         let sidecar = Sidecar::start_registering(args.settings_with(certificates), config, |_| register)?;
         let dns = start_dns(dns, sidecar.discovery.clone(), namespace).await?;
         println!("{}", sidecar.ready_line());
+        // Start-up ends with the control plane's first answer and the workload certificate.
+        let connected = sidecar.connected();
+        tokio::spawn(async move {
+            connected.await;
+            release_startup_pages();
+        });
         sidecar.run(shutdown_signal()).await;
         if let Some(dns) = dns {
             dns.abort();
@@ -446,6 +452,7 @@ pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn Certific
     let addresses = serde_json::to_string(proxy.addresses()).map_err(|e| Failure::runtime(e.to_string()))?;
     tracing::info!(listening = %addresses, "proxy ready");
     println!("{addresses}");
+    release_startup_pages();
     if let Some((source, bytes)) = source {
         tokio::spawn(source.watch(Arc::clone(&discovery), bytes));
     }
@@ -540,24 +547,34 @@ impl Sidecar {
     /// holds its workload certificate (so its first requests already go over mTLS), or
     /// `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut changes = self.discovery.subscribe();
-        let connected = async {
-            while !self.discovery.control_plane_connected() {
-                if changes.changed().await.is_err() {
-                    return;
+        tokio::time::timeout(timeout, self.connected()).await.is_ok()
+    }
+
+    /// Completes once the control plane has answered once and, with a workload token, the
+    /// sidecar holds its workload certificate (or either side has gone).
+    fn connected(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let discovery = self.discovery.clone();
+        let identity = self.identity.clone();
+        async move {
+            let mut changes = discovery.subscribe();
+            let connected = async {
+                while !discovery.control_plane_connected() {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
                 }
-            }
-        };
-        let certified = async {
-            let Some(identity) = &self.identity else { return };
-            let mut certs = identity.subscribe();
-            while identity.info().is_none() {
-                if certs.changed().await.is_err() {
-                    return;
+            };
+            let certified = async {
+                let Some(identity) = &identity else { return };
+                let mut certs = identity.subscribe();
+                while identity.info().is_none() {
+                    if certs.changed().await.is_err() {
+                        return;
+                    }
                 }
-            }
-        };
-        tokio::time::timeout(timeout, async { tokio::join!(connected, certified) }).await.is_ok()
+            };
+            tokio::join!(connected, certified);
+        }
     }
 
     /// A switch that, turned on, makes the sidecar leave the mesh: it deregisters (peers stop
@@ -583,6 +600,12 @@ impl Sidecar {
         leave.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(3), control).await;
     }
+}
+
+/// Start-up is over: its code and read-only data need not stay mapped (`resident`).
+fn release_startup_pages() {
+    let bytes = crate::resident::release_startup_pages();
+    tracing::debug!(bytes, "start-up over: the executable's read-only pages released");
 }
 
 /// Completes on SIGINT or SIGTERM.
