@@ -212,7 +212,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PLEXUS_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     idle_timeout: Duration,
     /// An HTTP/1 keep-alive connection quiet this long gives back its buffers (about 16 KiB)
-    /// until its next request; 0 keeps them.
+    /// until its next request; 0s keeps them.
     #[arg(long, env = "PLEXUS_RELEASE_IDLE_BUFFERS_AFTER", default_value = "2s", value_parser = duration)]
     release_idle_buffers_after: Duration,
     #[arg(long, env = "PLEXUS_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]

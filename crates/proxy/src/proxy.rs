@@ -1002,28 +1002,31 @@ async fn inbound_conn(
 
 /// Returns memory to the system once a burst of connections has closed. glibc's allocator
 /// keeps freed memory in its arenas (5,000 idle connections took a sidecar from 30 to 194 MiB,
-/// and it stayed there after they closed). The number of connections holding buffers (open and
-/// not parked: a parked HTTP/1 connection has given its buffers back) is sampled every 250 ms;
-/// once it has fallen by at least 64 from its peak since the last trim, `malloc_trim` hands the
-/// free pages back — at most every 5 s (scripts/connections measures it). A burst that opens
-/// and closes (or goes quiet) between two 5 s looks counts too: the peak is kept between them.
-/// A few milliseconds, only after connections closed or parked, never per request.
+/// and it stayed there after they closed). The number of open connections, and of those holding
+/// buffers (open and not parked: a parked HTTP/1 connection has given its buffers back), are
+/// sampled every 250 ms; once either has fallen by at least 64 from its peak since the last
+/// trim, `malloc_trim` hands the free pages back — at most every 5 s (scripts/connections
+/// measures it). A burst that opens and closes (or goes quiet) between two 5 s looks counts
+/// too: the peaks are kept between them. A few milliseconds, only after connections closed or
+/// parked, never per request.
 async fn return_memory_after_bursts(state: Arc<State>) {
     const SAMPLE: Duration = Duration::from_millis(250);
     const MIN_INTERVAL: Duration = Duration::from_secs(5);
     let all = state.settings.limits.max_connections;
     let mut tick = tokio::time::interval(SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut peak = 0usize;
+    // Peaks since the last trim: (open, holding buffers).
+    let mut peak = (0usize, 0usize);
     let mut last_trim = Instant::now();
     loop {
         tick.tick().await;
         let parked = usize::try_from(state.metrics.http_parked.get()).unwrap_or(0);
-        let open = all.saturating_sub(state.conn_limit.available_permits()).saturating_sub(parked);
-        peak = peak.max(open);
-        if open + 64 <= peak && last_trim.elapsed() >= MIN_INTERVAL {
+        let open = all.saturating_sub(state.conn_limit.available_permits());
+        let holding = open.saturating_sub(parked);
+        peak = (peak.0.max(open), peak.1.max(holding));
+        if (open + 64 <= peak.0 || holding + 64 <= peak.1) && last_trim.elapsed() >= MIN_INTERVAL {
             trim_heap();
-            peak = open;
+            peak = (open, holding);
             last_trim = Instant::now();
         }
     }

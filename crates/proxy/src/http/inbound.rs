@@ -60,7 +60,10 @@ impl InboundConn {
         }
         let (workload, service) = headers::parse_source(value)?;
         let (workload, service) = (Label::from(workload), Label::from(service));
-        *last = Some((value.clone(), workload.clone(), service.clone()));
+        // A copy of the value, not the request's: a header value shares hyper's read buffer,
+        // which it would keep alive (and make hyper allocate a new one) for the connection's life.
+        let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        *last = Some((value, workload.clone(), service.clone()));
         Some((workload, service))
     }
 }

@@ -214,15 +214,19 @@ impl HttpServer {
             // Ended: hyper has closed the connection, or it was upgraded (hyper's parts are gone).
             let (Driven::Parked | Driven::NotAtBoundary) = driven else { return };
             let Some(parts) = conn.into_parts() else { return };
-            let mut clock = parts.io.into_inner();
+            let (mut clock, read_buf) = (parts.io.into_inner(), parts.read_buf);
+            service = parts.service;
             activity.parking.store(false, Ordering::Relaxed);
             if driven == Driven::NotAtBoundary {
                 tracing::debug!("HTTP/1 connection busy when parked; closing it");
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
                 return;
             }
-            clock.prefix = parts.read_buf;
-            service = parts.service;
+            // Hyper's read buffer comes back frozen, with its whole capacity: keep only the bytes
+            // it had read past its last message, in an allocation of their own, and free it
+            // before waiting (a field left in `parts` would live until the loop's next turn).
+            clock.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
+            drop(read_buf);
             if !self.wait_parked(&mut clock, activity, started, drain).await {
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
                 return;
