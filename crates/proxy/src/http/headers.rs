@@ -43,22 +43,48 @@ const ALWAYS_REMOVED: [HeaderName; 6] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Removes those of `names` that `headers` has: one pass over its names says which, and only
+/// those are looked up (a lookup by name hashes it), so headers without them cost no lookup.
+pub fn remove_present<const N: usize>(headers: &mut HeaderMap, names: &[HeaderName; N]) {
+    let mut present = [false; N];
+    for k in headers.keys() {
+        if let Some(i) = names.iter().position(|h| h == k) {
+            present[i] = true;
+        }
+    }
+    for (h, _) in names.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(h);
+    }
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by `Connection`.
 /// `te: trailers` is kept (gRPC needs it); `upgrade`/`connection: upgrade` are kept when the
 /// request is being upgraded end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Usually only `Connection` is there (or none): one pass over the names tells, instead of
     // a lookup per hop-by-hop name.
-    if !headers.keys().any(|n| *n == header::TE || *n == header::UPGRADE || ALWAYS_REMOVED.contains(n)) {
-        let keep_alive_only = headers.get_all(header::CONNECTION).iter().all(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .all(|t| t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close"))
-            })
-        });
+    let (mut connection, mut others) = (false, false);
+    for n in headers.keys() {
+        if *n == header::CONNECTION {
+            connection = true;
+        } else if *n == header::TE || *n == header::UPGRADE || ALWAYS_REMOVED.contains(n) {
+            others = true;
+        }
+    }
+    if !others {
+        // No `Connection` (HTTP/2, most HTTP/1.1 clients): nothing to look up or remove.
+        let keep_alive_only = !connection
+            || headers.get_all(header::CONNECTION).iter().all(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .all(|t| t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close"))
+                })
+            });
         if keep_alive_only {
-            headers.remove(header::CONNECTION);
+            if connection {
+                headers.remove(header::CONNECTION);
+            }
             if keep_upgrade {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             }
@@ -231,5 +257,21 @@ mod tests {
         assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
         assert_eq!(ensure_request_id(&mut h), id);
         assert_ne!(ensure_request_id(&mut HeaderMap::new()), id, "a new id per request");
+    }
+
+    /// Of the names given, those present go (every value of a repeated one), the rest stay.
+    #[test]
+    fn remove_present_removes_every_value_of_the_names_there_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.append("traceparent", HeaderValue::from_static("a"));
+        h.append("traceparent", HeaderValue::from_static("b"));
+        h.append("x-app", HeaderValue::from_static("kept"));
+        let names = [HeaderName::from_static("traceparent"), HeaderName::from_static("tracestate")];
+        remove_present(&mut h, &names);
+        assert!(!h.contains_key("traceparent") && !h.contains_key("tracestate"));
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-app"], "kept");
+        remove_present(&mut h, &names);
+        assert_eq!(h.len(), 1, "nothing present: nothing removed");
     }
 }

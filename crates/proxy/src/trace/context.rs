@@ -346,12 +346,8 @@ impl SpanContext {
     /// Replaces the trace headers in `headers` with this span's: `traceparent` (and the
     /// carried `tracestate`) always, B3 in the forms the request came with.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        // Most requests carry none of them: one pass over the names instead of a lookup each.
-        if headers.keys().any(|k| ALL.contains(k)) {
-            for h in &ALL {
-                headers.remove(h);
-            }
-        }
+        // Most requests carry none of them, a request from another sidecar only `traceparent`.
+        crate::http::headers::remove_present(headers, &ALL);
         let mut put = |name: HeaderName, value: String| {
             if let Ok(v) = HeaderValue::try_from(value) {
                 headers.insert(name, v);
