@@ -323,6 +323,70 @@ async fn session_resumption_follows_the_listener_tls_option() -> Result<()> {
     Ok(())
 }
 
+/// An HTTPS keep-alive connection left quiet is parked (the gateway frees hyper's buffers
+/// over the TLS session, `plexus_http_connections_parked`) and its next request, on the same
+/// TLS session, is served; a second connection that keeps sending is never parked.
+#[tokio::test]
+async fn a_quiet_https_connection_is_parked_and_serves_its_next_request() -> Result<()> {
+    let edge = edge().await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], edge.https));
+    let parked = || async {
+        let metrics = edge.proxy.admin_get("/metrics").await?.text();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("plexus_http_connections_parked "))
+            .context("no plexus_http_connections_parked")?;
+        Ok::<u64, anyhow::Error>(line.rsplit(' ').next().unwrap_or_default().parse()?)
+    };
+    let open = || async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = connector(&edge, rustls::DEFAULT_VERSIONS, false)?
+            .connect(rustls_pki_types::ServerName::try_from("a.example.com")?, tcp)
+            .await?;
+        let (sender, conn) = http1::handshake(TokioIo::new(tls)).await?;
+        Ok::<_, anyhow::Error>((sender, tokio::spawn(conn)))
+    };
+    let get = |sender: &mut http1::SendRequest<Empty<Bytes>>, path: &str| {
+        let req = Request::builder().uri(path).header("host", "a.example.com").body(Empty::<Bytes>::new());
+        let sent = req.map(|req| sender.send_request(req));
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), sent?).await.context("no answer")??;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            ensure!(status == 200, "status {status}");
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    let (mut quiet, quiet_conn) = open().await?;
+    let (mut busy, _busy_conn) = open().await?;
+    get(&mut quiet, "/first").await.context("positive control")?;
+    // The busy connection sends a request every 200 ms, well inside the park time (2 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy_task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                get(&mut busy, &format!("/busy/{i}")).await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                i += 1;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    eventually(Duration::from_secs(10), || async {
+        let n = parked().await?;
+        ensure!(n == 1, "{n} connections parked, waiting for the quiet one alone");
+        Ok(())
+    })
+    .await?;
+    ensure!(!quiet_conn.is_finished(), "the parked connection was closed");
+    get(&mut quiet, "/after-park").await.context("the parked connection's next request")?;
+    stop.store(true, Ordering::Relaxed);
+    busy_task.await??;
+    Ok(())
+}
+
 /// What one request on a new connection saw.
 struct Seen {
     /// The certificate of `a.example.com v2`, not v1.
