@@ -330,14 +330,6 @@ async fn session_resumption_follows_the_listener_tls_option() -> Result<()> {
 async fn a_quiet_https_connection_is_parked_and_serves_its_next_request() -> Result<()> {
     let edge = edge().await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], edge.https));
-    let parked = || async {
-        let metrics = edge.proxy.admin_get("/metrics").await?.text();
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("plexus_http_connections_parked "))
-            .context("no plexus_http_connections_parked")?;
-        Ok::<u64, anyhow::Error>(line.rsplit(' ').next().unwrap_or_default().parse()?)
-    };
     let open = || async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let tls = connector(&edge, rustls::DEFAULT_VERSIONS, false)?
@@ -375,8 +367,8 @@ async fn a_quiet_https_connection_is_parked_and_serves_its_next_request() -> Res
         }
     });
     eventually(Duration::from_secs(10), || async {
-        let n = parked().await?;
-        ensure!(n == 1, "{n} connections parked, waiting for the quiet one alone");
+        let n = edge.proxy.metric("plexus_http_connections_parked").await?;
+        ensure!(n == 1.0, "{n} connections parked, waiting for the quiet one alone");
         Ok(())
     })
     .await?;

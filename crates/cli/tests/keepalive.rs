@@ -195,21 +195,11 @@ async fn parking_proxy(dir: &TempDir) -> Result<(HttpEcho, Proxy)> {
     proxy_with(dir, &["--release-idle-buffers-after", "200ms"]).await
 }
 
-/// `plexus_http_connections_parked` on the proxy's admin port.
-async fn parked(proxy: &Proxy) -> Result<u64> {
-    let metrics = proxy.admin_get("/metrics").await?.text();
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("plexus_http_connections_parked "))
-        .context("no plexus_http_connections_parked in /metrics")?;
-    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
-}
-
 /// Waits until `n` connections are parked.
 async fn until_parked(proxy: &Proxy, n: u64) -> Result<()> {
     eventually(Duration::from_secs(5), || async {
-        let now = parked(proxy).await?;
-        anyhow::ensure!(now == n, "{now} parked, waiting for {n}");
+        let now = proxy.metric("plexus_http_connections_parked").await?;
+        anyhow::ensure!(now == n as f64, "{now} parked, waiting for {n}");
         Ok(())
     })
     .await

@@ -240,6 +240,16 @@ impl Proxy {
         client::get(self.addrs.admin, &self.addrs.admin.to_string(), path, &[], Duration::from_secs(5)).await
     }
 
+    /// The value of an unlabelled sample (`name value`) on the admin port's `/metrics`.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.admin_get("/metrics").await?.text();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .with_context(|| format!("no {name} in /metrics"))?;
+        value.trim().parse().with_context(|| format!("{name}: {value:?} is not a number"))
+    }
+
     /// `POST path` (empty body) on the admin port, e.g. `/shutdown`.
     pub async fn admin_post(&self, path: &str) -> Result<Collected> {
         client::post(

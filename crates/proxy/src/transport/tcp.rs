@@ -226,39 +226,40 @@ mod tests {
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, mut upstream) = pair().await;
         let mut half = Half::default();
-        let mut step = async |half: &mut Half| {
-            std::future::poll_fn(|cx| {
-                let _ = half.poll_copy(cx, &mut proxy_in, &mut proxy_out);
-                Poll::Ready(())
-            })
-            .await
-        };
         client.write_all(b"ping").await.expect("write");
         let mut got = [0u8; 4];
-        let read = upstream.read_exact(&mut got);
-        tokio::pin!(read);
-        loop {
-            step(&mut half).await;
-            if let Some(r) = futures_now(&mut read).await {
-                r.expect("read");
-                break;
-            }
-        }
+        relay_until_read(&mut half, &mut proxy_in, &mut proxy_out, &mut upstream, &mut got).await;
         assert_eq!(&got, b"ping");
         assert_eq!(half.buf.len(), FIRST_BUFFER, "a small message needs only the first buffer");
         let big = vec![7u8; 64 * 1024];
         client.write_all(&big).await.expect("write");
         let mut sink = vec![0u8; big.len()];
-        let read = upstream.read_exact(&mut sink);
+        relay_until_read(&mut half, &mut proxy_in, &mut proxy_out, &mut upstream, &mut sink).await;
+        assert!(half.buf.len() > FIRST_BUFFER && half.buf.len() <= MAX_BUFFER, "{}", half.buf.len());
+    }
+
+    /// Copies through `half` (from `proxy_in` to `proxy_out`), one poll at a time, until
+    /// `upstream` has read `want.len()` bytes into `want`.
+    async fn relay_until_read(
+        half: &mut Half,
+        proxy_in: &mut TcpStream,
+        proxy_out: &mut TcpStream,
+        upstream: &mut TcpStream,
+        want: &mut [u8],
+    ) {
+        let read = upstream.read_exact(want);
         tokio::pin!(read);
         loop {
-            step(&mut half).await;
+            std::future::poll_fn(|cx| {
+                let _ = half.poll_copy(cx, proxy_in, proxy_out);
+                Poll::Ready(())
+            })
+            .await;
             if let Some(r) = futures_now(&mut read).await {
                 r.expect("read");
                 break;
             }
         }
-        assert!(half.buf.len() > FIRST_BUFFER && half.buf.len() <= MAX_BUFFER, "{}", half.buf.len());
     }
 
     /// Polls `f` once after yielding (so the peer's bytes can arrive): its output if ready.
