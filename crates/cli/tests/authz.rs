@@ -181,7 +181,7 @@ impl Mesh {
         Ok(metric_sum(
             &text,
             "plexus_authz_denied_total",
-            &format!("destination_service=\"{}\",policy=\"{policy}\"", self.svc),
+            &[&format!("destination_service=\"{}\",policy=\"{policy}\"", self.svc)],
         ))
     }
 
@@ -275,9 +275,9 @@ async fn an_allow_policy_admits_only_what_its_rules_match() -> Result<()> {
         let counted = mesh.denied_total("default/public-only").await?;
         ensure!(counted == f64::from(denied), "plexus_authz_denied_total = {counted}, but {denied} requests got 403");
         let text = mesh.server.admin_get("/metrics").await?.text();
-        let flagged = metric_sum(&text, "plexus_requests_total", "direction=\"inbound\"")
-            - metric_sum(&text, "plexus_requests_total", "response_code=\"200\"");
-        let rbac = metric_sum(&text, "plexus_requests_total", "response_flags=\"RBAC\"");
+        let flagged = metric_sum(&text, "plexus_requests_total", &["direction=\"inbound\""])
+            - metric_sum(&text, "plexus_requests_total", &["response_code=\"200\""]);
+        let rbac = metric_sum(&text, "plexus_requests_total", &["response_flags=\"RBAC\""]);
         ensure!(
             rbac == f64::from(denied) && flagged == f64::from(denied),
             "inbound requests flagged RBAC: {rbac}, inbound non-200: {flagged}, 403s: {denied}\n{text}"

@@ -799,16 +799,6 @@ async fn pooled_connections_to_endpoints_that_left_the_mesh_are_closed() -> Resu
     Ok(())
 }
 
-/// The value of the metric series whose line starts with `name{` and contains every label.
-fn metric_value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Issue 17 item 10: a TCP stream closed by the idle timeout still counts its bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_bytes_are_counted_when_a_stream_ends_by_idle_timeout() -> Result<()> {
@@ -838,7 +828,7 @@ async fn tcp_bytes_are_counted_when_a_stream_ends_by_idle_timeout() -> Result<()
         let p = &proxy;
         async move {
             let m = p.admin_get("/metrics").await?.text();
-            anyhow::Ok(metric_value(&m, name, &["destination_service=\"tcp\""]).unwrap_or(0.0))
+            anyhow::Ok(plexus_testkit::metric_sum(&m, name, &["destination_service=\"tcp\""]))
         }
     };
     plexus_testkit::eventually(Duration::from_secs(5), || async {

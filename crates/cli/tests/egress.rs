@@ -155,13 +155,13 @@ async fn registry_only_refuses_unlisted_destinations_on_every_explicit_path() {
 
     // Counted per destination; calls to the ExternalService carry its name.
     let text = metrics(&client).await;
-    let denied = |d: &str| metric_sum(&text, "plexus_egress_denied_total", &format!("destination=\"{d}\""));
+    let denied = |d: &str| metric_sum(&text, "plexus_egress_denied_total", &[&format!("destination=\"{d}\"")]);
     assert!(denied(&format!("localhost:{u}")) >= 4.0, "unlisted port counted:\n{text}");
     assert!(denied(&format!("127.0.0.1:{l}")) >= 1.0, "by address counted:\n{text}");
     assert!(denied("unlisted.example:80") >= 1.0, "unlisted name counted:\n{text}");
-    let ok = metric_sum(&text, "plexus_requests_total", "destination_service=\"listed\"");
+    let ok = metric_sum(&text, "plexus_requests_total", &["destination_service=\"listed\""]);
     assert!(ok >= 5.0, "requests to the ExternalService labelled with its name:\n{text}");
-    let refused_502 = metric_sum(&text, "plexus_requests_total", "response_code=\"502\"");
+    let refused_502 = metric_sum(&text, "plexus_requests_total", &["response_code=\"502\""]);
     assert!(refused_502 >= 8.0, "refusals are requests answered 502:\n{text}");
 
     // Tap shows the decision: while a tap stream is open, refused and allowed requests.
@@ -312,9 +312,9 @@ spec:
     assert_eq!(status, 200, "the app's own TLS through CONNECT ({error:?})\n{}", show(&out));
 
     let text = metrics(&client).await;
-    let api = metric_sum(&text, "plexus_requests_total", "destination_service=\"api\",");
+    let api = metric_sum(&text, "plexus_requests_total", &["destination_service=\"api\","]);
     assert!(api >= 5.0, "originated calls labelled with the ExternalService:\n{text}");
-    let failed = metric_sum(&text, "plexus_requests_total", "response_flags=\"UF\"");
+    let failed = metric_sum(&text, "plexus_requests_total", &["response_flags=\"UF\""]);
     assert!(failed >= 3.0, "verification failures flagged UF:\n{text}");
 }
 
@@ -396,11 +396,12 @@ spec:
     assert!(refused.contains("destination not in the registry"), "{refused}");
 
     let text = metrics(&client).await;
-    let failed = |d: &str| metric_sum(&text, "plexus_egress_origination_failed_total", &format!("destination=\"{d}\""));
+    let failed =
+        |d: &str| metric_sum(&text, "plexus_egress_origination_failed_total", &[&format!("destination=\"{d}\"")]);
     assert_eq!(failed(&format!("localhost:{foreign}")), 1.0, "counted per destination:\n{text}");
     assert_eq!(failed(&format!("localhost:{misnamed}")), 1.0, "counted per destination:\n{text}");
     assert_eq!(failed(&format!("localhost:{good}")), 0.0, "the verified ones are not:\n{text}");
-    let opened = metric_sum(&text, "plexus_tcp_connections_opened_total", "destination_service=\"secure\"");
+    let opened = metric_sum(&text, "plexus_tcp_connections_opened_total", &["destination_service=\"secure\""]);
     assert!(opened >= 3.0, "streams labelled with the ExternalService:\n{text}");
 }
 

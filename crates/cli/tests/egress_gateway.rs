@@ -105,13 +105,14 @@ spec:
     .await
     .expect("an allowed host through the egress gateway");
     let text = gateway.admin_get("/metrics").await.expect("metrics").text();
-    let through =
-        metric_sum(&text, "plexus_requests_total", "source_principal=\"spiffe://plexus.local/ns/default/sa/client\"");
+    let through = metric_sum(
+        &text,
+        "plexus_requests_total",
+        &["source_principal=\"spiffe://plexus.local/ns/default/sa/client\""],
+    );
     assert!(through >= 1.0, "the gateway served the client's request, by its identity:\n{text}");
     assert!(
-        text.lines().any(|l| l.starts_with("plexus_requests_total{")
-            && l.contains("destination_service=\"api\"")
-            && l.contains("response_code=\"200\"")),
+        metric_sum(&text, "plexus_requests_total", &["destination_service=\"api\"", "response_code=\"200\""]) >= 1.0,
         "the gateway labels the call with the ExternalService:\n{text}"
     );
     let served = api.requests();

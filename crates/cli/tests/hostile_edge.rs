@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use common::PLEXUS;
+use common::{PLEXUS, metric_sum};
 use plexus_testkit::certs::Certs;
 use plexus_testkit::client;
 use plexus_testkit::{
@@ -298,18 +298,6 @@ impl Meshed {
     }
 }
 
-/// Sum of the samples of `metric` whose label set contains every one of `labels`.
-fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, set) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric && labels.iter().all(|want| set.contains(want))).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 /// Item 7: every path from a client sidecar to meshed endpoints works under strict mTLS and
 /// is counted `mutual_tls` with the client's identity by the destination — the mirror's sidecar
 /// included; switching to strict closes a plaintext keep-alive connection within 5 s.
@@ -380,15 +368,15 @@ async fn mtls_every_path() -> Result<()> {
     };
     let api_metrics = metrics(api.admin).await?;
     let inbound = "direction=\"inbound\"";
-    let api_requests = sum(&api_metrics, "plexus_requests_total", &[inbound, mtls, &client_id]);
+    let api_requests = metric_sum(&api_metrics, "plexus_requests_total", &[inbound, mtls, &client_id]);
     ensure!(api_requests >= 6.0, "api sidecar counted {api_requests} mTLS requests from the client (6 HTTP)");
     // The CONNECT tunnel arrives as an opaque stream over mTLS (ALPN plexus.tcp).
-    let tunnels = sum(&api_metrics, "plexus_tcp_connections_opened_total", &[inbound, mtls, &client_id]);
+    let tunnels = metric_sum(&api_metrics, "plexus_tcp_connections_opened_total", &[inbound, mtls, &client_id]);
     ensure!(tunnels >= 1.0, "api sidecar counted {tunnels} mTLS streams from the client (the CONNECT tunnel)");
     let mirrored = eventually(Duration::from_secs(10), || {
         let client_id = client_id.clone();
         async move {
-            let n = sum(
+            let n = metric_sum(
                 &metrics(shadow.admin).await?,
                 "plexus_requests_total",
                 &["direction=\"inbound\"", mtls, &client_id],
@@ -400,7 +388,7 @@ async fn mtls_every_path() -> Result<()> {
     .await?;
     ensure!(shadow_app.requests() as f64 >= mirrored, "the mirror app saw {} requests", shadow_app.requests());
     let plaintext =
-        sum(&metrics(shadow.admin).await?, "plexus_requests_total", &["connection_security_policy=\"none\""]);
+        metric_sum(&metrics(shadow.admin).await?, "plexus_requests_total", &["connection_security_policy=\"none\""]);
     ensure!(plaintext == 0.0, "the mirror's sidecar counted {plaintext} plaintext requests");
     Ok(())
 }

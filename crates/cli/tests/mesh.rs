@@ -564,9 +564,7 @@ fn node_agent(port: u16, admin: u16, grpc: u16) -> Result<Proc> {
 fn agent_metric(admin: u16, sample: &str) -> Result<f64> {
     let (status, page) = get_text(&format!("127.0.0.1:{admin}"), "/metrics", &[])?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
-    page.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
-        .with_context(|| format!("no sample {sample} in:\n{page}"))
+    plexus_testkit::metric_sample(&page, sample).with_context(|| format!("no sample {sample} in:\n{page}"))
 }
 
 /// An agent whose control plane is down closes its proxies' connections (they keep retrying)

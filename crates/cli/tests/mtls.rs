@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use common::{PLEXUS, show};
+use common::{PLEXUS, metric_sum, show};
 use plexus_testkit::client::{self, Collected};
 use plexus_testkit::{
     Background, HttpEcho, Proxy, SERVER_FIRST_GREETING, ServerFirst, TCP_ECHO_FINAL_LINE, TcpEcho, TempDir, command,
@@ -273,18 +273,6 @@ async fn wait_served(addr: SocketAddr, host: &str) -> Result<()> {
         Ok(())
     })
     .await
-}
-
-/// Sum of the samples of `metric` whose label set contains every one of `labels`.
-fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, set) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric && labels.iter().all(|want| set.contains(want))).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// `curl -sS -i` straight at `addr` (no sidecar in between).
@@ -576,7 +564,7 @@ async fn permissive_meshed_calls_are_mutual_tls_and_plaintext_is_labelled_none()
 
     let outbound = client.admin_get("/metrics").await?.text();
     let out = |policy: &str| {
-        sum(
+        metric_sum(
             &outbound,
             "plexus_requests_total",
             &[
@@ -592,12 +580,12 @@ async fn permissive_meshed_calls_are_mutual_tls_and_plaintext_is_labelled_none()
     let client_id = format!("source_principal=\"{}\"", spiffe("client"));
     let mtls_in = ["direction=\"inbound\"", &client_id, "connection_security_policy=\"mutual_tls\""];
     assert!(
-        sum(&inbound, "plexus_requests_total", &mtls_in) >= 11.0,
+        metric_sum(&inbound, "plexus_requests_total", &mtls_in) >= 11.0,
         "the server sidecar did not count the calls as mutual_tls from {}:\n{inbound}",
         spiffe("client")
     );
     let none_in = ["direction=\"inbound\"", "connection_security_policy=\"none\""];
-    assert_eq!(sum(&inbound, "plexus_requests_total", &none_in), 0.0, "{inbound}");
+    assert_eq!(metric_sum(&inbound, "plexus_requests_total", &none_in), 0.0, "{inbound}");
 
     // Permissive: plaintext straight to the inbound listener reaches the app, labelled none.
     let out = plain_curl(echo.inbound, "/plain", &[]).await?;
@@ -606,7 +594,7 @@ async fn permissive_meshed_calls_are_mutual_tls_and_plaintext_is_labelled_none()
     assert!(text.contains("x-served-by: echo-app"), "{text}");
     let inbound = echo.metrics().await?;
     let plain = ["direction=\"inbound\"", "source_principal=\"unknown\"", "connection_security_policy=\"none\""];
-    assert_eq!(sum(&inbound, "plexus_requests_total", &plain), 1.0, "{inbound}");
+    assert_eq!(metric_sum(&inbound, "plexus_requests_total", &plain), 1.0, "{inbound}");
     Ok(())
 }
 
@@ -661,7 +649,7 @@ async fn strict_mode_refuses_plaintext_and_invalid_client_certificates() -> Resu
     let inbound = echo.metrics().await?;
     let tester = format!("source_principal=\"{}\"", spiffe("tester"));
     assert_eq!(
-        sum(
+        metric_sum(
             &inbound,
             "plexus_requests_total",
             &["direction=\"inbound\"", &tester, "connection_security_policy=\"mutual_tls\""]
@@ -772,7 +760,7 @@ async fn a_sidecar_refuses_an_impostor_with_another_mesh_identity() -> Result<()
     let inbound = reviews.metrics().await?;
     let from = format!("source_principal=\"{}\"", spiffe("productpage"));
     assert!(
-        sum(
+        metric_sum(
             &inbound,
             "plexus_requests_total",
             &["direction=\"inbound\"", &from, "connection_security_policy=\"mutual_tls\""]
@@ -828,8 +816,8 @@ async fn a_wrong_workload_token_gets_no_certificate_and_forged_client_cert_heade
     let issued = log.lines().any(|l| l.contains("issued a workload certificate") && l.contains(&spiffe("rogue")));
     assert!(!issued, "a certificate was issued to the rogue proxy\n{log}");
     let metrics = rogue.admin_get("/metrics").await?.text();
-    assert_eq!(sum(&metrics, "plexus_identity_cert_expiration_timestamp_seconds", &[]), 0.0, "{metrics}");
-    assert_eq!(sum(&metrics, "plexus_control_plane_connected", &[]), 0.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "plexus_identity_cert_expiration_timestamp_seconds", &[]), 0.0, "{metrics}");
+    assert_eq!(metric_sum(&metrics, "plexus_control_plane_connected", &[]), 0.0, "{metrics}");
     let raddr = rogue.upstream("echo.default:8080")?;
     let r = call(raddr, "echo:8080", "/from-rogue", &[]).await?;
     assert_ne!(r.status, 200, "the rogue proxy got a configuration: {}", r.text());
@@ -1118,12 +1106,12 @@ async fn opaque_tcp_and_server_first_streams_between_sidecars_under_strict_mtls(
     for service in ["tcpecho", "smtp"] {
         let dest = format!("destination_service=\"{service}\"");
         let labels = ["direction=\"outbound\"", &dest, "connection_security_policy=\"mutual_tls\""];
-        assert!(sum(&outbound, "plexus_tcp_connections_opened_total", &labels) >= 3.0, "{service}:\n{outbound}");
+        assert!(metric_sum(&outbound, "plexus_tcp_connections_opened_total", &labels) >= 3.0, "{service}:\n{outbound}");
     }
     let from = format!("source_principal=\"{}\"", spiffe("client"));
     for (name, text) in [("tcpecho", tcpecho.metrics().await?), ("smtp", smtp.metrics().await?)] {
         let labels = ["direction=\"inbound\"", &from, "connection_security_policy=\"mutual_tls\""];
-        assert!(sum(&text, "plexus_tcp_connections_opened_total", &labels) >= 3.0, "{name}:\n{text}");
+        assert!(metric_sum(&text, "plexus_tcp_connections_opened_total", &labels) >= 3.0, "{name}:\n{text}");
     }
     Ok(())
 }
@@ -1207,8 +1195,11 @@ async fn inbound_labels_name_the_calling_workload_and_service_over_mtls() -> Res
         &format!("source_principal=\"{}\"", spiffe("client")),
         "connection_security_policy=\"mutual_tls\"",
     ];
-    assert!(sum(&inbound, "plexus_requests_total", &from) >= 5.0, "no inbound series names the caller:\n{inbound}");
-    assert_eq!(sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
+    assert!(
+        metric_sum(&inbound, "plexus_requests_total", &from) >= 5.0,
+        "no inbound series names the caller:\n{inbound}"
+    );
+    assert_eq!(metric_sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
 
     // Plaintext straight to the inbound port: no verified identity, so the header is ignored.
     let out = plain_curl(echo.inbound, "/plain-forged", &["x-plexus-source: admin-1/admin"]).await?;
@@ -1217,8 +1208,8 @@ async fn inbound_labels_name_the_calling_workload_and_service_over_mtls() -> Res
     assert!(!text.contains("x-plexus-source"), "the app saw the forged header: {text}");
     let inbound = echo.metrics().await?;
     let plain = ["direction=\"inbound\"", "source_workload=\"unknown\"", "connection_security_policy=\"none\""];
-    assert_eq!(sum(&inbound, "plexus_requests_total", &plain), 1.0, "{inbound}");
-    assert_eq!(sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
+    assert_eq!(metric_sum(&inbound, "plexus_requests_total", &plain), 1.0, "{inbound}");
+    assert_eq!(metric_sum(&inbound, "plexus_requests_total", &["source_workload=\"admin-1\""]), 0.0, "{inbound}");
     Ok(())
 }
 
@@ -1282,14 +1273,14 @@ async fn inbound_tcp_labels_name_the_calling_workload_and_service_over_mtls() ->
     let inbound = eventually(Duration::from_secs(5), || async {
         let text = tcpecho.metrics().await?;
         ensure!(
-            sum(&text, "plexus_tcp_connections_closed_total", &from) >= 1.0,
+            metric_sum(&text, "plexus_tcp_connections_closed_total", &from) >= 1.0,
             "no inbound TCP series names the caller:\n{text}"
         );
         Ok(text)
     })
     .await?;
-    assert!(sum(&inbound, "plexus_tcp_received_bytes_total", &from) >= 1.0, "{inbound}");
+    assert!(metric_sum(&inbound, "plexus_tcp_received_bytes_total", &from) >= 1.0, "{inbound}");
     let unlabelled = ["direction=\"inbound\"", "source_workload=\"unknown\"", &principal];
-    assert!(sum(&inbound, "plexus_tcp_connections_opened_total", &unlabelled) >= 1.0, "{inbound}");
+    assert!(metric_sum(&inbound, "plexus_tcp_connections_opened_total", &unlabelled) >= 1.0, "{inbound}");
     Ok(())
 }

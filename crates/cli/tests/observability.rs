@@ -357,15 +357,6 @@ spec:
   burst: 1
 "#;
 
-/// The sum of a metric's samples in a Prometheus text exposition.
-fn metric_total(exposition: &str, metric: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// One TCP stream through `addr`: `line` must come back, and the stream close after our EOF
 /// (within 3 s each).
 async fn echo_once(addr: SocketAddr, line: &str) -> Result<()> {
@@ -489,7 +480,7 @@ impl ExtraTraffic {
         // The client sidecar counted what the dashboard will show.
         let metrics = self.loadgen.admin_get("/metrics").await?.text();
         for m in ["plexus_retries_total", "plexus_outlier_ejections_total", "plexus_tcp_connections_opened_total"] {
-            ensure!(metric_total(&metrics, m) > 0.0, "loadgen's {m} did not move:\n{metrics}");
+            ensure!(plexus_testkit::metric_sum(&metrics, m, &[]) > 0.0, "loadgen's {m} did not move:\n{metrics}");
         }
         Ok(())
     }

@@ -117,7 +117,7 @@ impl Drop for Flaky {
 /// The value of the one sample of `metric` whose labels contain `labels`, or 0.
 async fn metric(proxy: &Proxy, metric: &str, labels: &str) -> Result<f64> {
     let text = proxy.admin_get("/metrics").await?.text();
-    Ok(metric_sum(&text, metric, labels))
+    Ok(metric_sum(&text, metric, &[labels]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -414,7 +414,7 @@ async fn burst(addr: SocketAddr, authority: &str, path: &str, total: u32, concur
 /// `plexus_retries_total` of `proxy` for calls to Service `service`.
 async fn retries_counted(proxy: &Proxy, service: &str) -> Result<f64> {
     let text = proxy.admin_get("/metrics").await?.text();
-    Ok(metric_sum(&text, "plexus_retries_total", &format!("destination_service=\"{service}\"")))
+    Ok(metric_sum(&text, "plexus_retries_total", &[&format!("destination_service=\"{service}\"")]))
 }
 
 // ---------------------------------------------------------------------------------------------

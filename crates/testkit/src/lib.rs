@@ -13,6 +13,7 @@
 //!   elsewhere it prints `SKIPPED: <why>` and the caller returns early.
 //! * [`Demo`] runs a whole `plexus demo` on free ports.
 //! * [`Background`] runs helper processes (the Python peers) that print a ready line.
+//! * [`metric_sum`] and [`metric_sample`] read samples out of a `/metrics` page.
 //! * [`client`] has small HTTP client helpers built on hyper (no proxy env vars, no pooling).
 //! * [`netns`] joins two network namespaces with a veth pair (root-only tests).
 //!
@@ -35,9 +36,12 @@ mod background;
 pub mod certs;
 pub mod client;
 mod demo;
+mod metrics;
 pub mod netns;
 mod proxy;
 mod resources;
+
+pub use metrics::{metric_sample, metric_sum};
 mod upstream;
 
 pub use background::Background;

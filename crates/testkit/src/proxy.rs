@@ -243,11 +243,7 @@ impl Proxy {
     /// The value of an unlabelled sample (`name value`) on the admin port's `/metrics`.
     pub async fn metric(&self, name: &str) -> Result<f64> {
         let text = self.admin_get("/metrics").await?.text();
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .with_context(|| format!("no {name} in /metrics"))?;
-        value.trim().parse().with_context(|| format!("{name}: {value:?} is not a number"))
+        crate::metric_sample(&text, name).with_context(|| format!("no sample {name} in /metrics"))
     }
 
     /// `POST path` (empty body) on the admin port, e.g. `/shutdown`.

@@ -219,17 +219,7 @@ pub async fn python_client(script: &str, args: &[&str], context: &str) -> Output
     out
 }
 
-/// Sum of the samples of `metric` (exact name) whose labels contain `label`.
-pub fn metric_sum(text: &str, metric: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric && labels.contains(label)).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
+pub use plexus_testkit::metric_sum;
 
 /// Panics unless `proxy` counted requests or TCP connections in `direction`.
 pub async fn assert_counted(proxy: &Proxy, direction: &str) {
@@ -237,8 +227,8 @@ pub async fn assert_counted(proxy: &Proxy, direction: &str) {
     let metrics = plexus_testkit::eventually(Duration::from_secs(5), || async {
         let m = proxy.admin_get("/metrics").await?;
         let text = m.text();
-        let n = metric_sum(&text, "plexus_requests_total", &label)
-            + metric_sum(&text, "plexus_tcp_connections_opened_total", &label);
+        let n = metric_sum(&text, "plexus_requests_total", &[&label])
+            + metric_sum(&text, "plexus_tcp_connections_opened_total", &[&label]);
         anyhow::ensure!(n > 0.0, "nothing counted yet:\n{text}");
         Ok(text)
     })
