@@ -41,3 +41,17 @@ pub async fn connect(port: u16) -> Result<TcpStream, Error> {
     server.set_nodelay(true)?;
     Ok(server)
 }
+
+/// The body's length from `Content-Length`; anything else is not handled here.
+pub fn body_length(headers: &[httparse::Header<'_>]) -> Result<usize, Error> {
+    let mut length = 0;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") || h.name.eq_ignore_ascii_case("expect") {
+            return Err(format!("{} is not handled by this floor", h.name).into());
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value)?.trim().parse()?;
+        }
+    }
+    Ok(length)
+}

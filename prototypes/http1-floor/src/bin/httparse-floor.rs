@@ -47,7 +47,7 @@ async fn read_head(from: &mut TcpStream, buf: &mut Vec<u8>, kind: Head) -> Resul
             Head::Request => {
                 let mut request = httparse::Request::new(&mut headers);
                 match request.parse(buf)? {
-                    httparse::Status::Complete(n) => Some((n, body_length(request.headers)?)),
+                    httparse::Status::Complete(n) => Some((n, http1_floor::body_length(request.headers)?)),
                     httparse::Status::Partial => None,
                 }
             }
@@ -57,7 +57,7 @@ async fn read_head(from: &mut TcpStream, buf: &mut Vec<u8>, kind: Head) -> Resul
                     httparse::Status::Complete(n) if matches!(response.code, Some(100..=199 | 204 | 304)) => {
                         Some((n, 0))
                     }
-                    httparse::Status::Complete(n) => Some((n, body_length(response.headers)?)),
+                    httparse::Status::Complete(n) => Some((n, http1_floor::body_length(response.headers)?)),
                     httparse::Status::Partial => None,
                 }
             }
@@ -73,20 +73,6 @@ async fn read_head(from: &mut TcpStream, buf: &mut Vec<u8>, kind: Head) -> Resul
             return if buf.is_empty() { Ok(None) } else { Err("closed within a head".into()) };
         }
     }
-}
-
-/// The body's length from `Content-Length`; anything else is not handled here.
-fn body_length(headers: &[httparse::Header<'_>]) -> Result<usize, Error> {
-    let mut length = 0;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") || h.name.eq_ignore_ascii_case("expect") {
-            return Err(format!("{} is not handled by this floor", h.name).into());
-        }
-        if h.name.eq_ignore_ascii_case("content-length") {
-            length = std::str::from_utf8(h.value)?.trim().parse()?;
-        }
-    }
-    Ok(length)
 }
 
 /// Writes the first `n` bytes of the message to `to`: what `buf` holds, then the rest of the
