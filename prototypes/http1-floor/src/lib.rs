@@ -7,6 +7,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// `LISTEN_PORT UPSTREAM_PORT` from the command line.
+pub fn ports() -> Result<(u16, u16), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [listen, upstream] => Ok((listen.parse()?, upstream.parse()?)),
+        _ => Err("usage: LISTEN_PORT UPSTREAM_PORT".into()),
+    }
+}
+
 /// Reads `LISTEN_PORT UPSTREAM_PORT` from the command line and, on a current-thread runtime
 /// (as a sidecar's), serves each connection accepted on 127.0.0.1:LISTEN_PORT with `serve`
 /// in a task of its own.
@@ -15,11 +24,7 @@ where
     F: Fn(TcpStream, u16) -> Fut + Copy + 'static,
     Fut: Future<Output = Result<(), Error>> + 'static,
 {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (listen, upstream): (u16, u16) = match args.as_slice() {
-        [listen, upstream] => (listen.parse()?, upstream.parse()?),
-        _ => return Err("usage: LISTEN_PORT UPSTREAM_PORT".into()),
-    };
+    let (listen, upstream) = ports()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
