@@ -39,22 +39,27 @@ where
 }
 
 /// `b`, keeping `guard` alive until the body is dropped (e.g. a connection-limit slot held
-/// until the response has been streamed).
-pub fn holding<T: Send + Unpin + 'static>(b: Body, guard: T) -> Body {
-    boxed(Holding { inner: b, _guard: guard })
+/// until the response has been streamed). Not boxed: the caller boxes the body once, with
+/// whatever else wraps it.
+pub fn holding<B, T: Send + Unpin + 'static>(b: B, guard: T) -> Holding<B, T> {
+    Holding { inner: b, _guard: guard }
 }
 
-struct Holding<T> {
-    inner: Body,
-    _guard: T,
+pin_project_lite::pin_project! {
+    /// A body and a guard that lives as long as it does ([`holding`]).
+    pub struct Holding<B, T> {
+        #[pin]
+        inner: B,
+        _guard: T,
+    }
 }
 
-impl<T: Unpin> http_body::Body for Holding<T> {
-    type Data = Bytes;
-    type Error = BoxError;
+impl<B: http_body::Body, T> http_body::Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -82,15 +87,16 @@ pin_project_lite::pin_project! {
     ///
     /// `on_end` is called once, when the body ends: bytes seen, how it ended, and its
     /// trailers' `grpc-status` if it had one. It is stored inline (a type parameter, not a
-    /// box): one allocation less per metered body, and every request has two.
-    pub struct Metered<F: FnOnce(u64, BodyEnd, Option<u16>)> {
+    /// box), and so is the body it meters (an upstream's response body as hyper gives it):
+    /// the metered body is boxed once, as the response's [`Body`].
+    pub struct Metered<B: http_body::Body, F: FnOnce(u64, BodyEnd, Option<u16>)> {
         #[pin]
-        inner: Body,
+        inner: B,
         bytes: u64,
         on_end: Option<F>,
     }
 
-    impl<F: FnOnce(u64, BodyEnd, Option<u16>)> PinnedDrop for Metered<F> {
+    impl<B: http_body::Body, F: FnOnce(u64, BodyEnd, Option<u16>)> PinnedDrop for Metered<B, F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // hyper stops polling once a body with a known length has delivered every byte.
@@ -102,8 +108,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: FnOnce(u64, BodyEnd, Option<u16>)> Metered<F> {
-    pub fn new(inner: Body, on_end: F) -> Self {
+impl<B: http_body::Body, F: FnOnce(u64, BodyEnd, Option<u16>)> Metered<B, F> {
+    pub fn new(inner: B, on_end: F) -> Self {
         let mut m = Metered { inner, bytes: 0, on_end: Some(on_end) };
         if m.inner.is_end_stream()
             && let Some(f) = m.on_end.take()
@@ -114,13 +120,23 @@ impl<F: FnOnce(u64, BodyEnd, Option<u16>)> Metered<F> {
     }
 }
 
-impl<F: FnOnce(u64, BodyEnd, Option<u16>)> http_body::Body for Metered<F> {
+impl<B, F> http_body::Body for Metered<B, F>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    F: FnOnce(u64, BodyEnd, Option<u16>),
+{
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let polled = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

@@ -166,9 +166,17 @@ pub async fn to_service(
 ) -> Response<Body> {
     // When the request arrived: the observation read the clock then.
     let received = Instant::from_std(obs.started);
-    let authority =
-        head.authority().map_or_else(|| format!("{}:{}", to.service.name.name, to.port.port), str::to_string);
-    let (host, host_port) = split_authority(&authority);
+    // The authority as received, shared (no new string): the head changes below.
+    let received_authority = head.shared_authority();
+    let made;
+    let authority = match &received_authority {
+        Some(a) => a.as_str(),
+        None => {
+            made = format!("{}:{}", to.service.name.name, to.port.port);
+            made.as_str()
+        }
+    };
+    let (host, host_port) = split_authority(authority);
     let info = RequestInfo {
         method: head.method.as_str(),
         path: head.uri.path(),
@@ -205,8 +213,8 @@ pub async fn to_service(
     }
     obs.notes.add(|| format!("{}: backend {}:{}", matched(entry), backend.name, backend_port.port));
     obs.peers.destination_service = backend.label.clone();
-    let authority = match apply_request_filters(entry, &mut head, authority) {
-        Ok(a) => a,
+    let authority = match apply_request_filters(entry, &mut head) {
+        Ok(rewritten) => rewritten.unwrap_or(authority),
         Err(e) => return obs.fail(e),
     };
     let call = call_settings(entry, to.port, backend_port);
@@ -298,7 +306,7 @@ pub async fn to_service(
                 origin: None,
             },
         };
-        tries.run(&head, authority, body).await.map(|(ep, resp)| (ep, resp, permit))
+        tries.run(&mut head, authority, body).await.map(|(ep, resp)| (ep, resp, permit))
     };
     let result = match deadline {
         Some(d) => tokio::time::timeout_at(d, work).await.unwrap_or(Err(ProxyError::Timeout)),
@@ -306,15 +314,13 @@ pub async fn to_service(
     };
     match result {
         Ok((ep, resp, permit)) => {
-            describe_endpoint(&mut obs, &ep);
+            describe_endpoint(&mut obs, ep);
             if state.pool.mtls_to(ep.principal.as_ref()) {
                 obs.security = "mutual_tls";
             }
-            let mut resp = downstream_response(resp, head.version);
-            // Most destinations have no connection limit: no slot to hold, no wrapper.
-            if permit.limits() {
-                resp = resp.map(|b| body::holding(b, permit));
-            }
+            // The connection-limit slot, if the destination has limits, is held until the
+            // response body ends (an unlimited permit holds nothing; the wrapper is not boxed).
+            let mut resp = downstream_response(resp, head.version).map(|b| body::holding(b, permit));
             if let Some(m) = entry.and_then(|e| e.response_headers.as_ref()) {
                 headers::apply_modifier(resp.headers_mut(), m);
             }
@@ -324,13 +330,14 @@ pub async fn to_service(
     }
 }
 
-/// Request header modifier and URL rewrite; returns the authority to send.
-fn apply_request_filters(entry: Option<&RouteEntry>, head: &mut Head, authority: String) -> Result<String, ProxyError> {
-    let Some(e) = entry else { return Ok(authority) };
+/// Request header modifier and URL rewrite; returns the authority to send instead of the
+/// received one, if the rewrite names one.
+fn apply_request_filters<'e>(entry: Option<&'e RouteEntry>, head: &mut Head) -> Result<Option<&'e str>, ProxyError> {
+    let Some(e) = entry else { return Ok(None) };
     if let Some(m) = &e.request_headers {
         headers::apply_modifier(&mut head.headers, m);
     }
-    let Some(rw) = &e.rewrite else { return Ok(authority) };
+    let Some(rw) = &e.rewrite else { return Ok(None) };
     if let Some(change) = &rw.path {
         let path = change_path(change, head.uri.path(), e.matcher.prefix());
         let pq = match head.uri.query() {
@@ -346,9 +353,9 @@ fn apply_request_filters(entry: Option<&RouteEntry>, head: &mut Head, authority:
         Some(h) => {
             // The Host the application sees changes; the URI keeps addressing the Service.
             head.uri = strip_authority(&head.uri)?;
-            Ok(h.clone())
+            Ok(Some(h.as_str()))
         }
-        None => Ok(authority),
+        None => Ok(None),
     }
 }
 
@@ -407,10 +414,11 @@ fn retries_after_send(r: &RetryPolicy) -> bool {
 }
 
 /// The tries of one request.
-struct Tries<'a> {
+struct Tries<'a, 'e> {
     state: &'a Arc<State>,
     backend: &'a ServiceName,
-    endpoints: &'a plexus_core::EndpointSet,
+    /// Borrowed apart from the rest: the endpoint that answered outlives the tries.
+    endpoints: &'e plexus_core::EndpointSet,
     /// `name.namespace:port`, for errors.
     destination: &'a (dyn Fn() -> String + Sync),
     policy: &'a ClientPolicy,
@@ -427,7 +435,7 @@ struct Tries<'a> {
     notes: &'a Notes,
 }
 
-impl Tries<'_> {
+impl<'e> Tries<'_, 'e> {
     /// Whether the method may be sent twice: idempotent, or the policy says so (gRPC requests
     /// count as told when the policy names gRPC status codes).
     fn method_allows(&self, head: &Head) -> bool {
@@ -438,10 +446,10 @@ impl Tries<'_> {
 
     async fn run(
         &self,
-        head: &Head,
-        authority: String,
+        head: &mut Head,
+        authority: &str,
         mut body: RequestBody,
-    ) -> Result<(Endpoint, Response<Incoming>), ProxyError> {
+    ) -> Result<(&'e Endpoint, Response<Incoming>), ProxyError> {
         self.state.budgets.deposit(self.backend, self.policy.retry_budget);
         let per_try = self.per_try_timeout;
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -460,14 +468,16 @@ impl Tries<'_> {
             let target = Target {
                 addr: ep.addr,
                 proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
-                authority: authority.clone(),
+                authority,
                 app_http1_behind_peer: ep.meshed && self.app_proto == Proto::Http1,
                 peer_identity: peer.clone(),
             };
             let Some(b) = body.take() else {
                 return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
             };
-            let mut up = head.upstream_request(&target, b, false)?;
+            // When another try may follow, the head keeps a copy of its headers for it;
+            // otherwise they are moved into this one.
+            let mut up = head.take_upstream_request(&target, b, body.replayable() && attempt < self.retry.attempts)?;
             // To a sidecar over mTLS: who calls, for its source labels.
             if let Some(source) = self.state.source_header()
                 && self.state.pool.mtls_to(peer.as_ref())
@@ -502,7 +512,7 @@ impl Tries<'_> {
                     let retriable =
                         can_repeat && self.method_allows(head) && self.retry.retries_status(status, grpc_status);
                     if !retriable || !self.grant_retry() {
-                        return Ok((ep.clone(), resp));
+                        return Ok((ep, resp));
                     }
                     format!("status {status}")
                 }
@@ -576,10 +586,11 @@ fn spawn_mirror(state: &Arc<State>, snapshot: &MeshSnapshot, m: &Mirror, port: u
         return;
     };
     let app_proto = app_protocol(mport.protocol, head.version);
+    let authority = format!("{}:{}", service.name.name, mport.port);
     let target = Target {
         addr: ep.addr,
         proto: if ep.meshed { Proto::Http2 } else { app_proto },
-        authority: format!("{}:{}", service.name.name, mport.port),
+        authority: &authority,
         app_http1_behind_peer: ep.meshed && app_proto == Proto::Http1,
         peer_identity: ep.principal.clone(),
     };

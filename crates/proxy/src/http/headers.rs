@@ -1,8 +1,11 @@
 //! Header handling shared by every HTTP path: hop-by-hop stripping, request ids, route header
 //! modifiers, gRPC detection.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use plexus_core::resource::HeaderModifier;
+
+use crate::trace::SpanContext;
 
 /// Tells the peer sidecar which protocol the application behind it speaks when the two
 /// sidecars upgraded an HTTP/1 request to HTTP/2 between themselves.
@@ -148,16 +151,27 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Adds `x-request-id` when absent and returns its value.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(REQUEST_ID) {
-        return id.clone();
+/// Adds `x-request-id` when absent, then replaces the trace headers with `span`'s
+/// ([`SpanContext::inject`]); returns the request id. Both values are new on every request: a
+/// generated id and the `traceparent` are formatted on the stack into one shared allocation,
+/// whose copies (the observation's, the retried request's headers) only count references.
+pub fn stamp(headers: &mut HeaderMap, span: &SpanContext) -> HeaderValue {
+    let present = headers.get(REQUEST_ID).cloned();
+    // 32 lower-case hex digits of request id, then the `traceparent`.
+    let mut values = [0u8; 32 + 55];
+    if present.is_none() {
+        crate::trace::context::to_hex(&fastrand::u128(..).to_be_bytes(), &mut values[..32]);
     }
-    // 32 lower-case hex digits, formatted on the stack: the header value is the one copy.
-    let mut hex = [0; 32];
-    let hex = crate::trace::context::to_hex(&fastrand::u128(..).to_be_bytes(), &mut hex);
-    let id = HeaderValue::from_str(hex).unwrap_or(HeaderValue::from_static("0"));
-    headers.insert(REQUEST_ID, id.clone());
+    values[32..].copy_from_slice(&span.traceparent());
+    let shared = Bytes::from_owner(values);
+    let id = present.unwrap_or_else(|| {
+        let id = HeaderValue::from_maybe_shared(shared.slice(..32)).unwrap_or(HeaderValue::from_static("0"));
+        headers.insert(REQUEST_ID, id.clone());
+        id
+    });
+    if let Ok(tp) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
+        span.inject_with(headers, tp);
+    }
     id
 }
 
@@ -252,11 +266,16 @@ mod tests {
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
-        let id = ensure_request_id(&mut h);
+        let span = SpanContext::continue_from(&h, || true);
+        let id = stamp(&mut h, &span);
         assert_eq!(id.len(), 32);
         assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
-        assert_eq!(ensure_request_id(&mut h), id);
-        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id, "a new id per request");
+        assert_eq!(h[REQUEST_ID], id);
+        let traceparent = format!("00-{}-{}-01", span.trace_id, span.span_id);
+        assert_eq!(h[crate::trace::context::TRACEPARENT], traceparent.as_str());
+        assert_eq!(stamp(&mut h, &span), id, "an id present is kept");
+        assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
+        assert_ne!(stamp(&mut HeaderMap::new(), &span), id, "a new id per request");
     }
 
     /// Of the names given, those present go (every value of a repeated one), the rest stay.

@@ -29,15 +29,32 @@ use crate::transport::tcp;
 
 /// Where and how one request is sent.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct Target<'a> {
     pub addr: SocketAddr,
     pub proto: Proto,
     /// The authority the application should see (`reviews:9080`).
-    pub authority: String,
+    pub authority: &'a str,
     /// Set when the peer is a sidecar and the application behind it speaks HTTP/1.
     pub app_http1_behind_peer: bool,
     /// The peer sidecar's SPIFFE ID (mutual TLS when this proxy has a certificate).
     pub peer_identity: Option<std::sync::Arc<str>>,
+}
+
+/// The authority a request addressed ([`Head::shared_authority`]).
+#[derive(Debug, Clone)]
+pub enum SharedAuthority {
+    Uri(http::uri::Authority),
+    /// A `Host` value that is a string.
+    Host(http::HeaderValue),
+}
+
+impl SharedAuthority {
+    pub fn as_str(&self) -> &str {
+        match self {
+            SharedAuthority::Uri(a) => a.as_str(),
+            SharedAuthority::Host(h) => h.to_str().unwrap_or_default(),
+        }
+    }
 }
 
 /// The request head, kept so a request whose body is empty can be re-sent to another endpoint.
@@ -61,6 +78,15 @@ impl Head {
         }
     }
 
+    /// [`Head::authority`] as a value of its own: a shared copy of the received bytes (no new
+    /// string), so the head can change while it is in use.
+    pub fn shared_authority(&self) -> Option<SharedAuthority> {
+        self.uri.authority().cloned().map(SharedAuthority::Uri).or_else(|| {
+            let host = self.headers.get(header::HOST).filter(|h| h.to_str().is_ok())?;
+            Some(SharedAuthority::Host(host.clone()))
+        })
+    }
+
     /// The authority the client addressed: absolute-form URI or `:authority`, else `Host`.
     pub fn authority(&self) -> Option<&str> {
         self.uri
@@ -75,26 +101,35 @@ impl Head {
 
     /// Builds the request sent upstream: origin-form with `Host` for HTTP/1, absolute URI
     /// (`:authority`) for HTTP/2; hop-by-hop headers removed.
-    pub fn upstream_request(&self, target: &Target, body: Body, upgrade: bool) -> Result<Request<Body>, ProxyError> {
-        self.upstream_request_with(self.headers.clone(), target, body, upgrade)
-    }
-
-    /// [`Head::upstream_request`] for a request sent once (no retry, no mirror): the headers
-    /// are moved into it instead of copied, and this head keeps none.
-    pub fn take_upstream_request(
-        &mut self,
-        target: &Target,
+    pub fn upstream_request(
+        &self,
+        target: &Target<'_>,
         body: Body,
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
-        let headers = std::mem::take(&mut self.headers);
-        self.upstream_request_with(headers, target, body, upgrade)
+        self.upstream_request_with(self.headers.clone(), target, body, upgrade)
+    }
+
+    /// [`Head::upstream_request`] with the head's own headers moved into the request. With
+    /// `keep_copy` (another try may follow) the head keeps a copy of them, else none. Sending
+    /// the original rather than a copy matters: hyper parses the response into the map of the
+    /// request it sent, and the original has room for the response's headers, where a copy
+    /// (sized to its entries) would have to grow.
+    pub fn take_upstream_request(
+        &mut self,
+        target: &Target<'_>,
+        body: Body,
+        keep_copy: bool,
+    ) -> Result<Request<Body>, ProxyError> {
+        let kept = if keep_copy { self.headers.clone() } else { http::HeaderMap::new() };
+        let headers = std::mem::replace(&mut self.headers, kept);
+        self.upstream_request_with(headers, target, body, false)
     }
 
     fn upstream_request_with(
         &self,
         mut headers: http::HeaderMap,
-        target: &Target,
+        target: &Target<'_>,
         body: Body,
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
@@ -108,7 +143,7 @@ impl Head {
             Proto::Http1 => {
                 // Usually the client's own Host already says it: kept as it is.
                 if headers.get(header::HOST).is_none_or(|h| h.as_bytes() != target.authority.as_bytes()) {
-                    let host = http::HeaderValue::from_str(&target.authority)
+                    let host = http::HeaderValue::from_str(target.authority)
                         .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?;
                     headers.insert(header::HOST, host);
                 }
@@ -123,7 +158,7 @@ impl Head {
                 headers.remove(header::HOST);
                 let uri = Uri::builder()
                     .scheme("http")
-                    .authority(target.authority.as_str())
+                    .authority(target.authority)
                     .path_and_query(pq)
                     .build()
                     .map_err(|_| ProxyError::BadRequest(format!("invalid authority {:?}", target.authority)))?;
@@ -143,13 +178,13 @@ impl Head {
 }
 
 /// Prepares a response from upstream for the client: hop-by-hop headers removed, version set
-/// for the client's connection.
-pub fn downstream_response(resp: Response<Incoming>, client_version: Version) -> Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
-    let upgrade = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.version = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    Response::from_parts(parts, body::boxed(incoming))
+/// for the client's connection. Its body stays hyper's, unboxed: the observation boxes it once
+/// ([`observe::Observation::respond`]).
+pub fn downstream_response(mut resp: Response<Incoming>, client_version: Version) -> Response<Incoming> {
+    let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
+    *resp.version_mut() = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    resp
 }
 
 /// Forwards an Upgrade request (WebSocket…) on a dedicated HTTP/1 connection and, after
@@ -158,7 +193,7 @@ pub async fn forward_upgrade(
     state: &Arc<State>,
     mut req: Request<Incoming>,
     head: &Head,
-    target: &Target,
+    target: &Target<'_>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let target = Target { proto: Proto::Http1, app_http1_behind_peer: false, ..target.clone() };

@@ -73,12 +73,11 @@ impl Observation {
     /// MeshConfig's sampling rate), its headers rewritten for the next hop. Returns the
     /// request's head, with those headers (moved out of `req`), and the observation.
     pub fn start<B>(state: Arc<State>, direction: &'static str, req: &mut Request<B>) -> (Head, Observation) {
-        let request_id = headers::ensure_request_id(req.headers_mut());
         let snapshot = state.discovery.current();
         let mesh = &snapshot.mesh.config;
         let tracing = TracingConfig::of(mesh);
         let span = SpanContext::continue_from(req.headers(), || tracing.sample_new());
-        span.inject(req.headers_mut());
+        let request_id = headers::stamp(req.headers_mut(), &span);
         let head = Head::take(req);
         let obs = Observation(Box::new(Observed {
             started: Instant::now(),
@@ -136,8 +135,13 @@ impl Observation {
         self.respond(resp, flag)
     }
 
-    /// Passes the response on; metrics are recorded when its body ends.
-    pub fn respond(self, resp: Response<Body>, flags: &'static str) -> Response<Body> {
+    /// Passes the response on; metrics are recorded when its body ends. The body (an
+    /// upstream's as hyper gives it, or the proxy's own) is boxed once, with its metering.
+    pub fn respond<B>(self, resp: Response<B>, flags: &'static str) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::BoxError>,
+    {
         if let Some(b) = &self.request_body {
             b.responded();
         }

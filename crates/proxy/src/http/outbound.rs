@@ -67,9 +67,11 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
     if req.method() == Method::CONNECT {
         return Box::pin(connect_tunnel(state, req, obs)).await;
     }
-    let snapshot = match head.authority() {
-        Some(a) if conn.bound.is_none() => state.snapshot_for_host(split_authority(a).0).await,
-        _ => state.discovery.current(),
+    // A bound request goes to its bind's Service whatever it names: no authority to look at.
+    let named = if conn.bound.is_none() { head.authority() } else { None };
+    let snapshot = match named {
+        Some(a) => state.snapshot_for_host(split_authority(a).0).await,
+        None => state.discovery.current(),
     };
     let dest = match resolve(&snapshot, &conn, &head) {
         Ok(d) => d,
@@ -288,7 +290,7 @@ async fn direct(
     obs.upstream = Some(addr);
     // Where originated TLS goes, for its failure counter.
     let destination = origin.as_ref().map(|_| format!("{name}:{port}"));
-    let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
+    let target = Target { addr, proto, authority: &authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if upgrade {
         forward_upgrade(&state, req, &head, &target).await
     } else {

@@ -86,15 +86,14 @@ impl Budgets {
     ) -> Option<T> {
         let now = Instant::now();
         let mut map = self.by_service.lock().ok()?;
-        // Looked up first: the key is cloned only for a Service's first request.
-        if !map.contains_key(service) {
-            map.insert(service.clone(), Budget::new(params, now));
+        // One lookup; the key is cloned only for a Service's first request.
+        if let Some(budget) = map.get_mut(service) {
+            if budget.params != params {
+                *budget = Budget::new(params, now);
+            }
+            return Some(f(budget, now));
         }
-        let budget = map.get_mut(service)?;
-        if budget.params != params {
-            *budget = Budget::new(params, now);
-        }
-        Some(f(budget, now))
+        Some(f(map.entry(service.clone()).or_insert(Budget::new(params, now)), now))
     }
 
     pub fn deposit(&self, service: &ServiceName, params: RetryBudget) {

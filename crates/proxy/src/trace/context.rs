@@ -327,13 +327,13 @@ impl SpanContext {
     }
 
     /// `00-TRACEID-SPANID-FLAGS` for this span.
-    pub fn traceparent(&self) -> String {
-        let mut v = String::with_capacity(55);
-        v.push_str("00-");
-        v.push_str(to_hex(&self.trace_id.0, &mut [0; 32]));
-        v.push('-');
-        v.push_str(to_hex(&self.span_id.0, &mut [0; 16]));
-        v.push_str(if self.sampled { "-01" } else { "-00" });
+    pub fn traceparent(&self) -> [u8; 55] {
+        let mut v = [0u8; 55];
+        v[..3].copy_from_slice(b"00-");
+        to_hex(&self.trace_id.0, &mut v[3..35]);
+        v[35] = b'-';
+        to_hex(&self.span_id.0, &mut v[36..52]);
+        v[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
         v
     }
 
@@ -346,14 +346,22 @@ impl SpanContext {
     /// Replaces the trace headers in `headers` with this span's: `traceparent` (and the
     /// carried `tracestate`) always, B3 in the forms the request came with.
     pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_bytes(&self.traceparent()) {
+            self.inject_with(headers, v);
+        }
+    }
+
+    /// [`inject`](Self::inject) with the `traceparent` value made by the caller (from
+    /// [`traceparent`](Self::traceparent), in an allocation it shares with another value).
+    pub fn inject_with(&self, headers: &mut HeaderMap, traceparent: HeaderValue) {
         // Most requests carry none of them, a request from another sidecar only `traceparent`.
         crate::http::headers::remove_present(headers, &ALL);
+        headers.insert(TRACEPARENT, traceparent);
         let mut put = |name: HeaderName, value: String| {
             if let Ok(v) = HeaderValue::try_from(value) {
                 headers.insert(name, v);
             }
         };
-        put(TRACEPARENT, self.traceparent());
         if let Some(ts) = &self.tracestate {
             put(TRACESTATE, ts.clone());
         }
@@ -500,7 +508,10 @@ mod tests {
         }
         let sampled = SpanContext::continue_from(&HeaderMap::new(), || true);
         assert!(sampled.sampled);
-        assert!(sampled.traceparent().ends_with("-01"));
+        assert!(sampled.traceparent().ends_with(b"-01"));
+        let unsampled = SpanContext::continue_from(&HeaderMap::new(), || false);
+        let expected = format!("00-{}-{}-00", unsampled.trace_id, unsampled.span_id);
+        assert_eq!(&unsampled.traceparent()[..], expected.as_bytes());
     }
 
     #[test]
