@@ -7,6 +7,7 @@ pub mod body;
 pub mod client;
 pub mod deadline;
 pub mod forward;
+pub mod h1_codec;
 pub mod headers;
 pub mod inbound;
 pub mod observe;

@@ -1,0 +1,428 @@
+//! The HTTP/1.1 wire format of the proxy's own upstream connections (RFC 9112): request heads
+//! written, response heads parsed by httparse into `http` types, bodies framed and decoded.
+//! No I/O: a connection feeds it the bytes it reads and writes the bytes it makes.
+//!
+//! Step 1 of the proxy-specific HTTP/1 path (docs/PERFORMANCE.md, "What hyper costs on its
+//! own"). Strict where a lenient reading could let two parties disagree on where a message
+//! ends (the ground of request smuggling and response desynchronization): a response with
+//! both `Transfer-Encoding` and `Content-Length`, differing lengths, a malformed chunk line,
+//! a chunk not followed by CRLF, an obsolete folded header line, all end the connection with
+//! an error instead of a guess. The framing headers of a request are written from its
+//! [`Framing`] alone, never copied from its header map.
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// What an upstream may send in one head or trailer section.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of a response head (status line and header fields) or of a trailer section.
+    pub max_head_bytes: usize,
+    /// Header fields in a head or a trailer section (at most [`MAX_HEADERS`]).
+    pub max_headers: usize,
+}
+
+/// The most header fields any head may have (the parser's slots live on the stack).
+pub const MAX_HEADERS: usize = 128;
+
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// A message that breaks the wire format: the connection cannot carry another message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodecError(pub &'static str);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes (responses only).
+    UntilClose,
+}
+
+/// Appends a request head to `out`: request line, every field of `headers` but the framing
+/// ones (`Content-Length`, `Transfer-Encoding`), then the framing `framing` says. The caller
+/// sets `Host` and removes hop-by-hop fields. `target` is the origin-form (or absolute-form)
+/// request target; `http` types cannot hold CR, LF or NUL in any of these, so nothing written
+/// here can start a line of its own.
+pub fn encode_request_head(method: &Method, target: &str, headers: &HeaderMap, framing: Framing, out: &mut Vec<u8>) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Empty | Framing::UntilClose => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk's header (its size in hex and CRLF) to `out`; the data and a CRLF follow.
+/// An empty chunk would end the body: use [`encode_last_chunk`].
+pub fn encode_chunk_header(len: usize, out: &mut Vec<u8>) {
+    debug_assert!(len > 0, "an empty chunk ends the body");
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the last chunk and the trailer section (`trailers`, may be empty) to `out`.
+pub fn encode_last_chunk(trailers: &HeaderMap, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response head read from an upstream.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// How its body is delimited (for the request that was sent).
+    pub framing: Framing,
+    /// Whether the connection can carry another request once this body is read.
+    pub keep_alive: bool,
+    /// Bytes of the head in the buffer it was parsed from.
+    pub len: usize,
+}
+
+/// Parses a response head at the start of `buf`, the answer to a `request` request: `None`
+/// until the head is whole. A `1xx` head is returned like any other, with [`Framing::Empty`]:
+/// the final response follows it (after a `101`, the connection speaks another protocol —
+/// the caller's to handle). Not for the answer to a `CONNECT` (a tunnel, not a body).
+pub fn parse_response_head(buf: &[u8], request: &Method, limits: &Limits) -> Result<Option<ResponseHead>, CodecError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let slots = &mut slots[..limits.max_headers.clamp(1, MAX_HEADERS)];
+    let mut response = httparse::Response::new(slots);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {
+            return Err(CodecError("response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(CodecError("too many header fields in a response head")),
+        Err(_) => return Err(CodecError("malformed response head")),
+    };
+    if len > limits.max_head_bytes {
+        return Err(CodecError("response head too large"));
+    }
+    let version = match response.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(CodecError("unsupported HTTP version in a response")),
+    };
+    let status =
+        response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(CodecError("malformed response status"))?;
+    let headers = header_map(response.headers)?;
+    let framing = response_framing(status, request, &headers)?;
+    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
+    Ok(Some(ResponseHead { status, version, headers, framing, keep_alive, len }))
+}
+
+/// The `http` header map of parsed fields.
+fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, CodecError> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| CodecError("invalid header name"))?;
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| CodecError("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// RFC 9112 §6.3: how a response's body is delimited.
+fn response_framing(status: StatusCode, request: &Method, headers: &HeaderMap) -> Result<Framing, CodecError> {
+    if request == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    let lengths = content_length(headers)?;
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        if lengths.is_some() {
+            return Err(CodecError("a response with both Transfer-Encoding and Content-Length"));
+        }
+        return if chunked_last(headers)? { Ok(Framing::Chunked) } else { Ok(Framing::UntilClose) };
+    }
+    Ok(match lengths {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// The value of every `Content-Length` field (lists included), which must agree: `None` if
+/// there is none.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, CodecError> {
+    let mut length = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let digits = part.trim_ascii();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(CodecError("invalid Content-Length"));
+            }
+            let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err(CodecError("differing Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Whether `chunked` is the last transfer coding (and appears nowhere else).
+fn chunked_last(headers: &HeaderMap) -> Result<bool, CodecError> {
+    let codings: Vec<&[u8]> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
+    match codings.iter().position(chunked) {
+        None if codings.is_empty() => Err(CodecError("an empty Transfer-Encoding")),
+        None => Ok(false),
+        Some(i) if i + 1 == codings.len() => Ok(true),
+        Some(_) => Err(CodecError("chunked is not the last transfer coding")),
+    }
+}
+
+/// Whether a response of `version` with `headers` leaves its connection open.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for value in headers.get_all(http::header::CONNECTION) {
+        for option in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            close |= option.eq_ignore_ascii_case(b"close");
+            keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// What [`BodyDecoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section of a chunked body (never empty); the body ends after it.
+    Trailers(HeaderMap),
+    /// The body is complete; bytes left in the buffer belong to what follows.
+    End,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// Reads one body out of a connection's read buffer, as its framing says.
+#[derive(Debug)]
+pub struct BodyDecoder {
+    state: State,
+    limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes of a `Content-Length` body left.
+    Length(u64),
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// This many bytes of the current chunk left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// The trailer section.
+    Trailers,
+    /// Everything until the connection closes.
+    UntilClose,
+    Done,
+}
+
+impl BodyDecoder {
+    pub fn new(framing: Framing, limits: Limits) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyDecoder { state, limits }
+    }
+
+    /// Whether the body has been read to its end.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Takes the next piece of the body from the front of `buf`; `closed`: the peer has closed
+    /// and nothing more will arrive. Call again until [`Decoded::End`] or [`Decoded::NeedMore`].
+    pub fn decode(&mut self, buf: &mut BytesMut, closed: bool) -> Result<Decoded, CodecError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::UntilClose if !buf.is_empty() => return Ok(Decoded::Data(buf.split().freeze())),
+                State::UntilClose if closed => {
+                    self.state = State::Done;
+                    return Ok(Decoded::End);
+                }
+                State::Length(left) | State::ChunkData(left) if !buf.is_empty() => {
+                    let take = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    let left = left - take as u64;
+                    self.state = match (self.state, left) {
+                        (State::Length(_), 0) => State::Done,
+                        (State::Length(_), _) => State::Length(left),
+                        (_, 0) => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                State::ChunkSize => {
+                    let Some(end) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                        return self.need_more(buf.len() >= MAX_CHUNK_LINE, "chunk-size line too long", closed);
+                    };
+                    let line = buf.split_to(end + 1);
+                    let size = chunk_size(&line)?;
+                    self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return self.need_more(false, "", closed);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(CodecError("chunk data not followed by CRLF"));
+                    }
+                    let _ = buf.split_to(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        let _ = buf.split_to(2);
+                        self.state = State::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let slots = &mut slots[..self.limits.max_headers.clamp(1, MAX_HEADERS)];
+                    match httparse::parse_headers(buf, slots) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            if len > self.limits.max_head_bytes {
+                                return Err(CodecError("trailer section too large"));
+                            }
+                            let trailers = header_map(fields)?;
+                            let _ = buf.split_to(len);
+                            self.state = State::Done;
+                            return Ok(Decoded::Trailers(trailers));
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            let too_large = buf.len() >= self.limits.max_head_bytes;
+                            return self.need_more(too_large, "trailer section too large", closed);
+                        }
+                        Err(httparse::Error::TooManyHeaders) => return Err(CodecError("too many trailer fields")),
+                        Err(_) => return Err(CodecError("malformed trailer section")),
+                    }
+                }
+                State::Length(_) | State::ChunkData(_) | State::UntilClose => return self.need_more(false, "", closed),
+            }
+        }
+    }
+
+    /// [`Decoded::NeedMore`], unless the buffer already holds too much (`too_large`: error
+    /// `what`) or the peer has closed within the body.
+    fn need_more(&self, too_large: bool, what: &'static str, closed: bool) -> Result<Decoded, CodecError> {
+        if too_large {
+            Err(CodecError(what))
+        } else if closed {
+            Err(CodecError("the connection closed within a body"))
+        } else {
+            Ok(Decoded::NeedMore)
+        }
+    }
+}
+
+/// The size on a chunk-size line (ending in CRLF): hex digits, then nothing, or chunk
+/// extensions after optional whitespace and `;`.
+fn chunk_size(line: &[u8]) -> Result<u64, CodecError> {
+    let line = line.strip_suffix(b"\r\n").ok_or(CodecError("chunk-size line not ended by CRLF"))?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(CodecError("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    let extensions = rest.trim_ascii_start();
+    if !rest.is_empty() && !extensions.starts_with(b";") {
+        return Err(CodecError("invalid chunk size"));
+    }
+    if extensions.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(CodecError("control character in a chunk extension"));
+    }
+    let mut size = 0u64;
+    for &d in &line[..digits] {
+        let v = (d as char).to_digit(16).unwrap_or(0);
+        size = size.checked_mul(16).ok_or(CodecError("chunk size too large"))? | u64::from(v);
+    }
+    Ok(size)
+}
+
+/// `n` in decimal, in `digits`.
+fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &digits[i..]
+}
+
+#[cfg(test)]
+mod tests;

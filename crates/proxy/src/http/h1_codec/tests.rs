@@ -1,0 +1,334 @@
+use super::*;
+use proptest::prelude::*;
+
+const LIMITS: Limits = Limits { max_head_bytes: 8192, max_headers: 100 };
+
+fn head(text: &str) -> Result<Option<ResponseHead>, CodecError> {
+    parse_response_head(text.as_bytes(), &Method::GET, &LIMITS)
+}
+
+fn complete(text: &str) -> ResponseHead {
+    match head(text) {
+        Ok(Some(h)) => h,
+        other => panic!("{text:?}: {other:?}"),
+    }
+}
+
+fn refused(text: &str) -> &'static str {
+    match head(text) {
+        Err(CodecError(why)) => why,
+        other => panic!("{text:?} was accepted: {other:?}"),
+    }
+}
+
+/// A decoded body: its data, its trailers, and what was left in the buffer after its end.
+type Whole = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
+
+/// Decodes a whole body from `wire` fed in pieces of `pieces` bytes: its data, its trailers,
+/// and what was left in the buffer after its end.
+fn decode_all(framing: Framing, wire: &[u8], pieces: usize) -> Result<Whole, CodecError> {
+    let mut decoder = BodyDecoder::new(framing, LIMITS);
+    let (mut buf, mut data, mut trailers) = (BytesMut::new(), Vec::new(), None);
+    let mut fed = 0;
+    loop {
+        match decoder.decode(&mut buf, fed == wire.len())? {
+            Decoded::Data(d) => data.extend_from_slice(&d),
+            Decoded::Trailers(t) => trailers = Some(t),
+            Decoded::End => return Ok((data, trailers, buf.to_vec())),
+            Decoded::NeedMore => {
+                let next = (fed + pieces.max(1)).min(wire.len());
+                buf.extend_from_slice(&wire[fed..next]);
+                fed = next;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_request_head_carries_its_framing_from_the_framing_alone() {
+    let mut headers = HeaderMap::new();
+    headers.insert("host", HeaderValue::from_static("reviews:9080"));
+    headers.append("x-a", HeaderValue::from_static("1"));
+    headers.append("x-a", HeaderValue::from_static("2"));
+    // Framing fields in the map are never copied: the framing says what the body is.
+    headers.insert("content-length", HeaderValue::from_static("5"));
+    headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    let mut out = Vec::new();
+    encode_request_head(&Method::POST, "/a?b=c", &headers, Framing::Length(12), &mut out);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "POST /a?b=c HTTP/1.1\r\nhost: reviews:9080\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
+    );
+    out.clear();
+    encode_request_head(&Method::PUT, "/", &headers, Framing::Chunked, &mut out);
+    assert!(out.ends_with(b"x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"), "{}", String::from_utf8_lossy(&out));
+    out.clear();
+    encode_request_head(&Method::GET, "", &HeaderMap::new(), Framing::Empty, &mut out);
+    assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+    out.clear();
+    encode_request_head(&Method::POST, "/", &HeaderMap::new(), Framing::Length(0), &mut out);
+    assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+}
+
+#[test]
+fn chunks_are_written_in_hex_and_the_last_with_its_trailers() {
+    for (len, want) in
+        [(1, "1\r\n"), (10, "a\r\n"), (255, "ff\r\n"), (4096, "1000\r\n"), (usize::MAX, "ffffffffffffffff\r\n")]
+    {
+        let mut out = Vec::new();
+        encode_chunk_header(len, &mut out);
+        assert_eq!(String::from_utf8_lossy(&out), want);
+    }
+    let mut out = Vec::new();
+    encode_last_chunk(&HeaderMap::new(), &mut out);
+    assert_eq!(out, b"0\r\n\r\n");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    out.clear();
+    encode_last_chunk(&trailers, &mut out);
+    assert_eq!(out, b"0\r\ngrpc-status: 0\r\n\r\n");
+    // What is written decodes back.
+    let mut wire = Vec::new();
+    encode_chunk_header(3, &mut wire);
+    wire.extend_from_slice(b"abc\r\n");
+    encode_last_chunk(&trailers, &mut wire);
+    let (data, got, rest) = decode_all(Framing::Chunked, &wire, 1).expect("decodes");
+    assert_eq!((data.as_slice(), got, rest.len()), (&b"abc"[..], Some(trailers), 0));
+}
+
+#[test]
+fn a_response_head_is_read_once_whole() {
+    let text =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nX-Twice: a\r\nX-Twice: b\r\n\r\nok\n";
+    for cut in 0..text.len() - 3 {
+        assert!(head(&text[..cut]).expect("a prefix is not an error").is_none(), "complete at {cut}");
+    }
+    let h = complete(text);
+    assert_eq!(
+        (h.status, h.version, h.framing, h.keep_alive),
+        (StatusCode::OK, Version::HTTP_11, Framing::Length(3), true)
+    );
+    assert_eq!(h.len, text.len() - 3, "the body is not part of the head");
+    assert_eq!(h.headers.get("content-type").map(HeaderValue::as_bytes), Some(&b"text/plain"[..]));
+    let twice: Vec<_> = h.headers.get_all("x-twice").iter().map(HeaderValue::as_bytes).collect();
+    assert_eq!(twice, [&b"a"[..], b"b"]);
+}
+
+#[test]
+fn framing_follows_rfc_9112() {
+    let framing = |t: &str| complete(t).framing;
+    assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"), Framing::Length(10));
+    assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), Framing::Empty);
+    assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\nContent-Length: 7\r\n\r\n"), Framing::Length(7));
+    assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), Framing::Chunked);
+    assert_eq!(framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, CHUNKED\r\n\r\n"), Framing::Chunked);
+    assert_eq!(
+        framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        Framing::Chunked
+    );
+    // No body, whatever the fields say.
+    for t in [
+        "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+        "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+    ] {
+        assert_eq!(framing(t), Framing::Empty, "{t:?}");
+    }
+    let to_head = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", &Method::HEAD, &LIMITS);
+    assert_eq!(to_head.ok().flatten().map(|h| (h.framing, h.keep_alive)), Some((Framing::Empty, true)));
+    // Until the connection closes: never kept alive.
+    for t in ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"] {
+        let h = complete(t);
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false), "{t:?}");
+    }
+}
+
+#[test]
+fn keep_alive_follows_the_version_and_connection_options() {
+    let alive = |t: &str| complete(t).keep_alive;
+    assert!(alive("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+    assert!(!alive("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"));
+    assert!(!alive("HTTP/1.1 200 OK\r\nConnection: x-a, Close\r\nContent-Length: 0\r\n\r\n"));
+    assert!(!alive("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+    assert!(alive("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"));
+    assert!(!alive("HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"));
+}
+
+#[test]
+fn ambiguous_or_malformed_heads_are_refused() {
+    for (text, why) in [
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "both"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "differing"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n", "differing"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 0x10\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 1 2\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 3,\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", "invalid Content-Length"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "not the last"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "not the last"),
+        ("HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n", "empty Transfer-Encoding"),
+        ("HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n", "malformed"),
+        ("HTTP/1.1 200 OK\r\nX-Bad\x01: a\r\n\r\n", "malformed"),
+        ("HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\n\r\n", "malformed"),
+        ("HTTP/1.1 2000 OK\r\n\r\n", "malformed"),
+        ("HTTP/2.0 200 OK\r\n\r\n", "malformed"),
+        ("ICY 200 OK\r\n\r\n", "malformed"),
+    ] {
+        let got = refused(text);
+        assert!(got.contains(why), "{text:?}: {got:?} does not say {why:?}");
+    }
+}
+
+#[test]
+fn heads_are_bounded_in_size_and_fields() {
+    let small = Limits { max_head_bytes: 64, max_headers: 3 };
+    let parse = |t: &str| parse_response_head(t.as_bytes(), &Method::GET, &small);
+    // Positive control: within both limits.
+    assert!(matches!(parse("HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"), Ok(Some(_))));
+    assert_eq!(
+        parse("HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n").err(),
+        Some(CodecError("too many header fields in a response head"))
+    );
+    let long = format!("HTTP/1.1 200 OK\r\nA: {}\r\n\r\n", "x".repeat(64));
+    assert_eq!(parse(&long).err(), Some(CodecError("response head too large")));
+    // Never complete, and already at the limit: refused rather than read on.
+    assert_eq!(parse(&long[..70]).err(), Some(CodecError("response head too large")));
+    assert!(matches!(parse(&long[..40]), Ok(None)));
+}
+
+#[test]
+fn a_length_body_ends_at_its_length_and_leaves_what_follows() {
+    let wire = b"hello worldHTTP/1.1 200 OK\r\n";
+    for pieces in [1, 3, 100] {
+        let (data, trailers, rest) = decode_all(Framing::Length(11), wire, pieces).expect("decodes");
+        assert_eq!((data.as_slice(), trailers), (&b"hello world"[..], None));
+        // Fed piecewise the decoder never reads ahead; fed at once the rest stays in the buffer.
+        assert!(wire[11..].starts_with(&rest), "{pieces}: {rest:?}");
+    }
+    assert_eq!(
+        decode_all(Framing::Length(12), b"hello world", 4).err(),
+        Some(CodecError("the connection closed within a body"))
+    );
+    assert_eq!(decode_all(Framing::Empty, b"", 1).map(|d| d.0.len()), Ok(0));
+    let (data, _, _) = decode_all(Framing::UntilClose, b"all of it", 2).expect("until close");
+    assert_eq!(data, b"all of it");
+}
+
+#[test]
+fn chunked_bodies_decode_with_extensions_and_trailers() {
+    let wire = b"5\r\nhello\r\n6;name=value; x=\"q\"\r\n world\r\nA\r\n0123456789\r\n0\r\nGrpc-Status: 0\r\nX-T: t\r\n\r\nNEXT";
+    for pieces in [1, 2, 7, wire.len()] {
+        let (data, trailers, rest) = decode_all(Framing::Chunked, wire, pieces).expect("decodes");
+        assert_eq!(data, b"hello world0123456789");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers.get("grpc-status").map(HeaderValue::as_bytes), Some(&b"0"[..]));
+        assert_eq!(trailers.len(), 2);
+        assert!(b"NEXT".starts_with(&rest), "{pieces}: {rest:?}");
+    }
+    let (data, trailers, rest) = decode_all(Framing::Chunked, b"3\r\nabc\r\n0\r\n\r\nNEXT", 100).expect("decodes");
+    assert_eq!((data.as_slice(), trailers, rest.as_slice()), (&b"abc"[..], None, &b"NEXT"[..]));
+    // Upper-case hex, leading zeros.
+    let (data, _, _) = decode_all(Framing::Chunked, b"0000B\r\nhello world\r\n0\r\n\r\n", 3).expect("decodes");
+    assert_eq!(data, b"hello world");
+}
+
+#[test]
+fn malformed_chunking_is_refused() {
+    for (wire, why) in [
+        (&b"0x5\r\nhello\r\n0\r\n\r\n"[..], "invalid chunk size"),
+        (b"g\r\n", "invalid chunk size"),
+        (b"\r\n", "invalid chunk size"),
+        (b" 5\r\nhello\r\n0\r\n\r\n", "invalid chunk size"),
+        (b"-5\r\n", "invalid chunk size"),
+        (b"5 x\r\nhello\r\n0\r\n\r\n", "invalid chunk size"),
+        (b"5\nhello\r\n0\r\n\r\n", "not ended by CRLF"),
+        (b"5\rhello\r\n0\r\n\r\n", "invalid chunk size"),
+        (b"5\r\nhelloXY0\r\n\r\n", "not followed by CRLF"),
+        (b"5\r\nhello\n0\r\n\r\n", "not followed by CRLF"),
+        (b"5\r\nhello world\r\n0\r\n\r\n", "not followed by CRLF"),
+        (b"10000000000000000\r\n", "invalid chunk size"),
+        (b"5;a\x01b\r\nhello\r\n0\r\n\r\n", "control character"),
+        (b"3\r\nabc\r\n0\r\nX-Folded: a\r\n b\r\n\r\n", "malformed trailer"),
+        (b"3\r\nabc\r\n0\r\nBad Name: a\r\n\r\n", "malformed trailer"),
+        (b"3\r\nabc\r\n0\r\n", "closed within a body"),
+        (b"3\r\nab", "closed within a body"),
+        (b"3\r\nabc\r\n", "closed within a body"),
+    ] {
+        for pieces in [1, wire.len()] {
+            match decode_all(Framing::Chunked, wire, pieces) {
+                Err(CodecError(got)) => assert!(got.contains(why), "{wire:?} in {pieces}: {got:?}, not {why:?}"),
+                Ok(decoded) => panic!("{:?} was accepted: {decoded:?}", String::from_utf8_lossy(wire)),
+            }
+        }
+    }
+    // The largest size that fits is read as a size (and then the body is short).
+    assert_eq!(
+        decode_all(Framing::Chunked, b"ffffffffffffffff\r\nab", 100).err(),
+        Some(CodecError("the connection closed within a body"))
+    );
+}
+
+#[test]
+fn chunk_lines_and_trailers_are_bounded() {
+    let long_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_LINE));
+    assert_eq!(
+        decode_all(Framing::Chunked, long_extension.as_bytes(), 1000).err(),
+        Some(CodecError("chunk-size line too long"))
+    );
+    let fine_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(100));
+    assert!(decode_all(Framing::Chunked, fine_extension.as_bytes(), 1000).is_ok());
+    let big_trailer = format!("0\r\nX-Big: {}\r\n\r\n", "x".repeat(LIMITS.max_head_bytes));
+    assert_eq!(
+        decode_all(Framing::Chunked, big_trailer.as_bytes(), 100_000).err(),
+        Some(CodecError("trailer section too large"))
+    );
+    assert_eq!(
+        decode_all(Framing::Chunked, big_trailer.as_bytes(), 100).err(),
+        Some(CodecError("trailer section too large"))
+    );
+    let many: String = (0..=LIMITS.max_headers).map(|i| format!("X-{i}: v\r\n")).collect();
+    let many = format!("0\r\n{many}\r\n");
+    assert_eq!(
+        decode_all(Framing::Chunked, many.as_bytes(), 100_000).err(),
+        Some(CodecError("too many trailer fields"))
+    );
+}
+
+proptest! {
+    /// Any body, cut into any chunks and fed in any piece size, decodes to itself and leaves
+    /// the next message untouched.
+    #[test]
+    fn chunked_round_trip(body in proptest::collection::vec(any::<u8>(), 0..600), cuts in proptest::collection::vec(1usize..200, 0..8), pieces in 1usize..64) {
+        let mut wire = Vec::new();
+        let mut at = 0usize;
+        for cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let end = at.saturating_add(*cut).min(body.len());
+            if end > at {
+                encode_chunk_header(end - at, &mut wire);
+                wire.extend_from_slice(&body[at..end]);
+                wire.extend_from_slice(b"\r\n");
+            }
+            at = end;
+        }
+        encode_last_chunk(&HeaderMap::new(), &mut wire);
+        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        let (data, trailers, rest) = decode_all(Framing::Chunked, &wire, pieces).expect("decodes");
+        prop_assert_eq!(data, body);
+        prop_assert!(trailers.is_none());
+        prop_assert!(b"HTTP/1.1 200 OK\r\n".starts_with(&rest));
+    }
+
+    /// Arbitrary bytes as a chunked body or a response head: an answer or an error, never a
+    /// panic, and never more data than was fed.
+    #[test]
+    fn arbitrary_bytes_never_panic(wire in proptest::collection::vec(any::<u8>(), 0..300), pieces in 1usize..32) {
+        if let Ok((data, _, _)) = decode_all(Framing::Chunked, &wire, pieces) {
+            prop_assert!(data.len() <= wire.len());
+        }
+        let _ = parse_response_head(&wire, &Method::GET, &LIMITS);
+    }
+}
