@@ -65,15 +65,7 @@ pub fn encode_request_head(method: &Method, target: &str, headers: &HeaderMap, f
     out.push(b' ');
     out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(headers, |name| name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING, out);
     match framing {
         Framing::Empty | Framing::UntilClose => {}
         Framing::Length(n) => {
@@ -108,13 +100,20 @@ pub fn encode_chunk_header(len: usize, out: &mut Vec<u8>) {
 /// Appends the last chunk and the trailer section (`trailers`, may be empty) to `out`.
 pub fn encode_last_chunk(trailers: &HeaderMap, out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(trailers, |_| true, out);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the fields of `headers` that `keep` keeps, one `name: value` line each.
+fn write_fields(headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        if keep(name) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 /// A response head read from an upstream.
