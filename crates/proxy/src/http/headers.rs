@@ -78,11 +78,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // No `Connection` (HTTP/2, most HTTP/1.1 clients): nothing to look up or remove.
         let keep_alive_only = !connection
             || headers.get_all(header::CONNECTION).iter().all(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .all(|t| t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close"))
-                })
+                let token = |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
+                // Usually one token: no splitting.
+                token(v.as_bytes().trim_ascii())
+                    || v.to_str().is_ok_and(|v| v.split(',').all(|t| token(t.trim().as_bytes())))
             });
         if keep_alive_only {
             if connection {
@@ -148,7 +147,12 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Whether a request or response is gRPC.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+    headers.get(header::CONTENT_TYPE).is_some_and(is_grpc_content_type)
+}
+
+/// Whether a `content-type` value is gRPC's.
+pub fn is_grpc_content_type(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| v.starts_with("application/grpc"))
 }
 
 /// Adds `x-request-id` when absent, then replaces the trace headers with `span`'s
@@ -160,7 +164,7 @@ pub fn stamp(headers: &mut HeaderMap, span: &SpanContext) -> HeaderValue {
     // 32 lower-case hex digits of request id, then the `traceparent`.
     let mut values = [0u8; 32 + 55];
     if present.is_none() {
-        crate::trace::context::to_hex(&fastrand::u128(..).to_be_bytes(), &mut values[..32]);
+        crate::trace::context::hex_into(&fastrand::u128(..).to_be_bytes(), &mut values[..32]);
     }
     values[32..].copy_from_slice(&span.traceparent());
     let shared = Bytes::from_owner(values);
@@ -276,6 +280,37 @@ mod tests {
         assert_eq!(stamp(&mut h, &span), id, "an id present is kept");
         assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
         assert_ne!(stamp(&mut HeaderMap::new(), &span), id, "a new id per request");
+    }
+
+    /// The trace headers a request carried are replaced by this hop's, whatever their form;
+    /// a request that carried none gets `traceparent` alone.
+    #[test]
+    fn stamp_replaces_the_trace_headers_carried() {
+        use crate::trace::context::{B3, B3_SPAN_ID, B3_TRACE_ID, TRACEPARENT, TRACESTATE};
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.append(TRACEPARENT, HeaderValue::from_static(incoming));
+        h.append(TRACEPARENT, HeaderValue::from_static("00-ffffffffffffffffffffffffffffffff-00f067aa0ba902b7-01"));
+        h.append(TRACESTATE, HeaderValue::from_static("a=1"));
+        h.append(B3, HeaderValue::from_static("4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1"));
+        h.append(B3_TRACE_ID, HeaderValue::from_static("4bf92f3577b34da6a3ce929d0e0e4736"));
+        h.append(B3_SPAN_ID, HeaderValue::from_static("00f067aa0ba902b7"));
+        let span = SpanContext::continue_from(&h, || false);
+        stamp(&mut h, &span);
+        let mine = format!("00-{}-{}-{}", span.trace_id, span.span_id, if span.sampled { "01" } else { "00" });
+        assert_eq!(h.get_all(TRACEPARENT).iter().map(|v| v.to_str().unwrap_or("?")).collect::<Vec<_>>(), [mine]);
+        assert_ne!(h[TRACEPARENT], incoming);
+        assert_eq!(h.get_all(B3_SPAN_ID).iter().count(), 1);
+        assert_eq!(h[B3_SPAN_ID], span.span_id.to_string().as_str());
+        assert!(h[B3].to_str().is_ok_and(|v| v.contains(&span.span_id.to_string())));
+
+        let mut plain = HeaderMap::new();
+        plain.append(header::HOST, HeaderValue::from_static("a"));
+        let span = SpanContext::continue_from(&plain, || true);
+        stamp(&mut plain, &span);
+        let mut names: Vec<&str> = plain.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "traceparent", "x-request-id"]);
     }
 
     /// Of the names given, those present go (every value of a repeated one), the rest stay.

@@ -147,8 +147,18 @@ impl Observation {
         }
         let (parts, b) = resp.into_parts();
         let status = parts.status.as_u16();
-        let header_grpc = parts.headers.get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-        let grpc = self.grpc || super::headers::is_grpc(&parts.headers);
+        // `grpc-status` and `content-type`, each its first value, found in one pass over the
+        // names (a lookup by name hashes it).
+        let (mut grpc_status, mut content_type) = (None, None);
+        for (name, value) in &parts.headers {
+            if grpc_status.is_none() && name == headers::GRPC_STATUS {
+                grpc_status = Some(value);
+            } else if content_type.is_none() && name == http::header::CONTENT_TYPE {
+                content_type = Some(value);
+            }
+        }
+        let header_grpc = grpc_status.and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+        let grpc = self.grpc || content_type.is_some_and(headers::is_grpc_content_type);
         let metered = Metered::new(b, move |resp_bytes, end, trailer_grpc| {
             let grpc_status = match (header_grpc.or(trailer_grpc), grpc) {
                 (Some(s), _) => s.to_string(),

@@ -146,8 +146,11 @@ impl HttpServer {
             // Boxed where it is made: hyper keeps a slot the size of the service's future for
             // an HTTP/1 connection's whole life, idle or not; this way the slot holds a pointer
             // and the request's state (several KiB) exists only while the request does — and
-            // is copied once, into its box, not again into the wrapper and hyper's slot.
-            let fut = Box::pin(handler(req));
+            // is copied once, into its box, not again into the wrapper and hyper's slot. The
+            // box is allocated before the handler is called, so that its future can be written
+            // straight into it rather than made on the stack and copied.
+            let slot = Box::<Fut>::new_uninit();
+            let fut = Box::into_pin(Box::write(slot, handler(req)));
             let activity = counted.clone();
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             // The head is complete: its clock stops.
