@@ -137,7 +137,21 @@ pub struct SendOptions {
     pub origin: Option<Arc<crate::egress::Origin>>,
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// An HTTP/2 connection of the pool: its sender, which requests clone under the pool's lock
+/// (no `await`), and the lock held by whoever connects, so that concurrent first requests
+/// share one new connection instead of racing to open several.
+#[derive(Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<Body>>,
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl H2Slot {
+    /// The connection's sender, while it is open.
+    fn open(&self) -> Option<http2::SendRequest<Body>> {
+        self.sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+}
 
 /// An HTTP/2 connection's identity: the endpoint and, over mTLS, who must answer there; or,
 /// for TLS originated to an external host, that origination's key ([`crate::egress::Origin`]).
@@ -371,27 +385,43 @@ impl Pool {
         // before this proxy had its certificate is never reused (or labelled) as mTLS after.
         let tls_peer = options.peer_identity.clone().filter(|_| self.mtls_to(options.peer_identity.as_ref()));
         let origin_key = options.origin.as_ref().map(|o| o.key.clone());
-        let slot = {
-            let mut map = self.h2.lock().map_err(|_| ProxyError::UpstreamReset("pool poisoned".into()))?;
-            map.entry((addr, tls_peer.clone(), origin_key)).or_default().clone()
-        };
-        let mut sender = {
-            // Holding the slot while connecting makes concurrent first requests share one
-            // connection instead of racing to open several.
-            let mut guard = slot.lock().await;
-            match guard.as_ref() {
-                Some(s) if !s.is_closed() => s.clone(),
-                _ => {
-                    // Boxed, as in `send_h1`: connecting is rare, requests are not.
-                    let origin = options.origin.as_deref();
-                    let s = Box::pin(self.connect_h2(addr, options.connect_timeout, tls_peer.as_ref(), origin)).await?;
-                    *guard = Some(s.clone());
-                    s
-                }
+        let key = (addr, tls_peer, origin_key);
+        let poisoned = || ProxyError::UpstreamReset("pool poisoned".into());
+        // Most requests find the connection open: a clone of its sender under the pool's lock.
+        let open = {
+            let mut map = self.h2.lock().map_err(|_| poisoned())?;
+            match map.get(&key).and_then(H2Slot::open) {
+                Some(sender) => Ok(sender),
+                None => Err(map.entry(key.clone()).or_default().connecting.clone()),
             }
+        };
+        let mut sender = match open {
+            Ok(sender) => sender,
+            // Boxed, as in `send_h1`: connecting is rare, requests are not.
+            Err(connecting) => Box::pin(self.connect_h2_once(key, &connecting, options)).await?,
         };
         sender.ready().await.map_err(upstream_error)?;
         sender.send_request(req).await.map_err(upstream_error)
+    }
+
+    /// Opens the HTTP/2 connection of `key` (endpoint, mTLS peer, origination) unless a
+    /// request that held `connecting` before this one did, and stores it in the pool.
+    async fn connect_h2_once(
+        &self,
+        key: H2Key,
+        connecting: &tokio::sync::Mutex<()>,
+        options: SendOptions,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let _connecting = connecting.lock().await;
+        let poisoned = || ProxyError::UpstreamReset("pool poisoned".into());
+        if let Some(sender) = self.h2.lock().map_err(|_| poisoned())?.get(&key).and_then(H2Slot::open) {
+            return Ok(sender);
+        }
+        let (addr, tls_peer, _) = &key;
+        let origin = options.origin.as_deref();
+        let sender = self.connect_h2(*addr, options.connect_timeout, tls_peer.as_ref(), origin).await?;
+        self.h2.lock().map_err(|_| poisoned())?.entry(key).or_default().sender = Some(sender.clone());
+        Ok(sender)
     }
 
     async fn connect_h2(

@@ -26,7 +26,6 @@ use super::{Head, Target, deadline, downstream_response, forward_upgrade, header
 use crate::error::ProxyError;
 use crate::metrics::{Label, ServicePolicyLabels, UNKNOWN};
 use crate::proxy::State;
-use crate::resilience::ratelimit::own_port;
 use crate::tap::Notes;
 
 /// What the inbound listener knows about a connection.
@@ -185,10 +184,10 @@ pub fn authorize(
 /// Istio does for TCP.
 pub fn authorize_stream(state: &State, app_port: u16, peer: Option<&str>) -> Result<(), ProxyError> {
     let snapshot = state.discovery.current();
-    if let Some((service, port)) = own_port(&snapshot, &state.settings, Some(app_port))
-        && let Some(policy) = port.authorization.http_policy()
+    if let Some(own) = state.rate_limits.own_port(&snapshot, &state.settings, Some(app_port))
+        && let Some(policy) = own.authorization.http_policy()
     {
-        return Err(denied(state, &service.name.name, &policy.name));
+        return Err(denied(state, &own.service.name, &policy.name));
     }
     authorize_parts(state, app_port, peer, ("", "", None), &http::HeaderMap::new(), &Notes::default())
 }
@@ -197,7 +196,8 @@ pub fn authorize_stream(state: &State, app_port: u16, peer: Option<&str>) -> Res
 /// HTTP-level authorization rules): the app is then never dialled before a request is read.
 pub fn http_only(state: &State, app_port: u16) -> bool {
     let snapshot = state.discovery.current();
-    own_port(&snapshot, &state.settings, Some(app_port)).is_some_and(|(_, p)| p.authorization.http_policy().is_some())
+    let own = state.rate_limits.own_port(&snapshot, &state.settings, Some(app_port));
+    own.is_some_and(|o| o.authorization.http_policy().is_some())
 }
 
 /// Counts a denial in `plexus_authz_denied_total` and makes its error.
@@ -220,24 +220,25 @@ fn authorize_parts(
 ) -> Result<(), ProxyError> {
     let snapshot = state.discovery.current();
     let default = snapshot.mesh.default_authorization;
-    let own = own_port(&snapshot, &state.settings, Some(app_port));
+    let own = state.rate_limits.own_port(&snapshot, &state.settings, Some(app_port));
     // Without a Service port of its own no policy can name this sidecar: the default decides.
     let none = Authorization::default();
-    let authorization = own.map_or(&none, |(_, p)| &*p.authorization);
+    let authorization = own.as_ref().map_or(&none, |o| &*o.authorization);
     if authorization.is_empty() && default == DefaultAuthorization::Allow {
         notes.add(|| "authorization: allowed (no policy; mesh default allow)".into());
         return Ok(());
     }
-    let route = match own {
-        Some((_, port)) if authorization.needs_route() && !method.is_empty() => {
+    let route = match &own {
+        Some(o) if authorization.needs_route() && !method.is_empty() => {
             let info = RequestInfo { method, path, query, headers };
-            port.routes.find(&info).map(|e| &*e.route)
+            let port = snapshot.services.get(&o.service).and_then(|s| s.port(Some(o.port)));
+            port.and_then(|p| p.routes.find(&info)).map(|e| &*e.route)
         }
         _ => None,
     };
-    let request = AuthzRequest { peer, method, path, port: own.map_or(app_port, |(_, p)| p.port), route, headers };
+    let request = AuthzRequest { peer, method, path, port: own.as_ref().map_or(app_port, |o| o.port), route, headers };
     let decision = authz::decide(authorization, &request, default);
-    let service = own.map_or(UNKNOWN, |(s, _)| s.name.name.as_str());
+    let service = own.as_ref().map_or(UNKNOWN, |o| o.service.name.as_str());
     for policy in &decision.audit {
         tracing::info!(
             policy = %policy,

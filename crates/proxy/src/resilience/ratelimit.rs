@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use plexus_core::authz::Authorization;
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
 use plexus_core::policy::RateLimit;
 use plexus_core::{MeshSnapshot, ServiceName};
@@ -79,10 +80,20 @@ pub struct OwnLimit {
     pub limit: Arc<RateLimit>,
 }
 
+/// This sidecar's own Service port for one application port ([`own_port`]) as found in one
+/// snapshot: what the inbound side reads per request (authorization, the rate limit).
+#[derive(Debug)]
+pub struct OwnPort {
+    pub service: ServiceName,
+    pub port: u16,
+    pub authorization: Arc<Authorization>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+}
+
 /// Own-port lookups of one snapshot, by application port.
 struct OwnCache {
     snapshot: Weak<MeshSnapshot>,
-    found: Vec<(Option<u16>, Option<OwnLimit>)>,
+    found: Vec<(Option<u16>, Option<Arc<OwnPort>>)>,
 }
 
 /// At most this many application ports are remembered per snapshot.
@@ -134,21 +145,40 @@ impl RateLimiters {
         slot.clone()
     }
 
-    /// The rate limit of this sidecar's own Service port for requests to `app_port`, looked
-    /// up once per snapshot and application port.
+    /// The rate limit of this sidecar's own Service port for requests to `app_port`.
     pub fn own_limit(
         &self,
         snapshot: &Arc<MeshSnapshot>,
         settings: &Settings,
         app_port: Option<u16>,
     ) -> Option<OwnLimit> {
+        let own = self.own_port(snapshot, settings, app_port)?;
+        let limit = own.rate_limit.clone()?;
+        Some(OwnLimit { service: own.service.name.clone(), limit })
+    }
+
+    /// This sidecar's own Service port for requests to `app_port` ([`own_port`]), looked up
+    /// once per snapshot and application port: a lookup makes the Service's name and scans
+    /// its endpoints, and every inbound request needs the port's authorization and limit.
+    pub fn own_port(
+        &self,
+        snapshot: &Arc<MeshSnapshot>,
+        settings: &Settings,
+        app_port: Option<u16>,
+    ) -> Option<Arc<OwnPort>> {
         let cached = self.own.load();
         let current = cached.as_ref().filter(|c| std::ptr::eq(c.snapshot.as_ptr(), Arc::as_ptr(snapshot)));
         if let Some(hit) = current.and_then(|c| c.found.iter().find(|(p, _)| *p == app_port)) {
             return hit.1.clone();
         }
-        let found = own_port(snapshot, settings, app_port)
-            .and_then(|(s, p)| p.rate_limit.clone().map(|limit| OwnLimit { service: s.name.name.clone(), limit }));
+        let found = own_port(snapshot, settings, app_port).map(|(s, p)| {
+            Arc::new(OwnPort {
+                service: s.name.clone(),
+                port: p.port,
+                authorization: p.authorization.clone(),
+                rate_limit: p.rate_limit.clone(),
+            })
+        });
         let mut entries = current.map(|c| c.found.clone()).unwrap_or_default();
         if entries.len() >= MAX_OWN_PORTS {
             entries.clear();
