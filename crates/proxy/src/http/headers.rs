@@ -159,6 +159,11 @@ pub fn is_grpc_content_type(value: &HeaderValue) -> bool {
 /// ([`SpanContext::inject`]); returns the request id. Both values are new on every request: a
 /// generated id and the `traceparent` are formatted on the stack into one shared allocation,
 /// whose copies (the observation's, the retried request's headers) only count references.
+///
+/// Both are marked sensitive: over HTTP/2 (between sidecars, to gRPC apps) HPACK then sends
+/// them as literals never indexed instead of inserting every new value into both ends'
+/// dynamic tables, where each insert evicts an older entry and each lookup walks the entries
+/// of the same name (docs/PERFORMANCE.md, "The mesh path, fifth round").
 pub fn stamp(headers: &mut HeaderMap, span: &SpanContext) -> HeaderValue {
     let present = headers.get(REQUEST_ID).cloned();
     // 32 lower-case hex digits of request id, then the `traceparent`.
@@ -169,11 +174,13 @@ pub fn stamp(headers: &mut HeaderMap, span: &SpanContext) -> HeaderValue {
     values[32..].copy_from_slice(&span.traceparent());
     let shared = Bytes::from_owner(values);
     let id = present.unwrap_or_else(|| {
-        let id = HeaderValue::from_maybe_shared(shared.slice(..32)).unwrap_or(HeaderValue::from_static("0"));
+        let mut id = HeaderValue::from_maybe_shared(shared.slice(..32)).unwrap_or(HeaderValue::from_static("0"));
+        id.set_sensitive(true);
         headers.insert(REQUEST_ID, id.clone());
         id
     });
-    if let Ok(tp) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
+    if let Ok(mut tp) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
+        tp.set_sensitive(true);
         span.inject_with(headers, tp);
     }
     id
@@ -273,10 +280,18 @@ mod tests {
         let span = SpanContext::continue_from(&h, || true);
         let id = stamp(&mut h, &span);
         assert_eq!(id.len(), 32);
-        assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id:?}");
+        assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{:?}", id.to_str());
         assert_eq!(h[REQUEST_ID], id);
         let traceparent = format!("00-{}-{}-01", span.trace_id, span.span_id);
         assert_eq!(h[crate::trace::context::TRACEPARENT], traceparent.as_str());
+        // New on every request: never indexed by HPACK; an id the application sent is kept as it is.
+        assert!(h[REQUEST_ID].is_sensitive() && h[crate::trace::context::TRACEPARENT].is_sensitive());
+        let mut app = HeaderMap::new();
+        app.insert(REQUEST_ID, HeaderValue::from_static("from-the-app"));
+        let kept = stamp(&mut app, &span);
+        assert!(
+            kept == "from-the-app" && !kept.is_sensitive() && app[crate::trace::context::TRACEPARENT].is_sensitive()
+        );
         assert_eq!(stamp(&mut h, &span), id, "an id present is kept");
         assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
         assert_ne!(stamp(&mut HeaderMap::new(), &span), id, "a new id per request");
