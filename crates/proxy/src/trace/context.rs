@@ -30,8 +30,41 @@ pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// Every header this module reads or writes.
-const ALL: [HeaderName; 8] =
+static ALL: [HeaderName; 8] =
     [TRACEPARENT, TRACESTATE, B3, B3_TRACE_ID, B3_SPAN_ID, B3_PARENT_SPAN_ID, B3_SAMPLED, B3_FLAGS];
+
+/// Which of [`ALL`] a request carries: bit `i` for `ALL[i]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Present(u8);
+
+impl Present {
+    const TRACEPARENT: u8 = 1;
+    const TRACESTATE: u8 = 1 << 1;
+    const B3: u8 = 1 << 2;
+    /// `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled` and `x-b3-flags` (not the parent's id).
+    const B3_MULTI: u8 = 1 << 3 | 1 << 4 | 1 << 6 | 1 << 7;
+
+    /// One pass over `headers`' names, instead of a lookup (a hash of the name) for each of
+    /// the eight: most requests carry none, a request from another sidecar only `traceparent`.
+    fn of(headers: &HeaderMap) -> Present {
+        let mut bits = 0;
+        for k in headers.keys() {
+            if let Some(i) = ALL.iter().position(|h| h == k) {
+                bits |= 1 << i;
+            }
+        }
+        Present(bits)
+    }
+
+    fn any(self, bits: u8) -> bool {
+        self.0 & bits != 0
+    }
+
+    /// The names present, but those in `except`.
+    fn names(self, except: u8) -> impl Iterator<Item = &'static HeaderName> {
+        ALL.iter().enumerate().filter(move |(i, _)| (self.0 & !except) & (1 << i) != 0).map(|(_, n)| n)
+    }
+}
 
 /// A 128-bit trace id (never all zeros once made or parsed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -263,11 +296,8 @@ pub struct Formats {
 }
 
 impl Formats {
-    fn of(headers: &HeaderMap) -> Formats {
-        Formats {
-            b3_single: headers.contains_key(B3),
-            b3_multi: [B3_TRACE_ID, B3_SPAN_ID, B3_SAMPLED, B3_FLAGS].iter().any(|h| headers.contains_key(h)),
-        }
+    fn of(present: Present) -> Formats {
+        Formats { b3_single: present.any(Present::B3), b3_multi: present.any(Present::B3_MULTI) }
     }
 }
 
@@ -286,8 +316,8 @@ pub struct SpanContext {
     pub formats: Formats,
     /// The trace id arrived as 64-bit B3 and is written back to B3 that way.
     short_b3_trace_id: bool,
-    /// The request carried trace headers (valid or not), to be replaced by this span's.
-    carried: bool,
+    /// The trace headers the request carried (valid or not), to be replaced by this span's.
+    carried: Present,
 }
 
 impl SpanContext {
@@ -295,9 +325,8 @@ impl SpanContext {
     /// starts a new one. `sample_new` decides for a trace that arrives without a sampling
     /// decision (a new trace, or B3 ids without `sampled`).
     pub fn continue_from(headers: &HeaderMap, sample_new: impl FnOnce() -> bool) -> SpanContext {
-        // Most requests carry no trace header: one pass over the names says so, instead of a
-        // lookup (a hash of the name) for each of the eight.
-        if !headers.keys().any(|k| ALL.contains(k)) {
+        let present = Present::of(headers);
+        if present == Present::default() {
             return SpanContext {
                 trace_id: TraceId::random(),
                 span_id: SpanId::random(),
@@ -307,28 +336,32 @@ impl SpanContext {
                 tracestate: None,
                 formats: Formats::default(),
                 short_b3_trace_id: false,
-                carried: false,
+                carried: present,
             };
         }
-        let formats = Formats::of(headers);
+        // Only the names present are looked up.
+        let formats = Formats::of(present);
         // Exactly one traceparent: several are ambiguous, and so treated as invalid.
-        let mut tps = headers.get_all(TRACEPARENT).iter();
-        let traceparent = match (tps.next(), tps.next()) {
-            (Some(v), None) => v.to_str().ok().and_then(parse_traceparent),
-            _ => None,
+        let traceparent = if present.any(Present::TRACEPARENT) {
+            let mut tps = headers.get_all(TRACEPARENT).iter();
+            match (tps.next(), tps.next()) {
+                (Some(v), None) => v.to_str().ok().and_then(parse_traceparent),
+                _ => None,
+            }
+        } else {
+            None
         };
-        let b3 = headers
-            .get(B3)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_b3_single)
-            .or_else(|| parse_b3_multi(headers))
+        let b3_single = || headers.get(B3).and_then(|v| v.to_str().ok()).and_then(parse_b3_single);
+        let b3 = (if formats.b3_single { b3_single() } else { None })
+            .or_else(|| if formats.b3_multi { parse_b3_multi(headers) } else { None })
             .unwrap_or_default();
         let (ids, sampled, debug, short, tracestate) = if let Some(tp) = traceparent {
             // B3 of the same trace (a previous proxy wrote both) still says how to write B3
             // on: a 64-bit trace id, the debug flag.
             let same = b3.ids.is_some_and(|(t, _)| t == tp.trace_id);
             let sampled = Some(tp.flags & 1 == 1);
-            (Some((tp.trace_id, tp.span_id)), sampled, same && b3.debug, same && b3.short_trace_id, tracestate(headers))
+            let tracestate = if present.any(Present::TRACESTATE) { tracestate(headers) } else { None };
+            (Some((tp.trace_id, tp.span_id)), sampled, same && b3.debug, same && b3.short_trace_id, tracestate)
         } else {
             (b3.ids, b3.sampled, b3.debug, b3.short_trace_id, None)
         };
@@ -342,7 +375,7 @@ impl SpanContext {
             tracestate,
             formats,
             short_b3_trace_id: short && ids.is_some_and(|(t, _)| t.is_short()),
-            carried: true,
+            carried: present,
         }
     }
 
@@ -378,8 +411,9 @@ impl SpanContext {
     /// value). Their trace headers are looked for only if `continue_from` saw some (most
     /// requests carry none, a request from another sidecar only `traceparent`).
     pub fn inject_with(&self, headers: &mut HeaderMap, traceparent: HeaderValue) {
-        if self.carried {
-            crate::http::headers::remove_present(headers, &ALL);
+        // `traceparent` is replaced by the insert that writes this span's.
+        for name in self.carried.names(Present::TRACEPARENT) {
+            headers.remove(name);
         }
         self.write_headers(headers, traceparent);
     }
@@ -452,6 +486,33 @@ mod tests {
 
     fn get<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
         h.get(name).and_then(|v| v.to_str().ok()).unwrap_or_else(|| panic!("{name} missing in {h:?}"))
+    }
+
+    /// Each name has its bit, in [`ALL`]'s order; the B3 multi-header bits are the four names
+    /// that say a request used that form.
+    #[test]
+    fn presence_bits_name_the_trace_headers() {
+        let of = |names: &[&HeaderName]| {
+            let mut h = headers(&[("host", "a"), ("x-request-id", "r")]);
+            for n in names {
+                h.append((*n).clone(), HeaderValue::from_static("1"));
+            }
+            Present::of(&h)
+        };
+        assert_eq!(of(&[]), Present::default());
+        assert_eq!(of(&[&TRACEPARENT]), Present(Present::TRACEPARENT));
+        assert_eq!(of(&[&TRACESTATE]), Present(Present::TRACESTATE));
+        assert_eq!(of(&[&B3]), Present(Present::B3));
+        for n in [&B3_TRACE_ID, &B3_SPAN_ID, &B3_SAMPLED, &B3_FLAGS] {
+            let p = of(&[n]);
+            assert!(p.any(Present::B3_MULTI) && !p.any(!Present::B3_MULTI), "{n}");
+        }
+        let parent = of(&[&B3_PARENT_SPAN_ID]);
+        assert!(parent != Present::default() && !parent.any(Present::B3_MULTI));
+        let all = of(&ALL.iter().collect::<Vec<_>>());
+        assert_eq!(all, Present(u8::MAX));
+        let rest: Vec<&HeaderName> = all.names(Present::TRACEPARENT).collect();
+        assert_eq!(rest, ALL[1..].iter().collect::<Vec<_>>());
     }
 
     #[test]
