@@ -155,17 +155,17 @@ pub fn is_grpc_content_type(value: &HeaderValue) -> bool {
     value.to_str().is_ok_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Adds `x-request-id` when absent, then replaces the trace headers with `span`'s
-/// ([`SpanContext::inject`]); returns the request id. Both values are new on every request: a
-/// generated id and the `traceparent` are formatted on the stack into one shared allocation,
-/// whose copies (the observation's, the retried request's headers) only count references.
+/// Adds `x-request-id` when absent (`present`: the first value the request carries, if any),
+/// then replaces the trace headers with `span`'s ([`SpanContext::inject`]); returns the request
+/// id. Both values are new on every request: a generated id and the `traceparent` are
+/// formatted on the stack into one shared allocation, whose copies (the observation's, the
+/// retried request's headers) only count references.
 ///
 /// Both are marked sensitive: over HTTP/2 (between sidecars, to gRPC apps) HPACK then sends
 /// them as literals never indexed instead of inserting every new value into both ends'
 /// dynamic tables, where each insert evicts an older entry and each lookup walks the entries
 /// of the same name (docs/PERFORMANCE.md, "The mesh path, fifth round").
-pub fn stamp(headers: &mut HeaderMap, span: &SpanContext) -> HeaderValue {
-    let present = headers.get(REQUEST_ID).cloned();
+pub fn stamp(headers: &mut HeaderMap, span: &SpanContext, present: Option<HeaderValue>) -> HeaderValue {
     // 32 lower-case hex digits of request id, then the `traceparent`.
     let mut values = [0u8; 32 + 55];
     if present.is_none() {
@@ -278,7 +278,7 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         let span = SpanContext::continue_from(&h, || true);
-        let id = stamp(&mut h, &span);
+        let id = stamp(&mut h, &span, None);
         assert_eq!(id.len(), 32);
         assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{:?}", id.to_str());
         assert_eq!(h[REQUEST_ID], id);
@@ -288,13 +288,14 @@ mod tests {
         assert!(h[REQUEST_ID].is_sensitive() && h[crate::trace::context::TRACEPARENT].is_sensitive());
         let mut app = HeaderMap::new();
         app.insert(REQUEST_ID, HeaderValue::from_static("from-the-app"));
-        let kept = stamp(&mut app, &span);
+        let kept = stamp(&mut app, &span, Some(HeaderValue::from_static("from-the-app")));
         assert!(
             kept == "from-the-app" && !kept.is_sensitive() && app[crate::trace::context::TRACEPARENT].is_sensitive()
         );
-        assert_eq!(stamp(&mut h, &span), id, "an id present is kept");
+        let present = h.get(REQUEST_ID).cloned();
+        assert_eq!(stamp(&mut h, &span, present), id, "an id present is kept");
         assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
-        assert_ne!(stamp(&mut HeaderMap::new(), &span), id, "a new id per request");
+        assert_ne!(stamp(&mut HeaderMap::new(), &span, None), id, "a new id per request");
     }
 
     /// The trace headers a request carried are replaced by this hop's, whatever their form;
@@ -311,7 +312,7 @@ mod tests {
         h.append(B3_TRACE_ID, HeaderValue::from_static("4bf92f3577b34da6a3ce929d0e0e4736"));
         h.append(B3_SPAN_ID, HeaderValue::from_static("00f067aa0ba902b7"));
         let span = SpanContext::continue_from(&h, || false);
-        stamp(&mut h, &span);
+        stamp(&mut h, &span, None);
         let mine = format!("00-{}-{}-{}", span.trace_id, span.span_id, if span.sampled { "01" } else { "00" });
         assert_eq!(h.get_all(TRACEPARENT).iter().map(|v| v.to_str().unwrap_or("?")).collect::<Vec<_>>(), [mine]);
         assert_ne!(h[TRACEPARENT], incoming);
@@ -322,7 +323,7 @@ mod tests {
         let mut plain = HeaderMap::new();
         plain.append(header::HOST, HeaderValue::from_static("a"));
         let span = SpanContext::continue_from(&plain, || true);
-        stamp(&mut plain, &span);
+        stamp(&mut plain, &span, None);
         let mut names: Vec<&str> = plain.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["host", "traceparent", "x-request-id"]);

@@ -77,17 +77,31 @@ impl Observation {
         let mesh = &snapshot.mesh.config;
         let tracing = TracingConfig::of(mesh);
         let span = SpanContext::continue_from(req.headers(), || tracing.sample_new());
-        let request_id = headers::stamp(req.headers_mut(), &span);
+        // The received `x-request-id`, `Host` and `content-type` (each its first value), found
+        // in one pass over the names instead of a lookup (a hash of the name) each.
+        let (mut id, mut host, mut content_type) = (None, None, None);
+        for (name, value) in req.headers() {
+            if *name == http::header::HOST {
+                host = host.or(Some(value));
+            } else if *name == http::header::CONTENT_TYPE {
+                content_type = content_type.or(Some(value));
+            } else if *name == headers::REQUEST_ID {
+                id = id.or(Some(value));
+            }
+        }
+        let grpc = content_type.is_some_and(headers::is_grpc_content_type);
+        let (host, id) = (host.cloned(), id.cloned());
+        let request_id = headers::stamp(req.headers_mut(), &span, id);
         let head = Head::take(req);
         let obs = Observation(Box::new(Observed {
             started: Instant::now(),
             direction,
             peers: PeerLabels::default(),
             route: crate::metrics::default_route(),
-            grpc: headers::is_grpc(&head.headers),
+            grpc,
             method: head.method.clone(),
             uri: head.uri.clone(),
-            host: head.headers.get(http::header::HOST).cloned(),
+            host,
             request_id,
             upstream: None,
             security: "none",
