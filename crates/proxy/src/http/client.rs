@@ -3,9 +3,9 @@
 //! HTTP/2 endpoints (other sidecars, h2c and gRPC apps) get ONE shared connection each, on
 //! which every request is multiplexed — so any number of HTTP/1 client connections cost one
 //! connection between two sidecars. HTTP/1 endpoints get a stack of idle keep-alive
-//! connections; a connection goes back to the stack once its response body is fully read —
-//! unless it has served a ResiliencePolicy's `maxRequestsPerConnection` requests
-//! ([`SendOptions`]): then it is closed.
+//! connections (the proxy's own, [`super::h1_client`]); a connection goes back to the stack
+//! once its response body is fully read — unless it has served a ResiliencePolicy's
+//! `maxRequestsPerConnection` requests ([`SendOptions`]): then it is closed.
 
 use foldhash::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::Body;
+use super::h1_client::{self, Conn};
 use crate::error::ProxyError;
 
 /// How to talk to an endpoint.
@@ -103,17 +104,65 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 /// At most this many HTTP/1 connections are pooled per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
-/// A pooled HTTP/1 connection: idle, or still carrying the body of the response it was
-/// returned with. It goes back to the pool as soon as the response head arrives (no task
-/// per request waits for the body to end); hyper's connection task marks it ready
-/// (`SendRequest::is_ready`) when that body is done, and only ready ones are handed out.
+/// An idle pooled HTTP/1 connection. It comes back to the pool when its response body has
+/// been read to its end (by [`h1_client::ResponseBody`]), so the TTL counts idle time only: a
+/// long streaming response does not age its connection out.
 struct IdleH1 {
-    /// When it was returned to the pool or last seen still carrying a response: the TTL
-    /// counts idle time, so a long streaming response does not age its connection out.
+    /// When it was returned to the pool.
     since: Instant,
-    sender: http1::SendRequest<Body>,
-    /// Requests it has carried.
-    served: u32,
+    conn: Box<Conn>,
+}
+
+/// A response body from the pool: read from one of its own HTTP/1 connections, or hyper's
+/// (HTTP/2 connections, and the HTTP/1 connections of upgrades).
+pub enum UpstreamBody {
+    Http1(h1_client::ResponseBody<PoolHome>),
+    Hyper(Incoming),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Where a connection goes when its response has ended: back to its pool, unless it has
+/// carried the most requests it may.
+pub struct PoolHome {
+    pool: Arc<Pool>,
+    key: H1Key,
+    max: Option<u32>,
+}
+
+impl h1_client::Home for PoolHome {
+    fn put_back(&self, conn: Box<Conn>) {
+        if self.max.is_none_or(|m| conn.served < m) {
+            self.pool.put_idle(self.key.clone(), conn);
+        }
+    }
 }
 
 /// Per-request options of [`Pool::send_with`].
@@ -214,15 +263,6 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, mark: Option<u32>) -> 
     };
     let _ = stream.set_nodelay(true);
     Ok(stream)
-}
-
-/// A `101 Switching Protocols` answering a request that asked for no upgrade (only WebSocket
-/// upgrades go through [`Pool::send_upgrade`]) is an upstream failure: nothing is spliced.
-fn not_switching(resp: Response<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(ProxyError::UpstreamReset("the upstream switched protocols unasked".into()));
-    }
-    Ok(resp)
 }
 
 /// Maps a hyper client error to the proxy's error.
@@ -357,7 +397,7 @@ impl Pool {
         addr: SocketAddr,
         proto: Proto,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         self.send_with(addr, proto, req, SendOptions::default()).await
     }
 
@@ -368,9 +408,9 @@ impl Pool {
         proto: Proto,
         req: Request<Body>,
         options: SendOptions,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         match proto {
-            Proto::Http2 => self.send_h2(addr, req, options).await,
+            Proto::Http2 => Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper)),
             Proto::Http1 => self.send_h1(addr, req, options).await,
         }
     }
@@ -454,46 +494,29 @@ impl Pool {
     }
 
     /// An idle connection that may carry one more request, with the requests it carried.
-    fn take_idle(&self, key: &H1Key, options: &SendOptions) -> Option<(http1::SendRequest<Body>, u32)> {
+    fn take_idle(&self, key: &H1Key, options: &SendOptions) -> Option<Box<Conn>> {
         let mut map = self.h1_idle.lock().ok()?;
         let pooled = map.get_mut(key)?;
         let max = options.max_requests_per_connection;
         let ttl = options.idle_timeout.unwrap_or(IDLE_TTL).min(IDLE_TTL);
-        // Most recently returned first. Indices above `i` are done with, so what
-        // `swap_remove` moves into `i` has been looked at already.
-        let mut i = pooled.len();
-        while i > 0 {
-            i -= 1;
-            let c = &mut pooled[i];
-            if c.sender.is_closed() || max.is_some_and(|m| c.served >= m) {
-                // Dropped, which closes it (after its response, if one is still being read).
-                pooled.swap_remove(i);
-            } else if !c.sender.is_ready() {
-                // Still carrying a response body: busy, not idle.
-                c.since = Instant::now();
-            } else if c.since.elapsed() >= ttl {
-                pooled.swap_remove(i);
-            } else {
-                let c = pooled.swap_remove(i);
-                return Some((c.sender, c.served));
+        // Most recently returned first; those closed by the upstream, used up or idle too long
+        // are dropped (closed) on the way.
+        while let Some(mut c) = pooled.pop() {
+            if c.since.elapsed() < ttl && max.is_none_or(|m| c.conn.served < m) && c.conn.is_reusable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
-    fn put_idle(&self, key: H1Key, sender: http1::SendRequest<Body>, served: u32) {
+    fn put_idle(&self, key: H1Key, conn: Box<Conn>) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(key).or_default();
             // One clock read for the whole list (every request passes here).
             let now = Instant::now();
-            idle.retain_mut(|c| {
-                if !c.sender.is_closed() && !c.sender.is_ready() {
-                    c.since = now;
-                }
-                now.saturating_duration_since(c.since) < IDLE_TTL && !c.sender.is_closed()
-            });
+            idle.retain(|c| now.saturating_duration_since(c.since) < IDLE_TTL);
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                idle.push(IdleH1 { since: now, sender, served });
+                idle.push(IdleH1 { since: now, conn });
             }
         }
     }
@@ -503,63 +526,54 @@ impl Pool {
         addr: SocketAddr,
         req: Request<Body>,
         options: SendOptions,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let max = options.max_requests_per_connection;
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
-        let mut req = req;
-        // A reused connection may have been closed by the server a moment ago; hyper hands the
-        // request back when it was never written, and it is sent on a new connection.
-        while let Some((mut sender, served)) = self.take_idle(&key, &options) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.recycle(key, sender, served + 1, max);
-                    return not_switching(resp);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(upstream_error(e.into_error())),
-                },
-            }
-        }
-        // Boxed: a new connection is the rare case, and its future would otherwise be part of
-        // (and copied with) every request's future.
-        let mut sender = Box::pin(self.connect_h1(
-            addr,
-            false,
-            options.connect_timeout,
-            options.peer_identity.as_ref(),
-            options.origin.as_deref(),
-        ))
-        .await?;
-        let resp = sender.send_request(req).await.map_err(upstream_error)?;
-        self.recycle(key, sender, 1, max);
-        not_switching(resp)
+        let (parts, body) = req.into_parts();
+        let conn = match self.take_idle(&key, &options) {
+            Some(conn) => conn,
+            // Boxed: a new connection is the rare case, and its future would otherwise be part
+            // of (and copied with) every request's future.
+            None => Box::new(Conn::new(
+                Box::pin(self.connect_stream(
+                    addr,
+                    options.connect_timeout,
+                    options.peer_identity.as_ref(),
+                    options.origin.as_deref(),
+                ))
+                .await?,
+            )),
+        };
+        let (head, conn) = conn.exchange(&parts, body).await?;
+        let home = PoolHome { pool: self.clone(), key, max: options.max_requests_per_connection };
+        let body = h1_client::ResponseBody::new(&head, conn, home);
+        Ok(h1_client::response(head, UpstreamBody::Http1(body)))
     }
 
-    /// Returns the connection to the pool (see [`IdleH1`]), or lets it close after this
-    /// response when it has carried `max` requests (dropping the last sender does that).
-    fn recycle(&self, key: H1Key, sender: http1::SendRequest<Body>, served: u32, max: Option<u32>) {
-        if max.is_none_or(|m| served < m) {
-            self.put_idle(key, sender, served);
-        }
-    }
-
-    async fn connect_h1(
+    /// A stream for an HTTP/1 connection: mesh mTLS to a peer sidecar, TLS originated to an
+    /// external host, or plain TCP.
+    async fn connect_stream(
         &self,
         addr: SocketAddr,
-        upgrades: bool,
         timeout: Option<Duration>,
         peer: Option<&Arc<str>>,
         origin: Option<&crate::egress::Origin>,
+    ) -> Result<PeerStream, ProxyError> {
+        match origin {
+            Some(o) => self.connect_origin(addr, timeout, o).await,
+            None => self.connect_peer(addr, timeout, peer, crate::tls::ALPN_HTTP1).await,
+        }
+    }
+
+    /// A hyper HTTP/1 connection, for upgrades: after a `101` hyper hands over the stream.
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        peer: Option<&Arc<str>>,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = match origin {
-            Some(o) => self.connect_origin(addr, timeout, o).await?,
-            None => self.connect_peer(addr, timeout, peer, crate::tls::ALPN_HTTP1).await?,
-        };
+        let stream = self.connect_stream(addr, None, peer, None).await?;
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_error)?;
         tokio::spawn(async move {
-            let result = if upgrades { conn.with_upgrades().await } else { conn.await };
-            if let Err(e) = result {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
             }
         });
@@ -574,7 +588,7 @@ impl Pool {
         req: Request<Body>,
         peer: Option<&Arc<str>>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(addr, true, None, peer, None).await?;
+        let mut sender = self.connect_h1(addr, peer).await?;
         sender.send_request(req).await.map_err(upstream_error)
     }
 
@@ -715,12 +729,13 @@ mod tests {
         let (addr, opened, release) = server_holding_first_body().await;
         let pool = Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None });
         let req = || Request::get("/").header(http::header::HOST, "test").body(body::empty()).expect("request");
-        // The first response's body has not ended: its connection is pooled but busy.
+        // The first response's body has not ended: its connection is not back in the pool.
         let held = pool.send(addr, Proto::Http1, req()).await.expect("response");
-        assert_eq!(idle(&pool, addr), 1, "pooled as soon as the head arrived");
+        assert_eq!(idle(&pool, addr), 0, "busy until its body ends");
         get(&pool, addr, SendOptions::default()).await;
         assert_eq!(opened.load(Ordering::SeqCst), 2, "a busy connection is not handed out");
-        // Once its body ends, the first connection is ready again: both are reused.
+        assert_eq!(idle(&pool, addr), 1, "the second is back once its body was read");
+        // Once its body ends, the first connection is back too: both are reused.
         release.notify_one();
         let text = held.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&text[..], b"ok");

@@ -23,7 +23,7 @@ use plexus_core::{MeshSnapshot, ServiceName};
 use tokio::time::Instant;
 
 use super::body::{self, Body};
-use super::client::{Proto, SendOptions};
+use super::client::{Proto, SendOptions, UpstreamBody};
 use super::observe::Observation;
 use super::retry::RequestBody;
 use super::{Head, Target, deadline, downstream_response, forward_upgrade, headers};
@@ -449,7 +449,7 @@ impl<'e> Tries<'_, 'e> {
         head: &mut Head,
         authority: &str,
         mut body: RequestBody,
-    ) -> Result<(&'e Endpoint, Response<Incoming>), ProxyError> {
+    ) -> Result<(&'e Endpoint, Response<UpstreamBody>), ProxyError> {
         self.state.budgets.deposit(self.backend, self.policy.retry_budget);
         let per_try = self.per_try_timeout;
         let mut tried: Vec<SocketAddr> = Vec::new();

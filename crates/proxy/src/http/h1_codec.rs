@@ -301,6 +301,15 @@ impl BodyDecoder {
         self.state == State::Done
     }
 
+    /// What is known of the rest of the body's size.
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.state {
+            State::Length(left) => http_body::SizeHint::with_exact(left),
+            State::Done => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+
     /// Takes the next piece of the body from the front of `buf`; `closed`: the peer has closed
     /// and nothing more will arrive. Call again until [`Decoded::End`] or [`Decoded::NeedMore`].
     pub fn decode(&mut self, buf: &mut BytesMut, closed: bool) -> Result<Decoded, CodecError> {

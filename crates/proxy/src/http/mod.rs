@@ -7,6 +7,7 @@ pub mod body;
 pub mod client;
 pub mod deadline;
 pub mod forward;
+pub mod h1_client;
 pub mod h1_codec;
 pub mod headers;
 pub mod inbound;
@@ -179,9 +180,9 @@ impl Head {
 }
 
 /// Prepares a response from upstream for the client: hop-by-hop headers removed, version set
-/// for the client's connection. Its body stays hyper's, unboxed: the observation boxes it once
+/// for the client's connection. Its body stays unboxed: the observation boxes it once
 /// ([`observe::Observation::respond`]).
-pub fn downstream_response(mut resp: Response<Incoming>, client_version: Version) -> Response<Incoming> {
+pub fn downstream_response<B>(mut resp: Response<B>, client_version: Version) -> Response<B> {
     let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), upgrade);
     *resp.version_mut() = if client_version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
@@ -195,7 +196,7 @@ pub async fn forward_upgrade(
     mut req: Request<Incoming>,
     head: &Head,
     target: &Target<'_>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<client::UpstreamBody>, ProxyError> {
     let client_upgrade = hyper::upgrade::on(&mut req);
     let target = Target { proto: Proto::Http1, app_http1_behind_peer: false, ..target.clone() };
     let up_req = head.upstream_request(&target, body::boxed(req.into_body()), true)?;
@@ -214,5 +215,5 @@ pub async fn forward_upgrade(
             }
         });
     }
-    Ok(resp)
+    Ok(resp.map(client::UpstreamBody::Hyper))
 }

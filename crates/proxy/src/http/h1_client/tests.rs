@@ -1,0 +1,228 @@
+//! The pool's own HTTP/1 connections against raw upstreams that misbehave on purpose.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::http::body;
+use crate::http::client::{Dialer, Pool, Proto};
+
+/// A raw upstream: each accepted connection is handed to `serve` with its number (from 0).
+async fn upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicU32>)
+where
+    F: Fn(TcpStream, u32) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let opened = Arc::new(AtomicU32::new(0));
+    let count = opened.clone();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream, n));
+        }
+    });
+    (addr, opened)
+}
+
+/// Reads one request head (up to its blank line) from `s`; `None` at the end of the stream.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = buf.drain(..end + 4).collect();
+            return Some(String::from_utf8_lossy(&head).into_owned());
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn pool() -> Arc<Pool> {
+    Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None })
+}
+
+fn get(path: &str) -> Request<body::Body> {
+    Request::get(path).header(http::header::HOST, "test").body(body::empty()).expect("request")
+}
+
+/// The status and body text of `req` sent through `pool` to `addr`.
+async fn send(pool: &Arc<Pool>, addr: SocketAddr, req: Request<body::Body>) -> Result<(u16, String), String> {
+    let resp = pool.send(addr, Proto::Http1, req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+}
+
+#[tokio::test]
+async fn an_answer_with_bytes_past_its_end_does_not_leave_its_connection_in_the_pool() {
+    // Each connection answers its first request with a response followed by a second,
+    // unasked one (a desynchronized upstream); a request on that connection would read it.
+    let (addr, opened) = upstream(|mut s, n| async move {
+        let mut buf = Vec::new();
+        while read_head(&mut s, &mut buf).await.is_some() {
+            let smuggled = if n == 0 { "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled" } else { "" };
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok{smuggled}");
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let pool = pool();
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())));
+    for _ in 0..3 {
+        assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())), "never the unasked answer");
+    }
+    assert_eq!(opened.load(Ordering::SeqCst), 2, "the first connection was closed, the second reused");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    // Positive control and case: the upstream closes each connection after its first answer
+    // (without saying so); the next request goes on a new connection and succeeds.
+    let (addr, opened) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        }
+    })
+    .await;
+    let pool = pool();
+    for i in 1..=3 {
+        assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())));
+        // Let the close reach us before the next request looks in the pool.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(opened.load(Ordering::SeqCst), i);
+    }
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_is_returned() {
+    // The upstream answers 413 after the head and closes without reading the body.
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbig")
+                .await;
+        }
+    })
+    .await;
+    let pool = pool();
+    // A body that keeps coming: 4 MiB in 64 KiB frames.
+    let frames = futures_frames(64, 64 * 1024);
+    let req = Request::post("/upload").header(http::header::HOST, "test").body(frames).expect("request");
+    assert_eq!(send(&pool, addr, req).await, Ok((413, "big".into())));
+}
+
+/// A request body of `count` frames of `size` bytes, of unknown length (sent chunked).
+fn futures_frames(count: usize, size: usize) -> body::Body {
+    let chunks = (0..count)
+        .map(move |_| Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(vec![b'x'; size]))));
+    body::boxed(http_body_util::StreamBody::new(tokio_stream::iter(chunks)))
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_at_once() {
+    // An echo that answers as soon as the head arrives and echoes each chunk as it comes:
+    // the response streams while the request body is still being sent.
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let Some(head) = read_head(&mut s, &mut buf).await else { return };
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        if s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.is_err() {
+            return;
+        }
+        // Relay the chunked request body as the chunked response body, byte for byte.
+        loop {
+            if buf.ends_with(b"0\r\n\r\n") || buf.windows(5).any(|w| w == b"0\r\n\r\n") {
+                let _ = s.write_all(&buf).await;
+                return;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    buf.drain(..buf.len().saturating_sub(5));
+                }
+            }
+        }
+    })
+    .await;
+    let pool = pool();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>(1);
+    let body = body::boxed(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let req = Request::post("/echo").header(http::header::HOST, "test").body(body).expect("request");
+    let resp = pool.send(addr, Proto::Http1, req).await.expect("the head before the body ends");
+    let mut echoed = resp.into_body();
+    for piece in ["one", "two", "three"] {
+        tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(piece)))).await.expect("send");
+        let frame = tokio::time::timeout(Duration::from_secs(5), echoed.frame()).await.expect("echoed in time");
+        let data = frame.expect("a frame").expect("no error").into_data().expect("data");
+        assert_eq!(&data[..], piece.as_bytes(), "each piece comes back before the next is sent");
+    }
+    drop(tx);
+    let rest = echoed.collect().await.expect("the end").to_bytes();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test]
+async fn informational_answers_are_skipped_and_a_switch_unasked_is_refused() {
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            let answer: &[u8] = if head.starts_with("GET /switch") {
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+            } else {
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfine"
+            };
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let pool = pool();
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "fine".into())));
+    let refused = send(&pool, addr, get("/switch")).await;
+    assert!(refused.as_ref().is_err_and(|e| e.contains("switched protocols unasked")), "{refused:?}");
+}
+
+#[tokio::test]
+async fn an_ambiguous_answer_is_an_upstream_failure() {
+    let (addr, opened) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            let answer: &[u8] = if head.starts_with("GET /ambiguous") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            };
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let pool = pool();
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())), "positive control");
+    let refused = send(&pool, addr, get("/ambiguous")).await;
+    assert!(refused.as_ref().is_err_and(|e| e.contains("both Transfer-Encoding and Content-Length")), "{refused:?}");
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())));
+    assert_eq!(opened.load(Ordering::SeqCst), 2, "the connection that carried it was closed");
+}
