@@ -48,6 +48,19 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     }
 }
 
+/// A raw upstream answering each request head, on every connection, with `answer(head)`.
+async fn answering(answer: fn(&str) -> &'static [u8]) -> (SocketAddr, Arc<AtomicU32>) {
+    upstream(move |mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            if s.write_all(answer(&head)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
 fn pool() -> Arc<Pool> {
     Pool::new(Dialer { timeout: Duration::from_secs(2), mark: None })
 }
@@ -183,17 +196,11 @@ async fn bodies_stream_both_ways_at_once() {
 
 #[tokio::test]
 async fn informational_answers_are_skipped_and_a_switch_unasked_is_refused() {
-    let (addr, _) = upstream(|mut s, _| async move {
-        let mut buf = Vec::new();
-        while let Some(head) = read_head(&mut s, &mut buf).await {
-            let answer: &[u8] = if head.starts_with("GET /switch") {
-                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
-            } else {
-                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfine"
-            };
-            if s.write_all(answer).await.is_err() {
-                return;
-            }
+    let (addr, _) = answering(|head| {
+        if head.starts_with("GET /switch") {
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        } else {
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfine"
         }
     })
     .await;
@@ -205,17 +212,11 @@ async fn informational_answers_are_skipped_and_a_switch_unasked_is_refused() {
 
 #[tokio::test]
 async fn an_ambiguous_answer_is_an_upstream_failure() {
-    let (addr, opened) = upstream(|mut s, _| async move {
-        let mut buf = Vec::new();
-        while let Some(head) = read_head(&mut s, &mut buf).await {
-            let answer: &[u8] = if head.starts_with("GET /ambiguous") {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
-            } else {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-            };
-            if s.write_all(answer).await.is_err() {
-                return;
-            }
+    let (addr, opened) = answering(|head| {
+        if head.starts_with("GET /ambiguous") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
         }
     })
     .await;
