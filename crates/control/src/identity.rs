@@ -882,8 +882,13 @@ impl Ca {
     /// The CA's state for `/api/v1/identity`: the chain in the data dir plus what the control
     /// plane uses, the rotation in progress and each connected proxy's certificate.
     pub fn status(&self, settings: &IdentitySettings, proxies: Vec<ProxyStatus>) -> Result<IdentityStatus, String> {
-        let chain = chain_status(&self.data_dir)?;
-        let state = self.state();
+        // The chain in the data dir and the state in use, read under the writers' lock: a
+        // rotation finishing between the two reads would otherwise report no rotation in
+        // progress beside a bundle that still holds the old anchor.
+        let (chain, state) = {
+            let _guard = self.lock_writes();
+            (chain_status(&self.data_dir)?, self.state())
+        };
         let now = unix_now();
         let proxies: Vec<ProxyCertStatus> = proxies
             .into_iter()
