@@ -165,6 +165,21 @@ impl h1_client::Home for PoolHome {
     }
 }
 
+/// Why [`Pool::try_send`] failed, with the request's header map when the pool gives it back
+/// (HTTP/1: the head is written from a borrow; HTTP/2 takes the request whole).
+#[derive(Debug)]
+pub struct SendError {
+    pub error: ProxyError,
+    /// (Boxed: failures are rare, and a `Result` carrying a whole map would be large.)
+    pub headers: Option<Box<http::HeaderMap>>,
+}
+
+impl From<ProxyError> for SendError {
+    fn from(error: ProxyError) -> Self {
+        SendError { error, headers: None }
+    }
+}
+
 /// Per-request options of [`Pool::send_with`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendOptions {
@@ -411,6 +426,22 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         match proto {
             Proto::Http2 => Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper)),
+            Proto::Http1 => self.send_h1(addr, req, options).await.map_err(|e| e.error),
+        }
+    }
+
+    /// [`Pool::send_with`] for a request that may be tried again: a failed HTTP/1 request
+    /// gives its header map back ([`SendError::headers`]), so the caller need not keep a copy
+    /// of it for another try.
+    pub async fn try_send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        proto: Proto,
+        req: Request<Body>,
+        options: SendOptions,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match proto {
+            Proto::Http2 => Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper)),
             Proto::Http1 => self.send_h1(addr, req, options).await,
         }
     }
@@ -512,41 +543,52 @@ impl Pool {
     fn put_idle(&self, key: H1Key, conn: Box<Conn>) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(key).or_default();
-            // One clock read for the whole list (every request passes here).
+            // One clock read (every request passes here). The list is in the order connections
+            // came back (taken from its end): only a prefix can have expired.
             let now = Instant::now();
-            idle.retain(|c| now.saturating_duration_since(c.since) < IDLE_TTL);
+            let expired = idle.iter().take_while(|c| now.saturating_duration_since(c.since) >= IDLE_TTL).count();
+            idle.drain(..expired);
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(IdleH1 { since: now, conn });
             }
         }
     }
 
+    /// Sends an HTTP/1 request on a pooled connection (or a new one). The head is written from
+    /// a borrow: on a failure its header map is given back, and on success its allocation
+    /// holds the response's fields.
     async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<Body>,
         options: SendOptions,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let conn = match self.take_idle(&key, &options) {
             Some(conn) => conn,
             // Boxed: a new connection is the rare case, and its future would otherwise be part
             // of (and copied with) every request's future.
-            None => Box::new(Conn::new(
-                Box::pin(self.connect_stream(
-                    addr,
-                    options.connect_timeout,
-                    options.peer_identity.as_ref(),
-                    options.origin.as_deref(),
-                ))
-                .await?,
-            )),
+            None => match Box::pin(self.connect_stream(
+                addr,
+                options.connect_timeout,
+                options.peer_identity.as_ref(),
+                options.origin.as_deref(),
+            ))
+            .await
+            {
+                Ok(stream) => Box::new(Conn::new(stream)),
+                Err(error) => return Err(SendError { error, headers: Some(Box::new(parts.headers)) }),
+            },
         };
-        let (head, conn) = conn.exchange(&parts, body).await?;
-        let home = PoolHome { pool: self.clone(), key, max: options.max_requests_per_connection };
-        let body = h1_client::ResponseBody::new(&head, conn, home);
-        Ok(h1_client::response(head, UpstreamBody::Http1(body)))
+        match conn.exchange(&mut parts, body).await {
+            Ok((head, conn)) => {
+                let home = PoolHome { pool: self.clone(), key, max: options.max_requests_per_connection };
+                let body = h1_client::ResponseBody::new(&head, conn, home);
+                Ok(h1_client::response(head, UpstreamBody::Http1(body)))
+            }
+            Err(error) => Err(SendError { error, headers: Some(Box::new(parts.headers)) }),
+        }
     }
 
     /// A stream for an HTTP/1 connection: mesh mTLS to a peer sidecar, TLS originated to an

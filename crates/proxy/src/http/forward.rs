@@ -405,12 +405,12 @@ fn abort_statuses(a: &FaultAbort, grpc: bool) -> (u16, u16) {
 
 /// Whether a policy may retry once the request was sent (so the body must be kept).
 fn retries_after_send(r: &RetryPolicy) -> bool {
-    r.attempts > 1
-        && (r.on.server_error
-            || r.on.gateway_error
-            || !r.on.statuses.is_empty()
-            || !r.on.grpc_statuses.is_empty()
-            || (r.on.reset && r.per_try_timeout.is_some()))
+    r.attempts > 1 && (retries_on_status(r) || (r.on.reset && r.per_try_timeout.is_some()))
+}
+
+/// Whether a policy may retry a request after a response (on its status).
+fn retries_on_status(r: &RetryPolicy) -> bool {
+    r.on.server_error || r.on.gateway_error || !r.on.statuses.is_empty() || !r.on.grpc_statuses.is_empty()
 }
 
 /// The tries of one request.
@@ -475,9 +475,14 @@ impl<'e> Tries<'_, 'e> {
             let Some(b) = body.take() else {
                 return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
             };
-            // When another try may follow, the head keeps a copy of its headers for it;
-            // otherwise they are moved into this one.
-            let mut up = head.take_upstream_request(&target, b, body.replayable() && attempt < self.retry.attempts)?;
+            // When another try may follow, its headers are this try's: given back by the pool
+            // when this one fails (HTTP/1), else a copy the head keeps — HTTP/2 takes the
+            // request whole, a try cut by its timeout is dropped, and a response's fields take
+            // the request's map (a retry on a status).
+            let may_repeat = body.replayable() && attempt < self.retry.attempts;
+            let keep_copy =
+                may_repeat && (target.proto == Proto::Http2 || per_try.is_some() || retries_on_status(self.retry));
+            let mut up = head.take_upstream_request(&target, b, keep_copy)?;
             // To a sidecar over mTLS: who calls, for its source labels.
             if let Some(source) = self.state.source_header()
                 && self.state.pool.mtls_to(peer.as_ref())
@@ -489,17 +494,17 @@ impl<'e> Tries<'_, 'e> {
             {
                 deadline::propagate(up.headers_mut(), d, Instant::now());
             }
-            let send = self.state.pool.send_with(
+            let send = self.state.pool.try_send(
                 ep.addr,
                 target.proto,
                 up,
                 SendOptions { peer_identity: peer, ..self.send.clone() },
             );
             let result = match per_try {
-                Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::Timeout)),
+                Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| Err(ProxyError::Timeout.into())),
                 None => send.await,
             };
-            let can_repeat = body.replayable() && attempt < self.retry.attempts;
+            let mut can_repeat = may_repeat;
             // A retry happens only when the failure is retriable AND the budget grants it;
             // otherwise the client gets this try's answer.
             let why = match result {
@@ -516,7 +521,14 @@ impl<'e> Tries<'_, 'e> {
                     }
                     format!("status {status}")
                 }
-                Err(e) => {
+                Err(failed) => {
+                    let e = failed.error;
+                    if !keep_copy {
+                        match failed.headers {
+                            Some(h) => head.headers = *h,
+                            None => can_repeat = false,
+                        }
+                    }
                     let ejected = pick.finish(TryOutcome::Failure);
                     self.count_ejection(ejected);
                     let on = &self.retry.on;

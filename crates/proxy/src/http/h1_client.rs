@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf as _, BytesMut};
+use bytes::BytesMut;
 use http::{Method, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
@@ -89,9 +89,11 @@ impl Conn {
 
     /// Sends `parts` with `body` and returns the response head and its body (a response's
     /// `1xx` heads are skipped; a `101` is refused: upgrades take [`super::client::Pool::send_upgrade`]).
+    /// The response's fields go into the allocation of `parts.headers` (written by then), which
+    /// is left empty; on an error it is left as it was.
     pub async fn exchange(
         mut self: Box<Self>,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         body: Body,
     ) -> Result<(ResponseHead, Box<Self>), ProxyError> {
         if parts.method == Method::CONNECT {
@@ -99,40 +101,44 @@ impl Conn {
         }
         self.served += 1;
         let framing = request_framing(&parts.method, &body);
+        let absolute;
         let target = match parts.uri.scheme() {
-            Some(_) => parts.uri.to_string(),
-            None => parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            Some(_) => {
+                absolute = parts.uri.to_string();
+                absolute.as_str()
+            }
+            None => parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         };
         self.write.clear();
         self.written = 0;
-        h1_codec::encode_request_head(&parts.method, &target, &parts.headers, framing, &mut self.write);
+        h1_codec::encode_request_head(&parts.method, target, &parts.headers, framing, &mut self.write);
         if framing != Framing::Empty {
             self.upload = Some(Upload { body, framing });
         }
-        let method = &parts.method;
-        let head = std::future::poll_fn(|cx| self.poll_response_head(cx, method)).await?;
+        let (method, fields) = (&parts.method, &mut parts.headers);
+        let head = std::future::poll_fn(|cx| self.poll_response_head(cx, method, fields)).await?;
         Ok((head, self))
     }
 
-    fn poll_response_head(&mut self, cx: &mut Context<'_>, method: &Method) -> Poll<Result<ResponseHead, ProxyError>> {
+    /// Reads the final response head; its fields go into `fields`' allocation.
+    fn poll_response_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+        fields: &mut http::HeaderMap,
+    ) -> Poll<Result<ResponseHead, ProxyError>> {
         loop {
             if let Err(e) = self.keep_uploading(cx) {
                 return Poll::Ready(Err(ProxyError::UpstreamReset(e)));
             }
-            match h1_codec::parse_response_head(&self.read, method, &LIMITS) {
+            match h1_codec::parse_response_head(&mut self.read, method, &LIMITS, fields) {
                 Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
                     return Poll::Ready(Err(ProxyError::UpstreamReset(
                         "the upstream switched protocols unasked".into(),
                     )));
                 }
-                Ok(Some(head)) if head.status.is_informational() => {
-                    self.read.advance(head.len);
-                    continue;
-                }
-                Ok(Some(head)) => {
-                    self.read.advance(head.len);
-                    return Poll::Ready(Ok(head));
-                }
+                Ok(Some(head)) if head.status.is_informational() => continue,
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Err(invalid(e))),
             }

@@ -121,24 +121,35 @@ fn write_fields(headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool, out: &m
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// Its fields (those of a `1xx` head are not kept: an interim response is not forwarded).
     pub headers: HeaderMap,
     /// How its body is delimited (for the request that was sent).
     pub framing: Framing,
     /// Whether the connection can carry another request once this body is read.
     pub keep_alive: bool,
-    /// Bytes of the head in the buffer it was parsed from.
-    pub len: usize,
 }
 
 /// Parses a response head at the start of `buf`, the answer to a `request` request: `None`
-/// until the head is whole. A `1xx` head is returned like any other, with [`Framing::Empty`]:
-/// the final response follows it (after a `101`, the connection speaks another protocol —
-/// the caller's to handle). Not for the answer to a `CONNECT` (a tunnel, not a body).
-pub fn parse_response_head(buf: &[u8], request: &Method, limits: &Limits) -> Result<Option<ResponseHead>, CodecError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+/// (and `buf` untouched) until the head is whole; once it is, its bytes are taken from `buf`.
+/// A `1xx` head is returned like any other, with [`Framing::Empty`]: the final response
+/// follows it (after a `101`, the connection speaks another protocol — the caller's to
+/// handle). Not for the answer to a `CONNECT` (a tunnel, not a body).
+///
+/// A final head's fields go into `reuse`'s allocation (cleared first: the map of the request
+/// just written, so no map is allocated per response), their values sharing the bytes read
+/// (no copy). `reuse` is left as it was when `None`, an error or a `1xx` head is returned:
+/// every check that can refuse a head runs before it is touched.
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    request: &Method,
+    limits: &Limits,
+    reuse: &mut HeaderMap,
+) -> Result<Option<ResponseHead>, CodecError> {
+    // Slots httparse fills; left uninitialized (4 KiB the parser would otherwise zero).
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let slots = &mut slots[..limits.max_headers.clamp(1, MAX_HEADERS)];
-    let mut response = httparse::Response::new(slots);
-    let len = match response.parse(buf) {
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {
             return Err(CodecError("response head too large"));
@@ -157,10 +168,39 @@ pub fn parse_response_head(buf: &[u8], request: &Method, limits: &Limits) -> Res
     };
     let status =
         response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(CodecError("malformed response status"))?;
-    let headers = header_map(response.headers)?;
-    let framing = response_framing(status, request, &headers)?;
-    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
-    Ok(Some(ResponseHead { status, version, headers, framing, keep_alive, len }))
+    let fields = &*response.headers;
+    let framing = response_framing(status, request, fields)?;
+    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, fields);
+    // Where each field's name and value are in the head ([offset, length] each): its values
+    // are cut from the head's bytes once these are taken from `buf`. (httparse's slices point
+    // into `buf`; a head is at most `max_head_bytes`, far below 4 GiB.)
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let base = buf.as_ptr() as usize;
+    let at = |b: &[u8]| (b.as_ptr() as usize).wrapping_sub(base) as u32;
+    for (field, span) in fields.iter().zip(spans.iter_mut()) {
+        let (name, value) = (field.name.as_bytes(), field.value);
+        *span = [at(name), name.len() as u32, at(value), value.len() as u32];
+    }
+    let count = fields.len();
+    let head = buf.split_to(len).freeze();
+    if status.is_informational() {
+        return Ok(Some(ResponseHead { status, version, headers: HeaderMap::new(), framing, keep_alive }));
+    }
+    let within = |at: u32, len: u32| {
+        let (at, len) = (at as usize, len as usize);
+        (at + len <= head.len()).then_some(at..at + len).ok_or(CodecError("malformed response head"))
+    };
+    reuse.clear();
+    reuse.reserve(count);
+    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+        // httparse admits the same name and value bytes as `http` does: none of these fails.
+        let name =
+            HeaderName::from_bytes(&head[within(name_at, name_len)?]).map_err(|_| CodecError("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(within(value_at, value_len)?))
+            .map_err(|_| CodecError("invalid header value"))?;
+        reuse.append(name, value);
+    }
+    Ok(Some(ResponseHead { status, version, headers: std::mem::take(reuse), framing, keep_alive }))
 }
 
 /// The `http` header map of parsed fields.
@@ -175,7 +215,11 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, CodecError> 
 }
 
 /// RFC 9112 §6.3: how a response's body is delimited.
-fn response_framing(status: StatusCode, request: &Method, headers: &HeaderMap) -> Result<Framing, CodecError> {
+fn response_framing(
+    status: StatusCode,
+    request: &Method,
+    fields: &[httparse::Header<'_>],
+) -> Result<Framing, CodecError> {
     if request == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -183,12 +227,13 @@ fn response_framing(status: StatusCode, request: &Method, headers: &HeaderMap) -
     {
         return Ok(Framing::Empty);
     }
-    let lengths = content_length(headers)?;
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+    let lengths = content_length(named(fields, "content-length"))?;
+    if named(fields, "transfer-encoding").next().is_some() {
         if lengths.is_some() {
             return Err(CodecError("a response with both Transfer-Encoding and Content-Length"));
         }
-        return if chunked_last(headers)? { Ok(Framing::Chunked) } else { Ok(Framing::UntilClose) };
+        let chunked = chunked_last(named(fields, "transfer-encoding"))?;
+        return if chunked { Ok(Framing::Chunked) } else { Ok(Framing::UntilClose) };
     }
     Ok(match lengths {
         Some(0) => Framing::Empty,
@@ -197,12 +242,17 @@ fn response_framing(status: StatusCode, request: &Method, headers: &HeaderMap) -
     })
 }
 
+/// The values of every `name` field of the parsed `fields` (no map is built to find them).
+fn named<'a>(fields: &'a [httparse::Header<'_>], name: &'static str) -> impl Iterator<Item = &'a [u8]> + use<'a> {
+    fields.iter().filter(move |f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value)
+}
+
 /// The value of every `Content-Length` field (lists included), which must agree: `None` if
 /// there is none.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, CodecError> {
+fn content_length<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, CodecError> {
     let mut length = None;
-    for value in headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    for value in fields {
+        for part in value.split(|&b| b == b',') {
             let digits = part.trim_ascii();
             if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
                 return Err(CodecError("invalid Content-Length"));
@@ -217,34 +267,44 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, CodecError> {
     Ok(length)
 }
 
-/// Whether `chunked` is the last transfer coding (and appears nowhere else).
-fn chunked_last(headers: &HeaderMap) -> Result<bool, CodecError> {
-    let codings: Vec<&[u8]> = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .collect();
-    let chunked = |c: &&[u8]| c.eq_ignore_ascii_case(b"chunked");
-    match codings.iter().position(chunked) {
-        None if codings.is_empty() => Err(CodecError("an empty Transfer-Encoding")),
+/// Whether `chunked` is the last transfer coding of the `Transfer-Encoding` values `fields`
+/// (and appears nowhere else).
+fn chunked_last<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<bool, CodecError> {
+    let mut codings = 0usize;
+    let mut chunked_at = None;
+    for coding in fields.flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            if chunked_at.is_some() {
+                return Err(CodecError("chunked is not the last transfer coding"));
+            }
+            chunked_at = Some(codings);
+        }
+        codings += 1;
+    }
+    match chunked_at {
+        None if codings == 0 => Err(CodecError("an empty Transfer-Encoding")),
         None => Ok(false),
-        Some(i) if i + 1 == codings.len() => Ok(true),
+        Some(i) if i + 1 == codings => Ok(true),
         Some(_) => Err(CodecError("chunked is not the last transfer coding")),
     }
 }
 
-/// Whether a response of `version` with `headers` leaves its connection open.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+/// What the `Connection` values `fields` say: (`close`, `keep-alive`).
+fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool) {
     let mut close = false;
     let mut keep_alive = false;
-    for value in headers.get_all(http::header::CONNECTION) {
-        for option in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+    for value in fields {
+        for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             close |= option.eq_ignore_ascii_case(b"close");
             keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
         }
     }
+    (close, keep_alive)
+}
+
+/// Whether a response of `version` with the parsed `fields` leaves its connection open.
+fn keeps_alive(version: Version, fields: &[httparse::Header<'_>]) -> bool {
+    let (close, keep_alive) = connection_options(named(fields, "connection"));
     !close && (version == Version::HTTP_11 || keep_alive)
 }
 

@@ -114,9 +114,10 @@ impl Head {
 
     /// [`Head::upstream_request`] with the head's own headers moved into the request. With
     /// `keep_copy` (another try may follow) the head keeps a copy of them, else none. Sending
-    /// the original rather than a copy matters: hyper parses the response into the map of the
-    /// request it sent, and the original has room for the response's headers, where a copy
-    /// (sized to its entries) would have to grow.
+    /// the original rather than a copy matters: the pool parses an HTTP/1 response into the
+    /// map of the request it sent (and gives that map back when the try fails,
+    /// [`client::SendError`]), and the original has room for the response's headers, where a
+    /// copy (sized to its entries) would have to grow.
     pub fn take_upstream_request(
         &mut self,
         target: &Target<'_>,

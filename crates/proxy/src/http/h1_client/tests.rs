@@ -227,3 +227,35 @@ async fn an_ambiguous_answer_is_an_upstream_failure() {
     assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "ok".into())));
     assert_eq!(opened.load(Ordering::SeqCst), 2, "the connection that carried it was closed");
 }
+
+/// A failed HTTP/1 try gives its request's header map back (so a retry needs no copy of it):
+/// when nothing answers at the address, and when the upstream closes without an answer, or
+/// answers malformed. Positive control: an answer takes that map for its own fields.
+#[tokio::test]
+async fn a_failed_request_gives_its_headers_back() {
+    let with_headers = || {
+        let mut req = get("/");
+        req.headers_mut().insert("x-kept", http::HeaderValue::from_static("1"));
+        req
+    };
+    let expected = with_headers().headers().clone();
+    let pool = pool();
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let nowhere = closed.local_addr().expect("addr");
+    drop(closed);
+    let (hangs_up, _) = upstream(|mut s, _| async move {
+        let _ = read_head(&mut s, &mut Vec::new()).await;
+    })
+    .await;
+    let (malformed, _) = answering(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n").await;
+    for addr in [nowhere, hangs_up, malformed] {
+        let Err(failed) = pool.try_send(addr, Proto::Http1, with_headers(), Default::default()).await else {
+            panic!("{addr} answered");
+        };
+        assert_eq!(failed.headers.as_deref(), Some(&expected), "{addr}: {}", failed.error);
+    }
+    let (answers, _) = answering(|_| b"HTTP/1.1 200 OK\r\nx-answer: yes\r\ncontent-length: 2\r\n\r\nok").await;
+    let resp = pool.try_send(answers, Proto::Http1, with_headers(), Default::default()).await.expect("answered");
+    assert_eq!(resp.headers().get("x-answer").map(|v| v.as_bytes()), Some(&b"yes"[..]));
+    assert!(resp.headers().get("x-kept").is_none(), "the request's fields are gone from its map");
+}

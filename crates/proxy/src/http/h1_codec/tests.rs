@@ -4,7 +4,15 @@ use proptest::prelude::*;
 const LIMITS: Limits = Limits { max_head_bytes: 8192, max_headers: 100 };
 
 fn head(text: &str) -> Result<Option<ResponseHead>, CodecError> {
-    parse_response_head(text.as_bytes(), &Method::GET, &LIMITS)
+    parse(text.as_bytes(), &Method::GET, &LIMITS).0
+}
+
+/// Parses `wire` as a response head into a map of its own: the result and what was left in
+/// the buffer.
+fn parse(wire: &[u8], method: &Method, limits: &Limits) -> (Result<Option<ResponseHead>, CodecError>, BytesMut) {
+    let mut buf = BytesMut::from(wire);
+    let got = parse_response_head(&mut buf, method, limits, &mut HeaderMap::new());
+    (got, buf)
 }
 
 fn complete(text: &str) -> ResponseHead {
@@ -108,10 +116,43 @@ fn a_response_head_is_read_once_whole() {
         (h.status, h.version, h.framing, h.keep_alive),
         (StatusCode::OK, Version::HTTP_11, Framing::Length(3), true)
     );
-    assert_eq!(h.len, text.len() - 3, "the body is not part of the head");
+    assert_eq!(&parse(text.as_bytes(), &Method::GET, &LIMITS).1[..], b"ok\n", "the body is not part of the head");
     assert_eq!(h.headers.get("content-type").map(HeaderValue::as_bytes), Some(&b"text/plain"[..]));
     let twice: Vec<_> = h.headers.get_all("x-twice").iter().map(HeaderValue::as_bytes).collect();
     assert_eq!(twice, [&b"a"[..], b"b"]);
+}
+
+/// A final head's fields take the allocation of the map given (the request's), their values
+/// the bytes read; a partial head, a refused one and a `1xx` leave that map as it was.
+#[test]
+fn a_final_head_reuses_the_map_given_and_others_leave_it() {
+    let request = || {
+        let mut m = HeaderMap::with_capacity(32);
+        m.insert("host", HeaderValue::from_static("reviews:9080"));
+        m
+    };
+    let untouched = |wire: &str| {
+        let mut map = request();
+        let mut buf = BytesMut::from(wire.as_bytes());
+        let got = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map);
+        assert!(!matches!(got, Ok(Some(ref h)) if !h.status.is_informational()), "{wire:?}: {got:?}");
+        assert_eq!(map, request(), "{wire:?}");
+    };
+    untouched("HTTP/1.1 200 OK\r\nContent-Len");
+    untouched("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n");
+    untouched("HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\n");
+    untouched("HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n");
+    // Positive control: a final head takes the map, which is left empty.
+    let mut map = request();
+    let capacity = map.capacity();
+    let mut buf =
+        BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n"[..]);
+    let interim = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map).expect("parsed").expect("whole");
+    assert_eq!((interim.status, interim.headers.len()), (StatusCode::CONTINUE, 0));
+    let h = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map).expect("parsed").expect("whole");
+    assert!(map.is_empty() && buf.is_empty());
+    assert_eq!(h.headers.get("x-a").map(HeaderValue::as_bytes), Some(&b"1"[..]));
+    assert_eq!((h.headers.len(), h.headers.capacity()), (2, capacity), "the request's allocation, its fields gone");
 }
 
 #[test]
@@ -135,7 +176,7 @@ fn framing_follows_rfc_9112() {
     ] {
         assert_eq!(framing(t), Framing::Empty, "{t:?}");
     }
-    let to_head = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", &Method::HEAD, &LIMITS);
+    let to_head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", &Method::HEAD, &LIMITS).0;
     assert_eq!(to_head.ok().flatten().map(|h| (h.framing, h.keep_alive)), Some((Framing::Empty, true)));
     // Until the connection closes: never kept alive.
     for t in ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"] {
@@ -186,7 +227,7 @@ fn ambiguous_or_malformed_heads_are_refused() {
 #[test]
 fn heads_are_bounded_in_size_and_fields() {
     let small = Limits { max_head_bytes: 64, max_headers: 3 };
-    let parse = |t: &str| parse_response_head(t.as_bytes(), &Method::GET, &small);
+    let parse = |t: &str| parse(t.as_bytes(), &Method::GET, &small).0;
     // Positive control: within both limits.
     assert!(matches!(parse("HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"), Ok(Some(_))));
     assert_eq!(
@@ -329,6 +370,6 @@ proptest! {
         if let Ok((data, _, _)) = decode_all(Framing::Chunked, &wire, pieces) {
             prop_assert!(data.len() <= wire.len());
         }
-        let _ = parse_response_head(&wire, &Method::GET, &LIMITS);
+        let _ = parse(&wire, &Method::GET, &LIMITS);
     }
 }
