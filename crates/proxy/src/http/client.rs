@@ -174,6 +174,13 @@ pub struct SendError {
     pub headers: Option<Box<http::HeaderMap>>,
 }
 
+impl SendError {
+    /// `error`, with the header map of `req` given back.
+    fn giving_back(error: ProxyError, req: &mut Request<Body>) -> Self {
+        SendError { error, headers: Some(Box::new(std::mem::take(req.headers_mut()))) }
+    }
+}
+
 impl From<ProxyError> for SendError {
     fn from(error: ProxyError) -> Self {
         SendError { error, headers: None }
@@ -413,7 +420,7 @@ impl Pool {
         proto: Proto,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        self.send_with(addr, proto, req, SendOptions::default()).await
+        self.try_send(addr, proto, req, SendOptions::default()).await.map_err(|e| e.error)
     }
 
     /// [`Pool::send`] with per-request options.
@@ -424,25 +431,55 @@ impl Pool {
         req: Request<Body>,
         options: SendOptions,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        match proto {
-            Proto::Http2 => Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper)),
-            Proto::Http1 => self.send_h1(addr, req, options).await.map_err(|e| e.error),
-        }
+        self.try_send(addr, proto, req, options).await.map_err(|e| e.error)
     }
 
     /// [`Pool::send_with`] for a request that may be tried again: a failed HTTP/1 request
     /// gives its header map back ([`SendError::headers`]), so the caller need not keep a copy
     /// of it for another try.
-    pub async fn try_send(
+    ///
+    /// HTTP/1 goes on a pooled connection (or a new one), its head written from a borrow of
+    /// `req`: on a failure its header map is given back, and on success its allocation holds
+    /// the response's fields. (Not an `async fn`, and HTTP/1 not a function of its own: the
+    /// request would be stored in every level's future, a `mut` argument twice, and each
+    /// level's future copied into its caller's on every request.)
+    #[allow(clippy::manual_async_fn)] // the reason is above
+    pub fn try_send(
         self: &Arc<Self>,
         addr: SocketAddr,
         proto: Proto,
-        req: Request<Body>,
+        mut req: Request<Body>,
         options: SendOptions,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        match proto {
-            Proto::Http2 => Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper)),
-            Proto::Http1 => self.send_h1(addr, req, options).await,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
+        async move {
+            if proto == Proto::Http2 {
+                return Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper));
+            }
+            let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
+            let conn = match self.take_idle(&key, &options) {
+                Some(conn) => conn,
+                // Boxed: a new connection is the rare case, and its future would otherwise be
+                // part of (and copied with) every request's future.
+                None => match Box::pin(self.connect_stream(
+                    addr,
+                    options.connect_timeout,
+                    options.peer_identity.as_ref(),
+                    options.origin.as_deref(),
+                ))
+                .await
+                {
+                    Ok(stream) => Box::new(Conn::new(stream)),
+                    Err(error) => return Err(SendError::giving_back(error, &mut req)),
+                },
+            };
+            match conn.exchange(&mut req).await {
+                Ok((head, conn)) => {
+                    let home = PoolHome { pool: self.clone(), key, max: options.max_requests_per_connection };
+                    let body = h1_client::ResponseBody::new(&head, conn, home);
+                    Ok(h1_client::response(head, UpstreamBody::Http1(body)))
+                }
+                Err(error) => Err(SendError::giving_back(error, &mut req)),
+            }
         }
     }
 
@@ -551,43 +588,6 @@ impl Pool {
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(IdleH1 { since: now, conn });
             }
-        }
-    }
-
-    /// Sends an HTTP/1 request on a pooled connection (or a new one). The head is written from
-    /// a borrow: on a failure its header map is given back, and on success its allocation
-    /// holds the response's fields.
-    async fn send_h1(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        req: Request<Body>,
-        options: SendOptions,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
-        let (mut parts, body) = req.into_parts();
-        let conn = match self.take_idle(&key, &options) {
-            Some(conn) => conn,
-            // Boxed: a new connection is the rare case, and its future would otherwise be part
-            // of (and copied with) every request's future.
-            None => match Box::pin(self.connect_stream(
-                addr,
-                options.connect_timeout,
-                options.peer_identity.as_ref(),
-                options.origin.as_deref(),
-            ))
-            .await
-            {
-                Ok(stream) => Box::new(Conn::new(stream)),
-                Err(error) => return Err(SendError { error, headers: Some(Box::new(parts.headers)) }),
-            },
-        };
-        match conn.exchange(&mut parts, body).await {
-            Ok((head, conn)) => {
-                let home = PoolHome { pool: self.clone(), key, max: options.max_requests_per_connection };
-                let body = h1_client::ResponseBody::new(&head, conn, home);
-                Ok(h1_client::response(head, UpstreamBody::Http1(body)))
-            }
-            Err(error) => Err(SendError { error, headers: Some(Box::new(parts.headers)) }),
         }
     }
 

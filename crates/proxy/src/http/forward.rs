@@ -444,120 +444,125 @@ impl<'e> Tries<'_, 'e> {
             || (self.grpc && !self.retry.on.grpc_statuses.is_empty())
     }
 
-    async fn run(
+    /// Tries the request until an answer, a failure that may not be retried, or the end of
+    /// the budget. (Not an `async fn`: its `mut` argument would be stored twice in its future.)
+    #[allow(clippy::manual_async_fn)] // the reason is above
+    fn run(
         &self,
         head: &mut Head,
         authority: &str,
         mut body: RequestBody,
-    ) -> Result<(&'e Endpoint, Response<UpstreamBody>), ProxyError> {
-        self.state.budgets.deposit(self.backend, self.policy.retry_budget);
-        let per_try = self.per_try_timeout;
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut attempt = 1;
-        loop {
-            if self.deadline.is_some_and(|d| d <= Instant::now()) {
-                return Err(ProxyError::Timeout);
-            }
-            // Prefer endpoints not tried yet; when all were, any may be tried again.
-            let exclude: &[SocketAddr] = if tried.len() < self.endpoints.len() { &tried } else { &[] };
-            let choice = Choice::new(self.policy, self.hash);
-            let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
-                return Err(ProxyError::NoEndpoints((self.destination)()));
-            };
-            let peer = ep.principal.clone();
-            let target = Target {
-                addr: ep.addr,
-                proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
-                authority,
-                app_http1_behind_peer: ep.meshed && self.app_proto == Proto::Http1,
-                peer_identity: peer.clone(),
-            };
-            let Some(b) = body.take() else {
-                return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
-            };
-            // When another try may follow, its headers are this try's: given back by the pool
-            // when this one fails (HTTP/1), else a copy the head keeps — HTTP/2 takes the
-            // request whole, a try cut by its timeout is dropped, and a response's fields take
-            // the request's map (a retry on a status).
-            let may_repeat = body.replayable() && attempt < self.retry.attempts;
-            let keep_copy =
-                may_repeat && (target.proto == Proto::Http2 || per_try.is_some() || retries_on_status(self.retry));
-            let mut up = head.take_upstream_request(&target, b, keep_copy)?;
-            // To a sidecar over mTLS: who calls, for its source labels.
-            if let Some(source) = self.state.source_header()
-                && self.state.pool.mtls_to(peer.as_ref())
-            {
-                up.headers_mut().insert(headers::SOURCE, source.clone());
-            }
-            if self.grpc
-                && let Some(d) = self.deadline
-            {
-                deadline::propagate(up.headers_mut(), d, Instant::now());
-            }
-            let send = self.state.pool.try_send(
-                ep.addr,
-                target.proto,
-                up,
-                SendOptions { peer_identity: peer, ..self.send.clone() },
-            );
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| Err(ProxyError::Timeout.into())),
-                None => send.await,
-            };
-            let mut can_repeat = may_repeat;
-            // A retry happens only when the failure is retriable AND the budget grants it;
-            // otherwise the client gets this try's answer.
-            let why = match result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let grpc_status =
-                        resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-                    let ejected = pick.finish(TryOutcome::of_status(status));
-                    self.count_ejection(ejected);
-                    let retriable =
-                        can_repeat && self.method_allows(head) && self.retry.retries_status(status, grpc_status);
-                    if !retriable || !self.grant_retry() {
-                        return Ok((ep, resp));
-                    }
-                    format!("status {status}")
+    ) -> impl Future<Output = Result<(&'e Endpoint, Response<UpstreamBody>), ProxyError>> {
+        async move {
+            self.state.budgets.deposit(self.backend, self.policy.retry_budget);
+            let per_try = self.per_try_timeout;
+            let mut tried: Vec<SocketAddr> = Vec::new();
+            let mut attempt = 1;
+            loop {
+                if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                    return Err(ProxyError::Timeout);
                 }
-                Err(failed) => {
-                    let e = failed.error;
-                    if !keep_copy {
-                        match failed.headers {
-                            Some(h) => head.headers = *h,
-                            None => can_repeat = false,
+                // Prefer endpoints not tried yet; when all were, any may be tried again.
+                let exclude: &[SocketAddr] = if tried.len() < self.endpoints.len() { &tried } else { &[] };
+                let choice = Choice::new(self.policy, self.hash);
+                let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
+                    return Err(ProxyError::NoEndpoints((self.destination)()));
+                };
+                let peer = ep.principal.clone();
+                let target = Target {
+                    addr: ep.addr,
+                    proto: if ep.meshed { Proto::Http2 } else { self.app_proto },
+                    authority,
+                    app_http1_behind_peer: ep.meshed && self.app_proto == Proto::Http1,
+                    peer_identity: peer.clone(),
+                };
+                let Some(b) = body.take() else {
+                    return Err(ProxyError::UpstreamReset("the request body was already sent".into()));
+                };
+                // When another try may follow, its headers are this try's: given back by the pool
+                // when this one fails (HTTP/1), else a copy the head keeps — HTTP/2 takes the
+                // request whole, a try cut by its timeout is dropped, and a response's fields take
+                // the request's map (a retry on a status).
+                let may_repeat = body.replayable() && attempt < self.retry.attempts;
+                let keep_copy =
+                    may_repeat && (target.proto == Proto::Http2 || per_try.is_some() || retries_on_status(self.retry));
+                let mut up = head.take_upstream_request(&target, b, keep_copy)?;
+                // To a sidecar over mTLS: who calls, for its source labels.
+                if let Some(source) = self.state.source_header()
+                    && self.state.pool.mtls_to(peer.as_ref())
+                {
+                    up.headers_mut().insert(headers::SOURCE, source.clone());
+                }
+                if self.grpc
+                    && let Some(d) = self.deadline
+                {
+                    deadline::propagate(up.headers_mut(), d, Instant::now());
+                }
+                let send = self.state.pool.try_send(
+                    ep.addr,
+                    target.proto,
+                    up,
+                    SendOptions { peer_identity: peer, ..self.send.clone() },
+                );
+                let result = match per_try {
+                    Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| Err(ProxyError::Timeout.into())),
+                    None => send.await,
+                };
+                let mut can_repeat = may_repeat;
+                // A retry happens only when the failure is retriable AND the budget grants it;
+                // otherwise the client gets this try's answer.
+                let why = match result {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let grpc_status =
+                            resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                        let ejected = pick.finish(TryOutcome::of_status(status));
+                        self.count_ejection(ejected);
+                        let retriable =
+                            can_repeat && self.method_allows(head) && self.retry.retries_status(status, grpc_status);
+                        if !retriable || !self.grant_retry() {
+                            return Ok((ep, resp));
                         }
+                        format!("status {status}")
                     }
-                    let ejected = pick.finish(TryOutcome::Failure);
-                    self.count_ejection(ejected);
-                    let on = &self.retry.on;
-                    let retriable = can_repeat
-                        && match &e {
-                            ProxyError::ConnectFailed(_) => on.connect_failure,
-                            ProxyError::UpstreamReset(_) => on.reset && self.method_allows(head),
-                            // A try cut by the per-try timeout counts as the 504 (gRPC:
-                            // DEADLINE_EXCEEDED) it is answered with, so a route's
-                            // `retry.codes: [504]` retries it as a policy's `5xx` does.
-                            ProxyError::Timeout => {
-                                (on.reset || self.retry.retries_status(504, self.grpc.then_some(4)))
-                                    && self.method_allows(head)
+                    Err(failed) => {
+                        let e = failed.error;
+                        if !keep_copy {
+                            match failed.headers {
+                                Some(h) => head.headers = *h,
+                                None => can_repeat = false,
                             }
-                            _ => false,
-                        };
-                    if !retriable || !self.grant_retry() {
-                        return Err(e);
+                        }
+                        let ejected = pick.finish(TryOutcome::Failure);
+                        self.count_ejection(ejected);
+                        let on = &self.retry.on;
+                        let retriable = can_repeat
+                            && match &e {
+                                ProxyError::ConnectFailed(_) => on.connect_failure,
+                                ProxyError::UpstreamReset(_) => on.reset && self.method_allows(head),
+                                // A try cut by the per-try timeout counts as the 504 (gRPC:
+                                // DEADLINE_EXCEEDED) it is answered with, so a route's
+                                // `retry.codes: [504]` retries it as a policy's `5xx` does.
+                                ProxyError::Timeout => {
+                                    (on.reset || self.retry.retries_status(504, self.grpc.then_some(4)))
+                                        && self.method_allows(head)
+                                }
+                                _ => false,
+                            };
+                        if !retriable || !self.grant_retry() {
+                            return Err(e);
+                        }
+                        e.to_string()
                     }
-                    e.to_string()
+                };
+                tried.push(ep.addr);
+                tracing::debug!(endpoint = %ep.addr, %why, attempt, "retrying");
+                self.notes.retry(|| format!("try {attempt} to {}: {why}; retrying", ep.addr));
+                attempt += 1;
+                let wait = self.retry.backoff_before(attempt, fastrand::f64());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
                 }
-            };
-            tried.push(ep.addr);
-            tracing::debug!(endpoint = %ep.addr, %why, attempt, "retrying");
-            self.notes.retry(|| format!("try {attempt} to {}: {why}; retrying", ep.addr));
-            attempt += 1;
-            let wait = self.retry.backoff_before(attempt, fastrand::f64());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
             }
         }
     }

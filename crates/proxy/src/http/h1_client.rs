@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use http::{Method, Response};
+use http::{Method, Request, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
@@ -87,36 +87,37 @@ impl Conn {
         matches!(self.poll_read_more(&mut cx), Poll::Pending)
     }
 
-    /// Sends `parts` with `body` and returns the response head and its body (a response's
+    /// Sends `req` (its body taken) and returns the response head and its body (a response's
     /// `1xx` heads are skipped; a `101` is refused: upgrades take [`super::client::Pool::send_upgrade`]).
-    /// The response's fields go into the allocation of `parts.headers` (written by then), which
-    /// is left empty; on an error it is left as it was.
+    /// The response's fields go into the allocation of `req`'s header map (written by then),
+    /// which is left empty; on an error it is left as it was.
     pub async fn exchange(
         mut self: Box<Self>,
-        parts: &mut http::request::Parts,
-        body: Body,
+        req: &mut Request<Body>,
     ) -> Result<(ResponseHead, Box<Self>), ProxyError> {
-        if parts.method == Method::CONNECT {
+        if req.method() == Method::CONNECT {
             return Err(ProxyError::UpstreamReset("CONNECT is not sent on a pooled connection".into()));
         }
         self.served += 1;
-        let framing = request_framing(&parts.method, &body);
+        let body = std::mem::replace(req.body_mut(), super::body::empty());
+        let method = req.method().clone();
+        let framing = request_framing(&method, &body);
         let absolute;
-        let target = match parts.uri.scheme() {
+        let target = match req.uri().scheme() {
             Some(_) => {
-                absolute = parts.uri.to_string();
+                absolute = req.uri().to_string();
                 absolute.as_str()
             }
-            None => parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            None => req.uri().path_and_query().map_or("/", |p| p.as_str()),
         };
         self.write.clear();
         self.written = 0;
-        h1_codec::encode_request_head(&parts.method, target, &parts.headers, framing, &mut self.write);
+        h1_codec::encode_request_head(&method, target, req.headers(), framing, &mut self.write);
         if framing != Framing::Empty {
             self.upload = Some(Upload { body, framing });
         }
-        let (method, fields) = (&parts.method, &mut parts.headers);
-        let head = std::future::poll_fn(|cx| self.poll_response_head(cx, method, fields)).await?;
+        let fields = req.headers_mut();
+        let head = std::future::poll_fn(|cx| self.poll_response_head(cx, &method, fields)).await?;
         Ok((head, self))
     }
 
