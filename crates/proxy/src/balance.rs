@@ -133,19 +133,21 @@ impl EndpointStats {
 
 /// The estimate `elapsed` after it was last updated.
 fn decayed(estimate: f64, elapsed: Duration, decay: Duration) -> f64 {
-    estimate * (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp()
+    estimate * decay_weight(elapsed, decay)
+}
+
+/// The weight an estimate keeps `elapsed` after it was last updated.
+fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp()
 }
 
 /// Peak EWMA update: a sample above the (decayed) estimate replaces it at once; a lower one is
 /// blended in with a weight that grows with the time since the last update.
 pub fn next_estimate(estimate: f64, elapsed: Duration, sample: f64, decay: Duration) -> f64 {
-    let current = decayed(estimate, elapsed, decay);
-    if sample > current {
-        sample
-    } else {
-        let w = (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp();
-        current * w + sample * (1.0 - w)
-    }
+    // One `exp` for both the decay and the blend.
+    let w = decay_weight(elapsed, decay);
+    let current = estimate * w;
+    if sample > current { sample } else { current * w + sample * (1.0 - w) }
 }
 
 /// Power of two choices: of two distinct random candidates, the one with the lower cost.
@@ -603,7 +605,8 @@ impl Balancer {
         self.pick_at(endpoints, choice, exclude, Instant::now())
     }
 
-    fn pick_at<'a>(
+    /// [`Balancer::pick`] at `now` (a clock read its caller shares).
+    pub fn pick_at<'a>(
         &self,
         endpoints: &'a EndpointSet,
         choice: &Choice,
@@ -638,6 +641,8 @@ impl Balancer {
         }
         let picks = state.picks.fetch_add(1, Ordering::Relaxed) + 1;
         let chosen = match self.algorithm_for(choice) {
+            // One candidate (one endpoint, or one left): nothing to roll or compare.
+            _ if n == 1 => candidates.get(0),
             Algorithm::RoundRobin => candidates.get(self.round_robin.fetch_add(1, Ordering::Relaxed) % n),
             Algorithm::LeastRequest => candidates
                 .get(p2c(n, fastrand::usize(..), fastrand::usize(..), |i| f64::from(set[candidates.get(i)].pending()))),

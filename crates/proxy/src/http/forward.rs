@@ -454,7 +454,9 @@ impl<'e> Tries<'_, 'e> {
         mut body: RequestBody,
     ) -> impl Future<Output = Result<(&'e Endpoint, Response<UpstreamBody>), ProxyError>> {
         async move {
-            self.state.budgets.deposit(self.backend, self.policy.retry_budget);
+            // One clock read for the budget and the first try's pick (a retry reads its own).
+            let mut now = std::time::Instant::now();
+            self.state.budgets.deposit(self.backend, self.policy.retry_budget, now);
             let per_try = self.per_try_timeout;
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 1;
@@ -465,7 +467,7 @@ impl<'e> Tries<'_, 'e> {
                 // Prefer endpoints not tried yet; when all were, any may be tried again.
                 let exclude: &[SocketAddr] = if tried.len() < self.endpoints.len() { &tried } else { &[] };
                 let choice = Choice::new(self.policy, self.hash);
-                let Some((ep, pick)) = self.state.balancer.pick(self.endpoints, &choice, exclude) else {
+                let Some((ep, pick)) = self.state.balancer.pick_at(self.endpoints, &choice, exclude, now) else {
                     return Err(ProxyError::NoEndpoints((self.destination)()));
                 };
                 let peer = ep.principal.clone();
@@ -563,6 +565,7 @@ impl<'e> Tries<'_, 'e> {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
+                now = std::time::Instant::now();
             }
         }
     }

@@ -82,9 +82,9 @@ impl Budgets {
         &self,
         service: &ServiceName,
         params: RetryBudget,
+        now: Instant,
         f: impl FnOnce(&mut Budget, Instant) -> T,
     ) -> Option<T> {
-        let now = Instant::now();
         let mut map = self.by_service.lock().ok()?;
         // One lookup; the key is cloned only for a Service's first request.
         if let Some(budget) = map.get_mut(service) {
@@ -96,12 +96,13 @@ impl Budgets {
         Some(f(map.entry(service.clone()).or_insert(Budget::new(params, now)), now))
     }
 
-    pub fn deposit(&self, service: &ServiceName, params: RetryBudget) {
-        self.with(service, params, |b, now| b.deposit(now));
+    /// Counts a request sent at `now` (a clock read its caller shares).
+    pub fn deposit(&self, service: &ServiceName, params: RetryBudget, now: Instant) {
+        self.with(service, params, now, |b, now| b.deposit(now));
     }
 
     pub fn withdraw(&self, service: &ServiceName, params: RetryBudget) -> bool {
-        self.with(service, params, |b, now| b.withdraw(now)).unwrap_or(false)
+        self.with(service, params, Instant::now(), |b, now| b.withdraw(now)).unwrap_or(false)
     }
 
     /// Forgets Services no longer known.
