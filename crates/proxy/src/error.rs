@@ -56,6 +56,8 @@ pub enum ProxyError {
     /// An HTTPS request whose `Host` belongs to another listener than the TLS server name
     /// the connection was opened for (RFC 9110 §15.5.20: 421, the client opens a new one).
     Misdirected(String),
+    /// An HTTP/1 request head larger than `--max-header-bytes`, or with too many fields.
+    HeadTooLarge,
 }
 
 impl ProxyError {
@@ -79,6 +81,7 @@ impl ProxyError {
             ProxyError::EgressDenied(_) | ProxyError::OriginationFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -115,7 +118,7 @@ impl ProxyError {
             | ProxyError::EgressDenied(_)
             | ProxyError::NoRoute(_) => "NR",
             ProxyError::OriginationFailed(_) => "UF",
-            ProxyError::Misdirected(_) => "DPE",
+            ProxyError::Misdirected(_) | ProxyError::HeadTooLarge => "DPE",
         }
     }
 
@@ -173,6 +176,7 @@ impl fmt::Display for ProxyError {
             ProxyError::OriginationFailed(r) => write!(f, "TLS origination failed: {r}"),
             ProxyError::NoRoute(r) => write!(f, "no route: {r}"),
             ProxyError::Misdirected(r) => write!(f, "misdirected request: {r}"),
+            ProxyError::HeadTooLarge => f.write_str("request head too large"),
         }
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
+use crate::http::body::ReceivedBody;
 use plexus_core::ServiceName;
 use plexus_core::gateway::{CompiledGateway, ListenerProtocol};
 use plexus_core::names::split_authority;
@@ -375,7 +375,7 @@ impl Conn {
 pub const DEFAULT_CERTIFICATE_POLL: Duration = Duration::from_secs(2);
 
 /// Handles one request on a gateway port; never fails (errors become responses).
-async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, mut req: Request<ReceivedBody>) -> Response<Body> {
     let (mut head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
     if head.method == Method::CONNECT {

@@ -19,6 +19,39 @@ use crate::BoxError;
 /// A boxed, streaming body.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A client's request body: read by hyper (HTTP/2, upgrades) or by the proxy's own HTTP/1
+/// server ([`super::h1_server`]).
+pub enum ReceivedBody {
+    Hyper(hyper::body::Incoming),
+    Http1(super::h1_server::Http1Body),
+}
+
+impl http_body::Body for ReceivedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReceivedBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReceivedBody::Http1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReceivedBody::Hyper(b) => b.is_end_stream(),
+            ReceivedBody::Http1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReceivedBody::Hyper(b) => b.size_hint(),
+            ReceivedBody::Http1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed_unsync()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use crate::http::body::ReceivedBody;
 use plexus_core::decide::{Addressed, Outcome, RouteFailure, call_settings, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
 use plexus_core::names::split_authority;
@@ -43,7 +43,7 @@ async fn wait_then_retry(
     backend: &CompiledService,
     backend_port: u16,
     entry: Option<&RouteEntry>,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     head: Head,
     obs: Observation,
 ) -> Response<Body> {
@@ -160,7 +160,7 @@ async fn wait_for_endpoints(
 pub async fn to_service(
     state: Arc<State>,
     to: MeshRequest<'_>,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     mut head: Head,
     mut obs: Observation,
 ) -> Response<Body> {

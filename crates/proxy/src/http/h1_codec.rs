@@ -1,9 +1,10 @@
-//! The HTTP/1.1 wire format of the proxy's own upstream connections (RFC 9112): request heads
-//! written, response heads parsed by httparse into `http` types, bodies framed and decoded.
+//! The HTTP/1.1 wire format of the proxy's own connections (RFC 9112): on upstream connections
+//! request heads written and response heads parsed, on client connections request heads parsed
+//! and response heads written (httparse into `http` types), bodies framed and decoded both ways.
 //! No I/O: a connection feeds it the bytes it reads and writes the bytes it makes.
 //!
-//! Step 1 of the proxy-specific HTTP/1 path (docs/PERFORMANCE.md, "What hyper costs on its
-//! own"). Strict where a lenient reading could let two parties disagree on where a message
+//! The proxy-specific HTTP/1 path (docs/PERFORMANCE.md, "What hyper costs on its own"; its
+//! users: [`super::h1_client`], [`super::h1_server`]). Strict where a lenient reading could let two parties disagree on where a message
 //! ends (the ground of request smuggling and response desynchronization): a response with
 //! both `Transfer-Encoding` and `Content-Length`, differing lengths, a malformed chunk line,
 //! a chunk not followed by CRLF, an obsolete folded header line, all end the connection with
@@ -13,7 +14,7 @@
 use std::fmt;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
 /// What an upstream may send in one head or trailer section.
 #[derive(Debug, Clone, Copy)]
@@ -306,6 +307,161 @@ fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool
 fn keeps_alive(version: Version, fields: &[httparse::Header<'_>]) -> bool {
     let (close, keep_alive) = connection_options(named(fields, "connection"));
     !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// A request head read from a client.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// How its body is delimited.
+    pub framing: Framing,
+    /// The client asked to keep the connection open after this exchange.
+    pub keep_alive: bool,
+    /// The client waits for `100 Continue` before sending its body.
+    pub expect_continue: bool,
+    /// Bytes of the head in the buffer it was parsed from.
+    pub len: usize,
+}
+
+/// Why a request head was refused: answered `400 Bad Request` or, when it is too large,
+/// `431 Request Header Fields Too Large`, and the connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    Malformed(&'static str),
+    TooLarge,
+}
+
+/// Parses a request head at the start of `buf`: `None` until the head is whole. Strict on
+/// framing (RFC 9112 §6.3): `Transfer-Encoding` on HTTP/1.0, with `Content-Length`, or without
+/// `chunked` last, an invalid or ambiguous `Content-Length`, an obsolete folded line, are all
+/// refused rather than read one way when the next hop could read them another.
+///
+/// The head's bytes are copied once into an allocation of their own, which the target and
+/// every header value then share: `buf` itself is never referenced by the request, so the
+/// connection's read buffer is reused as it is for the next request.
+pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let slots = &mut slots[..limits.max_headers.clamp(1, MAX_HEADERS)];
+    let mut request = httparse::Request::new(slots);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed("malformed request head")),
+    };
+    if len > limits.max_head_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    let version = match request.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(HeadError::Malformed("unsupported HTTP version")),
+    };
+    let method = request.method.ok_or(HeadError::Malformed("malformed request line"))?;
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed("invalid method"))?;
+    let target = request.path.ok_or(HeadError::Malformed("malformed request line"))?;
+    let fields = &*request.headers;
+
+    // The framing and connection fields, read from the parsed fields (no map lookups).
+    let length = content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?;
+    let framing = if named(fields, "transfer-encoding").next().is_some() {
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
+        }
+        if length.is_some() {
+            return Err(HeadError::Malformed("a request with both Transfer-Encoding and Content-Length"));
+        }
+        match chunked_last(named(fields, "transfer-encoding")) {
+            Ok(true) => Framing::Chunked,
+            Ok(false) => return Err(HeadError::Malformed("a request whose last transfer coding is not chunked")),
+            Err(e) => return Err(HeadError::Malformed(e.0)),
+        }
+    } else {
+        match length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    let (close, keep_alive) = connection_options(named(fields, "connection"));
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    let expect_continue =
+        version == Version::HTTP_11 && named(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+
+    // One copy of the head; the target and the values are slices of it.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    // The copy of a slice of `buf` (every slice httparse returns is one).
+    let copied = |part: &[u8]| {
+        let at = (part.as_ptr() as usize).saturating_sub(buf.as_ptr() as usize);
+        head.slice(at.min(len)..(at + part.len()).min(len))
+    };
+    let uri = if target == "/" {
+        Uri::from_static("/")
+    } else {
+        Uri::from_maybe_shared(copied(target.as_bytes())).map_err(|_| HeadError::Malformed("invalid request target"))?
+    };
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(copied(field.value))
+            .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, len }))
+}
+
+/// Appends a response head to `out`: status line (`version` is the client's), every field of
+/// `headers` but those `framing` decides (`Content-Length`, `Transfer-Encoding`), then the
+/// framing's own, `connection` if given, and `date` if `headers` has none. With
+/// [`Framing::Empty`] (a `HEAD` request's answer, `304`) a `Content-Length` of `headers` is
+/// kept as it is: it describes the body that was not sent.
+pub fn encode_response_head(
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    connection: Option<&'static str>,
+    date: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(if version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let keep_length = framing == Framing::Empty && status != StatusCode::NO_CONTENT && !status.is_informational();
+    write_fields(
+        headers,
+        |name| {
+            name != http::header::TRANSFER_ENCODING
+                && (keep_length || name != http::header::CONTENT_LENGTH)
+                && (connection.is_none() || name != http::header::CONNECTION)
+        },
+        out,
+    );
+    match framing {
+        Framing::Empty | Framing::UntilClose => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if let Some(connection) = connection {
+        out.extend_from_slice(b"connection: ");
+        out.extend_from_slice(connection.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(http::header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// What [`BodyDecoder::decode`] found in the buffer.

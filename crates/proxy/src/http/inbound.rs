@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
+use crate::http::body::ReceivedBody;
 use plexus_core::authz::{self, Authorization, AuthzRequest};
 use plexus_core::resource::DefaultAuthorization;
 use plexus_core::route::RequestInfo;
@@ -68,7 +68,7 @@ impl InboundConn {
 }
 
 /// Handles one inbound request; never fails (errors become responses).
-pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<ReceivedBody>) -> Response<Body> {
     let received = tokio::time::Instant::now();
     let (mut head, mut obs) = Observation::start(state.clone(), "inbound", &mut req);
     state.fill_destination(&mut obs.peers);

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod forward;
 pub mod h1_client;
 pub mod h1_codec;
+pub mod h1_server;
 pub mod headers;
 pub mod inbound;
 pub mod observe;
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, Uri, Version, header};
-use hyper::body::Incoming;
+use crate::http::body::ReceivedBody;
 use hyper_util::rt::TokioIo;
 
 use self::body::Body;
@@ -194,7 +195,7 @@ pub fn downstream_response<B>(mut resp: Response<B>, client_version: Version) ->
 /// `101 Switching Protocols`, splices the two upgraded connections together.
 pub async fn forward_upgrade(
     state: &Arc<State>,
-    mut req: Request<Incoming>,
+    mut req: Request<ReceivedBody>,
     head: &Head,
     target: &Target<'_>,
 ) -> Result<Response<client::UpstreamBody>, ProxyError> {

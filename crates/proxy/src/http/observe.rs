@@ -130,7 +130,7 @@ impl Observed {
 
     /// The client's request body as forwarded: its size counted, its failures (malformed,
     /// stalled longer than `--request-body-timeout`) answered as the client's (400, 408).
-    pub fn request_body(&mut self, b: hyper::body::Incoming) -> Body {
+    pub fn request_body(&mut self, b: body::ReceivedBody) -> Body {
         let timeout = self.state.settings.limits.request_body_timeout;
         let state = self.request_body.get_or_insert_with(Arc::default).clone();
         body::boxed(ClientBody::new(b, state, timeout))

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
+use crate::http::body::ReceivedBody;
 use hyper_util::rt::TokioIo;
 use plexus_core::decide::{Egress, EgressTarget};
 use plexus_core::external::ExternalProtocol;
@@ -46,7 +46,7 @@ enum Dest<'a> {
 }
 
 /// Handles one outbound request; never fails (errors become responses).
-pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request<ReceivedBody>) -> Response<Body> {
     let (mut head, mut obs) = Observation::start(state.clone(), "outbound", &mut req);
     state.fill_source(&mut obs.peers);
     if state.settings.mode == Mode::Egress {
@@ -161,7 +161,7 @@ fn resolve<'a>(snapshot: &'a MeshSnapshot, conn: &OutboundConn, head: &Head) -> 
 async fn to_virtual_ip(
     state: Arc<State>,
     conn: &OutboundConn,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     head: Head,
     obs: Observation,
     (name, port): (ServiceName, u16),
@@ -236,7 +236,7 @@ fn dial_name<'h>(decision: &Egress<'_>, host: &'h str) -> std::borrow::Cow<'h, s
 async fn direct(
     state: Arc<State>,
     snapshot: &MeshSnapshot,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     mut head: Head,
     mut obs: Observation,
     (authority, addr, mut proto): (String, Option<SocketAddr>, Proto),
@@ -320,7 +320,7 @@ async fn direct(
 async fn via_egress_gateway(
     state: Arc<State>,
     gateway: ServiceName,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     head: Head,
     obs: Observation,
     peer: SocketAddr,
@@ -341,7 +341,7 @@ async fn via_egress_gateway(
 /// originated here, as a sidecar would.
 pub async fn from_egress_gateway(
     state: Arc<State>,
-    req: Request<Incoming>,
+    req: Request<ReceivedBody>,
     head: Head,
     obs: Observation,
     peer: SocketAddr,
@@ -378,7 +378,7 @@ pub async fn from_egress_gateway(
 
 /// `CONNECT host:port`: opens a TCP stream to the Service (balanced) or host and splices it to
 /// the client once the `200` is sent.
-async fn connect_tunnel(state: Arc<State>, req: Request<Incoming>, mut obs: Observation) -> Response<Body> {
+async fn connect_tunnel(state: Arc<State>, req: Request<ReceivedBody>, mut obs: Observation) -> Response<Body> {
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return obs.fail(ProxyError::BadRequest("CONNECT needs host:port".into()));
     };

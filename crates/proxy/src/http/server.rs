@@ -20,7 +20,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::body::Body;
+use super::body::{Body, ReceivedBody};
+use super::h1_codec::Limits as HeadLimits;
+use super::h1_server;
 use crate::settings::Limits;
 
 /// A configured HTTP server (HTTP/1.1 with keep-alive and upgrades, HTTP/2 prior knowledge).
@@ -43,6 +45,8 @@ pub struct HttpServer {
     park_after: Duration,
     /// Connections parked now (`plexus_http_connections_parked`).
     parked: Gauge,
+    /// What an HTTP/1 request head may be.
+    head_limits: HeadLimits,
 }
 
 /// The protocol of a connection, when its caller knows it.
@@ -101,6 +105,7 @@ impl HttpServer {
             header_read_timeout: limits.header_read_timeout,
             park_after: limits.release_idle_buffers_after,
             parked,
+            head_limits: h1_server::limits(limits.max_header_bytes),
         }
     }
 
@@ -117,7 +122,7 @@ impl HttpServer {
     pub async fn serve<I, F, Fut>(&self, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
+        F: Fn(Request<ReceivedBody>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         Box::pin(self.serve_connection(None, io, drain, handler)).await
@@ -127,7 +132,7 @@ impl HttpServer {
     pub async fn serve_known<I, F, Fut>(&self, known: Known, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
+        F: Fn(Request<ReceivedBody>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         Box::pin(self.serve_connection(Some(known), io, drain, handler)).await
@@ -136,18 +141,20 @@ impl HttpServer {
     async fn serve_connection<I, F, Fut>(&self, known: Option<Known>, io: I, drain: watch::Receiver<bool>, handler: F)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
+        F: Fn(Request<ReceivedBody>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let activity = Arc::new(Activity { flushed: AtomicBool::new(true), ..Activity::default() });
         let started = Instant::now();
         let counted = activity.clone();
-        let service = service_fn(move |req| {
-            // Boxed where it is made: hyper keeps a slot the size of the service's future for
-            // an HTTP/1 connection's whole life, idle or not; this way the slot holds a pointer
-            // and the request's state (several KiB) exists only while the request does — and
-            // is copied once, into its box, not again into the wrapper and hyper's slot. The
-            // box is allocated before the handler is called, so that its future can be written
+        let handler = Arc::new(handler);
+        // What serves one request, for hyper's connections and the proxy's own alike.
+        let serve_one = move |req: Request<ReceivedBody>| {
+            // Boxed where it is made: a connection keeps a slot the size of the service's future
+            // for its whole life, idle or not; this way the slot holds a pointer and the
+            // request's state (several KiB) exists only while the request does — and is copied
+            // once, into its box, not again into the wrapper and the connection's slot. The box
+            // is allocated before the handler is called, so that its future can be written
             // straight into it rather than made on the stack and copied.
             let slot = Box::<Fut>::new_uninit();
             let fut = Box::into_pin(Box::write(slot, handler(req)));
@@ -155,81 +162,85 @@ impl HttpServer {
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             // The head is complete: its clock stops.
             activity.head_since.store(0, Ordering::Relaxed);
-            async move {
-                let resp = fut.await;
-                activity.last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(resp)
-            }
-        });
+            Served { fut, activity, started }
+        };
         let io = HeadClock::new(io, activity.clone(), started);
         let mut drain = drain;
         match known {
             None => {
+                let service = hyper_service(serve_one);
                 let conn = self.auto.serve_connection_with_upgrades(TokioIo::new(io), service);
                 tokio::pin!(conn);
                 self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
             }
-            Some(Known::Http1) => self.serve_http1(io, service, &activity, started, &mut drain).await,
+            Some(Known::Http1) => self.serve_http1(io, serve_one, &activity, started, &mut drain).await,
             Some(Known::Http2) => {
-                let conn = self.http2.serve_connection(TokioIo::new(io), service);
+                let conn = self.http2.serve_connection(TokioIo::new(io), hyper_service(serve_one));
                 tokio::pin!(conn);
                 self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
             }
         }
     }
 
-    /// HTTP/1: hyper's connection, parked while the connection is quiet. A keep-alive
-    /// connection holds hyper's read and write buffers (8 KiB each) for as long as hyper serves
-    /// it; once it has been quiet for `park_after` (no request in flight, no byte in or out,
-    /// nothing left to flush) hyper's connection is ended at the message boundary without
-    /// closing the socket (`graceful_shutdown` on an idle connection, with the shutdown of the
-    /// socket held back), and the socket waits on its own, with a one-byte read, for the next
-    /// request; its first byte (and any bytes hyper had read past the last message) is handed
-    /// to a new hyper connection. A connection that turns out not to be at a message boundary
-    /// when parked (hyper still had I/O to do) is closed instead, never re-served.
-    async fn serve_http1<I, S>(
+    /// HTTP/1: the proxy's own server ([`h1_server`]), parked while the connection is quiet,
+    /// and hyper's from the first request it does not serve itself (an upgrade, `CONNECT`) on.
+    /// A keep-alive connection holds read and write buffers for as long as it is served; once
+    /// it has been quiet for `park_after` (no request in flight, no byte in or out, nothing left
+    /// to flush) the connection is ended at the message boundary without closing the socket
+    /// (`graceful_shutdown` on an idle connection, with the shutdown of the socket held back),
+    /// and the socket waits on its own, with a one-byte read, for the next request; its first
+    /// byte (and any bytes read past the last message) is handed to a new connection. A
+    /// connection that turns out not to be at a message boundary when parked (it still had I/O
+    /// to do) is closed instead, never re-served.
+    async fn serve_http1<I, S, R>(
         &self,
         io: HeadClock<I>,
-        service: S,
+        serve_one: S,
         activity: &Activity,
         started: Instant,
         drain: &mut watch::Receiver<bool>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: Fn(Request<ReceivedBody>) -> R + Clone + Send + Sync + Unpin + 'static,
+        R: Future<Output = Response<Body>> + Send + Unpin + 'static,
     {
-        let (mut io, mut service) = (io, service);
+        let (mut io, mut serve_one) = (io, serve_one);
         loop {
-            let mut conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+            let mut conn = h1_server::Connection::new(io, serve_one, self.head_limits);
             let driven = self
                 .drive(
                     Pin::new(&mut conn),
-                    |c| c.graceful_shutdown(),
+                    |c| c.get_mut().graceful_shutdown(),
                     activity,
                     started,
                     drain,
                     !self.park_after.is_zero(),
                 )
                 .await;
-            // Ended: hyper has closed the connection, or it was upgraded (hyper's parts are gone).
+            let handed_off = conn.handed_off();
+            let (mut clock, read, service) = conn.into_parts();
+            serve_one = service;
+            if handed_off {
+                // A request the proxy's server does not serve: hyper serves the connection
+                // from its head on.
+                clock.prefix = read.freeze();
+                let hyper = self.http1.serve_connection(TokioIo::new(clock), hyper_service(serve_one)).with_upgrades();
+                tokio::pin!(hyper);
+                self.drive(hyper, |c| c.graceful_shutdown(), activity, started, drain, false).await;
+                return;
+            }
+            // Ended: closed by either side, a timeout or a drain.
             let (Driven::Parked | Driven::NotAtBoundary) = driven else { return };
-            let Some(parts) = conn.into_parts() else { return };
-            let (mut clock, read_buf) = (parts.io.into_inner(), parts.read_buf);
-            service = parts.service;
             activity.parking.store(false, Ordering::Relaxed);
             if driven == Driven::NotAtBoundary {
                 tracing::debug!("HTTP/1 connection busy when parked; closing it");
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
                 return;
             }
-            // Hyper's read buffer comes back frozen, with its whole capacity: keep only the bytes
-            // it had read past its last message, in an allocation of their own, and free it
-            // before waiting (a field left in `parts` would live until the loop's next turn).
-            clock.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
-            drop(read_buf);
+            // Bytes read past the last message (none, unless pipelined) in an allocation of
+            // their own; the read buffer is freed before waiting.
+            clock.prefix = if read.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read) };
+            drop(read);
             if !self.wait_parked(&mut clock, activity, started, drain).await {
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut clock).await;
                 return;
@@ -407,6 +418,41 @@ impl HttpServer {
             tracing::debug!(error = %e, "HTTP connection ended with an error");
         }
         Driven::Ended
+    }
+}
+
+/// hyper's service for `serve_one`: the request's body wrapped as a [`ReceivedBody`].
+fn hyper_service<S, R>(
+    serve_one: S,
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
++ Clone
+where
+    S: Fn(Request<ReceivedBody>) -> R + Clone,
+    R: Future<Output = Response<Body>> + Send + 'static,
+{
+    service_fn(move |req: Request<Incoming>| {
+        let resp = serve_one(req.map(ReceivedBody::Hyper));
+        async move { Ok::<_, Infallible>(resp.await) }
+    })
+}
+
+/// A request's handler, counted in its connection's [`Activity`] until it answers. `Unpin`
+/// (the handler's own future is boxed): the connection keeps it inline.
+struct Served<Fut> {
+    fut: Pin<Box<Fut>>,
+    activity: Arc<Activity>,
+    started: Instant,
+}
+
+impl<Fut: Future<Output = Response<Body>>> Future for Served<Fut> {
+    type Output = Response<Body>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        let resp = std::task::ready!(self.fut.as_mut().poll(cx));
+        let activity = &self.activity;
+        activity.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        Poll::Ready(resp)
     }
 }
 

@@ -1,0 +1,673 @@
+//! The proxy's own serving of HTTP/1.1 client connections: request heads parsed, handlers
+//! called and their responses written by the connection's own future — no hyper dispatcher,
+//! no request channel (docs/PERFORMANCE.md, "What hyper costs on its own", step 2). The wire
+//! format is [`super::h1_codec`]'s; timeouts, drain and parking are [`super::server`]'s, which
+//! drives this future like it drove hyper's.
+//!
+//! What it does not serve itself it hands back at a message boundary: a request that asks to
+//! switch protocols (a WebSocket upgrade, `CONNECT`) ends [`Connection`] with its head unread
+//! ([`Connection::handed_off`]), and the caller serves the connection with hyper from there.
+//!
+//! One request at a time, in order (pipelined requests wait in the read buffer). Full duplex
+//! within an exchange: the request body keeps being read while the response streams back (an
+//! echo). A connection carries another request only when both the request body and the
+//! response have ended cleanly; a request body the handler did not read to its end closes the
+//! connection after the response (its rest is never read as a request).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::SystemTime;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::{Body, ReceivedBody};
+use super::h1_codec::{self, BodyDecoder, CodecError, Decoded, Framing, HeadError, Limits, RequestHead};
+use super::headers;
+use crate::BoxError;
+use crate::error::ProxyError;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Encoded response bytes held before they are written (a body frame larger than this is
+/// written from its own buffer, not copied).
+const WRITE_HIGH_WATER: usize = 16 * 1024;
+
+/// The limits of a client's request heads.
+pub fn limits(max_header_bytes: usize) -> Limits {
+    // As hyper's server had them: a head up to the configured size (at least 8 KiB), 100 fields.
+    Limits { max_head_bytes: max_header_bytes.max(8192), max_headers: 100 }
+}
+
+/// A client's HTTP/1.1 connection, served until it closes, its last exchange ends after
+/// [`graceful_shutdown`](Self::graceful_shutdown), or it is handed off.
+pub struct Connection<I, S, F> {
+    io: I,
+    read: BytesMut,
+    /// The client closed its sending side.
+    eof: bool,
+    /// Encoded response bytes not yet written (from `written`).
+    write: Vec<u8>,
+    written: usize,
+    /// A large body frame, written after `write` from its own buffer.
+    held: Bytes,
+    limits: Limits,
+    service: S,
+    phase: Phase<F>,
+    /// Serve no request after the current one.
+    last: bool,
+    /// Ended at a request it does not serve; the request's head is still in the read buffer.
+    handed_off: bool,
+}
+
+enum Phase<F> {
+    /// Waiting for (or reading) a request head.
+    Idle,
+    /// The handler is working on a request.
+    Serving { exchange: Exchange, response: F },
+    /// The response is being written.
+    Responding { exchange: Exchange, body: Option<Body>, framing: Framing },
+    /// Writing what is left, then closing.
+    Closing,
+    Done,
+}
+
+/// What the connection keeps of the request being served.
+struct Exchange {
+    version: Version,
+    head_method: bool,
+    keep_alive: bool,
+    /// The request body still to be read from the connection, if any.
+    upload: Option<Upload>,
+}
+
+/// A request body being read from the connection and handed to its reader.
+struct Upload {
+    decoder: BodyDecoder,
+    feed: Arc<Feed>,
+    /// `100 Continue` is owed before the first read of the body.
+    expect_continue: bool,
+    /// The body broke its framing (or the connection failed): nothing more is read.
+    failed: bool,
+}
+
+impl<I, S, F> Connection<I, S, F>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<ReceivedBody>) -> F,
+    F: Future<Output = Response<Body>> + Unpin,
+{
+    pub fn new(io: I, service: S, limits: Limits) -> Self {
+        Connection {
+            io,
+            read: BytesMut::new(),
+            eof: false,
+            write: Vec::new(),
+            written: 0,
+            held: Bytes::new(),
+            limits,
+            service,
+            phase: Phase::Idle,
+            last: false,
+            handed_off: false,
+        }
+    }
+
+    /// Serves no further request: an idle connection ends at once, a busy one after its
+    /// response.
+    pub fn graceful_shutdown(&mut self) {
+        self.last = true;
+    }
+
+    /// Whether the connection ended at a request it does not serve (see the module's doc).
+    pub fn handed_off(&self) -> bool {
+        self.handed_off
+    }
+
+    /// The connection's I/O, the bytes read and not yet served, and the service.
+    pub fn into_parts(self) -> (I, BytesMut, S) {
+        (self.io, self.read, self.service)
+    }
+
+    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.phase {
+                Phase::Idle => {
+                    if self.last && self.read.is_empty() {
+                        self.phase = Phase::Closing;
+                        continue;
+                    }
+                    match h1_codec::parse_request_head(&self.read, &self.limits) {
+                        Ok(Some(head)) => self.start(head),
+                        Ok(None) if self.eof || (self.last && self.read.is_empty()) => self.phase = Phase::Closing,
+                        Ok(None) if self.last => {
+                            // A head begun when the connection was told to end: not served.
+                            self.phase = Phase::Closing;
+                        }
+                        Ok(None) => {
+                            if ready!(self.poll_read_more(cx))? == 0 && self.read.is_empty() {
+                                // The client closed between requests.
+                                self.phase = Phase::Closing;
+                            }
+                        }
+                        Err(e) => self.refuse(e),
+                    }
+                    if self.handed_off {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Phase::Serving { exchange, response } => {
+                    let response = Pin::new(response).poll(cx);
+                    if let Some(upload) = exchange.upload.as_mut() {
+                        let started = response.is_ready();
+                        Self::feed(&mut self.io, &mut self.read, &mut self.eof, &mut self.write, upload, started, cx);
+                    }
+                    match response {
+                        Poll::Ready(resp) => {
+                            let Phase::Serving { exchange, .. } = std::mem::replace(&mut self.phase, Phase::Done) else {
+                                unreachable!("matched above")
+                            };
+                            self.respond(exchange, resp);
+                        }
+                        Poll::Pending => {
+                            // `100 Continue` may be waiting to go out.
+                            ready!(poll_write_out(&mut self.io, &mut self.write, &mut self.written, &mut self.held, cx))?;
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                Phase::Responding { exchange, body, framing } => {
+                    if let Some(upload) = exchange.upload.as_mut() {
+                        Self::feed(&mut self.io, &mut self.read, &mut self.eof, &mut self.write, upload, true, cx);
+                    }
+                    if let Some(b) = body.as_mut() {
+                        let ended = ready!(Self::poll_body(
+                            &mut self.io,
+                            &mut self.write,
+                            &mut self.written,
+                            &mut self.held,
+                            b,
+                            framing,
+                            cx
+                        ))?;
+                        if !ended {
+                            return Poll::Pending;
+                        }
+                        *body = None;
+                    }
+                    ready!(poll_write_out(&mut self.io, &mut self.write, &mut self.written, &mut self.held, cx))?;
+                    // The exchange is over: another one follows if both sides allow it and
+                    // the request was read to its end.
+                    let read_whole = exchange.upload.as_ref().is_none_or(|u| u.decoder.is_done() && !u.failed);
+                    let again = exchange.keep_alive && read_whole && !self.last;
+                    self.phase = if again { Phase::Idle } else { Phase::Closing };
+                }
+                Phase::Closing => {
+                    ready!(self.poll_write_out(cx))?;
+                    ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                Phase::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Starts serving the request `head` (its bytes are still at the front of the read buffer).
+    fn start(&mut self, head: RequestHead) {
+        if head.method == Method::CONNECT || headers::is_upgrade(&head.headers) {
+            self.handed_off = true;
+            self.phase = Phase::Done;
+            return;
+        }
+        self.read.advance(head.len);
+        let RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, .. } = head;
+        let (body, upload) = match framing {
+            Framing::Length(n) if n <= self.read.len() as u64 => {
+                // The whole body came with its head (usize: it fits in the buffer).
+                (Http1Body::Full(Some(self.read.split_to(n as usize).freeze())), None)
+            }
+            Framing::Length(_) | Framing::Chunked => {
+                let decoder = BodyDecoder::new(framing, self.limits);
+                let feed = Arc::new(Feed::new(decoder.size_hint()));
+                let body = Http1Body::Streaming(feed.clone());
+                (body, Some(Upload { decoder, feed, expect_continue, failed: false }))
+            }
+            Framing::Empty | Framing::UntilClose => (Http1Body::Empty, None),
+        };
+        let mut request = Request::new(ReceivedBody::Http1(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = version;
+        *request.headers_mut() = headers;
+        let head_method = request.method() == Method::HEAD;
+        let exchange = Exchange { version, head_method, keep_alive, upload };
+        let response = (self.service)(request);
+        self.phase = Phase::Serving { exchange, response };
+    }
+
+    /// Answers a head that cannot be served (400, 431) and closes the connection.
+    fn refuse(&mut self, e: HeadError) {
+        let err = match e {
+            HeadError::Malformed(why) => ProxyError::BadRequest(why.into()),
+            HeadError::TooLarge => ProxyError::HeadTooLarge,
+        };
+        tracing::debug!(error = %err, "refused a request head");
+        self.last = true;
+        let exchange = Exchange { version: Version::HTTP_11, head_method: false, keep_alive: false, upload: None };
+        self.respond(exchange, err.into_response(false));
+    }
+
+    /// Writes the head of `resp`, the answer to `exchange`; its body follows.
+    fn respond(&mut self, exchange: Exchange, resp: Response<Body>) {
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let bodiless = exchange.head_method
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let exact = body.size_hint().exact();
+        let framing = if bodiless {
+            Framing::Empty
+        } else if let Some(n) = exact {
+            Framing::Length(n)
+        } else if let Some(n) = declared_length(&parts.headers) {
+            Framing::Length(n)
+        } else if exchange.version == Version::HTTP_10 {
+            Framing::UntilClose
+        } else {
+            Framing::Chunked
+        };
+        let mut exchange = exchange;
+        exchange.keep_alive &= framing != Framing::UntilClose;
+        let connection = match (exchange.keep_alive && !self.last, exchange.version) {
+            (false, _) => Some("close"),
+            (true, Version::HTTP_10) => Some("keep-alive"),
+            (true, _) => None,
+        };
+        if connection == Some("close") {
+            exchange.keep_alive = false;
+        }
+        DATE.with(|d| {
+            let mut d = d.borrow_mut();
+            let date = d.now();
+            // The answer to a HEAD request declares the length of the body it does not send,
+            // when it is known and the headers do not already say it.
+            let announced = match exact {
+                Some(n) if exchange.head_method && !parts.headers.contains_key(http::header::CONTENT_LENGTH) => {
+                    Framing::Length(n)
+                }
+                _ => framing,
+            };
+            h1_codec::encode_response_head(
+                exchange.version,
+                status,
+                &parts.headers,
+                announced,
+                connection,
+                date,
+                &mut self.write,
+            );
+        });
+        let body = (!bodiless && framing != Framing::Length(0)).then_some(body);
+        self.phase = Phase::Responding { exchange, body, framing };
+    }
+
+    /// Reads the request body for its reader: when the reader waits for more, decodes what the
+    /// read buffer holds or reads more. `responded`: the response has started (no `100
+    /// Continue` is sent after that).
+    fn feed(
+        io: &mut I,
+        read: &mut BytesMut,
+        eof: &mut bool,
+        write: &mut Vec<u8>,
+        upload: &mut Upload,
+        responded: bool,
+        cx: &mut Context<'_>,
+    ) {
+        loop {
+            if upload.decoder.is_done() || upload.failed {
+                return;
+            }
+            {
+                let mut shared = upload.feed.lock();
+                if shared.reader_gone {
+                    return;
+                }
+                if !shared.wanted || shared.frame.is_some() {
+                    shared.connection = Some(cx.waker().clone());
+                    return;
+                }
+            }
+            if std::mem::take(&mut upload.expect_continue) && !responded {
+                write.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let decoded = match upload.decoder.decode(read, *eof) {
+                Ok(Decoded::NeedMore) => match poll_read_more(io, read, eof, cx) {
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "reading a request body");
+                        Err(CodecError("the connection failed within a body"))
+                    }
+                    Poll::Pending => {
+                        upload.feed.lock().connection = Some(cx.waker().clone());
+                        return;
+                    }
+                },
+                Ok(Decoded::Data(data)) => Ok(Some(Frame::data(data))),
+                Ok(Decoded::Trailers(trailers)) => Ok(Some(Frame::trailers(trailers))),
+                Ok(Decoded::End) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let mut shared = upload.feed.lock();
+            match decoded {
+                Ok(Some(frame)) => {
+                    let pending = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    shared.hint = match upload.decoder.size_hint().exact() {
+                        Some(left) => SizeHint::with_exact(left + pending),
+                        None => SizeHint::default(),
+                    };
+                    shared.frame = Some(Ok(frame));
+                }
+                Ok(None) => shared.ended = true,
+                Err(e) => {
+                    // Nothing more can be read of this connection.
+                    shared.frame = Some(Err(e));
+                    shared.ended = true;
+                    upload.failed = true;
+                }
+            }
+            if upload.decoder.is_done() {
+                shared.ended = true;
+            }
+            shared.wanted = false;
+            if let Some(w) = shared.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Encodes and writes the response body; Ready(true) once it has ended and been encoded
+    /// whole, Ready(false) if it has to be waited for.
+    fn poll_body(
+        io: &mut I,
+        write: &mut Vec<u8>,
+        written: &mut usize,
+        held: &mut Bytes,
+        body: &mut Body,
+        framing: &mut Framing,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<bool>> {
+        loop {
+            if write.len() - *written >= WRITE_HIGH_WATER || !held.is_empty() {
+                ready!(poll_write_out(io, write, written, held, cx))?;
+            }
+            if *framing == Framing::Length(0) {
+                // Every byte the length announced is out: hyper's server stops here too.
+                return Poll::Ready(Ok(true));
+            }
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => {
+                    ready!(poll_write_out(io, write, written, held, cx))?;
+                    return Poll::Ready(Ok(false));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(io::Error::other(format!("the response body failed: {e}"))));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        match framing {
+                            Framing::Chunked => h1_codec::encode_chunk_header(data.len(), write),
+                            Framing::Length(left) if data.len() as u64 <= *left => *left -= data.len() as u64,
+                            Framing::Length(_) => {
+                                return Poll::Ready(Err(io::Error::other(
+                                    "the response body is longer than its Content-Length",
+                                )));
+                            }
+                            Framing::UntilClose | Framing::Empty => {}
+                        }
+                        if data.len() > WRITE_HIGH_WATER {
+                            *held = data;
+                            ready!(poll_write_out(io, write, written, held, cx))?;
+                        } else {
+                            write.extend_from_slice(&data);
+                        }
+                        if *framing == Framing::Chunked {
+                            write.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    Err(frame) => {
+                        if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), *framing) {
+                            h1_codec::encode_last_chunk(&trailers, write);
+                            *framing = Framing::Empty;
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    return match *framing {
+                        Framing::Chunked => {
+                            h1_codec::encode_last_chunk(&http::HeaderMap::new(), write);
+                            Poll::Ready(Ok(true))
+                        }
+                        Framing::Length(left) if left > 0 => Poll::Ready(Err(io::Error::other(
+                            "the response body is shorter than its Content-Length",
+                        ))),
+                        _ => Poll::Ready(Ok(true)),
+                    };
+                }
+            }
+        }
+    }
+
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        poll_write_out(&mut self.io, &mut self.write, &mut self.written, &mut self.held, cx)
+    }
+
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        poll_read_more(&mut self.io, &mut self.read, &mut self.eof, cx)
+    }
+}
+
+impl<I, S, F> Future for Connection<I, S, F>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<ReceivedBody>) -> F + Unpin,
+    F: Future<Output = Response<Body>> + Unpin,
+{
+    type Output = io::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_serve(cx)
+    }
+}
+
+/// Writes `write` (from `written`), then `held`, and flushes.
+fn poll_write_out<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    write: &mut Vec<u8>,
+    written: &mut usize,
+    held: &mut Bytes,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    if *written == write.len() && held.is_empty() {
+        return Poll::Ready(Ok(()));
+    }
+    while *written < write.len() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &write[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+    }
+    write.clear();
+    *written = 0;
+    while !held.is_empty() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, held))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        held.advance(n);
+    }
+    Pin::new(&mut *io).poll_flush(cx)
+}
+
+/// Reads more from the client into `read` (`eof` set at its end).
+fn poll_read_more<I: AsyncRead + Unpin>(
+    io: &mut I,
+    read: &mut BytesMut,
+    eof: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if *eof {
+        return Poll::Ready(Ok(0));
+    }
+    read.reserve(READ_CHUNK);
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
+    if n == 0 {
+        *eof = true;
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// The `Content-Length` a response declares, when its body's size is not known otherwise.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()?.trim().parse().ok()
+}
+
+/// The request body read by the connection, shared between it and the body's reader.
+pub struct Feed {
+    shared: Mutex<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// The next frame (or the body's failure), read and not yet taken.
+    frame: Option<Result<Frame<Bytes>, CodecError>>,
+    /// The body has ended (after `frame`, if any).
+    ended: bool,
+    /// The reader waits for a frame.
+    wanted: bool,
+    /// The reader was dropped.
+    reader_gone: bool,
+    reader: Option<Waker>,
+    connection: Option<Waker>,
+    hint: SizeHint,
+}
+
+impl Feed {
+    fn new(hint: SizeHint) -> Self {
+        Feed { shared: Mutex::new(Shared { hint, ..Shared::default() }) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding it leaves nothing half-done that matters here.
+        self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A client's HTTP/1 request body as the proxy's own server gives it: none, whole (it came
+/// with the head), or read from the connection as its reader asks.
+pub enum Http1Body {
+    Empty,
+    Full(Option<Bytes>),
+    Streaming(Arc<Feed>),
+}
+
+impl http_body::Body for Http1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            Http1Body::Empty => Poll::Ready(None),
+            Http1Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Http1Body::Streaming(feed) => {
+                let mut shared = feed.lock();
+                if let Some(frame) = shared.frame.take() {
+                    return Poll::Ready(Some(frame.map_err(Into::into)));
+                }
+                if shared.ended {
+                    return Poll::Ready(None);
+                }
+                shared.wanted = true;
+                shared.reader = Some(cx.waker().clone());
+                if let Some(w) = shared.connection.take() {
+                    w.wake();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Http1Body::Empty => true,
+            Http1Body::Full(data) => data.is_none(),
+            Http1Body::Streaming(feed) => {
+                let shared = feed.lock();
+                shared.ended && shared.frame.is_none()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Http1Body::Empty => SizeHint::with_exact(0),
+            Http1Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Http1Body::Streaming(feed) => feed.lock().hint.clone(),
+        }
+    }
+}
+
+impl Drop for Http1Body {
+    fn drop(&mut self) {
+        if let Http1Body::Streaming(feed) = self {
+            let mut shared = feed.lock();
+            shared.reader_gone = true;
+            if let Some(w) = shared.connection.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The `Date` of responses, formatted once per second per thread.
+struct DateCache {
+    second: u64,
+    text: [u8; 29],
+}
+
+impl DateCache {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            self.second = second;
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == self.text.len() {
+                self.text.copy_from_slice(text.as_bytes());
+            }
+        }
+        &self.text
+    }
+}
+
+thread_local! {
+    static DATE: RefCell<DateCache> = const { RefCell::new(DateCache { second: 0, text: *b"Thu, 01 Jan 1970 00:00:00 GMT" }) };
+}
+
+#[cfg(test)]
+mod tests;

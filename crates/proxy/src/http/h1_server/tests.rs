@@ -1,0 +1,245 @@
+//! The proxy's own HTTP/1 server against raw clients on an in-memory pipe.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+use super::*;
+use crate::http::body;
+
+/// A future the connection can keep inline.
+type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// Echoes the request: method, target and body (read whole) in the response body; a
+/// request to `/unread` is answered without reading its body, `/chunked` streams its answer.
+fn echo(req: Request<ReceivedBody>) -> Answer {
+    Box::pin(async move {
+        let (parts, body) = req.into_parts();
+        if parts.uri.path() == "/unread" {
+            return Response::new(body::full("not read"));
+        }
+        let got = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let mut r = Response::new(body::full(format!("body failed: {e}")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+        };
+        let text = format!("{} {} {}", parts.method, parts.uri, String::from_utf8_lossy(&got));
+        if parts.uri.path() == "/chunked" {
+            let pieces = text.into_bytes().chunks(3).map(Bytes::copy_from_slice).collect();
+            return Response::new(body::boxed(Pieces(pieces)));
+        }
+        Response::new(body::full(text))
+    })
+}
+
+/// A body of several frames, of no announced size.
+struct Pieces(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Pieces {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A connection served on one end of a pipe; the other end is returned.
+fn serve(max_head: usize) -> (DuplexStream, tokio::task::JoinHandle<(io::Result<()>, bool, BytesMut)>) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn(async move {
+        let mut conn = Connection::new(server, echo, limits(max_head));
+        let r = (&mut conn).await;
+        let handed_off = conn.handed_off();
+        let (_, rest, _) = conn.into_parts();
+        (r, handed_off, rest)
+    });
+    (client, task)
+}
+
+/// Reads until the peer closes (or 2 s pass).
+async fn read_to_close(c: &mut DuplexStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one response whose body is `content-length` framed.
+async fn read_response(c: &mut DuplexStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("response in time").expect("read");
+        assert!(n > 0, "closed within a response: {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |l| l.trim().parse::<usize>().expect("length"));
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+/// Reads until what was read ends with `end`.
+async fn read_until(c: &mut DuplexStream, end: &str) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).ends_with(end) {
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("in time").expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn keep_alive_serves_requests_in_turn_and_pipelined() {
+    let (mut c, task) = serve(8192);
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let first = read_response(&mut c).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    assert!(first.contains("\r\ndate: ") && first.ends_with("GET /a "), "{first}");
+    // Two requests in one write: both answered, in order.
+    c.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let both = read_until(&mut c, "GET /c ").await;
+    assert!(both.contains("\r\n\r\nPOST /b abcHTTP/1.1 200 OK\r\n"), "{both}");
+    c.write_all(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    let last = read_to_close(&mut c).await;
+    assert!(last.contains("connection: close\r\n") && last.ends_with("GET /last "), "{last}");
+    let (r, handed_off, _) = task.await.expect("task");
+    assert!(r.is_ok() && !handed_off);
+}
+
+#[tokio::test]
+async fn a_chunked_upload_streams_and_a_chunked_answer_is_framed() {
+    let (mut c, task) = serve(8192);
+    c.write_all(b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.write_all(b"2\r\nde\r\n0\r\n\r\n").await.expect("write");
+    c.shutdown().await.expect("half close");
+    let out = read_to_close(&mut c).await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n") && out.contains("transfer-encoding: chunked\r\n"), "{out}");
+    let body = &out[out.find("\r\n\r\n").expect("head") + 4..];
+    let decoded: String = body.split("\r\n").skip(1).step_by(2).collect();
+    assert_eq!(decoded, "POST /chunked abcde");
+    assert!(body.ends_with("0\r\n\r\n"), "{body}");
+    assert!(task.await.expect("task").0.is_ok());
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_when_the_body_is_read() {
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n").await.expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("in time").expect("read");
+    assert_eq!(&buf[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
+    c.write_all(b"ok").await.expect("write");
+    let out = read_response(&mut c).await;
+    assert!(out.ends_with("POST /e ok"), "{out}");
+}
+
+#[tokio::test]
+async fn a_body_the_handler_did_not_read_closes_the_connection() {
+    let (mut c, task) = serve(8192);
+    // Its "body" holds a request: never served.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let head = format!("POST /unread HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", smuggled.len() + 10);
+    c.write_all(head.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The connection may be closed already.
+    let _ = c.write_all(smuggled.as_bytes()).await;
+    let out = read_to_close(&mut c).await;
+    assert!(out.contains("not read") && !out.contains("smuggled"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+    assert!(task.await.expect("task").0.is_ok());
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_heads_are_refused_and_closed() {
+    for (raw, status) in [
+        (&b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"[..], "400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", "400"),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", "400"),
+        (b"\x00\x01 nonsense\r\n\r\n", "400"),
+    ] {
+        let (mut c, _task) = serve(8192);
+        c.write_all(raw).await.expect("write");
+        let out = read_to_close(&mut c).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{raw:?}: {out}");
+        assert!(out.contains("x-plexus-error: ") && out.contains("connection: close\r\n"), "{out}");
+    }
+    let (mut c, _task) = serve(8192);
+    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    c.write_all(big.as_bytes()).await.expect("write");
+    assert!(read_to_close(&mut c).await.starts_with("HTTP/1.1 431 "));
+    // The same head is served under a larger limit (positive control).
+    let (mut c, _task) = serve(16384);
+    c.write_all(big.as_bytes()).await.expect("write");
+    assert!(read_response(&mut c).await.starts_with("HTTP/1.1 200 "));
+}
+
+#[tokio::test]
+async fn upgrades_and_connect_are_handed_off_with_their_head_unread() {
+    for head in [
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ] {
+        let (mut c, task) = serve(8192);
+        c.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        assert!(read_response(&mut c).await.ends_with("GET /first "));
+        c.write_all(head.as_bytes()).await.expect("write");
+        let (r, handed_off, rest) = task.await.expect("task");
+        assert!(r.is_ok() && handed_off, "{head}");
+        assert_eq!(&rest[..], head.as_bytes());
+    }
+    // A non-WebSocket upgrade is served as a plain request (the proxy strips it).
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").await.expect("write");
+    assert!(read_response(&mut c).await.ends_with("GET /h2c "));
+}
+
+#[tokio::test]
+async fn http10_and_head_answers_are_framed_for_their_request() {
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"GET /chunked HTTP/1.0\r\n\r\n").await.expect("write");
+    let out = read_to_close(&mut c).await;
+    assert!(out.starts_with("HTTP/1.0 200 OK\r\n") && !out.contains("chunked\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\nGET /chunked "), "{out}");
+
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await.expect("write");
+    let out = read_response(&mut c).await;
+    assert!(out.contains("connection: keep-alive\r\n") && out.ends_with("GET /a "), "{out}");
+
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let out = read_until(&mut c, "GET /after ").await;
+    // The HEAD answer declares the length of the body it does not send.
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 8\r\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_ends_an_idle_connection_at_once() {
+    let (client, server) = tokio::io::duplex(4096);
+    let mut conn = Connection::new(server, echo, limits(8192));
+    conn.graceful_shutdown();
+    let done = tokio::time::timeout(Duration::from_secs(1), &mut conn).await.expect("ended at once");
+    assert!(done.is_ok());
+    drop(client);
+}
