@@ -17,10 +17,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http::body::ReceivedBody;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use http::{Method, Request, Response};
-use crate::http::body::ReceivedBody;
 use plexus_core::ServiceName;
 use plexus_core::gateway::{CompiledGateway, ListenerProtocol};
 use plexus_core::names::split_authority;

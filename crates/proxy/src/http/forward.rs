@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use crate::http::body::ReceivedBody;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use plexus_core::decide::{Addressed, Outcome, RouteFailure, call_settings, decide};
 use plexus_core::model::{CompiledPort, CompiledService, Endpoint};
 use plexus_core::names::split_authority;

@@ -106,7 +106,7 @@ pub fn encode_last_chunk(trailers: &HeaderMap, out: &mut Vec<u8>) {
 }
 
 /// Appends the fields of `headers` that `keep` keeps, one `name: value` line each.
-fn write_fields(headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool, out: &mut Vec<u8>) {
+fn write_fields(headers: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool, out: &mut Vec<u8>) {
     for (name, value) in headers {
         if keep(name) {
             out.extend_from_slice(name.as_str().as_bytes());
@@ -322,6 +322,8 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// The client waits for `100 Continue` before sending its body.
     pub expect_continue: bool,
+    /// The head has an `Upgrade` field.
+    pub upgrade: bool,
     /// Bytes of the head in the buffer it was parsed from.
     pub len: usize,
 }
@@ -342,11 +344,20 @@ pub enum HeadError {
 /// The head's bytes are copied once into an allocation of their own, which the target and
 /// every header value then share: `buf` itself is never referenced by the request, so the
 /// connection's read buffer is reused as it is for the next request.
-pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+///
+/// The head's fields go into `spare` (taken when a head is returned): the map of the
+/// connection's last response, cleared, whose allocation is reused (as hyper's server does).
+pub fn parse_request_head(
+    buf: &[u8],
+    limits: &Limits,
+    spare: &mut HeaderMap,
+) -> Result<Option<RequestHead>, HeadError> {
+    // Slots left uninitialised: httparse writes those it fills (zeroing 128 of them cost more
+    // than parsing a short head).
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let slots = &mut slots[..limits.max_headers.clamp(1, MAX_HEADERS)];
-    let mut request = httparse::Request::new(slots);
-    let len = match request.parse(buf) {
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -366,9 +377,24 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
     let target = request.path.ok_or(HeadError::Malformed("malformed request line"))?;
     let fields = &*request.headers;
 
-    // The framing and connection fields, read from the parsed fields (no map lookups).
-    let length = content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?;
-    let framing = if named(fields, "transfer-encoding").next().is_some() {
+    // The framing and connection fields, read from the parsed fields (no map lookups): one
+    // pass notes which are present, and only those are read.
+    let (mut has_length, mut has_coding, mut has_connection, mut has_expect) = (false, false, false, false);
+    let mut upgrade = false;
+    for field in fields {
+        let name = field.name.as_bytes();
+        match name.len() {
+            14 => has_length |= name.eq_ignore_ascii_case(b"content-length"),
+            17 => has_coding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+            10 => has_connection |= name.eq_ignore_ascii_case(b"connection"),
+            7 => upgrade |= name.eq_ignore_ascii_case(b"upgrade"),
+            6 => has_expect |= name.eq_ignore_ascii_case(b"expect"),
+            _ => {}
+        }
+    }
+    let length =
+        if has_length { content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))? } else { None };
+    let framing = if has_coding {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
         }
@@ -386,10 +412,11 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
             Some(n) => Framing::Length(n),
         }
     };
-    let (close, keep_alive) = connection_options(named(fields, "connection"));
+    let (close, keep_alive) = if has_connection { connection_options(named(fields, "connection")) } else { (false, false) };
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
-    let expect_continue =
-        version == Version::HTTP_11 && named(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue = has_expect
+        && version == Version::HTTP_11
+        && named(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
 
     // One copy of the head; the target and the values are slices of it.
     let head = Bytes::copy_from_slice(&buf[..len]);
@@ -403,14 +430,19 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
     } else {
         Uri::from_maybe_shared(copied(target.as_bytes())).map_err(|_| HeadError::Malformed("invalid request target"))?
     };
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the fields the proxy adds (request id, trace context) without growing the map
+    // (a short head's map then stays under 1 KiB: the allocator's fast path).
+    let mut headers = std::mem::take(spare);
+    headers.clear();
+    headers.reserve(fields.len() + 3);
     for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(copied(field.value))
             .map_err(|_| HeadError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, len }))
+    Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, upgrade, len }))
 }
 
 /// Appends a response head to `out`: status line (`version` is the client's), every field of
@@ -433,9 +465,11 @@ pub fn encode_response_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let keep_length = framing == Framing::Empty && status != StatusCode::NO_CONTENT && !status.is_informational();
+    let mut dated = false;
     write_fields(
         headers,
         |name| {
+            dated |= name == http::header::DATE;
             name != http::header::TRANSFER_ENCODING
                 && (keep_length || name != http::header::CONTENT_LENGTH)
                 && (connection.is_none() || name != http::header::CONNECTION)
@@ -456,7 +490,7 @@ pub fn encode_response_head(
         out.extend_from_slice(connection.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(http::header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(date);
         out.extend_from_slice(b"\r\n");

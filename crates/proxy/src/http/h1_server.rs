@@ -65,15 +65,24 @@ pub struct Connection<I, S, F> {
     last: bool,
     /// Ended at a request it does not serve; the request's head is still in the read buffer.
     handed_off: bool,
+    /// The last response's header map, cleared: the next request head is parsed into it.
+    spare_headers: http::HeaderMap,
 }
 
 enum Phase<F> {
     /// Waiting for (or reading) a request head.
     Idle,
     /// The handler is working on a request.
-    Serving { exchange: Exchange, response: F },
+    Serving {
+        exchange: Exchange,
+        response: F,
+    },
     /// The response is being written.
-    Responding { exchange: Exchange, body: Option<Body>, framing: Framing },
+    Responding {
+        exchange: Exchange,
+        body: Option<Body>,
+        framing: Framing,
+    },
     /// Writing what is left, then closing.
     Closing,
     Done,
@@ -117,6 +126,7 @@ where
             phase: Phase::Idle,
             last: false,
             handed_off: false,
+            spare_headers: http::HeaderMap::new(),
         }
     }
 
@@ -140,17 +150,15 @@ where
         loop {
             match &mut self.phase {
                 Phase::Idle => {
-                    if self.last && self.read.is_empty() {
+                    if self.last {
+                        // Told to end: a request not begun yet (or pipelined behind the last
+                        // one) is not served; its client sees the connection close unanswered.
                         self.phase = Phase::Closing;
                         continue;
                     }
-                    match h1_codec::parse_request_head(&self.read, &self.limits) {
+                    match h1_codec::parse_request_head(&self.read, &self.limits, &mut self.spare_headers) {
                         Ok(Some(head)) => self.start(head),
-                        Ok(None) if self.eof || (self.last && self.read.is_empty()) => self.phase = Phase::Closing,
-                        Ok(None) if self.last => {
-                            // A head begun when the connection was told to end: not served.
-                            self.phase = Phase::Closing;
-                        }
+                        Ok(None) if self.eof => self.phase = Phase::Closing,
                         Ok(None) => {
                             if ready!(self.poll_read_more(cx))? == 0 && self.read.is_empty() {
                                 // The client closed between requests.
@@ -171,14 +179,21 @@ where
                     }
                     match response {
                         Poll::Ready(resp) => {
-                            let Phase::Serving { exchange, .. } = std::mem::replace(&mut self.phase, Phase::Done) else {
+                            let Phase::Serving { exchange, .. } = std::mem::replace(&mut self.phase, Phase::Done)
+                            else {
                                 unreachable!("matched above")
                             };
                             self.respond(exchange, resp);
                         }
                         Poll::Pending => {
                             // `100 Continue` may be waiting to go out.
-                            ready!(poll_write_out(&mut self.io, &mut self.write, &mut self.written, &mut self.held, cx))?;
+                            ready!(poll_write_out(
+                                &mut self.io,
+                                &mut self.write,
+                                &mut self.written,
+                                &mut self.held,
+                                cx
+                            ))?;
                             return Poll::Pending;
                         }
                     }
@@ -222,7 +237,7 @@ where
 
     /// Starts serving the request `head` (its bytes are still at the front of the read buffer).
     fn start(&mut self, head: RequestHead) {
-        if head.method == Method::CONNECT || headers::is_upgrade(&head.headers) {
+        if head.method == Method::CONNECT || (head.upgrade && headers::is_upgrade(&head.headers)) {
             self.handed_off = true;
             self.phase = Phase::Done;
             return;
@@ -316,6 +331,10 @@ where
                 &mut self.write,
             );
         });
+        // The map's allocation serves the next request's head.
+        let mut spare = parts.headers;
+        spare.clear();
+        self.spare_headers = spare;
         let body = (!bodiless && framing != Framing::Length(0)).then_some(body);
         self.phase = Phase::Responding { exchange, body, framing };
     }
@@ -457,9 +476,9 @@ where
                             h1_codec::encode_last_chunk(&http::HeaderMap::new(), write);
                             Poll::Ready(Ok(true))
                         }
-                        Framing::Length(left) if left > 0 => Poll::Ready(Err(io::Error::other(
-                            "the response body is shorter than its Content-Length",
-                        ))),
+                        Framing::Length(left) if left > 0 => {
+                            Poll::Ready(Err(io::Error::other("the response body is shorter than its Content-Length")))
+                        }
                         _ => Poll::Ready(Ok(true)),
                     };
                 }
@@ -627,7 +646,7 @@ impl http_body::Body for Http1Body {
         match self {
             Http1Body::Empty => SizeHint::with_exact(0),
             Http1Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Http1Body::Streaming(feed) => feed.lock().hint.clone(),
+            Http1Body::Streaming(feed) => feed.lock().hint,
         }
     }
 }

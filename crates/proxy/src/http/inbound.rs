@@ -12,8 +12,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderValue, Request, Response, Version};
 use crate::http::body::ReceivedBody;
+use http::{HeaderValue, Request, Response, Version};
 use plexus_core::authz::{self, Authorization, AuthzRequest};
 use plexus_core::resource::DefaultAuthorization;
 use plexus_core::route::RequestInfo;

@@ -20,8 +20,8 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, Uri, Version, header};
 use crate::http::body::ReceivedBody;
+use http::{Method, Request, Response, Uri, Version, header};
 use hyper_util::rt::TokioIo;
 
 use self::body::Body;

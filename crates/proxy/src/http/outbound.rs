@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, Version};
 use crate::http::body::ReceivedBody;
+use http::{Method, Request, Response, Version};
 use hyper_util::rt::TokioIo;
 use plexus_core::decide::{Egress, EgressTarget};
 use plexus_core::external::ExternalProtocol;

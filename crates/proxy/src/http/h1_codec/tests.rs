@@ -371,5 +371,136 @@ proptest! {
             prop_assert!(data.len() <= wire.len());
         }
         let _ = parse(&wire, &Method::GET, &LIMITS);
+        let _ = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new());
     }
+
+    /// A well-formed request head with arbitrary field values (any byte a value may hold)
+    /// parses back to its target and values, whatever precedes it in the buffer's allocation.
+    #[test]
+    fn request_heads_parse_back(values in proptest::collection::vec(proptest::collection::vec(0x20u8..0x7f, 0..40), 0..10), path in "/[a-z0-9/]{0,30}") {
+        let mut wire = format!("GET {path} HTTP/1.1\r\nHost: a\r\n").into_bytes();
+        for (i, v) in values.iter().enumerate() {
+            wire.extend_from_slice(format!("x-f{i}: ").as_bytes());
+            wire.extend_from_slice(v);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\nrest");
+        let head = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new()).expect("valid").expect("whole");
+        prop_assert_eq!(head.uri.path(), path.as_str());
+        prop_assert_eq!(head.len, wire.len() - 4);
+        for (i, v) in values.iter().enumerate() {
+            let got = head.headers.get(format!("x-f{i}")).expect("field");
+            prop_assert_eq!(got.as_bytes(), v.trim_ascii());
+        }
+    }
+}
+
+/// A request head as the proxy's server reads it.
+fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
+    parse_request_head(text.as_bytes(), &LIMITS, &mut HeaderMap::new())
+}
+
+#[test]
+fn a_request_head_is_read_with_its_framing_and_connection_options() {
+    let head =
+        request("POST /up?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello").expect("valid").expect("whole");
+    assert_eq!(
+        (head.method, head.uri.to_string(), head.version),
+        (Method::POST, "/up?x=1".to_string(), Version::HTTP_11)
+    );
+    assert_eq!((head.framing, head.keep_alive, head.expect_continue), (Framing::Length(5), true, false));
+    assert_eq!(head.len, "POST /up?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n".len());
+    assert!(request("GET / HTTP/1.1\r\nHost: a\r\n").expect("valid").is_none(), "partial");
+    let chunked = request("PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\nExpect: 100-Continue\r\n\r\n");
+    let chunked = chunked.expect("valid").expect("whole");
+    assert_eq!((chunked.framing, chunked.expect_continue), (Framing::Chunked, true));
+    let old = request("GET http://a/b HTTP/1.0\r\n\r\n").expect("valid").expect("whole");
+    assert_eq!((old.uri.host(), old.keep_alive, old.framing), (Some("a"), false, Framing::Empty));
+    let kept = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").expect("valid").expect("whole");
+    assert!(kept.keep_alive);
+    let closed = request("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").expect("valid").expect("whole");
+    assert!(!closed.keep_alive);
+    // Empty lines before the request line are skipped (RFC 9112 §2.2).
+    assert!(request("\r\nGET / HTTP/1.1\r\n\r\n").expect("valid").is_some());
+}
+
+#[test]
+fn ambiguous_or_malformed_request_heads_are_refused() {
+    for text in [
+        "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n",
+        "GET / HTTP/2.0\r\n\r\n",
+        "GET /a b HTTP/1.1\r\n\r\n",
+        "G\x01T / HTTP/1.1\r\n\r\n",
+    ] {
+        assert!(matches!(request(text), Err(HeadError::Malformed(_))), "{text:?}: {:?}", request(text));
+    }
+    // Positive controls: the same lengths said the same way twice, a list of one value.
+    for text in [
+        "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+    ] {
+        assert_eq!(request(text).expect("valid").expect("whole").framing, Framing::Length(5), "{text:?}");
+    }
+}
+
+#[test]
+fn request_heads_are_bounded_in_size_and_fields() {
+    let limits = Limits { max_head_bytes: 64, max_headers: 3 };
+    let long = format!("GET / HTTP/1.1\r\nX-A: {}\r\n\r\n", "a".repeat(60));
+    assert_eq!(parse_request_head(long.as_bytes(), &limits, &mut HeaderMap::new()).err(), Some(HeadError::TooLarge));
+    let unfinished = format!("GET / HTTP/1.1\r\nX-A: {}", "a".repeat(60));
+    assert_eq!(
+        parse_request_head(unfinished.as_bytes(), &limits, &mut HeaderMap::new()).err(),
+        Some(HeadError::TooLarge)
+    );
+    let many = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
+    assert_eq!(parse_request_head(many.as_bytes(), &limits, &mut HeaderMap::new()).err(), Some(HeadError::TooLarge));
+    let three = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
+    assert!(parse_request_head(three.as_bytes(), &limits, &mut HeaderMap::new()).expect("valid").is_some());
+}
+
+#[test]
+fn a_response_head_is_written_with_the_framing_it_is_sent_with() {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-length", HeaderValue::from_static("99"));
+    headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    headers.insert("x-a", HeaderValue::from_static("b"));
+    let write = |status: u16, framing, connection, headers: &HeaderMap| {
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).expect("status");
+        encode_response_head(Version::HTTP_11, status, headers, framing, connection, b"D", &mut out);
+        String::from_utf8(out).expect("text")
+    };
+    assert_eq!(
+        write(200, Framing::Length(3), None, &headers),
+        "HTTP/1.1 200 OK\r\nx-a: b\r\ncontent-length: 3\r\ndate: D\r\n\r\n"
+    );
+    assert_eq!(
+        write(200, Framing::Chunked, Some("close"), &headers),
+        "HTTP/1.1 200 OK\r\nx-a: b\r\ntransfer-encoding: chunked\r\nconnection: close\r\ndate: D\r\n\r\n"
+    );
+    // No body sent (HEAD, 304): the length it declares is kept; 204 declares none.
+    assert_eq!(
+        write(304, Framing::Empty, None, &headers),
+        "HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\nx-a: b\r\ndate: D\r\n\r\n"
+    );
+    assert_eq!(write(204, Framing::Empty, None, &headers), "HTTP/1.1 204 No Content\r\nx-a: b\r\ndate: D\r\n\r\n");
+    let mut dated = HeaderMap::new();
+    dated.insert("date", HeaderValue::from_static("then"));
+    assert_eq!(
+        write(599, Framing::Length(0), None, &dated),
+        "HTTP/1.1 599 \r\ndate: then\r\ncontent-length: 0\r\n\r\n"
+    );
 }

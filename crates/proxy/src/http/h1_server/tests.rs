@@ -75,7 +75,10 @@ async fn read_response(c: &mut DuplexStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("response in time").expect("read");
+        let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
         assert!(n > 0, "closed within a response: {:?}", String::from_utf8_lossy(&out));
         out.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -126,7 +129,9 @@ async fn keep_alive_serves_requests_in_turn_and_pipelined() {
 #[tokio::test]
 async fn a_chunked_upload_streams_and_a_chunked_answer_is_framed() {
     let (mut c, task) = serve(8192);
-    c.write_all(b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").await.expect("write");
+    c.write_all(b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        .await
+        .expect("write");
     tokio::time::sleep(Duration::from_millis(20)).await;
     c.write_all(b"2\r\nde\r\n0\r\n\r\n").await.expect("write");
     c.shutdown().await.expect("half close");
@@ -142,7 +147,9 @@ async fn a_chunked_upload_streams_and_a_chunked_answer_is_framed() {
 #[tokio::test]
 async fn expect_continue_is_answered_when_the_body_is_read() {
     let (mut c, _task) = serve(8192);
-    c.write_all(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n").await.expect("write");
+    c.write_all(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .expect("write");
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("in time").expect("read");
     assert_eq!(&buf[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
