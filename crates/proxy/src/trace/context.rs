@@ -128,14 +128,43 @@ const HEX_PAIRS: [[u8; 2]; 256] = {
 };
 
 /// Writes `bytes` as lowercase hex into `out` (up to twice as long as `bytes`). Every request
-/// formats a request id, a trace id and a span id: one table lookup per byte, instead of a
-/// `{:02x}` formatter call per byte (which was a tenth of a proxied request's instructions).
+/// formats a request id, a trace id and a span id (40 bytes): eight bytes at a time in one
+/// 64-bit register ([`hex8`]), the rest by a table lookup per byte — not a `{:02x}` formatter
+/// call per byte (which was a tenth of a proxied request's instructions).
 pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+    let n = bytes.len().min(out.len() / 2);
+    let (bytes, out) = (&bytes[..n], &mut out[..2 * n]);
+    let whole = n / 8 * 8;
+    for (eight, sixteen) in bytes[..whole].chunks_exact(8).zip(out.chunks_exact_mut(16)) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(eight);
+        sixteen.copy_from_slice(&hex8(u64::from_be_bytes(word)));
+    }
+    for (pair, b) in out[2 * whole..].chunks_exact_mut(2).zip(&bytes[whole..]) {
         let [high, low] = HEX_PAIRS[usize::from(*b)];
         pair[0] = high;
         pair[1] = low;
     }
+}
+
+/// The 16 lowercase hex digits of `v`, most significant first: each nibble spread to a byte
+/// of its own, turned into its digit in all 8 lanes at once (no carry crosses a lane: a lane
+/// never exceeds 102).
+fn hex8(v: u64) -> [u8; 16] {
+    const LANES: u64 = 0x0101_0101_0101_0101;
+    let digits = |nibbles: u64| {
+        // Lanes of 10..=15 reach 16 with 6 added: they take 'a' - '0' - 10 = 39 more.
+        let letters = ((nibbles + 6 * LANES) >> 4) & LANES;
+        (nibbles + u64::from(b'0') * LANES + letters * 39).to_be_bytes()
+    };
+    let high = digits((v >> 4) & 0x0f * LANES);
+    let low = digits(v & 0x0f * LANES);
+    let mut out = [0u8; 16];
+    for i in 0..8 {
+        out[2 * i] = high[i];
+        out[2 * i + 1] = low[i];
+    }
+    out
 }
 
 /// [`hex_into`], as a string.
@@ -475,6 +504,36 @@ mod tests {
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
+
+    #[test]
+    fn hex_is_every_byte_in_lowercase_at_every_position_and_length() {
+        let all: Vec<u8> = (0..=255u8).collect();
+        let expected: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 24, 33] {
+                let bytes = &all[start..start + len];
+                let mut out = [b'?'; 80];
+                hex_into(bytes, &mut out);
+                assert_eq!(&out[..2 * len], expected[2 * start..2 * (start + len)].as_bytes(), "{start} {len}");
+                assert!(out[2 * len..].iter().all(|&c| c == b'?'), "wrote past the digits");
+            }
+        }
+        // Every byte value in every lane of a word.
+        for b in 0..=255u8 {
+            for lane in 0..8 {
+                let mut word = [0x5au8; 8];
+                word[lane] = b;
+                let mut out = [0u8; 16];
+                hex_into(&word, &mut out);
+                let expected: String = word.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(out, expected.as_bytes(), "{b} in lane {lane}");
+            }
+        }
+        // A shorter output takes whole bytes only.
+        let mut short = [b'?'; 5];
+        hex_into(&[0xab, 0xcd, 0xef], &mut short);
+        assert_eq!(&short, b"abcd?");
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
