@@ -135,15 +135,14 @@ pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
     let n = bytes.len().min(out.len() / 2);
     let (bytes, out) = (&bytes[..n], &mut out[..2 * n]);
     let whole = n / 8 * 8;
-    for (eight, sixteen) in bytes[..whole].chunks_exact(8).zip(out.chunks_exact_mut(16)) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(eight);
-        sixteen.copy_from_slice(&hex8(u64::from_be_bytes(word)));
+    for i in (0..whole).step_by(8) {
+        let word: [u8; 8] = bytes[i..i + 8].try_into().unwrap_or_default();
+        out[2 * i..2 * i + 16].copy_from_slice(&hex8(u64::from_be_bytes(word)));
     }
-    for (pair, b) in out[2 * whole..].chunks_exact_mut(2).zip(&bytes[whole..]) {
-        let [high, low] = HEX_PAIRS[usize::from(*b)];
-        pair[0] = high;
-        pair[1] = low;
+    for i in whole..n {
+        let [high, low] = HEX_PAIRS[usize::from(bytes[i])];
+        out[2 * i] = high;
+        out[2 * i + 1] = low;
     }
 }
 
@@ -157,8 +156,8 @@ fn hex8(v: u64) -> [u8; 16] {
         let letters = ((nibbles + 6 * LANES) >> 4) & LANES;
         (nibbles + u64::from(b'0') * LANES + letters * 39).to_be_bytes()
     };
-    let high = digits((v >> 4) & 0x0f * LANES);
-    let low = digits(v & 0x0f * LANES);
+    let high = digits((v >> 4) & (0x0f * LANES));
+    let low = digits(v & (0x0f * LANES));
     let mut out = [0u8; 16];
     for i in 0..8 {
         out[2 * i] = high[i];
@@ -514,7 +513,7 @@ mod tests {
                 let bytes = &all[start..start + len];
                 let mut out = [b'?'; 80];
                 hex_into(bytes, &mut out);
-                assert_eq!(&out[..2 * len], expected[2 * start..2 * (start + len)].as_bytes(), "{start} {len}");
+                assert_eq!(&out[..2 * len], &expected.as_bytes()[2 * start..2 * (start + len)], "{start} {len}");
                 assert!(out[2 * len..].iter().all(|&c| c == b'?'), "wrote past the digits");
             }
         }
