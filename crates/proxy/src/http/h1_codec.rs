@@ -392,8 +392,11 @@ pub fn parse_request_head(
             _ => {}
         }
     }
-    let length =
-        if has_length { content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))? } else { None };
+    let length = if has_length {
+        content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?
+    } else {
+        None
+    };
     let framing = if has_coding {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
@@ -412,7 +415,8 @@ pub fn parse_request_head(
             Some(n) => Framing::Length(n),
         }
     };
-    let (close, keep_alive) = if has_connection { connection_options(named(fields, "connection")) } else { (false, false) };
+    let (close, keep_alive) =
+        if has_connection { connection_options(named(fields, "connection")) } else { (false, false) };
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
     let expect_continue = has_expect
         && version == Version::HTTP_11
