@@ -67,6 +67,12 @@ pub fn encode_request_head(method: &Method, target: &str, headers: &HeaderMap, f
     out.extend_from_slice(if target.is_empty() { b"/" } else { target.as_bytes() });
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_fields(headers, |name| name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING, out);
+    write_framing(framing, out);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the framing field `framing` calls for (none for an empty or close-delimited body).
+fn write_framing(framing: Framing, out: &mut Vec<u8>) {
     match framing {
         Framing::Empty | Framing::UntilClose => {}
         Framing::Length(n) => {
@@ -76,7 +82,6 @@ pub fn encode_request_head(method: &Method, target: &str, headers: &HeaderMap, f
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends one chunk's header (its size in hex and CRLF) to `out`; the data and a CRLF follow.
@@ -480,15 +485,7 @@ pub fn encode_response_head(
         },
         out,
     );
-    match framing {
-        Framing::Empty | Framing::UntilClose => {}
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
+    write_framing(framing, out);
     if let Some(connection) = connection {
         out.extend_from_slice(b"connection: ");
         out.extend_from_slice(connection.as_bytes());
