@@ -319,6 +319,9 @@ impl HttpServer {
         let side_waker = Waker::from(side.clone());
         let result = loop {
             let mut head_deadline = None;
+            // The head clock's start the deadlines were last checked with: they change only
+            // when it does (or after an event, when this loop turns and they are checked again).
+            let mut checked_with = None;
             let event = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                     return Poll::Ready(Event::Ended(r));
@@ -326,15 +329,19 @@ impl HttpServer {
                 // A head that started while the connection was polled (its reads happen in
                 // this task): its clock may come before the armed deadline.
                 let head_since = activity.head_since.load(Ordering::Relaxed);
-                head_deadline = (head_since != 0 && !head_timeout.is_zero())
-                    .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
-                let due = [head_deadline, (!idle.is_zero()).then_some(check), park_check].into_iter().flatten().min();
-                if let Some(due) = due
-                    && armed.is_none_or(|a| due < a)
-                {
-                    timer.as_mut().reset(due.into());
-                    armed = Some(due);
-                    side.woken.store(true, Ordering::Relaxed);
+                if checked_with != Some(head_since) {
+                    checked_with = Some(head_since);
+                    head_deadline = (head_since != 0 && !head_timeout.is_zero())
+                        .then(|| started + Duration::from_millis(head_since - 1) + head_timeout);
+                    let due =
+                        [head_deadline, (!idle.is_zero()).then_some(check), park_check].into_iter().flatten().min();
+                    if let Some(due) = due
+                        && armed.is_none_or(|a| due < a)
+                    {
+                        timer.as_mut().reset(due.into());
+                        armed = Some(due);
+                        side.woken.store(true, Ordering::Relaxed);
+                    }
                 }
                 if side.take(cx.waker()) {
                     let mut side_cx = Context::from_waker(&side_waker);
