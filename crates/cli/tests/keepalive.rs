@@ -1,7 +1,9 @@
 //! Connection timing on the proxy's HTTP listeners (issue 18): an idle keep-alive connection
 //! lives for the idle timeout, not the header read timeout; the header read timeout starts at
 //! a request's first byte and still cuts a head that is too slow (slowloris); a quiet HTTP/1
-//! connection is parked (its buffers given back) and served again from its next byte.
+//! connection is parked (its buffers given back) and served again from its next byte; pipelined
+//! requests are answered in order and `Expect: 100-continue` is honoured (the proxy's own HTTP/1
+//! server, `http/h1_server.rs`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -350,5 +352,75 @@ async fn parking_never_cuts_a_message_or_reads_a_body_as_a_request() -> Result<(
         assert!(!answer.contains("smuggled"), "the rest of a body was served as a request: {answer}");
         assert_eq!(app.requests(), served, "the rest of a body reached the app (pause {pause:?})");
     }
+    Ok(())
+}
+
+/// Reads from `stream` until it holds `n` whole responses with `content-length` bodies (or
+/// 5 s pass), and returns them.
+async fn read_responses(stream: &mut TcpStream, n: usize) -> Result<Vec<String>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let mut responses = Vec::new();
+        let mut rest = &got[..];
+        while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&rest[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .context("no content-length")?
+                .parse::<usize>()?;
+            if rest.len() < end + 4 + len {
+                break;
+            }
+            responses.push(String::from_utf8_lossy(&rest[..end + 4 + len]).into_owned());
+            rest = &rest[end + 4 + len..];
+        }
+        if responses.len() >= n {
+            return Ok(responses);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.context("no response")??;
+        anyhow::ensure!(n > 0, "closed after {} responses: {:?}", responses.len(), String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Requests pipelined in one write are answered in order, each with its own body; a body
+/// that follows `Expect: 100-continue` is read once `100 Continue` has been sent; the
+/// connection then still serves a request on its own (the positive control, first).
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_expect_continue_is_honoured() -> Result<()> {
+    let dir = TempDir::new("pipelined")?;
+    let (_app, proxy) = proxy_with_short_timeouts(&dir).await?;
+    let mut stream = TcpStream::connect(proxy.outbound()).await?;
+    stream.write_all(b"GET /first HTTP/1.1\r\nHost: app:8080\r\n\r\n").await?;
+    let first = read_responses(&mut stream, 1).await?;
+    assert!(first[0].starts_with("HTTP/1.1 200") && first[0].contains("\"path\":\"/first\""), "{first:?}");
+
+    let pipelined = b"POST /a HTTP/1.1\r\nHost: app:8080\r\nContent-Length: 3\r\n\r\nabc\
+GET /b HTTP/1.1\r\nHost: app:8080\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: app:8080\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n";
+    stream.write_all(pipelined).await?;
+    let answers = read_responses(&mut stream, 3).await?;
+    let summary: Vec<(bool, bool, bool)> = answers
+        .iter()
+        .zip([("/a", 3), ("/b", 0), ("/c", 2)])
+        .map(|(r, (path, len))| {
+            (
+                r.starts_with("HTTP/1.1 200"),
+                r.contains(&format!("\"path\":\"{path}\"")),
+                r.contains(&format!("\"body_len\":{len}")),
+            )
+        })
+        .collect();
+    assert_eq!(summary, vec![(true, true, true); 3], "{answers:#?}");
+
+    stream.write_all(b"PUT /d HTTP/1.1\r\nHost: app:8080\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n").await?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.context("no 100")??;
+    assert_eq!(&buf[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"wxyz").await?;
+    let last = read_responses(&mut stream, 1).await?;
+    assert!(last[0].contains("\"path\":\"/d\"") && last[0].contains("\"body_len\":4"), "{last:?}");
     Ok(())
 }
