@@ -30,6 +30,12 @@ fn echo(req: Request<ReceivedBody>) -> Answer {
             }
         };
         let text = format!("{} {} {}", parts.method, parts.uri, String::from_utf8_lossy(&got));
+        if parts.uri.path() == "/trailers" {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+            let frames = Frames(vec![Frame::data(Bytes::from(text)), Frame::trailers(trailers)].into());
+            return Response::new(body::boxed(frames));
+        }
         if parts.uri.path() == "/chunked" {
             let pieces = text.into_bytes().chunks(3).map(Bytes::copy_from_slice).collect();
             return Response::new(body::boxed(Pieces(pieces)));
@@ -47,6 +53,18 @@ impl http_body::Body for Pieces {
 
     fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A body of the given frames (data and trailers), of no announced size.
+struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
     }
 }
 
@@ -249,4 +267,15 @@ async fn graceful_shutdown_ends_an_idle_connection_at_once() {
     let done = tokio::time::timeout(Duration::from_secs(1), &mut conn).await.expect("ended at once");
     assert!(done.is_ok());
     drop(client);
+}
+
+#[tokio::test]
+async fn trailers_end_a_chunked_answer_and_the_connection_stays_open() {
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n").await.expect("write");
+    let out = read_until(&mut c, "\r\n0\r\nx-checksum: abc\r\n\r\n").await;
+    assert!(out.contains("transfer-encoding: chunked\r\n") && out.contains("GET /trailers "), "{out}");
+    // The same connection serves the next request (positive control of the framing).
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_response(&mut c).await.ends_with("GET /next "));
 }
