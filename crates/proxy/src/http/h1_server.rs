@@ -33,8 +33,12 @@ use super::headers;
 use crate::BoxError;
 use crate::error::ProxyError;
 
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 8 * 1024;
+/// Bytes asked of the socket by a connection's first read: enough for most request heads. A
+/// read that fills what it asked for doubles the next one, up to [`READ_MAX`], so an idle
+/// keep-alive connection of small requests holds 1 KiB, and an upload is still read in large
+/// pieces.
+const READ_FIRST: usize = 1024;
+const READ_MAX: usize = 64 * 1024;
 
 /// Encoded response bytes held before they are written (a body frame larger than this is
 /// written from its own buffer, not copied).
@@ -51,6 +55,8 @@ pub fn limits(max_header_bytes: usize) -> Limits {
 pub struct Connection<I, S, F> {
     io: I,
     read: BytesMut,
+    /// Bytes asked of the socket by the next read.
+    read_chunk: usize,
     /// The client closed its sending side.
     eof: bool,
     /// Encoded response bytes not yet written (from `written`).
@@ -117,6 +123,7 @@ where
         Connection {
             io,
             read: BytesMut::new(),
+            read_chunk: READ_FIRST,
             eof: false,
             write: Vec::new(),
             written: 0,
@@ -175,7 +182,8 @@ where
                     let response = Pin::new(response).poll(cx);
                     if let Some(upload) = exchange.upload.as_mut() {
                         let started = response.is_ready();
-                        Self::feed(&mut self.io, &mut self.read, &mut self.eof, &mut self.write, upload, started, cx);
+                        let reading = (&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof);
+                        Self::feed(reading, &mut self.write, upload, started, cx);
                     }
                     match response {
                         Poll::Ready(resp) => {
@@ -200,7 +208,8 @@ where
                 }
                 Phase::Responding { exchange, body, framing } => {
                     if let Some(upload) = exchange.upload.as_mut() {
-                        Self::feed(&mut self.io, &mut self.read, &mut self.eof, &mut self.write, upload, true, cx);
+                        let reading = (&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof);
+                        Self::feed(reading, &mut self.write, upload, true, cx);
                     }
                     if let Some(b) = body.as_mut() {
                         let ended = ready!(Self::poll_body(
@@ -343,9 +352,7 @@ where
     /// read buffer holds or reads more. `responded`: the response has started (no `100
     /// Continue` is sent after that).
     fn feed(
-        io: &mut I,
-        read: &mut BytesMut,
-        eof: &mut bool,
+        (io, read, read_chunk, eof): (&mut I, &mut BytesMut, &mut usize, &mut bool),
         write: &mut Vec<u8>,
         upload: &mut Upload,
         responded: bool,
@@ -369,7 +376,7 @@ where
                 write.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
             let decoded = match upload.decoder.decode(read, *eof) {
-                Ok(Decoded::NeedMore) => match poll_read_more(io, read, eof, cx) {
+                Ok(Decoded::NeedMore) => match poll_read_more(io, read, read_chunk, eof, cx) {
                     Poll::Ready(Ok(_)) => continue,
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(error = %e, "reading a request body");
@@ -491,7 +498,7 @@ where
     }
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        poll_read_more(&mut self.io, &mut self.read, &mut self.eof, cx)
+        poll_read_more(&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof, cx)
     }
 }
 
@@ -542,16 +549,20 @@ fn poll_write_out<I: AsyncWrite + Unpin>(
 fn poll_read_more<I: AsyncRead + Unpin>(
     io: &mut I,
     read: &mut BytesMut,
+    chunk: &mut usize,
     eof: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     if *eof {
         return Poll::Ready(Ok(0));
     }
-    read.reserve(READ_CHUNK);
+    read.reserve(*chunk);
+    let room = read.capacity() - read.len();
     let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
     if n == 0 {
         *eof = true;
+    } else if n == room {
+        *chunk = (*chunk * 2).min(READ_MAX);
     }
     Poll::Ready(Ok(n))
 }
