@@ -175,8 +175,9 @@ pub fn parse_response_head(
     let status =
         response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(CodecError("malformed response status"))?;
     let fields = &*response.headers;
-    let framing = response_framing(status, request, fields)?;
-    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, fields);
+    let present = Present::of(fields);
+    let framing = response_framing(status, request, fields, &present)?;
+    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, fields, &present);
     // Where each field's name and value are in the head ([offset, length] each): its values
     // are cut from the head's bytes once these are taken from `buf`. (httparse's slices point
     // into `buf`; a head is at most `max_head_bytes`, far below 4 GiB.)
@@ -225,6 +226,7 @@ fn response_framing(
     status: StatusCode,
     request: &Method,
     fields: &[httparse::Header<'_>],
+    present: &Present,
 ) -> Result<Framing, CodecError> {
     if request == Method::HEAD
         || status.is_informational()
@@ -233,8 +235,8 @@ fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    let lengths = content_length(named(fields, "content-length"))?;
-    if named(fields, "transfer-encoding").next().is_some() {
+    let lengths = if present.length { content_length(named(fields, "content-length"))? } else { None };
+    if present.coding {
         if lengths.is_some() {
             return Err(CodecError("a response with both Transfer-Encoding and Content-Length"));
         }
@@ -308,10 +310,41 @@ fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool
     (close, keep_alive)
 }
 
-/// Whether a response of `version` with the parsed `fields` leaves its connection open.
-fn keeps_alive(version: Version, fields: &[httparse::Header<'_>]) -> bool {
-    let (close, keep_alive) = connection_options(named(fields, "connection"));
+/// Whether a message of `version` with the parsed `fields` leaves its connection open.
+fn keeps_alive(version: Version, fields: &[httparse::Header<'_>], present: &Present) -> bool {
+    let (close, keep_alive) =
+        if present.connection { connection_options(named(fields, "connection")) } else { (false, false) };
     !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// Which of the fields that frame a message or steer its connection a head has: one pass
+/// over its parsed fields (by length, then name), so that only those present are read — most
+/// heads have a `Content-Length` and nothing else of these.
+#[derive(Default)]
+struct Present {
+    length: bool,
+    coding: bool,
+    connection: bool,
+    expect: bool,
+    upgrade: bool,
+}
+
+impl Present {
+    fn of(fields: &[httparse::Header<'_>]) -> Self {
+        let mut present = Present::default();
+        for field in fields {
+            let name = field.name.as_bytes();
+            match name.len() {
+                14 => present.length |= name.eq_ignore_ascii_case(b"content-length"),
+                17 => present.coding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+                10 => present.connection |= name.eq_ignore_ascii_case(b"connection"),
+                7 => present.upgrade |= name.eq_ignore_ascii_case(b"upgrade"),
+                6 => present.expect |= name.eq_ignore_ascii_case(b"expect"),
+                _ => {}
+            }
+        }
+        present
+    }
 }
 
 /// A request head read from a client.
@@ -382,27 +415,14 @@ pub fn parse_request_head(
     let target = request.path.ok_or(HeadError::Malformed("malformed request line"))?;
     let fields = &*request.headers;
 
-    // The framing and connection fields, read from the parsed fields (no map lookups): one
-    // pass notes which are present, and only those are read.
-    let (mut has_length, mut has_coding, mut has_connection, mut has_expect) = (false, false, false, false);
-    let mut upgrade = false;
-    for field in fields {
-        let name = field.name.as_bytes();
-        match name.len() {
-            14 => has_length |= name.eq_ignore_ascii_case(b"content-length"),
-            17 => has_coding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
-            10 => has_connection |= name.eq_ignore_ascii_case(b"connection"),
-            7 => upgrade |= name.eq_ignore_ascii_case(b"upgrade"),
-            6 => has_expect |= name.eq_ignore_ascii_case(b"expect"),
-            _ => {}
-        }
-    }
-    let length = if has_length {
+    // The framing and connection fields, read from the parsed fields (no map lookups).
+    let present = Present::of(fields);
+    let length = if present.length {
         content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?
     } else {
         None
     };
-    let framing = if has_coding {
+    let framing = if present.coding {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
         }
@@ -420,12 +440,11 @@ pub fn parse_request_head(
             Some(n) => Framing::Length(n),
         }
     };
-    let (close, keep_alive) =
-        if has_connection { connection_options(named(fields, "connection")) } else { (false, false) };
-    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
-    let expect_continue = has_expect
+    let keep_alive = keeps_alive(version, fields, &present);
+    let expect_continue = present.expect
         && version == Version::HTTP_11
         && named(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = present.upgrade;
 
     // One copy of the head; the target and the values are slices of it.
     let head = Bytes::copy_from_slice(&buf[..len]);
