@@ -235,12 +235,12 @@ fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    let lengths = if present.length { content_length(named(fields, "content-length"))? } else { None };
-    if present.coding {
+    let lengths = content_length(present.length.values(fields, "content-length"))?;
+    if present.coding.any() {
         if lengths.is_some() {
             return Err(CodecError("a response with both Transfer-Encoding and Content-Length"));
         }
-        let chunked = chunked_last(named(fields, "transfer-encoding"))?;
+        let chunked = chunked_last(present.coding.values(fields, "transfer-encoding"))?;
         return if chunked { Ok(Framing::Chunked) } else { Ok(Framing::UntilClose) };
     }
     Ok(match lengths {
@@ -312,36 +312,68 @@ fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool
 
 /// Whether a message of `version` with the parsed `fields` leaves its connection open.
 fn keeps_alive(version: Version, fields: &[httparse::Header<'_>], present: &Present) -> bool {
-    let (close, keep_alive) =
-        if present.connection { connection_options(named(fields, "connection")) } else { (false, false) };
+    let (close, keep_alive) = connection_options(present.connection.values(fields, "connection"));
     !close && (version == Version::HTTP_11 || keep_alive)
 }
 
-/// Which of the fields that frame a message or steer its connection a head has: one pass
-/// over its parsed fields (by length, then name), so that only those present are read — most
-/// heads have a `Content-Length` and nothing else of these.
+/// Which of the fields that frame a message or steer its connection a head has, and where:
+/// one pass over its parsed fields (by length, then name), so that only those present are
+/// read, and a field that appears once is read where it is, without another search — most
+/// heads have a `Content-Length` and little else of these.
 #[derive(Default)]
 struct Present {
-    length: bool,
-    coding: bool,
-    connection: bool,
-    expect: bool,
-    upgrade: bool,
+    length: Seen,
+    coding: Seen,
+    connection: Seen,
+    expect: Seen,
+    upgrade: Seen,
+}
+
+/// Where a field name first appears in a head, and whether it appears again.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    first: Option<usize>,
+    again: bool,
+}
+
+impl Seen {
+    fn note(&mut self, at: usize) {
+        if self.first.is_some() {
+            self.again = true;
+        } else {
+            self.first = Some(at);
+        }
+    }
+
+    fn any(self) -> bool {
+        self.first.is_some()
+    }
+
+    /// The values of the `name` fields this records, in order.
+    fn values<'a>(self, fields: &'a [httparse::Header<'_>], name: &'static str) -> impl Iterator<Item = &'a [u8]> {
+        let first = self.first.and_then(|i| fields.get(i));
+        let rest = match (self.first, self.again) {
+            (Some(i), true) => fields.get(i + 1..).unwrap_or_default(),
+            _ => &[],
+        };
+        first.map(|f| f.value).into_iter().chain(named(rest, name))
+    }
 }
 
 impl Present {
     fn of(fields: &[httparse::Header<'_>]) -> Self {
         let mut present = Present::default();
-        for field in fields {
+        for (at, field) in fields.iter().enumerate() {
             let name = field.name.as_bytes();
-            match name.len() {
-                14 => present.length |= name.eq_ignore_ascii_case(b"content-length"),
-                17 => present.coding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
-                10 => present.connection |= name.eq_ignore_ascii_case(b"connection"),
-                7 => present.upgrade |= name.eq_ignore_ascii_case(b"upgrade"),
-                6 => present.expect |= name.eq_ignore_ascii_case(b"expect"),
-                _ => {}
-            }
+            let seen = match name.len() {
+                14 if name.eq_ignore_ascii_case(b"content-length") => &mut present.length,
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => &mut present.coding,
+                10 if name.eq_ignore_ascii_case(b"connection") => &mut present.connection,
+                7 if name.eq_ignore_ascii_case(b"upgrade") => &mut present.upgrade,
+                6 if name.eq_ignore_ascii_case(b"expect") => &mut present.expect,
+                _ => continue,
+            };
+            seen.note(at);
         }
         present
     }
@@ -417,19 +449,16 @@ pub fn parse_request_head(
 
     // The framing and connection fields, read from the parsed fields (no map lookups).
     let present = Present::of(fields);
-    let length = if present.length {
-        content_length(named(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?
-    } else {
-        None
-    };
-    let framing = if present.coding {
+    let length =
+        content_length(present.length.values(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?;
+    let framing = if present.coding.any() {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
         }
         if length.is_some() {
             return Err(HeadError::Malformed("a request with both Transfer-Encoding and Content-Length"));
         }
-        match chunked_last(named(fields, "transfer-encoding")) {
+        match chunked_last(present.coding.values(fields, "transfer-encoding")) {
             Ok(true) => Framing::Chunked,
             Ok(false) => return Err(HeadError::Malformed("a request whose last transfer coding is not chunked")),
             Err(e) => return Err(HeadError::Malformed(e.0)),
@@ -441,10 +470,9 @@ pub fn parse_request_head(
         }
     };
     let keep_alive = keeps_alive(version, fields, &present);
-    let expect_continue = present.expect
-        && version == Version::HTTP_11
-        && named(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = present.upgrade;
+    let expect_continue = version == Version::HTTP_11
+        && present.expect.values(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = present.upgrade.any();
 
     // One copy of the head; the target and the values are slices of it.
     let head = Bytes::copy_from_slice(&buf[..len]);

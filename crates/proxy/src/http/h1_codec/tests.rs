@@ -420,6 +420,11 @@ fn a_request_head_is_read_with_its_framing_and_connection_options() {
     assert!(kept.keep_alive);
     let closed = request("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").expect("valid").expect("whole");
     assert!(!closed.keep_alive);
+    // A field repeated: every occurrence counts, not only the first.
+    let again = request("GET / HTTP/1.1\r\nConnection: foo\r\nX-A: 1\r\nConnection: close\r\n\r\n");
+    assert!(!again.expect("valid").expect("whole").keep_alive);
+    let expect = request("PUT / HTTP/1.1\r\nExpect: x\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n");
+    assert!(expect.expect("valid").expect("whole").expect_continue);
     // Empty lines before the request line are skipped (RFC 9112 §2.2).
     assert!(request("\r\nGET / HTTP/1.1\r\n\r\n").expect("valid").is_some());
 }
