@@ -252,7 +252,26 @@ fn response_framing(
 
 /// The values of every `name` field of the parsed `fields` (no map is built to find them).
 fn named<'a>(fields: &'a [httparse::Header<'_>], name: &'static str) -> impl Iterator<Item = &'a [u8]> + use<'a> {
-    fields.iter().filter(move |f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value)
+    fields.iter().filter(move |f| is_name(f.name.as_bytes(), name.as_bytes())).map(|f| f.value)
+}
+
+/// Whether the header name `name` (token characters, as httparse admits them) is `lower`
+/// (lowercase letters and `-`), ignoring case: eight bytes at a time, each with its `0x20`
+/// bit set. Among token characters only an uppercase letter becomes another character that
+/// way (its lowercase), and `-` already has the bit: the comparison is exact.
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    if name.len() != lower.len() {
+        return false;
+    }
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    name.chunks(8).zip(lower.chunks(8)).all(|(n, l)| {
+        let mask = word(&[0x20; 8][..n.len()]);
+        word(n) | mask == word(l)
+    })
 }
 
 /// The value of every `Content-Length` field (lists included), which must agree: `None` if
@@ -260,7 +279,10 @@ fn named<'a>(fields: &'a [httparse::Header<'_>], name: &'static str) -> impl Ite
 fn content_length<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, CodecError> {
     let mut length = None;
     for value in fields {
-        for part in value.split(|&b| b == b',') {
+        // Usually one value of digits alone: no splitting.
+        let parts = if value.iter().all(u8::is_ascii_digit) { std::slice::from_ref(&value) } else { &[][..] };
+        let split = parts.is_empty().then(|| value.split(|&b| b == b',')).into_iter().flatten();
+        for part in parts.iter().copied().chain(split) {
             let digits = part.trim_ascii();
             if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
                 return Err(CodecError("invalid Content-Length"));
@@ -302,6 +324,11 @@ fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool
     let mut close = false;
     let mut keep_alive = false;
     for value in fields {
+        // Usually one option alone: no splitting.
+        if is_name(value, b"keep-alive") {
+            keep_alive = true;
+            continue;
+        }
         for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             close |= option.eq_ignore_ascii_case(b"close");
             keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
@@ -366,11 +393,11 @@ impl Present {
         for (at, field) in fields.iter().enumerate() {
             let name = field.name.as_bytes();
             let seen = match name.len() {
-                14 if name.eq_ignore_ascii_case(b"content-length") => &mut present.length,
-                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => &mut present.coding,
-                10 if name.eq_ignore_ascii_case(b"connection") => &mut present.connection,
-                7 if name.eq_ignore_ascii_case(b"upgrade") => &mut present.upgrade,
-                6 if name.eq_ignore_ascii_case(b"expect") => &mut present.expect,
+                14 if is_name(name, b"content-length") => &mut present.length,
+                17 if is_name(name, b"transfer-encoding") => &mut present.coding,
+                10 if is_name(name, b"connection") => &mut present.connection,
+                7 if is_name(name, b"upgrade") => &mut present.upgrade,
+                6 if is_name(name, b"expect") => &mut present.expect,
                 _ => continue,
             };
             seen.note(at);

@@ -509,3 +509,31 @@ fn a_response_head_is_written_with_the_framing_it_is_sent_with() {
         "HTTP/1.1 599 \r\ndate: then\r\ncontent-length: 0\r\n\r\n"
     );
 }
+
+#[test]
+fn header_names_compare_ignoring_case_and_nothing_else() {
+    for (name, lower, same) in [
+        ("Content-Length", "content-length", true),
+        ("CONTENT-LENGTH", "content-length", true),
+        ("content-lengtH", "content-length", true),
+        ("Transfer-Encoding", "transfer-encoding", true),
+        ("transfer-encodinG", "transfer-encoding", true),
+        ("content_length", "content-length", false),
+        ("content-lengths", "content-length", false),
+        ("xontent-length", "content-length", false),
+        ("transfer-encodinf", "transfer-encoding", false),
+        ("Expect", "expect", true),
+        ("exPecT", "expect", true),
+        ("accept", "expect", false),
+        ("", "", true),
+    ] {
+        assert_eq!(is_name(name.as_bytes(), lower.as_bytes()), same, "{name} vs {lower}");
+    }
+    // Every token character against every letter and `-`: equal only to itself and its case.
+    let tokens = (0x21u8..0x7f).filter(|c| !b"\"(),/:;<=>?@[\\]{}".contains(c));
+    for c in tokens {
+        for l in (b'a'..=b'z').chain([b'-']) {
+            assert_eq!(is_name(&[c], &[l]), c.to_ascii_lowercase() == l, "{:?} vs {:?}", c as char, l as char);
+        }
+    }
+}
