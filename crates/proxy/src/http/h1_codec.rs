@@ -279,10 +279,7 @@ fn is_name(name: &[u8], lower: &[u8]) -> bool {
 fn content_length<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, CodecError> {
     let mut length = None;
     for value in fields {
-        // Usually one value of digits alone: no splitting.
-        let parts = if value.iter().all(u8::is_ascii_digit) { std::slice::from_ref(&value) } else { &[][..] };
-        let split = parts.is_empty().then(|| value.split(|&b| b == b',')).into_iter().flatten();
-        for part in parts.iter().copied().chain(split) {
+        for part in value.split(|&b| b == b',') {
             let digits = part.trim_ascii();
             if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
                 return Err(CodecError("invalid Content-Length"));
