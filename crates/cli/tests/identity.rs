@@ -904,9 +904,14 @@ async fn issuer_and_anchor_rotation_without_downtime() -> Result<()> {
     let mut proxy = SimProxy::connect(&cp, "sim").await?;
     proxy.report_issued(&second).await?;
     assert_eq!(pem_blocks(&proxy.bundle_of(2, STEP).await?).len(), 2);
-    let table = cp.plexus_ok(&["identity", "show"]).await?;
+    // The report travels on the Watch stream: the table shows it once the control plane read it.
+    let table = plexus_testkit::eventually(Duration::from_secs(10), || async {
+        let table = cp.plexus_ok(&["identity", "show"]).await?;
+        ensure!(table.contains("old anchor (rotating)"), "{table}");
+        Ok(table)
+    })
+    .await?;
     assert!(table.contains("previous anchor") && table.contains("trust anchor rotation in progress"), "{table}");
-    assert!(table.contains("old anchor (rotating)"), "{table}");
     // Held back while the proxy is on the old issuer, also past the settle time after a start
     // (the registration TTL, for proxies to reconnect).
     tokio::time::sleep((TTL + Duration::from_secs(3)).saturating_sub(restarted.elapsed())).await;

@@ -209,25 +209,7 @@ async fn until_parked(proxy: &Proxy, n: u64) -> Result<()> {
 
 /// Reads one response with a `content-length` body from `stream`.
 async fn read_response(stream: &mut TcpStream) -> Result<String> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                .context("no content-length")?
-                .parse::<usize>()?;
-            if got.len() >= end + 4 + len {
-                anyhow::ensure!(got.len() == end + 4 + len, "more than one response: {text}");
-                return Ok(text);
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.context("no response")??;
-        anyhow::ensure!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_responses(stream, 1).await?.pop().context("one response")
 }
 
 /// A keep-alive connection quiet for the park time gives back its buffers (the parked gauge
@@ -356,7 +338,7 @@ async fn parking_never_cuts_a_message_or_reads_a_body_as_a_request() -> Result<(
 }
 
 /// Reads from `stream` until it holds `n` whole responses with `content-length` bodies (or
-/// 5 s pass), and returns them.
+/// 5 s pass), and returns them; bytes beyond those `n` are an error.
 async fn read_responses(stream: &mut TcpStream, n: usize) -> Result<Vec<String>> {
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
@@ -377,6 +359,11 @@ async fn read_responses(stream: &mut TcpStream, n: usize) -> Result<Vec<String>>
             rest = &rest[end + 4 + len..];
         }
         if responses.len() >= n {
+            anyhow::ensure!(
+                responses.len() == n && rest.is_empty(),
+                "more than {n} responses: {:?}",
+                String::from_utf8_lossy(&got)
+            );
             return Ok(responses);
         }
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.context("no response")??;

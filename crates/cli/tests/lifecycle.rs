@@ -232,7 +232,17 @@ async fn a_workload_is_registered_only_once_its_app_listens() -> Result<()> {
                 registered_at = Some(started.elapsed());
             }
         }
-        let r = plexus_testkit::client::get(bind, "echo:8080", "/", &[], Duration::from_secs(5)).await?;
+        let sent = started.elapsed();
+        let r = match plexus_testkit::client::get(bind, "echo:8080", "/", &[], Duration::from_secs(5)).await {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!(
+                "{e:#}\nsent at {sent:?}, failed at {:?}; statuses so far {statuses:?}; registered at {registered_at:?}, \
+                 listening at {listening_at:?}\n--- client sidecar ---\n{}\n--- plexus run ---\n{}",
+                started.elapsed(),
+                client.stderr_tail(8000),
+                std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
+            ),
+        };
         *statuses.entry(r.status.as_u16()).or_default() += 1;
         if r.status == 200 && registered_at.is_some() {
             ok_after_registration += 1;

@@ -216,41 +216,17 @@ impl Conn {
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Err(UploadError::Body(format!("the request body failed: {e}"))));
                 }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => match &mut upload.framing {
-                        Framing::Chunked => {
-                            h1_codec::encode_chunk_header(data.len(), &mut self.write);
-                            self.write.extend_from_slice(&data);
-                            self.write.extend_from_slice(b"\r\n");
-                        }
-                        Framing::Length(left) if data.len() as u64 <= *left => {
-                            *left -= data.len() as u64;
-                            self.write.extend_from_slice(&data);
-                        }
-                        _ => {
-                            return Poll::Ready(Err(UploadError::Body(
-                                "the request body is longer than its Content-Length".into(),
-                            )));
-                        }
-                    },
-                    Err(frame) => {
-                        if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), upload.framing) {
-                            h1_codec::encode_last_chunk(&trailers, &mut self.write);
-                            upload.framing = Framing::Empty;
-                        }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = h1_codec::encode_frame(frame, &mut upload.framing, &mut self.write)
+                        .map_err(|e| UploadError::Body(format!("the request body {e}")))?;
+                    if let Some(data) = data {
+                        self.write.extend_from_slice(&data);
+                        self.write.extend_from_slice(upload.framing.after_data());
                     }
-                },
+                }
                 Poll::Ready(None) => {
-                    match upload.framing {
-                        Framing::Chunked => h1_codec::encode_last_chunk(&http::HeaderMap::new(), &mut self.write),
-                        Framing::Length(left) if left > 0 => {
-                            return Poll::Ready(Err(UploadError::Body(
-                                "the request body is shorter than its Content-Length".into(),
-                            )));
-                        }
-                        _ => {}
-                    }
+                    h1_codec::encode_end(upload.framing, &mut self.write)
+                        .map_err(|e| UploadError::Body(format!("the request body {e}")))?;
                     self.upload = None;
                 }
             }

@@ -110,6 +110,74 @@ pub fn encode_last_chunk(trailers: &HeaderMap, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where a body's frames and its declared framing disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyOverrun {
+    /// More data than the `Content-Length` announced.
+    Longer,
+    /// The body ended before the announced length.
+    Shorter,
+}
+
+impl fmt::Display for BodyOverrun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyOverrun::Longer => "is longer than its Content-Length",
+            BodyOverrun::Shorter => "is shorter than its Content-Length",
+        })
+    }
+}
+
+/// Encodes one body frame under `framing` (both directions' bodies go through here): a data
+/// frame's chunk header goes into `out` and its data is returned, to be written next and then
+/// followed by [`Framing::after_data`]; a chunked body's trailers end it in `out` (trailers
+/// under any other framing cannot be sent and are dropped).
+pub fn encode_frame(
+    frame: http_body::Frame<Bytes>,
+    framing: &mut Framing,
+    out: &mut Vec<u8>,
+) -> Result<Option<Bytes>, BodyOverrun> {
+    match frame.into_data() {
+        Ok(data) if data.is_empty() => Ok(None),
+        Ok(data) => {
+            match framing {
+                Framing::Chunked => encode_chunk_header(data.len(), out),
+                Framing::Length(left) if data.len() as u64 <= *left => *left -= data.len() as u64,
+                Framing::Length(_) => return Err(BodyOverrun::Longer),
+                Framing::UntilClose | Framing::Empty => {}
+            }
+            Ok(Some(data))
+        }
+        Err(frame) => {
+            if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), *framing) {
+                encode_last_chunk(&trailers, out);
+                *framing = Framing::Empty;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Encodes the end of a body under `framing`: the last chunk, or an error if fewer bytes than
+/// announced were sent.
+pub fn encode_end(framing: Framing, out: &mut Vec<u8>) -> Result<(), BodyOverrun> {
+    match framing {
+        Framing::Chunked => {
+            encode_last_chunk(&HeaderMap::new(), out);
+            Ok(())
+        }
+        Framing::Length(left) if left > 0 => Err(BodyOverrun::Shorter),
+        _ => Ok(()),
+    }
+}
+
+impl Framing {
+    /// What follows a data frame's bytes: the CRLF ending a chunk, or nothing.
+    pub fn after_data(self) -> &'static [u8] {
+        if self == Framing::Chunked { b"\r\n" } else { b"" }
+    }
+}
+
 /// Appends the fields of `headers` that `keep` keeps, one `name: value` line each.
 fn write_fields(headers: &HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool, out: &mut Vec<u8>) {
     for (name, value) in headers {

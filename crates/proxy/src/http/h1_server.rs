@@ -63,7 +63,7 @@ pub struct Connection<I, S, F> {
     write: Vec<u8>,
     written: usize,
     /// A large body frame, written after `write` from its own buffer.
-    held: Bytes,
+    held: Held,
     limits: Limits,
     service: S,
     phase: Phase<F>,
@@ -127,7 +127,7 @@ where
             eof: false,
             write: Vec::new(),
             written: 0,
-            held: Bytes::new(),
+            held: Held::default(),
             limits,
             service,
             phase: Phase::Idle,
@@ -426,7 +426,7 @@ where
         io: &mut I,
         write: &mut Vec<u8>,
         written: &mut usize,
-        held: &mut Bytes,
+        held: &mut Held,
         body: &mut Body,
         framing: &mut Framing,
         cx: &mut Context<'_>,
@@ -447,47 +447,23 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Err(io::Error::other(format!("the response body failed: {e}"))));
                 }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) => {
-                        match framing {
-                            Framing::Chunked => h1_codec::encode_chunk_header(data.len(), write),
-                            Framing::Length(left) if data.len() as u64 <= *left => *left -= data.len() as u64,
-                            Framing::Length(_) => {
-                                return Poll::Ready(Err(io::Error::other(
-                                    "the response body is longer than its Content-Length",
-                                )));
-                            }
-                            Framing::UntilClose | Framing::Empty => {}
-                        }
-                        if data.len() > WRITE_HIGH_WATER {
-                            *held = data;
-                            ready!(poll_write_out(io, write, written, held, cx))?;
-                        } else {
-                            write.extend_from_slice(&data);
-                        }
-                        if *framing == Framing::Chunked {
-                            write.extend_from_slice(b"\r\n");
-                        }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = h1_codec::encode_frame(frame, framing, write)
+                        .map_err(|e| io::Error::other(format!("the response body {e}")))?;
+                    let Some(data) = data else { continue };
+                    if data.len() > WRITE_HIGH_WATER {
+                        // Written from its own buffer after `write`, then its chunk's end.
+                        *held = Held { data, tail: framing.after_data() };
+                        ready!(poll_write_out(io, write, written, held, cx))?;
+                    } else {
+                        write.extend_from_slice(&data);
+                        write.extend_from_slice(framing.after_data());
                     }
-                    Err(frame) => {
-                        if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), *framing) {
-                            h1_codec::encode_last_chunk(&trailers, write);
-                            *framing = Framing::Empty;
-                        }
-                    }
-                },
+                }
                 Poll::Ready(None) => {
-                    return match *framing {
-                        Framing::Chunked => {
-                            h1_codec::encode_last_chunk(&http::HeaderMap::new(), write);
-                            Poll::Ready(Ok(true))
-                        }
-                        Framing::Length(left) if left > 0 => {
-                            Poll::Ready(Err(io::Error::other("the response body is shorter than its Content-Length")))
-                        }
-                        _ => Poll::Ready(Ok(true)),
-                    };
+                    h1_codec::encode_end(*framing, write)
+                        .map_err(|e| io::Error::other(format!("the response body {e}")))?;
+                    return Poll::Ready(Ok(true));
                 }
             }
         }
@@ -515,12 +491,26 @@ where
     }
 }
 
+/// A large body frame waiting to be written from its own buffer, then what ends it (a chunk's
+/// CRLF): kept apart so that a write that has to wait never reorders or loses bytes.
+#[derive(Default)]
+struct Held {
+    data: Bytes,
+    tail: &'static [u8],
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.tail.is_empty()
+    }
+}
+
 /// Writes `write` (from `written`), then `held`, and flushes.
 fn poll_write_out<I: AsyncWrite + Unpin>(
     io: &mut I,
     write: &mut Vec<u8>,
     written: &mut usize,
-    held: &mut Bytes,
+    held: &mut Held,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
     if *written == write.len() && held.is_empty() {
@@ -535,12 +525,19 @@ fn poll_write_out<I: AsyncWrite + Unpin>(
     }
     write.clear();
     *written = 0;
-    while !held.is_empty() {
-        let n = ready!(Pin::new(&mut *io).poll_write(cx, held))?;
+    while !held.data.is_empty() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &held.data))?;
         if n == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
-        held.advance(n);
+        held.data.advance(n);
+    }
+    while !held.tail.is_empty() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, held.tail))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        held.tail = &held.tail[n..];
     }
     Pin::new(&mut *io).poll_flush(cx)
 }

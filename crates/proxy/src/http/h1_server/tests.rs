@@ -36,6 +36,11 @@ fn echo(req: Request<ReceivedBody>) -> Answer {
             let frames = Frames(vec![Frame::data(Bytes::from(text)), Frame::trailers(trailers)].into());
             return Response::new(body::boxed(frames));
         }
+        if parts.uri.path() == "/big" {
+            // Frames larger than the write buffer's high-water mark, of no announced size.
+            let pieces = [vec![b'a'; 40_000], vec![b'b'; 40_000], b"end".to_vec()];
+            return Response::new(body::boxed(Pieces(pieces.into_iter().map(Bytes::from).collect())));
+        }
         if parts.uri.path() == "/chunked" {
             let pieces = text.into_bytes().chunks(3).map(Bytes::copy_from_slice).collect();
             return Response::new(body::boxed(Pieces(pieces)));
@@ -70,7 +75,15 @@ impl http_body::Body for Frames {
 
 /// A connection served on one end of a pipe; the other end is returned.
 fn serve(max_head: usize) -> (DuplexStream, tokio::task::JoinHandle<(io::Result<()>, bool, BytesMut)>) {
-    let (client, server) = tokio::io::duplex(1 << 20);
+    serve_on(1 << 20, max_head)
+}
+
+/// [`serve`] on a pipe holding at most `capacity` bytes (writes beyond it wait for the reader).
+fn serve_on(
+    capacity: usize,
+    max_head: usize,
+) -> (DuplexStream, tokio::task::JoinHandle<(io::Result<()>, bool, BytesMut)>) {
+    let (client, server) = tokio::io::duplex(capacity);
     let task = tokio::spawn(async move {
         let mut conn = Connection::new(server, echo, limits(max_head));
         let r = (&mut conn).await;
@@ -276,6 +289,33 @@ async fn trailers_end_a_chunked_answer_and_the_connection_stays_open() {
     let out = read_until(&mut c, "\r\n0\r\nx-checksum: abc\r\n\r\n").await;
     assert!(out.contains("transfer-encoding: chunked\r\n") && out.contains("GET /trailers "), "{out}");
     // The same connection serves the next request (positive control of the framing).
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_response(&mut c).await.ends_with("GET /next "));
+}
+
+/// Chunks larger than the write buffer go out from their own buffers; when the client reads
+/// slower than the proxy writes, each still ends with its CRLF, in order, and the connection
+/// then serves the next request.
+#[tokio::test]
+async fn large_chunks_to_a_slow_reader_keep_their_framing() {
+    let (mut c, _task) = serve_on(4096, 8192);
+    c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let out = read_until(&mut c, "\r\n0\r\n\r\n").await;
+    let (head, mut rest) = out.split_once("\r\n\r\n").expect("head");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size, 16).expect("hex chunk size");
+        if size == 0 {
+            assert_eq!(after, "\r\n", "the last chunk ends the answer");
+            break;
+        }
+        body.push_str(&after[..size]);
+        assert_eq!(&after[size..size + 2], "\r\n", "a chunk ends with CRLF");
+        rest = &after[size + 2..];
+    }
+    assert_eq!(body, format!("{}{}end", "a".repeat(40_000), "b".repeat(40_000)));
     c.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
     assert!(read_response(&mut c).await.ends_with("GET /next "));
 }
