@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::Body;
 use super::h1_client::{self, Conn};
+use super::h2_client::{self, KeepAlive, SendFailure};
 use crate::error::ProxyError;
 
 /// How to talk to an endpoint.
@@ -113,10 +114,11 @@ struct IdleH1 {
     conn: Box<Conn>,
 }
 
-/// A response body from the pool: read from one of its own HTTP/1 connections, or hyper's
-/// (HTTP/2 connections, and the HTTP/1 connections of upgrades).
+/// A response body from the pool: read from one of its own HTTP/1 connections, from an
+/// HTTP/2 stream ([`h2_client`]), or hyper's (the HTTP/1 connections of upgrades).
 pub enum UpstreamBody {
     Http1(h1_client::ResponseBody<PoolHome>),
+    Http2(h2_client::ResponseBody),
     Hyper(Incoming),
 }
 
@@ -130,6 +132,7 @@ impl http_body::Body for UpstreamBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Http1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpstreamBody::Http2(b) => std::pin::Pin::new(b).poll_frame(cx),
             UpstreamBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -137,6 +140,7 @@ impl http_body::Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
             UpstreamBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -144,6 +148,7 @@ impl http_body::Body for UpstreamBody {
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
             UpstreamBody::Hyper(b) => b.size_hint(),
         }
     }
@@ -208,19 +213,19 @@ pub struct SendOptions {
     pub origin: Option<Arc<crate::egress::Origin>>,
 }
 
-/// An HTTP/2 connection of the pool: its sender, which requests clone under the pool's lock
+/// An HTTP/2 connection of the pool: its handle, which requests clone under the pool's lock
 /// (no `await`), and the lock held by whoever connects, so that concurrent first requests
 /// share one new connection instead of racing to open several.
 #[derive(Default)]
 struct H2Slot {
-    sender: Option<http2::SendRequest<Body>>,
+    conn: Option<h2_client::Connection>,
     connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl H2Slot {
-    /// The connection's sender, while it is open.
-    fn open(&self) -> Option<http2::SendRequest<Body>> {
-        self.sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    /// The connection, while it is open.
+    fn open(&self) -> Option<h2_client::Connection> {
+        self.conn.as_ref().filter(|c| c.is_open()).cloned()
     }
 }
 
@@ -230,6 +235,13 @@ type H2Key = (SocketAddr, Option<Arc<str>>, Option<Arc<str>>);
 
 /// An HTTP/1 connection's identity: the endpoint and the origination's key, if any.
 type H1Key = (SocketAddr, Option<Arc<str>>);
+
+/// The lock of an [`H2Slot`] taken to connect.
+type ConnectingLock = Arc<tokio::sync::Mutex<()>>;
+
+fn poisoned() -> ProxyError {
+    ProxyError::UpstreamReset("pool poisoned".into())
+}
 
 /// Connections to upstream endpoints.
 pub struct Pool {
@@ -243,6 +255,8 @@ pub struct Pool {
     source: Option<http::HeaderValue>,
     /// This proxy's listeners: an endpoint at one of them (but the inbound) is refused.
     own: Option<Arc<crate::proxy::OwnListeners>>,
+    /// Keep-alive of the HTTP/2 connections.
+    keep_alive: KeepAlive,
 }
 
 /// How the proxy dials upstreams.
@@ -322,7 +336,17 @@ impl Pool {
             credentials,
             source,
             own,
+            keep_alive: KeepAlive::default(),
         })
+    }
+
+    /// A pool without mesh credentials whose HTTP/2 connections keep alive as `keep_alive` says.
+    pub fn with_keep_alive(dialer: Dialer, keep_alive: KeepAlive) -> Arc<Self> {
+        let mut pool = Pool::with_credentials(dialer, None, None, None);
+        if let Some(p) = Arc::get_mut(&mut pool) {
+            p.keep_alive = keep_alive;
+        }
+        pool
     }
 
     /// Every upstream connection of the pool starts here: an endpoint that is one of this
@@ -453,7 +477,7 @@ impl Pool {
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
         async move {
             if proto == Proto::Http2 {
-                return Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Hyper));
+                return Ok(self.send_h2(addr, req, options).await?.map(UpstreamBody::Http2));
             }
             let key: H1Key = (addr, options.origin.as_ref().map(|o| o.key.clone()));
             let conn = match self.take_idle(&key, &options) {
@@ -488,77 +512,82 @@ impl Pool {
         addr: SocketAddr,
         req: Request<Body>,
         options: SendOptions,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<h2_client::ResponseBody>, ProxyError> {
         // The pool key says whether the connection is mTLS: a plaintext connection opened
         // before this proxy had its certificate is never reused (or labelled) as mTLS after.
         let tls_peer = options.peer_identity.clone().filter(|_| self.mtls_to(options.peer_identity.as_ref()));
         let origin_key = options.origin.as_ref().map(|o| o.key.clone());
         let key = (addr, tls_peer, origin_key);
-        let poisoned = || ProxyError::UpstreamReset("pool poisoned".into());
-        // Most requests find the connection open: a clone of its sender under the pool's lock.
-        let open = {
-            let mut map = self.h2.lock().map_err(|_| poisoned())?;
-            match map.get(&key).and_then(H2Slot::open) {
-                Some(sender) => Ok(sender),
-                None => Err(map.entry(key.clone()).or_default().connecting.clone()),
-            }
-        };
-        let mut sender = match open {
-            Ok(sender) => sender,
+        // Most requests find the connection open: a clone of its handle under the pool's lock.
+        let conn = match self.open_h2(&key)? {
+            Ok(conn) => conn,
             // Boxed, as in `send_h1`: connecting is rare, requests are not.
-            Err(connecting) => Box::pin(self.connect_h2_once(key, &connecting, options)).await?,
+            Err(connecting) => Box::pin(self.connect_h2_once(&key, &connecting, &options)).await?,
         };
-        sender.ready().await.map_err(upstream_error)?;
-        sender.send_request(req).await.map_err(upstream_error)
+        match conn.send(req).await {
+            Ok(resp) => Ok(resp),
+            Err(SendFailure::Failed(e)) => Err(e),
+            // The connection takes no new stream (GOAWAY, or it ended since it was taken):
+            // nothing was sent, so the request goes on a new connection.
+            Err(SendFailure::NotReady(failed)) => Box::pin(self.resend_h2(&key, *failed, &options)).await,
+        }
+    }
+
+    /// The open HTTP/2 connection of `key`, else the lock to take to open one.
+    fn open_h2(&self, key: &H2Key) -> Result<Result<h2_client::Connection, ConnectingLock>, ProxyError> {
+        let mut map = self.h2.lock().map_err(|_| poisoned())?;
+        Ok(match map.get(key).and_then(H2Slot::open) {
+            Some(conn) => Ok(conn),
+            None => Err(map.entry(key.clone()).or_default().connecting.clone()),
+        })
+    }
+
+    /// Sends the request a connection of `key` did not take on a new one; that connection
+    /// leaves the pool.
+    async fn resend_h2(
+        &self,
+        key: &H2Key,
+        failed: h2_client::NotReady,
+        options: &SendOptions,
+    ) -> Result<Response<h2_client::ResponseBody>, ProxyError> {
+        tracing::debug!(addr = %key.0, error = %failed.error, "upstream HTTP/2 connection closed: reconnecting");
+        if let Ok(mut map) = self.h2.lock()
+            && let Some(slot) = map.get_mut(key)
+            && slot.conn.as_ref().is_some_and(|c| c.refused(&failed))
+        {
+            slot.conn = None;
+        }
+        let req = failed.req;
+        let conn = match self.open_h2(key)? {
+            Ok(conn) => conn,
+            Err(connecting) => self.connect_h2_once(key, &connecting, options).await?,
+        };
+        conn.send(req).await.map_err(|failed| match failed {
+            SendFailure::NotReady(n) => n.error,
+            SendFailure::Failed(e) => e,
+        })
     }
 
     /// Opens the HTTP/2 connection of `key` (endpoint, mTLS peer, origination) unless a
     /// request that held `connecting` before this one did, and stores it in the pool.
     async fn connect_h2_once(
         &self,
-        key: H2Key,
+        key: &H2Key,
         connecting: &tokio::sync::Mutex<()>,
-        options: SendOptions,
-    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        options: &SendOptions,
+    ) -> Result<h2_client::Connection, ProxyError> {
         let _connecting = connecting.lock().await;
-        let poisoned = || ProxyError::UpstreamReset("pool poisoned".into());
-        if let Some(sender) = self.h2.lock().map_err(|_| poisoned())?.get(&key).and_then(H2Slot::open) {
-            return Ok(sender);
+        if let Some(conn) = self.h2.lock().map_err(|_| poisoned())?.get(key).and_then(H2Slot::open) {
+            return Ok(conn);
         }
-        let (addr, tls_peer, _) = &key;
-        let origin = options.origin.as_deref();
-        let sender = self.connect_h2(*addr, options.connect_timeout, tls_peer.as_ref(), origin).await?;
-        self.h2.lock().map_err(|_| poisoned())?.entry(key).or_default().sender = Some(sender.clone());
-        Ok(sender)
-    }
-
-    async fn connect_h2(
-        &self,
-        addr: SocketAddr,
-        timeout: Option<Duration>,
-        peer: Option<&Arc<str>>,
-        origin: Option<&crate::egress::Origin>,
-    ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let stream = match origin {
-            Some(o) => self.connect_origin(addr, timeout, o).await?,
-            None => self.connect_peer(addr, timeout, peer, crate::tls::ALPN_H2).await?,
+        let (addr, tls_peer, _) = key;
+        let stream = match options.origin.as_deref() {
+            Some(o) => self.connect_origin(*addr, options.connect_timeout, o).await?,
+            None => self.connect_peer(*addr, options.connect_timeout, tls_peer.as_ref(), crate::tls::ALPN_H2).await?,
         };
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024)
-            .max_concurrent_reset_streams(1024)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(upstream_error)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
-        Ok(sender)
+        let conn = h2_client::Connection::handshake(stream, self.keep_alive, *addr).await?;
+        self.h2.lock().map_err(|_| poisoned())?.entry(key.clone()).or_default().conn = Some(conn.clone());
+        Ok(conn)
     }
 
     /// An idle connection that may carry one more request, with the requests it carried.
@@ -632,6 +661,18 @@ impl Pool {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.connect_h1(addr, peer).await?;
         sender.send_request(req).await.map_err(upstream_error)
+    }
+
+    /// The pool's HTTP/2 connections.
+    #[cfg(test)]
+    pub(crate) fn h2_connections(&self) -> Vec<h2_client::Connection> {
+        self.h2.lock().map_or(Vec::new(), |m| m.values().filter_map(|slot| slot.conn.clone()).collect())
+    }
+
+    /// How many of the pool's HTTP/2 connections are open.
+    #[cfg(test)]
+    pub(crate) fn open_h2_count(&self) -> usize {
+        self.h2.lock().map_or(0, |m| m.values().filter(|slot| slot.open().is_some()).count())
     }
 
     /// Drops pooled connections to endpoints that are gone.

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod h1_client;
 pub mod h1_codec;
 pub mod h1_server;
+pub mod h2_client;
 pub mod headers;
 pub mod inbound;
 pub mod observe;
