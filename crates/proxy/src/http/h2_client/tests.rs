@@ -344,6 +344,33 @@ async fn a_connection_without_pong_is_closed() {
     assert_eq!(opened.load(Ordering::SeqCst), 2, "the silent connection was not handed out again");
 }
 
+/// A connection the pool lets go of (its endpoint left the mesh) closes once its requests
+/// are done: its task, keep-alive included, does not outlive the pool's handle.
+#[tokio::test]
+async fn a_connection_the_pool_drops_closes() {
+    let closed = Arc::new(AtomicU32::new(0));
+    let counted = closed.clone();
+    let (addr, opened) = h2_server(move |conn| {
+        let closed = counted.clone();
+        async move {
+            answer_all(conn, b"ok").await;
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let keep_alive = KeepAlive { interval: Duration::from_millis(50), timeout: Duration::from_secs(1) };
+    let pool = Pool::with_keep_alive(dialer(), keep_alive);
+    let resp = pool.send(addr, Proto::Http2, get("/")).await.expect("response");
+    // Kept while a response streams and the endpoint is live.
+    pool.retain(|_| true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(closed.load(Ordering::SeqCst), 0, "the pool still holds it");
+    pool.retain(|a| *a != addr);
+    assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "ok", "its response is read to the end");
+    until("the connection closed", || closed.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn a_body_of_known_size_gets_its_content_length() {
     let with = |method: Method, body: Body, headers: &[(&'static str, &'static str)]| {
