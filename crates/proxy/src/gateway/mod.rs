@@ -431,5 +431,5 @@ async fn handle(state: Arc<State>, conn: Arc<ConnInfo>, mut req: Request<Receive
         waited_for_endpoints: false,
         edge: Some(&edge),
     };
-    forward::to_service(state.clone(), to, req, head, obs).await
+    std::pin::pin!(forward::to_service(state.clone(), to, req, head, obs)).await
 }

@@ -157,6 +157,11 @@ async fn wait_for_endpoints(
 }
 
 /// Sends `req` to the mesh Service `to.service:to.port`; never fails (errors become responses).
+///
+/// Its future is kilobytes (it holds the tries and the upstream exchange): callers pin it where
+/// they make it (`std::pin::pin!(to_service(..)).await`), so that it is awaited through a pointer
+/// rather than copied into the awaiting future's slot on every request — as it does with the
+/// futures it awaits.
 pub async fn to_service(
     state: Arc<State>,
     to: MeshRequest<'_>,
@@ -256,61 +261,65 @@ pub async fn to_service(
     let incoming = req.into_body();
     let incoming = (!http_body::Body::is_end_stream(&incoming)).then(|| obs.request_body(incoming));
     let notes = &obs.notes;
-    let work = async {
-        if let Some(e) = entry {
-            inject_faults(e, obs.grpc, notes).await?;
-        }
-        // Read small bodies ahead only when a retry after sending, or a mirror, needs a copy.
-        let body = match incoming {
-            None => RequestBody::Replayable(bytes::Bytes::new()),
-            Some(b) if retries_after_send(retry) || !mirrors.is_empty() => RequestBody::read(b).await,
-            Some(b) => RequestBody::Streaming(Some(b)),
-        };
-        for m in mirrors {
-            if happens(m.percent, fastrand::f64())
-                && let Some(copy) = body.copy()
-            {
-                spawn_mirror(&state, to.snapshot, m, to.port.port, &head, copy);
-                notes.add(|| format!("mirrored to {}", m.service));
+    // Pinned where it is made (and dropped with this block, ending its borrows): awaited
+    // through a pointer instead of copied into the awaiting slot.
+    let result = {
+        let work = std::pin::pin!(async {
+            if let Some(e) = entry {
+                inject_faults(e, obs.grpc, notes).await?;
             }
+            // Read small bodies ahead only when a retry after sending, or a mirror, needs a copy.
+            let body = match incoming {
+                None => RequestBody::Replayable(bytes::Bytes::new()),
+                Some(b) if retries_after_send(retry) || !mirrors.is_empty() => RequestBody::read(b).await,
+                Some(b) => RequestBody::Streaming(Some(b)),
+            };
+            for m in mirrors {
+                if happens(m.percent, fastrand::f64())
+                    && let Some(copy) = body.copy()
+                {
+                    spawn_mirror(&state, to.snapshot, m, to.port.port, &head, copy);
+                    notes.add(|| format!("mirrored to {}", m.service));
+                }
+            }
+            // Circuit breaking: a slot of the destination's connection limits, held until the
+            // response body ends.
+            let permit = match &policy.connection_limits {
+                Some(l) => state.limits.acquire(&backend.name, backend_port.port, l).await?,
+                None => LimitPermit::unlimited(),
+            };
+            let hash = policy
+                .hash_on
+                .as_ref()
+                .and_then(|k| crate::balance::request_hash(k, &head.headers, head.uri.query(), to.peer.ip()));
+            let tries = Tries {
+                state: &state,
+                backend: &backend.name,
+                endpoints: &backend_port.endpoints,
+                destination: &destination,
+                policy,
+                retry,
+                route: &obs.route,
+                per_try_timeout: call.per_try_timeout.map(|(d, _)| d),
+                app_proto,
+                grpc: obs.grpc,
+                deadline,
+                hash,
+                notes,
+                send: SendOptions {
+                    peer_identity: None,
+                    max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
+                    connect_timeout: policy.connect_timeout,
+                    idle_timeout: policy.idle_timeout,
+                    origin: None,
+                },
+            };
+            std::pin::pin!(tries.run(&mut head, authority, body)).await.map(|(ep, resp)| (ep, resp, permit))
+        });
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, work).await.unwrap_or(Err(ProxyError::Timeout)),
+            None => work.await,
         }
-        // Circuit breaking: a slot of the destination's connection limits, held until the
-        // response body ends.
-        let permit = match &policy.connection_limits {
-            Some(l) => state.limits.acquire(&backend.name, backend_port.port, l).await?,
-            None => LimitPermit::unlimited(),
-        };
-        let hash = policy
-            .hash_on
-            .as_ref()
-            .and_then(|k| crate::balance::request_hash(k, &head.headers, head.uri.query(), to.peer.ip()));
-        let tries = Tries {
-            state: &state,
-            backend: &backend.name,
-            endpoints: &backend_port.endpoints,
-            destination: &destination,
-            policy,
-            retry,
-            route: &obs.route,
-            per_try_timeout: call.per_try_timeout.map(|(d, _)| d),
-            app_proto,
-            grpc: obs.grpc,
-            deadline,
-            hash,
-            notes,
-            send: SendOptions {
-                peer_identity: None,
-                max_requests_per_connection: policy.connection_limits.and_then(|l| l.max_requests_per_connection),
-                connect_timeout: policy.connect_timeout,
-                idle_timeout: policy.idle_timeout,
-                origin: None,
-            },
-        };
-        tries.run(&mut head, authority, body).await.map(|(ep, resp)| (ep, resp, permit))
-    };
-    let result = match deadline {
-        Some(d) => tokio::time::timeout_at(d, work).await.unwrap_or(Err(ProxyError::Timeout)),
-        None => work.await,
     };
     match result {
         Ok((ep, resp, permit)) => {
@@ -500,12 +509,12 @@ impl<'e> Tries<'_, 'e> {
                 {
                     deadline::propagate(up.headers_mut(), d, Instant::now());
                 }
-                let send = self.state.pool.try_send(
+                let send = std::pin::pin!(self.state.pool.try_send(
                     ep.addr,
                     target.proto,
                     up,
                     SendOptions { peer_identity: peer, ..self.send.clone() },
-                );
+                ));
                 let result = match per_try {
                     Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| Err(ProxyError::Timeout.into())),
                     None => send.await,

@@ -126,11 +126,12 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
                 Some(d) if d <= tokio::time::Instant::now() => Err(ProxyError::Timeout),
                 Some(d) => {
                     deadline::propagate(up.headers_mut(), d, tokio::time::Instant::now());
-                    tokio::time::timeout_at(d, state.pool.send(addr, proto, up))
+                    tokio::time::timeout_at(d, std::pin::pin!(state.pool.send(addr, proto, up)))
                         .await
                         .unwrap_or(Err(ProxyError::Timeout))
                 }
-                None => state.pool.send(addr, proto, up).await,
+                // Pinned in place: awaited through a pointer, not copied into the awaiting slot.
+                None => std::pin::pin!(state.pool.send(addr, proto, up)).await,
             },
             Err(e) => Err(e),
         }

@@ -103,7 +103,7 @@ pub async fn handle(state: Arc<State>, conn: Arc<OutboundConn>, mut req: Request
         waited_for_endpoints: false,
         edge: None,
     };
-    forward::to_service(state.clone(), to, req, head, obs).await
+    std::pin::pin!(forward::to_service(state.clone(), to, req, head, obs)).await
 }
 
 /// What an ingress gateway forwards (SPEC §5 "Not a way around the mesh"): only its
@@ -178,7 +178,7 @@ async fn to_virtual_ip(
         waited_for_endpoints: false,
         edge: None,
     };
-    forward::to_service(state.clone(), to, req, head, obs).await
+    std::pin::pin!(forward::to_service(state.clone(), to, req, head, obs)).await
 }
 
 /// Resolves `host:port` to one address.
@@ -332,7 +332,7 @@ async fn via_egress_gateway(
     };
     obs.notes.add(|| format!("through egress gateway {}/{}", gateway.namespace, gateway.name));
     let to = forward::MeshRequest { snapshot: &snapshot, service, port, peer, waited_for_endpoints: false, edge: None };
-    forward::to_service(state.clone(), to, req, head, obs).await
+    std::pin::pin!(forward::to_service(state.clone(), to, req, head, obs)).await
 }
 
 /// An egress gateway (`--mode egress`) forwarding a request a sidecar sent it over mTLS, once
