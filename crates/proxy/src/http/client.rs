@@ -687,7 +687,7 @@ impl Pool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use http_body_util::BodyExt as _;
@@ -720,7 +720,8 @@ mod tests {
         (addr, opened, closed)
     }
 
-    async fn until(what: &str, cond: impl Fn() -> bool) {
+    /// Polls `cond` every 5 ms until it holds; panics after 5 s naming `what`.
+    pub(crate) async fn until(what: &str, cond: impl Fn() -> bool) {
         for _ in 0..1000 {
             if cond() {
                 return;

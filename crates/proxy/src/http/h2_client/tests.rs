@@ -11,20 +11,11 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::http::body;
+use crate::http::client::tests::until;
 use crate::http::client::{Dialer, Pool, Proto};
 
 fn dialer() -> Dialer {
     Dialer { timeout: Duration::from_secs(2), mark: None }
-}
-
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..1000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("not reached in 5 s: {what}");
 }
 
 fn get(path: &str) -> Request<Body> {
