@@ -753,6 +753,11 @@ impl BodyDecoder {
                             if len > self.limits.max_head_bytes {
                                 return Err(CodecError("trailer section too large"));
                             }
+                            // httparse takes a bare LF for a line's end; the chunk lines
+                            // before do not, and neither does the trailer section.
+                            if bare_lf(&buf[..len]) {
+                                return Err(CodecError("a trailer line not ended by CRLF"));
+                            }
                             let trailers = header_map(fields)?;
                             let _ = buf.split_to(len);
                             self.state = State::Done;
@@ -782,6 +787,11 @@ impl BodyDecoder {
             Ok(Decoded::NeedMore)
         }
     }
+}
+
+/// Whether `lines` has an LF not preceded by CR.
+fn bare_lf(lines: &[u8]) -> bool {
+    lines.first() == Some(&b'\n') || lines.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r')
 }
 
 /// The size on a chunk-size line (ending in CRLF): hex digits, then nothing, or chunk

@@ -314,6 +314,37 @@ fn malformed_chunking_is_refused() {
 }
 
 #[test]
+fn a_trailer_section_ends_its_lines_with_crlf_only() {
+    // A bare LF ends nothing the chunk lines would not: a hop that reads `0\r\n\n` as an
+    // unfinished trailer section reads the next request as trailers (and the other way round).
+    for wire in [
+        &b"3\r\nabc\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"3\r\nabc\r\n0\r\nX-T: a\n\r\n",
+        b"3\r\nabc\r\n0\r\nX-T: a\r\n\n",
+        b"3\r\nabc\r\n0\r\nX-T: a\n\n",
+        b"3\r\nabc\r\n0\r\nX-T: a\r\nX-U: b\n\r\n",
+    ] {
+        for pieces in [1, 4, wire.len()] {
+            match decode_all(Framing::Chunked, wire, pieces) {
+                Err(CodecError(got)) => assert!(got.contains("trailer"), "{wire:?} in {pieces}: {got:?}"),
+                Ok(decoded) => panic!("{:?} in {pieces} was accepted: {decoded:?}", String::from_utf8_lossy(wire)),
+            }
+        }
+    }
+    // The same sections with CRLF (positive control).
+    for (wire, fields) in [
+        (&b"3\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.1\r\n"[..], 0),
+        (b"3\r\nabc\r\n0\r\nX-T: a\r\n\r\n", 1),
+        (b"3\r\nabc\r\n0\r\nX-T: a\r\nX-U: b\r\n\r\n", 2),
+    ] {
+        for pieces in [1, 4, wire.len()] {
+            let (data, trailers, _) = decode_all(Framing::Chunked, wire, pieces).expect("decodes");
+            assert_eq!((data.as_slice(), trailers.map_or(0, |t| t.len())), (&b"abc"[..], fields), "{wire:?}");
+        }
+    }
+}
+
+#[test]
 fn chunk_lines_and_trailers_are_bounded() {
     let long_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_LINE));
     assert_eq!(
