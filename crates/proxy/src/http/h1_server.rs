@@ -323,9 +323,13 @@ where
             let mut d = d.borrow_mut();
             let date = d.now();
             // The answer to a HEAD request declares the length of the body it does not send,
-            // when it is known and the headers do not already say it.
+            // when it is known and the headers do not already say it. An empty body says
+            // nothing (a proxied HEAD answer is always empty): no `content-length: 0`, as
+            // hyper's server had it.
             let announced = match exact {
-                Some(n) if exchange.head_method && !parts.headers.contains_key(http::header::CONTENT_LENGTH) => {
+                Some(n)
+                    if n > 0 && exchange.head_method && !parts.headers.contains_key(http::header::CONTENT_LENGTH) =>
+                {
                     Framing::Length(n)
                 }
                 _ => framing,

@@ -21,6 +21,9 @@ fn echo(req: Request<ReceivedBody>) -> Answer {
         if parts.uri.path() == "/unread" {
             return Response::new(body::full("not read"));
         }
+        if parts.uri.path() == "/empty" {
+            return Response::new(body::empty());
+        }
         let got = match body.collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
@@ -270,6 +273,27 @@ async fn http10_and_head_answers_are_framed_for_their_request() {
     // The HEAD answer declares the length of the body it does not send.
     assert!(out.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 8\r\n"), "{out}");
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+}
+
+/// An empty body says nothing of the size a `GET` would get (a proxied `HEAD` answer is
+/// always empty): the answer to a `HEAD` request then declares no length, as hyper's did,
+/// where the answer to a `GET` declares its 0.
+#[tokio::test]
+async fn a_head_answer_with_an_empty_body_declares_no_length() {
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"HEAD /empty HTTP/1.1\r\nHost: x\r\n\r\nGET /empty HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut out = read_until(&mut c, "\r\n\r\n").await;
+    if out.matches("\r\n\r\n").count() < 2 {
+        out += &read_until(&mut c, "\r\n\r\n").await;
+    }
+    let (head, get) = out.split_at(out.rfind("HTTP/1.1 200").expect("two answers"));
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && !head.contains("content-length"), "{out}");
+    assert!(get.starts_with("HTTP/1.1 200 OK\r\n") && get.contains("content-length: 0\r\n"), "{out}");
+    // HTTP/1.0 likewise.
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"HEAD /empty HTTP/1.0\r\n\r\n").await.expect("write");
+    let out = read_to_close(&mut c).await;
+    assert!(out.starts_with("HTTP/1.0 200 OK\r\n") && !out.contains("content-length"), "{out}");
 }
 
 #[tokio::test]
