@@ -367,7 +367,7 @@ fn content_length<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<Option<u
 fn chunked_last<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<bool, CodecError> {
     let mut codings = 0usize;
     let mut chunked_at = None;
-    for coding in fields.flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+    for coding in coding_list(fields) {
         if coding.eq_ignore_ascii_case(b"chunked") {
             if chunked_at.is_some() {
                 return Err(CodecError("chunked is not the last transfer coding"));
@@ -382,6 +382,11 @@ fn chunked_last<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<bool, Code
         Some(i) if i + 1 == codings => Ok(true),
         Some(_) => Err(CodecError("chunked is not the last transfer coding")),
     }
+}
+
+/// The transfer codings the `Transfer-Encoding` values `fields` list (empty elements skipped).
+fn coding_list<'a>(fields: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    fields.flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).filter(|c| !c.is_empty())
 }
 
 /// What the `Connection` values `fields` say: (`close`, `keep-alive`).
@@ -551,7 +556,12 @@ pub fn parse_request_head(
             return Err(HeadError::Malformed("a request with both Transfer-Encoding and Content-Length"));
         }
         match chunked_last(present.coding.values(fields, "transfer-encoding")) {
-            Ok(true) => Framing::Chunked,
+            // The body is forwarded re-framed as chunked alone: a coding under it (`gzip,
+            // chunked`) would reach the next hop undeclared (RFC 9112 §6.1: not understood).
+            Ok(true) if coding_list(present.coding.values(fields, "transfer-encoding")).count() == 1 => {
+                Framing::Chunked
+            }
+            Ok(true) => return Err(HeadError::Malformed("a request transfer coding other than chunked")),
             Ok(false) => return Err(HeadError::Malformed("a request whose last transfer coding is not chunked")),
             Err(e) => return Err(HeadError::Malformed(e.0)),
         }
@@ -576,7 +586,19 @@ pub fn parse_request_head(
     let uri = if target == "/" {
         Uri::from_static("/")
     } else {
-        Uri::from_maybe_shared(copied(target.as_bytes())).map_err(|_| HeadError::Malformed("invalid request target"))?
+        let uri = Uri::from_maybe_shared(copied(target.as_bytes()))
+            .map_err(|_| HeadError::Malformed("invalid request target"))?;
+        // Authority-form is CONNECT's alone (RFC 9112 §3.2.3): on another method it would name
+        // a host apart from `Host` (and the proxy routes by the target's authority first).
+        if let Some(authority) = uri.authority() {
+            if uri.scheme().is_none() && method != Method::CONNECT {
+                return Err(HeadError::Malformed("a request target in authority-form on a request other than CONNECT"));
+            }
+            if authority.as_str().contains('@') {
+                return Err(HeadError::Malformed("a request target with userinfo"));
+            }
+        }
+        uri
     };
     // Room for the fields the proxy adds (request id, trace context) without growing the map
     // (a short head's map then stays under 1 KiB: the allocator's fast path).

@@ -442,7 +442,7 @@ fn a_request_head_is_read_with_its_framing_and_connection_options() {
     assert_eq!((head.framing, head.keep_alive, head.expect_continue), (Framing::Length(5), true, false));
     assert_eq!(head.len, "POST /up?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n".len());
     assert!(request("GET / HTTP/1.1\r\nHost: a\r\n").expect("valid").is_none(), "partial");
-    let chunked = request("PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\nExpect: 100-Continue\r\n\r\n");
+    let chunked = request("PUT / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nExpect: 100-Continue\r\n\r\n");
     let chunked = chunked.expect("valid").expect("whole");
     assert_eq!((chunked.framing, chunked.expect_continue), (Framing::Chunked, true));
     let old = request("GET http://a/b HTTP/1.0\r\n\r\n").expect("valid").expect("whole");
@@ -566,5 +566,56 @@ fn header_names_compare_ignoring_case_and_nothing_else() {
         for l in (b'a'..=b'z').chain([b'-']) {
             assert_eq!(is_name(&[c], &[l]), c.to_ascii_lowercase() == l, "{:?} vs {:?}", c as char, l as char);
         }
+    }
+}
+
+#[test]
+fn a_request_target_in_a_form_its_method_does_not_take_is_refused() {
+    // Authority-form is CONNECT's alone (RFC 9112 §3.2.3): on another method it would name a
+    // host apart from `Host`, and the proxy routes by the target's authority first. An
+    // authority with userinfo is not an `http` URI's (RFC 9110 §4.2.4).
+    for text in [
+        "GET example.com:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET example.com HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST reviews:9080 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        "OPTIONS example.com:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET http://a@b/ HTTP/1.1\r\nHost: b\r\n\r\n",
+        "GET http://user:pw@b:80/x HTTP/1.1\r\nHost: b\r\n\r\n",
+        "CONNECT user@b:443 HTTP/1.1\r\nHost: b:443\r\n\r\n",
+    ] {
+        assert!(matches!(request(text), Err(HeadError::Malformed(_))), "{text:?}: {:?}", request(text));
+    }
+    // Positive controls: each form with the method that takes it.
+    for (text, authority) in [
+        ("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", Some("example.com:443")),
+        ("GET http://b:80/x HTTP/1.1\r\nHost: b\r\n\r\n", Some("b:80")),
+        ("GET /x HTTP/1.1\r\nHost: b\r\n\r\n", None),
+        ("GET //b/x HTTP/1.1\r\nHost: b\r\n\r\n", None),
+        ("OPTIONS * HTTP/1.1\r\nHost: b\r\n\r\n", None),
+    ] {
+        let head = request(text).expect("valid").expect("whole");
+        assert_eq!(head.uri.authority().map(|a| a.as_str()), authority, "{text:?}");
+    }
+}
+
+#[test]
+fn a_request_transfer_coding_other_than_chunked_is_refused() {
+    // The proxy decodes chunked only and forwards the body re-framed as chunked alone: another
+    // coding under it would reach the app undeclared (RFC 9112 §6.1: not understood, refused).
+    for text in [
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x, Chunked\r\n\r\n",
+    ] {
+        assert!(matches!(request(text), Err(HeadError::Malformed(_))), "{text:?}: {:?}", request(text));
+    }
+    // Positive controls: chunked alone, however spelled and listed.
+    for text in [
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked \r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: , chunked,\r\n\r\n",
+    ] {
+        assert_eq!(request(text).expect("valid").expect("whole").framing, Framing::Chunked, "{text:?}");
     }
 }
