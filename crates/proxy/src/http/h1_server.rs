@@ -12,7 +12,8 @@
 //! within an exchange: the request body keeps being read while the response streams back (an
 //! echo). A connection carries another request only when both the request body and the
 //! response have ended cleanly; a request body the handler did not read to its end closes the
-//! connection after the response (its rest is never read as a request).
+//! connection after the response (its rest is never read as a request; the response says
+//! `connection: close` when that is known as it starts).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -311,6 +312,13 @@ where
         };
         let mut exchange = exchange;
         exchange.keep_alive &= framing != Framing::UntilClose;
+        // A request body that will not be read to its end (its reader is gone, it failed, or
+        // its client still waits for `100 Continue`, which no longer comes once the answer
+        // has) closes the connection after this answer: the answer says so.
+        exchange.keep_alive &= exchange
+            .upload
+            .as_ref()
+            .is_none_or(|u| u.decoder.is_done() || !(u.failed || u.expect_continue || u.feed.lock().reader_gone));
         let connection = match (exchange.keep_alive && !self.last, exchange.version) {
             (false, _) => Some("close"),
             (true, Version::HTTP_10) => Some("keep-alive"),

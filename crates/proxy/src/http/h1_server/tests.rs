@@ -192,6 +192,37 @@ async fn expect_continue_is_answered_when_the_body_is_read() {
     assert!(out.ends_with("POST /e ok"), "{out}");
 }
 
+/// A request answered without its body being read (refused) gets its answer and no `100
+/// Continue` (its client never sends the body); one whose `Expect` holds no body gets none
+/// either; on HTTP/1.0 `Expect` means nothing.
+#[tokio::test]
+async fn expect_continue_is_not_answered_for_a_body_never_read() {
+    for raw in [
+        &b"POST /unread HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n"[..],
+        b"POST /unread HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    ] {
+        let (mut c, _task) = serve(8192);
+        c.write_all(raw).await.expect("write");
+        let out = read_to_close(&mut c).await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("not read"), "{out}");
+        assert!(!out.contains("100 Continue") && out.contains("connection: close\r\n"), "{out}");
+    }
+    // No body to wait for: answered at once, no interim answer, and the connection stays open.
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n").await.expect("write");
+    let out = read_response(&mut c).await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("GET /a "), "{out}");
+    c.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_response(&mut c).await.ends_with("GET /b "));
+    // HTTP/1.0: the body is read without an interim answer (the client sends it unasked).
+    let (mut c, _task) = serve(8192);
+    c.write_all(b"POST /e HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.write_all(b"ok").await.expect("write");
+    let out = read_to_close(&mut c).await;
+    assert!(out.starts_with("HTTP/1.0 200 OK\r\n") && out.ends_with("POST /e ok"), "{out}");
+}
+
 #[tokio::test]
 async fn a_body_the_handler_did_not_read_closes_the_connection() {
     let (mut c, task) = serve(8192);
