@@ -43,7 +43,12 @@ fn chunked(wire: &[u8], cut: usize) -> Result<(Vec<u8>, Option<HeaderMap>, Vec<u
                 assert!(!t.is_empty(), "an empty trailer section");
                 assert!(trailers.replace(t).is_none(), "two trailer sections");
             }
-            Decoded::End => return Ok((data, trailers, buf.to_vec())),
+            Decoded::End => {
+                // What follows the body: the bytes left, then those not fed yet.
+                let mut rest = buf.to_vec();
+                rest.extend_from_slice(&wire[fed..]);
+                return Ok((data, trailers, rest));
+            }
             Decoded::NeedMore => {
                 assert!(fed < wire.len(), "more wanted after the end was announced");
                 buf.extend_from_slice(&wire[fed..]);
