@@ -223,6 +223,50 @@ async fn expect_continue_is_not_answered_for_a_body_never_read() {
     assert!(out.starts_with("HTTP/1.0 200 OK\r\n") && out.ends_with("POST /e ok"), "{out}");
 }
 
+/// A request body cut short by its client (it shuts down its sending side within it) or
+/// broken in its chunking fails for its reader, and the connection carries nothing after it:
+/// the bytes that follow are never read as a request.
+#[tokio::test]
+async fn a_body_cut_short_or_broken_fails_and_ends_the_connection() {
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (raw, close) in [
+        (format!("POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello"), true),
+        (format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"), true),
+        (format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello"), true),
+        (
+            format!(
+                "POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n{smuggled}"
+            ),
+            false,
+        ),
+        (
+            format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n{smuggled}"),
+            false,
+        ),
+        (
+            format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\n{smuggled}"),
+            false,
+        ),
+    ] {
+        let (mut c, task) = serve(8192);
+        c.write_all(raw.as_bytes()).await.expect("write");
+        if close {
+            c.shutdown().await.expect("shut down");
+        }
+        let out = read_to_close(&mut c).await;
+        assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n") && out.contains("body failed"), "{raw:?}: {out}");
+        assert!(!out.contains("smuggled") && out.matches("HTTP/1.1").count() == 1, "{raw:?}: {out}");
+        assert!(task.await.expect("task").0.is_ok());
+    }
+    // Positive control: the same bodies whole, and the request after them served.
+    let (mut c, _task) = serve(8192);
+    let whole =
+        format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{smuggled}");
+    c.write_all(whole.as_bytes()).await.expect("write");
+    let out = read_until(&mut c, "GET /smuggled ").await;
+    assert!(out.contains("POST /e hello") && out.matches("HTTP/1.1 200 OK").count() == 2, "{out}");
+}
+
 #[tokio::test]
 async fn a_body_the_handler_did_not_read_closes_the_connection() {
     let (mut c, task) = serve(8192);
