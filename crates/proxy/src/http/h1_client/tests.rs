@@ -259,3 +259,37 @@ async fn a_failed_request_gives_its_headers_back() {
     assert_eq!(resp.headers().get("x-answer").map(|v| v.as_bytes()), Some(&b"yes"[..]));
     assert!(resp.headers().get("x-kept").is_none(), "the request's fields are gone from its map");
 }
+
+/// Answers without a body (to `HEAD`, `204`, `304`) followed, a moment later, by bytes that
+/// look like the next answer: they arrive while the connection idles in the pool, which then
+/// never sends a request on it — the next request gets its own answer, not the forged one.
+#[tokio::test]
+async fn bytes_after_a_bodiless_answer_are_never_the_next_answer() {
+    for (method, first) in [
+        (http::Method::HEAD, &b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n"[..]),
+        (http::Method::GET, b"HTTP/1.1 204 No Content\r\ncontent-length: 6\r\n\r\n"),
+        (http::Method::GET, b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+        (http::Method::GET, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ] {
+        let (addr, opened) = upstream(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf).await {
+                if head.starts_with("GET /next") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nreal").await;
+                    continue;
+                }
+                let _ = s.write_all(first).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged").await;
+            }
+        })
+        .await;
+        let pool = pool();
+        let req = Request::builder().method(method.clone()).uri("/first").header(http::header::HOST, "test");
+        let resp = send(&pool, addr, req.body(body::empty()).expect("request")).await;
+        assert!(resp.as_ref().is_ok_and(|(_, text)| !text.contains("forged")), "{method} {first:?}: {resp:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(send(&pool, addr, get("/next")).await, Ok((200, "real".into())), "{method} {first:?}");
+        assert_eq!(opened.load(Ordering::SeqCst), 2, "{first:?}: the connection the bytes came on was not reused");
+    }
+}
