@@ -244,7 +244,7 @@ pub fn parse_response_head(
         response.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(CodecError("malformed response status"))?;
     let fields = &*response.headers;
     let present = Present::of(fields);
-    let framing = response_framing(status, request, fields, &present)?;
+    let framing = response_framing(status, request, version, fields, &present)?;
     let keep_alive = framing != Framing::UntilClose && keeps_alive(version, fields, &present);
     // Where each field's name and value are in the head ([offset, length] each): its values
     // are cut from the head's bytes once these are taken from `buf`. (httparse's slices point
@@ -293,6 +293,7 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, CodecError> 
 fn response_framing(
     status: StatusCode,
     request: &Method,
+    version: Version,
     fields: &[httparse::Header<'_>],
     present: &Present,
 ) -> Result<Framing, CodecError> {
@@ -305,6 +306,10 @@ fn response_framing(
     }
     let lengths = content_length(present.length.values(fields, "content-length"))?;
     if present.coding.any() {
+        if version == Version::HTTP_10 {
+            // RFC 9112 §6.1: its framing is faulty, whatever else it says.
+            return Err(CodecError("Transfer-Encoding on an HTTP/1.0 response"));
+        }
         if lengths.is_some() {
             return Err(CodecError("a response with both Transfer-Encoding and Content-Length"));
         }

@@ -224,6 +224,26 @@ fn ambiguous_or_malformed_heads_are_refused() {
     }
 }
 
+/// An HTTP/1.0 response has no transfer coding (RFC 9112 §6.1: its framing is faulty, even
+/// with a `Content-Length`), as hyper's client had it: refused, not read as chunked on a
+/// connection then kept.
+#[test]
+fn an_http10_response_with_a_transfer_coding_is_refused() {
+    for text in [
+        "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        assert!(refused(text).contains("HTTP/1.0"), "{text:?}");
+    }
+    // Positive controls: HTTP/1.0 with a length or to its close, HTTP/1.1 chunked.
+    let kept = complete("HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n");
+    assert_eq!((kept.framing, kept.keep_alive), (Framing::Length(5), true));
+    assert_eq!(complete("HTTP/1.0 200 OK\r\n\r\n").framing, Framing::UntilClose);
+    assert_eq!(complete("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").framing, Framing::Chunked);
+}
+
 #[test]
 fn heads_are_bounded_in_size_and_fields() {
     let small = Limits { max_head_bytes: 64, max_headers: 3 };
