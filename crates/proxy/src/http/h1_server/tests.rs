@@ -230,9 +230,9 @@ async fn expect_continue_is_not_answered_for_a_body_never_read() {
 async fn a_body_cut_short_or_broken_fails_and_ends_the_connection() {
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
     for (raw, close) in [
-        (format!("POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello"), true),
-        (format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"), true),
-        (format!("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello"), true),
+        ("POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello".to_string(), true),
+        ("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel".to_string(), true),
+        ("POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello".to_string(), true),
         (
             format!(
                 "POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n{smuggled}"
