@@ -3,8 +3,9 @@
 - Two `Host` headers, or none on HTTP/1.1, are answered 400 by the proxy, never forwarded.
 - A malformed chunked body gets the proxy's own 400 with no internal error text (never 502).
 - Request smuggling: ambiguous framing (Transfer-Encoding other than chunked, obs-fold, a
-  signed, listed or repeated Content-Length, chunked on HTTP/1.0, a chunk size overflow) is
-  refused 400; CL+TE is read as chunked; a request hidden in a body is never served.
+  signed, listed or repeated Content-Length, chunked on HTTP/1.0, a chunk size overflow, a
+  coding under chunked, a trailer section ended by a bare LF, a target in authority-form on a
+  GET or with userinfo) is refused 400; CL+TE is read as chunked; a request hidden in a body is never served.
 - A stalled upload is timed out (the driver runs the proxies with `--request-body-timeout 1s`).
 - An idle HTTP/2 client connection is closed after the idle timeout (`--idle-timeout 2s`), as
   an idle HTTP/1 one is; one in use stays open.
@@ -72,7 +73,7 @@ def malformed_chunked():
     for where, a in ENTRIES:
         for body in [b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXY\r\n0\r\n\r\n", b"-1\r\nabc\r\n0\r\n\r\n",
                      b"fffffffffffffffffff\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\nnot-a-size\r\n\r\n",
-                     b"4\r\nabc\r\n0\r\n\r\n"]:
+                     b"4\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\n0\r\nX-T: a\n\r\n"]:
             r = raw_request(a, head, body)
             what = f"{where}: chunked body {body!r}"
             h.check(r.status != 502 and r.status != 200, f"{what}: expected no 502 and no 200", r)
@@ -83,6 +84,8 @@ def malformed_chunked():
         # The same upload, well formed: served.
         got = seen(raw_request(a, head, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
         h.check(got["length"] == 5, f"{where}: well-formed chunked upload (control)", got)
+        got = seen(raw_request(a, head, b"3\r\nabc\r\n0\r\nX-T: a\r\n\r\n"))
+        h.check(got["length"] == 3, f"{where}: well-formed chunked upload with a trailer (control)", got)
 
 
 @h.case("request smuggling: ambiguous framing is refused, CL+TE is read as chunked, nothing smuggled is served")
@@ -103,6 +106,10 @@ def smuggling():
         ("a Content-Length list", post + "Content-Length: 5, 50\n\n", b"0\r\n\r\n" + smuggled),
         ("chunked on HTTP/1.0", post.replace("1.1", "1.0") + "Transfer-Encoding: chunked\n\n", b"0\r\n\r\n" + smuggled),
         ("a chunk size past 64 bits", post + "Transfer-Encoding: chunked\n\n", b"1" + b"0" * 16 + b"5\r\nabc\r\n0\r\n\r\n"),
+        ("a coding under chunked", post + "Transfer-Encoding: gzip, chunked\n\n", b"0\r\n\r\n"),
+        ("a trailer section ended by a bare LF", post + "Transfer-Encoding: chunked\n\n", b"0\r\n\n" + smuggled),
+        ("authority-form on a GET", "GET web:8080 HTTP/1.1\nHost: web:8080\nConnection: close\n\n", b""),
+        ("userinfo in the target", "GET http://u@web:8080/public/x HTTP/1.1\nHost: web:8080\nConnection: close\n\n", b""),
     ]
     for where, a in ENTRIES:
         for name, head, body in refused:
@@ -110,6 +117,10 @@ def smuggling():
             r = h.parse_response(out)
             h.check(SECRET not in out, f"{where}: {name}: a smuggled request was served", r)
             h.check(r.status in (0, 400), f"{where}: {name}: expected 400 (or a closed connection)", r)
+        # Positive controls: the same targets in the forms their method takes.
+        for target in ["/public/x", "http://web:8080/public/x"]:
+            r = h.parse_response(h.exchange(a, f"GET {target} HTTP/1.1\r\nHost: web:8080\r\nConnection: close\r\n\r\n".encode()))
+            seen(r)
         # Content-Length and chunked together: chunked wins (RFC 9112 §6.1), the app sees the
         # empty chunked body, and the bytes after it are never a request to the app.
         head = post + "Content-Length: 60\nTransfer-Encoding: chunked\n\n"

@@ -216,7 +216,10 @@ impl Conn {
                 Poll::Ready(Some(Err(e))) => {
                     return Poll::Ready(Err(UploadError::Body(format!("the request body failed: {e}"))));
                 }
-                Poll::Ready(Some(Ok(frame))) => {
+                // Trailers end the body here, unsent: the proxy strips the `Trailer` field
+                // that would announce them, and an app need not take a trailer section
+                // (hyper's client, which sent only announced ones, sent none).
+                Poll::Ready(Some(Ok(frame))) if !frame.is_trailers() => {
                     let data = h1_codec::encode_frame(frame, &mut upload.framing, &mut self.write)
                         .map_err(|e| UploadError::Body(format!("the request body {e}")))?;
                     if let Some(data) = data {
@@ -224,7 +227,7 @@ impl Conn {
                         self.write.extend_from_slice(upload.framing.after_data());
                     }
                 }
-                Poll::Ready(None) => {
+                Poll::Ready(_) => {
                     h1_codec::encode_end(upload.framing, &mut self.write)
                         .map_err(|e| UploadError::Body(format!("the request body {e}")))?;
                     self.upload = None;

@@ -293,3 +293,34 @@ async fn bytes_after_a_bodiless_answer_are_never_the_next_answer() {
         assert_eq!(opened.load(Ordering::SeqCst), 2, "{first:?}: the connection the bytes came on was not reused");
     }
 }
+
+/// A request's trailers are not sent to an HTTP/1 upstream (the proxy strips the `Trailer`
+/// field that would announce them, and an app need not take a trailer section: hyper's client
+/// sent none either); the body ends with its last chunk, and its data arrive whole.
+#[tokio::test]
+async fn request_trailers_are_not_sent_to_an_http1_upstream() {
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let Some(_) = read_head(&mut s, &mut buf).await else { return };
+        while !buf.ends_with(b"\r\n\r\n") || !buf.windows(3).any(|w| w == b"\n0\r") {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", buf.len());
+        let _ = s.write_all(answer.as_bytes()).await;
+        let _ = s.write_all(&buf).await;
+    })
+    .await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+    trailers.insert("x-forwarded-client-cert", http::HeaderValue::from_static("forged"));
+    let frames = [http_body::Frame::data(bytes::Bytes::from("hello")), http_body::Frame::trailers(trailers)];
+    let body =
+        body::boxed(http_body_util::StreamBody::new(tokio_stream::iter(frames.map(Ok::<_, std::convert::Infallible>))));
+    let req = Request::post("/up").header(http::header::HOST, "test").body(body).expect("request");
+    let (status, seen) = send(&pool(), addr, req).await.expect("answered");
+    assert_eq!((status, seen.as_str()), (200, "5\r\nhello\r\n0\r\n\r\n"));
+}

@@ -104,6 +104,36 @@ fn chunks_are_written_in_hex_and_the_last_with_its_trailers() {
     assert_eq!((data.as_slice(), got, rest.len()), (&b"abc"[..], Some(trailers), 0));
 }
 
+/// Fields that frame, route, authenticate or describe a message are not taken from a trailer
+/// section (RFC 9110 §6.5.1; the list hyper's encoder kept, with the connection's own fields
+/// and the identity the proxy vouches for): never written as trailers, whatever a peer sent.
+#[test]
+fn trailers_never_carry_framing_routing_or_identity_fields() {
+    let mut trailers = HeaderMap::new();
+    for name in [
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "authorization",
+        "content-type",
+        "content-encoding",
+        "trailer",
+        "te",
+        "connection",
+        "upgrade",
+        "x-forwarded-client-cert",
+        "x-plexus-source",
+        "grpc-status",
+        "x-checksum",
+    ] {
+        trailers.append(HeaderName::from_static(name), HeaderValue::from_static("1"));
+    }
+    let mut out = Vec::new();
+    encode_last_chunk(&trailers, &mut out);
+    // Positive control: the other fields are written, in order.
+    assert_eq!(String::from_utf8_lossy(&out), "0\r\ngrpc-status: 1\r\nx-checksum: 1\r\n\r\n");
+}
+
 #[test]
 fn a_response_head_is_read_once_whole() {
     let text =
