@@ -323,6 +323,22 @@ async fn upgrades_and_connect_are_handed_off_with_their_head_unread() {
         assert!(r.is_ok() && handed_off, "{head}");
         assert_eq!(&rest[..], head.as_bytes());
     }
+    // Bytes pipelined right behind the head (a WebSocket frame, a TLS ClientHello through the
+    // tunnel, even another request) are handed off with it, in order, none read as a request.
+    for head in [
+        &b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"[..],
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01\x00\x05hello",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let (mut c, task) = serve(8192);
+        c.write_all(head).await.expect("write");
+        let (r, handed_off, rest) = task.await.expect("task");
+        assert!(r.is_ok() && handed_off, "{head:?}");
+        assert_eq!(&rest[..], head);
+        let mut nothing = [0u8; 1];
+        let answered = tokio::time::timeout(Duration::from_millis(50), c.read(&mut nothing)).await;
+        assert!(answered.is_err() || answered.is_ok_and(|n| n.is_ok_and(|n| n == 0)), "{head:?}: answered");
+    }
     // A non-WebSocket upgrade is served as a plain request (the proxy strips it).
     let (mut c, _task) = serve(8192);
     c.write_all(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").await.expect("write");
