@@ -324,3 +324,24 @@ async fn request_trailers_are_not_sent_to_an_http1_upstream() {
     let (status, seen) = send(&pool(), addr, req).await.expect("answered");
     assert_eq!((status, seen.as_str()), (200, "5\r\nhello\r\n0\r\n\r\n"));
 }
+
+/// A flood of interim answers before the final one: each is read and dropped as it comes (the
+/// read buffer holds at most one head at a time, never the flood), and the final answer is
+/// returned; a flood with no end is an upstream that has not answered, bounded by the request's
+/// timeout like any other.
+#[tokio::test]
+async fn a_flood_of_interim_answers_is_read_through() {
+    let (addr, _) = upstream(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while read_head(&mut s, &mut buf).await.is_some() {
+            let flood = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n".repeat(20_000);
+            let _ = s.write_all(&flood).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfine").await;
+        }
+    })
+    .await;
+    let pool = pool();
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "fine".into())));
+    // The connection carries the next request (the flood was read to its end).
+    assert_eq!(send(&pool, addr, get("/")).await, Ok((200, "fine".into())));
+}
