@@ -240,7 +240,8 @@ impl ClientBodyState {
 
 pin_project_lite::pin_project! {
     /// A client's request body as the proxy reads it: bytes counted, a read error recorded as
-    /// the client's fault (its text never reaches anyone), and no frame for `timeout` before
+    /// the client's fault (its text never reaches anyone), its trailers stripped of the fields no
+    /// trailer may carry ([`super::headers::may_trail`]), and no frame for `timeout` before
     /// the response starts ends it (a stalled upload). The timer exists only once a read has
     /// had to wait.
     pub struct ClientBody<B> {
@@ -275,6 +276,15 @@ where
                     this.state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 *this.progressed = true;
+                // The client's trailers reach the next hop only with the fields a trailer may
+                // carry, on every path and protocol (HTTP/2 and the mesh hop included).
+                let frame = match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        super::headers::strip_trailers(&mut trailers);
+                        Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                };
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -307,5 +317,39 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The given frames, then the end.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// Every client body the proxy forwards (HTTP/1, HTTP/2, the mesh hop) is read through
+    /// `ClientBody`: a forged identity in its trailers is dropped there, its data and the other
+    /// trailers go on.
+    #[tokio::test]
+    async fn a_client_body_forwards_its_data_and_only_the_trailers_allowed() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(super::super::headers::FORWARDED_CLIENT_CERT, http::HeaderValue::from_static("By=forged"));
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames = Frames(vec![Frame::data(Bytes::from_static(b"hello")), Frame::trailers(trailers)].into());
+        let body = ClientBody::new(frames, Arc::default(), Duration::from_secs(5));
+        let collected = body.collect().await.expect("body");
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"hello"));
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["x-checksum"], "abc");
     }
 }

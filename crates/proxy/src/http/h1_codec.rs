@@ -104,40 +104,11 @@ pub fn encode_chunk_header(len: usize, out: &mut Vec<u8>) {
 }
 
 /// Appends the last chunk and the trailer section (`trailers`, may be empty) to `out`: every
-/// field but those no trailer may carry ([`may_trail`]).
+/// field but those no trailer may carry ([`super::headers::may_trail`]).
 pub fn encode_last_chunk(trailers: &HeaderMap, out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");
-    write_fields(trailers, may_trail, out);
+    write_fields(trailers, super::headers::may_trail, out);
     out.extend_from_slice(b"\r\n");
-}
-
-/// Whether a field may be sent as a trailer: not one that frames, routes, authenticates or
-/// describes the message (RFC 9110 §6.5.1; the list hyper's encoder kept), not one of the
-/// connection's own, nor the identity the proxy vouches for (a peer could forge it there,
-/// where the head's copy is removed).
-fn may_trail(name: &HeaderName) -> bool {
-    use http::header;
-    ![
-        header::AUTHORIZATION,
-        header::CACHE_CONTROL,
-        header::CONTENT_ENCODING,
-        header::CONTENT_LENGTH,
-        header::CONTENT_RANGE,
-        header::CONTENT_TYPE,
-        header::HOST,
-        header::MAX_FORWARDS,
-        header::SET_COOKIE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::CONNECTION,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        super::headers::FORWARDED_CLIENT_CERT,
-        super::headers::SOURCE,
-        super::headers::ORIG_PROTO,
-    ]
-    .contains(name)
 }
 
 /// Where a body's frames and its declared framing disagree.

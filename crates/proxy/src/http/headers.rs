@@ -188,6 +188,47 @@ pub fn stamp(headers: &mut HeaderMap, span: &SpanContext, present: Option<Header
     id
 }
 
+/// Whether a field may be sent as a trailer: not one that frames, routes, authenticates or
+/// describes the message (RFC 9110 §6.5.1; the list hyper's encoder kept), not one of the
+/// connection's own, nor the identity the proxy vouches for (a peer could forge it there,
+/// where the head's copy is removed).
+pub fn may_trail(name: &HeaderName) -> bool {
+    ![
+        header::AUTHORIZATION,
+        header::CACHE_CONTROL,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+        header::CONTENT_TYPE,
+        header::HOST,
+        header::MAX_FORWARDS,
+        header::SET_COOKIE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::CONNECTION,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        FORWARDED_CLIENT_CERT,
+        SOURCE,
+        ORIG_PROTO,
+    ]
+    .contains(name)
+}
+
+/// Removes from a client's trailers the fields no trailer may carry ([`may_trail`]), whatever
+/// the protocol on either side: a forged identity or routing field in a request's trailers
+/// never reaches the next hop.
+pub fn strip_trailers(trailers: &mut HeaderMap) {
+    if trailers.keys().all(may_trail) {
+        return;
+    }
+    let refused: Vec<HeaderName> = trailers.keys().filter(|n| !may_trail(n)).cloned().collect();
+    for name in refused {
+        trailers.remove(name);
+    }
+}
+
 /// Applies a route's header modifier: `set` replaces, `add` appends, `remove` deletes.
 /// Values were validated when the resource was loaded; anything invalid is skipped.
 pub fn apply_modifier(headers: &mut HeaderMap, m: &HeaderModifier) {
@@ -345,5 +386,26 @@ mod tests {
         assert_eq!(h["x-app"], "kept");
         remove_present(&mut h, &names);
         assert_eq!(h.len(), 1, "nothing present: nothing removed");
+    }
+
+    /// A client's trailers lose the fields no trailer may carry (identity, framing, routing)
+    /// and keep the rest; trailers with nothing refused are left as they are.
+    #[test]
+    fn trailers_keep_only_what_a_trailer_may_carry() {
+        let mut t = HeaderMap::new();
+        t.insert(FORWARDED_CLIENT_CERT, HeaderValue::from_static("By=spiffe://forged"));
+        t.insert(SOURCE, HeaderValue::from_static("forged/forged"));
+        t.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        t.insert(header::HOST, HeaderValue::from_static("elsewhere"));
+        t.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        t.insert("grpc-status-details-bin", HeaderValue::from_static("kept"));
+        t.insert("x-checksum", HeaderValue::from_static("abc"));
+        strip_trailers(&mut t);
+        let mut names: Vec<&str> = t.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-status-details-bin", "x-checksum"]);
+        let before = t.clone();
+        strip_trailers(&mut t);
+        assert_eq!(t, before, "nothing refused: unchanged");
     }
 }
