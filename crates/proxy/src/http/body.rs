@@ -321,11 +321,11 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// The given frames, then the end.
-    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+    /// A body of the given frames (data and trailers), of no announced size.
+    pub(crate) struct Frames(pub(crate) std::collections::VecDeque<Frame<Bytes>>);
 
     impl http_body::Body for Frames {
         type Data = Bytes;
