@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker, ready};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -40,6 +40,12 @@ use crate::error::ProxyError;
 /// pieces.
 const READ_FIRST: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
+
+/// How long a connection closed with the client still sending (an early answer, a refused
+/// head) keeps reading and discarding, and how much at most: so that the kernel does not reset
+/// the connection, and destroy the answer, while the client has not read it yet.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// Encoded response bytes held before they are written (a body frame larger than this is
 /// written from its own buffer, not copied).
@@ -72,6 +78,9 @@ pub struct Connection<I, S, F> {
     last: bool,
     /// Ended at a request it does not serve; the request's head is still in the read buffer.
     handed_off: bool,
+    /// Closes with input left unread (a refused head, a body not read to its end): after its
+    /// answer the connection lingers ([`Phase::Lingering`]) and is never served again.
+    unread_input: bool,
     /// The last response's header map, cleared: the next request head is parsed into it.
     spare_headers: http::HeaderMap,
 }
@@ -92,6 +101,12 @@ enum Phase<F> {
     },
     /// Writing what is left, then closing.
     Closing,
+    /// Closed for sending; what the client still sends is read and discarded until it closes,
+    /// [`LINGER_BYTES`] were read or the timer fires.
+    Lingering {
+        until: Pin<Box<tokio::time::Sleep>>,
+        discarded: usize,
+    },
     Done,
 }
 
@@ -134,6 +149,7 @@ where
             phase: Phase::Idle,
             last: false,
             handed_off: false,
+            unread_input: false,
             spare_headers: http::HeaderMap::new(),
         }
     }
@@ -147,6 +163,12 @@ where
     /// Whether the connection ended at a request it does not serve (see the module's doc).
     pub fn handed_off(&self) -> bool {
         self.handed_off
+    }
+
+    /// Whether the connection closed with input left unread: its socket must not be served
+    /// again (what follows in it is not a request).
+    pub fn closed_with_unread_input(&self) -> bool {
+        self.unread_input
     }
 
     /// The connection's I/O, the bytes read and not yet served, and the service.
@@ -231,12 +253,34 @@ where
                     // The exchange is over: another one follows if both sides allow it and
                     // the request was read to its end.
                     let read_whole = exchange.upload.as_ref().is_none_or(|u| u.decoder.is_done() && !u.failed);
+                    self.unread_input |= !read_whole;
                     let again = exchange.keep_alive && read_whole && !self.last;
                     self.phase = if again { Phase::Idle } else { Phase::Closing };
                 }
                 Phase::Closing => {
                     ready!(self.poll_write_out(cx))?;
                     ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    if !self.unread_input || self.eof {
+                        self.phase = Phase::Done;
+                        return Poll::Ready(Ok(()));
+                    }
+                    let until = Box::pin(tokio::time::sleep(LINGER_TIME));
+                    self.phase = Phase::Lingering { until, discarded: 0 };
+                }
+                Phase::Lingering { until, discarded } => {
+                    let mut over = until.as_mut().poll(cx).is_ready();
+                    while !over {
+                        self.read.clear();
+                        match poll_read_more(&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof, cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Ok(n)) if n > 0 => {
+                                *discarded += n;
+                                over = *discarded >= LINGER_BYTES;
+                            }
+                            Poll::Ready(_) => over = true,
+                        }
+                    }
+                    self.read.clear();
                     self.phase = Phase::Done;
                     return Poll::Ready(Ok(()));
                 }
@@ -280,6 +324,7 @@ where
 
     /// Answers a head that cannot be served (400, 431) and closes the connection.
     fn refuse(&mut self, e: HeadError) {
+        self.unread_input = true;
         let err = match e {
             HeadError::Malformed(why) => ProxyError::BadRequest(why.into()),
             HeadError::TooLarge => ProxyError::HeadTooLarge,

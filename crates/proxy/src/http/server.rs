@@ -218,6 +218,7 @@ impl HttpServer {
                 )
                 .await;
             let handed_off = conn.handed_off();
+            let unread_input = conn.closed_with_unread_input();
             let (mut clock, read, service) = conn.into_parts();
             serve_one = service;
             if handed_off {
@@ -229,8 +230,12 @@ impl HttpServer {
                 self.drive(hyper, |c| c.graceful_shutdown(), activity, started, drain, false).await;
                 return;
             }
-            // Ended: closed by either side, a timeout or a drain.
+            // Ended: closed by either side, a timeout or a drain. A connection that closed with
+            // input unread (it lingered) is never parked: what follows in it is not a request.
             let (Driven::Parked | Driven::NotAtBoundary) = driven else { return };
+            if unread_input {
+                return;
+            }
             activity.parking.store(false, Ordering::Relaxed);
             if driven == Driven::NotAtBoundary {
                 tracing::debug!("HTTP/1 connection busy when parked; closing it");

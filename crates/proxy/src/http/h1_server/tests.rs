@@ -245,6 +245,8 @@ async fn a_body_cut_short_or_broken_fails_and_ends_the_connection() {
         let out = read_to_close(&mut c).await;
         assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n") && out.contains("body failed"), "{raw:?}: {out}");
         assert!(!out.contains("smuggled") && out.matches("HTTP/1.1").count() == 1, "{raw:?}: {out}");
+        // The connection lingers (reading what the client still sends) until the client closes.
+        drop(c);
         assert!(task.await.expect("task").0.is_ok());
     }
     // Positive control: the same bodies whole, and the request after them served.
@@ -269,6 +271,7 @@ async fn a_body_the_handler_did_not_read_closes_the_connection() {
     let out = read_to_close(&mut c).await;
     assert!(out.contains("not read") && !out.contains("smuggled"), "{out}");
     assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+    drop(c);
     assert!(task.await.expect("task").0.is_ok());
 }
 
@@ -422,4 +425,37 @@ async fn large_chunks_to_a_slow_reader_keep_their_framing() {
     assert_eq!(body, format!("{}{}end", "a".repeat(40_000), "b".repeat(40_000)));
     c.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
     assert!(read_response(&mut c).await.ends_with("GET /next "));
+}
+
+/// An answer given while the client is still sending (a refused head, a body the handler did
+/// not read) is followed by a lingering close: what the client still sends is read and
+/// discarded — so that the kernel does not reset the connection, and destroy the answer, before
+/// the client has read it — and nothing of it is served.
+#[tokio::test]
+async fn an_early_answer_is_followed_by_a_lingering_close() {
+    let cases: [(&[u8], &str); 2] = [
+        (b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400"),
+        (b"POST /unread HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n", "HTTP/1.1 200"),
+    ];
+    for (head, status) in cases {
+        let (c, task) = serve_on(4096, 8192);
+        let (mut rd, mut wr) = tokio::io::split(c);
+        wr.write_all(head).await.expect("head");
+        // The client goes on sending (its body, or what it meant as one) while it reads.
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b'x'; 16 * 1024];
+            for _ in 0..8 {
+                wr.write_all(&chunk).await?;
+            }
+            wr.shutdown().await
+        });
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut out)).await.expect("in time").expect("read");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(status) && text.contains("connection: close"), "{text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "nothing of the rest served: {text}");
+        sender.await.expect("sender").expect("every byte the client sent was taken");
+        let (r, handed_off, _) = task.await.expect("task");
+        assert!(r.is_ok() && !handed_off, "{r:?}");
+    }
 }
