@@ -115,9 +115,11 @@ function watch(page) {
   return { take: () => seen.splice(0, seen.length) };
 }
 
-/** Waits for the page's first successful refresh (the top bar says "updated HH:MM:SS"). */
+/** Waits for the page's first successful refresh (the top bar says "updated HH:MM:SS"). The
+ * whole suite runs beside it on two cores, where a debug control plane and Chromium have taken
+ * more than 15 s for a page's first refresh (CI, once): 30 s. */
 async function loaded(page) {
-  await page.waitForFunction(() => /^updated /.test(document.getElementById('live')?.textContent || ''), null, { timeout: 15000 });
+  await page.waitForFunction(() => /^updated /.test(document.getElementById('live')?.textContent || ''), null, { timeout: 30000 });
 }
 
 async function shot(page, name) {
