@@ -19,11 +19,12 @@ use crate::BoxError;
 /// A boxed, streaming body.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// A client's request body: read by hyper (HTTP/2, upgrades) or by the proxy's own HTTP/1
-/// server ([`super::h1_server`]).
+/// A client's request body: read by hyper (HTTP/1 upgrades and `CONNECT`) or by the proxy's
+/// own servers ([`super::h1_server`], [`super::h2_server`]).
 pub enum ReceivedBody {
     Hyper(hyper::body::Incoming),
     Http1(super::h1_server::Http1Body),
+    Http2(super::h2_server::Http2Body),
 }
 
 impl http_body::Body for ReceivedBody {
@@ -34,6 +35,7 @@ impl http_body::Body for ReceivedBody {
         match self.get_mut() {
             ReceivedBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ReceivedBody::Http1(b) => Pin::new(b).poll_frame(cx),
+            ReceivedBody::Http2(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -41,6 +43,7 @@ impl http_body::Body for ReceivedBody {
         match self {
             ReceivedBody::Hyper(b) => b.is_end_stream(),
             ReceivedBody::Http1(b) => b.is_end_stream(),
+            ReceivedBody::Http2(b) => b.is_end_stream(),
         }
     }
 
@@ -48,6 +51,7 @@ impl http_body::Body for ReceivedBody {
         match self {
             ReceivedBody::Hyper(b) => b.size_hint(),
             ReceivedBody::Http1(b) => b.size_hint(),
+            ReceivedBody::Http2(b) => b.size_hint(),
         }
     }
 }

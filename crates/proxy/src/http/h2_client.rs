@@ -133,7 +133,7 @@ impl Connection {
         let (mut response, tx) = send.send_request(head, eos).map_err(|e| SendFailure::Failed(failed(&e)))?;
         // The body is sent alongside the wait for the response head: a whole body (or a
         // streaming one that ends) needs no task of its own.
-        let mut pipe = (!eos).then(|| Pipe { body, tx, pending: None, cancel: None });
+        let mut pipe = (!eos).then(|| Pipe::new(body, tx));
         let head = poll_fn(|cx| {
             if let Some(p) = &mut pipe
                 && Pin::new(p).poll(cx).is_ready()
@@ -259,13 +259,21 @@ fn reset_reason(e: &(dyn std::error::Error + 'static)) -> h2::Reason {
 /// A request body on its way to the upstream, within the stream's flow control: a chunk is
 /// sent once the stream has some capacity (h2 sends it as the window allows), trailers end it,
 /// and a body error resets the stream. It ends when the body does, when the peer resets the
-/// stream, or when `cancel` fires (the response body was dropped before its end).
-struct Pipe {
+/// stream, or when `cancel` fires (the response body was dropped before its end). The HTTP/2
+/// server ([`super::h2_server`]) sends its response bodies with it too.
+pub(super) struct Pipe {
     body: Body,
     tx: h2::SendStream<Bytes>,
     /// A chunk polled from the body, waiting for capacity, and whether it is the last.
     pending: Option<(Bytes, bool)>,
     cancel: Option<oneshot::Receiver<()>>,
+}
+
+impl Pipe {
+    /// Sends `body` on `tx` (a stream whose head is sent), without a cancel.
+    pub(super) fn new(body: Body, tx: h2::SendStream<Bytes>) -> Self {
+        Pipe { body, tx, pending: None, cancel: None }
+    }
 }
 
 impl Future for Pipe {

@@ -11,6 +11,7 @@ pub mod h1_client;
 pub mod h1_codec;
 pub mod h1_server;
 pub mod h2_client;
+pub mod h2_server;
 pub mod headers;
 pub mod inbound;
 pub mod observe;

@@ -1,5 +1,7 @@
 //! Serving HTTP/1.1 and HTTP/2 (h2c) on an accepted connection, with the proxy's limits, and
-//! taking part in graceful drain.
+//! taking part in graceful drain: HTTP/1.1 by [`h1_server`] (hyper from an upgrade on), HTTP/2
+//! by [`h2_server`]; a connection whose protocol its caller does not know is told by its first
+//! bytes (the HTTP/2 preface or not).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,10 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -23,19 +24,16 @@ use tokio::sync::watch;
 use super::body::{Body, ReceivedBody};
 use super::h1_codec::Limits as HeadLimits;
 use super::h1_server;
+use super::h2_server;
 use crate::settings::Limits;
 
 /// A configured HTTP server (HTTP/1.1 with keep-alive and upgrades, HTTP/2 prior knowledge).
 #[derive(Clone)]
 pub struct HttpServer {
-    /// For connections whose protocol the caller does not know: reads the first bytes to tell.
-    auto: auto::Builder<TokioExecutor>,
-    /// For connections the caller has detected already (the sidecar's own detection, mesh ALPN):
-    /// hyper directly, without `auto`'s version read. That read hands HTTP/1 the first 24 bytes
-    /// of the head on their own, and hyper's read buffer then doubles to 16 KiB for the rest —
-    /// for every connection, kept while it idles.
+    /// hyper's HTTP/1 server, for a connection from its first request the proxy's own does not
+    /// serve (an upgrade, `CONNECT`) on.
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: h2_server::Settings,
     /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
     idle_timeout: Duration,
     /// An HTTP/1 request head must be complete this long after its first byte (slowloris).
@@ -56,49 +54,25 @@ pub enum Known {
     Http2,
 }
 
-/// The settings of HTTP/1 connections: one list for `auto`'s builder and hyper's (the same
-/// methods on two types).
-macro_rules! http1_settings {
-    ($builder:expr, $limits:expr) => {
-        $builder
+impl HttpServer {
+    pub fn new(limits: &Limits, parked: Gauge) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             // hyper's own header timer also runs while a keep-alive connection waits for its
             // next request, which would make it the keep-alive idle timeout: the head clock
             // below starts at a request's first byte instead.
             .header_read_timeout(None)
-            .max_buf_size($limits.max_header_bytes.max(8192))
+            .max_buf_size(limits.max_header_bytes.max(8192))
             // A client may shut down its sending side once its request is sent (`nc`, some
             // HTTP/1.0 clients): it still gets its response.
             .half_close(true)
-            .keep_alive(true)
-    };
-}
-
-/// The settings of HTTP/2 connections, for both builders.
-macro_rules! http2_settings {
-    ($builder:expr, $limits:expr) => {
-        $builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(1024)
-            .max_header_list_size($limits.max_header_bytes as u32)
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024)
-            .max_send_buf_size(256 * 1024)
-            .keep_alive_interval(Duration::from_secs(30))
-    };
-}
-
-impl HttpServer {
-    pub fn new(limits: &Limits, parked: Gauge) -> Self {
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        http1_settings!(auto.http1(), limits);
-        http2_settings!(auto.http2(), limits);
-        let mut http1 = http1::Builder::new();
-        http1_settings!(http1, limits);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2_settings!(http2, limits);
+            .keep_alive(true);
+        let http2 = h2_server::Settings {
+            max_header_list_size: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+            keep_alive: h2_server::KeepAlive::default(),
+        };
         HttpServer {
-            auto,
             http1,
             http2,
             idle_timeout: limits.idle_timeout,
@@ -164,22 +138,81 @@ impl HttpServer {
             activity.head_since.store(0, Ordering::Relaxed);
             Served { fut, activity, started }
         };
-        let io = HeadClock::new(io, activity.clone(), started);
+        let mut io = HeadClock::new(io, activity.clone(), started);
         let mut drain = drain;
-        match known {
+        let known = match known {
+            Some(known) => known,
             None => {
-                let service = hyper_service(serve_one);
-                let conn = self.auto.serve_connection_with_upgrades(TokioIo::new(io), service);
-                tokio::pin!(conn);
-                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
+                let detected = tokio::select! {
+                    known = self.detect(&mut io, started) => known,
+                    () = crate::proxy::drained(&mut drain) => None,
+                };
+                // Closed, failed or timed out before it said, or drained meanwhile.
+                let Some(known) = detected else { return };
+                known
             }
-            Some(Known::Http1) => self.serve_http1(io, serve_one, &activity, started, &mut drain).await,
-            Some(Known::Http2) => {
-                let conn = self.http2.serve_connection(TokioIo::new(io), hyper_service(serve_one));
-                tokio::pin!(conn);
-                self.drive(conn, |c| c.graceful_shutdown(), &activity, started, &mut drain, false).await;
+        };
+        match known {
+            Known::Http1 => self.serve_http1(io, serve_one, &activity, started, &mut drain).await,
+            Known::Http2 => {
+                let mut conn = h2_server::Connection::new(io, serve_one, &self.http2);
+                self.drive(
+                    Pin::new(&mut conn),
+                    |c| c.get_mut().graceful_shutdown(),
+                    &activity,
+                    started,
+                    &mut drain,
+                    false,
+                )
+                .await;
             }
         }
+    }
+
+    /// Reads a connection's first bytes until they tell HTTP/2 (its preface, RFC 9113 §3.4)
+    /// from HTTP/1, and leaves them in `io.prefix` for the server that reads them next. None:
+    /// the client closed or failed before it said, or did not say within the idle timeout
+    /// (nothing sent) or the header read timeout of its first byte.
+    async fn detect<I: AsyncRead + Unpin>(&self, io: &mut HeadClock<I>, started: Instant) -> Option<Known> {
+        let mut first = [0u8; PREFACE.len()];
+        let mut n = 0;
+        let mut deadline = (!self.idle_timeout.is_zero()).then(|| started + self.idle_timeout);
+        let known = loop {
+            let read = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut first[n..]);
+                Pin::new(&mut *io).poll_read(cx, &mut buf).map(|r| r.map(|()| buf.filled().len()))
+            });
+            let read = match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), read).await.ok()?,
+                None => read.await,
+            };
+            match read {
+                Ok(0) if n > 0 => break Known::Http1,
+                Ok(0) | Err(_) => return None,
+                Ok(k) => {
+                    if n == 0 && !self.header_read_timeout.is_zero() {
+                        deadline = Some(Instant::now() + self.header_read_timeout);
+                    }
+                    n += k;
+                }
+            }
+            if first[..n] != PREFACE[..n] {
+                break Known::Http1;
+            }
+            if n == PREFACE.len() {
+                break Known::Http2;
+            }
+        };
+        let http2 = known == Known::Http2;
+        io.http2 = Some(http2);
+        if http2 {
+            // No head clock for HTTP/2, whatever the first read looked like.
+            io.activity.head_since.store(0, Ordering::Relaxed);
+            io.prefix = Bytes::from_static(PREFACE);
+        } else {
+            io.prefix = Bytes::copy_from_slice(&first[..n]);
+        }
+        Some(known)
     }
 
     /// HTTP/1: the proxy's own server ([`h1_server`]), parked while the connection is quiet,
@@ -287,7 +320,7 @@ impl HttpServer {
         woke
     }
 
-    /// Runs a connection (`auto`'s or hyper's, with `graceful_shutdown` theirs) to its end:
+    /// Runs a connection (the proxy's or hyper's, with `graceful_shutdown` theirs) to its end:
     /// drain, idle timeout, the head clock; with `park`, also to the moment it is parked.
     async fn drive<C, E>(
         &self,
@@ -447,6 +480,9 @@ where
         async move { Ok::<_, Infallible>(resp.await) }
     })
 }
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A request's handler, counted in its connection's [`Activity`] until it answers. `Unpin`
 /// (the handler's own future is boxed): the connection keeps it inline.

@@ -1,0 +1,412 @@
+//! The proxy's serving of HTTP/2 client connections on the `h2` crate directly: the mesh hop
+//! between sidecars (mTLS, ALPN `plexus.h2`), h2c and gRPC apps, and gateways' HTTP/2 clients.
+//!
+//! Only the connection is a future ([`Connection`]), driven by [`super::server`] like the
+//! HTTP/1 server's: each stream's handler, and then its response body, is polled inside it (a
+//! [`FuturesUnordered`], so a stream wakes only itself) — no task per stream, no channel, no
+//! ping recorder per frame, as hyper's server had (docs/PERFORMANCE.md, "The HTTP/2 server on
+//! h2"). The connection also sends the keep-alive PINGs.
+//!
+//! A stream the peer resets drops its handler (which cancels its upstream request) and its
+//! response body at once; a response body that fails resets its stream only.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::{Body, ReceivedBody};
+use super::h2_client::Pipe;
+use crate::BoxError;
+
+/// What the server tells its HTTP/2 clients, and how much it takes from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`: the largest request head.
+    pub max_header_list_size: u32,
+    pub keep_alive: KeepAlive,
+}
+
+/// Keep-alive of a client's connection: a PING every `interval` (busy or idle); no PONG within
+/// `timeout` closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for KeepAlive {
+    /// As hyper's server had it: a PING every 30 s, and its default 20 s for the PONG.
+    fn default() -> Self {
+        KeepAlive { interval: Duration::from_secs(30), timeout: Duration::from_secs(20) }
+    }
+}
+
+impl Settings {
+    /// The handshake's settings: those the proxy gave hyper's server, and hyper's defaults for
+    /// the rest, so that a hostile client gets no more from this server than from hyper's:
+    /// streams, frames, header lists and the send buffer bounded as they were, at most 1024
+    /// streams reset for the client's errors (rapid reset, CVE-2023-44487; h2's defaults
+    /// bound the streams it resets before they are accepted), no extended CONNECT, h2's
+    /// header table size.
+    fn builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.max_concurrent_streams(1024)
+            .max_header_list_size(self.max_header_list_size)
+            .initial_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .max_send_buffer_size(256 * 1024)
+            .max_frame_size(16 * 1024)
+            .max_local_error_reset_streams(Some(1024));
+        b
+    }
+}
+
+/// A client's HTTP/2 connection, served until it closes, or until its streams in flight have
+/// finished after [`graceful_shutdown`](Self::graceful_shutdown).
+pub struct Connection<I, S, F> {
+    state: State<I>,
+    service: S,
+    /// The streams being answered: their handlers, then their response bodies.
+    streams: FuturesUnordered<Exchange<F>>,
+    keep_alive: KeepAlive,
+    /// `graceful_shutdown` was called (applied once the handshake is done).
+    shutting_down: bool,
+}
+
+enum State<I> {
+    Handshaking(h2::server::Handshake<I, Bytes>),
+    Serving(Serving<I>),
+    /// The handshake failed or the connection ended (polled again: ends at once).
+    Done,
+}
+
+struct Serving<I> {
+    conn: h2::server::Connection<I, Bytes>,
+    pings: Option<h2::PingPong>,
+    /// When the next PING goes out, or (`awaiting_pong`) when its PONG is late.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    awaiting_pong: bool,
+}
+
+impl<I, S, F> Connection<I, S, F>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<ReceivedBody>) -> F,
+    F: Future<Output = Response<Body>> + Unpin,
+{
+    pub fn new(io: I, service: S, settings: &Settings) -> Self {
+        Connection {
+            state: State::Handshaking(settings.builder().handshake(io)),
+            service,
+            streams: FuturesUnordered::new(),
+            keep_alive: settings.keep_alive,
+            shutting_down: false,
+        }
+    }
+
+    /// Takes no new stream (GOAWAY) and ends once the streams in flight have finished.
+    pub fn graceful_shutdown(&mut self) {
+        if !self.shutting_down
+            && let State::Serving(s) = &mut self.state
+        {
+            s.conn.graceful_shutdown();
+        }
+        self.shutting_down = true;
+    }
+
+    /// Streams being answered (handler or response body still running).
+    #[cfg(test)]
+    pub(crate) fn streams_in_flight(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// A stream's request: its handler is called and the stream is answered from then on.
+    fn start(
+        service: &S,
+        streams: &FuturesUnordered<Exchange<F>>,
+        req: Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+    ) {
+        let (parts, recv) = req.into_parts();
+        let remaining = if recv.is_end_stream() { Some(0) } else { content_length(&parts.headers) };
+        let body = ReceivedBody::Http2(Http2Body { recv, data_done: false, remaining });
+        let response = service(Request::from_parts(parts, body));
+        streams.push(Exchange::Answering { response, respond });
+    }
+
+    fn poll_serve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let serving = match &mut self.state {
+            State::Handshaking(hs) => {
+                let conn = match ready!(Pin::new(hs).poll(cx)) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        self.state = State::Done;
+                        return Poll::Ready(Err(e.into()));
+                    }
+                };
+                self.state = State::Serving(Serving::new(conn, self.keep_alive));
+                let State::Serving(s) = &mut self.state else { unreachable!("set above") };
+                if self.shutting_down {
+                    s.conn.graceful_shutdown();
+                }
+                s
+            }
+            State::Serving(s) => s,
+            State::Done => return Poll::Ready(Ok(())),
+        };
+        loop {
+            // The streams first: what they send is written by the connection's poll below.
+            while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(cx) {}
+            match serving.conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => Self::start(&self.service, &self.streams, req, respond),
+                Poll::Ready(Some(Err(e))) => {
+                    self.state = State::Done;
+                    return Poll::Ready(Err(e.into()));
+                }
+                // Closed: by the peer, or after a GOAWAY once no stream is left. Streams still
+                // answering (the peer went away) are dropped with the connection.
+                Poll::Ready(None) => {
+                    self.state = State::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending => break,
+            }
+        }
+        if let Err(e) = ready!(serving.poll_keep_alive(self.keep_alive, cx)) {
+            // As hyper's server: GOAWAY (NO_ERROR) and the connection ends with an error.
+            serving.conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            let _ = serving.conn.poll_accept(cx);
+            self.state = State::Done;
+            return Poll::Ready(Err(e));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I, S, F> Future for Connection<I, S, F>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<ReceivedBody>) -> F + Unpin,
+    F: Future<Output = Response<Body>> + Unpin,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().poll_serve(cx)
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Serving<I> {
+    fn new(mut conn: h2::server::Connection<I, Bytes>, keep_alive: KeepAlive) -> Self {
+        let pings = conn.ping_pong();
+        let timer = Box::pin(tokio::time::sleep(keep_alive.interval));
+        Serving { conn, pings, timer, awaiting_pong: false }
+    }
+
+    /// Sends a PING when one is due; ready with an error once a PONG is late (never ready
+    /// otherwise).
+    fn poll_keep_alive(&mut self, keep_alive: KeepAlive, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(pings) = self.pings.as_mut() else { return Poll::Pending };
+        loop {
+            if self.awaiting_pong {
+                match pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        self.awaiting_pong = false;
+                        self.timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.interval);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => {}
+                }
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            if self.awaiting_pong {
+                return Poll::Ready(Err("keep-alive timed out: no PONG".into()));
+            }
+            if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+                return Poll::Ready(Err(e.into()));
+            }
+            self.awaiting_pong = true;
+            self.timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.timeout);
+        }
+    }
+}
+
+/// One stream being answered: its handler, then its response body.
+enum Exchange<F> {
+    Answering { response: F, respond: h2::server::SendResponse<Bytes> },
+    Sending(Pipe),
+}
+
+impl<F: Future<Output = Response<Body>> + Unpin> Future for Exchange<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Exchange::Answering { response, respond } => {
+                    let Poll::Ready(resp) = Pin::new(response).poll(cx) else {
+                        // Reset by the peer (or the connection failed): the handler is dropped.
+                        if let Poll::Ready(reason) = respond.poll_reset(cx) {
+                            tracing::debug!(?reason, "HTTP/2 stream reset before its response");
+                            return Poll::Ready(());
+                        }
+                        return Poll::Pending;
+                    };
+                    let (mut parts, body) = resp.into_parts();
+                    strip_connection_specific(&mut parts.headers);
+                    if !parts.headers.contains_key(header::DATE) {
+                        parts.headers.insert(header::DATE, date());
+                    }
+                    let eos = body.is_end_stream();
+                    if !eos
+                        && let Some(len) = body.size_hint().exact()
+                        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+                    {
+                        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                    }
+                    match respond.send_response(Response::from_parts(parts, ()), eos) {
+                        Ok(tx) if !eos => *this = Exchange::Sending(Pipe::new(body, tx)),
+                        Ok(_) => return Poll::Ready(()),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "HTTP/2 response head not sent");
+                            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+                Exchange::Sending(pipe) => return Pin::new(pipe).poll(cx),
+            }
+        }
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes what HTTP/2 forbids in a response head (RFC 9113 §8.2.2), as hyper's server did: h2
+/// refuses to send a head with any of them.
+fn strip_connection_specific(headers: &mut HeaderMap) {
+    let forbidden = |n: &HeaderName| {
+        *n == header::CONNECTION
+            || *n == header::TRANSFER_ENCODING
+            || *n == header::UPGRADE
+            || *n == header::TE
+            || *n == KEEP_ALIVE
+            || *n == PROXY_CONNECTION
+    };
+    if !headers.keys().any(forbidden) {
+        return;
+    }
+    // What `Connection` names is connection-specific too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::TE, KEEP_ALIVE, PROXY_CONNECTION]
+    {
+        headers.remove(n);
+    }
+}
+
+/// The `Date` of responses, formatted once per second per thread.
+fn date() -> HeaderValue {
+    thread_local! {
+        static DATE: RefCell<(u64, HeaderValue)> = RefCell::new((0, HeaderValue::from_static("")));
+    }
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        let now = SystemTime::now();
+        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != d.0
+            && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+        {
+            *d = (second, v);
+        }
+        d.1.clone()
+    })
+}
+
+/// The `content-length` of a request head when all its values agree (as hyper read it), else
+/// none: h2 has already refused a stream whose first value does not parse or whose data does
+/// not match it.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut len = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for n in v.to_str().ok()?.split(',') {
+            let n: u64 = n.trim().parse().ok()?;
+            if len.is_some_and(|l| l != n) {
+                return None;
+            }
+            len = Some(n);
+        }
+    }
+    len
+}
+
+/// A request body read from an HTTP/2 stream: each data frame's bytes are given back to flow
+/// control as they are handed on, trailers follow. Its size is exact when the request declared
+/// a `content-length` (or ended with its head).
+pub struct Http2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// What is left of the declared length.
+    remaining: Option<u64>,
+}
+
+impl http_body::Body for Http2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // RST_STREAM(NO_ERROR): the client needs no more of the response's reading of
+                // it (RFC 9113 §8.1); the body ends without failing.
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests;
