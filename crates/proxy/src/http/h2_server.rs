@@ -124,12 +124,6 @@ where
         self.shutting_down = true;
     }
 
-    /// Streams being answered (handler or response body still running).
-    #[cfg(test)]
-    pub(crate) fn streams_in_flight(&self) -> usize {
-        self.streams.len()
-    }
-
     /// A stream's request: its handler is called and the stream is answered from then on.
     fn start(
         service: &S,
