@@ -322,7 +322,7 @@ fn strip_connection_specific(headers: &mut HeaderMap) {
 /// The `Date` of responses, formatted once per second per thread.
 fn date() -> HeaderValue {
     thread_local! {
-        static DATE: RefCell<(u64, HeaderValue)> = RefCell::new((0, HeaderValue::from_static("")));
+        static DATE: RefCell<(u64, HeaderValue)> = const { RefCell::new((0, HeaderValue::from_static(""))) };
     }
     DATE.with(|d| {
         let mut d = d.borrow_mut();
