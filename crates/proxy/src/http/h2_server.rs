@@ -3,9 +3,11 @@
 //!
 //! Only the connection is a future ([`Connection`]), driven by [`super::server`] like the
 //! HTTP/1 server's: each stream's handler, and then its response body, is polled inside it (a
-//! [`FuturesUnordered`], so a stream wakes only itself) — no task per stream, no channel, no
-//! ping recorder per frame, as hyper's server had (docs/PERFORMANCE.md, "The HTTP/2 server on
-//! h2"). The connection also sends the keep-alive PINGs.
+//! [`FuturesUnordered`], so a stream wakes only itself) — no task per stream (the handler's
+//! future moved into it), no cross-task wake-ups, no ping recorder per frame, as hyper's server
+//! had; the same move as the client's (docs/PERFORMANCE.md, "The HTTP/2 client on h2"). The
+//! connection also sends the keep-alive PINGs. A `CONNECT` stream is not handed over as a
+//! tunnel (the outbound handler refuses `CONNECT` over HTTP/2).
 //!
 //! A stream the peer resets drops its handler (which cancels its upstream request) and its
 //! response body at once; a response body that fails resets its stream only.

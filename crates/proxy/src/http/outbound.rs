@@ -379,6 +379,11 @@ pub async fn from_egress_gateway(
 /// `CONNECT host:port`: opens a TCP stream to the Service (balanced) or host and splices it to
 /// the client once the `200` is sent.
 async fn connect_tunnel(state: Arc<State>, req: Request<ReceivedBody>, mut obs: Observation) -> Response<Body> {
+    // The tunnel is the connection, handed over by hyper after the `200`: HTTP/1 only. The
+    // proxy's HTTP/2 server hands no stream over as a tunnel.
+    if req.version() == Version::HTTP_2 {
+        return obs.fail(ProxyError::BadRequest("CONNECT is served over HTTP/1.1 only".into()));
+    }
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return obs.fail(ProxyError::BadRequest("CONNECT needs host:port".into()));
     };
