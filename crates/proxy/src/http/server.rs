@@ -136,7 +136,7 @@ impl HttpServer {
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
             // The head is complete: its clock stops.
             activity.head_since.store(0, Ordering::Relaxed);
-            Served { fut, activity, started }
+            Served { fut, activity, started, answered: false }
         };
         let mut io = HeadClock::new(io, activity.clone(), started);
         let mut drain = drain;
@@ -484,12 +484,24 @@ where
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A request's handler, counted in its connection's [`Activity`] until it answers. `Unpin`
-/// (the handler's own future is boxed): the connection keeps it inline.
+/// A request's handler, counted in its connection's [`Activity`] until it answers or is dropped
+/// (an HTTP/2 stream reset by its client drops its handler). `Unpin` (the handler's own future
+/// is boxed): the connection keeps it inline.
 struct Served<Fut> {
     fut: Pin<Box<Fut>>,
     activity: Arc<Activity>,
     started: Instant,
+    /// Answered: no longer counted.
+    answered: bool,
+}
+
+impl<Fut> Served<Fut> {
+    fn uncount(&mut self) {
+        self.answered = true;
+        let activity = &self.activity;
+        activity.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl<Fut: Future<Output = Response<Body>>> Future for Served<Fut> {
@@ -497,10 +509,16 @@ impl<Fut: Future<Output = Response<Body>>> Future for Served<Fut> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         let resp = std::task::ready!(self.fut.as_mut().poll(cx));
-        let activity = &self.activity;
-        activity.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.uncount();
         Poll::Ready(resp)
+    }
+}
+
+impl<Fut> Drop for Served<Fut> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.uncount();
+        }
     }
 }
 
@@ -686,3 +704,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;
