@@ -14,7 +14,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use super::body::Body;
 use super::client::PeerStream;
+use super::headers;
 use crate::error::ProxyError;
 
 /// Keep-alive of an HTTP/2 connection: a PING every `interval`; no PONG within `timeout`
@@ -41,19 +42,31 @@ impl Default for KeepAlive {
     }
 }
 
-/// [`Connection::state`]: serving.
+/// [`Shared::state`]: serving.
 const OPEN: u8 = 0;
 /// Ended: closed by either side, GOAWAY, or a connection error.
 const CLOSED: u8 = 1;
 /// Ended because no PONG came back in time.
 const TIMED_OUT: u8 = 2;
 
+/// Every how many requests on a connection the stamped trace fields are sent indexable
+/// ([`headers::index_stamped_names`]): their names stay in HPACK's dynamic table, which other
+/// fields inserted meanwhile may have evicted.
+const NAMES_INDEXED_EVERY: u32 = 1024;
+
 /// An HTTP/2 connection to an upstream, as the pool holds it; a request sends on a clone.
 #[derive(Clone)]
 pub struct Connection {
     send: h2::client::SendRequest<Bytes>,
+    shared: Arc<Shared>,
+}
+
+/// What the clones of a connection and its task share.
+struct Shared {
     /// Set by the connection's task when it ends.
-    state: Arc<AtomicU8>,
+    state: AtomicU8,
+    /// Requests sent on it so far.
+    sent: AtomicU32,
 }
 
 /// Why [`Connection::send`] failed.
@@ -71,7 +84,7 @@ pub struct NotReady {
     pub error: ProxyError,
     pub req: Request<Body>,
     /// The connection's state: who it was.
-    conn: Arc<AtomicU8>,
+    conn: Arc<Shared>,
 }
 
 impl Connection {
@@ -92,14 +105,14 @@ impl Connection {
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| error(&e, false))?;
-        let state = Arc::new(AtomicU8::new(OPEN));
-        tokio::spawn(drive(conn, state.clone(), keep_alive, addr));
-        Ok(Connection { send, state })
+        let shared = Arc::new(Shared { state: AtomicU8::new(OPEN), sent: AtomicU32::new(0) });
+        tokio::spawn(drive(conn, shared.clone(), keep_alive, addr));
+        Ok(Connection { send, shared })
     }
 
     /// Whether the connection is still serving (its task has not ended).
     pub fn is_open(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == OPEN
+        self.shared.state.load(Ordering::Relaxed) == OPEN
     }
 
     /// Whether the connection would take a new stream now (no GOAWAY or error seen).
@@ -111,23 +124,26 @@ impl Connection {
 
     /// Whether `self` is the connection that did not take `failed`.
     pub fn refused(&self, failed: &NotReady) -> bool {
-        Arc::ptr_eq(&self.state, &failed.conn)
+        Arc::ptr_eq(&self.shared, &failed.conn)
     }
 
     /// Sends `req` and returns the response head with its streaming body.
     pub async fn send(self, req: Request<Body>) -> Result<Response<ResponseBody>, SendFailure> {
-        let Connection { send, state } = self;
+        let Connection { send, shared } = self;
         // An error of the connection or of the stream.
-        let failed = |e: &h2::Error| error(e, state.load(Ordering::Relaxed) == TIMED_OUT);
+        let failed = |e: &h2::Error| error(e, shared.state.load(Ordering::Relaxed) == TIMED_OUT);
         let mut send = match send.ready().await {
             Ok(send) => send,
             Err(e) => {
                 let error = failed(&e);
-                return Err(SendFailure::NotReady(Box::new(NotReady { error, req, conn: state })));
+                return Err(SendFailure::NotReady(Box::new(NotReady { error, req, conn: shared })));
             }
         };
         let (mut parts, body) = req.into_parts();
         set_content_length(&parts.method, &mut parts.headers, &body);
+        if shared.sent.fetch_add(1, Ordering::Relaxed).is_multiple_of(NAMES_INDEXED_EVERY) {
+            headers::index_stamped_names(&mut parts.headers);
+        }
         let head = Request::from_parts(parts, ());
         let eos = body.is_end_stream();
         let (mut response, tx) = send.send_request(head, eos).map_err(|e| SendFailure::Failed(failed(&e)))?;
@@ -160,7 +176,7 @@ impl Connection {
 /// The connection's task: drives `conn` and its keep-alive until it ends, then records why.
 async fn drive(
     mut conn: h2::client::Connection<PeerStream, Bytes>,
-    state: Arc<AtomicU8>,
+    shared: Arc<Shared>,
     keep_alive: KeepAlive,
     addr: SocketAddr,
 ) {
@@ -199,7 +215,7 @@ async fn drive(
     // Recorded before the connection is dropped, which fails its streams in flight: their
     // requests read it to tell a keep-alive timeout.
     let timed_out = ended.as_ref().is_err_and(|e| e == TIMED_OUT_TEXT);
-    state.store(if timed_out { TIMED_OUT } else { CLOSED }, Ordering::Relaxed);
+    shared.state.store(if timed_out { TIMED_OUT } else { CLOSED }, Ordering::Relaxed);
     drop(conn);
     if let Err(e) = ended {
         tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");

@@ -260,14 +260,19 @@ impl<F: Future<Output = Response<Body>> + Unpin> Future for Exchange<F> {
                         return Poll::Pending;
                     };
                     let (mut parts, body) = resp.into_parts();
-                    strip_connection_specific(&mut parts.headers);
-                    if !parts.headers.contains_key(header::DATE) {
+                    let mut fields = ResponseFields::of(&parts.headers);
+                    if fields.connection_specific {
+                        // (`Connection` may name `Date` or `Content-Length`: looked at again.)
+                        strip_connection_specific(&mut parts.headers);
+                        fields = ResponseFields::of(&parts.headers);
+                    }
+                    if !fields.date {
                         parts.headers.insert(header::DATE, date());
                     }
                     let eos = body.is_end_stream();
                     if !eos
+                        && !fields.content_length
                         && let Some(len) = body.size_hint().exact()
-                        && !parts.headers.contains_key(header::CONTENT_LENGTH)
                     {
                         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
                     }
@@ -290,20 +295,40 @@ impl<F: Future<Output = Response<Body>> + Unpin> Future for Exchange<F> {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// What a response head holds of the fields the server looks at, found in one pass over its
+/// names (a lookup by name hashes it; a standard name compares as a number).
+struct ResponseFields {
+    date: bool,
+    content_length: bool,
+    /// A field HTTP/2 forbids ([`strip_connection_specific`]).
+    connection_specific: bool,
+}
+
+impl ResponseFields {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut fields = ResponseFields { date: false, content_length: false, connection_specific: false };
+        for name in headers.keys() {
+            if *name == header::DATE {
+                fields.date = true;
+            } else if *name == header::CONTENT_LENGTH {
+                fields.content_length = true;
+            } else if *name == header::CONNECTION
+                || *name == header::TRANSFER_ENCODING
+                || *name == header::UPGRADE
+                || *name == header::TE
+                || *name == KEEP_ALIVE
+                || *name == PROXY_CONNECTION
+            {
+                fields.connection_specific = true;
+            }
+        }
+        fields
+    }
+}
+
 /// Removes what HTTP/2 forbids in a response head (RFC 9113 §8.2.2), as hyper's server did: h2
 /// refuses to send a head with any of them.
 fn strip_connection_specific(headers: &mut HeaderMap) {
-    let forbidden = |n: &HeaderName| {
-        *n == header::CONNECTION
-            || *n == header::TRANSFER_ENCODING
-            || *n == header::UPGRADE
-            || *n == header::TE
-            || *n == KEEP_ALIVE
-            || *n == PROXY_CONNECTION
-    };
-    if !headers.keys().any(forbidden) {
-        return;
-    }
     // What `Connection` names is connection-specific too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -188,6 +188,20 @@ pub fn stamp(headers: &mut HeaderMap, span: &SpanContext, present: Option<Header
     id
 }
 
+/// Sends this request's `x-request-id` and `traceparent` indexable, once in a while per HTTP/2
+/// connection ([`stamp`] marks them sensitive): HPACK then keeps each in the connection's
+/// dynamic table, and the sensitive values of the following requests name it by its index —
+/// h2's encoder indexes a never-indexed field's name only when the dynamic table has that
+/// name — instead of spelling and Huffman-coding it, and the peer decoding and allocating it,
+/// on every request. Neither value is a secret; nothing else is made indexable.
+pub fn index_stamped_names(headers: &mut HeaderMap) {
+    for name in [REQUEST_ID, crate::trace::context::TRACEPARENT] {
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(false);
+        }
+    }
+}
+
 /// Whether a field may be sent as a trailer: not one that frames, routes, authenticates or
 /// describes the message (RFC 9110 §6.5.1; the list hyper's encoder kept), not one of the
 /// connection's own, nor the identity the proxy vouches for (a peer could forge it there,

@@ -108,8 +108,17 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
     } else {
         Proto::Http2
     };
-    let authority = head.authority().map_or_else(|| addr.to_string(), str::to_string);
-    let target = Target { addr, proto, authority: &authority, app_http1_behind_peer: false, peer_identity: None };
+    // The authority as received, shared (no new string): the head changes below.
+    let received_authority = head.shared_authority();
+    let made;
+    let authority = match &received_authority {
+        Some(a) => a.as_str(),
+        None => {
+            made = addr.to_string();
+            made.as_str()
+        }
+    };
+    let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
     let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
         // Boxed: upgrades are rare; unboxed, their future would be copied with every request's.
         Box::pin(forward_upgrade(&state, req, &head, &target)).await

@@ -380,3 +380,75 @@ fn a_body_of_known_size_gets_its_content_length() {
     let (_tx, streaming) = channel_body();
     assert_eq!(with(Method::POST, streaming, &[]), None, "a streaming body's size is not known");
 }
+
+/// A TCP relay to `to` that counts the bytes its clients send.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(to).await else { return };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut cr, &mut buf).await {
+                        if n == 0 || tokio::io::AsyncWriteExt::write_all(&mut sw, &buf[..n]).await.is_err() {
+                            break;
+                        }
+                        counted.fetch_add(n, Ordering::SeqCst);
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// The stamped `x-request-id` and `traceparent` (sensitive: never indexed) name HPACK's
+/// dynamic table once a connection's first request has sent them indexable: the following
+/// requests' heads are shorter by the two names, against a connection whose first request
+/// had neither. Any other sensitive field stays never indexed.
+#[tokio::test]
+async fn the_stamped_trace_fields_are_named_by_index_after_the_first_request() {
+    let (server, _) = h2_server(|conn| answer_all(conn, b"ok")).await;
+    let request = |i: u32, stamped: bool| {
+        let mut req = get("/");
+        let mut fields = vec![("authorization", "Bearer secret".to_string())];
+        if stamped {
+            fields.push(("x-request-id", format!("{i:032x}")));
+            fields.push(("traceparent", format!("00-{i:032x}-{i:016x}-01")));
+        }
+        for (name, value) in fields {
+            let mut value = HeaderValue::from_str(&value).expect("value");
+            value.set_sensitive(true);
+            req.headers_mut().insert(name, value);
+        }
+        req
+    };
+    // The bytes of each request's head after the first, on a connection whose first request
+    // carried the stamped fields (`primed`) or not.
+    let heads = |primed: bool| async move {
+        let (addr, sent) = counting_relay(server).await;
+        let pool = Pool::new(dialer());
+        let mut sizes = Vec::new();
+        for i in 1..=4 {
+            let before = sent.load(Ordering::SeqCst);
+            let req = request(i, primed || i > 1);
+            let resp = pool.send(addr, Proto::Http2, req).await.expect("response");
+            assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "ok");
+            if i > 1 {
+                sizes.push(sent.load(Ordering::SeqCst) - before);
+            }
+        }
+        sizes
+    };
+    let (primed, literal) = (heads(true).await, heads(false).await);
+    assert!(primed[1] + 12 <= literal[1], "names not indexed: {primed:?} against {literal:?}");
+}
