@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,72 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub enum ReceivedBody {
     Hyper(hyper::body::Incoming),
     Http1(super::h1_server::Http1Body),
-    Http2(super::h2_server::Http2Body),
+    Http2(H2StreamBody),
+}
+
+/// A body read from an HTTP/2 stream (a request's at the proxy's server, a response's at its
+/// client): each data frame's bytes are given back to flow control as they are handed on,
+/// trailers follow. Its size is exact when the message declared a `content-length` (what is
+/// left of it) or ended with its head.
+pub struct H2StreamBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// What is left of the declared length.
+    remaining: Option<u64>,
+}
+
+impl H2StreamBody {
+    pub fn new(recv: h2::RecvStream, declared_length: Option<u64>) -> Self {
+        let remaining = if recv.is_end_stream() { Some(0) } else { declared_length };
+        H2StreamBody { recv, data_done: false, remaining }
+    }
+
+    /// Whether the data has ended (trailers, if any, may follow).
+    pub fn data_done(&self) -> bool {
+        self.data_done
+    }
+}
+
+impl http_body::Body for H2StreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut this.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // RST_STREAM(NO_ERROR): the peer needs no more of this message's reading (RFC
+                // 9113 §8.1: it answered without reading the whole request); the body ends
+                // without failing.
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    this.data_done = true;
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }
 
 impl http_body::Body for ReceivedBody {

@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-use super::body::Body;
+use super::body::{Body, H2StreamBody};
 use super::client::PeerStream;
 use super::headers;
 use crate::error::ProxyError;
@@ -169,7 +169,7 @@ impl Connection {
             cancel
         });
         let remaining = content_length(head.headers());
-        Ok(head.map(|recv| ResponseBody { recv, data_done: false, remaining, cancel }))
+        Ok(head.map(|recv| ResponseBody { body: H2StreamBody::new(recv, remaining), cancel }))
     }
 }
 
@@ -370,24 +370,14 @@ impl Future for Pipe {
 /// stream (h2 does once no handle of the stream is left; a request body still being sent is
 /// stopped through `cancel`).
 pub struct ResponseBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-    /// What is left of the `content-length`, if the response has one.
-    remaining: Option<u64>,
+    body: H2StreamBody,
     cancel: Option<oneshot::Sender<()>>,
-}
-
-impl ResponseBody {
-    fn ended(&mut self) {
-        // The request body, if still being sent, goes on: dropping the sender only says so.
-        self.cancel = None;
-    }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(cancel) = self.cancel.take()
-            && !self.recv.is_end_stream()
+            && !self.body.is_end_stream()
         {
             let _ = cancel.send(());
         }
@@ -400,40 +390,21 @@ impl http_body::Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
         let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut this.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                // RST_STREAM(NO_ERROR) after a complete response (RFC 9113 §8.1: the server
-                // answered without reading the whole request) ends the body without failing it.
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
-                    this.ended();
-                    return Poll::Ready(None);
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if frame.is_none() || this.body.data_done() {
+            // Ended (trailers or their failure come once the data has): a request body still
+            // being sent goes on; dropping the sender only says so.
+            this.cancel = None;
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.ended();
-        match trailers {
-            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
-            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+        self.body.size_hint()
     }
 }
 

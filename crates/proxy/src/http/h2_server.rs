@@ -23,10 +23,10 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::body::{Body, ReceivedBody};
+use super::body::{Body, H2StreamBody, ReceivedBody};
 use super::h2_client::Pipe;
 use crate::BoxError;
 
@@ -134,8 +134,7 @@ where
         respond: h2::server::SendResponse<Bytes>,
     ) {
         let (parts, recv) = req.into_parts();
-        let remaining = if recv.is_end_stream() { Some(0) } else { content_length(&parts.headers) };
-        let body = ReceivedBody::Http2(Http2Body { recv, data_done: false, remaining });
+        let body = ReceivedBody::Http2(H2StreamBody::new(recv, content_length(&parts.headers)));
         let response = service(Request::from_parts(parts, body));
         streams.push(Exchange::Answering { response, respond });
     }
@@ -379,54 +378,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         }
     }
     len
-}
-
-/// A request body read from an HTTP/2 stream: each data frame's bytes are given back to flow
-/// control as they are handed on, trailers follow. Its size is exact when the request declared
-/// a `content-length` (or ended with its head).
-pub struct Http2Body {
-    recv: h2::RecvStream,
-    data_done: bool,
-    /// What is left of the declared length.
-    remaining: Option<u64>,
-}
-
-impl http_body::Body for Http2Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut this.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                // RST_STREAM(NO_ERROR): the client needs no more of the response's reading of
-                // it (RFC 9113 §8.1); the body ends without failing.
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Poll::Ready(None),
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
-            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
 }
 
 #[cfg(test)]
