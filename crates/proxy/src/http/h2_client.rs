@@ -42,6 +42,52 @@ impl Default for KeepAlive {
     }
 }
 
+/// The keep-alive of one HTTP/2 connection, client's or server's: a PING every
+/// `keep_alive.interval` (busy or idle), and the connection must end once a PONG is later than
+/// `keep_alive.timeout`.
+pub(super) struct Pinger {
+    /// None when h2 has handed it out already (it does once per connection).
+    pings: Option<h2::PingPong>,
+    keep_alive: KeepAlive,
+    /// When the next PING goes out, or (`awaiting_pong`) when its PONG is late.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    awaiting_pong: bool,
+}
+
+impl Pinger {
+    pub(super) fn new(pings: Option<h2::PingPong>, keep_alive: KeepAlive) -> Self {
+        let timer = Box::pin(tokio::time::sleep(keep_alive.interval));
+        Pinger { pings, keep_alive, timer, awaiting_pong: false }
+    }
+
+    /// Sends a PING when one is due; ready only when the connection must end: no PONG in
+    /// time ([`TIMED_OUT_TEXT`]), or the PING could not be sent or answered.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        let Some(pings) = self.pings.as_mut() else { return Poll::Pending };
+        loop {
+            if self.awaiting_pong {
+                match pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        self.awaiting_pong = false;
+                        self.timer.as_mut().reset(tokio::time::Instant::now() + self.keep_alive.interval);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(e.to_string()),
+                    Poll::Pending => {}
+                }
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            if self.awaiting_pong {
+                return Poll::Ready(TIMED_OUT_TEXT.into());
+            }
+            if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+                return Poll::Ready(e.to_string());
+            }
+            self.awaiting_pong = true;
+            self.timer.as_mut().reset(tokio::time::Instant::now() + self.keep_alive.timeout);
+        }
+    }
+}
+
 /// [`Shared::state`]: serving.
 const OPEN: u8 = 0;
 /// Ended: closed by either side, GOAWAY, or a connection error.
@@ -180,36 +226,12 @@ async fn drive(
     keep_alive: KeepAlive,
     addr: SocketAddr,
 ) {
-    let mut pings = conn.ping_pong();
-    let timer = tokio::time::sleep(keep_alive.interval);
-    tokio::pin!(timer);
-    let mut awaiting_pong = false;
+    let mut pinger = Pinger::new(conn.ping_pong(), keep_alive);
     let ended = poll_fn(|cx| {
         if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
             return Poll::Ready(r.map_err(|e| e.to_string()));
         }
-        let Some(pings) = pings.as_mut() else { return Poll::Pending };
-        loop {
-            if awaiting_pong {
-                match pings.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        awaiting_pong = false;
-                        timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.interval);
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
-                    Poll::Pending => {}
-                }
-            }
-            ready!(timer.as_mut().poll(cx));
-            if awaiting_pong {
-                return Poll::Ready(Err(TIMED_OUT_TEXT.into()));
-            }
-            if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
-                return Poll::Ready(Err(e.to_string()));
-            }
-            awaiting_pong = true;
-            timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.timeout);
-        }
+        pinger.poll(cx).map(Err)
     })
     .await;
     // Recorded before the connection is dropped, which fails its streams in flight: their
@@ -222,7 +244,7 @@ async fn drive(
     }
 }
 
-const TIMED_OUT_TEXT: &str = "keep-alive timed out";
+pub(super) const TIMED_OUT_TEXT: &str = "keep-alive timed out: no PONG";
 
 /// Maps an HTTP/2 error to the proxy's error: a stream or connection that failed is an
 /// upstream reset (retried as a policy's `reset` says: a REFUSED_STREAM or a GOAWAY before

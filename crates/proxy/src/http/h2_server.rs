@@ -27,7 +27,7 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{Body, H2StreamBody, ReceivedBody};
-use super::h2_client::Pipe;
+use super::h2_client::{KeepAlive, Pinger, Pipe};
 use crate::BoxError;
 
 /// What the server tells its HTTP/2 clients, and how much it takes from them.
@@ -38,20 +38,10 @@ pub struct Settings {
     pub keep_alive: KeepAlive,
 }
 
-/// Keep-alive of a client's connection: a PING every `interval` (busy or idle); no PONG within
-/// `timeout` closes the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeepAlive {
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
-impl Default for KeepAlive {
-    /// As hyper's server had it: a PING every 30 s, and its default 20 s for the PONG.
-    fn default() -> Self {
-        KeepAlive { interval: Duration::from_secs(30), timeout: Duration::from_secs(20) }
-    }
-}
+/// Keep-alive of a client's connection, as hyper's server had it: a PING every 30 s, and its
+/// default 20 s for the PONG.
+pub const SERVER_KEEP_ALIVE: KeepAlive =
+    KeepAlive { interval: Duration::from_secs(30), timeout: Duration::from_secs(20) };
 
 impl Settings {
     /// The handshake's settings: those the proxy gave hyper's server, and hyper's defaults for
@@ -94,10 +84,7 @@ enum State<I> {
 
 struct Serving<I> {
     conn: h2::server::Connection<I, Bytes>,
-    pings: Option<h2::PingPong>,
-    /// When the next PING goes out, or (`awaiting_pong`) when its PONG is late.
-    timer: Pin<Box<tokio::time::Sleep>>,
-    awaiting_pong: bool,
+    pinger: Pinger,
 }
 
 impl<I, S, F> Connection<I, S, F>
@@ -177,12 +164,12 @@ where
                 Poll::Pending => break,
             }
         }
-        if let Err(e) = ready!(serving.poll_keep_alive(self.keep_alive, cx)) {
+        if let Poll::Ready(e) = serving.pinger.poll(cx) {
             // As hyper's server: GOAWAY (NO_ERROR) and the connection ends with an error.
             serving.conn.abrupt_shutdown(h2::Reason::NO_ERROR);
             let _ = serving.conn.poll_accept(cx);
             self.state = State::Done;
-            return Poll::Ready(Err(e));
+            return Poll::Ready(Err(e.into()));
         }
         Poll::Pending
     }
@@ -203,36 +190,8 @@ where
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Serving<I> {
     fn new(mut conn: h2::server::Connection<I, Bytes>, keep_alive: KeepAlive) -> Self {
-        let pings = conn.ping_pong();
-        let timer = Box::pin(tokio::time::sleep(keep_alive.interval));
-        Serving { conn, pings, timer, awaiting_pong: false }
-    }
-
-    /// Sends a PING when one is due; ready with an error once a PONG is late (never ready
-    /// otherwise).
-    fn poll_keep_alive(&mut self, keep_alive: KeepAlive, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let Some(pings) = self.pings.as_mut() else { return Poll::Pending };
-        loop {
-            if self.awaiting_pong {
-                match pings.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        self.awaiting_pong = false;
-                        self.timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.interval);
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                    Poll::Pending => {}
-                }
-            }
-            ready!(self.timer.as_mut().poll(cx));
-            if self.awaiting_pong {
-                return Poll::Ready(Err("keep-alive timed out: no PONG".into()));
-            }
-            if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
-                return Poll::Ready(Err(e.into()));
-            }
-            self.awaiting_pong = true;
-            self.timer.as_mut().reset(tokio::time::Instant::now() + keep_alive.timeout);
-        }
+        let pinger = Pinger::new(conn.ping_pong(), keep_alive);
+        Serving { conn, pinger }
     }
 }
 

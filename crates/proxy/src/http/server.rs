@@ -70,7 +70,7 @@ impl HttpServer {
             .keep_alive(true);
         let http2 = h2_server::Settings {
             max_header_list_size: u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
-            keep_alive: h2_server::KeepAlive::default(),
+            keep_alive: h2_server::SERVER_KEEP_ALIVE,
         };
         HttpServer {
             http1,

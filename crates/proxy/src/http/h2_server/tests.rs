@@ -18,7 +18,7 @@ use crate::http::body;
 type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
 fn settings() -> Settings {
-    Settings { max_header_list_size: 16 * 1024, keep_alive: KeepAlive::default() }
+    Settings { max_header_list_size: 16 * 1024, keep_alive: SERVER_KEEP_ALIVE }
 }
 
 /// A server's connection being served in a task: the client's end of it, the sender that
