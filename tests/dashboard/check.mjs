@@ -117,9 +117,19 @@ function watch(page) {
 
 /** Waits for the page's first successful refresh (the top bar says "updated HH:MM:SS"). The
  * whole suite runs beside it on two cores, where a debug control plane and Chromium have taken
- * more than 15 s for a page's first refresh (CI, once): 30 s. */
+ * more than 15 s for a page's first refresh (CI, once): 30 s. A page whose first refresh has
+ * not come by then is reloaded once, said in the output, and given 30 s more (CI, once on a
+ * slower machine: /topology's at 400 px stalled past 30 s after loading in 6 s in step 1): a
+ * page that never refreshes still fails, a stall under the suite's load is logged and passes. */
 async function loaded(page) {
-  await page.waitForFunction(() => /^updated /.test(document.getElementById('live')?.textContent || ''), null, { timeout: 30000 });
+  const updated = () => /^updated /.test(document.getElementById('live')?.textContent || '');
+  try {
+    await page.waitForFunction(updated, null, { timeout: 30000 });
+  } catch (e) {
+    console.log(`# ${page.url()}: no refresh within 30 s (${e.message.split('\n')[0]}); reloading once`);
+    await page.reload();
+    await page.waitForFunction(updated, null, { timeout: 30000 });
+  }
 }
 
 async function shot(page, name) {
