@@ -342,6 +342,54 @@ def h2_request(a: tuple[str, int], headers: list[tuple[str, str]], body: bytes =
     return status, resp_headers, data
 
 
+def h2_connect(a: tuple[str, int], authority: str, payload: bytes = b"",
+               timeout: float = TIMEOUT) -> tuple[int | None, dict, bytes]:
+    """An HTTP/2 CONNECT (RFC 9113 §8.5) to `authority`: when answered 2xx, `payload` is sent
+    through the tunnel and what comes back until the tunnel's stream ends is returned as the
+    body; otherwise the response's own body. Status None when no response came."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    s = connect(a, timeout)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)], end_stream=False)
+    s.sendall(conn.data_to_send())
+    status, resp_headers, data = None, {}, b""
+    deadline = time.monotonic() + timeout
+    done = False
+    try:
+        while not done and time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, TimeoutError, ConnectionResetError, OSError):
+                break
+            if not chunk:
+                break
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
+                    resp_headers = dict(ev.headers)
+                    status = int(resp_headers.get(":status", "0"))
+                    if 200 <= status < 300 and payload:
+                        conn.send_data(1, payload)
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                    data += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
+                    done = True
+                    if 200 <= (status or 0) < 300:
+                        conn.end_stream(1)
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    done = True
+            out = conn.data_to_send()
+            if out:
+                s.sendall(out)
+    finally:
+        s.close()
+    return status, resp_headers, data
+
+
 # ---------------------------------------------------------------------------------------------
 # Cases and checks
 

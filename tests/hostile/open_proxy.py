@@ -80,7 +80,7 @@ def ingress_absolute_same_service():
     h.check(served_by(r) == "web", "answered by the web app", r)
 
 
-@h.case("control: a sidecar forwards absolute-form and CONNECT to another local app")
+@h.case("control: a sidecar forwards absolute-form and CONNECT (HTTP/1.1, HTTP/2) to another local app")
 def sidecar_control():
     r = h.request(SIDECAR_OUT, "GET", f"http://{h.hostport(SECRET)}/x", host=h.hostport(SECRET))
     h.expect_status(r, 200, "absolute-form to a local app through the sidecar")
@@ -93,6 +93,13 @@ def sidecar_control():
         inner = h.parse_response(h.read_all(s))
         h.expect_status(inner, 200, "request inside the tunnel")
         h.check(served_by(inner) == "secret", "tunnel reached the local app", inner)
+    # The same tunnel asked for over HTTP/2 (prior knowledge): a stream carries it.
+    status, _, through = h.h2_connect(SIDECAR_OUT, h.hostport(SECRET),
+                                      b"GET /t2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    h.check(status == 200, "HTTP/2 CONNECT to a local app through the sidecar: not answered 200", status)
+    inner = h.parse_response(through)
+    h.expect_status(inner, 200, "request inside the HTTP/2 tunnel")
+    h.check(served_by(inner) == "secret", "the HTTP/2 tunnel reached the local app", inner)
 
 
 @h.case("control: the sidecar's admin answers /ready directly")
@@ -102,7 +109,7 @@ def admin_control():
 
 # --- the gateway --------------------------------------------------------------------------------
 
-@h.case("gateway: CONNECT is refused, whatever it names")
+@h.case("gateway: CONNECT (HTTP/1.1 and HTTP/2) is refused, whatever it names")
 def ingress_connect():
     targets = [h.hostport(SECRET), h.hostport(INGRESS_ADMIN), h.hostport(SIDECAR_ADMIN), "web:80",
                f"localhost:{SECRET[1]}", f"[::ffff:127.0.0.1]:{SECRET[1]}", "example.com:443"]
@@ -111,6 +118,9 @@ def ingress_connect():
             r = h.request(a, "CONNECT", target, host=target)
             expect_not_forwarded(r, f"CONNECT {target} via {h.hostport(a)}")
             h.check(r.status != 200, f"CONNECT {target}: tunnel opened", r)
+            status, headers, _ = h.h2_connect(a, target, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            h.check(status != 200 and headers.get("x-served-by") is None,
+                    f"HTTP/2 CONNECT {target} via {h.hostport(a)}: tunnel opened", (status, headers))
 
 
 @h.case("gateway: absolute-form to another host is refused")
@@ -174,12 +184,15 @@ def ingress_pipelined_connect():
 
 # --- a sidecar never reaches itself ----------------------------------------------------------
 
-@h.case("sidecar: CONNECT to its own admin/inbound/outbound port in every spelling")
+@h.case("sidecar: CONNECT (HTTP/1.1 and HTTP/2) to its own admin/inbound/outbound port in every spelling")
 def sidecar_connect_self():
     for port in (SIDECAR_ADMIN[1], SIDECAR_IN[1], SIDECAR_OUT[1]):
         for target in spellings(port):
             r = h.request(SIDECAR_OUT, "CONNECT", target, host=target)
             expect_self_refused(r, f"CONNECT {target}")
+            status, headers, _ = h.h2_connect(SIDECAR_OUT, target, b"GET /config HTTP/1.1\r\nHost: x\r\n\r\n")
+            h.check(status in (403, 503) and "x-plexus-error" in headers,
+                    f"HTTP/2 CONNECT {target}: expected the proxy's own 403 (this proxy itself)", (status, headers))
 
 
 @h.case("sidecar: absolute-form to its own admin port in every spelling")

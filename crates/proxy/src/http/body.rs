@@ -44,6 +44,11 @@ impl H2StreamBody {
         H2StreamBody { recv, data_done: false, remaining }
     }
 
+    /// The stream itself: a `CONNECT` tunnel reads it as bytes ([`super::tunnel`]).
+    pub fn into_recv(self) -> h2::RecvStream {
+        self.recv
+    }
+
     /// Whether the data has ended (trailers, if any, may follow).
     pub fn data_done(&self) -> bool {
         self.data_done

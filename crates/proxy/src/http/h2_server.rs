@@ -6,8 +6,8 @@
 //! [`FuturesUnordered`], so a stream wakes only itself) — no task per stream (the handler's
 //! future moved into it), no cross-task wake-ups, no ping recorder per frame, as hyper's server
 //! had; the same move as the client's (docs/PERFORMANCE.md, "The HTTP/2 client on h2"). The
-//! connection also sends the keep-alive PINGs. A `CONNECT` stream is not handed over as a
-//! tunnel (the outbound handler refuses `CONNECT` over HTTP/2).
+//! connection also sends the keep-alive PINGs. A `CONNECT`'s `2xx` that carries a
+//! [`HandOver`] leaves its stream open and hands it to the tunnel ([`super::tunnel`]).
 //!
 //! A stream the peer resets drops its handler (which cancels its upstream request) and its
 //! response body at once; a response body that fails resets its stream only.
@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{Body, H2StreamBody, ReceivedBody};
 use super::h2_client::{KeepAlive, Pinger, Pipe};
+use super::tunnel::HandOver;
 use crate::BoxError;
 
 /// What the server tells its HTTP/2 clients, and how much it takes from them.
@@ -226,6 +227,19 @@ impl<F: Future<Output = Response<Body>> + Unpin> Future for Exchange<F> {
                     }
                     if !fields.date {
                         parts.headers.insert(header::DATE, date());
+                    }
+                    // A `CONNECT`'s `2xx` opens its tunnel: the stream stays open after the
+                    // head, its sending half handed to the tunnel (RFC 9113 §8.5).
+                    if let Some(hand_over) = parts.extensions.remove::<HandOver>() {
+                        match respond.send_response(Response::from_parts(parts, ()), false) {
+                            Ok(send) => {
+                                if !hand_over.give(send) {
+                                    tracing::debug!("CONNECT tunnel gone before its head was sent");
+                                }
+                            }
+                            Err(e) => tracing::debug!(error = %e, "HTTP/2 CONNECT response head not sent"),
+                        }
+                        return Poll::Ready(());
                     }
                     let eos = body.is_end_stream();
                     if !eos

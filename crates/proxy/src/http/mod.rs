@@ -18,6 +18,7 @@ pub mod observe;
 pub mod outbound;
 pub mod retry;
 pub mod server;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use crate::http::body::ReceivedBody;
 use http::{Method, Request, Response, Version};
-use hyper_util::rt::TokioIo;
 use plexus_core::decide::{Egress, EgressTarget};
 use plexus_core::external::ExternalProtocol;
 use plexus_core::model::{CompiledPort, CompiledService};
@@ -23,7 +22,7 @@ use super::body::{self, Body};
 use super::client::{self, Proto, SendOptions};
 use super::forward::{self, app_protocol, describe_endpoint};
 use super::observe::Observation;
-use super::{Head, Target, downstream_response, forward_upgrade, headers};
+use super::{Head, Target, downstream_response, forward_upgrade, headers, tunnel};
 use crate::balance::{Choice, TryOutcome};
 use crate::error::ProxyError;
 use crate::proxy::State;
@@ -379,11 +378,6 @@ pub async fn from_egress_gateway(
 /// `CONNECT host:port`: opens a TCP stream to the Service (balanced) or host and splices it to
 /// the client once the `200` is sent.
 async fn connect_tunnel(state: Arc<State>, req: Request<ReceivedBody>, mut obs: Observation) -> Response<Body> {
-    // The tunnel is the connection, handed over by hyper after the `200`: HTTP/1 only. The
-    // proxy's HTTP/2 server hands no stream over as a tunnel.
-    if req.version() == Version::HTTP_2 {
-        return obs.fail(ProxyError::BadRequest("CONNECT is served over HTTP/1.1 only".into()));
-    }
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return obs.fail(ProxyError::BadRequest("CONNECT needs host:port".into()));
     };
@@ -446,11 +440,16 @@ async fn connect_tunnel(state: Arc<State>, req: Request<ReceivedBody>, mut obs: 
     let tunnel_state = state.clone();
     let security = if upstream.is_mtls() { "mutual_tls" } else { "none" };
     obs.security = security;
+    // The tunnel's client end: the HTTP/1.1 connection, or the HTTP/2 stream.
+    let (client, hand_over) = match tunnel::accept(req) {
+        Ok(accepted) => accepted,
+        Err(e) => return obs.fail(e),
+    };
     tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
+        match client.established().await {
             Ok(client) => {
                 let guard = tunnel_state.tcp_opened("outbound", peers, security);
-                let (moved, end) = tcp::forward(TokioIo::new(client), upstream, idle).await;
+                let (moved, end) = tcp::forward(client, upstream, idle).await;
                 if let Err(e) = end {
                     tracing::debug!(error = %e, "CONNECT tunnel ended");
                 }
@@ -459,5 +458,5 @@ async fn connect_tunnel(state: Arc<State>, req: Request<ReceivedBody>, mut obs: 
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
-    obs.respond(Response::new(body::empty()), "-")
+    obs.respond(tunnel::opening(Response::new(body::empty()), hand_over), "-")
 }

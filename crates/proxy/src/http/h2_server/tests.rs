@@ -484,3 +484,87 @@ fn content_length_needs_all_its_values_to_agree() {
     headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
     assert_eq!(content_length(&headers), None);
 }
+
+/// A `CONNECT` handler as the outbound one: the client's end taken, `200` with the hand-over,
+/// and the tunnel echoing what it reads until the client ends its side. Anything else: 404.
+fn tunnel_echo(req: Request<ReceivedBody>) -> Answer {
+    Box::pin(async move {
+        if req.method() != http::Method::CONNECT {
+            return Response::builder().status(404).body(body::empty()).expect("response");
+        }
+        let (accepted, hand_over) = match crate::http::tunnel::accept(req) {
+            Ok(a) => a,
+            Err(e) => panic!("not accepted: {e}"),
+        };
+        tokio::spawn(async move {
+            let end = accepted.established().await.expect("established");
+            let (mut r, mut w) = tokio::io::split(end);
+            tokio::io::copy(&mut r, &mut w).await.expect("echo");
+            w.shutdown().await.expect("end of stream");
+        });
+        crate::http::tunnel::opening(Response::new(body::empty()), hand_over)
+    })
+}
+
+#[tokio::test]
+async fn a_connect_stream_is_a_tunnel_both_ways_beyond_both_windows() {
+    let mut served = serve(tunnel_echo, settings());
+    let mut client = h2_client(served.client.take().expect("client")).await;
+    let req = Request::connect("tcpecho.test:9000").body(()).expect("request");
+    let (resp, mut send) = client.clone().ready().await.expect("ready").send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert!(!resp.headers().contains_key(header::CONTENT_LENGTH), "{resp:?}");
+    let mut recv = resp.into_body();
+    assert!(!recv.is_end_stream(), "the tunnel's stream ended with its head");
+
+    // 1 MiB: past the client's 64 KiB window for what comes back, and the server's 1 MiB one.
+    let sent: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let writer = {
+        let sent = Bytes::from(sent.clone());
+        tokio::spawn(async move {
+            let mut at = 0;
+            while at < sent.len() {
+                send.reserve_capacity(sent.len() - at);
+                let n = std::future::poll_fn(|cx| send.poll_capacity(cx)).await.expect("capacity").expect("open");
+                send.send_data(sent.slice(at..at + n), false).expect("data");
+                at += n;
+            }
+            send.send_data(Bytes::new(), true).expect("end of stream");
+        })
+    };
+    let mut echoed = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("data");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        echoed.extend_from_slice(&chunk);
+    }
+    writer.await.expect("writer");
+    assert_eq!(echoed.len(), sent.len(), "bytes echoed through the tunnel");
+    assert!(echoed == sent, "the tunnel changed the bytes");
+
+    // The connection goes on serving: another stream is answered.
+    let (resp, _) = get(&mut client, "/after").await;
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn a_connect_refused_ends_its_stream_with_the_answer() {
+    let mut served = serve(
+        |_req: Request<ReceivedBody>| {
+            Box::pin(async { Response::builder().status(403).body(body::full("no")).expect("response") }) as Answer
+        },
+        settings(),
+    );
+    let client = h2_client(served.client.take().expect("client")).await;
+    let req = Request::connect("secret.test:22").body(()).expect("request");
+    let (resp, _send) = client.clone().ready().await.expect("ready").send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 403);
+    let mut recv = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        bytes.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(bytes, b"no");
+}
