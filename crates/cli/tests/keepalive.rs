@@ -411,3 +411,45 @@ POST /c HTTP/1.1\r\nHost: app:8080\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\
     assert!(last[0].contains("\"path\":\"/d\"") && last[0].contains("\"body_len\":4"), "{last:?}");
     Ok(())
 }
+
+/// A client that resets its connection while its request waits for the app is noticed at once:
+/// the request is cancelled and recorded as the client's leaving (`response_code="0"`,
+/// `response_flags="DC"`) long before the app would have answered; a request answered first
+/// is recorded with its 200 (positive control), and a half-close is no reset (the test above).
+#[tokio::test]
+async fn a_client_that_resets_mid_request_is_recorded_as_gone_at_once() -> Result<()> {
+    let dir = TempDir::new("reset")?;
+    let (app, proxy) = proxy_with_short_timeouts(&dir).await?;
+    let mut control = TcpStream::connect(proxy.outbound()).await?;
+    control.write_all(b"GET /control HTTP/1.1\r\nHost: app:8080\r\nConnection: close\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), control.read_to_end(&mut answer)).await.context("no answer")??;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
+
+    app.set_delay(Duration::from_secs(3));
+    let started = Instant::now();
+    let mut reset = TcpStream::connect(proxy.outbound()).await?;
+    reset.write_all(b"GET /slow HTTP/1.1\r\nHost: app:8080\r\n\r\n").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reset.set_zero_linger()?;
+    drop(reset);
+    let gone = eventually(Duration::from_secs(2), || async {
+        let m = proxy.admin_get("/metrics").await?.text();
+        let gone = plexus_testkit::metric_sum(
+            &m,
+            "plexus_requests_total",
+            &["direction=\"outbound\"", "response_code=\"0\"", "response_flags=\"DC\""],
+        );
+        anyhow::ensure!(gone == 1.0, "requests recorded as the client's leaving: {gone}");
+        Ok(m)
+    })
+    .await?;
+    assert!(started.elapsed() < Duration::from_secs(3), "recorded only after the app answered");
+    let answered = plexus_testkit::metric_sum(
+        &gone,
+        "plexus_requests_total",
+        &["direction=\"outbound\"", "response_code=\"200\""],
+    );
+    assert_eq!(answered, 1.0, "the positive control's 200");
+    Ok(())
+}

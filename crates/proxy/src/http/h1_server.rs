@@ -225,6 +225,9 @@ where
                                 &mut self.held,
                                 cx
                             ))?;
+                            if exchange.upload.as_ref().is_none_or(|u| u.decoder.is_done() && !u.failed) {
+                                self.watch_client(cx)?;
+                            }
                             return Poll::Pending;
                         }
                     }
@@ -532,6 +535,24 @@ where
 
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         poll_read_more(&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof, cx)
+    }
+
+    /// While a request read whole is being answered: reads what the client sends meanwhile, so
+    /// that a client that resets its connection is noticed at once — the error ends the
+    /// connection, which drops the handler and with it the upstream request (as a reset HTTP/2
+    /// stream does) instead of letting it run to its end for nobody. Bytes a client pipelines
+    /// meanwhile are kept for after this exchange, up to a head's worth; its end of input is a
+    /// half-close, not a cancellation (it may still read the answer). Costs no system call
+    /// while nothing arrives: the last read was short, so the socket is known not ready.
+    fn watch_client(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while !self.eof && self.read.len() < self.limits.max_head_bytes {
+            match poll_read_more(&mut self.io, &mut self.read, &mut self.read_chunk, &mut self.eof, cx) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                Poll::Ready(Ok(_)) | Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -51,6 +51,21 @@ pub struct Observed {
     access_log: Option<Format>,
     /// Made when the request has a body to read ([`Observation::request_body`]).
     request_body: Option<Arc<ClientBodyState>>,
+    /// Recorded (metrics, access log, tap, span): once, by its response's end or its drop.
+    recorded: bool,
+}
+
+/// A request dropped before its response started — its client went away (a reset HTTP/2
+/// stream, an HTTP/1 connection reset or closed mid-request), which cancels its upstream
+/// request — is still recorded: response code 0, flag `DC` (downstream connection
+/// termination, Envoy's vocabulary), as one whose response body the client did not read to its
+/// end is.
+impl Drop for Observation {
+    fn drop(&mut self) {
+        if !self.0.recorded {
+            self.record_once(0, String::new(), "DC", 0);
+        }
+    }
 }
 
 impl std::ops::Deref for Observation {
@@ -111,6 +126,7 @@ impl Observation {
             span,
             notes: Notes::new(state.tap.active()),
             request_body: None,
+            recorded: false,
             state,
         }));
         (head, obs)
@@ -189,7 +205,14 @@ impl Observation {
         Response::from_parts(parts, body::boxed(metered))
     }
 
-    fn record(self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
+    fn record(mut self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
+        self.record_once(status, grpc_status, flags, resp_bytes);
+    }
+
+    fn record_once(&mut self, status: u16, grpc_status: String, flags: &'static str, resp_bytes: u64) {
+        if std::mem::replace(&mut self.0.recorded, true) {
+            return;
+        }
         let m = &self.state.metrics;
         // One clock read: the duration and the series' last use.
         let now = Instant::now();

@@ -459,3 +459,102 @@ async fn an_early_answer_is_followed_by_a_lingering_close() {
         assert!(r.is_ok() && !handed_off, "{r:?}");
     }
 }
+
+/// A handler that answers only when told, and says when it is dropped unanswered.
+fn slow_handler(
+    release: Arc<tokio::sync::Notify>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl Fn(Request<ReceivedBody>) -> Answer + Unpin {
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>, bool);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+    move |req: Request<ReceivedBody>| {
+        let (release, dropped) = (release.clone(), dropped.clone());
+        Box::pin(async move {
+            let mut guard = Counted(dropped, false);
+            release.notified().await;
+            guard.1 = true;
+            Response::new(body::full(req.uri().path().to_string()))
+        }) as Answer
+    }
+}
+
+/// Over loopback TCP: a client that resets its connection (`SO_LINGER` 0) while its request is
+/// being answered has its handler dropped at once (the upstream request cancelled); a client
+/// that half-closes instead, and one that pipelines a second request meanwhile, are answered
+/// (positive controls).
+#[tokio::test]
+async fn a_client_reset_mid_request_drops_its_handler_and_a_half_close_does_not() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let handler = slow_handler(release.clone(), dropped.clone());
+    let server = tokio::spawn(async move {
+        let handler = Arc::new(handler);
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let handler = handler.clone();
+            served.push(tokio::spawn(async move {
+                let mut conn = Connection::new(socket, move |r| handler(r), limits(8192));
+                (&mut conn).await
+            }));
+        }
+        served
+    });
+
+    // Reset: the handler is dropped without being released.
+    let mut reset = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    reset.write_all(b"GET /reset HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(dropped.load(Ordering::SeqCst), 0, "dropped before the client left");
+    reset.set_zero_linger().expect("linger");
+    drop(reset);
+    for _ in 0..200 {
+        if dropped.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the reset client's handler still runs");
+
+    // Half-close: still answered once the handler is released.
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /half HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("send");
+    half.shutdown().await.expect("half close");
+    // Pipelined: a second request sent while the first is answered.
+    let mut pipelined = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    pipelined.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    pipelined.write_all(b"GET /second HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "a half-close or pipelined request dropped a handler");
+    let releaser = tokio::spawn(async move {
+        loop {
+            release.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut answer)).await.expect("in time").expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("/half"), "{answer:?}");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), pipelined.read_to_end(&mut answer))
+        .await
+        .expect("in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("/first") && answer.ends_with("/second"), "{answer:?}");
+    releaser.abort();
+    for conn in server.await.expect("server") {
+        let _ = conn.await;
+    }
+}
