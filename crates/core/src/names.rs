@@ -54,25 +54,33 @@ impl fmt::Display for ServiceName {
 
 /// Splits an authority (`host`, `host:port`, `[v6]:port`) into host and optional port.
 pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
-    // Byte scans: an authority is short, and every routed request splits one (`str`'s pattern
-    // searchers cost several times more here).
-    let authority = match authority.bytes().rposition(|b| b == b'@') {
-        Some(at) => &authority[at + 1..],
-        None => authority,
-    };
+    // One byte scan (an authority is short, and every routed request splits one): where the
+    // host starts (after the last `@`), and the colons after it.
+    let bytes = authority.as_bytes();
+    let (mut start, mut colons, mut last_colon) = (0, 0usize, 0);
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'@' {
+            (start, colons) = (i + 1, 0);
+        } else if b == b':' {
+            colons += 1;
+            last_colon = i;
+        }
+    }
+    let authority = &authority[start..];
     if let Some(rest) = authority.strip_prefix('[')
         && let Some((host, tail)) = rest.split_once(']')
     {
         let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
         return (host, port);
     }
-    let bytes = authority.as_bytes();
-    match bytes.iter().rposition(|b| *b == b':') {
-        Some(colon) if !bytes[..colon].contains(&b':') => match authority[colon + 1..].parse() {
-            Ok(p) => (&authority[..colon], Some(p)),
-            Err(_) => (authority, None),
-        },
-        _ => (authority, None),
+    // One colon: `host:port`; none, or several (an IPv6 address without brackets): no port.
+    if colons != 1 {
+        return (authority, None);
+    }
+    let colon = last_colon - start;
+    match authority[colon + 1..].parse() {
+        Ok(p) => (&authority[..colon], Some(p)),
+        Err(_) => (authority, None),
     }
 }
 
@@ -224,5 +232,30 @@ mod tests {
         assert_eq!(split_authority("::1"), ("::1", None));
         assert_eq!(split_authority("[::1]"), ("::1", None));
         assert_eq!(split_authority(""), ("", None));
+        assert_eq!(split_authority("u:p@host:8080"), ("host", Some(8080)));
+        assert_eq!(split_authority("u:p@[::1]:7"), ("::1", Some(7)));
+        assert_eq!(split_authority("h:1:2"), ("h:1:2", None));
+        assert_eq!(split_authority("@:9"), ("", Some(9)));
+        assert_eq!(split_authority("host:70000"), ("host:70000", None));
+    }
+
+    /// The scan agrees with splitting by the last `@` and then the only `:` (the definition).
+    #[test]
+    fn authorities_split_as_defined() {
+        fn defined(a: &str) -> (&str, Option<u16>) {
+            let a = a.rsplit_once('@').map_or(a, |(_, h)| h);
+            if let Some(rest) = a.strip_prefix('[')
+                && let Some((host, tail)) = rest.split_once(']')
+            {
+                return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+            }
+            match a.split_once(':') {
+                Some((h, p)) if !p.contains(':') => p.parse().map_or((a, None), |p| (h, Some(p))),
+                _ => (a, None),
+            }
+        }
+        proptest::proptest!(|(a in "[a-z0-9@:\\[\\]+]{0,16}")| {
+            proptest::prop_assert_eq!(split_authority(&a), defined(&a));
+        });
     }
 }

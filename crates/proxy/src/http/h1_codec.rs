@@ -272,11 +272,22 @@ pub fn parse_response_head(
         // httparse admits the same name and value bytes as `http` does: none of these fails.
         let name =
             HeaderName::from_bytes(&head[within(name_at, name_len)?]).map_err(|_| CodecError("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(within(value_at, value_len)?))
-            .map_err(|_| CodecError("invalid header value"))?;
-        reuse.append(name, value);
+        reuse.append(name, field_value(head.slice(within(value_at, value_len)?)));
     }
     Ok(Some(ResponseHead { status, version, headers: std::mem::take(reuse), framing, keep_alive }))
+}
+
+/// A field value httparse has read, as an `http` value without checking its bytes again.
+///
+/// httparse admits exactly the bytes `http` does in a value (HTAB, SP, `0x21..=0x7E`,
+/// `0x80..=0xFF`: httparse's `HEADER_VALUE_MAP` and `HeaderValue`'s check), and it refuses a
+/// head with any other (`a_field_value_httparse_reads_is_one_http_admits` holds both to it,
+/// and debug builds check every value). hyper's HTTP/1 parser does the same.
+fn field_value(bytes: Bytes) -> HeaderValue {
+    debug_assert!(HeaderValue::from_maybe_shared(bytes.clone()).is_ok(), "httparse admitted {bytes:?}");
+    // SAFETY: `from_maybe_shared_unchecked` needs the bytes to be a valid value; httparse
+    // only returns values of the bytes `http` admits (above).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
 /// The `http` header map of parsed fields.
@@ -614,9 +625,7 @@ pub fn parse_request_head(
     for field in fields {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(copied(field.value))
-            .map_err(|_| HeadError::Malformed("invalid header value"))?;
-        headers.append(name, value);
+        headers.append(name, field_value(copied(field.value)));
     }
     Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, upgrade, len }))
 }

@@ -669,3 +669,37 @@ fn a_request_transfer_coding_other_than_chunked_is_refused() {
         assert_eq!(request(text).expect("valid").expect("whole").framing, Framing::Chunked, "{text:?}");
     }
 }
+
+/// Every byte in a field value, in a request head and in a response head: the head parses only
+/// when `http` admits the byte in a value (what `field_value` relies on to skip its check),
+/// and the value is then exactly the bytes sent.
+#[test]
+fn a_field_value_httparse_reads_is_one_http_admits() {
+    for b in 0..=255u8 {
+        if b == b'\r' || b == b'\n' {
+            continue; // they end the line: not a byte of the value
+        }
+        let value = [b'a', b, b'z'];
+        let admitted = HeaderValue::from_bytes(&value).is_ok();
+        let mut request = b"GET / HTTP/1.1\r\nHost: a\r\nx-v: ".to_vec();
+        request.extend_from_slice(&value);
+        request.extend_from_slice(b"\r\n\r\n");
+        match parse_request_head(&request, &LIMITS, &mut HeaderMap::new()) {
+            Ok(Some(head)) => {
+                assert!(admitted, "byte {b:#04x}: a request parsed with a value http refuses");
+                assert_eq!(head.headers["x-v"].as_bytes(), &value, "byte {b:#04x}");
+            }
+            _ => assert!(!admitted, "byte {b:#04x}: a request refused for a value http admits"),
+        }
+        let mut response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-v: ".to_vec();
+        response.extend_from_slice(&value);
+        response.extend_from_slice(b"\r\n\r\n");
+        match parse(&response, &Method::GET, &LIMITS).0 {
+            Ok(Some(head)) => {
+                assert!(admitted, "byte {b:#04x}: a response parsed with a value http refuses");
+                assert_eq!(head.headers["x-v"].as_bytes(), &value, "byte {b:#04x}");
+            }
+            _ => assert!(!admitted, "byte {b:#04x}: a response refused for a value http admits"),
+        }
+    }
+}
