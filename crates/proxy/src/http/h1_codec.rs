@@ -277,17 +277,13 @@ pub fn parse_response_head(
     Ok(Some(ResponseHead { status, version, headers: std::mem::take(reuse), framing, keep_alive }))
 }
 
-/// A field value httparse has read, as an `http` value without checking its bytes again.
-///
+/// A field value httparse has read, as an `http` value without checking its bytes again:
 /// httparse admits exactly the bytes `http` does in a value (HTAB, SP, `0x21..=0x7E`,
-/// `0x80..=0xFF`: httparse's `HEADER_VALUE_MAP` and `HeaderValue`'s check), and it refuses a
-/// head with any other (`a_field_value_httparse_reads_is_one_http_admits` holds both to it,
-/// and debug builds check every value). hyper's HTTP/1 parser does the same.
+/// `0x80..=0xFF`: its `HEADER_VALUE_MAP` and `HeaderValue`'s check) and refuses a head with any
+/// other (`a_field_value_httparse_reads_is_one_http_admits` holds both to it). hyper's HTTP/1
+/// parser does the same.
 fn field_value(bytes: Bytes) -> HeaderValue {
-    debug_assert!(HeaderValue::from_maybe_shared(bytes.clone()).is_ok(), "httparse admitted {bytes:?}");
-    // SAFETY: `from_maybe_shared_unchecked` needs the bytes to be a valid value; httparse
-    // only returns values of the bytes `http` admits (above).
-    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+    super::headers::admitted_value(bytes)
 }
 
 /// The `http` header map of parsed fields.

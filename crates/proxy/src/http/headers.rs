@@ -175,17 +175,27 @@ pub fn stamp(headers: &mut HeaderMap, span: &SpanContext, present: Option<Header
     }
     values[32..].copy_from_slice(&span.traceparent());
     let shared = Bytes::from_owner(values);
+    // Hex digits and dashes, written here: valid values.
     let id = present.unwrap_or_else(|| {
-        let mut id = HeaderValue::from_maybe_shared(shared.slice(..32)).unwrap_or(HeaderValue::from_static("0"));
+        let mut id = admitted_value(shared.slice(..32));
         id.set_sensitive(true);
         headers.insert(REQUEST_ID, id.clone());
         id
     });
-    if let Ok(mut tp) = HeaderValue::from_maybe_shared(shared.slice(32..)) {
-        tp.set_sensitive(true);
-        span.inject_with(headers, tp);
-    }
+    let mut tp = admitted_value(shared.slice(32..));
+    tp.set_sensitive(true);
+    span.inject_with(headers, tp);
     id
+}
+
+/// `bytes` as a header value without checking them: for bytes already known to be a valid
+/// value (HTAB, SP, `0x21..=0x7E`, `0x80..=0xFF`) — a value httparse has read, digits the proxy
+/// wrote — where the check would read every byte again on every request. Debug builds check.
+pub fn admitted_value(bytes: Bytes) -> HeaderValue {
+    debug_assert!(HeaderValue::from_maybe_shared(bytes.clone()).is_ok(), "not a header value: {bytes:?}");
+    // SAFETY: `from_maybe_shared_unchecked` needs valid value bytes; every caller passes only
+    // those (above).
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
 /// Sends this request's `x-request-id` and `traceparent` indexable, once in a while per HTTP/2
