@@ -9,14 +9,14 @@ use bytes::BytesMut;
 use http::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
 use plexus_proxy::http::h1_codec::{
-    BodyDecoder, Decoded, Framing, Limits, parse_request_head, parse_response_head,
+    BodyDecoder, Decoded, FieldNames, Framing, Limits, parse_request_head, parse_response_head,
 };
 
 const LIMITS: Limits = Limits { max_head_bytes: 1024, max_headers: 16 };
 
 /// What a request head parse says, comparably.
 fn request(data: &[u8]) -> Option<Result<(String, String, usize, Framing, bool), String>> {
-    match parse_request_head(data, &LIMITS, &mut HeaderMap::new()) {
+    match parse_request_head(data, &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default()) {
         Ok(None) => None,
         Ok(Some(h)) => {
             assert!(h.len <= data.len() && h.len <= LIMITS.max_head_bytes, "head longer than its bytes");
@@ -74,7 +74,7 @@ fuzz_target!(|input: &[u8]| {
     // Response heads, for a GET and a HEAD: never a panic; what is taken is the head only.
     for method in [Method::GET, Method::HEAD] {
         let mut buf = BytesMut::from(data);
-        if let Ok(Some(_)) = parse_response_head(&mut buf, &method, &LIMITS, &mut HeaderMap::new()) {
+        if let Ok(Some(_)) = parse_response_head(&mut buf, &method, &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default()) {
             assert!(data.ends_with(&buf), "taken bytes are not the head's");
         }
     }

@@ -47,6 +47,8 @@ pub struct Conn {
     upload_failed: Option<String>,
     /// Requests this connection has carried.
     pub served: u32,
+    /// The names of the last response head, reused when the next repeats them.
+    names: h1_codec::FieldNames,
 }
 
 struct Upload {
@@ -73,6 +75,7 @@ impl Conn {
             flushed: true,
             upload: None,
             upload_failed: None,
+            names: h1_codec::FieldNames::default(),
             served: 0,
         }
     }
@@ -132,7 +135,7 @@ impl Conn {
             if let Err(e) = self.keep_uploading(cx) {
                 return Poll::Ready(Err(ProxyError::UpstreamReset(e)));
             }
-            match h1_codec::parse_response_head(&mut self.read, method, &LIMITS, fields) {
+            match h1_codec::parse_response_head(&mut self.read, method, &LIMITS, fields, &mut self.names) {
                 Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
                     return Poll::Ready(Err(ProxyError::UpstreamReset(
                         "the upstream switched protocols unasked".into(),

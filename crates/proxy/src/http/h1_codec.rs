@@ -219,6 +219,7 @@ pub fn parse_response_head(
     request: &Method,
     limits: &Limits,
     reuse: &mut HeaderMap,
+    names: &mut FieldNames,
 ) -> Result<Option<ResponseHead>, CodecError> {
     // Slots httparse fills; left uninitialized (4 KiB the parser would otherwise zero).
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -268,13 +269,64 @@ pub fn parse_response_head(
     };
     reuse.clear();
     reuse.reserve(count);
-    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+    names.start();
+    for (i, &[name_at, name_len, value_at, value_len]) in spans[..count].iter().enumerate() {
         // httparse admits the same name and value bytes as `http` does: none of these fails.
-        let name =
-            HeaderName::from_bytes(&head[within(name_at, name_len)?]).map_err(|_| CodecError("invalid header name"))?;
+        let name = names.name(i, &head[within(name_at, name_len)?]).map_err(|_| CodecError("invalid header name"))?;
         reuse.append(name, field_value(head.slice(within(value_at, value_len)?)));
     }
     Ok(Some(ResponseHead { status, version, headers: std::mem::take(reuse), framing, keep_alive }))
+}
+
+/// The field names of the last head read on a connection, in order, each with its bytes as
+/// received. The next head from the same peer mostly repeats them (a client's requests, an
+/// upstream's responses), and a name whose bytes are exactly those at its place is taken from
+/// here instead of being parsed again (lower-cased and looked up among the standard names,
+/// ~60 instructions a field). Bounded: the first [`NAMES_KEPT`] names of at most
+/// [`NAME_KEPT_BYTES`] bytes each.
+#[derive(Default)]
+pub struct FieldNames {
+    /// The kept names' bytes as received, one after another.
+    spelled: Vec<u8>,
+    /// Each kept name's length in `spelled`, and the name.
+    names: Vec<(u8, HeaderName)>,
+    /// Where the next name's bytes start in `spelled`, while a head is read.
+    at: usize,
+}
+
+/// Names kept per connection (a head's first ones).
+const NAMES_KEPT: usize = 16;
+/// The longest name kept.
+const NAME_KEPT_BYTES: usize = 40;
+
+impl FieldNames {
+    /// Starts reading a head's names.
+    fn start(&mut self) {
+        self.at = 0;
+    }
+
+    /// The `i`th name of the head being read (`i` counts up from 0 after [`Self::start`]).
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        if let Some((len, name)) = self.names.get(i) {
+            let end = self.at + usize::from(*len);
+            if self.spelled.get(self.at..end) == Some(raw) {
+                self.at = end;
+                return Ok(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        // From here on this head differs from the last: its names replace the rest.
+        if self.names.len() >= i {
+            self.names.truncate(i);
+            self.spelled.truncate(self.at);
+            if i < NAMES_KEPT && raw.len() <= NAME_KEPT_BYTES {
+                self.names.push((raw.len() as u8, name.clone()));
+                self.spelled.extend_from_slice(raw);
+                self.at += raw.len();
+            }
+        }
+        Ok(name)
+    }
 }
 
 /// A field value httparse has read, as an `http` value without checking its bytes again:
@@ -531,6 +583,7 @@ pub fn parse_request_head(
     buf: &[u8],
     limits: &Limits,
     spare: &mut HeaderMap,
+    names: &mut FieldNames,
 ) -> Result<Option<RequestHead>, HeadError> {
     // Slots left uninitialised: httparse writes those it fills (zeroing 128 of them cost more
     // than parsing a short head).
@@ -618,9 +671,9 @@ pub fn parse_request_head(
     let mut headers = std::mem::take(spare);
     headers.clear();
     headers.reserve(fields.len() + 3);
-    for field in fields {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+    names.start();
+    for (i, field) in fields.iter().enumerate() {
+        let name = names.name(i, field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
         headers.append(name, field_value(copied(field.value)));
     }
     Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, upgrade, len }))

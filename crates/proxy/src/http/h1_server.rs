@@ -83,6 +83,8 @@ pub struct Connection<I, S, F> {
     unread_input: bool,
     /// The last response's header map, cleared: the next request head is parsed into it.
     spare_headers: http::HeaderMap,
+    /// The names of the last request head, reused when the next repeats them.
+    names: h1_codec::FieldNames,
 }
 
 enum Phase<F> {
@@ -151,6 +153,7 @@ where
             handed_off: false,
             unread_input: false,
             spare_headers: http::HeaderMap::new(),
+            names: h1_codec::FieldNames::default(),
         }
     }
 
@@ -186,7 +189,12 @@ where
                         self.phase = Phase::Closing;
                         continue;
                     }
-                    match h1_codec::parse_request_head(&self.read, &self.limits, &mut self.spare_headers) {
+                    match h1_codec::parse_request_head(
+                        &self.read,
+                        &self.limits,
+                        &mut self.spare_headers,
+                        &mut self.names,
+                    ) {
                         Ok(Some(head)) => self.start(head),
                         Ok(None) if self.eof => self.phase = Phase::Closing,
                         Ok(None) => {

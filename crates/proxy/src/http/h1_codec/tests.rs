@@ -11,7 +11,7 @@ fn head(text: &str) -> Result<Option<ResponseHead>, CodecError> {
 /// the buffer.
 fn parse(wire: &[u8], method: &Method, limits: &Limits) -> (Result<Option<ResponseHead>, CodecError>, BytesMut) {
     let mut buf = BytesMut::from(wire);
-    let got = parse_response_head(&mut buf, method, limits, &mut HeaderMap::new());
+    let got = parse_response_head(&mut buf, method, limits, &mut HeaderMap::new(), &mut FieldNames::default());
     (got, buf)
 }
 
@@ -164,7 +164,7 @@ fn a_final_head_reuses_the_map_given_and_others_leave_it() {
     let untouched = |wire: &str| {
         let mut map = request();
         let mut buf = BytesMut::from(wire.as_bytes());
-        let got = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map);
+        let got = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map, &mut FieldNames::default());
         assert!(!matches!(got, Ok(Some(ref h)) if !h.status.is_informational()), "{wire:?}: {got:?}");
         assert_eq!(map, request(), "{wire:?}");
     };
@@ -177,9 +177,13 @@ fn a_final_head_reuses_the_map_given_and_others_leave_it() {
     let capacity = map.capacity();
     let mut buf =
         BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n"[..]);
-    let interim = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map).expect("parsed").expect("whole");
+    let interim = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map, &mut FieldNames::default())
+        .expect("parsed")
+        .expect("whole");
     assert_eq!((interim.status, interim.headers.len()), (StatusCode::CONTINUE, 0));
-    let h = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map).expect("parsed").expect("whole");
+    let h = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut map, &mut FieldNames::default())
+        .expect("parsed")
+        .expect("whole");
     assert!(map.is_empty() && buf.is_empty());
     assert_eq!(h.headers.get("x-a").map(HeaderValue::as_bytes), Some(&b"1"[..]));
     assert_eq!((h.headers.len(), h.headers.capacity()), (2, capacity), "the request's allocation, its fields gone");
@@ -452,7 +456,7 @@ proptest! {
             prop_assert!(data.len() <= wire.len());
         }
         let _ = parse(&wire, &Method::GET, &LIMITS);
-        let _ = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new());
+        let _ = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default());
     }
 
     /// A well-formed request head with arbitrary field values (any byte a value may hold)
@@ -466,7 +470,7 @@ proptest! {
             wire.extend_from_slice(b"\r\n");
         }
         wire.extend_from_slice(b"\r\nrest");
-        let head = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new()).expect("valid").expect("whole");
+        let head = parse_request_head(&wire, &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default()).expect("valid").expect("whole");
         prop_assert_eq!(head.uri.path(), path.as_str());
         prop_assert_eq!(head.len, wire.len() - 4);
         for (i, v) in values.iter().enumerate() {
@@ -478,7 +482,7 @@ proptest! {
 
 /// A request head as the proxy's server reads it.
 fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
-    parse_request_head(text.as_bytes(), &LIMITS, &mut HeaderMap::new())
+    parse_request_head(text.as_bytes(), &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default())
 }
 
 #[test]
@@ -545,16 +549,26 @@ fn ambiguous_or_malformed_request_heads_are_refused() {
 fn request_heads_are_bounded_in_size_and_fields() {
     let limits = Limits { max_head_bytes: 64, max_headers: 3 };
     let long = format!("GET / HTTP/1.1\r\nX-A: {}\r\n\r\n", "a".repeat(60));
-    assert_eq!(parse_request_head(long.as_bytes(), &limits, &mut HeaderMap::new()).err(), Some(HeadError::TooLarge));
+    assert_eq!(
+        parse_request_head(long.as_bytes(), &limits, &mut HeaderMap::new(), &mut FieldNames::default()).err(),
+        Some(HeadError::TooLarge)
+    );
     let unfinished = format!("GET / HTTP/1.1\r\nX-A: {}", "a".repeat(60));
     assert_eq!(
-        parse_request_head(unfinished.as_bytes(), &limits, &mut HeaderMap::new()).err(),
+        parse_request_head(unfinished.as_bytes(), &limits, &mut HeaderMap::new(), &mut FieldNames::default()).err(),
         Some(HeadError::TooLarge)
     );
     let many = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
-    assert_eq!(parse_request_head(many.as_bytes(), &limits, &mut HeaderMap::new()).err(), Some(HeadError::TooLarge));
+    assert_eq!(
+        parse_request_head(many.as_bytes(), &limits, &mut HeaderMap::new(), &mut FieldNames::default()).err(),
+        Some(HeadError::TooLarge)
+    );
     let three = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
-    assert!(parse_request_head(three.as_bytes(), &limits, &mut HeaderMap::new()).expect("valid").is_some());
+    assert!(
+        parse_request_head(three.as_bytes(), &limits, &mut HeaderMap::new(), &mut FieldNames::default())
+            .expect("valid")
+            .is_some()
+    );
 }
 
 #[test]
@@ -684,7 +698,7 @@ fn a_field_value_httparse_reads_is_one_http_admits() {
         let mut request = b"GET / HTTP/1.1\r\nHost: a\r\nx-v: ".to_vec();
         request.extend_from_slice(&value);
         request.extend_from_slice(b"\r\n\r\n");
-        match parse_request_head(&request, &LIMITS, &mut HeaderMap::new()) {
+        match parse_request_head(&request, &LIMITS, &mut HeaderMap::new(), &mut FieldNames::default()) {
             Ok(Some(head)) => {
                 assert!(admitted, "byte {b:#04x}: a request parsed with a value http refuses");
                 assert_eq!(head.headers["x-v"].as_bytes(), &value, "byte {b:#04x}");
@@ -702,4 +716,59 @@ fn a_field_value_httparse_reads_is_one_http_admits() {
             _ => assert!(!admitted, "byte {b:#04x}: a response refused for a value http admits"),
         }
     }
+}
+
+proptest! {
+    /// Heads read one after another on a connection: every name is the one parsing its bytes
+    /// gives, whether it repeats the last head's at its place, differs in case, is new, long,
+    /// past the names kept, or not a name at all.
+    #[test]
+    fn kept_names_are_the_names_parsed(heads in proptest::collection::vec(
+        proptest::collection::vec(
+            prop_oneof![
+                Just("Content-Type".to_string()),
+                Just("content-type".to_string()),
+                Just("Host".to_string()),
+                Just("x-custom".to_string()),
+                Just("X-Custom".to_string()),
+                Just("x-".repeat(25)),
+                "[a-zA-Z-]{1,12}",
+                Just("bad name".to_string()),
+            ],
+            0..20,
+        ),
+        1..6,
+    )) {
+        let mut names = FieldNames::default();
+        for head in &heads {
+            names.start();
+            for (i, raw) in head.iter().enumerate() {
+                let kept = names.name(i, raw.as_bytes()).ok();
+                let parsed = HeaderName::from_bytes(raw.as_bytes()).ok();
+                prop_assert_eq!(kept, parsed, "name {} of {:?}", i, head);
+            }
+        }
+        prop_assert!(names.names.len() <= NAMES_KEPT && names.spelled.len() <= NAMES_KEPT * NAME_KEPT_BYTES);
+    }
+}
+
+/// A response head repeated on a connection takes its names from the last one (the kept
+/// names are those of the last head), and one that differs replaces them from where it differs.
+#[test]
+fn a_repeated_head_reuses_its_names() {
+    let mut names = FieldNames::default();
+    let mut parse = |text: &str| {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut HeaderMap::new(), &mut names)
+            .expect("valid")
+            .expect("whole")
+    };
+    let first = parse("HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n");
+    let again = parse("HTTP/1.1 200 OK\r\nServer: t\r\nContent-Length: 0\r\nX-A: 2\r\n\r\n");
+    assert_eq!(first.headers.keys().collect::<Vec<_>>(), again.headers.keys().collect::<Vec<_>>());
+    assert_eq!(again.headers["x-a"], "2");
+    let other = parse("HTTP/1.1 200 OK\r\nServer: t\r\nX-B: 3\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(other.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["server", "x-b", "content-length"]);
+    assert_eq!(names.names.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), ["server", "x-b", "content-length"]);
+    assert_eq!(names.spelled, b"ServerX-BContent-Length");
 }
