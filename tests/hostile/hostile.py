@@ -300,6 +300,21 @@ def h2_request(a: tuple[str, int], headers: list[tuple[str, str]], body: bytes =
                timeout: float = TIMEOUT, sock=None) -> tuple[int | None, dict, bytes]:
     """Sends one HTTP/2 request (prior knowledge) and returns (status, headers, body);
     status None when the connection ended without a response."""
+    return _h2_stream(a, headers, body, None, timeout, sock)
+
+
+def h2_connect(a: tuple[str, int], authority: str, payload: bytes = b"",
+               timeout: float = TIMEOUT) -> tuple[int | None, dict, bytes]:
+    """An HTTP/2 CONNECT (RFC 9113 §8.5) to `authority`: when answered 2xx, `payload` is sent
+    through the tunnel and what comes back until the tunnel's stream ends is returned as the
+    body; otherwise the response's own body. Status None when no response came."""
+    return _h2_stream(a, [(":method", "CONNECT"), (":authority", authority)], b"", payload, timeout, None)
+
+
+def _h2_stream(a, headers, body, tunnel, timeout, sock):
+    """Stream 1 of a new HTTP/2 connection: `headers` and `body` sent (the stream ended with
+    them), or, for a tunnel (`tunnel` not None), left open and `tunnel` sent once a 2xx comes.
+    Returns (status, headers, what came back on the stream)."""
     import h2.config
     import h2.connection
     import h2.events
@@ -307,13 +322,14 @@ def h2_request(a: tuple[str, int], headers: list[tuple[str, str]], body: bytes =
     s = sock or connect(a, timeout)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
-    conn.send_headers(1, headers, end_stream=not body)
+    conn.send_headers(1, headers, end_stream=tunnel is None and not body)
     if body:
         conn.send_data(1, body, end_stream=True)
     s.sendall(conn.data_to_send())
     status, resp_headers, data = None, {}, b""
     deadline = time.monotonic() + timeout
     done = False
+    opened = lambda: tunnel is not None and 200 <= (status or 0) < 300
     try:
         while not done and time.monotonic() < deadline:
             try:
@@ -326,11 +342,15 @@ def h2_request(a: tuple[str, int], headers: list[tuple[str, str]], body: bytes =
                 if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
                     resp_headers = dict(ev.headers)
                     status = int(resp_headers.get(":status", "0"))
+                    if opened() and tunnel:
+                        conn.send_data(1, tunnel)
                 elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
                     data += ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, 1)
                 elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == 1:
                     done = True
+                    if isinstance(ev, h2.events.StreamEnded) and opened():
+                        conn.end_stream(1)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
                     done = True
             out = conn.data_to_send()
@@ -339,54 +359,6 @@ def h2_request(a: tuple[str, int], headers: list[tuple[str, str]], body: bytes =
     finally:
         if sock is None:
             s.close()
-    return status, resp_headers, data
-
-
-def h2_connect(a: tuple[str, int], authority: str, payload: bytes = b"",
-               timeout: float = TIMEOUT) -> tuple[int | None, dict, bytes]:
-    """An HTTP/2 CONNECT (RFC 9113 §8.5) to `authority`: when answered 2xx, `payload` is sent
-    through the tunnel and what comes back until the tunnel's stream ends is returned as the
-    body; otherwise the response's own body. Status None when no response came."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    s = connect(a, timeout)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "CONNECT"), (":authority", authority)], end_stream=False)
-    s.sendall(conn.data_to_send())
-    status, resp_headers, data = None, {}, b""
-    deadline = time.monotonic() + timeout
-    done = False
-    try:
-        while not done and time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, TimeoutError, ConnectionResetError, OSError):
-                break
-            if not chunk:
-                break
-            for ev in conn.receive_data(chunk):
-                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
-                    resp_headers = dict(ev.headers)
-                    status = int(resp_headers.get(":status", "0"))
-                    if 200 <= status < 300 and payload:
-                        conn.send_data(1, payload)
-                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
-                    data += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
-                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
-                    done = True
-                    if 200 <= (status or 0) < 300:
-                        conn.end_stream(1)
-                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
-                    done = True
-            out = conn.data_to_send()
-            if out:
-                s.sendall(out)
-    finally:
-        s.close()
     return status, resp_headers, data
 
 
