@@ -178,11 +178,13 @@ impl RetryPolicy {
     }
 
     /// Whether an HTTP status (and gRPC status, when the answer is gRPC) is worth another try.
-    pub fn retries_status(&self, status: u16, grpc_status: Option<u16>) -> bool {
+    /// The gRPC status is asked for only when this policy retries on one (reading it is a
+    /// header lookup per response).
+    pub fn retries_status(&self, status: u16, grpc_status: impl FnOnce() -> Option<u16>) -> bool {
         (self.on.server_error && (500..=599).contains(&status))
             || (self.on.gateway_error && matches!(status, 502..=504))
             || self.on.statuses.contains(&status)
-            || grpc_status.is_some_and(|g| self.on.grpc_statuses.contains(&g))
+            || (!self.on.grpc_statuses.is_empty() && grpc_status().is_some_and(|g| self.on.grpc_statuses.contains(&g)))
     }
 
     /// The wait before try `n` (n ≥ 2): exponential from `backoff`, capped at 10×, full jitter
@@ -415,8 +417,8 @@ mod tests {
         assert_eq!(r.backoff_before(2, 0.999_999).as_millis(), 99);
         assert_eq!(r.backoff_before(4, 0.999_999).as_millis(), 399);
         assert_eq!(r.backoff_before(12, 0.999_999).as_millis(), 999, "capped at 10x");
-        assert!(r.retries_status(503, None));
-        assert!(!r.retries_status(500, None));
+        assert!(r.retries_status(503, || None));
+        assert!(!r.retries_status(500, || None));
     }
 
     #[test]

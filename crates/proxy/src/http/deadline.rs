@@ -50,10 +50,19 @@ pub fn encode(d: Duration) -> String {
     format!("{}H", (d.as_secs() / 3600).min(99_999_999))
 }
 
-/// The deadline of a request received at `received`: the client's `grpc-timeout` and the
-/// route's timeout, whichever ends first.
-pub fn deadline(headers: &HeaderMap, received: Instant, route_timeout: Option<Duration>) -> Option<Instant> {
-    let client = headers.get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse).map(|t| received + t);
+/// The deadline of a request received at `received`: the client's `grpc-timeout` (read from
+/// `grpc_headers`, a gRPC request's headers: the field is gRPC's, and looked for on no other
+/// request) and the route's timeout, whichever ends first.
+pub fn deadline(
+    grpc_headers: Option<&HeaderMap>,
+    received: Instant,
+    route_timeout: Option<Duration>,
+) -> Option<Instant> {
+    let client = grpc_headers
+        .and_then(|h| h.get(GRPC_TIMEOUT))
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse)
+        .map(|t| received + t);
     let route = route_timeout.map(|t| received + t);
     match (client, route) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -96,8 +105,11 @@ mod tests {
         let now = Instant::now();
         let mut h = HeaderMap::new();
         h.insert(GRPC_TIMEOUT, HeaderValue::from_static("500m"));
-        assert_eq!(deadline(&h, now, Some(Duration::from_secs(3))), Some(now + Duration::from_millis(500)));
-        assert_eq!(deadline(&h, now, Some(Duration::from_millis(100))), Some(now + Duration::from_millis(100)));
-        assert_eq!(deadline(&HeaderMap::new(), now, None), None);
+        assert_eq!(deadline(Some(&h), now, Some(Duration::from_secs(3))), Some(now + Duration::from_millis(500)));
+        assert_eq!(deadline(Some(&h), now, Some(Duration::from_millis(100))), Some(now + Duration::from_millis(100)));
+        assert_eq!(deadline(Some(&HeaderMap::new()), now, None), None);
+        // Not a gRPC request: its `grpc-timeout` means nothing; the route's timeout still counts.
+        assert_eq!(deadline(None, now, None), None);
+        assert_eq!(deadline(None, now, Some(Duration::from_secs(3))), Some(now + Duration::from_secs(3)));
     }
 }

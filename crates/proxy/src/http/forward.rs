@@ -228,7 +228,7 @@ pub async fn to_service(
     // `name.namespace:port`, for errors (formatted only when one happens).
     let destination = || format!("{}:{}", backend.name, backend_port.port);
 
-    if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
+    if head.upgrades(&req) {
         let Some((ep, pick)) = state.balancer.pick(&backend_port.endpoints, &Choice::new(policy, None), &[]) else {
             return obs.fail(ProxyError::NoEndpoints(destination()));
         };
@@ -251,7 +251,8 @@ pub async fn to_service(
         };
     }
 
-    let deadline = deadline::deadline(&head.headers, received, call.request_timeout.map(|(d, _)| d));
+    let deadline =
+        deadline::deadline(obs.grpc.then_some(&head.headers), received, call.request_timeout.map(|(d, _)| d));
     let retry = call.retry;
     let mirrors = entry.map(|e| e.mirrors.as_slice()).unwrap_or_default();
     if let Some(d) = deadline {
@@ -525,8 +526,9 @@ impl<'e> Tries<'_, 'e> {
                 let why = match result {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        let grpc_status =
-                            resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+                        let grpc_status = || {
+                            resp.headers().get(headers::GRPC_STATUS).and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+                        };
                         let ejected = pick.finish(TryOutcome::of_status(status));
                         self.count_ejection(ejected);
                         let retriable =
@@ -555,7 +557,7 @@ impl<'e> Tries<'_, 'e> {
                                 // DEADLINE_EXCEEDED) it is answered with, so a route's
                                 // `retry.codes: [504]` retries it as a policy's `5xx` does.
                                 ProxyError::Timeout => {
-                                    (on.reset || self.retry.retries_status(504, self.grpc.then_some(4)))
+                                    (on.reset || self.retry.retries_status(504, || self.grpc.then_some(4)))
                                         && self.method_allows(head)
                                 }
                                 _ => false,

@@ -212,7 +212,7 @@ pub struct ResponseHead {
 ///
 /// A final head's fields go into `reuse`'s allocation (cleared first: the map of the request
 /// just written, so no map is allocated per response), their values sharing the bytes read
-/// (no copy). `reuse` is left as it was when `None`, an error or a `1xx` head is returned:
+/// (no copy); the connection management it acted on is left out ([`consumed`]). `reuse` is left as it was when `None`, an error or a `1xx` head is returned:
 /// every check that can refuse a head runs before it is touched.
 pub fn parse_response_head(
     buf: &mut BytesMut,
@@ -247,7 +247,8 @@ pub fn parse_response_head(
     let fields = &*response.headers;
     let present = Present::of(fields);
     let framing = response_framing(status, request, version, fields, &present)?;
-    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, fields, &present);
+    let options = ConnectionOptions::of(present.connection.values(fields, "connection"));
+    let keep_alive = framing != Framing::UntilClose && options.keeps_alive(version);
     // Where each field's name and value are in the head ([offset, length] each): its values
     // are cut from the head's bytes once these are taken from `buf`. (httparse's slices point
     // into `buf`; a head is at most `max_head_bytes`, far below 4 GiB.)
@@ -270,9 +271,15 @@ pub fn parse_response_head(
     reuse.clear();
     reuse.reserve(count);
     names.start();
-    for (i, &[name_at, name_len, value_at, value_len]) in spans[..count].iter().enumerate() {
+    let mut kept = 0;
+    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+        let raw = &head[within(name_at, name_len)?];
+        if consumed(raw, options) {
+            continue;
+        }
         // httparse admits the same name and value bytes as `http` does: none of these fails.
-        let name = names.name(i, &head[within(name_at, name_len)?]).map_err(|_| CodecError("invalid header name"))?;
+        let name = names.name(kept, raw).map_err(|_| CodecError("invalid header name"))?;
+        kept += 1;
         reuse.append(name, field_value(head.slice(within(value_at, value_len)?)));
     }
     Ok(Some(ResponseHead { status, version, headers: std::mem::take(reuse), framing, keep_alive }))
@@ -314,16 +321,18 @@ impl FieldNames {
                 return Ok(name.clone());
             }
         }
-        let name = HeaderName::from_bytes(raw)?;
-        // From here on this head differs from the last: its names replace the rest.
-        if self.names.len() >= i {
+        // From here on this head differs from the last: its names replace the rest (also when
+        // this one is no name: none kept after it may be taken for a later name's).
+        let replacing = self.names.len() >= i;
+        if replacing {
             self.names.truncate(i);
             self.spelled.truncate(self.at);
-            if i < NAMES_KEPT && raw.len() <= NAME_KEPT_BYTES {
-                self.names.push((raw.len() as u8, name.clone()));
-                self.spelled.extend_from_slice(raw);
-                self.at += raw.len();
-            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        if replacing && i < NAMES_KEPT && raw.len() <= NAME_KEPT_BYTES {
+            self.names.push((raw.len() as u8, name.clone()));
+            self.spelled.extend_from_slice(raw);
+            self.at += raw.len();
         }
         Ok(name)
     }
@@ -454,28 +463,50 @@ fn coding_list<'a>(fields: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item
     fields.flat_map(|v| v.split(|&b| b == b',')).map(<[u8]>::trim_ascii).filter(|c| !c.is_empty())
 }
 
-/// What the `Connection` values `fields` say: (`close`, `keep-alive`).
-fn connection_options<'a>(fields: impl Iterator<Item = &'a [u8]>) -> (bool, bool) {
-    let mut close = false;
-    let mut keep_alive = false;
-    for value in fields {
-        // Usually one option alone: no splitting.
-        if is_name(value, b"keep-alive") {
-            keep_alive = true;
-            continue;
-        }
-        for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            close |= option.eq_ignore_ascii_case(b"close");
-            keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    (close, keep_alive)
+/// What a head's `Connection` values say.
+#[derive(Default, Clone, Copy)]
+struct ConnectionOptions {
+    close: bool,
+    keep_alive: bool,
+    /// Another option (`upgrade`, a header name): the field is left to the layer above.
+    other: bool,
 }
 
-/// Whether a message of `version` with the parsed `fields` leaves its connection open.
-fn keeps_alive(version: Version, fields: &[httparse::Header<'_>], present: &Present) -> bool {
-    let (close, keep_alive) = connection_options(present.connection.values(fields, "connection"));
-    !close && (version == Version::HTTP_11 || keep_alive)
+impl ConnectionOptions {
+    fn of<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Self {
+        let mut options = ConnectionOptions::default();
+        for value in fields {
+            // Usually one option alone: no splitting.
+            if is_name(value, b"keep-alive") {
+                options.keep_alive = true;
+                continue;
+            }
+            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if option.eq_ignore_ascii_case(b"close") {
+                    options.close = true;
+                } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                    options.keep_alive = true;
+                } else if !option.is_empty() {
+                    options.other = true;
+                }
+            }
+        }
+        options
+    }
+
+    /// Whether a message of `version` with these options leaves its connection open.
+    fn keeps_alive(self, version: Version) -> bool {
+        !self.close && (version == Version::HTTP_11 || self.keep_alive)
+    }
+}
+
+/// Whether a parsed field is connection management this codec has acted on, left out of the
+/// head's map: `Keep-Alive`, and `Connection` when it says only `keep-alive` or `close` (what
+/// [`ConnectionOptions::keeps_alive`] read). Both are hop-by-hop (RFC 9110 §7.6.1): no layer
+/// above reads them and every forward removes them (`headers::strip_hop_by_hop`), which then
+/// has nothing to look up or remove. A `Connection` naming anything else stays for that layer.
+fn consumed(name: &[u8], options: ConnectionOptions) -> bool {
+    name.len() == 10 && (is_name(name, b"keep-alive") || (!options.other && is_name(name, b"connection")))
 }
 
 /// Which of the fields that frame a message or steer its connection a head has, and where:
@@ -578,7 +609,8 @@ pub enum HeadError {
 /// connection's read buffer is reused as it is for the next request.
 ///
 /// The head's fields go into `spare` (taken when a head is returned): the map of the
-/// connection's last response, cleared, whose allocation is reused (as hyper's server does).
+/// connection's last response, cleared, whose allocation is reused (as hyper's server does); the
+/// connection management it acted on is left out ([`consumed`]).
 pub fn parse_request_head(
     buf: &[u8],
     limits: &Limits,
@@ -637,7 +669,8 @@ pub fn parse_request_head(
             Some(n) => Framing::Length(n),
         }
     };
-    let keep_alive = keeps_alive(version, fields, &present);
+    let options = ConnectionOptions::of(present.connection.values(fields, "connection"));
+    let keep_alive = options.keeps_alive(version);
     let expect_continue = version == Version::HTTP_11
         && present.expect.values(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
     let upgrade = present.upgrade.any();
@@ -672,8 +705,14 @@ pub fn parse_request_head(
     headers.clear();
     headers.reserve(fields.len() + 3);
     names.start();
-    for (i, field) in fields.iter().enumerate() {
-        let name = names.name(i, field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+    let mut kept = 0;
+    for field in fields {
+        let raw = field.name.as_bytes();
+        if consumed(raw, options) {
+            continue;
+        }
+        let name = names.name(kept, raw).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        kept += 1;
         headers.append(name, field_value(copied(field.value)));
     }
     Ok(Some(RequestHead { method, uri, version, headers, framing, keep_alive, expect_continue, upgrade, len }))

@@ -119,13 +119,13 @@ pub async fn handle(state: Arc<State>, conn: Arc<InboundConn>, mut req: Request<
         }
     };
     let target = Target { addr, proto, authority, app_http1_behind_peer: false, peer_identity: None };
-    let result = if head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers) {
+    let result = if head.upgrades(&req) {
         // Boxed: upgrades are rare; unboxed, their future would be copied with every request's.
         Box::pin(forward_upgrade(&state, req, &head, &target)).await
     } else {
         // gRPC deadlines shrink here too: the app sees what is left, and an expired request
         // is answered DEADLINE_EXCEEDED without reaching it.
-        let deadline = if obs.grpc { deadline::deadline(&head.headers, received, None) } else { None };
+        let deadline = deadline::deadline(obs.grpc.then_some(&head.headers), received, None);
         // Sent once (no retries inbound): the headers move into the upstream request. A
         // request without a body needs no metering wrapper.
         let incoming = req.into_body();

@@ -84,6 +84,17 @@ impl Head {
         }
     }
 
+    /// Whether `req` (this its head) is an upgrade the proxy carries out: a WebSocket upgrade
+    /// ([`headers::is_upgrade`]) on an HTTP/1.1 connection that can be handed over. Only
+    /// hyper's HTTP/1 server hands one over, and it marks the requests that ask (ours passes
+    /// every connection whose request asks for an upgrade to it, `h1_server.rs`): the headers
+    /// of the others are not looked at.
+    pub fn upgrades<B>(&self, req: &Request<B>) -> bool {
+        self.version != Version::HTTP_2
+            && req.extensions().get::<hyper::upgrade::OnUpgrade>().is_some()
+            && headers::is_upgrade(&self.headers)
+    }
+
     /// [`Head::authority`] as a value of its own: a shared copy of the received bytes (no new
     /// string), so the head can change while it is in use.
     pub fn shared_authority(&self) -> Option<SharedAuthority> {

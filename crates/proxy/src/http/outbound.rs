@@ -254,7 +254,7 @@ async fn direct(
     {
         return Box::pin(via_egress_gateway(state, gateway.clone(), req, head, obs, peer)).await;
     }
-    let upgrade = head.version != Version::HTTP_2 && headers::is_upgrade(&head.headers);
+    let upgrade = head.upgrades(&req);
     let mut origin = None;
     let mut dial = addr;
     let name = dial_name(&decision, host);

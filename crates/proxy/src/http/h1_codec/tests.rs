@@ -772,3 +772,63 @@ fn a_repeated_head_reuses_its_names() {
     assert_eq!(names.names.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(), ["server", "x-b", "content-length"]);
     assert_eq!(names.spelled, b"ServerX-BContent-Length");
 }
+
+/// The names of a map's fields, in order, lower-cased as `http` keeps them.
+fn field_names(map: &HeaderMap) -> Vec<&str> {
+    map.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[test]
+fn connection_management_the_codec_acted_on_is_left_out_of_the_map() {
+    // (head's fields, keeps alive, the names left in the map)
+    let cases: [(&str, bool, &[&str]); 7] = [
+        ("Connection: keep-alive\r\nX-A: 1\r\n", true, &["x-a"]),
+        ("Connection: Close\r\nX-A: 1\r\n", false, &["x-a"]),
+        ("X-A: 1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nConnection: close\r\n", false, &["x-a"]),
+        ("Keep-Alive: timeout=5\r\nConnection: keep-alive\r\n", true, &[]),
+        // Options that are not connection management stay, for the forward to act on (it
+        // removes the fields they name, or carries out the upgrade).
+        ("Connection: x-hop, close\r\nX-Hop: 1\r\n", false, &["connection", "x-hop"]),
+        ("Connection: upgrade\r\nUpgrade: websocket\r\n", true, &["connection", "upgrade"]),
+        // Names of the same length are not taken for it.
+        ("Connectio: x\r\nX-Connect1: y\r\n", true, &["connectio", "x-connect1"]),
+    ];
+    let (mut spare, mut names) = (HeaderMap::new(), FieldNames::default());
+    for (fields, keeps_alive, left) in cases {
+        // Twice on one connection: the second head reads its names from the kept ones.
+        for _ in 0..2 {
+            let text = format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let head = parse_request_head(text.as_bytes(), &LIMITS, &mut spare, &mut names);
+            let head = head.expect("valid").expect("whole");
+            let mut want = vec!["host"];
+            want.extend_from_slice(left);
+            assert_eq!((head.keep_alive, field_names(&head.headers)), (keeps_alive, want), "request {fields:?}");
+            spare = head.headers;
+        }
+        let mut reuse = HeaderMap::new();
+        for _ in 0..2 {
+            let mut buf = BytesMut::from(format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{fields}\r\n").as_bytes());
+            let head = parse_response_head(&mut buf, &Method::GET, &LIMITS, &mut reuse, &mut names);
+            let head = head.expect("valid").expect("whole");
+            let mut want = vec!["content-length"];
+            want.extend_from_slice(left);
+            assert_eq!((head.keep_alive, field_names(&head.headers)), (keeps_alive, want), "response {fields:?}");
+            reuse = head.headers;
+        }
+    }
+}
+
+/// A name that is no name, where the last head had another: the names kept after it are not
+/// taken for the next ones (proptest found `[X-Custom, AaAaAa-a]` then `[bad name, X-Custom]`
+/// reading the second `X-Custom` as `aaaaaa-a`, the bytes at its place having moved).
+#[test]
+fn a_name_that_is_no_name_drops_the_names_kept_after_it() {
+    let mut names = FieldNames::default();
+    names.start();
+    for (i, raw) in ["X-Custom", "AaAaAa-a"].into_iter().enumerate() {
+        names.name(i, raw.as_bytes()).expect("a name");
+    }
+    names.start();
+    assert!(names.name(0, b"bad name").is_err());
+    assert_eq!(names.name(1, b"X-Custom").expect("a name"), "x-custom");
+}
