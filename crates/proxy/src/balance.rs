@@ -414,7 +414,7 @@ impl Pick {
     /// `consecutiveFailures`; every 5xx and no answer count toward `consecutive5xx`; an answer
     /// resets the counts it does not add to.
     pub fn finish(self, outcome: TryOutcome) -> bool {
-        self.finish_at(outcome, Instant::now())
+        self.finish_at(outcome, crate::clock::now())
     }
 
     fn finish_at(mut self, outcome: TryOutcome, now: Instant) -> bool {
@@ -602,7 +602,7 @@ impl Balancer {
         choice: &Choice,
         exclude: &[SocketAddr],
     ) -> Option<(&'a Endpoint, Pick)> {
-        self.pick_at(endpoints, choice, exclude, Instant::now())
+        self.pick_at(endpoints, choice, exclude, crate::clock::now())
     }
 
     /// [`Balancer::pick`] at `now` (a clock read its caller shares).

@@ -5,6 +5,7 @@
 //! - [`transport`]: listeners, original destination, protocol detection, TCP forwarding.
 //! - [`http`]: the HTTP server side, routing, forwarding through pooled upstream connections,
 //!   and the one place errors become responses.
+//! - [`clock`]: the time of a server's poll, read once per wake-up, and the `Date` of responses.
 //! - [`balance`]: endpoint choice (P2C over peak-EWMA, round robin, least request, ring hash)
 //!   and outlier detection.
 //! - [`resilience`]: connection limits (circuit breaking) and local rate limiting.
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod control_plane;
 pub mod cp_tls;
 pub mod discovery;

@@ -599,7 +599,10 @@ impl Pool {
         // Most recently returned first; those closed by the upstream, used up or idle too long
         // are dropped (closed) on the way.
         while let Some(mut c) = pooled.pop() {
-            if c.since.elapsed() < ttl && max.is_none_or(|m| c.conn.served < m) && c.conn.is_reusable() {
+            if crate::clock::now().saturating_duration_since(c.since) < ttl
+                && max.is_none_or(|m| c.conn.served < m)
+                && c.conn.is_reusable()
+            {
                 return Some(c.conn);
             }
         }
@@ -609,9 +612,9 @@ impl Pool {
     fn put_idle(&self, key: H1Key, conn: Box<Conn>) {
         if let Ok(mut map) = self.h1_idle.lock() {
             let idle = map.entry(key).or_default();
-            // One clock read (every request passes here). The list is in the order connections
-            // came back (taken from its end): only a prefix can have expired.
-            let now = Instant::now();
+            // One time (every request passes here). The list is in the order connections came
+            // back (taken from its end): only a prefix can have expired.
+            let now = crate::clock::now();
             let expired = idle.iter().take_while(|c| now.saturating_duration_since(c.since) >= IDLE_TTL).count();
             idle.drain(..expired);
             if idle.len() < MAX_IDLE_PER_ENDPOINT {

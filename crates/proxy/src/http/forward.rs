@@ -464,14 +464,14 @@ impl<'e> Tries<'_, 'e> {
         mut body: RequestBody,
     ) -> impl Future<Output = Result<(&'e Endpoint, Response<UpstreamBody>), ProxyError>> {
         async move {
-            // One clock read for the budget and the first try's pick (a retry reads its own).
-            let mut now = std::time::Instant::now();
+            // One time for the budget and the first try's pick (a retry takes its own).
+            let mut now = crate::clock::now();
             self.state.budgets.deposit(self.backend, self.policy.retry_budget, now);
             let per_try = self.per_try_timeout;
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut attempt = 1;
             loop {
-                if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                if self.deadline.is_some_and(|d| d <= Instant::from_std(crate::clock::now())) {
                     return Err(ProxyError::Timeout);
                 }
                 // Prefer endpoints not tried yet; when all were, any may be tried again.
@@ -508,7 +508,7 @@ impl<'e> Tries<'_, 'e> {
                 if self.grpc
                     && let Some(d) = self.deadline
                 {
-                    deadline::propagate(up.headers_mut(), d, Instant::now());
+                    deadline::propagate(up.headers_mut(), d, Instant::from_std(crate::clock::now()));
                 }
                 let send = std::pin::pin!(self.state.pool.try_send(
                     ep.addr,
@@ -576,7 +576,7 @@ impl<'e> Tries<'_, 'e> {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                now = std::time::Instant::now();
+                now = crate::clock::now();
             }
         }
     }

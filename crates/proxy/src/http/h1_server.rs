@@ -15,13 +15,12 @@
 //! connection after the response (its rest is never read as a request; the response says
 //! `connection: close` when that is known as it starts).
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker, ready};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -383,9 +382,8 @@ where
         if connection == Some("close") {
             exchange.keep_alive = false;
         }
-        DATE.with(|d| {
-            let mut d = d.borrow_mut();
-            let date = d.now();
+        crate::clock::with_date(|date| {
+            let date = date.as_bytes();
             // The answer to a HEAD request declares the length of the body it does not send,
             // when it is known and the headers do not already say it. An empty body says
             // nothing (a proxied HEAD answer is always empty): no `content-length: 0`, as
@@ -573,6 +571,8 @@ where
     type Output = io::Result<()>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // One clock reading for all this poll does (crate::clock).
+        let _time = crate::clock::polling();
         self.poll_serve(cx)
     }
 }
@@ -755,31 +755,6 @@ impl Drop for Http1Body {
             }
         }
     }
-}
-
-/// The `Date` of responses, formatted once per second per thread.
-struct DateCache {
-    second: u64,
-    text: [u8; 29],
-}
-
-impl DateCache {
-    fn now(&mut self) -> &[u8] {
-        let now = SystemTime::now();
-        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if second != self.second {
-            self.second = second;
-            let text = httpdate::fmt_http_date(now);
-            if text.len() == self.text.len() {
-                self.text.copy_from_slice(text.as_bytes());
-            }
-        }
-        &self.text
-    }
-}
-
-thread_local! {
-    static DATE: RefCell<DateCache> = const { RefCell::new(DateCache { second: 0, text: *b"Thu, 01 Jan 1970 00:00:00 GMT" }) };
 }
 
 #[cfg(test)]

@@ -12,11 +12,10 @@
 //! A stream the peer resets drops its handler (which cancels its upstream request) and its
 //! response body at once; a response body that fails resets its stream only.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -185,6 +184,8 @@ where
     type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // One clock reading for all this poll does (crate::clock).
+        let _time = crate::clock::polling();
         self.get_mut().poll_serve(cx)
     }
 }
@@ -226,7 +227,7 @@ impl<F: Future<Output = Response<Body>> + Unpin> Future for Exchange<F> {
                         fields = ResponseFields::of(&parts.headers);
                     }
                     if !fields.date {
-                        parts.headers.insert(header::DATE, date());
+                        parts.headers.insert(header::DATE, crate::clock::with_date(HeaderValue::clone));
                     }
                     // A `CONNECT`'s `2xx` opens its tunnel: the stream stays open after the
                     // head, its sending half handed to the tunnel (RFC 9113 §8.5).
@@ -316,24 +317,6 @@ fn strip_connection_specific(headers: &mut HeaderMap) {
     {
         headers.remove(n);
     }
-}
-
-/// The `Date` of responses, formatted once per second per thread.
-fn date() -> HeaderValue {
-    thread_local! {
-        static DATE: RefCell<(u64, HeaderValue)> = const { RefCell::new((0, HeaderValue::from_static(""))) };
-    }
-    DATE.with(|d| {
-        let mut d = d.borrow_mut();
-        let now = SystemTime::now();
-        let second = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if second != d.0
-            && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
-        {
-            *d = (second, v);
-        }
-        d.1.clone()
-    })
 }
 
 /// The `content-length` of a request head when all its values agree (as hyper read it), else

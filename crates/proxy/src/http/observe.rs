@@ -109,7 +109,7 @@ impl Observation {
         let request_id = headers::stamp(req.headers_mut(), &span, id);
         let head = Head::take(req);
         let obs = Observation(Box::new(Observed {
-            started: Instant::now(),
+            started: crate::clock::now(),
             direction,
             peers: PeerLabels::default(),
             route: crate::metrics::default_route(),
@@ -214,8 +214,8 @@ impl Observation {
             return;
         }
         let m = &self.state.metrics;
-        // One clock read: the duration and the series' last use.
-        let now = Instant::now();
+        // One time: the duration and the series' last use.
+        let now = crate::clock::now();
         let elapsed = now.saturating_duration_since(self.started);
         let req_bytes = self.request_body.as_ref().map_or(0, |b| b.bytes.load(Ordering::Relaxed));
         let success = status < 500 && (grpc_status.is_empty() || grpc_status == "0");

@@ -102,7 +102,7 @@ impl Budgets {
     }
 
     pub fn withdraw(&self, service: &ServiceName, params: RetryBudget) -> bool {
-        self.with(service, params, Instant::now(), |b, now| b.withdraw(now)).unwrap_or(false)
+        self.with(service, params, crate::clock::now(), |b, now| b.withdraw(now)).unwrap_or(false)
     }
 
     /// Forgets Services no longer known.

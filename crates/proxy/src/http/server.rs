@@ -410,7 +410,7 @@ impl HttpServer {
                             // again one timeout later.
                             let _ = activity.head_since.compare_exchange(
                                 head_since,
-                                started.elapsed().as_millis() as u64 + 1,
+                                since(started) + 1,
                                 Ordering::Relaxed,
                                 Ordering::Relaxed,
                             );
@@ -466,6 +466,11 @@ impl HttpServer {
     }
 }
 
+/// Milliseconds from `origin` (a connection's start) to now ([`crate::clock::now`]).
+fn since(origin: Instant) -> u64 {
+    crate::clock::now().saturating_duration_since(origin).as_millis() as u64
+}
+
 /// hyper's service for `serve_one`: the request's body wrapped as a [`ReceivedBody`].
 fn hyper_service<S, R>(
     serve_one: S,
@@ -499,7 +504,7 @@ impl<Fut> Served<Fut> {
     fn uncount(&mut self) {
         self.answered = true;
         let activity = &self.activity;
-        activity.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.last.store(since(self.started), Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -648,7 +653,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
             {
                 activity.wrote.store(false, Ordering::Relaxed);
                 // The serving loop, in this task, sees it once this poll returns.
-                activity.head_since.store(self.started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                activity.head_since.store(since(self.started) + 1, Ordering::Relaxed);
             }
         }
         poll
