@@ -58,9 +58,7 @@ impl SharedAuthority {
     pub fn as_str(&self) -> &str {
         match self {
             SharedAuthority::Uri(a) => a.as_str(),
-            // Visible ASCII (checked when made): valid UTF-8, which is checked a word at a
-            // time where `to_str` would check it byte by byte again.
-            SharedAuthority::Host(h) => std::str::from_utf8(h.as_bytes()).unwrap_or_default(),
+            SharedAuthority::Host(h) => h.to_str().unwrap_or_default(),
         }
     }
 }
