@@ -247,19 +247,28 @@ pub fn parse_response_head(
     let fields = &*response.headers;
     let present = Present::of(fields);
     let framing = response_framing(status, request, version, fields, &present)?;
-    let options = ConnectionOptions::of(present.connection.values(fields, "connection"));
+    let options = present.connection_options(fields);
     let keep_alive = framing != Framing::UntilClose && options.keeps_alive(version);
     // Where each field's name and value are in the head ([offset, length] each): its values
     // are cut from the head's bytes once these are taken from `buf`. (httparse's slices point
     // into `buf`; a head is at most `max_head_bytes`, far below 4 GiB.)
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    // Room for 32 on the stack (zeroing room for all 128 cost more than filling it), the
+    // rest of a longer head's on the heap.
+    let count = fields.len();
+    let (mut on_stack, mut on_heap) = ([[0u32; 4]; 32], Vec::new());
+    let spans = match on_stack.get_mut(..count) {
+        Some(spans) => spans,
+        None => {
+            on_heap.resize(count, [0u32; 4]);
+            &mut on_heap[..]
+        }
+    };
     let base = buf.as_ptr() as usize;
     let at = |b: &[u8]| (b.as_ptr() as usize).wrapping_sub(base) as u32;
     for (field, span) in fields.iter().zip(spans.iter_mut()) {
         let (name, value) = (field.name.as_bytes(), field.value);
         *span = [at(name), name.len() as u32, at(value), value.len() as u32];
     }
-    let count = fields.len();
     let head = buf.split_to(len).freeze();
     if status.is_informational() {
         return Ok(Some(ResponseHead { status, version, headers: HeaderMap::new(), framing, keep_alive }));
@@ -272,7 +281,7 @@ pub fn parse_response_head(
     reuse.reserve(count);
     names.start();
     let mut kept = 0;
-    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+    for &[name_at, name_len, value_at, value_len] in spans.iter() {
         let raw = &head[within(name_at, name_len)?];
         if consumed(raw, options) {
             continue;
@@ -373,7 +382,7 @@ fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    let lengths = content_length(present.length.values(fields, "content-length"))?;
+    let lengths = present.content_length(fields)?;
     if present.coding.any() {
         if version == Version::HTTP_10 {
             // RFC 9112 §6.1: its framing is faulty, whatever else it says.
@@ -554,6 +563,22 @@ impl Seen {
 }
 
 impl Present {
+    /// The head's `Content-Length` ([`content_length`]); none looked for when it has none.
+    fn content_length(&self, fields: &[httparse::Header<'_>]) -> Result<Option<u64>, CodecError> {
+        if !self.length.any() {
+            return Ok(None);
+        }
+        content_length(self.length.values(fields, "content-length"))
+    }
+
+    /// What the head's `Connection` fields say; none looked for when it has none.
+    fn connection_options(&self, fields: &[httparse::Header<'_>]) -> ConnectionOptions {
+        if !self.connection.any() {
+            return ConnectionOptions::default();
+        }
+        ConnectionOptions::of(self.connection.values(fields, "connection"))
+    }
+
     fn of(fields: &[httparse::Header<'_>]) -> Self {
         let mut present = Present::default();
         for (at, field) in fields.iter().enumerate() {
@@ -644,8 +669,7 @@ pub fn parse_request_head(
 
     // The framing and connection fields, read from the parsed fields (no map lookups).
     let present = Present::of(fields);
-    let length =
-        content_length(present.length.values(fields, "content-length")).map_err(|e| HeadError::Malformed(e.0))?;
+    let length = present.content_length(fields).map_err(|e| HeadError::Malformed(e.0))?;
     let framing = if present.coding.any() {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed("Transfer-Encoding on an HTTP/1.0 request"));
@@ -669,7 +693,7 @@ pub fn parse_request_head(
             Some(n) => Framing::Length(n),
         }
     };
-    let options = ConnectionOptions::of(present.connection.values(fields, "connection"));
+    let options = present.connection_options(fields);
     let keep_alive = options.keeps_alive(version);
     let expect_continue = version == Version::HTTP_11
         && present.expect.values(fields, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
@@ -683,7 +707,9 @@ pub fn parse_request_head(
         head.slice(at.min(len)..(at + part.len()).min(len))
     };
     let uri = if target == "/" {
-        Uri::from_static("/")
+        // Parsed once (`Uri::from_static` parses at every call); a clone copies two pointers.
+        static ROOT: std::sync::LazyLock<Uri> = std::sync::LazyLock::new(|| Uri::from_static("/"));
+        ROOT.clone()
     } else {
         let uri = Uri::from_maybe_shared(copied(target.as_bytes()))
             .map_err(|_| HeadError::Malformed("invalid request target"))?;

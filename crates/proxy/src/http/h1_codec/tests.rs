@@ -832,3 +832,18 @@ fn a_name_that_is_no_name_drops_the_names_kept_after_it() {
     assert!(names.name(0, b"bad name").is_err());
     assert_eq!(names.name(1, b"X-Custom").expect("a name"), "x-custom");
 }
+
+/// Response heads of up to the field limit keep every field, in order, with its value: those
+/// whose places fit on the stack (32) and longer ones.
+#[test]
+fn a_response_head_keeps_every_field_up_to_the_limit() {
+    for count in [0, 1, 31, 32, 33, 64, LIMITS.max_headers - 1] {
+        let fields: String = (0..count).map(|i| format!("X-{i}: value {i}\r\n")).collect();
+        let text = format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 0\r\n\r\n");
+        let head = complete(&text);
+        let got: Vec<String> = head.headers.iter().map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?"))).collect();
+        let mut want: Vec<String> = (0..count).map(|i| format!("x-{i}=value {i}")).collect();
+        want.push("content-length=0".to_string());
+        assert_eq!(got, want, "{count} fields");
+    }
+}
