@@ -598,8 +598,9 @@ impl Pool {
         let ttl = options.idle_timeout.unwrap_or(IDLE_TTL).min(IDLE_TTL);
         // Most recently returned first; those closed by the upstream, used up or idle too long
         // are dropped (closed) on the way.
+        let now = crate::clock::now();
         while let Some(mut c) = pooled.pop() {
-            if crate::clock::now().saturating_duration_since(c.since) < ttl
+            if now.saturating_duration_since(c.since) < ttl
                 && max.is_none_or(|m| c.conn.served < m)
                 && c.conn.is_reusable()
             {
