@@ -419,12 +419,7 @@ pub async fn run_with(mut args: ProxyArgs, certificates: Option<Arc<dyn Certific
         let sidecar = Sidecar::start_registering(args.settings_with(certificates), config, |_| register)?;
         let dns = start_dns(dns, sidecar.discovery.clone(), namespace).await?;
         println!("{}", sidecar.ready_line());
-        // Start-up ends with the control plane's first answer and the workload certificate.
-        let connected = sidecar.connected();
-        tokio::spawn(async move {
-            connected.await;
-            release_startup_pages();
-        });
+        sidecar.release_startup_pages_when_connected();
         sidecar.run(shutdown_signal()).await;
         if let Some(dns) = dns {
             dns.abort();
@@ -548,6 +543,16 @@ impl Sidecar {
     /// `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.connected()).await.is_ok()
+    }
+
+    /// Releases the start-up pages (`resident`) when start-up is over: at the control plane's
+    /// first answer and, with a workload token, the workload certificate.
+    pub fn release_startup_pages_when_connected(&self) {
+        let connected = self.connected();
+        tokio::spawn(async move {
+            connected.await;
+            release_startup_pages();
+        });
     }
 
     /// Completes once the control plane has answered once and, with a workload token, the

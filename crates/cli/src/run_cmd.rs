@@ -228,6 +228,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         .process_group(0);
     die_with_parent(&mut child);
     let mut child = child.spawn().map_err(|e| Failure::runtime(format!("cannot start {:?}: {e}", args.command[0])))?;
+    sidecar.release_startup_pages_when_connected();
     let leave = sidecar.leave_handle();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut proxy_task = tokio::spawn(sidecar.run(async {

@@ -170,6 +170,55 @@ async fn a_sidecar_stopped_on_its_own_takes_its_workload_with_it() -> Result<()>
     Ok(())
 }
 
+/// `plexus run`'s sidecar gives back its start-up pages (the `resident` module) once start-up
+/// is over — the control plane's first answer and the workload certificate — as `plexus proxy`
+/// does: its debug line says how much it released. Positive control: the sidecar is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_sidecar_releases_its_start_up_pages_once_connected() -> Result<()> {
+    let dir = TempDir::new("run-resident")?;
+    let data = dir.join("data");
+    let (_control, http, grpc) = control_plane(&data)?;
+    let admin = plexus_testkit::free_port();
+    let log = dir.join("run.log");
+    let run = Command::new(PLEXUS)
+        .env("RUST_LOG", "info,plexus_cli::proxy_cmd=debug")
+        .args(["run", "--service", "echo", "--admin-port", &admin.to_string()])
+        .args(["--control-plane", &format!("http://127.0.0.1:{grpc}")])
+        .args(["--server", &format!("http://127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let _run = plexus_testkit::Proc(run);
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    plexus_testkit::eventually(Duration::from_secs(20), || async move {
+        let ready = plexus_testkit::client::get_api(admin_addr, "/ready").await?;
+        anyhow::ensure!(ready.status == 200, "not ready: {}", ready.text());
+        Ok(())
+    })
+    .await?;
+    let line = plexus_testkit::eventually(Duration::from_secs(20), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log)?;
+            text.lines()
+                .find(|l| l.contains("start-up over"))
+                .map(str::to_owned)
+                .context("no start-up release logged yet")
+        }
+    })
+    .await?;
+    let released: u64 = line
+        .split_once("bytes=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .context(line.clone())?
+        .parse()?;
+    assert!(released > 0, "nothing released: {line}");
+    Ok(())
+}
+
 /// A workload whose app takes 2 s to start listening: `plexus run` registers it only once the
 /// app accepts connections, so callers meanwhile get the mesh's own "no endpoint" answer and
 /// never a 502 from a sidecar whose app is not there yet; once registered, requests succeed.
